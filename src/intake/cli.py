@@ -1,0 +1,224 @@
+"""The operator CLI. Every command calls the same service functions the service uses.
+
+Exit status: 0 success, 1 the thing asked for failed or was not found, 2 usage error,
+78 configuration error (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import click
+
+from intake import inbound, outbox, processor, service, tickets
+from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
+from intake.db import create_schema, make_engine
+
+
+class Context:
+    def __init__(self, config_path: Path | None):
+        self.config_path = config_path
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            try:
+                self._settings = load_settings(self.config_path)
+            except ConfigError as exc:
+                click.echo(f"intake: configuration error in {self.config_path or default_config_path()}:\n{exc}",
+                           err=True)
+                sys.exit(EXIT_CONFIG)
+        return self._settings
+
+    def engine(self):  # type: ignore[no-untyped-def]
+        engine = make_engine(self.settings.database_url, self.settings.database.busy_timeout)
+        create_schema(engine)
+        return engine
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"intake: {message}", err=True)
+    sys.exit(code)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    for line in [headers, *rows]:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+
+
+@click.group()
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="Config file (default: $INTAKE_CONFIG, else ./config.toml).")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
+    """intake: the security@ mailbox as tracked tickets."""
+    ctx.obj = Context(config_path)
+
+
+@main.command()
+@click.pass_obj
+def serve(obj: Context) -> None:
+    """Run the SMTP listener, processor and outbox until SIGTERM."""
+    service.configure_logging()
+    sys.exit(service.serve(obj.settings))
+
+
+@main.command("check-config")
+@click.pass_obj
+def check_config(obj: Context) -> None:
+    """Validate the configuration: exit 0, or 78 naming the bad key."""
+    settings = obj.settings
+    click.echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, "
+               f"listening on {settings.smtp.listen}, outbound via {settings.outbound.transport})")
+
+
+def _ticket_summary(ticket: Any) -> dict[str, Any]:
+    return {
+        "reference": ticket.reference,
+        "subject": ticket.subject,
+        "reporter": ticket.reporter,
+        "state": ticket.state,
+        "severity": ticket.severity,
+        "policy": ticket.policy,
+        "assignee": ticket.assignee,
+        "received_at": _iso(ticket.received_at),
+    }
+
+
+@main.command("tickets")
+@click.option("--state", default=None, help="Only tickets in this state.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def list_tickets(obj: Context, state: str | None, as_json: bool) -> None:
+    """List tickets, oldest first."""
+    found = tickets.list_tickets(obj.engine(), state)
+    if as_json:
+        _emit_json([_ticket_summary(t) for t in found])
+        return
+    if not found:
+        click.echo("no tickets")
+        return
+    _table([[t.reference, t.state, t.severity or "-", t.received_at.strftime("%Y-%m-%d %H:%M"), t.reporter,
+             t.subject[:60]] for t in found], ["REFERENCE", "STATE", "SEVERITY", "RECEIVED (UTC)", "REPORTER", "SUBJECT"])
+
+
+@main.command()
+@click.argument("reference")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def show(obj: Context, reference: str, as_json: bool) -> None:
+    """Show a ticket: its fields, thread and events."""
+    try:
+        detail = tickets.ticket_detail(obj.engine(), reference)
+    except tickets.TicketNotFound:
+        _fail(f"no ticket {reference}")
+        return
+    data = {
+        **_ticket_summary(detail.ticket),
+        "intake_address": detail.ticket.intake_address,
+        "thread": [
+            {
+                "direction": e.direction,
+                "kind": e.kind,
+                "sender": e.sender,
+                "subject": e.subject,
+                "message_id": e.message_id,
+                "in_reply_to": e.in_reply_to,
+                "at": _iso(e.created_at),
+                "body": e.body_text,
+                "attachments": e.attachments,
+                "warnings": e.warnings,
+            }
+            for e in detail.entries
+        ],
+        "events": [{"at": _iso(e.at), "actor": e.actor, "kind": e.kind, "detail": e.detail} for e in detail.events],
+        "messages": [{"id": m.id, "status": m.status, "decision": m.decision, "received_at": _iso(m.received_at),
+                      "size": m.size, "error": m.error} for m in detail.messages],
+    }
+    if as_json:
+        _emit_json(data)
+        return
+    t = detail.ticket
+    click.echo(f"{t.reference}  {t.subject}")
+    click.echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
+    click.echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
+    click.echo(f"  received {t.received_at.isoformat()}")
+    click.echo("\nThread:")
+    for entry in data["thread"]:
+        click.echo(f"  [{entry['at']}] {entry['direction']} {entry['kind']} from {entry['sender'] or '-'}"
+                   f"  {entry['message_id'] or ''}")
+        for attachment in entry["attachments"]:
+            click.echo(f"      attachment {attachment['index']}: {attachment['filename']} "
+                       f"({attachment['content_type']}, {attachment['size']} bytes, sha256 {attachment['sha256'][:16]}…)")
+        for warning in entry["warnings"]:
+            click.echo(f"      warning: {warning}")
+        if entry["body"]:
+            for line in entry["body"].strip().splitlines()[:40]:
+                click.echo(f"      | {line}")
+    click.echo("\nEvents:")
+    for event in data["events"]:
+        detail_text = " ".join(f"{k}={v}" for k, v in event["detail"].items())
+        click.echo(f"  [{event['at']}] {event['actor']}: {event['kind']} {detail_text}")
+
+
+@main.command()
+@click.argument("message_id", required=False, type=int)
+@click.option("--failed", "all_failed", is_flag=True, help="Every message that failed processing.")
+@click.pass_obj
+def reprocess(obj: Context, message_id: int | None, all_failed: bool) -> None:
+    """Run failed (or ignored) stored messages through processing again."""
+    if (message_id is None) == (not all_failed):
+        raise click.UsageError("give a stored message ID or --failed (not both)")
+    engine = obj.engine()
+    if all_failed:
+        ids = inbound.failed_ids(engine)
+    else:
+        if inbound.get(engine, message_id) is None:
+            _fail(f"no stored message {message_id}")
+        ids = [message_id]
+    requeued = inbound.requeue(engine, ids)
+    if not requeued:
+        click.echo("nothing to reprocess" if all_failed else f"message {message_id} is not failed or ignored")
+        return
+    result = processor.process_all(engine, obj.settings, datetime.now(timezone.utc))
+    for ref in result.tickets_opened:
+        click.echo(f"opened {ref}")
+    for kind, count in sorted(result.decisions.items()):
+        click.echo(f"{kind}: {count}")
+    if result.failed:
+        _fail(f"still failing: {', '.join(map(str, result.failed))} (see the log for the error)")
+
+
+@main.command("outbox")
+@click.option("--status", type=click.Choice(["pending", "sent", "dead"]), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def outbox_command(obj: Context, status: str | None, as_json: bool) -> None:
+    """Mail queued, sent and dead, newest first."""
+    rows = outbox.listing(obj.engine(), status)
+    data = [{"id": r.id, "key": r.dedupe_key, "kind": r.kind, "status": r.status, "to": r.recipients,
+             "message_id": r.message_id, "attempts": r.attempts, "created_at": _iso(r.created_at),
+             "next_attempt_at": _iso(r.next_attempt_at) if r.status == "pending" else None,
+             "sent_at": _iso(r.sent_at), "last_error": r.last_error} for r in rows]
+    if as_json:
+        _emit_json(data)
+        return
+    if not data:
+        click.echo("outbox is empty")
+        return
+    _table([[str(d["id"]), d["status"], str(d["attempts"]), d["key"], ",".join(d["to"]),
+             (d["last_error"] or "")[:60]] for d in data], ["ID", "STATUS", "TRIES", "KEY", "TO", "LAST ERROR"])

@@ -1,0 +1,380 @@
+"""Load and validate intake's configuration.
+
+Sources, highest priority first:
+
+1. environment variables ``INTAKE_<SECTION>__<KEY>`` (lists and tables as JSON),
+2. the TOML file (``--config``, else ``$INTAKE_CONFIG``, else ``./config.toml``),
+3. the defaults below.
+
+Unknown or misspelled keys are errors, in the file and in ``INTAKE_*`` variables alike.
+Secrets never live in the file: they come from ``$CREDENTIALS_DIRECTORY/<name>`` (systemd
+``LoadCredential=``) or from an environment variable (see :func:`read_secret`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from intake.sla import CalendarConfig, PolicyConfig, builtin_calendars, validate_policies
+
+ENV_PREFIX = "INTAKE_"
+CONFIG_ENV = "INTAKE_CONFIG"
+# Exit status for a configuration error (sysexits.h EX_CONFIG); systemd's
+# RestartPreventExitStatus=78 stops a restart loop on a broken config.
+EXIT_CONFIG = 78
+
+# Secrets: credential file name -> environment variable that may carry it instead.
+SECRETS = {
+    "relay-password": "INTAKE_RELAY_PASSWORD",
+}
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the reason."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _parse_host_port(value: Any) -> HostPort:
+    if isinstance(value, HostPort):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a string 'host:port'")
+    text = value.strip()
+    if text.startswith("["):  # [::1]:25
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    number = int(port)
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range 0-65535")
+    return HostPort(host, number)
+
+
+def _check_host_port(value: str) -> str:
+    _parse_host_port(value)
+    return value
+
+
+HostPortText = Annotated[str, AfterValidator(_check_host_port)]
+
+
+def _check_address(value: str) -> str:
+    local, sep, domain = value.rpartition("@")
+    if not sep or not local or not domain or any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} is not an email address")
+    if "+" in local:
+        raise ValueError(f"{value!r}: list the base address; its +tag forms are accepted automatically")
+    return value
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntakeSection(Section):
+    # Prefix of public ticket references: SEC-2026-0001.
+    reference_prefix: str = Field(default="SEC", pattern=r"^[A-Z][A-Z0-9]{0,15}$")
+    # Domain used on the right of Message-IDs of mail we send.
+    message_id_domain: str = "example.com"
+    # Display name on mail we send from the security address.
+    from_name: str = "Security Team"
+    # Policy applied to tickets unless an address or +tag maps to another one.
+    default_policy: str = "vaixus"
+    # Address (or +tag) -> policy name.
+    policy_by_address: dict[str, str] = Field(default_factory=dict)
+    # Directory of templates that override the shipped ones (same file names).
+    templates_dir: Path | None = None
+
+
+class SmtpSection(Section):
+    # Address the listener binds, 'host:port'.
+    listen: HostPortText = "127.0.0.1:8025"
+    # Addresses we accept mail for; their +tag forms are accepted too.
+    addresses: list[Annotated[str, AfterValidator(_check_address)]] = Field(
+        default_factory=lambda: ["security@example.com"], min_length=1
+    )
+    # Name in the greeting and in our Received: header.
+    hostname: str = "localhost"
+    # Largest message accepted, bytes (announced with SIZE; larger gets 552).
+    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
+    # Most recipients accepted in one transaction (more get 452).
+    max_recipients: int = Field(default=20, ge=1, le=1000)
+    # Seconds a client may stay idle before the connection is dropped.
+    idle_timeout: float = Field(default=60.0, gt=0)
+    # STARTTLS: PEM certificate chain and key; both or neither.
+    tls_certificate: Path | None = None
+    tls_key: Path | None = None
+    # Refuse MAIL before STARTTLS (only with a certificate).
+    require_starttls: bool = False
+
+    @property
+    def listen_address(self) -> HostPort:
+        return _parse_host_port(self.listen)
+
+    @field_validator("addresses")
+    @classmethod
+    def _lowercase_unique(cls, value: list[str]) -> list[str]:
+        lowered = [a.lower() for a in value]
+        if len(set(lowered)) != len(lowered):
+            raise ValueError("an address is listed twice")
+        return lowered
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> SmtpSection:
+        if (self.tls_certificate is None) != (self.tls_key is None):
+            raise ValueError("tls_certificate and tls_key must be set together")
+        if self.require_starttls and self.tls_certificate is None:
+            raise ValueError("require_starttls needs tls_certificate and tls_key")
+        return self
+
+
+class DatabaseSection(Section):
+    # SQLAlchemy URL. A relative SQLite path is relative to the config file.
+    url: str = "sqlite:///var/intake.db"
+    # Seconds to wait for a lock before a write fails (SQLite busy timeout, PostgreSQL lock_timeout).
+    busy_timeout: float = Field(default=10.0, gt=0)
+
+
+class ProcessingSection(Section):
+    # Stored messages processed in one transaction.
+    batch_size: int = Field(default=100, ge=1, le=10_000)
+    # Seconds between polls for pending messages when nothing wakes the processor.
+    poll_interval: float = Field(default=1.0, gt=0)
+
+
+class OutboundSection(Section):
+    # 'smtp': deliver through a relay; 'maildir': write each mail into a local Maildir.
+    transport: Literal["smtp", "maildir"] = "maildir"
+    # Maildir folder for transport = 'maildir'. Relative to the config file.
+    maildir: Path = Path("var/outbox")
+    # Relay for transport = 'smtp', 'host:port'.
+    relay: HostPortText = "127.0.0.1:25"
+    # Require STARTTLS with the relay (fail rather than send in clear).
+    starttls: bool = False
+    # Relay login; its password comes from the 'relay-password' credential.
+    username: str | None = None
+    # Seconds for connecting and for each SMTP command with the relay.
+    timeout: float = Field(default=30.0, gt=0)
+    # Retry schedule for temporary failures: first delay, doubling up to the cap.
+    retry_initial: float = Field(default=60.0, gt=0)
+    retry_max: float = Field(default=3600.0, gt=0)
+    # Give up (mark dead) after this many seconds of temporary failures.
+    give_up_after: float = Field(default=5 * 24 * 3600.0, gt=0)
+    # Seconds between outbox polls when nothing wakes the sender.
+    poll_interval: float = Field(default=2.0, gt=0)
+
+    @property
+    def relay_address(self) -> HostPort:
+        return _parse_host_port(self.relay)
+
+
+class ServiceSection(Section):
+    # Seconds allowed for in-flight work on SIGTERM before exiting anyway.
+    shutdown_grace: float = Field(default=20.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """The whole validated configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    intake: IntakeSection = IntakeSection()
+    smtp: SmtpSection = SmtpSection()
+    database: DatabaseSection = DatabaseSection()
+    processing: ProcessingSection = ProcessingSection()
+    outbound: OutboundSection = OutboundSection()
+    service: ServiceSection = ServiceSection()
+    calendars: dict[str, CalendarConfig] = Field(default_factory=dict)
+    policies: dict[str, PolicyConfig] = Field(default_factory=dict)
+
+    # Where the file was read from; relative paths are resolved against its folder.
+    config_path: Path | None = Field(default=None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment over file: the file's content arrives as init arguments.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _policies_resolve(self) -> Settings:
+        all_calendars = {**builtin_calendars(), **self.calendars}
+        validate_policies(self.policies, all_calendars)
+        known = set(self.policies)
+        if self.intake.default_policy not in known:
+            raise ValueError(
+                f"intake.default_policy: {self.intake.default_policy!r} is not a configured policy "
+                f"(known: {', '.join(sorted(known)) or 'none'})"
+            )
+        for address, policy in self.intake.policy_by_address.items():
+            if policy not in known:
+                raise ValueError(f"intake.policy_by_address.{address}: unknown policy {policy!r}")
+        return self
+
+    # -- derived values -------------------------------------------------------------
+
+    @property
+    def base_dir(self) -> Path:
+        return self.config_path.parent if self.config_path else Path.cwd()
+
+    def resolve_path(self, path: Path) -> Path:
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def database_url(self) -> str:
+        """The database URL with a relative SQLite path made absolute."""
+        url = self.database.url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite:///:memory:":
+            return prefix + str(self.resolve_path(Path(url[len(prefix):])))
+        return url
+
+    @property
+    def maildir_path(self) -> Path:
+        return self.resolve_path(self.outbound.maildir)
+
+    @property
+    def all_calendars(self) -> dict[str, CalendarConfig]:
+        return {**builtin_calendars(), **self.calendars}
+
+    def policy_for(self, recipient: str) -> str:
+        """The policy for mail to *recipient*: an exact +tag mapping, then the base address."""
+        address = recipient.lower()
+        mapping = {k.lower(): v for k, v in self.intake.policy_by_address.items()}
+        if address in mapping:
+            return mapping[address]
+        local, _, domain = address.rpartition("@")
+        base = f"{local.split('+', 1)[0]}@{domain}"
+        return mapping.get(base, self.intake.default_policy)
+
+
+def _known_env_names(model: type[BaseModel], prefix: str) -> set[str]:
+    names = set()
+    for name, field in model.model_fields.items():
+        if field.exclude:
+            continue
+        full = f"{prefix}{name.upper()}"
+        names.add(full)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            names |= _known_env_names(annotation, full + "__")
+    return names
+
+
+def _unknown_env_vars(environ: dict[str, str]) -> list[str]:
+    known = _known_env_names(Settings, ENV_PREFIX) | {CONFIG_ENV, *SECRETS.values()}
+    unknown = []
+    for name in environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        # Tables of named entries (policies, calendars) may be overridden below their name.
+        if upper.startswith((f"{ENV_PREFIX}POLICIES__", f"{ENV_PREFIX}CALENDARS__")):
+            continue
+        unknown.append(name)
+    return unknown
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{location}: unknown key (misspelled, or not a setting intake has)"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{location}: {message}"
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, "config.toml"))
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read, merge and validate the configuration, or raise :class:`ConfigError`."""
+    path = path or default_config_path()
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (use --config PATH or ${CONFIG_ENV})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+
+    unknown = _unknown_env_vars(dict(os.environ))
+    if unknown:
+        raise ConfigError(
+            "; ".join(f"{name}: unknown environment setting (misspelled?)" for name in sorted(unknown))
+        )
+    for key in ("password", "relay_password"):
+        if key in data.get("outbound", {}):
+            raise ConfigError(
+                f"outbound.{key}: secrets are not read from config.toml; put the relay password in "
+                f"$CREDENTIALS_DIRECTORY/relay-password or ${SECRETS['relay-password']}"
+            )
+    try:
+        settings = Settings(**data, config_path=Path(path).resolve())
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e) for e in exc.errors())) from None
+    except ValueError as exc:  # validators raising outside pydantic's wrapping
+        raise ConfigError(str(exc)) from None
+    _check_listen_host(settings)
+    return settings
+
+
+def _check_listen_host(settings: Settings) -> None:
+    host = settings.smtp.listen_address.host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"smtp.listen: {host!r} must be an IP address or 'localhost'") from None
+
+
+def read_secret(name: str, environ: dict[str, str] | None = None) -> str | None:
+    """A secret from ``$CREDENTIALS_DIRECTORY/<name>``, else its environment variable, else None."""
+    environ = os.environ if environ is None else environ
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory:
+        candidate = Path(directory) / name
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8").rstrip("\r\n")
+    return environ.get(SECRETS[name])

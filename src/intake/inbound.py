@@ -1,0 +1,166 @@
+"""The durable raw store: messages are committed here before the listener answers 250.
+
+:class:`GroupCommitter` is the listener's path in. Each accepted DATA is queued and a single
+writer thread commits whatever has queued while the previous commit ran, in one transaction
+(one fsync), then answers every waiter. There is no fixed wait window: an idle server commits
+a lone message at once, a busy one shares each fsync among many messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Engine, insert, select, update
+
+from intake.db import read_session, write_session
+from intake.models import InboundMessage, InboundStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One message as the listener accepted it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    peer: str
+    helo: str
+    raw: bytes
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A stored message as the processor needs it."""
+
+    id: int
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    sha256: str
+    received_at: datetime
+
+
+def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
+    """Insert *arrivals* in one committed transaction; returns their ids in order."""
+    rows = [
+        {
+            "received_at": a.received_at,
+            "mail_from": a.mail_from,
+            "rcpt_tos": a.rcpt_tos,
+            "peer": a.peer,
+            "helo": a.helo,
+            "size": len(a.raw),
+            "sha256": hashlib.sha256(a.raw).hexdigest(),
+            "raw": a.raw,
+            "status": InboundStatus.PENDING,
+            "attempts": 0,
+        }
+        for a in arrivals
+    ]
+    table = InboundMessage.__table__
+    with write_session(engine) as session:
+        # Core, not ORM objects: this is the hot path in front of every 250.
+        result = session.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
+        return [row[0] for row in result]
+
+
+class GroupCommitter:
+    """A writer thread that stores queued arrivals, many per commit, and resolves their futures."""
+
+    def __init__(self, engine: Engine, on_commit: Callable[[], None] = lambda: None, max_batch: int = 256):
+        self._engine = engine
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[tuple[Arrival, Future[int]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="inbound-commit", daemon=True)
+        self._thread.start()
+
+    async def store(self, arrival: Arrival) -> int:
+        """Return the stored id once the message is committed; raises if the commit failed."""
+        future: Future[int] = Future()
+        self._queue.put((arrival, future))
+        return await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        """Commit everything already queued, then stop the writer thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch: list[tuple[Arrival, Future[int]]] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self._max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                stopping = True
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[tuple[Arrival, Future[int]]]) -> None:
+        try:
+            ids = store(self._engine, [arrival for arrival, _ in batch])
+        except Exception as exc:  # every waiter must hear about it: each answers 451
+            log.error("event=store-failed messages=%d error=%r", len(batch), exc)
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for (_, future), stored_id in zip(batch, ids, strict=True):
+            future.set_result(stored_id)
+        self._on_commit()
+
+
+def pending(engine: Engine, limit: int) -> list[StoredMessage]:
+    """The oldest pending messages, at most *limit*."""
+    table = InboundMessage.__table__
+    query = (
+        select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at)
+        .where(table.c.status == InboundStatus.PENDING)
+        .order_by(table.c.id)
+        .limit(limit)
+    )
+    with read_session(engine) as session:
+        return [StoredMessage(*row) for row in session.execute(query)]
+
+
+def failed_ids(engine: Engine) -> list[int]:
+    with read_session(engine) as session:
+        query = select(InboundMessage.id).where(InboundMessage.status == InboundStatus.FAILED)
+        return list(session.scalars(query))
+
+
+def requeue(engine: Engine, ids: list[int]) -> list[int]:
+    """Put failed or ignored messages back to pending; returns the ids that were requeued."""
+    if not ids:
+        return []
+    table = InboundMessage.__table__
+    with write_session(engine) as session:
+        result = session.execute(
+            update(table)
+            .where(table.c.id.in_(ids), table.c.status.in_([InboundStatus.FAILED, InboundStatus.IGNORED]))
+            .values(status=InboundStatus.PENDING, error=None)
+            .returning(table.c.id)
+        )
+        return sorted(row[0] for row in result)
+
+
+def get(engine: Engine, message_id: int) -> InboundMessage | None:
+    with read_session(engine) as session:
+        return session.get(InboundMessage, message_id)

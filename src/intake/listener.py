@@ -1,0 +1,112 @@
+"""The SMTP listener (aiosmtpd): accept mail for our addresses only, store it, then say 250.
+
+It never parses or decides anything. RCPT is checked against the configured addresses and
+their ``+tag`` forms (550 5.1.1 otherwise; we never relay); DATA is committed to the raw store
+before the reply, so ``250`` means the message is on disk. A failed commit answers ``451`` and
+the client keeps the message and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from datetime import datetime, timezone
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from intake.config import Settings
+from intake.inbound import Arrival, GroupCommitter
+
+log = logging.getLogger(__name__)
+
+
+def base_address(address: str) -> str:
+    """'Security+SEC-2026-0001@Example.com' -> 'security@example.com'."""
+    local, _, domain = address.rpartition("@")
+    return f"{local.split('+', 1)[0]}@{domain}".lower()
+
+
+class IntakeHandler:
+    """aiosmtpd handler hooks; each returns the SMTP reply line."""
+
+    def __init__(self, settings: Settings, committer: GroupCommitter):
+        self._addresses = frozenset(settings.smtp.addresses)
+        self._max_recipients = settings.smtp.max_recipients
+        self._committer = committer
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if "@" not in address or base_address(address) not in self._addresses:
+            log.info("event=rcpt-refused peer=%s rcpt=%r", session.peer, address[:320])
+            return "550 5.1.1 Recipient address rejected: not a mailbox of this service"
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        arrival = Arrival(
+            mail_from=envelope.mail_from if envelope.mail_from not in (None, "<>") else "",
+            rcpt_tos=list(envelope.rcpt_tos),
+            peer=_peer(session),
+            helo=(session.host_name or "")[:255],
+            raw=raw,
+            received_at=datetime.now(timezone.utc),
+        )
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            stored_id = await self._committer.store(arrival)
+        except Exception as exc:  # noqa: BLE001 - any storage failure is a temporary one for the client
+            log.error("event=store-failed peer=%s size=%d error=%r", arrival.peer, len(raw), exc)
+            return "451 4.3.0 Requested action aborted: local error in processing, try again later"
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+        log.info("event=accepted inbound_id=%d peer=%s size=%d rcpts=%d", stored_id, arrival.peer, len(raw),
+                 len(arrival.rcpt_tos))
+        return f"250 2.0.0 OK queued as {stored_id}"
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "")
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    smtp = settings.smtp
+    if smtp.tls_certificate is None or smtp.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.resolve_path(smtp.tls_certificate), settings.resolve_path(smtp.tls_key))
+    return context
+
+
+def smtp_factory(settings: Settings, handler: IntakeHandler):  # type: ignore[no-untyped-def]
+    """A protocol factory for ``loop.create_server``: one aiosmtpd SMTP per connection."""
+    context = tls_context(settings)
+    smtp = settings.smtp
+
+    def factory() -> SMTP:
+        return SMTP(
+            handler,
+            data_size_limit=smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=smtp.hostname,
+            ident="intake",
+            tls_context=context,
+            require_starttls=smtp.require_starttls,
+            timeout=smtp.idle_timeout,
+        )
+
+    return factory

@@ -1,0 +1,168 @@
+"""The tables (SQLModel). Every instant is stored as UTC and read back timezone-aware."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware datetimes in, aware UTC datetimes out, on SQLite (no zone support) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; intake stores aware UTC instants")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _instant(*, nullable: bool = False, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class InboundStatus:
+    PENDING = "pending"
+    PROCESSED = "processed"
+    IGNORED = "ignored"
+    FAILED = "failed"
+
+
+class InboundMessage(SQLModel, table=True):
+    """A message exactly as received: committed before the listener answers 250."""
+
+    __tablename__ = "inbound_message"
+    __table_args__ = (Index("ix_inbound_status_id", "status", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    received_at: datetime = _instant()
+    # Envelope sender; '' for the null sender <>.
+    mail_from: str = Field(sa_column=Column(Text, nullable=False))
+    rcpt_tos: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    peer: str = Field(default="", sa_column=Column(Text, nullable=False))
+    helo: str = Field(default="", sa_column=Column(Text, nullable=False))
+    size: int
+    sha256: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    status: str = Field(default=InboundStatus.PENDING, sa_column=Column(String(16), nullable=False))
+    # What the router decided (new-ticket, duplicate, auto-reply, ...).
+    decision: str | None = Field(default=None, sa_column=Column(String(32)))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    attempts: int = 0
+    processed_at: datetime | None = _instant(nullable=True)
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+
+
+class TicketState:
+    NEW = "new"
+
+
+class Ticket(SQLModel, table=True):
+    """A tracked report, known by its public reference (SEC-2026-0001)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    reference: str = Field(sa_column=Column(String(40), nullable=False, unique=True))
+    subject: str = Field(sa_column=Column(Text, nullable=False))
+    reporter: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    reporter_name: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # The intake address the report came in on; replies go out from it.
+    intake_address: str = Field(sa_column=Column(Text, nullable=False))
+    state: str = Field(default=TicketState.NEW, sa_column=Column(String(24), nullable=False, index=True))
+    severity: str | None = Field(default=None, sa_column=Column(String(16)))
+    policy: str = Field(sa_column=Column(String(64), nullable=False))
+    assignee: str | None = Field(default=None, sa_column=Column(Text))
+    received_at: datetime = _instant()
+    created_at: datetime = _instant()
+    updated_at: datetime = _instant()
+
+
+class ThreadEntry(SQLModel, table=True):
+    """One message in or out of a ticket, or an internal note."""
+
+    __tablename__ = "thread_entry"
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    inbound_id: int | None = Field(default=None, foreign_key="inbound_message.id")
+    direction: str = Field(sa_column=Column(String(8), nullable=False))  # in | out | internal
+    kind: str = Field(sa_column=Column(String(24), nullable=False))  # report, automatic, ...
+    # Message-ID of inbound mail, or "sha256:<hex>" when it has none: one entry per message.
+    message_key: str | None = Field(default=None, sa_column=Column(Text, unique=True))
+    message_id: str | None = Field(default=None, sa_column=Column(Text, index=True))
+    in_reply_to: str | None = Field(default=None, sa_column=Column(Text))
+    references: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    sender: str = Field(default="", sa_column=Column(Text, nullable=False))
+    subject: str = Field(default="", sa_column=Column(Text, nullable=False))
+    body_text: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # [{"index", "filename", "original_filename", "content_type", "size", "sha256"}]
+    attachments: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    warnings: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = _instant()
+
+
+class Event(SQLModel, table=True):
+    """Append-only audit trail: who did what to which ticket, when."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    at: datetime = _instant()
+    actor: str = Field(sa_column=Column(Text, nullable=False))
+    kind: str = Field(sa_column=Column(String(40), nullable=False))
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class OutboxStatus:
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class Outbox(SQLModel, table=True):
+    """Mail waiting to be sent; the dedupe key makes every notification exactly-once."""
+
+    __table_args__ = (Index("ix_outbox_status_next", "status", "next_attempt_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    dedupe_key: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    kind: str = Field(sa_column=Column(String(24), nullable=False))
+    # Envelope sender; '' is the null sender <> (automatic replies, RFC 3834).
+    envelope_from: str = Field(sa_column=Column(Text, nullable=False))
+    recipients: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    message_id: str = Field(sa_column=Column(Text, nullable=False))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    status: str = Field(default=OutboxStatus.PENDING, sa_column=Column(String(16), nullable=False))
+    attempts: int = 0
+    created_at: datetime = _instant()
+    next_attempt_at: datetime = _instant()
+    sent_at: datetime | None = _instant(nullable=True)
+    # A sender's claim on the row while it sends; an expired lease is claimable again.
+    lease_until: datetime | None = _instant(nullable=True)
+    lease_owner: str | None = Field(default=None, sa_column=Column(String(32)))
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class ReferenceCounter(SQLModel, table=True):
+    """Last number handed out per prefix and year (SEC-2026-0001, SEC-2026-0002, ...)."""
+
+    __tablename__ = "reference_counter"
+    __table_args__ = (UniqueConstraint("prefix", "year"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    prefix: str = Field(sa_column=Column(String(16), nullable=False))
+    year: int
+    last: int = 0

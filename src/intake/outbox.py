@@ -1,0 +1,267 @@
+"""The outbox: the only module that sends mail.
+
+Mail is queued with :func:`enqueue` inside the transaction that decided to send it; a unique
+dedupe key makes a second enqueue of the same notification a no-op. :class:`OutboxSender`
+claims due rows under a short lease (so two processes never send the same row), hands them to
+the transport, and records the outcome:
+
+* delivered -> ``sent``;
+* temporary failure (4xx, connection refused, timeout) -> retried with exponential backoff
+  until ``give_up_after``, then ``dead``;
+* permanent failure (5xx) -> ``dead`` at once.
+
+A crash after the relay accepted a message but before ``sent`` was recorded means that one
+message is sent again on recovery (RFC 1047's window, shared by every MTA); it carries the
+same Message-ID, so the duplicate is recognisable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mailbox
+import ssl
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import aiosmtplib
+from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlmodel import Session
+
+from intake.config import OutboundSection, Settings, read_secret
+from intake.db import read_session, write_session
+from intake.models import Outbox, OutboxStatus
+from intake.replies import OutgoingMail
+
+log = logging.getLogger(__name__)
+
+CLAIM_BATCH = 50
+
+
+def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now: datetime) -> bool:
+    """Queue *mail* unless its dedupe key is already queued; True when it was queued now."""
+    dialect = session.get_bind().dialect.name
+    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    statement = (
+        insert(Outbox.__table__)
+        .values(
+            dedupe_key=mail.dedupe_key,
+            ticket_id=ticket_id,
+            kind=mail.kind,
+            envelope_from=mail.envelope_from,
+            recipients=mail.recipients,
+            message_id=mail.message_id,
+            raw=mail.raw,
+            status=OutboxStatus.PENDING,
+            attempts=0,
+            created_at=now,
+            next_attempt_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=["dedupe_key"])
+    )
+    return session.execute(statement).rowcount == 1
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a transport reports for one message."""
+
+    ok: bool
+    permanent: bool = False
+    detail: str = ""
+
+
+class Transport:
+    async def send_batch(self, rows: list[Outbox]) -> list[Delivery]:
+        raise NotImplementedError
+
+
+class MaildirTransport(Transport):
+    """Writes each message into a Maildir folder (for a laptop, a test, or a local MDA)."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        # create=True builds tmp/new/cur; Maildir delivery is atomic (tmp -> new rename).
+        self._maildir = mailbox.Maildir(path, factory=None, create=True)
+
+    async def send_batch(self, rows: list[Outbox]) -> list[Delivery]:
+        results = []
+        for row in rows:
+            try:
+                self._maildir.add(row.raw)
+                results.append(Delivery(True, detail=f"maildir {self._path}"))
+            except OSError as exc:
+                results.append(Delivery(False, detail=f"maildir write failed: {exc}"))
+        return results
+
+
+class SmtpTransport(Transport):
+    """Delivers through the configured relay with aiosmtplib, one connection per batch."""
+
+    def __init__(self, outbound: OutboundSection, password: str | None, hostname: str):
+        self._outbound = outbound
+        self._password = password
+        self._hostname = hostname
+
+    async def send_batch(self, rows: list[Outbox]) -> list[Delivery]:
+        relay = self._outbound.relay_address
+        client = aiosmtplib.SMTP(
+            hostname=relay.host,
+            port=relay.port,
+            timeout=self._outbound.timeout,
+            local_hostname=self._hostname,
+            start_tls=self._outbound.starttls or None,  # None: opportunistic, never required
+            tls_context=ssl.create_default_context() if self._outbound.starttls else None,
+        )
+        try:
+            await client.connect()
+            if self._outbound.username:
+                await client.login(self._outbound.username, self._password or "")
+        except aiosmtplib.SMTPResponseException as exc:
+            failure = Delivery(False, exc.code >= 500 and exc.code != 530, f"relay {exc.code} {exc.message}")
+            return [failure] * len(rows)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            return [Delivery(False, detail=f"relay unreachable: {exc}")] * len(rows)
+        results = []
+        try:
+            for row in rows:
+                results.append(await self._send_one(client, row))
+        finally:
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                client.close()
+        return results
+
+    @staticmethod
+    async def _send_one(client: aiosmtplib.SMTP, row: Outbox) -> Delivery:
+        try:
+            errors, response = await client.sendmail(row.envelope_from, row.recipients, row.raw)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            return Delivery(False, all(code >= 500 for code in codes), f"refused {detail}")
+        except aiosmtplib.SMTPResponseException as exc:
+            return Delivery(False, exc.code >= 500, f"relay {exc.code} {exc.message}")
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            return Delivery(False, detail=f"relay connection lost: {exc}")
+        return Delivery(True, detail=f"relay: {response}")
+
+
+def make_transport(settings: Settings) -> Transport:
+    if settings.outbound.transport == "maildir":
+        return MaildirTransport(settings.maildir_path)
+    return SmtpTransport(settings.outbound, read_secret("relay-password"), settings.smtp.hostname)
+
+
+def backoff(outbound: OutboundSection, attempts: int) -> timedelta:
+    """Delay before the next try after *attempts* failed ones: initial, doubling, capped."""
+    seconds = min(outbound.retry_initial * 2 ** max(attempts - 1, 0), outbound.retry_max)
+    return timedelta(seconds=seconds)
+
+
+class OutboxSender:
+    """Claims due outbox rows, sends them, records what happened."""
+
+    def __init__(self, engine: Engine, settings: Settings, transport: Transport):
+        self._engine = engine
+        self._outbound = settings.outbound
+        self._transport = transport
+        self._owner = uuid.uuid4().hex
+        # One lease covers a claimed batch; expired leases are claimable again (a crashed sender).
+        self._lease = timedelta(seconds=self._outbound.timeout * 2 + 5)
+
+    def claim(self, now: datetime, limit: int = CLAIM_BATCH) -> list[Outbox]:
+        table = Outbox.__table__
+        with write_session(self._engine) as session:
+            due = (
+                select(table.c.id)
+                .where(
+                    table.c.status == OutboxStatus.PENDING,
+                    table.c.next_attempt_at <= now,
+                    or_(table.c.lease_until.is_(None), table.c.lease_until < now),
+                )
+                .order_by(table.c.next_attempt_at, table.c.id)
+                .limit(limit)
+            )
+            if session.get_bind().dialect.name == "postgresql":
+                due = due.with_for_update(skip_locked=True)
+            ids = list(session.scalars(due))
+            if not ids:
+                return []
+            session.execute(
+                update(table).where(table.c.id.in_(ids)).values(lease_until=now + self._lease, lease_owner=self._owner)
+            )
+            return list(session.scalars(select(Outbox).where(Outbox.id.in_(ids)).order_by(Outbox.id)))
+
+    async def send_due(self, now: datetime) -> dict[str, int]:
+        """Send one claimed batch; returns counts by outcome."""
+        rows = self.claim(now)
+        if not rows:
+            return {}
+        deliveries = await self._transport.send_batch(rows)
+        return self.record(rows, deliveries, now)
+
+    def record(self, rows: list[Outbox], deliveries: list[Delivery], now: datetime) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        table = Outbox.__table__
+        with write_session(self._engine) as session:
+            for row, delivery in zip(rows, deliveries, strict=True):
+                values: dict[str, object] = {"attempts": row.attempts + 1, "lease_until": None, "lease_owner": None}
+                if delivery.ok:
+                    outcome = "sent"
+                    values.update(status=OutboxStatus.SENT, sent_at=now, last_error=None)
+                elif delivery.permanent or now - row.created_at >= timedelta(seconds=self._outbound.give_up_after):
+                    outcome = "dead"
+                    values.update(status=OutboxStatus.DEAD, last_error=delivery.detail)
+                else:
+                    outcome = "retry"
+                    values.update(next_attempt_at=now + backoff(self._outbound, row.attempts + 1),
+                                  last_error=delivery.detail)
+                session.execute(update(table).where(and_(table.c.id == row.id,
+                                                         table.c.lease_owner == self._owner)).values(**values))
+                counts[outcome] = counts.get(outcome, 0) + 1
+                log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
+                         row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
+        return counts
+
+    async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
+        """Send until *stop* is set; wakes on *wake* or every poll interval."""
+        while not stop.is_set():
+            try:
+                while not stop.is_set() and await self.send_due(datetime.now(timezone.utc)):
+                    pass
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the sender
+                log.exception("event=outbox-error")
+            wake.clear()
+            try:
+                await asyncio.wait_for(_first(stop, wake), timeout=self._outbound.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def listing(engine: Engine, status: str | None = None, limit: int = 200) -> list[Outbox]:
+    with read_session(engine) as session:
+        query = select(Outbox).order_by(Outbox.id.desc()).limit(limit)
+        if status:
+            query = query.where(Outbox.status == status)
+        return list(session.scalars(query))
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    with read_session(engine) as session:
+        rows = session.execute(select(Outbox.status, func.count()).group_by(Outbox.status))
+        return {status: count for status, count in rows}
