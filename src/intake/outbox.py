@@ -62,8 +62,9 @@ def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now:
             next_attempt_at=now,
         )
         .on_conflict_do_nothing(index_elements=["dedupe_key"])
+        .returning(Outbox.__table__.c.id)  # rowcount is not reliable here on every driver
     )
-    return session.execute(statement).rowcount == 1
+    return session.execute(statement).scalar_one_or_none() is not None
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,47 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
+class Listener:
+    """A bound SMTP listener and the connections it has open."""
+
+    def __init__(self, server: asyncio.Server, handler: IntakeHandler, connections: weakref.WeakSet):
+        self.server = server
+        self.handler = handler
+        self._connections = connections
+
+    @property
+    def port(self) -> int:
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def bound(self) -> str:
+        return ", ".join(str(s.getsockname()[:2]) for s in self.server.sockets)
+
+    async def close_connections(self) -> None:
+        self.server.close()
+        for protocol in list(self._connections):
+            if protocol.transport is not None:
+                protocol.transport.close()
+        await self.server.wait_closed()
+
+
+async def start_listener(settings: Settings, committer: GroupCommitter) -> Listener:
+    """Bind the SMTP listener on ``smtp.listen`` (port 0 picks a free port)."""
+    handler = IntakeHandler(settings, committer)
+    connections: weakref.WeakSet = weakref.WeakSet()
+    make_smtp = smtp_factory(settings, handler)
+
+    def tracked_smtp():  # type: ignore[no-untyped-def]
+        protocol = make_smtp()
+        connections.add(protocol)
+        return protocol
+
+    address = settings.smtp.listen_address
+    server = await asyncio.get_running_loop().create_server(tracked_smtp, host=address.host, port=address.port,
+                                                            reuse_address=True)
+    return Listener(server, handler, connections)
+
+
 def serve(settings: Settings) -> int:
     return asyncio.run(_serve(settings))
 
@@ -80,18 +121,9 @@ async def _serve(settings: Settings) -> int:
     engine = make_engine(settings.database_url, settings.database.busy_timeout)
     create_schema(engine)
     committer = GroupCommitter(engine, on_commit=wake_processor.set)
-    handler = IntakeHandler(settings, committer)
-    connections: weakref.WeakSet = weakref.WeakSet()
-    make_smtp = smtp_factory(settings, handler)
-
-    def tracked_smtp():  # type: ignore[no-untyped-def]
-        protocol = make_smtp()
-        connections.add(protocol)
-        return protocol
-
-    address = settings.smtp.listen_address
-    server = await loop.create_server(tracked_smtp, host=address.host, port=address.port, reuse_address=True)
-    bound = ", ".join(str(s.getsockname()[:2]) for s in server.sockets)
+    listener = await start_listener(settings, committer)
+    handler, server = listener.handler, listener.server
+    bound = listener.bound
     worker = _start_worker(context, settings, wake_processor, stop_worker)
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -119,10 +151,7 @@ async def _serve(settings: Settings) -> int:
         await asyncio.wait_for(handler.idle.wait(), timeout=grace)  # in-flight DATA gets its answer
     except asyncio.TimeoutError:
         log.warning("event=shutdown-grace-expired in_flight=%d", handler.in_flight)
-    for protocol in list(connections):
-        if protocol.transport is not None:
-            protocol.transport.close()
-    await server.wait_closed()
+    await listener.close_connections()
     await asyncio.to_thread(committer.close)
     stop_worker.set()
     wake_processor.set()

@@ -76,7 +76,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -142,6 +142,7 @@ def parse_duration(text: str) -> Duration:
 _HOURS_RE = re.compile(r"(\d{2}):(\d{2})\s*-\s*(\d{2}):(\d{2})")
 
 
+@lru_cache(maxsize=64)
 def _parse_working_hours(text: str) -> tuple[time, time]:
     match = _HOURS_RE.fullmatch(text.strip())
     if match is None:
@@ -228,31 +229,21 @@ class CalendarConfig(BaseModel):
             ) from None
         return self
 
-    @cached_property
+    # Derived values are recomputed rather than cached on the instance, so a
+    # model_copy(update=...) can never carry a stale zone or holiday set.
+    @property
     def zone(self) -> ZoneInfo:
-        return ZoneInfo(self.timezone)
-
-    @cached_property
-    def _workday_numbers(self) -> frozenset[int]:
-        return frozenset(WEEKDAYS.index(day) for day in self.workdays)
-
-    @cached_property
-    def _extra_holidays(self) -> frozenset[date]:
-        return frozenset(self.extra_holidays)
-
-    @cached_property
-    def _hours(self) -> tuple[time, time]:
-        return _parse_working_hours(self.working_hours)
+        return ZoneInfo(self.timezone)  # zoneinfo caches zones itself
 
     def non_working_reason(self, day: date) -> str | None:
         """Why ``day`` is not a working day ("weekend", a holiday's name, ...), or None."""
-        if day.weekday() not in self._workday_numbers:
+        if WEEKDAYS[day.weekday()] not in self.workdays:
             return "weekend"
         if self.holidays_country is not None:
             name = _public_holidays(self.holidays_country, self.holidays_subdivision, day.year).get(day)
             if name is not None:
                 return name
-        if day in self._extra_holidays:
+        if day in self.extra_holidays:
             return "extra holiday"
         return None
 
@@ -261,7 +252,7 @@ class CalendarConfig(BaseModel):
 
     def working_window(self, day: date) -> tuple[datetime, datetime]:
         """Opening and closing of ``day``'s working hours as UTC instants (DST-correct)."""
-        opening, closing = self._hours
+        opening, closing = _parse_working_hours(self.working_hours)
         return (
             datetime.combine(day, opening, self.zone).astimezone(UTC),
             datetime.combine(day, closing, self.zone).astimezone(UTC),

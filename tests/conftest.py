@@ -1,0 +1,302 @@
+"""Shared fixtures: real SQLite files, a real PostgreSQL, a real listener on 127.0.0.1, and a
+real SMTP sink (aiosmtpd) standing in for the relay. Nothing here mocks a part of intake."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.message import EmailMessage
+from pathlib import Path
+
+import psycopg
+import pytest
+from aiosmtpd.controller import Controller
+
+from intake import processor
+from intake.config import Settings, load_settings
+from intake.db import create_schema, make_engine
+from intake.inbound import GroupCommitter
+from intake.outbox import OutboxSender, make_transport
+from intake.service import start_listener
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = ROOT / "config.toml"
+CORPUS = ROOT.parent / "shared" / "corpus"
+
+PG_ENV = "INTAKE_TEST_POSTGRES"  # a server URL to use instead of looking for one
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+
+def _reachable(url: str) -> bool:
+    try:
+        with psycopg.connect(url, connect_timeout=3):
+            return True
+    except psycopg.Error:
+        return False
+
+
+def _throwaway_postgres(base: Path) -> tuple[str, callable] | None:
+    """Start a private PostgreSQL with initdb/pg_ctl when they are installed; None otherwise."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin")) if Path("/usr/lib/postgresql").exists() else []
+    bindir = next((d for d in reversed(candidates) if (d / "initdb").exists()), None)
+    initdb = bindir / "initdb" if bindir else shutil.which("initdb")
+    pg_ctl = bindir / "pg_ctl" if bindir else shutil.which("pg_ctl")
+    if not initdb or not pg_ctl:
+        return None
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        if not shutil.which("runuser"):
+            return None
+        prefix = ["runuser", "-u", "postgres", "--"]
+        base.mkdir(parents=True, exist_ok=True)
+        shutil.chown(base, "postgres")
+    data = base / "data"
+    port = free_port()
+    subprocess.run([*prefix, str(initdb), "-D", str(data), "-U", "postgres", "--auth=trust"], check=True,
+                   capture_output=True)
+    subprocess.run([*prefix, str(pg_ctl), "-D", str(data), "-w", "-l", str(base / "log"), "-o",
+                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+
+    def stop() -> None:
+        subprocess.run([*prefix, str(pg_ctl), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+
+    return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a PostgreSQL server: $INTAKE_TEST_POSTGRES, the local one, or a throwaway."""
+    for url in filter(None, [os.environ.get(PG_ENV), "postgresql://postgres@127.0.0.1:5432/postgres"]):
+        if _reachable(url):
+            yield url
+            return
+    started = _throwaway_postgres(tmp_path_factory.mktemp("pg"))
+    if started is None:
+        pytest.skip("PostgreSQL tests skipped: no server on 127.0.0.1:5432 and no initdb/pg_ctl to start one")
+    url, stop = started
+    try:
+        yield url
+    finally:
+        stop()
+
+
+def _fresh_postgres_database(server_url: str) -> tuple[str, callable]:
+    name = f"intake_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = server_url.rsplit("/", 1)[0] + f"/{name}"
+
+    def drop() -> None:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return url.replace("postgresql://", "postgresql+psycopg://", 1), drop
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Every test that asks for a database runs on a fresh SQLite file and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'intake.db'}"
+        return
+    url, drop = _fresh_postgres_database(request.getfixturevalue("postgres_server"))
+    try:
+        yield url
+    finally:
+        drop()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'intake.db'}"
+
+
+# -- configuration ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    """A copy of the shipped config.toml in the test's own folder."""
+    path = tmp_path / "config.toml"
+    shutil.copy(SHIPPED_CONFIG, path)
+    return path
+
+
+@pytest.fixture
+def make_settings(config_file: Path, monkeypatch: pytest.MonkeyPatch, database_url: str):
+    """Settings from the shipped config plus INTAKE_* overrides, as an operator would give them.
+
+    A module that needs only SQLite overrides the ``database_url`` fixture with ``sqlite_url``."""
+
+    def make(**env: str) -> Settings:
+        for key in [k for k in os.environ if k.startswith("INTAKE_")]:
+            monkeypatch.delenv(key)
+        defaults = {
+            "INTAKE_DATABASE__URL": database_url,
+            "INTAKE_SMTP__LISTEN": "127.0.0.1:0",
+            "INTAKE_OUTBOUND__MAILDIR": str(config_file.parent / "outbox"),
+        }
+        for key, value in {**defaults, **env}.items():
+            monkeypatch.setenv(key, value)
+        return load_settings(config_file)
+
+    return make
+
+
+# -- running parts ---------------------------------------------------------------------------
+
+
+class LoopThread:
+    """An asyncio event loop in a background thread, for servers the test talks to over TCP."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine, timeout: float = 30):  # type: ignore[no-untyped-def]
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+@dataclass
+class RunningListener:
+    settings: Settings
+    engine: object
+    port: int
+    committer: GroupCommitter
+
+
+@pytest.fixture
+def start_intake_listener():
+    """Start the real listener (group commit included) on a free loopback port."""
+    started: list[tuple[LoopThread, object, GroupCommitter]] = []
+
+    def start(settings: Settings, engine=None) -> RunningListener:  # type: ignore[no-untyped-def]
+        engine = engine or make_engine(settings.database_url, settings.database.busy_timeout)
+        create_schema(engine)
+        committer = GroupCommitter(engine)
+        loop = LoopThread()
+        listener = loop.run(start_listener(settings, committer))
+        started.append((loop, listener, committer))
+        return RunningListener(settings, engine, listener.port, committer)
+
+    yield start
+    for loop, listener, committer in started:
+        loop.run(listener.close_connections())
+        loop.stop()
+        committer.close()
+
+
+@dataclass
+class Captured:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+
+@dataclass
+class SinkHandler:
+    """A relay stand-in. `replies` is consumed one per DATA (e.g. ['451 4.3.0 busy']); then 250."""
+
+    messages: list[Captured] = field(default_factory=list)
+    replies: list[str] = field(default_factory=list)
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        if self.replies:
+            return self.replies.pop(0)
+        self.messages.append(Captured(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 OK"
+
+
+@dataclass
+class Sink:
+    handler: SinkHandler
+    port: int
+
+    @property
+    def messages(self) -> list[Captured]:
+        return self.handler.messages
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[Captured]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return list(self.messages)
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A real SMTP server on 127.0.0.1 capturing whatever the outbox relays to it."""
+    handler = SinkHandler()
+    port = free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=True)
+    controller.start()
+    try:
+        yield Sink(handler, port)
+    finally:
+        controller.stop()
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def report(subject: str = "XSS in the login form", sender: str = "alice@researcher.test",
+           message_id: str | None = None, body: str = "Steps to reproduce:\n1. ...\n",
+           **headers: str) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = f"Alice Researcher <{sender}>"
+    message["To"] = "security@example.com"
+    message["Subject"] = subject
+    message["Message-ID"] = message_id or f"<{uuid.uuid4().hex}@researcher.test>"
+    for name, value in headers.items():
+        message[name.replace("_", "-")] = value
+    message.set_content(body)
+    return message
+
+
+def smtp_send(port: int, message: EmailMessage | bytes, mail_from: str = "alice@researcher.test",
+              rcpt_tos: list[str] | None = None) -> dict:
+    data = message if isinstance(message, bytes) else message.as_bytes()
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        return client.sendmail(mail_from, rcpt_tos or ["security@example.com"], data)
+
+
+def process(settings: Settings, engine, now: datetime | None = None) -> processor.BatchResult:  # type: ignore[no-untyped-def]
+    return processor.process_all(engine, settings, now or datetime.now(timezone.utc))
+
+
+def deliver_outbox(settings: Settings, engine, now: datetime | None = None) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    """Run the real outbox sender until nothing is due at *now*."""
+    sender = OutboxSender(engine, settings, make_transport(settings))
+    totals: dict[str, int] = {}
+
+    async def drain() -> None:
+        while counts := await sender.send_due(now or datetime.now(timezone.utc)):
+            for key, value in counts.items():
+                totals[key] = totals.get(key, 0) + value
+
+    asyncio.run(drain())
+    return totals

@@ -1,0 +1,196 @@
+"""Receive -> store -> ticket -> acknowledgement, over real SMTP, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import select
+
+from conftest import deliver_outbox, process, report, smtp_send
+from intake import inbound, outbox, tickets
+from intake.db import read_session
+from intake.models import Event, InboundMessage, Outbox, ThreadEntry, Ticket
+
+
+def _outbox_rows(engine) -> list[Outbox]:
+    return sorted(outbox.listing(engine), key=lambda r: r.id)
+
+
+def test_report_becomes_ticket_with_acknowledgement_through_relay(make_settings, start_intake_listener, sink):
+    settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}")
+    running = start_intake_listener(settings)
+    original = report(subject="SQL injection in /search", message_id="<r1@researcher.test>",
+                      References="<earlier@researcher.test>")
+    smtp_send(running.port, original)
+
+    result = process(settings, running.engine)
+    assert result.decisions == {"new-ticket": 1}
+    year = datetime.now(timezone.utc).year
+    assert result.tickets_opened == [f"SEC-{year}-0001"]
+
+    detail = tickets.ticket_detail(running.engine, f"SEC-{year}-0001")
+    assert detail.ticket.subject == "SQL injection in /search"
+    assert detail.ticket.reporter == "alice@researcher.test"
+    assert detail.ticket.policy == "vaixus"
+    report_entry = detail.entries[0]
+    assert (report_entry.kind, report_entry.direction) == ("report", "in")
+    assert report_entry.message_id == "<r1@researcher.test>"
+    assert "Steps to reproduce" in report_entry.body_text
+    assert [e.kind for e in detail.events] == ["opened", "acknowledgement-queued"]
+
+    assert deliver_outbox(settings, running.engine) == {"sent": 1}
+    [ack] = sink.wait_for(1)
+    assert ack.mail_from == "<>"  # MAIL FROM:<>, the null envelope sender: nobody auto-replies to an auto-reply
+    assert ack.rcpt_tos == ["alice@researcher.test"]
+    message = email.message_from_bytes(ack.data, policy=email.policy.default)
+    assert message["Subject"] == f"Re: [SEC-{year}-0001] SQL injection in /search"
+    assert message["From"].addresses[0].addr_spec == "security@example.com"
+    assert message["To"] == "alice@researcher.test"
+    assert message["In-Reply-To"] == "<r1@researcher.test>"
+    assert message["References"].split() == ["<earlier@researcher.test>", "<r1@researcher.test>"]
+    assert message["Auto-Submitted"] == "auto-replied"
+    assert message["Message-ID"].endswith("@example.com>")
+    body = message.get_content()
+    assert f"SEC-{year}-0001" in body
+    assert "reply to this message" in body
+    # vaixus: acknowledge within 72 hours of receipt, stated in the mail.
+    due = detail.ticket.received_at.astimezone(timezone.utc) + __import__("datetime").timedelta(hours=72)
+    assert due.strftime("%d %b %Y %H:%M") in body
+    assert [r.status for r in _outbox_rows(running.engine)] == ["sent"]
+
+
+def test_references_count_per_year_and_use_the_configured_prefix(make_settings, start_intake_listener):
+    settings = make_settings(INTAKE_INTAKE__REFERENCE_PREFIX="VULN")
+    running = start_intake_listener(settings)
+    for n in range(3):
+        smtp_send(running.port, report(subject=f"report {n}"))
+    result = process(settings, running.engine)
+    year = datetime.now(timezone.utc).year
+    assert result.tickets_opened == [f"VULN-{year}-0001", f"VULN-{year}-0002", f"VULN-{year}-0003"]
+
+
+def test_year_of_reference_is_the_year_received(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report())
+    # Received (stored) in one year, processed in the next: the receive date decides.
+    with read_session(running.engine) as session:
+        received = session.scalars(select(InboundMessage.received_at)).one()
+    result = process(settings, running.engine, now=received.replace(year=received.year + 1))
+    assert result.tickets_opened == [f"SEC-{received.year}-0001"]
+
+
+def test_same_message_twice_is_one_ticket_and_one_acknowledgement(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    message = report(message_id="<same@researcher.test>")
+    smtp_send(running.port, message)
+    process(settings, running.engine)
+    smtp_send(running.port, message)  # a retry by the client after a lost 250
+    smtp_send(running.port, message, rcpt_tos=["security+web@example.com"])
+    result = process(settings, running.engine)
+    assert result.decisions == {"duplicate": 2}
+    assert len(tickets.list_tickets(running.engine)) == 1
+    assert [r.dedupe_key for r in _outbox_rows(running.engine)] == [f"ack:SEC-{datetime.now(timezone.utc).year}-0001"]
+
+
+def test_duplicates_inside_one_batch_and_without_message_id(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    raw = b"From: bob@researcher.test\r\nTo: security@example.com\r\nSubject: no id\r\n\r\nbody\r\n"
+    for _ in range(2):
+        smtp_send(running.port, raw, mail_from="bob@researcher.test")
+    result = process(settings, running.engine)  # both in one batch
+    assert result.decisions == {"new-ticket": 1, "duplicate": 1}
+    assert len(_outbox_rows(running.engine)) == 1
+
+
+@pytest.mark.parametrize("headers, mail_from, decision", [
+    ({}, "", "bounce"),
+    ({"Auto_Submitted": "auto-replied"}, "bob@researcher.test", "auto-reply"),
+    ({"Auto_Submitted": "auto-generated; owner-email=x@y.test"}, "bob@researcher.test", "auto-reply"),
+])
+def test_automatic_mail_gets_no_ticket_and_no_reply(make_settings, start_intake_listener, headers, mail_from,
+                                                    decision):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(**headers), mail_from=mail_from)
+    result = process(settings, running.engine)
+    assert result.decisions == {decision: 1}
+    assert tickets.list_tickets(running.engine) == []
+    assert _outbox_rows(running.engine) == []
+    with read_session(running.engine) as session:
+        stored = session.scalars(select(InboundMessage)).one()
+    assert (stored.status, stored.decision) == ("ignored", decision)
+
+
+def test_auto_submitted_no_is_a_person(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(Auto_Submitted="no"))
+    assert process(settings, running.engine).decisions == {"new-ticket": 1}
+    assert len(_outbox_rows(running.engine)) == 1
+
+
+def test_failed_message_keeps_raw_bytes_and_reprocesses(make_settings, start_intake_listener, tmp_path):
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    broken = templates / "acknowledgement.txt.j2"
+    broken.write_text("{{ no_such_variable }}\n")  # StrictUndefined: rendering fails
+    settings = make_settings(INTAKE_INTAKE__TEMPLATES_DIR=str(templates))
+    running = start_intake_listener(settings)
+    message = report(message_id="<fails@researcher.test>")
+    smtp_send(running.port, message)
+
+    result = process(settings, running.engine)
+    assert len(result.failed) == 1
+    with read_session(running.engine) as session:
+        stored = session.scalars(select(InboundMessage)).one()
+        assert session.scalars(select(Ticket)).all() == []  # rolled back with its savepoint
+        assert session.scalars(select(ThreadEntry)).all() == []
+    assert stored.status == "failed"
+    assert "no_such_variable" in stored.error
+    assert stored.raw == message.as_bytes().replace(b"\n", b"\r\n") or b"fails@researcher.test" in stored.raw
+
+    broken.unlink()  # the operator fixes the template
+    from intake.replies import _environment
+    _environment.cache_clear()
+    assert inbound.requeue(running.engine, inbound.failed_ids(running.engine)) == [stored.id]
+    result = process(settings, running.engine)
+    assert result.decisions == {"new-ticket": 1}
+    assert len(_outbox_rows(running.engine)) == 1
+
+
+def test_one_failing_message_does_not_stop_the_batch(make_settings, start_intake_listener, tmp_path):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(subject="first"))
+    smtp_send(running.port, report(subject="second"))
+    # Break processing of exactly one stored message: a policy that no longer exists.
+    with read_session(running.engine) as session:
+        first_id = session.scalars(select(InboundMessage.id).order_by(InboundMessage.id)).first()
+    from sqlalchemy import update
+    from intake.db import write_session
+    with write_session(running.engine) as session:
+        session.execute(update(InboundMessage).where(InboundMessage.id == first_id)
+                        .values(rcpt_tos=["security+gone@example.com"]))
+    broken = settings.model_copy(update={"intake": settings.intake.model_copy(
+        update={"policy_by_address": {"security+gone@example.com": "gone"}})})
+    result = process(broken, running.engine)
+    assert result.failed == [first_id]
+    assert result.decisions == {"new-ticket": 1}
+
+
+def test_events_record_the_decision(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(message_id="<ev@researcher.test>"))
+    process(settings, running.engine)
+    with read_session(running.engine) as session:
+        opened = session.scalars(select(Event).where(Event.kind == "opened")).one()
+    assert opened.actor == "intake"
+    assert opened.detail["decision"] == "new-ticket"
+    assert opened.detail["message_id"] == "<ev@researcher.test>"
