@@ -14,11 +14,12 @@ Secrets never live in the file: they come from ``$CREDENTIALS_DIRECTORY/<name>``
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -300,6 +301,26 @@ def _known_env_names(model: type[BaseModel], prefix: str) -> set[str]:
     return names
 
 
+def _json_env_errors(environ: dict[str, str]) -> list[str]:
+    """Variables that must hold JSON (lists, tables) but do not, each with the parser's reason."""
+    errors = []
+    for section_name, section in Settings.model_fields.items():
+        model = section.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        for key, field in model.model_fields.items():
+            if get_origin(field.annotation) not in (list, dict):
+                continue
+            name = f"{ENV_PREFIX}{section_name.upper()}__{key.upper()}"
+            if name in environ:
+                try:
+                    json.loads(environ[name])
+                except json.JSONDecodeError as exc:
+                    example = '["a", "b"]' if get_origin(field.annotation) is list else '{"key": "value"}'
+                    errors.append(f"{name} ({section_name}.{key}): must be JSON, e.g. {example}: {exc}")
+    return errors
+
+
 def _unknown_env_vars(environ: dict[str, str]) -> list[str]:
     known = _known_env_names(Settings, ENV_PREFIX) | {CONFIG_ENV, *SECRETS.values()}
     unknown = []
@@ -344,6 +365,9 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(
             "; ".join(f"{name}: unknown environment setting (misspelled?)" for name in sorted(unknown))
         )
+    json_errors = _json_env_errors(dict(os.environ))
+    if json_errors:
+        raise ConfigError("\n".join(json_errors))
     for key in ("password", "relay_password"):
         if key in data.get("outbound", {}):
             raise ConfigError(

@@ -22,6 +22,7 @@ import logging
 import mailbox
 import ssl
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -77,7 +78,9 @@ class Delivery:
 
 
 class Transport:
-    async def send_batch(self, rows: list[Outbox]) -> list[Delivery]:
+    """Delivers claimed rows, yielding each outcome as soon as it is known (so it is recorded at once)."""
+
+    def deliver(self, rows: list[Outbox]) -> AsyncIterator[tuple[Outbox, Delivery]]:
         raise NotImplementedError
 
 
@@ -89,15 +92,13 @@ class MaildirTransport(Transport):
         # create=True builds tmp/new/cur; Maildir delivery is atomic (tmp -> new rename).
         self._maildir = mailbox.Maildir(path, factory=None, create=True)
 
-    async def send_batch(self, rows: list[Outbox]) -> list[Delivery]:
-        results = []
+    async def deliver(self, rows: list[Outbox]) -> AsyncIterator[tuple[Outbox, Delivery]]:
         for row in rows:
             try:
                 self._maildir.add(row.raw)
-                results.append(Delivery(True, detail=f"maildir {self._path}"))
+                yield row, Delivery(True, detail=f"maildir {self._path}")
             except OSError as exc:
-                results.append(Delivery(False, detail=f"maildir write failed: {exc}"))
-        return results
+                yield row, Delivery(False, detail=f"maildir write failed: {exc}")
 
 
 class SmtpTransport(Transport):
@@ -108,7 +109,7 @@ class SmtpTransport(Transport):
         self._password = password
         self._hostname = hostname
 
-    async def send_batch(self, rows: list[Outbox]) -> list[Delivery]:
+    async def deliver(self, rows: list[Outbox]) -> AsyncIterator[tuple[Outbox, Delivery]]:
         relay = self._outbound.relay_address
         client = aiosmtplib.SMTP(
             hostname=relay.host,
@@ -124,19 +125,21 @@ class SmtpTransport(Transport):
                 await client.login(self._outbound.username, self._password or "")
         except aiosmtplib.SMTPResponseException as exc:
             failure = Delivery(False, exc.code >= 500 and exc.code != 530, f"relay {exc.code} {exc.message}")
-            return [failure] * len(rows)
+            for row in rows:
+                yield row, failure
+            return
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
-            return [Delivery(False, detail=f"relay unreachable: {exc}")] * len(rows)
-        results = []
+            for row in rows:
+                yield row, Delivery(False, detail=f"relay unreachable: {exc}")
+            return
         try:
             for row in rows:
-                results.append(await self._send_one(client, row))
+                yield row, await self._send_one(client, row)
         finally:
             try:
                 await client.quit()
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                 client.close()
-        return results
 
     @staticmethod
     async def _send_one(client: aiosmtplib.SMTP, row: Outbox) -> Delivery:
@@ -201,34 +204,32 @@ class OutboxSender:
 
     async def send_due(self, now: datetime) -> dict[str, int]:
         """Send one claimed batch; returns counts by outcome."""
-        rows = self.claim(now)
-        if not rows:
-            return {}
-        deliveries = await self._transport.send_batch(rows)
-        return self.record(rows, deliveries, now)
-
-    def record(self, rows: list[Outbox], deliveries: list[Delivery], now: datetime) -> dict[str, int]:
         counts: dict[str, int] = {}
+        async for row, delivery in self._transport.deliver(self.claim(now)):
+            # Recorded one by one: a crash can then resend at most the message in flight.
+            outcome = self.record(row, delivery, now)
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return counts
+
+    def record(self, row: Outbox, delivery: Delivery, now: datetime) -> str:
+        """Store what happened to *row*; returns 'sent', 'retry' or 'dead'."""
+        values: dict[str, object] = {"attempts": row.attempts + 1, "lease_until": None, "lease_owner": None}
+        if delivery.ok:
+            outcome = "sent"
+            values.update(status=OutboxStatus.SENT, sent_at=now, last_error=None)
+        elif delivery.permanent or now - row.created_at >= timedelta(seconds=self._outbound.give_up_after):
+            outcome = "dead"
+            values.update(status=OutboxStatus.DEAD, last_error=delivery.detail)
+        else:
+            outcome = "retry"
+            values.update(next_attempt_at=now + backoff(self._outbound, row.attempts + 1), last_error=delivery.detail)
         table = Outbox.__table__
         with write_session(self._engine) as session:
-            for row, delivery in zip(rows, deliveries, strict=True):
-                values: dict[str, object] = {"attempts": row.attempts + 1, "lease_until": None, "lease_owner": None}
-                if delivery.ok:
-                    outcome = "sent"
-                    values.update(status=OutboxStatus.SENT, sent_at=now, last_error=None)
-                elif delivery.permanent or now - row.created_at >= timedelta(seconds=self._outbound.give_up_after):
-                    outcome = "dead"
-                    values.update(status=OutboxStatus.DEAD, last_error=delivery.detail)
-                else:
-                    outcome = "retry"
-                    values.update(next_attempt_at=now + backoff(self._outbound, row.attempts + 1),
-                                  last_error=delivery.detail)
-                session.execute(update(table).where(and_(table.c.id == row.id,
-                                                         table.c.lease_owner == self._owner)).values(**values))
-                counts[outcome] = counts.get(outcome, 0) + 1
-                log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
-                         row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
-        return counts
+            session.execute(update(table).where(and_(table.c.id == row.id, table.c.lease_owner == self._owner))
+                            .values(**values))
+        log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
+                 row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
+        return outcome
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
         """Send until *stop* is set; wakes on *wake* or every poll interval."""

@@ -1,0 +1,112 @@
+"""The operator CLI against a real database filled over real SMTP."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import process, report, smtp_send
+from intake.cli import main
+
+
+@pytest.fixture
+def cli(config_file):
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
+        result = runner.invoke(main, ["--config", str(config_file), *args], catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result
+
+    return run
+
+
+@pytest.fixture
+def two_tickets(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(subject="Stored XSS in comments", message_id="<one@researcher.test>"))
+    message = report(subject="Open redirect", sender="bob@researcher.test", message_id="<two@researcher.test>")
+    message.add_attachment(b"GET /redirect?to=evil HTTP/1.1\r\n", maintype="text", subtype="plain",
+                           filename="../../etc/poc.txt")
+    smtp_send(running.port, message, mail_from="bob@researcher.test")
+    process(settings, running.engine)
+    return running
+
+
+def _ref(n: int) -> str:
+    return f"SEC-{datetime.now(timezone.utc).year}-{n:04d}"
+
+
+def test_tickets_lists_as_table_and_json(cli, two_tickets):
+    table = cli("tickets").output
+    assert table.splitlines()[0].split()[:3] == ["REFERENCE", "STATE", "SEVERITY"]
+    assert _ref(1) in table and _ref(2) in table and "Open redirect" in table
+    data = json.loads(cli("tickets", "--json").output)
+    assert [t["reference"] for t in data] == [_ref(1), _ref(2)]
+    assert data[1] | {"received_at": None} == {
+        "reference": _ref(2), "subject": "Open redirect", "reporter": "bob@researcher.test", "state": "new",
+        "severity": None, "policy": "vaixus", "assignee": None, "received_at": None}
+    assert json.loads(cli("tickets", "--state", "new", "--json").output) == data
+    assert json.loads(cli("tickets", "--state", "closed", "--json").output) == []
+
+
+def test_show_gives_ticket_thread_and_events(cli, two_tickets):
+    data = json.loads(cli("show", _ref(2), "--json").output)
+    assert data["reference"] == _ref(2)
+    [report_entry, ack_entry] = data["thread"]
+    assert report_entry["kind"] == "report" and report_entry["message_id"] == "<two@researcher.test>"
+    [attachment] = report_entry["attachments"]
+    assert attachment["filename"] == "poc.txt"  # no path: safe to write anywhere
+    assert attachment["original_filename"] == "../../etc/poc.txt"
+    assert attachment["size"] == len(b"GET /redirect?to=evil HTTP/1.1\r\n")
+    assert ack_entry["kind"] == "automatic" and ack_entry["direction"] == "out"
+    assert [e["kind"] for e in data["events"]] == ["opened", "acknowledgement-queued"]
+    assert data["messages"][0]["decision"] == "new-ticket"
+
+    human = cli("show", _ref(2).lower()).output  # references are case-insensitive
+    assert "Open redirect" in human and "attachment 1: poc.txt" in human and "opened" in human
+
+
+def test_show_unknown_reference_fails(cli, two_tickets):
+    result = cli("show", "SEC-1999-0001", code=1)
+    assert "no ticket SEC-1999-0001" in result.output
+
+
+def test_outbox_lists_queued_acknowledgements(cli, two_tickets):
+    data = json.loads(cli("outbox", "--json").output)
+    assert sorted(d["key"] for d in data) == [f"ack:{_ref(1)}", f"ack:{_ref(2)}"]
+    assert {d["status"] for d in data} == {"pending"}
+    assert "ack:" in cli("outbox").output
+
+
+def test_reprocess_needs_an_id_or_failed(cli, two_tickets):
+    assert "give a stored message ID or --failed" in cli("reprocess", code=2).output
+    assert "no stored message 999" in cli("reprocess", "999", code=1).output
+    assert "nothing to reprocess" in cli("reprocess", "--failed").output
+    assert "is not failed or ignored" in cli("reprocess", "1").output
+
+
+def test_reprocess_failed_opens_the_ticket(cli, make_settings, start_intake_listener, tmp_path):
+    templates = tmp_path / "broken-templates"
+    templates.mkdir()
+    (templates / "acknowledgement.txt.j2").write_text("{% if %}")  # a syntax error in the operator's template
+    settings = make_settings(INTAKE_INTAKE__TEMPLATES_DIR=str(templates))
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(message_id="<later@researcher.test>"))
+    assert len(process(settings, running.engine).failed) == 1
+    assert json.loads(cli("tickets", "--json").output) == []
+
+    (templates / "acknowledgement.txt.j2").unlink()
+    from intake.replies import _environment
+    _environment.cache_clear()
+    output = cli("reprocess", "--failed").output
+    assert f"opened {_ref(1)}" in output
+    assert json.loads(cli("show", _ref(1), "--json").output)["messages"][0]["status"] == "processed"
+
+
+def test_check_config_reports_ok(cli):
+    assert "OK" in cli("check-config").output
