@@ -18,19 +18,25 @@ import email.policy
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from email.message import Message
+from email.parser import BytesHeaderParser
 from email.utils import getaddresses, parseaddr
+from typing import TypeVar
 
 import html2text
 import mailparser
+
+T = TypeVar("T")
 
 MAX_HEADER_TEXT = 998  # RFC 5322 line limit; longer display values are cut
 MAX_FILENAME = 120
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_FOLD = re.compile(r"\s*[\r\n]+\s*")
+_UNFOLD = re.compile(r"\r?\n(?=[ \t])")  # RFC 5322 unfolding: drop the CRLF, keep the WSP
+_NEWLINES = re.compile(r"\s*[\r\n]+\s*")
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
 
 
@@ -68,7 +74,7 @@ def clean_text(value: object, limit: int = MAX_HEADER_TEXT) -> str:
     """A single display-safe line: folded whitespace, no control characters, bounded."""
     text = value if isinstance(value, str) else ("" if value is None else str(value))
     text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
-    text = _CONTROL.sub("", _FOLD.sub(" ", text)).strip()
+    text = _CONTROL.sub("", _NEWLINES.sub(" ", _UNFOLD.sub("", text))).strip()
     return text[:limit]
 
 
@@ -160,8 +166,9 @@ def parse(raw: bytes) -> ParsedMail:
         warnings.append(f"mail-parser failed ({type(exc).__name__}); fell back to the stdlib parser")
         message, subject_value, body, attachments_raw = _fallback(raw, warnings)
 
-    from_name, from_address = parseaddr(_decode_header(_header(message, "From")))
-    to = [addr for _, addr in getaddresses([_header(message, "To")]) if addr]
+    from_name, from_address = _guarded(lambda: parseaddr(_decode_header(_header(message, "From"))), ("", ""),
+                                       "From", warnings)
+    to = _guarded(lambda: [addr for _, addr in getaddresses([_header(message, "To")]) if addr], [], "To", warnings)
     attachments = []
     for index, entry in enumerate(attachments_raw, start=1):
         data = _decoded_attachment(entry)
@@ -179,7 +186,7 @@ def parse(raw: bytes) -> ParsedMail:
     references = [clean_text(r, 500) for r in _message_ids(_header(message, "References"))]
     return ParsedMail(
         message_id=_first_message_id(_header(message, "Message-ID")),
-        subject=clean_text(_decode_header(subject_value)),
+        subject=clean_text(_stdlib_subject(raw, subject_value, warnings)),
         from_address=clean_text(from_address, 320),
         from_name=clean_text(from_name, 200),
         to=[clean_text(a, 320) for a in to[:100]],
@@ -192,6 +199,27 @@ def parse(raw: bytes) -> ParsedMail:
         attachments=attachments,
         warnings=warnings,
     )
+
+
+def _stdlib_subject(raw: bytes, parsed_value: object, warnings: list[str]) -> str:
+    """The subject decoded as the stdlib's modern policy does it (RFC 2047, charset fallbacks
+    with U+FFFD); mail-parser's value where that parser gives up."""
+    try:
+        headers = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
+        value = headers["Subject"]
+        return "" if value is None else str(value)
+    except Exception as exc:  # noqa: BLE001 - hostile headers break the stdlib in many ways
+        warnings.append(f"Subject decoded by the fallback decoder ({type(exc).__name__})")
+        return _decode_header(parsed_value)
+
+
+def _guarded(read: Callable[[], T], default: T, name: str, warnings: list[str]) -> T:
+    """Read one header-derived value; the stdlib's address parser can recurse itself to death."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - RecursionError, IndexError, ... on hostile headers
+        warnings.append(f"{name} header could not be parsed ({type(exc).__name__})")
+        return default
 
 
 def _content_type(message: Message | None) -> str:

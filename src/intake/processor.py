@@ -62,10 +62,19 @@ def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int 
     if not batch:
         return result
     parsed = []
+    parse_failures: dict[int, str] = {}
     for stored in batch:
         started = time.perf_counter()
-        parsed.append((stored, parse(stored.raw), time.perf_counter() - started))
+        try:
+            parsed.append((stored, parse(stored.raw), time.perf_counter() - started))
+        except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
+            log.exception("event=parse-failed inbound_id=%d", stored.id)
+            parse_failures[stored.id] = f"parse: {type(exc).__name__}: {exc}"[:2000]
     with write_session(engine) as session:
+        for message_id, error in parse_failures.items():
+            _mark(session, message_id, status=InboundStatus.FAILED, error=error, processed_at=now,
+                  attempts=InboundMessage.attempts + 1)
+            result.failed.append(message_id)
         still_pending = set(session.scalars(
             select(InboundMessage.id).where(InboundMessage.id.in_([s.id for s in batch]),
                                             InboundMessage.status == InboundStatus.PENDING)))

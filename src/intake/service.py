@@ -66,6 +66,8 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s %(message)s", force=True)
     # aiosmtpd logs every SMTP command at INFO, addresses included; our own lines say what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # mail-parser warns about every MIME type it does not render; that is not news.
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 
 class Listener:
