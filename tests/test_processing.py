@@ -194,3 +194,46 @@ def test_events_record_the_decision(make_settings, start_intake_listener):
     assert opened.actor == "intake"
     assert opened.detail["decision"] == "new-ticket"
     assert opened.detail["message_id"] == "<ev@researcher.test>"
+
+
+def test_tagged_address_maps_to_its_policy_and_ack_states_its_dates(make_settings, start_intake_listener):
+    settings = make_settings(INTAKE_INTAKE__POLICY_BY_ADDRESS='{"security+vectis@example.com": "vectis-mail"}')
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(), rcpt_tos=["security+vectis@example.com"])
+    # Received Friday 18 Dec 2026, 15:00 in Brisbane (05:00 UTC).
+    from sqlalchemy import update
+    from intake.db import write_session
+    with write_session(running.engine) as session:
+        session.execute(update(InboundMessage).values(received_at=datetime(2026, 12, 18, 5, 0, tzinfo=timezone.utc)))
+    process(settings, running.engine)
+    [ticket] = tickets.list_tickets(running.engine)
+    assert ticket.policy == "vectis-mail"
+    assert ticket.intake_address == "security@example.com"  # replies come from the base address
+    [row] = _outbox_rows(running.engine)
+    body = email.message_from_bytes(row.raw, policy=email.policy.default).get_content()
+    # acknowledge: 2 business days -> Tue 22 Dec 15:00.
+    assert "Acknowledgement by a person: by Tue 22 Dec 2026 15:00 AEST (22 Dec 05:00 UTC)" in body
+    # assess: 5 business days; Christmas (Fri 25) and the weekend are skipped. AU national
+    # holidays have no "Boxing Day observed" for Sat 26 Dec, so Mon 28 Dec counts -> Mon 28 Dec.
+    assert "Initial assessment: by Mon 28 Dec 2026 15:00 AEST (28 Dec 05:00 UTC)" in body
+    # fix: severity unknown -> the strictest, 30 days -> Sun 17 Jan 2027.
+    assert "Fix released (target): by Sun 17 Jan 2027 15:00 AEST (17 Jan 05:00 UTC)" in body
+    assert "depends on severity" in body
+    assert "disclos" not in body.lower().split("what happens next")[1].split("these dates")[0]
+
+
+def test_smtputf8_reporter_gets_the_acknowledgement(make_settings, start_intake_listener, sink):
+    settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}")
+    running = start_intake_listener(settings)
+    import smtplib
+    message = report(sender="josé@bücher.example", subject="Überlauf im Parser")
+    with smtplib.SMTP("127.0.0.1", running.port) as client:
+        client.ehlo()
+        client.sendmail("josé@bücher.example", ["security@example.com"], message.as_bytes(),
+                        mail_options=["SMTPUTF8"])
+    process(settings, running.engine)
+    assert deliver_outbox(settings, running.engine) == {"sent": 1}
+    [ack] = sink.wait_for(1)
+    assert ack.rcpt_tos == ["josé@bücher.example"]
+    parsed = email.message_from_bytes(ack.data, policy=email.policy.default)
+    assert parsed["Subject"] == f"Re: [SEC-{datetime.now(timezone.utc).year}-0001] Überlauf im Parser"

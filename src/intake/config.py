@@ -283,9 +283,18 @@ class Settings(BaseSettings):
         mapping = {k.lower(): v for k, v in self.intake.policy_by_address.items()}
         if address in mapping:
             return mapping[address]
-        local, _, domain = address.rpartition("@")
-        base = f"{local.split('+', 1)[0]}@{domain}"
-        return mapping.get(base, self.intake.default_policy)
+        return mapping.get(base_address(address), self.intake.default_policy)
+
+    def our_address(self, recipient: str) -> str | None:
+        """The configured address *recipient* is (or is a +tag form of), else None."""
+        base = base_address(recipient)
+        return base if base in self.smtp.addresses else None
+
+
+def base_address(address: str) -> str:
+    """'Security+SEC-2026-0001@Example.com' -> 'security@example.com'."""
+    local, _, domain = address.rpartition("@")
+    return f"{local.split('+', 1)[0]}@{domain}".lower()
 
 
 def _known_env_names(model: type[BaseModel], prefix: str) -> set[str]:

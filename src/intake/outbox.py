@@ -143,8 +143,13 @@ class SmtpTransport(Transport):
 
     @staticmethod
     async def _send_one(client: aiosmtplib.SMTP, row: Outbox) -> Delivery:
+        # Non-ASCII addresses (RFC 6531) need SMTPUTF8 on MAIL FROM; a relay without it cannot take them.
+        needs_utf8 = not all(address.isascii() for address in [row.envelope_from, *row.recipients])
         try:
-            errors, response = await client.sendmail(row.envelope_from, row.recipients, row.raw)
+            errors, response = await client.sendmail(row.envelope_from, row.recipients, row.raw,
+                                                     mail_options=["SMTPUTF8"] if needs_utf8 else None)
+        except aiosmtplib.SMTPNotSupported as exc:
+            return Delivery(False, True, f"relay cannot deliver this message: {exc}")
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
@@ -153,6 +158,9 @@ class SmtpTransport(Transport):
             return Delivery(False, exc.code >= 500, f"relay {exc.code} {exc.message}")
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             return Delivery(False, detail=f"relay connection lost: {exc}")
+        except Exception as exc:  # noqa: BLE001 - recorded and retried with backoff, never a stuck lease
+            log.exception("event=outbox-unexpected outbox_id=%s", row.id)
+            return Delivery(False, detail=f"unexpected {type(exc).__name__}: {exc}")
         return Delivery(True, detail=f"relay: {response}")
 
 

@@ -72,13 +72,8 @@ def message_key(mail: ParsedMail, stored: StoredMessage) -> str:
 
 def intake_address(settings: Settings, rcpt_tos: list[str]) -> str:
     """The configured address the mail came in on (its +tag removed)."""
-    configured = set(settings.smtp.addresses)
-    for recipient in rcpt_tos:
-        local, _, domain = recipient.lower().rpartition("@")
-        base = f"{local.split('+', 1)[0]}@{domain}"
-        if base in configured:
-            return base
-    return settings.smtp.addresses[0]
+    ours = (settings.our_address(recipient) for recipient in rcpt_tos)
+    return next((address for address in ours if address), settings.smtp.addresses[0])
 
 
 def add_event(session: Session, ticket_id: int, kind: str, now: datetime, actor: str = SYSTEM_ACTOR,
@@ -106,7 +101,8 @@ def open_ticket(session: Session, settings: Settings, stored: StoredMessage, mai
                 decision: str, now: datetime) -> Ticket:
     """A new ticket from *mail*: the report as first entry, an event, and the acknowledgement queued."""
     address = intake_address(settings, stored.rcpt_tos)
-    policy = settings.policy_for(next((r for r in stored.rcpt_tos), address))
+    # The first recipient decides: a +tag mapped to a policy is more specific than the base address.
+    policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
     reference = allocate_reference(session, settings.intake.reference_prefix, stored.received_at.year)
     reporter = stored.mail_from
     ticket = Ticket(
