@@ -1,4 +1,4 @@
-"""The three real policies, built from the TOML an operator pastes into config.toml.
+"""The three real policies, built from the same TOML that config.toml ships.
 
 Every expected instant is worked out by hand in the comment beside it.
 Brisbane is UTC+10 all year (AEST, no DST).
@@ -6,6 +6,7 @@ Brisbane is UTC+10 all year (AEST, no DST).
 
 import tomllib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -22,50 +23,76 @@ from intake.sla import (
 BRISBANE = ZoneInfo("Australia/Brisbane")
 
 POLICIES_TOML = """
-[calendars.brisbane-au]
-timezone = "Australia/Brisbane"
+[calendars.aest]
+timezone = "Australia/Brisbane"   # AEST all year: Queensland has no daylight saving
 workdays = ["mon", "tue", "wed", "thu", "fri"]
 working_hours = "09:00-17:00"
-holidays_country = "AU"
+holidays_country = "AU"           # Australian national public holidays, no state's
+extra_holidays = []
 
 [policies.vaixus]
-description = "Vaixus: a human acknowledges within 72 hours"
+description = "Vaixus security policy (June 2026), section 9"
+calendar = "utc"
 auto_ack_counts = false
-stages = [
-    { name = "acknowledge", duration = "72 hours" },
-]
+pause_while_waiting = false
+
+[[policies.vaixus.stages]]
+name = "acknowledge"
+duration = "72 hours"
 
 [policies.vectis-mail]
-description = "Vectis Mail: business days in Brisbane, Australian national holidays"
-calendar = "brisbane-au"
+description = "Vectis Mail SECURITY.md"
+calendar = "aest"
 auto_ack_counts = false
-stages = [
-    { name = "acknowledge", duration = "2 business days" },
-    { name = "assess", duration = "5 business days" },
-    { name = "fix", duration = "90 days", by_severity = { critical = "30 days", high = "30 days" } },
-    { name = "disclose", duration = "7 days", start = "event:released" },
-]
+pause_while_waiting = false
+
+[[policies.vectis-mail.stages]]
+name = "acknowledge"
+duration = "2 business days"
+
+[[policies.vectis-mail.stages]]
+name = "assess"
+duration = "5 business days"
+
+[[policies.vectis-mail.stages]]
+name = "fix"
+duration = "90 days"
+by_severity = { critical = "30 days", high = "30 days" }
+
+[[policies.vectis-mail.stages]]
+name = "disclose"
+duration = "7 days"
+start = "event:released"
 
 [policies.emailconnect]
-description = "EmailConnect"
-auto_ack_counts = false
-stages = [
-    { name = "acknowledge", duration = "24 hours" },
-    { name = "assess", duration = "7 days" },
-    { name = "resolve", duration = "90 days" },
-]
+description = "EmailConnect security page, 'What to expect'"
+calendar = "utc"
+auto_ack_counts = true
+pause_while_waiting = false
+
+[[policies.emailconnect.stages]]
+name = "acknowledge"
+duration = "24 hours"
+
+[[policies.emailconnect.stages]]
+name = "assess"
+duration = "7 days"
+
+[[policies.emailconnect.stages]]
+name = "resolve"
+duration = "90 days"
 """
 
 
-def load():
-    raw = tomllib.loads(POLICIES_TOML)
+def load(raw):
+    """The calendars and policies of a parsed config.toml, validated as the service does."""
     calendars = {name: CalendarConfig.model_validate(body) for name, body in raw["calendars"].items()}
     policies = {name: PolicyConfig.model_validate(body) for name, body in raw["policies"].items()}
     validate_policies(policies, calendars)
     return policies, calendars
 
 
-POLICIES, CALENDARS = load()
+POLICIES, CALENDARS = load(tomllib.loads(POLICIES_TOML))
 
 
 def dues(policy_name, **kwargs):
@@ -86,7 +113,17 @@ def test_the_toml_shape_loads_into_the_expected_stages():
     assert [stage.name for stage in POLICIES["vectis-mail"].stages] == ["acknowledge", "assess", "fix", "disclose"]
     assert [stage.name for stage in POLICIES["emailconnect"].stages] == ["acknowledge", "assess", "resolve"]
     assert POLICIES["vaixus"].calendar == "utc"
-    assert CALENDARS["brisbane-au"].holidays_subdivision is None
+    assert CALENDARS["aest"].holidays_subdivision is None
+
+
+def test_the_shipped_config_toml_keeps_the_contract():
+    # The repository's config.toml must configure these policies exactly as above
+    # (descriptions aside): a drift there changes promises made to reporters.
+    shipped = Path(__file__).resolve().parents[1] / "config.toml"
+    policies, calendars = load(tomllib.loads(shipped.read_text(encoding="utf-8")))
+    for name, expected in POLICIES.items():
+        assert policies[name].model_dump(exclude={"description"}) == expected.model_dump(exclude={"description"}), name
+    assert calendars["aest"] == CALENDARS["aest"]
 
 
 # --- vaixus: acknowledge within 72 elapsed hours, only a human reply counts ---
@@ -138,9 +175,7 @@ def test_vectis_christmas_eve_report():
     # assess, 5 business days: Mon 28 (1), Tue 29 (2), Wed 30 (3), Thu 31 (4),
     # Fri 1 Jan New Year's Day, Sat 2 / Sun 3 weekend, Mon 4 Jan (5).
     assert deadlines["assess"].due == bne(2027, 1, 4, 10)
-    assert deadlines["assess"].basis.endswith(
-        "Fri 1 Jan (New Year's Day), Sat 2 Jan (weekend), Sun 3 Jan (weekend)"
-    )
+    assert deadlines["assess"].basis.endswith("Fri 1 Jan (New Year's Day), Sat 2 Jan (weekend), Sun 3 Jan (weekend)")
     # fix, severity unknown: strictest is 30 days; 24 Dec + 7 = 31 Dec, + 23 = 23 Jan 2027.
     assert deadlines["fix"].due == bne(2027, 1, 23, 10)
     assert deadlines["fix"].severity_assumed
@@ -152,10 +187,8 @@ def test_vectis_christmas_eve_report():
 
 def test_vectis_with_queensland_holidays_skips_the_observed_boxing_day():
     # Not the configured policy: shows what holidays_subdivision = "QLD" would change.
-    queensland = CalendarConfig.model_validate(CALENDARS["brisbane-au"].model_dump() | {"holidays_subdivision": "QLD"})
-    (ack, *_) = compute_deadlines(
-        POLICIES["vectis-mail"], {"brisbane-au": queensland}, received_at=bne(2026, 12, 24, 10)
-    )
+    queensland = CalendarConfig.model_validate(CALENDARS["aest"].model_dump() | {"holidays_subdivision": "QLD"})
+    (ack, *_) = compute_deadlines(POLICIES["vectis-mail"], {"aest": queensland}, received_at=bne(2026, 12, 24, 10))
     # Mon 28 Dec is now Boxing Day (observed): Tue 29 is day 1, Wed 30 day 2.
     assert ack.due == bne(2026, 12, 30, 10)
     assert "Mon 28 Dec (Boxing Day (observed))" in ack.basis
@@ -255,6 +288,11 @@ def test_emailconnect_leap_year():
     assert deadlines["assess"].due == utc(2028, 3, 6, 12)
     # Feb 29 is +1, Mar 31 +32, Apr 30 +62, May 28 +90.
     assert deadlines["resolve"].due == utc(2028, 5, 28, 12)
+
+
+def test_emailconnect_counts_the_auto_ack():
+    auto, human = utc(2026, 6, 1, 10, 0, 5), utc(2026, 6, 2, 9)
+    assert acknowledge_met_at(POLICIES["emailconnect"], auto_ack_sent_at=auto, first_human_reply_at=human) == auto
 
 
 def test_emailconnect_ignores_pauses():

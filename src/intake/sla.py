@@ -8,8 +8,9 @@ calendar is) happens in that zone.
 
 Duration contract
 =================
-A duration is ``"<N> <unit>"`` with N a non-negative integer; singular units
-are accepted ("1 day"), case and extra spaces are not significant.
+A duration is ``"<N> <unit>"`` with N a non-negative integer and at most ten
+years; singular units are accepted ("1 day"), case and extra spaces are not
+significant.
 
 ``N minutes`` / ``N hours`` / ``N days``
     Elapsed time. A day is exactly 24 hours, also across a DST change, so
@@ -19,6 +20,7 @@ are accepted ("1 day"), case and extra spaces are not significant.
     Only time inside the calendar's working hours on working days counts. The
     working hours are wall-clock times in the calendar's zone, applied to each
     day separately, so an opening at 09:00 stays at 09:00 local time across DST.
+    Hours are ``"HH:MM-HH:MM"`` within one day (no overnight span, no 24:00).
     A clock started outside working hours starts at the next opening. A
     deadline that lands exactly on a closing time stays at that closing time
     (it does not roll over to the next opening).
@@ -43,7 +45,7 @@ not a public holiday of ``holidays_country``/``holidays_subdivision`` (per the
 start is outside working time.
 
 Days passed over are reported as ``(date, reason)`` pairs, the reason being
-"weekend" for a weekday not in ``workdays`` (also when it is a holiday too), the
+"weekend" for a weekday not in ``workdays`` (even if it is also a holiday), the
 holiday's name for a public holiday, or "extra holiday" for a configured one.
 
 Stages, severities and pauses
@@ -54,7 +56,8 @@ of the same policy is met (``"stage:<name>"``), or when an event such as
 *pending* and has no due instant.
 
 Severity is one of ``critical, high, medium, low, none``. A stage's duration for
-a severity is its ``by_severity`` entry, else its ``duration``. While severity
+a severity is its ``by_severity`` entry, else its ``duration`` (a stage without
+``duration`` must list all five severities). While severity
 is unknown a severity-dependent stage uses its strictest duration, i.e. the one
 giving the earliest due instant from this start on this calendar (durations are
 compared by outcome, never as text), and says so in its basis.
@@ -68,6 +71,10 @@ after the duration has been computed, for business clocks too: simple and never
 earlier, but it can credit non-working time (a Friday-to-Monday pause adds the
 weekend) and can move a business deadline outside working time. While such a
 pause is still open the stage is *paused* and its due instant is ``None``.
+
+Whether the automatic acknowledgement meets the ``acknowledge`` stage is the
+policy's ``auto_ack_counts``; ``acknowledge_met_at`` applies it. A stage is met
+on time when met at or before its due instant (see ``stage_state``).
 """
 
 from __future__ import annotations
@@ -76,7 +83,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -101,6 +108,8 @@ Pause = tuple[datetime, datetime | None]
 # --------------------------------------------------------------------------
 
 _DURATION_RE = re.compile(r"(\d+)\s+(business\s+)?(minute|hour|day)s?")
+# Longer is surely a typo, and far longer would overflow datetime arithmetic.
+_LONGEST_DURATION = timedelta(days=3653)
 
 
 @dataclass(frozen=True)
@@ -125,14 +134,14 @@ def parse_duration(text: str) -> Duration:
     """Parse "72 hours", "2 business days", "1 day", ... (see the module docstring)."""
     match = _DURATION_RE.fullmatch(" ".join(str(text).lower().split()))
     if match is None:
-        raise ValueError(
-            f"invalid duration {text!r}: expected '<N> minutes|hours|days' "
-            "or '<N> business hours|days'"
-        )
+        raise ValueError(f"invalid duration {text!r}: expected '<N> minutes|hours|days' or '<N> business hours|days'")
     amount, business, unit = int(match[1]), bool(match[2]), match[3]
     if business and unit == "minute":
         raise ValueError(f"invalid duration {text!r}: business time is counted in hours or days")
-    return Duration(amount, unit, business)
+    duration = Duration(amount, unit, business)
+    if duration.elapsed > _LONGEST_DURATION:
+        raise ValueError(f"invalid duration {text!r}: longer than ten years")
+    return duration
 
 
 # --------------------------------------------------------------------------
@@ -157,7 +166,7 @@ def _parse_working_hours(text: str) -> tuple[time, time]:
     return opening, closing
 
 
-@lru_cache(maxsize=None)
+@cache
 def _public_holidays(country: str, subdivision: str | None, year: int) -> Mapping[date, str]:
     # Building a year of holidays costs milliseconds; deadlines ask per day.
     return dict(holidays.country_holidays(country, subdiv=subdivision, years=year))
@@ -246,9 +255,6 @@ class CalendarConfig(BaseModel):
         if day in self.extra_holidays:
             return "extra holiday"
         return None
-
-    def is_working_day(self, day: date) -> bool:
-        return self.non_working_reason(day) is None
 
     def working_window(self, day: date) -> tuple[datetime, datetime]:
         """Opening and closing of ``day``'s working hours as UTC instants (DST-correct)."""
@@ -369,7 +375,8 @@ def _check_stage_references(stages: Iterable[StageConfig]) -> None:
         chain, current = [first], depends_on[first]
         while current in depends_on:
             if current in chain:
-                raise ValueError(f"stage starts form a cycle: {' -> '.join(chain[chain.index(current):] + [current])}")
+                cycle = [*chain[chain.index(current) :], current]
+                raise ValueError(f"stage starts form a cycle: {' -> '.join(cycle)}")
             chain.append(current)
             current = depends_on[current]
 
@@ -513,7 +520,7 @@ class StageDeadline:
     due: datetime | None  # None while pending (start not happened) or paused
     basis: str  # one-line human reason for `due`
     start: datetime | None  # None while pending
-    severity_assumed: bool  # strictest duration used because severity is unknown
+    severity_assumed: bool  # strictest duration used because severity is unknown (False while pending)
 
 
 def compute_deadlines(
@@ -547,12 +554,16 @@ def compute_deadlines(
             deadlines.append(StageDeadline(stage.name, None, f"starts when {origin}", None, False))
             continue
         calendar = _resolve_calendar(stage.calendar or policy.calendar, calendars)
-        deadlines.append(_timed_stage(stage, calendar, start, origin, severity, met_at.get(stage.name), waits))
+        stage_met_at = met_at.get(stage.name)
+        deadlines.append(_timed_stage(stage, calendar, start, origin, severity, stage_met_at, waits))
     return deadlines
 
 
 def _stage_start(
-    stage: StageConfig, received_at: datetime, met_at: Mapping[str, datetime], event_at: Mapping[str, datetime]
+    stage: StageConfig,
+    received_at: datetime,
+    met_at: Mapping[str, datetime],
+    event_at: Mapping[str, datetime],
 ) -> tuple[datetime | None, str]:
     """The stage's start instant (None if it has not happened) and a phrase describing it."""
     kind, name = _parse_start(stage.start)
