@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -48,7 +50,7 @@ class IntakeHandler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: IntakeSMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         arrival = Arrival(
             mail_from=envelope.mail_from if envelope.mail_from not in (None, "<>") else "",
@@ -61,7 +63,8 @@ class IntakeHandler:
         self.in_flight += 1
         self.idle.clear()
         try:
-            stored_id = await self._committer.store(arrival)
+            with server.working():
+                stored_id = await self._committer.store(arrival)
         except Exception as exc:  # noqa: BLE001 - any storage failure is a temporary one for the client
             log.error("event=store-failed peer=%s size=%d error=%r", arrival.peer, len(raw), exc)
             return "451 4.3.0 Requested action aborted: local error in processing, try again later"
@@ -72,6 +75,38 @@ class IntakeHandler:
         log.info("event=accepted inbound_id=%d peer=%s size=%d rcpts=%d", stored_id, arrival.peer, len(raw),
                  len(arrival.rcpt_tos))
         return f"250 2.0.0 OK queued as {stored_id}"
+
+
+class IntakeSMTP(SMTP):
+    """aiosmtpd's SMTP with ``timeout`` meaning what ``smtp.idle_timeout`` promises: seconds of silence.
+
+    aiosmtpd restarts its idle timer only when a whole command arrives, so everything after DATA
+    (the upload, then our commit) had to finish within one timeout of the DATA command: a large
+    message over a slow link was cut off mid-upload, and a commit that waited on a database lock
+    for longer than the timeout lost its 250 after the message was stored (the client then sends
+    it again). Here any byte from the client restarts the timer, and the timer stops while we make
+    the client wait. (``_reset_timeout``/``_timeout_handle`` are aiosmtpd internals, 1.4.x.)
+    """
+
+    _working = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self._working:
+            self._reset_timeout()
+        super().data_received(data)
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """No idle timeout while the client waits for our answer."""
+        self._working = True
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        try:
+            yield
+        finally:
+            self._working = False
+            if self.transport is not None:  # not after connection_lost: the timer would fire on nothing
+                self._reset_timeout()
 
 
 def _peer(session: Session) -> str:
@@ -97,7 +132,7 @@ def smtp_factory(settings: Settings, handler: IntakeHandler):  # type: ignore[no
     smtp = settings.smtp
 
     def factory() -> SMTP:
-        return SMTP(
+        return IntakeSMTP(
             handler,
             data_size_limit=smtp.max_message_size,
             enable_SMTPUTF8=True,

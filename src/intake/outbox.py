@@ -118,6 +118,11 @@ class SmtpTransport(Transport):
             local_hostname=self._hostname,
             start_tls=self._outbound.starttls or None,  # None: opportunistic, never required
             tls_context=ssl.create_default_context() if self._outbound.starttls else None,
+            # Opportunistic STARTTLS (RFC 7435) must not insist on a verifiable certificate: the
+            # alternative is clear text. aiosmtplib verifies by default, so a relay offering STARTTLS
+            # with a self-signed certificate (a local Postfix's snakeoil) failed every delivery until
+            # give_up_after. With starttls = true the context above verifies, as before.
+            validate_certs=self._outbound.starttls,
         )
         try:
             await client.connect()
