@@ -17,16 +17,10 @@ from datetime import datetime, timezone
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from intake.config import Settings
+from intake.config import Settings, base_address
 from intake.inbound import Arrival, GroupCommitter
 
 log = logging.getLogger(__name__)
-
-
-def base_address(address: str) -> str:
-    """'Security+SEC-2026-0001@Example.com' -> 'security@example.com'."""
-    local, _, domain = address.rpartition("@")
-    return f"{local.split('+', 1)[0]}@{domain}".lower()
 
 
 class IntakeHandler:
