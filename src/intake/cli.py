@@ -127,9 +127,14 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     except tickets.TicketNotFound:
         _fail(f"no ticket {reference}")
         return
+    numbered = _numbered_attachments(detail)
     data = {
         **_ticket_summary(detail.ticket),
         "intake_address": detail.ticket.intake_address,
+        "labels": detail.ticket.labels,
+        "links": detail.ticket.links,
+        "quality": detail.ticket.quality,
+        "reporter_unreachable_at": _iso(detail.ticket.reporter_unreachable_at),
         "thread": [
             {
                 "direction": e.direction,
@@ -139,15 +144,18 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
                 "message_id": e.message_id,
                 "in_reply_to": e.in_reply_to,
                 "at": _iso(e.created_at),
+                "threaded_by": e.threaded_by,
+                "encrypted": e.encrypted,
                 "body": e.body_text,
-                "attachments": e.attachments,
+                "attachments": [{**a, "number": numbered[(e.id, a["index"])]} for a in e.attachments],
                 "warnings": e.warnings,
             }
             for e in detail.entries
         ],
         "events": [{"at": _iso(e.at), "actor": e.actor, "kind": e.kind, "detail": e.detail} for e in detail.events],
-        "messages": [{"id": m.id, "status": m.status, "decision": m.decision, "received_at": _iso(m.received_at),
-                      "size": m.size, "error": m.error} for m in detail.messages],
+        "messages": [{"id": m.id, "status": m.status, "decision": m.decision, "reason": m.reason,
+                      "received_at": _iso(m.received_at), "size": m.size, "error": m.error}
+                     for m in detail.messages],
     }
     if as_json:
         _emit_json(data)
@@ -157,22 +165,45 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     click.echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
     click.echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
     click.echo(f"  received {t.received_at.isoformat()}")
+    if t.reporter_unreachable_at:
+        click.echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()} (our mail bounced)")
+    if t.labels:
+        click.echo(f"  labels {', '.join(t.labels)}")
+    for link in t.links:
+        click.echo(f"  {link['kind']} {link['reference']}")
+    if t.quality:
+        matched = ", ".join(t.quality.get("matched", [])) or "no rule"
+        click.echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")
     click.echo("\nThread:")
     for entry in data["thread"]:
         click.echo(f"  [{entry['at']}] {entry['direction']} {entry['kind']} from {entry['sender'] or '-'}"
                    f"  {entry['message_id'] or ''}")
+        if entry["threaded_by"]:
+            click.echo(f"      threaded by {entry['threaded_by']}")
+        if entry["encrypted"]:
+            click.echo(f"      encrypted ({entry['encrypted']}): ciphertext kept as received")
         for attachment in entry["attachments"]:
-            click.echo(f"      attachment {attachment['index']}: {attachment['filename']} "
+            click.echo(f"      attachment {attachment['number']}: {attachment['filename']} "
                        f"({attachment['content_type']}, {attachment['size']} bytes, sha256 {attachment['sha256'][:16]}…)")
         for warning in entry["warnings"]:
             click.echo(f"      warning: {warning}")
         if entry["body"]:
             for line in entry["body"].strip().splitlines()[:40]:
                 click.echo(f"      | {line}")
+    click.echo("\nMessages:")
+    for message in data["messages"]:
+        click.echo(f"  #{message['id']} [{message['received_at']}] {message['status']}, decision "
+                   f"{message['decision'] or '-'}: {message['reason'] or message['error'] or ''}")
     click.echo("\nEvents:")
     for event in data["events"]:
         detail_text = " ".join(f"{k}={v}" for k, v in event["detail"].items())
         click.echo(f"  [{event['at']}] {event['actor']}: {event['kind']} {detail_text}")
+
+
+def _numbered_attachments(detail: tickets.TicketDetail) -> dict[tuple[int, int], int]:
+    """Ticket-wide attachment numbers (1, 2, …) in thread order: what `intake attachment REF N` takes."""
+    keys = [(entry.id, a["index"]) for entry in detail.entries for a in entry.attachments]
+    return {key: number for number, key in enumerate(keys, start=1)}
 
 
 @main.command()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from intake.spam import SHIPPED_RULES, RuleSet, RulesError, load_rules
 from intake.sla import CalendarConfig, PolicyConfig, builtin_calendars, validate_policies
 
 ENV_PREFIX = "INTAKE_"
@@ -86,10 +89,16 @@ def _check_host_port(value: str) -> str:
 HostPortText = Annotated[str, AfterValidator(_check_host_port)]
 
 
-def _check_address(value: str) -> str:
+def _check_mailbox(value: str) -> str:
     local, sep, domain = value.rpartition("@")
     if not sep or not local or not domain or any(c.isspace() for c in value):
         raise ValueError(f"{value!r} is not an email address")
+    return value
+
+
+def _check_address(value: str) -> str:
+    """An intake address: a mailbox without a +tag (its +tag forms are implied)."""
+    local = _check_mailbox(value).rpartition("@")[0]
     if "+" in local:
         raise ValueError(f"{value!r}: list the base address; its +tag forms are accepted automatically")
     return value
@@ -112,6 +121,8 @@ class IntakeSection(Section):
     policy_by_address: dict[str, str] = Field(default_factory=dict)
     # Directory of templates that override the shipped ones (same file names).
     templates_dir: Path | None = None
+    # Low-quality scoring rules (TOML); unset: the shipped rules (intake/rules/low-quality.toml).
+    spam_rules: Path | None = None
 
 
 class SmtpSection(Section):
@@ -164,8 +175,11 @@ class DatabaseSection(Section):
 
 
 class ProcessingSection(Section):
-    # Stored messages processed in one transaction.
+    # Stored messages read and parsed per round.
     batch_size: int = Field(default=100, ge=1, le=10_000)
+    # Messages acted on per write transaction: fewer keeps the database lock short, so the
+    # listener's commits (and with them the 250s) wait less; more means fewer commits.
+    messages_per_transaction: int = Field(default=2, ge=1, le=10_000)
     # Seconds between polls for pending messages when nothing wakes the processor.
     poll_interval: float = Field(default=1.0, gt=0)
 
@@ -201,6 +215,36 @@ class ServiceSection(Section):
     shutdown_grace: float = Field(default=20.0, gt=0)
 
 
+class AutoReplySection(Section):
+    # Most automatic mails (acknowledgements, out-of-scope replies) one address gets per window,
+    # so two auto-responders can never ping-pong.
+    limit_per_recipient: int = Field(default=5, ge=1)
+    # The window, in seconds.
+    window: float = Field(default=24 * 3600.0, gt=0)
+    # Senders (local part, a regular expression matched whole, case-insensitive) never answered.
+    never_reply_to: list[str] = Field(default_factory=lambda: [
+        "mailer-daemon", "postmaster", "no-?reply", "do-?not-?reply", "bounces?", "daemon", "listserv",
+        "majordomo", "owner-.*", ".*-request", ".*-bounces?", ".*-owner", "notifications?",
+    ])
+
+    @field_validator("never_reply_to")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return value
+
+
+class Maintainer(Section):
+    # Who it is, as shown in events and used by `--actor`.
+    name: str = Field(min_length=1)
+    # Address the maintainer mails from.
+    email: Annotated[str, AfterValidator(_check_mailbox)]
+
+
 class Settings(BaseSettings):
     """The whole validated configuration."""
 
@@ -218,11 +262,14 @@ class Settings(BaseSettings):
     processing: ProcessingSection = ProcessingSection()
     outbound: OutboundSection = OutboundSection()
     service: ServiceSection = ServiceSection()
+    autoreply: AutoReplySection = AutoReplySection()
+    maintainers: list[Maintainer] = Field(default_factory=list)
     calendars: dict[str, CalendarConfig] = Field(default_factory=dict)
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)
 
     # Where the file was read from; relative paths are resolved against its folder.
     config_path: Path | None = Field(default=None, exclude=True)
+    _quality_rules: RuleSet = PrivateAttr()
 
     @classmethod
     def settings_customise_sources(
@@ -249,7 +296,17 @@ class Settings(BaseSettings):
         for address, policy in self.intake.policy_by_address.items():
             if policy not in known:
                 raise ValueError(f"intake.policy_by_address.{address}: unknown policy {policy!r}")
+        try:
+            self._quality_rules = load_rules(self.resolve_path(self.intake.spam_rules) if self.intake.spam_rules
+                                             else SHIPPED_RULES)
+        except RulesError as exc:
+            raise ValueError(f"intake.spam_rules: {exc}") from None
         return self
+
+    @property
+    def quality_rules(self) -> RuleSet:
+        """The low-quality scoring rules, loaded (and checked) with the configuration."""
+        return self._quality_rules
 
     # -- derived values -------------------------------------------------------------
 
@@ -284,6 +341,14 @@ class Settings(BaseSettings):
         if address in mapping:
             return mapping[address]
         return mapping.get(base_address(address), self.intake.default_policy)
+
+    def is_maintainer(self, address: str) -> bool:
+        return address.lower() in {m.email.lower() for m in self.maintainers}
+
+    def never_answered(self, address: str) -> bool:
+        """Senders no automatic mail goes to: MAILER-DAEMON, postmaster, noreply and friends."""
+        local = address.rpartition("@")[0].lower()
+        return any(re.fullmatch(pattern, local, re.IGNORECASE) for pattern in self.autoreply.never_reply_to)
 
     def our_address(self, recipient: str) -> str | None:
         """The configured address *recipient* is (or is a +tag form of), else None."""

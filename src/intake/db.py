@@ -1,23 +1,39 @@
 """Engine and sessions: durable SQLite (WAL, synchronous=FULL) or PostgreSQL.
 
-Writers use :func:`write_session`. On SQLite it opens the transaction with ``BEGIN IMMEDIATE``
-so the write lock is taken up front: two writers then queue on the busy timeout instead of
-failing half-way with "database is locked" when a read transaction tries to upgrade.
+Writers use :func:`write_session` (or :func:`write_connection` for Core-only hot paths). On
+SQLite each write transaction
+
+* first takes an exclusive ``flock`` on ``<database>.writer``: SQLite's own busy handler
+  sleep-polls with growing sleeps (up to 100 ms) and no turn order, so under load the listener's
+  commits and the worker's waited on each other's sleeps; a kernel lock wakes the next writer
+  the moment the previous one is done;
+* then opens the transaction with ``BEGIN IMMEDIATE``, so the write lock is held from the first
+  statement and a read never has to upgrade half-way ("database is locked");
+* runs with ``synchronous=FULL`` (commit returns after the WAL is fsync'd) unless the caller
+  says ``durable=False``: then ``NORMAL``, which in WAL mode still survives a crash of the
+  process and loses only the last commits on power loss. That is for bookkeeping whose loss
+  can only repeat work (an outbox "sent" mark), never for accepting mail.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
 
 from intake import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 _BEGIN_OPTION = "intake_sqlite_begin"
+_SYNC_OPTION = "intake_sqlite_synchronous"
+_writer_locks: dict[str, threading.Lock] = {}
+_writer_locks_guard = threading.Lock()
 
 
 def make_engine(url: str, busy_timeout: float = 10.0) -> Engine:
@@ -52,8 +68,35 @@ def _make_sqlite_durable(engine: Engine, busy_timeout: float) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
-        mode = connection.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-        connection.exec_driver_sql(f"BEGIN {mode}")
+        options = connection.get_execution_options()
+        # Per transaction: the connection may have served a non-durable one before.
+        connection.exec_driver_sql(f"PRAGMA synchronous={options.get(_SYNC_OPTION, 'FULL')}")
+        connection.exec_driver_sql(f"BEGIN {options.get(_BEGIN_OPTION, 'DEFERRED')}")
+
+
+@contextmanager
+def _sqlite_writer_lock(engine: Engine) -> Iterator[None]:
+    """Serialise writers across threads and processes, first come first served."""
+    database = engine.url.database
+    if not database or database == ":memory:":
+        yield
+        return
+    path = f"{database}.writer"
+    with _writer_locks_guard:
+        # flock is per open file description: threads of one process share one lock file, so
+        # they need a thread lock in front of it.
+        thread_lock = _writer_locks.setdefault(path, threading.Lock())
+    with thread_lock:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
+
+def _write_bind(engine: Engine, durable: bool) -> Engine:
+    return engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE", _SYNC_OPTION: "FULL" if durable else "NORMAL"})
 
 
 def is_sqlite(engine: Engine) -> bool:
@@ -65,12 +108,26 @@ def create_schema(engine: Engine) -> None:
 
 
 @contextmanager
-def write_session(engine: Engine) -> Iterator[Session]:
+def write_session(engine: Engine, durable: bool = True) -> Iterator[Session]:
     """A session whose transaction holds the write lock from its first statement; commits on exit."""
-    bind = engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE"}) if is_sqlite(engine) else engine
-    with Session(bind, expire_on_commit=False) as session:
+    if not is_sqlite(engine):
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            yield session
+        return
+    with _sqlite_writer_lock(engine), Session(_write_bind(engine, durable), expire_on_commit=False) as session:
         with session.begin():
             yield session
+
+
+@contextmanager
+def write_connection(engine: Engine) -> Iterator[Connection]:
+    """A Core connection in a durable write transaction (no ORM session: cheaper on hot paths)."""
+    if not is_sqlite(engine):
+        with engine.begin() as connection:
+            yield connection
+        return
+    with _sqlite_writer_lock(engine), _write_bind(engine, True).begin() as connection:
+        yield connection
 
 
 @contextmanager

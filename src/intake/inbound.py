@@ -14,13 +14,12 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine, insert, select, update
 
-from intake.db import read_session, write_session
+from intake.db import read_session, write_connection, write_session
 from intake.models import InboundMessage, InboundStatus
 
 log = logging.getLogger(__name__)
@@ -50,9 +49,8 @@ class StoredMessage:
     received_at: datetime
 
 
-def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
-    """Insert *arrivals* in one committed transaction; returns their ids in order."""
-    rows = [
+def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
+    return [
         {
             "received_at": a.received_at,
             "mail_from": a.mail_from,
@@ -67,29 +65,38 @@ def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
         }
         for a in arrivals
     ]
+
+
+def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
+    """Insert *arrivals* in one committed transaction; returns their ids in order."""
     table = InboundMessage.__table__
-    with write_session(engine) as session:
-        # Core, not ORM objects: this is the hot path in front of every 250.
-        result = session.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
+    # Core on a plain connection, not ORM objects: this is the hot path in front of every 250.
+    with write_connection(engine) as connection:
+        result = connection.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True),
+                                    _rows(arrivals))
         return [row[0] for row in result]
 
 
+Waiter = tuple[Arrival, asyncio.AbstractEventLoop, "asyncio.Future[int]"]
+
+
 class GroupCommitter:
-    """A writer thread that stores queued arrivals, many per commit, and resolves their futures."""
+    """A writer thread that stores queued arrivals, many per commit, and answers their waiters."""
 
     def __init__(self, engine: Engine, on_commit: Callable[[], None] = lambda: None, max_batch: int = 256):
         self._engine = engine
         self._on_commit = on_commit
         self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[tuple[Arrival, Future[int]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Waiter | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inbound-commit", daemon=True)
         self._thread.start()
 
     async def store(self, arrival: Arrival) -> int:
         """Return the stored id once the message is committed; raises if the commit failed."""
-        future: Future[int] = Future()
-        self._queue.put((arrival, future))
-        return await asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._queue.put((arrival, loop, future))
+        return await future
 
     def close(self) -> None:
         """Commit everything already queued, then stop the writer thread."""
@@ -100,7 +107,7 @@ class GroupCommitter:
         stopping = False
         while not stopping:
             item = self._queue.get()
-            batch: list[tuple[Arrival, Future[int]]] = []
+            batch: list[Waiter] = []
             while item is not None:
                 batch.append(item)
                 if len(batch) >= self._max_batch:
@@ -114,17 +121,34 @@ class GroupCommitter:
             if batch:
                 self._commit(batch)
 
-    def _commit(self, batch: list[tuple[Arrival, Future[int]]]) -> None:
+    def _commit(self, batch: list[Waiter]) -> None:
         try:
-            ids = store(self._engine, [arrival for arrival, _ in batch])
+            outcome: list[int] | BaseException = store(self._engine, [arrival for arrival, _, _ in batch])
         except Exception as exc:  # every waiter must hear about it: each answers 451
             log.error("event=store-failed messages=%d error=%r", len(batch), exc)
-            for _, future in batch:
-                future.set_exception(exc)
-            return
-        for (_, future), stored_id in zip(batch, ids, strict=True):
-            future.set_result(stored_id)
-        self._on_commit()
+            outcome = exc
+        else:
+            self._on_commit()
+        # One wake-up per event loop for the whole group, not one per message.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
+        for position, (_, loop, future) in enumerate(batch):
+            result = outcome if isinstance(outcome, BaseException) else outcome[position]
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, answers in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_answer, answers)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+
+
+def _answer(answers: list[tuple[asyncio.Future[int], int | BaseException]]) -> None:
+    for future, result in answers:
+        if future.done():  # the SMTP session went away meanwhile
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def pending(engine: Engine, limit: int) -> list[StoredMessage]:

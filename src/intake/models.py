@@ -61,6 +61,8 @@ class InboundMessage(SQLModel, table=True):
     status: str = Field(default=InboundStatus.PENDING, sa_column=Column(String(16), nullable=False))
     # What the router decided (new-ticket, duplicate, auto-reply, ...).
     decision: str | None = Field(default=None, sa_column=Column(String(32)))
+    # Why: which rule decided, and on what evidence ("In-Reply-To <x> is SEC-2026-0001").
+    reason: str | None = Field(default=None, sa_column=Column(Text))
     error: str | None = Field(default=None, sa_column=Column(Text))
     attempts: int = 0
     processed_at: datetime | None = _instant(nullable=True)
@@ -69,6 +71,7 @@ class InboundMessage(SQLModel, table=True):
 
 class TicketState:
     NEW = "new"
+    WAITING = "waiting"  # on the reporter
 
 
 class Ticket(SQLModel, table=True):
@@ -85,6 +88,13 @@ class Ticket(SQLModel, table=True):
     severity: str | None = Field(default=None, sa_column=Column(String(16)))
     policy: str = Field(sa_column=Column(String(64), nullable=False))
     assignee: str | None = Field(default=None, sa_column=Column(Text))
+    labels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Other tickets this one relates to: [{"kind": "mentions", "reference": "SEC-2026-0001"}].
+    links: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Low-quality score of the report: {"score", "matched", "threshold", "low_quality"}.
+    quality: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Set when our mail to the reporter bounced; automatic mail to them stops.
+    reporter_unreachable_at: datetime | None = _instant(nullable=True)
     received_at: datetime = _instant()
     created_at: datetime = _instant()
     updated_at: datetime = _instant()
@@ -111,6 +121,10 @@ class ThreadEntry(SQLModel, table=True):
     # [{"index", "filename", "original_filename", "content_type", "size", "sha256"}]
     attachments: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     warnings: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # How an inbound message found this ticket ("+tag", "In-Reply-To <…>", "subject tag").
+    threaded_by: str | None = Field(default=None, sa_column=Column(Text))
+    # Set for encrypted reports: "pgp-mime", "inline-pgp", "smime".
+    encrypted: str | None = Field(default=None, sa_column=Column(String(16)))
     created_at: datetime = _instant()
 
 
@@ -134,7 +148,10 @@ class OutboxStatus:
 class Outbox(SQLModel, table=True):
     """Mail waiting to be sent; the dedupe key makes every notification exactly-once."""
 
-    __table_args__ = (Index("ix_outbox_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_outbox_status_next", "status", "next_attempt_at"),
+        Index("ix_outbox_rate", "rate_key", "created_at"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     dedupe_key: str = Field(sa_column=Column(Text, nullable=False, unique=True))
@@ -143,6 +160,8 @@ class Outbox(SQLModel, table=True):
     # Envelope sender; '' is the null sender <> (automatic replies, RFC 3834).
     envelope_from: str = Field(sa_column=Column(Text, nullable=False))
     recipients: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    # Automatic mail only: the lowercased recipient, for the per-recipient rate limit.
+    rate_key: str | None = Field(default=None, sa_column=Column(Text))
     message_id: str = Field(sa_column=Column(Text, nullable=False))
     raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     status: str = Field(default=OutboxStatus.PENDING, sa_column=Column(String(16), nullable=False))

@@ -55,6 +55,7 @@ def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now:
             kind=mail.kind,
             envelope_from=mail.envelope_from,
             recipients=mail.recipients,
+            rate_key=mail.recipients[0].lower() if mail.automatic else None,
             message_id=mail.message_id,
             raw=mail.raw,
             status=OutboxStatus.PENDING,
@@ -66,6 +67,13 @@ def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now:
         .returning(Outbox.__table__.c.id)  # rowcount is not reliable here on every driver
     )
     return session.execute(statement).scalar_one_or_none() is not None
+
+
+def automatic_mail_since(session: Session, recipient: str, since: datetime) -> int:
+    """How many automatic mails were queued for *recipient* since *since* (the rate limit's count)."""
+    query = select(func.count()).select_from(Outbox).where(Outbox.rate_key == recipient.lower(),
+                                                           Outbox.created_at > since)
+    return session.scalar(query) or 0
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,8 @@ class OutboxSender:
 
     def claim(self, now: datetime, limit: int = CLAIM_BATCH) -> list[Outbox]:
         table = Outbox.__table__
-        with write_session(self._engine) as session:
+        # Not fsync'd: a lease lost to a power cut only lets the row be claimed again.
+        with write_session(self._engine, durable=False) as session:
             due = (
                 select(table.c.id)
                 .where(
@@ -218,9 +227,10 @@ class OutboxSender:
     async def send_due(self, now: datetime) -> dict[str, int]:
         """Send one claimed batch; returns counts by outcome."""
         counts: dict[str, int] = {}
-        async for row, delivery in self._transport.deliver(self.claim(now)):
+        rows = await asyncio.to_thread(self.claim, now)
+        async for row, delivery in self._transport.deliver(rows):
             # Recorded one by one: a crash can then resend at most the message in flight.
-            outcome = self.record(row, delivery, now)
+            outcome = await asyncio.to_thread(self.record, row, delivery, now)
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
 
@@ -237,7 +247,9 @@ class OutboxSender:
             outcome = "retry"
             values.update(next_attempt_at=now + backoff(self._outbound, row.attempts + 1), last_error=delivery.detail)
         table = Outbox.__table__
-        with write_session(self._engine) as session:
+        # Not fsync'd (WAL survives a process crash): a power cut can only make us send this mail
+        # again, with the same Message-ID, which is the same risk every MTA takes (RFC 1047).
+        with write_session(self._engine, durable=False) as session:
             session.execute(update(table).where(and_(table.c.id == row.id, table.c.lease_owner == self._owner))
                             .values(**values))
         log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,

@@ -1,43 +1,80 @@
 """Bytes -> :class:`ParsedMail`. Pure (no database, no clock) and it never raises.
 
-mail-parser does the MIME work. It can fail on hostile input with exceptions outside its own
-hierarchy, so any failure falls back to the stdlib's lenient ``compat32`` parser, and failing
-that to the bare headers; each fallback is recorded as a warning and the raw bytes stay stored.
+The MIME structure is read by the stdlib feed parser with the lenient ``compat32`` policy (it
+parses no structured header, so none of the header parser's quadratic or recursive paths run),
+with the limits below applied *while* it reads: a hostile message still parses into a
+ParsedMail holding what could be read, plus a warning naming the limit it hit. Addresses are
+split by a small linear parser of our own (the stdlib's recurses per group member and per nested
+comment, and misattributes crafted addresses, CVE-2023-27043). If anything unexpected still
+fails, the result is built from a cheap scan of the header block and the raw bytes stay stored.
 
-Every string that leaves this module is *display-safe*: no CR, LF or NUL, no lone surrogates,
-bounded length. That is what lets later stages put a researcher's subject into a header of
-mail we send without opening a header-injection hole.
+Every string that leaves this module is *display-safe*: no CR, LF, NUL or other control
+character, nothing ``str.splitlines()`` would split on, no lone surrogates, bounded length. That
+is what lets later stages put a researcher's subject into a header of mail we send without
+opening a header-injection hole. Header bytes that are not ASCII are read as UTF-8, invalid
+sequences becoming U+FFFD, exactly as the stdlib's modern policy does (the subject must match it).
+
+A wall-clock bound is not this module's job: :mod:`intake.parse_guard` runs :func:`parse` in a
+helper process it can kill.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import email
+import bisect
+import codecs
+import dataclasses
 import email.policy
 import hashlib
+import html
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email.feedparser import BytesFeedParser
 from email.header import decode_header, make_header
 from email.message import Message
-from email.parser import BytesHeaderParser
-from email.utils import getaddresses, parseaddr
-from typing import TypeVar
+from email.utils import collapse_rfc2231_value
+from typing import Any, TypeVar
 
 import html2text
-import mailparser
 
 T = TypeVar("T")
 
+# -- limits ------------------------------------------------------------------------------------
+# Each is far above what legitimate mail needs; past one, parsing goes on with what was read and
+# records a warning that starts with "limit <NAME>".
+
+MAX_MIME_DEPTH = 20  # multipart containers nested deeper are kept as one opaque part
+MAX_MIME_PARTS = 500  # MIME entities read; parsing stops at the next one (the rest stays in the raw bytes)
+MAX_HEADER_FIELDS = 1000  # header fields read per entity; later ones are ignored
+MAX_HEADER_LENGTH = 64 * 1024  # characters of one header field (folded lines included); the rest is cut
+MAX_MIME_PARAMETERS = 64  # ';'-separated parameters of Content-Type/-Disposition (the stdlib parses them in quadratic time)
+MAX_BODY_TEXT = 1024 * 1024  # characters of body_text kept
+MAX_HTML_INPUT = 2 * 1024 * 1024  # characters of HTML converted to text (html2text reads ~1 MB/s)
+# Characters of a header value decoded for display (names, file names, loop headers; the subject
+# is decoded whole, as the stdlib does). The stdlib decodes encoded words in quadratic time.
+MAX_DECODED_HEADER = 4 * 1024
+
 MAX_HEADER_TEXT = 998  # RFC 5322 line limit; longer display values are cut
 MAX_FILENAME = 120
+MAX_LISTED_ADDRESSES = 100  # addresses kept in ParsedMail.to / .cc (recipient_count counts them all)
+MAX_SCANNED_HEADER_BYTES = 256 * 1024  # of a header block read by the cheap scan
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Loop- and automation-relevant headers the router reads (RFC 3834 and common practice).
+LOOP_HEADERS = (
+    "auto-submitted", "precedence", "list-id", "list-unsubscribe", "list-post", "x-auto-response-suppress",
+    "x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply", "x-intake-loop", "x-intake-ticket",
+    "x-mailer", "return-path", "x-spam-flag", "x-failed-recipients", "feedback-id", "content-type",
+)
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls, TAB kept
 _UNFOLD = re.compile(r"\r?\n(?=[ \t])")  # RFC 5322 unfolding: drop the CRLF, keep the WSP
-_NEWLINES = re.compile(r"\s*[\r\n]+\s*")
+# Every line boundary str.splitlines() knows: the email package splits header values with it.
+_NEWLINES = re.compile(r"\s*[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+\s*")
 _MESSAGE_ID = re.compile(r"<[^<>\s]+>")
+_LINESEP = re.compile(r"[\r\n]")
 
 
 @dataclass(frozen=True)
@@ -51,6 +88,18 @@ class Attachment:
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class DeliveryReport:
+    """What a bounce says about the mail it returns (RFC 3464 DSN, or a recognisable non-standard bounce)."""
+
+    original_message_id: str | None  # from the returned message or headers, else our own In-Reply-To/References
+    original_ticket: str | None  # X-Intake-Ticket of the returned headers
+    recipient: str | None  # Final-Recipient / Original-Recipient address, without the 'rfc822;' type
+    action: str | None  # failed | delayed | delivered | relayed | expanded
+    status: str | None  # e.g. "5.1.1"
+    diagnostic: str | None  # e.g. "smtp; 550 5.1.1 user unknown" (display-safe, bounded)
 
 
 @dataclass(frozen=True)
@@ -68,6 +117,18 @@ class ParsedMail:
     body_text: str
     attachments: list[Attachment] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)  # LOOP_HEADERS present: lowercased name -> first value
+    cc: list[str] = field(default_factory=list)
+    recipient_count: int = 0  # distinct addresses in To + Cc
+    undisclosed_recipients: bool = False  # To/Cc is an empty group ("undisclosed-recipients:;") or both are absent
+    encrypted: str | None = None  # "pgp-mime" | "inline-pgp" | "smime"
+    delivery_report: DeliveryReport | None = None
+    is_report: str | None = None  # report-type of a top-level multipart/report
+    part_count: int = 0  # MIME entities read (an embedded message counts as one)
+    header_count: int = 0  # header fields of the top-level header block, including any past the limit
+
+
+# -- display-safe text -------------------------------------------------------------------------
 
 
 def clean_text(value: object, limit: int = MAX_HEADER_TEXT) -> str:
@@ -85,7 +146,7 @@ def _clean_body(text: str) -> str:
 
 def safe_filename(name: str, index: int) -> str:
     """A file name with no path, no '..', no control characters, bounded length."""
-    name = unicodedata.normalize("NFC", clean_text(name, 1000))
+    name = unicodedata.normalize("NFC", clean_text(name, len(name)))  # uncut: the extension is at the end
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
     name = re.sub(r"[^\w.\- ()+,=@]", "_", name).strip(" .")
     name = re.sub(r"\.{2,}", ".", name)
@@ -93,158 +154,802 @@ def safe_filename(name: str, index: int) -> str:
         return f"attachment-{index}"
     if len(name) > MAX_FILENAME:
         stem, dot, ext = name.rpartition(".")
-        ext = ext[:16] if dot else ""
-        name = (stem if dot else name)[: MAX_FILENAME - len(ext) - 1] + ("." + ext if ext else "")
+        if dot and len(ext) <= 16:
+            name = stem[: MAX_FILENAME - len(ext) - 1] + "." + ext
+        else:
+            name = name[:MAX_FILENAME]
     return name
 
 
-def _decode_header(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):  # duplicate headers: the first one counts
-        value = value[0] if value else ""
-    text = str(value)
+def _decode_8bit(value: str) -> str:
+    """Raw header bytes (surrogate-escaped by the parser) read as UTF-8, invalid ones as U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _decode_words(value: str) -> str:
+    """Unstructured header text as the stdlib's modern policy reads it (the subject must match it):
+    RFC 2047 encoded words decoded, unknown charsets and raw 8-bit bytes as UTF-8 with U+FFFD."""
     try:
-        return str(make_header(decode_header(text)))
-    except (LookupError, UnicodeError, ValueError, TypeError, AssertionError):
-        return text
+        return str(email.policy.default.header_factory("unstructured", _LINESEP.sub("", value)))
+    except Exception:  # noqa: BLE001 - the modern header parser has raised on hostile input before
+        try:
+            return str(make_header(decode_header(_decode_8bit(value))))
+        except (LookupError, UnicodeError, ValueError, TypeError, AssertionError):
+            return _decode_8bit(value)
 
 
-def _message_ids(value: str) -> list[str]:
+def _display(value: str, limit: int = MAX_HEADER_TEXT) -> str:
+    """A header value decoded for display: its start only, which is all a display line shows."""
+    return clean_text(_decode_words(value[:MAX_DECODED_HEADER]), limit)
+
+
+def _message_ids(value: str | None) -> list[str]:
     return _MESSAGE_ID.findall(value or "")
 
 
 def _first_message_id(value: str | None) -> str | None:
-    ids = _message_ids(value or "")
+    ids = _message_ids(value)
     if ids:
         return clean_text(ids[0], 500)
     text = clean_text(value or "", 500)
     return f"<{text.strip('<>')}>" if text and " " not in text else None
 
 
-def _html_to_text(html: str) -> str:
+def _guarded(read: Callable[[], T], default: T, what: str, warnings: list[str]) -> T:
+    """Read one value the stdlib derives from hostile text; a failure costs that value, not the parse."""
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - compat32 parameter parsing has raised many kinds of error
+        _warn(warnings, f"{what} could not be read ({type(exc).__name__})")
+        return default
+
+
+def _header_values(part: Message) -> dict[str, list[str]]:
+    """Every header value exactly as received, by lowercased name (compat32's get() would wrap
+    8-bit values in Header objects)."""
+    headers: dict[str, list[str]] = {}
+    for name, value in part.raw_items():
+        headers.setdefault(name.lower(), []).append(value)
+    return headers
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    if message not in warnings:
+        warnings.append(message)
+
+
+# -- reading the MIME structure within the limits ----------------------------------------------
+
+
+class _Part(Message):
+    """A MIME entity; ``declared_type`` is set when the parser kept it whole (opaque)."""
+
+    declared_type: str | None = None
+
+
+class _PartLimitReached(Exception):
+    pass
+
+
+_PART_LIMIT_WARNING = (f"limit MAX_MIME_PARTS ({MAX_MIME_PARTS}): parsing stopped there; "
+                       "later parts are only in the stored raw message")
+_DEPTH_LIMIT_WARNING = (f"limit MAX_MIME_DEPTH ({MAX_MIME_DEPTH}): parts nested deeper were kept unparsed, "
+                        "as one attachment")
+_INLINE_MESSAGE_TYPES = ("message/rfc822", "message/global")
+
+
+@dataclass
+class _Reading:
+    """What reading the MIME structure found, and the limits it hit (shared by every parser run
+    over one message, so recovered parts count against the same limits)."""
+
+    root: _Part | None = None
+    warnings: list[str] = field(default_factory=list)
+    part_count: int = 0
+    header_count: int = 0  # of the top-level header block, including fields past the limit
+
+
+class _BoundedFeedParser(BytesFeedParser):
+    """The stdlib feed parser (compat32) with the limits applied as it reads.
+
+    It overrides two hooks of ``email.feedparser.FeedParser``, unchanged since Python 3.3:
+    ``_new_message`` (once per MIME entity) and ``_parse_headers`` (an entity's header lines,
+    before its body is read). Embedded messages (message/*) are read as one opaque part, their
+    exact bytes; :func:`_read_mime` parses those shown inline afterwards, within the same limits.
+    """
+
+    def __init__(self, reading: _Reading, depth: int) -> None:
+        super().__init__(_factory=_Part, policy=email.policy.compat32)
+        self._reading = reading
+        self._depth = depth  # of the entity this run's top entity is nested in (0: none)
+
+    def parse(self, data: bytes) -> _Part:
+        """The entity in *data*; after the part limit, what was read of it."""
+        try:
+            self.feed(data)
+            return self.close()
+        except _PartLimitReached:
+            return self._msgstack[0]
+
+    def _new_message(self) -> None:
+        if self._reading.part_count >= MAX_MIME_PARTS:
+            _warn(self._reading.warnings, _PART_LIMIT_WARNING)
+            raise _PartLimitReached
+        self._reading.part_count += 1
+        super()._new_message()
+
+    def _parse_headers(self, lines: list[str]) -> None:
+        warnings = self._reading.warnings
+        fields = _group_fields(lines)
+        depth = self._depth + len(self._msgstack)
+        if depth == 1:
+            self._reading.header_count = len(fields)
+        if len(fields) > MAX_HEADER_FIELDS:
+            _warn(warnings, f"limit MAX_HEADER_FIELDS ({MAX_HEADER_FIELDS}): {len(fields)} header fields "
+                            "in one part; the rest were ignored")
+            fields = fields[:MAX_HEADER_FIELDS]
+        super()._parse_headers([line for field_lines in fields for line in self._bounded(field_lines)])
+        part = self._cur
+        if part.get_content_maintype() == "message":
+            _keep_opaque(part)
+        elif part.get_content_maintype() == "multipart" and depth > MAX_MIME_DEPTH:
+            _warn(warnings, _DEPTH_LIMIT_WARNING)
+            _keep_opaque(part)
+
+    def _bounded(self, lines: list[str]) -> list[str]:
+        """One header field's lines, cut to the length and parameter limits."""
+        name = lines[0].split(":", 1)[0].strip()
+        if sum(map(len, lines)) > MAX_HEADER_LENGTH:
+            _warn(self._reading.warnings, f"limit MAX_HEADER_LENGTH ({MAX_HEADER_LENGTH}): a "
+                                          f"{clean_text(name, 60)} header was cut")
+            lines = ["".join(lines)[:MAX_HEADER_LENGTH]]
+        if name.lower() in ("content-type", "content-disposition"):
+            text = "".join(lines)
+            cut = _nth_index(text, ";", MAX_MIME_PARAMETERS + 1)
+            if cut >= 0:
+                _warn(self._reading.warnings, f"limit MAX_MIME_PARAMETERS ({MAX_MIME_PARAMETERS}): "
+                                              f"{clean_text(name, 60)} parameters past the limit were ignored")
+                lines = [text[:cut]]
+        return lines
+
+
+def _group_fields(lines: list[str]) -> list[list[str]]:
+    """Header lines grouped per field (a field's first line and its folded continuation lines)."""
+    fields: list[list[str]] = []
+    for line in lines:
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1].append(line)
+        else:
+            fields.append([line])
+    return fields
+
+
+def _nth_index(text: str, sub: str, n: int) -> int:
+    position = -1
+    for _ in range(n):
+        position = text.find(sub, position + 1)
+        if position < 0:
+            return -1
+    return position
+
+
+def _keep_opaque(part: _Part) -> None:
+    """Make the parser read *part*'s body as one leaf, remembering the type it declared."""
+    part.declared_type = part.get_content_type()
+    del part["Content-Type"]
+    part["Content-Type"] = "application/octet-stream"
+
+
+def _read_mime(raw: bytes) -> _Reading:
+    """The MIME tree of *raw* within the limits: embedded messages shown inline are parsed in
+    place, parts that follow a premature closing delimiter are recovered."""
+    reading = _Reading()
+    # A leading UTF-8 byte-order mark (seen in the wild) would make the first header a body line.
+    reading.root = _BoundedFeedParser(reading, depth=0).parse(raw.removeprefix(codecs.BOM_UTF8))
+    for part, parent, depth in _walk(reading.root):
+        if part.is_multipart():
+            _recover_parts_after_close(part, depth, reading)
+        elif _content_type(part) in _INLINE_MESSAGE_TYPES and _shown_inline(part) and \
+                (parent is None or _content_type(parent) != "multipart/report"):
+            _parse_embedded_message(part, depth, reading)
+    return reading
+
+
+def _shown_inline(part: Message) -> bool:
+    """Displayed as part of the message by mail clients, rather than offered as a file."""
+    disposition = part.get_content_disposition()
+    return disposition != "attachment" and (disposition == "inline" or not part.get_filename())
+
+
+def _parse_embedded_message(part: Message, depth: int, reading: _Reading) -> None:
+    """Parse an inline embedded message (a forward, a digest entry) in place, so its text and
+    attachments count as the message's own; a report's returned message stays one attachment."""
+    if depth >= MAX_MIME_DEPTH:
+        _warn(reading.warnings, _DEPTH_LIMIT_WARNING)
+        return
+    if reading.part_count >= MAX_MIME_PARTS:
+        _warn(reading.warnings, _PART_LIMIT_WARNING)
+        return
+    data = part.get_payload(decode=True) or b""
+    part.set_payload([_BoundedFeedParser(reading, depth).parse(data)])
+
+
+def _recover_parts_after_close(multipart: Message, depth: int, reading: _Reading) -> None:
+    """A nested multipart that reuses its parent's boundary closes the parent early (the stdlib
+    reads the rest as epilogue), which would hide the parts after it: read each delimited chunk
+    of the epilogue as one more part, as mail clients show them."""
+    boundary = multipart.get_boundary()
+    if not boundary or not multipart.epilogue:
+        return
+    chunks = re.split(rf"(?m)^--{re.escape(boundary)}(?:--)?[ \t]*\r?$", multipart.epilogue)
+    if len(chunks) < 2:
+        return
+    multipart.epilogue = chunks[0]
+    for chunk in chunks[1:]:
+        chunk = re.sub(r"^\r?\n", "", chunk, count=1)  # the line break ending the delimiter line
+        if not chunk.strip():
+            continue
+        if reading.part_count >= MAX_MIME_PARTS:
+            _warn(reading.warnings, _PART_LIMIT_WARNING)
+            return
+        multipart.attach(_BoundedFeedParser(reading, depth).parse(chunk.encode("ascii", "surrogateescape")))
+        _warn(reading.warnings, "parts after a premature closing MIME boundary were recovered")
+
+
+def _walk(root: Message) -> Iterator[tuple[Message, Message | None, int]]:
+    """Every entity with its parent and depth (root: 1), in document order, without recursion.
+    Children are read when their parent has been yielded, so parts attached then are walked too."""
+    stack: list[tuple[Message, Message | None, int]] = [(root, None, 1)]
+    while stack:
+        part, parent, depth = stack.pop()
+        yield part, parent, depth
+        if part.is_multipart():
+            stack.extend((child, part, depth + 1) for child in reversed(part.get_payload()))
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+_ADDRESS_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\\.|[()<>,:;"]|[^"()<>,:;\\]+', re.S)
+
+
+@dataclass
+class _AddressList:
+    mailboxes: list[tuple[str, str]] = field(default_factory=list)  # (display name as written, address)
+    empty_group: bool = False  # e.g. "undisclosed-recipients:;"
+    malformed: str | None = None  # why the header could not be read
+
+
+class _AddressListReader:
+    """Splits an RFC 5322 address list in one linear pass: quoted strings, nested comments (dropped;
+    a comment stands in for a missing display name, as in 'bob@example.org (Bob)'), angle
+    addresses (source routes dropped) and groups. Unbalanced quotes, comments or angle brackets
+    make the whole header malformed rather than guessed at: guessing is how CVE-2023-27043
+    attributes a crafted address to the wrong mailbox. ';' outside a group separates like ','."""
+
+    def __init__(self) -> None:
+        self.result = _AddressList()
+        self._phrase: list[str] = []
+        self._angle: list[str] = []
+        self._comment: list[str] = []
+        self._has_angle = False
+        self._in_angle = False
+        self._comment_depth = 0
+        self._group_members: int | None = None  # None outside a group
+
+    def read(self, value: str) -> _AddressList:
+        for match in _ADDRESS_TOKEN.finditer(value):
+            if not self._take(match.group()):
+                return self.result
+        if self._comment_depth or self._in_angle:
+            self._fail("a comment or angle address is not closed")
+            return self.result
+        self._end_mailbox()
+        self._end_group()  # a missing ';' after a group is common and harmless
+        return self.result
+
+    def _take(self, token: str) -> bool:
+        if self._comment_depth:
+            if token == "(":
+                self._comment_depth += 1
+            elif token == ")":
+                self._comment_depth -= 1
+            else:
+                self._comment.append(token)
+            return True
+        if token == "(":
+            self._comment_depth = 1
+        elif token in (')', '"'):
+            return self._fail(f"unbalanced {token!r}")
+        elif self._in_angle:
+            if token == "<":
+                return self._fail("'<' inside an angle address")
+            if token == ">":
+                self._in_angle = False
+            else:
+                self._angle.append(token)
+        elif token == "<":
+            if self._has_angle:
+                return self._fail("two angle addresses in one mailbox")
+            self._in_angle = self._has_angle = True
+        elif token == ">":
+            return self._fail("unbalanced '>'")
+        elif token == ",":
+            self._end_mailbox()
+        elif token == ":" and self._group_members is None:
+            self._group_members = 0
+            self._phrase, self._comment = [], []  # the group's name is not an address
+        elif token == ";":
+            self._end_mailbox()
+            self._end_group()
+        else:
+            self._phrase.append(token)
+        return True
+
+    def _end_mailbox(self) -> None:
+        if self._has_angle:
+            address = "".join(self._angle).strip().rsplit(":", 1)[-1].strip()  # drop a source route
+            name = _unquote("".join(self._phrase))
+        else:
+            address = "".join(self._phrase).strip()
+            name = ""
+        name = name or _unquote("".join(self._comment))
+        if address or (self._has_angle and name):  # 'MAILER DAEMON <>' still names its sender
+            self.result.mailboxes.append((name, address))
+        if address and self._group_members is not None:
+            self._group_members += 1
+        self._phrase, self._angle, self._comment, self._has_angle = [], [], [], False
+
+    def _end_group(self) -> None:
+        if self._group_members == 0:
+            self.result.empty_group = True
+        self._group_members = None
+
+    def _fail(self, reason: str) -> bool:
+        self.result = _AddressList(malformed=reason)
+        return False
+
+
+def _unquote(text: str) -> str:
+    """A display name without its quotes and backslash escapes, whitespace collapsed."""
+    words = re.sub(r'"((?:[^"\\]|\\.)*)"', lambda m: re.sub(r"\\(.)", r"\1", m.group(1)), text)
+    return " ".join(words.split())
+
+
+def _read_addresses(values: list[str], name: str, warnings: list[str]) -> _AddressList:
+    """The mailboxes of every *name* header (one *values* entry each); malformed ones are skipped."""
+    combined = _AddressList()
+    for value in values:
+        addresses = _AddressListReader().read(_decode_8bit(value))
+        if addresses.malformed:
+            _warn(warnings, f"{name} header is malformed ({addresses.malformed}); its addresses were ignored")
+        combined.mailboxes += addresses.mailboxes
+        combined.empty_group |= addresses.empty_group
+    return combined
+
+
+def _sender(values: list[str], warnings: list[str]) -> tuple[str, str]:
+    """(display name, address) of the first From mailbox, display-safe."""
+    mailboxes = _read_addresses(values, "From", warnings).mailboxes
+    name, address = mailboxes[0] if mailboxes else ("", "")
+    return _display(name, 200), clean_text(address, 320)
+
+
+@dataclass(frozen=True)
+class _Recipients:
+    to: list[str]
+    cc: list[str]
+    count: int  # distinct addresses in To and Cc
+    undisclosed: bool
+
+
+def _recipients(to_values: list[str], cc_values: list[str], warnings: list[str]) -> _Recipients:
+    to = _read_addresses(to_values, "To", warnings)
+    cc = _read_addresses(cc_values, "Cc", warnings)
+    addresses = [address for _, address in to.mailboxes + cc.mailboxes if address]
+    return _Recipients(
+        to=[clean_text(a, 320) for _, a in to.mailboxes if a][:MAX_LISTED_ADDRESSES],
+        cc=[clean_text(a, 320) for _, a in cc.mailboxes if a][:MAX_LISTED_ADDRESSES],
+        count=len({address.casefold() for address in addresses}),
+        # An empty group ("undisclosed-recipients:;"), or no To/Cc content at all: Bcc-style delivery.
+        undisclosed=to.empty_group or cc.empty_group or not any(v.strip() for v in to_values + cc_values),
+    )
+
+
+# -- content: body text, attachments, encryption -----------------------------------------------
+
+_SMIME_NOT_ENCRYPTED = {"signed-data", "certs-only", "compressed-data"}
+# What mail software means by a label, as browsers read it (WHATWG Encoding): the superset.
+# Unlabelled and ASCII-labelled 8-bit text is nearly always UTF-8.
+_CHARSET_SUPERSETS = {
+    "": "utf-8", "us-ascii": "utf-8", "ascii": "utf-8", "iso-8859-1": "cp1252", "latin1": "cp1252",
+    "gb2312": "gb18030", "gbk": "gb18030", "shift_jis": "cp932", "euc-kr": "cp949", "ks_c_5601-1987": "cp949",
+    "iso-8859-8-i": "iso-8859-8", "tis-620": "cp874",
+}
+_PGP_ARMOR = "-----BEGIN PGP MESSAGE-----"
+
+
+@dataclass
+class _Content:
+    plain: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)
+    ciphertexts: list[str] = field(default_factory=list)  # PGP/MIME encrypted parts, shown as the body
+    attachments: list[tuple[Attachment, bytes]] = field(default_factory=list)  # with their decoded bytes
+    encrypted: str | None = None
+    defects: set[str] = field(default_factory=set)
+
+
+def _content_type(part: Message) -> str:
+    return getattr(part, "declared_type", None) or part.get_content_type()
+
+
+def _param(part: Message, name: str) -> str:
+    value = part.get_param(name)
+    text = collapse_rfc2231_value(value) if isinstance(value, tuple) else (value or "")
+    return clean_text(text, 255).lower()
+
+
+def _is_pgp_mime(part: Message) -> bool:
+    """RFC 3156: multipart/encrypted; protocol="application/pgp-encrypted"."""
+    return _content_type(part) == "multipart/encrypted" and _param(part, "protocol") == "application/pgp-encrypted"
+
+
+def _collect_content(root: Message, warnings: list[str]) -> _Content:
+    """Sort every leaf into body text and attachments. text/plain and text/html shown inline are
+    body text (a named inline one is an attachment too); every other leaf, unparsed embedded
+    messages and report parts included, is an attachment. The ciphertext of PGP/MIME is both."""
+    content = _Content()
+    for number, (part, parent, _) in enumerate(_walk(root), start=1):
+        content.defects.update(type(defect).__name__ for defect in part.defects)
+        if part.is_multipart():
+            if _is_pgp_mime(part):
+                content.encrypted = content.encrypted or "pgp-mime"
+            continue
+        ctype = _content_type(part)
+        filename = _guarded(lambda: _decode_words((part.get_filename() or "")[:MAX_DECODED_HEADER]), "",
+                            f"part {number} file name", warnings)
+        data = _guarded(lambda: part.get_payload(decode=True) or b"", b"", f"part {number} content", warnings)
+        if ctype in ("text/plain", "text/html") and _shown_inline(part):
+            text = _decode_text(data, part.get_content_charset(), f"text part {number}", warnings)
+            (content.plain if ctype == "text/plain" else content.html).append(text)
+            if not filename:
+                continue
+        if not filename and not data.strip():
+            continue  # nothing to offer: e.g. a broken multipart that held only its preamble
+        if parent is not None and _is_pgp_mime(parent) and ctype == "application/octet-stream":
+            content.ciphertexts.append(data.decode("utf-8", "replace"))
+        if ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime") and \
+                _param(part, "smime-type") not in _SMIME_NOT_ENCRYPTED:
+            content.encrypted = content.encrypted or "smime"
+        content.attachments.append((_attachment(len(content.attachments) + 1, filename, ctype, data), data))
+    return content
+
+
+def _attachment(index: int, filename: str, content_type: str, data: bytes) -> Attachment:
+    return Attachment(
+        index=index,
+        filename=safe_filename(filename, index),
+        original_filename=clean_text(filename, 255),
+        content_type=clean_text(content_type, 255),
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+
+
+def _decode_text(data: bytes, charset: str | None, where: str, warnings: list[str]) -> str:
+    """Text in its declared charset (or the superset mail software means by it). Text that does
+    not fit an unknown or wrong label is read as UTF-8, the commonest truth, else decoded with
+    U+FFFD. Never raises."""
+    declared = (charset or "").strip().lower()
+    name = _CHARSET_SUPERSETS.get(declared, declared)
+    try:
+        return data.decode(name)
+    except UnicodeError:  # before ValueError, its base class
+        problem = f"bytes are not valid {clean_text(declared or 'us-ascii', 60)}"
+    except (LookupError, ValueError, TypeError):  # unknown, or not a text codec
+        problem, name = f"unknown charset {clean_text(declared, 60)!r}", "utf-8"
+    try:
+        text = data.decode("utf-8")
+        _warn(warnings, f"{where}: {problem}; read as UTF-8, which they are")
+        return text
+    except UnicodeError:
+        _warn(warnings, f"{where}: {problem}; decoded with replacement characters")
+    try:
+        return data.decode(name, "replace")
+    except UnicodeError:  # codecs such as idna refuse any error handler but strict
+        return data.decode("utf-8", "replace")
+
+
+def _body_text(content: _Content, warnings: list[str]) -> str:
+    """Plain text if there is any, else the HTML as text; PGP/MIME ciphertext after it."""
+    if any(text.strip() for text in content.plain):
+        body = "\n".join(content.plain)
+    elif any(text.strip() for text in content.html):
+        body = _html_to_text("\n".join(content.html), warnings)
+    else:
+        body = ""
+    body = "\n".join(filter(None, [body, *content.ciphertexts]))
+    if len(body) > MAX_BODY_TEXT:
+        _warn(warnings, f"limit MAX_BODY_TEXT ({MAX_BODY_TEXT}): body text was cut")
+        body = body[:MAX_BODY_TEXT]
+    return _clean_body(body)
+
+
+def _html_to_text(markup: str, warnings: list[str]) -> str:
+    """Readable text (links kept as text); script and style content dropped, never active HTML."""
+    if len(markup) > MAX_HTML_INPUT:
+        _warn(warnings, f"limit MAX_HTML_INPUT ({MAX_HTML_INPUT}): only the start of the HTML was converted")
+        markup = markup[:MAX_HTML_INPUT]
     converter = html2text.HTML2Text()
     converter.ignore_images = True
     converter.body_width = 0
-    return converter.handle(html)
-
-
-def _header(message: Message | None, name: str) -> str:
-    if message is None:
-        return ""
     try:
-        value = message.get(name)
-    except Exception:  # a hostile header must not take the whole parse down
-        return ""
-    return "" if value is None else str(value)
+        return converter.handle(markup)
+    except Exception as exc:  # noqa: BLE001 - an HTML parser failure must not lose the message
+        _warn(warnings, f"HTML could not be converted ({type(exc).__name__}); tags were stripped instead")
+        without_code = re.sub(r"(?is)<(script|style)\b.*?(?:</\1\s*>|\Z)", " ", markup)
+        return html.unescape(re.sub(r"(?s)<[^>]*>", " ", without_code))
 
 
-def _decoded_attachment(entry: dict) -> bytes:
-    payload = entry.get("payload") or ""
-    if entry.get("binary"):
-        try:
-            return base64.b64decode(payload)
-        except (binascii.Error, ValueError):
-            return payload.encode("utf-8", "replace")
-    return payload.encode("utf-8", "replace") if isinstance(payload, str) else bytes(payload)
+def _encryption(content: _Content, body: str) -> str | None:
+    if content.encrypted:
+        return content.encrypted
+    return "inline-pgp" if _PGP_ARMOR in body else None
+
+
+# -- the cheap header scan ---------------------------------------------------------------------
+
+
+def _scan_header_block(data: bytes) -> dict[str, list[str]]:
+    """The fields of a header block (up to its first empty line) by lowercased name, folded lines
+    joined for clean_text to unfold. A linear pass with no MIME or header parsing: it cannot hang."""
+    fields: dict[str, list[str]] = {}
+    current: list[bytes] = []
+    for line in data[:MAX_SCANNED_HEADER_BYTES].splitlines() + [b""]:
+        if line[:1] in (b" ", b"\t"):  # a folded continuation, as the stdlib parser reads it
+            if current:
+                current.append(line)
+            continue
+        if current:
+            name, _, value = b"\n".join(current).partition(b":")
+            fields.setdefault(name.strip().lower().decode("ascii", "replace"), []).append(
+                value.decode("utf-8", "replace"))
+        if not line.strip():
+            break
+        current = [line] if b":" in line else []
+    return fields
+
+
+def _first_values(fields: dict[str, list[str]]) -> dict[str, str]:
+    return {name: values[0] for name, values in fields.items()}
+
+
+def parse_headers_only(raw: bytes, warning: str) -> ParsedMail:
+    """A minimal ParsedMail from a cheap scan of the header block, for when parsing failed or
+    took too long; *warning* says which. The raw bytes stay stored for a later reprocess."""
+    scanned = _scan_header_block(raw.removeprefix(codecs.BOM_UTF8))
+    # Bounded before any decoding: this path must stay cheap whatever the headers hold.
+    values = {name: [clean_text(value) for value in found] for name, found in scanned.items()}
+    content_type = clean_text(values.get("content-type", [""])[0].split(";")[0], 255).lower()
+    return _mail_from(values, [warning], content_type=content_type or "text/plain", body_text="",
+                      header_count=sum(map(len, values.values())))
+
+
+# -- delivery reports --------------------------------------------------------------------------
+
+_DELIVERY_STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
+# text/rfc822-headers is the standard; message/rfc822-headers is seen in the wild (MailSite).
+_RETURNED_TYPES = ("message/rfc822", "message/global", "text/rfc822-headers", "message/rfc822-headers",
+                   "message/global-headers")
+_ACTIONS = {"failed", "delayed", "delivered", "relayed", "expanded"}
+_STATUS_CODE = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?!\.?\d)")
+_SMTP_REPLY_LINE = re.compile(r"^.*(?<!\d)[45]\d\d(?:[ -].*)?$", re.M)
+_BOUNCED_RECIPIENT = re.compile(r"^<([^<>\s@]+@[^<>\s]+)>:|^[ \t]{2,}([^<>\s@]+@[^<>\s]+)[ \t]*$", re.M)
+_DAEMON_LOCAL_PARTS = {"mailer-daemon", "mailerdaemon", "mail-daemon", "postmaster"}
+_BOUNCE_TEXT = re.compile(r"Hi\. This is the qmail-send program|"
+                          r"This message was created automatically by mail delivery software", re.I)
+_BOUNCE_SUBJECT = re.compile(r"^\s*(?:undeliver|delivery (?:status notification|failure|failed|has failed|problem)|"
+                             r"returned mail|mail delivery failed|failure notice|non-?delivery|"
+                             r"warning: message .* delayed)", re.I)
+_DELAY_WORDS = re.compile(r"\bdelay|will (?:retry|keep trying)|still (?:trying|being retried)", re.I)
+_QUOTED_FIELD = re.compile(r"^[ \t>]*(message-id|x-intake-ticket)[ \t]*:[ \t]*(?:\n[ \t]+)?(\S[^\n]*)",
+                           re.I | re.M)
+_BLANK_LINE = re.compile(r"\n[ \t>]*\n")
+
+
+@dataclass
+class _Returned:
+    """Headers of the mail that bounced, and where the bounce's own explanation ends."""
+
+    message_id: str | None
+    ticket: str | None
+    explanation_end: int | None = None  # offset in the body text; None: the explanation is all of it
+
+
+def _field_blocks(text: str) -> list[dict[str, str]]:
+    """The header-like blocks of a delivery-status body. A block that is only base64 is decoded
+    first: some gateways (Proofpoint) re-encode the per-recipient fields that way."""
+    blocks = []
+    for block in re.split(r"\r?\n(?:[ \t]*\r?\n)+", text.strip()):
+        fields = _first_values(_scan_header_block(block.encode("utf-8")))
+        if fields:
+            blocks.append(fields)
+        elif block.strip():
+            try:
+                decoded = base64.b64decode("".join(block.split()), validate=True)
+            except (binascii.Error, ValueError):
+                continue
+            blocks += _field_blocks(decoded.decode("utf-8", "replace"))
+    return blocks
+
+
+def _recipient_fields(status_text: str) -> dict[str, str]:
+    """The per-recipient fields of a DSN: the first recipient that failed, else the first one."""
+    recipients = [b for b in _field_blocks(status_text)
+                  if {"final-recipient", "original-recipient", "action", "status"} & b.keys()]
+    failed = [b for b in recipients if clean_text(b.get("action", ""), 40).lower().startswith("failed")]
+    return (failed or recipients or [{}])[0]
+
+
+def _returned_headers(content: _Content, body: str) -> _Returned | None:
+    """The returned message's Message-ID and X-Intake-Ticket, from a returned message or headers
+    part, else from a header block quoted in the body text."""
+    for attachment, data in content.attachments:
+        if attachment.content_type in _RETURNED_TYPES:
+            fields = _first_values(_scan_header_block(data))
+            return _Returned(_first_message_id(fields.get("message-id")), _ticket(fields.get("x-intake-ticket")))
+    return _quoted_returned_headers(body)
+
+
+def _quoted_returned_headers(body: str) -> _Returned | None:
+    """A returned header block quoted in the text (qmail, Exim): the block carrying X-Intake-Ticket,
+    else the first one with a Message-ID. Blocks are separated by blank lines."""
+    breaks = [m.end() for m in _BLANK_LINE.finditer(body)]
+    blocks: dict[int, dict[str, str]] = {}
+    for match in _QUOTED_FIELD.finditer(body):
+        fields = blocks.setdefault(bisect.bisect_right(breaks, match.start()), {})
+        fields.setdefault(match.group(1).lower(), match.group(2))
+    with_ticket = [b for b in sorted(blocks) if "x-intake-ticket" in blocks[b]]
+    with_id = [b for b in sorted(blocks) if "message-id" in blocks[b]]
+    chosen = (with_ticket or with_id or [None])[0]
+    if chosen is None:
+        return None
+    fields = blocks[chosen]
+    return _Returned(_first_message_id(fields.get("message-id")), _ticket(fields.get("x-intake-ticket")),
+                     breaks[chosen - 1] if chosen else 0)
+
+
+def _ticket(value: str | None) -> str | None:
+    words = clean_text(value or "", 100).split()
+    return words[0] if words else None
+
+
+def _is_classic_bounce(mail: ParsedMail) -> bool:
+    """A non-DSN bounce: sent by a mailer daemon, and saying so in its subject or opening text."""
+    from_daemon = mail.from_address.rpartition("@")[0].lower() in _DAEMON_LOCAL_PARTS or \
+        re.match(r"mail delivery (?:system|subsystem)", mail.from_name, re.I) is not None
+    return from_daemon and (_BOUNCE_SUBJECT.match(mail.subject) is not None
+                            or _BOUNCE_TEXT.search(mail.body_text) is not None)
+
+
+def _delivery_report(mail: ParsedMail, content: _Content) -> DeliveryReport | None:
+    """What a DSN (multipart/report; report-type=delivery-status) says, or a classic bounce whose
+    returned headers can be found. MDNs and feedback reports get none: they are not bounces."""
+    is_dsn = mail.is_report == "delivery-status"
+    if not is_dsn and not _is_classic_bounce(mail):
+        return None
+    returned = _returned_headers(content, mail.body_text)
+    if not is_dsn and returned is None:
+        return None
+    status_part = next((data for attachment, data in content.attachments
+                        if attachment.content_type in _DELIVERY_STATUS_TYPES), b"")
+    fields = _recipient_fields(status_part.decode("utf-8", "replace"))
+    explanation = mail.body_text[: returned.explanation_end if returned else None]
+    if is_dsn:
+        action = clean_text(fields.get("action", ""), 40).lower().split(" ")[0]
+    else:
+        action = "delayed" if _DELAY_WORDS.search(mail.subject + "\n" + explanation[:2000]) else "failed"
+    status = _STATUS_CODE.search(fields.get("status", "")) or _STATUS_CODE.search(explanation)
+    reply_line = _SMTP_REPLY_LINE.search(explanation)
+    diagnostic = fields.get("diagnostic-code") or (reply_line.group() if reply_line else "")
+    original_id = (returned.message_id if returned else None) or mail.in_reply_to or \
+        (mail.references[-1] if mail.references else None)
+    return DeliveryReport(
+        original_message_id=original_id,
+        original_ticket=returned.ticket if returned else None,
+        recipient=_bounced_recipient(fields, mail, explanation),
+        action=action if action in _ACTIONS else None,
+        status=status.group(1) if status else None,
+        diagnostic=" ".join(clean_text(diagnostic, 500).split()) or None,
+    )
+
+
+def _bounced_recipient(fields: dict[str, str], mail: ParsedMail, explanation: str) -> str | None:
+    """Final-/Original-Recipient without its address type, else X-Failed-Recipients (Exim), else
+    the address a qmail, Postfix or Exim explanation names."""
+    candidates = [(fields.get("final-recipient") or fields.get("original-recipient") or "").rpartition(";")[2],
+                  mail.headers.get("x-failed-recipients", "").split(",")[0]]
+    found = _BOUNCED_RECIPIENT.search(explanation)
+    if found:
+        candidates.append(found.group(1) or found.group(2))
+    return next((clean_text(c, 320).strip("<>") for c in candidates if c.strip()), None)
+
+
+# -- parse -------------------------------------------------------------------------------------
 
 
 def parse(raw: bytes) -> ParsedMail:
     """Parse *raw*; whatever happens, return a ParsedMail (warnings say what went wrong)."""
-    warnings: list[str] = []
     try:
-        mail = mailparser.parse_from_bytes(raw)
-        message = mail.message
-        subject_value = mail.subject
-        body = "\n".join(mail.text_plain)
-        if not body.strip() and mail.text_html:
-            body = _html_to_text("\n".join(mail.text_html))
-        attachments_raw = list(mail.attachments)
-        if mail.has_defects:
-            warnings.append("MIME defects: " + ", ".join(sorted(mail.defects_categories)))
-    except Exception as exc:  # noqa: BLE001 - mail-parser raises outside its hierarchy
-        warnings.append(f"mail-parser failed ({type(exc).__name__}); fell back to the stdlib parser")
-        message, subject_value, body, attachments_raw = _fallback(raw, warnings)
+        return _parse(raw)
+    except Exception as exc:  # noqa: BLE001 - the promise is "never raises"; the raw bytes stay stored
+        return parse_headers_only(raw, f"parse failed ({type(exc).__name__}); only the header block was read")
 
-    from_name, from_address = _guarded(lambda: parseaddr(_decode_header(_header(message, "From"))), ("", ""),
-                                       "From", warnings)
-    to = _guarded(lambda: [addr for _, addr in getaddresses([_header(message, "To")]) if addr], [], "To", warnings)
-    attachments = []
-    for index, entry in enumerate(attachments_raw, start=1):
-        data = _decoded_attachment(entry)
-        original = clean_text(entry.get("filename") or "", 255)
-        attachments.append(
-            Attachment(
-                index=index,
-                filename=safe_filename(original, index),
-                original_filename=original,
-                content_type=clean_text(entry.get("mail_content_type") or "application/octet-stream", 255),
-                size=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-            )
-        )
-    references = [clean_text(r, 500) for r in _message_ids(_header(message, "References"))]
+
+def _parse(raw: bytes) -> ParsedMail:
+    reading = _read_mime(raw)
+    warnings = list(reading.warnings)
+    content = _collect_content(reading.root, warnings)
+    if content.defects:
+        _warn(warnings, "MIME defects: " + ", ".join(sorted(content.defects)))
+    body = _body_text(content, warnings)
+    encrypted = _encryption(content, body)
+    if encrypted:
+        _warn(warnings, f"encrypted: {encrypted}")
+    content_type = clean_text(_content_type(reading.root), 255)
+    mail = _mail_from(
+        _header_values(reading.root), warnings,
+        content_type=content_type,
+        body_text=body,
+        attachments=[attachment for attachment, _ in content.attachments],
+        encrypted=encrypted,
+        is_report=(_param(reading.root, "report-type") or None) if content_type == "multipart/report" else None,
+        part_count=reading.part_count,
+        header_count=reading.header_count,
+    )
+    return _with_delivery_report(mail, content)
+
+
+def _mail_from(values: dict[str, list[str]], warnings: list[str], **content: Any) -> ParsedMail:
+    """A ParsedMail: the fields read from the top-level header *values* (raw, by lowercased name),
+    plus the *content* fields."""
+
+    def first(name: str) -> str:
+        return values[name][0] if name in values else ""
+
+    from_name, from_address = _sender(values.get("from", []), warnings)
+    recipients = _recipients(values.get("to", []), values.get("cc", []), warnings)
     return ParsedMail(
-        message_id=_first_message_id(_header(message, "Message-ID")),
-        subject=clean_text(_stdlib_subject(raw, subject_value, warnings)),
-        from_address=clean_text(from_address, 320),
-        from_name=clean_text(from_name, 200),
-        to=[clean_text(a, 320) for a in to[:100]],
-        in_reply_to=_first_message_id(_header(message, "In-Reply-To")),
-        references=references[:100],
-        auto_submitted=clean_text(_header(message, "Auto-Submitted"), 100).lower() or None,
-        precedence=clean_text(_header(message, "Precedence"), 100).lower() or None,
-        content_type=clean_text(_content_type(message), 255),
-        body_text=_clean_body(body),
-        attachments=attachments,
+        message_id=_first_message_id(first("message-id")),
+        subject=clean_text(_decode_words(first("subject"))),  # whole: it must read as the stdlib reads it
+        from_address=from_address,
+        from_name=from_name,
+        to=recipients.to,
+        in_reply_to=_first_message_id(first("in-reply-to")),
+        references=[clean_text(r, 500) for r in _message_ids(first("references"))][:100],
+        auto_submitted=clean_text(first("auto-submitted"), 100).lower() or None,
+        precedence=clean_text(first("precedence"), 100).lower() or None,
         warnings=warnings,
+        headers={name: _display(values[name][0]) for name in LOOP_HEADERS if name in values},
+        cc=recipients.cc,
+        recipient_count=recipients.count,
+        undisclosed_recipients=recipients.undisclosed,
+        **content,
     )
 
 
-def _stdlib_subject(raw: bytes, parsed_value: object, warnings: list[str]) -> str:
-    """The subject decoded as the stdlib's modern policy does it (RFC 2047, charset fallbacks
-    with U+FFFD); mail-parser's value where that parser gives up."""
+def _with_delivery_report(mail: ParsedMail, content: _Content) -> ParsedMail:
+    report = _guarded(lambda: _delivery_report(mail, content), None, "delivery report", mail.warnings)
+    return mail if report is None else dataclasses.replace(mail, delivery_report=report)
+
+
+def extract_attachment(raw: bytes, index: int) -> tuple[Attachment, bytes]:
+    """The *index*-th attachment (1-based, numbered as in ParsedMail.attachments) and its decoded
+    bytes; LookupError if the message has no such attachment."""
     try:
-        headers = BytesHeaderParser(policy=email.policy.default).parsebytes(raw)
-        value = headers["Subject"]
-        return "" if value is None else str(value)
-    except Exception as exc:  # noqa: BLE001 - hostile headers break the stdlib in many ways
-        warnings.append(f"Subject decoded by the fallback decoder ({type(exc).__name__})")
-        return _decode_header(parsed_value)
-
-
-def _guarded(read: Callable[[], T], default: T, name: str, warnings: list[str]) -> T:
-    """Read one header-derived value; the stdlib's address parser can recurse itself to death."""
-    try:
-        return read()
-    except Exception as exc:  # noqa: BLE001 - RecursionError, IndexError, ... on hostile headers
-        warnings.append(f"{name} header could not be parsed ({type(exc).__name__})")
-        return default
-
-
-def _content_type(message: Message | None) -> str:
-    try:
-        return message.get_content_type() if message is not None else "text/plain"
-    except Exception:  # noqa: BLE001
-        return "text/plain"
-
-
-def _fallback(raw: bytes, warnings: list[str]) -> tuple[Message | None, str, str, list[dict]]:
-    try:
-        message = email.message_from_bytes(raw, policy=email.policy.compat32)
-    except Exception as exc:  # noqa: BLE001
-        warnings.append(f"stdlib parser failed too ({type(exc).__name__}); stored raw only")
-        return None, "", raw.decode("utf-8", "replace"), []
-    texts: list[str] = []
-    try:
-        for part in message.walk():
-            if part.get_content_maintype() == "text" and not part.get_filename():
-                payload = part.get_payload(decode=True) or b""
-                charset = part.get_content_charset() or "utf-8"
-                try:
-                    texts.append(payload.decode(charset, "replace"))
-                except LookupError:
-                    texts.append(payload.decode("utf-8", "replace"))
-    except Exception as exc:  # noqa: BLE001
-        warnings.append(f"body could not be read ({type(exc).__name__})")
-    return message, message.get("Subject", ""), "\n".join(texts), []
+        content = _collect_content(_read_mime(raw).root, [])
+    except Exception as exc:  # noqa: BLE001 - parse() lists no attachments for a message it cannot read
+        raise LookupError(f"the message could not be read ({type(exc).__name__})") from exc
+    if not 1 <= index <= len(content.attachments):
+        raise LookupError(f"no attachment {index}: the message has {len(content.attachments)}")
+    attachment, data = content.attachments[index - 1]
+    return attachment, data

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.charset import QP, Charset
+from email.header import Header
+from email.mime.text import MIMEText
+from email.utils import format_datetime, formataddr
 from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -22,6 +25,10 @@ from zoneinfo import ZoneInfo
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined
 
 from intake.parse import clean_text
+
+_COMPAT32_CRLF = email.policy.compat32.clone(linesep="\r\n")  # SMTP line endings
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP  # readable in a raw mail file, unlike base64
 
 # Marks mail we sent, so our own mail coming back is recognised as a loop.
 LOOP_HEADER = "X-Intake-Loop"
@@ -36,6 +43,7 @@ class OutgoingMail:
     recipients: list[str]
     message_id: str
     raw: bytes
+    automatic: bool = False  # counted against the per-recipient auto-reply limit
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,14 @@ def _needs_utf8(*addresses: str) -> bool:
     return any(not address.isascii() for address in addresses)
 
 
-def acknowledgement(
+# Dedupe-key prefix per kind of automatic reply: one of each per ticket, ever.
+_KEY_PREFIX = {"acknowledgement": "ack", "out-of-scope": "out-of-scope"}
+
+
+def automatic_reply(
     *,
+    template: str,
+    kind: str,
     reference: str,
     subject: str,
     reporter_address: str,
@@ -97,10 +111,10 @@ def acknowledgement(
     templates_dir: Path | None,
     now: datetime,
 ) -> OutgoingMail:
-    """The automatic acknowledgement of a new report (RFC 3834: auto-replied, null sender)."""
+    """An automatic reply to a new report (RFC 3834: auto-replied, from the null sender)."""
     shown_subject = strip_reply_prefixes(clean_text(subject)) or "(no subject)"
     body = render(
-        "acknowledgement.txt.j2",
+        template,
         templates_dir,
         reference=reference,
         subject=shown_subject,
@@ -110,28 +124,53 @@ def acknowledgement(
         from_name=from_name,
         intake_address=intake_address,
     )
-    message_id = new_message_id("ack", reference, message_id_domain)
-    message = EmailMessage(policy=email.policy.SMTPUTF8 if _needs_utf8(reporter_address, intake_address)
-                           else email.policy.SMTP)
-    message["From"] = Address(display_name=from_name, addr_spec=intake_address)
-    message["To"] = reporter_address
-    message["Subject"] = f"Re: [{reference}] {shown_subject}"
-    message["Date"] = format_datetime(now)
-    message["Message-ID"] = message_id
+    message_id = new_message_id(_KEY_PREFIX[kind], reference, message_id_domain)
+    headers = [
+        ("To", reporter_address),
+        ("Subject", f"Re: [{reference}] {shown_subject}"),
+        ("Date", format_datetime(now)),
+        ("Message-ID", message_id),
+    ]
     if in_reply_to:
-        message["In-Reply-To"] = in_reply_to
-        message["References"] = " ".join([*references, in_reply_to][-20:])
-    message["Auto-Submitted"] = "auto-replied"
-    # Ask Exchange and friends not to answer this automatic mail with their own.
-    message["X-Auto-Response-Suppress"] = "All"
-    message[LOOP_HEADER] = message_id_domain
-    message["X-Intake-Ticket"] = reference
-    message.set_content(body)
+        headers += [("In-Reply-To", in_reply_to), ("References", " ".join([*references, in_reply_to][-20:]))]
+    headers += [
+        ("Auto-Submitted", "auto-replied"),
+        # Ask Exchange and friends not to answer this automatic mail with their own.
+        ("X-Auto-Response-Suppress", "All"),
+        (LOOP_HEADER, message_id_domain),
+        ("X-Intake-Ticket", reference),
+    ]
     return OutgoingMail(
-        dedupe_key=f"ack:{reference}",
-        kind="acknowledgement",
+        dedupe_key=f"{_KEY_PREFIX[kind]}:{reference}",
+        kind=kind,
         envelope_from="",
         recipients=[reporter_address],
         message_id=message_id,
-        raw=message.as_bytes(),
+        raw=compose((from_name, intake_address), headers, body),
+        automatic=True,
     )
+
+
+def compose(sender: tuple[str, str], headers: list[tuple[str, str]], body: str) -> bytes:
+    """A text/plain message as bytes. *headers* values must already be display-safe.
+
+    ASCII addresses go through the stdlib's compat32 classes, four times cheaper than its
+    modern header registry; mail to an SMTPUTF8 (non-ASCII) address needs the modern policy.
+    """
+    for name, value in headers:
+        if "\r" in value or "\n" in value:  # belt and braces: clean_text already removed them
+            raise ValueError(f"{name} header value contains a line break")
+    name, address = sender
+    recipients = [value for header, value in headers if header == "To"]
+    if _needs_utf8(address, *recipients):
+        message = EmailMessage(policy=email.policy.SMTPUTF8)
+        message["From"] = Address(display_name=name, addr_spec=address)
+        for header, value in headers:
+            message[header] = value
+        message.set_content(body)
+        return message.as_bytes()
+    text = MIMEText(body, "plain", "us-ascii" if body.isascii() else _UTF8_QP)
+    text["From"] = formataddr((name, address), charset="utf-8")
+    for header, value in headers:
+        text[header] = value if value.isascii() else Header(value, "utf-8")
+    return text.as_bytes(policy=_COMPAT32_CRLF)

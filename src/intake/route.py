@@ -1,31 +1,97 @@
 """Decide what a parsed message is: small named rules, tried in a declared order.
 
-Each rule looks at the message (and, through :class:`Known`, at what the database already
-holds) and either returns a :class:`Decision` or ``None`` to pass. The first decision wins;
-``new-ticket`` is the fallback. Rules are pure functions so each can be tested on its own.
+Each rule looks at the message, at a little configuration (:class:`RoutingConfig`) and, through
+:class:`Known`, at what the database already holds; it returns a :class:`Decision` or ``None``
+to pass. The first decision wins; ``new-ticket`` is the fallback. Rules are pure functions so
+each can be tested on its own.
+
+Threading order (DESIGN.md): a ticket reference in a ``+tag`` recipient → ``In-Reply-To`` /
+``References`` matching a Message-ID we stored or sent → a ``[SEC-2026-0001]`` subject tag. A
+reference is guessable, so the ``+tag`` and subject routes thread only mail from the ticket's
+reporter or a maintainer; anyone else's mail opens a new ticket that *mentions* the old one.
+A Message-ID is not guessable (ours are random), so a reply that quotes one threads whoever
+sends it.
+
+Whether a new ticket's sender may get an automatic reply is a separate question
+(:func:`auto_reply_suppressed`, RFC 3834); the per-recipient rate limit needs the database
+and lives with the ticket service.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from intake.parse import ParsedMail
 
 NEW_TICKET = "new-ticket"
-DUPLICATE = "duplicate"
+REPORTER_REPLY = "reporter-reply"
+MAINTAINER_REPLY = "maintainer-reply"
 AUTO_REPLY = "auto-reply"
 BOUNCE = "bounce"
+DUPLICATE = "duplicate"
+LOOP = "loop"
+SPAM = "spam"
+REJECTED = "rejected"
+DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, SPAM, REJECTED)
+
+# Subject prefixes of out-of-office mail that lacks Auto-Submitted (Outlook, Exchange, Lotus, ...).
+_AUTO_REPLY_SUBJECT = re.compile(
+    r"^\s*(out of (the )?office|automatic reply|auto(matic)?[- ]?(reply|response)|autoreply|"
+    r"abwesenheitsnotiz|r[ée]ponse automatique|respuesta autom[áa]tica|risposta automatica|"
+    r"automatisch antwoord|vacation( reply)?|on vacation|away from (the )?office)\s*[:\-]",
+    re.IGNORECASE,
+)
+_AUTO_REPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply")
+_BULK_PRECEDENCE = {"bulk", "junk", "list"}
+_SUPPRESS_VALUES = {"all", "autoreply", "oof"}  # X-Auto-Response-Suppress values that ask us to stay quiet
 
 
 @dataclass(frozen=True)
-class Decision:
-    kind: str
-    reason: str
-    # Whether the sender may get an automatic reply from us (RFC 3834).
-    may_auto_reply: bool = False
-    ticket_id: int | None = None
+class TicketRef:
+    id: int
+    reference: str
+    reporter: str
+
+
+@dataclass(frozen=True)
+class KnownMessage:
+    """A message we stored or sent, found by its Message-ID."""
+
+    ticket: TicketRef
+    message_id: str
+    kind: str  # thread entry kind ("report", ...) or outbox kind ("acknowledgement", ...)
+
+
+class Known(Protocol):
+    """The database lookups the rules need (implemented by the ticket service)."""
+
+    def ticket_for_message_key(self, message_key: str) -> int | None: ...
+
+    def ticket_by_reference(self, reference: str) -> TicketRef | None: ...
+
+    def message_by_ids(self, message_ids: list[str]) -> KnownMessage | None: ...
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """The configuration the rules read."""
+
+    our_addresses: frozenset[str]
+    loop_marker: str
+    reference_prefix: str
+    is_maintainer: Callable[[str], bool]
+    never_answered: Callable[[str], bool]
+
+    @property
+    def reference_pattern(self) -> re.Pattern[str]:
+        return re.compile(rf"\b({re.escape(self.reference_prefix)}-\d{{4}}-\d{{4,}})\b", re.IGNORECASE)
+
+    def is_ours(self, address: str) -> bool:
+        local, _, domain = address.lower().rpartition("@")
+        return f"{local.split('+', 1)[0]}@{domain}" in self.our_addresses
 
 
 @dataclass(frozen=True)
@@ -34,19 +100,45 @@ class Incoming:
 
     mail: ParsedMail
     mail_from: str
+    rcpt_tos: list[str]
     message_key: str
 
-
-class Known(Protocol):
-    """Database lookups the rules need (implemented by the ticket service)."""
-
-    def ticket_for_message_key(self, message_key: str) -> int | None: ...
-
-
-Rule = Callable[[Incoming, Known], Decision | None]
+    @property
+    def sender(self) -> str:
+        """Who it is from: the envelope sender, else the From: header (null-sender mail)."""
+        return (self.mail_from or self.mail.from_address).lower()
 
 
-def duplicate(incoming: Incoming, known: Known) -> Decision | None:
+@dataclass(frozen=True)
+class Decision:
+    kind: str
+    reason: str
+    ticket_id: int | None = None
+    # How the message found its ticket: "+tag", "In-Reply-To <…>", "subject tag".
+    threaded_by: str | None = None
+    # New tickets: references the sender quoted but may not write into.
+    mentions: tuple[str, ...] = field(default_factory=tuple)
+    # Bounces: what the bounce says, for the ticket's record.
+    bounced: KnownMessage | None = None
+
+
+Rule = Callable[[Incoming, Known, RoutingConfig], Decision | None]
+
+
+def _header(incoming: Incoming, name: str) -> str:
+    return (incoming.mail.headers.get(name) or "").strip().lower()
+
+
+def _thread_by_message_id(incoming: Incoming, known: Known) -> tuple[KnownMessage, str] | None:
+    ids = [i for i in [incoming.mail.in_reply_to, *reversed(incoming.mail.references)] if i]
+    found = known.message_by_ids(ids) if ids else None
+    if found is None:
+        return None
+    via = "In-Reply-To" if found.message_id == incoming.mail.in_reply_to else "References"
+    return found, f"{via} {found.message_id}"
+
+
+def duplicate(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
     """The same message (Message-ID, or content hash without one) was already handled."""
     ticket_id = known.ticket_for_message_key(incoming.message_key)
     if ticket_id is None:
@@ -54,27 +146,176 @@ def duplicate(incoming: Incoming, known: Known) -> Decision | None:
     return Decision(DUPLICATE, f"already stored as {incoming.message_key}", ticket_id=ticket_id)
 
 
-def null_sender(incoming: Incoming, known: Known) -> Decision | None:
-    """A null envelope sender is a delivery status notification (RFC 5321 4.5.5)."""
+def loop(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """Our own mail coming back: it carries our loop marker, or claims to be from us."""
+    marker = _header(incoming, "x-intake-loop")
+    if marker and marker == config.loop_marker.lower():
+        return Decision(LOOP, f"carries our loop marker X-Intake-Loop: {marker}")
+    for address in (incoming.mail_from, incoming.mail.from_address):
+        if address and config.is_ours(address):
+            return Decision(LOOP, f"sent from our own address {address}")
+    return None
+
+
+def bounce(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """A delivery status notification: attached to the ticket whose mail bounced, if we find it."""
+    report = incoming.mail.delivery_report
+    if report is None and incoming.mail.is_report != "delivery-status":
+        return None
+    found = None
+    if report is not None and report.original_message_id:
+        found = known.message_by_ids([report.original_message_id])
+    if found is None and report is not None and report.original_ticket:
+        ticket = known.ticket_by_reference(report.original_ticket)
+        found = KnownMessage(ticket, report.original_message_id or "", "unknown") if ticket else None
+    if found is None:
+        threaded = _thread_by_message_id(incoming, known)
+        found = threaded[0] if threaded else None
+    detail = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no status"
+    reason = f"delivery status notification ({detail})"
+    if found is None:
+        return Decision(BOUNCE, reason + "; concerns no mail of ours we can find")
+    return Decision(BOUNCE, reason, ticket_id=found.ticket.id, threaded_by=f"bounced {found.message_id}",
+                    bounced=found)
+
+
+def _auto_reply_evidence(incoming: Incoming) -> str | None:
+    mail = incoming.mail
+    value = (mail.auto_submitted or "").split(";")[0].strip()
+    if value and value != "no":
+        return f"Auto-Submitted: {value}"
+    for name in _AUTO_REPLY_HEADERS:
+        if name in mail.headers:
+            return f"{name} header"
+    if (mail.precedence or "") == "auto_reply":
+        return "Precedence: auto_reply"
+    if mail.is_report in ("disposition-notification", "feedback-report"):
+        return f"multipart/report; report-type={mail.is_report}"
+    if _AUTO_REPLY_SUBJECT.match(mail.subject):
+        return f"out-of-office subject {mail.subject[:60]!r}"
+    return None
+
+
+def auto_reply(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """Out-of-office and other automatic mail: recorded on its ticket if it threads, never a ticket."""
+    evidence = _auto_reply_evidence(incoming)
+    if evidence is None:
+        return None
+    found = _find_ticket(incoming, known, config)
+    if found is None:
+        return Decision(AUTO_REPLY, evidence + "; threads into no ticket")
+    ticket, via = found
+    return Decision(AUTO_REPLY, evidence, ticket_id=ticket.id, threaded_by=via)
+
+
+def bare_null_sender(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """A null envelope sender without a recognisable report is still a notification (RFC 5321 4.5.5)."""
     if incoming.mail_from:
         return None
-    return Decision(BOUNCE, "null envelope sender")
+    threaded = _thread_by_message_id(incoming, known)
+    if threaded is None:
+        return Decision(BOUNCE, "null envelope sender")
+    return Decision(BOUNCE, "null envelope sender", ticket_id=threaded[0].ticket.id, threaded_by=threaded[1])
 
 
-def auto_submitted(incoming: Incoming, known: Known) -> Decision | None:
-    """Mail that declares itself automatic (RFC 3834 Auto-Submitted other than 'no')."""
-    value = incoming.mail.auto_submitted
-    if value is None or value.split(";")[0].strip() == "no":
+def spam(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """An upstream filter's verdict (X-Spam-Flag: YES): stored, never a ticket, never answered."""
+    if _header(incoming, "x-spam-flag") == "yes":
+        return Decision(SPAM, "X-Spam-Flag: YES from an upstream filter")
+    return None
+
+
+def empty(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """Nothing to act on: no subject, no text, no attachment."""
+    mail = incoming.mail
+    if mail.subject.strip() or mail.body_text.strip() or mail.attachments:
         return None
-    return Decision(AUTO_REPLY, f"Auto-Submitted: {value}")
+    return Decision(REJECTED, "empty message: no subject, no text, no attachment")
 
 
-RULES: tuple[Rule, ...] = (duplicate, null_sender, auto_submitted)
+def _thread_by_reference(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[TicketRef, str] | None:
+    """A ticket named by a +tag recipient, else by a subject tag (either may be guessed)."""
+    pattern = config.reference_pattern
+    for recipient in incoming.rcpt_tos:
+        local = recipient.rpartition("@")[0]
+        tag = local.split("+", 1)[1] if "+" in local else ""
+        match = pattern.fullmatch(tag)
+        if match and (ticket := known.ticket_by_reference(match.group(1).upper())):
+            return ticket, f"+tag {recipient}"
+    for match in pattern.finditer(incoming.mail.subject):
+        if ticket := known.ticket_by_reference(match.group(1).upper()):
+            return ticket, f"subject tag [{ticket.reference}]"
+    return None
 
 
-def decide(incoming: Incoming, known: Known, rules: tuple[Rule, ...] = RULES) -> Decision:
+def _find_ticket(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[TicketRef, str] | None:
+    """The ticket a message belongs to and how it was found, per the threading order."""
+    threaded = _thread_by_message_id(incoming, known)
+    if threaded is not None:
+        return threaded[0].ticket, threaded[1]
+    by_reference = _thread_by_reference(incoming, known, config)
+    if by_reference is None:
+        return None
+    ticket, via = by_reference
+    if incoming.sender == ticket.reporter.lower() or config.is_maintainer(incoming.sender):
+        return ticket, via
+    return None  # a stranger quoting a reference may not write into that ticket
+
+
+def thread(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """A reply to a ticket: by Message-ID from anyone; by reference only from its reporter or a maintainer."""
+    found = _find_ticket(incoming, known, config)
+    if found is None:
+        return None  # includes a stranger quoting a reference: a new ticket, which mentions it
+    ticket, via = found
+    kind = MAINTAINER_REPLY if config.is_maintainer(incoming.sender) else REPORTER_REPLY
+    return Decision(kind, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
+
+
+def _mentions(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[str, ...]:
+    texts = [incoming.mail.subject, *(r.rpartition("@")[0] for r in incoming.rcpt_tos)]
+    found: list[str] = []
+    for text in texts:
+        for match in config.reference_pattern.finditer(text):
+            reference = match.group(1).upper()
+            if reference not in found and known.ticket_by_reference(reference):
+                found.append(reference)
+    return tuple(found)
+
+
+RULES: tuple[Rule, ...] = (duplicate, loop, bounce, auto_reply, bare_null_sender, spam, empty, thread)
+
+
+def decide(incoming: Incoming, known: Known, config: RoutingConfig, rules: tuple[Rule, ...] = RULES) -> Decision:
     for rule in rules:
-        decision = rule(incoming, known)
+        decision = rule(incoming, known, config)
         if decision is not None:
             return decision
-    return Decision(NEW_TICKET, "no earlier rule matched", may_auto_reply=True)
+    mentions = _mentions(incoming, known, config)
+    reason = "no earlier rule matched" + (f"; mentions {', '.join(mentions)}" if mentions else "")
+    return Decision(NEW_TICKET, reason, mentions=mentions)
+
+
+def auto_reply_suppressed(incoming: Incoming, config: RoutingConfig) -> str | None:
+    """Why this sender must get no automatic reply (RFC 3834 and common practice), or None."""
+    mail = incoming.mail
+    if not incoming.mail_from:
+        return "null envelope sender"
+    evidence = _auto_reply_evidence(incoming)
+    if evidence:
+        return evidence
+    if (mail.precedence or "") in _BULK_PRECEDENCE:
+        return f"Precedence: {mail.precedence}"
+    for name in ("list-id", "list-unsubscribe"):
+        if name in mail.headers:
+            return f"{name} header (mailing list)"
+    suppress = {v.strip().lower() for v in _header(incoming, "x-auto-response-suppress").split(",")}
+    if suppress & _SUPPRESS_VALUES:
+        return f"X-Auto-Response-Suppress: {mail.headers.get('x-auto-response-suppress')}"
+    if config.never_answered(incoming.mail_from):
+        return f"sender {incoming.mail_from} is a robot address"
+    if config.is_ours(incoming.mail_from):
+        return "sender is our own address"
+    if _header(incoming, "x-intake-loop") == config.loop_marker.lower():
+        return "carries our loop marker"
+    return None

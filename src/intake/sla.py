@@ -390,6 +390,9 @@ class PolicyConfig(BaseModel):
     calendar: str = BUILTIN_CALENDAR
     auto_ack_counts: bool
     pause_while_waiting: bool = False
+    # What a report scored low-quality gets: the normal acknowledgement, or the polite
+    # out-of-scope reply (template out-of-scope.txt.j2). Either way it is a ticket.
+    low_quality_reply: Literal["acknowledge", "out-of-scope"] = "acknowledge"
     stages: list[StageConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

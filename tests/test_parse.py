@@ -1,0 +1,589 @@
+"""intake.parse and intake.parse_guard: pure tests, no database, no network.
+
+Hostile messages are built here; real-world ones come from the shared corpus."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import time
+from email.header import Header
+from email.message import EmailMessage
+
+import pytest
+
+from conftest import CORPUS
+from intake import parse as parse_module
+from intake import parse_guard
+from intake.parse import (
+    MAX_BODY_TEXT,
+    MAX_FILENAME,
+    MAX_MIME_DEPTH,
+    MAX_MIME_PARTS,
+    DeliveryReport,
+    ParsedMail,
+    clean_text,
+    extract_attachment,
+    parse,
+    parse_headers_only,
+    safe_filename,
+)
+
+# Generous: each hostile message parses in milliseconds; unbounded, several take seconds or never end.
+QUICK = 5.0
+
+
+def mail(headers: str, body: str | bytes = "Hello.\n") -> bytes:
+    """A message from header lines (CRLF added) and a body."""
+    head = "".join(f"{line}\r\n" for line in headers.strip("\n").split("\n"))
+    return head.encode("utf-8") + b"\r\n" + (body.encode("utf-8") if isinstance(body, str) else body)
+
+
+def timed_parse(raw: bytes) -> tuple[ParsedMail, float]:
+    started = time.perf_counter()
+    parsed = parse(raw)
+    return parsed, time.perf_counter() - started
+
+
+def limit_warnings(parsed: ParsedMail, name: str) -> list[str]:
+    return [w for w in parsed.warnings if w.startswith(f"limit {name} ")]
+
+
+def corpus_file(relative: str) -> bytes:
+    path = CORPUS / relative
+    if not path.exists():
+        pytest.skip(f"no corpus at {CORPUS}")
+    return re.sub(rb"\r?\n", b"\r\n", path.read_bytes())  # as an MTA hands it over
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+def test_a_thousand_nested_multiparts_are_cut_at_the_depth_limit():
+    depth = 1000
+    opening = "".join(f'Content-Type: multipart/mixed; boundary="b{i}"\r\n\r\n--b{i}\r\n' for i in range(1, depth))
+    closing = "".join(f"\r\n--b{i}--\r\n" for i in reversed(range(1, depth)))
+    raw = mail('From: a@example.org\nSubject: deep\nContent-Type: multipart/mixed; boundary="b0"',
+               '--b0\r\nContent-Type: text/plain\r\n\r\nthe readable part\r\n--b0\r\n' + opening
+               + "Content-Type: text/plain\r\n\r\nburied\r\n" + closing + "--b0--\r\n")
+    parsed, seconds = timed_parse(raw)
+    assert seconds < QUICK
+    assert limit_warnings(parsed, "MAX_MIME_DEPTH")
+    assert "the readable part" in parsed.body_text and "buried" not in parsed.body_text
+    # The part at the limit is kept whole, as an attachment holding the deeper structure.
+    [opaque] = parsed.attachments
+    assert opaque.content_type == "multipart/mixed" and opaque.size > 1000
+    assert parsed.part_count == MAX_MIME_DEPTH + 2  # the root, the text part, the chain down to the limit
+
+
+def test_ten_thousand_parts_stop_at_the_part_limit():
+    parts = "".join(f"--b\r\nContent-Type: application/octet-stream\r\n\r\npart {i}\r\n" for i in range(10_000))
+    raw = mail('From: a@example.org\nSubject: many\nContent-Type: multipart/mixed; boundary="b"',
+               "--b\r\nContent-Type: text/plain\r\n\r\nfirst\r\n" + parts + "--b--\r\n")
+    parsed, seconds = timed_parse(raw)
+    assert seconds < QUICK
+    assert limit_warnings(parsed, "MAX_MIME_PARTS")
+    assert parsed.part_count == MAX_MIME_PARTS
+    assert parsed.body_text.strip() == "first" and parsed.subject == "many"
+    assert len(parsed.attachments) == MAX_MIME_PARTS - 2  # the root and the text part count too
+    assert parsed.attachments[-1].sha256 == hashlib.sha256(f"part {MAX_MIME_PARTS - 3}".encode()).hexdigest()
+
+
+def test_five_thousand_headers_stop_at_the_header_limit():
+    filler = "\n".join(f"X-Filler-{i}: {i}" for i in range(5_000))
+    raw = mail(f"From: a@example.org\nSubject: headers\n{filler}\nPrecedence: bulk")
+    parsed, seconds = timed_parse(raw)
+    assert seconds < QUICK
+    assert limit_warnings(parsed, "MAX_HEADER_FIELDS")
+    assert parsed.header_count == 5_003  # counted, though not all read
+    assert parsed.subject == "headers" and parsed.body_text == "Hello.\n"
+    assert parsed.precedence is None  # past the limit: not read
+
+
+def test_a_one_megabyte_header_is_cut():
+    raw = mail(f"From: a@example.org\nSubject: {'a' * 1_000_000}\nX-Intake-Loop: after")
+    parsed, seconds = timed_parse(raw)
+    assert seconds < QUICK
+    assert limit_warnings(parsed, "MAX_HEADER_LENGTH") == [
+        "limit MAX_HEADER_LENGTH (65536): a Subject header was cut"]
+    assert parsed.subject == "a" * 998  # display values are one bounded line
+    assert parsed.headers["x-intake-loop"] == "after"  # what follows is still read
+
+
+@pytest.mark.parametrize("boundary", ['"b"' + ";" * 100_000, '"b' + ";" * 100_000 + '"'],
+                         ids=["semicolons after the boundary", "semicolons inside an open quote"])
+def test_semicolon_stuffed_content_type_parameters_are_cut(boundary: str):
+    # Unbounded, the stdlib's parameter parser takes ~6 s on the quoted form (quadratic).
+    raw = mail(f"From: a@example.org\nSubject: params\nContent-Type: multipart/mixed; boundary={boundary}",
+               "--b\r\nContent-Type: text/plain\r\n\r\ninside\r\n--b--\r\n")
+    parsed, seconds = timed_parse(raw)
+    assert seconds < QUICK
+    assert limit_warnings(parsed, "MAX_MIME_PARAMETERS")
+    assert parsed.subject == "params"
+
+
+def test_fifty_thousand_nested_comments_in_an_address_header():
+    # The stdlib's address parsers recurse once per nesting level: RecursionError. These 100 KB
+    # are cut at the header limit, which leaves the comments unclosed: malformed, not guessed at.
+    nested = "(" * 50_000 + ")" * 50_000
+    parsed, seconds = timed_parse(mail(f"From: Alice <alice@example.org>\nTo: security@example.com {nested}"))
+    assert seconds < QUICK
+    assert parsed.to == [] and parsed.from_address == "alice@example.org"
+    assert parsed.warnings == ["limit MAX_HEADER_LENGTH (65536): a To header was cut",
+                               "To header is malformed (a comment or angle address is not closed); "
+                               "its addresses were ignored"]
+
+
+def test_deeply_nested_comments_within_the_header_limit_are_read():
+    nested = "(" * 30_000 + ")" * 30_000
+    parsed, seconds = timed_parse(mail(f"From: Alice <alice@example.org> {nested}\nTo: security@example.com {nested}"))
+    assert seconds < QUICK
+    assert parsed.from_address == "alice@example.org" and parsed.to == ["security@example.com"]
+    assert parsed.warnings == []
+
+
+def test_a_crafted_address_is_not_misattributed():
+    # CVE-2023-27043: the stdlib's parseaddr() reads this as alice@example.org.
+    parsed = parse(mail("From: alice@example.org)<bob@example.org>"))
+    assert parsed.from_address == ""
+    assert any(w.startswith("From header is malformed") for w in parsed.warnings)
+    quoted = parse(mail('From: "alice@example.org" <bob@example.org>'))
+    assert (quoted.from_address, quoted.from_name) == ("bob@example.org", "alice@example.org")
+
+
+def test_body_text_is_cut_at_the_body_limit():
+    parsed, seconds = timed_parse(mail("From: a@example.org\nSubject: long", "x" * (MAX_BODY_TEXT + 10)))
+    assert seconds < QUICK
+    assert len(parsed.body_text) == MAX_BODY_TEXT
+    assert limit_warnings(parsed, "MAX_BODY_TEXT")
+
+
+def test_html_beyond_the_html_limit_is_not_converted(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(parse_module, "MAX_HTML_INPUT", 50)
+    parsed = parse(mail("From: a@example.org\nContent-Type: text/html",
+                        "<p>" + "early " * 10 + "</p>" + "<p>late</p>" * 100))
+    assert "early" in parsed.body_text and "late" not in parsed.body_text
+    assert limit_warnings(parsed, "MAX_HTML_INPUT")
+
+
+def test_the_parse_never_raises_even_when_an_internal_step_fails(monkeypatch: pytest.MonkeyPatch):
+    def broken(*args: object) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(parse_module, "_collect_content", broken)
+    parsed = parse(mail("From: Alice <alice@example.org>\nSubject: still here\nMessage-ID: <m1@example.org>"))
+    assert (parsed.subject, parsed.from_address, parsed.message_id) == ("still here", "alice@example.org",
+                                                                       "<m1@example.org>")
+    assert parsed.warnings == ["parse failed (RuntimeError); only the header block was read"]
+
+
+# -- recipients ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("headers", "count", "undisclosed"), [
+    ("To: undisclosed-recipients:;", 0, True),  # an AttributeError in the stdlib's modern parser (gh-83281)
+    ("To: unlisted-recipients:; (no To-header on input)", 0, True),
+    ("Subject: no To or Cc at all", 0, True),
+    ("To: undisclosed-recipients:;\nCc: carol@example.org", 1, True),
+    ("To: Sec <security@example.com>, BOB@example.org\nCc: bob@example.org, carol@example.org", 3, False),
+    ("To: team: alice@example.org, bob@example.org;", 2, False),
+])
+def test_recipient_count_and_undisclosed_recipients(headers: str, count: int, undisclosed: bool):
+    parsed = parse(mail(f"From: a@example.org\n{headers}"))
+    assert parsed.recipient_count == count
+    assert parsed.undisclosed_recipients is undisclosed
+    assert not [w for w in parsed.warnings if "malformed" in w]
+
+
+def test_to_and_cc_list_addresses_in_order():
+    parsed = parse(mail('From: a@example.org\nTo: "Sec, Team" <security@example.com>, b@example.org\nCc: c@example.org'))
+    assert parsed.to == ["security@example.com", "b@example.org"]
+    assert parsed.cc == ["c@example.org"]
+
+
+# -- headers and charsets -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "charset"), [
+    ("Überlauf im Parser", "utf-8"),
+    ("Débordement de tampon", "iso-8859-1"),
+    ("Переполнение буфера", "koi8-r"),
+    ("バッファオーバーフロー", "iso-2022-jp"),
+    ("缓冲区溢出", "gb2312"),
+    ("Ελληνικά", "iso-8859-7"),
+])
+def test_rfc2047_subjects_in_several_charsets(text: str, charset: str):
+    encoded = Header(text, charset).encode()
+    assert encoded.startswith("=?")
+    assert parse(mail(f"From: a@example.org\nSubject: [Report] {encoded}")).subject == f"[Report] {text}"
+
+
+def test_an_unknown_charset_decodes_with_replacement():
+    parsed = parse(mail("From: a@example.org\nSubject: =?x-unknown?q?caf=E9?=\n"
+                        "Content-Type: text/plain; charset=x-unknown", b"caf\xe9 au lait\n"))
+    assert parsed.body_text == "caf\ufffd au lait\n"
+    assert parsed.subject == "caf\ufffd"
+    assert parsed.warnings == ["text part 1: unknown charset 'x-unknown'; decoded with replacement characters"]
+
+
+def test_a_mislabelled_charset_decodes_with_replacement():
+    parsed = parse(mail("From: a@example.org\nContent-Type: text/plain; charset=utf-8", b"na\xefve caf\xe9\n"))
+    assert parsed.body_text == "na\ufffdve caf\ufffd\n"
+    assert parsed.warnings == ["text part 1: bytes are not valid utf-8; decoded with replacement characters"]
+
+
+def test_utf8_text_labelled_with_another_charset_is_read_as_utf8():
+    parsed = parse(mail("From: a@example.org\nContent-Type: text/plain; charset=gb2312", "你好，漏洞报告\n"))
+    assert parsed.body_text == "你好，漏洞报告\n"
+    assert parsed.warnings == ["text part 1: bytes are not valid gb2312; read as UTF-8, which they are"]
+
+
+def test_raw_8bit_utf8_headers_and_smtputf8_addresses():
+    raw = mail("From: Jörg Müller <jörg@exämple.de>\nTo: sécurité@example.com\nSubject: Überlauf im Parser")
+    parsed = parse(raw)
+    assert parsed.subject == "Überlauf im Parser"
+    assert (parsed.from_name, parsed.from_address) == ("Jörg Müller", "jörg@exämple.de")
+    assert parsed.to == ["sécurité@example.com"]
+
+
+def test_raw_latin1_headers_decode_with_replacement():
+    parsed = parse(b"From: J\xf6rg <j@example.org>\r\nSubject: Fr\xf6sche\r\n\r\nbody\r\n")
+    assert parsed.subject == "Fr\ufffdsche"  # as the stdlib's modern policy reads it
+    assert parsed.from_name == "J\ufffdrg"
+
+
+def test_display_values_are_single_safe_lines():
+    assert clean_text("a\u2028b\x85c\rd\ne\x00f\x9bg") == "a b c d efg"
+    hostile = parse(mail("From: a@example.org\nSubject: =?utf-8?q?Hi=0D=0ABcc=3A_x=40evil=2Eexample?="))
+    assert hostile.subject == "Hi Bcc: x@evil.example"
+    assert len(hostile.subject.splitlines()) == 1
+
+
+def test_loop_headers_are_collected_first_occurrence_lowercased():
+    parsed = parse(mail("From: a@example.org\nList-Id: <dev.lists.example.org>\nX-Auto-Response-Suppress: All\n"
+                        "X-Spam-Flag: YES\nX-Spam-Flag: NO\nReceived: not collected"))
+    assert parsed.headers == {"list-id": "<dev.lists.example.org>", "x-auto-response-suppress": "All",
+                              "x-spam-flag": "YES"}
+
+
+def test_a_leading_byte_order_mark_does_not_hide_the_headers():
+    parsed = parse(b"\xef\xbb\xbf" + mail("From: a@example.org\nSubject: after a BOM"))
+    assert (parsed.subject, parsed.from_address) == ("after a BOM", "a@example.org")
+
+
+# -- body -----------------------------------------------------------------------------------------
+
+
+def test_html_only_mail_becomes_text_without_script_or_style():
+    html = ("<html><head><style>body { color: red }</style><script>var secret = 1;</script></head>"
+            "<body><p>Hello <b>team</b>, see <a href='https://poc.example/x'>the PoC</a>.</p>"
+            "<script type='text/javascript'>alert('xss')</script><SCRIPT>steal()</SCRIPT></body></html>")
+    parsed = parse(mail("From: a@example.org\nContent-Type: text/html; charset=utf-8", html))
+    assert "Hello **team**" in parsed.body_text and "https://poc.example/x" in parsed.body_text
+    for active in ("color: red", "secret", "alert", "steal", "<script", "<style"):
+        assert active not in parsed.body_text
+
+
+def test_plain_text_is_preferred_over_html():
+    message = EmailMessage()
+    message["From"] = "a@example.org"
+    message.set_content("the plain version\n")
+    message.add_alternative("<p>the html version</p>", subtype="html")
+    parsed = parse(message.as_bytes())
+    assert parsed.body_text == "the plain version\n" and parsed.attachments == []
+
+
+def test_parts_after_a_reused_boundary_are_recovered():
+    # A nested multipart reusing its parent's boundary closes the parent early in the stdlib.
+    raw = mail('From: a@example.org\nContent-Type: multipart/mixed; boundary="b"',
+               '--b\r\nContent-Type: multipart/alternative; boundary="b"\r\n\r\n'
+               "--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b--\r\n\r\n"
+               '--b\r\nContent-Type: application/zip; name="poc.zip"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+               + base64.b64encode(b"PK\x03\x04 zip").decode() + "\r\n--b--\r\n")
+    parsed = parse(raw)
+    assert [a.filename for a in parsed.attachments] == ["poc.zip"]
+    assert extract_attachment(raw, 1)[1] == b"PK\x03\x04 zip"
+    assert "parts after a premature closing MIME boundary were recovered" in parsed.warnings
+
+
+def test_an_inline_forwarded_message_is_read_and_an_attached_one_kept_whole():
+    forwarded = b"From: vendor@example.net\r\nSubject: original\r\n\r\nthe forwarded text\r\n"
+    inline = parse(mail('From: a@example.org\nContent-Type: multipart/mixed; boundary="b"',
+                        b"--b\r\nContent-Type: text/plain\r\n\r\nFYI\r\n--b\r\nContent-Type: message/rfc822\r\n\r\n"
+                        + forwarded + b"--b--\r\n"))
+    assert "FYI" in inline.body_text and "the forwarded text" in inline.body_text
+    attached_raw = mail('From: a@example.org\nContent-Type: multipart/mixed; boundary="b"',
+                        b"--b\r\nContent-Type: text/plain\r\n\r\nFYI\r\n--b\r\nContent-Type: message/rfc822\r\n"
+                        b'Content-Disposition: attachment; filename="fwd.eml"\r\n\r\n' + forwarded + b"--b--\r\n")
+    attached = parse(attached_raw)
+    assert "the forwarded text" not in attached.body_text
+    [eml] = attached.attachments
+    assert (eml.filename, eml.content_type) == ("fwd.eml", "message/rfc822")
+    assert extract_attachment(attached_raw, 1)[1] == forwarded.removesuffix(b"\r\n")  # exact bytes, less the delimiter's CRLF
+
+
+# -- encryption ---------------------------------------------------------------------------------
+
+ARMORED = ("-----BEGIN PGP MESSAGE-----\n\nhQEMA0pAQ0O5lmuXAQf/Zx3q9Lw0c0mF+zY7y9kQ1qN8d3b2w==\n=Xk2a\n"
+           "-----END PGP MESSAGE-----\n")
+
+
+def test_pgp_mime_is_flagged_with_the_ciphertext_intact():
+    raw = mail('From: a@example.org\nSubject: ...\n'
+               'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="enc"',
+               "--enc\r\nContent-Type: application/pgp-encrypted\r\nContent-Description: PGP/MIME version\r\n\r\n"
+               "Version: 1\r\n--enc\r\nContent-Type: application/octet-stream; name=\"encrypted.asc\"\r\n"
+               "Content-Disposition: inline; filename=\"encrypted.asc\"\r\n\r\n" + ARMORED + "--enc--\r\n")
+    parsed = parse(raw)
+    assert parsed.encrypted == "pgp-mime" and "encrypted: pgp-mime" in parsed.warnings
+    assert ARMORED.rstrip("\n") in parsed.body_text  # the last line break belongs to the boundary
+    control, ciphertext = parsed.attachments
+    assert control.content_type == "application/pgp-encrypted"
+    assert control.sha256 == hashlib.sha256(b"Version: 1").hexdigest()
+    assert ciphertext.filename == "encrypted.asc"
+    assert ciphertext.sha256 == hashlib.sha256(ARMORED.removesuffix("\n").encode()).hexdigest()
+
+
+def test_inline_pgp_is_flagged_with_the_armored_block_unchanged():
+    parsed = parse(mail("From: a@example.org\nSubject: report", "Hi,\n\n" + ARMORED + "\nthanks\n"))
+    assert parsed.encrypted == "inline-pgp"
+    assert ARMORED in parsed.body_text
+
+
+@pytest.mark.parametrize(("smime_type", "flagged"), [("enveloped-data", "smime"), ("signed-data", None)])
+def test_smime_enveloped_data_is_flagged(smime_type: str, flagged: str | None):
+    der = bytes(range(256)) * 4
+    raw = mail(f'From: a@example.org\nContent-Type: application/pkcs7-mime; smime-type={smime_type}; name="smime.p7m"\n'
+               'Content-Transfer-Encoding: base64\nContent-Disposition: attachment; filename="smime.p7m"',
+               base64.encodebytes(der).decode())
+    parsed = parse(raw)
+    assert parsed.encrypted == flagged
+    [attachment] = parsed.attachments
+    assert (attachment.filename, attachment.size) == ("smime.p7m", len(der))
+    assert attachment.sha256 == hashlib.sha256(der).hexdigest()
+
+
+# -- reports and bounces ------------------------------------------------------------------------
+
+
+def test_dsn_sample_delivery_status():
+    parsed = parse(corpus_file("mimekit/messages/delivery-status.txt"))
+    assert parsed.is_report == "delivery-status"
+    assert parsed.delivery_report == DeliveryReport(
+        original_message_id="<31FC7EB4.41C6@netscape.com>", original_ticket=None,
+        recipient="newsletter-request@imusic.com", action="failed", status=None,
+        diagnostic="X-LOCAL; 500 (err.nosuchuser)")
+    assert parsed.undisclosed_recipients and parsed.recipient_count == 1  # To: unlisted-recipients:; Cc: postmaster
+
+
+def test_dsn_sample_bounce_with_base64_recipient_fields():
+    # Proofpoint re-encoded the per-recipient block of this DSN as base64.
+    report = parse(corpus_file("mimekit/messages/bounce.txt")).delivery_report
+    assert report == DeliveryReport(
+        original_message_id="<44565655.JitbitHelpdesk.13439.691a0afc-a0a0-457c-8208-f20b7c4a4cb1@jitbit.com>",
+        original_ticket=None, recipient="netec.test@netecgc.com", action="failed", status="5.1.1",
+        diagnostic="smtp; 550 5.1.1 <netec.test@netecgc.com>: Recipient address rejected: User unknown")
+
+
+def test_dsn_sample_delivery_failure_with_returned_headers():
+    report = parse(corpus_file("spamscope-mail-parser/mail_malformed_2.eml")).delivery_report
+    assert report == DeliveryReport(
+        original_message_id="<004801d1fc84$01c934ac$b247f0b7$@infospacemail.com>", original_ticket=None,
+        recipient="abh@netpar.com.br", action="failed", status="4.2.2", diagnostic=None)
+
+
+ACK_HEADERS = ("From: Security Team <security@example.com>\r\nTo: alice@researcher.test\r\n"
+               "Subject: [SEC-2026-0001] Received: XSS\r\nMessage-ID: <ack.SEC-2026-0001.abc@example.com>\r\n"
+               "X-Intake-Ticket: SEC-2026-0001\r\nAuto-Submitted: auto-replied\r\n")
+
+
+@pytest.mark.parametrize("returned_type", ["message/rfc822", "text/rfc822-headers"])
+def test_a_dsn_returning_our_acknowledgement(returned_type: str):
+    returned = ACK_HEADERS + ("\r\nWe received your report.\r\n" if returned_type == "message/rfc822" else "")
+    raw = mail('From: MAILER-DAEMON@mx.researcher.test\nTo: security@example.com\nSubject: Undelivered Mail\n'
+               'Content-Type: multipart/report; report-type=delivery-status; boundary="r"',
+               "--r\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+               "--r\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.researcher.test\r\n\r\n"
+               "Final-Recipient: rfc822; alice@researcher.test\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+               "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n"
+               f"--r\r\nContent-Type: {returned_type}\r\n\r\n{returned}--r--\r\n")
+    parsed = parse(raw)
+    assert parsed.is_report == "delivery-status"
+    assert parsed.delivery_report == DeliveryReport(
+        original_message_id="<ack.SEC-2026-0001.abc@example.com>", original_ticket="SEC-2026-0001",
+        recipient="alice@researcher.test", action="failed", status="5.1.1",
+        diagnostic="smtp; 550 5.1.1 user unknown")
+
+
+def test_a_qmail_bounce_quoting_our_headers():
+    raw = mail("From: MAILER-DAEMON@mx.researcher.test\nTo: security@example.com\n"
+               "Subject: failure notice\nMessage-ID: <bounce1@mx.researcher.test>",
+               "Hi. This is the qmail-send program at mx.researcher.test.\r\n"
+               "I'm afraid I wasn't able to deliver your message to the following addresses.\r\n"
+               "This is a permanent error; I've given up. Sorry it didn't work out.\r\n\r\n"
+               "<alice@researcher.test>:\r\n192.0.2.7 does not like recipient.\r\n"
+               "Remote host said: 550 5.1.1 <alice@researcher.test>: Recipient address rejected\r\n\r\n"
+               "--- Below this line is a copy of the message.\r\n\r\n" + ACK_HEADERS + "\r\nWe received your report.\r\n")
+    parsed = parse(raw)
+    assert parsed.is_report is None
+    assert parsed.delivery_report == DeliveryReport(
+        original_message_id="<ack.SEC-2026-0001.abc@example.com>", original_ticket="SEC-2026-0001",
+        recipient="alice@researcher.test", action="failed", status="5.1.1",
+        diagnostic="Remote host said: 550 5.1.1 <alice@researcher.test>: Recipient address rejected")
+
+
+def test_an_exim_bounce_with_the_returned_message_attached():
+    raw = mail("From: Mail Delivery System <Mailer-Daemon@mx.researcher.test>\nTo: security@example.com\n"
+               "Subject: Mail delivery failed: returning message to sender\n"
+               "X-Failed-Recipients: alice@researcher.test\n"
+               'Content-Type: multipart/mixed; boundary="x"',
+               "--x\r\nContent-Type: text/plain\r\n\r\n"
+               "This message was created automatically by mail delivery software.\r\n\r\n"
+               "  alice@researcher.test\r\n    mailbox is full: retry timeout exceeded\r\n"
+               "--x\r\nContent-Type: message/rfc822\r\nContent-Disposition: attachment\r\n\r\n"
+               + ACK_HEADERS + "\r\nWe received your report.\r\n--x--\r\n")
+    report = parse(raw).delivery_report
+    assert report is not None
+    assert (report.original_message_id, report.original_ticket, report.recipient, report.action) == (
+        "<ack.SEC-2026-0001.abc@example.com>", "SEC-2026-0001", "alice@researcher.test", "failed")
+
+
+def test_a_researcher_quoting_a_bounce_is_not_a_bounce():
+    raw = mail("From: Alice <alice@researcher.test>\nSubject: Your MX leaks internal hosts in bounces",
+               "Hi. This is the qmail-send program at mx.example.com.\r\n\r\n" + ACK_HEADERS)
+    assert parse(raw).delivery_report is None
+
+
+@pytest.mark.parametrize(("relative", "report_type"), [
+    ("mimekit/messages/disposition-notification.txt", "disposition-notification"),
+    ("mimekit/messages/feedback-report.txt", "feedback-report"),
+])
+def test_mdn_and_feedback_reports_are_reports_but_not_bounces(relative: str, report_type: str):
+    parsed = parse(corpus_file(relative))
+    assert parsed.is_report == report_type
+    assert parsed.delivery_report is None  # documented: only bounces carry a DeliveryReport
+
+
+# -- attachments --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("../../etc/passwd", "passwd"),
+    ("..\\..\\Windows\\boot.ini", "boot.ini"),
+    ("/absolute/path/poc.html", "poc.html"),
+    ("..", "attachment-3"),
+    ("", "attachment-3"),
+    ("a\x00b\x07c\r\nd.txt", "abc d.txt"),
+    ("a..b...c.sh", "a.b.c.sh"),
+    ("<script>.svg", "_script_.svg"),
+    ("..hidden", "hidden"),
+])
+def test_safe_filename(name: str, expected: str):
+    assert safe_filename(name, 3) == expected
+
+
+def test_safe_filename_bounds_long_names_and_keeps_the_extension():
+    name = safe_filename("x" * 5_000 + ".pdf", 1)
+    assert len(name) == MAX_FILENAME and name.endswith(".pdf")
+
+
+def test_extract_attachment_round_trip():
+    binary = bytes(range(256)) * 20
+    text = b"GET /redirect?to=evil HTTP/1.1\r\nHost: example.com\r\n"
+    message = EmailMessage()
+    message["From"] = "a@example.org"
+    message.set_content("see attached\n")
+    message.add_attachment(binary, maintype="application", subtype="octet-stream", filename="../../dump.bin")
+    message.add_attachment(text, maintype="text", subtype="plain", filename="request.txt")
+    raw = message.as_bytes()
+    parsed = parse(raw)
+    assert [a.filename for a in parsed.attachments] == ["dump.bin", "request.txt"]
+    for listed, original in zip(parsed.attachments, (binary, text)):
+        attachment, data = extract_attachment(raw, listed.index)
+        assert attachment == listed and data == original
+        assert attachment.sha256 == hashlib.sha256(original).hexdigest()
+    for missing in (0, 3):
+        with pytest.raises(LookupError):
+            extract_attachment(raw, missing)
+
+
+# -- time bound ---------------------------------------------------------------------------------
+
+
+def sleepy_parse(raw: bytes) -> ParsedMail:
+    """A parse that hangs on demand: the stand-in for a pathological input (runs in the helper)."""
+    if b"X-Test-Hang: yes" in raw:
+        time.sleep(60)
+    return parse(raw)
+
+
+def crashing_parse(raw: bytes) -> ParsedMail:
+    """A parse that kills its process on demand, as a segfault or the OOM killer would."""
+    if b"X-Test-Crash: yes" in raw:
+        os._exit(1)
+    return parse(raw)
+
+
+def test_parse_bounded_returns_within_the_bound_and_the_helper_is_usable_after():
+    helper = parse_guard.BoundedParser(parse_function=sleepy_parse)
+    try:
+        assert helper.parse(mail("From: a@example.org\nSubject: warm-up")).subject == "warm-up"
+        started = time.monotonic()
+        hung = helper.parse(mail("From: Alice <alice@example.org>\nSubject: =?utf-8?q?h=C3=A4ngt?=\n"
+                                 "Message-ID: <hang@example.org>\nX-Test-Hang: yes"), timeout=1)
+        assert time.monotonic() - started < 1 + QUICK
+        assert hung.warnings == ["parse timed out after 1 s"]
+        assert (hung.subject, hung.from_address, hung.message_id) == ("hängt", "alice@example.org",
+                                                                     "<hang@example.org>")
+        after = helper.parse(mail("From: a@example.org\nSubject: next", "next body\n"))
+        assert (after.subject, after.body_text, after.warnings) == ("next", "next body\n", [])
+    finally:
+        helper.close()
+
+
+def test_a_helper_that_dies_is_replaced():
+    helper = parse_guard.BoundedParser(parse_function=crashing_parse)
+    try:
+        died = helper.parse(mail("From: a@example.org\nSubject: boom\nX-Test-Crash: yes"))
+        assert died.subject == "boom" and died.warnings[0].startswith("parse helper died")
+        assert helper.parse(mail("From: a@example.org\nSubject: fine")).warnings == []
+    finally:
+        helper.close()
+
+
+def test_parse_bounded_gives_what_parse_gives():
+    raw = corpus_file("mimekit/messages/bounce.txt")
+    try:
+        assert parse_guard.parse_bounded(raw) == parse(raw)
+    finally:
+        parse_guard.close()
+
+
+def test_the_header_only_fallback_reads_loop_headers():
+    fallback = parse_headers_only(mail("From: a@example.org\nTo: undisclosed-recipients:;\n"
+                                       "Auto-Submitted: auto-replied\nX-Intake-Loop: marker"), "why")
+    assert fallback.warnings == ["why"] and fallback.auto_submitted == "auto-replied"
+    assert fallback.headers == {"auto-submitted": "auto-replied", "x-intake-loop": "marker"}
+    assert fallback.undisclosed_recipients and fallback.body_text == ""
+
+
+# -- corpus -------------------------------------------------------------------------------------
+
+SAMPLES = sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.suffix in {".eml", ".txt", ""}
+                 and not p.name.startswith(("LICENSE", "COPYING", "NOTICE", "README")))
+
+
+@pytest.mark.skipif(not SAMPLES, reason=f"no corpus at {CORPUS}")
+def test_every_corpus_message_parses_quickly_without_falling_back(capsys: pytest.CaptureFixture[str]):
+    timings = []
+    for path in SAMPLES:
+        parsed, seconds = timed_parse(re.sub(rb"\r?\n", b"\r\n", path.read_bytes()))
+        timings.append((seconds, path.relative_to(CORPUS).as_posix()))
+        assert not [w for w in parsed.warnings if w.startswith("parse failed")], path
+    timings.sort(reverse=True)
+    with capsys.disabled():
+        print(f"\ncorpus: {len(timings)} messages in {sum(s for s, _ in timings) * 1000:.0f} ms; slowest: "
+              + ", ".join(f"{name} {seconds * 1000:.1f} ms" for seconds, name in timings[:3]))
+    assert timings[0][0] < QUICK

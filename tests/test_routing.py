@@ -1,0 +1,305 @@
+"""Routing over real SMTP: threading, replies, bounces, automatic mail, loops and rate limits."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import threading
+from datetime import datetime, timedelta, timezone
+from email.message import EmailMessage
+
+import pytest
+from sqlalchemy import select
+
+from conftest import deliver_outbox, process, report, smtp_send
+from intake import outbox, tickets
+from intake.db import read_session, write_session
+from intake.models import InboundMessage, Ticket
+
+YEAR = datetime.now(timezone.utc).year
+REF1 = f"SEC-{YEAR}-0001"
+
+
+@pytest.fixture
+def intake(make_settings, start_intake_listener):
+    """A listener plus helpers to send, process and inspect, with one maintainer configured."""
+
+    class Intake:
+        settings = make_settings(INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]')
+        running = start_intake_listener(settings)
+
+        def send(self, message: EmailMessage | bytes, mail_from: str = "alice@researcher.test",
+                 rcpt_tos: list[str] | None = None, now: datetime | None = None):  # type: ignore[no-untyped-def]
+            smtp_send(self.running.port, message, mail_from=mail_from, rcpt_tos=rcpt_tos)
+            return process(self.settings, self.running.engine, now)
+
+        def detail(self, reference: str = REF1) -> tickets.TicketDetail:
+            return tickets.ticket_detail(self.running.engine, reference)
+
+        def outbox(self) -> list:
+            return sorted(outbox.listing(self.running.engine), key=lambda r: r.id)
+
+        def stored(self) -> list[InboundMessage]:
+            with read_session(self.running.engine) as session:
+                return list(session.scalars(select(InboundMessage).order_by(InboundMessage.id)))
+
+    return Intake()
+
+
+def _ack_id(intake, reference: str = REF1) -> str:
+    return next(r.message_id for r in intake.outbox() if r.dedupe_key == f"ack:{reference}")
+
+
+def _reply(subject: str, in_reply_to: str | None = None, sender: str = "alice@researcher.test",
+           **headers: str) -> EmailMessage:
+    message = report(subject=subject, sender=sender, body="More detail: the PoC works on 2.1 too.\n", **headers)
+    if in_reply_to:
+        message["In-Reply-To"] = in_reply_to
+        message["References"] = in_reply_to
+    return message
+
+
+def test_reply_to_the_acknowledgement_threads_and_is_not_acknowledged_again(intake):
+    intake.send(report(subject="RCE in upload"))
+    ack = _ack_id(intake)
+    result = intake.send(_reply(f"Re: [{REF1}] RCE in upload", in_reply_to=ack))
+    assert result.decisions == {"reporter-reply": 1}
+    detail = intake.detail()
+    reply = detail.entries[-1]
+    assert (reply.kind, reply.threaded_by) == ("reporter-reply", f"In-Reply-To {ack}")
+    assert "PoC works" in reply.body_text
+    assert len(intake.outbox()) == 1  # a follow-up never re-acknowledges
+    assert intake.stored()[-1].reason == f"threads by In-Reply-To {ack}"
+
+
+@pytest.mark.parametrize("prefix", ["Re:", "AW:", "SV:", "Fwd:", "RE: Re:", "Antw:"])
+def test_subject_tag_threads_mail_from_the_reporter(intake, prefix):
+    intake.send(report(subject="RCE in upload"))
+    result = intake.send(_reply(f"{prefix} [{REF1}] RCE in upload"))
+    assert result.decisions == {"reporter-reply": 1}
+    assert intake.detail().entries[-1].threaded_by == f"subject tag [{REF1}]"
+
+
+def test_stranger_quoting_a_reference_opens_a_new_ticket_that_mentions_it(intake):
+    intake.send(report(subject="RCE in upload"))
+    result = intake.send(_reply(f"Re: [{REF1}] RCE in upload", sender="mallory@elsewhere.test"),
+                         mail_from="mallory@elsewhere.test")
+    assert result.decisions == {"new-ticket": 1}
+    first, second = intake.detail(REF1), intake.detail(f"SEC-{YEAR}-0002")
+    assert [e.kind for e in first.entries] == ["report", "automatic"]  # nothing written into Alice's report
+    assert second.ticket.links == [{"kind": "mentions", "reference": REF1}]
+    assert second.ticket.subject == f"[{REF1}] RCE in upload"
+    assert "linked" in [e.kind for e in second.events]
+
+
+def test_plus_tag_threads_from_the_reporter_but_not_from_a_stranger(intake):
+    intake.send(report(subject="RCE in upload"))
+    tagged = [f"security+{REF1.lower()}@example.com"]
+    assert intake.send(_reply("more info"), rcpt_tos=tagged).decisions == {"reporter-reply": 1}
+    assert intake.detail().entries[-1].threaded_by == f"+tag {tagged[0]}"
+    stranger = intake.send(_reply("more info", sender="eve@elsewhere.test"), mail_from="eve@elsewhere.test",
+                           rcpt_tos=tagged)
+    assert stranger.decisions == {"new-ticket": 1}
+
+
+def test_maintainer_mail_with_the_subject_tag_is_a_maintainer_reply(intake):
+    intake.send(report(subject="RCE in upload"))
+    result = intake.send(_reply(f"[{REF1}] triage notes", sender="mia@example.com"), mail_from="mia@example.com")
+    assert result.decisions == {"maintainer-reply": 1}
+    assert intake.detail().entries[-1].kind == "maintainer-reply"
+
+
+def test_third_party_replying_to_our_message_id_threads(intake):
+    intake.send(report(subject="RCE in upload"))
+    # A co-ordinator copied on the thread answers our acknowledgement: the Message-ID is not guessable.
+    result = intake.send(_reply("Re: RCE in upload", in_reply_to=_ack_id(intake), sender="cert@coord.test"),
+                         mail_from="cert@coord.test")
+    assert result.decisions == {"reporter-reply": 1}
+
+
+def test_reporter_reply_reopens_a_ticket_waiting_on_the_reporter(intake):
+    intake.send(report(subject="RCE in upload"))
+    now = datetime.now(timezone.utc)
+    with write_session(intake.running.engine) as session:
+        ticket = session.scalars(select(Ticket)).one()
+        tickets.change_state(session, ticket, "waiting", now, actor="mia", why="asked for a PoC")
+    intake.send(_reply(f"Re: [{REF1}] RCE in upload"))
+    detail = intake.detail()
+    assert detail.ticket.state == "new"
+    change = [e for e in detail.events if e.kind == "state-changed"][-1]
+    assert (change.detail["from"], change.detail["to"], change.actor) == ("waiting", "new", "intake")
+
+
+def _dsn(original: bytes, recipient: str, status: str = "5.1.1",
+         diagnostic: str = "smtp; 550 5.1.1 <alice@researcher.test>: user unknown") -> bytes:
+    headers_only = original.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace")
+    return (
+        "From: Mail Delivery System <MAILER-DAEMON@mx.researcher.test>\r\n"
+        "To: security@example.com\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "Message-ID: <dsn-1@mx.researcher.test>\r\n"
+        "Auto-Submitted: auto-replied\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        "--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n"
+        "--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.researcher.test\r\n\r\n"
+        f"Final-Recipient: rfc822; {recipient}\r\nAction: failed\r\nStatus: {status}\r\n"
+        f"Diagnostic-Code: {diagnostic}\r\n"
+        "--B\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"{headers_only}\r\n"
+        "--B--\r\n"
+    ).encode()
+
+
+def test_bounce_of_our_acknowledgement_attaches_and_flags_the_reporter(intake):
+    intake.send(report(subject="RCE in upload"))
+    [ack] = intake.outbox()
+    result = intake.send(_dsn(ack.raw, "alice@researcher.test"), mail_from="")
+    assert result.decisions == {"bounce": 1}
+    assert len(tickets.list_tickets(intake.running.engine)) == 1  # no ticket for the bounce
+    assert len(intake.outbox()) == 1  # and no reply to it
+    detail = intake.detail()
+    bounced = next(e for e in detail.events if e.kind == "bounced")
+    assert bounced.detail["summary"] == (
+        "acknowledgement to alice@researcher.test bounced: 5.1.1 smtp; 550 5.1.1 <alice@researcher.test>: "
+        "user unknown")
+    assert detail.ticket.reporter_unreachable_at is not None
+    assert "reporter-unreachable" in [e.kind for e in detail.events]
+    assert detail.entries[-1].kind == "bounce"
+
+
+def test_bounce_that_concerns_nothing_of_ours_is_only_logged(intake):
+    foreign = report(subject="something we never sent", message_id="<foreign@elsewhere.test>").as_bytes()
+    result = intake.send(_dsn(foreign, "bob@elsewhere.test"), mail_from="")
+    assert result.decisions == {"bounce": 1}
+    assert tickets.list_tickets(intake.running.engine) == []
+    assert intake.outbox() == []
+    assert "concerns no mail of ours" in intake.stored()[-1].reason
+
+
+def test_out_of_office_threads_into_its_ticket_and_gets_no_reply(intake):
+    intake.send(report(subject="RCE in upload"))
+    ooo = _reply(f"Automatic reply: [{REF1}] RCE in upload", in_reply_to=_ack_id(intake),
+                 Auto_Submitted="auto-replied")
+    assert intake.send(ooo).decisions == {"auto-reply": 1}
+    assert intake.detail().entries[-1].kind == "auto-reply"
+    assert len(intake.outbox()) == 1
+
+
+def test_out_of_office_without_a_ticket_is_only_logged(intake):
+    ooo = report(subject="Out of Office: back on Monday", X_Auto_Response_Suppress="All")
+    assert intake.send(ooo).decisions == {"auto-reply": 1}
+    assert tickets.list_tickets(intake.running.engine) == [] and intake.outbox() == []
+
+
+@pytest.mark.parametrize("headers, mail_from", [
+    ({"X_Intake_Loop": "example.com"}, "alice@researcher.test"),
+    ({}, "security@example.com"),
+    ({}, "security+sec-2026-0001@example.com"),
+])
+def test_our_own_mail_coming_back_is_a_loop(intake, headers, mail_from):
+    assert intake.send(report(**headers), mail_from=mail_from).decisions == {"loop": 1}
+    assert tickets.list_tickets(intake.running.engine) == [] and intake.outbox() == []
+
+
+@pytest.mark.parametrize("headers, mail_from, reason", [
+    ({"Precedence": "bulk"}, "alice@researcher.test", "Precedence: bulk"),
+    ({"Precedence": "junk"}, "alice@researcher.test", "Precedence: junk"),
+    ({"Precedence": "list"}, "alice@researcher.test", "Precedence: list"),
+    ({"List_Id": "<sec.lists.example.org>"}, "alice@researcher.test", "list-id"),
+    ({"List_Unsubscribe": "<mailto:leave@lists.example.org>"}, "alice@researcher.test", "list-unsubscribe"),
+    ({"X_Auto_Response_Suppress": "DR, AutoReply"}, "alice@researcher.test", "X-Auto-Response-Suppress"),
+    ({}, "noreply@scanner.test", "robot address"),
+    ({}, "no-reply@scanner.test", "robot address"),
+    ({}, "MAILER-DAEMON@mx.test", "robot address"),
+    ({}, "postmaster@mx.test", "robot address"),
+])
+def test_reports_that_must_not_be_answered_are_tickets_without_a_reply(intake, headers, mail_from, reason):
+    result = intake.send(report(**headers), mail_from=mail_from)
+    assert result.decisions == {"new-ticket": 1}  # nothing is silently dropped
+    assert intake.outbox() == []
+    suppressed = next(e for e in intake.detail().events if e.kind == "acknowledgement-suppressed")
+    assert reason.lower() in suppressed.detail["reason"].lower()
+
+
+def test_upstream_spam_verdict_is_stored_without_a_ticket(intake):
+    assert intake.send(report(X_Spam_Flag="YES")).decisions == {"spam": 1}
+    assert tickets.list_tickets(intake.running.engine) == []
+    assert intake.stored()[-1].status == "ignored"
+
+
+def test_empty_message_is_rejected(intake):
+    raw = b"From: alice@researcher.test\r\nTo: security@example.com\r\nMessage-ID: <empty@x.test>\r\n\r\n"
+    assert intake.send(raw).decisions == {"rejected": 1}
+
+
+def test_automatic_mail_to_one_address_is_rate_limited(intake):
+    now = datetime.now(timezone.utc)
+    for n in range(7):
+        intake.send(report(subject=f"finding {n}"), now=now + timedelta(minutes=n))
+    assert len(intake.outbox()) == 5  # default: 5 per 24 hours
+    limited = next(e for e in intake.detail(f"SEC-{YEAR}-0006").events if e.kind == "acknowledgement-suppressed")
+    assert "rate limit" in limited.detail["reason"]
+    intake.send(report(subject="a day later"), now=now + timedelta(hours=25))
+    assert len(intake.outbox()) == 6
+
+
+class HostileResponder:
+    """A relay stand-in that answers every mail it gets by mailing intake back, RFC 3834 be damned:
+    no Auto-Submitted, a fresh Message-ID and a fresh subject each time, no threading headers."""
+
+    def __init__(self, intake_port: int):
+        self.intake_port = intake_port
+        self.received = 0
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.received += 1
+            count = self.received
+        answer = report(subject=f"I am away (auto answer {count})", sender="robot@hostile.test",
+                        body="I will read your mail when I am back.\n")
+        smtp_send(self.intake_port, answer, mail_from="robot@hostile.test")
+        return "250 OK"
+
+
+def test_a_hostile_auto_responder_cannot_make_intake_ping_pong(intake, monkeypatch):
+    from aiosmtpd.controller import Controller
+
+    from conftest import free_port
+    responder = HostileResponder(intake.running.port)
+    port = free_port()
+    controller = Controller(responder, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        monkeypatch.setenv("INTAKE_OUTBOUND__TRANSPORT", "smtp")
+        monkeypatch.setenv("INTAKE_OUTBOUND__RELAY", f"127.0.0.1:{port}")
+        from intake.config import load_settings
+        settings = load_settings(intake.settings.config_path)
+        intake.send(report(subject="first contact", sender="robot@hostile.test"), mail_from="robot@hostile.test")
+        rounds = 0
+        while rounds < 30:  # bounded: the exchange must die out long before this
+            rounds += 1
+            sent = deliver_outbox(settings, intake.running.engine).get("sent", 0)
+            process(settings, intake.running.engine)
+            if sent == 0:
+                break
+    finally:
+        controller.stop()
+    assert rounds < 30
+    assert responder.received == 5  # the rate limit, then silence
+    assert len(tickets.list_tickets(intake.running.engine)) == 6  # every message is still a ticket
+
+
+def test_show_displays_decisions_and_threading(intake):
+    from click.testing import CliRunner
+
+    from intake.cli import main
+    intake.send(report(subject="RCE in upload"))
+    intake.send(_reply(f"Re: [{REF1}] RCE in upload", in_reply_to=_ack_id(intake)))
+    result = CliRunner().invoke(main, ["--config", str(intake.settings.config_path), "show", REF1])
+    assert result.exit_code == 0, result.output
+    assert "reporter-reply" in result.output
+    assert f"In-Reply-To {_ack_id(intake)}" in result.output
+    assert "decision new-ticket" in result.output
