@@ -110,3 +110,27 @@ def test_reprocess_failed_opens_the_ticket(cli, make_settings, start_intake_list
 
 def test_check_config_reports_ok(cli):
     assert "OK" in cli("check-config").output
+
+
+def test_attachment_writes_the_exact_bytes_safely(cli, two_tickets, tmp_path):
+    target = tmp_path / "out" / "poc.bin"
+    target.parent.mkdir()
+    cli("attachment", _ref(2), "1", "-o", str(target))
+    assert target.read_bytes() == b"GET /redirect?to=evil HTTP/1.1\r\n"
+    assert target.stat().st_mode & 0o777 == 0o600  # a stranger's file: not world-readable
+    shown = json.loads(cli("show", _ref(2), "--json").output)["thread"][0]["attachments"][0]
+    import hashlib
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == shown["sha256"]
+    assert "exists" in cli("attachment", _ref(2), "1", "-o", str(target), code=1).output
+    target.write_bytes(b"old")
+    cli("attachment", _ref(2), "1", "-o", str(target), "--force")
+    assert target.read_bytes() == b"GET /redirect?to=evil HTTP/1.1\r\n"
+    assert cli("attachment", _ref(2), "1", "-o", "-").stdout_bytes.startswith(b"GET /redirect")
+
+
+def test_attachment_number_out_of_range_or_unknown_ticket(cli, two_tickets, tmp_path):
+    assert "has 1 attachment(s); there is no number 2" in cli("attachment", _ref(2), "2", "-o",
+                                                             str(tmp_path / "x"), code=1).output
+    assert "has 0 attachment(s)" in cli("attachment", _ref(1), "1", "-o", str(tmp_path / "x"), code=1).output
+    assert "no ticket" in cli("attachment", "SEC-1999-0009", "1", "-o", str(tmp_path / "x"), code=1).output
+    assert not (tmp_path / "x").exists()

@@ -7,6 +7,7 @@ Exit status: 0 success, 1 the thing asked for failed or was not found, 2 usage e
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ import click
 from intake import inbound, outbox, processor, service, tickets
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
 from intake.db import create_schema, make_engine
+from intake.parse import extract_attachment
 
 
 class Context:
@@ -204,6 +206,50 @@ def _numbered_attachments(detail: tickets.TicketDetail) -> dict[tuple[int, int],
     """Ticket-wide attachment numbers (1, 2, …) in thread order: what `intake attachment REF N` takes."""
     keys = [(entry.id, a["index"]) for entry in detail.entries for a in entry.attachments]
     return {key: number for number, key in enumerate(keys, start=1)}
+
+
+@main.command()
+@click.argument("reference")
+@click.argument("number", type=click.IntRange(min=1))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="File to write (created with mode 0600), or - for standard output.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.pass_obj
+def attachment(obj: Context, reference: str, number: int, output: str, force: bool) -> None:
+    """Write attachment NUMBER of ticket REFERENCE (as numbered by `intake show`) to a file.
+
+    The bytes are the attachment exactly as received, decoded from its transfer encoding;
+    archives are never unpacked. Open it somewhere safe: it came from a stranger.
+    """
+    engine = obj.engine()
+    try:
+        detail = tickets.ticket_detail(engine, reference)
+    except tickets.TicketNotFound:
+        _fail(f"no ticket {reference}")
+        return
+    located = {n: key for key, n in _numbered_attachments(detail).items()}
+    if number not in located:
+        _fail(f"{detail.ticket.reference} has {len(located)} attachment(s); there is no number {number}")
+    entry_id, index = located[number]
+    entry = next(e for e in detail.entries if e.id == entry_id)
+    stored = inbound.get(engine, entry.inbound_id) if entry.inbound_id else None
+    if stored is None:
+        _fail(f"the stored message of attachment {number} is gone")
+        return
+    meta, data = extract_attachment(stored.raw, index)
+    if output == "-":
+        click.echo(data, nl=False)  # bytes go to the binary stream, unchanged
+        return
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(output, flags, 0o600)
+    except FileExistsError:
+        _fail(f"{output} exists (use --force to overwrite)")
+        return
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    click.echo(f"wrote {len(data)} bytes to {output} ({meta.content_type}, sha256 {meta.sha256}; "
+               f"sent as {meta.original_filename or meta.filename!r})", err=True)
 
 
 @main.command()
