@@ -303,3 +303,75 @@ def test_show_displays_decisions_and_threading(intake):
     assert "reporter-reply" in result.output
     assert f"In-Reply-To {_ack_id(intake)}" in result.output
     assert "decision new-ticket" in result.output
+
+
+BEG_BOUNTY = ("Hi team,\n\nI found a critical vulnerability in your website: missing DMARC record, so "
+              "attackers can spoof emails from your domain.\n\nDo you offer a bug bounty? What is the reward?\n")
+
+
+def test_low_quality_report_is_labelled_and_gets_the_out_of_scope_reply(intake):
+    # The default policy (vaixus) answers low-quality reports with the polite out-of-scope reply.
+    intake.send(report(subject="Critical vulnerability found", body=BEG_BOUNTY, sender="beg@bounty.test"),
+                mail_from="beg@bounty.test")
+    detail = intake.detail()
+    assert detail.ticket.labels == ["low-quality"]
+    assert detail.ticket.quality["low_quality"] is True
+    assert "missing-email-auth" in detail.ticket.quality["matched"]
+    assert "bounty-ask" in detail.ticket.quality["matched"]
+    [reply] = intake.outbox()
+    assert (reply.kind, reply.dedupe_key) == ("out-of-scope", f"out-of-scope:{REF1}")
+    text = email.message_from_bytes(reply.raw, policy=email.policy.default).get_content()
+    assert REF1 in text and "outside the scope of our security policy (vaixus)" in " ".join(text.split())
+    assert "labelled" in [e.kind for e in detail.events]
+
+
+def test_low_quality_under_a_policy_that_acknowledges_gets_the_normal_acknowledgement(make_settings,
+                                                                                     start_intake_listener):
+    settings = make_settings(INTAKE_INTAKE__DEFAULT_POLICY="vectis-mail")
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(subject="Critical vulnerability found", body=BEG_BOUNTY,
+                                   sender="beg@bounty.test"), mail_from="beg@bounty.test")
+    process(settings, running.engine)
+    [ticket] = tickets.list_tickets(running.engine)
+    assert ticket.labels == ["low-quality"]
+    assert [r.kind for r in outbox.listing(running.engine)] == ["acknowledgement"]
+
+
+def test_genuine_report_is_not_low_quality(intake):
+    body = ("Summary: stored XSS in the comment form.\n\nSteps to reproduce:\n1. Log in as any user.\n"
+            "2. POST a comment containing <script>alert(document.domain)</script> to /api/comments\n"
+            "3. Open /posts/42 as another user: the script runs.\n\nImpact: session theft.\n")
+    intake.send(report(subject="Stored XSS in comments", body=body))
+    detail = intake.detail()
+    assert detail.ticket.labels == []
+    assert detail.ticket.quality["low_quality"] is False
+    assert [r.kind for r in intake.outbox()] == ["acknowledgement"]
+
+
+PGP_BLOCK = ("-----BEGIN PGP MESSAGE-----\n\nhQEMA5pGz0yqHk2VAQf/YxkZ3ZmJjYWJjZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXo=\n"
+             "=abcd\n-----END PGP MESSAGE-----\n")
+
+
+def test_inline_pgp_report_is_flagged_with_its_ciphertext_intact(intake):
+    intake.send(report(subject="encrypted report", body=PGP_BLOCK))
+    [entry] = [e for e in intake.detail().entries if e.kind == "report"]
+    assert entry.encrypted == "inline-pgp"
+    assert PGP_BLOCK.strip() in entry.body_text
+
+
+def test_pgp_mime_report_is_flagged_and_kept(intake):
+    raw = ("From: alice@researcher.test\r\nTo: security@example.com\r\nSubject: encrypted\r\n"
+           "Message-ID: <pgpmime@researcher.test>\r\nMIME-Version: 1.0\r\n"
+           'Content-Type: multipart/encrypted; protocol="application/pgp-encrypted"; boundary="E"\r\n\r\n'
+           "--E\r\nContent-Type: application/pgp-encrypted\r\n\r\nVersion: 1\r\n"
+           '--E\r\nContent-Type: application/octet-stream; name="encrypted.asc"\r\n\r\n'
+           + PGP_BLOCK.replace("\n", "\r\n") + "--E--\r\n").encode()
+    assert intake.send(raw).decisions == {"new-ticket": 1}
+    [entry] = [e for e in intake.detail().entries if e.kind == "report"]
+    assert entry.encrypted == "pgp-mime"
+    assert "-----BEGIN PGP MESSAGE-----" in entry.body_text
+    from click.testing import CliRunner
+
+    from intake.cli import main
+    shown = CliRunner().invoke(main, ["--config", str(intake.settings.config_path), "show", REF1]).output
+    assert "encrypted (pgp-mime)" in shown

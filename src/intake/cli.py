@@ -236,7 +236,11 @@ def attachment(obj: Context, reference: str, number: int, output: str, force: bo
     if stored is None:
         _fail(f"the stored message of attachment {number} is gone")
         return
-    meta, data = extract_attachment(stored.raw, index)
+    try:
+        meta, data = extract_attachment(stored.raw, index)
+    except LookupError:  # the parser no longer finds it where it was numbered: say so, write nothing
+        _fail(f"attachment {number} can no longer be read from stored message {stored.id}")
+        return
     if output == "-":
         click.echo(data, nl=False)  # bytes go to the binary stream, unchanged
         return
