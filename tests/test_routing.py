@@ -375,3 +375,16 @@ def test_pgp_mime_report_is_flagged_and_kept(intake):
     from intake.cli import main
     shown = CliRunner().invoke(main, ["--config", str(intake.settings.config_path), "show", REF1]).output
     assert "encrypted (pgp-mime)" in shown
+
+
+def test_one_mail_to_several_intake_addresses_is_one_ticket(make_settings, start_intake_listener):
+    settings = make_settings(INTAKE_SMTP__ADDRESSES='["security@example.com", "psirt@example.com"]')
+    running = start_intake_listener(settings)
+    message = report(message_id="<both@researcher.test>")
+    # One transaction to both addresses, then the same mail again via the other address's MX.
+    smtp_send(running.port, message, rcpt_tos=["security@example.com", "psirt@example.com"])
+    smtp_send(running.port, message, rcpt_tos=["psirt@example.com"])
+    result = process(settings, running.engine)
+    assert result.decisions == {"new-ticket": 1, "duplicate": 1}
+    assert len(tickets.list_tickets(running.engine)) == 1
+    assert len(outbox.listing(running.engine)) == 1
