@@ -1,12 +1,22 @@
 """Bytes -> :class:`ParsedMail`. Pure (no database, no clock) and it never raises.
 
-The MIME structure is read by the stdlib feed parser with the lenient ``compat32`` policy (it
-parses no structured header, so none of the header parser's quadratic or recursive paths run),
-with the limits below applied *while* it reads: a hostile message still parses into a
-ParsedMail holding what could be read, plus a warning naming the limit it hit. Addresses are
-split by a small linear parser of our own (the stdlib's recurses per group member and per nested
-comment, and misattributes crafted addresses, CVE-2023-27043). If anything unexpected still
-fails, the result is built from a cheap scan of the header block and the raw bytes stay stored.
+Two stages. The MIME structure is read first, by the stdlib feed parser with the lenient
+``compat32`` policy (it parses no structured header, so none of the header parser's quadratic or
+recursive paths run), with the limits below applied *while* it reads: a hostile message still
+parses into a ParsedMail holding what could be read, plus a warning naming the limit it hit.
+mail-parser cannot do this part: it reads whatever it is given, unbounded.
+
+mail-parser (:class:`mailparser.MailParser`) then extracts the content of that tree: the text of
+the body parts (charset decoding), the attachments (which parts, their names, their decoded bytes)
+and the MIME defects. What it does not do stays here: the limits, parts recovered after a premature
+closing boundary, embedded messages (an inline forward is read as part of the message, an attached
+one stays one attachment of its exact bytes), encryption, delivery reports, the loop headers, the
+subject (decoded exactly as the stdlib's modern policy does), and the addresses, split by a small
+linear parser of our own (the stdlib's recurses per group member and per nested comment, and
+misattributes crafted addresses, CVE-2023-27043). HTML-only mail becomes text through html2text,
+within limits of its own (its output grows with the square of list nesting). If anything
+unexpected still fails, the result is built from a cheap scan of the header block and the raw
+bytes stay stored.
 
 Every string that leaves this module is *display-safe*: no CR, LF, NUL or other control
 character, nothing ``str.splitlines()`` would split on, no lone surrogates, bounded length. That
@@ -28,6 +38,7 @@ import dataclasses
 import email.policy
 import hashlib
 import html
+import logging
 import re
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -39,8 +50,14 @@ from email.utils import collapse_rfc2231_value
 from typing import Any, TypeVar
 
 import html2text
+from mailparser import MailParser
+from mailparser.utils import decode_base64_payload, decode_header_part
 
 T = TypeVar("T")
+
+# mail-parser logs what it makes of each part, quoting raw header text (line breaks included) at
+# ERROR: a sender could forge lines in our log. What matters reaches ParsedMail.warnings instead.
+logging.getLogger("mailparser").setLevel(logging.CRITICAL)
 
 # -- limits ------------------------------------------------------------------------------------
 # Each is far above what legitimate mail needs; past one, parsing goes on with what was read and
@@ -50,9 +67,14 @@ MAX_MIME_DEPTH = 20  # multipart containers nested deeper are kept as one opaque
 MAX_MIME_PARTS = 500  # MIME entities read; parsing stops at the next one (the rest stays in the raw bytes)
 MAX_HEADER_FIELDS = 1000  # header fields read per entity; later ones are ignored
 MAX_HEADER_LENGTH = 64 * 1024  # characters of one header field (folded lines included); the rest is cut
-MAX_MIME_PARAMETERS = 64  # ';'-separated parameters of Content-Type/-Disposition (the stdlib parses them in quadratic time)
+# ';'-separated parameters of Content-Type and Content-Disposition (the stdlib parses them in quadratic time)
+MAX_MIME_PARAMETERS = 64
 MAX_BODY_TEXT = 1024 * 1024  # characters of body_text kept
-MAX_HTML_INPUT = 2 * 1024 * 1024  # characters of HTML converted to text (html2text reads ~1 MB/s)
+MAX_HTML_INPUT = 1024 * 1024  # characters of HTML converted to text (html2text reads 0.5-2 MB/s)
+# Lists and block quotes nested deeper are flattened before conversion: html2text indents each
+# level, so its output (and time) grows with the square of the depth (200 KB of nested <ul><li>
+# took 4 minutes and 500 MB).
+MAX_HTML_NESTING = 16
 # Characters of a header value decoded for display (names, file names, loop headers; the subject
 # is decoded whole, as the stdlib does). The stdlib decodes encoded words in quadratic time.
 MAX_DECODED_HEADER = 4 * 1024
@@ -122,9 +144,9 @@ class ParsedMail:
     recipient_count: int = 0  # distinct addresses in To + Cc
     undisclosed_recipients: bool = False  # To/Cc is an empty group ("undisclosed-recipients:;") or both are absent
     encrypted: str | None = None  # "pgp-mime" | "inline-pgp" | "smime"
-    delivery_report: DeliveryReport | None = None
+    delivery_report: DeliveryReport | None = None  # DSNs and classic bounces; None for MDNs, feedback reports
     is_report: str | None = None  # report-type of a top-level multipart/report
-    part_count: int = 0  # MIME entities read (an embedded message counts as one)
+    part_count: int = 0  # MIME entities read, those of inline embedded messages included
     header_count: int = 0  # header fields of the top-level header block, including any past the limit
 
 
@@ -222,9 +244,14 @@ def _warn(warnings: list[str], message: str) -> None:
 
 
 class _Part(Message):
-    """A MIME entity; ``declared_type`` is set when the parser kept it whole (opaque)."""
+    """A MIME entity. While ``opaque`` is set it reports application/octet-stream, so the feed
+    parser reads its body as one leaf (its exact bytes) rather than parsing it; :func:`_read_mime`
+    clears it once the structure is read, and the entity reports its declared type again."""
 
-    declared_type: str | None = None
+    opaque = False
+
+    def get_content_type(self) -> str:
+        return "application/octet-stream" if self.opaque else super().get_content_type()
 
 
 class _PartLimitReached(Exception):
@@ -243,7 +270,7 @@ class _Reading:
     """What reading the MIME structure found, and the limits it hit (shared by every parser run
     over one message, so recovered parts count against the same limits)."""
 
-    root: _Part | None = None
+    root: _Part = field(default_factory=_Part)
     warnings: list[str] = field(default_factory=list)
     part_count: int = 0
     header_count: int = 0  # of the top-level header block, including fields past the limit
@@ -254,8 +281,9 @@ class _BoundedFeedParser(BytesFeedParser):
 
     It overrides two hooks of ``email.feedparser.FeedParser``, unchanged since Python 3.3:
     ``_new_message`` (once per MIME entity) and ``_parse_headers`` (an entity's header lines,
-    before its body is read). Embedded messages (message/*) are read as one opaque part, their
-    exact bytes; :func:`_read_mime` parses those shown inline afterwards, within the same limits.
+    before its body is read; the parser picks how to read the body from the entity's content
+    type right after). Embedded messages (message/*) are read as one opaque part, their exact
+    bytes; :func:`_read_mime` parses those shown inline afterwards, within the same limits.
     """
 
     def __init__(self, reading: _Reading, depth: int) -> None:
@@ -291,10 +319,10 @@ class _BoundedFeedParser(BytesFeedParser):
         super()._parse_headers([line for field_lines in fields for line in self._bounded(field_lines)])
         part = self._cur
         if part.get_content_maintype() == "message":
-            _keep_opaque(part)
+            part.opaque = True
         elif part.get_content_maintype() == "multipart" and depth > MAX_MIME_DEPTH:
             _warn(warnings, _DEPTH_LIMIT_WARNING)
-            _keep_opaque(part)
+            part.opaque = True
 
     def _bounded(self, lines: list[str]) -> list[str]:
         """One header field's lines, cut to the length and parameter limits."""
@@ -333,13 +361,6 @@ def _nth_index(text: str, sub: str, n: int) -> int:
     return position
 
 
-def _keep_opaque(part: _Part) -> None:
-    """Make the parser read *part*'s body as one leaf, remembering the type it declared."""
-    part.declared_type = part.get_content_type()
-    del part["Content-Type"]
-    part["Content-Type"] = "application/octet-stream"
-
-
 def _read_mime(raw: bytes) -> _Reading:
     """The MIME tree of *raw* within the limits: embedded messages shown inline are parsed in
     place, parts that follow a premature closing delimiter are recovered."""
@@ -347,18 +368,20 @@ def _read_mime(raw: bytes) -> _Reading:
     # A leading UTF-8 byte-order mark (seen in the wild) would make the first header a body line.
     reading.root = _BoundedFeedParser(reading, depth=0).parse(raw.removeprefix(codecs.BOM_UTF8))
     for part, parent, depth in _walk(reading.root):
+        part.opaque = False  # read: from here on every entity reports the type it declared
         if part.is_multipart():
             _recover_parts_after_close(part, depth, reading)
-        elif _content_type(part) in _INLINE_MESSAGE_TYPES and _shown_inline(part) and \
-                (parent is None or _content_type(parent) != "multipart/report"):
+        elif part.get_content_type() in _INLINE_MESSAGE_TYPES and _shown_inline(part, bool(part.get_filename())) \
+                and (parent is None or parent.get_content_type() != "multipart/report"):
             _parse_embedded_message(part, depth, reading)
     return reading
 
 
-def _shown_inline(part: Message) -> bool:
-    """Displayed as part of the message by mail clients, rather than offered as a file."""
+def _shown_inline(part: Message, named: bool) -> bool:
+    """Displayed as part of the message by mail clients, rather than offered as a file (RFC 2183:
+    an explicit disposition decides; without one, a part with a file name is a file)."""
     disposition = part.get_content_disposition()
-    return disposition != "attachment" and (disposition == "inline" or not part.get_filename())
+    return disposition != "attachment" and (disposition == "inline" or not named)
 
 
 def _parse_embedded_message(part: Message, depth: int, reading: _Reading) -> None:
@@ -396,10 +419,10 @@ def _recover_parts_after_close(multipart: Message, depth: int, reading: _Reading
         _warn(reading.warnings, "parts after a premature closing MIME boundary were recovered")
 
 
-def _walk(root: Message) -> Iterator[tuple[Message, Message | None, int]]:
+def _walk(root: _Part) -> Iterator[tuple[_Part, _Part | None, int]]:
     """Every entity with its parent and depth (root: 1), in document order, without recursion.
     Children are read when their parent has been yielded, so parts attached then are walked too."""
-    stack: list[tuple[Message, Message | None, int]] = [(root, None, 1)]
+    stack: list[tuple[_Part, _Part | None, int]] = [(root, None, 1)]
     while stack:
         part, parent, depth = stack.pop()
         yield part, parent, depth
@@ -555,73 +578,135 @@ def _recipients(to_values: list[str], cc_values: list[str], warnings: list[str])
     )
 
 
-# -- content: body text, attachments, encryption -----------------------------------------------
+# -- content: mail-parser's extraction ----------------------------------------------------------
 
-_SMIME_NOT_ENCRYPTED = {"signed-data", "certs-only", "compressed-data"}
+_BODY_TEXT_TYPES = ("text/plain", "text/html")
+# mail-parser lists a leaf as an attachment when it has a file name. A nameless one it names at
+# random or after its Content-ID, or, lacking both, decodes as text it then sets aside: a PoC
+# binary sent without a name would drop out of the list. So every leaf that is not body text and
+# has no name is given this one first; an attachment listed under it had no name of its own (a
+# sender who uses it as a real name only loses it for display).
+_UNNAMED = "intake-unnamed-part"
 # What mail software means by a label, as browsers read it (WHATWG Encoding): the superset.
-# Unlabelled and ASCII-labelled 8-bit text is nearly always UTF-8.
+# mail-parser decodes by the label as written, so text using a superset's extra characters
+# (Outlook's curly quotes in "iso-8859-1", GBK in "gb2312") would come out as control characters
+# or U+FFFD, and Python has no codec at all for "iso-8859-8-i".
 _CHARSET_SUPERSETS = {
-    "": "utf-8", "us-ascii": "utf-8", "ascii": "utf-8", "iso-8859-1": "cp1252", "latin1": "cp1252",
-    "gb2312": "gb18030", "gbk": "gb18030", "shift_jis": "cp932", "euc-kr": "cp949", "ks_c_5601-1987": "cp949",
-    "iso-8859-8-i": "iso-8859-8", "tis-620": "cp874",
+    "iso-8859-1": "cp1252", "latin1": "cp1252", "gb2312": "gb18030", "gbk": "gb18030", "shift_jis": "cp932",
+    "euc-kr": "cp949", "ks_c_5601-1987": "cp949", "iso-8859-8-i": "iso-8859-8", "tis-620": "cp874",
 }
-_PGP_ARMOR = "-----BEGIN PGP MESSAGE-----"
 
 
 @dataclass
 class _Content:
+    """What mail-parser extracted: the text of the body parts, and the attachments with their
+    decoded bytes."""
+
     plain: list[str] = field(default_factory=list)
     html: list[str] = field(default_factory=list)
-    ciphertexts: list[str] = field(default_factory=list)  # PGP/MIME encrypted parts, shown as the body
-    attachments: list[tuple[Attachment, bytes]] = field(default_factory=list)  # with their decoded bytes
-    encrypted: str | None = None
-    defects: set[str] = field(default_factory=set)
+    attachments: list[tuple[Attachment, bytes]] = field(default_factory=list)
 
 
-def _content_type(part: Message) -> str:
-    return getattr(part, "declared_type", None) or part.get_content_type()
+def _extract_content(root: _Part, warnings: list[str]) -> _Content:
+    """The content of the tree as mail-parser extracts it, and its MIME defects as a warning. If
+    mail-parser fails, the content is left out with a warning: everything else is still read.
+    It writes into the tree (see _prepare_for_mail_parser): read what else you need first."""
+    _prepare_for_mail_parser(root, warnings)
+    try:
+        extracted = MailParser(_as_only_part(root))
+    except Exception as exc:  # noqa: BLE001 - mail-parser raises outside its own hierarchy (AttributeError, TypeError)
+        _warn(warnings, f"content extraction failed ({type(exc).__name__} in mail-parser); "
+                        "body text and attachments are only in the stored raw message")
+        return _Content()
+    if extracted.defects_categories:
+        _warn(warnings, "MIME defects: " + ", ".join(sorted(extracted.defects_categories)))
+    return _Content(plain=extracted.text_plain, html=extracted.text_html,
+                    attachments=_attachments(extracted.attachments))
 
 
-def _param(part: Message, name: str) -> str:
-    value = part.get_param(name)
-    text = collapse_rfc2231_value(value) if isinstance(value, tuple) else (value or "")
-    return clean_text(text, 255).lower()
-
-
-def _is_pgp_mime(part: Message) -> bool:
-    """RFC 3156: multipart/encrypted; protocol="application/pgp-encrypted"."""
-    return _content_type(part) == "multipart/encrypted" and _param(part, "protocol") == "application/pgp-encrypted"
-
-
-def _collect_content(root: Message, warnings: list[str]) -> _Content:
-    """Sort every leaf into body text and attachments. text/plain and text/html shown inline are
-    body text (a named inline one is an attachment too); every other leaf, unparsed embedded
-    messages and report parts included, is an attachment. The ciphertext of PGP/MIME is both."""
-    content = _Content()
-    for number, (part, parent, _) in enumerate(_walk(root), start=1):
-        content.defects.update(type(defect).__name__ for defect in part.defects)
+def _prepare_for_mail_parser(root: _Part, warnings: list[str]) -> None:
+    """State in the tree what mail-parser would otherwise get wrong, or take too long over: a
+    name for each nameless attachment, names cut to their start, and how each body text part is
+    encoded."""
+    for number, (part, _, _) in enumerate(_walk(root), start=1):
         if part.is_multipart():
-            if _is_pgp_mime(part):
-                content.encrypted = content.encrypted or "pgp-mime"
             continue
-        ctype = _content_type(part)
-        filename = _guarded(lambda: _decode_words((part.get_filename() or "")[:MAX_DECODED_HEADER]), "",
-                            f"part {number} file name", warnings)
-        data = _guarded(lambda: part.get_payload(decode=True) or b"", b"", f"part {number} content", warnings)
-        if ctype in ("text/plain", "text/html") and _shown_inline(part):
-            text = _decode_text(data, part.get_content_charset(), f"text part {number}", warnings)
-            (content.plain if ctype == "text/plain" else content.html).append(text)
-            if not filename:
-                continue
-        if not filename and not data.strip():
-            continue  # nothing to offer: e.g. a broken multipart that held only its preamble
-        if parent is not None and _is_pgp_mime(parent) and ctype == "application/octet-stream":
-            content.ciphertexts.append(data.decode("utf-8", "replace"))
-        if ctype in ("application/pkcs7-mime", "application/x-pkcs7-mime") and \
-                _param(part, "smime-type") not in _SMIME_NOT_ENCRYPTED:
-            content.encrypted = content.encrypted or "smime"
-        content.attachments.append((_attachment(len(content.attachments) + 1, filename, ctype, data), data))
-    return content
+        name = _guarded(lambda: _bounded_file_name(part), "", f"part {number} file name", warnings)
+        if part.get_content_type() in _BODY_TEXT_TYPES and _shown_inline(part, bool(name)):
+            _guarded(lambda: _declare_text_encoding(part), None, f"part {number} charset", warnings)
+        elif not name:
+            _set_file_name(part, _UNNAMED)
+
+
+def _bounded_file_name(part: Message) -> str:
+    """The part's file name as mail-parser decodes it, from its first MAX_DECODED_HEADER
+    characters only, which become the name it is given: it decodes a name whole, and encoded
+    words decode in quadratic time (a 64 KB name took 70 ms)."""
+    name = part.get_filename() or ""
+    if len(name) > MAX_DECODED_HEADER:
+        name = name[:MAX_DECODED_HEADER]
+        _set_file_name(part, name)
+    return decode_header_part(name)
+
+
+def _set_file_name(part: Message, name: str) -> None:
+    """Give *part* this file name (it takes precedence over a Content-Type name), keeping its
+    disposition; a part with a name and no disposition is offered as a file anyway."""
+    _replace_header(part, "Content-Disposition", part.get_content_disposition() or "attachment")
+    part.set_param("filename", name, header="Content-Disposition")
+
+
+def _declare_text_encoding(part: Message) -> None:
+    """Label a body text part so that mail-parser decodes it as mail software does: in the
+    superset of its charset, and always through that charset. (Text sent without a transfer
+    encoding it returns as it stands whenever that is valid UTF-8: ISO-2022-JP, the usual charset
+    of Japanese mail, would stay escape sequences. "binary" is the same identity encoding, and
+    makes it decode.)"""
+    declared = part.get_content_charset()
+    superset = _CHARSET_SUPERSETS.get(declared or "")
+    if superset:
+        part.set_param("charset", superset)
+    if str(part.get("Content-Transfer-Encoding", "")).strip().lower() in ("", "7bit", "8bit"):
+        _replace_header(part, "Content-Transfer-Encoding", "binary")
+
+
+def _replace_header(part: Message, name: str, value: str) -> None:
+    del part[name]
+    part[name] = value
+
+
+def _as_only_part(root: _Part) -> Message:
+    """*root* as the only part of a bare multipart: what mail-parser is given.
+
+    Of the message it is given, mail-parser reads the whole header block: it parses the addresses
+    (with the stdlib's parser, which recurses per nested comment), dates and Received chains, and
+    decodes every header twice, most of its time on a 4 KB mail, for values read here already. Of
+    a part it reads only the MIME fields, and it extracts the same content. The empty epilogue
+    keeps its epilogue recovery idle: that re-parses the epilogue unbounded (the reader recovers
+    those parts itself, within the limits), and in mail-parser 4.8 it raises when a nested part
+    misses its start boundary and the top-level multipart has no epilogue."""
+    wrapper = Message()
+    wrapper["Content-Type"] = 'multipart/mixed; boundary="intake-only-part"'
+    wrapper.attach(root)
+    wrapper.epilogue = ""
+    return wrapper
+
+
+def _attachments(listed: list[dict[str, Any]]) -> list[tuple[Attachment, bytes]]:
+    """mail-parser's attachments with their decoded bytes, numbered from 1 in document order.
+
+    Left out: the flattened copy it lists of a multipart marked as an attachment (not the bytes
+    that were sent; the parts are listed themselves) and nameless parts with nothing in them."""
+    attachments: list[tuple[Attachment, bytes]] = []
+    for item in listed:
+        if not item["binary"]:  # only that flattened copy is not handed over base64-encoded
+            continue
+        data = decode_base64_payload(item["payload"])  # how mail-parser itself writes attachments out
+        name = "" if item["filename"] == _UNNAMED else item["filename"]
+        if name or data.strip():
+            index = len(attachments) + 1
+            attachments.append((_attachment(index, name, item["mail_content_type"], data), data))
+    return attachments
 
 
 def _attachment(index: int, filename: str, content_type: str, data: bytes) -> Attachment:
@@ -635,31 +720,12 @@ def _attachment(index: int, filename: str, content_type: str, data: bytes) -> At
     )
 
 
-def _decode_text(data: bytes, charset: str | None, where: str, warnings: list[str]) -> str:
-    """Text in its declared charset (or the superset mail software means by it). Text that does
-    not fit an unknown or wrong label is read as UTF-8, the commonest truth, else decoded with
-    U+FFFD. Never raises."""
-    declared = (charset or "").strip().lower()
-    name = _CHARSET_SUPERSETS.get(declared, declared)
-    try:
-        return data.decode(name)
-    except UnicodeError:  # before ValueError, its base class
-        problem = f"bytes are not valid {clean_text(declared or 'us-ascii', 60)}"
-    except (LookupError, ValueError, TypeError):  # unknown, or not a text codec
-        problem, name = f"unknown charset {clean_text(declared, 60)!r}", "utf-8"
-    try:
-        text = data.decode("utf-8")
-        _warn(warnings, f"{where}: {problem}; read as UTF-8, which they are")
-        return text
-    except UnicodeError:
-        _warn(warnings, f"{where}: {problem}; decoded with replacement characters")
-    try:
-        return data.decode(name, "replace")
-    except UnicodeError:  # codecs such as idna refuse any error handler but strict
-        return data.decode("utf-8", "replace")
+# -- body text -----------------------------------------------------------------------------------
+
+_NESTING_TAG = re.compile(r"<(/?)(?:ul|ol|dl|menu|blockquote)\b[^>]*>", re.I)
 
 
-def _body_text(content: _Content, warnings: list[str]) -> str:
+def _body_text(content: _Content, ciphertexts: list[str], warnings: list[str]) -> str:
     """Plain text if there is any, else the HTML as text; PGP/MIME ciphertext after it."""
     if any(text.strip() for text in content.plain):
         body = "\n".join(content.plain)
@@ -667,7 +733,7 @@ def _body_text(content: _Content, warnings: list[str]) -> str:
         body = _html_to_text("\n".join(content.html), warnings)
     else:
         body = ""
-    body = "\n".join(filter(None, [body, *content.ciphertexts]))
+    body = "\n".join(filter(None, [body, *ciphertexts]))
     if len(body) > MAX_BODY_TEXT:
         _warn(warnings, f"limit MAX_BODY_TEXT ({MAX_BODY_TEXT}): body text was cut")
         body = body[:MAX_BODY_TEXT]
@@ -679,6 +745,7 @@ def _html_to_text(markup: str, warnings: list[str]) -> str:
     if len(markup) > MAX_HTML_INPUT:
         _warn(warnings, f"limit MAX_HTML_INPUT ({MAX_HTML_INPUT}): only the start of the HTML was converted")
         markup = markup[:MAX_HTML_INPUT]
+    markup = _flatten_deep_nesting(markup, warnings)
     converter = html2text.HTML2Text()
     converter.ignore_images = True
     converter.body_width = 0
@@ -690,10 +757,65 @@ def _html_to_text(markup: str, warnings: list[str]) -> str:
         return html.unescape(re.sub(r"(?s)<[^>]*>", " ", without_code))
 
 
-def _encryption(content: _Content, body: str) -> str | None:
-    if content.encrypted:
-        return content.encrypted
-    return "inline-pgp" if _PGP_ARMOR in body else None
+def _flatten_deep_nesting(markup: str, warnings: list[str]) -> str:
+    """Drop list and block-quote tags nested deeper than MAX_HTML_NESTING (their text stays).
+    A tag-level pass is enough: a mismatch only costs indentation, never text."""
+    depth = 0
+
+    def keep(tag: re.Match[str]) -> str:
+        nonlocal depth
+        if tag.group(1):  # a closing tag: kept if its opening tag was
+            kept = depth <= MAX_HTML_NESTING
+            depth = max(depth - 1, 0)
+        else:
+            depth += 1
+            kept = depth <= MAX_HTML_NESTING
+        if not kept:
+            _warn(warnings, f"limit MAX_HTML_NESTING ({MAX_HTML_NESTING}): deeper lists and quotes were flattened")
+        return tag.group() if kept else ""
+
+    return _NESTING_TAG.sub(keep, markup)
+
+
+# -- encryption ----------------------------------------------------------------------------------
+
+_SMIME_NOT_ENCRYPTED = {"signed-data", "certs-only", "compressed-data"}
+_PGP_ARMOR = "-----BEGIN PGP MESSAGE-----"
+
+
+def _param(part: Message, name: str) -> str:
+    value = part.get_param(name)
+    text = collapse_rfc2231_value(value) if isinstance(value, tuple) else (value or "")
+    return clean_text(text, 255).lower()
+
+
+def _is_pgp_mime(part: Message) -> bool:
+    """RFC 3156: multipart/encrypted; protocol="application/pgp-encrypted"."""
+    return part.get_content_type() == "multipart/encrypted" and _param(part, "protocol") == "application/pgp-encrypted"
+
+
+def _is_smime_encrypted(part: Message) -> bool:
+    """RFC 8551 enveloped (or authenticated-enveloped) data; signed-only data is not encrypted."""
+    return part.get_content_type() in ("application/pkcs7-mime", "application/x-pkcs7-mime") and \
+        _param(part, "smime-type") not in _SMIME_NOT_ENCRYPTED
+
+
+def _encrypted_parts(root: _Part) -> str | None:
+    """The kind of the first encrypted entity, "pgp-mime" or "smime", if any. (The third kind, an
+    armored PGP block in the text, "inline-pgp", is found in the body text.)"""
+    for part, _, _ in _walk(root):
+        if _is_pgp_mime(part):
+            return "pgp-mime"
+        if not part.is_multipart() and _is_smime_encrypted(part):
+            return "smime"
+    return None
+
+
+def _pgp_ciphertexts(root: _Part) -> list[str]:
+    """The encrypted parts of PGP/MIME entities as text, unchanged: the body shows them, so the
+    armored block can be decrypted from the ticket without fetching the attachment."""
+    return [(part.get_payload(decode=True) or b"").decode("utf-8", "replace") for part, parent, _ in _walk(root)
+            if parent is not None and _is_pgp_mime(parent) and part.get_content_type() == "application/octet-stream"]
 
 
 # -- the cheap header scan ---------------------------------------------------------------------
@@ -887,22 +1009,24 @@ def parse(raw: bytes) -> ParsedMail:
 
 def _parse(raw: bytes) -> ParsedMail:
     reading = _read_mime(raw)
-    warnings = list(reading.warnings)
-    content = _collect_content(reading.root, warnings)
-    if content.defects:
-        _warn(warnings, "MIME defects: " + ", ".join(sorted(content.defects)))
-    body = _body_text(content, warnings)
-    encrypted = _encryption(content, body)
+    root, warnings = reading.root, list(reading.warnings)
+    # What we read of the tree ourselves is read first: the extraction writes into it.
+    values = _header_values(root)
+    content_type = clean_text(root.get_content_type(), 255)
+    is_report = (_param(root, "report-type") or None) if content_type == "multipart/report" else None
+    encrypted_parts, ciphertexts = _encrypted_parts(root), _pgp_ciphertexts(root)
+    content = _extract_content(root, warnings)
+    body = _body_text(content, ciphertexts, warnings)
+    encrypted = encrypted_parts or ("inline-pgp" if _PGP_ARMOR in body else None)
     if encrypted:
         _warn(warnings, f"encrypted: {encrypted}")
-    content_type = clean_text(_content_type(reading.root), 255)
     mail = _mail_from(
-        _header_values(reading.root), warnings,
+        values, warnings,
         content_type=content_type,
         body_text=body,
         attachments=[attachment for attachment, _ in content.attachments],
         encrypted=encrypted,
-        is_report=(_param(reading.root, "report-type") or None) if content_type == "multipart/report" else None,
+        is_report=is_report,
         part_count=reading.part_count,
         header_count=reading.header_count,
     )
@@ -946,10 +1070,9 @@ def extract_attachment(raw: bytes, index: int) -> tuple[Attachment, bytes]:
     """The *index*-th attachment (1-based, numbered as in ParsedMail.attachments) and its decoded
     bytes; LookupError if the message has no such attachment."""
     try:
-        content = _collect_content(_read_mime(raw).root, [])
+        attachments = _extract_content(_read_mime(raw).root, []).attachments
     except Exception as exc:  # noqa: BLE001 - parse() lists no attachments for a message it cannot read
         raise LookupError(f"the message could not be read ({type(exc).__name__})") from exc
-    if not 1 <= index <= len(content.attachments):
-        raise LookupError(f"no attachment {index}: the message has {len(content.attachments)}")
-    attachment, data = content.attachments[index - 1]
-    return attachment, data
+    if not 1 <= index <= len(attachments):
+        raise LookupError(f"no attachment {index}: the message has {len(attachments)}")
+    return attachments[index - 1]
