@@ -341,6 +341,39 @@ def test_maildir_transport_writes_one_file_per_message_into_new(make_settings, t
     assert len(list((folder / "new").iterdir())) == 3
 
 
+
+def test_while_processing_has_a_backlog_a_wake_up_sends_one_claimed_batch(make_settings, tmp_path):
+    settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="maildir", INTAKE_OUTBOUND__MAILDIR=str(tmp_path / "out"),
+                             INTAKE_OUTBOUND__POLL_INTERVAL="60")  # no wake-up but ours during the test
+    engine = engine_for(settings)
+    enqueue(engine, *[outgoing(n) for n in range(1, outbox.CLAIM_BATCH + 11)], now=datetime.now(timezone.utc))
+    sender = OutboxSender(engine, settings, make_transport(settings))
+
+    async def sent_reaches(count: int) -> int:
+        for _ in range(200):
+            sent = sum(row.status == "sent" for row in rows(engine))
+            if sent >= count:
+                break
+            await asyncio.sleep(0.05)
+        return sent
+
+    async def scenario() -> tuple[int, int, int]:
+        stop, wake, busy = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        busy.set()  # the processor's batches come back full
+        running = asyncio.create_task(sender.run(stop, wake, busy=busy))
+        first = await sent_reaches(outbox.CLAIM_BATCH)
+        await asyncio.sleep(0.3)
+        still = await sent_reaches(0)
+        busy.clear()  # it caught up
+        wake.set()
+        last = await sent_reaches(outbox.CLAIM_BATCH + 10)
+        stop.set()
+        await running
+        return first, still, last
+
+    assert asyncio.run(scenario()) == (outbox.CLAIM_BATCH, outbox.CLAIM_BATCH, outbox.CLAIM_BATCH + 10)
+
+
 # -- leases and dedupe -------------------------------------------------------------------------
 
 

@@ -237,3 +237,78 @@ def test_smtputf8_reporter_gets_the_acknowledgement(make_settings, start_intake_
     assert ack.rcpt_tos == ["josé@bücher.example"]
     parsed = email.message_from_bytes(ack.data, policy=email.policy.default)
     assert parsed["Subject"] == f"Re: [SEC-{datetime.now(timezone.utc).year}-0001] Überlauf im Parser"
+
+
+# -- a chunk of messages acted on together ----------------------------------------------------
+
+
+def test_a_reply_in_the_same_batch_as_its_report_threads(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(message_id="<first@researcher.test>"))
+    follow_up = report(subject="More detail", message_id="<second@researcher.test>")
+    follow_up["In-Reply-To"] = "<first@researcher.test>"
+    smtp_send(running.port, follow_up)
+    smtp_send(running.port, report(message_id="<first@researcher.test>"))  # and a copy of the report
+    result = process(settings, running.engine)  # all three in one chunk
+    assert result.decisions == {"new-ticket": 1, "reporter-reply": 1, "duplicate": 1}
+    [ticket] = tickets.list_tickets(running.engine)
+    detail = tickets.ticket_detail(running.engine, ticket.reference)
+    assert [(e.kind, e.message_id) for e in detail.entries if e.direction == "in"] == [
+        ("report", "<first@researcher.test>"), ("reporter-reply", "<second@researcher.test>")]
+
+
+def test_rate_limit_counts_the_replies_queued_earlier_in_the_same_batch(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    for n in range(7):
+        smtp_send(running.port, report(subject=f"finding {n}"))
+    result = process(settings, running.engine)
+    assert result.decisions == {"new-ticket": 7}
+    assert len(_outbox_rows(running.engine)) == 5  # default: 5 automatic mails per recipient and 24 hours
+    year = datetime.now(timezone.utc).year
+    suppressed = [e for e in tickets.ticket_detail(running.engine, f"SEC-{year}-0006").events
+                  if e.kind == "acknowledgement-suppressed"]
+    assert "rate limit: 5 automatic mails" in suppressed[0].detail["reason"]
+
+
+def test_a_failure_in_a_chunk_fails_one_message_and_skips_no_reference(make_settings, start_intake_listener):
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    for n in range(5):
+        smtp_send(running.port, report(subject=f"report {n}"),
+                  rcpt_tos=["security+gone@example.com" if n == 2 else "security@example.com"])
+    with read_session(running.engine) as session:
+        ids = list(session.scalars(select(InboundMessage.id).order_by(InboundMessage.id)))
+    # The third message's address maps to a policy that no longer exists.
+    broken = settings.model_copy(update={"intake": settings.intake.model_copy(
+        update={"policy_by_address": {"security+gone@example.com": "gone"}})})
+    result = process(broken, running.engine)
+    assert result.failed == [ids[2]]
+    year = datetime.now(timezone.utc).year
+    assert result.tickets_opened == [f"SEC-{year}-{n:04d}" for n in range(1, 5)]
+    with read_session(running.engine) as session:
+        stored = session.get(InboundMessage, ids[2])
+    assert (stored.status, stored.error) == ("failed", "KeyError: 'gone'")
+
+
+def test_references_taken_meanwhile_by_another_processor_are_not_reused(make_settings, start_intake_listener):
+    from intake.db import write_session
+    from intake.processor import _plan, _write, prepare
+
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(subject="planned first"))
+    now = datetime.now(timezone.utc)
+    items = [prepare(settings, stored) for stored in inbound.pending(running.engine, 10)]
+    plan = _plan(running.engine, settings, items, now)
+    year = now.year
+    assert [o.reference for o in plan.openings] == [f"SEC-{year}-0001"]
+    with write_session(running.engine) as session:  # another processor opens a ticket meanwhile
+        assert tickets.allocate_references(session, "SEC", [year]) == [f"SEC-{year}-0001"]
+    with write_session(running.engine) as session:
+        [outcome] = _write(session, settings, plan, now)
+    assert outcome.reference == f"SEC-{year}-0002"
+    [ack] = _outbox_rows(running.engine)
+    assert ack.dedupe_key == f"ack:SEC-{year}-0002"
+    assert f"SEC-{year}-0002" in ack.raw.decode() and f"SEC-{year}-0001" not in ack.raw.decode()

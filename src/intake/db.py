@@ -36,14 +36,18 @@ _writer_locks: dict[str, threading.Lock] = {}
 _writer_locks_guard = threading.Lock()
 
 
-def make_engine(url: str, busy_timeout: float = 10.0) -> Engine:
-    """An engine with intake's durability settings applied to every connection."""
+def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool = True) -> Engine:
+    """An engine with intake's durability settings applied to every connection.
+
+    On SQLite, ``checkpoint_on_commit=False`` leaves copying the WAL into the database file to
+    :func:`checkpoint`: otherwise the commit that finds the WAL past 1000 pages does it before it
+    returns, and under load that is mostly one of the listener's, holding up its 250s."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
-        _make_sqlite_durable(engine, busy_timeout)
+        _make_sqlite_durable(engine, busy_timeout, checkpoint_on_commit)
         return engine
     engine = create_engine(
         url,
@@ -53,24 +57,31 @@ def make_engine(url: str, busy_timeout: float = 10.0) -> Engine:
     return engine
 
 
-def _make_sqlite_durable(engine: Engine, busy_timeout: float) -> None:
+def _make_sqlite_durable(engine: Engine, busy_timeout: float, checkpoint_on_commit: bool) -> None:
     @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(dbapi_connection, record) -> None:  # type: ignore[no-untyped-def]
         # We issue BEGIN ourselves (below); pysqlite's implicit transactions would defer locking.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk (fsync of the WAL) before it returns; 250 means durable.
         cursor.execute("PRAGMA synchronous=FULL")
+        record.info[_SYNC_OPTION] = "FULL"
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        if not checkpoint_on_commit:
+            cursor.execute("PRAGMA wal_autocheckpoint=0")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection) -> None:  # type: ignore[no-untyped-def]
         options = connection.get_execution_options()
-        # Per transaction: the connection may have served a non-durable one before.
-        connection.exec_driver_sql(f"PRAGMA synchronous={options.get(_SYNC_OPTION, 'FULL')}")
+        synchronous = options.get(_SYNC_OPTION, "FULL")
+        # Per transaction, as the connection may have served a non-durable one before; but only
+        # when it changes: every statement here is one more the listener's commits wait for.
+        if connection.info.get(_SYNC_OPTION) != synchronous:
+            connection.exec_driver_sql(f"PRAGMA synchronous={synchronous}")
+            connection.info[_SYNC_OPTION] = synchronous
         connection.exec_driver_sql(f"BEGIN {options.get(_BEGIN_OPTION, 'DEFERRED')}")
 
 
@@ -120,14 +131,26 @@ def write_session(engine: Engine, durable: bool = True) -> Iterator[Session]:
 
 
 @contextmanager
-def write_connection(engine: Engine) -> Iterator[Connection]:
-    """A Core connection in a durable write transaction (no ORM session: cheaper on hot paths)."""
+def write_connection(engine: Engine, durable: bool = True) -> Iterator[Connection]:
+    """A Core connection in a write transaction (no ORM session: cheaper on hot paths)."""
     if not is_sqlite(engine):
         with engine.begin() as connection:
             yield connection
         return
-    with _sqlite_writer_lock(engine), _write_bind(engine, True).begin() as connection:
+    with _sqlite_writer_lock(engine), _write_bind(engine, durable).begin() as connection:
         yield connection
+
+
+def checkpoint(engine: Engine) -> None:
+    """Copy the SQLite WAL into the database file as far as it can without waiting for readers or
+    writers, and without blocking them (a PASSIVE checkpoint); nothing to do on PostgreSQL."""
+    if not is_sqlite(engine):
+        return
+    connection = engine.raw_connection()  # autocommit: a checkpoint cannot run inside a transaction
+    try:
+        connection.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+    finally:
+        connection.close()
 
 
 @contextmanager

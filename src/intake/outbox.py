@@ -1,7 +1,7 @@
 """The outbox: the only module that sends mail.
 
-Mail is queued with :func:`enqueue` inside the transaction that decided to send it; a unique
-dedupe key makes a second enqueue of the same notification a no-op. :class:`OutboxSender`
+Mail is queued with :func:`enqueue` (or :func:`enqueue_many`) inside the transaction that decided
+to send it; a unique dedupe key makes a second enqueue of the same notification a no-op. :class:`OutboxSender`
 claims due rows under a short lease (so two processes never send the same row), hands them to
 the transport, and records the outcome:
 
@@ -22,19 +22,20 @@ import logging
 import mailbox
 import ssl
 import uuid
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiosmtplib
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import Engine, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from intake.config import OutboundSection, Settings, read_secret
-from intake.db import read_session, write_session
+from intake.db import read_session, write_connection, write_session
 from intake.models import Outbox, OutboxStatus
 from intake.replies import OutgoingMail
 
@@ -42,38 +43,59 @@ log = logging.getLogger(__name__)
 
 CLAIM_BATCH = 50
 
+# What happened to one claimed row, as long as we still hold its lease; the values to set are
+# given with each execution. Built once: this runs once for every mail sent.
+_RECORD = update(Outbox.__table__).where(Outbox.__table__.c.id == bindparam("row_id"),
+                                         Outbox.__table__.c.lease_owner == bindparam("owner"))
+
 
 def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now: datetime) -> bool:
     """Queue *mail* unless its dedupe key is already queued; True when it was queued now."""
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
+    return mail.dedupe_key in enqueue_many(session, [(mail, ticket_id)], now=now)
+
+
+def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]], *, now: datetime) -> set[str]:
+    """Queue each mail (for its ticket) unless its dedupe key is already queued, in one statement;
+    returns the dedupe keys queued now."""
+    if not mails:
+        return set()
+    table = Outbox.__table__
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     statement = (
-        insert(Outbox.__table__)
-        .values(
-            dedupe_key=mail.dedupe_key,
-            ticket_id=ticket_id,
-            kind=mail.kind,
-            envelope_from=mail.envelope_from,
-            recipients=mail.recipients,
-            rate_key=mail.recipients[0].lower() if mail.automatic else None,
-            message_id=mail.message_id,
-            raw=mail.raw,
-            status=OutboxStatus.PENDING,
-            attempts=0,
-            created_at=now,
-            next_attempt_at=now,
-        )
+        insert(table)
         .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(Outbox.__table__.c.id)  # rowcount is not reliable here on every driver
+        .returning(table.c.dedupe_key)  # rowcount is not reliable here on every driver
     )
-    return session.execute(statement).scalar_one_or_none() is not None
+    rows = [
+        {
+            "dedupe_key": mail.dedupe_key,
+            "ticket_id": ticket_id,
+            "kind": mail.kind,
+            "envelope_from": mail.envelope_from,
+            "recipients": mail.recipients,
+            "rate_key": mail.recipients[0].lower() if mail.automatic else None,
+            "message_id": mail.message_id,
+            "raw": mail.raw,
+            "status": OutboxStatus.PENDING,
+            "attempts": 0,
+            "created_at": now,
+            "next_attempt_at": now,
+        }
+        for mail, ticket_id in mails
+    ]
+    return set(session.scalars(statement, rows))
 
 
-def automatic_mail_since(session: Session, recipient: str, since: datetime) -> int:
-    """How many automatic mails were queued for *recipient* since *since* (the rate limit's count)."""
-    query = select(func.count()).select_from(Outbox).where(Outbox.rate_key == recipient.lower(),
-                                                           Outbox.created_at > since)
-    return session.scalar(query) or 0
+def automatic_mail_counts(session: Session, recipients: Iterable[str], since: datetime) -> Counter[str]:
+    """How many automatic mails were queued for each of *recipients* since *since*, by lowercased
+    address (the rate limit's counts), in one query."""
+    keys = {recipient.lower() for recipient in recipients}
+    if not keys:
+        return Counter()
+    table = Outbox.__table__
+    query = (select(table.c.rate_key, func.count()).where(table.c.rate_key.in_(keys), table.c.created_at > since)
+             .group_by(table.c.rate_key))
+    return Counter(dict(session.execute(query).all()))
 
 
 @dataclass(frozen=True)
@@ -246,21 +268,24 @@ class OutboxSender:
         else:
             outcome = "retry"
             values.update(next_attempt_at=now + backoff(self._outbound, row.attempts + 1), last_error=delivery.detail)
-        table = Outbox.__table__
         # Not fsync'd (WAL survives a process crash): a power cut can only make us send this mail
         # again, with the same Message-ID, which is the same risk every MTA takes (RFC 1047).
-        with write_session(self._engine, durable=False) as session:
-            session.execute(update(table).where(and_(table.c.id == row.id, table.c.lease_owner == self._owner))
-                            .values(**values))
+        with write_connection(self._engine, durable=False) as connection:
+            connection.execute(_RECORD, {"row_id": row.id, "owner": self._owner, **values})
         log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
                  row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
         return outcome
 
-    async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
-        """Send until *stop* is set; wakes on *wake* or every poll interval."""
+    async def run(self, stop: asyncio.Event, wake: asyncio.Event, busy: asyncio.Event | None = None) -> None:
+        """Send until *stop* is set; wakes on *wake* or every poll interval.
+
+        While *busy* is set (the processor has a backlog of mail to act on), each wake-up sends one
+        claimed batch rather than everything due: turning mail into tickets and queued replies
+        comes first, and sending still goes on, at least ``CLAIM_BATCH`` mails per poll interval."""
+        busy = busy or asyncio.Event()
         while not stop.is_set():
             try:
-                while not stop.is_set() and await self.send_due(datetime.now(timezone.utc)):
+                while not stop.is_set() and await self.send_due(datetime.now(timezone.utc)) and not busy.is_set():
                     pass
             except Exception:  # noqa: BLE001 - a database hiccup must not end the sender
                 log.exception("event=outbox-error")

@@ -1,10 +1,18 @@
 """Stored messages -> decisions -> tickets: the parse, route and act stages driven in batches.
 
-A batch is parsed outside any transaction (parsing is the expensive part and needs no lock),
-then acted on in one write transaction, one savepoint per message: a message that fails is
-rolled back alone, marked ``failed`` with its error, and its raw bytes stay for
-``intake reprocess``. A message is re-checked as still pending inside the transaction, so two
-processors racing on the same rows act on each message once.
+A batch is parsed and scored outside any transaction (the expensive part, and it needs no lock),
+then acted on in chunks of ``processing.messages_per_transaction`` messages. A chunk is routed in
+order against set-based lookups and its new tickets are made ready, replies rendered with the
+references that come next, all before the write lock is taken; then one short write transaction
+takes those references (see :func:`intake.tickets.open_tickets`) and writes the lot in a handful
+of statements, not a dozen per message. A message whose routing depends on an earlier one of its
+chunk that is not written yet (a second copy, a reply to it) ends the part planned so far; that
+part is written and planning goes on from the message.
+
+If anything in a chunk fails, its transaction is rolled back and its messages are acted on
+again one at a time: the message at fault is marked ``failed`` alone, with its error, and its raw
+bytes stay for ``intake reprocess``. Messages are re-checked as still pending inside the write
+transaction, so two processors racing on the same rows act on each message once.
 """
 
 from __future__ import annotations
@@ -12,16 +20,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, bindparam, select, update
 from sqlmodel import Session
 
 from intake import inbound, route, tickets
 from intake.config import Settings
-from intake.db import write_session
+from intake.db import read_session, write_session
 from intake.inbound import StoredMessage
 from intake.models import InboundMessage, InboundStatus
 from intake.parse import ParsedMail, parse
@@ -40,6 +49,9 @@ class BatchResult:
         return sum(self.decisions.values()) + len(self.failed)
 
 
+# Mail acted on per write transaction at most (see _chunks), whatever messages_per_transaction says.
+_CHUNK_BYTES = 512 * 1024
+
 # Decisions that add to a ticket; everything else is stored and logged only.
 _ACTED_ON = {route.NEW_TICKET, route.REPORTER_REPLY, route.MAINTAINER_REPLY}
 
@@ -55,6 +67,35 @@ class Prepared:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class Routed:
+    """A message and the decision made on it, not yet carried out."""
+
+    prepared: Prepared
+    incoming: route.Incoming
+    decision: route.Decision
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Decisions on a run of messages and the tickets they open, made ready without the write lock."""
+
+    routed: list[Routed]
+    openings: list[tickets.Opening]
+    sent: Counter[str]  # automatic mails per recipient within the rate limit's window, as read
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What acting on one message came to: its decision (and the reference of the ticket it opened),
+    or the error that failed it."""
+
+    prepared: Prepared
+    decision: route.Decision | None = None
+    reference: str | None = None
+    error: str | None = None
+
+
 def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
     started = time.perf_counter()
     try:
@@ -66,73 +107,159 @@ def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
     return Prepared(stored, mail, quality, time.perf_counter() - started)
 
 
-def act(session: Session, settings: Settings, prepared: Prepared, now: datetime) -> tuple[route.Decision, str | None]:
-    """Route one message and carry out the decision; returns it and the reference of a new ticket."""
-    stored, mail = prepared.stored, prepared.mail
-    assert mail is not None
-    incoming = route.Incoming(mail=mail, mail_from=stored.mail_from, rcpt_tos=stored.rcpt_tos,
-                              message_key=tickets.message_key(mail, stored))
-    decision = route.decide(incoming, tickets.DatabaseKnown(session), tickets.routing_config(settings))
-    if decision.kind == route.NEW_TICKET:
-        ticket = tickets.open_ticket(session, settings, stored, incoming, decision, now, prepared.quality)
-        return replace(decision, ticket_id=ticket.id), ticket.reference
-    if decision.ticket_id is not None and decision.kind != route.DUPLICATE:
-        tickets.record_on_ticket(session, stored, incoming, decision, now)
-    return decision, None
-
-
-def _mark(session: Session, message_id: int, **values: object) -> None:
-    table = InboundMessage.__table__
-    session.execute(update(table).where(table.c.id == message_id).values(**values))
-
-
-def _fail(session: Session, message_id: int, error: str, now: datetime, result: BatchResult) -> None:
-    _mark(session, message_id, status=InboundStatus.FAILED, error=error[:2000], processed_at=now,
-          attempts=InboundMessage.attempts + 1)
-    result.failed.append(message_id)
-
-
 def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int | None = None) -> BatchResult:
     """Process up to one batch of pending messages as of *now*."""
     result = BatchResult()
     prepared = [prepare(settings, stored) for stored in
                 inbound.pending(engine, limit or settings.processing.batch_size)]
-    step = settings.processing.messages_per_transaction
-    for start in range(0, len(prepared), step):
-        # Short transactions: the listener's commits wait for this lock.
-        with write_session(engine) as session:
-            _act_on(session, settings, prepared[start:start + step], now, result)
+    for chunk in _chunks(prepared, settings.processing.messages_per_transaction):
+        _tally(result, _act_on_chunk(engine, settings, chunk, now))
     return result
 
 
-def _act_on(session: Session, settings: Settings, chunk: list[Prepared], now: datetime, result: BatchResult) -> None:
-    still_pending = set(session.scalars(
-        select(InboundMessage.id).where(InboundMessage.id.in_([p.stored.id for p in chunk]),
-                                        InboundMessage.status == InboundStatus.PENDING)))
-    for item in chunk:
-        stored, mail = item.stored, item.mail
-        if stored.id not in still_pending:
-            continue  # another processor got there first
-        if mail is None:
-            _fail(session, stored.id, item.error or "parse failed", now, result)
-            continue
+def _chunks(prepared: list[Prepared], most: int) -> Iterator[list[Prepared]]:
+    """*prepared* in chunks of at most *most* messages and, but for a single larger message, of
+    at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written."""
+    chunk: list[Prepared] = []
+    size = 0
+    for item in prepared:
+        if chunk and (len(chunk) == most or size + len(item.stored.raw) > _CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item.stored.raw)
+    if chunk:
+        yield chunk
+
+
+def _act_on_chunk(engine: Engine, settings: Settings, chunk: list[Prepared], now: datetime) -> list[Outcome]:
+    """Act on *chunk*: as many messages at a time as can go together, planned without the write
+    lock and written in one short transaction (the listener's commits wait for its lock). If that
+    fails, the messages not yet written are acted on one by one, so only the one at fault fails."""
+    unparsed = [(item, item.error or "parse failed") for item in chunk if item.mail is None]
+    outcomes = _record_failures(engine, unparsed, now) if unparsed else []
+    items = [item for item in chunk if item.mail is not None]
+    while items:
         try:
-            with session.begin_nested():
-                decision, reference = act(session, settings, item, now)
-                status = InboundStatus.PROCESSED if decision.kind in _ACTED_ON else InboundStatus.IGNORED
-                _mark(session, stored.id, status=status, decision=decision.kind, reason=decision.reason[:2000],
-                      ticket_id=decision.ticket_id, processed_at=now, error=None,
-                      attempts=InboundMessage.attempts + 1)
+            plan = _plan(engine, settings, items, now)
+            with write_session(engine) as session:
+                outcomes += _write(session, settings, plan, now)
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the rest
-            log.exception("event=process-failed inbound_id=%d", stored.id)
-            _fail(session, stored.id, f"{type(exc).__name__}: {exc}", now, result)
+            if len(items) == 1:
+                log.exception("event=process-failed inbound_id=%d", items[0].stored.id)
+                return outcomes + _record_failures(engine, [(items[0], f"{type(exc).__name__}: {exc}")], now)
+            log.warning("event=chunk-failed inbound_ids=%s error=%r: acting on each message alone",
+                        [item.stored.id for item in items], exc)
+            return outcomes + [outcome for item in items for outcome in _act_on_chunk(engine, settings, [item], now)]
+        items = items[len(plan.routed):]
+    return outcomes
+
+
+def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: datetime) -> Plan:
+    """Route *items* up to the first that depends on an earlier one, and make ready the tickets they
+    open, replies rendered, all without the write lock.
+
+    Routing reads a snapshot taken just before. The writers it could miss are another processor
+    acting on the same message (caught by the re-check of its status in :func:`_write`) or on a
+    copy of it (caught by the unique message key: the chunk fails and each message is then acted
+    on again alone, on a fresh snapshot)."""
+    with read_session(engine) as session:
+        routed = _route(session, settings, items)
+        reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality)
+                   for r in routed if r.decision.kind == route.NEW_TICKET]
+        sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
+        references = tickets.next_references(session, settings.intake.reference_prefix,
+                                             [report.stored.received_at.year for report in reports])
+    return Plan(routed, tickets.prepare_openings(settings, reports, references, sent, now), sent)
+
+
+def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> list[Outcome]:
+    """Carry out the decisions of *plan* on the messages still pending: their new tickets all
+    together, additions to existing tickets one by one (replies are few, and may change a
+    ticket's state); then record each message's outcome."""
+    pending = {item.stored.id for item in _still_pending(session, [r.prepared for r in plan.routed])}
+    openings = [opening for opening in plan.openings if opening.report.stored.id in pending]
+    opened = iter(tickets.open_tickets(session, settings, openings, plan.sent, now))
+    outcomes = []
+    for r in plan.routed:
+        if r.prepared.stored.id not in pending:
+            continue  # another processor got there first
+        if r.decision.kind == route.NEW_TICKET:
+            ticket = next(opened)
+            outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
+            continue
+        if tickets.records_on_ticket(r.decision):
+            tickets.record_on_ticket(session, r.prepared.stored, r.incoming, r.decision, now)
+        outcomes.append(Outcome(r.prepared, r.decision))
+    _mark(session, outcomes, now)
+    return outcomes
+
+
+def _record_failures(engine: Engine, failures: list[tuple[Prepared, str]], now: datetime) -> list[Outcome]:
+    """Mark each message of *failures* failed with its error (unless another processor got to it)."""
+    with write_session(engine) as session:
+        pending = {item.stored.id for item in _still_pending(session, [item for item, _ in failures])}
+        outcomes = [Outcome(item, error=error) for item, error in failures if item.stored.id in pending]
+        _mark(session, outcomes, now)
+    return outcomes
+
+
+def _still_pending(session: Session, items: list[Prepared]) -> list[Prepared]:
+    """The messages of *items* no other processor has acted on meanwhile."""
+    table = InboundMessage.__table__
+    pending = set(session.scalars(select(table.c.id).where(table.c.id.in_([item.stored.id for item in items]),
+                                                            table.c.status == InboundStatus.PENDING)))
+    return [item for item in items if item.stored.id in pending]
+
+
+def _route(session: Session, settings: Settings, items: list[Prepared]) -> list[Routed]:
+    """Decide *items* in order, up to the first whose decision depends on one made before it here
+    (and not yet written); returns the decisions made, at least the first."""
+    incomings = [route.Incoming(mail=item.mail, mail_from=item.stored.mail_from, rcpt_tos=item.stored.rcpt_tos,
+                                message_key=tickets.message_key(item.mail, item.stored)) for item in items]
+    known = tickets.ChunkKnown(session, incomings)
+    config = tickets.routing_config(settings)
+    routed = []
+    for item, incoming in zip(items, incomings):
+        try:
+            decision = route.decide(incoming, known, config)
+        except tickets.DependsOnPlanned:
+            break
+        known.planned(incoming, decision)
+        routed.append(Routed(item, incoming, decision))
+    return routed
+
+
+def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
+    """Record each message's outcome on its stored row (one statement for all the decided ones,
+    one for all the failed ones)."""
+    table = InboundMessage.__table__
+    # Values named after columns become SET clauses, one row each (executemany).
+    by_id = update(table).where(table.c.id == bindparam("inbound_id"))
+    decided = [{"inbound_id": o.prepared.stored.id,
+                "status": InboundStatus.PROCESSED if o.decision.kind in _ACTED_ON else InboundStatus.IGNORED,
+                "decision": o.decision.kind, "reason": o.decision.reason[:2000], "ticket_id": o.decision.ticket_id}
+               for o in outcomes if o.decision is not None]
+    failed = [{"inbound_id": o.prepared.stored.id, "error": o.error[:2000]} for o in outcomes if o.decision is None]
+    if decided:
+        session.execute(by_id.values(processed_at=now, error=None, attempts=table.c.attempts + 1), decided)
+    if failed:
+        session.execute(by_id.values(status=InboundStatus.FAILED, processed_at=now, attempts=table.c.attempts + 1),
+                        failed)
+
+
+def _tally(result: BatchResult, outcomes: list[Outcome]) -> None:
+    for outcome in outcomes:
+        stored, mail, decision = outcome.prepared.stored, outcome.prepared.mail, outcome.decision
+        if decision is None:
+            result.failed.append(stored.id)
             continue
         result.decisions[decision.kind] += 1
-        if reference:
-            result.tickets_opened.append(reference)
+        if outcome.reference:
+            result.tickets_opened.append(outcome.reference)
         log.info("event=processed inbound_id=%d message_id=%s decision=%s ticket=%s parse_ms=%.1f warnings=%d "
-                 "reason=%r", stored.id, mail.message_id, decision.kind, reference or decision.ticket_id or "-",
-                 item.parse_seconds * 1000, len(mail.warnings), decision.reason[:200])
+                 "reason=%r", stored.id, mail.message_id, decision.kind, outcome.reference or decision.ticket_id or "-",
+                 outcome.prepared.parse_seconds * 1000, len(mail.warnings), decision.reason[:200])
 
 
 def process_all(engine: Engine, settings: Settings, now: datetime) -> BatchResult:

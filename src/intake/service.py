@@ -5,6 +5,10 @@ processing it (MIME parsing, ORM writes, rendering) are both CPU-bound Python; u
 they slow each other down. The worker shares nothing with the listener but the database, so
 it can also crash or restart without touching a single accepted message.
 
+Accepting comes first: the worker runs at a lower CPU priority than the listener, it (not a
+commit in front of a 250) copies the SQLite WAL into the database file, and its outbox sender
+holds back while there is a backlog of mail to act on.
+
 systemd integration: ``READY=1`` once the listener is bound, ``WATCHDOG=1`` from the event
 loop (a stuck loop stops the pings and systemd restarts us), ``STOPPING=1`` on SIGTERM. A clean
 stop closes the listening socket, lets in-flight DATA commits finish, flushes the writer, lets
@@ -24,9 +28,11 @@ from datetime import datetime, timezone
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 
+from sqlalchemy import Engine
+
 from intake import processor
 from intake.config import Settings, load_settings
-from intake.db import create_schema, make_engine
+from intake.db import checkpoint, create_schema, make_engine
 from intake.inbound import GroupCommitter
 from intake.listener import IntakeHandler, smtp_factory
 from intake.outbox import OutboxSender, make_transport
@@ -120,7 +126,7 @@ async def _serve(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")
     wake_processor = context.Event()
     stop_worker = context.Event()
-    engine = make_engine(settings.database_url, settings.database.busy_timeout)
+    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     create_schema(engine)
     committer = GroupCommitter(engine, on_commit=wake_processor.set)
     listener = await start_listener(settings, committer)
@@ -182,36 +188,77 @@ def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent,
     # The parent coordinates shutdown; a terminal's Ctrl-C reaches us too and must not cut a batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _yield_cpu_to_listener()
     configure_logging()
     settings = load_settings(Path(config_path) if config_path else None)
     asyncio.run(_work(settings, wake, stop, parent_pid))
 
 
+def _yield_cpu_to_listener() -> None:
+    """Lower this process's CPU priority, before it starts any thread (threads inherit it).
+
+    The listener and the worker share the machine's cores; when both want one, the listener's
+    250s should not wait behind processing, which catches up as soon as the listener is quiet.
+    Nice 19, and on Linux the batch policy too (waking up, we do not preempt the listener). Unlike
+    the idle policy, this keeps a share of the CPU under any other load, so processing never
+    stops altogether."""
+    os.nice(19)
+    if hasattr(os, "SCHED_BATCH"):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
+class _SenderPacing:
+    """Tells the outbox sender when to run: woken once mail was queued and the processor has
+    caught up; held back (see :meth:`OutboxSender.run`) while its batches come back full."""
+
+    def __init__(self, batch_size: int):
+        self.wake = asyncio.Event()
+        self.backlog = asyncio.Event()
+        self._batch_size = batch_size
+        self._queued = False  # mail queued since the sender was last woken
+
+    def after(self, result: processor.BatchResult) -> None:
+        if result.handled >= self._batch_size:  # a full batch: more mail is waiting to be acted on
+            self.backlog.set()
+        else:
+            self.backlog.clear()
+        self._queued |= bool(result.tickets_opened)
+        if self._queued and not self.backlog.is_set():
+            self.wake.set()
+            self._queued = False
+
+
+def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
+    """One batch, then a checkpoint: the worker copies the WAL into the database file, so that no
+    commit in front of a 250 has to (see :func:`intake.db.make_engine`)."""
+    result = processor.process_batch(engine, settings, datetime.now(timezone.utc))
+    checkpoint(engine)
+    return result
+
+
 async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int) -> None:
-    engine = make_engine(settings.database_url, settings.database.busy_timeout)
+    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     stop = asyncio.Event()
-    outbox_wake = asyncio.Event()
+    pacing = _SenderPacing(settings.processing.batch_size)
     sender = OutboxSender(engine, settings, make_transport(settings))
-    sending = asyncio.create_task(sender.run(stop, outbox_wake))
+    sending = asyncio.create_task(sender.run(stop, pacing.wake, busy=pacing.backlog))
     poll = settings.processing.poll_interval
     while True:
         # A parent killed with SIGKILL cannot tell us to stop; being re-parented means it is gone.
         if stop_flag.is_set() or os.getppid() != parent_pid:
             break
         try:
-            result = await asyncio.to_thread(processor.process_batch, engine, settings, datetime.now(timezone.utc))
+            result = await asyncio.to_thread(_process_batch, engine, settings)
         except Exception:  # noqa: BLE001 - e.g. database unreachable: wait and try again
             log.exception("event=processor-error")
-            result = None
             await asyncio.sleep(poll)
-        if result and result.handled:
-            if result.tickets_opened:
-                outbox_wake.set()
-            continue
+        else:
+            pacing.after(result)
+            if result.handled:
+                continue
         await asyncio.to_thread(wake.wait, poll)
         wake.clear()
     stop.set()
-    outbox_wake.set()
+    pacing.wake.set()
     await sending
     engine.dispose()
-
