@@ -21,8 +21,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from aiosmtpd.controller import Controller
+from click.testing import CliRunner
 
 from intake import processor
+from intake.cli import main
 from intake.config import Settings, load_settings
 from intake.db import create_schema, make_engine
 from intake.inbound import GroupCommitter
@@ -132,6 +134,19 @@ def config_file(tmp_path: Path) -> Path:
     path = tmp_path / "config.toml"
     shutil.copy(SHIPPED_CONFIG, path)
     return path
+
+
+@pytest.fixture
+def cli(config_file: Path):
+    """Run the intake CLI on the test's config file; asserts the exit code (0 unless *code* says)."""
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
+        result = runner.invoke(main, ["--config", str(config_file), *args], catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result
+
+    return run
 
 
 @pytest.fixture
@@ -279,7 +294,8 @@ def report(subject: str = "XSS in the login form", sender: str = "alice@research
 
 def smtp_send(port: int, message: EmailMessage | bytes, mail_from: str = "alice@researcher.test",
               rcpt_tos: list[str] | None = None) -> dict:
-    data = message if isinstance(message, bytes) else message.as_bytes()
+    # smtplib sends bytes as they are: line endings must already be CRLF, as on the wire.
+    data = message if isinstance(message, bytes) else message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         return client.sendmail(mail_from, rcpt_tos or ["security@example.com"], data)
 

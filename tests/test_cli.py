@@ -6,22 +6,8 @@ import json
 from datetime import datetime, timezone
 
 import pytest
-from click.testing import CliRunner
 
 from conftest import process, report, smtp_send
-from intake.cli import main
-
-
-@pytest.fixture
-def cli(config_file):
-    runner = CliRunner()
-
-    def run(*args: str, code: int = 0):  # type: ignore[no-untyped-def]
-        result = runner.invoke(main, ["--config", str(config_file), *args], catch_exceptions=False)
-        assert result.exit_code == code, result.output
-        return result
-
-    return run
 
 
 @pytest.fixture

@@ -542,12 +542,25 @@ def test_policy_must_say_whether_the_auto_ack_counts():
 
 def test_validate_policies_names_unknown_calendars():
     brisbane = {"brisbane": BRISBANE_AU}
-    fine = policy(stage("ack", "1 day", calendar="brisbane"), stage("fix", "1 day", calendar="utc"))
+    fine = policy(stage("acknowledge", "1 day", calendar="brisbane"), stage("fix", "1 day", calendar="utc"))
     validate_policies({"fine": fine}, brisbane)
-    with pytest.raises(ValueError, match="policy 'vectis' stage 'ack': calendar 'brisbaen' is not defined"):
-        validate_policies({"vectis": policy(stage("ack", "1 day", calendar="brisbaen"))}, brisbane)
+    with pytest.raises(ValueError, match="policy 'vectis' stage 'acknowledge': calendar 'brisbaen' is not defined"):
+        validate_policies({"vectis": policy(stage("acknowledge", "1 day", calendar="brisbaen"))}, brisbane)
     with pytest.raises(ValueError, match="policy 'vectis': calendar 'sydney' is not defined"):
-        validate_policies({"vectis": policy(stage("ack", "1 day"), calendar="sydney")}, brisbane)
+        validate_policies({"vectis": policy(stage("acknowledge", "1 day"), calendar="sydney")}, brisbane)
+
+
+def test_validate_policies_wants_every_stage_met_by_a_milestone():
+    with pytest.raises(ValueError, match="policy 'p' stage 'triage' needs met_by"):
+        validate_policies({"p": policy(stage("triage", "1 day"))}, {})
+    validate_policies({"p": policy(stage("triage", "1 day", met_by="assessed"))}, {})
+    with pytest.raises(ValueError, match="starts at unknown event 'shipped'"):
+        validate_policies({"p": policy(stage("disclose", "7 days", start="event:shipped"))}, {})
+    with pytest.raises(ValueError, match="unknown milestone 'fixed'"):
+        stage("fix", "1 day", met_by="fixed")
+    assert stage("fix", "1 day").milestone == "released"
+    with pytest.raises(ValueError, match="must be elapsed time"):
+        policy(stage("fix", "1 day"), due_soon="1 business day")
 
 
 def test_validate_policies_names_unknown_stages_even_when_built_unvalidated():

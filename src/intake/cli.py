@@ -12,13 +12,15 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import click
 
-from intake import inbound, outbox, processor, service, tickets
+from intake import deadlines, inbound, milestones, outbox, parse_guard, processor, service, tickets
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
-from intake.db import create_schema, make_engine
+from intake.db import create_schema, make_engine, write_session
 from intake.parse import extract_attachment
+from intake.sla import SEVERITIES
 
 
 class Context:
@@ -123,12 +125,14 @@ def list_tickets(obj: Context, state: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def show(obj: Context, reference: str, as_json: bool) -> None:
-    """Show a ticket: its fields, thread and events."""
+    """Show a ticket: its fields, deadlines, thread and events."""
+    engine = obj.engine()
     try:
-        detail = tickets.ticket_detail(obj.engine(), reference)
+        detail = tickets.ticket_detail(engine, reference)
     except tickets.TicketNotFound:
         _fail(f"no ticket {reference}")
         return
+    stages = deadlines.ticket_stage_statuses(engine, obj.settings, detail.ticket, datetime.now(timezone.utc))
     numbered = _numbered_attachments(detail)
     data = {
         **_ticket_summary(detail.ticket),
@@ -137,6 +141,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         "links": detail.ticket.links,
         "quality": detail.ticket.quality,
         "reporter_unreachable_at": _iso(detail.ticket.reporter_unreachable_at),
+        "stages": [stage.as_dict() for stage in stages],
         "thread": [
             {
                 "direction": e.direction,
@@ -176,6 +181,15 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     if t.quality:
         matched = ", ".join(t.quality.get("matched", [])) or "no rule"
         click.echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")
+    if stages:
+        click.echo("\nDeadlines:")
+        width = max(len(stage.stage) for stage in stages)
+        for stage in stages:
+            zone = _zone_of_stage(obj.settings, t.policy, stage.stage) if t.policy in obj.settings.policies else ZoneInfo("UTC")
+            due = _local_and_utc(stage.due_at, zone) if stage.due_at else "-"
+            met = f", met {_local_and_utc(stage.met_at, zone)}" if stage.met_at else ""
+            click.echo(f"  {stage.stage.ljust(width)}  {stage.state:<9} due {due}{met}")
+            click.echo(f"  {''.ljust(width)}  {stage.basis}")
     click.echo("\nThread:")
     for entry in data["thread"]:
         click.echo(f"  [{entry['at']}] {entry['direction']} {entry['kind']} from {entry['sender'] or '-'}"
@@ -275,7 +289,10 @@ def reprocess(obj: Context, message_id: int | None, all_failed: bool) -> None:
     if not requeued:
         click.echo("nothing to reprocess" if all_failed else f"message {message_id} is not failed or ignored")
         return
-    result = processor.process_all(engine, obj.settings, datetime.now(timezone.utc))
+    try:
+        result = processor.process_all(engine, obj.settings, datetime.now(timezone.utc))
+    finally:
+        parse_guard.close()
     for ref in result.tickets_opened:
         click.echo(f"opened {ref}")
     for kind, count in sorted(result.decisions.items()):
@@ -303,3 +320,198 @@ def outbox_command(obj: Context, status: str | None, as_json: bool) -> None:
         return
     _table([[str(d["id"]), d["status"], str(d["attempts"]), d["key"], ",".join(d["to"]),
              (d["last_error"] or "")[:60]] for d in data], ["ID", "STATUS", "TRIES", "KEY", "TO", "LAST ERROR"])
+
+
+# -- SLA: policies explained, deadlines recomputed ---------------------------------------------
+
+
+class _Instant(click.ParamType):
+    """An ISO 8601 instant with a UTC offset (``Z`` or ``+10:00``): a bare local time is ambiguous."""
+
+    name = "ISO8601"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            instant = datetime.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an ISO 8601 date and time (e.g. 2026-12-24T15:00:00+10:00)", param, ctx)
+        if instant.utcoffset() is None:
+            self.fail(f"{value!r} has no UTC offset: add one, e.g. {value}Z or {value}+10:00", param, ctx)
+        return instant
+
+
+INSTANT = _Instant()
+
+
+def _zone_of_stage(settings: Settings, policy_name: str, stage_name: str) -> ZoneInfo:
+    policy = settings.policies[policy_name]
+    stage = next((s for s in policy.stages if s.name == stage_name), None)
+    calendar = (stage.calendar if stage and stage.calendar else None) or policy.calendar
+    return settings.all_calendars[calendar].zone
+
+
+def _local_and_utc(instant: datetime, zone: ZoneInfo) -> str:
+    local = instant.astimezone(zone)
+    offset = local.isoformat()[-6:]
+    return f"{local:%a %d %b %Y %H:%M} {local.tzname()} ({offset}) = {instant.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
+@main.group()
+def sla() -> None:
+    """SLA deadlines: explain a policy, recompute the stored deadlines."""
+
+
+@sla.command("explain")
+@click.option("--policy", "policy_name", required=True, help="Policy name from the config.")
+@click.option("--received", required=True, type=INSTANT, help="When the report was received (ISO 8601 with offset).")
+@click.option("--severity", type=click.Choice(SEVERITIES), default=None,
+              help="Severity, if known (else severity-dependent stages take their strictest duration).")
+@click.option("--released", type=INSTANT, default=None, help="When the patched release came out.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def sla_explain(obj: Context, policy_name: str, received: datetime, severity: str | None,
+                released: datetime | None, as_json: bool) -> None:
+    """Every stage's due instant for a report received at --received, and why."""
+    settings = obj.settings
+    if policy_name not in settings.policies:
+        _fail(f"no policy {policy_name!r} (known: {', '.join(sorted(settings.policies))})", 2)
+    inputs = deadlines.SlaInputs(received, severity, {"released": released} if released else {}, None, [])
+    computed = deadlines.compute(settings, policy_name, inputs)
+    stages = []
+    for deadline, _ in computed:
+        zone = _zone_of_stage(settings, policy_name, deadline.stage)
+        stages.append({"stage": deadline.stage,
+                       "due": deadline.due.astimezone(zone).isoformat() if deadline.due else None,
+                       "due_utc": deadline.due.astimezone(timezone.utc).isoformat() if deadline.due else None,
+                       "timezone": zone.key, "basis": deadline.basis,
+                       "severity_assumed": deadline.severity_assumed})
+    if as_json:
+        _emit_json({"policy": policy_name, "received": received.isoformat(), "severity": severity,
+                    "released": _iso(released), "stages": stages})
+        return
+    policy = settings.policies[policy_name]
+    click.echo(f"policy {policy_name}{': ' + policy.description if policy.description else ''}")
+    click.echo(f"received {_local_and_utc(received, settings.all_calendars[policy.calendar].zone)}"
+               f"{', severity ' + severity if severity else ', severity not known'}")
+    width = max(len(stage["stage"]) for stage in stages)
+    for stage, (deadline, _) in zip(stages, computed):
+        when = _local_and_utc(deadline.due, ZoneInfo(stage["timezone"])) if deadline.due else "not started"
+        click.echo(f"  {stage['stage'].ljust(width)}  {when}")
+        click.echo(f"  {''.ljust(width)}  {stage['basis']}")
+
+
+@sla.command("recompute")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def sla_recompute(obj: Context, as_json: bool) -> None:
+    """Recompute every ticket's stored deadlines from the policies now in the config."""
+    result = deadlines.recompute_all(obj.engine(), obj.settings, datetime.now(timezone.utc))
+    changes = [{"reference": c.reference, "stage": c.stage, "due_before": _iso(c.due_before),
+                "due_after": _iso(c.due_after), "met_before": _iso(c.met_before), "met_after": _iso(c.met_after)}
+               for c in result.changes]
+    if as_json:
+        _emit_json({"tickets": result.tickets, "changes": changes, "errors": result.errors})
+    else:
+        click.echo(f"recomputed {result.tickets} ticket(s): {len(changes)} deadline(s) changed")
+        for change in changes:
+            click.echo(f"  {change['reference']} {change['stage']}: due {change['due_before'] or '-'} -> "
+                       f"{change['due_after'] or '-'}")
+        for reference, error in result.errors.items():
+            click.echo(f"  {reference}: not recomputed: {error}", err=True)
+    if result.errors:
+        sys.exit(1)
+
+
+# -- milestones and waiting on the reporter ----------------------------------------------------
+
+
+def _actor() -> str:
+    """Who is at the keyboard: recorded with every change."""
+    return os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+
+
+def _change_ticket(obj: Context, reference: str, change: Any) -> None:
+    """Run *change(session, settings, ticket, now)* on one ticket in one transaction and report it."""
+    settings = obj.settings
+    now = datetime.now(timezone.utc)
+    try:
+        with write_session(obj.engine()) as session:
+            ticket = tickets.find(session, reference)
+            moved = change(session, settings, ticket, now)
+            summary = f"{ticket.reference}: state {ticket.state}"
+    except tickets.TicketNotFound:
+        _fail(f"no ticket {reference}")
+        return
+    except (milestones.Refused, deadlines.PolicyMissing) as exc:
+        _fail(f"{exc}")
+        return
+    click.echo(summary)
+    for item in moved:
+        if item.due_before != item.due_after:
+            click.echo(f"  {item.stage} due {_iso(item.due_before) or '-'} -> {_iso(item.due_after) or '-'}")
+        if item.met_before != item.met_after:
+            click.echo(f"  {item.stage} met {_iso(item.met_after) or '-'}")
+
+
+_AT = click.option("--at", type=INSTANT, default=None, help="When it happened (ISO 8601 with offset; default now).")
+_FORCE = click.option("--force", is_flag=True, help="Record it even out of order or a second time.")
+
+
+def _milestone_command(name: str, milestone: str, help_text: str) -> None:
+    @main.command(name, help=help_text)
+    @click.argument("reference")
+    @_AT
+    @_FORCE
+    @click.pass_obj
+    def command(obj: Context, reference: str, at: datetime | None, force: bool) -> None:
+        _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
+            session, settings, ticket, milestone, at=at or now, now=now, actor=_actor(), force=force))
+
+
+_milestone_command("ack", "acknowledged", "Record that a person acknowledged the report to the reporter.")
+_milestone_command("resolve", "resolved", "Record that the report is resolved.")
+_milestone_command("disclose", "disclosed", "Record that the vulnerability was disclosed publicly.")
+
+
+@main.command()
+@click.argument("reference")
+@click.option("--severity", required=True, type=click.Choice(SEVERITIES), help="The assessed severity.")
+@_AT
+@_FORCE
+@click.pass_obj
+def assess(obj: Context, reference: str, severity: str, at: datetime | None, force: bool) -> None:
+    """Record the assessment of the report, with its severity."""
+    _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.assess(
+        session, settings, ticket, severity, at=at or now, now=now, actor=_actor(), force=force))
+
+
+@main.command()
+@click.argument("reference")
+@_AT
+@click.option("--version", "version", default=None, help="The release that carries the fix.")
+@_FORCE
+@click.pass_obj
+def released(obj: Context, reference: str, at: datetime | None, version: str | None, force: bool) -> None:
+    """Record that a patched release is out (starts the disclosure clock where the policy has one)."""
+    _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
+        session, settings, ticket, "released", at=at or now, now=now, actor=_actor(), force=force, version=version))
+
+
+@main.command()
+@click.argument("reference")
+@click.pass_obj
+def wait(obj: Context, reference: str) -> None:
+    """The ticket waits on the reporter (clocks stop where the policy says so)."""
+    _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.wait(
+        session, settings, ticket, now=now, actor=_actor()))
+
+
+@main.command()
+@click.argument("reference")
+@click.pass_obj
+def resume(obj: Context, reference: str) -> None:
+    """The ticket no longer waits on the reporter."""
+    _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.resume(
+        session, settings, ticket, now=now, actor=_actor()))

@@ -183,6 +183,8 @@ class ProcessingSection(Section):
     messages_per_transaction: int = Field(default=50, ge=1, le=10_000)
     # Seconds between polls for pending messages when nothing wakes the processor.
     poll_interval: float = Field(default=1.0, gt=0)
+    # Seconds parsing one message may take (in a helper process) before it is cut short.
+    parse_timeout: float = Field(default=10.0, gt=0, le=3600)
 
 
 class OutboundSection(Section):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import JSON, Boolean, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -137,6 +137,34 @@ class Event(SQLModel, table=True):
     actor: str = Field(sa_column=Column(Text, nullable=False))
     kind: str = Field(sa_column=Column(String(40), nullable=False))
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Deadline(SQLModel, table=True):
+    """When one stage of a ticket's policy is due, as last computed (see :mod:`intake.deadlines`).
+
+    Kept in step with the ticket by every change that moves a deadline, so the scheduler finds
+    due work through the index on unmet ``due_at`` instead of recomputing every ticket."""
+
+    __table_args__ = (
+        UniqueConstraint("ticket_id", "stage"),
+        Index("ix_deadline_unmet_due", "due_at", sqlite_where=text("met_at IS NULL"),
+              postgresql_where=text("met_at IS NULL")),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    stage: str = Field(sa_column=Column(String(64), nullable=False))
+    # Position of the stage in its policy, for display in policy order.
+    position: int
+    # None while the stage has not started (it waits on another) or its clock is paused.
+    due_at: datetime | None = _instant(nullable=True)
+    started_at: datetime | None = _instant(nullable=True)
+    met_at: datetime | None = _instant(nullable=True)
+    # One line for people: "2 business days in Australia/Brisbane from receipt; skipped ...".
+    basis: str = Field(sa_column=Column(Text, nullable=False))
+    # The strictest duration was used because the severity is not known yet.
+    severity_assumed: bool = Field(sa_column=Column(Boolean, nullable=False))
+    computed_at: datetime = _instant()
 
 
 class OutboxStatus:

@@ -28,12 +28,12 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, select, update
 from sqlmodel import Session
 
-from intake import inbound, route, tickets
+from intake import inbound, parse_guard, route, tickets
 from intake.config import Settings
 from intake.db import read_session, write_session
 from intake.inbound import StoredMessage
 from intake.models import InboundMessage, InboundStatus
-from intake.parse import ParsedMail, parse
+from intake.parse import ParsedMail
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Outcome:
 def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
     started = time.perf_counter()
     try:
-        mail = parse(stored.raw)
+        mail = parse_guard.parse_bounded(stored.raw, settings.processing.parse_timeout)
         quality = settings.quality_rules.score(mail).as_dict()
     except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
         log.exception("event=parse-failed inbound_id=%d", stored.id)
@@ -189,7 +189,7 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
             outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
             continue
         if tickets.records_on_ticket(r.decision):
-            tickets.record_on_ticket(session, r.prepared.stored, r.incoming, r.decision, now)
+            tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now)
         outcomes.append(Outcome(r.prepared, r.decision))
     _mark(session, outcomes, now)
     return outcomes

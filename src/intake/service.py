@@ -30,7 +30,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from intake import processor
+from intake import parse_guard, processor
 from intake.config import Settings, load_settings
 from intake.db import checkpoint, create_schema, make_engine
 from intake.inbound import GroupCommitter
@@ -261,4 +261,5 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
     stop.set()
     pacing.wake.set()
     await sending
+    parse_guard.close()
     engine.dispose()

@@ -94,6 +94,13 @@ SEVERITIES = ("critical", "high", "medium", "low", "none")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 STAGE_STATES = ("pending", "paused", "ok", "due-soon", "breached", "met", "met-late")
 BUILTIN_CALENDAR = "utc"
+DEFAULT_DUE_SOON = "24 hours"
+# What maintainers record as a report moves on (``intake ack|assess|released|resolve|disclose``),
+# in the order they normally come; each meets a stage and can start others (``event:<name>``).
+MILESTONES = ("acknowledged", "assessed", "released", "resolved", "disclosed")
+# The milestone that meets a stage of one of these names unless the stage says ``met_by``.
+DEFAULT_MET_BY = {"acknowledge": "acknowledged", "assess": "assessed", "fix": "released",
+                  "resolve": "resolved", "disclose": "disclosed"}
 
 # The basis is one line for a human: past this many skipped days, summarise.
 _MAX_SKIPPED_IN_BASIS = 8
@@ -307,6 +314,8 @@ class StageConfig(BaseModel):
     by_severity: dict[str, str] = Field(default_factory=dict)
     start: str = "received"
     calendar: str | None = None
+    # The milestone that meets this stage; defaults by name (see DEFAULT_MET_BY).
+    met_by: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -337,6 +346,18 @@ class StageConfig(BaseModel):
     def _valid_start(cls, text: str) -> str:
         _parse_start(text)
         return text
+
+    @field_validator("met_by")
+    @classmethod
+    def _known_milestone(cls, milestone: str | None) -> str | None:
+        if milestone is not None and milestone not in MILESTONES:
+            raise ValueError(f"unknown milestone {milestone!r}: use one of {', '.join(MILESTONES)}")
+        return milestone
+
+    @property
+    def milestone(self) -> str | None:
+        """The milestone that meets this stage (None: none can; the config check refuses that)."""
+        return self.met_by or DEFAULT_MET_BY.get(self.name)
 
     @model_validator(mode="after")
     def _every_severity_has_a_duration(self) -> StageConfig:
@@ -393,7 +414,20 @@ class PolicyConfig(BaseModel):
     # What a report scored low-quality gets: the normal acknowledgement, or the polite
     # out-of-scope reply (template out-of-scope.txt.j2). Either way it is a ticket.
     low_quality_reply: Literal["acknowledge", "out-of-scope"] = "acknowledge"
+    # How long before its due instant an unmet stage counts as due soon (elapsed time).
+    due_soon: str = DEFAULT_DUE_SOON
     stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("due_soon")
+    @classmethod
+    def _elapsed_due_soon(cls, text: str) -> str:
+        if parse_duration(text).business:
+            raise ValueError(f"due_soon {text!r} must be elapsed time (minutes, hours or days), not business time")
+        return text
+
+    @property
+    def due_soon_span(self) -> timedelta:
+        return parse_duration(self.due_soon).elapsed
 
     @model_validator(mode="after")
     def _consistent_stages(self) -> PolicyConfig:
@@ -415,6 +449,14 @@ def validate_policies(policies: Mapping[str, PolicyConfig], calendars: Mapping[s
                 f"(known: {', '.join(sorted(known))})"
             )
         for stage in policy.stages:
+            # The engine takes any stage; a configured one must be one a maintainer can meet.
+            if stage.milestone is None:
+                raise ValueError(f"policy {policy_name!r} stage {stage.name!r} needs met_by: the milestone that "
+                                 f"meets it ({', '.join(MILESTONES)})")
+            kind, event = _parse_start(stage.start)
+            if kind == "event" and event not in MILESTONES:
+                raise ValueError(f"policy {policy_name!r} stage {stage.name!r} starts at unknown event {event!r}: "
+                                 f"use one of {', '.join(MILESTONES)}")
             if stage.calendar is not None and stage.calendar not in known:
                 raise ValueError(
                     f"policy {policy_name!r} stage {stage.name!r}: calendar {stage.calendar!r} "

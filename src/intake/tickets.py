@@ -22,13 +22,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
-from intake import outbox, replies, route
+from intake import deadlines, outbox, replies, route
 from intake.config import Settings
 from intake.db import read_session
 from intake.inbound import StoredMessage
-from intake.models import Event, InboundMessage, Outbox, ReferenceCounter, ThreadEntry, Ticket, TicketState
+from intake.models import Deadline, Event, InboundMessage, Outbox, ReferenceCounter, ThreadEntry, Ticket, TicketState
 from intake.parse import ParsedMail
-from intake.sla import compute_deadlines
+from intake.sla import StageDeadline
 
 SYSTEM_ACTOR = "intake"
 
@@ -220,12 +220,21 @@ def _event(ticket_id: int, kind: str, now: datetime, actor: str = SYSTEM_ACTOR, 
     return dict(ticket_id=ticket_id, at=now, actor=actor, kind=kind, detail=detail)
 
 
-def promised_dates(settings: Settings, policy_name: str, received_at: datetime) -> list[replies.PromisedDate]:
-    """The dates a new report's acknowledgement states, in the policy's own time zone."""
+def _initial_deadlines(settings: Settings, policy_name: str, received_at: datetime,
+                       acknowledged_at: datetime | None) -> list[tuple[StageDeadline, datetime | None]]:
+    """A new ticket's deadlines; *acknowledged_at*: when its automatic reply was queued, if it was."""
+    inputs = deadlines.SlaInputs(received_at, None, {}, acknowledged_at, [])
+    return deadlines.compute(settings, policy_name, inputs)
+
+
+def promised_dates(settings: Settings, policy_name: str,
+                   computed: list[tuple[StageDeadline, datetime | None]]) -> list[replies.PromisedDate]:
+    """The dates a new report's acknowledgement states (from its *computed* deadlines), in the
+    policy's own time zone."""
     policy = settings.policies[policy_name]
     calendars = settings.all_calendars
     promised = []
-    for deadline in compute_deadlines(policy, calendars, received_at=received_at):
+    for deadline, _ in computed:
         if deadline.due is None:
             continue
         stage = next(s for s in policy.stages if s.name == deadline.stage)
@@ -269,6 +278,7 @@ class Opening:
     policy: str
     refusal: str | None  # why the reporter gets no automatic reply (loop safety, rate limit)
     reply: replies.OutgoingMail | None
+    deadlines: list[tuple[StageDeadline, datetime | None]]  # every stage's deadline, and when met
 
 
 def prepare_openings(settings: Settings, reports: list[NewReport], references: list[str], sent: Counter[str],
@@ -286,7 +296,8 @@ def prepare_openings(settings: Settings, reports: list[NewReport], references: l
         # The first recipient decides: a +tag mapped to a policy is more specific than the base address.
         policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
         refusal = _automatic_reply_refusal(settings, config, report.incoming, sent)
-        opening = Opening(report, reference, address, policy, refusal, None)
+        computed = _initial_deadlines(settings, policy, stored.received_at, acknowledged_at=None if refusal else now)
+        opening = Opening(report, reference, address, policy, refusal, None, computed)
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now))
             sent[stored.mail_from.lower()] += 1
@@ -323,7 +334,7 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> rep
         from_name=settings.intake.from_name,
         in_reply_to=mail.message_id,
         references=mail.references,
-        deadlines=promised_dates(settings, opening.policy, report.stored.received_at),
+        deadlines=promised_dates(settings, opening.policy, opening.deadlines),
         policy=opening.policy,
         message_id_domain=settings.intake.message_id_domain,
         templates_dir=settings.resolve_path(settings.intake.templates_dir) if settings.intake.templates_dir else None,
@@ -368,7 +379,20 @@ def open_tickets(session: Session, settings: Settings, openings: list[Opening], 
                                  message_id=reply.message_id))
     session.execute(insert(ThreadEntry.__table__), entries)
     session.execute(insert(Event.__table__), events)
+    session.execute(insert(Deadline.__table__), [
+        {**row, "ticket_id": ticket.id}
+        for opening, ticket in zip(openings, opened)
+        for row in deadlines.rows(_queued_deadlines(settings, opening, queued, now), now)])
     return opened
+
+
+def _queued_deadlines(settings: Settings, opening: Opening, queued: set[str],
+                      now: datetime) -> list[tuple[StageDeadline, datetime | None]]:
+    """The opening's deadlines, unless they counted an automatic reply that turned out to be queued
+    already (by another processor: its dedupe key was taken), which this ticket did not send."""
+    if opening.reply is None or opening.reply.dedupe_key in queued:
+        return opening.deadlines
+    return _initial_deadlines(settings, opening.policy, opening.report.stored.received_at, acknowledged_at=None)
 
 
 def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
@@ -426,8 +450,8 @@ def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: replies.Outg
     )
 
 
-def record_on_ticket(session: Session, stored: StoredMessage, incoming: route.Incoming, decision: route.Decision,
-                     now: datetime) -> None:
+def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
+                     decision: route.Decision, now: datetime) -> None:
     """Add a threaded message (reply, automatic mail, bounce) to its ticket; never answers it."""
     assert decision.ticket_id is not None
     ticket = session.get(Ticket, decision.ticket_id)
@@ -440,6 +464,7 @@ def record_on_ticket(session: Session, stored: StoredMessage, incoming: route.In
               message_id=incoming.mail.message_id, threaded_by=decision.threaded_by, sender=incoming.sender)
     if decision.kind == route.REPORTER_REPLY and ticket.state == TicketState.WAITING:
         resume(session, ticket, now, actor=SYSTEM_ACTOR, why="the reporter replied")
+        deadlines.refresh(session, settings, ticket, now)  # the clocks run again
     if decision.kind == route.BOUNCE and decision.bounced is not None:
         _record_bounce(session, ticket, incoming, decision.bounced, now)
 
@@ -508,6 +533,14 @@ class TicketDetail:
     messages: list[InboundMessage]
 
 
+def find(session: Session, reference: str) -> Ticket:
+    """The ticket known as *reference* (any case), for a change in *session*."""
+    ticket = session.scalars(select(Ticket).where(Ticket.reference == reference.upper())).first()
+    if ticket is None:
+        raise TicketNotFound(reference)
+    return ticket
+
+
 def list_tickets(engine: Engine, state: str | None = None) -> list[Ticket]:
     with read_session(engine) as session:
         query = select(Ticket).order_by(Ticket.received_at, Ticket.id)
@@ -518,9 +551,7 @@ def list_tickets(engine: Engine, state: str | None = None) -> list[Ticket]:
 
 def ticket_detail(engine: Engine, reference: str) -> TicketDetail:
     with read_session(engine) as session:
-        ticket = session.scalars(select(Ticket).where(Ticket.reference == reference.upper())).first()
-        if ticket is None:
-            raise TicketNotFound(reference)
+        ticket = find(session, reference)
         entries = session.scalars(select(ThreadEntry).where(ThreadEntry.ticket_id == ticket.id)
                                   .order_by(ThreadEntry.created_at, ThreadEntry.id))
         events = session.scalars(select(Event).where(Event.ticket_id == ticket.id).order_by(Event.at, Event.id))
