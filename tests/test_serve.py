@@ -204,3 +204,40 @@ def test_kill_9_under_load_loses_and_duplicates_nothing(serve, serve_env, sink):
     # A crash can land between the relay's 250 and our record of it (RFC 1047): at most the one
     # message in flight is sent again, with the same Message-ID.
     assert sum(delivered.values()) - len(delivered) <= 1, delivered.most_common(3)
+
+
+# What systemd does for a socket-activated service (sd_listen_fds(3)): the listening socket at
+# file descriptor 3, LISTEN_FDS/LISTEN_FDNAMES, and LISTEN_PID set to the pid that execs intake.
+_AS_SYSTEMD_WOULD = """
+import os, sys
+os.dup2(int(os.environ.pop("PASSED_FD")), 3)
+os.environ.update(LISTEN_FDS="1", LISTEN_FDNAMES="smtp", LISTEN_PID=str(os.getpid()))
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_socket_activation_serves_on_the_socket_systemd_passes(serve_env, config_file, sink):
+    passed = socket.create_server(("127.0.0.1", 0))
+    port = passed.getsockname()[1]
+    configured_port = int(serve_env["INTAKE_SMTP__LISTEN"].rsplit(":", 1)[1])
+    log_path = config_file.parent / "activated.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _AS_SYSTEMD_WOULD, str(INTAKE), "--config", str(config_file), "serve"],
+            env={**serve_env, "PASSED_FD": str(passed.fileno())}, pass_fds=(passed.fileno(),), stdout=log,
+            stderr=log, start_new_session=True)
+    passed.close()  # the service holds it now
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.send_message(report(message_id="<activated@researcher.test>"))
+        [ack] = sink.wait_for(1)
+        assert email.message_from_bytes(ack.data)["In-Reply-To"] == "<activated@researcher.test>"
+        with pytest.raises(OSError):  # smtp.listen was not bound: the passed socket replaces it
+            socket.create_connection(("127.0.0.1", configured_port), timeout=1).close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    log_text = log_path.read_text()
+    assert "event=socket-activation sockets=1" in log_text and "Traceback" not in log_text

@@ -93,7 +93,7 @@ class Ticket(SQLModel, table=True):
     links: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     # Low-quality score of the report: {"score", "matched", "threshold", "low_quality"}.
     quality: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
-    # Set when our mail to the reporter bounced; automatic mail to them stops.
+    # Set when our mail to the reporter bounced for good (a failed DSN); `intake show` says so.
     reporter_unreachable_at: datetime | None = _instant(nullable=True)
     received_at: datetime = _instant()
     created_at: datetime = _instant()

@@ -9,7 +9,9 @@ Accepting comes first: the worker runs at a lower CPU priority than the listener
 commit in front of a 250) copies the SQLite WAL into the database file, and its outbox sender
 holds back while there is a backlog of mail to act on.
 
-systemd integration: ``READY=1`` once the listener is bound, ``WATCHDOG=1`` from the event
+systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
+(socket activation: port 25 without any capability), else ``smtp.listen``; ``READY=1`` once the
+listener is up, ``WATCHDOG=1`` from the event
 loop (a stuck loop stops the pings and systemd restarts us), ``STOPPING=1`` on SIGTERM. A clean
 stop closes the listening socket, lets in-flight DATA commits finish, flushes the writer, lets
 the worker finish its batch, and exits 0.
@@ -40,6 +42,7 @@ from intake.outbox import OutboxSender, make_transport
 log = logging.getLogger(__name__)
 
 _WORKER_RESTART_DELAY = 1.0
+_SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at file descriptor 3
 
 
 def sd_notify(state: str) -> bool:
@@ -76,32 +79,60 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("mailparser").setLevel(logging.ERROR)
 
 
-class Listener:
-    """A bound SMTP listener and the connections it has open."""
+def inherited_sockets() -> list[socket.socket]:
+    """The listening sockets systemd passed to this process (socket activation, sd_listen_fds(3)).
 
-    def __init__(self, server: asyncio.Server, handler: IntakeHandler, connections: weakref.WeakSet):
-        self.server = server
+    Empty unless ``LISTEN_PID`` is our pid. The variables are removed so that the worker, which
+    inherits our environment, never takes them for its own; the sockets are not inherited either.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sockets = []
+    for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + count):
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OSError(f"file descriptor {fd} from systemd is not a listening stream socket "
+                          "(intake.socket must use ListenStream=)")
+        sock.set_inheritable(False)
+        sockets.append(sock)
+    return sockets
+
+
+class Listener:
+    """The SMTP listener's servers (one per listening socket) and the connections they have open."""
+
+    def __init__(self, servers: list[asyncio.Server], handler: IntakeHandler, connections: weakref.WeakSet):
+        self.servers = servers
         self.handler = handler
         self._connections = connections
 
     @property
     def port(self) -> int:
-        return self.server.sockets[0].getsockname()[1]
+        return self.servers[0].sockets[0].getsockname()[1]
 
     @property
     def bound(self) -> str:
-        return ", ".join(str(s.getsockname()[:2]) for s in self.server.sockets)
+        return ", ".join(str(s.getsockname()[:2]) for server in self.servers for s in server.sockets)
+
+    def stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()
 
     async def close_connections(self) -> None:
-        self.server.close()
+        self.stop_accepting()
         for protocol in list(self._connections):
             if protocol.transport is not None:
                 protocol.transport.close()
-        await self.server.wait_closed()
+        for server in self.servers:
+            await server.wait_closed()
 
 
-async def start_listener(settings: Settings, committer: GroupCommitter) -> Listener:
-    """Bind the SMTP listener on ``smtp.listen`` (port 0 picks a free port)."""
+async def start_listener(settings: Settings, committer: GroupCommitter,
+                         sockets: list[socket.socket] | None = None) -> Listener:
+    """Serve SMTP on *sockets* (from systemd) if given, else bind ``smtp.listen`` (port 0 picks a free port)."""
     handler = IntakeHandler(settings, committer)
     connections: weakref.WeakSet = weakref.WeakSet()
     make_smtp = smtp_factory(settings, handler)
@@ -111,10 +142,13 @@ async def start_listener(settings: Settings, committer: GroupCommitter) -> Liste
         connections.add(protocol)
         return protocol
 
-    address = settings.smtp.listen_address
-    server = await asyncio.get_running_loop().create_server(tracked_smtp, host=address.host, port=address.port,
-                                                            reuse_address=True)
-    return Listener(server, handler, connections)
+    loop = asyncio.get_running_loop()
+    if sockets:
+        servers = [await loop.create_server(tracked_smtp, sock=sock) for sock in sockets]
+    else:
+        address = settings.smtp.listen_address
+        servers = [await loop.create_server(tracked_smtp, host=address.host, port=address.port, reuse_address=True)]
+    return Listener(servers, handler, connections)
 
 
 def serve(settings: Settings) -> int:
@@ -129,8 +163,11 @@ async def _serve(settings: Settings) -> int:
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     create_schema(engine)
     committer = GroupCommitter(engine, on_commit=wake_processor.set)
-    listener = await start_listener(settings, committer)
-    handler, server = listener.handler, listener.server
+    activated = inherited_sockets()
+    if activated:
+        log.info("event=socket-activation sockets=%d note=smtp.listen-not-used", len(activated))
+    listener = await start_listener(settings, committer, activated)
+    handler = listener.handler
     bound = listener.bound
     worker = _start_worker(context, settings, wake_processor, stop_worker)
     stop = asyncio.Event()
@@ -154,7 +191,7 @@ async def _serve(settings: Settings) -> int:
     log.info("event=stopping")
     sd_notify("STOPPING=1\nSTATUS=stopping")
     grace = settings.service.shutdown_grace
-    server.close()  # no new connections
+    listener.stop_accepting()
     try:
         await asyncio.wait_for(handler.idle.wait(), timeout=grace)  # in-flight DATA gets its answer
     except asyncio.TimeoutError:
