@@ -94,16 +94,44 @@ def _query(database: str, sql: str) -> list[tuple]:
         return conn.execute(sql).fetchall()
 
 
+class NotifyListener:
+    """What systemd does with $NOTIFY_SOCKET: read every datagram as it comes."""
+
+    def __init__(self, path: Path):
+        self.messages: list[str] = []
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._socket.bind(str(path))
+        self._socket.settimeout(0.1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.messages.append(self._socket.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def wait_for(self, predicate, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not any(predicate(m) for m in list(self.messages)):
+            assert time.monotonic() < deadline, self.messages[-20:]
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._socket.close()
+
+
 def test_notify_protocol_and_clean_sigterm(serve, serve_env, sink, tmp_path):
-    notify_path = tmp_path / "notify.sock"
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    notify.settimeout(20)
-    serve_env.update(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000")
+    notify = NotifyListener(tmp_path / "notify.sock")
+    serve_env.update(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
     server = serve()
     server.start()
-    messages = [notify.recv(4096).decode()]
-    assert messages[0].startswith("READY=1"), messages
+    notify.wait_for(lambda m: m.startswith("READY=1"))
+    assert notify.messages[0].startswith("READY=1"), notify.messages
 
     with smtplib.SMTP("127.0.0.1", server.port) as client:
         client.send_message(report(message_id="<e2e@researcher.test>"))
@@ -111,17 +139,10 @@ def test_notify_protocol_and_clean_sigterm(serve, serve_env, sink, tmp_path):
     parsed = email.message_from_bytes(ack.data, policy=email.policy.default)
     assert parsed["In-Reply-To"] == "<e2e@researcher.test>"
 
-    while "WATCHDOG=1" not in messages[-1]:  # pinged from the event loop, every 0.2 s here
-        messages.append(notify.recv(4096).decode())
+    notify.wait_for(lambda m: m == "WATCHDOG=1")  # pinged from the event loop, every 0.2 s here
     assert server.stop() == 0
-    remaining = []
-    notify.settimeout(2)
-    try:
-        while True:
-            remaining.append(notify.recv(4096).decode())
-    except TimeoutError:
-        pass
-    assert any(m.startswith("STOPPING=1") for m in remaining), remaining
+    notify.wait_for(lambda m: m.startswith("STOPPING=1"), timeout=5)
+    notify.close()
     log = server.log.read_text()
     assert "event=stopped" in log
     assert "Traceback" not in log
@@ -241,3 +262,20 @@ def test_socket_activation_serves_on_the_socket_systemd_passes(serve_env, config
             os.killpg(process.pid, signal.SIGKILL)
     log_text = log_path.read_text()
     assert "event=socket-activation sockets=1" in log_text and "Traceback" not in log_text
+
+
+def test_a_notify_socket_nobody_reads_never_freezes_the_service(serve, serve_env, tmp_path):
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))  # and never read: its queue fills after a few pings
+    serve_env.update(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="20000")  # a ping every 10 ms
+    server = serve()
+    server.start()
+    deadline = time.monotonic() + 20
+    while "event=sd-notify-failed" not in server.log.read_text():  # the queue is full
+        assert time.monotonic() < deadline, server.log.read_text()
+        time.sleep(0.05)
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        assert client.noop()[0] == 250  # the event loop still answers
+    assert server.stop() == 0
+    notify.close()

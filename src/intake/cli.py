@@ -16,10 +16,12 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from intake import deadlines, inbound, milestones, outbox, parse_guard, processor, service, tickets
+from intake import (correspondence, deadlines, inbound, milestones, outbox, parse_guard, processor, service, tickets,
+                    triage)
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
 from intake.db import create_schema, make_engine, write_session
 from intake.parse import extract_attachment
+from intake.models import CLOSE_REASONS
 from intake.sla import SEVERITIES
 
 
@@ -100,24 +102,51 @@ def _ticket_summary(ticket: Any) -> dict[str, Any]:
         "policy": ticket.policy,
         "assignee": ticket.assignee,
         "received_at": _iso(ticket.received_at),
+        "close_reason": ticket.close_reason,
+        "cvss_vector": ticket.cvss_vector,
+        "cvss_score": ticket.cvss_score,
     }
 
 
 @main.command("tickets")
-@click.option("--state", default=None, help="Only tickets in this state.")
+@click.option("--state", default=None, help="Only tickets in this state (new, waiting, assessed, closed, ...).")
+@click.option("--severity", type=click.Choice(SEVERITIES), default=None, help="Only tickets of this severity.")
+@click.option("--assignee", default=None, help="Only tickets assigned to this maintainer (email, name or login).")
+@click.option("--label", default=None, help="Only tickets with this label.")
+@click.option("--policy", default=None, help="Only tickets under this policy.")
+@click.option("--breached", is_flag=True, help="Only tickets with a stage past its due time.")
+@click.option("--due-soon", "due_soon", is_flag=True, help="Only tickets with a stage due soon (policy's due_soon).")
+@click.option("--sort", type=click.Choice(["due", "received"]), default="due", show_default=True,
+              help="By next deadline (soonest first), or by receipt (oldest first).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
-def list_tickets(obj: Context, state: str | None, as_json: bool) -> None:
-    """List tickets, oldest first."""
-    found = tickets.list_tickets(obj.engine(), state)
+def list_tickets(obj: Context, state: str | None, severity: str | None, assignee: str | None, label: str | None,
+                 policy: str | None, breached: bool, due_soon: bool, sort: str, as_json: bool) -> None:
+    """List tickets, by next deadline unless --sort received."""
+    settings = obj.settings
+    if assignee is not None:
+        maintainer = settings.find_maintainer(assignee)
+        assignee = maintainer.email if maintainer else assignee
+    wanted = tickets.TicketFilter(state, severity, assignee, label, policy, breached, due_soon)
+    found = tickets.find_tickets(obj.engine(), settings, wanted, datetime.now(timezone.utc), sort)
     if as_json:
-        _emit_json([_ticket_summary(t) for t in found])
+        _emit_json([{**_ticket_summary(item.ticket), "labels": item.ticket.labels,
+                     "next_due": {"stage": item.next_stage, "due": _iso(item.next_due)} if item.next_due else None,
+                     "breached": item.breached, "due_soon": item.due_soon} for item in found])
         return
     if not found:
         click.echo("no tickets")
         return
-    _table([[t.reference, t.state, t.severity or "-", t.received_at.strftime("%Y-%m-%d %H:%M"), t.reporter,
-             t.subject[:60]] for t in found], ["REFERENCE", "STATE", "SEVERITY", "RECEIVED (UTC)", "REPORTER", "SUBJECT"])
+
+    def due_text(item: tickets.Listed) -> str:
+        if item.next_due is None:
+            return "-"
+        flag = " BREACHED" if item.breached else " soon" if item.due_soon else ""
+        return f"{item.next_stage} {item.next_due:%Y-%m-%d %H:%M}{flag}"
+
+    _table([[i.ticket.reference, i.ticket.state, i.ticket.severity or "-", due_text(i), i.ticket.assignee or "-",
+             i.ticket.reporter, i.ticket.subject[:50]] for i in found],
+           ["REFERENCE", "STATE", "SEVERITY", "NEXT DUE (UTC)", "ASSIGNEE", "REPORTER", "SUBJECT"])
 
 
 @main.command()
@@ -427,27 +456,33 @@ def sla_recompute(obj: Context, as_json: bool) -> None:
 # -- milestones and waiting on the reporter ----------------------------------------------------
 
 
-def _actor() -> str:
-    """Who is at the keyboard: recorded with every change."""
-    return os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+def _actor(settings: Settings) -> str:
+    """Who is at the keyboard, recorded with every change: the maintainer whose ``login`` is $USER,
+    else $USER itself."""
+    return settings.actor(os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown")
 
 
 def _change_ticket(obj: Context, reference: str, change: Any) -> None:
-    """Run *change(session, settings, ticket, now)* on one ticket in one transaction and report it."""
+    """Run *change(session, settings, ticket, now)* on one ticket in one transaction and report it.
+
+    *change* returns the deadlines it moved, or ``(moved, notes)`` with lines to show as well."""
     settings = obj.settings
     now = datetime.now(timezone.utc)
     try:
         with write_session(obj.engine()) as session:
             ticket = tickets.find(session, reference)
-            moved = change(session, settings, ticket, now)
+            result = change(session, settings, ticket, now)
             summary = f"{ticket.reference}: state {ticket.state}"
-    except tickets.TicketNotFound:
-        _fail(f"no ticket {reference}")
+    except tickets.TicketNotFound as exc:
+        _fail(f"no ticket {exc.args[0]}")
         return
-    except (milestones.Refused, deadlines.PolicyMissing) as exc:
+    except (milestones.Refused, deadlines.PolicyMissing, correspondence.EmptyMessage) as exc:
         _fail(f"{exc}")
         return
+    moved, notes = result if isinstance(result, tuple) else (result or [], [])
     click.echo(summary)
+    for note_text in notes:
+        click.echo(f"  {note_text}")
     for item in moved:
         if item.due_before != item.due_after:
             click.echo(f"  {item.stage} due {_iso(item.due_before) or '-'} -> {_iso(item.due_after) or '-'}")
@@ -467,9 +502,22 @@ def _milestone_command(name: str, milestone: str, help_text: str) -> None:
     @click.pass_obj
     def command(obj: Context, reference: str, at: datetime | None, force: bool) -> None:
         _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
-            session, settings, ticket, milestone, at=at or now, now=now, actor=_actor(), force=force))
+            session, settings, ticket, milestone, at=at or now, now=now, actor=_actor(settings), force=force))
 
 
+def _ticket_command(name: str, change: Any, help_text: str) -> None:
+    """A command that makes one change to ticket REFERENCE: *change(session, settings, ticket, now=, actor=)*."""
+    @main.command(name, help=help_text)
+    @click.argument("reference")
+    @click.pass_obj
+    def command(obj: Context, reference: str) -> None:
+        _change_ticket(obj, reference, lambda session, settings, ticket, now: change(
+            session, settings, ticket, now=now, actor=_actor(settings)))
+
+
+_ticket_command("wait", milestones.wait, "The ticket waits on the reporter (clocks stop where the policy says so).")
+_ticket_command("resume", milestones.resume, "The ticket no longer waits on the reporter.")
+_ticket_command("reopen", triage.reopen, "Reopen a closed or resolved ticket.")
 _milestone_command("ack", "acknowledged", "Record that a person acknowledged the report to the reporter.")
 _milestone_command("resolve", "resolved", "Record that the report is resolved.")
 _milestone_command("disclose", "disclosed", "Record that the vulnerability was disclosed publicly.")
@@ -484,7 +532,7 @@ _milestone_command("disclose", "disclosed", "Record that the vulnerability was d
 def assess(obj: Context, reference: str, severity: str, at: datetime | None, force: bool) -> None:
     """Record the assessment of the report, with its severity."""
     _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.assess(
-        session, settings, ticket, severity, at=at or now, now=now, actor=_actor(), force=force))
+        session, settings, ticket, severity, at=at or now, now=now, actor=_actor(settings), force=force))
 
 
 @main.command()
@@ -496,22 +544,130 @@ def assess(obj: Context, reference: str, severity: str, at: datetime | None, for
 def released(obj: Context, reference: str, at: datetime | None, version: str | None, force: bool) -> None:
     """Record that a patched release is out (starts the disclosure clock where the policy has one)."""
     _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
-        session, settings, ticket, "released", at=at or now, now=now, actor=_actor(), force=force, version=version))
+        session, settings, ticket, "released", at=at or now, now=now, actor=_actor(settings), force=force, version=version))
+
+
+# -- triage --------------------------------------------------------------------------------------
 
 
 @main.command()
 @click.argument("reference")
+@click.argument("who")
 @click.pass_obj
-def wait(obj: Context, reference: str) -> None:
-    """The ticket waits on the reporter (clocks stop where the policy says so)."""
-    _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.wait(
-        session, settings, ticket, now=now, actor=_actor()))
+def assign(obj: Context, reference: str, who: str) -> None:
+    """Assign the ticket to a maintainer (email, name or login from [[maintainers]])."""
+    _change_ticket(obj, reference, lambda session, settings, ticket, now: (
+        [], [f"assigned to {triage.assign(session, settings, ticket, who, now=now, actor=_actor(settings))}"]))
 
 
 @main.command()
 @click.argument("reference")
+@click.argument("severity", type=click.Choice(SEVERITIES))
+@click.option("--cvss", "cvss_vector", default=None, help="CVSS v3.1 or v4.0 vector; validated and scored.")
 @click.pass_obj
-def resume(obj: Context, reference: str) -> None:
-    """The ticket no longer waits on the reporter."""
-    _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.resume(
-        session, settings, ticket, now=now, actor=_actor()))
+def severity(obj: Context, reference: str, severity: str, cvss_vector: str | None) -> None:
+    """Set the ticket's severity (and CVSS vector); severity-dependent deadlines follow."""
+
+    def change(session, settings, ticket, now):  # type: ignore[no-untyped-def]
+        moved, warning = triage.set_severity(session, settings, ticket, severity, now=now, actor=_actor(settings),
+                                             cvss_vector=cvss_vector)
+        notes = [f"CVSS {ticket.cvss_score} {ticket.cvss_vector}"] if cvss_vector else []
+        return moved, notes + ([f"warning: {warning}"] if warning else [])
+
+    _change_ticket(obj, reference, change)
+
+
+@main.command()
+@click.argument("reference")
+@click.argument("labels", nargs=-1)
+@click.option("--remove", multiple=True, help="A label to take off (repeatable).")
+@click.pass_obj
+def label(obj: Context, reference: str, labels: tuple[str, ...], remove: tuple[str, ...]) -> None:
+    """Add labels to the ticket (and take some off with --remove)."""
+    if not labels and not remove:
+        raise click.UsageError("give labels to add, or --remove LABEL")
+    _change_ticket(obj, reference, lambda session, settings, ticket, now: (
+        [], ["labels " + (", ".join(triage.label(session, ticket, labels, remove, now=now, actor=_actor(settings)))
+                          or "(none)")]))
+
+
+@main.command()
+@click.argument("reference")
+@click.argument("into_reference")
+@click.pass_obj
+def merge(obj: Context, reference: str, into_reference: str) -> None:
+    """Merge duplicate REFERENCE into INTO_REFERENCE; the duplicate's reporter is told."""
+
+    def change(session, settings, ticket, now):  # type: ignore[no-untyped-def]
+        into = tickets.find(session, into_reference)
+        triage.merge(session, settings, ticket, into, now=now, actor=_actor(settings))
+        return [], [f"merged into {into.reference}; its reporter was told"]
+
+    _change_ticket(obj, reference, change)
+
+
+@main.command()
+@click.argument("reference")
+@click.option("--reason", required=True, type=click.Choice(CLOSE_REASONS), help="Why it is closed.")
+@click.option("--force", is_flag=True, help="Close as fixed without a recorded release.")
+@click.pass_obj
+def close(obj: Context, reference: str, reason: str, force: bool) -> None:
+    """Close the ticket (it counts as resolved)."""
+    _change_ticket(obj, reference, lambda session, settings, ticket, now: triage.close(
+        session, settings, ticket, reason, now=now, actor=_actor(settings), force=force))
+
+
+# -- correspondence ------------------------------------------------------------------------------
+
+
+def _message_text(message: str | None, file: Path | None, reference: str, what: str) -> str:
+    """The text from --message, --file (- for stdin) or, failing both, $EDITOR."""
+    if message is not None and file is not None:
+        raise click.UsageError("give --message or --file, not both")
+    if message is not None:
+        return message
+    if file is not None:
+        return sys.stdin.read() if str(file) == "-" else file.read_text(encoding="utf-8")
+    edited = click.edit(f"\n# Write your {what} for {reference} above. Lines starting with '#' are dropped;\n"
+                        "# an empty message sends nothing.\n", extension=".txt", require_save=True)
+    if edited is None:
+        return ""
+    return "\n".join(line for line in edited.splitlines() if not line.startswith("#"))
+
+
+_MESSAGE = click.option("--message", "-m", default=None, help="The text (else --file, else $EDITOR).")
+_FILE = click.option("--file", "-f", "file", type=click.Path(dir_okay=False, path_type=Path, allow_dash=True),
+                     default=None, help="Read the text from FILE (- for standard input).")
+
+
+@main.command()
+@click.argument("reference")
+@_MESSAGE
+@_FILE
+@click.option("--cc", multiple=True, help="Also send to this address (a co-ordinator; repeatable).")
+@click.pass_obj
+def reply(obj: Context, reference: str, message: str | None, file: Path | None, cc: tuple[str, ...]) -> None:
+    """Reply to the reporter from the intake address (counts as the human acknowledgement)."""
+    text = _message_text(message, file, reference, "reply")
+
+    def change(session, settings, ticket, now):  # type: ignore[no-untyped-def]
+        sent = correspondence.reply(session, settings, ticket, text, now=now, actor=_actor(settings), cc=cc)
+        return [], [f"reply queued to {', '.join(sent.recipients)} ({sent.message_id})"]
+
+    _change_ticket(obj, reference, change)
+
+
+@main.command()
+@click.argument("reference")
+@_MESSAGE
+@_FILE
+@click.pass_obj
+def note(obj: Context, reference: str, message: str | None, file: Path | None) -> None:
+    """Add an internal note to the ticket; it is never sent."""
+    text = _message_text(message, file, reference, "note")
+
+    def change(session, settings, ticket, now):  # type: ignore[no-untyped-def]
+        correspondence.note(session, ticket, text, now=now, actor=_actor(settings))
+        return [], ["note added (internal, not sent)"]
+
+    _change_ticket(obj, reference, change)

@@ -246,6 +246,8 @@ class Maintainer(Section):
     name: str = Field(min_length=1)
     # Address the maintainer mails from.
     email: Annotated[str, AfterValidator(_check_mailbox)]
+    # Their login on the host where they run `intake` ($USER): CLI changes are recorded as them.
+    login: str | None = None
 
 
 class Settings(BaseSettings):
@@ -347,6 +349,17 @@ class Settings(BaseSettings):
 
     def is_maintainer(self, address: str) -> bool:
         return address.lower() in {m.email.lower() for m in self.maintainers}
+
+    def find_maintainer(self, who: str) -> Maintainer | None:
+        """The maintainer *who* names: by email, name or login (case-insensitive)."""
+        wanted = who.strip().lower()
+        return next((m for m in self.maintainers
+                     if wanted in (m.email.lower(), m.name.lower(), (m.login or "").lower())), None)
+
+    def actor(self, login: str) -> str:
+        """Who a CLI change is recorded as: the maintainer with this *login*, else the login itself."""
+        maintainer = next((m for m in self.maintainers if m.login and m.login == login), None)
+        return maintainer.name if maintainer else login
 
     def never_answered(self, address: str) -> bool:
         """Senders no automatic mail goes to: MAILER-DAEMON, postmaster, noreply and friends."""

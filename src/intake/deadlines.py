@@ -28,6 +28,7 @@ from intake.sla import (DEFAULT_DUE_SOON, Pause, PolicyConfig, StageDeadline, ac
 # lets it count (``auto_ack_counts``), whichever template it used.
 AUTOMATIC_ACKNOWLEDGEMENTS = ("acknowledgement-queued", "out-of-scope-queued")
 MILESTONE_EVENT = "milestone"
+REOPENED_EVENT = "reopened"
 
 
 class PolicyMissing(LookupError):
@@ -53,6 +54,8 @@ def sla_inputs(ticket: Ticket, events: Iterable[Event]) -> SlaInputs:
     for event in events:
         if event.kind == MILESTONE_EVENT:
             milestones[event.detail["milestone"]] = datetime.fromisoformat(event.detail["at"])
+        elif event.kind == REOPENED_EVENT:
+            milestones.pop("resolved", None)  # a reopened ticket is not resolved any more
         elif event.kind in AUTOMATIC_ACKNOWLEDGEMENTS and auto_ack_at is None:
             auto_ack_at = event.at
         elif event.kind == "state-changed":

@@ -31,6 +31,8 @@ FOLLOWS = {
 }
 # A milestone moves the ticket to the state of its name, forward only (see _advance).
 _STATE_ORDER = (TicketState.NEW, "acknowledged", "assessed", "released", "disclosed", "resolved")
+# States in which a ticket no longer moves on by milestones.
+FINISHED = ("resolved", TicketState.CLOSED)
 
 
 class Refused(ValueError):
@@ -38,8 +40,9 @@ class Refused(ValueError):
 
 
 def record(session: Session, settings: Settings, ticket: Ticket, milestone: str, *, at: datetime, now: datetime,
-           actor: str, force: bool = False, **detail: object) -> list[deadlines.Change]:
-    """Record that *milestone* happened at *at*; returns the deadlines that moved."""
+           actor: str, force: bool = False, advance: bool = True, **detail: object) -> list[deadlines.Change]:
+    """Record that *milestone* happened at *at*; returns the deadlines that moved. With *advance* the
+    ticket's state moves forward to the milestone's (closing a ticket sets its own state instead)."""
     if milestone not in MILESTONES:
         raise Refused(f"unknown milestone {milestone!r}: use one of {', '.join(MILESTONES)}")
     if at.tzinfo is None:
@@ -58,8 +61,14 @@ def record(session: Session, settings: Settings, ticket: Ticket, milestone: str,
     tickets.add_event(session, ticket.id, deadlines.MILESTONE_EVENT, now, actor=actor, milestone=milestone,
                       at=at.isoformat(), **({"forced": True} if force else {}),
                       **{key: value for key, value in detail.items() if value is not None})
-    _advance(session, ticket, milestone, now, actor)
+    if advance:
+        _advance(session, ticket, milestone, now, actor)
     return deadlines.refresh(session, settings, ticket, now)
+
+
+def reached(session: Session, ticket: Ticket, milestone: str) -> bool:
+    """Whether a maintainer recorded *milestone* on *ticket* (the automatic acknowledgement is not one)."""
+    return milestone in deadlines.sla_inputs(ticket, deadlines.ticket_events(session, ticket)).milestones
 
 
 def _check_order(ticket: Ticket, milestone: str, at: datetime, reached: dict[str, datetime]) -> None:
@@ -92,13 +101,19 @@ def assess(session: Session, settings: Settings, ticket: Ticket, severity: str, 
                   severity=severity)
 
 
-def set_severity(session: Session, ticket: Ticket, severity: str, now: datetime, actor: str) -> None:
-    """Change the ticket's severity (the caller refreshes its deadlines)."""
-    if ticket.severity != severity:
-        tickets.add_event(session, ticket.id, "severity-changed", now, actor=actor,
-                          **{"from": ticket.severity, "to": severity})
-        ticket.severity = severity
-        ticket.updated_at = now
+def set_severity(session: Session, ticket: Ticket, severity: str, now: datetime, actor: str,
+                 cvss: tuple[str, float] | None = None) -> None:
+    """Change the ticket's severity, and its CVSS vector and score if given (the caller refreshes
+    its deadlines)."""
+    if ticket.severity == severity and (cvss is None or (ticket.cvss_vector, ticket.cvss_score) == cvss):
+        return
+    detail: dict[str, object] = {"from": ticket.severity, "to": severity}
+    if cvss is not None:
+        ticket.cvss_vector, ticket.cvss_score = cvss
+        detail.update(cvss_vector=cvss[0], cvss_score=cvss[1])
+    tickets.add_event(session, ticket.id, "severity-changed", now, actor=actor, **detail)
+    ticket.severity = severity
+    ticket.updated_at = now
 
 
 def wait(session: Session, settings: Settings, ticket: Ticket, *, now: datetime, actor: str,
@@ -106,8 +121,8 @@ def wait(session: Session, settings: Settings, ticket: Ticket, *, now: datetime,
     """The ticket waits on the reporter: clocks stop where the policy says so."""
     if ticket.state == TicketState.WAITING:
         raise Refused(f"{ticket.reference} is already waiting on the reporter")
-    if ticket.state == "resolved":
-        raise Refused(f"{ticket.reference} is resolved")
+    if ticket.state in FINISHED:
+        raise Refused(f"{ticket.reference} is {ticket.state}")
     tickets.change_state(session, ticket, TicketState.WAITING, now, actor=actor, why=why)
     return deadlines.refresh(session, settings, ticket, now)
 

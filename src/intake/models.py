@@ -72,6 +72,10 @@ class InboundMessage(SQLModel, table=True):
 class TicketState:
     NEW = "new"
     WAITING = "waiting"  # on the reporter
+    CLOSED = "closed"  # with a close_reason
+
+
+CLOSE_REASONS = ("fixed", "invalid", "duplicate", "out-of-scope", "spam")
 
 
 class Ticket(SQLModel, table=True):
@@ -86,8 +90,12 @@ class Ticket(SQLModel, table=True):
     intake_address: str = Field(sa_column=Column(Text, nullable=False))
     state: str = Field(default=TicketState.NEW, sa_column=Column(String(24), nullable=False, index=True))
     severity: str | None = Field(default=None, sa_column=Column(String(16)))
+    # The CVSS v3.x / v4.0 vector the severity was assessed with, and its base score.
+    cvss_vector: str | None = Field(default=None, sa_column=Column(Text))
+    cvss_score: float | None = None
     policy: str = Field(sa_column=Column(String(64), nullable=False))
     assignee: str | None = Field(default=None, sa_column=Column(Text))
+    close_reason: str | None = Field(default=None, sa_column=Column(String(16)))
     labels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     # Other tickets this one relates to: [{"kind": "mentions", "reference": "SEC-2026-0001"}].
     links: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))

@@ -52,10 +52,12 @@ def sd_notify(state: str) -> bool:
         return False
     if address.startswith("@"):  # abstract namespace
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+    # Non-blocking: this runs on the event loop, and a notify socket nobody drains (its queue holds
+    # only ten datagrams by default) must cost us a lost ping, never a frozen loop.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
         try:
             sock.connect(address)
-            sock.sendall(state.encode())
+            sock.send(state.encode())
         except OSError as exc:
             log.warning("event=sd-notify-failed error=%r", exc)
             return False

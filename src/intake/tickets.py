@@ -549,6 +549,67 @@ def list_tickets(engine: Engine, state: str | None = None) -> list[Ticket]:
         return list(session.scalars(query))
 
 
+# Tickets in these states have no deadline left to meet.
+_FINISHED_STATES = ("resolved", TicketState.CLOSED)
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A ticket as `intake tickets` lists it, with its next unmet deadline."""
+
+    ticket: Ticket
+    next_stage: str | None
+    next_due: datetime | None
+    breached: bool
+    due_soon: bool
+
+
+@dataclass(frozen=True)
+class TicketFilter:
+    state: str | None = None
+    severity: str | None = None
+    assignee: str | None = None  # the maintainer's email
+    label: str | None = None
+    policy: str | None = None
+    breached: bool = False
+    due_soon: bool = False
+
+
+def find_tickets(engine: Engine, settings: Settings, wanted: TicketFilter, now: datetime,
+                 sort: str = "due") -> list[Listed]:
+    """Tickets matching *wanted*, by next deadline (soonest first, then those with none, by receipt)
+    or, with ``sort="received"``, oldest first."""
+    query = select(Ticket).order_by(Ticket.received_at, Ticket.id)
+    for column, value in ((Ticket.state, wanted.state), (Ticket.severity, wanted.severity),
+                          (Ticket.assignee, wanted.assignee), (Ticket.policy, wanted.policy)):
+        if value is not None:
+            query = query.where(column == value)
+    with read_session(engine) as session:
+        found = [t for t in session.scalars(query) if wanted.label is None or wanted.label in t.labels]
+        open_ids = [t.id for t in found if t.state not in _FINISHED_STATES]
+        next_due: dict[int, tuple[str, datetime]] = {}
+        for start in range(0, len(open_ids), 500):  # bounded IN lists
+            rows = session.execute(
+                select(Deadline.ticket_id, Deadline.stage, Deadline.due_at)
+                .where(Deadline.ticket_id.in_(open_ids[start:start + 500]), Deadline.met_at.is_(None),
+                       Deadline.due_at.is_not(None))
+                .order_by(Deadline.due_at))
+            for ticket_id, stage, due in rows:
+                next_due.setdefault(ticket_id, (stage, due))
+    listed = []
+    for ticket in found:
+        stage, due = next_due.get(ticket.id, (None, None))
+        policy = settings.policies.get(ticket.policy)
+        soon = policy.due_soon_span if policy else timedelta(hours=24)
+        breached = due is not None and due < now
+        listed.append(Listed(ticket, stage, due, breached, due is not None and not breached and due - now <= soon))
+    listed = [item for item in listed if (not wanted.breached or item.breached)
+              and (not wanted.due_soon or item.due_soon)]
+    if sort == "due":
+        listed.sort(key=lambda item: (item.next_due is None, item.next_due or item.ticket.received_at))
+    return listed
+
+
 def ticket_detail(engine: Engine, reference: str) -> TicketDetail:
     with read_session(engine) as session:
         ticket = find(session, reference)
