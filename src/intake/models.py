@@ -99,6 +99,13 @@ class Ticket(SQLModel, table=True):
     created_at: datetime = _instant()
     updated_at: datetime = _instant()
 
+    # -- credit and advisory (see :mod:`intake.credit`, :mod:`intake.advisory`) --
+    # How the reporter wants to be credited, None until known:
+    # {"anonymous", "name", "handle", "url", "source": "report" | "cli", "statement"}.
+    credit: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True), nullable=True))
+    # CVSS v3.x or v4.0 vector string ("CVSS:3.1/AV:N/..."), when assessed with one.
+    cvss_vector: str | None = Field(default=None, sa_column=Column(Text))
+
 
 class ThreadEntry(SQLModel, table=True):
     """One message in or out of a ticket, or an internal note."""
