@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from intake import deadlines, inbound, milestones, outbox, parse_guard, processor, service, tickets
+from intake import credit, deadlines, inbound, milestones, outbox, parse_guard, processor, service, tickets
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
 from intake.db import create_schema, make_engine, write_session
 from intake.parse import extract_attachment
@@ -88,6 +88,8 @@ def check_config(obj: Context) -> None:
     settings = obj.settings
     click.echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, "
                f"listening on {settings.smtp.listen}, outbound via {settings.outbound.transport})")
+    for warning in cli_reports.check_config_warnings(obj):
+        click.echo(f"intake: warning: {warning}", err=True)
 
 
 def _ticket_summary(ticket: Any) -> dict[str, Any]:
@@ -140,6 +142,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         "labels": detail.ticket.labels,
         "links": detail.ticket.links,
         "quality": detail.ticket.quality,
+        "credit": detail.ticket.credit,
         "reporter_unreachable_at": _iso(detail.ticket.reporter_unreachable_at),
         "stages": [stage.as_dict() for stage in stages],
         "thread": [
@@ -178,6 +181,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         click.echo(f"  labels {', '.join(t.labels)}")
     for link in t.links:
         click.echo(f"  {link['kind']} {link['reference']}")
+    if t.credit:
+        click.echo(f"  credit: {credit.Credit.from_dict(t.credit).display} (from {t.credit.get('source')})")
     if t.quality:
         matched = ", ".join(t.quality.get("matched", [])) or "no rule"
         click.echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")
@@ -515,3 +520,7 @@ def resume(obj: Context, reference: str) -> None:
     """The ticket no longer waits on the reporter."""
     _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.resume(
         session, settings, ticket, now=now, actor=_actor()))
+
+
+# Credit, advisories, metrics and security.txt (issue 6): their commands register on `main` there.
+from intake import cli_reports  # noqa: E402
