@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from intake import (correspondence, deadlines, inbound, milestones, outbox, parse_guard, processor, service, tickets,
-                    triage)
+from intake import (correspondence, credit, deadlines, inbound, milestones, outbox, parse_guard, processor, service,
+                    tickets, triage)
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
 from intake.db import create_schema, make_engine, write_session
 from intake.parse import extract_attachment
@@ -90,6 +90,8 @@ def check_config(obj: Context) -> None:
     settings = obj.settings
     click.echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, "
                f"listening on {settings.smtp.listen}, outbound via {settings.outbound.transport})")
+    for warning in cli_reports.check_config_warnings(obj):
+        click.echo(f"intake: warning: {warning}", err=True)
 
 
 def _ticket_summary(ticket: Any) -> dict[str, Any]:
@@ -169,6 +171,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         "labels": detail.ticket.labels,
         "links": detail.ticket.links,
         "quality": detail.ticket.quality,
+        "credit": detail.ticket.credit,
         "reporter_unreachable_at": _iso(detail.ticket.reporter_unreachable_at),
         "stages": [stage.as_dict() for stage in stages],
         "thread": [
@@ -207,6 +210,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         click.echo(f"  labels {', '.join(t.labels)}")
     for link in t.links:
         click.echo(f"  {link['kind']} {link['reference']}")
+    if t.credit:
+        click.echo(f"  credit: {credit.Credit.from_dict(t.credit).display} (from {t.credit.get('source')})")
     if t.quality:
         matched = ", ".join(t.quality.get("matched", [])) or "no rule"
         click.echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")
@@ -671,3 +676,7 @@ def note(obj: Context, reference: str, message: str | None, file: Path | None) -
         return [], ["note added (internal, not sent)"]
 
     _change_ticket(obj, reference, change)
+
+
+# Credit, advisories, metrics and security.txt (issue 6): their commands register on `main` there.
+from intake import cli_reports  # noqa: E402,F401

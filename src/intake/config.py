@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from intake.security_txt import SecurityTxtSection
 from intake.spam import SHIPPED_RULES, RuleSet, RulesError, load_rules
 from intake.sla import CalendarConfig, PolicyConfig, builtin_calendars, validate_policies
 
@@ -250,6 +251,13 @@ class Maintainer(Section):
     login: str | None = None
 
 
+class AdvisorySection(Section):
+    """``[advisory]``: how advisory drafts (:mod:`intake.advisory`) are identified."""
+
+    # The OSV id is this prefix + the ticket reference ("" keeps the reference as it is).
+    id_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,32}$")
+
+
 class Settings(BaseSettings):
     """The whole validated configuration."""
 
@@ -271,6 +279,9 @@ class Settings(BaseSettings):
     maintainers: list[Maintainer] = Field(default_factory=list)
     calendars: dict[str, CalendarConfig] = Field(default_factory=dict)
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)
+    # Publishing (issue 6): security.txt and advisory drafts.
+    security_txt: SecurityTxtSection = SecurityTxtSection()
+    advisory: AdvisorySection = AdvisorySection()
 
     # Where the file was read from; relative paths are resolved against its folder.
     config_path: Path | None = Field(default=None, exclude=True)

@@ -107,6 +107,11 @@ class Ticket(SQLModel, table=True):
     created_at: datetime = _instant()
     updated_at: datetime = _instant()
 
+    # -- credit and advisory (see :mod:`intake.credit`, :mod:`intake.advisory`) --
+    # How the reporter wants to be credited, None until known:
+    # {"anonymous", "name", "handle", "url", "source": "report" | "cli", "statement"}.
+    credit: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True), nullable=True))
+
 
 class ThreadEntry(SQLModel, table=True):
     """One message in or out of a ticket, or an internal note."""

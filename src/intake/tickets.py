@@ -22,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
-from intake import deadlines, outbox, replies, route
+from intake import credit, deadlines, outbox, replies, route
 from intake.config import Settings
 from intake.db import read_session
 from intake.inbound import StoredMessage
@@ -279,6 +279,7 @@ class Opening:
     refusal: str | None  # why the reporter gets no automatic reply (loop safety, rate limit)
     reply: replies.OutgoingMail | None
     deadlines: list[tuple[StageDeadline, datetime | None]]  # every stage's deadline, and when met
+    credit: credit.Credit | None = None  # how the report asks to be credited, if it says
 
 
 def prepare_openings(settings: Settings, reports: list[NewReport], references: list[str], sent: Counter[str],
@@ -297,7 +298,8 @@ def prepare_openings(settings: Settings, reports: list[NewReport], references: l
         policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
         refusal = _automatic_reply_refusal(settings, config, report.incoming, sent)
         computed = _initial_deadlines(settings, policy, stored.received_at, acknowledged_at=None if refusal else now)
-        opening = Opening(report, reference, address, policy, refusal, None, computed)
+        opening = Opening(report, reference, address, policy, refusal, None, computed,
+                          credit.recognise(report.incoming.mail.body_text))
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now))
             sent[stored.mail_from.lower()] += 1
@@ -409,6 +411,7 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
         labels=["low-quality"] if report.low_quality else [],
         links=[{"kind": "mentions", "reference": r} for r in report.decision.mentions],
         quality=report.quality,
+        credit=opening.credit.as_dict() if opening.credit else None,
         received_at=report.stored.received_at,
         created_at=now,
         updated_at=now,
@@ -424,6 +427,8 @@ def _opening_events(opening: Opening, ticket_id: int, now: datetime) -> list[dic
     if report.low_quality:
         events.append(_event(ticket_id, "labelled", now, label="low-quality", score=report.quality.get("score"),
                              matched=report.quality.get("matched")))
+    if opening.credit:
+        events.append(_event(ticket_id, credit.CREDIT_EVENT, now, **credit.event_detail(opening.credit)))
     return events
 
 
@@ -462,6 +467,10 @@ def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage
     ticket.updated_at = now
     add_event(session, ticket.id, f"{decision.kind}-received", now, inbound_id=stored.id,
               message_id=incoming.mail.message_id, threaded_by=decision.threaded_by, sender=incoming.sender)
+    if decision.kind == route.REPORTER_REPLY:
+        stated = credit.recognise(credit.own_words(incoming.mail.body_text), source="reply")
+        if stated:
+            credit.set_credit(session, ticket, stated, now, actor=SYSTEM_ACTOR)
     if decision.kind == route.REPORTER_REPLY and ticket.state == TicketState.WAITING:
         resume(session, ticket, now, actor=SYSTEM_ACTOR, why="the reporter replied")
         deadlines.refresh(session, settings, ticket, now)  # the clocks run again
