@@ -47,6 +47,8 @@ EXIT_CONFIG = 78
 # Secrets: credential file name -> environment variable that may carry it instead.
 SECRETS = {
     "relay-password": "INTAKE_RELAY_PASSWORD",
+    # Signs maintainers' reply addresses (see intake.reply_tokens); the same on every node.
+    "reply-secret": "INTAKE_REPLY_SECRET",
 }
 
 
@@ -362,10 +364,13 @@ class Settings(BaseSettings):
         return address.lower() in {m.email.lower() for m in self.maintainers}
 
     def find_maintainer(self, who: str) -> Maintainer | None:
-        """The maintainer *who* names: by email, name or login (case-insensitive)."""
+        """The maintainer *who* names: by email, name or login, else by the local part of their
+        email if only one has it (case-insensitive)."""
         wanted = who.strip().lower()
-        return next((m for m in self.maintainers
-                     if wanted in (m.email.lower(), m.name.lower(), (m.login or "").lower())), None)
+        exact = [m for m in self.maintainers if wanted in (m.email.lower(), m.name.lower(), (m.login or "").lower())]
+        by_local_part = [m for m in self.maintainers if m.email.lower().rpartition("@")[0] == wanted]
+        found = exact or by_local_part
+        return found[0] if len(found) == 1 else None
 
     def actor(self, login: str) -> str:
         """Who a CLI change is recorded as: the maintainer with this *login*, else the login itself."""

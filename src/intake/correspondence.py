@@ -8,6 +8,7 @@ the ticket has no human acknowledgement yet, counts as one (see :mod:`intake.mil
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import datetime
 
@@ -23,6 +24,7 @@ from intake.parse import clean_text
 # Human mail is not RFC 3834 automatic: a normal envelope sender, so bounces come back to us.
 CORRESPONDENCE = "correspondence"
 NOTE = "note"
+REPORTER_KINDS = ("report", "reporter-reply")
 
 
 class EmptyMessage(ValueError):
@@ -38,14 +40,16 @@ def _check_body(body: str) -> str:
 
 def _latest_from_reporter(session: Session, ticket: Ticket) -> ThreadEntry | None:
     return session.scalars(
-        select(ThreadEntry).where(ThreadEntry.ticket_id == ticket.id, ThreadEntry.direction == "in",
+        # The reporter's own mail only: a maintainer's Message-ID would name their domain.
+        select(ThreadEntry).where(ThreadEntry.ticket_id == ticket.id, ThreadEntry.kind.in_(REPORTER_KINDS),
                                   ThreadEntry.message_id.is_not(None))
         .order_by(ThreadEntry.created_at.desc(), ThreadEntry.id.desc())
     ).first()
 
 
 def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: str, *, kind: str, now: datetime,
-                  actor: str, cc: tuple[str, ...] = ()) -> replies.OutgoingMail:
+                  actor: str, cc: tuple[str, ...] = (),
+                  attachments: tuple[replies.Attachment, ...] = ()) -> replies.OutgoingMail:
     """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it."""
     text = _check_body(body)
     subject = f"Re: [{ticket.reference}] {clean_text(ticket.subject)}"
@@ -65,13 +69,16 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
         envelope_from=ticket.intake_address,
         recipients=[ticket.reporter, *cc],
         message_id=message_id,
-        raw=replies.compose((settings.intake.from_name, ticket.intake_address), headers, text),
+        raw=replies.compose((settings.intake.from_name, ticket.intake_address), headers, text, attachments),
     )
     outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
     session.execute(insert(ThreadEntry.__table__).values(
         ticket_id=ticket.id, direction="out", kind=kind, message_id=message_id,
         in_reply_to=parent.message_id if parent else None, references=[], sender=ticket.intake_address,
-        subject=subject, body_text=text, attachments=[], warnings=[], created_at=now))
+        subject=subject, body_text=text, warnings=[], created_at=now,
+        attachments=[{"index": n, "filename": a.filename, "original_filename": a.filename,
+                      "content_type": a.content_type, "size": len(a.data), "sha256": hashlib.sha256(a.data).hexdigest()}
+                     for n, a in enumerate(attachments, start=1)]))
     tickets.add_event(session, ticket.id, f"{kind}-queued", now, actor=actor, to=ticket.reporter, cc=list(cc),
                       message_id=message_id)
     ticket.updated_at = now
@@ -79,9 +86,10 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
 
 
 def reply(session: Session, settings: Settings, ticket: Ticket, body: str, *, now: datetime, actor: str,
-          cc: tuple[str, ...] = ()) -> replies.OutgoingMail:
+          cc: tuple[str, ...] = (), attachments: tuple[replies.Attachment, ...] = ()) -> replies.OutgoingMail:
     """A maintainer's reply to the reporter; the ticket's first counts as its human acknowledgement."""
-    mail = mail_reporter(session, settings, ticket, body, kind=CORRESPONDENCE, now=now, actor=actor, cc=cc)
+    mail = mail_reporter(session, settings, ticket, body, kind=CORRESPONDENCE, now=now, actor=actor, cc=cc,
+                         attachments=attachments)
     if not milestones.reached(session, ticket, "acknowledged"):
         milestones.record(session, settings, ticket, "acknowledged", at=now, now=now, actor=actor, via="reply")
     return mail

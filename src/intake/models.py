@@ -216,6 +216,17 @@ class Outbox(SQLModel, table=True):
     last_error: str | None = Field(default=None, sa_column=Column(Text))
 
 
+class ServiceSecret(SQLModel, table=True):
+    """A secret the service made for itself, shared by every node through the database (used only
+    when the operator gave none; see :mod:`intake.reply_tokens`)."""
+
+    __tablename__ = "service_secret"
+
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    value: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _instant()
+
+
 class ReferenceCounter(SQLModel, table=True):
     """Last number handed out per prefix and year (SEC-2026-0001, SEC-2026-0002, ...)."""
 

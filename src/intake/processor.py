@@ -28,7 +28,7 @@ from typing import Any
 from sqlalchemy import Engine, bindparam, select, update
 from sqlmodel import Session
 
-from intake import inbound, parse_guard, route, tickets
+from intake import inbound, maintainer_mail, parse_guard, reply_tokens, route, tickets
 from intake.config import Settings
 from intake.db import read_session, write_session
 from intake.inbound import StoredMessage
@@ -163,8 +163,9 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
     acting on the same message (caught by the re-check of its status in :func:`_write`) or on a
     copy of it (caught by the unique message key: the chunk fails and each message is then acted
     on again alone, on a fresh snapshot)."""
+    reply_secret = reply_tokens.secret(engine)
     with read_session(engine) as session:
-        routed = _route(session, settings, items)
+        routed = _route(session, settings, items, reply_secret)
         reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality)
                    for r in routed if r.decision.kind == route.NEW_TICKET]
         sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
@@ -190,6 +191,7 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
             continue
         if tickets.records_on_ticket(r.decision):
             tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now)
+            maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now)
         outcomes.append(Outcome(r.prepared, r.decision))
     _mark(session, outcomes, now)
     return outcomes
@@ -212,13 +214,13 @@ def _still_pending(session: Session, items: list[Prepared]) -> list[Prepared]:
     return [item for item in items if item.stored.id in pending]
 
 
-def _route(session: Session, settings: Settings, items: list[Prepared]) -> list[Routed]:
+def _route(session: Session, settings: Settings, items: list[Prepared], reply_secret: bytes) -> list[Routed]:
     """Decide *items* in order, up to the first whose decision depends on one made before it here
     (and not yet written); returns the decisions made, at least the first."""
     incomings = [route.Incoming(mail=item.mail, mail_from=item.stored.mail_from, rcpt_tos=item.stored.rcpt_tos,
                                 message_key=tickets.message_key(item.mail, item.stored)) for item in items]
     known = tickets.ChunkKnown(session, incomings)
-    config = tickets.routing_config(settings)
+    config = tickets.routing_config(settings, reply_secret)
     routed = []
     for item, incoming in zip(items, incomings):
         try:

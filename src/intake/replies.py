@@ -151,23 +151,38 @@ def automatic_reply(
     )
 
 
-def compose(sender: tuple[str, str], headers: list[tuple[str, str]], body: str) -> bytes:
-    """A text/plain message as bytes. *headers* values must already be display-safe.
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def compose(sender: tuple[str, str], headers: list[tuple[str, str]], body: str,
+            attachments: tuple[Attachment, ...] = ()) -> bytes:
+    """A text/plain message (multipart/mixed with *attachments*) as bytes. *headers* values must
+    already be display-safe.
 
     ASCII addresses go through the stdlib's compat32 classes, four times cheaper than its
-    modern header registry; mail to an SMTPUTF8 (non-ASCII) address needs the modern policy.
+    modern header registry; mail to an SMTPUTF8 (non-ASCII) address, or with attachments, uses
+    the modern policy.
     """
     for name, value in headers:
         if "\r" in value or "\n" in value:  # belt and braces: clean_text already removed them
             raise ValueError(f"{name} header value contains a line break")
     name, address = sender
-    recipients = [value for header, value in headers if header == "To"]
-    if _needs_utf8(address, *recipients):
-        message = EmailMessage(policy=email.policy.SMTPUTF8)
+    recipients = [value for header, value in headers if header in ("To", "Cc")]
+    if attachments or _needs_utf8(address, *recipients):
+        policy = email.policy.SMTPUTF8 if _needs_utf8(address, *recipients) else email.policy.SMTP
+        message = EmailMessage(policy=policy)
         message["From"] = Address(display_name=name, addr_spec=address)
         for header, value in headers:
             message[header] = value
         message.set_content(body)
+        for attachment in attachments:
+            maintype, _, subtype = attachment.content_type.partition("/")
+            message.add_attachment(attachment.data, maintype=maintype or "application",
+                                   subtype=subtype or "octet-stream", filename=attachment.filename)
         return message.as_bytes()
     text = MIMEText(body, "plain", "us-ascii" if body.isascii() else _UTF8_QP)
     text["From"] = formataddr((name, address), charset="utf-8")

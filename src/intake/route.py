@@ -84,10 +84,21 @@ class RoutingConfig:
     reference_prefix: str
     is_maintainer: Callable[[str], bool]
     never_answered: Callable[[str], bool]
+    # (reference, token, sender) -> whether the token of a reply address is that sender's.
+    verify_reply_token: Callable[[str, str, str], bool] = lambda reference, token, sender: False
+
+    @property
+    def _reference(self) -> str:
+        return rf"{re.escape(self.reference_prefix)}-\d{{4}}-\d{{4,}}"
 
     @property
     def reference_pattern(self) -> re.Pattern[str]:
-        return re.compile(rf"\b({re.escape(self.reference_prefix)}-\d{{4}}-\d{{4,}})\b", re.IGNORECASE)
+        return re.compile(rf"\b({self._reference})\b", re.IGNORECASE)
+
+    @property
+    def reply_address_tag(self) -> re.Pattern[str]:
+        """A signed reply address's +tag: ``SEC-2026-0001.<token>`` (see intake.reply_tokens)."""
+        return re.compile(rf"({self._reference})\.([a-z2-7]+)", re.IGNORECASE)
 
     def is_ours(self, address: str) -> bool:
         local, _, domain = address.lower().rpartition("@")
@@ -120,6 +131,8 @@ class Decision:
     mentions: tuple[str, ...] = field(default_factory=tuple)
     # Bounces: what the bounce says, for the ticket's record.
     bounced: KnownMessage | None = None
+    # A maintainer's mail to their own signed reply address: its commands apply, its text is relayed.
+    authenticated: bool = False
 
 
 Rule = Callable[[Incoming, Known, RoutingConfig], Decision | None]
@@ -233,6 +246,36 @@ def empty(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision |
     return Decision(REJECTED, "empty message: no subject, no text, no attachment")
 
 
+def _reply_address_tag(incoming: Incoming, config: RoutingConfig) -> tuple[str, str, str] | None:
+    """(recipient, reference, token) of the first recipient that is a signed reply address."""
+    pattern = config.reply_address_tag
+    for recipient in incoming.rcpt_tos:
+        local = recipient.rpartition("@")[0]
+        tag = local.split("+", 1)[1] if "+" in local else ""
+        if match := pattern.fullmatch(tag):
+            return recipient, match.group(1).upper(), match.group(2)
+    return None
+
+
+def reply_address(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """Mail to a maintainer's signed reply address: theirs only if the token verifies for the sender,
+    who must be a maintainer; anything else to such an address changes nothing."""
+    tagged = _reply_address_tag(incoming, config)
+    if tagged is None:
+        return None
+    recipient, reference, token = tagged
+    ticket = known.ticket_by_reference(reference)
+    if ticket is None:
+        return Decision(REJECTED, f"reply address {recipient} names no ticket: nothing changed")
+    if not config.is_maintainer(incoming.sender):
+        return Decision(REJECTED, f"reply address {recipient} used by {incoming.sender}, not a maintainer: "
+                                  "nothing changed")
+    if not config.verify_reply_token(reference, token, incoming.sender):
+        return Decision(REJECTED, f"reply address {recipient}: token is not {incoming.sender}'s: nothing changed")
+    return Decision(MAINTAINER_REPLY, f"reply address of {incoming.sender} for {reference}", ticket_id=ticket.id,
+                    threaded_by=f"reply address {recipient}", authenticated=True)
+
+
 def _thread_by_reference(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[TicketRef, str] | None:
     """A ticket named by a +tag recipient, else by a subject tag (either may be guessed)."""
     pattern = config.reference_pattern
@@ -283,7 +326,7 @@ def _mentions(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[
     return tuple(found)
 
 
-RULES: tuple[Rule, ...] = (duplicate, loop, bounce, auto_reply, bare_null_sender, spam, empty, thread)
+RULES: tuple[Rule, ...] = (duplicate, loop, bounce, auto_reply, bare_null_sender, spam, empty, reply_address, thread)
 
 
 def decide(incoming: Incoming, known: Known, config: RoutingConfig, rules: tuple[Rule, ...] = RULES) -> Decision:

@@ -22,7 +22,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
-from intake import credit, deadlines, outbox, replies, route
+from intake import credit, deadlines, outbox, replies, reply_tokens, route
 from intake.config import Settings
 from intake.db import read_session
 from intake.inbound import StoredMessage
@@ -156,13 +156,16 @@ def _message_ids_referred_to(mail: ParsedMail) -> list[str]:
     return threading + ([report.original_message_id] if report and report.original_message_id else [])
 
 
-def routing_config(settings: Settings) -> route.RoutingConfig:
+def routing_config(settings: Settings, reply_secret: bytes | None = None) -> route.RoutingConfig:
+    """What the routing rules read; without *reply_secret* no reply address verifies."""
     return route.RoutingConfig(
         our_addresses=frozenset(settings.smtp.addresses),
         loop_marker=settings.intake.message_id_domain,
         reference_prefix=settings.intake.reference_prefix,
         is_maintainer=settings.is_maintainer,
         never_answered=settings.never_answered,
+        verify_reply_token=(lambda reference, token, sender: reply_tokens.verify(reply_secret, reference, token, sender))
+        if reply_secret else (lambda reference, token, sender: False),
     )
 
 

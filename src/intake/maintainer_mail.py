@@ -1,0 +1,246 @@
+"""A ticket worked entirely by mail: maintainers' replies relayed, their commands applied, and the
+reporter's replies forwarded to them.
+
+A maintainer answers a notification at its signed reply address (:mod:`intake.reply_tokens`;
+routing only says ``authenticated`` when the token is the sender's). Command lines at the top
+(``#severity high``, ``#assign ana``, ``#state waiting``, ``#released 1.4.2``, …) change the
+ticket through the same service functions as the CLI; the rest, with quoted history and the
+signature trimmed, goes to the reporter from the intake address with its attachments, unless the
+mail starts with ``#note`` (then it stays internal). The sender gets a confirmation of what was
+done. The reporter's own replies are forwarded to the assignee, or to every maintainer, each copy
+with that maintainer's reply address, so a thread can run by mail alone.
+
+The researcher never gets a maintainer's address: relayed text is new mail from the intake
+address, trimmed of the quoted thread and signature, with the maintainer's address blanked.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+from datetime import datetime
+
+from email.utils import format_datetime
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from intake import correspondence, milestones, outbox, replies, reply_tokens, route, tickets, triage
+from intake.config import Settings
+from intake.inbound import StoredMessage
+from intake.models import Ticket
+from intake.parse import clean_text, extract_attachment
+
+log = logging.getLogger(__name__)
+
+# Where quoted history starts in a reply: "On Mon, … wrote:", Outlook's separator and header block.
+_QUOTE_START = re.compile(
+    r"^(on .{0,200}wrote:\s*$|-{2,}\s*original message\s*-{2,}|_{10,}\s*$|from:\s.+$|am .{0,200}schrieb .{0,80}:\s*$)",
+    re.IGNORECASE)
+_SIGNATURE = "-- "
+_COMMAND = re.compile(r"^#([a-z-]+)\b\s*(.*)$", re.IGNORECASE)
+
+
+def trim_reply(text: str) -> str:
+    """*text* without the quoted thread (``>`` lines, "On … wrote:" and below) and the signature."""
+    kept = []
+    for line in text.splitlines():
+        if line.rstrip() == _SIGNATURE.rstrip() and line.startswith("--") or _QUOTE_START.match(line.strip()):
+            break
+        if line.lstrip().startswith(">"):
+            continue
+        kept.append(line.rstrip())
+    return "\n".join(kept).strip("\n")
+
+
+def split_commands(text: str) -> tuple[list[tuple[str, str]], str]:
+    """The ``#command args`` lines at the top of *text* (blank lines between them allowed) and the rest."""
+    lines = text.splitlines()
+    commands = []
+    position = 0
+    while position < len(lines):
+        line = lines[position].strip()
+        if line and not (match := _COMMAND.match(line)):
+            break
+        if line:
+            commands.append((match.group(1).lower(), match.group(2).strip()))
+        position += 1
+    return commands, "\n".join(lines[position:])
+
+
+class CommandError(ValueError):
+    pass
+
+
+def _apply(session: Session, settings: Settings, ticket: Ticket, name: str, args: str, *, now: datetime,
+           actor: str) -> str:
+    """Carry out one mail command on *ticket*; returns what was done, raises with why not."""
+    words = shlex.split(args) if args else []
+    if name == "severity":
+        if not words or len(words) > 2:
+            raise CommandError("usage: #severity critical|high|medium|low|none [CVSS-vector]")
+        _, warning = triage.set_severity(session, settings, ticket, words[0].lower(), now=now, actor=actor,
+                                         cvss_vector=words[1] if len(words) > 1 else None)
+        return f"severity {ticket.severity}" + (f" (CVSS {ticket.cvss_score})" if len(words) > 1 else "") + \
+            (f"; warning: {warning}" if warning else "")
+    if name == "assign":
+        if len(words) != 1:
+            raise CommandError("usage: #assign <maintainer>")
+        return f"assigned to {triage.assign(session, settings, ticket, words[0], now=now, actor=actor)}"
+    if name == "state":
+        wanted = words[0].lower() if len(words) == 1 else ""
+        if wanted == "waiting":
+            milestones.wait(session, settings, ticket, now=now, actor=actor)
+        elif wanted in ("resume", "resumed", "open"):
+            milestones.resume(session, settings, ticket, now=now, actor=actor)
+        else:
+            raise CommandError("usage: #state waiting|resume")
+        return f"state {ticket.state}"
+    if name == "released":
+        milestones.record(session, settings, ticket, "released", at=now, now=now, actor=actor,
+                          version=words[0] if words else None)
+        return "released" + (f" {words[0]}" if words else "")
+    if name in ("ack", "acknowledged"):
+        milestones.record(session, settings, ticket, "acknowledged", at=now, now=now, actor=actor)
+        return "acknowledged"
+    if name == "assess":
+        if len(words) != 1:
+            raise CommandError("usage: #assess <severity>")
+        milestones.assess(session, settings, ticket, words[0].lower(), at=now, now=now, actor=actor)
+        return f"assessed, severity {ticket.severity}"
+    if name in ("disclosed", "resolved"):
+        milestones.record(session, settings, ticket, name, at=now, now=now, actor=actor)
+        return name
+    if name == "close":
+        if len(words) != 1:
+            raise CommandError("usage: #close fixed|invalid|duplicate|out-of-scope|spam")
+        triage.close(session, settings, ticket, words[0].lower(), now=now, actor=actor)
+        return f"closed ({ticket.close_reason})"
+    if name == "label":
+        if not words:
+            raise CommandError("usage: #label <label> …")
+        return "labels " + ", ".join(triage.label(session, ticket, tuple(words), (), now=now, actor=actor))
+    raise CommandError(f"unknown command #{name} (known: #severity #assign #state #released #ack #assess "
+                       "#disclosed #resolved #close #label #note)")
+
+
+def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
+           decision: route.Decision, now: datetime) -> None:
+    """After a threaded message was recorded on its ticket: a maintainer's authenticated mail is
+    carried out, a reporter's reply is forwarded to the maintainers."""
+    if decision.kind == route.MAINTAINER_REPLY and decision.authenticated:
+        _maintainer_mail(session, settings, stored, incoming, decision, now)
+    elif decision.kind == route.REPORTER_REPLY:
+        _forward_to_maintainers(session, settings, stored, incoming, decision, now)
+
+
+def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
+                     decision: route.Decision, now: datetime) -> None:
+    ticket = session.get(Ticket, decision.ticket_id)
+    maintainer = settings.find_maintainer(incoming.sender)
+    assert ticket is not None and maintainer is not None  # routing authenticated them
+    commands, rest = split_commands(incoming.mail.body_text)
+    internal = any(name == "note" for name, _ in commands)
+    done, failed = [], []
+    for name, args in commands:
+        if name == "note":
+            continue
+        try:
+            with session.begin_nested():  # a refused command leaves nothing half done
+                done.append(_apply(session, settings, ticket, name, args, now=now, actor=maintainer.name))
+        except (CommandError, milestones.Refused) as exc:
+            failed.append(f"#{name} {args}".strip() + f": {exc}")
+    text = trim_reply(rest).replace(maintainer.email, "[maintainer]")
+    attachments = _attachments(stored, incoming)
+    if internal and text.strip():
+        correspondence.note(session, ticket, text, now=now, actor=maintainer.name)
+        done.append("added your text as an internal note")
+    elif text.strip() or attachments:
+        correspondence.reply(session, settings, ticket, text or "(see the attached files)", now=now,
+                             actor=maintainer.name, attachments=attachments)
+        done.append(f"sent your reply to the reporter{f' with {len(attachments)} attachment(s)' if attachments else ''}")
+    log.info("event=maintainer-mail ticket=%s maintainer=%s done=%d refused=%d", ticket.reference,
+             maintainer.email, len(done), len(failed))
+    _confirm(session, settings, ticket, incoming, maintainer.email, done, failed, now)
+
+
+def _attachments(stored: StoredMessage, incoming: route.Incoming) -> tuple[replies.Attachment, ...]:
+    found = []
+    for attachment in incoming.mail.attachments:
+        try:
+            meta, data = extract_attachment(stored.raw, attachment.index)
+        except LookupError:
+            continue
+        found.append(replies.Attachment(meta.filename, meta.content_type, data))
+    return tuple(found)
+
+
+def _confirm(session: Session, settings: Settings, ticket: Ticket, incoming: route.Incoming, maintainer: str,
+             done: list[str], failed: list[str], now: datetime) -> None:
+    """Tell the maintainer what their mail did (automatic mail: no one answers it automatically)."""
+    lines = [f"Your mail about {ticket.reference} was received."]
+    lines += ["", "Done:", *(f"- {item}" for item in done)] if done else ["", "Nothing was changed or sent."]
+    lines += ["", "Refused:", *(f"- {item}" for item in failed)] if failed else []
+    message_id = replies.new_message_id("confirm", ticket.reference, settings.intake.message_id_domain)
+    headers = [("To", maintainer), ("Subject", f"Re: [{ticket.reference}] {clean_text(ticket.subject)} (done)"),
+               ("Date", format_datetime(now)), ("Message-ID", message_id)]
+    if incoming.mail.message_id:
+        headers.append(("In-Reply-To", incoming.mail.message_id))
+    headers += [("Auto-Submitted", "auto-replied"), (replies.LOOP_HEADER, settings.intake.message_id_domain),
+                ("X-Intake-Ticket", ticket.reference)]
+    outbox.enqueue(session, replies.OutgoingMail(
+        dedupe_key=f"confirm:{ticket.reference}:{message_id}", kind="confirmation", envelope_from="",
+        recipients=[maintainer], message_id=message_id,
+        raw=replies.compose((settings.intake.from_name, ticket.intake_address), headers, "\n".join(lines) + "\n")),
+        ticket_id=ticket.id, now=now)
+
+
+def maintainer_recipients(settings: Settings, ticket: Ticket) -> list[str]:
+    """Who hears about a ticket: its assignee, else every maintainer."""
+    if ticket.assignee:
+        return [ticket.assignee]
+    return [maintainer.email for maintainer in settings.maintainers]
+
+
+def _forward_to_maintainers(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
+                            decision: route.Decision, now: datetime) -> None:
+    ticket = session.get(Ticket, decision.ticket_id)
+    assert ticket is not None
+    recipients = maintainer_recipients(settings, ticket)
+    if not recipients:
+        log.info("event=reporter-reply-not-forwarded ticket=%s reason=no-maintainers", ticket.reference)
+        return
+    secret = reply_tokens.secret(_engine(session))
+    mail = incoming.mail
+    body = "\n".join([
+        f"The reporter of {ticket.reference} replied ({clean_text(ticket.subject)}).",
+        f"From: {clean_text(mail.from_name)} <{incoming.sender}>" if mail.from_name else f"From: {incoming.sender}",
+        f"Subject: {clean_text(mail.subject)}",
+        f"Attachments: {len(mail.attachments)} (see `intake show {ticket.reference}`)" if mail.attachments else "",
+        "",
+        "Reply to this mail to answer the reporter (from the security address, never yours).",
+        "Command lines at the top (#severity high, #assign <who>, #state waiting, #released 1.4.2)",
+        "change the ticket; start with #note to keep your text internal.",
+        "",
+        "-" * 72,
+        mail.body_text.strip(),
+    ]) + "\n"
+    for maintainer in recipients:
+        message_id = replies.new_message_id("fwd", ticket.reference, settings.intake.message_id_domain)
+        address = reply_tokens.reply_address(secret, ticket.intake_address, ticket.reference, maintainer)
+        headers = [("To", maintainer), ("Reply-To", address),
+                   ("Subject", f"[{ticket.reference}] reporter replied: {clean_text(mail.subject)}"),
+                   ("Date", format_datetime(now)), ("Message-ID", message_id),
+                   ("Auto-Submitted", "auto-generated"), (replies.LOOP_HEADER, settings.intake.message_id_domain),
+                   ("X-Intake-Ticket", ticket.reference)]
+        outbox.enqueue(session, replies.OutgoingMail(
+            dedupe_key=f"forward:{ticket.reference}:{incoming.message_key}:{maintainer.lower()}",
+            kind="reporter-reply-forward", envelope_from="", recipients=[maintainer], message_id=message_id,
+            raw=replies.compose((f"{settings.intake.from_name} ({ticket.reference})", ticket.intake_address),
+                                headers, body)),
+            ticket_id=ticket.id, now=now)
+
+
+def _engine(session: Session) -> Engine:
+    bind = session.get_bind()
+    return getattr(bind, "engine", bind)
