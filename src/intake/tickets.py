@@ -26,8 +26,9 @@ from intake import deadlines, outbox, replies, route
 from intake.config import Settings
 from intake.db import read_session
 from intake.inbound import StoredMessage
-from intake.models import Deadline, Event, InboundMessage, Outbox, ReferenceCounter, ThreadEntry, Ticket, TicketState
-from intake.parse import ParsedMail
+from intake.models import (Deadline, Event, InboundMessage, Notification, Outbox, ReferenceCounter, ThreadEntry, Ticket,
+                           TicketState)
+from intake.parse import ParsedMail, clean_text
 from intake.sla import StageDeadline
 
 SYSTEM_ACTOR = "intake"
@@ -40,6 +41,9 @@ STAGE_LABELS = {
     "resolve": "Resolution (target)",
     "disclose": "Public disclosure",
 }
+
+# The new-ticket notice quotes the report up to this many characters (`intake show` has it all).
+NOTICE_TEXT_LIMIT = 20_000
 
 # Message-IDs of one message looked up for threading: In-Reply-To and the latest References.
 _MESSAGE_IDS_LOOKED_UP = 50
@@ -279,6 +283,7 @@ class Opening:
     refusal: str | None  # why the reporter gets no automatic reply (loop safety, rate limit)
     reply: replies.OutgoingMail | None
     deadlines: list[tuple[StageDeadline, datetime | None]]  # every stage's deadline, and when met
+    notice: replies.OutgoingMail | None = None  # the new-ticket notice to maintainers
 
 
 def prepare_openings(settings: Settings, reports: list[NewReport], references: list[str], sent: Counter[str],
@@ -301,6 +306,8 @@ def prepare_openings(settings: Settings, reports: list[NewReport], references: l
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now))
             sent[stored.mail_from.lower()] += 1
+        if settings.scheduler.new_ticket_notice and settings.notice_recipients:
+            opening = replace(opening, notice=_new_ticket_notice(settings, opening, now))
         openings.append(opening)
     return openings
 
@@ -337,9 +344,37 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> rep
         deadlines=promised_dates(settings, opening.policy, opening.deadlines),
         policy=opening.policy,
         message_id_domain=settings.intake.message_id_domain,
-        templates_dir=settings.resolve_path(settings.intake.templates_dir) if settings.intake.templates_dir else None,
+        templates_dir=settings.templates_path,
         now=now,
     )
+
+
+def _new_ticket_notice(settings: Settings, opening: Opening, now: datetime) -> replies.OutgoingMail:
+    """Tell the maintainers about a new ticket: the report's text, sender, decision and SLA dates,
+    replying to the +tag address that threads into the ticket."""
+    report = opening.report
+    mail, stored = report.incoming.mail, report.stored
+    subject = replies.strip_reply_prefixes(clean_text(mail.subject)) or "(no subject)"
+    sender = clean_text(f"{mail.from_name} <{stored.mail_from or mail.from_address}>" if mail.from_name
+                        else stored.mail_from or mail.from_address)
+    reply_address = replies.thread_address(opening.address, opening.reference)
+    text = replies.render(
+        "new-ticket.txt.j2", settings.templates_path,
+        reference=opening.reference, subject=subject, sender=sender,
+        received=f"{stored.received_at:%Y-%m-%d %H:%M:%S} UTC", intake_address=opening.address,
+        decision=report.decision.kind, reason=report.decision.reason, policy=opening.policy,
+        acknowledgement=(f"{opening.reply.kind} queued to {stored.mail_from}" if opening.reply
+                         else f"none ({opening.refusal})"),
+        labels=["low-quality"] if report.low_quality else [], warnings=mail.warnings,
+        deadlines=promised_dates(settings, opening.policy, opening.deadlines),
+        attachments=[a.as_dict() for a in mail.attachments],
+        text=mail.body_text[:NOTICE_TEXT_LIMIT], truncated=len(mail.body_text) > NOTICE_TEXT_LIMIT,
+        reply_address=reply_address, from_name=settings.intake.from_name)
+    return replies.maintainer_mail(
+        kind="new-ticket", dedupe_key=f"new:{opening.reference}", reference=opening.reference,
+        subject=f"[{opening.reference}] New report: {subject}", recipients=settings.notice_recipients,
+        sender=(settings.intake.from_name, opening.address), reply_to=reply_address, text=text,
+        message_id_domain=settings.intake.message_id_domain, now=now)
 
 
 def open_tickets(session: Session, settings: Settings, openings: list[Opening], sent: Counter[str],
@@ -363,8 +398,15 @@ def open_tickets(session: Session, settings: Settings, openings: list[Opening], 
     ids = dict(session.execute(insert(table).returning(table.c.reference, table.c.id),
                                [_ticket_row(opening, now) for opening in openings]).all())
     opened = [OpenedTicket(ids[opening.reference], opening.reference) for opening in openings]
-    queued = outbox.enqueue_many(session, [(opening.reply, ticket.id) for opening, ticket in zip(openings, opened)
-                                           if opening.reply], now=now)
+    queued = outbox.enqueue_many(session, [(mail, ticket.id) for opening, ticket in zip(openings, opened)
+                                           for mail in (opening.reply, opening.notice) if mail], now=now)
+    notices = [(opening.notice, ticket.id) for opening, ticket in zip(openings, opened)
+               if opening.notice and opening.notice.dedupe_key in queued]
+    if notices:
+        session.execute(insert(Notification.__table__), [
+            dict(key=notice.dedupe_key, kind=notice.kind, ticket_id=ticket_id, stage=None, label=notice.kind,
+                 due_at=now, created_at=now, recipients=notice.recipients, outbox_key=notice.dedupe_key)
+            for notice, ticket_id in notices])
     entries: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for opening, ticket in zip(openings, opened):
@@ -382,7 +424,8 @@ def open_tickets(session: Session, settings: Settings, openings: list[Opening], 
     session.execute(insert(Deadline.__table__), [
         {**row, "ticket_id": ticket.id}
         for opening, ticket in zip(openings, opened)
-        for row in deadlines.rows(_queued_deadlines(settings, opening, queued, now), now)])
+        for row in deadlines.rows(settings, opening.policy, None, _queued_deadlines(settings, opening, queued, now),
+                                  now)])
     return opened
 
 
