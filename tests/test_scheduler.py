@@ -13,12 +13,12 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from conftest import process, report
-from intake import inbound, milestones, outbox, reminders, tickets
+from intake import deadlines, inbound, milestones, outbox, reminders, tickets
 from intake.db import create_schema, make_engine, read_session, write_session
-from intake.models import Notification
+from intake.models import Deadline, Notification
 
 UTC = timezone.utc
 BRISBANE = timezone(timedelta(hours=10))
@@ -258,6 +258,16 @@ def test_two_sweepers_at_once_never_send_twice(desk):
     sent = [notice.key for result in results for mail in result.mails for notice in mail.notices]
     assert sorted(sent) == sorted(f"remind:{ref}:resolve:50%" for ref in references)
     assert len(desk.mails("reminder")) == 40
+
+
+def test_recompute_gives_a_deadline_stored_without_a_notice_time_its_first(desk):
+    desk.configure(INTAKE_INTAKE__DEFAULT_POLICY="tenday")
+    ref = desk.open(T0)
+    with write_session(desk.engine) as session:
+        session.execute(update(Deadline).values(notify_at=None))
+    assert keys(desk.sweep(T0 + timedelta(days=5, minutes=1))) == []  # invisible to the sweep
+    deadlines.recompute_all(desk.engine, desk.settings, T0 + timedelta(days=5, minutes=2))
+    assert keys(desk.sweep(T0 + timedelta(days=5, minutes=3))) == [f"remind:{ref}:resolve:50%"]
 
 
 # -- dry run, `intake reminders` ---------------------------------------------------------------

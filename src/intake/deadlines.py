@@ -161,6 +161,10 @@ def refresh(session: Session, settings: Settings, ticket: Ticket, now: datetime)
                                   row["met_at"]))
             for key, value in row.items():
                 setattr(current, key, value)
+        elif current.notify_at is None and row["notify_at"] is not None:
+            # The sweep moves notify_at on by itself; a row without one (stored before the
+            # scheduler existed) gets its first here, so `intake sla recompute` brings it in.
+            current.notify_at = row["notify_at"]
     gone = [stage for stage in stored if stage not in wanted]  # the policy lost the stage
     if gone:
         session.execute(delete(Deadline).where(Deadline.ticket_id == ticket.id, Deadline.stage.in_(gone)))
