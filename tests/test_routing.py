@@ -22,10 +22,12 @@ REF1 = f"SEC-{YEAR}-0001"
 
 @pytest.fixture
 def intake(make_settings, start_intake_listener):
-    """A listener plus helpers to send, process and inspect, with one maintainer configured."""
+    """A listener plus helpers to send, process and inspect, with one maintainer configured (who
+    gets no new-ticket notices here: the outbox then holds only what goes to researchers)."""
 
     class Intake:
-        settings = make_settings(INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]')
+        settings = make_settings(INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]',
+                                 INTAKE_SCHEDULER__NEW_TICKET_NOTICE="false")
         running = start_intake_listener(settings)
 
         def send(self, message: EmailMessage | bytes, mail_from: str = "alice@researcher.test",

@@ -15,11 +15,14 @@ import threading
 import time
 import uuid
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
 from conftest import free_port, report
+from intake import inbound
+from intake.db import create_schema, make_engine
 
 pytestmark = pytest.mark.slow
 INTAKE = Path(sys.executable).parent / "intake"
@@ -279,3 +282,41 @@ def test_a_notify_socket_nobody_reads_never_freezes_the_service(serve, serve_env
         assert client.noop()[0] == 250  # the event loop still answers
     assert server.stop() == 0
     notify.close()
+
+
+def test_the_scheduler_in_serve_sends_a_real_reminder(serve, serve_env, sink, config_file):
+    """`intake serve` sweeps every second: a report stored 16 days ago under a 30-day policy is
+    past its 50% point, and the reminder arrives at the relay, once."""
+    config_file.write_text(config_file.read_text() + """
+[policies.month]
+calendar = "utc"
+auto_ack_counts = true
+remind = ["50%"]
+
+[[policies.month.stages]]
+name = "resolve"
+duration = "30 days"
+""")
+    serve_env.update(INTAKE_INTAKE__DEFAULT_POLICY="month", INTAKE_SCHEDULER__SWEEP_INTERVAL="1",
+                     INTAKE_SCHEDULER__QUIET_HOURS="false", INTAKE_SCHEDULER__MISFIRE_GRACE=str(7 * 86400),
+                     INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]')
+    engine = make_engine(serve_env["INTAKE_DATABASE__URL"])
+    create_schema(engine)
+    received = datetime.now(timezone.utc) - timedelta(days=16)
+    inbound.store(engine, [inbound.Arrival("alice@researcher.test", ["security@example.com"], "127.0.0.1", "test",
+                                           report(subject="Old report").as_bytes(), received)])
+    engine.dispose()
+    server = serve()
+    server.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(b"Reminder" in m.data for m in sink.messages):
+        time.sleep(0.1)
+    time.sleep(2)  # two more sweeps: nothing more may arrive
+    assert server.stop() == 0
+    subjects = Counter(str(email.message_from_bytes(m.data, policy=email.policy.default)["Subject"])
+                       for m in sink.messages)
+    reference = f"SEC-{received.year}-0001"
+    [reminder] = [s for s in subjects if s.startswith(f"[{reference}] Reminder: resolve due")]
+    assert subjects[reminder] == 1
+    assert [m.rcpt_tos for m in sink.messages if b"Reminder" in m.data] == [["mia@example.com"]]
+    assert f"[{reference}] New report: Old report" in subjects

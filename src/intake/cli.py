@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from intake import (correspondence, credit, deadlines, inbound, milestones, outbox, parse_guard, processor, service,
-                    tickets, triage)
+from intake import (correspondence, credit, deadlines, digest, inbound, milestones, outbox, parse_guard,
+                    processor, reminders, service, tickets, triage)
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
 from intake.db import create_schema, make_engine, write_session
 from intake.parse import extract_attachment
@@ -219,7 +219,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         click.echo("\nDeadlines:")
         width = max(len(stage.stage) for stage in stages)
         for stage in stages:
-            zone = _zone_of_stage(obj.settings, t.policy, stage.stage) if t.policy in obj.settings.policies else ZoneInfo("UTC")
+            zone = deadlines.stage_calendar(obj.settings, t.policy, stage.stage).zone if t.policy in obj.settings.policies else ZoneInfo("UTC")
             due = _local_and_utc(stage.due_at, zone) if stage.due_at else "-"
             met = f", met {_local_and_utc(stage.met_at, zone)}" if stage.met_at else ""
             click.echo(f"  {stage.stage.ljust(width)}  {stage.state:<9} due {due}{met}")
@@ -379,13 +379,6 @@ class _Instant(click.ParamType):
 INSTANT = _Instant()
 
 
-def _zone_of_stage(settings: Settings, policy_name: str, stage_name: str) -> ZoneInfo:
-    policy = settings.policies[policy_name]
-    stage = next((s for s in policy.stages if s.name == stage_name), None)
-    calendar = (stage.calendar if stage and stage.calendar else None) or policy.calendar
-    return settings.all_calendars[calendar].zone
-
-
 def _local_and_utc(instant: datetime, zone: ZoneInfo) -> str:
     local = instant.astimezone(zone)
     offset = local.isoformat()[-6:]
@@ -415,7 +408,7 @@ def sla_explain(obj: Context, policy_name: str, received: datetime, severity: st
     computed = deadlines.compute(settings, policy_name, inputs)
     stages = []
     for deadline, _ in computed:
-        zone = _zone_of_stage(settings, policy_name, deadline.stage)
+        zone = deadlines.stage_calendar(settings, policy_name, deadline.stage).zone
         stages.append({"stage": deadline.stage,
                        "due": deadline.due.astimezone(zone).isoformat() if deadline.due else None,
                        "due_utc": deadline.due.astimezone(timezone.utc).isoformat() if deadline.due else None,
@@ -676,6 +669,97 @@ def note(obj: Context, reference: str, message: str | None, file: Path | None) -
         return [], ["note added (internal, not sent)"]
 
     _change_ticket(obj, reference, change)
+
+
+# -- reminders, escalations and digests ---------------------------------------------------------
+
+
+_NOW = click.option("--now", type=INSTANT, default=None,
+                    help="Act as of this instant (ISO 8601 with offset; default: the current time).")
+
+
+@main.command()
+@_NOW
+@click.option("--dry-run", is_flag=True, help="List what would be sent; send and record nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def sweep(obj: Context, now: datetime | None, dry_run: bool, as_json: bool) -> None:
+    """Run one SLA sweep: reminders, breach notices and escalations due at --now, each sent once."""
+    result = reminders.sweep(obj.engine(), obj.settings, now or datetime.now(timezone.utc), dry_run=dry_run)
+    if as_json:
+        _emit_json(result.as_dict())
+        return
+    verb = "would send" if dry_run else "queued"
+    click.echo(f"sweep at {result.now.isoformat()}: {verb} {len(result.mails)} mail(s); "
+               f"{result.examined} stage(s) looked at, {result.held} reminder(s) held for working hours")
+    for mail in result.mails:
+        click.echo(f"  {mail.reference} {mail.kind} to {', '.join(mail.recipients)}")
+        for notice in mail.notices:
+            click.echo(f"    {notice.stage} {notice.label} (at {notice.at.isoformat()})  {notice.key}")
+
+
+@main.command("digest")
+@click.argument("name")
+@_NOW
+@click.option("--preview", is_flag=True, help="Print the digest; send and record nothing.")
+@click.option("--send", is_flag=True, help="Send it for its period, unless sent already (or empty).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def digest_command(obj: Context, name: str, now: datetime | None, preview: bool, send: bool, as_json: bool) -> None:
+    """Preview or send digest NAME (a [scheduler.digests.NAME] schedule) as of --now."""
+    if preview == send:
+        raise click.UsageError("give --preview or --send (one of them)")
+    settings, now = obj.settings, now or datetime.now(timezone.utc)
+    try:
+        if preview:
+            built = digest.build(obj.engine(), settings, name, now)
+            status = "preview"
+        else:
+            outcome = digest.send(obj.engine(), settings, name, now)
+            built, status = outcome.digest, outcome.status
+    except digest.DigestNotFound as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        _emit_json({"status": status, **built.as_dict()})
+    elif preview:
+        click.echo(digest.text(settings, built), nl=False)
+    else:
+        click.echo({"sent": f"digest {name} for {built.period.isoformat()} queued ({built.key})",
+                    "already-sent": f"digest {name} for {built.period.isoformat()} was sent already ({built.key})",
+                    "empty": f"digest {name} for {built.period.isoformat()} is empty: not sent (send_empty = false)",
+                    "no-recipients": f"digest {name}: no recipients and no [[maintainers]]: not sent"}[status])
+    if status == "no-recipients":
+        sys.exit(1)
+
+
+@main.command("reminders")
+@click.argument("reference")
+@_NOW
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def reminders_command(obj: Context, reference: str, now: datetime | None, as_json: bool) -> None:
+    """What was sent for ticket REFERENCE and what each of its stages gets next."""
+    try:
+        found = reminders.ticket_reminders(obj.engine(), obj.settings, reference, now or datetime.now(timezone.utc))
+    except tickets.TicketNotFound:
+        _fail(f"no ticket {reference}")
+        return
+    data = found.as_dict()
+    if as_json:
+        _emit_json(data)
+        return
+    click.echo(f"{found.reference}: sent")
+    for sent in data["sent"] or [{"kind": "nothing yet"}]:
+        click.echo("  " + " ".join(filter(None, [sent["kind"], sent.get("stage"), sent.get("point"),
+                                                 sent.get("queued_at") and f"queued {sent['queued_at']}",
+                                                 sent.get("to") and "to " + ", ".join(sent["to"])])))
+    click.echo("due now (the next sweep sends it)" if data["due_now"] else "due now: nothing")
+    for item in data["due_now"]:
+        click.echo(f"  {item['stage']} {item['kind']} {item['point']} (at {item['at']})")
+    click.echo("next")
+    for item in data["next"] or [{"stage": "nothing scheduled", "kind": "", "point": "", "at": ""}]:
+        click.echo(f"  {item['stage']} {item['kind']} {item['point']} {item['at'] and 'at ' + item['at']}".rstrip())
 
 
 # Credit, advisories, metrics and security.txt (issue 6): their commands register on `main` there.

@@ -21,6 +21,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_origin
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     AfterValidator,
@@ -32,11 +33,12 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from apscheduler.triggers.cron import CronTrigger
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from intake.security_txt import SecurityTxtSection
 from intake.spam import SHIPPED_RULES, RuleSet, RulesError, load_rules
-from intake.sla import CalendarConfig, PolicyConfig, builtin_calendars, validate_policies
+from intake.sla import CalendarConfig, PolicyConfig, builtin_calendars, parse_duration, validate_policies
 
 ENV_PREFIX = "INTAKE_"
 CONFIG_ENV = "INTAKE_CONFIG"
@@ -244,11 +246,91 @@ class AutoReplySection(Section):
         return value
 
 
+def _check_elapsed(value: str) -> str:
+    duration = parse_duration(value)
+    if duration.business or duration.amount == 0:
+        raise ValueError(f"{value!r} must be a non-zero elapsed time (minutes, hours or days)")
+    return value
+
+
+ElapsedText = Annotated[str, AfterValidator(_check_elapsed)]
+Mailbox = Annotated[str, AfterValidator(_check_mailbox)]
+
+
+def _check_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown IANA time zone {name!r} (e.g. 'Australia/Brisbane')") from None
+    return name
+
+
+class DigestSchedule(Section):
+    # When it is sent: a crontab line "minute hour day month weekday", e.g. "0 8 * * mon-fri".
+    cron: str
+    # IANA time zone the cron line is read in, e.g. "Australia/Brisbane".
+    timezone: Annotated[str, AfterValidator(_check_zone)] = "UTC"
+    # Who gets it; empty: every [[maintainers]] address.
+    recipients: list[Mailbox] = Field(default_factory=list)
+    # The "due soon" section lists unmet stages due within this (elapsed) time.
+    due_within: ElapsedText = "48 hours"
+    # The "disclosure dates" section lists disclosure deadlines within this.
+    disclosures_within: ElapsedText = "14 days"
+    # Send it even when it has nothing to list (otherwise an empty digest is skipped).
+    send_empty: bool = False
+
+    @model_validator(mode="after")
+    def _cron_parses(self) -> DigestSchedule:
+        self.trigger()
+        return self
+
+    def trigger(self) -> CronTrigger:
+        """The APScheduler trigger of this schedule, in its time zone."""
+        try:
+            return CronTrigger.from_crontab(self.cron, timezone=ZoneInfo(self.timezone))
+        except ValueError as exc:
+            raise ValueError(f"cron {self.cron!r} is not a crontab line 'minute hour day month weekday': {exc}")\
+                from None
+
+
+class SchedulerSection(Section):
+    # Run the scheduler (sweep and digests) inside `intake serve`.
+    enabled: bool = True
+    # Seconds between SLA sweeps (reminders, breach notices, escalations).
+    sweep_interval: float = Field(default=60.0, ge=1)
+    # Seconds a scheduled run may start late and still run (a digest due while intake was
+    # stopped longer than this is skipped, never sent in a burst); a notice that fell due longer
+    # ago than this is sent as a catch-up stating where the ticket stands.
+    misfire_grace: float = Field(default=300.0, ge=1)
+    # Hold reminders that are not breaches to the stage calendar's working hours.
+    quiet_hours: bool = True
+    # A breached stage's notice is repeated this often until it is met.
+    breach_repeat: ElapsedText = "1 day"
+    # A stage still unmet this long after its due instant is escalated to escalate_to (once).
+    escalation_delay: ElapsedText = "1 day"
+    # Who gets escalations; empty: nobody (no escalation).
+    escalate_to: list[Mailbox] = Field(default_factory=list)
+    # Who gets new-ticket notices, reminders and breach notices; empty: every [[maintainers]] address.
+    recipients: list[Mailbox] = Field(default_factory=list)
+    # Tell the recipients about each new ticket (its text, sender, decision and SLA dates).
+    new_ticket_notice: bool = True
+    # Digests by name, each with its own schedule and recipients.
+    digests: dict[str, DigestSchedule] = Field(default_factory=dict)
+
+    @field_validator("digests")
+    @classmethod
+    def _digest_names(cls, value: dict[str, DigestSchedule]) -> dict[str, DigestSchedule]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise ValueError(f"digest name {name!r}: letters, digits, '_', '-', '.'")
+        return value
+
+
 class Maintainer(Section):
     # Who it is, as shown in events and used by `--actor`.
     name: str = Field(min_length=1)
     # Address the maintainer mails from.
-    email: Annotated[str, AfterValidator(_check_mailbox)]
+    email: Mailbox
     # Their login on the host where they run `intake` ($USER): CLI changes are recorded as them.
     login: str | None = None
 
@@ -278,6 +360,7 @@ class Settings(BaseSettings):
     outbound: OutboundSection = OutboundSection()
     service: ServiceSection = ServiceSection()
     autoreply: AutoReplySection = AutoReplySection()
+    scheduler: SchedulerSection = SchedulerSection()
     maintainers: list[Maintainer] = Field(default_factory=list)
     calendars: dict[str, CalendarConfig] = Field(default_factory=dict)
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)
@@ -345,6 +428,11 @@ class Settings(BaseSettings):
         return url
 
     @property
+    def templates_path(self) -> Path | None:
+        """The folder of templates overriding the shipped ones, if one is configured."""
+        return self.resolve_path(self.intake.templates_dir) if self.intake.templates_dir else None
+
+    @property
     def maildir_path(self) -> Path:
         return self.resolve_path(self.outbound.maildir)
 
@@ -359,6 +447,14 @@ class Settings(BaseSettings):
         if address in mapping:
             return mapping[address]
         return mapping.get(base_address(address), self.intake.default_policy)
+
+    @property
+    def notice_recipients(self) -> list[str]:
+        """Who gets new-ticket notices, reminders and breach notices."""
+        return list(self.scheduler.recipients) or [m.email for m in self.maintainers]
+
+    def digest_recipients(self, name: str) -> list[str]:
+        return list(self.scheduler.digests[name].recipients) or [m.email for m in self.maintainers]
 
     def is_maintainer(self, address: str) -> bool:
         return address.lower() in {m.email.lower() for m in self.maintainers}

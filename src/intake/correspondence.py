@@ -90,7 +90,7 @@ def reply(session: Session, settings: Settings, ticket: Ticket, body: str, *, no
     """A maintainer's reply to the reporter; the ticket's first counts as its human acknowledgement."""
     mail = mail_reporter(session, settings, ticket, body, kind=CORRESPONDENCE, now=now, actor=actor, cc=cc,
                          attachments=attachments)
-    if not milestones.reached(session, ticket, "acknowledged"):
+    if not milestones.reached(session, settings, ticket, "acknowledged"):
         milestones.record(session, settings, ticket, "acknowledged", at=now, now=now, actor=actor, via="reply")
     return mail
 

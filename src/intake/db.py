@@ -24,7 +24,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlmodel import Session, SQLModel
 
@@ -151,6 +153,18 @@ def checkpoint(engine: Engine) -> None:
         connection.cursor().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
     finally:
         connection.close()
+
+
+def insert_new(session: Session, table: Table, key: str, rows: list[dict]) -> set:
+    """Insert *rows* into *table* except those whose unique *key* column is taken (``ON CONFLICT DO
+    NOTHING``), in one statement; returns the keys inserted now. What makes a notification or an
+    outbox mail exactly-once: a second insert of the same key, from any process, is a no-op."""
+    if not rows:
+        return set()
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    # RETURNING, as rowcount is not reliable here on every driver.
+    statement = insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
+    return set(session.scalars(statement, rows))
 
 
 @contextmanager

@@ -21,8 +21,8 @@ from sqlmodel import Session
 from intake.config import Settings
 from intake.db import read_session, write_session
 from intake.models import Deadline, Event, Ticket, TicketState
-from intake.sla import (DEFAULT_DUE_SOON, Pause, PolicyConfig, StageDeadline, acknowledge_met_at, compute_deadlines,
-                       parse_duration, stage_state)
+from intake.sla import (DEFAULT_DUE_SOON, CalendarConfig, Pause, PolicyConfig, StageDeadline, acknowledge_met_at,
+                       compute_deadlines, parse_duration, reminder_times, stage_state)
 
 # Events that are the automatic reply to a new report: it acknowledges receipt where the policy
 # lets it count (``auto_ack_counts``), whichever template it used.
@@ -94,6 +94,13 @@ def policy_of(settings: Settings, name: str) -> PolicyConfig:
                             f"{', '.join(sorted(settings.policies))})") from None
 
 
+def stage_calendar(settings: Settings, policy_name: str, stage_name: str) -> CalendarConfig:
+    """The calendar a stage of a policy counts in (the stage's own, else the policy's)."""
+    policy = settings.policies[policy_name]
+    stage = policy.stage(stage_name)
+    return settings.all_calendars[(stage.calendar if stage and stage.calendar else None) or policy.calendar]
+
+
 def compute(settings: Settings, policy_name: str, inputs: SlaInputs) -> list[tuple[StageDeadline, datetime | None]]:
     """Every stage's deadline and when it was met, in policy order."""
     policy = policy_of(settings, policy_name)
@@ -103,11 +110,25 @@ def compute(settings: Settings, policy_name: str, inputs: SlaInputs) -> list[tup
     return [(deadline, met.get(deadline.stage)) for deadline in deadlines]
 
 
-def rows(computed: list[tuple[StageDeadline, datetime | None]], now: datetime) -> list[dict[str, Any]]:
+def rows(settings: Settings, policy_name: str, severity: str | None,
+         computed: list[tuple[StageDeadline, datetime | None]], now: datetime) -> list[dict[str, Any]]:
     """Deadline rows (without ``ticket_id``) for what :func:`compute` returned."""
     return [dict(stage=deadline.stage, position=position, due_at=deadline.due, started_at=deadline.start,
-                 met_at=met_at, basis=deadline.basis, severity_assumed=deadline.severity_assumed, computed_at=now)
+                 met_at=met_at, basis=deadline.basis, severity_assumed=deadline.severity_assumed, computed_at=now,
+                 notify_at=first_notice_at(settings, policy_name, severity, deadline, met_at))
             for position, (deadline, met_at) in enumerate(computed)]
+
+
+def first_notice_at(settings: Settings, policy_name: str, severity: str | None, deadline: StageDeadline,
+                    met_at: datetime | None) -> datetime | None:
+    """When the sweep first looks at a stage whose deadline was (re)computed: its earliest reminder
+    point, else its due instant; None when there is nothing to remind of. The sweep works out from
+    what was already sent which of the points passed by then still needs telling."""
+    if met_at is not None or deadline.due is None or deadline.start is None:
+        return None
+    times = reminder_times(policy_of(settings, policy_name), deadline.stage, settings.all_calendars,
+                           start=deadline.start, due=deadline.due, severity=severity)
+    return times[0][1] if times else deadline.due
 
 
 @dataclass(frozen=True)
@@ -129,7 +150,8 @@ def refresh(session: Session, settings: Settings, ticket: Ticket, now: datetime)
     """Recompute *ticket*'s deadlines from its record and store them; returns what changed."""
     assert ticket.id is not None
     inputs = sla_inputs(ticket, ticket_events(session, ticket))
-    wanted = {row["stage"]: row for row in rows(compute(settings, ticket.policy, inputs), now)}
+    computed = compute(settings, ticket.policy, inputs)
+    wanted = {row["stage"]: row for row in rows(settings, ticket.policy, ticket.severity, computed, now)}
     stored = {d.stage: d for d in session.scalars(select(Deadline).where(Deadline.ticket_id == ticket.id))}
     changes = []
     for stage, row in wanted.items():
@@ -142,6 +164,10 @@ def refresh(session: Session, settings: Settings, ticket: Ticket, now: datetime)
                                   row["met_at"]))
             for key, value in row.items():
                 setattr(current, key, value)
+        elif current.notify_at is None and row["notify_at"] is not None:
+            # The sweep moves notify_at on by itself; a row without one (stored before the
+            # scheduler existed) gets its first here, so `intake sla recompute` brings it in.
+            current.notify_at = row["notify_at"]
     gone = [stage for stage in stored if stage not in wanted]  # the policy lost the stage
     if gone:
         session.execute(delete(Deadline).where(Deadline.ticket_id == ticket.id, Deadline.stage.in_(gone)))
@@ -197,10 +223,15 @@ class StageStatus:
 
 def stage_statuses(session: Session, settings: Settings, ticket: Ticket, now: datetime) -> list[StageStatus]:
     """*ticket*'s stored deadlines and the state of each at *now*."""
+    stored = session.scalars(select(Deadline).where(Deadline.ticket_id == ticket.id).order_by(Deadline.position))
+    return statuses_of(settings, ticket, stored, now)
+
+
+def statuses_of(settings: Settings, ticket: Ticket, stored: Iterable[Deadline], now: datetime) -> list[StageStatus]:
+    """The state at *now* of each of *ticket*'s *stored* deadlines (in the order given)."""
     policy = settings.policies.get(ticket.policy)
     # A ticket whose policy left the config still shows what was stored for it.
     due_soon = policy.due_soon_span if policy else parse_duration(DEFAULT_DUE_SOON).elapsed
-    stored = session.scalars(select(Deadline).where(Deadline.ticket_id == ticket.id).order_by(Deadline.position))
     statuses = []
     for row in stored:
         deadline = StageDeadline(row.stage, row.due_at, row.basis, row.started_at, row.severity_assumed)

@@ -17,7 +17,7 @@ from sqlmodel import Session
 
 from intake import deadlines, tickets
 from intake.config import Settings
-from intake.models import Ticket, TicketState
+from intake.models import FINISHED_STATES, Ticket, TicketState
 from intake.sla import MILESTONES, SEVERITIES
 
 # What each milestone follows. Resolving needs an assessment, not a release: an invalid report
@@ -31,8 +31,7 @@ FOLLOWS = {
 }
 # A milestone moves the ticket to the state of its name, forward only (see _advance).
 _STATE_ORDER = (TicketState.NEW, "acknowledged", "assessed", "released", "disclosed", "resolved")
-# States in which a ticket no longer moves on by milestones.
-FINISHED = ("resolved", TicketState.CLOSED)
+FINISHED = FINISHED_STATES
 
 
 class Refused(ValueError):
@@ -51,11 +50,7 @@ def record(session: Session, settings: Settings, ticket: Ticket, milestone: str,
         raise Refused(f"{at.isoformat()} is in the future")
     if at < ticket.received_at:
         raise Refused(f"{at.isoformat()} is before {ticket.reference} was received ({ticket.received_at.isoformat()})")
-    policy = deadlines.policy_of(settings, ticket.policy)
-    inputs = deadlines.sla_inputs(ticket, deadlines.ticket_events(session, ticket))
-    reached = dict(inputs.milestones)
-    if "acknowledged" not in reached and policy.auto_ack_counts and inputs.auto_ack_at is not None:
-        reached["acknowledged"] = inputs.auto_ack_at  # the automatic acknowledgement counts here
+    reached = _reached(session, settings, ticket)
     if not force:
         _check_order(ticket, milestone, at, reached)
     tickets.add_event(session, ticket.id, deadlines.MILESTONE_EVENT, now, actor=actor, milestone=milestone,
@@ -66,9 +61,21 @@ def record(session: Session, settings: Settings, ticket: Ticket, milestone: str,
     return deadlines.refresh(session, settings, ticket, now)
 
 
-def reached(session: Session, ticket: Ticket, milestone: str) -> bool:
-    """Whether a maintainer recorded *milestone* on *ticket* (the automatic acknowledgement is not one)."""
-    return milestone in deadlines.sla_inputs(ticket, deadlines.ticket_events(session, ticket)).milestones
+def _reached(session: Session, settings: Settings, ticket: Ticket) -> dict[str, datetime]:
+    """The milestones *ticket* reached and when, the automatic acknowledgement included where its
+    policy counts it."""
+    policy = deadlines.policy_of(settings, ticket.policy)
+    inputs = deadlines.sla_inputs(ticket, deadlines.ticket_events(session, ticket))
+    found = dict(inputs.milestones)
+    if "acknowledged" not in found and policy.auto_ack_counts and inputs.auto_ack_at is not None:
+        found["acknowledged"] = inputs.auto_ack_at
+    return found
+
+
+def reached(session: Session, settings: Settings, ticket: Ticket, milestone: str) -> bool:
+    """Whether *ticket* reached *milestone* (by a maintainer, or the automatic acknowledgement
+    where its policy counts it)."""
+    return milestone in _reached(session, settings, ticket)
 
 
 def _check_order(ticket: Ticket, milestone: str, at: datetime, reached: dict[str, datetime]) -> None:

@@ -76,6 +76,8 @@ class TicketState:
 
 
 CLOSE_REASONS = ("fixed", "invalid", "duplicate", "out-of-scope", "spam")
+# States in which a ticket has nothing left to meet: no deadlines listed, no reminders sent.
+FINISHED_STATES = ("resolved", TicketState.CLOSED)
 
 
 class Ticket(SQLModel, table=True):
@@ -162,6 +164,8 @@ class Deadline(SQLModel, table=True):
         UniqueConstraint("ticket_id", "stage"),
         Index("ix_deadline_unmet_due", "due_at", sqlite_where=text("met_at IS NULL"),
               postgresql_where=text("met_at IS NULL")),
+        Index("ix_deadline_unmet_notify", "notify_at", sqlite_where=text("met_at IS NULL"),
+              postgresql_where=text("met_at IS NULL")),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -178,6 +182,10 @@ class Deadline(SQLModel, table=True):
     # The strictest duration was used because the severity is not known yet.
     severity_assumed: bool = Field(sa_column=Column(Boolean, nullable=False))
     computed_at: datetime = _instant()
+    # When the scheduler's sweep next has to look at this stage: its next reminder point, its due
+    # instant (breach notice), the next repeat or escalation; None: nothing to tell (met, paused,
+    # pending). Derived from due_at, so the sweep reads only due work through its index.
+    notify_at: datetime | None = _instant(nullable=True)
 
 
 class OutboxStatus:
@@ -225,6 +233,29 @@ class ServiceSecret(SQLModel, table=True):
     name: str = Field(sa_column=Column(String(64), primary_key=True))
     value: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = _instant()
+
+
+class Notification(SQLModel, table=True):
+    """A reminder, breach notice, escalation, new-ticket notice or digest that was queued.
+
+    The unique key ("remind:SEC-2026-0001:assess:50%", "breach:SEC-2026-0001:assess:2",
+    "escalate:…", "new:…", "digest:daily:2026-03-30T06:00Z") is written in the transaction that
+    queues the mail, so each notification goes out exactly once, whoever sweeps."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    # new-ticket, reminder, breach, escalation, digest
+    kind: str = Field(sa_column=Column(String(24), nullable=False))
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    stage: str | None = Field(default=None, sa_column=Column(String(64)))
+    # The reminder point ("50%", "24 hours before", "breach", "repeat 2") or the digest's name.
+    label: str = Field(sa_column=Column(Text, nullable=False))
+    # When it fell due: the reminder point, the due instant (+ repeats), the digest's scheduled time.
+    due_at: datetime = _instant()
+    created_at: datetime = _instant()
+    recipients: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    # The outbox row that carries it (several notifications of one ticket can share one mail).
+    outbox_key: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class ReferenceCounter(SQLModel, table=True):

@@ -30,12 +30,10 @@ from pathlib import Path
 
 import aiosmtplib
 from sqlalchemy import Engine, bindparam, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from intake.config import OutboundSection, Settings, read_secret
-from intake.db import read_session, write_connection, write_session
+from intake.db import insert_new, read_session, write_connection, write_session
 from intake.models import Outbox, OutboxStatus
 from intake.replies import OutgoingMail
 
@@ -57,15 +55,6 @@ def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now:
 def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]], *, now: datetime) -> set[str]:
     """Queue each mail (for its ticket) unless its dedupe key is already queued, in one statement;
     returns the dedupe keys queued now."""
-    if not mails:
-        return set()
-    table = Outbox.__table__
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = (
-        insert(table)
-        .on_conflict_do_nothing(index_elements=["dedupe_key"])
-        .returning(table.c.dedupe_key)  # rowcount is not reliable here on every driver
-    )
     rows = [
         {
             "dedupe_key": mail.dedupe_key,
@@ -83,7 +72,7 @@ def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]],
         }
         for mail, ticket_id in mails
     ]
-    return set(session.scalars(statement, rows))
+    return insert_new(session, Outbox.__table__, "dedupe_key", rows)
 
 
 def automatic_mail_counts(session: Session, recipients: Iterable[str], since: datetime) -> Counter[str]:

@@ -83,6 +83,7 @@ class Plan:
     routed: list[Routed]
     openings: list[tickets.Opening]
     sent: Counter[str]  # automatic mails per recipient within the rate limit's window, as read
+    reply_secret: bytes  # signs maintainers' reply addresses in the notices
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
         sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
         references = tickets.next_references(session, settings.intake.reference_prefix,
                                              [report.stored.received_at.year for report in reports])
-    return Plan(routed, tickets.prepare_openings(settings, reports, references, sent, now), sent)
+    return Plan(routed, tickets.prepare_openings(settings, reports, references, sent, now, reply_secret), sent,
+                reply_secret)
 
 
 def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> list[Outcome]:
@@ -180,7 +182,7 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
     ticket's state); then record each message's outcome."""
     pending = {item.stored.id for item in _still_pending(session, [r.prepared for r in plan.routed])}
     openings = [opening for opening in plan.openings if opening.report.stored.id in pending]
-    opened = iter(tickets.open_tickets(session, settings, openings, plan.sent, now))
+    opened = iter(tickets.open_tickets(session, settings, openings, plan.sent, now, plan.reply_secret))
     outcomes = []
     for r in plan.routed:
         if r.prepared.stored.id not in pending:

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined, select_autoescape
 
 from intake.parse import clean_text
 
@@ -66,9 +66,10 @@ class PromisedDate:
 def _environment(override_dir: str | None) -> Environment:
     loaders = [FileSystemLoader(override_dir)] if override_dir else []
     loaders.append(PackageLoader("intake", "templates"))
-    # Plain-text mail: no HTML autoescaping; StrictUndefined turns a template typo into an error.
-    return Environment(loader=ChoiceLoader(loaders), autoescape=False, undefined=StrictUndefined,
-                       keep_trailing_newline=True)
+    # Plain-text templates are not escaped; HTML ones (*.html.j2: the digest's alternative) are, as
+    # they show reporters' subjects. StrictUndefined turns a template typo into an error.
+    return Environment(loader=ChoiceLoader(loaders), autoescape=select_autoescape(["html.j2"], default=False),
+                       undefined=StrictUndefined, keep_trailing_newline=True)
 
 
 def render(template: str, override_dir: Path | None, **context: object) -> str:
@@ -149,6 +150,60 @@ def automatic_reply(
         raw=compose((from_name, intake_address), headers, body),
         automatic=True,
     )
+
+
+def thread_address(intake_address: str, reference: str) -> str:
+    """The +tag form of *intake_address* that threads a reply into ticket *reference*:
+    security+SEC-2026-0001@example.com (the router's first threading rule)."""
+    local, _, domain = intake_address.rpartition("@")
+    return f"{local}+{reference}@{domain}"
+
+
+def maintainer_mail(
+    *,
+    kind: str,
+    dedupe_key: str,
+    reference: str,
+    subject: str,
+    recipients: list[str],
+    sender: tuple[str, str],
+    reply_to: str | None,
+    text: str,
+    html: str | None = None,
+    message_id_domain: str,
+    now: datetime,
+) -> OutgoingMail:
+    """A notification to maintainers (new ticket, reminder, breach, escalation, digest): automatic
+    (``Auto-Submitted: auto-generated``, from the null sender, loop-marked), replying to *reply_to*."""
+    message_id = new_message_id(kind, reference, message_id_domain)
+    headers = [
+        ("To", ", ".join(recipients)),
+        ("Subject", clean_text(subject)),
+        ("Date", format_datetime(now)),
+        ("Message-ID", message_id),
+        *([("Reply-To", reply_to)] if reply_to else []),
+        ("Auto-Submitted", "auto-generated"),
+        ("X-Auto-Response-Suppress", "All"),
+        (LOOP_HEADER, message_id_domain),
+    ]
+    raw = compose(sender, headers, text) if html is None else compose_alternative(sender, headers, text, html)
+    return OutgoingMail(dedupe_key=dedupe_key, kind=kind, envelope_from="", recipients=list(recipients),
+                        message_id=message_id, raw=raw)
+
+
+def compose_alternative(sender: tuple[str, str], headers: list[tuple[str, str]], text: str, html: str) -> bytes:
+    """A multipart/alternative message (plain text, then HTML) as bytes, with SMTP line endings."""
+    for name, value in headers:
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"{name} header value contains a line break")
+    message = EmailMessage(policy=email.policy.SMTPUTF8 if _needs_utf8(sender[1], *(v for h, v in headers if h == "To"))
+                           else email.policy.SMTP)
+    message["From"] = Address(display_name=sender[0], addr_spec=sender[1])
+    for header, value in headers:
+        message[header] = value
+    message.set_content(text)
+    message.add_alternative(html, subtype="html")
+    return message.as_bytes()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy import Engine
 
-from intake.config import read_secret
+from intake import replies
+from intake.config import Settings, read_secret
 from intake.db import read_session, write_session
 from intake.models import ServiceSecret
 
@@ -70,3 +71,12 @@ def reply_address(secret: bytes, intake_address: str, reference: str, maintainer
     """``<local>+<REFERENCE>.<token>@<domain>`` on the ticket's intake address."""
     local, _, domain = intake_address.rpartition("@")
     return f"{local.split('+', 1)[0]}+{reference}.{token(secret, reference, maintainer)}@{domain}"
+
+
+def reply_to(settings: Settings, secret: bytes, intake_address: str, reference: str, recipient: str) -> str:
+    """The address a notification to *recipient* about *reference* asks replies to go to: their own
+    signed reply address if they are a maintainer, else the ticket's +tag address (which threads
+    only mail from maintainers and the reporter)."""
+    if settings.is_maintainer(recipient):
+        return reply_address(secret, intake_address, reference, recipient)
+    return replies.thread_address(intake_address, reference)

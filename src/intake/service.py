@@ -1,4 +1,5 @@
-"""``intake serve``: the listener in this process, the processor and outbox in a worker process.
+"""``intake serve``: the listener in this process; the processor, the outbox and the scheduler
+(SLA sweep, digests) in a worker process.
 
 Why two processes: accepting mail (aiosmtpd's event loop plus the group-commit writer) and
 processing it (MIME parsing, ORM writes, rendering) are both CPU-bound Python; under one GIL
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from intake import parse_guard, processor
+from intake import parse_guard, processor, scheduler
 from intake.config import Settings, load_settings
 from intake.db import checkpoint, create_schema, make_engine
 from intake.inbound import GroupCommitter
@@ -223,7 +224,7 @@ def _start_worker(context, settings: Settings, wake: ProcessEvent, stop: Process
 
 
 def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent, parent_pid: int) -> None:
-    """Entry point of the worker process: processor and outbox until told to stop."""
+    """Entry point of the worker process: processor, outbox and scheduler until told to stop."""
     # The parent coordinates shutdown; a terminal's Ctrl-C reaches us too and must not cut a batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -281,6 +282,10 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
     pacing = _SenderPacing(settings.processing.batch_size)
     sender = OutboxSender(engine, settings, make_transport(settings))
     sending = asyncio.create_task(sender.run(stop, pacing.wake, busy=pacing.backlog))
+    loop = asyncio.get_running_loop()
+    jobs = scheduler.build_scheduler(engine, settings, on_queued=lambda: loop.call_soon_threadsafe(pacing.wake.set))
+    if settings.scheduler.enabled:
+        jobs.start()
     poll = settings.processing.poll_interval
     while True:
         # A parent killed with SIGKILL cannot tell us to stop; being re-parented means it is gone.
@@ -297,6 +302,8 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
                 continue
         await asyncio.to_thread(wake.wait, poll)
         wake.clear()
+    if jobs.running:
+        await asyncio.to_thread(jobs.shutdown, wait=True)  # a sweep in progress finishes its page
     stop.set()
     pacing.wake.set()
     await sending

@@ -95,6 +95,8 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 STAGE_STATES = ("pending", "paused", "ok", "due-soon", "breached", "met", "met-late")
 BUILTIN_CALENDAR = "utc"
 DEFAULT_DUE_SOON = "24 hours"
+# When maintainers are reminded of an unmet stage, unless its policy or the stage says otherwise.
+DEFAULT_REMIND = ("50%", "80%", "24 hours before")
 # What maintainers record as a report moves on (``intake ack|assess|released|resolve|disclose``),
 # in the order they normally come; each meets a stage and can start others (``event:<name>``).
 MILESTONES = ("acknowledged", "assessed", "released", "resolved", "disclosed")
@@ -149,6 +151,53 @@ def parse_duration(text: str) -> Duration:
     if duration.elapsed > _LONGEST_DURATION:
         raise ValueError(f"invalid duration {text!r}: longer than ten years")
     return duration
+
+
+# --------------------------------------------------------------------------
+# Reminder points
+# --------------------------------------------------------------------------
+
+_PERCENT_RE = re.compile(r"(\d+)\s*%")
+
+
+@dataclass(frozen=True)
+class ReminderPoint:
+    """When, before a stage is due, maintainers are reminded of it.
+
+    ``"N%"`` (1-99): once N percent of the stage's time has passed, counted as the stage counts
+    it (business time for a business duration, so "50%" of "2 business days" is one working day
+    in). ``"<N> minutes|hours|days before"``: that much elapsed time before the due instant."""
+
+    label: str  # normalised: "50%", "24 hours before"; part of the reminder's dedupe key
+    fraction: float | None
+    before: timedelta | None
+
+
+@lru_cache(maxsize=256)
+def parse_reminder_point(text: str) -> ReminderPoint:
+    normal = " ".join(str(text).lower().split())
+    if match := _PERCENT_RE.fullmatch(normal):
+        percent = int(match[1])
+        if not 0 < percent < 100:
+            raise ValueError(f"invalid reminder point {text!r}: a percentage is between 1% and 99%")
+        return ReminderPoint(f"{percent}%", percent / 100, None)
+    if normal.endswith(" before"):
+        duration = parse_duration(normal.removesuffix(" before"))
+        if duration.business:
+            raise ValueError(f"invalid reminder point {text!r}: time before a due instant is elapsed time "
+                             "(minutes, hours or days)")
+        if duration.amount == 0:
+            raise ValueError(f"invalid reminder point {text!r}: '0 ... before' is the due instant itself")
+        return ReminderPoint(f"{duration} before", None, duration.elapsed)
+    raise ValueError(f"invalid reminder point {text!r}: expected 'N%' (of the stage's time) or "
+                     "'<N> minutes|hours|days before'")
+
+
+def _valid_reminder_points(points: list[str]) -> list[str]:
+    labels = [parse_reminder_point(point).label for point in points]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"reminder points {points} name one point twice")
+    return points
 
 
 # --------------------------------------------------------------------------
@@ -271,6 +320,18 @@ class CalendarConfig(BaseModel):
             datetime.combine(day, closing, self.zone).astimezone(UTC),
         )
 
+    def next_working_instant(self, instant: datetime) -> datetime:
+        """``instant`` if it falls inside working hours on a working day, else the next opening."""
+        instant = _as_utc("instant", instant)
+        day = instant.astimezone(self.zone).date()
+        for _ in range(_LONGEST_DURATION.days + 366):  # bounded: workdays is never empty
+            if self.non_working_reason(day) is None:
+                opening, closing = self.working_window(day)
+                if instant < closing:
+                    return max(instant, opening)
+            day += timedelta(days=1)
+        raise ValueError(f"calendar in {self.timezone} has no working time in ten years")
+
 
 _BUILTIN_CALENDARS = {BUILTIN_CALENDAR: CalendarConfig(timezone="UTC")}
 
@@ -316,6 +377,8 @@ class StageConfig(BaseModel):
     calendar: str | None = None
     # The milestone that meets this stage; defaults by name (see DEFAULT_MET_BY).
     met_by: str | None = None
+    # Reminder points for this stage (see parse_reminder_point); unset: the policy's.
+    remind: list[str] | None = None
 
     @field_validator("name")
     @classmethod
@@ -346,6 +409,11 @@ class StageConfig(BaseModel):
     def _valid_start(cls, text: str) -> str:
         _parse_start(text)
         return text
+
+    @field_validator("remind")
+    @classmethod
+    def _valid_stage_remind(cls, points: list[str] | None) -> list[str] | None:
+        return None if points is None else _valid_reminder_points(points)
 
     @field_validator("met_by")
     @classmethod
@@ -416,7 +484,18 @@ class PolicyConfig(BaseModel):
     low_quality_reply: Literal["acknowledge", "out-of-scope"] = "acknowledge"
     # How long before its due instant an unmet stage counts as due soon (elapsed time).
     due_soon: str = DEFAULT_DUE_SOON
+    # Reminder points of its stages (a stage may give its own): "N%" of the stage's time, or
+    # "<N> minutes|hours|days before" it is due.
+    remind: list[str] = Field(default_factory=lambda: list(DEFAULT_REMIND))
     stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("remind")
+    @classmethod
+    def _valid_policy_remind(cls, points: list[str]) -> list[str]:
+        return _valid_reminder_points(points)
+
+    def stage(self, name: str) -> StageConfig | None:
+        return next((stage for stage in self.stages if stage.name == name), None)
 
     @field_validator("due_soon")
     @classmethod
@@ -654,7 +733,7 @@ def _timed_stage(
     if paused_since is not None:
         basis += f"; clock paused since {_format_instant(paused_since)} while waiting on the reporter"
     elif credited:
-        basis += f"; +{_format_span(credited)} paused"
+        basis += f"; +{format_span(credited)} paused"
     return StageDeadline(stage.name, extended_due, basis, start, assumed)
 
 
@@ -722,6 +801,74 @@ def stage_state(deadline: StageDeadline, met_at: datetime | None, now: datetime,
     return "ok"
 
 
+def reminder_times(
+    policy: PolicyConfig,
+    stage_name: str,
+    calendars: Mapping[str, CalendarConfig],
+    *,
+    start: datetime,
+    due: datetime,
+    severity: str | None,
+) -> list[tuple[str, datetime]]:
+    """The stage's reminder points as ``(label, instant)``, in time order, strictly between its
+    start and its due instant (a point outside that span is dropped: the new-ticket notice and
+    the breach notice cover those moments)."""
+    stage = policy.stage(stage_name)
+    if stage is None:
+        return []
+    start, due = _as_utc("start", start), _as_utc("due", due)
+    calendar = _resolve_calendar(stage.calendar or policy.calendar, calendars)
+    unit = _counted_unit(stage, severity)
+    times = []
+    for text in stage.remind if stage.remind is not None else policy.remind:
+        point = parse_reminder_point(text)
+        if point.before is not None:
+            at = due - point.before
+        elif unit is None:
+            at = start + (due - start) * point.fraction
+        else:
+            at = _point_in_counted_time(start, due, point.fraction, calendar, unit)
+        if start < at < due:
+            times.append((point.label, at))
+    return sorted(times, key=lambda entry: entry[1])
+
+
+def _counted_unit(stage: StageConfig, severity: str | None) -> Literal["hour", "day"] | None:
+    """"hour" or "day" when the stage's duration is business time (for every severity it may
+    have, while the severity is unknown), else None: elapsed time."""
+    texts = {stage.duration_for(severity)} if severity else {stage.duration_for(each) for each in SEVERITIES}
+    kinds = {(duration.business, duration.unit) for duration in map(parse_duration, texts)}
+    if len(kinds) == 1:
+        business, unit = kinds.pop()
+        if business:
+            return unit  # type: ignore[return-value]
+    return None
+
+
+def _point_in_counted_time(start: datetime, end: datetime, fraction: float, calendar: CalendarConfig,
+                           unit: Literal["hour", "day"]) -> datetime:
+    """The instant by which *fraction* of the business time between *start* and *end* has passed."""
+    spans = []
+    day, last = start.astimezone(calendar.zone).date(), end.astimezone(calendar.zone).date()
+    while day <= last:  # bounded by the span, at most ten years of days
+        if calendar.non_working_reason(day) is None:
+            if unit == "hour":
+                opening, closing = calendar.working_window(day)
+            else:  # a business day counts all of its hours
+                opening = datetime.combine(day, time(0), calendar.zone).astimezone(UTC)
+                closing = datetime.combine(day + timedelta(days=1), time(0), calendar.zone).astimezone(UTC)
+            begin, finish = max(opening, start), min(closing, end)
+            if begin < finish:
+                spans.append((begin, finish))
+        day += timedelta(days=1)
+    remaining = sum((finish - begin for begin, finish in spans), timedelta()) * fraction
+    for begin, finish in spans:
+        if remaining <= finish - begin:
+            return begin + remaining
+        remaining -= finish - begin
+    return end
+
+
 # --------------------------------------------------------------------------
 # Basis formatting
 # --------------------------------------------------------------------------
@@ -742,7 +889,8 @@ def _format_instant(instant: datetime) -> str:
     return f"{instant:%Y-%m-%d %H:%M} UTC"
 
 
-def _format_span(span: timedelta) -> str:
+def format_span(span: timedelta) -> str:
+    """"2d 3h", "45min": a span for people, to the minute."""
     minutes = int(span.total_seconds() // 60)
     days, minutes = divmod(minutes, 24 * 60)
     hours, minutes = divmod(minutes, 60)

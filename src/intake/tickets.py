@@ -26,8 +26,9 @@ from intake import credit, deadlines, outbox, replies, reply_tokens, route
 from intake.config import Settings
 from intake.db import read_session
 from intake.inbound import StoredMessage
-from intake.models import Deadline, Event, InboundMessage, Outbox, ReferenceCounter, ThreadEntry, Ticket, TicketState
-from intake.parse import ParsedMail
+from intake.models import (FINISHED_STATES, Deadline, Event, InboundMessage, Notification, Outbox, ReferenceCounter,
+                           ThreadEntry, Ticket, TicketState)
+from intake.parse import ParsedMail, clean_text
 from intake.sla import StageDeadline
 
 SYSTEM_ACTOR = "intake"
@@ -40,6 +41,9 @@ STAGE_LABELS = {
     "resolve": "Resolution (target)",
     "disclose": "Public disclosure",
 }
+
+# The new-ticket notice quotes the report up to this many characters (`intake show` has it all).
+NOTICE_TEXT_LIMIT = 20_000
 
 # Message-IDs of one message looked up for threading: In-Reply-To and the latest References.
 _MESSAGE_IDS_LOOKED_UP = 50
@@ -283,10 +287,11 @@ class Opening:
     reply: replies.OutgoingMail | None
     deadlines: list[tuple[StageDeadline, datetime | None]]  # every stage's deadline, and when met
     credit: credit.Credit | None = None  # how the report asks to be credited, if it says
+    notices: tuple[replies.OutgoingMail, ...] = ()  # the new-ticket notice, one mail per maintainer
 
 
 def prepare_openings(settings: Settings, reports: list[NewReport], references: list[str], sent: Counter[str],
-                     now: datetime) -> list[Opening]:
+                     now: datetime, reply_secret: bytes) -> list[Opening]:
     """The tickets *reports* open, under *references*, with their automatic replies rendered unless
     loop safety or the rate limit forbid them. *sent* is :func:`automatic_mails_sent` for the reports;
     each reply made here counts against the limit of the reports after it, as if they had been
@@ -306,6 +311,8 @@ def prepare_openings(settings: Settings, reports: list[NewReport], references: l
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now))
             sent[stored.mail_from.lower()] += 1
+        if settings.scheduler.new_ticket_notice and settings.notice_recipients:
+            opening = replace(opening, notices=_new_ticket_notices(settings, opening, now, reply_secret))
         openings.append(opening)
     return openings
 
@@ -342,13 +349,45 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> rep
         deadlines=promised_dates(settings, opening.policy, opening.deadlines),
         policy=opening.policy,
         message_id_domain=settings.intake.message_id_domain,
-        templates_dir=settings.resolve_path(settings.intake.templates_dir) if settings.intake.templates_dir else None,
+        templates_dir=settings.templates_path,
         now=now,
     )
 
 
+def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
+                        reply_secret: bytes) -> tuple[replies.OutgoingMail, ...]:
+    """Tell the maintainers about a new ticket: the report's text, sender, decision and SLA dates;
+    one mail each, replying to their own reply address for the ticket."""
+    report = opening.report
+    mail, stored = report.incoming.mail, report.stored
+    subject = replies.strip_reply_prefixes(clean_text(mail.subject)) or "(no subject)"
+    sender = clean_text(f"{mail.from_name} <{stored.mail_from or mail.from_address}>" if mail.from_name
+                        else stored.mail_from or mail.from_address)
+    context = dict(
+        reference=opening.reference, subject=subject, sender=sender,
+        received=f"{stored.received_at:%Y-%m-%d %H:%M:%S} UTC", intake_address=opening.address,
+        decision=report.decision.kind, reason=report.decision.reason, policy=opening.policy,
+        acknowledgement=(f"{opening.reply.kind} queued to {stored.mail_from}" if opening.reply
+                         else f"none ({opening.refusal})"),
+        labels=["low-quality"] if report.low_quality else [], warnings=mail.warnings,
+        deadlines=promised_dates(settings, opening.policy, opening.deadlines),
+        attachments=[a.as_dict() for a in mail.attachments],
+        text=mail.body_text[:NOTICE_TEXT_LIMIT], truncated=len(mail.body_text) > NOTICE_TEXT_LIMIT,
+        from_name=settings.intake.from_name)
+    notices = []
+    for recipient in settings.notice_recipients:
+        reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient)
+        notices.append(replies.maintainer_mail(
+            kind="new-ticket", dedupe_key=f"new:{opening.reference}>{recipient.lower()}", reference=opening.reference,
+            subject=f"[{opening.reference}] New report: {subject}", recipients=[recipient],
+            sender=(settings.intake.from_name, opening.address), reply_to=reply_address,
+            text=replies.render("new-ticket.txt.j2", settings.templates_path, reply_address=reply_address, **context),
+            message_id_domain=settings.intake.message_id_domain, now=now))
+    return tuple(notices)
+
+
 def open_tickets(session: Session, settings: Settings, openings: list[Opening], sent: Counter[str],
-                 now: datetime) -> list[OpenedTicket]:
+                 now: datetime, reply_secret: bytes) -> list[OpenedTicket]:
     """Write the tickets of *openings*, in order: each with its report as first entry, its events,
     and its automatic reply queued; in the caller's transaction, in a few statements for all.
 
@@ -361,15 +400,24 @@ def open_tickets(session: Session, settings: Settings, openings: list[Opening], 
     references = allocate_references(session, settings.intake.reference_prefix,
                                      [report.stored.received_at.year for report in reports])
     if references != [opening.reference for opening in openings]:
-        openings = prepare_openings(settings, reports, references, sent, now)
+        openings = prepare_openings(settings, reports, references, sent, now, reply_secret)
     table = Ticket.__table__
     # One INSERT for all (ids in parameter order would take one per row on SQLite): the unique
     # reference says which id is whose.
     ids = dict(session.execute(insert(table).returning(table.c.reference, table.c.id),
                                [_ticket_row(opening, now) for opening in openings]).all())
     opened = [OpenedTicket(ids[opening.reference], opening.reference) for opening in openings]
-    queued = outbox.enqueue_many(session, [(opening.reply, ticket.id) for opening, ticket in zip(openings, opened)
-                                           if opening.reply], now=now)
+    queued = outbox.enqueue_many(session, [(mail, ticket.id) for opening, ticket in zip(openings, opened)
+                                           for mail in (opening.reply, *opening.notices) if mail], now=now)
+    # One notification per ticket, whichever maintainers' mails carry it.
+    notified = [(opening, ticket.id) for opening, ticket in zip(openings, opened)
+                if any(mail.dedupe_key in queued for mail in opening.notices)]
+    if notified:
+        session.execute(insert(Notification.__table__), [
+            dict(key=f"new:{opening.reference}", kind="new-ticket", ticket_id=ticket_id, stage=None,
+                 label="new-ticket", due_at=now, created_at=now,
+                 recipients=[mail.recipients[0] for mail in opening.notices],
+                 outbox_key=f"new:{opening.reference}") for opening, ticket_id in notified])
     entries: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for opening, ticket in zip(openings, opened):
@@ -387,7 +435,8 @@ def open_tickets(session: Session, settings: Settings, openings: list[Opening], 
     session.execute(insert(Deadline.__table__), [
         {**row, "ticket_id": ticket.id}
         for opening, ticket in zip(openings, opened)
-        for row in deadlines.rows(_queued_deadlines(settings, opening, queued, now), now)])
+        for row in deadlines.rows(settings, opening.policy, None, _queued_deadlines(settings, opening, queued, now),
+                                  now)])
     return opened
 
 
@@ -561,10 +610,6 @@ def list_tickets(engine: Engine, state: str | None = None) -> list[Ticket]:
         return list(session.scalars(query))
 
 
-# Tickets in these states have no deadline left to meet.
-_FINISHED_STATES = ("resolved", TicketState.CLOSED)
-
-
 @dataclass(frozen=True)
 class Listed:
     """A ticket as `intake tickets` lists it, with its next unmet deadline."""
@@ -598,7 +643,7 @@ def find_tickets(engine: Engine, settings: Settings, wanted: TicketFilter, now: 
             query = query.where(column == value)
     with read_session(engine) as session:
         found = [t for t in session.scalars(query) if wanted.label is None or wanted.label in t.labels]
-        open_ids = [t.id for t in found if t.state not in _FINISHED_STATES]
+        open_ids = [t.id for t in found if t.state not in FINISHED_STATES]
         next_due: dict[int, tuple[str, datetime]] = {}
         for start in range(0, len(open_ids), 500):  # bounded IN lists
             rows = session.execute(

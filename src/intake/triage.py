@@ -102,9 +102,9 @@ def close(session: Session, settings: Settings, ticket: Ticket, reason: str, *, 
         raise Refused(f"unknown reason {reason!r}: use one of {', '.join(CLOSE_REASONS)}")
     if ticket.state == TicketState.CLOSED:
         raise Refused(f"{ticket.reference} is already closed ({ticket.close_reason})")
-    if reason == "fixed" and not force and not milestones.reached(session, ticket, "released"):
+    if reason == "fixed" and not force and not milestones.reached(session, settings, ticket, "released"):
         raise Refused(f"{ticket.reference} has no release recorded: `intake released` first, or use --force")
-    if not milestones.reached(session, ticket, "resolved"):
+    if not milestones.reached(session, settings, ticket, "resolved"):
         # Closing is the maintainer's decision, whatever milestones came before.
         milestones.record(session, settings, ticket, "resolved", at=now, now=now, actor=actor, force=True,
                           advance=False, via=f"close {reason}")
