@@ -16,9 +16,9 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from intake import deadlines, inbound, milestones, outbox, parse_guard, processor, service, tickets
+from intake import deadlines, inbound, milestones, outbox, parse_guard, processor, schema, service, tickets
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
-from intake.db import create_schema, make_engine, write_session
+from intake.db import make_engine, write_session
 from intake.parse import extract_attachment
 from intake.sla import SEVERITIES
 
@@ -39,9 +39,15 @@ class Context:
                 sys.exit(EXIT_CONFIG)
         return self._settings
 
-    def engine(self):  # type: ignore[no-untyped-def]
+    def engine(self, *, at_head: bool = True):  # type: ignore[no-untyped-def]
+        """The database; unless *at_head* is False, one whose schema this intake can use.
+        Only `intake serve` and `intake db upgrade` migrate."""
         engine = make_engine(self.settings.database_url, self.settings.database.busy_timeout)
-        create_schema(engine)
+        if at_head:
+            try:
+                schema.require_current(engine)
+            except schema.SchemaRefused as exc:
+                _fail(str(exc))
         return engine
 
 
@@ -515,3 +521,68 @@ def resume(obj: Context, reference: str) -> None:
     """The ticket no longer waits on the reporter."""
     _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.resume(
         session, settings, ticket, now=now, actor=_actor()))
+
+
+# -- the database: schema migrations ----------------------------------------------------------
+
+
+@main.group("db")
+def db_group() -> None:
+    """The database schema: upgrade (migrate), check against the models, current, history."""
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_obj
+def db_upgrade(obj: Context, revision: str) -> None:
+    """Migrate the database to REVISION (default: the newest). Safe to run any number of times,
+    and while intake runs: migrations take the write lock."""
+    try:
+        upgraded = schema.upgrade(obj.engine(at_head=False), revision)
+    except schema.SchemaRefused as exc:
+        _fail(str(exc))
+        return
+    if upgraded.stamped:
+        click.echo(f"adopted a database from before migrations as revision {upgraded.before}")
+    if upgraded.before == upgraded.after:
+        click.echo(f"database already at {upgraded.after}")
+    else:
+        click.echo(f"database upgraded from {upgraded.before or 'empty'} to {upgraded.after}")
+
+
+@db_group.command("check")
+@click.pass_obj
+def db_check(obj: Context) -> None:
+    """Exit 1 listing the differences when the database at head differs from the models (a model
+    changed without a migration, or the database was changed by hand)."""
+    engine = obj.engine()
+    found = schema.differences(engine)
+    if found:
+        click.echo(f"the database (at {schema.current(engine)}) and the models differ:", err=True)
+        for line in found:
+            click.echo(f"  {line}", err=True)
+        _fail("a model change needs a migration (`intake db revision MESSAGE`), or the database was altered")
+    click.echo(f"database at {schema.head()} matches the models")
+
+
+@db_group.command("current")
+@click.pass_obj
+def db_current(obj: Context) -> None:
+    """The database's schema revision, and the newest this intake has."""
+    at = schema.current(obj.engine(at_head=False))
+    newest = schema.head()
+    click.echo(f"{at or 'none'} (newest: {newest}{'' if at == newest else '; run `intake db upgrade`'})")
+
+
+@db_group.command("history")
+def db_history() -> None:
+    """The migrations, oldest first."""
+    for script in reversed(list(schema.scripts().walk_revisions())):
+        click.echo(f"{script.revision}  {script.doc}")
+
+
+@db_group.command("revision")
+@click.argument("message")
+def db_revision(message: str) -> None:
+    """For developers: write the migration the models need into a source checkout."""
+    click.echo(f"wrote {schema.new_revision(message)}: read it, test it, commit it")
