@@ -242,12 +242,13 @@ class RunningListener:
     engine: object
     port: int
     committer: GroupCommitter
+    stop: callable  # close connections, the loop and the writer; the fixture does it at the end
 
 
 @pytest.fixture
 def start_intake_listener():
     """Start the real listener (group commit included) on a free loopback port."""
-    started: list[tuple[LoopThread, object, GroupCommitter]] = []
+    stops: list[callable] = []
 
     def start(settings: Settings, engine=None) -> RunningListener:  # type: ignore[no-untyped-def]
         engine = engine or make_engine(settings.database_url, settings.database.busy_timeout)
@@ -255,14 +256,21 @@ def start_intake_listener():
         committer = GroupCommitter(engine)
         loop = LoopThread()
         listener = loop.run(start_listener(settings, committer))
-        started.append((loop, listener, committer))
-        return RunningListener(settings, engine, listener.port, committer)
+        stopped: list[bool] = []
+
+        def stop() -> None:
+            if not stopped:
+                stopped.append(True)
+                loop.run(listener.close_connections())
+                loop.stop()
+                committer.close()
+
+        stops.append(stop)
+        return RunningListener(settings, engine, listener.port, committer, stop)
 
     yield start
-    for loop, listener, committer in started:
-        loop.run(listener.close_connections())
-        loop.stop()
-        committer.close()
+    for stop in stops:
+        stop()
 
 
 @dataclass

@@ -16,9 +16,10 @@ from zoneinfo import ZoneInfo
 
 import click
 
+from intake import backup as backups
 from intake import deadlines, inbound, milestones, outbox, parse_guard, processor, schema, service, tickets
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
-from intake.db import make_engine, write_session
+from intake.db import is_sqlite, make_engine, write_session
 from intake.parse import extract_attachment
 from intake.sla import SEVERITIES
 
@@ -523,7 +524,7 @@ def resume(obj: Context, reference: str) -> None:
         session, settings, ticket, now=now, actor=_actor()))
 
 
-# -- the database: schema migrations ----------------------------------------------------------
+# -- the database: schema migrations, backup, restore ----------------------------------------
 
 
 @main.group("db")
@@ -586,3 +587,58 @@ def db_history() -> None:
 def db_revision(message: str) -> None:
     """For developers: write the migration the models need into a source checkout."""
     click.echo(f"wrote {schema.new_revision(message)}: read it, test it, commit it")
+
+
+@main.command("backup")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+@click.option("--pg-dump", "pg_dump", is_flag=True, help="PostgreSQL: run pg_dump (custom format) into PATH.")
+@click.pass_obj
+def backup_command(obj: Context, path: Path, force: bool, pg_dump: bool) -> None:
+    """Back up the database to PATH, consistently, while intake runs.
+
+    SQLite: an online backup, checked and renamed into place. PostgreSQL: use pg_dump
+    (printed, or run with --pg-dump). Any schema revision: back up before `intake db upgrade`."""
+    engine = obj.engine(at_head=False)
+    try:
+        if is_sqlite(engine):
+            copied = backups.backup_sqlite(engine, path, force)
+        elif pg_dump:
+            copied = backups.run_pg_dump(engine, path, force)
+        else:
+            command, _ = backups.pg_dump_command(engine, path)
+            _fail("intake backs up SQLite itself; a PostgreSQL database is backed up with pg_dump:\n  "
+                  + " ".join(command) + "\n(password from PGPASSWORD or ~/.pgpass; or run `intake backup --pg-dump "
+                  f"{path}`; restore with pg_restore)")
+            return
+    except backups.BackupError as exc:
+        _fail(str(exc))
+        return
+    _report_copy("backed up to", copied)
+
+
+@main.command("restore")
+@click.argument("backup", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Restore even while the database is in use.")
+@click.pass_obj
+def restore_command(obj: Context, backup: Path, force: bool) -> None:
+    """Replace the SQLite database's contents with BACKUP (made by `intake backup`).
+
+    Stop intake first: a database in use is refused unless --force. The backup is checked with
+    PRAGMA integrity_check before, the database after. Then `intake db upgrade` (or `intake
+    serve`) brings an older backup's schema up to date."""
+    engine = obj.engine(at_head=False)
+    if not is_sqlite(engine):
+        _fail("intake restores SQLite only; restore a PostgreSQL dump with pg_restore")
+    try:
+        copied = backups.restore_sqlite(engine, backup, force)
+    except backups.BackupError as exc:
+        _fail(str(exc))
+        return
+    _report_copy("restored", copied)
+
+
+def _report_copy(verb: str, copied: backups.Copied) -> None:
+    contents = "" if copied.tickets is None else (
+        f": {copied.tickets} ticket(s), {copied.messages} stored message(s), schema {copied.revision or 'none'}")
+    click.echo(f"{verb} {copied.path} ({copied.bytes} bytes){contents}")
