@@ -33,9 +33,9 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from intake import deadlines, digest, reminders
+from intake import deadlines, digest, reminders, schema
 from intake.config import load_settings
-from intake.db import create_schema, make_engine, write_session
+from intake.db import make_engine, write_session
 from intake.models import Deadline, Ticket
 from intake.sla import StageDeadline
 
@@ -105,7 +105,7 @@ def run(count: int, database_url: str | None, folder: Path) -> dict[str, float]:
     os.environ.update(SCHEDULER, INTAKE_DATABASE__URL=database_url or f"sqlite:///{folder / f'bench-{count}.db'}")
     settings = load_settings(config)
     engine = make_engine(settings.database_url)
-    create_schema(engine)
+    schema.upgrade(engine)
     started = time.perf_counter()
     seed(engine, settings, count)
     print(f"seeded {count} tickets in {time.perf_counter() - started:.1f} s", file=sys.stderr)

@@ -23,10 +23,10 @@ import pytest
 from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 
-from intake import processor
+from intake import processor, schema
 from intake.cli import main
 from intake.config import Settings, load_settings
-from intake.db import create_schema, make_engine
+from intake.db import make_engine
 from intake.inbound import GroupCommitter
 from intake.outbox import OutboxSender, make_transport
 from intake.service import start_listener
@@ -94,10 +94,11 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop()
 
 
-def _fresh_postgres_database(server_url: str) -> tuple[str, callable]:
+def _fresh_postgres_database(server_url: str, template: str | None = None) -> tuple[str, callable]:
+    """A new database, empty or a copy of *template* (a database name on the same server)."""
     name = f"intake_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
     url = server_url.rsplit("/", 1)[0] + f"/{name}"
 
     def drop() -> None:
@@ -107,13 +108,44 @@ def _fresh_postgres_database(server_url: str) -> tuple[str, callable]:
     return url.replace("postgresql://", "postgresql+psycopg://", 1), drop
 
 
+# Schemas are made by the migrations, as in production, once per session: each test's database
+# is a copy of a template at head (a file copy, CREATE DATABASE ... TEMPLATE), not a migration run.
+
+
+def _migrate(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        schema.upgrade(engine)
+    finally:
+        engine.dispose()  # a PostgreSQL template must have no connections to be copied
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "intake.db"
+    _migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: str) -> Iterator[str]:
+    url, drop = _fresh_postgres_database(postgres_server)
+    _migrate(url)
+    try:
+        yield url.rsplit("/", 1)[1]
+    finally:
+        drop()
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Every test that asks for a database runs on a fresh SQLite file and a fresh PostgreSQL database."""
+    """Every test that asks for a database runs on a fresh SQLite file and a fresh PostgreSQL
+    database, both with the schema at head."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'intake.db'}"
+        yield request.getfixturevalue("sqlite_url")
         return
-    url, drop = _fresh_postgres_database(request.getfixturevalue("postgres_server"))
+    url, drop = _fresh_postgres_database(request.getfixturevalue("postgres_server"),
+                                         request.getfixturevalue("postgres_template"))
     try:
         yield url
     finally:
@@ -121,8 +153,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
-def sqlite_url(tmp_path: Path) -> str:
+def sqlite_url(tmp_path: Path, sqlite_template: Path) -> str:
+    shutil.copy(sqlite_template, tmp_path / "intake.db")
     return f"sqlite:///{tmp_path / 'intake.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with nothing in it, not even a schema: for the migrations' own tests."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    url, drop = _fresh_postgres_database(request.getfixturevalue("postgres_server"))
+    try:
+        yield url
+    finally:
+        drop()
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -196,27 +242,35 @@ class RunningListener:
     engine: object
     port: int
     committer: GroupCommitter
+    stop: callable  # close connections, the loop and the writer; the fixture does it at the end
 
 
 @pytest.fixture
 def start_intake_listener():
     """Start the real listener (group commit included) on a free loopback port."""
-    started: list[tuple[LoopThread, object, GroupCommitter]] = []
+    stops: list[callable] = []
 
     def start(settings: Settings, engine=None) -> RunningListener:  # type: ignore[no-untyped-def]
         engine = engine or make_engine(settings.database_url, settings.database.busy_timeout)
-        create_schema(engine)
+        schema.upgrade(engine)  # as `intake serve` does; a no-op on the template copies
         committer = GroupCommitter(engine)
         loop = LoopThread()
         listener = loop.run(start_listener(settings, committer))
-        started.append((loop, listener, committer))
-        return RunningListener(settings, engine, listener.port, committer)
+        stopped: list[bool] = []
+
+        def stop() -> None:
+            if not stopped:
+                stopped.append(True)
+                loop.run(listener.close_connections())
+                loop.stop()
+                committer.close()
+
+        stops.append(stop)
+        return RunningListener(settings, engine, listener.port, committer, stop)
 
     yield start
-    for loop, listener, committer in started:
-        loop.run(listener.close_connections())
-        loop.stop()
-        committer.close()
+    for stop in stops:
+        stop()
 
 
 @dataclass

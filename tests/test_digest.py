@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import process, report
-from intake import digest, inbound, milestones, outbox, scheduler, tickets
-from intake.db import create_schema, make_engine, write_session
+from intake import digest, inbound, milestones, outbox, scheduler, schema, tickets
+from intake.db import make_engine, write_session
 
 UTC = timezone.utc
 INTAKE = Path(sys.executable).parent / "intake"
@@ -43,7 +43,7 @@ def desk(make_settings, config_file):
     class Desk:
         settings = make_settings(INTAKE_MAINTAINERS=MAINTAINERS, INTAKE_INTAKE__DEFAULT_POLICY="vectis-mail")
         engine = make_engine(settings.database_url)
-        create_schema(engine)
+        schema.upgrade(engine)
 
         def open(self, received: datetime, subject: str, sender: str = "alice@researcher.test",
                  policy: str | None = None) -> str:

@@ -19,26 +19,14 @@ import psycopg
 import pytest
 import trustme
 
-from conftest import _fresh_postgres_database, report
+from conftest import report
 
 
 @pytest.fixture
 def database_url(sqlite_url: str) -> str:
-    """Listener behaviour does not depend on the database; the tests that do use ``any_database``."""
+    """Listener behaviour does not depend on the database; the tests about what gets committed take
+    ``empty_database_url`` (a SQLite file and a PostgreSQL database, migrated by the listener)."""
     return sqlite_url
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def any_database(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """A fresh SQLite file and a fresh PostgreSQL database, for the tests about what gets committed."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'committed.db'}"
-        return
-    url, drop = _fresh_postgres_database(request.getfixturevalue("postgres_server"))
-    try:
-        yield url
-    finally:
-        drop()
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -391,8 +379,8 @@ def _fresh_connection_rows(url: str) -> list[tuple]:
         return [tuple(row) for row in connection.execute(query)]
 
 
-def test_250_means_the_exact_bytes_are_committed(make_settings, start_intake_listener, any_database):
-    running = start_intake_listener(make_settings(INTAKE_DATABASE__URL=any_database))
+def test_250_means_the_exact_bytes_are_committed(make_settings, start_intake_listener, empty_database_url):
+    running = start_intake_listener(make_settings(INTAKE_DATABASE__URL=empty_database_url))
     # Given a str, smtplib turns line ends into CRLF and dot-stuffs; the server must undo exactly the latter.
     sent = ("From: Alice <alice@researcher.test>\nTo: security@example.com\nSubject: exact bytes\n\n"
             "a lone dot follows\n.\n..two dots\n.leading dot\ntrailing spaces   \n\tand a tab\n\n")
@@ -404,7 +392,7 @@ def test_250_means_the_exact_bytes_are_committed(make_settings, start_intake_lis
         code, text = client.data(sent)
         assert code == 250, text
         # Checked before anything else happens: no processor ran, nothing flushed on close.
-        rows = _fresh_connection_rows(any_database)
+        rows = _fresh_connection_rows(empty_database_url)
     [(raw, sha256, size, status, mail_from)] = rows
     assert bytes(raw) == as_delivered
     assert sha256 == hashlib.sha256(as_delivered).hexdigest()
@@ -464,8 +452,8 @@ def test_451_when_every_insert_fails_and_a_retry_succeeds_after_repair(make_sett
 
 
 def test_many_concurrent_clients_each_message_stored_exactly_once(make_settings, start_intake_listener,
-                                                                 any_database):
-    running = start_intake_listener(make_settings(INTAKE_DATABASE__URL=any_database))
+                                                                 empty_database_url):
+    running = start_intake_listener(make_settings(INTAKE_DATABASE__URL=empty_database_url))
     threads, per_thread = 20, 10
     answers: dict[str, tuple[int, bytes]] = {}
     errors: list[BaseException] = []

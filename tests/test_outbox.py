@@ -26,8 +26,8 @@ import trustme
 from aiosmtpd.controller import Controller
 
 from conftest import free_port, process, report
-from intake import inbound, outbox
-from intake.db import create_schema, make_engine, read_session, write_session
+from intake import inbound, outbox, schema
+from intake.db import make_engine, read_session, write_session
 from intake.inbound import Arrival
 from intake.models import Outbox
 from intake.outbox import Delivery, OutboxSender, make_transport
@@ -55,7 +55,7 @@ def outgoing(n: int, key: str | None = None, body: str = "Thank you for your rep
 
 def engine_for(settings):  # type: ignore[no-untyped-def]
     engine = make_engine(settings.database_url, settings.database.busy_timeout)
-    create_schema(engine)
+    schema.upgrade(engine)
     return engine
 
 

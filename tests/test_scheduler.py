@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import select, update
 
 from conftest import process, report
-from intake import deadlines, inbound, milestones, outbox, reminders, reply_tokens, tickets
-from intake.db import create_schema, make_engine, read_session, write_session
+from intake import deadlines, inbound, milestones, outbox, reminders, reply_tokens, schema, tickets
+from intake.db import make_engine, read_session, write_session
 from intake.models import Deadline, Notification
 
 UTC = timezone.utc
@@ -59,7 +59,7 @@ def desk(make_settings, config_file):
             env = {"INTAKE_MAINTAINERS": MAINTAINERS, "INTAKE_SCHEDULER__QUIET_HOURS": "false", **env}
             self.settings = make_settings(**env)
             self.engine = make_engine(self.settings.database_url)
-            create_schema(self.engine)
+            schema.upgrade(self.engine)
             return self
 
         def open(self, received: datetime, subject: str = "RCE in the importer",

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, report
-from intake import inbound
-from intake.db import create_schema, make_engine
+from intake import inbound, schema
+from intake.db import make_engine
 
 pytestmark = pytest.mark.slow
 INTAKE = Path(sys.executable).parent / "intake"
@@ -301,7 +301,7 @@ duration = "30 days"
                      INTAKE_SCHEDULER__QUIET_HOURS="false", INTAKE_SCHEDULER__MISFIRE_GRACE=str(7 * 86400),
                      INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]')
     engine = make_engine(serve_env["INTAKE_DATABASE__URL"])
-    create_schema(engine)
+    schema.upgrade(engine)
     received = datetime.now(timezone.utc) - timedelta(days=16)
     inbound.store(engine, [inbound.Arrival("alice@researcher.test", ["security@example.com"], "127.0.0.1", "test",
                                            report(subject="Old report").as_bytes(), received)])

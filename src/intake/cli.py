@@ -16,10 +16,11 @@ from zoneinfo import ZoneInfo
 
 import click
 
+from intake import backup as backups
 from intake import (correspondence, credit, deadlines, digest, inbound, milestones, outbox, parse_guard,
-                    processor, reminders, service, tickets, triage)
+                    processor, reminders, schema, service, tickets, triage)
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
-from intake.db import create_schema, make_engine, write_session
+from intake.db import is_sqlite, make_engine, write_session
 from intake.parse import extract_attachment
 from intake.models import CLOSE_REASONS
 from intake.sla import SEVERITIES
@@ -41,9 +42,15 @@ class Context:
                 sys.exit(EXIT_CONFIG)
         return self._settings
 
-    def engine(self):  # type: ignore[no-untyped-def]
+    def engine(self, *, at_head: bool = True):  # type: ignore[no-untyped-def]
+        """The database; unless *at_head* is False, one whose schema this intake can use.
+        Only `intake serve` and `intake db upgrade` migrate."""
         engine = make_engine(self.settings.database_url, self.settings.database.busy_timeout)
-        create_schema(engine)
+        if at_head:
+            try:
+                schema.require_current(engine)
+            except schema.SchemaRefused as exc:
+                _fail(str(exc))
         return engine
 
 
@@ -760,6 +767,132 @@ def reminders_command(obj: Context, reference: str, now: datetime | None, as_jso
     click.echo("next")
     for item in data["next"] or [{"stage": "nothing scheduled", "kind": "", "point": "", "at": ""}]:
         click.echo(f"  {item['stage']} {item['kind']} {item['point']} {item['at'] and 'at ' + item['at']}".rstrip())
+
+
+# -- the database: schema migrations, backup, restore ----------------------------------------
+
+
+@main.group("db")
+def db_group() -> None:
+    """The database schema: upgrade (migrate), check against the models, current, history."""
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+@click.pass_obj
+def db_upgrade(obj: Context, revision: str) -> None:
+    """Migrate the database to REVISION (default: the newest). Safe to run any number of times,
+    and while intake runs: migrations take the write lock."""
+    try:
+        upgraded = schema.upgrade(obj.engine(at_head=False), revision)
+    except schema.SchemaRefused as exc:
+        _fail(str(exc))
+        return
+    if upgraded.stamped:
+        click.echo(f"adopted a database from before migrations as revision {upgraded.before}")
+    if upgraded.before == upgraded.after:
+        click.echo(f"database already at {upgraded.after}")
+    else:
+        click.echo(f"database upgraded from {upgraded.before or 'empty'} to {upgraded.after}")
+    if upgraded.after == schema.head():
+        filled = deadlines.backfill(obj.engine(), obj.settings, datetime.now(timezone.utc))
+        if filled.tickets:
+            click.echo(f"deadlines computed for {filled.tickets} ticket(s) opened before they were stored")
+        for reference, error in filled.errors.items():
+            click.echo(f"  {reference}: no deadlines: {error}", err=True)
+
+
+@db_group.command("check")
+@click.pass_obj
+def db_check(obj: Context) -> None:
+    """Exit 1 listing the differences when the database at head differs from the models (a model
+    changed without a migration, or the database was changed by hand)."""
+    engine = obj.engine()
+    found = schema.differences(engine)
+    if found:
+        click.echo(f"the database (at {schema.current(engine)}) and the models differ:", err=True)
+        for line in found:
+            click.echo(f"  {line}", err=True)
+        _fail("a model change needs a migration (`intake db revision MESSAGE`), or the database was altered")
+    click.echo(f"database at {schema.head()} matches the models")
+
+
+@db_group.command("current")
+@click.pass_obj
+def db_current(obj: Context) -> None:
+    """The database's schema revision, and the newest this intake has."""
+    at = schema.current(obj.engine(at_head=False))
+    newest = schema.head()
+    click.echo(f"{at or 'none'} (newest: {newest}{'' if at == newest else '; run `intake db upgrade`'})")
+
+
+@db_group.command("history")
+def db_history() -> None:
+    """The migrations, oldest first."""
+    for script in reversed(list(schema.scripts().walk_revisions())):
+        click.echo(f"{script.revision}  {script.doc}")
+
+
+@db_group.command("revision")
+@click.argument("message")
+def db_revision(message: str) -> None:
+    """For developers: write the migration the models need into a source checkout."""
+    click.echo(f"wrote {schema.new_revision(message)}: read it, test it, commit it")
+
+
+@main.command("backup")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite PATH if it exists.")
+@click.option("--pg-dump", "pg_dump", is_flag=True, help="PostgreSQL: run pg_dump (custom format) into PATH.")
+@click.pass_obj
+def backup_command(obj: Context, path: Path, force: bool, pg_dump: bool) -> None:
+    """Back up the database to PATH, consistently, while intake runs.
+
+    SQLite: an online backup, checked and renamed into place. PostgreSQL: use pg_dump
+    (printed, or run with --pg-dump). Any schema revision: back up before `intake db upgrade`."""
+    engine = obj.engine(at_head=False)
+    try:
+        if is_sqlite(engine):
+            copied = backups.backup_sqlite(engine, path, force)
+        elif pg_dump:
+            copied = backups.run_pg_dump(engine, path, force)
+        else:
+            command, _ = backups.pg_dump_command(engine, path)
+            _fail("intake backs up SQLite itself; a PostgreSQL database is backed up with pg_dump:\n  "
+                  + " ".join(command) + "\n(password from PGPASSWORD or ~/.pgpass; or run `intake backup --pg-dump "
+                  f"{path}`; restore with pg_restore)")
+            return
+    except backups.BackupError as exc:
+        _fail(str(exc))
+        return
+    _report_copy("backed up to", copied)
+
+
+@main.command("restore")
+@click.argument("backup", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Restore even while the database is in use.")
+@click.pass_obj
+def restore_command(obj: Context, backup: Path, force: bool) -> None:
+    """Replace the SQLite database's contents with BACKUP (made by `intake backup`).
+
+    Stop intake first: a database in use is refused unless --force. The backup is checked with
+    PRAGMA integrity_check before, the database after. Then `intake db upgrade` (or `intake
+    serve`) brings an older backup's schema up to date."""
+    engine = obj.engine(at_head=False)
+    if not is_sqlite(engine):
+        _fail("intake restores SQLite only; restore a PostgreSQL dump with pg_restore")
+    try:
+        copied = backups.restore_sqlite(engine, backup, force)
+    except backups.BackupError as exc:
+        _fail(str(exc))
+        return
+    _report_copy("restored", copied)
+
+
+def _report_copy(verb: str, copied: backups.Copied) -> None:
+    contents = "" if copied.tickets is None else (
+        f": {copied.tickets} ticket(s), {copied.messages} stored message(s), schema {copied.revision or 'none'}")
+    click.echo(f"{verb} {copied.path} ({copied.bytes} bytes){contents}")
 
 
 # Credit, advisories, metrics and security.txt (issue 6): their commands register on `main` there.

@@ -28,9 +28,7 @@ from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlmodel import Session, SQLModel
-
-from intake import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from sqlmodel import Session
 
 _BEGIN_OPTION = "intake_sqlite_begin"
 _SYNC_OPTION = "intake_sqlite_synchronous"
@@ -88,7 +86,7 @@ def _make_sqlite_durable(engine: Engine, busy_timeout: float, checkpoint_on_comm
 
 
 @contextmanager
-def _sqlite_writer_lock(engine: Engine) -> Iterator[None]:
+def sqlite_writer_lock(engine: Engine) -> Iterator[None]:
     """Serialise writers across threads and processes, first come first served."""
     database = engine.url.database
     if not database or database == ":memory:":
@@ -108,16 +106,13 @@ def _sqlite_writer_lock(engine: Engine) -> Iterator[None]:
             os.close(fd)  # releases the flock
 
 
-def _write_bind(engine: Engine, durable: bool) -> Engine:
+def write_bind(engine: Engine, durable: bool = True) -> Engine:
+    """*engine* with its transactions opened by ``BEGIN IMMEDIATE`` (SQLite)."""
     return engine.execution_options(**{_BEGIN_OPTION: "IMMEDIATE", _SYNC_OPTION: "FULL" if durable else "NORMAL"})
 
 
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
-
-
-def create_schema(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
 
 
 @contextmanager
@@ -127,7 +122,7 @@ def write_session(engine: Engine, durable: bool = True) -> Iterator[Session]:
         with Session(engine, expire_on_commit=False) as session, session.begin():
             yield session
         return
-    with _sqlite_writer_lock(engine), Session(_write_bind(engine, durable), expire_on_commit=False) as session:
+    with sqlite_writer_lock(engine), Session(write_bind(engine, durable), expire_on_commit=False) as session:
         with session.begin():
             yield session
 
@@ -139,7 +134,7 @@ def write_connection(engine: Engine, durable: bool = True) -> Iterator[Connectio
         with engine.begin() as connection:
             yield connection
         return
-    with _sqlite_writer_lock(engine), _write_bind(engine, durable).begin() as connection:
+    with sqlite_writer_lock(engine), write_bind(engine, durable).begin() as connection:
         yield connection
 
 

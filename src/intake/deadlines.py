@@ -186,12 +186,28 @@ class RecomputeResult:
 
 def recompute_all(engine: Engine, settings: Settings, now: datetime, batch: int = 200) -> RecomputeResult:
     """Refresh every ticket's deadlines (after a policy change), *batch* tickets per transaction."""
+    return _refresh_each(engine, settings, now, batch, every=True)
+
+
+def backfill(engine: Engine, settings: Settings, now: datetime, batch: int = 200) -> RecomputeResult:
+    """Compute and store the deadlines of tickets that have none: those opened before deadlines
+    were stored (migration 0002). A migration cannot read the policies, so this runs after the
+    schema upgrade, at every start; with nothing to fill it is one indexed query."""
+    return _refresh_each(engine, settings, now, batch, every=False)
+
+
+def _refresh_each(engine: Engine, settings: Settings, now: datetime, batch: int, every: bool) -> RecomputeResult:
+    """Refresh every ticket (or, unless *every*, those without deadlines), in id order, *batch* per
+    transaction; a ticket that cannot be computed is reported and left as it was."""
     changes: list[Change] = []
     errors: dict[str, str] = {}
     count, after = 0, 0
+    query = select(Ticket)
+    if not every:
+        query = query.where(~select(Deadline.id).where(Deadline.ticket_id == Ticket.id).exists())
     while True:
         with write_session(engine) as session:
-            found = list(session.scalars(select(Ticket).where(Ticket.id > after).order_by(Ticket.id).limit(batch)))
+            found = list(session.scalars(query.where(Ticket.id > after).order_by(Ticket.id).limit(batch)))
             for ticket in found:
                 try:
                     with session.begin_nested():

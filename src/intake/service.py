@@ -33,9 +33,9 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from intake import parse_guard, processor, scheduler
-from intake.config import Settings, load_settings
-from intake.db import checkpoint, create_schema, make_engine
+from intake import deadlines, parse_guard, processor, scheduler, schema
+from intake.config import EXIT_CONFIG, Settings, load_settings
+from intake.db import checkpoint, make_engine
 from intake.inbound import GroupCommitter
 from intake.listener import IntakeHandler, smtp_factory
 from intake.outbox import OutboxSender, make_transport
@@ -164,7 +164,20 @@ async def _serve(settings: Settings) -> int:
     wake_processor = context.Event()
     stop_worker = context.Event()
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
-    create_schema(engine)
+    # Before the listener: mail is accepted only into a database at head. Under a lock, so
+    # nodes starting together migrate once (see intake.schema).
+    try:
+        upgraded = schema.upgrade(engine)
+    except schema.SchemaRefused as exc:
+        # A restart cannot help: 78 keeps systemd from looping (RestartPreventExitStatus).
+        log.error("event=schema-refused error=%r", str(exc))
+        return EXIT_CONFIG
+    if upgraded.before != upgraded.after or upgraded.stamped:
+        log.info("event=schema-upgraded before=%s after=%s stamped=%s", upgraded.before, upgraded.after,
+                 upgraded.stamped)
+    filled = deadlines.backfill(engine, settings, datetime.now(timezone.utc))
+    if filled.tickets or filled.errors:
+        log.info("event=deadlines-backfilled tickets=%d errors=%d", filled.tickets, len(filled.errors))
     committer = GroupCommitter(engine, on_commit=wake_processor.set)
     activated = inherited_sockets()
     if activated:
