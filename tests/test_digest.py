@@ -110,6 +110,12 @@ def test_digest_sections_for_a_seeded_database(desk):
     assert "Waiting on the reporter (1)" in text and waiting in text
     assert "&lt;script&gt;Disclosing&lt;/script&gt;" in html and "<script>Disclosing" not in html
     assert "Thu 11 Jun 2026 08:00 AEST" in parsed["Subject"]
+    # The footer carries the `intake stats` figures for the last 90 days.
+    assert built.metrics.tickets == 6
+    acknowledge = next(stage for stage in built.metrics.stages if stage.stage == "acknowledge")
+    assert (acknowledge.met, acknowledge.open_breaches) == (3, 1)
+    assert "Metrics over the last 90 days" in text and "6 ticket(s) received since" in text
+    assert "by decision: new-ticket 6" in text and "Metrics over the last 90 days" in html
 
 
 def test_a_digest_goes_once_per_period_and_missed_periods_are_not_sent_in_a_burst(desk):

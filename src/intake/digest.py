@@ -22,7 +22,7 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session
 
-from intake import outbox, replies
+from intake import outbox, replies, stats
 from intake.config import DigestSchedule, Settings
 from intake.db import insert_new, read_session, write_session
 from intake.models import Deadline, Notification, Ticket, TicketState
@@ -92,6 +92,7 @@ class Digest:
     timezone: str
     sections: list[DigestSection]
     counts: dict[str, dict[str, int]]  # open tickets: state -> severity -> count
+    metrics: stats.Stats | None = None  # the footer: `intake stats` over the last STATS_WINDOW
 
     @property
     def empty(self) -> bool:
@@ -113,7 +114,12 @@ class Digest:
                                        "lines": [vars(line) for line in section.lines]}
                          for section in self.sections},
             "counts": self.counts,
+            "metrics": self.metrics.as_dict() if self.metrics else None,
         }
+
+
+# The footer's figures cover this much history (what `intake stats` shows by default).
+STATS_WINDOW = timedelta(days=90)
 
 
 def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Digest:
@@ -138,7 +144,9 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
                        Deadline.due_at > now, Deadline.due_at <= now + disclosures_within,
                        Deadline.stage.in_(_disclosure_stages(settings))),
         ]
-        return Digest(name, period, since, now, schedule.timezone, sections, _counts(session))
+        counts = _counts(session)
+    return Digest(name, period, since, now, schedule.timezone, sections, counts,
+                  stats.compute(engine, now - STATS_WINDOW, now))
 
 
 def _disclosure_stages(settings: Settings) -> set[str]:
@@ -199,7 +207,9 @@ def _context(settings: Settings, digest: Digest) -> dict[str, Any]:
     return dict(
         name=digest.name, period=digest.local(digest.period), sections=digest.sections,
         severities=[*SEVERITIES, _NO_SEVERITY], from_name=settings.intake.from_name,
-        counts=[{"state": state, "counts": by, "total": sum(by.values())} for state, by in digest.counts.items()])
+        counts=[{"state": state, "counts": by, "total": sum(by.values())} for state, by in digest.counts.items()],
+        metrics=digest.metrics.render_text() if digest.metrics else "",
+        metrics_window=f"{STATS_WINDOW.days} days")
 
 
 def text(settings: Settings, digest: Digest) -> str:
