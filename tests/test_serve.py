@@ -320,3 +320,39 @@ duration = "30 days"
     assert subjects[reminder] == 1
     assert [m.rcpt_tos for m in sink.messages if b"Reminder" in m.data] == [["mia@example.com"]]
     assert f"[{reference}] New report: Old report" in subjects
+
+
+def test_sighup_reloads_a_valid_configuration_and_survives_a_broken_one(serve, serve_env, config_file, sink):
+    server = serve()
+    server.start()
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        assert client.ehlo()[0] == 250
+        assert client.mail("alice@researcher.test")[0] == 250
+        assert client.rcpt("psirt@example.com")[0] == 550  # not one of ours yet
+    original = config_file.read_text()
+    config_file.write_text(original.replace('addresses = ["security@example.com"]',
+                                            'addresses = ["security@example.com", "psirt@example.com"]', 1))
+    assert "psirt@example.com" in config_file.read_text()
+    server.process.send_signal(signal.SIGHUP)
+    _wait_for_log(server, "event=reloaded")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:
+        client.sendmail("alice@researcher.test", ["psirt@example.com"], report(message_id="<reload@t>").as_bytes())
+    [ack] = sink.wait_for(1)  # the restarted worker processed it
+    assert email.message_from_bytes(ack.data)["In-Reply-To"] == "<reload@t>"
+
+    config_file.write_text(original + "\n[nonsense]\nkey = 1\n")
+    server.process.send_signal(signal.SIGHUP)
+    _wait_for_log(server, "event=reload-refused")
+    with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as client:  # still serving, on the last good config
+        assert client.ehlo()[0] == 250
+        assert client.mail("alice@researcher.test")[0] == 250
+        assert client.rcpt("psirt@example.com")[0] == 250
+    assert server.stop() == 0
+    assert "Traceback" not in server.log.read_text()
+
+
+def _wait_for_log(server, text: str, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while text not in server.log.read_text():
+        assert time.monotonic() < deadline and server.process.poll() is None, server.log.read_text()
+        time.sleep(0.05)

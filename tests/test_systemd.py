@@ -38,6 +38,9 @@ def test_units_verify(tmp_path):
         pytest.skip("no systemd unit directory to verify against (/usr/lib/systemd/system)")
     # A root with the host's units and an installed intake where the unit expects it.
     shutil.copytree(system_units, tmp_path / "usr/lib/systemd/system", symlinks=True)
+    kill = shutil.which("kill") or "/bin/kill"  # ExecReload=/bin/kill -HUP $MAINPID
+    (tmp_path / "bin").mkdir()
+    shutil.copy(kill, tmp_path / "bin/kill")
     executable = tmp_path / "opt/intake/.venv/bin/intake"
     executable.parent.mkdir(parents=True)
     executable.write_text("#!/bin/sh\n")
@@ -59,6 +62,7 @@ def test_service_contract():
     assert service["StateDirectory"] == ["intake"] and service["User"] == ["intake"]
     assert service["CapabilityBoundingSet"] == [""] and "AmbientCapabilities" not in service
     assert "intake.socket" in service["Requires"]
+    assert service["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
 
 
 def test_socket_passes_port_25_to_the_service():

@@ -27,12 +27,16 @@ class IntakeHandler:
     """aiosmtpd handler hooks; each returns the SMTP reply line."""
 
     def __init__(self, settings: Settings, committer: GroupCommitter):
-        self._addresses = frozenset(settings.smtp.addresses)
-        self._max_recipients = settings.smtp.max_recipients
+        self.reconfigure(settings)
         self._committer = committer
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take the addresses and recipient limit of reloaded *settings* (SIGHUP), for the next RCPT."""
+        self._addresses = frozenset(settings.smtp.addresses)
+        self._max_recipients = settings.smtp.max_recipients
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:

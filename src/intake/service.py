@@ -34,7 +34,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from intake import deadlines, parse_guard, processor, scheduler, schema
-from intake.config import EXIT_CONFIG, Settings, load_settings
+from intake.config import EXIT_CONFIG, ConfigError, Settings, load_settings
 from intake.db import checkpoint, make_engine
 from intake.inbound import GroupCommitter
 from intake.listener import IntakeHandler, smtp_factory
@@ -186,18 +186,23 @@ async def _serve(settings: Settings) -> int:
     handler = listener.handler
     bound = listener.bound
     worker = _start_worker(context, settings, wake_processor, stop_worker)
-    stop = asyncio.Event()
+    stop, reload, woken = asyncio.Event(), asyncio.Event(), asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, lambda: (stop.set(), woken.set()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: (reload.set(), woken.set()))
     log.info("event=listening address=%s pid=%d", bound, os.getpid())
     sd_notify(f"READY=1\nSTATUS=listening on {bound}\nMAINPID={os.getpid()}")
 
     interval = watchdog_interval() or 5.0
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+            await asyncio.wait_for(woken.wait(), timeout=interval)
         except asyncio.TimeoutError:
             pass
+        woken.clear()
+        if reload.is_set() and not stop.is_set():
+            reload.clear()
+            settings, worker = await _reload(settings, handler, worker, context, wake_processor, stop_worker)
         sd_notify("WATCHDOG=1")
         if not stop.is_set() and not worker.is_alive():
             log.error("event=worker-died exitcode=%s", worker.exitcode)
@@ -223,6 +228,48 @@ async def _serve(settings: Settings) -> int:
         await asyncio.to_thread(worker.join, 5)
     log.info("event=stopped")
     return 0
+
+
+# Settings only a restart applies: the listening socket and its SMTP session options, the database,
+# the service's own. Everything else is reloaded on SIGHUP.
+_RESTART_ONLY = ("smtp.listen", "smtp.hostname", "smtp.max_message_size", "smtp.idle_timeout", "smtp.tls_certificate",
+                 "smtp.tls_key", "smtp.require_starttls", "database", "service")
+
+
+def _setting(settings: Settings, dotted: str) -> object:
+    value: object = settings
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+async def _reload(settings: Settings, handler: IntakeHandler, worker, context, wake: ProcessEvent,  # type: ignore[no-untyped-def]
+                  stop_worker: ProcessEvent):
+    """SIGHUP: read the configuration again. If it is valid, the listener takes its addresses and
+    recipient limit, and the worker (processor, outbox, scheduler: policies, calendars, templates,
+    maintainers, relay, schedules) is restarted on it; settings only a restart applies are named in
+    the log. If it is not valid, nothing changes and the error is logged: a typo must not stop
+    the service."""
+    sd_notify("RELOADING=1\nSTATUS=reloading the configuration")
+    try:
+        fresh = load_settings(settings.config_path)
+    except ConfigError as exc:
+        log.error("event=reload-refused error=%r", str(exc).replace("\n", "; "))
+        sd_notify("READY=1\nSTATUS=reload refused: configuration error (see the log)")
+        return settings, worker
+    handler.reconfigure(fresh)
+    stop_worker.set()
+    wake.set()
+    await asyncio.to_thread(worker.join, settings.service.shutdown_grace)
+    if worker.is_alive():
+        worker.terminate()
+        await asyncio.to_thread(worker.join, 5)
+    stop_worker.clear()
+    worker = _start_worker(context, fresh, wake, stop_worker)
+    pending = [name for name in _RESTART_ONLY if _setting(settings, name) != _setting(fresh, name)]
+    log.info("event=reloaded restart_needed=%s", ",".join(pending) or "-")
+    sd_notify("READY=1\nSTATUS=configuration reloaded")
+    return fresh, worker
 
 
 def _start_worker(context, settings: Settings, wake: ProcessEvent, stop: ProcessEvent):  # type: ignore[no-untyped-def]
