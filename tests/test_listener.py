@@ -13,13 +13,19 @@ import ssl
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
 import pytest
 import trustme
+from sqlalchemy import insert
 
 from conftest import _fresh_postgres_database, report
+from intake import inbound
+from intake.db import create_schema, make_engine
+from intake.inbound import Arrival
+from intake.models import InboundMessage
 
 
 @pytest.fixture
@@ -413,6 +419,31 @@ def test_250_means_the_exact_bytes_are_committed(make_settings, start_intake_lis
     assert mail_from == "alice@researcher.test"
     stored_id = int(re.search(rb"queued as (\d+)", text).group(1))
     assert stored_id == stored_rows(running.engine)[0]["id"]
+
+
+def test_the_sqlite_fast_insert_stores_what_sqlalchemy_would_and_answers_ids_in_order(tmp_path):
+    """On SQLite the listener inserts through the driver, not SQLAlchemy: the rows must be the same
+    to the byte as SQLAlchemy's (instants, JSON, blobs), and each message must get its own id."""
+    arrivals = [Arrival(f"r{i}@researcher.test", ["security@example.com", f"security+t{i}@example.com"],
+                        "127.0.0.1:4000", "client.test", b"same bytes\r\n" if i < 2 else b"other\r\n",
+                        datetime(2026, 3, 1, 12, 0, i, 1000 * i, tzinfo=timezone.utc)) for i in range(3)]
+    fast = make_engine(f"sqlite:///{tmp_path / 'fast.db'}")
+    core = make_engine(f"sqlite:///{tmp_path / 'core.db'}")
+    for engine in (fast, core):
+        create_schema(engine)
+    assert inbound.store(fast, arrivals) == [1, 2, 3]
+    with core.begin() as connection:
+        connection.execute(insert(InboundMessage.__table__), inbound._rows(arrivals))
+
+    def table(engine) -> list[tuple]:  # type: ignore[no-untyped-def]
+        with sqlite3.connect(engine.url.database) as connection:
+            return connection.execute("SELECT * FROM inbound_message ORDER BY id").fetchall()
+
+    assert table(fast) == table(core)
+    stored = inbound.get(fast, 2)
+    assert (stored.mail_from, stored.rcpt_tos, stored.raw) == (arrivals[1].mail_from, arrivals[1].rcpt_tos,
+                                                               arrivals[1].raw)
+    assert stored.received_at == arrivals[1].received_at
 
 
 def test_451_when_the_store_fails_and_a_retry_succeeds_after_repair(make_settings, start_intake_listener,

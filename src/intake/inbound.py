@@ -9,6 +9,7 @@ a lone message at once, a busy one shares each fsync among many messages.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import queue
@@ -18,9 +19,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Dialect, Engine, insert, select, update
 
-from intake.db import read_session, write_connection, write_session
+from intake.db import is_sqlite, read_session, sqlite_write_transaction, write_connection, write_session
 from intake.models import InboundMessage, InboundStatus
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,10 @@ class StoredMessage:
     received_at: datetime
 
 
+# The columns :func:`_rows` gives a value for.
+_COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "size", "sha256", "raw", "status", "attempts")
+
+
 def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
     return [
         {
@@ -70,18 +75,41 @@ def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
 
 def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
     """Insert *arrivals* in one committed transaction; returns their ids in order."""
-    table = InboundMessage.__table__
     rows = _rows(arrivals)
+    if is_sqlite(engine):
+        return _store_sqlite(engine, rows)
+    table = InboundMessage.__table__
     # Core on a plain connection, not ORM objects: this is the hot path in front of every 250. One
-    # INSERT for all rows: asking for the ids in parameter order would make it one INSERT per row
-    # on SQLite (no sentinel column), so the rows come back in any order and the content hash
-    # says which id is whose; identical messages may swap ids, which changes nothing.
+    # INSERT for all rows; the rows come back in any order, and the content hash says which id is
+    # whose (identical messages may swap ids, which changes nothing).
     with write_connection(engine) as connection:
         inserted = connection.execute(insert(table).returning(table.c.id, table.c.sha256), rows).all()
     ids_by_hash: dict[str, list[int]] = defaultdict(list)
     for id_, sha256 in sorted(inserted):
         ids_by_hash[sha256].append(id_)
     return [ids_by_hash[row["sha256"]].pop(0) for row in rows]
+
+
+def _store_sqlite(engine: Engine, rows: list[dict[str, object]]) -> list[int]:
+    """:func:`store` on SQLite, on the driver's connection: a cached prepared INSERT per row, whose
+    id is its ``lastrowid``. The values go through SQLAlchemy's bind processors for SQLite,
+    so they are stored exactly as SQLAlchemy stores them (instants, JSON, bytes)."""
+    sql, processors = _sqlite_insert(engine.dialect)
+    with sqlite_write_transaction(engine) as connection:
+        cursor = connection.cursor()
+        ids = []
+        for row in rows:
+            cursor.execute(sql, [process(row[name]) if process else row[name] for name, process in processors])
+            ids.append(cursor.lastrowid)
+        return ids
+
+
+@functools.cache
+def _sqlite_insert(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[object], object] | None]]]:
+    """The INSERT of :func:`_store_sqlite` and each value's bind processor, in column order."""
+    table = InboundMessage.__table__
+    sql = f"INSERT INTO {table.name} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+    return sql, [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in _COLUMNS]
 
 
 Waiter = tuple[Arrival, asyncio.AbstractEventLoop, "asyncio.Future[int]"]
