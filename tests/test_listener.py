@@ -3,6 +3,7 @@ and the promise behind ``250``: the raw message is committed before the client h
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -23,8 +24,8 @@ from sqlalchemy import insert
 
 from conftest import _fresh_postgres_database, report
 from intake import inbound
-from intake.db import create_schema, make_engine
-from intake.inbound import Arrival
+from intake.db import create_schema, make_engine, wal_size
+from intake.inbound import Arrival, GroupCommitter
 from intake.models import InboundMessage
 
 
@@ -444,6 +445,29 @@ def test_the_sqlite_fast_insert_stores_what_sqlalchemy_would_and_answers_ids_in_
     assert (stored.mail_from, stored.rcpt_tos, stored.raw) == (arrivals[1].mail_from, arrivals[1].rcpt_tos,
                                                                arrivals[1].raw)
     assert stored.received_at == arrivals[1].received_at
+
+
+def test_with_no_worker_checkpointing_the_listener_keeps_the_wal_bounded(tmp_path):
+    """The listener's connections leave checkpoints to the worker; with the worker down the WAL
+    must not grow without bound: past the limit the committer checkpoints by itself."""
+    limit, message = 256 * 1024, b"x" * 16 * 1024
+    engine = make_engine(f"sqlite:///{tmp_path / 'wal.db'}", checkpoint_on_commit=False)  # as the listener's
+    create_schema(engine)
+    committer = GroupCommitter(engine, wal_limit=limit)
+    sizes = []
+
+    async def deliver() -> None:
+        for i in range(256):  # 4 MB of mail, 16 times the limit
+            await committer.store(Arrival("r@researcher.test", ["security@example.com"], "127.0.0.1:4000",
+                                          "client.test", message + str(i).encode(), datetime.now(timezone.utc)))
+            sizes.append(wal_size(engine))
+
+    try:
+        asyncio.run(deliver())
+    finally:
+        committer.close()
+    assert max(sizes) < 4 * limit, f"the WAL grew to {max(sizes)} bytes"
+    assert len(stored_rows(engine)) == 256
 
 
 def test_451_when_the_store_fails_and_a_retry_succeeds_after_repair(make_settings, start_intake_listener,

@@ -31,6 +31,9 @@ from sqlmodel import Session, SQLModel
 
 from intake import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
+# The most WAL the listener lets pile up before it checkpoints itself (see GroupCommitter), and
+# the size the WAL file is cut back to when it starts over after a checkpoint.
+WAL_LIMIT = 64 * 1024 * 1024
 _BEGIN_OPTION = "intake_sqlite_begin"
 _SYNC_OPTION = "intake_sqlite_synchronous"
 _writer_locks: dict[str, threading.Lock] = {}
@@ -72,6 +75,7 @@ def _make_sqlite_durable(engine: Engine, busy_timeout: float, checkpoint_on_comm
         cursor.execute("PRAGMA foreign_keys=ON")
         if not checkpoint_on_commit:
             cursor.execute("PRAGMA wal_autocheckpoint=0")
+            cursor.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -166,6 +170,14 @@ def sqlite_write_transaction(engine: Engine) -> Iterator[sqlite3.Connection]:
             connection.execute("COMMIT")
         finally:
             pooled.close()  # back to the pool
+
+
+def wal_size(engine: Engine) -> int:
+    """Bytes in the SQLite database's WAL file (0 when there is none)."""
+    try:
+        return os.path.getsize(f"{engine.url.database}-wal")
+    except OSError:
+        return 0
 
 
 def checkpoint(engine: Engine) -> None:

@@ -21,7 +21,8 @@ from datetime import datetime
 
 from sqlalchemy import Dialect, Engine, insert, select, update
 
-from intake.db import is_sqlite, read_session, sqlite_write_transaction, write_connection, write_session
+from intake.db import (checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection,
+                       write_session)
 from intake.models import InboundMessage, InboundStatus
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,15 @@ Waiter = tuple[Arrival, asyncio.AbstractEventLoop, "asyncio.Future[int]"]
 class GroupCommitter:
     """A writer thread that stores queued arrivals, many per commit, and answers their waiters."""
 
-    def __init__(self, engine: Engine, on_commit: Callable[[], None] = lambda: None, max_batch: int = 256):
+    def __init__(self, engine: Engine, on_commit: Callable[[], None] = lambda: None, max_batch: int = 256,
+                 wal_limit: int | None = None):
+        """*wal_limit*: on SQLite, checkpoint when the WAL file has grown past this many bytes (see
+        :meth:`_bound_wal`); None leaves checkpoints to others."""
         self._engine = engine
         self._on_commit = on_commit
         self._max_batch = max_batch
+        self._wal_limit = wal_limit if is_sqlite(engine) else None
+        self._unmeasured = 0  # bytes committed since the WAL's size was last looked at
         self._queue: queue.SimpleQueue[Waiter | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inbound-commit", daemon=True)
         self._thread.start()
@@ -174,6 +180,32 @@ class GroupCommitter:
                 loop.call_soon_threadsafe(_answer, answers)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
+        if self._wal_limit is not None and not isinstance(outcome, BaseException):
+            self._bound_wal(sum(len(arrival.raw) for arrival, _, _ in batch))
+
+    def _bound_wal(self, committed: int) -> None:
+        """Checkpoint (PASSIVE) once the WAL file has grown past the limit.
+
+        The listener's connections never checkpoint on commit (see :func:`intake.db.make_engine`):
+        the worker does. Should the worker be down or stuck, the WAL would grow without bound. And
+        under sustained load even the worker's checkpoints never let the WAL start over, as more
+        is committed while they copy. This one runs on the commit thread between two commits, so
+        none of the listener's lands while it copies and the next can start the WAL over (cutting
+        the file back to the limit, see ``journal_size_limit`` in :mod:`intake.db`). The
+        file's size is looked at only every quarter of the limit of mail committed, after the
+        batch's answers are on their way; the commits queued meanwhile wait for the copy, which
+        happens once per limit of mail, and is short when the worker keeps up."""
+        self._unmeasured += committed
+        if self._unmeasured < self._wal_limit // 4:
+            return
+        self._unmeasured = 0
+        size = wal_size(self._engine)
+        if size > self._wal_limit:
+            log.info("event=wal-checkpoint wal_bytes=%d limit=%d", size, self._wal_limit)
+            try:
+                checkpoint(self._engine)
+            except Exception as exc:  # noqa: BLE001 - the next look tries again; commits must go on
+                log.warning("event=wal-checkpoint-failed error=%r", exc)
 
 
 def _answer(answers: list[tuple[asyncio.Future[int], int | BaseException]]) -> None:

@@ -7,7 +7,8 @@ it can also crash or restart without touching a single accepted message.
 
 Accepting comes first: the worker runs at a lower CPU priority than the listener, it (not a
 commit in front of a 250) copies the SQLite WAL into the database file, and its outbox sender
-holds back while there is a backlog of mail to act on.
+holds back while there is a backlog of mail to act on. The listener checkpoints only when the
+WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load never lets the WAL start over).
 
 systemd integration: ``READY=1`` once the listener is bound, ``WATCHDOG=1`` from the event
 loop (a stuck loop stops the pings and systemd restarts us), ``STOPPING=1`` on SIGTERM. A clean
@@ -32,7 +33,7 @@ from sqlalchemy import Engine
 
 from intake import processor
 from intake.config import Settings, load_settings
-from intake.db import checkpoint, create_schema, make_engine
+from intake.db import WAL_LIMIT, checkpoint, create_schema, make_engine
 from intake.inbound import GroupCommitter
 from intake.listener import IntakeHandler, smtp_factory
 from intake.outbox import OutboxSender, make_transport
@@ -128,7 +129,7 @@ async def _serve(settings: Settings) -> int:
     stop_worker = context.Event()
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     create_schema(engine)
-    committer = GroupCommitter(engine, on_commit=wake_processor.set)
+    committer = GroupCommitter(engine, on_commit=wake_processor.set, wal_limit=WAL_LIMIT)
     listener = await start_listener(settings, committer)
     handler, server = listener.handler, listener.server
     bound = listener.bound
