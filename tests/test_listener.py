@@ -3,6 +3,7 @@ and the promise behind ``250``: the raw message is committed before the client h
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -13,13 +14,19 @@ import ssl
 import threading
 import time
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import psycopg
 import pytest
 import trustme
+from sqlalchemy import insert
 
 from conftest import report
+from intake import inbound, schema
+from intake.db import make_engine, wal_size
+from intake.inbound import Arrival, GroupCommitter
+from intake.models import InboundMessage
 
 
 @pytest.fixture
@@ -401,6 +408,54 @@ def test_250_means_the_exact_bytes_are_committed(make_settings, start_intake_lis
     assert mail_from == "alice@researcher.test"
     stored_id = int(re.search(rb"queued as (\d+)", text).group(1))
     assert stored_id == stored_rows(running.engine)[0]["id"]
+
+
+def test_the_sqlite_fast_insert_stores_what_sqlalchemy_would_and_answers_ids_in_order(tmp_path):
+    """On SQLite the listener inserts through the driver, not SQLAlchemy: the rows must be the same
+    to the byte as SQLAlchemy's (instants, JSON, blobs), and each message must get its own id."""
+    arrivals = [Arrival(f"r{i}@researcher.test", ["security@example.com", f"security+t{i}@example.com"],
+                        "127.0.0.1:4000", "client.test", b"same bytes\r\n" if i < 2 else b"other\r\n",
+                        datetime(2026, 3, 1, 12, 0, i, 1000 * i, tzinfo=timezone.utc)) for i in range(3)]
+    fast = make_engine(f"sqlite:///{tmp_path / 'fast.db'}")
+    core = make_engine(f"sqlite:///{tmp_path / 'core.db'}")
+    for engine in (fast, core):
+        schema.upgrade(engine)
+    assert inbound.store(fast, arrivals) == [1, 2, 3]
+    with core.begin() as connection:
+        connection.execute(insert(InboundMessage.__table__), inbound._rows(arrivals))
+
+    def table(engine) -> list[tuple]:  # type: ignore[no-untyped-def]
+        with sqlite3.connect(engine.url.database) as connection:
+            return connection.execute("SELECT * FROM inbound_message ORDER BY id").fetchall()
+
+    assert table(fast) == table(core)
+    stored = inbound.get(fast, 2)
+    assert (stored.mail_from, stored.rcpt_tos, stored.raw) == (arrivals[1].mail_from, arrivals[1].rcpt_tos,
+                                                               arrivals[1].raw)
+    assert stored.received_at == arrivals[1].received_at
+
+
+def test_with_no_worker_checkpointing_the_listener_keeps_the_wal_bounded(tmp_path):
+    """The listener's connections leave checkpoints to the worker; with the worker down the WAL
+    must not grow without bound: past the limit the committer checkpoints by itself."""
+    limit, message = 256 * 1024, b"x" * 16 * 1024
+    engine = make_engine(f"sqlite:///{tmp_path / 'wal.db'}", checkpoint_on_commit=False)  # as the listener's
+    schema.upgrade(engine)
+    committer = GroupCommitter(engine, wal_limit=limit)
+    sizes = []
+
+    async def deliver() -> None:
+        for i in range(256):  # 4 MB of mail, 16 times the limit
+            await committer.store(Arrival("r@researcher.test", ["security@example.com"], "127.0.0.1:4000",
+                                          "client.test", message + str(i).encode(), datetime.now(timezone.utc)))
+            sizes.append(wal_size(engine))
+
+    try:
+        asyncio.run(deliver())
+    finally:
+        committer.close()
+    assert max(sizes) < 4 * limit, f"the WAL grew to {max(sizes)} bytes"
+    assert len(stored_rows(engine)) == 256
 
 
 def test_451_when_the_store_fails_and_a_retry_succeeds_after_repair(make_settings, start_intake_listener,

@@ -9,6 +9,7 @@ a lone message at once, a busy one shares each fsync among many messages.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import queue
@@ -18,9 +19,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Dialect, Engine, insert, select, update
 
-from intake.db import read_session, write_connection, write_session
+from intake.db import (checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection,
+                       write_session)
 from intake.models import InboundMessage, InboundStatus
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ class StoredMessage:
     received_at: datetime
 
 
+# The columns :func:`_rows` gives a value for.
+_COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "size", "sha256", "raw", "status", "attempts")
+
+
 def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
     return [
         {
@@ -70,12 +76,13 @@ def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
 
 def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
     """Insert *arrivals* in one committed transaction; returns their ids in order."""
-    table = InboundMessage.__table__
     rows = _rows(arrivals)
+    if is_sqlite(engine):
+        return _store_sqlite(engine, rows)
+    table = InboundMessage.__table__
     # Core on a plain connection, not ORM objects: this is the hot path in front of every 250. One
-    # INSERT for all rows: asking for the ids in parameter order would make it one INSERT per row
-    # on SQLite (no sentinel column), so the rows come back in any order and the content hash
-    # says which id is whose; identical messages may swap ids, which changes nothing.
+    # INSERT for all rows; the rows come back in any order, and the content hash says which id is
+    # whose (identical messages may swap ids, which changes nothing).
     with write_connection(engine) as connection:
         inserted = connection.execute(insert(table).returning(table.c.id, table.c.sha256), rows).all()
     ids_by_hash: dict[str, list[int]] = defaultdict(list)
@@ -84,16 +91,43 @@ def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
     return [ids_by_hash[row["sha256"]].pop(0) for row in rows]
 
 
+def _store_sqlite(engine: Engine, rows: list[dict[str, object]]) -> list[int]:
+    """:func:`store` on SQLite, on the driver's connection: a cached prepared INSERT per row, whose
+    id is its ``lastrowid``. The values go through SQLAlchemy's bind processors for SQLite,
+    so they are stored exactly as SQLAlchemy stores them (instants, JSON, bytes)."""
+    sql, processors = _sqlite_insert(engine.dialect)
+    with sqlite_write_transaction(engine) as connection:
+        cursor = connection.cursor()
+        ids = []
+        for row in rows:
+            cursor.execute(sql, [process(row[name]) if process else row[name] for name, process in processors])
+            ids.append(cursor.lastrowid)
+        return ids
+
+
+@functools.cache
+def _sqlite_insert(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[object], object] | None]]]:
+    """The INSERT of :func:`_store_sqlite` and each value's bind processor, in column order."""
+    table = InboundMessage.__table__
+    sql = f"INSERT INTO {table.name} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+    return sql, [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in _COLUMNS]
+
+
 Waiter = tuple[Arrival, asyncio.AbstractEventLoop, "asyncio.Future[int]"]
 
 
 class GroupCommitter:
     """A writer thread that stores queued arrivals, many per commit, and answers their waiters."""
 
-    def __init__(self, engine: Engine, on_commit: Callable[[], None] = lambda: None, max_batch: int = 256):
+    def __init__(self, engine: Engine, on_commit: Callable[[], None] = lambda: None, max_batch: int = 256,
+                 wal_limit: int | None = None):
+        """*wal_limit*: on SQLite, checkpoint when the WAL file has grown past this many bytes (see
+        :meth:`_bound_wal`); None leaves checkpoints to others."""
         self._engine = engine
         self._on_commit = on_commit
         self._max_batch = max_batch
+        self._wal_limit = wal_limit if is_sqlite(engine) else None
+        self._unmeasured = 0  # bytes committed since the WAL's size was last looked at
         self._queue: queue.SimpleQueue[Waiter | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="inbound-commit", daemon=True)
         self._thread.start()
@@ -146,6 +180,32 @@ class GroupCommitter:
                 loop.call_soon_threadsafe(_answer, answers)
             except RuntimeError:  # that loop is closed: nobody is waiting any more
                 pass
+        if self._wal_limit is not None and not isinstance(outcome, BaseException):
+            self._bound_wal(sum(len(arrival.raw) for arrival, _, _ in batch))
+
+    def _bound_wal(self, committed: int) -> None:
+        """Checkpoint (PASSIVE) once the WAL file has grown past the limit.
+
+        The listener's connections never checkpoint on commit (see :func:`intake.db.make_engine`):
+        the worker does. Should the worker be down or stuck, the WAL would grow without bound. And
+        under sustained load even the worker's checkpoints never let the WAL start over, as more
+        is committed while they copy. This one runs on the commit thread between two commits, so
+        none of the listener's lands while it copies and the next can start the WAL over (cutting
+        the file back to the limit, see ``journal_size_limit`` in :mod:`intake.db`). The
+        file's size is looked at only every quarter of the limit of mail committed, after the
+        batch's answers are on their way; the commits queued meanwhile wait for the copy, which
+        happens once per limit of mail, and is short when the worker keeps up."""
+        self._unmeasured += committed
+        if self._unmeasured < self._wal_limit // 4:
+            return
+        self._unmeasured = 0
+        size = wal_size(self._engine)
+        if size > self._wal_limit:
+            log.info("event=wal-checkpoint wal_bytes=%d limit=%d", size, self._wal_limit)
+            try:
+                checkpoint(self._engine)
+            except Exception as exc:  # noqa: BLE001 - the next look tries again; commits must go on
+                log.warning("event=wal-checkpoint-failed error=%r", exc)
 
 
 def _answer(answers: list[tuple[asyncio.Future[int], int | BaseException]]) -> None:

@@ -8,7 +8,8 @@ it can also crash or restart without touching a single accepted message.
 
 Accepting comes first: the worker runs at a lower CPU priority than the listener, it (not a
 commit in front of a 250) copies the SQLite WAL into the database file, and its outbox sender
-holds back while there is a backlog of mail to act on.
+holds back while there is a backlog of mail to act on. The listener checkpoints only when the
+WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load never lets the WAL start over).
 
 systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
 (socket activation: port 25 without any capability), else ``smtp.listen``; ``READY=1`` once the
@@ -35,7 +36,7 @@ from sqlalchemy import Engine
 
 from intake import deadlines, parse_guard, processor, scheduler, schema
 from intake.config import EXIT_CONFIG, ConfigError, Settings, load_settings
-from intake.db import checkpoint, make_engine
+from intake.db import WAL_LIMIT, checkpoint, make_engine
 from intake.inbound import GroupCommitter
 from intake.listener import IntakeHandler, smtp_factory
 from intake.outbox import OutboxSender, make_transport
@@ -178,7 +179,7 @@ async def _serve(settings: Settings) -> int:
     filled = deadlines.backfill(engine, settings, datetime.now(timezone.utc))
     if filled.tickets or filled.errors:
         log.info("event=deadlines-backfilled tickets=%d errors=%d", filled.tickets, len(filled.errors))
-    committer = GroupCommitter(engine, on_commit=wake_processor.set)
+    committer = GroupCommitter(engine, on_commit=wake_processor.set, wal_limit=WAL_LIMIT)
     activated = inherited_sockets()
     if activated:
         log.info("event=socket-activation sockets=%d note=smtp.listen-not-used", len(activated))
