@@ -120,6 +120,17 @@ def test_maintainer_reply_is_relayed_trimmed_with_attachments_and_commands_appli
     assert [e.kind for e in desk.ticket().events if e.kind == "milestone"] == ["milestone"]  # the human ack
 
 
+def test_credit_by_mail(desk):
+    reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
+    desk.send(_maintainer_mail(reply_to, "#credit Alice Researcher @alice https://alice.test\n#note\n"),
+              "ana@maintainers.test", reply_to)
+    stored = desk.ticket().ticket.credit
+    assert (stored["name"], stored["handle"], stored["url"], stored["source"]) == (
+        "Alice Researcher", "@alice", "https://alice.test", "mail")
+    desk.send(_maintainer_mail(reply_to, "#credit anonymous\n#note\n"), "ana@maintainers.test", reply_to)
+    assert desk.ticket().ticket.credit["anonymous"] is True
+
+
 def test_note_stays_internal_and_refused_commands_are_reported(desk):
     reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
     desk.send(_maintainer_mail(reply_to, "#note\n#state waiting\n#severity urgent\n\nLooks like the 2019 bug.\n"),

@@ -65,7 +65,7 @@ class Credit:
     name: str | None = None
     handle: str | None = None
     url: str | None = None
-    source: str = "cli"  # report | reply | cli
+    source: str = "cli"  # report | reply | cli | mail (a maintainer's #credit)
     statement: str | None = None  # the reporter's words it was recognised from
 
     def as_dict(self) -> dict[str, Any]:

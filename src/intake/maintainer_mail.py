@@ -25,7 +25,7 @@ from email.utils import format_datetime
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from intake import correspondence, milestones, outbox, replies, reply_tokens, route, tickets, triage
+from intake import correspondence, credit, milestones, outbox, replies, reply_tokens, route, tickets, triage
 from intake.config import Settings
 from intake.inbound import StoredMessage
 from intake.models import Ticket
@@ -116,12 +116,27 @@ def _apply(session: Session, settings: Settings, ticket: Ticket, name: str, args
             raise CommandError("usage: #close fixed|invalid|duplicate|out-of-scope|spam")
         triage.close(session, settings, ticket, words[0].lower(), now=now, actor=actor)
         return f"closed ({ticket.close_reason})"
+    if name == "credit":
+        if not words:
+            raise CommandError("usage: #credit <name> [@handle] [https://url] | #credit anonymous")
+        if [w.lower() for w in words] == ["anonymous"]:
+            wanted = credit.make(anonymous=True, source="mail")
+        else:
+            handle = next((w for w in words if w.startswith("@")), None)
+            url = next((w for w in words if w.startswith(("https://", "http://"))), None)
+            name = " ".join(w for w in words if w not in (handle, url)) or None
+            try:
+                wanted = credit.make(name=name, handle=handle, url=url, source="mail")
+            except credit.CreditError as exc:
+                raise CommandError(str(exc)) from None
+        credit.set_credit(session, ticket, wanted, now, actor)
+        return f"credit: {wanted.display}"
     if name == "label":
         if not words:
             raise CommandError("usage: #label <label> …")
         return "labels " + ", ".join(triage.label(session, ticket, tuple(words), (), now=now, actor=actor))
     raise CommandError(f"unknown command #{name} (known: #severity #assign #state #released #ack #assess "
-                       "#disclosed #resolved #close #label #note)")
+                       "#disclosed #resolved #close #label #credit #note)")
 
 
 def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
