@@ -22,7 +22,6 @@ import shlex
 from datetime import datetime
 
 from email.utils import format_datetime
-from sqlalchemy import Engine
 from sqlmodel import Session
 
 from intake import correspondence, credit, milestones, outbox, replies, reply_tokens, route, tickets, triage
@@ -140,13 +139,14 @@ def _apply(session: Session, settings: Settings, ticket: Ticket, name: str, args
 
 
 def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
-           decision: route.Decision, now: datetime) -> None:
+           decision: route.Decision, now: datetime, reply_secret: bytes) -> None:
     """After a threaded message was recorded on its ticket: a maintainer's authenticated mail is
-    carried out, a reporter's reply is forwarded to the maintainers."""
+    carried out, a reporter's reply is forwarded to the maintainers (signing their reply
+    addresses with *reply_secret*)."""
     if decision.kind == route.MAINTAINER_REPLY and decision.authenticated:
         _maintainer_mail(session, settings, stored, incoming, decision, now)
     elif decision.kind == route.REPORTER_REPLY:
-        _forward_to_maintainers(session, settings, stored, incoming, decision, now)
+        _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret)
 
 
 def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
@@ -217,15 +217,14 @@ def maintainer_recipients(settings: Settings, ticket: Ticket) -> list[str]:
     return [maintainer.email for maintainer in settings.maintainers]
 
 
-def _forward_to_maintainers(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
-                            decision: route.Decision, now: datetime) -> None:
+def _forward_to_maintainers(session: Session, settings: Settings, incoming: route.Incoming, decision: route.Decision,
+                            now: datetime, secret: bytes) -> None:
     ticket = session.get(Ticket, decision.ticket_id)
     assert ticket is not None
     recipients = maintainer_recipients(settings, ticket)
     if not recipients:
         log.info("event=reporter-reply-not-forwarded ticket=%s reason=no-maintainers", ticket.reference)
         return
-    secret = reply_tokens.secret(_engine(session))
     mail = incoming.mail
     body = "\n".join([
         f"The reporter of {ticket.reference} replied ({clean_text(ticket.subject)}).",
@@ -254,8 +253,3 @@ def _forward_to_maintainers(session: Session, settings: Settings, stored: Stored
             raw=replies.compose((f"{settings.intake.from_name} ({ticket.reference})", ticket.intake_address),
                                 headers, body)),
             ticket_id=ticket.id, now=now)
-
-
-def _engine(session: Session) -> Engine:
-    bind = session.get_bind()
-    return getattr(bind, "engine", bind)

@@ -193,7 +193,8 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
             continue
         if tickets.records_on_ticket(r.decision):
             tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now)
-            maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now)
+            maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
+                                   plan.reply_secret)
         outcomes.append(Outcome(r.prepared, r.decision))
     _mark(session, outcomes, now)
     return outcomes
