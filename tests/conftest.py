@@ -22,12 +22,14 @@ import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 from click.testing import CliRunner
+from sqlalchemy import select
 
 from intake import processor, schema
 from intake.cli import main
 from intake.config import Settings, load_settings
-from intake.db import make_engine
+from intake.db import make_engine, read_session
 from intake.inbound import GroupCommitter
+from intake.models import Ticket
 from intake.outbox import OutboxSender, make_transport
 from intake.service import start_listener
 
@@ -352,6 +354,12 @@ def smtp_send(port: int, message: EmailMessage | bytes, mail_from: str = "alice@
     data = message if isinstance(message, bytes) else message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         return client.sendmail(mail_from, rcpt_tos or ["security@example.com"], data)
+
+
+def all_tickets(engine) -> list:  # type: ignore[no-untyped-def]
+    """Every ticket, oldest first."""
+    with read_session(engine) as session:
+        return list(session.scalars(select(Ticket).order_by(Ticket.received_at, Ticket.id)))
 
 
 def process(settings: Settings, engine, now: datetime | None = None) -> processor.BatchResult:  # type: ignore[no-untyped-def]

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import select
 
-from conftest import deliver_outbox, process, report, smtp_send
+from conftest import all_tickets, deliver_outbox, process, report, smtp_send
 from intake import inbound, outbox, tickets
 from intake.db import read_session
 from intake.models import Event, InboundMessage, Outbox, ThreadEntry, Ticket
@@ -93,7 +93,7 @@ def test_same_message_twice_is_one_ticket_and_one_acknowledgement(make_settings,
     smtp_send(running.port, message, rcpt_tos=["security+web@example.com"])
     result = process(settings, running.engine)
     assert result.decisions == {"duplicate": 2}
-    assert len(tickets.list_tickets(running.engine)) == 1
+    assert len(all_tickets(running.engine)) == 1
     assert [r.dedupe_key for r in _outbox_rows(running.engine)] == [f"ack:SEC-{datetime.now(timezone.utc).year}-0001"]
 
 
@@ -120,7 +120,7 @@ def test_automatic_mail_gets_no_ticket_and_no_reply(make_settings, start_intake_
     smtp_send(running.port, report(**headers), mail_from=mail_from)
     result = process(settings, running.engine)
     assert result.decisions == {decision: 1}
-    assert tickets.list_tickets(running.engine) == []
+    assert all_tickets(running.engine) == []
     assert _outbox_rows(running.engine) == []
     with read_session(running.engine) as session:
         stored = session.scalars(select(InboundMessage)).one()
@@ -206,7 +206,7 @@ def test_tagged_address_maps_to_its_policy_and_ack_states_its_dates(make_setting
     with write_session(running.engine) as session:
         session.execute(update(InboundMessage).values(received_at=datetime(2026, 12, 18, 5, 0, tzinfo=timezone.utc)))
     process(settings, running.engine)
-    [ticket] = tickets.list_tickets(running.engine)
+    [ticket] = all_tickets(running.engine)
     assert ticket.policy == "vectis-mail"
     assert ticket.intake_address == "security@example.com"  # replies come from the base address
     [row] = _outbox_rows(running.engine)
@@ -252,7 +252,7 @@ def test_a_reply_in_the_same_batch_as_its_report_threads(make_settings, start_in
     smtp_send(running.port, report(message_id="<first@researcher.test>"))  # and a copy of the report
     result = process(settings, running.engine)  # all three in one chunk
     assert result.decisions == {"new-ticket": 1, "reporter-reply": 1, "duplicate": 1}
-    [ticket] = tickets.list_tickets(running.engine)
+    [ticket] = all_tickets(running.engine)
     detail = tickets.ticket_detail(running.engine, ticket.reference)
     assert [(e.kind, e.message_id) for e in detail.entries if e.direction == "in"] == [
         ("report", "<first@researcher.test>"), ("reporter-reply", "<second@researcher.test>")]

@@ -11,7 +11,7 @@ from email.message import EmailMessage
 import pytest
 from sqlalchemy import select
 
-from conftest import deliver_outbox, process, report, smtp_send
+from conftest import all_tickets, deliver_outbox, process, report, smtp_send
 from intake import outbox, tickets
 from intake.db import read_session, write_session
 from intake.models import InboundMessage, Ticket
@@ -161,7 +161,7 @@ def test_bounce_of_our_acknowledgement_attaches_and_flags_the_reporter(intake):
     [ack] = intake.outbox()
     result = intake.send(_dsn(ack.raw, "alice@researcher.test"), mail_from="")
     assert result.decisions == {"bounce": 1}
-    assert len(tickets.list_tickets(intake.running.engine)) == 1  # no ticket for the bounce
+    assert len(all_tickets(intake.running.engine)) == 1  # no ticket for the bounce
     assert len(intake.outbox()) == 1  # and no reply to it
     detail = intake.detail()
     bounced = next(e for e in detail.events if e.kind == "bounced")
@@ -177,7 +177,7 @@ def test_bounce_that_concerns_nothing_of_ours_is_only_logged(intake):
     foreign = report(subject="something we never sent", message_id="<foreign@elsewhere.test>").as_bytes()
     result = intake.send(_dsn(foreign, "bob@elsewhere.test"), mail_from="")
     assert result.decisions == {"bounce": 1}
-    assert tickets.list_tickets(intake.running.engine) == []
+    assert all_tickets(intake.running.engine) == []
     assert intake.outbox() == []
     assert "concerns no mail of ours" in intake.stored()[-1].reason
 
@@ -194,7 +194,7 @@ def test_out_of_office_threads_into_its_ticket_and_gets_no_reply(intake):
 def test_out_of_office_without_a_ticket_is_only_logged(intake):
     ooo = report(subject="Out of Office: back on Monday", X_Auto_Response_Suppress="All")
     assert intake.send(ooo).decisions == {"auto-reply": 1}
-    assert tickets.list_tickets(intake.running.engine) == [] and intake.outbox() == []
+    assert all_tickets(intake.running.engine) == [] and intake.outbox() == []
 
 
 @pytest.mark.parametrize("headers, mail_from", [
@@ -204,7 +204,7 @@ def test_out_of_office_without_a_ticket_is_only_logged(intake):
 ])
 def test_our_own_mail_coming_back_is_a_loop(intake, headers, mail_from):
     assert intake.send(report(**headers), mail_from=mail_from).decisions == {"loop": 1}
-    assert tickets.list_tickets(intake.running.engine) == [] and intake.outbox() == []
+    assert all_tickets(intake.running.engine) == [] and intake.outbox() == []
 
 
 @pytest.mark.parametrize("headers, mail_from, reason", [
@@ -229,7 +229,7 @@ def test_reports_that_must_not_be_answered_are_tickets_without_a_reply(intake, h
 
 def test_upstream_spam_verdict_is_stored_without_a_ticket(intake):
     assert intake.send(report(X_Spam_Flag="YES")).decisions == {"spam": 1}
-    assert tickets.list_tickets(intake.running.engine) == []
+    assert all_tickets(intake.running.engine) == []
     assert intake.stored()[-1].status == "ignored"
 
 
@@ -293,7 +293,7 @@ def test_a_hostile_auto_responder_cannot_make_intake_ping_pong(intake, monkeypat
         controller.stop()
     assert rounds < 30
     assert responder.received == 5  # the rate limit, then silence
-    assert len(tickets.list_tickets(intake.running.engine)) == 6  # every message is still a ticket
+    assert len(all_tickets(intake.running.engine)) == 6  # every message is still a ticket
 
 
 def test_show_displays_decisions_and_threading(intake):
@@ -336,7 +336,7 @@ def test_low_quality_under_a_policy_that_acknowledges_gets_the_normal_acknowledg
     smtp_send(running.port, report(subject="Critical vulnerability found", body=BEG_BOUNTY,
                                    sender="beg@bounty.test"), mail_from="beg@bounty.test")
     process(settings, running.engine)
-    [ticket] = tickets.list_tickets(running.engine)
+    [ticket] = all_tickets(running.engine)
     assert ticket.labels == ["low-quality"]
     assert [r.kind for r in outbox.listing(running.engine)] == ["acknowledgement"]
 
@@ -390,5 +390,5 @@ def test_one_mail_to_several_intake_addresses_is_one_ticket(make_settings, start
     smtp_send(running.port, message, rcpt_tos=["psirt@example.com"])
     result = process(settings, running.engine)
     assert result.decisions == {"new-ticket": 1, "duplicate": 1}
-    assert len(tickets.list_tickets(running.engine)) == 1
+    assert len(all_tickets(running.engine)) == 1
     assert len(outbox.listing(running.engine)) == 1

@@ -602,14 +602,6 @@ def find(session: Session, reference: str) -> Ticket:
     return ticket
 
 
-def list_tickets(engine: Engine, state: str | None = None) -> list[Ticket]:
-    with read_session(engine) as session:
-        query = select(Ticket).order_by(Ticket.received_at, Ticket.id)
-        if state:
-            query = query.where(Ticket.state == state)
-        return list(session.scalars(query))
-
-
 @dataclass(frozen=True)
 class Listed:
     """A ticket as `intake tickets` lists it, with its next unmet deadline."""
