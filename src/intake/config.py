@@ -223,6 +223,18 @@ class ServiceSection(Section):
     shutdown_grace: float = Field(default=20.0, gt=0)
 
 
+class LoggingSection(Section):
+    """``[logging]``: how ``intake serve`` writes its log lines to stderr (see :mod:`intake.logs`)."""
+
+    # 'logfmt' (key=value pairs) or 'json' (one object per line).
+    format: Literal["logfmt", "json"] = "logfmt"
+    # Lowest level written.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # sd-daemon(3) priority prefixes (<3> error ... <7> debug): 'auto' when stderr is the journal
+    # ($JOURNAL_STREAM names it), or always / never.
+    journal_prefix: Literal["auto", "always", "never"] = "auto"
+
+
 class AutoReplySection(Section):
     # Most automatic mails (acknowledgements, out-of-scope replies) one address gets per window,
     # so two auto-responders can never ping-pong.
@@ -359,6 +371,7 @@ class Settings(BaseSettings):
     processing: ProcessingSection = ProcessingSection()
     outbound: OutboundSection = OutboundSection()
     service: ServiceSection = ServiceSection()
+    logging: LoggingSection = LoggingSection()
     autoreply: AutoReplySection = AutoReplySection()
     scheduler: SchedulerSection = SchedulerSection()
     maintainers: list[Maintainer] = Field(default_factory=list)

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import weakref
 from datetime import datetime, timezone
 from multiprocessing.synchronize import Event as ProcessEvent
@@ -33,8 +34,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from intake import deadlines, parse_guard, processor, scheduler, schema
-from intake.config import EXIT_CONFIG, Settings, load_settings
+from intake import deadlines, logs, parse_guard, processor, scheduler, schema
+from intake.config import EXIT_CONFIG, LoggingSection, Settings, load_settings
 from intake.db import checkpoint, make_engine
 from intake.inbound import GroupCommitter
 from intake.listener import IntakeHandler, smtp_factory
@@ -74,12 +75,15 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2_000_000
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s %(message)s", force=True)
+def configure_logging(section: LoggingSection) -> None:
+    """Every logger to stderr, one structured line per record (see :mod:`intake.logs`)."""
+    logging.basicConfig(level=section.level.upper(), handlers=[logs.make_handler(section)], force=True)
     # aiosmtpd logs every SMTP command at INFO, addresses included; our own lines say what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     # mail-parser warns about every MIME type it does not render; that is not news.
     logging.getLogger("mailparser").setLevel(logging.ERROR)
+    # APScheduler logs two lines for every run of every job; the sweep logs what it sent.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def inherited_sockets() -> list[socket.socket]:
@@ -242,9 +246,14 @@ def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     _yield_cpu_to_listener()
-    configure_logging()
     settings = load_settings(Path(config_path) if config_path else None)
-    asyncio.run(_work(settings, wake, stop, parent_pid))
+    configure_logging(settings.logging)
+    try:
+        asyncio.run(_work(settings, wake, stop, parent_pid))
+    except Exception:
+        # One structured line (multiprocessing would print a bare traceback); the parent restarts us.
+        log.exception("event=worker-crashed")
+        sys.exit(1)
 
 
 def _yield_cpu_to_listener() -> None:
