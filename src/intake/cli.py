@@ -86,7 +86,7 @@ def main(ctx: click.Context, config_path: Path | None) -> None:
 @click.pass_obj
 def serve(obj: Context) -> None:
     """Run the SMTP listener, processor and outbox until SIGTERM."""
-    service.configure_logging()
+    service.configure_logging(obj.settings.logging)
     sys.exit(service.serve(obj.settings))
 
 

@@ -30,6 +30,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -223,6 +224,51 @@ class ServiceSection(Section):
     shutdown_grace: float = Field(default=20.0, gt=0)
 
 
+class LoggingSection(Section):
+    """``[logging]``: how ``intake serve`` writes its log lines to stderr (see :mod:`intake.logs`)."""
+
+    # 'logfmt' (key=value pairs) or 'json' (one object per line).
+    format: Literal["logfmt", "json"] = "logfmt"
+    # Lowest level written.
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    # sd-daemon(3) priority prefixes (<3> error ... <7> debug): 'auto' when stderr is the journal
+    # ($JOURNAL_STREAM names it), or always / never.
+    journal_prefix: Literal["auto", "always", "never"] = "auto"
+
+
+class MetricsSection(Section):
+    """``[metrics]``: the HTTP endpoint with /metrics, /livez and /readyz (see :mod:`intake.metrics`)."""
+
+    # Serve the endpoint from `intake serve`.
+    enabled: bool = True
+    # Allow a listen address that is not loopback (put a firewall or an authenticating proxy in front).
+    # Before `listen`: its validator reads it.
+    allow_remote: bool = False
+    # Where it binds, 'host:port'. Loopback only unless allow_remote: nothing on it is authenticated.
+    listen: HostPortText = "127.0.0.1:9125"
+    # /readyz fails while the oldest mail waiting in the outbox is older than this, in seconds.
+    outbox_stuck_after: float = Field(default=3600.0, gt=0)
+
+    @property
+    def listen_address(self) -> HostPort:
+        return _parse_host_port(self.listen)
+
+    @field_validator("listen")
+    @classmethod
+    def _loopback_unless_allowed(cls, value: str, info: ValidationInfo) -> str:
+        host = _parse_host_port(value).host
+        if host == "localhost":
+            return value
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            raise ValueError(f"{host!r} must be an IP address or 'localhost'") from None
+        if not loopback and not info.data.get("allow_remote"):
+            raise ValueError(f"{host!r} is not a loopback address; the endpoint has no authentication "
+                             "(set allow_remote = true to serve it anyway)")
+        return value
+
+
 class AutoReplySection(Section):
     # Most automatic mails (acknowledgements, out-of-scope replies) one address gets per window,
     # so two auto-responders can never ping-pong.
@@ -359,6 +405,8 @@ class Settings(BaseSettings):
     processing: ProcessingSection = ProcessingSection()
     outbound: OutboundSection = OutboundSection()
     service: ServiceSection = ServiceSection()
+    logging: LoggingSection = LoggingSection()
+    metrics: MetricsSection = MetricsSection()
     autoreply: AutoReplySection = AutoReplySection()
     scheduler: SchedulerSection = SchedulerSection()
     maintainers: list[Maintainer] = Field(default_factory=list)

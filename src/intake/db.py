@@ -47,15 +47,19 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
     :func:`checkpoint`: otherwise the commit that finds the WAL past 1000 pages does it before it
     returns, and under load that is mostly one of the listener's, holding up its 250s."""
     parsed = make_url(url)
+    # hide_parameters: a database error's text (logged, and kept on a failed message) must not
+    # carry the statement's values, which are message bodies and raw mail.
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False})
+        engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False},
+                               hide_parameters=True)
         _make_sqlite_durable(engine, busy_timeout, checkpoint_on_commit)
         return engine
     engine = create_engine(
         url,
         pool_pre_ping=True,
+        hide_parameters=True,
         connect_args={"options": f"-c lock_timeout={int(busy_timeout * 1000)}"},
     )
     return engine

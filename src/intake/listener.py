@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from intake import metrics
 from intake.config import Settings, base_address
 from intake.inbound import Arrival, GroupCommitter
 
@@ -42,8 +43,10 @@ class IntakeHandler:
                           rcpt_options: list[str]) -> str:
         if "@" not in address or base_address(address) not in self._addresses:
             log.info("event=rcpt-refused peer=%s rcpt=%r", session.peer, address[:320])
+            metrics.received("rejected-recipient")
             return "550 5.1.1 Recipient address rejected: not a mailbox of this service"
         if len(envelope.rcpt_tos) >= self._max_recipients:
+            metrics.received("too-many-recipients")
             return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
@@ -65,6 +68,7 @@ class IntakeHandler:
                 stored_id = await self._committer.store(arrival)
         except Exception as exc:  # noqa: BLE001 - any storage failure is a temporary one for the client
             log.error("event=store-failed peer=%s size=%d error=%r", arrival.peer, len(raw), exc)
+            metrics.received("store-failed")
             return "451 4.3.0 Requested action aborted: local error in processing, try again later"
         finally:
             self.in_flight -= 1
@@ -72,6 +76,7 @@ class IntakeHandler:
                 self.idle.set()
         log.info("event=accepted inbound_id=%d peer=%s size=%d rcpts=%d", stored_id, arrival.peer, len(raw),
                  len(arrival.rcpt_tos))
+        metrics.received("accepted")
         return f"250 2.0.0 OK queued as {stored_id}"
 
 
@@ -87,6 +92,12 @@ class IntakeSMTP(SMTP):
     """
 
     _working = False
+
+    async def push(self, status: str | bytes) -> None:
+        # aiosmtpd checks the size itself (SIZE= at MAIL, then DATA past the limit): its 552s are ours to count.
+        if status[:3] in ("552", b"552"):
+            metrics.received("too-big")
+        await super().push(status)
 
     def data_received(self, data: bytes) -> None:
         if not self._working:

@@ -23,7 +23,7 @@ import mailbox
 import ssl
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -203,8 +203,10 @@ def backoff(outbound: OutboundSection, attempts: int) -> timedelta:
 class OutboxSender:
     """Claims due outbox rows, sends them, records what happened."""
 
-    def __init__(self, engine: Engine, settings: Settings, transport: Transport):
+    def __init__(self, engine: Engine, settings: Settings, transport: Transport,
+                 on_record: Callable[[str], None] = lambda outcome: None):
         self._engine = engine
+        self._on_record = on_record  # told each outcome recorded (the worker's metrics)
         self._outbound = settings.outbound
         self._transport = transport
         self._owner = uuid.uuid4().hex
@@ -263,6 +265,7 @@ class OutboxSender:
             connection.execute(_RECORD, {"row_id": row.id, "owner": self._owner, **values})
         log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
                  row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
+        self._on_record(outcome)
         return outcome
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event, busy: asyncio.Event | None = None) -> None:

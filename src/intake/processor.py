@@ -43,6 +43,8 @@ class BatchResult:
     decisions: Counter[str] = field(default_factory=Counter)
     failed: list[int] = field(default_factory=list)
     tickets_opened: list[str] = field(default_factory=list)
+    # Per message acted on: seconds from its batch being taken up to its outcome being written.
+    seconds: list[float] = field(default_factory=list)
 
     @property
     def handled(self) -> int:
@@ -111,10 +113,11 @@ def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
 def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int | None = None) -> BatchResult:
     """Process up to one batch of pending messages as of *now*."""
     result = BatchResult()
+    started = time.perf_counter()
     prepared = [prepare(settings, stored) for stored in
                 inbound.pending(engine, limit or settings.processing.batch_size)]
     for chunk in _chunks(prepared, settings.processing.messages_per_transaction):
-        _tally(result, _act_on_chunk(engine, settings, chunk, now))
+        _tally(result, _act_on_chunk(engine, settings, chunk, now), time.perf_counter() - started)
     return result
 
 
@@ -253,8 +256,9 @@ def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
                         failed)
 
 
-def _tally(result: BatchResult, outcomes: list[Outcome]) -> None:
+def _tally(result: BatchResult, outcomes: list[Outcome], seconds: float) -> None:
     for outcome in outcomes:
+        result.seconds.append(seconds)
         stored, mail, decision = outcome.prepared.stored, outcome.prepared.mail, outcome.decision
         if decision is None:
             result.failed.append(stored.id)
@@ -262,9 +266,10 @@ def _tally(result: BatchResult, outcomes: list[Outcome]) -> None:
         result.decisions[decision.kind] += 1
         if outcome.reference:
             result.tickets_opened.append(outcome.reference)
-        log.info("event=processed inbound_id=%d message_id=%s decision=%s ticket=%s parse_ms=%.1f warnings=%d "
-                 "reason=%r", stored.id, mail.message_id, decision.kind, outcome.reference or decision.ticket_id or "-",
-                 outcome.prepared.parse_seconds * 1000, len(mail.warnings), decision.reason[:200])
+        log.info("event=processed inbound_id=%d message_id=%s decision=%s ticket=%s parse_ms=%.1f total_ms=%.1f "
+                 "warnings=%d reason=%r", stored.id, mail.message_id, decision.kind,
+                 outcome.reference or decision.ticket_id or "-", outcome.prepared.parse_seconds * 1000,
+                 seconds * 1000, len(mail.warnings), decision.reason[:200])
 
 
 def process_all(engine: Engine, settings: Settings, now: datetime) -> BatchResult:
@@ -277,3 +282,4 @@ def process_all(engine: Engine, settings: Settings, now: datetime) -> BatchResul
         total.decisions.update(batch.decisions)
         total.failed.extend(batch.failed)
         total.tickets_opened.extend(batch.tickets_opened)
+        total.seconds.extend(batch.seconds)

@@ -27,15 +27,18 @@ import multiprocessing
 import os
 import signal
 import socket
+import sys
 import weakref
+from collections.abc import Callable
 from datetime import datetime, timezone
+from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 
 from sqlalchemy import Engine
 
-from intake import deadlines, parse_guard, processor, scheduler, schema
-from intake.config import EXIT_CONFIG, ConfigError, Settings, load_settings
+from intake import deadlines, logs, metrics, parse_guard, processor, scheduler, schema
+from intake.config import EXIT_CONFIG, ConfigError, LoggingSection, Settings, load_settings
 from intake.db import WAL_LIMIT, checkpoint, make_engine
 from intake.inbound import GroupCommitter
 from intake.listener import IntakeHandler, smtp_factory
@@ -75,12 +78,15 @@ def watchdog_interval() -> float | None:
     return int(usec) / 2_000_000
 
 
-def configure_logging(level: int = logging.INFO) -> None:
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s %(message)s", force=True)
+def configure_logging(section: LoggingSection) -> None:
+    """Every logger to stderr, one structured line per record (see :mod:`intake.logs`)."""
+    logging.basicConfig(level=section.level.upper(), handlers=[logs.make_handler(section)], force=True)
     # aiosmtpd logs every SMTP command at INFO, addresses included; our own lines say what matters.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     # mail-parser warns about every MIME type it does not render; that is not news.
     logging.getLogger("mailparser").setLevel(logging.ERROR)
+    # APScheduler logs two lines for every run of every job; the sweep logs what it sent.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
 
 
 def inherited_sockets() -> list[socket.socket]:
@@ -187,6 +193,7 @@ async def _serve(settings: Settings) -> int:
     handler = listener.handler
     bound = listener.bound
     worker = _start_worker(context, settings, wake_processor, stop_worker)
+    metrics_server = _start_metrics(settings, engine, listener, lambda: worker.is_alive())
     stop, reload, woken = asyncio.Event(), asyncio.Event(), asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: (stop.set(), woken.set()))
@@ -207,6 +214,7 @@ async def _serve(settings: Settings) -> int:
         sd_notify("WATCHDOG=1")
         if not stop.is_set() and not worker.is_alive():
             log.error("event=worker-died exitcode=%s", worker.exitcode)
+            metrics.WORKER_RESTARTS.inc()
             await asyncio.sleep(_WORKER_RESTART_DELAY)
             worker = _start_worker(context, settings, wake_processor, stop_worker)
 
@@ -227,6 +235,8 @@ async def _serve(settings: Settings) -> int:
         log.warning("event=worker-kill reason=grace-expired")
         worker.terminate()
         await asyncio.to_thread(worker.join, 5)
+    if metrics_server:
+        await asyncio.to_thread(metrics_server.close)
     log.info("event=stopped")
     return 0
 
@@ -234,7 +244,7 @@ async def _serve(settings: Settings) -> int:
 # Settings only a restart applies: the listening socket and its SMTP session options, the database,
 # the service's own. Everything else is reloaded on SIGHUP.
 _RESTART_ONLY = ("smtp.listen", "smtp.hostname", "smtp.max_message_size", "smtp.idle_timeout", "smtp.tls_certificate",
-                 "smtp.tls_key", "smtp.require_starttls", "database", "service")
+                 "smtp.tls_key", "smtp.require_starttls", "database", "service", "logging", "metrics")
 
 
 def _setting(settings: Settings, dotted: str) -> object:
@@ -273,26 +283,55 @@ async def _reload(settings: Settings, handler: IntakeHandler, worker, context, w
     return fresh, worker
 
 
+def _start_metrics(settings: Settings, engine: Engine, listener: Listener,
+                   worker_up: Callable[[], bool]) -> metrics.MetricsServer | None:
+    """The /metrics, /livez and /readyz endpoint, unless disabled or its port cannot be had."""
+    section = settings.metrics
+    if not section.enabled:
+        return None
+    health = metrics.Health(asyncio.get_running_loop(), engine,
+                            lambda: all(server.is_serving() for server in listener.servers), worker_up,
+                            section.outbox_stuck_after)
+    try:
+        server = metrics.MetricsServer(section, metrics.build_registry(engine), health)
+    except OSError as exc:
+        # Accepting mail matters more than being watched: go on, loudly (the scraper sees us down).
+        log.error("event=metrics-unavailable listen=%s error=%r", section.listen, exc)
+        return None
+    log.info("event=metrics-listening address=%s", section.listen)
+    return server
+
+
 def _start_worker(context, settings: Settings, wake: ProcessEvent, stop: ProcessEvent):  # type: ignore[no-untyped-def]
+    channel = metrics.WorkerChannel(context) if settings.metrics.enabled else None
     worker = context.Process(
         target=worker_main,
         name="intake-worker",
-        args=(str(settings.config_path) if settings.config_path else None, wake, stop, os.getpid()),
+        args=(str(settings.config_path) if settings.config_path else None, wake, stop, os.getpid(),
+              channel.writer if channel else None),
     )
     worker.start()
+    if channel:
+        channel.started()
     log.info("event=worker-started pid=%d", worker.pid)
     return worker
 
 
-def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent, parent_pid: int) -> None:
+def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent, parent_pid: int,
+                metrics_pipe: Connection | None) -> None:
     """Entry point of the worker process: processor, outbox and scheduler until told to stop."""
     # The parent coordinates shutdown; a terminal's Ctrl-C reaches us too and must not cut a batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     _yield_cpu_to_listener()
-    configure_logging()
     settings = load_settings(Path(config_path) if config_path else None)
-    asyncio.run(_work(settings, wake, stop, parent_pid))
+    configure_logging(settings.logging)
+    try:
+        asyncio.run(_work(settings, wake, stop, parent_pid, metrics.WorkerReport(metrics_pipe)))
+    except Exception:
+        # One structured line (multiprocessing would print a bare traceback); the parent restarts us.
+        log.exception("event=worker-crashed")
+        sys.exit(1)
 
 
 def _yield_cpu_to_listener() -> None:
@@ -337,11 +376,12 @@ def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
     return result
 
 
-async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int) -> None:
+async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int,
+                report: metrics.WorkerReport) -> None:
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     stop = asyncio.Event()
     pacing = _SenderPacing(settings.processing.batch_size)
-    sender = OutboxSender(engine, settings, make_transport(settings))
+    sender = OutboxSender(engine, settings, make_transport(settings), on_record=report.outbox)
     sending = asyncio.create_task(sender.run(stop, pacing.wake, busy=pacing.backlog))
     loop = asyncio.get_running_loop()
     jobs = scheduler.build_scheduler(engine, settings, on_queued=lambda: loop.call_soon_threadsafe(pacing.wake.set))
@@ -359,6 +399,7 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
             await asyncio.sleep(poll)
         else:
             pacing.after(result)
+            report.batch(result.decisions, len(result.failed), result.seconds)
             if result.handled:
                 continue
         await asyncio.to_thread(wake.wait, poll)
