@@ -284,10 +284,8 @@ def test_a_notify_socket_nobody_reads_never_freezes_the_service(serve, serve_env
     notify.close()
 
 
-def test_the_scheduler_in_serve_sends_a_real_reminder(serve, serve_env, sink, config_file):
-    """`intake serve` sweeps every second: a report stored 16 days ago under a 30-day policy is
-    past its 50% point, and the reminder arrives at the relay, once."""
-    config_file.write_text(config_file.read_text() + """
+# A 30-day stage reminded at its half-way point: a report stored 16 days ago is due a reminder.
+MONTH_POLICY = """
 [policies.month]
 calendar = "utc"
 auto_ack_counts = true
@@ -296,7 +294,13 @@ remind = ["50%"]
 [[policies.month.stages]]
 name = "resolve"
 duration = "30 days"
-""")
+"""
+
+
+def test_the_scheduler_in_serve_sends_a_real_reminder(serve, serve_env, sink, config_file):
+    """`intake serve` sweeps every second: a report stored 16 days ago under a 30-day policy is
+    past its 50% point, and the reminder arrives at the relay, once."""
+    config_file.write_text(config_file.read_text() + MONTH_POLICY)
     serve_env.update(INTAKE_INTAKE__DEFAULT_POLICY="month", INTAKE_SCHEDULER__SWEEP_INTERVAL="1",
                      INTAKE_SCHEDULER__QUIET_HOURS="false", INTAKE_SCHEDULER__MISFIRE_GRACE=str(7 * 86400),
                      INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]')
