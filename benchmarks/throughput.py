@@ -5,6 +5,8 @@ fresh and in its own process group:
 
 * ``bare``: an aiosmtpd server that discards every message (``discard_server.py``), and
 * ``intake``: ``intake serve`` on a fresh SQLite database (WAL, synchronous=FULL, group commit),
+  or with ``--database postgresql`` on a fresh PostgreSQL database, optionally as ``--nodes N``
+  servers on that one database, each on its own port (the client's sessions spread over them),
 
 sends N messages to each over C sessions (one connection per session; RSET, MAIL, RCPT, DATA
 per message, as an MTA reusing a connection does) and reports accepted messages per second and
@@ -18,6 +20,7 @@ Run it with intake's virtualenv, from anywhere:
     .venv/bin/python benchmarks/throughput.py           # N=2000, C=1 and 20, 4 KB and 64 KB bodies
     .venv/bin/python benchmarks/throughput.py --quick   # smoke run: N=200, C=20, 4 KB
     .venv/bin/python benchmarks/throughput.py --json    # the results as JSON on stdout
+    .venv/bin/python benchmarks/throughput.py --quick --database postgresql --nodes 2
 
 Only 127.0.0.1 is contacted. Each server run is bounded by ``--timeout`` seconds (reported as
 incomplete past it); servers are killed at the end, on error, on Ctrl-C and on SIGTERM.
@@ -43,12 +46,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
 from pathlib import Path
 
 import aiosmtplib
+import psycopg
 
 HOST = "127.0.0.1"
 RECIPIENT = "security@example.com"
@@ -69,6 +73,7 @@ REPO = BENCHMARKS.parent
 INTAKE = Path(sys.executable).parent / "intake"
 DISCARD_SERVER = BENCHMARKS / "discard_server.py"
 DATABASE_NAME = "intake.db"
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"  # --postgres-url's default
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # units of /proc CPU times
 PGRP, FLAGS, UTIME, STIME, CUTIME, CSTIME = 2, 6, 11, 12, 13, 14  # /proc/<pid>/stat fields after "(comm)"
 PF_KTHREAD = 0x00200000
@@ -240,16 +245,17 @@ def build_message(run_tag: str, index: int, body: bytes) -> Message:
 # -- the client ------------------------------------------------------------------------------
 
 
-async def send_load(port: int, messages: Iterable[Message], concurrency: int, deadline: float,
+async def send_load(ports: list[int], messages: Iterable[Message], concurrency: int, deadline: float,
                     reuse_connections: bool) -> LoadResult:
-    """Send every message over *concurrency* SMTP sessions sharing one queue, until done or *deadline*."""
+    """Send every message over *concurrency* SMTP sessions sharing one queue, until done or *deadline*;
+    session i talks to ``ports[i % len(ports)]`` (several intake nodes share the load evenly)."""
     result = LoadResult()
     queue = iter(messages)
     session = run_session if reuse_connections else run_connection_per_message
     result.started, cpu_started = time.perf_counter(), time.process_time()
     try:
         async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-            await asyncio.gather(*(session(port, queue, result) for _ in range(concurrency)))
+            await asyncio.gather(*(session(ports[i % len(ports)], queue, result) for i in range(concurrency)))
     except TimeoutError:
         result.timed_out = True
     result.elapsed = time.perf_counter() - result.started
@@ -353,6 +359,14 @@ class ServerProcess:
     def group(self) -> int:
         return self._process.pid
 
+    @property
+    def ports(self) -> list[int]:
+        return [self.port]
+
+    @property
+    def groups(self) -> set[int]:
+        return {self.group}
+
     def cpu_seconds(self) -> tuple[float, float]:
         """CPU seconds used so far by the server's main process and by its children."""
         main = children = 0.0
@@ -387,21 +401,59 @@ class ServerProcess:
         return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
 
 
+class Nodes:
+    """Several intake servers on one database, used as one server: started, waited for, measured
+    (CPU summed) and stopped together."""
+
+    def __init__(self, servers: list[ServerProcess]):
+        self.servers = servers
+        self.name = servers[0].name
+
+    def __enter__(self) -> Nodes:
+        for server in self.servers:
+            server.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for server in self.servers:
+            server.stop()
+
+    @property
+    def ports(self) -> list[int]:
+        return [server.port for server in self.servers]
+
+    @property
+    def groups(self) -> set[int]:
+        return {server.group for server in self.servers}
+
+    def wait_until_ready(self, deadline: float) -> None:
+        for server in self.servers:
+            server.wait_until_ready(deadline)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        used = [server.cpu_seconds() for server in self.servers]
+        return sum(main for main, _ in used), sum(children for _, children in used)
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(f"-- node {n}:\n{server.log_tail(lines)}" for n, server in enumerate(self.servers))
+
+
 def bare_server(workdir: Path, port: int) -> ServerProcess:
     return ServerProcess("bare", [sys.executable, str(DISCARD_SERVER), str(port)], dict(os.environ), workdir, port)
 
 
-def intake_server(workdir: Path, port: int, overrides: dict[str, str]) -> ServerProcess:
+def intake_server(workdir: Path, port: int, database_url: str, overrides: dict[str, str]) -> ServerProcess:
     """``intake serve`` with the shipped config.toml, its state in *workdir*, acknowledgements to a Maildir.
 
     *overrides* are further ``INTAKE_*`` variables (``--intake-env``), e.g. to compare a setting."""
+    workdir.mkdir(exist_ok=True)
     config = workdir / "config.toml"
     shutil.copy(REPO / "config.toml", config)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INTAKE_", "NOTIFY_SOCKET", "WATCHDOG_"))}
     env.update({
         "INTAKE_SMTP__LISTEN": f"{HOST}:{port}",
         "INTAKE_SMTP__ADDRESSES": json.dumps([RECIPIENT]),
-        "INTAKE_DATABASE__URL": f"sqlite:///{workdir / DATABASE_NAME}",
+        "INTAKE_DATABASE__URL": database_url,
         "INTAKE_OUTBOUND__TRANSPORT": "maildir",
         "INTAKE_OUTBOUND__MAILDIR": str(workdir / "outbox"),
         **overrides,
@@ -415,8 +467,12 @@ def intake_server(workdir: Path, port: int, overrides: dict[str, str]) -> Server
 class ProcessingProbe:
     """Read-only view of intake's database: how many messages have been fully processed."""
 
-    def __init__(self, database: Path):
-        self._connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=COMMAND_TIMEOUT)
+    def __init__(self, database_url: str):
+        if database_url.startswith("sqlite:///"):
+            path = database_url.removeprefix("sqlite:///")
+            self._connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=COMMAND_TIMEOUT)
+        else:  # autocommit: each check reads the latest commits
+            self._connection = psycopg.connect(database_url.replace("+psycopg", "", 1), autocommit=True)
 
     def progress(self) -> tuple[int, int]:
         """(messages with a ticket opened and an acknowledgement queued, messages still pending), one snapshot."""
@@ -448,16 +504,36 @@ class ProcessingProbe:
 # -- one scenario ----------------------------------------------------------------------------
 
 
-def measure(server_kind: str, scenario: Scenario, timeout: float, intake_env: dict[str, str]) -> Measurement:
-    """Run one scenario against a fresh *server_kind* ("bare" or "intake"), within *timeout* seconds."""
-    deadline = time.monotonic() + timeout
+def measure(server_kind: str, scenario: Scenario, args: argparse.Namespace) -> Measurement:
+    """Run one scenario against a fresh *server_kind* ("bare" or "intake"), within ``--timeout`` seconds."""
+    deadline = time.monotonic() + args.timeout
     with tempfile.TemporaryDirectory(prefix=f"intake-bench-{server_kind}-") as tmp:
         workdir, port = Path(tmp), free_port()
         if server_kind == "bare":
             with bare_server(workdir, port) as server:
                 return measure_accepting(server, scenario, deadline)
-        with intake_server(workdir, port, intake_env) as server:
-            return measure_processing(server, scenario, deadline, workdir / DATABASE_NAME)
+        with fresh_database(args, workdir) as database_url:
+            nodes = Nodes([intake_server(workdir / f"node{n}", port if n == 0 else free_port(), database_url,
+                                         args.intake_env) for n in range(args.nodes)])
+            with nodes as server:
+                return measure_processing(server, scenario, deadline, database_url)
+
+
+@contextmanager
+def fresh_database(args: argparse.Namespace, workdir: Path) -> Iterator[str]:
+    """The URL of an empty database for one intake run (``intake serve`` migrates it): a SQLite file
+    in *workdir*, or a new database on the ``--postgres-url`` server, dropped afterwards."""
+    if args.database == "sqlite":
+        yield f"sqlite:///{workdir / DATABASE_NAME}"
+        return
+    name = f"intake_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(args.postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield args.postgres_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+    finally:
+        with psycopg.connect(args.postgres_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def measure_accepting(server: ServerProcess, scenario: Scenario, deadline: float) -> Measurement:
@@ -466,10 +542,10 @@ def measure_accepting(server: ServerProcess, scenario: Scenario, deadline: float
     return Measurement(server.name, scenario, load, cpu)
 
 
-def measure_processing(server: ServerProcess, scenario: Scenario, deadline: float, database: Path) -> Measurement:
+def measure_processing(server: Nodes, scenario: Scenario, deadline: float, database_url: str) -> Measurement:
     """As :func:`measure_accepting`, plus the time until intake has processed every accepted message."""
     messages = warm_up(server, scenario, deadline)
-    with closing(ProcessingProbe(database)) as probe:
+    with closing(ProcessingProbe(database_url)) as probe:
         if not probe.wait_until_processed(1, deadline):  # the worker is up and has handled the warm-up message
             raise ServerFailed(f"intake did not process the warm-up message ({probe.inbound_status()})\n"
                                f"{server.log_tail()}")
@@ -481,12 +557,12 @@ def measure_processing(server: ServerProcess, scenario: Scenario, deadline: floa
     return measurement
 
 
-def warm_up(server: ServerProcess, scenario: Scenario, deadline: float) -> Iterator[Message]:
+def warm_up(server: ServerProcess | Nodes, scenario: Scenario, deadline: float) -> Iterator[Message]:
     """Wait for the greeting and send message 0, so connections, imports and caches are warm before the
     clock starts; returns the scenario's messages 1..N, built as they are sent."""
     server.wait_until_ready(deadline)
     run_tag, body = uuid.uuid4().hex[:12], make_body(scenario.body_size)
-    load = asyncio.run(send_load(server.port, [build_message(run_tag, 0, body)], 1, deadline,
+    load = asyncio.run(send_load(server.ports, [build_message(run_tag, 0, body)], 1, deadline,
                                   scenario.reuse_connections))
     if load.accepted != 1:
         raise ServerFailed(f"{server.name} did not accept the warm-up message: {load.refused or load.session_errors}"
@@ -494,12 +570,12 @@ def warm_up(server: ServerProcess, scenario: Scenario, deadline: float) -> Itera
     return (build_message(run_tag, index, body) for index in range(1, scenario.messages + 1))
 
 
-def send_measured(server: ServerProcess, messages: Iterable[Message], scenario: Scenario,
+def send_measured(server: ServerProcess | Nodes, messages: Iterable[Message], scenario: Scenario,
                   deadline: float) -> tuple[LoadResult, CpuUse]:
     """The load, and the CPU the server and everything else on the machine used meanwhile."""
-    (main_before, children_before), others_before = server.cpu_seconds(), others_cpu_seconds(server.group)
-    load = asyncio.run(send_load(server.port, messages, scenario.concurrency, deadline, scenario.reuse_connections))
-    (main_after, children_after), others_after = server.cpu_seconds(), others_cpu_seconds(server.group)
+    (main_before, children_before), others_before = server.cpu_seconds(), others_cpu_seconds(server.groups)
+    load = asyncio.run(send_load(server.ports, messages, scenario.concurrency, deadline, scenario.reuse_connections))
+    (main_after, children_after), others_after = server.cpu_seconds(), others_cpu_seconds(server.groups)
     others = max(others_after - others_before, 0.0)  # a process that exits takes its CPU time with it
     return load, CpuUse(main_after - main_before, children_after - children_before, others)
 
@@ -513,13 +589,13 @@ def process_stats() -> Iterator[tuple[int, list[str]]]:
             continue  # the process ended while we looked
 
 
-def others_cpu_seconds(server_group: int) -> float:
+def others_cpu_seconds(server_groups: set[int]) -> float:
     """CPU seconds used so far by user processes other than this client and the server (with their
     reaped children's), plus hypervisor steal. Kernel threads are left out: their work (the
     filesystem journal, for one) is mostly done for the server."""
     ticks = int(Path("/proc/stat").read_text().split()[8])  # the "cpu" line's steal
     for pid, fields in process_stats():
-        if pid != os.getpid() and int(fields[PGRP]) != server_group and not int(fields[FLAGS]) & PF_KTHREAD:
+        if pid != os.getpid() and int(fields[PGRP]) not in server_groups and not int(fields[FLAGS]) & PF_KTHREAD:
             ticks += sum(int(fields[index]) for index in (UTIME, STIME, CUTIME, CSTIME))
     return ticks / CLOCK_TICKS
 
@@ -668,6 +744,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", choices=["per-message", "per-session"], default="per-message",
                         help="a new connection for every message, as an MX receiving from many senders "
                              "(default), or one per session reused with RSET, as a relay with a queue")
+    parser.add_argument("--database", choices=["sqlite", "postgresql"], default="sqlite",
+                        help="intake's database: a SQLite file (default), or a fresh database on --postgres-url")
+    parser.add_argument("--postgres-url", default=POSTGRES_SERVER,
+                        help=f"a PostgreSQL server where each run creates (and then drops) its database "
+                             f"(default {POSTGRES_SERVER})")
+    parser.add_argument("--nodes", type=int, default=1,
+                        help="intake servers on the one database, each on its own port (more than 1 needs "
+                             "--database postgresql)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     defaults = QUICK_RUN if args.quick else FULL_RUN
@@ -676,6 +760,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.messages < 1 or min(args.concurrency) < 1:
         parser.error("--messages and --concurrency must be at least 1")
+    if args.nodes < 1 or (args.nodes > 1 and args.database != "postgresql"):
+        parser.error("--nodes must be at least 1, and more than 1 only with --database postgresql")
     args.intake_env = dict(args.intake_env)
     return args
 
@@ -699,7 +785,7 @@ def run(args: argparse.Namespace) -> list[tuple[Measurement, Measurement]]:
 def measure_and_tell(server_kind: str, scenario: Scenario, args: argparse.Namespace) -> Measurement:
     label = f"[{scenario.label}] {server_kind}"
     progress(f"{label}: {scenario.messages} messages ...")
-    m = measure(server_kind, scenario, args.timeout, args.intake_env)
+    m = measure(server_kind, scenario, args)
     progress(f"{label}: {m.accept_rate:.1f} msg/s accepted, p99 {_ms(m.p99_ms)} ms, "
              f"other CPU {m.cpu_percent(m.cpu.others):.0f}%" + ("" if m.complete else ", INCOMPLETE"))
     return m
@@ -711,14 +797,15 @@ def report(args: argparse.Namespace, pairs: list[tuple[Measurement, Measurement]
         return json.dumps({
             "machine": machine,
             "settings": {"messages": args.messages, "concurrency": args.concurrency, "sizes": args.sizes,
-                         "connections": args.connections,
+                         "connections": args.connections, "database": args.database, "nodes": args.nodes,
                          "timeout": args.timeout, "intake_env": args.intake_env},
             "results": [m.as_dict() for pair in pairs for m in pair],
             "goals": [asdict(goal) for goal in goals],
         }, indent=2)
     modified = " (src/ modified)" if machine["intake_tree_modified"] else ""
     title = (f"intake {machine['intake_commit']}{modified}, {machine['cpus']} CPUs, Python {machine['python']}, "
-             f"{args.messages} messages per run, connections {args.connections}")
+             f"{args.messages} messages per run, connections {args.connections}, "
+             f"intake on {args.database}" + (f" x {args.nodes} nodes" if args.nodes > 1 else ""))
     if args.intake_env:
         title += "\nintake settings overridden: " + " ".join(f"{k}={v}" for k, v in args.intake_env.items())
     return "\n\n".join([title, format_table(pairs) + busy_machine_note(pairs), format_goals(goals)])

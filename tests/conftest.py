@@ -9,14 +9,16 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg
 import pytest
@@ -51,7 +53,14 @@ def _reachable(url: str) -> bool:
         return False
 
 
-def _throwaway_postgres(base: Path) -> tuple[str, callable] | None:
+class ThrowawayPostgres(NamedTuple):
+    url: str
+    stop: Callable[[], None]  # immediate, as a crash of the server
+    start: Callable[[], None]  # again: same data, same port
+    directory: Path  # remove it once stopped for good
+
+
+def _throwaway_postgres(base: Path) -> ThrowawayPostgres | None:
     """Start a private PostgreSQL with initdb/pg_ctl when they are installed; None otherwise."""
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin")) if Path("/usr/lib/postgresql").exists() else []
     bindir = next((d for d in reversed(candidates) if (d / "initdb").exists()), None)
@@ -64,19 +73,24 @@ def _throwaway_postgres(base: Path) -> tuple[str, callable] | None:
         if not shutil.which("runuser"):
             return None
         prefix = ["runuser", "-u", "postgres", "--"]
-        base.mkdir(parents=True, exist_ok=True)
+        # Not under pytest's temporary folder: it is private to root, and the server runs as postgres.
+        base = Path(tempfile.mkdtemp(prefix="intake-test-pg-"))
         shutil.chown(base, "postgres")
     data = base / "data"
     port = free_port()
     subprocess.run([*prefix, str(initdb), "-D", str(data), "-U", "postgres", "--auth=trust"], check=True,
                    capture_output=True)
-    subprocess.run([*prefix, str(pg_ctl), "-D", str(data), "-w", "-l", str(base / "log"), "-o",
-                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+
+    def start() -> None:
+        subprocess.run([*prefix, str(pg_ctl), "-D", str(data), "-w", "-l", str(base / "log"), "-o",
+                        f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"], check=True,
+                       capture_output=True)
 
     def stop() -> None:
         subprocess.run([*prefix, str(pg_ctl), "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
 
-    return f"postgresql://postgres@127.0.0.1:{port}/postgres", stop
+    start()
+    return ThrowawayPostgres(f"postgresql://postgres@127.0.0.1:{port}/postgres", stop, start, base)
 
 
 @pytest.fixture(scope="session")
@@ -89,11 +103,11 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     started = _throwaway_postgres(tmp_path_factory.mktemp("pg"))
     if started is None:
         pytest.skip("PostgreSQL tests skipped: no server on 127.0.0.1:5432 and no initdb/pg_ctl to start one")
-    url, stop = started
     try:
-        yield url
+        yield started.url
     finally:
-        stop()
+        started.stop()
+        shutil.rmtree(started.directory, ignore_errors=True)
 
 
 def _fresh_postgres_database(server_url: str, template: str | None = None) -> tuple[str, callable]:

@@ -14,6 +14,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,8 +43,9 @@ def database_url(sqlite_url: str) -> str:
 class RawSMTP:
     """A byte-level SMTP client, for tests about the protocol itself."""
 
-    def __init__(self, port: int, timeout: float = 10):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10, source: str = "127.0.0.1"):
+        # Any 127.0.0.x is this host's loopback on Linux: a source address stands for another client.
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
         self._buffer = b""
         self.banner = self.reply()
 
@@ -312,6 +314,63 @@ def test_a_commit_slower_than_the_idle_timeout_still_answers_250(make_settings, 
     [(code, _)] = answer
     assert code == 250
     assert len(stored_rows(running.engine)) == 1
+
+
+# -- floods and slow-loris clients: bounded connections ------------------------------------------
+
+
+def _served_promptly(port: int, source: str, marker: str) -> float:
+    """Send one message from *source*; returns the seconds it took to get its 250."""
+    started = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", port, timeout=10, source_address=(source, 0)) as client:
+        assert client.sendmail("alice@researcher.test", ["security@example.com"], message_bytes(marker)) == {}
+    return time.monotonic() - started
+
+
+def test_a_flood_from_one_address_gets_421_past_its_share_and_others_are_still_served(make_settings,
+                                                                                     start_intake_listener):
+    running = start_intake_listener(make_settings(INTAKE_SMTP__MAX_CONNECTIONS_PER_IP="5",
+                                                  INTAKE_SMTP__MAX_CONNECTIONS="20"))
+    flood = [RawSMTP(running.port, source="127.0.0.2") for _ in range(30)]
+    assert Counter(client.banner[0] for client in flood) == {220: 5, 421: 25}
+    refused = next(client for client in flood if client.banner[0] == 421)
+    assert refused.banner[1] == "4.7.0 Too many connections, try again later"
+    assert refused.rest() == b""  # and closed (RFC 5321 3.8)
+    assert _served_promptly(running.port, "127.0.0.3", "another-sender") < 2
+    for client in flood:
+        client.close()
+    time.sleep(0.2)
+    again = RawSMTP(running.port, source="127.0.0.2")  # the slots are free again
+    assert again.banner[0] == 220
+    again.close()
+    assert len(stored_rows(running.engine)) == 1
+
+
+def test_slow_loris_clients_hold_at_most_their_share_and_silent_ones_are_dropped(make_settings,
+                                                                                start_intake_listener):
+    running = start_intake_listener(make_settings(INTAKE_SMTP__MAX_CONNECTIONS_PER_IP="3",
+                                                  INTAKE_SMTP__MAX_CONNECTIONS="6",
+                                                  INTAKE_SMTP__IDLE_TIMEOUT="1"))
+    tricklers = [RawSMTP(running.port, source="127.0.0.2") for _ in range(3)]
+    silent = [RawSMTP(running.port, source="127.0.0.3") for _ in range(3)]
+    assert [c.banner[0] for c in tricklers + silent] == [220] * 6
+    assert RawSMTP(running.port, source="127.0.0.2").banner[0] == 421  # over its share
+    assert RawSMTP(running.port, source="127.0.0.4").banner[0] == 421  # over the total
+    for c in tricklers:
+        c.send(b"EHLO ")
+    for n in range(6):  # 1.8 s: the tricklers are never silent for 1 s, the silent ones are
+        time.sleep(0.3)
+        for c in tricklers:
+            c.send(b"x")
+    for c in silent:
+        assert c.rest() == b""  # dropped after the idle timeout, their slots freed
+    assert _served_promptly(running.port, "127.0.0.4", "while-trickled-at") < 2
+    for c in tricklers:  # still connected, still counted
+        c.send(b"\r\n")
+        assert c.reply()[0] == 250
+    assert RawSMTP(running.port, source="127.0.0.2").banner[0] == 421
+    for c in tricklers + silent:
+        c.close()
 
 
 # -- SMTPUTF8 ------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import os
 import signal
 import smtplib
@@ -18,9 +19,11 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import psycopg
 import pytest
+from aiosmtpd.controller import Controller
 
-from conftest import free_port, report
+from conftest import SinkHandler, free_port, report
 from intake import inbound, schema
 from intake.db import make_engine
 
@@ -92,6 +95,9 @@ def serve(config_file: Path, serve_env: dict[str, str]):
 
 
 def _query(database: str, sql: str) -> list[tuple]:
+    if database.startswith("postgresql"):
+        with psycopg.connect(database.replace("postgresql+psycopg://", "postgresql://", 1)) as conn:
+            return conn.execute(sql).fetchall()
     path = database.removeprefix("sqlite:///")
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
         return conn.execute(sql).fetchall()
@@ -182,7 +188,8 @@ def _client(port: int, messages: list[tuple[str, str, bytes]], accepted: list[st
             time.sleep(0.1)  # server gone: retry the same message once it is back
 
 
-def test_kill_9_under_load_loses_and_duplicates_nothing(serve, serve_env, sink):
+def test_kill_9_under_load_loses_and_duplicates_nothing(serve, serve_env, sink, database_url):
+    serve_env["INTAKE_DATABASE__URL"] = database_url  # SQLite, then PostgreSQL
     clients, per_client = 8, 30  # 240 messages
     server = serve()
     server.start()
@@ -228,6 +235,43 @@ def test_kill_9_under_load_loses_and_duplicates_nothing(serve, serve_env, sink):
     # A crash can land between the relay's 250 and our record of it (RFC 1047): at most the one
     # message in flight is sent again, with the same Message-ID.
     assert sum(delivered.values()) - len(delivered) <= 1, delivered.most_common(3)
+
+
+def test_relay_down_for_a_while_then_back_each_acknowledgement_arrives_once(serve, serve_env, config_file):
+    """Acknowledgements wait in the outbox, retried with backoff, while nothing listens at the relay's
+    address; once a relay is there each arrives, once."""
+    relay_port = free_port()  # nothing listens here yet
+    serve_env.update(INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{relay_port}", INTAKE_OUTBOUND__RETRY_INITIAL="1",
+                     INTAKE_OUTBOUND__RETRY_MAX="2")
+    server = serve()
+    server.start()
+    ids = [f"<relay-down-{n}@researcher.test>" for n in range(5)]
+    with smtplib.SMTP("127.0.0.1", server.port) as client:
+        for n, mid in enumerate(ids):
+            client.send_message(report(subject=f"relay down {n}", sender=f"r{n}@researcher.test", message_id=mid))
+    down_for = 4.0
+    time.sleep(down_for)
+    listed = json.loads(subprocess.run([str(INTAKE), "--config", str(config_file), "outbox", "--json"],
+                                       env=serve_env, capture_output=True, text=True, timeout=60, check=True).stdout)
+    assert {entry["status"] for entry in listed} == {"pending"} and len(listed) == len(ids)
+    assert all("relay unreachable" in entry["last_error"] for entry in listed)
+    # Tried again, but on the backoff schedule (1 s, then 2 s): not at every 0.2 s poll.
+    assert all(2 <= entry["attempts"] <= 4 for entry in listed), [entry["attempts"] for entry in listed]
+
+    relay = SinkHandler()
+    controller = Controller(relay, hostname="127.0.0.1", port=relay_port)
+    controller.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(relay.messages) < len(ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.5)  # past the longest backoff: nothing more may arrive
+    finally:
+        controller.stop()
+    assert server.stop() == 0
+    delivered = Counter(email.message_from_bytes(m.data)["In-Reply-To"] for m in relay.messages)
+    assert delivered == Counter(ids)
+    assert _query(serve_env["INTAKE_DATABASE__URL"], "SELECT DISTINCT status FROM outbox") == [("sent",)]
 
 
 # What systemd does for a socket-activated service (sd_listen_fds(3)): the listening socket at
@@ -284,10 +328,8 @@ def test_a_notify_socket_nobody_reads_never_freezes_the_service(serve, serve_env
     notify.close()
 
 
-def test_the_scheduler_in_serve_sends_a_real_reminder(serve, serve_env, sink, config_file):
-    """`intake serve` sweeps every second: a report stored 16 days ago under a 30-day policy is
-    past its 50% point, and the reminder arrives at the relay, once."""
-    config_file.write_text(config_file.read_text() + """
+# A 30-day stage reminded at its half-way point: a report stored 16 days ago is due a reminder.
+MONTH_POLICY = """
 [policies.month]
 calendar = "utc"
 auto_ack_counts = true
@@ -296,7 +338,13 @@ remind = ["50%"]
 [[policies.month.stages]]
 name = "resolve"
 duration = "30 days"
-""")
+"""
+
+
+def test_the_scheduler_in_serve_sends_a_real_reminder(serve, serve_env, sink, config_file):
+    """`intake serve` sweeps every second: a report stored 16 days ago under a 30-day policy is
+    past its 50% point, and the reminder arrives at the relay, once."""
+    config_file.write_text(config_file.read_text() + MONTH_POLICY)
     serve_env.update(INTAKE_INTAKE__DEFAULT_POLICY="month", INTAKE_SCHEDULER__SWEEP_INTERVAL="1",
                      INTAKE_SCHEDULER__QUIET_HOURS="false", INTAKE_SCHEDULER__MISFIRE_GRACE=str(7 * 86400),
                      INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]')

@@ -146,6 +146,9 @@ class SmtpSection(Section):
     max_recipients: int = Field(default=20, ge=1, le=1000)
     # Seconds a client may stay idle before the connection is dropped.
     idle_timeout: float = Field(default=60.0, gt=0)
+    # Connections open at once, in all and from one client address; more get 421 and are closed.
+    max_connections: int = Field(default=200, ge=1, le=100_000)
+    max_connections_per_ip: int = Field(default=50, ge=1, le=100_000)
     # STARTTLS: PEM certificate chain and key; both or neither.
     tls_certificate: Path | None = None
     tls_key: Path | None = None
@@ -170,6 +173,8 @@ class SmtpSection(Section):
             raise ValueError("tls_certificate and tls_key must be set together")
         if self.require_starttls and self.tls_certificate is None:
             raise ValueError("require_starttls needs tls_certificate and tls_key")
+        if self.max_connections_per_ip > self.max_connections:
+            raise ValueError("max_connections_per_ip cannot be more than max_connections")
         return self
 
 

@@ -3,7 +3,9 @@
 It never parses or decides anything. RCPT is checked against the configured addresses and
 their ``+tag`` forms (550 5.1.1 otherwise; we never relay); DATA is committed to the raw store
 before the reply, so ``250`` means the message is on disk. A failed commit answers ``451`` and
-the client keeps the message and retries.
+the client keeps the message and retries. Connections beyond ``smtp.max_connections`` in all,
+or ``smtp.max_connections_per_ip`` from one client address, get ``421`` and are closed at once
+(RFC 5321 3.8), so that a flood or a crowd of slow-loris clients cannot take every slot.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -24,12 +27,36 @@ from intake.inbound import Arrival, GroupCommitter
 log = logging.getLogger(__name__)
 
 
+class ConnectionLimits:
+    """Connections open now, in all and by client address, against the configured limits."""
+
+    def __init__(self, most: int, most_per_ip: int):
+        self._most, self._most_per_ip = most, most_per_ip
+        self._open: Counter[str] = Counter()
+        self.total = 0
+
+    def admit(self, ip: str) -> bool:
+        """Count a new connection from *ip*; False (and not counted) when over a limit."""
+        if self.total >= self._most or self._open[ip] >= self._most_per_ip:
+            return False
+        self._open[ip] += 1
+        self.total += 1
+        return True
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        self._open[ip] -= 1
+        if not self._open[ip]:
+            del self._open[ip]
+
+
 class IntakeHandler:
     """aiosmtpd handler hooks; each returns the SMTP reply line."""
 
     def __init__(self, settings: Settings, committer: GroupCommitter):
         self.reconfigure(settings)
         self._committer = committer
+        self.limits = ConnectionLimits(settings.smtp.max_connections, settings.smtp.max_connections_per_ip)
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -92,6 +119,27 @@ class IntakeSMTP(SMTP):
     """
 
     _working = False
+    _admitted: str | None = None  # the client address this connection is counted under
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection (after STARTTLS this is called again)
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else str(peer)
+            if not self.event_handler.limits.admit(ip):
+                log.warning("event=connection-refused peer=%s reason=too-many-connections open=%d", ip,
+                            self.event_handler.limits.total)
+                transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+                transport.close()
+                return
+            self._admitted = ip
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted is None:
+            return  # refused in connection_made: aiosmtpd never set this connection up
+        self.event_handler.limits.release(self._admitted)
+        self._admitted = None
+        super().connection_lost(error)
 
     async def push(self, status: str | bytes) -> None:
         # aiosmtpd checks the size itself (SIZE= at MAIL, then DATA past the limit): its 552s are ours to count.

@@ -26,6 +26,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from intake import inbound, maintainer_mail, parse_guard, reply_tokens, route, tickets
@@ -53,6 +54,10 @@ class BatchResult:
 
 # Mail acted on per write transaction at most (see _chunks), whatever messages_per_transaction says.
 _CHUNK_BYTES = 512 * 1024
+
+# Times a message acted on alone is planned again after a unique key was taken under it (see
+# _act_on_chunk): once per copy of it being acted on elsewhere at the same moment.
+_CONFLICT_RETRIES = 3
 
 # Decisions that add to a ticket; everything else is stored and logged only.
 _ACTED_ON = {route.NEW_TICKET, route.REPORTER_REPLY, route.MAINTAINER_REPLY}
@@ -143,12 +148,19 @@ def _act_on_chunk(engine: Engine, settings: Settings, chunk: list[Prepared], now
     unparsed = [(item, item.error or "parse failed") for item in chunk if item.mail is None]
     outcomes = _record_failures(engine, unparsed, now) if unparsed else []
     items = [item for item in chunk if item.mail is not None]
+    conflicts = 0
     while items:
         try:
             plan = _plan(engine, settings, items, now)
             with write_session(engine) as session:
                 outcomes += _write(session, settings, plan, now)
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the rest
+            if len(items) == 1 and isinstance(exc, IntegrityError) and conflicts < _CONFLICT_RETRIES:
+                # A unique key taken by a transaction that committed after our snapshot: another
+                # node stored a copy of this message meanwhile. Planned again on a fresh snapshot it
+                # is a duplicate; a fault of the message itself fails again, and then for good.
+                conflicts += 1
+                continue
             if len(items) == 1:
                 log.exception("event=process-failed inbound_id=%d", items[0].stored.id)
                 return outcomes + _record_failures(engine, [(items[0], f"{type(exc).__name__}: {exc}")], now)
@@ -213,10 +225,16 @@ def _record_failures(engine: Engine, failures: list[tuple[Prepared, str]], now: 
 
 
 def _still_pending(session: Session, items: list[Prepared]) -> list[Prepared]:
-    """The messages of *items* no other processor has acted on meanwhile."""
+    """The messages of *items* no other processor has acted on meanwhile, nor is acting on now."""
     table = InboundMessage.__table__
-    pending = set(session.scalars(select(table.c.id).where(table.c.id.in_([item.stored.id for item in items]),
-                                                            table.c.status == InboundStatus.PENDING)))
+    query = select(table.c.id).where(table.c.id.in_([item.stored.id for item in items]),
+                                     table.c.status == InboundStatus.PENDING)
+    if session.get_bind().dialect.name == "postgresql":
+        # Other nodes' processors read the same pending rows: a row another transaction is acting on
+        # is left to it (locked until our commit), rather than acted on again here and the whole
+        # chunk rolled back on the unique message key. SQLite's writer lock already serialises this.
+        query = query.with_for_update(skip_locked=True)
+    pending = set(session.scalars(query))
     return [item for item in items if item.stored.id in pending]
 
 
