@@ -4,6 +4,7 @@ and mail is accepted again, by the same running listener, once the database is b
 
 from __future__ import annotations
 
+import fcntl
 import shutil
 import smtplib
 import sqlite3
@@ -62,6 +63,23 @@ def test_a_lock_held_longer_than_the_busy_timeout_gets_451_and_the_retry_250(mak
             assert time.monotonic() - started < 10  # the busy timeout, not forever
         assert _send(client, "during") == 250  # the client's retry, same session, same running listener
     assert _markers(running.engine) == ["before", "during"]
+
+
+@pytest.mark.parametrize("database_url", ["(SQLite's own lock file)"], ids=["sqlite"])  # the flock is SQLite's
+def test_a_writer_frozen_while_holding_intakes_writer_lock_gets_451_not_a_hang(make_settings, start_intake_listener,
+                                                                               sqlite_url):
+    """Another intake process stopped (SIGSTOP, a debugger) inside a write: it holds the writer
+    flock, which SQLite's busy timeout knows nothing about."""
+    running = start_intake_listener(make_settings(INTAKE_DATABASE__URL=sqlite_url, INTAKE_DATABASE__BUSY_TIMEOUT="1"))
+    lock_file = sqlite_url.removeprefix("sqlite:///") + ".writer"
+    with smtplib.SMTP("127.0.0.1", running.port, timeout=30) as client:
+        with open(lock_file, "a+b") as frozen_writer:
+            fcntl.flock(frozen_writer, fcntl.LOCK_EX)
+            started = time.monotonic()
+            assert _send(client, "while frozen") == 451
+            assert time.monotonic() - started < 10
+        assert _send(client, "while frozen") == 250
+    assert _markers(running.engine) == ["while frozen"]
 
 
 # -- unreachable -------------------------------------------------------------------------------

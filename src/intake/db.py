@@ -21,6 +21,7 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,9 @@ WAL_LIMIT = 64 * 1024 * 1024
 _BEGIN_OPTION = "intake_sqlite_begin"
 _SYNC_OPTION = "intake_sqlite_synchronous"
 _writer_locks: dict[str, threading.Lock] = {}
+# How long a writer waits for the writer lock, by lock file: the busy_timeout its engine was made with.
+_lock_timeouts: dict[str, float] = {}
+_DEFAULT_LOCK_TIMEOUT = 10.0
 _writer_locks_guard = threading.Lock()
 
 
@@ -55,6 +59,8 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False},
                                hide_parameters=True)
         _make_sqlite_durable(engine, busy_timeout, checkpoint_on_commit)
+        if parsed.database and parsed.database != ":memory:":
+            _lock_timeouts[f"{parsed.database}.writer"] = busy_timeout
         return engine
     engine = create_engine(
         url,
@@ -95,24 +101,51 @@ def _make_sqlite_durable(engine: Engine, busy_timeout: float, checkpoint_on_comm
 
 
 @contextmanager
-def sqlite_writer_lock(engine: Engine) -> Iterator[None]:
-    """Serialise writers across threads and processes, first come first served."""
+def sqlite_writer_lock(engine: Engine, wait_forever: bool = False) -> Iterator[None]:
+    """Serialise writers across threads and processes, first come first served.
+
+    Waits at most the engine's ``busy_timeout``, like SQLite's own locks, then raises
+    ``sqlite3.OperationalError``: a writer stuck while holding the lock (a frozen process) must
+    turn into a 451 for the sender, not a listener that waits forever. Migrations
+    (*wait_forever*) wait as long as another migration takes."""
     database = engine.url.database
     if not database or database == ":memory:":
         yield
         return
     path = f"{database}.writer"
+    deadline = time.monotonic() + _lock_timeouts.get(path, _DEFAULT_LOCK_TIMEOUT)
     with _writer_locks_guard:
         # flock is per open file description: threads of one process share one lock file, so
         # they need a thread lock in front of it.
         thread_lock = _writer_locks.setdefault(path, threading.Lock())
-    with thread_lock:
+    if not thread_lock.acquire(timeout=-1 if wait_forever else max(0.0, deadline - time.monotonic())):
+        raise sqlite3.OperationalError(f"database is locked: no turn at the writer lock {path}")
+    try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if wait_forever:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                _flock_until(fd, deadline, path)
             yield
         finally:
             os.close(fd)  # releases the flock
+    finally:
+        thread_lock.release()
+
+
+def _flock_until(fd: int, deadline: float, path: str) -> None:
+    """Take the exclusive flock on *fd*, polling (flock has no timeout of its own) until *deadline*."""
+    pause = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise sqlite3.OperationalError(f"database is locked: another process holds {path}") from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
 
 
 def write_bind(engine: Engine, durable: bool = True) -> Engine:

@@ -93,7 +93,7 @@ def migration_transaction(engine: Engine) -> Iterator[Connection]:
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_LOCK_KEY})
             yield connection
         return
-    with db.sqlite_writer_lock(engine), db.write_bind(engine).connect() as connection:
+    with db.sqlite_writer_lock(engine, wait_forever=True), db.write_bind(engine).connect() as connection:
         # Batch mode recreates tables: foreign keys must be off or dropping the old table would
         # act on the rows that point at it. The pragma is ignored inside a transaction, so it is
         # set before BEGIN, and the result is checked with foreign_key_check before the commit.
