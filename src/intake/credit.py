@@ -112,7 +112,10 @@ def recognise(text: str, source: str = "report") -> Credit | None:
     """The credit preference the reporter states in *text*, if a line of it states one (quoted
     lines, "> …", are someone else's words); the first statement wins."""
     for line in text.splitlines():
-        if line.lstrip().startswith(">"):
+        folded = line.lower()
+        # Every statement names credit or anonymity: the regular expressions only see such lines
+        # (this runs on every report, and most say neither).
+        if ("credit" not in folded and "anonymous" not in folded) or line.lstrip().startswith(">"):
             continue
         statement = line.strip()[:_MAX_STATEMENT]
         if _NO_CREDIT.search(line):

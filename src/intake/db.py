@@ -135,17 +135,19 @@ def sqlite_writer_lock(engine: Engine, wait_forever: bool = False) -> Iterator[N
 
 
 def _flock_until(fd: int, deadline: float, path: str) -> None:
-    """Take the exclusive flock on *fd*, polling (flock has no timeout of its own) until *deadline*."""
-    pause = 0.001
+    """Take the exclusive flock on *fd*, polling (flock has no timeout of its own) until *deadline*:
+    every millisecond at first, as the usual holder is a transaction of a few milliseconds and the
+    listener's 250s wait on it, then less often once the wait is clearly a long one."""
+    started = time.monotonic()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if now >= deadline:
                 raise sqlite3.OperationalError(f"database is locked: another process holds {path}") from None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.05)
+            time.sleep(0.001 if now - started < 0.5 else 0.02)
 
 
 def write_bind(engine: Engine, durable: bool = True) -> Engine:
