@@ -4,6 +4,7 @@ and mail is accepted again, by the same running listener, once the database is b
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import shutil
 import smtplib
@@ -134,20 +135,15 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "--lazy", str(mountpoint)], check=True)
 
 
-def _fill(path: Path) -> None:
-    """Write to *path* until the filesystem is full."""
-    with open(path, "wb", buffering=0) as filler:
-        try:
-            while True:
-                filler.write(b"\0" * 65536)
-        except OSError:
-            pass
-    with open(path, "ab", buffering=0) as filler:  # the last partial block too
-        try:
-            while True:
-                filler.write(b"\0" * 512)
-        except OSError:
-            pass
+def _fill(path: Path, most: int = 64 * 1024 * 1024) -> None:
+    """Write to *path* until the filesystem is full (ENOSPC), at most *most* bytes: big blocks,
+    then small ones for the last partial block."""
+    written = 0
+    for block in (b"\0" * 65536, b"\0" * 512):
+        with open(path, "ab", buffering=0) as filler, contextlib.suppress(OSError):
+            while written < most:
+                written += filler.write(block)
+    assert written < most, "the filesystem never filled up"
 
 
 @_OWN_DATABASE
