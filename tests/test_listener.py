@@ -23,7 +23,6 @@ import pytest
 import trustme
 from sqlalchemy import insert
 
-from conftest import report
 from intake import inbound, schema
 from intake.db import make_engine, wal_size
 from intake.inbound import Arrival, GroupCommitter

@@ -24,7 +24,7 @@ from datetime import datetime
 from email.utils import format_datetime
 from sqlmodel import Session
 
-from intake import correspondence, credit, milestones, outbox, replies, reply_tokens, route, tickets, triage
+from intake import correspondence, credit, milestones, outbox, replies, reply_tokens, route, triage
 from intake.config import Settings
 from intake.inbound import StoredMessage
 from intake.models import Ticket
