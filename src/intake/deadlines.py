@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, delete, select
@@ -243,15 +243,20 @@ def stage_statuses(session: Session, settings: Settings, ticket: Ticket, now: da
     return statuses_of(settings, ticket, stored, now)
 
 
+def due_soon(settings: Settings, policy_name: str) -> timedelta:
+    """How long before its due time an unmet stage of *policy_name* counts as due soon; the
+    default for a ticket whose policy left the config (it still shows what was stored for it)."""
+    policy = settings.policies.get(policy_name)
+    return policy.due_soon_span if policy else parse_duration(DEFAULT_DUE_SOON).elapsed
+
+
 def statuses_of(settings: Settings, ticket: Ticket, stored: Iterable[Deadline], now: datetime) -> list[StageStatus]:
     """The state at *now* of each of *ticket*'s *stored* deadlines (in the order given)."""
-    policy = settings.policies.get(ticket.policy)
-    # A ticket whose policy left the config still shows what was stored for it.
-    due_soon = policy.due_soon_span if policy else parse_duration(DEFAULT_DUE_SOON).elapsed
+    soon = due_soon(settings, ticket.policy)
     statuses = []
     for row in stored:
         deadline = StageDeadline(row.stage, row.due_at, row.basis, row.started_at, row.severity_assumed)
-        statuses.append(StageStatus(row.stage, row.due_at, row.met_at, stage_state(deadline, row.met_at, now, due_soon),
+        statuses.append(StageStatus(row.stage, row.due_at, row.met_at, stage_state(deadline, row.met_at, now, soon),
                                     row.basis, row.severity_assumed))
     return statuses
 

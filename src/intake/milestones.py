@@ -31,7 +31,6 @@ FOLLOWS = {
 }
 # A milestone moves the ticket to the state of its name, forward only (see _advance).
 _STATE_ORDER = (TicketState.NEW, "acknowledged", "assessed", "released", "disclosed", "resolved")
-FINISHED = FINISHED_STATES
 
 
 class Refused(ValueError):
@@ -128,7 +127,7 @@ def wait(session: Session, settings: Settings, ticket: Ticket, *, now: datetime,
     """The ticket waits on the reporter: clocks stop where the policy says so."""
     if ticket.state == TicketState.WAITING:
         raise Refused(f"{ticket.reference} is already waiting on the reporter")
-    if ticket.state in FINISHED:
+    if ticket.state in FINISHED_STATES:
         raise Refused(f"{ticket.reference} is {ticket.state}")
     tickets.change_state(session, ticket, TicketState.WAITING, now, actor=actor, why=why)
     return deadlines.refresh(session, settings, ticket, now)

@@ -648,8 +648,7 @@ def find_tickets(engine: Engine, settings: Settings, wanted: TicketFilter, now: 
     listed = []
     for ticket in found:
         stage, due = next_due.get(ticket.id, (None, None))
-        policy = settings.policies.get(ticket.policy)
-        soon = policy.due_soon_span if policy else timedelta(hours=24)
+        soon = deadlines.due_soon(settings, ticket.policy)
         breached = due is not None and due < now
         listed.append(Listed(ticket, stage, due, breached, due is not None and not breached and due - now <= soon))
     listed = [item for item in listed if (not wanted.breached or item.breached)

@@ -19,7 +19,8 @@ from sqlmodel import Session
 
 from intake import correspondence, deadlines, milestones, replies, tickets
 from intake.config import Settings
-from intake.models import CLOSE_REASONS, Deadline, InboundMessage, Outbox, ThreadEntry, Ticket, TicketState
+from intake.models import (CLOSE_REASONS, FINISHED_STATES, Deadline, InboundMessage, Outbox, ThreadEntry, Ticket,
+                           TicketState)
 from intake.sla import SEVERITIES
 
 Refused = milestones.Refused
@@ -115,11 +116,11 @@ def close(session: Session, settings: Settings, ticket: Ticket, reason: str, *, 
 
 def reopen(session: Session, settings: Settings, ticket: Ticket, *, now: datetime, actor: str) -> list[deadlines.Change]:
     """Reopen a closed or resolved ticket: back to the state it had before, not resolved any more."""
-    if ticket.state not in milestones.FINISHED:
+    if ticket.state not in FINISHED_STATES:
         raise Refused(f"{ticket.reference} is not closed or resolved (state {ticket.state})")
     tickets.add_event(session, ticket.id, deadlines.REOPENED_EVENT, now, actor=actor, close_reason=ticket.close_reason)
     tickets.resume(session, ticket, now, actor=actor, why="reopened")
-    if ticket.state in milestones.FINISHED:  # it was resolved, then closed: go back before both
+    if ticket.state in FINISHED_STATES:  # it was resolved, then closed: go back before both
         tickets.change_state(session, ticket, "assessed", now, actor=actor, why="reopened")
     ticket.close_reason = None
     return deadlines.refresh(session, settings, ticket, now)
