@@ -112,6 +112,28 @@ def message_bytes(marker: str, size: int = 0) -> bytes:
 ADDRESSES = '["security@example.com", "psirt@example.org"]'
 
 
+def test_aiosmtpd_still_finds_every_command_hook_and_auth_mechanism(make_settings):
+    """The listener lists only what aiosmtpd looks up per connection: it must find all of it."""
+    from intake.listener import IntakeHandler, smtp_factory
+
+    def every(obj: object, prefix: str) -> set[str]:
+        return {name[len(prefix):] for name in object.__dir__(obj) if name.startswith(prefix)}
+
+    async def made() -> tuple:
+        committer = GroupCommitter(make_engine("sqlite://"))
+        try:
+            handler = IntakeHandler(make_settings(), committer)
+            return handler, smtp_factory(make_settings(), handler)()
+        finally:
+            committer.close()
+
+    handler, protocol = asyncio.run(made())
+    assert set(protocol._smtp_methods) == every(protocol, "smtp_") >= {"EHLO", "MAIL", "RCPT", "DATA", "STARTTLS"}
+    assert set(protocol._handle_hooks) == every(handler, "handle_") == {"RCPT", "DATA"}
+    auth = every(protocol, "auth_") | every(handler, "auth_")
+    assert {name.replace("__", "-") for name in auth} == set(protocol._auth_methods) >= {"LOGIN", "PLAIN"}
+
+
 @pytest.mark.parametrize("recipient", [
     "security@example.com",
     "SECURITY@EXAMPLE.COM",

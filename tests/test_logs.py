@@ -10,9 +10,11 @@ import re
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from intake.config import LoggingSection
-from intake.logs import StructuredFormatter, make_handler, parse_fields, stderr_is_journal
+from intake.logs import StructuredFormatter, make_handler, parse_fields, stderr_is_journal, timestamp
 
 _LOGFMT_PAIR = re.compile(r'([^\s=]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s+|$)')
 
@@ -148,3 +150,33 @@ def test_the_handler_follows_the_section():
 def test_parse_fields_keeps_order_and_values():
     assert list(parse_fields("event=a b=1 c='x y' d=")) == ["event", "b", "c", "d"]
     assert parse_fields("event=a b=1 c='x y' d=") == {"event": "a", "b": "1", "c": "x y", "d": ""}
+
+
+_WORD = st.text(st.characters(blacklist_categories=("Cs", "Z", "C"), blacklist_characters="=\"'\\"), min_size=1)
+
+
+@given(inbound_id=st.integers(), peer=_WORD, reason=st.text(), parse_ms=st.floats(allow_nan=False), error=st.one_of(
+    st.integers(), st.none(), st.builds(OSError, st.integers(), _WORD)))
+def test_a_template_of_pairs_gives_the_same_fields_as_reading_the_text(inbound_id, peer, reason, parse_ms, error):
+    template = "event=processed inbound_id=%d peer=%s parse_ms=%.1f reason=%r error=%r"
+    arguments = (inbound_id, peer, parse_ms, reason, error)
+    by_template = logfmt(template, *arguments)
+    by_text = parse_fields(template % arguments)
+    assert {key: by_template[key] for key in by_text} == by_text
+    assert by_template["reason"] == reason and by_template["peer"] == peer
+
+
+def test_a_template_keeps_a_value_whole_that_reads_like_more_pairs():
+    fields = logfmt("event=x helo=%s size=%d", "mx.example other=1 'q'", 5)
+    assert fields["helo"] == "mx.example other=1 'q'" and fields["size"] == "5" and "other" not in fields
+    assert logfmt("event=x level=%s event=%s", "debug", "y") == logfmt("event=x level=debug event=y")
+
+
+@given(st.floats(min_value=0, max_value=4_000_000_000, allow_nan=False))
+def test_timestamps_are_utc_to_the_millisecond(created):
+    from datetime import datetime, timedelta, timezone
+
+    written = timestamp(created)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", written), written
+    read = datetime.fromisoformat(written.replace("Z", "+00:00"))
+    assert timedelta(0) <= datetime.fromtimestamp(created, timezone.utc) - read < timedelta(milliseconds=1.01)

@@ -11,10 +11,11 @@ or ``smtp.max_connections_per_ip`` from one client address, get ``421`` and are 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -60,6 +61,9 @@ class IntakeHandler:
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def __dir__(self) -> list[str]:
+        return _discoverable_names(type(self))  # as IntakeSMTP.__dir__: aiosmtpd lists us per connection
 
     def reconfigure(self, settings: Settings) -> None:
         """Take the addresses and recipient limit of reloaded *settings* (SIGHUP), for the next RCPT."""
@@ -121,6 +125,12 @@ class IntakeSMTP(SMTP):
     _working = False
     _admitted: str | None = None  # the client address this connection is counted under
 
+    def __dir__(self) -> list[str]:
+        # aiosmtpd finds its command and AUTH methods by listing every attribute of every new
+        # connection (inspect.getmembers, dir): with a connection per message that was a tenth of
+        # the listener's CPU. What it looks for is fixed per class, so only that is listed.
+        return _discoverable_names(type(self))
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection (after STARTTLS this is called again)
             peer = transport.get_extra_info("peername")
@@ -141,11 +151,12 @@ class IntakeSMTP(SMTP):
         self._admitted = None
         super().connection_lost(error)
 
-    async def push(self, status: str | bytes) -> None:
+    def push(self, status: str | bytes) -> Awaitable[None]:
         # aiosmtpd checks the size itself (SIZE= at MAIL, then DATA past the limit): its 552s are ours to count.
+        # (Not a coroutine of its own: every reply passes here, and aiosmtpd's push is awaited as it is.)
         if status[:3] in ("552", b"552"):
             metrics.received("too-big")
-        await super().push(status)
+        return super().push(status)
 
     def data_received(self, data: bytes) -> None:
         if not self._working:
@@ -166,6 +177,13 @@ class IntakeSMTP(SMTP):
                 self._reset_timeout()
 
 
+@functools.cache
+def _discoverable_names(cls: type) -> list[str]:
+    """The attributes of *cls* aiosmtpd looks up by listing them: the protocol's ``smtp_*``
+    commands, the handler's ``handle_*`` hooks and both's ``auth_*`` mechanisms."""
+    return [name for name in dir(cls) if name.startswith(("smtp_", "handle_", "auth_"))]
+
+
 def _peer(session: Session) -> str:
     peer = session.peer
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -184,9 +202,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def smtp_factory(settings: Settings, handler: IntakeHandler):  # type: ignore[no-untyped-def]
-    """A protocol factory for ``loop.create_server``: one aiosmtpd SMTP per connection."""
+    """A protocol factory for ``loop.create_server`` on the running loop: one aiosmtpd SMTP per connection."""
     context = tls_context(settings)
     smtp = settings.smtp
+    loop = asyncio.get_running_loop()  # given to each connection: aiosmtpd would look it up every time
 
     def factory() -> SMTP:
         return IntakeSMTP(
@@ -199,6 +218,7 @@ def smtp_factory(settings: Settings, handler: IntakeHandler):  # type: ignore[no
             tls_context=context,
             require_starttls=smtp.require_starttls,
             timeout=smtp.idle_timeout,
+            loop=loop,
         )
 
     return factory
