@@ -669,6 +669,19 @@ def test_parse_bounded_returns_within_the_bound_and_the_helper_is_usable_after()
         helper.close()
 
 
+def test_the_helper_parses_at_the_lowest_cpu_priority_and_its_caller_keeps_its_own():
+    helper = parse_guard.BoundedParser()
+    try:
+        assert helper.parse(mail("From: a@example.org\nSubject: warm-up")).subject == "warm-up"
+        pid = helper._helper.process.pid
+        assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+        if hasattr(os, "SCHED_BATCH"):
+            assert os.sched_getscheduler(pid) == os.SCHED_BATCH
+        assert os.getpriority(os.PRIO_PROCESS, 0) == os.nice(0) < 19
+    finally:
+        helper.close()
+
+
 def test_a_helper_that_dies_is_replaced():
     helper = parse_guard.BoundedParser(parse_function=crashing_parse)
     try:

@@ -191,7 +191,7 @@ class ProcessingSection(Section):
     # Messages acted on per write transaction (never more than 512 KB of mail): more means fewer
     # statements and commits per message; fewer keeps the database lock short, so the listener's
     # commits (and with them the 250s) wait less.
-    messages_per_transaction: int = Field(default=50, ge=1, le=10_000)
+    messages_per_transaction: int = Field(default=20, ge=1, le=10_000)
     # Seconds between polls for pending messages when nothing wakes the processor.
     poll_interval: float = Field(default=1.0, gt=0)
     # Seconds parsing one message may take (in a helper process) before it is cut short.

@@ -6,9 +6,11 @@ processing it (MIME parsing, ORM writes, rendering) are both CPU-bound Python; u
 they slow each other down. The worker shares nothing with the listener but the database, so
 it can also crash or restart without touching a single accepted message.
 
-Accepting comes first: the worker runs at a lower CPU priority than the listener, it (not a
-commit in front of a 250) copies the SQLite WAL into the database file, and its outbox sender
-holds back while there is a backlog of mail to act on. The listener checkpoints only when the
+Accepting comes first: the worker's parse helper runs at a lower CPU priority than the
+listener (see :func:`intake.parse_guard._yield_cpu`), the worker writes in short transactions
+(``processing.messages_per_transaction``) so the listener's commits never wait long for the
+lock, it (not a commit in front of a 250) copies the SQLite WAL into the database file, and its
+outbox sender holds back while there is a backlog of mail to act on. The listener checkpoints only when the
 WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load never lets the WAL start over).
 
 systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
@@ -323,7 +325,6 @@ def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent,
     # The parent coordinates shutdown; a terminal's Ctrl-C reaches us too and must not cut a batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    _yield_cpu_to_listener()
     settings = load_settings(Path(config_path) if config_path else None)
     configure_logging(settings.logging)
     try:
@@ -332,19 +333,6 @@ def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent,
         # One structured line (multiprocessing would print a bare traceback); the parent restarts us.
         log.exception("event=worker-crashed")
         sys.exit(1)
-
-
-def _yield_cpu_to_listener() -> None:
-    """Lower this process's CPU priority, before it starts any thread (threads inherit it).
-
-    The listener and the worker share the machine's cores; when both want one, the listener's
-    250s should not wait behind processing, which catches up as soon as the listener is quiet.
-    Nice 19, and on Linux the batch policy too (waking up, we do not preempt the listener). Unlike
-    the idle policy, this keeps a share of the CPU under any other load, so processing never
-    stops altogether."""
-    os.nice(19)
-    if hasattr(os, "SCHED_BATCH"):
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 class _SenderPacing:
