@@ -692,6 +692,35 @@ def test_a_helper_that_dies_is_replaced():
         helper.close()
 
 
+def test_the_helper_scores_as_the_rules_do_and_a_change_of_rules_reaches_it():
+    from intake.spam import parse_rules
+    raw = mail("From: a@example.org\nSubject: Bounty?", "Your domain has no DMARC record. Do you pay bounties?\n")
+    strict = parse_rules('threshold = 1.0\n[[rule]]\nname = "asks"\ndescription = "asks"\nscore = 1.0\n'
+                         'body = ["bount"]\n')
+    lenient = parse_rules('threshold = 9.0\n[[rule]]\nname = "asks"\ndescription = "asks"\n'
+                          'score = 1.0\nbody = ["bount"]\n')
+    try:
+        parsed, quality = parse_guard.parse_and_score(raw, strict)
+        assert parsed == parse(raw) and quality == strict.score(parse(raw)).as_dict()
+        assert quality["low_quality"] and quality["matched"] == ["asks"]
+        assert parse_guard.parse_and_score(raw, lenient)[1]["low_quality"] is False
+    finally:
+        parse_guard.close()
+
+
+def test_a_message_cut_short_is_still_scored_on_what_was_read():
+    from intake.spam import parse_rules
+    rules = parse_rules('threshold = 1.0\n[[rule]]\nname = "short"\ndescription = "short"\nscore = 1.0\n'
+                        'max_body_chars = 10\n')
+    helper = parse_guard.BoundedParser(parse_function=sleepy_parse, rules=rules)
+    try:
+        hung, quality = helper.parse_and_score(mail("From: a@example.org\nSubject: x\nX-Test-Hang: yes",
+                                                    "a long body that is never read\n"), timeout=0.5)
+        assert hung.warnings == ["parse timed out after 0.5 s"] and quality["matched"] == ["short"]
+    finally:
+        helper.close()
+
+
 def test_parse_bounded_gives_what_parse_gives():
     raw = corpus_file("mimekit/messages/bounce.txt")
     try:

@@ -7,6 +7,9 @@ to one helper process and waits at most *timeout* seconds. On timeout the helper
 replaced, and the message gets a minimal ParsedMail from a cheap scan of its header block (the
 raw bytes stay stored, so ``intake reprocess`` can try again).
 
+The helper also scores each message by the low-quality rules (:mod:`intake.spam`), the other
+pure-CPU step of preparing it: both then run at the helper's low CPU priority.
+
 The helper is started lazily (spawn, so it inherits no locks, threads or database connections
 of the service), reused for every message, and replaced when it dies. Calls are serialised by a
 lock: one helper parses one message at a time. Cost per message: one round trip over a pipe and
@@ -23,8 +26,10 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from typing import Any
 
 from intake.parse import ParsedMail, parse, parse_headers_only
+from intake.spam import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +39,10 @@ RETRY_AFTER = 60.0  # seconds to parse in-process, unbounded, after a helper fai
 _READY = b"ready"
 
 
-def _serve(connection: Connection, parse_function: Callable[[bytes], ParsedMail]) -> None:
-    """The helper's loop: raw bytes in, (True, ParsedMail) or (False, error text) out."""
+def _serve(connection: Connection, parse_function: Callable[[bytes], ParsedMail], rules: RuleSet | None) -> None:
+    """The helper's loop: raw bytes in, (True, (ParsedMail, quality)) or (False, error text) out.
+    The quality (the low-quality score of *rules*, as a dict) is None without rules, or if scoring
+    failed: the caller then scores the mail itself, and meets the error there."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     _yield_cpu()
     connection.send_bytes(_READY)
@@ -45,10 +52,15 @@ def _serve(connection: Connection, parse_function: Callable[[bytes], ParsedMail]
         except (EOFError, OSError):
             return  # the parent closed the pipe or went away
         try:
-            reply: tuple[bool, object] = (True, parse_function(raw))
+            mail = parse_function(raw)
         except Exception as exc:  # noqa: BLE001 - report it; the parent falls back
-            reply = (False, f"{type(exc).__name__}: {exc}")
-        connection.send(reply)
+            connection.send((False, f"{type(exc).__name__}: {exc}"))
+            continue
+        try:
+            quality = rules.score(mail).as_dict() if rules is not None else None
+        except Exception:  # noqa: BLE001 - see the docstring
+            quality = None
+        connection.send((True, (mail, quality)))
 
 
 def _yield_cpu() -> None:
@@ -75,10 +87,10 @@ class HelperUnavailable(Exception):
 class _Helper:
     """One helper process and our end of its pipe."""
 
-    def __init__(self, parse_function: Callable[[bytes], ParsedMail]) -> None:
+    def __init__(self, parse_function: Callable[[bytes], ParsedMail], rules: RuleSet | None) -> None:
         context = multiprocessing.get_context("spawn")
         self.connection, child_end = context.Pipe(duplex=True)
-        self.process = context.Process(target=_serve, args=(child_end, parse_function), daemon=True,
+        self.process = context.Process(target=_serve, args=(child_end, parse_function, rules), daemon=True,
                                        name="intake-parse-helper")
         self.process.start()
         child_end.close()
@@ -106,19 +118,32 @@ class _Helper:
 
 
 class BoundedParser:
-    """Parses messages in a reusable helper process, each within a time bound.
+    """Parses messages in a reusable helper process, each within a time bound, and scores them
+    with *rules* there too (the helper runs at a low CPU priority; scoring is pure CPU).
 
     *parse_function* must be picklable (a module-level function); tests pass a slow one.
     """
 
-    def __init__(self, parse_function: Callable[[bytes], ParsedMail] = parse) -> None:
+    def __init__(self, parse_function: Callable[[bytes], ParsedMail] = parse, rules: RuleSet | None = None) -> None:
         self._parse_function = parse_function
+        self.rules = rules
         self._helper: _Helper | None = None
         self._lock = threading.Lock()
         self._unavailable: tuple[float, str] | None = None  # (retry at, monotonic clock; why)
 
     def parse(self, raw: bytes, timeout: float = PARSE_TIMEOUT) -> ParsedMail:
         """*raw* parsed within *timeout* seconds, or a header-only ParsedMail saying why not."""
+        return self.parse_and_score(raw, timeout)[0]
+
+    def parse_and_score(self, raw: bytes, timeout: float = PARSE_TIMEOUT) -> tuple[ParsedMail, dict[str, Any] | None]:
+        """As :meth:`parse`, and the mail's low-quality score by the rules (None without rules).
+        Scoring is not time-bounded: the rules are linear (see :mod:`intake.spam`)."""
+        mail, quality = self._parse(raw, timeout)
+        if quality is None and self.rules is not None:
+            quality = self.rules.score(mail).as_dict()
+        return mail, quality
+
+    def _parse(self, raw: bytes, timeout: float) -> tuple[ParsedMail, dict[str, Any] | None]:
         with self._lock:
             if self._unavailable and time.monotonic() < self._unavailable[0]:
                 return self._parse_unbounded(raw, self._unavailable[1])
@@ -137,40 +162,40 @@ class BoundedParser:
         with self._lock:
             self._discard(kill=False)
 
-    def _parse_unbounded(self, raw: bytes, reason: str) -> ParsedMail:
+    def _parse_unbounded(self, raw: bytes, reason: str) -> tuple[ParsedMail, None]:
         """Without a helper there is no time bound, but the message is still read rather than lost."""
         mail = self._parse_function(raw)
         mail.warnings.append(f"parse helper unavailable ({reason}); parsed without a time bound")
-        return mail
+        return mail, None
 
     def _ready_helper(self) -> _Helper:
         if self._helper is None:
-            self._helper = _Helper(self._parse_function)
+            self._helper = _Helper(self._parse_function, self.rules)
         self._helper.wait_ready()
         return self._helper
 
-    def _round_trip(self, helper: _Helper, raw: bytes, timeout: float) -> ParsedMail:
+    def _round_trip(self, helper: _Helper, raw: bytes, timeout: float) -> tuple[ParsedMail, dict[str, Any] | None]:
         try:
             helper.connection.send_bytes(raw)
             reply = helper.connection.recv() if helper.connection.poll(timeout) else None
         except (EOFError, OSError) as exc:
             log.error("event=parse-helper-died exit_code=%s", helper.process.exitcode)
             self._replace()
-            return parse_headers_only(raw, f"parse helper died ({type(exc).__name__}); only the header block was read")
+            return parse_headers_only(raw, f"parse helper died ({type(exc).__name__}); only the header block was read"), None
         if reply is None:
             log.warning("event=parse-timeout seconds=%g bytes=%d", timeout, len(raw))
             self._replace()
-            return parse_headers_only(raw, f"parse timed out after {timeout:g} s")
+            return parse_headers_only(raw, f"parse timed out after {timeout:g} s"), None
         ok, result = reply
         if not ok:
-            return parse_headers_only(raw, f"parse failed in the helper ({result}); only the header block was read")
+            return parse_headers_only(raw, f"parse failed in the helper ({result}); only the header block was read"), None
         return result
 
     def _replace(self) -> None:
         """Kill the helper and start its successor now, so it imports while we carry on."""
         self._discard(kill=True)
         try:
-            self._helper = _Helper(self._parse_function)
+            self._helper = _Helper(self._parse_function, self.rules)
         except OSError as exc:  # the next parse tries again
             log.error("event=parse-helper-restart-failed error=%s", exc)
 
@@ -180,14 +205,31 @@ class BoundedParser:
             self._helper = None
 
 
-_default = BoundedParser()
+_shared = BoundedParser()
+_shared_lock = threading.Lock()
 
 
 def parse_bounded(raw: bytes, timeout: float = PARSE_TIMEOUT) -> ParsedMail:
     """:func:`intake.parse.parse` in the shared helper process, bounded by *timeout* seconds."""
-    return _default.parse(raw, timeout)
+    return _shared_parser(None).parse(raw, timeout)
+
+
+def parse_and_score(raw: bytes, rules: RuleSet, timeout: float = PARSE_TIMEOUT) -> tuple[ParsedMail, dict[str, Any]]:
+    """As :func:`parse_bounded`, and the mail's low-quality score by *rules* (``SpamScore.as_dict()``)."""
+    return _shared_parser(rules).parse_and_score(raw, timeout)  # type: ignore[return-value]  # has rules: scored
+
+
+def _shared_parser(rules: RuleSet | None) -> BoundedParser:
+    """The shared parser, its helper restarted if it scores by other rules than *rules* (None:
+    any will do, parsing is the same). A process scores by one configuration's rules."""
+    global _shared
+    with _shared_lock:
+        if rules is not None and _shared.rules != rules:
+            _shared.close()
+            _shared = BoundedParser(rules=rules)
+        return _shared
 
 
 def close() -> None:
     """Stop the shared helper process (at service shutdown)."""
-    _default.close()
+    _shared.close()

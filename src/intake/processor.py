@@ -107,8 +107,8 @@ class Outcome:
 def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
     started = time.perf_counter()
     try:
-        mail = parse_guard.parse_bounded(stored.raw, settings.processing.parse_timeout)
-        quality = settings.quality_rules.score(mail).as_dict()
+        mail, quality = parse_guard.parse_and_score(stored.raw, settings.quality_rules,
+                                                    settings.processing.parse_timeout)
     except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
         log.exception("event=parse-failed inbound_id=%d", stored.id)
         return Prepared(stored, None, {}, time.perf_counter() - started, f"parse: {type(exc).__name__}: {exc}")
