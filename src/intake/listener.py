@@ -119,7 +119,8 @@ class IntakeSMTP(SMTP):
     message over a slow link was cut off mid-upload, and a commit that waited on a database lock
     for longer than the timeout lost its 250 after the message was stored (the client then sends
     it again). Here any byte from the client restarts the timer, and the timer stops while we make
-    the client wait. (``_reset_timeout``/``_timeout_handle`` are aiosmtpd internals, 1.4.x.)
+    the client wait. (``_reset_timeout``, ``_timeout_handle`` and ``_timeout_cb`` are aiosmtpd internals,
+    1.4.x; the idle-timeout tests hold them to this.)
     """
 
     _working = False
@@ -162,6 +163,28 @@ class IntakeSMTP(SMTP):
         if not self._working:
             self._reset_timeout()
         super().data_received(data)
+
+    _idle_deadline = 0.0  # loop time at which the client has been silent too long
+    _timed_out = False
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Called for every command and every chunk of data: moving the deadline is cheaper than
+        # cancelling a timer and scheduling another each time. A timer that fires before the
+        # deadline sets itself again for it (see _idle_timer).
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or self._timed_out or self._idle_deadline < handle.when():
+            if handle is not None:
+                handle.cancel()
+            self._timed_out = False
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+            return
+        self._timed_out = True
+        self._timeout_cb()
 
     @contextmanager
     def working(self) -> Iterator[None]:
