@@ -25,6 +25,7 @@ from aiosmtpd.controller import Controller
 
 from conftest import SinkHandler, free_port, report
 from intake import inbound, schema
+from intake.service import WORKER_NICENESS
 from intake.db import make_engine
 
 pytestmark = pytest.mark.slow
@@ -134,6 +135,19 @@ class NotifyListener:
         self._socket.close()
 
 
+def _child(parent: int) -> int:
+    """The pid of *parent*'s multiprocessing child (the worker, or the worker's parse helper)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and b"spawn_main" in command:
+            return int(stat.parent.name)
+    raise AssertionError(f"no multiprocessing child of {parent}")
+
+
 def test_notify_protocol_and_clean_sigterm(serve, serve_env, sink, tmp_path):
     notify = NotifyListener(tmp_path / "notify.sock")
     serve_env.update(NOTIFY_SOCKET=str(tmp_path / "notify.sock"), WATCHDOG_USEC="400000")
@@ -147,6 +161,13 @@ def test_notify_protocol_and_clean_sigterm(serve, serve_env, sink, tmp_path):
     [ack] = sink.wait_for(1)
     parsed = email.message_from_bytes(ack.data, policy=email.policy.default)
     assert parsed["In-Reply-To"] == "<e2e@researcher.test>"
+
+    # The listener keeps its CPU priority; the worker and (lowest) its parse helper yield to it.
+    worker = _child(server.process.pid)
+    helper = _child(worker)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) - os.nice(0) for pid in (server.process.pid, worker)] == [
+        0, WORKER_NICENESS]
+    assert os.getpriority(os.PRIO_PROCESS, helper) == 19
 
     notify.wait_for(lambda m: m == "WATCHDOG=1")  # pinged from the event loop, every 0.2 s here
     assert server.stop() == 0

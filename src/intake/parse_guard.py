@@ -68,10 +68,9 @@ def _yield_cpu() -> None:
     does not preempt others).
 
     Parsing is the processor's largest CPU cost and holds no lock; when the listener and the
-    processor want the same core, the listener's 250s should come first. The processor itself
-    keeps its priority: it holds the database's write lock while it writes, and the listener's
-    commits wait for that lock, so starving it would only make them wait longer. Unlike the
-    idle policy, this keeps a share of the CPU under any load, so parsing never stops."""
+    processor want the same core, the listener's 250s should come first. (The worker itself
+    yields less: see :func:`intake.service._yield_cpu_to_listener`.) Unlike the idle policy,
+    this keeps a share of the CPU under any load, so parsing never stops."""
     try:
         os.nice(19 - os.nice(0))
         if hasattr(os, "SCHED_BATCH"):
