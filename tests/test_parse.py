@@ -9,9 +9,12 @@ import hashlib
 import logging
 import os
 import re
+import subprocess
+import sys
 import time
 from email.header import Header
 from email.message import EmailMessage
+from pathlib import Path
 
 import mailparser
 import pytest
@@ -680,6 +683,30 @@ def test_the_helper_parses_at_the_lowest_cpu_priority_and_its_caller_keeps_its_o
         assert os.getpriority(os.PRIO_PROCESS, 0) == os.nice(0) < 19
     finally:
         helper.close()
+
+
+def main_reimported(raw: bytes) -> ParsedMail:
+    """A parse that says whether its process ran the parent's main script again (its __main__ is then that file)."""
+    mail = parse(raw)
+    mail.warnings.append(f"main script run again: {hasattr(sys.modules['__main__'], '__file__')}")
+    return mail
+
+
+def test_the_helper_of_a_script_does_not_run_the_script_again(tmp_path):
+    """As under the ``intake`` console script: the helper imports what it needs, not the whole CLI."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from intake import parse_guard\n"
+        "import test_parse\n"
+        "if __name__ == '__main__':\n"
+        "    helper = parse_guard.BoundedParser(parse_function=test_parse.main_reimported)\n"
+        "    print(helper.parse(b'Subject: x\\r\\n\\r\\nbody\\r\\n').warnings)\n"
+        "    helper.close()\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['main script run again: False']"
 
 
 def test_a_helper_that_dies_is_replaced():
