@@ -673,6 +673,7 @@ def test_parse_bounded_returns_within_the_bound_and_the_helper_is_usable_after()
 
 
 def test_the_helper_parses_at_the_lowest_cpu_priority_and_its_caller_keeps_its_own():
+    ours = os.nice(0)
     helper = parse_guard.BoundedParser()
     try:
         assert helper.parse(mail("From: a@example.org\nSubject: warm-up")).subject == "warm-up"
@@ -680,7 +681,7 @@ def test_the_helper_parses_at_the_lowest_cpu_priority_and_its_caller_keeps_its_o
         assert os.getpriority(os.PRIO_PROCESS, pid) == 19
         if hasattr(os, "SCHED_BATCH"):
             assert os.sched_getscheduler(pid) == os.SCHED_BATCH
-        assert os.getpriority(os.PRIO_PROCESS, 0) == os.nice(0) < 19
+        assert os.nice(0) == ours
     finally:
         helper.close()
 
