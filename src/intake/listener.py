@@ -119,12 +119,14 @@ class IntakeSMTP(SMTP):
     message over a slow link was cut off mid-upload, and a commit that waited on a database lock
     for longer than the timeout lost its 250 after the message was stored (the client then sends
     it again). Here any byte from the client restarts the timer, and the timer stops while we make
-    the client wait. (``_reset_timeout``, ``_timeout_handle`` and ``_timeout_cb`` are aiosmtpd internals,
-    1.4.x; the idle-timeout tests hold them to this.)
+    the client wait. (``_reset_timeout``, ``_timeout_handle`` and ``_timeout_cb`` are aiosmtpd
+    internals, 1.4.x; the idle-timeout tests hold them to this.)
     """
 
     _working = False
     _admitted: str | None = None  # the client address this connection is counted under
+    _idle_deadline = 0.0  # loop time at which the client has been silent too long
+    _timed_out = False
 
     def __dir__(self) -> list[str]:
         # aiosmtpd finds its command and AUTH methods by listing every attribute of every new
@@ -163,9 +165,6 @@ class IntakeSMTP(SMTP):
         if not self._working:
             self._reset_timeout()
         super().data_received(data)
-
-    _idle_deadline = 0.0  # loop time at which the client has been silent too long
-    _timed_out = False
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         # Called for every command and every chunk of data: moving the deadline is cheaper than

@@ -7,11 +7,12 @@ they slow each other down. The worker shares nothing with the listener but the d
 it can also crash or restart without touching a single accepted message.
 
 Accepting comes first: the worker runs at a lower CPU priority than the listener, its parse
-helper at the lowest (see :func:`_yield_cpu_to_listener`), the worker writes in short transactions
-(``processing.messages_per_transaction``) so the listener's commits never wait long for the
-lock, it (not a commit in front of a 250) copies the SQLite WAL into the database file, and its
-outbox sender holds back while there is a backlog of mail to act on. The listener checkpoints only when the
-WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load never lets the WAL start over).
+helper at the lowest (see :func:`_yield_cpu_to_listener`); the worker writes in short
+transactions (``processing.messages_per_transaction``), so the listener's commits never wait
+long for the lock; it (not a commit in front of a 250) copies the SQLite WAL into the database
+file; and its outbox sender holds back while there is a backlog of mail to act on. The listener
+checkpoints only when the WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load never lets
+the WAL start over).
 
 systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
 (socket activation: port 25 without any capability), else ``smtp.listen``; ``READY=1`` once the
