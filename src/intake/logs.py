@@ -101,16 +101,16 @@ def _string_literal(message: str, start: int) -> tuple[str, int] | None:
 
 
 @functools.lru_cache(maxsize=512)
-def _template(message: str) -> tuple[tuple[str, str | None, str | None], ...] | None:
+def _template(message: str) -> tuple[tuple[tuple[str, str | None, str | None], ...], int] | None:
     """The pairs of a template made only of ``key=%x`` / ``key=word`` pairs, one space apart, as
-    (key, conversion, literal); None for any other template."""
+    (key, conversion, literal), and how many arguments they take; None for any other template."""
     pairs = []
     for token in message.split(" "):
         match = _TEMPLATE_PAIR.fullmatch(token)
         if match is None:
             return None
         pairs.append(match.groups())
-    return tuple(pairs)
+    return tuple(pairs), sum(conversion is not None for _, conversion, _ in pairs)
 
 
 def _fields_by_template(record: logging.LogRecord) -> list[tuple[str, str]] | None:
@@ -119,12 +119,12 @@ def _fields_by_template(record: logging.LogRecord) -> list[tuple[str, str]] | No
     if not isinstance(record.msg, str) or not isinstance(record.args, tuple) or not record.args:
         return None
     template = _template(record.msg)
-    if template is None or sum(conversion is not None for _, conversion, _ in template) != len(record.args):
+    if template is None or template[1] != len(record.args):
         return None
     arguments = iter(record.args)
     pairs = []
     try:
-        for key, conversion, literal in template:
+        for key, conversion, literal in template[0]:
             if conversion is None:
                 value = literal
             elif conversion == "%r":

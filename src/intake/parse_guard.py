@@ -228,31 +228,25 @@ class BoundedParser:
             self._helper = None
 
 
-_shared = BoundedParser()
+_shared: BoundedParser | None = None
 _shared_lock = threading.Lock()
 
 
-def parse_bounded(raw: bytes, timeout: float = PARSE_TIMEOUT) -> ParsedMail:
-    """:func:`intake.parse.parse` in the shared helper process, bounded by *timeout* seconds."""
-    return _shared_parser(None).parse(raw, timeout)
-
-
 def parse_and_score(raw: bytes, rules: RuleSet, timeout: float = PARSE_TIMEOUT) -> tuple[ParsedMail, dict[str, Any]]:
-    """As :func:`parse_bounded`, and the mail's low-quality score by *rules* (``SpamScore.as_dict()``)."""
-    return _shared_parser(rules).parse_and_score(raw, timeout)  # type: ignore[return-value]  # has rules: scored
-
-
-def _shared_parser(rules: RuleSet | None) -> BoundedParser:
-    """The shared parser, its helper restarted if it scores by other rules than *rules* (None:
-    any will do, parsing is the same). A process scores by one configuration's rules."""
+    """:func:`intake.parse.parse` in the shared helper process, bounded by *timeout* seconds, and
+    the mail's low-quality score by *rules* (``SpamScore.as_dict()``). A process scores by one
+    configuration's rules: other rules restart the helper."""
     global _shared
     with _shared_lock:
-        if rules is not None and _shared.rules != rules:
-            _shared.close()
+        if _shared is None or _shared.rules != rules:
+            if _shared is not None:
+                _shared.close()
             _shared = BoundedParser(rules=rules)
-        return _shared
+        parser = _shared
+    return parser.parse_and_score(raw, timeout)  # type: ignore[return-value]  # has rules: scored
 
 
 def close() -> None:
     """Stop the shared helper process (at service shutdown)."""
-    _shared.close()
+    if _shared is not None:
+        _shared.close()
