@@ -224,6 +224,28 @@ class OutboundSection(Section):
         return _parse_host_port(self.relay)
 
 
+class SenderAuthSection(Section):
+    """``[sender_auth]``: who a message is really from (see :mod:`intake.sender_auth`). A maintainer's
+    mail is privileged only when its sender is authenticated; a reporter whose domain publishes
+    DMARC is the reporter only when authenticated."""
+
+    # authserv-ids (RFC 8601) of our own MX whose Authentication-Results header is believed: the
+    # topmost header of a listed id only; every other one is ignored (a sender can write any header).
+    trusted_authserv_ids: list[str] = Field(default_factory=list)
+    # Without a trusted header, verify DKIM signatures (and look up DMARC records) ourselves.
+    verify: bool = True
+    # Seconds one DNS lookup may take, and most lookups made for one message.
+    dns_timeout: float = Field(default=2.0, gt=0, le=30)
+    max_dns_lookups: int = Field(default=4, ge=1, le=20)
+    # Age after which a maintainer's reply address stops working (its answer carries a fresh one).
+    reply_token_max_age: ElapsedText = "90 days"
+
+    @field_validator("trusted_authserv_ids")
+    @classmethod
+    def _lowercase_ids(cls, value: list[str]) -> list[str]:
+        return [v.strip().lower() for v in value if v.strip()]
+
+
 class ServiceSection(Section):
     # Seconds allowed for in-flight work on SIGTERM before exiting anyway.
     shutdown_grace: float = Field(default=20.0, gt=0)
@@ -413,6 +435,7 @@ class Settings(BaseSettings):
     logging: LoggingSection = LoggingSection()
     metrics: MetricsSection = MetricsSection()
     autoreply: AutoReplySection = AutoReplySection()
+    sender_auth: SenderAuthSection = SenderAuthSection()
     scheduler: SchedulerSection = SchedulerSection()
     maintainers: list[Maintainer] = Field(default_factory=list)
     calendars: dict[str, CalendarConfig] = Field(default_factory=dict)
