@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from intake.parse import ParsedMail
+from intake.sender_auth import NONE, Verdict
 
 NEW_TICKET = "new-ticket"
 REPORTER_REPLY = "reporter-reply"
@@ -113,6 +114,8 @@ class Incoming:
     mail_from: str
     rcpt_tos: list[str]
     message_key: str
+    # Who the From: domain is, as far as we could authenticate it (see intake.sender_auth).
+    authentication: Verdict = Verdict(NONE, "not checked")
 
     @property
     def sender(self) -> str:
