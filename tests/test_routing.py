@@ -113,12 +113,13 @@ def test_maintainer_mail_with_the_subject_tag_is_a_maintainer_reply(intake):
     assert intake.detail().entries[-1].kind == "maintainer-reply"
 
 
-def test_third_party_replying_to_our_message_id_threads(intake):
+def test_third_party_replying_to_our_message_id_threads_as_a_third_party(intake):
     intake.send(report(subject="RCE in upload"))
-    # A co-ordinator copied on the thread answers our acknowledgement: the Message-ID is not guessable.
+    # A co-ordinator copied on the thread answers our acknowledgement: recorded, but not the reporter.
     result = intake.send(_reply("Re: RCE in upload", in_reply_to=_ack_id(intake), sender="cert@coord.test"),
                          mail_from="cert@coord.test")
-    assert result.decisions == {"reporter-reply": 1}
+    assert result.decisions == {"third-party-reply": 1}
+    assert intake.detail().entries[-1].kind == "third-party-reply"
 
 
 def test_reporter_reply_reopens_a_ticket_waiting_on_the_reporter(intake):

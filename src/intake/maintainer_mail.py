@@ -8,7 +8,9 @@ ticket through the same service functions as the CLI; the rest, with quoted hist
 signature trimmed, goes to the reporter from the intake address with its attachments, unless the
 mail starts with ``#note`` (then it stays internal). The sender gets a confirmation of what was
 done. The reporter's own replies are forwarded to the assignee, or to every maintainer, each copy
-with that maintainer's reply address, so a thread can run by mail alone.
+with that maintainer's reply address, so a thread can run by mail alone. A third party's mail in
+the thread is forwarded the same way but marked as such, without a reply address: answering it
+must not reach the reporter by mistake.
 
 The researcher never gets a maintainer's address: relayed text is new mail from the intake
 address, trimmed of the quoted thread and signature, with the maintainer's address blanked.
@@ -142,10 +144,10 @@ def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming
            decision: route.Decision, now: datetime, reply_secret: bytes) -> None:
     """After a threaded message was recorded on its ticket: a maintainer's authenticated mail is
     carried out, a reporter's reply is forwarded to the maintainers (signing their reply
-    addresses with *reply_secret*)."""
+    addresses with *reply_secret*), a third party's is forwarded marked as theirs."""
     if decision.kind == route.MAINTAINER_REPLY and decision.authenticated:
         _maintainer_mail(session, settings, stored, incoming, decision, now)
-    elif decision.kind == route.REPORTER_REPLY:
+    elif decision.kind in (route.REPORTER_REPLY, route.THIRD_PARTY_REPLY):
         _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret)
 
 
@@ -223,33 +225,56 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
     assert ticket is not None
     recipients = maintainer_recipients(settings, ticket)
     if not recipients:
-        log.info("event=reporter-reply-not-forwarded ticket=%s reason=no-maintainers", ticket.reference)
+        log.info("event=%s-not-forwarded ticket=%s reason=no-maintainers", decision.kind, ticket.reference)
         return
     mail = incoming.mail
+
+    def from_line(address: str) -> str:
+        return f"From: {clean_text(mail.from_name)} <{address}>" if mail.from_name else f"From: {address}"
+
+    third_party = decision.kind == route.THIRD_PARTY_REPLY
+    if third_party:
+        verdict = incoming.authentication
+        intro = [
+            f"Someone who is NOT the reporter of {ticket.reference} wrote into its thread "
+            f"({clean_text(ticket.subject)}).",
+            f"Envelope sender: {incoming.mail_from}",
+            from_line(mail.from_address),
+            f"Why a third party: {clean_text(decision.reason)}",
+            f"Sender authentication: {verdict.result} ({clean_text(verdict.reason)})",
+        ]
+        advice = ["Nothing on the ticket changed (credit, state, reporter flags) and intake did not answer them.",
+                  "This mail has no reply address: a reply to it is only recorded on the ticket and reaches",
+                  "neither them nor the reporter."]
+    else:
+        intro = [f"The reporter of {ticket.reference} replied ({clean_text(ticket.subject)}).",
+                 from_line(incoming.sender)]
+        advice = ["Reply to this mail to answer the reporter (from the security address, never yours).",
+                  "Command lines at the top (#severity high, #assign <who>, #state waiting, #released 1.4.2)",
+                  "change the ticket; start with #note to keep your text internal."]
     body = "\n".join([
-        f"The reporter of {ticket.reference} replied ({clean_text(ticket.subject)}).",
-        f"From: {clean_text(mail.from_name)} <{incoming.sender}>" if mail.from_name else f"From: {incoming.sender}",
+        *intro,
         f"Subject: {clean_text(mail.subject)}",
         f"Attachments: {len(mail.attachments)} (see `intake show {ticket.reference}`)" if mail.attachments else "",
         "",
-        "Reply to this mail to answer the reporter (from the security address, never yours).",
-        "Command lines at the top (#severity high, #assign <who>, #state waiting, #released 1.4.2)",
-        "change the ticket; start with #note to keep your text internal.",
+        *advice,
         "",
         "-" * 72,
         mail.body_text.strip(),
     ]) + "\n"
+    what = "third party (not the reporter) wrote" if third_party else "reporter replied"
     for maintainer in recipients:
         message_id = replies.new_message_id("fwd", ticket.reference, settings.intake.message_id_domain)
         address = reply_tokens.reply_address(secret, ticket.intake_address, ticket.reference, maintainer)
-        headers = [("To", maintainer), ("Reply-To", address),
-                   ("Subject", f"[{ticket.reference}] reporter replied: {clean_text(mail.subject)}"),
+        headers = [("To", maintainer), *([] if third_party else [("Reply-To", address)]),
+                   ("Subject", f"[{ticket.reference}] {what}: {clean_text(mail.subject)}"),
                    ("Date", format_datetime(now)), ("Message-ID", message_id),
                    ("Auto-Submitted", "auto-generated"), (replies.LOOP_HEADER, settings.intake.message_id_domain),
                    ("X-Intake-Ticket", ticket.reference)]
         outbox.enqueue(session, replies.OutgoingMail(
             dedupe_key=f"forward:{ticket.reference}:{incoming.message_key}:{maintainer.lower()}",
-            kind="reporter-reply-forward", envelope_from="", recipients=[maintainer], message_id=message_id,
+            kind="third-party-forward" if third_party else "reporter-reply-forward", envelope_from="",
+            recipients=[maintainer], message_id=message_id,
             raw=replies.compose((f"{settings.intake.from_name} ({ticket.reference})", ticket.intake_address),
                                 headers, body)),
             ticket_id=ticket.id, now=now)

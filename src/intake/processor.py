@@ -60,7 +60,7 @@ _CHUNK_BYTES = 512 * 1024
 _CONFLICT_RETRIES = 3
 
 # Decisions that add to a ticket; everything else is stored and logged only.
-_ACTED_ON = {route.NEW_TICKET, route.REPORTER_REPLY, route.MAINTAINER_REPLY}
+_ACTED_ON = {route.NEW_TICKET, route.REPORTER_REPLY, route.MAINTAINER_REPLY, route.THIRD_PARTY_REPLY}
 
 
 @dataclass(frozen=True)

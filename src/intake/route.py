@@ -9,8 +9,14 @@ Threading order (DESIGN.md): a ticket reference in a ``+tag`` recipient → ``In
 ``References`` matching a Message-ID we stored or sent → a ``[SEC-2026-0001]`` subject tag. A
 reference is guessable, so the ``+tag`` and subject routes thread only mail from the ticket's
 reporter or a maintainer; anyone else's mail opens a new ticket that *mentions* the old one.
-A Message-ID is not guessable (ours are random), so a reply that quotes one threads whoever
-sends it.
+A Message-ID is harder to come by, so a reply that quotes one threads whoever sends it.
+
+Threading into a ticket is not being its reporter (:func:`is_reporter`): envelope sender and
+From: must both be the reporter's address, authenticated where the domain publishes DMARC.
+Anyone else who threads in, by Message-ID or from the reporter's envelope address without those,
+is a ``third-party-reply``: recorded and forwarded, and it changes nothing. A bounce attaches to
+a ticket only when it names a Message-ID we sent (ours are random); a ticket reference in it
+proves nothing.
 
 Whether a new ticket's sender may get an automatic reply is a separate question
 (:func:`auto_reply_suppressed`, RFC 3834); the per-recipient rate limit needs the database
@@ -30,13 +36,15 @@ from intake.sender_auth import NONE, Verdict
 NEW_TICKET = "new-ticket"
 REPORTER_REPLY = "reporter-reply"
 MAINTAINER_REPLY = "maintainer-reply"
+THIRD_PARTY_REPLY = "third-party-reply"
 AUTO_REPLY = "auto-reply"
 BOUNCE = "bounce"
 DUPLICATE = "duplicate"
 LOOP = "loop"
 SPAM = "spam"
 REJECTED = "rejected"
-DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, SPAM, REJECTED)
+DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY, AUTO_REPLY, BOUNCE, DUPLICATE, LOOP,
+             SPAM, REJECTED)
 
 # Subject prefixes of out-of-office mail that lacks Auto-Submitted (Outlook, Exchange, Lotus, ...).
 _AUTO_REPLY_SUBJECT = re.compile(
@@ -64,6 +72,7 @@ class KnownMessage:
     ticket: TicketRef
     message_id: str
     kind: str  # thread entry kind ("report", ...) or outbox kind ("acknowledgement", ...)
+    sent: bool = False  # we sent it (its Message-ID is ours, random); else someone sent it to us
 
 
 class Known(Protocol):
@@ -73,7 +82,9 @@ class Known(Protocol):
 
     def ticket_by_reference(self, reference: str) -> TicketRef | None: ...
 
-    def message_by_ids(self, message_ids: list[str]) -> KnownMessage | None: ...
+    def message_by_ids(self, message_ids: list[str], sent_only: bool = False) -> KnownMessage | None:
+        """The first of *message_ids* we stored or (*sent_only*: only) sent."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -145,9 +156,10 @@ def _header(incoming: Incoming, name: str) -> str:
     return (incoming.mail.headers.get(name) or "").strip().lower()
 
 
-def _thread_by_message_id(incoming: Incoming, known: Known) -> tuple[KnownMessage, str] | None:
+def _thread_by_message_id(incoming: Incoming, known: Known,
+                          sent_only: bool = False) -> tuple[KnownMessage, str] | None:
     ids = [i for i in [incoming.mail.in_reply_to, *reversed(incoming.mail.references)] if i]
-    found = known.message_by_ids(ids) if ids else None
+    found = known.message_by_ids(ids, sent_only) if ids else None
     if found is None:
         return None
     via = "In-Reply-To" if found.message_id == incoming.mail.in_reply_to else "References"
@@ -174,23 +186,25 @@ def loop(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | 
 
 
 def bounce(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
-    """A delivery status notification: attached to the ticket whose mail bounced, if we find it."""
+    """A delivery status notification: attached to the ticket whose mail bounced if it names a
+    Message-ID we sent (returned, or in its own In-Reply-To/References), else unmatched. Anyone can
+    write a DSN: a ticket reference or a Message-ID someone sent us proves nothing."""
     report = incoming.mail.delivery_report
     if report is None and incoming.mail.is_report != "delivery-status":
         return None
     found = None
     if report is not None and report.original_message_id:
-        found = known.message_by_ids([report.original_message_id])
-    if found is None and report is not None and report.original_ticket:
-        ticket = known.ticket_by_reference(report.original_ticket)
-        found = KnownMessage(ticket, report.original_message_id or "", "unknown") if ticket else None
+        found = known.message_by_ids([report.original_message_id], sent_only=True)
     if found is None:
-        threaded = _thread_by_message_id(incoming, known)
+        threaded = _thread_by_message_id(incoming, known, sent_only=True)
         found = threaded[0] if threaded else None
     detail = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no status"
     reason = f"delivery status notification ({detail})"
     if found is None:
-        return Decision(BOUNCE, reason + "; concerns no mail of ours we can find")
+        reason += "; unmatched: concerns no mail of ours we can find (names no Message-ID we sent"
+        if report is not None and report.original_ticket:
+            reason += f", though it says X-Intake-Ticket: {report.original_ticket}"
+        return Decision(BOUNCE, reason + ")")
     return Decision(BOUNCE, reason, ticket_id=found.ticket.id, threaded_by=f"bounced {found.message_id}",
                     bounced=found)
 
@@ -228,9 +242,9 @@ def bare_null_sender(incoming: Incoming, known: Known, config: RoutingConfig) ->
     """A null envelope sender without a recognisable report is still a notification (RFC 5321 4.5.5)."""
     if incoming.mail_from:
         return None
-    threaded = _thread_by_message_id(incoming, known)
+    threaded = _thread_by_message_id(incoming, known, sent_only=True)
     if threaded is None:
-        return Decision(BOUNCE, "null envelope sender")
+        return Decision(BOUNCE, "null envelope sender; unmatched: names no Message-ID we sent")
     return Decision(BOUNCE, "null envelope sender", ticket_id=threaded[0].ticket.id, threaded_by=threaded[1])
 
 
@@ -255,7 +269,8 @@ def _reply_address_tag(incoming: Incoming, config: RoutingConfig) -> tuple[str, 
     for recipient in incoming.rcpt_tos:
         local = recipient.rpartition("@")[0]
         tag = local.split("+", 1)[1] if "+" in local else ""
-        if match := pattern.fullmatch(tag):
+        # ASCII only: under IGNORECASE [a-z] matches "ſ" and the Kelvin sign, \d any digit.
+        if tag.isascii() and (match := pattern.fullmatch(tag)):
             return recipient, match.group(1).upper(), match.group(2)
     return None
 
@@ -285,11 +300,11 @@ def _thread_by_reference(incoming: Incoming, known: Known, config: RoutingConfig
     for recipient in incoming.rcpt_tos:
         local = recipient.rpartition("@")[0]
         tag = local.split("+", 1)[1] if "+" in local else ""
-        match = pattern.fullmatch(tag)
+        match = pattern.fullmatch(tag) if tag.isascii() else None  # a non-ASCII tag is no tag
         if match and (ticket := known.ticket_by_reference(match.group(1).upper())):
             return ticket, f"+tag {recipient}"
     for match in pattern.finditer(incoming.mail.subject):
-        if ticket := known.ticket_by_reference(match.group(1).upper()):
+        if match.group(1).isascii() and (ticket := known.ticket_by_reference(match.group(1).upper())):
             return ticket, f"subject tag [{ticket.reference}]"
     return None
 
@@ -308,14 +323,35 @@ def _find_ticket(incoming: Incoming, known: Known, config: RoutingConfig) -> tup
     return None  # a stranger quoting a reference may not write into that ticket
 
 
+def is_reporter(incoming: Incoming, ticket: TicketRef) -> bool:
+    """Whether *incoming* is from *ticket*'s reporter: envelope sender and From: both their address,
+    and authenticated if their domain publishes DMARC (where it does not, or we could not learn
+    whether it does, nothing better than the addresses is to be had)."""
+    reporter = ticket.reporter.lower()
+    if incoming.mail_from.lower() != reporter or incoming.mail.from_address.lower() != reporter:
+        return False
+    return incoming.authentication.dmarc_published is not True or incoming.authentication.authenticated
+
+
 def thread(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
-    """A reply to a ticket: by Message-ID from anyone; by reference only from its reporter or a maintainer."""
+    """A reply to a ticket: by Message-ID from anyone; by reference only from its reporter's address
+    or a maintainer. Only the reporter (:func:`is_reporter`) makes a ``reporter-reply``; anyone else
+    is a third party, recorded and forwarded but changing nothing."""
     found = _find_ticket(incoming, known, config)
     if found is None:
         return None  # includes a stranger quoting a reference: a new ticket, which mentions it
     ticket, via = found
-    kind = MAINTAINER_REPLY if config.is_maintainer(incoming.sender) else REPORTER_REPLY
-    return Decision(kind, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
+    if config.is_maintainer(incoming.sender):
+        return Decision(MAINTAINER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
+    if is_reporter(incoming, ticket):
+        return Decision(REPORTER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
+    why = ("not the reporter" if incoming.sender != ticket.reporter.lower()
+           else "the reporter's envelope address but " + (
+               f"From: {incoming.mail.from_address or '(none)'}"
+               if incoming.mail.from_address.lower() != ticket.reporter.lower()
+               else f"not authenticated ({incoming.authentication.result}: {incoming.authentication.reason})"))
+    return Decision(THIRD_PARTY_REPLY, f"threads by {via}; {incoming.sender} is {why}", ticket_id=ticket.id,
+                    threaded_by=via)
 
 
 def _mentions(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Engine, insert, select, true
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
@@ -64,8 +64,8 @@ class DependsOnPlanned(Exception):
 
 
 def records_on_ticket(decision: route.Decision) -> bool:
-    """Whether *decision* adds its message to an existing ticket (a reply, or automatic mail or a
-    bounce that threads); a new ticket's report is added by :func:`open_tickets`."""
+    """Whether *decision* adds its message to an existing ticket (a reply, a third party's mail, or
+    automatic mail or a bounce that threads); a new ticket's report is added by :func:`open_tickets`."""
     return decision.ticket_id is not None and decision.kind not in (route.NEW_TICKET, route.DUPLICATE)
 
 
@@ -119,13 +119,14 @@ class ChunkKnown:
             raise DependsOnPlanned(reference)  # it may be the reference a planned ticket is about to get
         return ticket
 
-    def message_by_ids(self, message_ids: list[str]) -> route.KnownMessage | None:
-        """The first of *message_ids* (most relevant first) that we stored or sent."""
+    def message_by_ids(self, message_ids: list[str], sent_only: bool = False) -> route.KnownMessage | None:
+        """The first of *message_ids* (most relevant first) that we stored or (*sent_only*: only) sent."""
         candidates = [m for m in message_ids if m][:_MESSAGE_IDS_LOOKED_UP]
-        if self._planned_message_ids.intersection(candidates):
-            raise DependsOnPlanned(candidates)
+        if not sent_only and self._planned_message_ids.intersection(candidates):
+            raise DependsOnPlanned(candidates)  # (what is planned is received mail, never sent)
         self._fetch_messages({m for m in candidates if m not in self._messages})
-        return next((self._messages[m] for m in candidates if self._messages[m] is not None), None)
+        found = (self._messages[m] for m in candidates)
+        return next((known for known in found if known is not None and (known.sent or not sent_only)), None)
 
     def _fetch_keys(self, message_keys: set[str]) -> None:
         if not message_keys:
@@ -139,17 +140,18 @@ class ChunkKnown:
         if not message_ids:
             return
         rows = self._session.execute(
-            select(ThreadEntry.message_id, ThreadEntry.kind, Ticket.id, Ticket.reference, Ticket.reporter)
+            select(ThreadEntry.message_id, ThreadEntry.kind, ThreadEntry.direction == "out", Ticket.id,
+                   Ticket.reference, Ticket.reporter)
             .join(Ticket, Ticket.id == ThreadEntry.ticket_id).where(ThreadEntry.message_id.in_(message_ids))
         ).all()
         rows += self._session.execute(
-            select(Outbox.message_id, Outbox.kind, Ticket.id, Ticket.reference, Ticket.reporter)
+            select(Outbox.message_id, Outbox.kind, true(), Ticket.id, Ticket.reference, Ticket.reporter)
             .join(Ticket, Ticket.id == Outbox.ticket_id).where(Outbox.message_id.in_(message_ids))
         ).all()
-        found = {message_id: (kind, ticket) for message_id, kind, *ticket in rows}  # what we sent wins
+        found = {message_id: (kind, bool(sent), ticket) for message_id, kind, sent, *ticket in rows}  # sent wins
         for message_id in message_ids:
-            kind, ticket = found.get(message_id, (None, None))
-            self._messages[message_id] = (route.KnownMessage(route.TicketRef(*ticket), message_id, kind)
+            kind, sent, ticket = found.get(message_id, (None, False, None))
+            self._messages[message_id] = (route.KnownMessage(route.TicketRef(*ticket), message_id, kind, sent)
                                           if ticket else None)
 
 
@@ -509,7 +511,9 @@ def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: replies.Outg
 
 def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
                      decision: route.Decision, now: datetime) -> None:
-    """Add a threaded message (reply, automatic mail, bounce) to its ticket; never answers it."""
+    """Add a threaded message (reply, automatic mail, bounce) to its ticket; never answers it. Only
+    the reporter's own reply changes the ticket: a third party's is recorded (kind
+    ``third-party-reply``) and nothing else."""
     assert decision.ticket_id is not None
     ticket = session.get(Ticket, decision.ticket_id)
     assert ticket is not None
