@@ -101,7 +101,9 @@ def test_a_stranger_quoting_the_reporters_message_id_is_a_third_party(intake):
     assert (entry.kind, entry.sender, entry.threaded_by) == (
         "third-party-reply", "mallory@evil.test", "In-Reply-To <report@researcher.test>")
     assert "third-party-reply-received" in [e.kind for e in detail.events]
-    assert intake.stored()[-1].status == "processed"
+    stored = intake.stored()[-1]
+    assert (stored.status, stored.decision) == ("processed", "third-party-reply")
+    assert stored.reason == "threads by In-Reply-To <report@researcher.test>; mallory@evil.test is not the reporter"
     # Forwarded to the maintainers as what it is, and nobody else hears anything.
     *_, forward = intake.mail()
     assert (forward.kind, forward.recipients) == ("third-party-forward", [MIA])
@@ -129,6 +131,7 @@ def test_the_reporters_envelope_with_another_from_on_the_plus_tag_is_a_third_par
                          rcpt_tos=tagged)
     assert result.decisions == {"third-party-reply": 1}
     assert _assert_nothing_changed(intake).entries[-1].threaded_by == f"+tag {tagged[0]}"
+    assert intake.stored()[-1].reason.endswith("the reporter's envelope address, but From: mallory@evil.test")
 
 
 def test_a_stranger_on_the_plus_tag_or_subject_tag_still_opens_a_new_ticket(intake):
@@ -190,7 +193,9 @@ def test_the_reporter_is_authenticated_where_their_domain_publishes_dmarc(intake
     decision = _route_and_act(intake, _reply("keep me anonymous\n"), ALICE, tagged, verdict)
     assert (decision.kind, decision.ticket_id) == (kind, intake.detail().ticket.id)
     if kind == "third-party-reply":
+        assert "not authenticated" in decision.reason
         _assert_nothing_changed(intake)
+        assert [row.kind for row in intake.mail()][-1] == "third-party-forward"
     else:
         assert (intake.detail().ticket.credit["anonymous"], intake.detail().ticket.state) == (True, "new")
 
@@ -264,6 +269,17 @@ def test_a_bounce_naming_a_message_id_we_sent_attaches(intake, where):
     assert detail.ticket.reporter_unreachable_at is not None
     assert detail.entries[-1].kind == "bounce"
     assert intake.stored()[-1].ticket_id == detail.ticket.id
+
+
+def test_a_bounce_of_mail_to_a_maintainer_does_not_flag_the_reporter(intake):
+    intake.send(_reply("hello", sender="cert@coord.test", in_reply_to=_ack_id(intake)), mail_from="cert@coord.test")
+    *_, forward = intake.mail()
+    assert forward.recipients == [MIA]
+    # Our Message-ID, but the mail went to Mia: whatever Final-Recipient the bounce names.
+    assert intake.send(_dsn(f"Message-ID: {forward.message_id}"), mail_from="").decisions == {"bounce": 1}
+    detail = intake.detail()
+    assert detail.ticket.reporter_unreachable_at is None
+    assert [e.detail["message_id"] for e in detail.events if e.kind == "bounced"] == [forward.message_id]
 
 
 # -- finding 9: non-ASCII in a +tag --------------------------------------------------------------

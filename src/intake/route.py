@@ -345,13 +345,18 @@ def thread(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision 
         return Decision(MAINTAINER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
     if is_reporter(incoming, ticket):
         return Decision(REPORTER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
-    why = ("not the reporter" if incoming.sender != ticket.reporter.lower()
-           else "the reporter's envelope address but " + (
-               f"From: {incoming.mail.from_address or '(none)'}"
-               if incoming.mail.from_address.lower() != ticket.reporter.lower()
-               else f"not authenticated ({incoming.authentication.result}: {incoming.authentication.reason})"))
-    return Decision(THIRD_PARTY_REPLY, f"threads by {via}; {incoming.sender} is {why}", ticket_id=ticket.id,
-                    threaded_by=via)
+    return Decision(THIRD_PARTY_REPLY, f"threads by {via}; {_not_the_reporter(incoming, ticket)}",
+                    ticket_id=ticket.id, threaded_by=via)
+
+
+def _not_the_reporter(incoming: Incoming, ticket: TicketRef) -> str:
+    """Why *incoming*, threading into *ticket*, is not from its reporter."""
+    if incoming.sender != ticket.reporter.lower():
+        return f"{incoming.sender} is not the reporter"
+    if incoming.mail.from_address.lower() != ticket.reporter.lower():
+        return f"the reporter's envelope address, but From: {incoming.mail.from_address or '(none)'}"
+    verdict = incoming.authentication
+    return f"the reporter's address, but not authenticated and their domain publishes DMARC ({verdict.reason})"
 
 
 def _mentions(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[str, ...]:

@@ -536,14 +536,20 @@ def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage
 
 def _record_bounce(session: Session, ticket: Ticket, incoming: route.Incoming, bounced: route.KnownMessage,
                    now: datetime) -> None:
+    """A bounce of mail we sent (routing matched its Message-ID): an event and, if the mail went to
+    the reporter and failed for them, the reporter flagged unreachable (a maintainer's notice
+    bouncing says nothing about the reporter)."""
     report = incoming.mail.delivery_report
-    recipient = (report.recipient if report and report.recipient else ticket.reporter)
+    sent_to = [r.lower() for r in session.scalars(select(Outbox.recipients)
+                                                  .where(Outbox.message_id == bounced.message_id)).first() or []]
+    recipient = report.recipient if report and report.recipient else (sent_to[0] if sent_to else ticket.reporter)
     diagnostic = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no detail"
     what = bounced.kind.replace("-", " ")
     add_event(session, ticket.id, "bounced", now, summary=f"{what} to {recipient} bounced: {diagnostic}",
               message_id=bounced.message_id, recipient=recipient)
     failed = report is None or (report.action or "failed") == "failed"
-    if failed and recipient.lower() == ticket.reporter.lower() and ticket.reporter_unreachable_at is None:
+    to_reporter = recipient.lower() == ticket.reporter.lower() and (not sent_to or recipient.lower() in sent_to)
+    if failed and to_reporter and ticket.reporter_unreachable_at is None:
         ticket.reporter_unreachable_at = now
         add_event(session, ticket.id, "reporter-unreachable", now, address=recipient)
 
