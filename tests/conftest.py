@@ -26,13 +26,14 @@ from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from intake import processor, schema
+from intake import processor, route, schema
 from intake.cli import main
 from intake.config import Settings, load_settings
 from intake.db import make_engine, read_session
 from intake.inbound import GroupCommitter
 from intake.models import Ticket
 from intake.outbox import OutboxSender, make_transport
+from intake.sender_auth import PASS, Verdict
 from intake.service import start_listener
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -409,9 +410,6 @@ def vouched(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """Add the Message-ID of mail sent with :func:`trusted_results` here. Until processing computes
     sender verdicts itself (branch auth-core), such mail gets its pass verdict from this fixture;
     once processing passes ``authentication`` to every Incoming, this stands aside."""
-    from intake import route
-    from intake.sender_auth import PASS, Verdict
-
     ids: set[str] = set()
     real = route.Incoming
 

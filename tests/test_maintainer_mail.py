@@ -5,8 +5,8 @@ forged or tokenless mail changes nothing."""
 
 from __future__ import annotations
 
-import email
 import base64
+import email
 import email.policy
 import hashlib
 import hmac
@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import select
 
 from conftest import TRUSTED_MX, deliver_outbox, process, report, smtp_send, trusted_results
-from intake import reply_tokens, route, tickets
-from intake.db import read_session
+from intake import reply_tokens, route, schema, tickets
+from intake.db import make_engine, read_session
 from intake.models import InboundMessage
 from intake.maintainer_mail import split_commands, trim_reply
 from intake.parse import parse
@@ -349,6 +349,21 @@ def test_rotating_is_refused_when_the_operator_gives_the_secret(make_settings, c
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     monkeypatch.setenv("INTAKE_REPLY_SECRET", "c2VjcmV0IGZyb20gdGhlIGVudmlyb25tZW50Cg==")
     assert "$INTAKE_REPLY_SECRET" in cli("secret", "rotate", code=1).output
+
+
+def test_other_nodes_use_a_rotated_secret_within_their_cache_time(make_settings, monkeypatch):
+    engine = make_engine(make_settings().database_url)
+    schema.upgrade(engine)
+    clock = [1000.0]
+    monkeypatch.setattr(reply_tokens, "_clock", lambda: clock[0])
+    monkeypatch.setattr(reply_tokens, "_secrets", {})
+    first = reply_tokens.secret(engine)
+    node = dict(reply_tokens._secrets)  # another node's cached copy
+    reply_tokens.rotate(engine, NOW)
+    reply_tokens._secrets.update(node)
+    assert reply_tokens.secret(engine) == first  # still cached there...
+    clock[0] += reply_tokens.CACHE_SECONDS
+    assert reply_tokens.secret(engine) != first  # ...but no longer than CACHE_SECONDS
 
 
 def test_a_non_ascii_token_does_not_crash_processing(desk):

@@ -56,7 +56,8 @@ EXPIRED = "expired"
 OLD_FORMAT = "old-format"
 INVALID = "invalid"
 
-_secrets: dict[str, tuple[float, bytes]] = {}  # by database URL: (monotonic time read, secret)
+_secrets: dict[str, tuple[float, bytes]] = {}  # by database URL: (_clock() when read, secret)
+_clock = time.monotonic
 
 
 class SecretGiven(RuntimeError):
@@ -80,7 +81,7 @@ def secret(engine: Engine) -> bytes:
         return given.encode()
     key = engine.url.render_as_string(hide_password=False)
     cached = _secrets.get(key)
-    if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
+    if cached is not None and _clock() - cached[0] < CACHE_SECONDS:
         return cached[1]
     with read_session(engine) as session:
         stored = session.get(ServiceSecret, _SECRET_NAME)
@@ -93,7 +94,7 @@ def secret(engine: Engine) -> bytes:
                 .on_conflict_do_nothing(index_elements=["name"]))
             stored = session.get(ServiceSecret, _SECRET_NAME)
     assert stored is not None
-    _secrets[key] = (time.monotonic(), stored.value.encode())
+    _secrets[key] = (_clock(), stored.value.encode())
     return _secrets[key][1]
 
 
