@@ -36,7 +36,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy import Engine, func, select
 
 from intake import replies
-from intake.config import SECRETS, Settings, read_secret
+from intake.config import SECRETS, SenderAuthSection, Settings, read_secret
 from intake.db import read_session, write_session
 from intake.models import FINISHED_STATES, ServiceSecret, Ticket
 from intake.sla import parse_duration
@@ -48,6 +48,8 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lowercased
 _EPOCH = date(1970, 1, 1)
 _TOKEN = re.compile(r"[a-z2-7]{%d}" % (_DAY_LENGTH + _MAC_LENGTH))
 _OLD_TOKEN = re.compile(r"[a-z2-7]{%d}" % _MAC_LENGTH)  # before tokens carried their issue day
+# [sender_auth] reply_token_max_age's default, for callers without settings.
+DEFAULT_MAX_AGE = parse_duration(SenderAuthSection.model_fields["reply_token_max_age"].default).elapsed
 CACHE_SECONDS = 30.0  # how long a process trusts its copy of the database's secret
 
 # Outcomes of check().
@@ -109,9 +111,9 @@ def rotate(engine: Engine, now: datetime) -> int:
     with write_session(engine) as session:
         stored = session.get(ServiceSecret, _SECRET_NAME)
         if stored is None:
-            stored = ServiceSecret(name=_SECRET_NAME, value="", created_at=now)
-            session.add(stored)
-        stored.value, stored.created_at = secrets.token_hex(32), now
+            session.add(ServiceSecret(name=_SECRET_NAME, value=secrets.token_hex(32), created_at=now))
+        else:
+            stored.value, stored.created_at = secrets.token_hex(32), now
         still_open = session.scalar(select(func.count()).select_from(Ticket)
                                     .where(Ticket.state.not_in(FINISHED_STATES)))
     _secrets.pop(engine.url.render_as_string(hide_password=False), None)
@@ -187,15 +189,20 @@ def check(secret: bytes, reference: str, candidate: str, maintainers: Iterable[s
     return TokenCheck(INVALID)
 
 
-def verify(secret: bytes, reference: str, candidate: str, sender: str, now: datetime, max_age: timedelta) -> bool:
-    """Whether *candidate* is the valid token of *sender*'s reply address for *reference* at *now*."""
-    return check(secret, reference, candidate, [sender], now, max_age).status == VALID
+def verify(secret: bytes, reference: str, candidate: str, sender: str, now: datetime | None = None,
+           max_age: timedelta = DEFAULT_MAX_AGE) -> bool:
+    """Whether *candidate* is the valid token of *sender*'s reply address for *reference* at *now*
+    (default: the current time)."""
+    return check(secret, reference, candidate, [sender], now or datetime.now(timezone.utc), max_age).status == VALID
 
 
-def reply_address(secret: bytes, intake_address: str, reference: str, maintainer: str, now: datetime) -> str:
-    """``<local>+<REFERENCE>.<token>@<domain>`` on the ticket's intake address, issued *now*."""
+def reply_address(secret: bytes, intake_address: str, reference: str, maintainer: str,
+                  now: datetime | None = None) -> str:
+    """``<local>+<REFERENCE>.<token>@<domain>`` on the ticket's intake address, issued *now*
+    (default: the current time)."""
     local, _, domain = intake_address.rpartition("@")
-    return f"{local.split('+', 1)[0]}+{reference}.{token(secret, reference, maintainer, now)}@{domain}"
+    issued = token(secret, reference, maintainer, now or datetime.now(timezone.utc))
+    return f"{local.split('+', 1)[0]}+{reference}.{issued}@{domain}"
 
 
 def reply_to(settings: Settings, secret: bytes, intake_address: str, reference: str, recipient: str,
