@@ -5,18 +5,26 @@ forged or tokenless mail changes nothing."""
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
+import hashlib
+import hmac
+import smtplib
+import uuid
+from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 
 import pytest
 from sqlalchemy import select
 
-from conftest import deliver_outbox, process, report, smtp_send
-from intake import reply_tokens, tickets
-from intake.db import read_session
+from conftest import TRUSTED_MX, deliver_outbox, process, report, smtp_send, trusted_results
+from intake import reply_tokens, route, schema, tickets
+from intake.db import make_engine, read_session
 from intake.models import InboundMessage
 from intake.maintainer_mail import split_commands, trim_reply
+from intake.parse import parse
+from intake.sender_auth import Verdict
 
 MAINTAINERS = """
 [[maintainers]]
@@ -30,8 +38,9 @@ email = "bo@maintainers.test"
 
 
 class Desk:
-    def __init__(self, settings, running, sink, reference):  # type: ignore[no-untyped-def]
+    def __init__(self, settings, running, sink, reference, vouched):  # type: ignore[no-untyped-def]
         self.settings, self.running, self.sink, self.reference = settings, running, sink, reference
+        self.vouched = vouched
 
     def deliver(self) -> list:
         """Send what is queued and return the mail that reached the sink since the last call."""
@@ -40,6 +49,8 @@ class Desk:
         return self.sink.wait_for(before + sent)[before:]
 
     def send(self, message: EmailMessage, mail_from: str, rcpt: str) -> None:
+        if message["Authentication-Results"] == AUTHENTICATED:
+            self.vouched.add(message["Message-ID"])
         smtp_send(self.running.port, message, mail_from=mail_from, rcpt_tos=[rcpt])
         process(self.settings, self.running.engine)
 
@@ -47,14 +58,23 @@ class Desk:
         return tickets.ticket_detail(self.running.engine, self.reference)
 
 
+NOW = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+MAX_AGE = timedelta(days=90)
+
+AUTHENTICATED = trusted_results("maintainers.test")  # what our MX says of Ana's and Bo's mail
+
+
 @pytest.fixture
-def desk(make_settings, start_intake_listener, config_file, sink):
+def desk(make_settings, start_intake_listener, config_file, sink, vouched):
     config_file.write_text(config_file.read_text() + MAINTAINERS)
-    settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}")
+    settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}",
+                             # our MX's verdicts are believed; no DNS lookups of our own
+                             INTAKE_SENDER_AUTH__TRUSTED_AUTHSERV_IDS=f'["{TRUSTED_MX}"]',
+                             INTAKE_SENDER_AUTH__VERIFY="false")
     running = start_intake_listener(settings)
     smtp_send(running.port, report(subject="Auth bypass in admin", message_id="<report@alice.test>"))
     [reference] = process(settings, running.engine).tickets_opened
-    desk = Desk(settings, running, sink, reference)
+    desk = Desk(settings, running, sink, reference, vouched)
     desk.deliver()  # the acknowledgement
     return desk
 
@@ -71,12 +91,15 @@ def _reporter_replies(desk: Desk) -> dict[str, email.message.EmailMessage]:
     return {mail.rcpt_tos[0]: _parsed(mail) for mail in desk.deliver()}
 
 
-def _maintainer_mail(reply_to: str, body: str, sender: str = "ana@maintainers.test") -> EmailMessage:
+def _maintainer_mail(reply_to: str, body: str, sender: str = "ana@maintainers.test",
+                     authentication: str | None = AUTHENTICATED) -> EmailMessage:
     message = EmailMessage()
+    if authentication:
+        message["Authentication-Results"] = authentication
     message["From"] = f"Ana Maintainer <{sender}>"
     message["To"] = reply_to
     message["Subject"] = "Re: reporter replied"
-    message["Message-ID"] = f"<m-{abs(hash(body))}@maintainers.test>"
+    message["Message-ID"] = f"<m-{uuid.uuid4().hex}@maintainers.test>"
     message.set_content(body)
     return message
 
@@ -175,14 +198,182 @@ def test_maintainer_mail_without_a_token_threads_but_is_not_relayed(desk):
     assert all(m.rcpt_tos != ["alice@researcher.test"] for m in desk.deliver())
 
 
-def test_reply_address_tokens_are_per_ticket_and_maintainer():
-    secret = b"s" * 32
-    ana = reply_tokens.reply_address(secret, "security@example.com", "SEC-2026-0001", "ana@maintainers.test")
-    token = ana.split("@")[0].split(".")[-1]
-    assert reply_tokens.verify(secret, "SEC-2026-0001", token, "ANA@maintainers.test")
-    assert not reply_tokens.verify(secret, "SEC-2026-0002", token, "ana@maintainers.test")
-    assert not reply_tokens.verify(secret, "SEC-2026-0001", token, "bo@maintainers.test")
-    assert not reply_tokens.verify(b"t" * 32, "SEC-2026-0001", token, "ana@maintainers.test")
+def test_reply_address_tokens_are_per_ticket_maintainer_and_issue_day():
+    secret, reference, ana = b"s" * 32, "SEC-2026-0001", "ana@maintainers.test"
+    address = reply_tokens.reply_address(secret, "security@example.com", reference, ana, NOW)
+    token = address.split("@")[0].split(".")[-1]
+    assert len(token) == 24 and address == f"security+{reference}.{token}@example.com"
+    assert reply_tokens.verify(secret, reference, token, "ANA@maintainers.test", NOW, MAX_AGE)
+    assert reply_tokens.verify(secret, reference, token, ana, NOW + MAX_AGE, MAX_AGE)  # a replay within its age
+    assert not reply_tokens.verify(secret, reference, token, ana, NOW + MAX_AGE + timedelta(days=1), MAX_AGE)
+    assert not reply_tokens.verify(secret, "SEC-2026-0002", token, ana, NOW, MAX_AGE)
+    assert not reply_tokens.verify(secret, reference, token, "bo@maintainers.test", NOW, MAX_AGE)
+    assert not reply_tokens.verify(b"t" * 32, reference, token, ana, NOW, MAX_AGE)
+    backdated = ("b" if token[3] != "b" else "c") + token[1:]  # another issue day, same MAC: forged
+    assert not reply_tokens.verify(secret, reference, backdated, ana, NOW, MAX_AGE)
+    # Whose it is, found by trying every maintainer: what a refusal is told to.
+    assert reply_tokens.check(secret, reference, token, ["bo@maintainers.test", ana], NOW + timedelta(days=91),
+                              MAX_AGE) == reply_tokens.TokenCheck(reply_tokens.EXPIRED, ana, NOW.date())
+
+
+def test_old_format_tokens_are_expired_and_non_ascii_ones_are_nobodys():
+    secret, reference, ana = b"s" * 32, "SEC-2026-0001", "ana@maintainers.test"
+    # A token as made before tokens carried their issue day.
+    old = base64.b32encode(hmac.new(secret, f"{reference}\0{ana}".encode(), hashlib.sha256).digest()).decode()
+    checked = reply_tokens.check(secret, reference, old.lower()[:20], [ana], NOW, MAX_AGE)
+    assert (checked.status, checked.maintainer) == (reply_tokens.OLD_FORMAT, ana)
+    for candidate in ("\u017f" + "a" * 19, "\u017f" * 24, "\u212a" * 24, "\u00e9" * 20, "a" * 23 + "\u0131"):
+        assert reply_tokens.check(secret, reference, candidate, [ana], NOW, MAX_AGE).status == reply_tokens.INVALID
+        assert not reply_tokens.verify(secret, reference, candidate, ana, NOW, MAX_AGE)
+
+
+class _OneTicket:
+    """The one lookup the reply-address rule makes: SEC-2026-0001 exists."""
+
+    def ticket_by_reference(self, reference: str) -> route.TicketRef | None:
+        return route.TicketRef(7, reference, "alice@researcher.test") if reference == "SEC-2026-0001" else None
+
+
+def _route_to(address: str, sender: str, verdict: Verdict, secret: bytes = b"s" * 32) -> route.Decision:
+    maintainers = ["ana@maintainers.test", "bo@maintainers.test"]
+    config = route.RoutingConfig(
+        our_addresses=frozenset({"security@example.com"}), loop_marker="intake.example.com", reference_prefix="SEC",
+        is_maintainer=lambda address: address.lower() in maintainers, never_answered=lambda address: False,
+        check_reply_token=lambda reference, token: reply_tokens.check(secret, reference, token, maintainers, NOW,
+                                                                      MAX_AGE))
+    mail = parse(_maintainer_mail(address, "#close invalid\n", sender=sender).as_bytes())
+    incoming = route.Incoming(mail=mail, mail_from=sender, rcpt_tos=[address], message_key="k",
+                              authentication=verdict)
+    return route.reply_address(incoming, _OneTicket(), config)  # type: ignore[arg-type]
+
+
+def test_the_reply_address_rule_needs_a_valid_token_and_an_authenticated_sender():
+    ana = "ana@maintainers.test"
+    address = reply_tokens.reply_address(b"s" * 32, "security@example.com", "SEC-2026-0001", ana, NOW)
+    passed = Verdict("pass", "dmarc=pass header.from=maintainers.test (by mx.example.com)")
+    decision = _route_to(address, ana, passed)
+    assert (decision.kind, decision.ticket_id, decision.authenticated) == ("maintainer-reply", 7, True)
+    for verdict in (Verdict("none", "not checked"), Verdict("fail", "dkim=fail (signature did not verify)")):
+        refused = _route_to(address, ana, verdict)
+        assert (refused.kind, refused.ticket_id, refused.authenticated) == ("rejected", None, False)
+        assert "authentication failed" in refused.reason and verdict.reason in refused.reason
+        assert refused.refused == route.Refused(route.TicketRef(7, "SEC-2026-0001", "alice@researcher.test"), ana)
+    stale = reply_tokens.reply_address(b"s" * 32, "security@example.com", "SEC-2026-0001", ana,
+                                       NOW - MAX_AGE - timedelta(days=1))
+    expired = _route_to(stale, ana, passed)
+    assert expired.kind == "rejected" and expired.reason.startswith("reply address expired")
+    assert expired.refused is not None and expired.refused.maintainer == ana
+    # Someone else's reply address, or another secret's: rejected, and no one to tell.
+    for decision in (_route_to(address, "bo@maintainers.test", passed), _route_to(address, ana, passed, b"t" * 32)):
+        assert (decision.kind, decision.refused) == ("rejected", None) and "nothing changed" in decision.reason
+
+
+def _last_inbound(desk: Desk, count: int = 1) -> list[InboundMessage]:
+    with read_session(desk.running.engine) as session:
+        return list(session.scalars(select(InboundMessage).order_by(InboundMessage.id.desc()).limit(count)))
+
+
+def _unchanged(before, after) -> None:  # type: ignore[no-untyped-def]
+    fields = ("state", "close_reason", "severity", "assignee", "labels", "credit")
+    assert [getattr(after.ticket, f) for f in fields] == [getattr(before.ticket, f) for f in fields]
+    assert (len(after.entries), len(after.events)) == (len(before.entries), len(before.events))
+
+
+def test_forged_maintainer_mail_with_a_valid_token_changes_nothing_and_the_maintainer_is_told_once(desk):
+    reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
+    before = desk.ticket()
+    for _ in range(3):  # the attacker tries again; a replay is stopped by authentication alone
+        forged = _maintainer_mail(reply_to, "#close invalid\n#credit Mallory Evil\n#label wontfix\n\n"
+                                            "Please send your full PoC to mallory@evil.test\n",
+                                  # a header anyone can write: only our MX's is believed
+                                  authentication="mx.evil.test; dmarc=pass header.from=maintainers.test")
+        desk.send(forged, "ana@maintainers.test", reply_to)
+    _unchanged(before, desk.ticket())
+    for row in _last_inbound(desk, 3):
+        assert (row.decision, row.ticket_id) == ("rejected", None)
+        assert "authentication failed" in row.reason and "nothing changed" in row.reason
+    [notice] = desk.deliver()  # nothing relayed to the reporter; one notice for three attempts
+    assert notice.rcpt_tos == ["ana@maintainers.test"]  # the address from the configuration
+    parsed = _parsed(notice)
+    assert parsed["Auto-Submitted"] == "auto-generated" and parsed["X-Intake-Loop"]
+    assert parsed["Reply-To"].startswith(f"security+{desk.reference}.")
+    text = parsed.get_content()
+    assert "refused" in text and "authentication failed" in text and parsed["Reply-To"] in text
+
+
+@pytest.mark.parametrize("kind", ["expired", "old format"])
+def test_an_expired_reply_address_is_refused_and_answered_with_a_fresh_one(desk, kind):
+    ana, now = "ana@maintainers.test", datetime.now(timezone.utc)
+    secret = reply_tokens.secret(desk.running.engine)
+    if kind == "expired":
+        stale = reply_tokens.reply_address(secret, "security@example.com", desk.reference, ana,
+                                           now - timedelta(days=91))
+    else:
+        old = hmac.new(secret, f"{desk.reference}\0{ana}".encode(), hashlib.sha256).digest()
+        stale = f"security+{desk.reference}.{base64.b32encode(old).decode().lower()[:20]}@example.com"
+    before = desk.ticket()
+    desk.send(_maintainer_mail(stale, "#severity high\n\nFixed in 1.4.2.\n"), ana, stale)
+    _unchanged(before, desk.ticket())
+    [row] = _last_inbound(desk)
+    assert row.decision == "rejected" and row.reason.startswith("reply address expired") and kind in row.reason
+    [notice] = desk.deliver()
+    fresh = _parsed(notice)["Reply-To"]
+    assert notice.rcpt_tos == [ana] and fresh != stale and fresh in _parsed(notice).get_content()
+    desk.send(_maintainer_mail(fresh, "#severity high\n#note\n"), ana, fresh)
+    assert desk.ticket().ticket.severity == "high"
+
+
+def test_rotating_the_secret_retires_every_reply_address(desk, cli):
+    old = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
+    output = cli("secret", "rotate").output
+    assert "stops working" in output and "1 open ticket(s)" in output
+    desk.send(_maintainer_mail(old, "#severity high\n#note\n"), "ana@maintainers.test", old)
+    [row] = _last_inbound(desk)
+    assert row.decision == "rejected" and desk.ticket().ticket.severity is None
+    assert desk.deliver() == []  # a token of the old secret is nobody's: no one to tell
+    again = report(subject=f"Re: [{desk.reference}] Auth bypass in admin", body="Any news?\n")
+    desk.send(again, "alice@researcher.test", "security@example.com")
+    new = {m.rcpt_tos[0]: _parsed(m) for m in desk.deliver()}["ana@maintainers.test"]["Reply-To"]
+    assert new != old
+    desk.send(_maintainer_mail(new, "#severity high\n#note\n"), "ana@maintainers.test", new)
+    assert desk.ticket().ticket.severity == "high"
+
+
+def test_rotating_is_refused_when_the_operator_gives_the_secret(make_settings, cli, monkeypatch, tmp_path):
+    make_settings()
+    (tmp_path / "credentials").mkdir()
+    (tmp_path / "credentials" / "reply-secret").write_text("c2VjcmV0IGZyb20gYSBjcmVkZW50aWFsIGZpbGUK\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "credentials"))
+    output = cli("secret", "rotate", code=1).output
+    assert "$CREDENTIALS_DIRECTORY/reply-secret" in output and "restart" in output
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    monkeypatch.setenv("INTAKE_REPLY_SECRET", "c2VjcmV0IGZyb20gdGhlIGVudmlyb25tZW50Cg==")
+    assert "$INTAKE_REPLY_SECRET" in cli("secret", "rotate", code=1).output
+
+
+def test_other_nodes_use_a_rotated_secret_within_their_cache_time(make_settings, monkeypatch):
+    engine = make_engine(make_settings().database_url)
+    schema.upgrade(engine)
+    clock = [1000.0]
+    monkeypatch.setattr(reply_tokens, "_clock", lambda: clock[0])
+    monkeypatch.setattr(reply_tokens, "_secrets", {})
+    first = reply_tokens.secret(engine)
+    node = dict(reply_tokens._secrets)  # another node's cached copy
+    reply_tokens.rotate(engine, NOW)
+    reply_tokens._secrets.update(node)
+    assert reply_tokens.secret(engine) == first  # still cached there...
+    clock[0] += reply_tokens.CACHE_SECONDS
+    assert reply_tokens.secret(engine) != first  # ...but no longer than CACHE_SECONDS
+
+
+def test_a_non_ascii_token_does_not_crash_processing(desk):
+    rcpt = f"security+{desk.reference}.\u017f{'a' * 19}@example.com"  # IGNORECASE [a-z] matches the long s
+    message = _maintainer_mail(rcpt, "#severity high\n")
+    with smtplib.SMTP("127.0.0.1", desk.running.port, timeout=30) as client:
+        client.sendmail("ana@maintainers.test", [rcpt], message.as_bytes(policy=message.policy.clone(linesep="\r\n")),
+                        mail_options=["SMTPUTF8"])
+    result = process(desk.settings, desk.running.engine)
+    assert result.failed == [] and desk.ticket().ticket.severity is None
 
 
 def test_trimming_and_command_lines():

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import select, update
 
-from conftest import process, report
+from conftest import TRUSTED_MX, process, report, trusted_results
 from intake import deadlines, inbound, milestones, outbox, reminders, reply_tokens, schema, tickets
 from intake.db import make_engine, read_session, write_session
 from intake.models import Deadline, Notification
@@ -118,7 +118,8 @@ def test_reminder_points_in_calendar_time_each_sent_once(desk):
     assert "Reminder (50%): resolve is due Thu 11 Jun 2026 10:00 UTC, in 5d" in body(first.raw)
     # Replies go to Mia's own signed reply address for the ticket, which threads back into it.
     assert header(second.raw, "Reply-To") == reply_tokens.reply_address(
-        reply_tokens.secret(desk.engine), "security@example.com", ref, "mia@example.com")
+        reply_tokens.secret(desk.engine), "security@example.com", ref, "mia@example.com",
+        T0 + timedelta(days=9, minutes=1))
 
 
 def test_reminder_points_in_business_time_count_working_days(desk, config_file):
@@ -322,11 +323,14 @@ def test_new_ticket_notice_tells_maintainers_text_sender_decision_and_dates(desk
     assert "Acknowledgement by a person: by Tue 09 Jun 2026 15:00 AEST" in text
 
 
-def test_a_maintainer_replying_to_the_notice_threads_into_the_ticket(desk):
-    desk.configure(INTAKE_INTAKE__DEFAULT_POLICY="tenday")
+def test_a_maintainer_replying_to_the_notice_threads_into_the_ticket(desk, vouched):
+    desk.configure(INTAKE_INTAKE__DEFAULT_POLICY="tenday", INTAKE_SENDER_AUTH__VERIFY="false",
+                   INTAKE_SENDER_AUTH__TRUSTED_AUTHSERV_IDS=f'["{TRUSTED_MX}"]')
     ref = desk.open(T0)
     [notice] = desk.mails("new-ticket")
-    reply = report(subject=f"Re: {header(notice.raw, 'Subject')}", sender="mia@example.com", body="Looking at it.\n")
+    reply = report(subject=f"Re: {header(notice.raw, 'Subject')}", sender="mia@example.com", body="Looking at it.\n",
+                   Authentication_Results=trusted_results("example.com"))
+    vouched.add(reply["Message-ID"])
     inbound.store(desk.engine, [inbound.Arrival("mia@example.com", [header(notice.raw, "Reply-To")], "127.0.0.1",
                                                 "test", reply.as_bytes(), T0 + timedelta(hours=1))])
     result = process(desk.settings, desk.engine, T0 + timedelta(hours=1))

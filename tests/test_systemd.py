@@ -69,3 +69,8 @@ def test_socket_passes_port_25_to_the_service():
     socket_unit = _directives("intake.socket")
     assert socket_unit["ListenStream"] == ["25"] and socket_unit["Accept"] == ["no"]
     assert socket_unit["FileDescriptorName"] == ["smtp"]
+
+
+def test_reply_secret_comes_from_a_credential_not_the_database():
+    credentials = dict(value.split(":", 1) for value in _directives("intake.service")["LoadCredential"])
+    assert credentials["reply-secret"] == "/etc/intake/credentials/reply-secret"

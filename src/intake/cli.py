@@ -17,6 +17,7 @@ from zoneinfo import ZoneInfo
 import click
 
 from intake import backup as backups
+from intake import reply_tokens
 from intake import (correspondence, credit, deadlines, digest, inbound, milestones, outbox, parse_guard,
                     processor, reminders, schema, service, tickets, triage)
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
@@ -838,6 +839,26 @@ def db_history() -> None:
 def db_revision(message: str) -> None:
     """For developers: write the migration the models need into a source checkout."""
     click.echo(f"wrote {schema.new_revision(message)}: read it, test it, commit it")
+
+
+@main.group("secret")
+def secret_group() -> None:
+    """The secret that signs maintainers' reply addresses."""
+
+
+@secret_group.command("rotate")
+@click.pass_obj
+def secret_rotate(obj: Context) -> None:
+    """Make a new reply-address signing secret: every reply address given out before stops working."""
+    try:
+        still_open = reply_tokens.rotate(obj.engine(), datetime.now(timezone.utc))
+    except reply_tokens.SecretGiven as exc:
+        _fail(f"the reply secret comes from {exc}, not the database: replace it there with a new random "
+              "value (e.g. `head -c 32 /dev/urandom | base64`) and restart intake on every node")
+        return
+    click.echo("reply secret rotated: every reply address given out before stops working now (on other "
+               f"nodes within {reply_tokens.CACHE_SECONDS:.0f} seconds)")
+    click.echo(f"{still_open} open ticket(s): their maintainers get fresh reply addresses with their next notice")
 
 
 @main.command("backup")

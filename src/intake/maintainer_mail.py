@@ -145,7 +145,7 @@ def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming
     """After a threaded message was recorded on its ticket: a maintainer's authenticated mail is
     carried out, a reporter's reply is forwarded to the maintainers (signing their reply
     addresses with *reply_secret*), a third party's is forwarded marked as theirs."""
-    if decision.kind == route.MAINTAINER_REPLY and decision.authenticated:
+    if decision.kind == route.MAINTAINER_REPLY and decision.authenticated and incoming.authentication.authenticated:
         _maintainer_mail(session, settings, stored, incoming, decision, now)
     elif decision.kind in (route.REPORTER_REPLY, route.THIRD_PARTY_REPLY):
         _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret)
@@ -212,6 +212,46 @@ def _confirm(session: Session, settings: Settings, ticket: Ticket, incoming: rou
         ticket_id=ticket.id, now=now)
 
 
+def refused(session: Session, settings: Settings, incoming: route.Incoming, decision: route.Decision,
+            now: datetime, secret: bytes) -> None:
+    """Tell the maintainer whose reply address *decision* refused why, with a fresh reply address:
+    at most once a day per ticket (the dedupe key), however often the address is tried. Only the
+    address's owner hears of it, never the sender, who may be forged."""
+    assert decision.refused is not None
+    ticket, maintainer = session.get(Ticket, decision.refused.ticket.id), decision.refused.maintainer
+    assert ticket is not None
+    address = reply_tokens.reply_address(secret, ticket.intake_address, ticket.reference, maintainer, now)
+    if incoming.authentication.authenticated:
+        advice = "Please send your mail again to the fresh reply address below."
+    else:
+        advice = ("Mail to your reply address counts only when its sender is authenticated (DMARC pass, or a\n"
+                  "DKIM signature aligned with your From: domain). If you sent it, check your domain's DKIM\n"
+                  "signing; if you did not, someone else knows your reply address (intake secret rotate\n"
+                  "makes every earlier one stop working).")
+    text = "\n".join([
+        f"A mail to your reply address for {ticket.reference} was refused: nothing on the ticket was changed",
+        "and nothing was sent to the reporter.",
+        "",
+        f"Reason: {clean_text(decision.reason)}",
+        f"Envelope sender: {clean_text(incoming.mail_from) or '(none)'}",
+        "",
+        advice,
+        "",
+        f"Your fresh reply address for {ticket.reference} (valid for "
+        f"{settings.sender_auth.reply_token_max_age}): {address}",
+        "",
+        "You get at most one such notice a day for this ticket.",
+    ]) + "\n"
+    queued = outbox.enqueue(session, replies.maintainer_mail(
+        kind="reply-refused", dedupe_key=f"refused:{ticket.reference}:{maintainer}:{now.date().isoformat()}",
+        reference=ticket.reference, subject=f"[{ticket.reference}] Your mail was refused: nothing changed",
+        recipients=[maintainer], sender=(settings.intake.from_name, ticket.intake_address),
+        reply_to=address, text=text, message_id_domain=settings.intake.message_id_domain, now=now),
+        ticket_id=ticket.id, now=now)
+    log.info("event=maintainer-mail-refused ticket=%s maintainer=%s notified=%s", ticket.reference, maintainer,
+             queued)
+
+
 def maintainer_recipients(settings: Settings, ticket: Ticket) -> list[str]:
     """Who hears about a ticket: its assignee, else every maintainer."""
     if ticket.assignee:
@@ -265,7 +305,7 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
     what = "third party (not the reporter) wrote" if third_party else "reporter replied"
     for maintainer in recipients:
         message_id = replies.new_message_id("fwd", ticket.reference, settings.intake.message_id_domain)
-        address = reply_tokens.reply_address(secret, ticket.intake_address, ticket.reference, maintainer)
+        address = reply_tokens.reply_address(secret, ticket.intake_address, ticket.reference, maintainer, now)
         headers = [("To", maintainer), *([] if third_party else [("Reply-To", address)]),
                    ("Subject", f"[{ticket.reference}] {what}: {clean_text(mail.subject)}"),
                    ("Date", format_datetime(now)), ("Message-ID", message_id),

@@ -181,7 +181,7 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
     on again alone, on a fresh snapshot)."""
     reply_secret = reply_tokens.secret(engine)
     with read_session(engine) as session:
-        routed = _route(session, settings, items, reply_secret)
+        routed = _route(session, settings, items, reply_secret, now)
         reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality)
                    for r in routed if r.decision.kind == route.NEW_TICKET]
         sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
@@ -210,6 +210,8 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
             tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now)
             maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
                                    plan.reply_secret)
+        elif r.decision.refused is not None:
+            maintainer_mail.refused(session, settings, r.incoming, r.decision, now, plan.reply_secret)
         outcomes.append(Outcome(r.prepared, r.decision))
     _mark(session, outcomes, now)
     return outcomes
@@ -238,13 +240,14 @@ def _still_pending(session: Session, items: list[Prepared]) -> list[Prepared]:
     return [item for item in items if item.stored.id in pending]
 
 
-def _route(session: Session, settings: Settings, items: list[Prepared], reply_secret: bytes) -> list[Routed]:
+def _route(session: Session, settings: Settings, items: list[Prepared], reply_secret: bytes,
+           now: datetime) -> list[Routed]:
     """Decide *items* in order, up to the first whose decision depends on one made before it here
     (and not yet written); returns the decisions made, at least the first."""
     incomings = [route.Incoming(mail=item.mail, mail_from=item.stored.mail_from, rcpt_tos=item.stored.rcpt_tos,
                                 message_key=tickets.message_key(item.mail, item.stored)) for item in items]
     known = tickets.ChunkKnown(session, incomings)
-    config = tickets.routing_config(settings, reply_secret)
+    config = tickets.routing_config(settings, reply_secret, now)
     routed = []
     for item, incoming in zip(items, incomings):
         try:

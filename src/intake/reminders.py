@@ -313,7 +313,7 @@ def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: Pla
     mails = []
     for recipient in mail.recipients:
         reply_address = reply_tokens.reply_to(settings, reply_secret, ticket.intake_address, ticket.reference,
-                                              recipient)
+                                              recipient, now)
         mails.append(replies.maintainer_mail(
             kind=mail.kind, dedupe_key=f"{mail.key}>{recipient.lower()}", reference=ticket.reference, subject=subject,
             recipients=[recipient], sender=(settings.intake.from_name, ticket.intake_address), reply_to=reply_address,

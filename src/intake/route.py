@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from intake.parse import ParsedMail
+from intake.reply_tokens import EXPIRED, INVALID, OLD_FORMAT, TokenCheck
 from intake.sender_auth import NONE, Verdict
 
 NEW_TICKET = "new-ticket"
@@ -96,8 +97,9 @@ class RoutingConfig:
     reference_prefix: str
     is_maintainer: Callable[[str], bool]
     never_answered: Callable[[str], bool]
-    # (reference, token, sender) -> whether the token of a reply address is that sender's.
-    verify_reply_token: Callable[[str, str, str], bool] = lambda reference, token, sender: False
+    # (reference, token) -> whose reply address token it is among the maintainers, and whether it is
+    # still valid (see intake.reply_tokens.check); without a secret, no token is anyone's.
+    check_reply_token: Callable[[str, str], TokenCheck] = lambda reference, token: TokenCheck(INVALID)
 
     @property
     def _reference(self) -> str:
@@ -135,6 +137,14 @@ class Incoming:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """Mail to a maintainer's reply address that was refused: whose address it is, on which ticket."""
+
+    ticket: TicketRef
+    maintainer: str
+
+
+@dataclass(frozen=True)
 class Decision:
     kind: str
     reason: str
@@ -147,6 +157,9 @@ class Decision:
     bounced: KnownMessage | None = None
     # A maintainer's mail to their own signed reply address: its commands apply, its text is relayed.
     authenticated: bool = False
+    # Mail to a maintainer's reply address refused (expired, or its sender not authenticated): the
+    # ticket and the maintainer the address belongs to, who is told why (never the sender).
+    refused: Refused | None = None
 
 
 Rule = Callable[[Incoming, Known, RoutingConfig], Decision | None]
@@ -276,8 +289,10 @@ def _reply_address_tag(incoming: Incoming, config: RoutingConfig) -> tuple[str, 
 
 
 def reply_address(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
-    """Mail to a maintainer's signed reply address: theirs only if the token verifies for the sender,
-    who must be a maintainer; anything else to such an address changes nothing."""
+    """Mail to a maintainer's signed reply address: privileged only when the token is the sender's
+    and still valid, and the sender is authenticated (intake.sender_auth); anything else to such an
+    address changes nothing. When the address is the sender's own but expired or the sender is not
+    authenticated, the maintainer it belongs to is told why (a forged sender never hears back)."""
     tagged = _reply_address_tag(incoming, config)
     if tagged is None:
         return None
@@ -288,8 +303,20 @@ def reply_address(incoming: Incoming, known: Known, config: RoutingConfig) -> De
     if not config.is_maintainer(incoming.sender):
         return Decision(REJECTED, f"reply address {recipient} used by {incoming.sender}, not a maintainer: "
                                   "nothing changed")
-    if not config.verify_reply_token(reference, token, incoming.sender):
+    checked = config.check_reply_token(reference, token)
+    if checked.status == INVALID or checked.maintainer != incoming.sender:
         return Decision(REJECTED, f"reply address {recipient}: token is not {incoming.sender}'s: nothing changed")
+    refused = Refused(ticket, checked.maintainer)
+    if checked.status == OLD_FORMAT:
+        return Decision(REJECTED, f"reply address expired: {recipient} is of the old format without an issue "
+                                  "date, treated as expired: nothing changed", refused=refused)
+    if checked.status == EXPIRED:
+        return Decision(REJECTED, f"reply address expired: {recipient} was issued on {checked.issued}, longer "
+                                  "ago than reply_token_max_age: nothing changed", refused=refused)
+    if not incoming.authentication.authenticated:
+        return Decision(REJECTED, f"sender authentication failed for {incoming.sender} "
+                                  f"({incoming.authentication.result}: {incoming.authentication.reason}): "
+                                  "nothing changed", refused=refused)
     return Decision(MAINTAINER_REPLY, f"reply address of {incoming.sender} for {reference}", ticket_id=ticket.id,
                     threaded_by=f"reply address {recipient}", authenticated=True)
 

@@ -162,16 +162,20 @@ def _message_ids_referred_to(mail: ParsedMail) -> list[str]:
     return threading + ([report.original_message_id] if report and report.original_message_id else [])
 
 
-def routing_config(settings: Settings, reply_secret: bytes | None = None) -> route.RoutingConfig:
-    """What the routing rules read; without *reply_secret* no reply address verifies."""
+def routing_config(settings: Settings, reply_secret: bytes | None = None,
+                   now: datetime | None = None) -> route.RoutingConfig:
+    """What the routing rules read; without *reply_secret* (and the *now* tokens are checked at) no
+    reply address verifies."""
     return route.RoutingConfig(
         our_addresses=frozenset(settings.smtp.addresses),
         loop_marker=settings.intake.message_id_domain,
         reference_prefix=settings.intake.reference_prefix,
         is_maintainer=settings.is_maintainer,
         never_answered=settings.never_answered,
-        verify_reply_token=(lambda reference, token, sender: reply_tokens.verify(reply_secret, reference, token, sender))
-        if reply_secret else (lambda reference, token, sender: False),
+        check_reply_token=(lambda reference, token: reply_tokens.check(
+            reply_secret, reference, token, [m.email for m in settings.maintainers], now,
+            reply_tokens.max_age(settings)))
+        if reply_secret and now else (lambda reference, token: reply_tokens.TokenCheck(reply_tokens.INVALID)),
     )
 
 
@@ -378,7 +382,8 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
         from_name=settings.intake.from_name)
     notices = []
     for recipient in settings.notice_recipients:
-        reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient)
+        reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient,
+                                              now)
         notices.append(replies.maintainer_mail(
             kind="new-ticket", dedupe_key=f"new:{opening.reference}>{recipient.lower()}", reference=opening.reference,
             subject=f"[{opening.reference}] New report: {subject}", recipients=[recipient],
