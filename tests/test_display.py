@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import process, report, smtp_send
 from intake import display
+from intake.cli import main
 
 INTAKE = Path(sys.executable).parent / "intake"
 
@@ -136,14 +137,27 @@ def _on_a_terminal(args: list[str]) -> tuple[int, str]:
     return child.wait(30), b"".join(chunks).decode("utf-8")
 
 
-def test_on_a_real_terminal_show_escapes_and_attachment_bytes_are_refused(config_file, hostile_ticket):
+def test_on_a_real_terminal_show_prints_the_escapes(config_file, hostile_ticket):
     code, shown = _on_a_terminal(["--config", str(config_file), "show", hostile_ticket])
     assert code == 0
     assert not FORBIDDEN.search(shown.replace("\r\n", "\n"))  # the terminal's own line ends
     assert "\\x1b]52;c;" in shown and "\\x1b[2Kticket closed as spam" in shown
 
-    code, refused = _on_a_terminal(["--config", str(config_file), "attachment", hostile_ticket, "1", "-o", "-"])
-    assert code == 1 and "MZ" not in refused and "standard output is a terminal" in refused
+
+def test_attachment_bytes_are_never_written_to_a_terminal(config_file, hostile_ticket, monkeypatch, capsys):
+    controller, terminal = pty.openpty()
+    try:
+        with open(terminal, "w", closefd=False) as tty:
+            monkeypatch.setattr(sys, "stdout", tty)
+            with pytest.raises(SystemExit) as exited:
+                main(["--config", str(config_file), "attachment", hostile_ticket, "1", "-o", "-"], standalone_mode=False)
+            monkeypatch.undo()
+        assert exited.value.code == 1
+        assert "standard output is a terminal" in capsys.readouterr().err
+        assert select.select([controller], [], [], 0)[0] == []  # not a byte reached the terminal
+    finally:
+        os.close(terminal)
+        os.close(controller)
 
 
 def test_no_cli_output_bypasses_the_display_module():

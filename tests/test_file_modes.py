@@ -62,3 +62,16 @@ def test_everything_that_holds_reports_is_private_under_umask_022(umask_022, mak
     restored = tmp_path / "restored" / "intake.db"
     backup.restore_sqlite(make_engine(f"sqlite:///{restored}"), tmp_path / "copy.db")
     assert _mode(restored) == 0o600 and _mode(restored.parent) == 0o700
+
+
+def test_check_config_warns_about_a_database_others_can_read(umask_022, make_settings, cli, tmp_path):
+    database = tmp_path / "old" / "intake.db"
+    make_settings(INTAKE_DATABASE__URL=f"sqlite:///{database}")
+    database.parent.mkdir()
+    database.write_bytes(b"")
+    database.chmod(0o644)  # as an intake before issue 12 made it under umask 022
+    result = cli("check-config")
+    assert f"warning: {database} is open to other users (mode 0644) and holds reports: chmod go= {database}" \
+        in result.output
+    database.chmod(0o600)
+    assert "open to other users" not in cli("check-config").output

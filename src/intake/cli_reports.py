@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import click
+from sqlalchemy.engine import make_url
 
 from intake import advisory, credit, display, private_files, security_txt, stats, tickets
 from intake.cli import Context, _actor, _emit_json, _fail, main
@@ -181,5 +182,13 @@ def security_txt_command(obj: Context) -> None:
 def check_config_warnings(obj: Context) -> list[str]:
     """What ``intake check-config`` warns about without failing (exit status stays 0)."""
     warning = security_txt.expiry_warning(obj.settings, datetime.now(timezone.utc))
-    return [warning] if warning else []
+    return ([warning] if warning else []) + private_files.exposed(_database_files(obj.settings.database_url))
+
+
+def _database_files(url: str) -> list[Path]:
+    """A SQLite database's files (none for PostgreSQL)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return []
+    return [Path(parsed.database + suffix) for suffix in ("", "-wal", "-shm")]
 

@@ -11,7 +11,9 @@ keep the mode their owner gave them.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 FILE_MODE = 0o600
@@ -70,6 +72,20 @@ def write_private(path: Path, data: bytes, *, replace: bool, staging: Path | Non
             os.link(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+
+
+def exposed(paths: Iterable[Path]) -> list[str]:
+    """A warning for each of *paths* that exists and that other users may use: made by an
+    earlier intake, or under a umask, before intake set modes itself."""
+    warnings = []
+    for path in paths:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            warnings.append(f"{path} is open to other users (mode {mode:04o}) and holds reports: chmod go= {path}")
+    return warnings
 
 
 class SymlinkRefused(OSError):
