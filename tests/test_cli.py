@@ -144,3 +144,4 @@ def test_attachment_never_follows_a_symlink_and_replaces_with_mode_0600(cli, two
     assert existing.read_bytes() == b"GET /redirect?to=evil HTTP/1.1\r\n"
     assert existing.stat().st_mode & 0o777 == 0o600  # a new file, not the old one's mode
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+    assert "cannot write" in cli("attachment", _ref(2), "1", "-o", str(tmp_path / "no" / "such"), code=1).output

@@ -45,7 +45,7 @@ def test_everything_that_holds_reports_is_private_under_umask_022(umask_022, mak
     assert deliver_outbox(settings, running.engine) == {"sent": 1}
 
     assert _mode(tmp_path / "state") == 0o700 and _mode(state) == 0o700
-    for name in ("intake.db", "intake.db-wal", "intake.db-shm"):
+    for name in ("intake.db", "intake.db-wal", "intake.db-shm", "intake.db.writer"):
         assert _mode(state / name) == 0o600, name
     maildir = state / "outbox"
     assert {folder.name: _mode(folder) for folder in [maildir, *maildir.iterdir()]} == {

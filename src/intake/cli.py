@@ -313,6 +313,9 @@ def attachment(obj: Context, reference: str, number: int, output: str, force: bo
     except private_files.SymlinkRefused as exc:
         _fail(f"{exc}: give another file name")
         return
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
+        return
     echo(f"wrote {len(data)} bytes to {output} ({meta.content_type}, sha256 {meta.sha256}; "
                f"sent as {meta.original_filename or meta.filename!r})", err=True)
 

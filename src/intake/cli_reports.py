@@ -138,6 +138,8 @@ def advisory_command(obj: Context, reference: str, fmt: str, output: str, force:
         _fail(f"{output} exists (use --force to overwrite)")
     except private_files.SymlinkRefused as exc:
         _fail(f"{exc}: give another file name")
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
     echo(f"wrote {output}", err=True)
 
 
