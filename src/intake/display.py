@@ -26,13 +26,11 @@ from typing import Any
 
 import click
 
-DANGEROUS_CLASS = (r"\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-                    r"\ud800-\udfff")
+# What a terminal could act on, or cannot print (see the module docstring).
+DANGEROUS_CLASS = r"\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
 DANGEROUS = re.compile(f"[{DANGEROUS_CLASS}]")
 # A dangerous character, or a backslash that would read as the start of an escape (see above).
 _ESCAPED = re.compile(rf"[{DANGEROUS_CLASS}]|\\(?=[xuU\\{DANGEROUS_CLASS}])")
-# Only inside a JSON string can these occur (JSON's own syntax is printable ASCII).
-_JSON_UNESCAPED = re.compile(r"[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 class TerminalRefused(Exception):
@@ -53,9 +51,10 @@ def safe(text: str) -> str:
 
 
 def json_safe(text: str) -> str:
-    """JSON text with the characters JSON leaves raw (DEL, C1, bidi, lone surrogates) as ``\\uHHHH``
-    escapes: ``json.loads`` gives back exactly the same strings, and a terminal sees no control."""
-    return _JSON_UNESCAPED.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    """JSON text with the characters ``json.dumps`` leaves raw (DEL, C1, bidi, lone surrogates) as
+    ``\\uHHHH`` escapes: ``json.loads`` gives back exactly the same strings (in JSON text they can
+    only be inside one), and a terminal sees no control character, whatever the text."""
+    return DANGEROUS.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
 
 
 def echo(message: str | bytes = "", *, err: bool = False, nl: bool = True) -> None:
