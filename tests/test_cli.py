@@ -123,3 +123,25 @@ def test_attachment_number_out_of_range_or_unknown_ticket(cli, two_tickets, tmp_
     assert "has 0 attachment(s)" in cli("attachment", _ref(1), "1", "-o", str(tmp_path / "x"), code=1).output
     assert "no ticket" in cli("attachment", "SEC-1999-0009", "1", "-o", str(tmp_path / "x"), code=1).output
     assert not (tmp_path / "x").exists()
+
+
+def test_attachment_never_follows_a_symlink_and_replaces_with_mode_0600(cli, two_tickets, tmp_path):
+    """Finding 11: `-o F --force` with F a symbolic link wrote through it, keeping the target's mode."""
+    victim = tmp_path / "authorized_keys"
+    victim.write_bytes(b"ssh-ed25519 AAAA maintainer\n")
+    victim.chmod(0o644)
+    link = tmp_path / "out.bin"
+    link.symlink_to(victim)
+    for force in ([], ["--force"]):
+        result = cli("attachment", _ref(2), "1", "-o", str(link), *force, code=1)
+        assert "symbolic link" in result.output
+    assert victim.read_bytes() == b"ssh-ed25519 AAAA maintainer\n" and link.is_symlink()
+
+    existing = tmp_path / "existing.bin"
+    existing.write_bytes(b"old")
+    existing.chmod(0o644)
+    cli("attachment", _ref(2), "1", "-o", str(existing), "--force")
+    assert existing.read_bytes() == b"GET /redirect?to=evil HTTP/1.1\r\n"
+    assert existing.stat().st_mode & 0o777 == 0o600  # a new file, not the old one's mode
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
+    assert "cannot write" in cli("attachment", _ref(2), "1", "-o", str(tmp_path / "no" / "such"), code=1).output

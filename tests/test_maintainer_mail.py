@@ -383,3 +383,14 @@ def test_trimming_and_command_lines():
     commands, rest = split_commands("#severity high\n\n#assign ana\nHello\n#not a command here\n")
     assert commands == [("severity", "high"), ("assign", "ana")]
     assert rest == "Hello\n#not a command here"
+
+
+def test_maintainer_address_is_blanked_in_any_case(desk):
+    """Finding 11: the blanking was case-sensitive, so `Ana@Maintainers.TEST` reached the reporter."""
+    reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
+    desk.send(_maintainer_mail(reply_to, "Fixed in 2.4.1. Reach me at Ana@Maintainers.TEST or ANA@maintainers.test.\n"),
+              "ana@maintainers.test", reply_to)
+    relayed = {m.rcpt_tos[0]: m for m in desk.deliver()}["alice@researcher.test"]
+    assert b"maintainers.test" not in relayed.data.lower()
+    body = _parsed(relayed).get_content()
+    assert "Reach me at [maintainer] or [maintainer]." in body

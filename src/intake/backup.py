@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from intake import db
+from intake.private_files import create_private_file, private_directory
 
 
 class BackupError(Exception):
@@ -124,7 +125,8 @@ def restore_sqlite(engine: Engine, backup: Path, force: bool = False) -> Copied:
         raise BackupError(f"{backup} is not a file")
     with closing(sqlite3.connect(f"{backup.resolve().as_uri()}?mode=ro", uri=True)) as source:
         _describe(source, backup)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        private_directory(target.parent)
+        create_private_file(target)  # not SQLite's 0644: see private_files
         with db.sqlite_writer_lock(engine), closing(sqlite3.connect(target, timeout=0, isolation_level=None)) as live:
             if not force:
                 try:

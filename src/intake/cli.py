@@ -17,11 +17,12 @@ from zoneinfo import ZoneInfo
 import click
 
 from intake import backup as backups
-from intake import reply_tokens
+from intake import display, private_files, reply_tokens
 from intake import (correspondence, credit, deadlines, digest, inbound, milestones, outbox, parse_guard,
                     processor, reminders, schema, service, tickets, triage)
 from intake.config import EXIT_CONFIG, ConfigError, Settings, default_config_path, load_settings
 from intake.db import is_sqlite, make_engine, write_session
+from intake.display import echo
 from intake.parse import extract_attachment
 from intake.models import CLOSE_REASONS
 from intake.sla import SEVERITIES
@@ -38,7 +39,7 @@ class Context:
             try:
                 self._settings = load_settings(self.config_path)
             except ConfigError as exc:
-                click.echo(f"intake: configuration error in {self.config_path or default_config_path()}:\n{exc}",
+                echo(f"intake: configuration error in {self.config_path or default_config_path()}:\n{exc}",
                            err=True)
                 sys.exit(EXIT_CONFIG)
         return self._settings
@@ -56,7 +57,7 @@ class Context:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"intake: {message}", err=True)
+    echo(f"intake: {message}", err=True)
     sys.exit(code)
 
 
@@ -65,13 +66,13 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    display.echo_json(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
 def _table(rows: list[list[str]], headers: list[str]) -> None:
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
     for line in [headers, *rows]:
-        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+        echo("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
 
 
 @click.group()
@@ -96,10 +97,10 @@ def serve(obj: Context) -> None:
 def check_config(obj: Context) -> None:
     """Validate the configuration: exit 0, or 78 naming the bad key."""
     settings = obj.settings
-    click.echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, "
+    echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, "
                f"listening on {settings.smtp.listen}, outbound via {settings.outbound.transport})")
     for warning in cli_reports.check_config_warnings(obj):
-        click.echo(f"intake: warning: {warning}", err=True)
+        echo(f"intake: warning: {warning}", err=True)
 
 
 def _ticket_summary(ticket: Any) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def list_tickets(obj: Context, state: str | None, severity: str | None, assignee
                      "breached": item.breached, "due_soon": item.due_soon} for item in found])
         return
     if not found:
-        click.echo("no tickets")
+        echo("no tickets")
         return
 
     def due_text(item: tickets.Listed) -> str:
@@ -208,54 +209,54 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         _emit_json(data)
         return
     t = detail.ticket
-    click.echo(f"{t.reference}  {t.subject}")
-    click.echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
-    click.echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
-    click.echo(f"  received {t.received_at.isoformat()}")
+    echo(f"{t.reference}  {t.subject}")
+    echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
+    echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
+    echo(f"  received {t.received_at.isoformat()}")
     if t.reporter_unreachable_at:
-        click.echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()} (our mail bounced)")
+        echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()} (our mail bounced)")
     if t.labels:
-        click.echo(f"  labels {', '.join(t.labels)}")
+        echo(f"  labels {', '.join(t.labels)}")
     for link in t.links:
-        click.echo(f"  {link['kind']} {link['reference']}")
+        echo(f"  {link['kind']} {link['reference']}")
     if t.credit:
-        click.echo(f"  credit: {credit.Credit.from_dict(t.credit).display} (from {t.credit.get('source')})")
+        echo(f"  credit: {credit.Credit.from_dict(t.credit).display} (from {t.credit.get('source')})")
     if t.quality:
         matched = ", ".join(t.quality.get("matched", [])) or "no rule"
-        click.echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")
+        echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")
     if stages:
-        click.echo("\nDeadlines:")
+        echo("\nDeadlines:")
         width = max(len(stage.stage) for stage in stages)
         for stage in stages:
             zone = deadlines.stage_calendar(obj.settings, t.policy, stage.stage).zone if t.policy in obj.settings.policies else ZoneInfo("UTC")
             due = _local_and_utc(stage.due_at, zone) if stage.due_at else "-"
             met = f", met {_local_and_utc(stage.met_at, zone)}" if stage.met_at else ""
-            click.echo(f"  {stage.stage.ljust(width)}  {stage.state:<9} due {due}{met}")
-            click.echo(f"  {''.ljust(width)}  {stage.basis}")
-    click.echo("\nThread:")
+            echo(f"  {stage.stage.ljust(width)}  {stage.state:<9} due {due}{met}")
+            echo(f"  {''.ljust(width)}  {stage.basis}")
+    echo("\nThread:")
     for entry in data["thread"]:
-        click.echo(f"  [{entry['at']}] {entry['direction']} {entry['kind']} from {entry['sender'] or '-'}"
+        echo(f"  [{entry['at']}] {entry['direction']} {entry['kind']} from {entry['sender'] or '-'}"
                    f"  {entry['message_id'] or ''}")
         if entry["threaded_by"]:
-            click.echo(f"      threaded by {entry['threaded_by']}")
+            echo(f"      threaded by {entry['threaded_by']}")
         if entry["encrypted"]:
-            click.echo(f"      encrypted ({entry['encrypted']}): ciphertext kept as received")
+            echo(f"      encrypted ({entry['encrypted']}): ciphertext kept as received")
         for attachment in entry["attachments"]:
-            click.echo(f"      attachment {attachment['number']}: {attachment['filename']} "
+            echo(f"      attachment {attachment['number']}: {attachment['filename']} "
                        f"({attachment['content_type']}, {attachment['size']} bytes, sha256 {attachment['sha256'][:16]}…)")
         for warning in entry["warnings"]:
-            click.echo(f"      warning: {warning}")
+            echo(f"      warning: {warning}")
         if entry["body"]:
             for line in entry["body"].strip().splitlines()[:40]:
-                click.echo(f"      | {line}")
-    click.echo("\nMessages:")
+                echo(f"      | {line}")
+    echo("\nMessages:")
     for message in data["messages"]:
-        click.echo(f"  #{message['id']} [{message['received_at']}] {message['status']}, decision "
+        echo(f"  #{message['id']} [{message['received_at']}] {message['status']}, decision "
                    f"{message['decision'] or '-'}: {message['reason'] or message['error'] or ''}")
-    click.echo("\nEvents:")
+    echo("\nEvents:")
     for event in data["events"]:
         detail_text = " ".join(f"{k}={v}" for k, v in event["detail"].items())
-        click.echo(f"  [{event['at']}] {event['actor']}: {event['kind']} {detail_text}")
+        echo(f"  [{event['at']}] {event['actor']}: {event['kind']} {detail_text}")
 
 
 def _numbered_attachments(detail: tickets.TicketDetail) -> dict[tuple[int, int], int]:
@@ -269,7 +270,7 @@ def _numbered_attachments(detail: tickets.TicketDetail) -> dict[tuple[int, int],
 @click.argument("number", type=click.IntRange(min=1))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="File to write (created with mode 0600), or - for standard output.")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (never a symbolic link).")
 @click.pass_obj
 def attachment(obj: Context, reference: str, number: int, output: str, force: bool) -> None:
     """Write attachment NUMBER of ticket REFERENCE (as numbered by `intake show`) to a file.
@@ -298,17 +299,24 @@ def attachment(obj: Context, reference: str, number: int, output: str, force: bo
         _fail(f"attachment {number} can no longer be read from stored message {stored.id}")
         return
     if output == "-":
-        click.echo(data, nl=False)  # bytes go to the binary stream, unchanged
+        try:
+            echo(data, nl=False)  # bytes go to the binary stream, unchanged
+        except display.TerminalRefused:
+            _fail("standard output is a terminal, which a stranger's bytes could drive: "
+                  "give a file name, or pipe it (-o - | less)")
         return
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     try:
-        fd = os.open(output, flags, 0o600)
+        private_files.write_private(Path(output), data, replace=force)
     except FileExistsError:
         _fail(f"{output} exists (use --force to overwrite)")
         return
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    click.echo(f"wrote {len(data)} bytes to {output} ({meta.content_type}, sha256 {meta.sha256}; "
+    except private_files.SymlinkRefused as exc:
+        _fail(f"{exc}: give another file name")
+        return
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
+        return
+    echo(f"wrote {len(data)} bytes to {output} ({meta.content_type}, sha256 {meta.sha256}; "
                f"sent as {meta.original_filename or meta.filename!r})", err=True)
 
 
@@ -329,16 +337,16 @@ def reprocess(obj: Context, message_id: int | None, all_failed: bool) -> None:
         ids = [message_id]
     requeued = inbound.requeue(engine, ids)
     if not requeued:
-        click.echo("nothing to reprocess" if all_failed else f"message {message_id} is not failed or ignored")
+        echo("nothing to reprocess" if all_failed else f"message {message_id} is not failed or ignored")
         return
     try:
         result = processor.process_all(engine, obj.settings, datetime.now(timezone.utc))
     finally:
         parse_guard.close()
     for ref in result.tickets_opened:
-        click.echo(f"opened {ref}")
+        echo(f"opened {ref}")
     for kind, count in sorted(result.decisions.items()):
-        click.echo(f"{kind}: {count}")
+        echo(f"{kind}: {count}")
     if result.failed:
         _fail(f"still failing: {', '.join(map(str, result.failed))} (see the log for the error)")
 
@@ -358,7 +366,7 @@ def outbox_command(obj: Context, status: str | None, as_json: bool) -> None:
         _emit_json(data)
         return
     if not data:
-        click.echo("outbox is empty")
+        echo("outbox is empty")
         return
     _table([[str(d["id"]), d["status"], str(d["attempts"]), d["key"], ",".join(d["to"]),
              (d["last_error"] or "")[:60]] for d in data], ["ID", "STATUS", "TRIES", "KEY", "TO", "LAST ERROR"])
@@ -427,14 +435,14 @@ def sla_explain(obj: Context, policy_name: str, received: datetime, severity: st
                     "released": _iso(released), "stages": stages})
         return
     policy = settings.policies[policy_name]
-    click.echo(f"policy {policy_name}{': ' + policy.description if policy.description else ''}")
-    click.echo(f"received {_local_and_utc(received, settings.all_calendars[policy.calendar].zone)}"
+    echo(f"policy {policy_name}{': ' + policy.description if policy.description else ''}")
+    echo(f"received {_local_and_utc(received, settings.all_calendars[policy.calendar].zone)}"
                f"{', severity ' + severity if severity else ', severity not known'}")
     width = max(len(stage["stage"]) for stage in stages)
     for stage, (deadline, _) in zip(stages, computed):
         when = _local_and_utc(deadline.due, ZoneInfo(stage["timezone"])) if deadline.due else "not started"
-        click.echo(f"  {stage['stage'].ljust(width)}  {when}")
-        click.echo(f"  {''.ljust(width)}  {stage['basis']}")
+        echo(f"  {stage['stage'].ljust(width)}  {when}")
+        echo(f"  {''.ljust(width)}  {stage['basis']}")
 
 
 @sla.command("recompute")
@@ -449,12 +457,12 @@ def sla_recompute(obj: Context, as_json: bool) -> None:
     if as_json:
         _emit_json({"tickets": result.tickets, "changes": changes, "errors": result.errors})
     else:
-        click.echo(f"recomputed {result.tickets} ticket(s): {len(changes)} deadline(s) changed")
+        echo(f"recomputed {result.tickets} ticket(s): {len(changes)} deadline(s) changed")
         for change in changes:
-            click.echo(f"  {change['reference']} {change['stage']}: due {change['due_before'] or '-'} -> "
+            echo(f"  {change['reference']} {change['stage']}: due {change['due_before'] or '-'} -> "
                        f"{change['due_after'] or '-'}")
         for reference, error in result.errors.items():
-            click.echo(f"  {reference}: not recomputed: {error}", err=True)
+            echo(f"  {reference}: not recomputed: {error}", err=True)
     if result.errors:
         sys.exit(1)
 
@@ -486,14 +494,14 @@ def _change_ticket(obj: Context, reference: str, change: Any) -> None:
         _fail(f"{exc}")
         return
     moved, notes = result if isinstance(result, tuple) else (result or [], [])
-    click.echo(summary)
+    echo(summary)
     for note_text in notes:
-        click.echo(f"  {note_text}")
+        echo(f"  {note_text}")
     for item in moved:
         if item.due_before != item.due_after:
-            click.echo(f"  {item.stage} due {_iso(item.due_before) or '-'} -> {_iso(item.due_after) or '-'}")
+            echo(f"  {item.stage} due {_iso(item.due_before) or '-'} -> {_iso(item.due_after) or '-'}")
         if item.met_before != item.met_after:
-            click.echo(f"  {item.stage} met {_iso(item.met_after) or '-'}")
+            echo(f"  {item.stage} met {_iso(item.met_after) or '-'}")
 
 
 _AT = click.option("--at", type=INSTANT, default=None, help="When it happened (ISO 8601 with offset; default now).")
@@ -698,12 +706,12 @@ def sweep(obj: Context, now: datetime | None, dry_run: bool, as_json: bool) -> N
         _emit_json(result.as_dict())
         return
     verb = "would send" if dry_run else "queued"
-    click.echo(f"sweep at {result.now.isoformat()}: {verb} {len(result.mails)} mail(s); "
+    echo(f"sweep at {result.now.isoformat()}: {verb} {len(result.mails)} mail(s); "
                f"{result.examined} stage(s) looked at, {result.held} reminder(s) held for working hours")
     for mail in result.mails:
-        click.echo(f"  {mail.reference} {mail.kind} to {', '.join(mail.recipients)}")
+        echo(f"  {mail.reference} {mail.kind} to {', '.join(mail.recipients)}")
         for notice in mail.notices:
-            click.echo(f"    {notice.stage} {notice.label} (at {notice.at.isoformat()})  {notice.key}")
+            echo(f"    {notice.stage} {notice.label} (at {notice.at.isoformat()})  {notice.key}")
 
 
 @main.command("digest")
@@ -731,9 +739,9 @@ def digest_command(obj: Context, name: str, now: datetime | None, preview: bool,
     if as_json:
         _emit_json({"status": status, **built.as_dict()})
     elif preview:
-        click.echo(digest.text(settings, built), nl=False)
+        echo(digest.text(settings, built), nl=False)
     else:
-        click.echo({"sent": f"digest {name} for {built.period.isoformat()} queued ({built.key})",
+        echo({"sent": f"digest {name} for {built.period.isoformat()} queued ({built.key})",
                     "already-sent": f"digest {name} for {built.period.isoformat()} was sent already ({built.key})",
                     "empty": f"digest {name} for {built.period.isoformat()} is empty: not sent (send_empty = false)",
                     "no-recipients": f"digest {name}: no recipients and no [[maintainers]]: not sent"}[status])
@@ -757,17 +765,17 @@ def reminders_command(obj: Context, reference: str, now: datetime | None, as_jso
     if as_json:
         _emit_json(data)
         return
-    click.echo(f"{found.reference}: sent")
+    echo(f"{found.reference}: sent")
     for sent in data["sent"] or [{"kind": "nothing yet"}]:
-        click.echo("  " + " ".join(filter(None, [sent["kind"], sent.get("stage"), sent.get("point"),
+        echo("  " + " ".join(filter(None, [sent["kind"], sent.get("stage"), sent.get("point"),
                                                  sent.get("queued_at") and f"queued {sent['queued_at']}",
                                                  sent.get("to") and "to " + ", ".join(sent["to"])])))
-    click.echo("due now (the next sweep sends it)" if data["due_now"] else "due now: nothing")
+    echo("due now (the next sweep sends it)" if data["due_now"] else "due now: nothing")
     for item in data["due_now"]:
-        click.echo(f"  {item['stage']} {item['kind']} {item['point']} (at {item['at']})")
-    click.echo("next")
+        echo(f"  {item['stage']} {item['kind']} {item['point']} (at {item['at']})")
+    echo("next")
     for item in data["next"] or [{"stage": "nothing scheduled", "kind": "", "point": "", "at": ""}]:
-        click.echo(f"  {item['stage']} {item['kind']} {item['point']} {item['at'] and 'at ' + item['at']}".rstrip())
+        echo(f"  {item['stage']} {item['kind']} {item['point']} {item['at'] and 'at ' + item['at']}".rstrip())
 
 
 # -- the database: schema migrations, backup, restore ----------------------------------------
@@ -790,17 +798,17 @@ def db_upgrade(obj: Context, revision: str) -> None:
         _fail(str(exc))
         return
     if upgraded.stamped:
-        click.echo(f"adopted a database from before migrations as revision {upgraded.before}")
+        echo(f"adopted a database from before migrations as revision {upgraded.before}")
     if upgraded.before == upgraded.after:
-        click.echo(f"database already at {upgraded.after}")
+        echo(f"database already at {upgraded.after}")
     else:
-        click.echo(f"database upgraded from {upgraded.before or 'empty'} to {upgraded.after}")
+        echo(f"database upgraded from {upgraded.before or 'empty'} to {upgraded.after}")
     if upgraded.after == schema.head():
         filled = deadlines.backfill(obj.engine(), obj.settings, datetime.now(timezone.utc))
         if filled.tickets:
-            click.echo(f"deadlines computed for {filled.tickets} ticket(s) opened before they were stored")
+            echo(f"deadlines computed for {filled.tickets} ticket(s) opened before they were stored")
         for reference, error in filled.errors.items():
-            click.echo(f"  {reference}: no deadlines: {error}", err=True)
+            echo(f"  {reference}: no deadlines: {error}", err=True)
 
 
 @db_group.command("check")
@@ -811,11 +819,11 @@ def db_check(obj: Context) -> None:
     engine = obj.engine()
     found = schema.differences(engine)
     if found:
-        click.echo(f"the database (at {schema.current(engine)}) and the models differ:", err=True)
+        echo(f"the database (at {schema.current(engine)}) and the models differ:", err=True)
         for line in found:
-            click.echo(f"  {line}", err=True)
+            echo(f"  {line}", err=True)
         _fail("a model change needs a migration (`intake db revision MESSAGE`), or the database was altered")
-    click.echo(f"database at {schema.head()} matches the models")
+    echo(f"database at {schema.head()} matches the models")
 
 
 @db_group.command("current")
@@ -824,21 +832,21 @@ def db_current(obj: Context) -> None:
     """The database's schema revision, and the newest this intake has."""
     at = schema.current(obj.engine(at_head=False))
     newest = schema.head()
-    click.echo(f"{at or 'none'} (newest: {newest}{'' if at == newest else '; run `intake db upgrade`'})")
+    echo(f"{at or 'none'} (newest: {newest}{'' if at == newest else '; run `intake db upgrade`'})")
 
 
 @db_group.command("history")
 def db_history() -> None:
     """The migrations, oldest first."""
     for script in reversed(list(schema.scripts().walk_revisions())):
-        click.echo(f"{script.revision}  {script.doc}")
+        echo(f"{script.revision}  {script.doc}")
 
 
 @db_group.command("revision")
 @click.argument("message")
 def db_revision(message: str) -> None:
     """For developers: write the migration the models need into a source checkout."""
-    click.echo(f"wrote {schema.new_revision(message)}: read it, test it, commit it")
+    echo(f"wrote {schema.new_revision(message)}: read it, test it, commit it")
 
 
 @main.group("secret")
@@ -856,9 +864,9 @@ def secret_rotate(obj: Context) -> None:
         _fail(f"the reply secret comes from {exc}, not the database: replace it there with a new random "
               "value (e.g. `head -c 32 /dev/urandom | base64`) and restart intake on every node")
         return
-    click.echo("reply secret rotated: every reply address given out before stops working now (on other "
-               f"nodes within {reply_tokens.CACHE_SECONDS:.0f} seconds)")
-    click.echo(f"{still_open} open ticket(s): their maintainers get fresh reply addresses with their next notice")
+    echo("reply secret rotated: every reply address given out before stops working now (on other "
+         f"nodes within {reply_tokens.CACHE_SECONDS:.0f} seconds)")
+    echo(f"{still_open} open ticket(s): their maintainers get fresh reply addresses with their next notice")
 
 
 @main.command("backup")
@@ -913,7 +921,7 @@ def restore_command(obj: Context, backup: Path, force: bool) -> None:
 def _report_copy(verb: str, copied: backups.Copied) -> None:
     contents = "" if copied.tickets is None else (
         f": {copied.tickets} ticket(s), {copied.messages} stored message(s), schema {copied.revision or 'none'}")
-    click.echo(f"{verb} {copied.path} ({copied.bytes} bytes){contents}")
+    echo(f"{verb} {copied.path} ({copied.bytes} bytes){contents}")
 
 
 # Credit, advisories, metrics and security.txt (issue 6): their commands register on `main` there.

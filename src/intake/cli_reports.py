@@ -6,14 +6,16 @@ Registered on :data:`intake.cli.main` when :mod:`intake.cli` is imported; the wo
 
 from __future__ import annotations
 
-import json
 import re
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import click
+from sqlalchemy.engine import make_url
 
-from intake import advisory, credit, security_txt, stats, tickets
+from intake import advisory, credit, display, private_files, security_txt, stats, tickets
 from intake.cli import Context, _actor, _emit_json, _fail, main
+from intake.display import echo
 from intake.config import EXIT_CONFIG
 from intake.db import write_session
 
@@ -78,9 +80,9 @@ def credit_command(obj: Context, reference: str, name: str | None, handle: str |
     if as_json:
         _emit_json({"reference": ref, "credit": shown.as_dict() if shown else None})
     elif shown is None:
-        click.echo(f"{ref}: no credit preference recorded")
+        echo(f"{ref}: no credit preference recorded")
     else:
-        click.echo(f"{ref}: credited as {shown.display}{' ' + shown.url if shown.url else ''} (from {shown.source})")
+        echo(f"{ref}: credited as {shown.display}{' ' + shown.url if shown.url else ''} (from {shown.source})")
 
 
 @main.command("credits")
@@ -98,10 +100,10 @@ def credits_command(obj: Context, since_text: str | None, fmt: str) -> None:
     lines = credit.went_out(obj.engine(), since)
     output = credit.render(lines, fmt, since)
     if output:
-        click.echo(output)
+        (display.echo_json if fmt == "json" else echo)(output)
     missing = [line.reference for line in lines if line.credit is None]
     if missing and fmt != "json":
-        click.echo(f"intake: no credit preference recorded for {', '.join(missing)} "
+        echo(f"intake: no credit preference recorded for {', '.join(missing)} "
                    "(ask the reporter; `intake credit REF --name …` or `--anonymous`)", err=True)
 
 
@@ -124,18 +126,21 @@ def advisory_command(obj: Context, reference: str, fmt: str, output: str, force:
         return
     settings = obj.settings
     draft = advisory.osv(detail, settings.advisory.id_prefix, settings.intake.from_name, datetime.now(timezone.utc))
-    text = json.dumps(draft, indent=2, ensure_ascii=False) + "\n"
+    text = display.dumps(draft, indent=2) + "\n"
     if detail.ticket.credit is None:
-        click.echo(f"intake: {detail.ticket.reference} has no credit preference: the draft credits nobody", err=True)
+        echo(f"intake: {detail.ticket.reference} has no credit preference: the draft credits nobody", err=True)
     if output == "-":
-        click.echo(text, nl=False)
+        display.echo_json(text, nl=False)
         return
-    try:
-        with open(output, "w" if force else "x", encoding="utf-8") as handle:
-            handle.write(text)
+    try:  # an unpublished advisory: 0600, like the reports it comes from
+        private_files.write_private(Path(output), text.encode("utf-8"), replace=force)
     except FileExistsError:
         _fail(f"{output} exists (use --force to overwrite)")
-    click.echo(f"wrote {output}", err=True)
+    except private_files.SymlinkRefused as exc:
+        _fail(f"{exc}: give another file name")
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror}")
+    echo(f"wrote {output}", err=True)
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -154,7 +159,7 @@ def stats_command(obj: Context, since_text: str, as_json: bool) -> None:
     if as_json:
         _emit_json(figures.as_dict())
     else:
-        click.echo(figures.render_text())
+        echo(figures.render_text())
 
 
 # -- security.txt -------------------------------------------------------------------------------
@@ -172,12 +177,20 @@ def security_txt_command(obj: Context) -> None:
         return
     warning = security_txt.expiry_warning(settings, datetime.now(timezone.utc))
     if warning:
-        click.echo(f"intake: warning: {warning}", err=True)
-    click.echo(text, nl=False)
+        echo(f"intake: warning: {warning}", err=True)
+    echo(text, nl=False)
 
 
 def check_config_warnings(obj: Context) -> list[str]:
     """What ``intake check-config`` warns about without failing (exit status stays 0)."""
     warning = security_txt.expiry_warning(obj.settings, datetime.now(timezone.utc))
-    return [warning] if warning else []
+    return ([warning] if warning else []) + private_files.exposed(_database_files(obj.settings.database_url))
+
+
+def _database_files(url: str) -> list[Path]:
+    """A SQLite database's files (none for PostgreSQL)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return []
+    return [Path(parsed.database + suffix) for suffix in ("", "-wal", "-shm")]
 

@@ -32,6 +32,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
+from intake.private_files import create_private_file, private_directory
+
 # The most WAL the listener lets pile up before it checkpoints itself (see GroupCommitter), and
 # the size the WAL file is cut back to when it starts over after a checkpoint.
 WAL_LIMIT = 64 * 1024 * 1024
@@ -55,12 +57,13 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
     # carry the statement's values, which are message bodies and raw mail.
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            private_directory(Path(parsed.database).parent)
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False},
                                hide_parameters=True)
         _make_sqlite_durable(engine, busy_timeout, checkpoint_on_commit)
         if parsed.database and parsed.database != ":memory:":
             _lock_timeouts[f"{parsed.database}.writer"] = busy_timeout
+            _create_private(engine, Path(parsed.database))
         return engine
     engine = create_engine(
         url,
@@ -69,6 +72,14 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
         connect_args={"options": f"-c lock_timeout={int(busy_timeout * 1000)}"},
     )
     return engine
+
+
+def _create_private(engine: Engine, database: Path) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _before_connect(dialect, record, cargs, cparams) -> None:  # type: ignore[no-untyped-def]
+        # Made 0600 before SQLite opens it, which would make it 0644 under umask 022; its -wal and
+        # -shm files get the database file's mode.
+        create_private_file(database)
 
 
 def _make_sqlite_durable(engine: Engine, busy_timeout: float, checkpoint_on_commit: bool) -> None:

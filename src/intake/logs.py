@@ -32,6 +32,7 @@ import time
 from typing import Any, TextIO
 
 from intake.config import LoggingSection
+from intake.display import DANGEROUS_CLASS, json_safe
 
 # sd-daemon(3) / syslog(3) priorities.
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
@@ -45,7 +46,8 @@ _NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
 # A template pair: key=%<conversion> or key=<a literal word>.
 _TEMPLATE_PAIR = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*)=(?:(%[-#0 +]*[0-9]*(?:\.[0-9]+)?[sdifgGxr])|([^\s%'\"=]*))")
 # A value needs quotes in logfmt when empty or holding a space, '=', a quote or a control character.
-_NEEDS_QUOTES = re.compile(r'[\s="\\\x00-\x1f\x7f]|^$')
+# Quoted, and so escaped: what could drive the terminal `intake serve` runs in (see intake.display).
+_NEEDS_QUOTES = re.compile(rf'[\s="\\{DANGEROUS_CLASS}]|^$')
 
 
 def parse_fields(message: str) -> dict[str, str]:
@@ -158,7 +160,7 @@ def _unreserved(key: str, fields: dict[str, str]) -> str:
 
 def logfmt_value(value: str) -> str:
     """*value* as a logfmt value: bare when it can be, else double-quoted with JSON escapes."""
-    return json.dumps(value, ensure_ascii=False) if _NEEDS_QUOTES.search(value) else value
+    return json_safe(json.dumps(value, ensure_ascii=False)) if _NEEDS_QUOTES.search(value) else value
 
 
 def _json_value(value: str) -> Any:
@@ -197,8 +199,8 @@ class StructuredFormatter(logging.Formatter):
         if record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
         if self._json:
-            line = json.dumps({key: value if key in _RESERVED else _json_value(value)
-                               for key, value in fields.items()}, ensure_ascii=False)
+            line = json_safe(json.dumps({key: value if key in _RESERVED else _json_value(value)
+                                         for key, value in fields.items()}, ensure_ascii=False))
         else:
             line = " ".join(f"{key}={logfmt_value(value)}" for key, value in fields.items())
         if self._prefix:

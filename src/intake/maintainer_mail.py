@@ -167,7 +167,8 @@ def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage
                 done.append(_apply(session, settings, ticket, name, args, now=now, actor=maintainer.name))
         except (CommandError, milestones.Refused) as exc:
             failed.append(f"#{name} {args}".strip() + f": {exc}")
-    text = trim_reply(rest).replace(maintainer.email, "[maintainer]")
+    # Any case: the domain part is case-blind, and mail clients write Ana@Example.com as they like.
+    text = re.sub(re.escape(maintainer.email), "[maintainer]", trim_reply(rest), flags=re.IGNORECASE)
     attachments = _attachments(stored, incoming)
     if internal and text.strip():
         correspondence.note(session, ticket, text, now=now, actor=maintainer.name)

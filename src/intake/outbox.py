@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mailbox
+import socket
 import ssl
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -35,6 +36,7 @@ from sqlmodel import Session
 from intake.config import OutboundSection, Settings, read_secret
 from intake.db import insert_new, read_session, write_connection, write_session
 from intake.models import Outbox, OutboxStatus
+from intake.private_files import private_directory, write_private
 from intake.replies import OutgoingMail
 
 log = logging.getLogger(__name__)
@@ -104,17 +106,23 @@ class Transport:
 
 
 class MaildirTransport(Transport):
-    """Writes each message into a Maildir folder (for a laptop, a test, or a local MDA)."""
+    """Writes each message into a Maildir folder (for a laptop, a test, or a local MDA).
+
+    Not with :mod:`mailbox`, which creates message files 0644 under umask 022: each is written
+    0600 into tmp/ and linked into new/ (so a reader never sees half of one), named
+    ``<seconds>.<random>.<host>`` as Maildir readers expect."""
 
     def __init__(self, path: Path):
         self._path = path
-        # create=True builds tmp/new/cur; Maildir delivery is atomic (tmp -> new rename).
-        self._maildir = mailbox.Maildir(path, factory=None, create=True)
+        for folder in ("tmp", "new", "cur"):
+            private_directory(path / folder)
+        self._host = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
 
     async def deliver(self, rows: list[Outbox]) -> AsyncIterator[tuple[Outbox, Delivery]]:
         for row in rows:
             try:
-                self._maildir.add(row.raw)
+                name = f"{int(time.time())}.{uuid.uuid4().hex}.{self._host}"
+                write_private(self._path / "new" / name, row.raw, replace=False, staging=self._path / "tmp")
                 yield row, Delivery(True, detail=f"maildir {self._path}")
             except OSError as exc:
                 yield row, Delivery(False, detail=f"maildir write failed: {exc}")

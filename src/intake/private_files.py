@@ -1,0 +1,92 @@
+"""Files and folders only their owner can read, whatever the umask: the database, the outbox,
+backups, attachments and drafts written by the CLI all hold reports.
+
+The systemd unit sets ``UMask=0077``; ``scripts/serve``, a cron job or a maintainer's shell
+usually has 022, under which a plain ``open`` makes 0644 files. So everything intake creates
+that holds mail gets an explicit mode: files 0600, folders 0700 (set again with ``chmod``, as a
+umask can take bits away from the mode given to ``open``). Files and folders that exist already
+keep the mode their owner gave them.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+
+
+def private_directory(path: Path) -> None:
+    """Create *path*, and any missing parents, 0700."""
+    missing = []
+    for folder in [path, *path.parents]:
+        if folder.is_dir():
+            break
+        missing.append(folder)
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(DIRECTORY_MODE)
+        except FileExistsError:
+            continue  # another process made it meanwhile
+        os.chmod(folder, DIRECTORY_MODE)
+
+
+def create_private_file(path: Path) -> None:
+    """Create *path* empty and 0600 unless it exists: before SQLite opens a database, which it would
+    create 0644 under umask 022 (its -wal and -shm files are given the database file's mode)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+    finally:
+        os.close(fd)
+
+
+def write_private(path: Path, data: bytes, *, replace: bool, staging: Path | None = None) -> None:
+    """Write *data* to *path*, 0600, never through a symbolic link.
+
+    The bytes go to a new file beside *path* (or in *staging*, a folder on the same file system:
+    a Maildir's tmp/), then take its name: renamed over an existing file
+    when *replace* (the old file's mode and links are not kept), else linked, which fails with
+    :class:`FileExistsError` if *path* exists. A symbolic link at *path* is refused
+    (:class:`SymlinkRefused`), even when *replace*; one put there meanwhile is replaced, not
+    followed: neither ``rename`` nor ``link`` follows a link at the new name."""
+    if path.is_symlink():
+        raise SymlinkRefused(f"{path} is a symbolic link (not followed, not replaced)")
+    fd, temporary = tempfile.mkstemp(dir=staging or path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), FILE_MODE)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+def exposed(paths: Iterable[Path]) -> list[str]:
+    """A warning for each of *paths* that exists and that other users may use: made by an
+    earlier intake, or under a umask, before intake set modes itself."""
+    warnings = []
+    for path in paths:
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            warnings.append(f"{path} is open to other users (mode {mode:04o}) and holds reports: chmod go= {path}")
+    return warnings
+
+
+class SymlinkRefused(OSError):
+    """The file to write is a symbolic link."""
