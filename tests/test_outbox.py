@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 import trustme
 from aiosmtpd.controller import Controller
 
-from conftest import free_port, process, report
+from conftest import free_port, process, report, smtp_send
 from intake import inbound, outbox, schema
 from intake.db import make_engine, read_session, write_session
 from intake.inbound import Arrival
@@ -144,6 +144,24 @@ def test_acknowledgement_is_delivered_through_the_relay(make_settings, sink):
     assert (sent.status, sent.attempts, sent.sent_at, sent.last_error) == ("sent", 1, T0, None)
     assert send_due(settings, engine, T0 + timedelta(days=1)) == {}  # sent is final
     assert len(sink.messages) == 1
+
+
+def test_an_acknowledgement_of_a_report_with_1000_character_lines_reaches_a_relay_that_refuses_longer(
+        make_settings, start_intake_listener, sink):
+    """A 1,000-character unbroken subject made acknowledgement lines of over 1,000 octets; an
+    aiosmtpd relay (like many MTAs) answers "500 Line too long" to those, and the ack went dead."""
+    settings = make_settings(**relay_env(sink.port))
+    running = start_intake_listener(settings)
+    subject, line = "S" * 1000, "B" * 1000
+    smtp_send(running.port, report(subject=subject, body=f"Steps:\n{line}\n", sender="carol@researcher.test"),
+              mail_from="carol@researcher.test")
+    assert process(settings, running.engine, T0).tickets_opened == ["SEC-2026-0001"]
+    assert send_due(settings, running.engine, T0).get("dead", 0) == 0
+    assert {row.kind: row.status for row in rows(running.engine)}["acknowledgement"] == "sent"
+    [ack] = [c for c in sink.messages if c.rcpt_tos == ["carol@researcher.test"]]
+    assert max(len(line) for line in ack.data.split(b"\r\n")) <= 998
+    parsed = email.message_from_bytes(ack.data, policy=email.policy.default)
+    assert parsed["Subject"] == f"Re: [SEC-2026-0001] {'S' * 199}…"
 
 
 def test_every_recipient_gets_the_message(make_settings, sink):
