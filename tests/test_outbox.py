@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import func, select
 import trustme
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from conftest import free_port, process, report, smtp_send
 from intake import inbound, outbox, schema
@@ -317,27 +318,89 @@ def test_required_starttls_sends_over_tls_to_a_trusted_relay(make_settings, tls_
     assert data == outgoing(1).raw
 
 
-def test_required_starttls_refuses_a_relay_certificate_it_cannot_verify(make_settings, tls_sink):
+def test_required_starttls_refuses_a_relay_certificate_it_cannot_verify(make_settings, tls_sink, caplog):
     handler, port = tls_sink  # its CA is not trusted here
     settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS="true"))
     engine = engine_for(settings)
     enqueue(engine, outgoing(1))
-    assert send_due(settings, engine, T0) == {"retry": 1}
-    assert "certificate" in rows(engine)[0].last_error.lower()
+    assert send_due(settings, engine, T0) == {"retry": 1}  # the operator's to fix: the mail waits
+    [row] = rows(engine)
+    assert "certificate" in row.last_error.lower() and "ca_file" in row.last_error
+    assert row.next_attempt_at == T0 + timedelta(seconds=settings.outbound.retry_initial)
+    assert [r for r in caplog.records if r.levelname == "ERROR" and "ca_file" in r.getMessage()]
     assert handler.messages == []
 
 
-def test_opportunistic_tls_does_not_block_delivery_to_a_relay_with_a_private_certificate(make_settings, tls_sink):
-    """starttls = false: encrypt when the relay offers it, but an unverifiable certificate (a local
-    MTA's self-signed one) is no reason to hold the mail back: it would otherwise go in clear."""
+def test_opportunistic_starttls_verifies_the_relay_certificate_too(make_settings, tls_sink):
+    """starttls = false still uses STARTTLS when the relay offers it, and verifies the certificate
+    (it did not: ``validate_certs=False``); an unverifiable one holds the mail back rather than
+    sending it to whoever presents that certificate."""
     handler, port = tls_sink
     settings = make_settings(**relay_env(port))
     engine = engine_for(settings)
     enqueue(engine, outgoing(1))
+    assert send_due(settings, engine, T0) == {"retry": 1}
+    assert "ca_file" in rows(engine)[0].last_error
+    assert handler.messages == []
+
+
+def test_starttls_to_a_relay_of_a_private_ca_named_by_ca_file(make_settings, tls_sink, tls_ca, tmp_path):
+    handler, port = tls_sink
+    tls_ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+    settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS="true",
+                                         INTAKE_OUTBOUND__CA_FILE=str(tmp_path / "relay-ca.pem")))
+    engine = engine_for(settings)
+    enqueue(engine, outgoing(1))
     assert send_due(settings, engine, T0) == {"sent": 1}
     [(data, over_tls)] = handler.messages
-    assert over_tls
-    assert data == outgoing(1).raw
+    assert over_tls and data == outgoing(1).raw
+
+
+def test_ca_file_does_not_accept_a_certificate_for_another_host_name(make_settings, tls_ca, tmp_path):
+    """The host name is checked as well as the issuer: a certificate of the private CA for
+    another name (here 'mail.example.net' at 127.0.0.1) is refused."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("mail.example.net").configure_cert(context)
+    handler, port = TlsSinkHandler(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=context)
+    controller.start()
+    try:
+        tls_ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+        settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS="true",
+                                             INTAKE_OUTBOUND__CA_FILE=str(tmp_path / "relay-ca.pem")))
+        engine = engine_for(settings)
+        enqueue(engine, outgoing(1))
+        assert send_due(settings, engine, T0) == {"retry": 1}
+        assert "mismatch" in rows(engine)[0].last_error
+        assert handler.messages == []
+    finally:
+        controller.stop()
+
+
+def test_relay_login_goes_over_verified_tls(make_settings, tls_ca, tmp_path, monkeypatch):
+    logins: list[tuple[bytes, bytes, bool]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):  # type: ignore[no-untyped-def]
+        logins.append((auth_data.login, auth_data.password, session.ssl is not None))
+        return AuthResult(success=True)
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1").configure_cert(context)
+    handler, port = TlsSinkHandler(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=context,
+                            authenticator=authenticator, auth_require_tls=True)
+    controller.start()
+    try:
+        tls_ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+        settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS="true", INTAKE_OUTBOUND__USERNAME="intake",
+                                             INTAKE_OUTBOUND__CA_FILE=str(tmp_path / "relay-ca.pem")))
+        monkeypatch.setenv("INTAKE_RELAY_PASSWORD", "hunter2")
+        engine = engine_for(settings)
+        enqueue(engine, outgoing(1))
+        assert send_due(settings, engine, T0) == {"sent": 1}
+        assert logins == [(b"intake", b"hunter2", True)]
+    finally:
+        controller.stop()
 
 
 # -- maildir -----------------------------------------------------------------------------------

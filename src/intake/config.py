@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +208,11 @@ class OutboundSection(Section):
     relay: HostPortText = "127.0.0.1:25"
     # Require STARTTLS with the relay (fail rather than send in clear).
     starttls: bool = False
-    # Relay login; its password comes from the 'relay-password' credential.
+    # Relay login; its password comes from the 'relay-password' credential. Needs starttls = true.
     username: str | None = None
+    # PEM file of the CA(s) that issued the relay's certificate, trusted instead of the system's
+    # store (a private CA). Relative to the config file.
+    ca_file: Path | None = None
     # Seconds for connecting and for each SMTP command with the relay.
     timeout: float = Field(default=30.0, gt=0)
     # Retry schedule for temporary failures: first delay, doubling up to the cap.
@@ -222,6 +226,13 @@ class OutboundSection(Section):
     @property
     def relay_address(self) -> HostPort:
         return _parse_host_port(self.relay)
+
+    @model_validator(mode="after")
+    def _login_over_tls_only(self) -> OutboundSection:
+        if self.username and not self.starttls:
+            raise ValueError("outbound.username is set but outbound.starttls = false: the relay password "
+                             "would be sent in clear; set starttls = true (or remove username)")
+        return self
 
 
 class SenderAuthSection(Section):
@@ -659,6 +670,7 @@ def load_settings(path: Path | None = None) -> Settings:
     except ValueError as exc:  # validators raising outside pydantic's wrapping
         raise ConfigError(str(exc)) from None
     _check_listen_host(settings)
+    _check_ca_file(settings)
     return settings
 
 
@@ -669,6 +681,17 @@ def _check_listen_host(settings: Settings) -> None:
     except ValueError:
         if host != "localhost":
             raise ConfigError(f"smtp.listen: {host!r} must be an IP address or 'localhost'") from None
+
+
+def _check_ca_file(settings: Settings) -> None:
+    if settings.outbound.ca_file is None:
+        return
+    path = settings.resolve_path(settings.outbound.ca_file)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"outbound.ca_file: {path}: not a readable PEM file of CA certificates "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def read_secret(name: str, environ: dict[str, str] | None = None) -> str | None:
