@@ -75,6 +75,10 @@ def test_environment_overrides_every_named_key(monkeypatch: pytest.MonkeyPatch, 
     ('[smtp]\ntls_certificate = "cert.pem"\n', ["tls_certificate and tls_key"]),
     ('[smtp]\nmax_connections = 10\nmax_connections_per_ip = 11\n', ["max_connections_per_ip"]),
     ('[smtp]\nmax_connections = 0\n', ["max_connections"]),
+    ('[smtp]\nmax_connections_per_network = 10\n', ["max_connections_per_network", "max_connections_per_ip"]),
+    ('[smtp]\nmax_connections_per_network = 201\n', ["max_connections_per_network", "max_connections (200)"]),
+    ('[smtp]\nnetwork_prefix_ipv4 = 33\n', ["smtp.network_prefix_ipv4"]),
+    ('[smtp]\nnetwork_prefix_ipv6 = 129\n', ["smtp.network_prefix_ipv6"]),
     ('[intake]\ndefault_policy = "nope"\n', ["default_policy", "nope"]),
     ('[outbound]\npassword = "hunter2"\n', ["outbound.password", "relay-password"]),
     # A relay login without STARTTLS sent AUTH PLAIN in clear (issue 12, finding 5).
@@ -123,6 +127,19 @@ def test_ca_file_is_relative_to_the_config_file_and_must_be_a_pem_file(tmp_path:
     trustme.CA().cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
     settings = load_settings(config)
     assert settings.resolve_path(settings.outbound.ca_file) == tmp_path / "relay-ca.pem"
+
+
+def test_the_network_connection_limit_defaults_within_the_other_two(monkeypatch: pytest.MonkeyPatch):
+    assert load_settings(SHIPPED_CONFIG).smtp.max_connections_per_network == 100
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS", "20")
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS_PER_IP", "5")
+    assert load_settings(SHIPPED_CONFIG).smtp.max_connections_per_network == 20
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS", "1000")
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS_PER_IP", "150")
+    assert load_settings(SHIPPED_CONFIG).smtp.max_connections_per_network == 150
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS_PER_NETWORK", "400")
+    smtp = load_settings(SHIPPED_CONFIG).smtp
+    assert (smtp.max_connections_per_network, smtp.network_prefix_ipv4, smtp.network_prefix_ipv6) == (400, 24, 64)
 
 
 def test_misspelled_environment_setting_is_an_error():

@@ -150,6 +150,12 @@ class SmtpSection(Section):
     # Connections open at once, in all and from one client address; more get 421 and are closed.
     max_connections: int = Field(default=200, ge=1, le=100_000)
     max_connections_per_ip: int = Field(default=50, ge=1, le=100_000)
+    # ... and from one client network: the addresses sharing their first network_prefix_ipv4 bits
+    # (IPv4, IPv4-mapped IPv6 included) or network_prefix_ipv6 bits. Between max_connections_per_ip
+    # and max_connections; unset: 100, within those two.
+    max_connections_per_network: int = Field(default=100, ge=1, le=100_000)
+    network_prefix_ipv4: int = Field(default=24, ge=8, le=32)
+    network_prefix_ipv6: int = Field(default=64, ge=16, le=128)
     # STARTTLS: PEM certificate chain and key; both or neither.
     tls_certificate: Path | None = None
     tls_key: Path | None = None
@@ -176,6 +182,18 @@ class SmtpSection(Section):
             raise ValueError("require_starttls needs tls_certificate and tls_key")
         if self.max_connections_per_ip > self.max_connections:
             raise ValueError("max_connections_per_ip cannot be more than max_connections")
+        return self
+
+    @model_validator(mode="after")
+    def _network_limit_between(self) -> SmtpSection:
+        low, high = self.max_connections_per_ip, self.max_connections
+        if "max_connections_per_network" not in self.model_fields_set:
+            # The default gives way to the other two limits (a configuration that lowered
+            # max_connections alone stays valid); frozen, hence __dict__.
+            self.__dict__["max_connections_per_network"] = min(max(self.max_connections_per_network, low), high)
+        elif not low <= self.max_connections_per_network <= high:
+            raise ValueError(f"max_connections_per_network ({self.max_connections_per_network}) must be between "
+                             f"max_connections_per_ip ({low}) and max_connections ({high})")
         return self
 
 
