@@ -151,16 +151,19 @@ def test_an_acknowledgement_of_a_report_with_1000_character_lines_reaches_a_rela
         make_settings, start_intake_listener, sink):
     """A 1,000-character unbroken subject made acknowledgement lines of over 1,000 octets; an
     aiosmtpd relay (like many MTAs) answers "500 Line too long" to those, and the ack went dead."""
-    settings = make_settings(**relay_env(sink.port))
+    settings = make_settings(**relay_env(sink.port),
+                             INTAKE_MAINTAINERS='[{"name": "Ana", "email": "ana@example.com"}]')  # and a notice
     running = start_intake_listener(settings)
     subject, line = "S" * 1000, "B" * 1000
     smtp_send(running.port, report(subject=subject, body=f"Steps:\n{line}\n", sender="carol@researcher.test"),
               mail_from="carol@researcher.test")
     assert process(settings, running.engine, T0).tickets_opened == ["SEC-2026-0001"]
     assert send_due(settings, running.engine, T0).get("dead", 0) == 0
-    assert {row.kind: row.status for row in rows(running.engine)}["acknowledgement"] == "sent"
+    queued = rows(running.engine)
+    assert {row.kind: row.status for row in queued} == {"acknowledgement": "sent", "new-ticket": "sent"}
+    for captured in sink.messages:
+        assert max(len(line) for line in captured.data.split(b"\r\n")) <= 998
     [ack] = [c for c in sink.messages if c.rcpt_tos == ["carol@researcher.test"]]
-    assert max(len(line) for line in ack.data.split(b"\r\n")) <= 998
     parsed = email.message_from_bytes(ack.data, policy=email.policy.default)
     assert parsed["Subject"] == f"Re: [SEC-2026-0001] {'S' * 199}…"
 
