@@ -75,8 +75,16 @@ def test_environment_overrides_every_named_key(monkeypatch: pytest.MonkeyPatch, 
     ('[smtp]\ntls_certificate = "cert.pem"\n', ["tls_certificate and tls_key"]),
     ('[smtp]\nmax_connections = 10\nmax_connections_per_ip = 11\n', ["max_connections_per_ip"]),
     ('[smtp]\nmax_connections = 0\n', ["max_connections"]),
+    ('[smtp]\nmax_connections_per_network = 10\n', ["max_connections_per_network", "max_connections_per_ip"]),
+    ('[smtp]\nmax_connections_per_network = 201\n', ["max_connections_per_network", "max_connections (200)"]),
+    ('[smtp]\nnetwork_prefix_ipv4 = 33\n', ["smtp.network_prefix_ipv4"]),
+    ('[smtp]\nnetwork_prefix_ipv6 = 129\n', ["smtp.network_prefix_ipv6"]),
     ('[intake]\ndefault_policy = "nope"\n', ["default_policy", "nope"]),
     ('[outbound]\npassword = "hunter2"\n', ["outbound.password", "relay-password"]),
+    # A relay login without STARTTLS sent AUTH PLAIN in clear (issue 12, finding 5).
+    ('[outbound]\nusername = "intake"\n', ["outbound.username", "outbound.starttls", "in clear"]),
+    ('[outbound]\nusername = "intake"\nstarttls = false\ntransport = "smtp"\n',
+     ["outbound.username", "outbound.starttls"]),
     ('[smtp\n', ["not valid TOML"]),
 ])
 def test_bad_config_exits_78_naming_the_key(tmp_path: Path, text: str, names: list[str]):
@@ -91,6 +99,47 @@ def test_bad_config_exits_78_naming_the_key(tmp_path: Path, text: str, names: li
     assert result.returncode == EXIT_CONFIG
     for name in names:
         assert name in result.stderr
+
+
+def test_relay_credentials_without_starttls_are_refused_by_serve_and_from_the_environment(tmp_path: Path):
+    result = _check_config(SHIPPED_CONFIG, INTAKE_OUTBOUND__USERNAME="intake")
+    assert result.returncode == EXIT_CONFIG
+    assert "outbound.username" in result.stderr and "outbound.starttls" in result.stderr
+    serve = subprocess.run([str(INTAKE), "--config", str(SHIPPED_CONFIG), "serve"], capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
+                           | {"INTAKE_OUTBOUND__USERNAME": "intake"}, timeout=60)
+    assert serve.returncode == EXIT_CONFIG
+    assert "outbound.starttls" in serve.stderr
+    assert _check_config(SHIPPED_CONFIG, INTAKE_OUTBOUND__USERNAME="intake",
+                         INTAKE_OUTBOUND__STARTTLS="true").returncode == 0
+
+
+def test_ca_file_is_relative_to_the_config_file_and_must_be_a_pem_file(tmp_path: Path):
+    import trustme
+
+    config = _write(tmp_path, SHIPPED_CONFIG.read_text().replace('# ca_file = "/etc/intake/relay-ca.pem"',
+                                                                 'ca_file = "relay-ca.pem"'))
+    with pytest.raises(ConfigError, match=r"outbound\.ca_file: .*relay-ca\.pem"):
+        load_settings(config)
+    (tmp_path / "relay-ca.pem").write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=r"outbound\.ca_file"):
+        load_settings(config)
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+    settings = load_settings(config)
+    assert settings.resolve_path(settings.outbound.ca_file) == tmp_path / "relay-ca.pem"
+
+
+def test_the_network_connection_limit_defaults_within_the_other_two(monkeypatch: pytest.MonkeyPatch):
+    assert load_settings(SHIPPED_CONFIG).smtp.max_connections_per_network == 100
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS", "20")
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS_PER_IP", "5")
+    assert load_settings(SHIPPED_CONFIG).smtp.max_connections_per_network == 20
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS", "1000")
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS_PER_IP", "150")
+    assert load_settings(SHIPPED_CONFIG).smtp.max_connections_per_network == 150
+    monkeypatch.setenv("INTAKE_SMTP__MAX_CONNECTIONS_PER_NETWORK", "400")
+    smtp = load_settings(SHIPPED_CONFIG).smtp
+    assert (smtp.max_connections_per_network, smtp.network_prefix_ipv4, smtp.network_prefix_ipv6) == (400, 24, 64)
 
 
 def test_misspelled_environment_setting_is_an_error():

@@ -26,6 +26,7 @@ from sqlalchemy import insert
 from intake import inbound, schema
 from intake.db import make_engine, wal_size
 from intake.inbound import Arrival, GroupCommitter
+from intake.listener import ConnectionLimits
 from intake.models import InboundMessage
 
 
@@ -42,9 +43,9 @@ def database_url(sqlite_url: str) -> str:
 class RawSMTP:
     """A byte-level SMTP client, for tests about the protocol itself."""
 
-    def __init__(self, port: int, timeout: float = 10, source: str = "127.0.0.1"):
-        # Any 127.0.0.x is this host's loopback on Linux: a source address stands for another client.
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+    def __init__(self, port: int, timeout: float = 10, source: str = "127.0.0.1", host: str = "127.0.0.1"):
+        # Any 127.x.y.z is this host's loopback on Linux: a source address stands for another client.
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
         self._buffer = b""
         self.banner = self.reply()
 
@@ -392,6 +393,102 @@ def test_slow_loris_clients_hold_at_most_their_share_and_silent_ones_are_dropped
     assert RawSMTP(running.port, source="127.0.0.2").banner[0] == 421
     for c in tricklers + silent:
         c.close()
+
+
+def test_four_addresses_of_one_network_no_longer_hold_every_slot(make_settings, start_intake_listener):
+    """Issue 12, finding 6: 127.0.0.2-5 x 50 connections held all 200 slots (the shipped limits).
+    Now they share their /24's 100, and a client of another network still gets in."""
+    running = start_intake_listener(make_settings())
+    assert (running.settings.smtp.max_connections, running.settings.smtp.max_connections_per_ip,
+            running.settings.smtp.max_connections_per_network) == (200, 50, 100)
+    flood = [RawSMTP(running.port, source=f"127.0.0.{n}") for n in range(2, 6) for _ in range(50)]
+    assert Counter(client.banner[0] for client in flood) == {220: 100, 421: 100}
+    refused = [client for client in flood if client.banner[0] == 421]
+    assert {client.banner[1] for client in refused} == {"4.7.0 Too many connections from your network"}
+    assert refused[0].rest() == b""  # and closed (RFC 5321 3.8)
+    other = RawSMTP(running.port, source="127.0.1.1")  # another /24
+    assert other.banner[0] == 220
+    assert other.command("EHLO other.test")[0] == 250
+    other.close()
+    for client in flood:
+        client.close()
+
+
+def _once_released(port: int, source: str, host: str = "127.0.0.1") -> RawSMTP:
+    """A connection as soon as the listener has seen a closed one go (a few tries, bounded)."""
+    for _ in range(100):
+        client = RawSMTP(port, source=source, host=host)
+        if client.banner[0] != 421:
+            return client
+        client.close()
+        time.sleep(0.02)
+    return client
+
+
+def test_the_network_prefix_lengths_are_configurable(make_settings, start_intake_listener):
+    running = start_intake_listener(make_settings(INTAKE_SMTP__MAX_CONNECTIONS="20",
+                                                  INTAKE_SMTP__MAX_CONNECTIONS_PER_IP="2",
+                                                  INTAKE_SMTP__MAX_CONNECTIONS_PER_NETWORK="3",
+                                                  INTAKE_SMTP__NETWORK_PREFIX_IPV4="16"))
+    clients = [RawSMTP(running.port, source=source) for source in ("127.0.0.2", "127.0.1.2", "127.0.2.2")]
+    assert [c.banner[0] for c in clients] == [220] * 3
+    over = RawSMTP(running.port, source="127.0.3.2")  # the same /16
+    assert over.banner == (421, "4.7.0 Too many connections from your network")
+    clients[0].close()
+    clients[0] = _once_released(running.port, source="127.0.3.2")  # a slot of the /16 is free again
+    assert clients[0].banner[0] == 220
+    assert RawSMTP(running.port, source="127.1.0.2").banner[0] == 220  # another /16
+    for c in clients:
+        c.close()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
+def test_ipv6_clients_are_counted_and_refused_over_the_limits(make_settings, start_intake_listener):
+    running = start_intake_listener(make_settings(INTAKE_SMTP__LISTEN="[::1]:0", INTAKE_SMTP__MAX_CONNECTIONS="10",
+                                                  INTAKE_SMTP__MAX_CONNECTIONS_PER_IP="3",
+                                                  INTAKE_SMTP__MAX_CONNECTIONS_PER_NETWORK="3"))
+    clients = [RawSMTP(running.port, source="::1", host="::1") for _ in range(3)]
+    assert [c.banner[0] for c in clients] == [220] * 3
+    assert RawSMTP(running.port, source="::1", host="::1").banner[0] == 421
+    clients.pop().close()
+    clients.append(_once_released(running.port, source="::1", host="::1"))
+    assert clients[-1].banner[0] == 220  # released under the keys it was counted under
+    for c in clients:
+        c.close()
+
+
+def test_an_ipv6_64_counts_as_one_network_and_ipv4_mapped_addresses_as_ipv4():
+    """One IPv6 /64 is 2^64 addresses: each under its per-address limit, together under one."""
+    limits = ConnectionLimits(10_000, 50, 100, 24, 64)
+    admitted = [limits.admit(f"2001:db8:1:2:{n:x}::1") for n in range(1000)]
+    assert admitted.count(None) == 100 and set(admitted[100:]) == {"network"}
+    assert limits.admit("2001:db8:1:3::1") is None  # the next /64
+    for n in range(100):
+        limits.release(f"2001:db8:1:2:{n:x}::1")
+    limits.release("2001:db8:1:3::1")
+    assert limits.total == 0
+    # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: the same address, the same /24.
+    for n in range(50):
+        assert limits.admit("198.51.100.7" if n % 2 else "::ffff:198.51.100.7") is None
+    assert limits.admit("::ffff:198.51.100.7") == "address"
+    assert limits.admit("198.51.100.7") == "address"
+    for n in range(50):
+        assert limits.admit(f"::ffff:198.51.100.{n + 8}") is None
+    assert limits.admit("198.51.100.200") == "network"
+    assert limits.admit("198.51.101.1") is None
+    wider = ConnectionLimits(10_000, 50, 2, 24, 48)
+    assert [wider.admit(a) for a in ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:1:ffff::1")] == [None, None,
+                                                                                                      "network"]
+    assert limits.admit("/run/intake.sock") is None  # not an IP address: its own address and network
 
 
 # -- SMTPUTF8 ------------------------------------------------------------------------------------

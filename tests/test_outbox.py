@@ -24,8 +24,9 @@ import pytest
 from sqlalchemy import func, select
 import trustme
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
-from conftest import free_port, process, report
+from conftest import free_port, process, report, smtp_send
 from intake import inbound, outbox, schema
 from intake.db import make_engine, read_session, write_session
 from intake.inbound import Arrival
@@ -144,6 +145,27 @@ def test_acknowledgement_is_delivered_through_the_relay(make_settings, sink):
     assert (sent.status, sent.attempts, sent.sent_at, sent.last_error) == ("sent", 1, T0, None)
     assert send_due(settings, engine, T0 + timedelta(days=1)) == {}  # sent is final
     assert len(sink.messages) == 1
+
+
+def test_an_acknowledgement_of_a_report_with_1000_character_lines_reaches_a_relay_that_refuses_longer(
+        make_settings, start_intake_listener, sink):
+    """A 1,000-character unbroken subject made acknowledgement lines of over 1,000 octets; an
+    aiosmtpd relay (like many MTAs) answers "500 Line too long" to those, and the ack went dead."""
+    settings = make_settings(**relay_env(sink.port),
+                             INTAKE_MAINTAINERS='[{"name": "Ana", "email": "ana@example.com"}]')  # and a notice
+    running = start_intake_listener(settings)
+    subject, line = "S" * 1000, "B" * 1000
+    smtp_send(running.port, report(subject=subject, body=f"Steps:\n{line}\n", sender="carol@researcher.test"),
+              mail_from="carol@researcher.test")
+    assert process(settings, running.engine, T0).tickets_opened == ["SEC-2026-0001"]
+    assert send_due(settings, running.engine, T0).get("dead", 0) == 0
+    queued = rows(running.engine)
+    assert {row.kind: row.status for row in queued} == {"acknowledgement": "sent", "new-ticket": "sent"}
+    for captured in sink.messages:
+        assert max(len(line) for line in captured.data.split(b"\r\n")) <= 998
+    [ack] = [c for c in sink.messages if c.rcpt_tos == ["carol@researcher.test"]]
+    parsed = email.message_from_bytes(ack.data, policy=email.policy.default)
+    assert parsed["Subject"] == f"Re: [SEC-2026-0001] {'S' * 199}…"
 
 
 def test_every_recipient_gets_the_message(make_settings, sink):
@@ -299,19 +321,23 @@ def test_required_starttls_sends_over_tls_to_a_trusted_relay(make_settings, tls_
     assert data == outgoing(1).raw
 
 
-def test_required_starttls_refuses_a_relay_certificate_it_cannot_verify(make_settings, tls_sink):
+def test_required_starttls_refuses_a_relay_certificate_it_cannot_verify(make_settings, tls_sink, caplog):
     handler, port = tls_sink  # its CA is not trusted here
     settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS="true"))
     engine = engine_for(settings)
     enqueue(engine, outgoing(1))
-    assert send_due(settings, engine, T0) == {"retry": 1}
-    assert "certificate" in rows(engine)[0].last_error.lower()
+    assert send_due(settings, engine, T0) == {"retry": 1}  # the operator's to fix: the mail waits
+    [row] = rows(engine)
+    assert "certificate" in row.last_error.lower() and "ca_file" in row.last_error
+    assert row.next_attempt_at == T0 + timedelta(seconds=settings.outbound.retry_initial)
+    assert [r for r in caplog.records if r.levelname == "ERROR" and "ca_file" in r.getMessage()]
     assert handler.messages == []
 
 
 def test_opportunistic_tls_does_not_block_delivery_to_a_relay_with_a_private_certificate(make_settings, tls_sink):
     """starttls = false: encrypt when the relay offers it, but an unverifiable certificate (a local
-    MTA's self-signed one) is no reason to hold the mail back: it would otherwise go in clear."""
+    MTA's self-signed one) is no reason to hold the mail back: it would otherwise go in clear. No
+    login can go this way: a username needs starttls = true (test_config)."""
     handler, port = tls_sink
     settings = make_settings(**relay_env(port))
     engine = engine_for(settings)
@@ -320,6 +346,65 @@ def test_opportunistic_tls_does_not_block_delivery_to_a_relay_with_a_private_cer
     [(data, over_tls)] = handler.messages
     assert over_tls
     assert data == outgoing(1).raw
+
+
+def test_starttls_to_a_relay_of_a_private_ca_named_by_ca_file(make_settings, tls_sink, tls_ca, tmp_path):
+    handler, port = tls_sink
+    tls_ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+    settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS="true",
+                                         INTAKE_OUTBOUND__CA_FILE=str(tmp_path / "relay-ca.pem")))
+    engine = engine_for(settings)
+    enqueue(engine, outgoing(1))
+    assert send_due(settings, engine, T0) == {"sent": 1}
+    [(data, over_tls)] = handler.messages
+    assert over_tls and data == outgoing(1).raw
+
+
+def test_ca_file_does_not_accept_a_certificate_for_another_host_name(make_settings, tls_ca, tmp_path):
+    """The host name is checked as well as the issuer: a certificate of the private CA for
+    another name (here 'mail.example.net' at 127.0.0.1) is refused."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("mail.example.net").configure_cert(context)
+    handler, port = TlsSinkHandler(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=context)
+    controller.start()
+    try:
+        tls_ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+        settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS="true",
+                                             INTAKE_OUTBOUND__CA_FILE=str(tmp_path / "relay-ca.pem")))
+        engine = engine_for(settings)
+        enqueue(engine, outgoing(1))
+        assert send_due(settings, engine, T0) == {"retry": 1}
+        assert "mismatch" in rows(engine)[0].last_error
+        assert handler.messages == []
+    finally:
+        controller.stop()
+
+
+def test_relay_login_goes_over_verified_tls(make_settings, tls_ca, tmp_path, monkeypatch):
+    logins: list[tuple[bytes, bytes, bool]] = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):  # type: ignore[no-untyped-def]
+        logins.append((auth_data.login, auth_data.password, session.ssl is not None))
+        return AuthResult(success=True)
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls_ca.issue_cert("127.0.0.1").configure_cert(context)
+    handler, port = TlsSinkHandler(), free_port()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, tls_context=context,
+                            authenticator=authenticator, auth_require_tls=True)
+    controller.start()
+    try:
+        tls_ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+        settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS="true", INTAKE_OUTBOUND__USERNAME="intake",
+                                             INTAKE_OUTBOUND__CA_FILE=str(tmp_path / "relay-ca.pem")))
+        monkeypatch.setenv("INTAKE_RELAY_PASSWORD", "hunter2")
+        engine = engine_for(settings)
+        enqueue(engine, outgoing(1))
+        assert send_due(settings, engine, T0) == {"sent": 1}
+        assert logins == [(b"intake", b"hunter2", True)]
+    finally:
+        controller.stop()
 
 
 # -- maildir -----------------------------------------------------------------------------------

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import email
 import email.policy
+import re
 import string
+from datetime import datetime, timezone
 from email.mime.text import MIMEText
 
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from intake import replies
+from intake.parse import clean_text
 
+NOW = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 _STDLIB = email.policy.compat32.clone(linesep="\r\n")
 
 
@@ -39,13 +44,17 @@ _HEADER_NAMES = st.sampled_from(["To", "Subject", "Date", "Message-ID", "In-Repl
 _HEADER_VALUES = st.text(alphabet=string.printable.replace("\r", "").replace("\n", "") + "é✓€", max_size=200)
 
 
+_IDS = st.lists(st.text(alphabet=string.ascii_letters + "@.<>", min_size=1, max_size=40), max_size=4).map(" ".join)
+
+
 @settings(max_examples=300, deadline=None)
 @given(sender_name=st.text(alphabet=string.printable + "é", max_size=60),
-       headers=st.lists(st.tuples(_HEADER_NAMES, _HEADER_VALUES), max_size=12),
+       headers=st.lists(st.tuples(_HEADER_NAMES, _HEADER_VALUES)
+                        | st.tuples(st.sampled_from(["In-Reply-To", "References"]), _IDS), max_size=12),
        body=st.text(alphabet=string.printable + "\r", max_size=3000))
 def test_an_ascii_text_mail_is_the_bytes_mimetext_writes(sender_name, headers, body):
-    """compose writes ASCII text mail itself: the bytes must be the stdlib's, header for header."""
-    from email.header import Header
+    """compose writes ASCII text mail itself: the bytes must be the stdlib's, header for header
+    (the header values once bounded: that step decides what is written, the writer how)."""
     from email.utils import formataddr
 
     assume(all(value.isascii() for name, value in headers if name == "To"))  # else: the SMTPUTF8 path
@@ -55,6 +64,96 @@ def test_an_ascii_text_mail_is_the_bytes_mimetext_writes(sender_name, headers, b
         composed = type(exc).__name__
     stdlib = MIMEText(body, "plain", "us-ascii")
     stdlib["From"] = formataddr((sender_name, "security@example.com"), charset="utf-8")
-    for name, value in headers:
-        stdlib[name] = value if value.isascii() else Header(value, "utf-8")
+    for name, value in replies._compat32_fields(replies.bounded_headers(headers)):
+        stdlib[name] = value
     assert composed == _outcome(stdlib, _STDLIB)
+
+
+# -- every line within RFC 5322's 998 octets (issue 12, finding 10) ------------------------------
+
+_WORDS = st.one_of(
+    st.text(alphabet=string.ascii_letters + string.digits + string.punctuation + " éü✓€😀", max_size=40),
+    # unbroken runs up to 5,000 characters, ASCII or not
+    st.builds(lambda char, count: char * count, st.sampled_from("aZ9-é✓😀"), st.integers(0, 5000)),
+)
+_TEXT = st.lists(_WORDS, max_size=4).map(" ".join)
+_MESSAGE_ID = st.one_of(
+    st.builds(lambda n: f"<{'m' * n}@researcher.test>", st.integers(0, 1200)),
+    st.builds(lambda n: f"<{'c' * n}", st.integers(0, 600)),  # stored cut short: no closing '>'
+    st.text(alphabet=string.ascii_letters + "<>@. é", max_size=60),
+)
+_COMPLETE_ID = re.compile(r"<[^<>\s]+>")
+
+
+def _lines_fit(raw: bytes) -> None:
+    lines = raw.split(b"\r\n")
+    assert b"\n" not in raw.replace(b"\r\n", b""), "bare line feed"
+    longest = max(len(line) + 2 for line in lines)
+    assert longest <= 998, f"a line of {longest} octets (CRLF included)"
+
+
+def _threading_ids(message) -> list[str]:  # type: ignore[no-untyped-def]
+    words = " ".join(str(message[name] or "") for name in ("In-Reply-To", "References")).split()
+    assert all(_COMPLETE_ID.fullmatch(word) for word in words), words
+    return words
+
+
+@settings(max_examples=150, deadline=None)
+@given(subject=_TEXT, name=_TEXT, in_reply_to=_MESSAGE_ID, references=st.lists(_MESSAGE_ID, max_size=4),
+       address=st.sampled_from(["alice@researcher.test", "ålice@researcher.test"]))
+def test_an_acknowledgement_of_any_report_has_no_line_over_998_octets(subject, name, in_reply_to, references, address):
+    """A subject or sender name of 5,000 unbroken characters made acknowledgement lines of over a
+    thousand octets, refused by relays ("500 Line too long"), and a stored Message-ID cut at 500
+    characters left an unterminated '<…' in References."""
+    mail = replies.automatic_reply(
+        template="acknowledgement.txt.j2", kind="acknowledgement", reference="SEC-2026-0001", subject=subject,
+        reporter_address=address, reporter_name=name, intake_address="security@example.com",
+        from_name="Security Team", in_reply_to=in_reply_to, references=references, deadlines=[], policy="vaixus",
+        message_id_domain="example.com", templates_dir=None, now=NOW)
+    _lines_fit(mail.raw)
+    parsed = email.message_from_bytes(mail.raw, policy=email.policy.default)
+    shown = replies.shorten(replies.strip_reply_prefixes(clean_text(subject))) or "(no subject)"
+    assert parsed["Subject"] == f"Re: [SEC-2026-0001] {shown}"
+    assert len(shown) <= replies.MAX_SUBJECT
+    ids = _threading_ids(parsed)
+    assert all(len(i) <= replies.MAX_MESSAGE_ID for i in ids)
+    assert set(ids) == ({i for i in [*references, in_reply_to] if i in replies.reusable_message_ids(i)}
+                        if in_reply_to else set())
+    assert parsed["Message-ID"] == mail.message_id
+    assert f'your report "{shown}"' in " ".join(parsed.get_content().split("\n"))
+
+
+@settings(max_examples=150, deadline=None)
+@given(subject=_TEXT, body=st.lists(_TEXT, max_size=4).map("\n".join), references=st.lists(_MESSAGE_ID, max_size=4),
+       to=st.sampled_from(["maintainer@example.com", "mäintainer@example.com"]), attach=st.booleans(),
+       html=st.booleans())
+def test_any_composed_mail_has_no_line_over_998_octets_and_reads_back_the_same(subject, body, references, to, attach,
+                                                                              html):
+    """Every way of composing (compat32 ASCII fast path, its quoted-printable and encoded-word
+    fallbacks, the modern policy for SMTPUTF8 and attachments, multipart/alternative)."""
+    subject = clean_text(subject, 10_000)
+    headers = [("To", to), ("Subject", subject), ("Date", "Mon, 02 Mar 2026 09:00:00 +0000"),
+               ("Message-ID", "<fwd.SEC-2026-0001.1@example.com>"), ("References", " ".join(references)),
+               ("X-Intake-Ticket", "SEC-2026-0001")]
+    sender = ("Security Team (SEC-2026-0001)", "security@example.com")
+    if html:
+        raw = replies.compose_alternative(sender, headers, body, f"<p>{body}</p>")
+    else:
+        attachments = (replies.Attachment("poc.txt", "text/plain", body.encode()),) if attach else ()
+        raw = replies.compose(sender, headers, body, attachments)
+    _lines_fit(raw)
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    assert parsed["Subject"] == replies.shorten(subject, 300)
+    assert _threading_ids(parsed) == [i for r in references for i in replies.reusable_message_ids(r)]
+    text = parsed.get_body(("plain",)).get_content()
+    assert text.replace("\r\n", "\n").rstrip("\n") == body.replace("\r\n", "\n").rstrip("\n")
+
+
+def test_a_stored_message_id_cut_short_is_left_out_whole_not_written_unterminated():
+    cut = "<" + "c" * 499  # parse keeps 500 characters of a Message-ID
+    headers = [("To", "alice@researcher.test"), ("Subject", "Re: [SEC-2026-0001] x"), ("In-Reply-To", cut),
+               ("References", f"<first@researcher.test> {cut}")]
+    parsed = email.message_from_bytes(replies.compose(("Security Team", "security@example.com"), headers, "hi\n"),
+                                      policy=email.policy.default)
+    assert parsed["In-Reply-To"] is None
+    assert parsed["References"] == "<first@researcher.test>"

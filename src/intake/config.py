@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,6 +150,12 @@ class SmtpSection(Section):
     # Connections open at once, in all and from one client address; more get 421 and are closed.
     max_connections: int = Field(default=200, ge=1, le=100_000)
     max_connections_per_ip: int = Field(default=50, ge=1, le=100_000)
+    # ... and from one client network: the addresses sharing their first network_prefix_ipv4 bits
+    # (IPv4, IPv4-mapped IPv6 included) or network_prefix_ipv6 bits. Between max_connections_per_ip
+    # and max_connections; unset: 100, within those two.
+    max_connections_per_network: int = Field(default=100, ge=1, le=100_000)
+    network_prefix_ipv4: int = Field(default=24, ge=8, le=32)
+    network_prefix_ipv6: int = Field(default=64, ge=16, le=128)
     # STARTTLS: PEM certificate chain and key; both or neither.
     tls_certificate: Path | None = None
     tls_key: Path | None = None
@@ -175,6 +182,18 @@ class SmtpSection(Section):
             raise ValueError("require_starttls needs tls_certificate and tls_key")
         if self.max_connections_per_ip > self.max_connections:
             raise ValueError("max_connections_per_ip cannot be more than max_connections")
+        return self
+
+    @model_validator(mode="after")
+    def _network_limit_between(self) -> SmtpSection:
+        low, high = self.max_connections_per_ip, self.max_connections
+        if "max_connections_per_network" not in self.model_fields_set:
+            # The default gives way to the other two limits (a configuration that lowered
+            # max_connections alone stays valid); frozen, hence __dict__.
+            self.__dict__["max_connections_per_network"] = min(max(self.max_connections_per_network, low), high)
+        elif not low <= self.max_connections_per_network <= high:
+            raise ValueError(f"max_connections_per_network ({self.max_connections_per_network}) must be between "
+                             f"max_connections_per_ip ({low}) and max_connections ({high})")
         return self
 
 
@@ -207,8 +226,11 @@ class OutboundSection(Section):
     relay: HostPortText = "127.0.0.1:25"
     # Require STARTTLS with the relay (fail rather than send in clear).
     starttls: bool = False
-    # Relay login; its password comes from the 'relay-password' credential.
+    # Relay login; its password comes from the 'relay-password' credential. Needs starttls = true.
     username: str | None = None
+    # PEM file of the CA(s) that issued the relay's certificate, trusted instead of the system's
+    # store (a private CA). Relative to the config file.
+    ca_file: Path | None = None
     # Seconds for connecting and for each SMTP command with the relay.
     timeout: float = Field(default=30.0, gt=0)
     # Retry schedule for temporary failures: first delay, doubling up to the cap.
@@ -222,6 +244,13 @@ class OutboundSection(Section):
     @property
     def relay_address(self) -> HostPort:
         return _parse_host_port(self.relay)
+
+    @model_validator(mode="after")
+    def _login_over_tls_only(self) -> OutboundSection:
+        if self.username and not self.starttls:
+            raise ValueError("outbound.username is set but outbound.starttls = false: the relay password "
+                             "would be sent in clear; set starttls = true (or remove username)")
+        return self
 
 
 class SenderAuthSection(Section):
@@ -659,6 +688,7 @@ def load_settings(path: Path | None = None) -> Settings:
     except ValueError as exc:  # validators raising outside pydantic's wrapping
         raise ConfigError(str(exc)) from None
     _check_listen_host(settings)
+    _check_ca_file(settings)
     return settings
 
 
@@ -669,6 +699,17 @@ def _check_listen_host(settings: Settings) -> None:
     except ValueError:
         if host != "localhost":
             raise ConfigError(f"smtp.listen: {host!r} must be an IP address or 'localhost'") from None
+
+
+def _check_ca_file(settings: Settings) -> None:
+    if settings.outbound.ca_file is None:
+        return
+    path = settings.resolve_path(settings.outbound.ca_file)
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"outbound.ca_file: {path}: not a readable PEM file of CA certificates "
+                          f"({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def read_secret(name: str, environ: dict[str, str] | None = None) -> str | None:

@@ -200,7 +200,8 @@ def _confirm(session: Session, settings: Settings, ticket: Ticket, incoming: rou
     lines += ["", "Done:", *(f"- {item}" for item in done)] if done else ["", "Nothing was changed or sent."]
     lines += ["", "Refused:", *(f"- {item}" for item in failed)] if failed else []
     message_id = replies.new_message_id("confirm", ticket.reference, settings.intake.message_id_domain)
-    headers = [("To", maintainer), ("Subject", f"Re: [{ticket.reference}] {clean_text(ticket.subject)} (done)"),
+    subject = f"Re: [{ticket.reference}] {replies.shorten(clean_text(ticket.subject))} (done)"
+    headers = [("To", maintainer), ("Subject", subject),
                ("Date", format_datetime(now)), ("Message-ID", message_id)]
     if incoming.mail.message_id:
         headers.append(("In-Reply-To", incoming.mail.message_id))
@@ -308,7 +309,7 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
         message_id = replies.new_message_id("fwd", ticket.reference, settings.intake.message_id_domain)
         address = reply_tokens.reply_address(secret, ticket.intake_address, ticket.reference, maintainer, now)
         headers = [("To", maintainer), *([] if third_party else [("Reply-To", address)]),
-                   ("Subject", f"[{ticket.reference}] {what}: {clean_text(mail.subject)}"),
+                   ("Subject", f"[{ticket.reference}] {what}: {replies.shorten(clean_text(mail.subject))}"),
                    ("Date", format_datetime(now)), ("Message-ID", message_id),
                    ("Auto-Submitted", "auto-generated"), (replies.LOOP_HEADER, settings.intake.message_id_domain),
                    ("X-Intake-Ticket", ticket.reference)]

@@ -129,12 +129,27 @@ class MaildirTransport(Transport):
 
 
 class SmtpTransport(Transport):
-    """Delivers through the configured relay with aiosmtplib, one connection per batch."""
+    """Delivers through the configured relay with aiosmtplib, one connection per batch.
 
-    def __init__(self, outbound: OutboundSection, password: str | None, hostname: str):
+    With ``starttls = true`` STARTTLS is required and verifies the relay's certificate and host
+    name against the system's trust store, or against ``ca_file`` alone when one is set. A
+    certificate that fails is an operator's problem, not the mail's: the batch is retried with
+    backoff and an error names ``ca_file`` (sending in clear instead would hand the mail, and the
+    login, to whoever could present that certificate). With ``starttls = false`` STARTTLS is
+    opportunistic (RFC 7435, Postfix's ``may``): used when offered, certificate not verified,
+    since a local MTA's self-signed certificate must not hold mail back that would otherwise go in
+    clear; no login is ever sent that way (the configuration refuses a username without
+    ``starttls = true``)."""
+
+    def __init__(self, outbound: OutboundSection, password: str | None, hostname: str, ca_file: Path | None = None):
         self._outbound = outbound
         self._password = password
         self._hostname = hostname
+        self._ca_file = ca_file
+        self._tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        if not outbound.starttls:
+            self._tls.check_hostname = False
+            self._tls.verify_mode = ssl.CERT_NONE
 
     async def deliver(self, rows: list[Outbox]) -> AsyncIterator[tuple[Outbox, Delivery]]:
         relay = self._outbound.relay_address
@@ -143,18 +158,21 @@ class SmtpTransport(Transport):
             port=relay.port,
             timeout=self._outbound.timeout,
             local_hostname=self._hostname,
-            start_tls=self._outbound.starttls or None,  # None: opportunistic, never required
-            tls_context=ssl.create_default_context() if self._outbound.starttls else None,
-            # Opportunistic STARTTLS (RFC 7435) must not insist on a verifiable certificate: the
-            # alternative is clear text. aiosmtplib verifies by default, so a relay offering STARTTLS
-            # with a self-signed certificate (a local Postfix's snakeoil) failed every delivery until
-            # give_up_after. With starttls = true the context above verifies, as before.
-            validate_certs=self._outbound.starttls,
+            start_tls=self._outbound.starttls or None,  # None: when offered (RFC 7435), never required
+            tls_context=self._tls,
         )
         try:
             await client.connect()
-            if self._outbound.username:
+            if self._outbound.username:  # only with starttls = true (the configuration insists)
                 await client.login(self._outbound.username, self._password or "")
+        except ssl.SSLCertVerificationError as exc:
+            log.error("event=relay-certificate-unverified relay=%s ca_file=%s error=%r: trust the relay's CA with "
+                      "[outbound] ca_file", relay, self._ca_file or "(system trust store)", exc.verify_message)
+            failure = Delivery(False, detail=f"relay certificate not verified ({exc.verify_message}); "
+                                             f"trusted: {self._ca_file or 'the system store'} ([outbound] ca_file)")
+            for row in rows:
+                yield row, failure
+            return
         except aiosmtplib.SMTPResponseException as exc:
             failure = Delivery(False, exc.code >= 500 and exc.code != 530, f"relay {exc.code} {exc.message}")
             for row in rows:
@@ -199,7 +217,8 @@ class SmtpTransport(Transport):
 def make_transport(settings: Settings) -> Transport:
     if settings.outbound.transport == "maildir":
         return MaildirTransport(settings.maildir_path)
-    return SmtpTransport(settings.outbound, read_secret("relay-password"), settings.smtp.hostname)
+    ca_file = settings.resolve_path(settings.outbound.ca_file) if settings.outbound.ca_file else None
+    return SmtpTransport(settings.outbound, read_secret("relay-password"), settings.smtp.hostname, ca_file)
 
 
 def backoff(outbound: OutboundSection, attempts: int) -> timedelta:
