@@ -37,6 +37,7 @@ from pydantic import (
 from apscheduler.triggers.cron import CronTrigger
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from intake import patterns
 from intake.security_txt import SecurityTxtSection
 from intake.spam import SHIPPED_RULES, RuleSet, RulesError, load_rules
 from intake.sla import CalendarConfig, PolicyConfig, builtin_calendars, parse_duration, validate_policies
@@ -303,6 +304,7 @@ class AutoReplySection(Section):
     # The window, in seconds.
     window: float = Field(default=24 * 3600.0, gt=0)
     # Senders (local part, a regular expression matched whole, case-insensitive) never answered.
+    # Matched against senders' addresses, so on RE2 (intake.patterns): no look-around or backreferences.
     never_reply_to: list[str] = Field(default_factory=lambda: [
         "mailer-daemon", "postmaster", "no-?reply", "do-?not-?reply", "bounces?", "daemon", "listserv",
         "majordomo", "owner-.*", ".*-request", ".*-bounces?", ".*-owner", "notifications?",
@@ -313,9 +315,9 @@ class AutoReplySection(Section):
     def _patterns_compile(cls, value: list[str]) -> list[str]:
         for pattern in value:
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+                patterns.compile(pattern)
+            except patterns.UnsupportedPattern as exc:
+                raise ValueError(str(exc)) from None
         return value
 
 
@@ -552,7 +554,8 @@ class Settings(BaseSettings):
     def never_answered(self, address: str) -> bool:
         """Senders no automatic mail goes to: MAILER-DAEMON, postmaster, noreply and friends."""
         local = address.rpartition("@")[0].lower()
-        return any(re.fullmatch(pattern, local, re.IGNORECASE) for pattern in self.autoreply.never_reply_to)
+        return any(patterns.compile(pattern, ignorecase=True).fullmatch(local)
+                   for pattern in self.autoreply.never_reply_to)
 
     def our_address(self, recipient: str) -> str | None:
         """The configured address *recipient* is (or is a +tag form of), else None."""

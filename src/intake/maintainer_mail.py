@@ -17,14 +17,13 @@ address, trimmed of the quoted thread and signature, with the maintainer's addre
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 from datetime import datetime
 
 from email.utils import format_datetime
 from sqlmodel import Session
 
-from intake import correspondence, credit, milestones, outbox, replies, reply_tokens, route, triage
+from intake import correspondence, credit, milestones, outbox, patterns, replies, reply_tokens, route, triage
 from intake.config import Settings
 from intake.inbound import StoredMessage
 from intake.models import Ticket
@@ -33,11 +32,12 @@ from intake.parse import clean_text, extract_attachment
 log = logging.getLogger(__name__)
 
 # Where quoted history starts in a reply: "On Mon, … wrote:", Outlook's separator and header block.
-_QUOTE_START = re.compile(
+# Both patterns see mail text: RE2 (intake.patterns).
+_QUOTE_START = patterns.compile(
     r"^(on .{0,200}wrote:\s*$|-{2,}\s*original message\s*-{2,}|_{10,}\s*$|from:\s.+$|am .{0,200}schrieb .{0,80}:\s*$)",
-    re.IGNORECASE)
+    ignorecase=True)
 _SIGNATURE = "-- "
-_COMMAND = re.compile(r"^#([a-z-]+)\b\s*(.*)$", re.IGNORECASE)
+_COMMAND = patterns.compile(r"^#([a-z-]+)\b\s*(.*)$", ignorecase=True)
 
 
 def trim_reply(text: str) -> str:
