@@ -729,10 +729,11 @@ def test_the_helper_scores_as_the_rules_do_and_a_change_of_rules_reaches_it():
     lenient = parse_rules('threshold = 9.0\n[[rule]]\nname = "asks"\ndescription = "asks"\n'
                           'score = 1.0\nbody = ["bount"]\n')
     try:
-        parsed, quality = parse_guard.parse_and_score(raw, strict)
+        result = parse_guard.parse_and_score(raw, strict)
+        parsed, quality = result.mail, result.quality
         assert parsed == parse(raw) and quality == strict.score(parse(raw)).as_dict()
         assert quality["low_quality"] and quality["matched"] == ["asks"]
-        assert parse_guard.parse_and_score(raw, lenient)[1]["low_quality"] is False
+        assert parse_guard.parse_and_score(raw, lenient).quality["low_quality"] is False
     finally:
         parse_guard.close()
 
@@ -743,8 +744,9 @@ def test_a_message_cut_short_is_still_scored_on_what_was_read():
                         'max_body_chars = 10\n')
     helper = parse_guard.BoundedParser(parse_function=sleepy_parse, rules=rules)
     try:
-        hung, quality = helper.parse_and_score(mail("From: a@example.org\nSubject: x\nX-Test-Hang: yes",
-                                                    "a long body that is never read\n"), timeout=0.5)
+        result = helper.parse_and_score(mail("From: a@example.org\nSubject: x\nX-Test-Hang: yes",
+                                             "a long body that is never read\n"), timeout=0.5)
+        hung, quality = result.mail, result.quality
         assert hung.warnings == ["parse timed out after 0.5 s"] and quality["matched"] == ["short"]
     finally:
         helper.close()
@@ -753,7 +755,7 @@ def test_a_message_cut_short_is_still_scored_on_what_was_read():
 def test_parse_bounded_gives_what_parse_gives():
     raw = corpus_file("mimekit/messages/bounce.txt")
     try:
-        assert parse_guard.parse_and_score(raw, load_rules(SHIPPED_RULES))[0] == parse(raw)
+        assert parse_guard.parse_and_score(raw, load_rules(SHIPPED_RULES)).mail == parse(raw)
     finally:
         parse_guard.close()
 

@@ -195,8 +195,11 @@ class ProcessingSection(Section):
     messages_per_transaction: int = Field(default=20, ge=1, le=10_000)
     # Seconds between polls for pending messages when nothing wakes the processor.
     poll_interval: float = Field(default=1.0, gt=0)
-    # Seconds parsing one message may take (in a helper process) before it is cut short.
+    # Seconds (wall clock) parsing one message may take (in a helper process) before it is cut short.
     parse_timeout: float = Field(default=10.0, gt=0, le=3600)
+    # Seconds of the helper's CPU for parsing, scoring and the text work of one message together;
+    # then the message goes on with what was done and a warning (see intake.parse_guard).
+    message_budget: float = Field(default=5.0, gt=0, le=3600)
 
 
 class OutboundSection(Section):

@@ -34,6 +34,9 @@ OUT_MILESTONES = ("released", "disclosed", "resolved")
 
 _MAX_NAME = 120
 _MAX_STATEMENT = 200
+# Lines naming credit or anonymity read for a statement: a real one is among the first few, and a
+# flood of such lines must not cost a regex search each.
+_MAX_CANDIDATE_LINES = 100
 # A statement that names the credit; the value is the rest of the line. These patterns see the
 # reporter's text: they run on RE2 (see intake.patterns), \b and \s there being ASCII.
 _CREDIT_AS = patterns.compile(r"(?:\bcredit\s+me\s+as\b|\bcredited\s+as\b|^\s*credits?\s*:)\s*:?\s*(?P<value>.*)",
@@ -119,13 +122,18 @@ def _clean_field(value: str | None) -> str | None:
 
 def recognise(text: str, source: str = "report") -> Credit | None:
     """The credit preference the reporter states in *text*, if a line of it states one (quoted
-    lines, "> …", are someone else's words); the first statement wins."""
+    lines, "> …", are someone else's words); the first statement wins, among the first
+    ``_MAX_CANDIDATE_LINES`` lines that name credit or anonymity."""
+    candidates = 0
     for line in text.splitlines():
         folded = line.lower()
         # Every statement names credit or anonymity: the regular expressions only see such lines
         # (this runs on every report, and most say neither).
         if ("credit" not in folded and "anonymous" not in folded) or line.lstrip().startswith(">"):
             continue
+        candidates += 1
+        if candidates > _MAX_CANDIDATE_LINES:
+            return None
         statement = line.strip()[:_MAX_STATEMENT]
         if _NO_CREDIT.search(line):
             return Credit(True, source=source, statement=statement)

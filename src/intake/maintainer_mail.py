@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import shlex
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from email.utils import format_datetime
 from sqlmodel import Session
@@ -29,6 +30,9 @@ from intake.inbound import StoredMessage
 from intake.models import Ticket
 from intake.parse import clean_text, extract_attachment
 
+if TYPE_CHECKING:
+    from intake.text_work import TextWork  # which reads its text with this module's functions
+
 log = logging.getLogger(__name__)
 
 # Where quoted history starts in a reply: "On Mon, … wrote:", Outlook's separator and header block.
@@ -36,7 +40,11 @@ log = logging.getLogger(__name__)
 _QUOTE_START = patterns.compile(
     r"^(on .{0,200}wrote:\s*$|-{2,}\s*original message\s*-{2,}|_{10,}\s*$|from:\s.+$|am .{0,200}schrieb .{0,80}:\s*$)",
     ignorecase=True)
+# What each alternative of _QUOTE_START begins with, lowercased: other lines skip the regex.
+_QUOTE_START_PREFIXES = ("on ", "--", "__________", "from:", "am ")
 _SIGNATURE = "-- "
+# Command lines carried out per mail; more are refused, in one line of the confirmation.
+MAX_COMMANDS = 20
 _COMMAND = patterns.compile(r"^#([a-z-]+)\b\s*(.*)$", ignorecase=True)
 
 
@@ -44,7 +52,10 @@ def trim_reply(text: str) -> str:
     """*text* without the quoted thread (``>`` lines, "On … wrote:" and below) and the signature."""
     kept = []
     for line in text.splitlines():
-        if line.rstrip() == _SIGNATURE.rstrip() and line.startswith("--") or _QUOTE_START.match(line.strip()):
+        if line.rstrip() == _SIGNATURE.rstrip() and line.startswith("--"):
+            break
+        stripped = line.strip()
+        if stripped.lower().startswith(_QUOTE_START_PREFIXES) and _QUOTE_START.match(stripped):
             break
         if line.lstrip().startswith(">"):
             continue
@@ -139,25 +150,25 @@ def _apply(session: Session, settings: Settings, ticket: Ticket, name: str, args
 
 
 def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
-           decision: route.Decision, now: datetime, reply_secret: bytes) -> None:
+           decision: route.Decision, now: datetime, reply_secret: bytes, work: TextWork) -> None:
     """After a threaded message was recorded on its ticket: a maintainer's authenticated mail is
-    carried out, a reporter's reply is forwarded to the maintainers (signing their reply
-    addresses with *reply_secret*)."""
+    carried out (its commands and trimmed text read beforehand, *work*), a reporter's reply is
+    forwarded to the maintainers (signing their reply addresses with *reply_secret*)."""
     if decision.kind == route.MAINTAINER_REPLY and decision.authenticated:
-        _maintainer_mail(session, settings, stored, incoming, decision, now)
+        _maintainer_mail(session, settings, stored, incoming, decision, now, work)
     elif decision.kind == route.REPORTER_REPLY:
         _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret)
 
 
 def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
-                     decision: route.Decision, now: datetime) -> None:
+                     decision: route.Decision, now: datetime, work: TextWork) -> None:
     ticket = session.get(Ticket, decision.ticket_id)
     maintainer = settings.find_maintainer(incoming.sender)
     assert ticket is not None and maintainer is not None  # routing authenticated them
-    commands, rest = split_commands(incoming.mail.body_text)
-    internal = any(name == "note" for name, _ in commands)
     done, failed = [], []
-    for name, args in commands:
+    if work.more_commands:
+        failed.append(f"{work.more_commands} command line(s) after the first {MAX_COMMANDS}: not carried out")
+    for name, args in work.commands:
         if name == "note":
             continue
         try:
@@ -165,9 +176,9 @@ def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage
                 done.append(_apply(session, settings, ticket, name, args, now=now, actor=maintainer.name))
         except (CommandError, milestones.Refused) as exc:
             failed.append(f"#{name} {args}".strip() + f": {exc}")
-    text = trim_reply(rest).replace(maintainer.email, "[maintainer]")
+    text = work.relayed_text.replace(maintainer.email, "[maintainer]")
     attachments = _attachments(stored, incoming)
-    if internal and text.strip():
+    if work.internal and text.strip():
         correspondence.note(session, ticket, text, now=now, actor=maintainer.name)
         done.append("added your text as an internal note")
     elif text.strip() or attachments:

@@ -35,6 +35,7 @@ from intake.db import read_session, write_session
 from intake.inbound import StoredMessage
 from intake.models import InboundMessage, InboundStatus
 from intake.parse import ParsedMail
+from intake.text_work import TextWork
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,16 @@ _ACTED_ON = {route.NEW_TICKET, route.REPORTER_REPLY, route.MAINTAINER_REPLY}
 
 @dataclass(frozen=True)
 class Prepared:
-    """The pure part of processing one message, done before any lock is taken."""
+    """The pure part of processing one message, done before any lock is taken: parsing, scoring
+    and all the text work acting on it needs (no text is read under the write lock)."""
 
     stored: StoredMessage
     mail: ParsedMail | None
     quality: dict[str, Any]
     parse_seconds: float
     error: str | None = None
+    work: TextWork = TextWork()
+    cpu_seconds: float = 0.0  # the parse helper's CPU time on it (bounded by processing.message_budget)
 
 
 @dataclass(frozen=True)
@@ -107,12 +111,13 @@ class Outcome:
 def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
     started = time.perf_counter()
     try:
-        mail, quality = parse_guard.parse_and_score(stored.raw, settings.quality_rules,
-                                                    settings.processing.parse_timeout)
+        result = parse_guard.parse_and_score(stored.raw, settings.quality_rules, settings.processing.parse_timeout,
+                                             settings.processing.message_budget)
     except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
         log.exception("event=parse-failed inbound_id=%d", stored.id)
         return Prepared(stored, None, {}, time.perf_counter() - started, f"parse: {type(exc).__name__}: {exc}")
-    return Prepared(stored, mail, quality, time.perf_counter() - started)
+    return Prepared(stored, result.mail, result.quality or {}, time.perf_counter() - started, work=result.work,
+                    cpu_seconds=result.cpu_seconds)
 
 
 def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int | None = None) -> BatchResult:
@@ -182,7 +187,8 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
     reply_secret = reply_tokens.secret(engine)
     with read_session(engine) as session:
         routed = _route(session, settings, items, reply_secret)
-        reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality)
+        reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
+                                     r.prepared.work.report_credit)
                    for r in routed if r.decision.kind == route.NEW_TICKET]
         sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
         references = tickets.next_references(session, settings.intake.reference_prefix,
@@ -207,9 +213,10 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
             outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
             continue
         if tickets.records_on_ticket(r.decision):
-            tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now)
+            tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now,
+                                     r.prepared.work.reply_credit)
             maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
-                                   plan.reply_secret)
+                                   plan.reply_secret, r.prepared.work)
         outcomes.append(Outcome(r.prepared, r.decision))
     _mark(session, outcomes, now)
     return outcomes
@@ -284,10 +291,10 @@ def _tally(result: BatchResult, outcomes: list[Outcome], seconds: float) -> None
         result.decisions[decision.kind] += 1
         if outcome.reference:
             result.tickets_opened.append(outcome.reference)
-        log.info("event=processed inbound_id=%d message_id=%s decision=%s ticket=%s parse_ms=%.1f total_ms=%.1f "
-                 "warnings=%d reason=%r", stored.id, mail.message_id, decision.kind,
+        log.info("event=processed inbound_id=%d message_id=%s decision=%s ticket=%s parse_ms=%.1f cpu_ms=%.1f "
+                 "total_ms=%.1f warnings=%d reason=%r", stored.id, mail.message_id, decision.kind,
                  outcome.reference or decision.ticket_id or "-", outcome.prepared.parse_seconds * 1000,
-                 seconds * 1000, len(mail.warnings), decision.reason[:200])
+                 outcome.prepared.cpu_seconds * 1000, seconds * 1000, len(mail.warnings), decision.reason[:200])
 
 
 def process_all(engine: Engine, settings: Settings, now: datetime) -> BatchResult:
