@@ -64,15 +64,19 @@ def trim_reply(text: str) -> str:
 
 
 def split_commands(text: str) -> tuple[list[tuple[str, str]], str]:
-    """The ``#command args`` lines at the top of *text* (blank lines between them allowed) and the rest."""
+    """The ``#command args`` lines at the top of *text* (blank lines between them allowed) and the rest.
+    Past ``MAX_COMMANDS`` commands (none of which will be carried out) any ``#`` line is one more,
+    named by its first word: no regex per line of a flood."""
     lines = text.splitlines()
     commands = []
     position = 0
     while position < len(lines):
         line = lines[position].strip()
-        if line and not (match := _COMMAND.match(line)):
+        if len(commands) > MAX_COMMANDS and line.startswith("#"):
+            commands.append((line[1:].split(maxsplit=1)[0].lower() if line[1:].strip() else "", ""))
+        elif line and not (match := _COMMAND.match(line)):
             break
-        if line:
+        elif line:
             commands.append((match.group(1).lower(), match.group(2).strip()))
         position += 1
     return commands, "\n".join(lines[position:])

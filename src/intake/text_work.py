@@ -13,7 +13,7 @@ each is linear in the text (RE2 patterns, line-by-line scans).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from intake import credit, maintainer_mail
 from intake.parse import ParsedMail
@@ -38,8 +38,13 @@ def read(mail: ParsedMail) -> TextWork:
     body = mail.body_text
     commands, rest = maintainer_mail.split_commands(body)
     most = maintainer_mail.MAX_COMMANDS
-    return TextWork(report_credit=credit.recognise(body),
-                    reply_credit=credit.recognise(credit.own_words(body), source="reply"),
+    own_words = credit.own_words(body)
+    report_credit = credit.recognise(body)
+    if own_words == body:  # nothing quoted: the same words, read once
+        reply_credit = replace(report_credit, source="reply") if report_credit else None
+    else:
+        reply_credit = credit.recognise(own_words, source="reply")
+    return TextWork(report_credit=report_credit, reply_credit=reply_credit,
                     commands=tuple(commands[:most]), more_commands=max(0, len(commands) - most),
                     internal=any(name == "note" for name, _ in commands),
                     relayed_text=maintainer_mail.trim_reply(rest))
