@@ -117,7 +117,7 @@ def _prepare_within(raw: bytes, parse_function: Callable[[bytes], ParsedMail], r
                 quality = None
             step = "reading credit and commands"
             try:
-                work = text_work.read(mail)
+                work = text_work.read(mail.body_text)
             except Exception:  # noqa: BLE001 - see _serve
                 work = None
         finally:
@@ -259,7 +259,7 @@ class BoundedParser:
         """Without a helper there is no time bound, but the message is still read rather than lost."""
         mail = self._parse_function(raw)
         mail.warnings.append(f"parse helper unavailable ({reason}); parsed without a time bound")
-        return Result(mail, None, text_work.read(mail))
+        return Result(mail, None, text_work.read(mail.body_text))
 
     def _ready_helper(self) -> _Helper:
         if self._helper is None:
@@ -287,7 +287,7 @@ class BoundedParser:
             return _headers_only(raw, f"processing budget ({self.budget:g} s of CPU) spent while parsing; "
                                       "only the header block was read", result)
         mail, quality, work, cpu_seconds = result
-        return Result(mail, quality, work if work is not None else text_work.read(mail), cpu_seconds)
+        return Result(mail, quality, work if work is not None else text_work.read(mail.body_text), cpu_seconds)
 
     def _replace(self) -> None:
         """Kill the helper and start its successor now, so it imports while we carry on."""

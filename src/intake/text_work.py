@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from intake import credit, maintainer_mail
-from intake.parse import ParsedMail
 
 
 @dataclass(frozen=True)
@@ -33,9 +32,8 @@ class TextWork:
     relayed_text: str = ""  # the rest, quoted thread and signature trimmed: what a maintainer's reply relays
 
 
-def read(mail: ParsedMail) -> TextWork:
-    """The text work on *mail*."""
-    body = mail.body_text
+def read(body: str) -> TextWork:
+    """The text work on a message's *body* text (``ParsedMail.body_text``)."""
     commands, rest = maintainer_mail.split_commands(body)
     most = maintainer_mail.MAX_COMMANDS
     own_words = credit.own_words(body)
