@@ -12,6 +12,8 @@ it small and fast, and the benchmark as large as the listener accepts.
 from __future__ import annotations
 
 from collections.abc import Callable
+from email import quoprimime
+from email.header import Header
 
 # Body text of about `size` characters, by case; each repeats its unit to fill the size.
 _BODIES: dict[str, Callable[[int], str]] = {
@@ -70,7 +72,9 @@ CASES = (*_BODIES, *_HTML, *_BOUNCES, *_HEADERS)
 def build(case: str, size: int, *, sender: str = "mallory@attacker.test", message_id: str | None = None,
           in_reply_to: str | None = None) -> bytes:
     """The message of *case* with about *size* bytes of its flood, CRLF line endings as on the
-    wire. *in_reply_to* makes it a reply (to thread it into a ticket)."""
+    wire, no line over 998 octets (SMTP refuses longer ones: a long body line travels
+    quoted-printable, a long header folded or as encoded words, and arrives whole after decoding).
+    *in_reply_to* makes it a reply (to thread it into a ticket)."""
     message_id = message_id or f"<{case}.{size}@attacker.test>"
     headers = [f"From: Mallory <{sender}>", "To: security@example.com", f"Message-ID: {message_id}",
                "Date: Thu, 03 Dec 2026 05:00:00 +0000", "MIME-Version: 1.0"]
@@ -82,7 +86,7 @@ def build(case: str, size: int, *, sender: str = "mallory@attacker.test", messag
             headers.append(f"Subject: {case}")
         if not block.startswith("Content-Type:"):
             headers.append("Content-Type: text/plain; charset=utf-8")
-        return _wire("\r\n".join(headers) + "\r\n" + block + "\r\nbody\r\n")
+        return _wire("\r\n".join(headers) + "\r\n" + _folded(block) + "\r\nbody\r\n")
     if case in _BOUNCES:
         headers[0] = "From: Mail Delivery System <MAILER-DAEMON@mx.attacker.test>"
         headers += ["Subject: Undelivered Mail Returned to Sender", "Content-Type: text/plain; charset=utf-8"]
@@ -91,7 +95,24 @@ def build(case: str, size: int, *, sender: str = "mallory@attacker.test", messag
         html = case in _HTML
         headers += [f"Subject: {case}", f"Content-Type: text/{'html' if html else 'plain'}; charset=utf-8"]
         body = (_HTML if html else _BODIES)[case](size)
+    if max(map(len, body.splitlines() or [""])) > 998:
+        headers.append("Content-Transfer-Encoding: quoted-printable")
+        body = quoprimime.body_encode(body, eol="\n")
     return _wire("\r\n".join(headers) + "\r\n\r\n" + body)
+
+
+def _folded(block: str) -> str:
+    """Header fields of *block* with no line over 998 octets."""
+    fields = []
+    for field in block.split("\r\n"):
+        name, _, value = field.partition(": ")
+        if len(field) <= 998:
+            fields.append(field)
+        elif " " not in value:  # one long word: encoded words, which decode to it whole
+            fields.append(f"{name}: {Header(value, 'utf-8', header_name=name).encode(linesep=chr(13) + chr(10))}")
+        else:  # fold at the spaces (RFC 5322 folding)
+            fields.append(f"{name}: " + value.replace(" ", "\r\n "))
+    return "\r\n".join(fields)
 
 
 def _wire(text: str) -> bytes:
