@@ -45,6 +45,7 @@ _HTML: dict[str, Callable[[int], str]] = {
     "deep-lists": lambda size: "<ul><li>" * (size // 8) + "x",
     "unclosed-script": lambda size: "<p>x</p>" + "<script>" * (size // 8),
     "open-tags": lambda size: "<" * size,
+    "entities": lambda size: "&lt;" * (size // 4),
 }
 # Bounces from a mailer daemon: their text is searched for status codes and returned headers.
 _BOUNCES: dict[str, Callable[[int], str]] = {

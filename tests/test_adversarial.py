@@ -199,3 +199,18 @@ def test_text_work_reads_credit_commands_and_the_relayed_text():
 def test_an_unusable_rules_pattern_is_named_with_the_reason():
     with pytest.raises(RulesError, match=r"pattern 1 '\(a\)\\\\1'.*RE2"):
         parse_rules('threshold = 1.0\n[[rule]]\nname = "x"\ndescription = "x"\nscore = 1.0\nbody = [\'(a)\\1\']\n')
+
+
+@pytest.mark.parametrize("case", ["open-tags", "entities", "deep-html"])
+def test_html_conversion_handles_a_bounded_number_of_events(monkeypatch, case):
+    """html2text costs per tag, lone '<' and character reference: past MAX_HTML_EVENTS the HTML is cut."""
+    import html2text
+    monkeypatch.setattr(parse, "MAX_HTML_EVENTS", 1_000)
+    events = []
+    for method in ("handle_data", "handle_tag", "handle_entityref", "handle_charref"):
+        real = getattr(html2text.HTML2Text, method)
+        monkeypatch.setattr(html2text.HTML2Text, method,
+                            lambda self, *args, _real=real, **kwargs: events.append(1) or _real(self, *args, **kwargs))
+    mail = parse.parse(adversarial.build(case, 200_000))
+    assert len(events) <= 3 * 1_000
+    assert any(warning.startswith("limit MAX_HTML_EVENTS (1000)") for warning in mail.warnings)

@@ -7,7 +7,7 @@ Registered on :data:`intake.cli.main` when :mod:`intake.cli` is imported; the wo
 from __future__ import annotations
 
 import json
-import re
+import re  # CLI arguments only; senders' text goes through intake.patterns (RE2)
 from datetime import datetime, timedelta, timezone
 
 import click

@@ -76,6 +76,9 @@ MAX_HTML_INPUT = 1024 * 1024  # characters of HTML converted to text (html2text 
 # level, so its output (and time) grows with the square of the depth (200 KB of nested <ul><li>
 # took 4 minutes and 500 MB).
 MAX_HTML_NESTING = 16
+# Tags and character references ('<' and '&') of HTML converted: html2text's cost is per such
+# event (~8 us each here: a megabyte of lone '<' took 9 s), so HTML past the 100,000th is cut.
+MAX_HTML_EVENTS = 100_000
 # Characters of a header value decoded for display (names, file names, loop headers; the subject
 # is decoded whole, as the stdlib does). The stdlib decodes encoded words in quadratic time.
 MAX_DECODED_HEADER = 4 * 1024
@@ -770,6 +773,9 @@ def _html_to_text(markup: str, warnings: list[str]) -> str:
     if len(markup) > MAX_HTML_INPUT:
         _warn(warnings, f"limit MAX_HTML_INPUT ({MAX_HTML_INPUT}): only the start of the HTML was converted")
         markup = markup[:MAX_HTML_INPUT]
+    if (end := _nth_event(markup, MAX_HTML_EVENTS)) is not None:
+        _warn(warnings, f"limit MAX_HTML_EVENTS ({MAX_HTML_EVENTS}): only the start of the HTML was converted")
+        markup = markup[:end]
     markup = _flatten_deep_nesting(markup, warnings)
     converter = html2text.HTML2Text()
     converter.ignore_images = True
@@ -779,6 +785,23 @@ def _html_to_text(markup: str, warnings: list[str]) -> str:
     except Exception as exc:  # noqa: BLE001 - an HTML parser failure must not lose the message
         _warn(warnings, f"HTML could not be converted ({type(exc).__name__}); tags were stripped instead")
         return html.unescape(_TAG.sub(" ", _CODE.sub(" ", markup)))
+
+
+def _nth_event(markup: str, most: int) -> int | None:
+    """Where the *most*-th '<' or '&' of *markup* is, or None if it has no more than that: each
+    character's positions found with str.find, at most *most* of each, so linear in *markup*."""
+    if markup.count("<") + markup.count("&") <= most:
+        return None
+
+    def positions(char: str) -> list[int]:
+        found: list[int] = []
+        at = markup.find(char)
+        while at >= 0 and len(found) < most:
+            found.append(at)
+            at = markup.find(char, at + 1)
+        return found
+
+    return sorted(positions("<") + positions("&"))[most - 1]
 
 
 def _flatten_deep_nesting(markup: str, warnings: list[str]) -> str:

@@ -1,7 +1,8 @@
 """Stored messages -> decisions -> tickets: the parse, route and act stages driven in batches.
 
-A batch is parsed and scored outside any transaction (the expensive part, and it needs no lock),
-then acted on in chunks of ``processing.messages_per_transaction`` messages. A chunk is routed in
+A batch is acted on in chunks of ``processing.messages_per_transaction`` messages, each prepared
+just before: parsed, scored and its text read (the expensive part) outside any transaction, so
+a message's ticket waits for the messages of its chunk, not for the whole batch to be parsed. A chunk is routed in
 order against set-based lookups and its new tickets are made ready, replies rendered with the
 references that come next, all before the write lock is taken; then one short write transaction
 takes those references (see :func:`intake.tickets.open_tickets`) and writes the lot in a handful
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -124,14 +125,14 @@ def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int 
     """Process up to one batch of pending messages as of *now*."""
     result = BatchResult()
     started = time.perf_counter()
-    prepared = [prepare(settings, stored) for stored in
-                inbound.pending(engine, limit or settings.processing.batch_size)]
+    prepared = (prepare(settings, stored) for stored in
+                inbound.pending(engine, limit or settings.processing.batch_size))
     for chunk in _chunks(prepared, settings.processing.messages_per_transaction):
         _tally(result, _act_on_chunk(engine, settings, chunk, now), time.perf_counter() - started)
     return result
 
 
-def _chunks(prepared: list[Prepared], most: int) -> Iterator[list[Prepared]]:
+def _chunks(prepared: Iterable[Prepared], most: int) -> Iterator[list[Prepared]]:
     """*prepared* in chunks of at most *most* messages and, but for a single larger message, of
     at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written."""
     chunk: list[Prepared] = []
