@@ -14,7 +14,8 @@ Reported:
 * per hostile message, the parse helper's CPU time on it (``cpu_ms`` of intake's
   ``event=processed`` log line: parsing, scoring and text work, bounded by
   ``processing.message_budget``) and the wall time of its prepare stage (``parse_ms``);
-* the worker's own CPU time (intake's main process) over the run, and the helper's;
+* the CPU time over the run of intake's main process (the listener) and of its children (the
+  worker and its parse helper);
 * for each honest report, the time from the end of DATA to its ``250`` and from sending to its
   ticket entry in the database; and whether any honest transaction got a ``451`` (or any other
   refusal).
@@ -73,8 +74,8 @@ class Result:
     size: int
     hostile: list[dict[str, object]] = field(default_factory=list)  # per case: code, cpu_ms, parse_ms
     honest: list[dict[str, object]] = field(default_factory=list)  # per report: code, to_250_ms, to_ticket_ms
-    worker_cpu_seconds: float = 0.0
-    helper_cpu_seconds: float = 0.0
+    listener_cpu_seconds: float = 0.0
+    worker_and_helper_cpu_seconds: float = 0.0
     complete: bool = True
     machine: dict[str, object] = field(default_factory=dict)
 
@@ -150,8 +151,8 @@ def run(args: argparse.Namespace) -> Result:
             arrived = _entry_times(database, [s.message_id for s in honest], deadline)
             cpu_after = server.cpu_seconds()
             processed = _processed_lines(workdir / "node" / "intake.log")
-        result.worker_cpu_seconds = round(cpu_after[0] - cpu_before[0], 3)
-        result.helper_cpu_seconds = round(cpu_after[1] - cpu_before[1], 3)
+        result.listener_cpu_seconds = round(cpu_after[0] - cpu_before[0], 3)
+        result.worker_and_helper_cpu_seconds = round(cpu_after[1] - cpu_before[1], 3)
         for sent in hostile:
             parse_ms, cpu_ms = processed.get(sent.message_id, (None, None))
             result.hostile.append({"case": sent.name, "code": sent.code, "cpu_ms": cpu_ms, "parse_ms": parse_ms})
@@ -224,7 +225,8 @@ def table(result: Result) -> str:
               f"  end of DATA -> 250: median {_median(to_250)} ms, max {max(to_250, default=0):.1f} ms",
               f"  sent -> ticket entry: median {_median(to_ticket)} ms, max {max(to_ticket, default=0):.1f} ms"
               f" ({len(to_ticket)} of {len(result.honest)} seen)",
-              f"CPU over the run: worker {result.worker_cpu_seconds:.2f} s, parse helper {result.helper_cpu_seconds:.2f} s",
+              f"CPU over the run: listener {result.listener_cpu_seconds:.2f} s, "
+              f"worker and parse helper {result.worker_and_helper_cpu_seconds:.2f} s",
               "" if result.complete else "INCOMPLETE: not everything was processed before --timeout", ""]
     lines += [f"{'PASS' if passed else 'MISS'}  {name}: {value}" for name, value, passed in goals(result)]
     return "\n".join(lines)
