@@ -23,7 +23,7 @@ from mailparser.utils import decode_base64_payload
 from conftest import CORPUS
 from intake import parse as parse_module
 from intake import parse_guard
-from intake.spam import SHIPPED_RULES, load_rules
+from intake.spam import SHIPPED_RULES, SpamScore, load_rules
 from intake.parse import (
     MAX_BODY_TEXT,
     MAX_FILENAME,
@@ -729,10 +729,11 @@ def test_the_helper_scores_as_the_rules_do_and_a_change_of_rules_reaches_it():
     lenient = parse_rules('threshold = 9.0\n[[rule]]\nname = "asks"\ndescription = "asks"\n'
                           'score = 1.0\nbody = ["bount"]\n')
     try:
-        parsed, quality = parse_guard.parse_and_score(raw, strict)
+        result = parse_guard.parse_and_score(raw, strict)
+        parsed, quality = result.mail, result.quality
         assert parsed == parse(raw) and quality == strict.score(parse(raw)).as_dict()
         assert quality["low_quality"] and quality["matched"] == ["asks"]
-        assert parse_guard.parse_and_score(raw, lenient)[1]["low_quality"] is False
+        assert parse_guard.parse_and_score(raw, lenient).quality["low_quality"] is False
     finally:
         parse_guard.close()
 
@@ -743,17 +744,57 @@ def test_a_message_cut_short_is_still_scored_on_what_was_read():
                         'max_body_chars = 10\n')
     helper = parse_guard.BoundedParser(parse_function=sleepy_parse, rules=rules)
     try:
-        hung, quality = helper.parse_and_score(mail("From: a@example.org\nSubject: x\nX-Test-Hang: yes",
-                                                    "a long body that is never read\n"), timeout=0.5)
+        result = helper.parse_and_score(mail("From: a@example.org\nSubject: x\nX-Test-Hang: yes",
+                                             "a long body that is never read\n"), timeout=0.5)
+        hung, quality = result.mail, result.quality
         assert hung.warnings == ["parse timed out after 0.5 s"] and quality["matched"] == ["short"]
     finally:
         helper.close()
 
 
+def busy_parse(raw: bytes) -> ParsedMail:
+    """A parse that burns CPU on demand (runs in the helper): what a super-linear parser would do."""
+    if b"X-Test-Busy: yes" in raw:
+        end = time.process_time() + 30
+        while time.process_time() < end:
+            pass
+    return parse(raw)
+
+
+class BusyRules:
+    """Rules whose scoring of a mail with the subject "busy" burns CPU (picklable: they go to the
+    helper), for the budget; other mail scores as no rule matched."""
+
+    def score(self, mail: ParsedMail) -> SpamScore:
+        end = time.process_time() + (30 if mail.subject == "busy" else 0)
+        while time.process_time() < end:
+            pass
+        return SpamScore(0.0, [], 1.0, False)
+
+
+def test_the_cpu_budget_stops_each_step_and_says_what_was_not_done():
+    parser = parse_guard.BoundedParser(parse_function=busy_parse, rules=BusyRules(), budget=0.2)
+    credit_me = "Please credit me as Jane Doe.\n"
+    try:
+        cut = parser.parse_and_score(mail("From: a@example.org\nSubject: x\nX-Test-Busy: yes", credit_me), timeout=20)
+        assert cut.mail.warnings == ["processing budget (0.2 s of CPU) spent while parsing; "
+                                     "only the header block was read"]
+        assert cut.mail.subject == "x" and cut.cpu_seconds > 0.1 and cut.work.report_credit is None
+        unscored = parser.parse_and_score(mail("From: a@example.org\nSubject: busy", credit_me), timeout=20)
+        assert unscored.mail.warnings == ["processing budget (0.2 s of CPU) spent while scoring: not scored; "
+                                          "credit and commands not read"]
+        assert unscored.quality == {} and unscored.work.report_credit is None and unscored.mail.body_text
+        # The helper is not killed: the next message is read in full, credit included.
+        whole = parser.parse_and_score(mail("From: a@example.org\nSubject: y", credit_me))
+        assert whole.mail.warnings == [] and whole.work.report_credit.name == "Jane Doe"
+    finally:
+        parser.close()
+
+
 def test_parse_bounded_gives_what_parse_gives():
     raw = corpus_file("mimekit/messages/bounce.txt")
     try:
-        assert parse_guard.parse_and_score(raw, load_rules(SHIPPED_RULES))[0] == parse(raw)
+        assert parse_guard.parse_and_score(raw, load_rules(SHIPPED_RULES)).mail == parse(raw)
     finally:
         parse_guard.close()
 

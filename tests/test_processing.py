@@ -343,6 +343,33 @@ def test_a_message_that_parses_too_long_is_a_ticket_from_its_headers_with_a_warn
     assert len(stored.raw) > 3_000_000 and b'filename="dump149.bin"' in stored.raw
 
 
+def test_a_message_past_its_cpu_budget_is_a_ticket_from_its_headers_with_a_warning(make_settings,
+                                                                                   start_intake_listener):
+    # 150 attachments of 20 KB take well over 100 ms of CPU to parse; the budget here is 50 ms,
+    # the wall-clock bound the default 10 s: the budget is what cuts it short.
+    settings = make_settings(INTAKE_PROCESSING__MESSAGE_BUDGET="0.05")
+    running = start_intake_listener(settings)
+    slow = report(subject="Many crash dumps", message_id="<slow@researcher.test>")
+    for n in range(150):
+        slow.add_attachment(bytes(20_000), maintype="application", subtype="octet-stream", filename=f"dump{n}.bin")
+    smtp_send(running.port, slow)
+    smtp_send(running.port, report(subject="Small report", message_id="<small@researcher.test>",
+                                   body="Steps to reproduce:\n1. ...\nPlease credit me as Jane Doe.\n"))
+    result = process(settings, running.engine)
+
+    assert result.decisions == {"new-ticket": 2} and not result.failed
+    year = datetime.now(timezone.utc).year
+    cut_short = tickets.ticket_detail(running.engine, f"SEC-{year}-0001")
+    assert cut_short.ticket.subject == "Many crash dumps" and cut_short.ticket.reporter == "alice@researcher.test"
+    assert any(warning.startswith("processing budget (0.05 s of CPU) spent while parsing")
+               for warning in cut_short.entries[0].warnings)
+    # The helper goes on (the budget stops the work, not the process): the next message is read in full.
+    small = tickets.ticket_detail(running.engine, f"SEC-{year}-0002")
+    assert "Steps to reproduce" in small.entries[0].body_text and small.ticket.credit["name"] == "Jane Doe"
+    [stored] = [m for m in _stored(running.engine) if m.ticket_id == cut_short.ticket.id]
+    assert b'filename="dump149.bin"' in stored.raw  # kept for `intake reprocess`
+
+
 def _stored(engine) -> list[InboundMessage]:
     with read_session(engine) as session:
         return list(session.scalars(select(InboundMessage).order_by(InboundMessage.id)))

@@ -6,7 +6,7 @@ Registered on :data:`intake.cli.main` when :mod:`intake.cli` is imported; the wo
 
 from __future__ import annotations
 
-import re
+import re  # CLI arguments only; senders' text goes through intake.patterns (RE2)
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 

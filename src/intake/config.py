@@ -38,6 +38,7 @@ from pydantic import (
 from apscheduler.triggers.cron import CronTrigger
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from intake import patterns
 from intake.security_txt import SecurityTxtSection
 from intake.spam import SHIPPED_RULES, RuleSet, RulesError, load_rules
 from intake.sla import CalendarConfig, PolicyConfig, builtin_calendars, parse_duration, validate_policies
@@ -213,8 +214,11 @@ class ProcessingSection(Section):
     messages_per_transaction: int = Field(default=20, ge=1, le=10_000)
     # Seconds between polls for pending messages when nothing wakes the processor.
     poll_interval: float = Field(default=1.0, gt=0)
-    # Seconds parsing one message may take (in a helper process) before it is cut short.
+    # Seconds (wall clock) parsing one message may take (in a helper process) before it is cut short.
     parse_timeout: float = Field(default=10.0, gt=0, le=3600)
+    # Seconds of the helper's CPU for parsing, scoring and the text work of one message together;
+    # then the message goes on with what was done and a warning (see intake.parse_guard).
+    message_budget: float = Field(default=5.0, gt=0, le=3600)
 
 
 class OutboundSection(Section):
@@ -332,6 +336,7 @@ class AutoReplySection(Section):
     # The window, in seconds.
     window: float = Field(default=24 * 3600.0, gt=0)
     # Senders (local part, a regular expression matched whole, case-insensitive) never answered.
+    # Matched against senders' addresses, so on RE2 (intake.patterns): no look-around or backreferences.
     never_reply_to: list[str] = Field(default_factory=lambda: [
         "mailer-daemon", "postmaster", "no-?reply", "do-?not-?reply", "bounces?", "daemon", "listserv",
         "majordomo", "owner-.*", ".*-request", ".*-bounces?", ".*-owner", "notifications?",
@@ -342,9 +347,9 @@ class AutoReplySection(Section):
     def _patterns_compile(cls, value: list[str]) -> list[str]:
         for pattern in value:
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+                patterns.compile(pattern)
+            except patterns.UnsupportedPattern as exc:
+                raise ValueError(str(exc)) from None
         return value
 
 
@@ -581,7 +586,8 @@ class Settings(BaseSettings):
     def never_answered(self, address: str) -> bool:
         """Senders no automatic mail goes to: MAILER-DAEMON, postmaster, noreply and friends."""
         local = address.rpartition("@")[0].lower()
-        return any(re.fullmatch(pattern, local, re.IGNORECASE) for pattern in self.autoreply.never_reply_to)
+        return any(patterns.compile(pattern, ignorecase=True).fullmatch(local)
+                   for pattern in self.autoreply.never_reply_to)
 
     def our_address(self, recipient: str) -> str | None:
         """The configured address *recipient* is (or is a +tag form of), else None."""

@@ -15,7 +15,6 @@ still count every report; tickets with no preference are named separately so som
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlmodel import Session
 
+from intake import patterns
 from intake.db import read_session
 from intake.deadlines import MILESTONE_EVENT
 from intake.models import Event, Ticket
@@ -34,22 +34,34 @@ OUT_MILESTONES = ("released", "disclosed", "resolved")
 
 _MAX_NAME = 120
 _MAX_STATEMENT = 200
-# A statement that names the credit; the value is the rest of the line.
-_CREDIT_AS = re.compile(r"(?:\bcredit\s+me\s+as\b|\bcredited\s+as\b|^\s*credits?\s*:)\s*:?\s*(?P<value>.*)",
-                        re.IGNORECASE)
+# Lines naming credit or anonymity read for a statement: a real one is among the first few, and a
+# flood of such lines must not cost a regex search each.
+_MAX_CANDIDATE_LINES = 100
+# A statement that names the credit; the value is the rest of the line. These patterns see the
+# reporter's text: they run on RE2 (see intake.patterns), \b and \s there being ASCII.
+_CREDIT_AS = patterns.compile(r"(?:\bcredit\s+me\s+as\b|\bcredited\s+as\b|^\s*credits?\s*:)\s*:?\s*(?P<value>.*)",
+                              ignorecase=True)
 # A statement asking for no credit. "No credit" counts only as the whole line, so that
 # "no credit card numbers leak" is not a wish to stay anonymous.
-_NO_CREDIT = re.compile(
+_NO_CREDIT = patterns.compile(
     r"\b(?:keep\s+me|stay|remain|be\s+kept)\s+anonymous\b"
     r"|\b(?:do\s+not|don'?t)\s+(?:credit\s+me|(?:need|want)\s+(?:any\s+)?credit)\b"
-    r"|^\W*(?:please\W+)?no\s+credit(?:\W+(?:please|needed|required|necessary))?\W*$",
-    re.IGNORECASE)
-_URL = re.compile(r"https?://[^\s<>()\"',;]+", re.IGNORECASE)
-_HANDLE = re.compile(r"(?<![\w.@/])@[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
-# Where a name ends: the end of its sentence (not an initial's dot: "J. Doe").
-_SENTENCE_END = re.compile(r"(?<=[^\s.]{2})[.!?;](?:\s|$)")
-_TRAILING_WORDS = re.compile(r"(?:\s+(?:and|with|or|at|on|via|from|of|-|–|—))+$", re.IGNORECASE)
-_QUOTE_HEADER = re.compile(r"^\s*(?:On\b.*\bwrote:|-{2,}\s*Original Message\s*-{2,}|From:\s)", re.IGNORECASE | re.MULTILINE)
+    r"|^[^\pL\pN_]*(?:please[^\pL\pN_]+)?no\s+credit(?:[^\pL\pN_]+(?:please|needed|required|necessary))?[^\pL\pN_]*$",
+    ignorecase=True)
+_HTTP_URL = patterns.compile(r"https?://\S+", ignorecase=True)
+_URL = patterns.compile(r"https?://[^\s<>()\"',;]+", ignorecase=True)
+# A handle (group 2), not inside an address or a URL: what comes before it (group 1) is kept, as
+# the look-behind of re would have it.
+_HANDLE = patterns.compile(r"(^|[^\pL\pN_.@/])(@[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?)")
+# Where a name ends: the end of its sentence (not an initial's dot: "J. Doe"), i.e. the mark
+# after two characters that are neither space nor dot.
+_SENTENCE_END = patterns.compile(r"[^\s.]{2}([.!?;])(?:\s|$)")
+_BRACKETS = patterns.compile(r"[()\[\]<>{}\"“”*_`]")
+_SPACE_BEFORE_MARK = patterns.compile(r"\s+([.!?;])")
+_TRAILING_WORDS = patterns.compile(r"(?:\s+(?:and|with|or|at|on|via|from|of|-|–|—))+$", ignorecase=True)
+_QUOTE_HEADER = patterns.compile(r"^\s*(?:On\b.*\bwrote:|-{2,}\s*Original Message\s*-{2,}|From:\s)",
+                                 ignorecase=True, multiline=True)
+_MARKDOWN_SPECIAL = patterns.compile(r"([\\`*_{}\[\]()<>#+!|~])")
 _ANONYMOUS_VALUES = {"anonymous", "anon", "none", "nobody", "no one", "no credit", "n/a", "-"}
 
 
@@ -96,7 +108,7 @@ def make(*, name: str | None = None, handle: str | None = None, url: str | None 
         return Credit(True, source=source, statement=statement)
     if not name and not handle:
         raise CreditError("give a name or a handle (or anonymous)")
-    if url and not re.fullmatch(r"https?://\S+", url, re.IGNORECASE):
+    if url and not _HTTP_URL.fullmatch(url):
         raise CreditError(f"{url!r} is not an http(s) URL")
     if name and len(name) > _MAX_NAME:
         raise CreditError(f"the name is longer than {_MAX_NAME} characters")
@@ -110,13 +122,18 @@ def _clean_field(value: str | None) -> str | None:
 
 def recognise(text: str, source: str = "report") -> Credit | None:
     """The credit preference the reporter states in *text*, if a line of it states one (quoted
-    lines, "> …", are someone else's words); the first statement wins."""
+    lines, "> …", are someone else's words); the first statement wins, among the first
+    ``_MAX_CANDIDATE_LINES`` lines that name credit or anonymity."""
+    candidates = 0
     for line in text.splitlines():
         folded = line.lower()
         # Every statement names credit or anonymity: the regular expressions only see such lines
         # (this runs on every report, and most say neither).
         if ("credit" not in folded and "anonymous" not in folded) or line.lstrip().startswith(">"):
             continue
+        candidates += 1
+        if candidates > _MAX_CANDIDATE_LINES:
+            return None
         statement = line.strip()[:_MAX_STATEMENT]
         if _NO_CREDIT.search(line):
             return Credit(True, source=source, statement=statement)
@@ -138,11 +155,12 @@ def _parse_value(value: str, source: str, statement: str) -> Credit | None:
     """'Jane Doe (@janed, https://jane.example). Thanks!' -> name, handle and URL."""
     urls = [u.rstrip(".!?:") for u in _URL.findall(value)]
     rest = _URL.sub(" ", value)
-    handles = _HANDLE.findall(rest)
-    rest = _HANDLE.sub(" ", rest)
-    rest = re.sub(r"[()\[\]<>{}\"“”*_`]|(?<!\w)'|'(?!\w)", " ", rest).replace(",", " ")
-    rest = re.sub(r"\s+([.!?;])", r"\1", " ".join(rest.split()))  # "Doe ( ). Thanks" -> "Doe. Thanks"
-    name = _SENTENCE_END.split(rest, maxsplit=1)[0]
+    handles = [found.group(2) for found in _HANDLE.finditer(rest)]
+    rest = _HANDLE.sub(lambda found: found.group(1) + " ", rest)
+    rest = _unquote(_BRACKETS.sub(" ", rest)).replace(",", " ")
+    rest = _SPACE_BEFORE_MARK.sub(r"\1", " ".join(rest.split()))  # "Doe ( ). Thanks" -> "Doe. Thanks"
+    end = _SENTENCE_END.search(rest)
+    name = rest[:end.start(1)] if end else rest
     name = _TRAILING_WORDS.sub("", name).strip(" .:-")
     if name.lower() in _ANONYMOUS_VALUES and not handles and not urls:
         return Credit(True, source=source, statement=statement)
@@ -151,6 +169,14 @@ def _parse_value(value: str, source: str, statement: str) -> Credit | None:
                     url=urls[0] if urls else None, source=source, statement=statement)
     except CreditError:
         return None  # nothing usable on the line: not a statement after all
+
+
+def _unquote(text: str) -> str:
+    """*text* with its quote marks blanked: every ``'`` but an apostrophe inside a word ("O'Brien")."""
+    def word(at: int) -> bool:
+        return 0 <= at < len(text) and (text[at].isalnum() or text[at] == "_")
+    return "".join(" " if char == "'" and not (word(at - 1) and word(at + 1)) else char
+                   for at, char in enumerate(text))
 
 
 def event_detail(credit: Credit | None) -> dict[str, Any]:
@@ -253,4 +279,4 @@ def _markdown_credit(credit: Credit) -> str:
 
 def _markdown_escape(text: str) -> str:
     """Reporter-chosen text, literal in Markdown (no links, emphasis or HTML of theirs)."""
-    return re.sub(r"([\\`*_{}\[\]()<>#+!|~])", r"\\\1", text)
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)

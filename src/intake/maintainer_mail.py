@@ -19,34 +19,45 @@ address, trimmed of the quoted thread and signature, with the maintainer's addre
 from __future__ import annotations
 
 import logging
-import re
 import shlex
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from email.utils import format_datetime
 from sqlmodel import Session
 
-from intake import correspondence, credit, milestones, outbox, replies, reply_tokens, route, triage
+from intake import correspondence, credit, milestones, outbox, patterns, replies, reply_tokens, route, triage
 from intake.config import Settings
 from intake.inbound import StoredMessage
 from intake.models import Ticket
 from intake.parse import clean_text, extract_attachment
 
+if TYPE_CHECKING:
+    from intake.text_work import TextWork  # which reads its text with this module's functions
+
 log = logging.getLogger(__name__)
 
 # Where quoted history starts in a reply: "On Mon, … wrote:", Outlook's separator and header block.
-_QUOTE_START = re.compile(
+# Both patterns see mail text: RE2 (intake.patterns).
+_QUOTE_START = patterns.compile(
     r"^(on .{0,200}wrote:\s*$|-{2,}\s*original message\s*-{2,}|_{10,}\s*$|from:\s.+$|am .{0,200}schrieb .{0,80}:\s*$)",
-    re.IGNORECASE)
+    ignorecase=True)
+# What each alternative of _QUOTE_START begins with, lowercased: other lines skip the regex.
+_QUOTE_START_PREFIXES = ("on ", "--", "__________", "from:", "am ")
 _SIGNATURE = "-- "
-_COMMAND = re.compile(r"^#([a-z-]+)\b\s*(.*)$", re.IGNORECASE)
+# Command lines carried out per mail; more are refused, in one line of the confirmation.
+MAX_COMMANDS = 20
+_COMMAND = patterns.compile(r"^#([a-z-]+)\b\s*(.*)$", ignorecase=True)
 
 
 def trim_reply(text: str) -> str:
     """*text* without the quoted thread (``>`` lines, "On … wrote:" and below) and the signature."""
     kept = []
     for line in text.splitlines():
-        if line.rstrip() == _SIGNATURE.rstrip() and line.startswith("--") or _QUOTE_START.match(line.strip()):
+        if line.rstrip() == _SIGNATURE.rstrip() and line.startswith("--"):
+            break
+        stripped = line.strip()
+        if stripped.lower().startswith(_QUOTE_START_PREFIXES) and _QUOTE_START.match(stripped):
             break
         if line.lstrip().startswith(">"):
             continue
@@ -55,15 +66,19 @@ def trim_reply(text: str) -> str:
 
 
 def split_commands(text: str) -> tuple[list[tuple[str, str]], str]:
-    """The ``#command args`` lines at the top of *text* (blank lines between them allowed) and the rest."""
+    """The ``#command args`` lines at the top of *text* (blank lines between them allowed) and the rest.
+    Past ``MAX_COMMANDS`` commands (none of which will be carried out) any ``#`` line is one more,
+    named by its first word: no regex per line of a flood."""
     lines = text.splitlines()
     commands = []
     position = 0
     while position < len(lines):
         line = lines[position].strip()
-        if line and not (match := _COMMAND.match(line)):
+        if len(commands) > MAX_COMMANDS and line.startswith("#"):
+            commands.append((line[1:].split(maxsplit=1)[0].lower() if line[1:].strip() else "", ""))
+        elif line and not (match := _COMMAND.match(line)):
             break
-        if line:
+        elif line:
             commands.append((match.group(1).lower(), match.group(2).strip()))
         position += 1
     return commands, "\n".join(lines[position:])
@@ -141,25 +156,26 @@ def _apply(session: Session, settings: Settings, ticket: Ticket, name: str, args
 
 
 def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
-           decision: route.Decision, now: datetime, reply_secret: bytes) -> None:
+           decision: route.Decision, now: datetime, reply_secret: bytes, work: TextWork) -> None:
     """After a threaded message was recorded on its ticket: a maintainer's authenticated mail is
-    carried out, a reporter's reply is forwarded to the maintainers (signing their reply
-    addresses with *reply_secret*), a third party's is forwarded marked as theirs."""
+    carried out (its commands and trimmed text read beforehand, *work*), a reporter's reply is
+    forwarded to the maintainers (signing their reply addresses with *reply_secret*), a third
+    party's is forwarded marked as theirs."""
     if decision.kind == route.MAINTAINER_REPLY and decision.authenticated and incoming.authentication.authenticated:
-        _maintainer_mail(session, settings, stored, incoming, decision, now)
+        _maintainer_mail(session, settings, stored, incoming, decision, now, work)
     elif decision.kind in (route.REPORTER_REPLY, route.THIRD_PARTY_REPLY):
         _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret)
 
 
 def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
-                     decision: route.Decision, now: datetime) -> None:
+                     decision: route.Decision, now: datetime, work: TextWork) -> None:
     ticket = session.get(Ticket, decision.ticket_id)
     maintainer = settings.find_maintainer(incoming.sender)
     assert ticket is not None and maintainer is not None  # routing authenticated them
-    commands, rest = split_commands(incoming.mail.body_text)
-    internal = any(name == "note" for name, _ in commands)
     done, failed = [], []
-    for name, args in commands:
+    if work.more_commands:
+        failed.append(f"{work.more_commands} command line(s) after the first {MAX_COMMANDS}: not carried out")
+    for name, args in work.commands:
         if name == "note":
             continue
         try:
@@ -168,9 +184,10 @@ def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage
         except (CommandError, milestones.Refused) as exc:
             failed.append(f"#{name} {args}".strip() + f": {exc}")
     # Any case: the domain part is case-blind, and mail clients write Ana@Example.com as they like.
-    text = re.sub(re.escape(maintainer.email), "[maintainer]", trim_reply(rest), flags=re.IGNORECASE)
+    own_address = patterns.compile(patterns.escape(maintainer.email), ignorecase=True)
+    text = own_address.sub("[maintainer]", work.relayed_text)
     attachments = _attachments(stored, incoming)
-    if internal and text.strip():
+    if work.internal and text.strip():
         correspondence.note(session, ticket, text, now=now, actor=maintainer.name)
         done.append("added your text as an internal note")
     elif text.strip() or attachments:

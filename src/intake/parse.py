@@ -39,7 +39,6 @@ import email.policy
 import hashlib
 import html
 import logging
-import re
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,6 +51,8 @@ from typing import Any, TypeVar
 import html2text
 from mailparser import MailParser
 from mailparser.utils import decode_base64_payload, decode_header_part
+
+from intake import patterns
 
 T = TypeVar("T")
 
@@ -75,6 +76,9 @@ MAX_HTML_INPUT = 1024 * 1024  # characters of HTML converted to text (html2text 
 # level, so its output (and time) grows with the square of the depth (200 KB of nested <ul><li>
 # took 4 minutes and 500 MB).
 MAX_HTML_NESTING = 16
+# Tags and character references ('<' and '&') of HTML converted: html2text's cost is per such
+# event (~8 us each here: a megabyte of lone '<' took 9 s), so HTML past the 100,000th is cut.
+MAX_HTML_EVENTS = 100_000
 # Characters of a header value decoded for display (names, file names, loop headers; the subject
 # is decoded whole, as the stdlib does). The stdlib decodes encoded words in quadratic time.
 MAX_DECODED_HEADER = 4 * 1024
@@ -91,12 +95,15 @@ LOOP_HEADERS = (
     "x-mailer", "return-path", "x-spam-flag", "x-failed-recipients", "feedback-id", "content-type",
 )
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # C0 and C1 controls, TAB kept
-_UNFOLD = re.compile(r"\r?\n(?=[ \t])")  # RFC 5322 unfolding: drop the CRLF, keep the WSP
+# Every pattern here reads sender-controlled text: RE2 (intake.patterns), linear in it. RE2's \s
+# is ASCII; _SPACE is what str.isspace() knows.
+_SPACE = r"[\t-\r\x1c-\x20\x85\p{Z}]"
+# C0 and C1 controls, TAB kept: deleted by str.translate, which costs no match object per character.
+_CONTROLS = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), *range(0x7F, 0xA0)])
 # Every line boundary str.splitlines() knows: the email package splits header values with it.
-_NEWLINES = re.compile(r"\s*[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+\s*")
-_MESSAGE_ID = re.compile(r"<[^<>\s]+>")
-_LINESEP = re.compile(r"[\r\n]")
+_NEWLINES = patterns.compile(rf"{_SPACE}*[\r\n\x0b\x0c\x1c-\x1e\x85\x{{2028}}\x{{2029}}]+{_SPACE}*")
+_MESSAGE_ID = patterns.compile(r"<[^<>\t-\r\x1c-\x20\x85\p{Z}]+>")
+_LINE_BREAKS = dict.fromkeys(map(ord, "\r\n"))
 
 
 @dataclass(frozen=True)
@@ -157,8 +164,17 @@ def clean_text(value: object, limit: int = MAX_HEADER_TEXT) -> str:
     """A single display-safe line: folded whitespace, no control characters, bounded."""
     text = value if isinstance(value, str) else ("" if value is None else str(value))
     text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
-    text = _CONTROL.sub("", _NEWLINES.sub(" ", _UNFOLD.sub("", text))).strip()
+    # Folding only shortens text: past this, only a flood of blank runs could still be shown.
+    text = text[:4 * limit + 64]
+    text = _NEWLINES.sub(" ", _unfold(text)).translate(_CONTROLS).strip()
     return text[:limit]
+
+
+def _unfold(text: str) -> str:
+    """RFC 5322 unfolding: a line break followed by a space or tab is dropped, the WSP kept."""
+    for fold, kept in (("\r\n ", " "), ("\r\n\t", "\t"), ("\n ", " "), ("\n\t", "\t")):
+        text = text.replace(fold, kept)
+    return text
 
 
 def _clean_body(text: str) -> str:
@@ -166,12 +182,16 @@ def _clean_body(text: str) -> str:
     return text.replace("\r\n", "\n")
 
 
+_UNSAFE_IN_FILENAME = patterns.compile(r"[^\pL\pN_.\- ()+,=@]")
+_DOTS = patterns.compile(r"\.{2,}")
+
+
 def safe_filename(name: str, index: int) -> str:
     """A file name with no path, no '..', no control characters, bounded length."""
     name = unicodedata.normalize("NFC", clean_text(name, len(name)))  # uncut: the extension is at the end
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = re.sub(r"[^\w.\- ()+,=@]", "_", name).strip(" .")
-    name = re.sub(r"\.{2,}", ".", name)
+    name = _UNSAFE_IN_FILENAME.sub("_", name).strip(" .")
+    name = _DOTS.sub(".", name)
     if not name:
         return f"attachment-{index}"
     if len(name) > MAX_FILENAME:
@@ -192,7 +212,7 @@ def _decode_words(value: str) -> str:
     """Unstructured header text as the stdlib's modern policy reads it (the subject must match it):
     RFC 2047 encoded words decoded, unknown charsets and raw 8-bit bytes as UTF-8 with U+FFFD."""
     try:
-        return str(email.policy.default.header_factory("unstructured", _LINESEP.sub("", value)))
+        return str(email.policy.default.header_factory("unstructured", value.translate(_LINE_BREAKS)))
     except Exception:  # noqa: BLE001 - the modern header parser has raised on hostile input before
         try:
             return str(make_header(decode_header(_decode_8bit(value))))
@@ -404,12 +424,13 @@ def _recover_parts_after_close(multipart: Message, depth: int, reading: _Reading
     boundary = multipart.get_boundary()
     if not boundary or not multipart.epilogue:
         return
-    chunks = re.split(rf"(?m)^--{re.escape(boundary)}(?:--)?[ \t]*\r?$", multipart.epilogue)
+    delimiter = patterns.compile(rf"^--{patterns.escape(boundary)}(?:--)?[ \t]*\r?$", multiline=True)
+    chunks = delimiter.split(multipart.epilogue)
     if len(chunks) < 2:
         return
     multipart.epilogue = chunks[0]
     for chunk in chunks[1:]:
-        chunk = re.sub(r"^\r?\n", "", chunk, count=1)  # the line break ending the delimiter line
+        chunk = chunk[2:] if chunk.startswith("\r\n") else chunk.removeprefix("\n")  # the delimiter line's break
         if not chunk.strip():
             continue
         if reading.part_count >= MAX_MIME_PARTS:
@@ -432,7 +453,7 @@ def _walk(root: _Part) -> Iterator[tuple[_Part, _Part | None, int]]:
 
 # -- addresses ---------------------------------------------------------------------------------
 
-_ADDRESS_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|\\.|[()<>,:;"]|[^"()<>,:;\\]+', re.S)
+_ADDRESS_TOKEN = patterns.compile(r'"(?:[^"\\]|\\.)*"|\\.|[()<>,:;"]|[^"()<>,:;\\]+', dotall=True)
 
 
 @dataclass
@@ -532,9 +553,13 @@ class _AddressListReader:
         return False
 
 
+_QUOTED_STRING = patterns.compile(r'"((?:[^"\\]|\\.)*)"', dotall=True)
+_QUOTED_PAIR = patterns.compile(r"\\(.)", dotall=True)
+
+
 def _unquote(text: str) -> str:
     """A display name without its quotes and backslash escapes, whitespace collapsed."""
-    words = re.sub(r'"((?:[^"\\]|\\.)*)"', lambda m: re.sub(r"\\(.)", r"\1", m.group(1)), text)
+    words = _QUOTED_STRING.sub(lambda m: _QUOTED_PAIR.sub(r"\1", m.group(1)), text)
     return " ".join(words.split())
 
 
@@ -722,7 +747,10 @@ def _attachment(index: int, filename: str, content_type: str, data: bytes) -> At
 
 # -- body text -----------------------------------------------------------------------------------
 
-_NESTING_TAG = re.compile(r"<(/?)(?:ul|ol|dl|menu|blockquote)\b[^>]*>", re.I)
+_NESTING_TAG = patterns.compile(r"<(/?)(?:ul|ol|dl|menu|blockquote)\b[^>]*>", ignorecase=True)
+# Script and style content, to the closing tag or the end (RE2 has no backreference to say "the same tag").
+_CODE = patterns.compile(r"<script\b.*?(?:</script\s*>|\z)|<style\b.*?(?:</style\s*>|\z)", ignorecase=True, dotall=True)
+_TAG = patterns.compile(r"<[^>]*>")
 
 
 def _body_text(content: _Content, ciphertexts: list[str], warnings: list[str]) -> str:
@@ -745,6 +773,9 @@ def _html_to_text(markup: str, warnings: list[str]) -> str:
     if len(markup) > MAX_HTML_INPUT:
         _warn(warnings, f"limit MAX_HTML_INPUT ({MAX_HTML_INPUT}): only the start of the HTML was converted")
         markup = markup[:MAX_HTML_INPUT]
+    if (end := _nth_event(markup, MAX_HTML_EVENTS)) is not None:
+        _warn(warnings, f"limit MAX_HTML_EVENTS ({MAX_HTML_EVENTS}): only the start of the HTML was converted")
+        markup = markup[:end]
     markup = _flatten_deep_nesting(markup, warnings)
     converter = html2text.HTML2Text()
     converter.ignore_images = True
@@ -753,8 +784,24 @@ def _html_to_text(markup: str, warnings: list[str]) -> str:
         return converter.handle(markup)
     except Exception as exc:  # noqa: BLE001 - an HTML parser failure must not lose the message
         _warn(warnings, f"HTML could not be converted ({type(exc).__name__}); tags were stripped instead")
-        without_code = re.sub(r"(?is)<(script|style)\b.*?(?:</\1\s*>|\Z)", " ", markup)
-        return html.unescape(re.sub(r"(?s)<[^>]*>", " ", without_code))
+        return html.unescape(_TAG.sub(" ", _CODE.sub(" ", markup)))
+
+
+def _nth_event(markup: str, most: int) -> int | None:
+    """Where the *most*-th '<' or '&' of *markup* is, or None if it has no more than that: each
+    character's positions found with str.find, at most *most* of each, so linear in *markup*."""
+    if markup.count("<") + markup.count("&") <= most:
+        return None
+
+    def positions(char: str) -> list[int]:
+        found: list[int] = []
+        at = markup.find(char)
+        while at >= 0 and len(found) < most:
+            found.append(at)
+            at = markup.find(char, at + 1)
+        return found
+
+    return sorted(positions("<") + positions("&"))[most - 1]
 
 
 def _flatten_deep_nesting(markup: str, warnings: list[str]) -> str:
@@ -762,7 +809,7 @@ def _flatten_deep_nesting(markup: str, warnings: list[str]) -> str:
     A tag-level pass is enough: a mismatch only costs indentation, never text."""
     depth = 0
 
-    def keep(tag: re.Match[str]) -> str:
+    def keep(tag: Any) -> str:
         nonlocal depth
         if tag.group(1):  # a closing tag: kept if its opening tag was
             kept = depth <= MAX_HTML_NESTING
@@ -863,19 +910,28 @@ _DELIVERY_STATUS_TYPES = ("message/delivery-status", "message/global-delivery-st
 _RETURNED_TYPES = ("message/rfc822", "message/global", "text/rfc822-headers", "message/rfc822-headers",
                    "message/global-headers")
 _ACTIONS = {"failed", "delayed", "delivered", "relayed", "expanded"}
-_STATUS_CODE = re.compile(r"(?<![\d.])([245]\.\d{1,3}\.\d{1,3})(?!\.?\d)")
-_SMTP_REPLY_LINE = re.compile(r"^.*(?<!\d)[45]\d\d(?:[ -].*)?$", re.M)
-_BOUNCED_RECIPIENT = re.compile(r"^<([^<>\s@]+@[^<>\s]+)>:|^[ \t]{2,}([^<>\s@]+@[^<>\s]+)[ \t]*$", re.M)
+# An enhanced status code (group 1) not inside a longer number: RE2 has no look-around, so the
+# character before is matched (or the start) and one after that would extend it is caught in
+# group 2, which rules the match out (see _status_code).
+_STATUS_CODE = patterns.compile(r"(?:^|[^\d.])([245]\.\d{1,3}\.\d{1,3})(\.?\d)?")
+_SMTP_REPLY_LINE = patterns.compile(r"^(?:.*[^\d])?[45]\d\d(?:[ -].*)?$", multiline=True)
+_BOUNCED_RECIPIENT = patterns.compile(r"^<([^<>\s@]+@[^<>\s]+)>:|^[ \t]{2,}([^<>\s@]+@[^<>\s]+)[ \t]*$",
+                                      multiline=True)
 _DAEMON_LOCAL_PARTS = {"mailer-daemon", "mailerdaemon", "mail-daemon", "postmaster"}
-_BOUNCE_TEXT = re.compile(r"Hi\. This is the qmail-send program|"
-                          r"This message was created automatically by mail delivery software", re.I)
-_BOUNCE_SUBJECT = re.compile(r"^\s*(?:undeliver|delivery (?:status notification|failure|failed|has failed|problem)|"
-                             r"returned mail|mail delivery failed|failure notice|non-?delivery|"
-                             r"warning: message .* delayed)", re.I)
-_DELAY_WORDS = re.compile(r"\bdelay|will (?:retry|keep trying)|still (?:trying|being retried)", re.I)
-_QUOTED_FIELD = re.compile(r"^[ \t>]*(message-id|x-intake-ticket)[ \t]*:[ \t]*(?:\n[ \t]+)?(\S[^\n]*)",
-                           re.I | re.M)
-_BLANK_LINE = re.compile(r"\n[ \t>]*\n")
+_BOUNCE_TEXT = patterns.compile(r"Hi\. This is the qmail-send program|"
+                                r"This message was created automatically by mail delivery software", ignorecase=True)
+_BOUNCE_SUBJECT = patterns.compile(
+    r"^\s*(?:undeliver|delivery (?:status notification|failure|failed|has failed|problem)|"
+    r"returned mail|mail delivery failed|failure notice|non-?delivery|warning: message .* delayed)", ignorecase=True)
+_DAEMON_NAME = patterns.compile(r"mail delivery (?:system|subsystem)", ignorecase=True)
+_DELAY_WORDS = patterns.compile(r"\bdelay|will (?:retry|keep trying)|still (?:trying|being retried)", ignorecase=True)
+_QUOTED_FIELD = patterns.compile(r"^[ \t>]*(message-id|x-intake-ticket)[ \t]*:[ \t]*(?:\n[ \t]+)?(\S[^\n]*)",
+                                 ignorecase=True, multiline=True)
+_BLANK_LINE = patterns.compile(r"\n[ \t>]*\n")
+_BLANK_LINES = patterns.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+# Characters of a bounce's text and of its delivery-status part searched for returned headers and
+# fields: they come first, and a flood of blank lines after them costs nothing.
+_BOUNCE_SCAN = 64 * 1024
 
 
 @dataclass
@@ -891,7 +947,7 @@ def _field_blocks(text: str) -> list[dict[str, str]]:
     """The header-like blocks of a delivery-status body. A block that is only base64 is decoded
     first: some gateways (Proofpoint) re-encode the per-recipient fields that way."""
     blocks = []
-    for block in re.split(r"\r?\n(?:[ \t]*\r?\n)+", text.strip()):
+    for block in _BLANK_LINES.split(text.strip()):
         fields = _first_values(_scan_header_block(block.encode("utf-8")))
         if fields:
             blocks.append(fields)
@@ -919,7 +975,7 @@ def _returned_headers(content: _Content, body: str) -> _Returned | None:
         if attachment.content_type in _RETURNED_TYPES:
             fields = _first_values(_scan_header_block(data))
             return _Returned(_first_message_id(fields.get("message-id")), _ticket(fields.get("x-intake-ticket")))
-    return _quoted_returned_headers(body)
+    return _quoted_returned_headers(body[:_BOUNCE_SCAN])
 
 
 def _quoted_returned_headers(body: str) -> _Returned | None:
@@ -948,7 +1004,7 @@ def _ticket(value: str | None) -> str | None:
 def _is_classic_bounce(mail: ParsedMail) -> bool:
     """A non-DSN bounce: sent by a mailer daemon, and saying so in its subject or opening text."""
     from_daemon = mail.from_address.rpartition("@")[0].lower() in _DAEMON_LOCAL_PARTS or \
-        re.match(r"mail delivery (?:system|subsystem)", mail.from_name, re.I) is not None
+        _DAEMON_NAME.match(mail.from_name) is not None
     return from_daemon and (_BOUNCE_SUBJECT.match(mail.subject) is not None
                             or _BOUNCE_TEXT.search(mail.body_text) is not None)
 
@@ -964,13 +1020,13 @@ def _delivery_report(mail: ParsedMail, content: _Content) -> DeliveryReport | No
         return None
     status_part = next((data for attachment, data in content.attachments
                         if attachment.content_type in _DELIVERY_STATUS_TYPES), b"")
-    fields = _recipient_fields(status_part.decode("utf-8", "replace"))
-    explanation = mail.body_text[: returned.explanation_end if returned else None]
+    fields = _recipient_fields(status_part[:_BOUNCE_SCAN].decode("utf-8", "replace"))
+    explanation = mail.body_text[:_BOUNCE_SCAN][: returned.explanation_end if returned else None]
     if is_dsn:
         action = clean_text(fields.get("action", ""), 40).lower().split(" ")[0]
     else:
         action = "delayed" if _DELAY_WORDS.search(mail.subject + "\n" + explanation[:2000]) else "failed"
-    status = _STATUS_CODE.search(fields.get("status", "")) or _STATUS_CODE.search(explanation)
+    status = _status_code(fields.get("status", "")) or _status_code(explanation)
     reply_line = _SMTP_REPLY_LINE.search(explanation)
     diagnostic = fields.get("diagnostic-code") or (reply_line.group() if reply_line else "")
     original_id = (returned.message_id if returned else None) or mail.in_reply_to or \
@@ -980,9 +1036,14 @@ def _delivery_report(mail: ParsedMail, content: _Content) -> DeliveryReport | No
         original_ticket=returned.ticket if returned else None,
         recipient=_bounced_recipient(fields, mail, explanation),
         action=action if action in _ACTIONS else None,
-        status=status.group(1) if status else None,
+        status=status,
         diagnostic=" ".join(clean_text(diagnostic, 500).split()) or None,
     )
+
+
+def _status_code(text: str) -> str | None:
+    """The first enhanced status code ("5.1.1") in *text* that is not part of a longer number."""
+    return next((found.group(1) for found in _STATUS_CODE.finditer(text) if found.group(2) is None), None)
 
 
 def _bounced_recipient(fields: dict[str, str], mail: ParsedMail, explanation: str) -> str | None:

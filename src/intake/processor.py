@@ -1,7 +1,8 @@
 """Stored messages -> decisions -> tickets: the parse, route and act stages driven in batches.
 
-A batch is parsed and scored outside any transaction (the expensive part, and it needs no lock),
-then acted on in chunks of ``processing.messages_per_transaction`` messages. A chunk is routed in
+A batch is acted on in chunks of ``processing.messages_per_transaction`` messages, each prepared
+just before: parsed, scored and its text read (the expensive part) outside any transaction, so
+a message's ticket waits for the messages of its chunk, not for the whole batch to be parsed. A chunk is routed in
 order against set-based lookups and its new tickets are made ready, replies rendered with the
 references that come next, all before the write lock is taken; then one short write transaction
 takes those references (see :func:`intake.tickets.open_tickets`) and writes the lot in a handful
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -35,6 +36,7 @@ from intake.db import read_session, write_session
 from intake.inbound import StoredMessage
 from intake.models import InboundMessage, InboundStatus
 from intake.parse import ParsedMail
+from intake.text_work import TextWork
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,16 @@ _ACTED_ON = {route.NEW_TICKET, route.REPORTER_REPLY, route.MAINTAINER_REPLY, rou
 
 @dataclass(frozen=True)
 class Prepared:
-    """The pure part of processing one message, done before any lock is taken."""
+    """The pure part of processing one message, done before any lock is taken: parsing, scoring
+    and all the text work acting on it needs (no text is read under the write lock)."""
 
     stored: StoredMessage
     mail: ParsedMail | None
     quality: dict[str, Any]
     parse_seconds: float
     error: str | None = None
+    work: TextWork = TextWork()
+    cpu_seconds: float = 0.0  # the parse helper's CPU time on it (bounded by processing.message_budget)
 
 
 @dataclass(frozen=True)
@@ -107,26 +112,27 @@ class Outcome:
 def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
     started = time.perf_counter()
     try:
-        mail, quality = parse_guard.parse_and_score(stored.raw, settings.quality_rules,
-                                                    settings.processing.parse_timeout)
+        result = parse_guard.parse_and_score(stored.raw, settings.quality_rules, settings.processing.parse_timeout,
+                                             settings.processing.message_budget)
     except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
         log.exception("event=parse-failed inbound_id=%d", stored.id)
         return Prepared(stored, None, {}, time.perf_counter() - started, f"parse: {type(exc).__name__}: {exc}")
-    return Prepared(stored, mail, quality, time.perf_counter() - started)
+    return Prepared(stored, result.mail, result.quality or {}, time.perf_counter() - started, work=result.work,
+                    cpu_seconds=result.cpu_seconds)
 
 
 def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int | None = None) -> BatchResult:
     """Process up to one batch of pending messages as of *now*."""
     result = BatchResult()
     started = time.perf_counter()
-    prepared = [prepare(settings, stored) for stored in
-                inbound.pending(engine, limit or settings.processing.batch_size)]
+    prepared = (prepare(settings, stored) for stored in
+                inbound.pending(engine, limit or settings.processing.batch_size))
     for chunk in _chunks(prepared, settings.processing.messages_per_transaction):
         _tally(result, _act_on_chunk(engine, settings, chunk, now), time.perf_counter() - started)
     return result
 
 
-def _chunks(prepared: list[Prepared], most: int) -> Iterator[list[Prepared]]:
+def _chunks(prepared: Iterable[Prepared], most: int) -> Iterator[list[Prepared]]:
     """*prepared* in chunks of at most *most* messages and, but for a single larger message, of
     at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written."""
     chunk: list[Prepared] = []
@@ -182,7 +188,8 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
     reply_secret = reply_tokens.secret(engine)
     with read_session(engine) as session:
         routed = _route(session, settings, items, reply_secret, now)
-        reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality)
+        reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
+                                     r.prepared.work.report_credit)
                    for r in routed if r.decision.kind == route.NEW_TICKET]
         sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
         references = tickets.next_references(session, settings.intake.reference_prefix,
@@ -207,9 +214,10 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
             outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
             continue
         if tickets.records_on_ticket(r.decision):
-            tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now)
+            tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now,
+                                     r.prepared.work.reply_credit)
             maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
-                                   plan.reply_secret)
+                                   plan.reply_secret, r.prepared.work)
         elif r.decision.refused is not None:
             maintainer_mail.refused(session, settings, r.incoming, r.decision, now, plan.reply_secret)
         outcomes.append(Outcome(r.prepared, r.decision))
@@ -287,10 +295,10 @@ def _tally(result: BatchResult, outcomes: list[Outcome], seconds: float) -> None
         result.decisions[decision.kind] += 1
         if outcome.reference:
             result.tickets_opened.append(outcome.reference)
-        log.info("event=processed inbound_id=%d message_id=%s decision=%s ticket=%s parse_ms=%.1f total_ms=%.1f "
-                 "warnings=%d reason=%r", stored.id, mail.message_id, decision.kind,
+        log.info("event=processed inbound_id=%d message_id=%s decision=%s ticket=%s parse_ms=%.1f cpu_ms=%.1f "
+                 "total_ms=%.1f warnings=%d reason=%r", stored.id, mail.message_id, decision.kind,
                  outcome.reference or decision.ticket_id or "-", outcome.prepared.parse_seconds * 1000,
-                 seconds * 1000, len(mail.warnings), decision.reason[:200])
+                 outcome.prepared.cpu_seconds * 1000, seconds * 1000, len(mail.warnings), decision.reason[:200])
 
 
 def process_all(engine: Engine, settings: Settings, now: datetime) -> BatchResult:

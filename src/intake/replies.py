@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined, select_autoescape
 
+from intake import patterns
 from intake.parse import clean_text
 
 class _Compat32(email.policy.Compat32):
@@ -81,7 +82,8 @@ _STRUCTURED = frozenset({"from", "to", "cc", "reply-to", "date", "message-id", *
 
 # Marks mail we sent, so our own mail coming back is recognised as a loop.
 LOOP_HEADER = "X-Intake-Loop"
-_REPLY_PREFIX = re.compile(r"^\s*((re|fwd?|aw|sv|vs|antw|wg|tr)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
+# Applied to senders' subjects: RE2 (intake.patterns).
+_REPLY_PREFIX = patterns.compile(r"^\s*((re|fwd?|aw|sv|vs|antw|wg|tr)\s*(\[\d+\])?\s*:\s*)+", ignorecase=True)
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,11 @@ and lives with the ticket service.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from intake import patterns
 from intake.parse import ParsedMail
 from intake.reply_tokens import EXPIRED, INVALID, OLD_FORMAT, TokenCheck
 from intake.sender_auth import NONE, Verdict
@@ -48,11 +48,11 @@ DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY, AU
              SPAM, REJECTED)
 
 # Subject prefixes of out-of-office mail that lacks Auto-Submitted (Outlook, Exchange, Lotus, ...).
-_AUTO_REPLY_SUBJECT = re.compile(
+_AUTO_REPLY_SUBJECT = patterns.compile(
     r"^\s*(out of (the )?office|automatic reply|auto(matic)?[- ]?(reply|response)|autoreply|"
     r"abwesenheitsnotiz|r[ée]ponse automatique|respuesta autom[áa]tica|risposta automatica|"
     r"automatisch antwoord|vacation( reply)?|on vacation|away from (the )?office)\s*[:\-]",
-    re.IGNORECASE,
+    ignorecase=True,
 )
 _AUTO_REPLY_HEADERS = ("x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply")
 _BULK_PRECEDENCE = {"bulk", "junk", "list"}
@@ -103,16 +103,16 @@ class RoutingConfig:
 
     @property
     def _reference(self) -> str:
-        return rf"{re.escape(self.reference_prefix)}-\d{{4}}-\d{{4,}}"
+        return rf"{patterns.escape(self.reference_prefix)}-\d{{4}}-\d{{4,}}"
 
     @property
-    def reference_pattern(self) -> re.Pattern[str]:
-        return re.compile(rf"\b({self._reference})\b", re.IGNORECASE)
+    def reference_pattern(self) -> patterns.Pattern:
+        return patterns.compile(rf"\b({self._reference})\b", ignorecase=True)
 
     @property
-    def reply_address_tag(self) -> re.Pattern[str]:
+    def reply_address_tag(self) -> patterns.Pattern:
         """A signed reply address's +tag: ``SEC-2026-0001.<token>`` (see intake.reply_tokens)."""
-        return re.compile(rf"({self._reference})\.([a-z2-7]+)", re.IGNORECASE)
+        return patterns.compile(rf"({self._reference})\.([a-z2-7]+)", ignorecase=True)
 
     def is_ours(self, address: str) -> bool:
         local, _, domain = address.lower().rpartition("@")

@@ -13,7 +13,7 @@ Canonical, Hiring. No PGP signature: sign the output yourself if you publish a s
 from __future__ import annotations
 
 import math
-import re
+import re  # config text only; senders' text goes through intake.patterns (RE2)
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Annotated
 

@@ -79,7 +79,7 @@ on time when met at or before its due instant (see ``stage_state``).
 
 from __future__ import annotations
 
-import re
+import re  # config and CLI text only; senders' text goes through intake.patterns (RE2)
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta

@@ -274,6 +274,7 @@ class NewReport:
     incoming: route.Incoming
     decision: route.Decision
     quality: dict[str, Any]
+    credit: credit.Credit | None = None  # the credit the report states (read before any lock)
 
     @property
     def low_quality(self) -> bool:
@@ -312,8 +313,7 @@ def prepare_openings(settings: Settings, reports: list[NewReport], references: l
         policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
         refusal = _automatic_reply_refusal(settings, config, report.incoming, sent)
         computed = _initial_deadlines(settings, policy, stored.received_at, acknowledged_at=None if refusal else now)
-        opening = Opening(report, reference, address, policy, refusal, None, computed,
-                          credit.recognise(report.incoming.mail.body_text))
+        opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit)
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now))
             sent[stored.mail_from.lower()] += 1
@@ -515,10 +515,11 @@ def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: replies.Outg
 
 
 def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
-                     decision: route.Decision, now: datetime) -> None:
+                     decision: route.Decision, now: datetime, reply_credit: credit.Credit | None) -> None:
     """Add a threaded message (reply, automatic mail, bounce) to its ticket; never answers it. Only
     the reporter's own reply changes the ticket: a third party's is recorded (kind
-    ``third-party-reply``) and nothing else."""
+    ``third-party-reply``) and nothing else. *reply_credit* is the credit the message states as a
+    reply, read before the write lock."""
     assert decision.ticket_id is not None
     ticket = session.get(Ticket, decision.ticket_id)
     assert ticket is not None
@@ -529,9 +530,8 @@ def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage
     add_event(session, ticket.id, f"{decision.kind}-received", now, inbound_id=stored.id,
               message_id=incoming.mail.message_id, threaded_by=decision.threaded_by, sender=incoming.sender)
     if decision.kind == route.REPORTER_REPLY:
-        stated = credit.recognise(credit.own_words(incoming.mail.body_text), source="reply")
-        if stated:
-            credit.set_credit(session, ticket, stated, now, actor=SYSTEM_ACTOR)
+        if reply_credit:
+            credit.set_credit(session, ticket, reply_credit, now, actor=SYSTEM_ACTOR)
     if decision.kind == route.REPORTER_REPLY and ticket.state == TicketState.WAITING:
         resume(session, ticket, now, actor=SYSTEM_ACTOR, why="the reporter replied")
         deadlines.refresh(session, settings, ticket, now)  # the clocks run again
