@@ -4,16 +4,64 @@ An Authentication-Results header (RFC 8601) is believed only from an authserv-id
 lists in ``[sender_auth] trusted_authserv_ids`` (our own MX), and only the topmost one; without
 one, and with ``verify = true``, intake checks DKIM signatures itself (dkimpy) and looks up the
 From: domain's DMARC record, with bounded DNS lookups.
+
+DNS cost is bounded by construction:
+
+* A trusted header is read without any lookup, whatever the mail.
+* The processor asks for lookups (passes a resolver) only for mail that could gain privilege or
+  be taken for a ticket's reporter (:func:`may_gain_privilege`, cheap checks on parsed headers):
+  a recipient with a ``+tag`` (a ticket reference or a maintainer's reply address), an
+  In-Reply-To or References header, a subject naming a ticket reference, or an envelope or From:
+  address of a maintainer. A stranger's new report costs no lookup at all.
+* At most ``max_dns_lookups`` lookups per message, each within ``dns_timeout``: the DMARC record
+  (``_dmarc.<domain>``, then the organisational domain's) and one key per DKIM signature, only
+  for signatures aligned with the From: domain (an unaligned one cannot make a pass, so it is
+  never looked up), at most :data:`MAX_SIGNATURES` of them.
+* Answers are cached per process (:class:`DnsResolver`, bounded, TTL-limited).
+
+A lookup that times out or fails gives a ``none`` verdict whose reason says ``temperror``; every
+input is hostile, so :func:`authenticate` answers a verdict and never raises.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Protocol
+
+import authres
+import authres.dmarc
+import dkim
+
+from intake.config import SenderAuthSection
+
+if TYPE_CHECKING:
+    from intake.config import Settings
+    from intake.parse import ParsedMail
+
+log = logging.getLogger(__name__)
 
 PASS = "pass"
 FAIL = "fail"
 NONE = "none"
+
+# DKIM signatures looked at per message, and of those verified (each costs a key lookup).
+MAX_SIGNATURES = 3
+# Authentication-Results headers read from the top (ours is the topmost), and the longest read.
+_MAX_AR_HEADERS = 20
+_MAX_AR_LENGTH = 4096
+_AR_FEATURES = authres.FeatureContext(authres.dmarc)
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# "x=1; y=2" tag lists of DMARC records (RFC 7489 6.3).
+_TAG = re.compile(r"\s*([a-z]+)\s*=\s*([^;]*)")
 
 
 class Resolver(Protocol):
@@ -43,3 +91,349 @@ class Verdict:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Verdict:
+        return cls(**{k: data[k] for k in ("result", "reason", "from_domain", "dmarc_published", "method")
+                      if k in data})
+
+
+def authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resolver: Resolver | None) -> Verdict:
+    """The verdict on *raw*'s From: domain (*from_address* is the parser's reading of From:).
+
+    A trusted Authentication-Results header decides without DNS; otherwise, with ``verify`` and a
+    *resolver*, DKIM and DMARC are checked here; ``resolver=None`` makes no lookup at all."""
+    try:
+        return _authenticate(raw, from_address, config, resolver)
+    except Exception as exc:  # noqa: BLE001 - libraries on hostile bytes: a verdict, never a crash
+        log.exception("event=sender-auth-error")
+        return Verdict(NONE, f"not verified: internal error {type(exc).__name__}")
+
+
+def _authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resolver: Resolver | None) -> Verdict:
+    headers = BytesHeaderParser(policy=compat32).parsebytes(_header_block(raw))
+    domain, problem = _from_domain(headers, from_address)
+    if problem:
+        return problem
+    trusted = _trusted_results(headers, config.trusted_authserv_ids)
+    if trusted is not None:
+        return _judge_results(trusted, domain)
+    if not config.verify:
+        return Verdict(NONE, "not verified (no trusted Authentication-Results; verify = false)", domain)
+    if resolver is None:
+        return Verdict(NONE, "not verified (no trusted Authentication-Results; no DNS lookups for mail that "
+                             "cannot gain privilege)", domain)
+    return _verify(raw, domain, _Budget(resolver, config.max_dns_lookups))
+
+
+def may_gain_privilege(settings: Settings, mail: ParsedMail, mail_from: str, rcpt_tos: list[str]) -> bool:
+    """Whether *mail* could be a maintainer's or a ticket reporter's (so is worth DNS lookups):
+    a +tag recipient, threading headers, a ticket reference in the subject, a maintainer sender."""
+    if any("+" in recipient.rpartition("@")[0] for recipient in rcpt_tos):
+        return True
+    if mail.in_reply_to or mail.references:
+        return True
+    if settings.intake.reference_prefix.lower() + "-" in mail.subject.lower():
+        return True
+    return any(address and settings.is_maintainer(address) for address in (mail_from, mail.from_address))
+
+
+# -- From: ------------------------------------------------------------------------------------------
+
+
+def _header_block(raw: bytes) -> bytes:
+    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
+    return raw[:min(ends)] + b"\n" if ends else raw
+
+
+def _from_domain(headers: Any, from_address: str) -> tuple[str, Verdict | None]:
+    """The From: domain, or a verdict on why there is none to judge."""
+    values = headers.get_all("From") or []
+    if not values:
+        return "", Verdict(NONE, "no From: header")
+    if len(values) > 1:
+        return "", Verdict(FAIL, f"{len(values)} From: headers (RFC 5322 allows one)")
+    addresses = [address for _, address in getaddresses([str(values[0])]) if address]
+    if len(addresses) != 1:
+        return "", Verdict(FAIL, f"From: holds {len(addresses) or 'no'} addresses, not exactly one")
+    domain = addresses[0].rpartition("@")[2].strip().rstrip(".").lower()
+    parsed = from_address.rpartition("@")[2].strip().rstrip(".").lower()
+    if not domain.isascii() or not parsed.isascii():
+        return "", Verdict(NONE, "From: domain is not ASCII (internationalised domains are not verified)")
+    if not _valid_domain(domain):
+        return "", Verdict(FAIL, f"From: domain {domain[:100]!r} is not a valid domain name")
+    if parsed != domain:
+        # Two readings of one header: the parser and DKIM/DMARC might not judge the same address.
+        return "", Verdict(FAIL, f"From: read as {parsed[:100]!r} and as {domain[:100]!r}: ambiguous")
+    return domain, None
+
+
+def _valid_domain(domain: str) -> bool:
+    labels = domain.split(".")
+    return len(domain) <= 253 and len(labels) >= 2 and all(_LABEL.fullmatch(label) for label in labels)
+
+
+@lru_cache(maxsize=1)
+def _public_suffixes() -> Any:
+    from publicsuffixlist import PublicSuffixList  # the bundled list; never fetched
+
+    return PublicSuffixList()
+
+
+def organisational_domain(domain: str) -> str:
+    """The registrable domain of *domain* (RFC 7489 3.2): ``mail.example.co.uk`` -> ``example.co.uk``."""
+    return _public_suffixes().privatesuffix(domain) or domain
+
+
+def aligned(signing_domain: str, from_domain: str, strict: bool = False) -> bool:
+    """DMARC identifier alignment: the same domain (strict), or the same organisational domain."""
+    signing_domain, from_domain = signing_domain.lower().rstrip("."), from_domain.lower().rstrip(".")
+    if signing_domain == from_domain:
+        return True
+    return not strict and organisational_domain(signing_domain) == organisational_domain(from_domain)
+
+
+# -- a trusted Authentication-Results header --------------------------------------------------------
+
+
+def _trusted_results(headers: Any, trusted_ids: list[str]) -> Any | None:
+    """The topmost Authentication-Results header of a trusted authserv-id, parsed; None when there
+    is none (then every Authentication-Results header is ignored)."""
+    if not trusted_ids:
+        return None
+    for value in (headers.get_all("Authentication-Results") or [])[:_MAX_AR_HEADERS]:
+        text = re.sub(r"\r?\n", "", str(value)).strip()
+        if len(text) > _MAX_AR_LENGTH or not text.isascii():
+            continue  # not what an MX writes; a sender's
+        try:
+            parsed = _AR_FEATURES.parse_value(text)
+        except authres.AuthResError:
+            # Our MX's own header, unreadable: nothing below it is worth more.
+            if (text.split(";", 1)[0].split() or [""])[0].lower() in trusted_ids:
+                return _UNREADABLE
+            continue
+        if parsed.authserv_id in trusted_ids:
+            return parsed
+    return None
+
+
+_UNREADABLE = object()
+
+
+def _judge_results(header: Any, domain: str) -> Verdict:
+    """The verdict a trusted Authentication-Results header gives on *domain*."""
+    if header is _UNREADABLE:
+        return Verdict(NONE, "trusted Authentication-Results header is unreadable", domain,
+                       method="authentication-results")
+    by = f"(by {header.authserv_id})"
+
+    def made(result: str, reason: str, published: bool | None) -> Verdict:
+        return Verdict(result, f"{reason} {by}", domain, published, "authentication-results")
+
+    results = [r for r in header.results if getattr(r, "method", None)]
+    published: bool | None = None
+    for dmarc_result in (r for r in results if r.method == "dmarc"):
+        header_from = (_property(dmarc_result, "header", "from") or domain).lower()
+        if header_from != domain:
+            continue  # about another domain than this From:
+        outcome = (dmarc_result.result or "").lower()
+        if outcome == PASS:
+            return made(PASS, f"dmarc=pass header.from={domain}", True)
+        if outcome == FAIL:
+            return made(FAIL, f"dmarc=fail header.from={domain}", True)
+        if outcome == NONE:
+            published = False
+        break
+    dkim_results = [r for r in results if r.method == "dkim"]
+    passed = [_property(r, "header", "d").lower() for r in dkim_results if (r.result or "").lower() == PASS]
+    for signer in passed:
+        if signer and aligned(signer, domain):
+            return made(PASS, f"dkim=pass header.d={signer} aligned with From: {domain}", published)
+    if passed:
+        return made(FAIL, f"dkim=pass only for header.d={', '.join(passed)}, not aligned with From: {domain}",
+                    published)
+    failed = [r for r in dkim_results if (r.result or "").lower() in (FAIL, "neutral", "policy", "permerror")]
+    if failed:
+        signer = _property(failed[0], "header", "d").lower()
+        return made(FAIL, f"dkim={failed[0].result.lower()} header.d={signer or '?'}", published)
+    dmarc_said = "dmarc=none" if published is False else "no dmarc result"
+    return made(NONE, f"{dmarc_said}, no DKIM pass for {domain}", published)
+
+
+def _property(result: Any, ptype: str, name: str) -> str:
+    for prop in getattr(result, "properties", None) or []:
+        if prop.type == ptype and prop.name == name:
+            return str(prop.value or "")
+    return ""
+
+
+# -- DKIM and DMARC checked here ------------------------------------------------------------------
+
+
+class _Unanswered(Exception):
+    """A lookup that could not be made or answered: the verdict is a temperror."""
+
+
+class _Budget:
+    """At most *most* lookups through *resolver* for one message."""
+
+    def __init__(self, resolver: Resolver, most: int) -> None:
+        self.resolver, self.left = resolver, most
+
+    def txt(self, name: str) -> list[bytes]:
+        if self.left <= 0:
+            raise _Unanswered(f"DNS lookup budget spent before {name}")
+        self.left -= 1
+        try:
+            return self.resolver.txt(name)
+        except TimeoutError:
+            raise _Unanswered(f"DNS lookup of {name} timed out") from None
+        except OSError as exc:
+            raise _Unanswered(f"DNS lookup of {name} failed ({exc})") from None
+
+    def dkim_key(self, name: bytes, timeout: float = 0) -> bytes | None:
+        """dkimpy's ``dnsfunc``: the key record of *name*, None when there is none."""
+        records = self.txt(name.decode("ascii", "replace").rstrip("."))
+        return records[0] if records else None
+
+
+@dataclass(frozen=True)
+class _Dmarc:
+    published: bool | None
+    strict: bool  # adkim=s
+    problem: str = ""  # why it could not be learnt
+
+
+def _dmarc(domain: str, budget: _Budget) -> _Dmarc:
+    """The DMARC record of *domain*, else of its organisational domain (RFC 7489 6.6.3)."""
+    names = [domain] + ([org] if (org := organisational_domain(domain)) != domain else [])
+    try:
+        for name in names:
+            records = [r for r in budget.txt(f"_dmarc.{name}") if r[:8].lower() == b"v=dmarc1"]
+            if len(records) == 1:
+                tags = dict(_TAG.findall(records[0].decode("ascii", "replace").lower()))
+                return _Dmarc(True, tags.get("adkim", "r").strip() == "s")
+    except _Unanswered as exc:
+        # Unknown policy: only a signature of exactly the From: domain can pass.
+        return _Dmarc(None, True, f"temperror: {exc}")
+    return _Dmarc(False, False)
+
+
+def _verify(raw: bytes, domain: str, budget: _Budget) -> Verdict:
+    """DKIM signatures aligned with *domain* verified with keys looked up through *budget*."""
+    dmarc = _dmarc(domain, budget)
+    note = f"; {dmarc.problem}" if dmarc.problem else ""
+
+    def made(result: str, reason: str) -> Verdict:
+        return Verdict(result, reason + note, domain, dmarc.published, "dkim")
+
+    try:
+        signer = dkim.DKIM(raw, minkey=1024)
+    except dkim.DKIMException as exc:
+        return made(FAIL, f"message unreadable for DKIM ({exc})")
+    count = sum(1 for name, _ in signer.headers if name.lower() == b"dkim-signature")
+    if count == 0:
+        return made(NONE, "no DKIM signature")
+    refused: list[str] = []
+    candidates: list[tuple[int, str]] = []
+    for index in range(min(count, MAX_SIGNATURES)):
+        try:
+            fields = signer.verify_headerprep(index)[0]
+        except dkim.DKIMException as exc:
+            refused.append(f"malformed DKIM signature ({exc})")
+            continue
+        d = fields[b"d"].decode("ascii", "replace").lower()
+        if not aligned(d, domain, dmarc.strict):
+            refused.append(f"DKIM signature d={d} not aligned with From: {domain}")
+        elif b"l" in fields:
+            refused.append(f"DKIM signature d={d} covers only part of the body (l=)")
+        else:
+            candidates.append((index, d))
+    temperror = ""
+    for index, d in candidates:
+        try:
+            if signer.verify(idx=index, dnsfunc=budget.dkim_key):
+                return made(PASS, f"dkim=pass d={d} aligned with From: {domain}")
+            refused.append(f"DKIM signature d={d} does not verify")
+        except _Unanswered as exc:
+            temperror = temperror or f"temperror: {exc}"
+        except dkim.DKIMException as exc:
+            refused.append(f"DKIM signature d={d} does not verify ({exc})")
+    if temperror:
+        return made(NONE, "; ".join([temperror, *refused]))
+    return made(FAIL, "; ".join(refused))
+
+
+# -- resolvers -------------------------------------------------------------------------------------
+
+
+class StaticResolver:
+    """Fixed TXT records, for tests: ``{name: [record, ...]}``; a value of ``TimeoutError`` (the
+    class) makes that lookup time out. ``lookups`` lists every name asked for."""
+
+    def __init__(self, records: dict[str, Any] | None = None) -> None:
+        self.records: dict[str, Any] = dict(records or {})
+        self.lookups: list[str] = []
+
+    def txt(self, name: str) -> list[bytes]:
+        self.lookups.append(name)
+        found = self.records.get(name.lower().rstrip("."), [])
+        if found is TimeoutError:
+            raise TimeoutError(f"{name}: no answer (stub)")
+        return [r.encode() if isinstance(r, str) else bytes(r) for r in found]
+
+
+class DnsResolver:
+    """TXT lookups with dnspython: one try within *timeout*, no search domains, answers (and
+    non-existence) cached per process up to their TTL, at most ``max_ttl`` seconds."""
+
+    def __init__(self, timeout: float, max_entries: int = 1024, max_ttl: float = 300) -> None:
+        self.timeout, self.max_entries, self.max_ttl = timeout, max_entries, max_ttl
+        self._cache: OrderedDict[str, tuple[float, list[bytes]]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._resolver: Any = None
+
+    def txt(self, name: str) -> list[bytes]:
+        import dns.exception
+        import dns.resolver
+
+        key = name.lower().rstrip(".")
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached and cached[0] > now:
+                self._cache.move_to_end(key)
+                return cached[1]
+        try:
+            if self._resolver is None:
+                self._resolver = dns.resolver.Resolver()
+            answer = self._resolver.resolve(key + ".", "TXT", lifetime=self.timeout, search=False)
+            records = [b"".join(rdata.strings) for rdata in answer]
+            ttl = min(float(answer.rrset.ttl), self.max_ttl)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            records, ttl = [], min(60.0, self.max_ttl)
+        except dns.exception.Timeout:
+            raise TimeoutError(f"{key}: no answer within {self.timeout:g} s") from None
+        except dns.exception.DNSException as exc:
+            raise OSError(f"{key}: {type(exc).__name__}") from None
+        with self._lock:
+            self._cache[key] = (now + ttl, records)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        return records
+
+
+def dns_resolver(timeout: float) -> DnsResolver:
+    """A real resolver (the system's name servers) with *timeout* seconds per lookup."""
+    return DnsResolver(timeout)
+
+
+_system_resolvers: dict[float, DnsResolver] = {}
+
+
+def system_resolver(config: SenderAuthSection) -> Resolver:
+    """This process's resolver for *config* (shared, so its cache is). Tests replace this function
+    (tests/conftest.py does, for every test) so that no test can reach real DNS."""
+    if config.dns_timeout not in _system_resolvers:
+        _system_resolvers[config.dns_timeout] = dns_resolver(config.dns_timeout)
+    return _system_resolvers[config.dns_timeout]

@@ -1,0 +1,208 @@
+"""Sender authentication: trusted Authentication-Results, DKIM verified here with a stub resolver
+(keys made and messages signed in the test; never the network), bounded DNS."""
+
+from __future__ import annotations
+
+import base64
+
+import dkim
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from intake import sender_auth
+from intake.config import SenderAuthSection
+from intake.sender_auth import FAIL, NONE, PASS, StaticResolver, authenticate
+
+TRUSTED = SenderAuthSection(trusted_authserv_ids=["mx.example.com"])
+VERIFY = SenderAuthSection()
+
+
+@pytest.fixture(scope="module")
+def key() -> tuple[bytes, str]:
+    """(private key PEM, the DKIM key record publishing its public half)."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+    der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+
+
+def message(sender: str = "Ana <ana@example.org>", body: str = "The fix is ready.\r\n", extra: str = "") -> bytes:
+    return (f"{extra}From: {sender}\r\nTo: security+SEC-2026-0001@intake.test\r\nSubject: Re: [SEC-2026-0001]\r\n"
+            f"Message-ID: <m1@example.org>\r\n\r\n{body}").encode()
+
+
+def signed(raw: bytes, pem: bytes, domain: str = "example.org", selector: str = "sel", **options) -> bytes:
+    signature = dkim.sign(raw, selector.encode(), domain.encode(), pem,
+                          include_headers=[b"from", b"to", b"subject", b"message-id"], **options)
+    return signature + raw
+
+
+def dns(key_record: str, domain: str = "example.org", dmarc: str | None = "v=DMARC1; p=reject") -> StaticResolver:
+    records = {f"sel._domainkey.{domain}": [key_record]}
+    if dmarc:
+        records["_dmarc.example.org"] = [dmarc]
+    return StaticResolver(records)
+
+
+def test_a_valid_signature_aligned_with_the_from_domain_passes(key):
+    pem, record = key
+    resolver = dns(record)
+    verdict = authenticate(signed(message(), pem), "ana@example.org", VERIFY, resolver)
+    assert (verdict.result, verdict.method, verdict.from_domain, verdict.dmarc_published) == (
+        PASS, "dkim", "example.org", True)
+    assert verdict.authenticated and "dkim=pass d=example.org" in verdict.reason
+    assert resolver.lookups == ["_dmarc.example.org", "sel._domainkey.example.org"]
+
+
+def test_a_subdomain_signature_is_aligned_relaxed_but_not_under_adkim_s(key):
+    pem, record = key
+    raw = signed(message(sender="ana@lists.example.org"), pem)
+    relaxed = StaticResolver({"sel._domainkey.example.org": [record], "_dmarc.example.org": ["v=DMARC1; p=none"]})
+    assert authenticate(raw, "ana@lists.example.org", VERIFY, relaxed).result == PASS
+    strict = StaticResolver({"sel._domainkey.example.org": [record],
+                             "_dmarc.example.org": ["v=DMARC1; p=reject; adkim=s"]})
+    verdict = authenticate(raw, "ana@lists.example.org", VERIFY, strict)
+    assert verdict.result == FAIL and "not aligned" in verdict.reason
+    # The organisational domain comes from the public-suffix list: co.uk is a suffix, not an org.
+    assert sender_auth.aligned("mail.example.co.uk", "example.co.uk")
+    assert not sender_auth.aligned("attacker.co.uk", "example.co.uk")
+
+
+def test_a_tampered_body_fails(key):
+    pem, record = key
+    raw = signed(message(), pem).replace(b"The fix is ready.", b"Send your PoC to mallory@evil.test.")
+    verdict = authenticate(raw, "ana@example.org", VERIFY, dns(record))
+    assert verdict.result == FAIL and "does not verify" in verdict.reason
+
+
+def test_a_signature_of_another_domain_fails_without_looking_its_key_up(key):
+    pem, record = key
+    resolver = dns(record, domain="evil.test")
+    verdict = authenticate(signed(message(), pem, domain="evil.test"), "ana@example.org", VERIFY, resolver)
+    assert verdict.result == FAIL and "d=evil.test not aligned with From: example.org" in verdict.reason
+    assert resolver.lookups == ["_dmarc.example.org"]
+
+
+def test_no_signature_is_none_and_says_whether_the_domain_publishes_dmarc():
+    published = authenticate(message(), "ana@example.org", VERIFY, StaticResolver({"_dmarc.example.org": [
+        "v=DMARC1; p=reject"]}))
+    assert (published.result, published.reason, published.dmarc_published) == (NONE, "no DKIM signature", True)
+    # Looked up at the organisational domain too (RFC 7489 6.6.3), then known not to publish.
+    resolver = StaticResolver()
+    unpublished = authenticate(message(sender="ana@mail.example.org"), "ana@mail.example.org", VERIFY, resolver)
+    assert (unpublished.result, unpublished.dmarc_published) == (NONE, False)
+    assert resolver.lookups == ["_dmarc.mail.example.org", "_dmarc.example.org"]
+
+
+def test_a_signature_over_part_of_the_body_does_not_count(key):
+    pem, record = key
+    raw = signed(message(), pem, length=True) + b"P.S. appended by someone else\r\n"
+    verdict = authenticate(raw, "ana@example.org", VERIFY, dns(record))
+    assert verdict.result == FAIL and "(l=)" in verdict.reason
+
+
+# -- trusted Authentication-Results ----------------------------------------------------------------
+
+
+def with_results(*values: str) -> bytes:
+    return message(extra="".join(f"Authentication-Results: {v}\r\n" for v in values))
+
+
+@pytest.mark.parametrize(("value", "result", "published"), [
+    ("mx.example.com; dkim=pass header.d=example.org; dmarc=pass header.from=example.org", PASS, True),
+    ("mx.example.com; spf=pass smtp.mailfrom=example.org; dmarc=fail header.from=example.org", FAIL, True),
+    ("mx.example.com; dkim=pass header.d=example.org; dmarc=none header.from=example.org", PASS, False),
+    ("mx.example.com; dkim=pass header.d=mail.example.org", PASS, None),
+    ("mx.example.com; dkim=pass header.d=evil.test; dmarc=none header.from=example.org", FAIL, False),
+    ("mx.example.com; dkim=fail header.d=example.org", FAIL, None),
+    ("mx.example.com; dmarc=none header.from=example.org", NONE, False),
+    ("mx.example.com; none", NONE, None),
+])
+def test_a_trusted_header_decides_without_any_lookup(value, result, published):
+    resolver = StaticResolver()
+    verdict = authenticate(with_results(value), "ana@example.org", TRUSTED, resolver)
+    assert (verdict.result, verdict.dmarc_published, verdict.method) == (result, published, "authentication-results")
+    assert "(by mx.example.com)" in verdict.reason
+    assert resolver.lookups == []
+
+
+def test_authentication_results_of_an_untrusted_authserv_id_are_ignored():
+    forged = with_results("mx.evil.test; dmarc=pass header.from=example.org")
+    assert authenticate(forged, "ana@example.org", TRUSTED, StaticResolver()).reason == "no DKIM signature"
+    # Nothing is trusted by default: the same header with our id means nothing either.
+    ours = with_results("mx.example.com; dmarc=pass header.from=example.org")
+    assert authenticate(ours, "ana@example.org", VERIFY, StaticResolver()).result == NONE
+
+
+def test_a_forged_trusted_header_below_the_topmost_is_ignored():
+    """A sender writes 'mx.example.com; dmarc=pass' into their message; our MX adds its own above."""
+    raw = with_results("mx.example.com; dmarc=fail header.from=example.org",
+                       "mx.example.com; dmarc=pass header.from=example.org")
+    verdict = authenticate(raw, "ana@example.org", TRUSTED, StaticResolver())
+    assert verdict.result == FAIL and verdict.reason == "dmarc=fail header.from=example.org (by mx.example.com)"
+
+
+def test_a_trusted_result_about_another_domain_is_not_about_this_from():
+    raw = with_results("mx.example.com; dmarc=pass header.from=evil.test")
+    assert authenticate(raw, "ana@example.org", TRUSTED, StaticResolver()).result == NONE
+
+
+# -- limits: DNS, hostile From: ---------------------------------------------------------------------
+
+
+def test_a_dns_timeout_gives_a_temperror_verdict_not_an_exception(key):
+    pem, record = key
+    resolver = StaticResolver({"_dmarc.example.org": ["v=DMARC1; p=reject"], "sel._domainkey.example.org": TimeoutError})
+    verdict = authenticate(signed(message(), pem), "ana@example.org", VERIFY, resolver)
+    assert verdict.result == NONE and "temperror: DNS lookup of sel._domainkey.example.org timed out" in verdict.reason
+    # A DMARC record that cannot be had: unknown, and only an exactly matching signature may pass.
+    resolver = StaticResolver({"_dmarc.example.org": TimeoutError, "sel._domainkey.example.org": [record]})
+    verdict = authenticate(signed(message(), pem), "ana@example.org", VERIFY, resolver)
+    assert (verdict.result, verdict.dmarc_published) == (PASS, None) and "temperror" in verdict.reason
+
+
+def test_lookups_per_message_are_bounded(key):
+    pem, record = key
+    raw = message(sender="ana@a.b.example.org")
+    for selector in ["s1", "s2", "s3", "s4", "s5"]:
+        raw = signed(raw, pem, domain="example.org", selector=selector)
+    resolver = StaticResolver()  # no keys, no DMARC: every lookup is spent
+    verdict = authenticate(raw, "ana@a.b.example.org", SenderAuthSection(max_dns_lookups=3), resolver)
+    assert len(resolver.lookups) == 3 and verdict.result == NONE and "budget" in verdict.reason
+    # Unbounded by the budget, still at most MAX_SIGNATURES keys plus the two DMARC lookups.
+    resolver = StaticResolver()
+    authenticate(raw, "ana@a.b.example.org", SenderAuthSection(max_dns_lookups=20), resolver)
+    assert len(resolver.lookups) == 2 + sender_auth.MAX_SIGNATURES
+
+
+def test_verify_false_and_no_resolver_make_no_lookup():
+    resolver = StaticResolver()
+    verdict = authenticate(message(), "ana@example.org", SenderAuthSection(verify=False), resolver)
+    assert (verdict.result, resolver.lookups) == (NONE, []) and verdict.reason.startswith("not verified")
+    assert authenticate(message(), "ana@example.org", VERIFY, None).reason.startswith("not verified")
+
+
+@pytest.mark.parametrize(("raw", "parsed", "result", "reason"), [
+    (b"Subject: x\r\n\r\nbody", "", NONE, "no From: header"),
+    (b"From: a@example.org\r\nFrom: b@evil.test\r\n\r\nbody", "a@example.org", FAIL, "2 From: headers"),
+    (b"From: a@example.org, b@evil.test\r\n\r\nbody", "a@example.org", FAIL, "holds 2 addresses"),
+    (b"From: undisclosed:;\r\n\r\nbody", "", FAIL, "holds no addresses"),
+    ("From: a@b\u00fccher.example\r\n\r\nbody".encode(), "a@b\u00fccher.example", NONE, "not ASCII"),
+    (b"From: a@exa_mple..org\r\n\r\nbody", "a@exa_mple..org", FAIL, "not a valid domain"),
+    (b"From: \"b@evil.test\" <a@example.org>\r\n\r\nbody", "b@evil.test", FAIL, "ambiguous"),
+    (b"From: a@example.org\r\nDKIM-Signature: v=1; garbage\x00\xff\r\n\r\nbody", "a@example.org", FAIL,
+     "malformed DKIM signature"),
+    (b"\xff\xfe\x00From:\r\n\r\n", "", NONE, "no From: header"),
+])
+def test_hostile_from_headers_get_a_verdict_never_an_exception(raw, parsed, result, reason):
+    verdict = authenticate(raw, parsed, TRUSTED, StaticResolver())
+    assert verdict.result == result and reason in verdict.reason
+
+
+def test_the_dns_resolver_caches_answers_per_process():
+    resolver = sender_auth.dns_resolver(0.5)
+    resolver._cache["_dmarc.cached.test"] = (float("inf"), [b"v=DMARC1; p=none"])
+    assert resolver.txt("_DMARC.cached.test.") == [b"v=DMARC1; p=none"]  # from the cache: no network
