@@ -26,7 +26,7 @@ from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from intake import processor, schema
+from intake import processor, schema, sender_auth
 from intake.cli import main
 from intake.config import Settings, load_settings
 from intake.db import make_engine, read_session
@@ -40,6 +40,26 @@ SHIPPED_CONFIG = ROOT / "config.toml"
 CORPUS = ROOT.parent / "shared" / "corpus"
 
 PG_ENV = "INTAKE_TEST_POSTGRES"  # a server URL to use instead of looking for one
+
+
+# -- DNS -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def stub_dns(monkeypatch: pytest.MonkeyPatch) -> sender_auth.StaticResolver:
+    """Every test's DNS (sender authentication): these records only, none unless a test adds them
+    (``stub_dns.records[name] = [...]``); ``stub_dns.lookups`` lists what was asked. Autouse, so
+    no in-process test can reach real DNS; dnspython itself is refused as a backstop."""
+    import dns.resolver
+
+    resolver = sender_auth.StaticResolver()
+    monkeypatch.setattr(sender_auth, "system_resolver", lambda config: resolver)
+
+    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise dns.resolver.NoNameservers("tests never query real DNS (use the stub_dns fixture)")
+
+    monkeypatch.setattr(dns.resolver.Resolver, "resolve", refused)
+    return resolver
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import base64
+import json
+from datetime import datetime, timezone
 
 import dkim
 import pytest
@@ -206,3 +208,67 @@ def test_the_dns_resolver_caches_answers_per_process():
     resolver = sender_auth.dns_resolver(0.5)
     resolver._cache["_dmarc.cached.test"] = (float("inf"), [b"v=DMARC1; p=none"])
     assert resolver.txt("_DMARC.cached.test.") == [b"v=DMARC1; p=none"]  # from the cache: no network
+
+
+# -- in the service: computed before any lock, stored, shown -------------------------------------
+
+AR_TRUSTED = {"INTAKE_SENDER_AUTH__TRUSTED_AUTHSERV_IDS": '["mx.example.com"]'}
+
+
+def as_wire(message) -> bytes:  # type: ignore[no-untyped-def]
+    return message.as_bytes(policy=message.policy.clone(linesep="\r\n"))
+
+
+def test_verdicts_are_computed_in_prepare_routed_stored_and_shown(make_settings, start_intake_listener, cli,
+                                                                   stub_dns, key):
+    from conftest import process, report, smtp_send
+    from intake import inbound
+    from intake.processor import _plan, prepare
+
+    pem, record = key
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(message_id="<r1@researcher.test>"))
+    reply = report(subject="More detail", message_id="<r2@researcher.test>", In_Reply_To="<r1@researcher.test>")
+    raw = as_wire(reply)
+    smtp_send(running.port, dkim.sign(raw, b"sel", b"researcher.test", pem, include_headers=[b"from", b"subject"]) + raw)
+    stub_dns.records["sel._domainkey.researcher.test"] = [record]
+
+    items = [prepare(settings, stored) for stored in inbound.pending(running.engine, 10)]
+    # A stranger's new report cannot gain privilege: no lookup for it. The reply could: looked up.
+    assert [item.authentication.result for item in items] == [NONE, PASS]
+    assert items[0].authentication.reason.startswith("not verified")
+    assert stub_dns.lookups == ["_dmarc.researcher.test", "sel._domainkey.researcher.test"]
+    plan = _plan(running.engine, settings, items[:1], datetime.now(timezone.utc))
+    assert plan.routed[0].incoming.authentication == items[0].authentication  # what route reads
+
+    assert process(settings, running.engine).decisions == {"new-ticket": 1, "reporter-reply": 1}
+    shown = json.loads(cli("show", f"SEC-{datetime.now(timezone.utc).year}-0001", "--json").output)
+    assert [(m["authentication"]["result"], m["authentication"]["method"]) for m in shown["messages"]] == [
+        (NONE, NONE), (PASS, "dkim")]
+    assert shown["messages"][1]["authentication"]["reason"] == "dkim=pass d=researcher.test aligned with From: " \
+                                                               "researcher.test"
+    assert shown["messages"][1]["authentication"]["from_domain"] == "researcher.test"
+    human = cli("show", f"SEC-{datetime.now(timezone.utc).year}-0001").output
+    assert "sender pass: dkim=pass d=researcher.test" in human
+    assert "sender none: not verified" in human
+
+
+def test_a_trusted_header_costs_no_lookup_in_the_service(make_settings, start_intake_listener,
+                                                         cli, stub_dns):
+    from conftest import process, report, smtp_send
+    from intake import tickets
+
+    settings = make_settings(**AR_TRUSTED)
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(message_id="<r1@researcher.test>"))
+    forged = report(subject="Close it", message_id="<r2@researcher.test>", In_Reply_To="<r1@researcher.test>")
+    # Our MX's header on top; the sender's own "pass" below it means nothing.
+    raw = (b"Authentication-Results: mx.example.com; dkim=none; dmarc=fail header.from=researcher.test\r\n"
+           b"Authentication-Results: mx.example.com; dmarc=pass header.from=researcher.test\r\n" + as_wire(forged))
+    smtp_send(running.port, raw)
+    process(settings, running.engine)
+    assert stub_dns.lookups == []
+    [_, message] = tickets.ticket_detail(running.engine, f"SEC-{datetime.now(timezone.utc).year}-0001").messages
+    assert message.authentication["result"] == FAIL
+    assert message.authentication["reason"] == "dmarc=fail header.from=researcher.test (by mx.example.com)"

@@ -30,7 +30,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
@@ -58,6 +58,7 @@ MAX_SIGNATURES = 3
 # Authentication-Results headers read from the top (ours is the topmost), and the longest read.
 _MAX_AR_HEADERS = 20
 _MAX_AR_LENGTH = 4096
+_MAX_REASON = 500
 _AR_FEATURES = authres.FeatureContext(authres.dmarc)
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # "x=1; y=2" tag lists of DMARC records (RFC 7489 6.3).
@@ -104,10 +105,13 @@ def authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resol
     A trusted Authentication-Results header decides without DNS; otherwise, with ``verify`` and a
     *resolver*, DKIM and DMARC are checked here; ``resolver=None`` makes no lookup at all."""
     try:
-        return _authenticate(raw, from_address, config, resolver)
+        verdict = _authenticate(raw, from_address, config, resolver)
     except Exception as exc:  # noqa: BLE001 - libraries on hostile bytes: a verdict, never a crash
         log.exception("event=sender-auth-error")
         return Verdict(NONE, f"not verified: internal error {type(exc).__name__}")
+    # Reasons quote sender-written values (d=, library errors): one printable line, bounded.
+    reason = "".join(c if c.isprintable() else "?" for c in verdict.reason[:_MAX_REASON])
+    return replace(verdict, reason=reason)
 
 
 def _authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resolver: Resolver | None) -> Verdict:
