@@ -9,6 +9,8 @@ from datetime import datetime, timezone
 
 import dkim
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -104,6 +106,39 @@ def test_a_signature_over_part_of_the_body_does_not_count(key):
     raw = signed(message(), pem, length=True) + b"P.S. appended by someone else\r\n"
     verdict = authenticate(raw, "ana@example.org", VERIFY, dns(record))
     assert verdict.result == FAIL and "(l=)" in verdict.reason
+
+
+@pytest.mark.parametrize(("canonicalize", "flood"), [((b"relaxed", b"relaxed"), " \t\r\n\r\n" * 50_000),
+                                                    ((b"simple", b"simple"), "\r\n" * 100_000)])
+def test_a_blank_line_flood_after_a_signed_body_still_verifies_and_is_cut_before_dkimpy(key, canonicalize, flood):
+    pem, record = key
+    raw = message(body="The fix is ready.  \r\n" + flood)
+    verdict = authenticate(signed(raw, pem, canonicalize=canonicalize), "ana@example.org", VERIFY, dns(record))
+    assert verdict.result == PASS
+    # What dkimpy canonicalises: the flood cut to one line ending (count work, not time).
+    body = sender_auth._split(raw)[1]
+    assert len(sender_auth._without_trailing_lines(body, canonicalize[1] == b"relaxed")) < 30
+
+
+@given(st.binary().map(lambda b: bytes(b" \t\r\nx"[c % 5] for c in b)))
+@settings(max_examples=300, deadline=None)
+def test_the_body_given_to_dkimpy_canonicalises_as_the_message_does(body):
+    from dkim.canonicalization import Relaxed, Simple
+
+    reference = dkim.rfc822_parse(b"From: a@example.org\r\n\r\n" + body)[1]
+    ours = sender_auth._dkim_body(body)
+    assert ours == reference
+    assert Simple.canonicalize_body(sender_auth._without_trailing_lines(ours, False)) == Simple.canonicalize_body(ours)
+    assert Relaxed.canonicalize_body(sender_auth._without_trailing_lines(ours, True)) == Relaxed.canonicalize_body(ours)
+
+
+def test_a_message_too_large_to_verify_here_costs_no_key_lookup(key):
+    pem, record = key
+    raw = signed(message(body="x" * 70 + "\r\n"), pem).replace(b"x" * 70, b"x" * (sender_auth.MAX_VERIFIED_BYTES + 1))
+    resolver = dns(record)
+    verdict = authenticate(raw, "ana@example.org", VERIFY, resolver)
+    assert (verdict.result, verdict.dmarc_published) == (NONE, True) and "up to 4 MiB" in verdict.reason
+    assert resolver.lookups == ["_dmarc.example.org"]
 
 
 # -- trusted Authentication-Results ----------------------------------------------------------------

@@ -16,7 +16,8 @@ DNS cost is bounded by construction:
 * At most ``max_dns_lookups`` lookups per message, each within ``dns_timeout``: the DMARC record
   (``_dmarc.<domain>``, then the organisational domain's) and one key per DKIM signature, only
   for signatures aligned with the From: domain (an unaligned one cannot make a pass, so it is
-  never looked up), at most :data:`MAX_SIGNATURES` of them.
+  never looked up), at most :data:`MAX_SIGNATURES` of them, on messages of at most
+  :data:`MAX_VERIFIED_BYTES` (CPU: dkimpy reads the body once per signature).
 * Answers are cached per process (:class:`DnsResolver`, bounded, TTL-limited).
 
 A lookup that times out or fails gives a ``none`` verdict whose reason says ``temperror``; every
@@ -42,6 +43,7 @@ import authres.dmarc
 import dkim
 
 from intake.config import SenderAuthSection
+from intake.parse import MAX_HEADER_FIELDS
 
 if TYPE_CHECKING:
     from intake.config import Settings
@@ -55,10 +57,16 @@ NONE = "none"
 
 # DKIM signatures looked at per message, and of those verified (each costs a key lookup).
 MAX_SIGNATURES = 3
+# Largest message whose DKIM signatures are verified here: dkimpy canonicalises the body once per
+# signature, at up to ~0.1 s per MB on hostile bodies. A trusted MX's header has no such limit.
+MAX_VERIFIED_BYTES = 4 * 1024 * 1024
 # Authentication-Results headers read from the top (ours is the topmost), and the longest read.
 _MAX_AR_HEADERS = 20
 _MAX_AR_LENGTH = 4096
 _MAX_REASON = 500
+_MAX_HEADER_BYTES = 256 * 1024
+# Comments nest in Authentication-Results; authres recurses once per level.
+_MAX_COMMENT_DEPTH = 8
 _AR_FEATURES = authres.FeatureContext(authres.dmarc)
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 # "x=1; y=2" tag lists of DMARC records (RFC 7489 6.3).
@@ -115,7 +123,12 @@ def authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resol
 
 
 def _authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resolver: Resolver | None) -> Verdict:
-    headers = BytesHeaderParser(policy=compat32).parsebytes(_header_block(raw))
+    block = _split(raw)[0]
+    fields = block.count(b"\n") + 1 - block.count(b"\n ") - block.count(b"\n\t")
+    if fields > MAX_HEADER_FIELDS or len(block) > _MAX_HEADER_BYTES:
+        # Past what the parser reads (a From: it never saw) and what honest mail has: not judged.
+        return Verdict(NONE, f"not verified: header section too large ({fields} fields, {len(block)} bytes)")
+    headers = BytesHeaderParser(policy=compat32).parsebytes(block)
     domain, problem = _from_domain(headers, from_address)
     if problem:
         return problem
@@ -145,9 +158,15 @@ def may_gain_privilege(settings: Settings, mail: ParsedMail, mail_from: str, rcp
 # -- From: ------------------------------------------------------------------------------------------
 
 
-def _header_block(raw: bytes) -> bytes:
-    ends = [i for i in (raw.find(b"\r\n\r\n"), raw.find(b"\n\n")) if i >= 0]
-    return raw[:min(ends)] + b"\n" if ends else raw
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    """(header section with its last line ending, body): split at the first empty line."""
+    if raw[:1] == b"\n" or raw[:2] == b"\r\n":
+        return b"", raw[1 if raw[:1] == b"\n" else 2:]
+    ends = [i for i in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if i >= 0]
+    if not ends:
+        return raw, b""
+    end = min(ends) + 1
+    return raw[:end], raw[end + (1 if raw[end:end + 1] == b"\n" else 2):]
 
 
 def _from_domain(headers: Any, from_address: str) -> tuple[str, Verdict | None]:
@@ -170,6 +189,27 @@ def _from_domain(headers: Any, from_address: str) -> tuple[str, Verdict | None]:
         # Two readings of one header: the parser and DKIM/DMARC might not judge the same address.
         return "", Verdict(FAIL, f"From: read as {parsed[:100]!r} and as {domain[:100]!r}: ambiguous")
     return domain, None
+
+
+def _dkim_body(body: bytes) -> bytes:
+    """*body* as dkimpy reads it (every line ending CRLF), made by C-speed replaces: dkimpy's own
+    reading splits the whole message into a list of lines first."""
+    if body.count(b"\n") == body.count(b"\r\n"):
+        return body
+    return body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _without_trailing_lines(body: bytes, relaxed: bool) -> bytes:
+    """*body* (CRLF lines) with the trailing lines its canonicalization ignores cut to one CRLF,
+    which hashes the same (RFC 6376 3.4.3, 3.4.4): empty lines (simple), blank lines and the last
+    line's trailing blanks (relaxed). dkimpy drops them one at a time in Python, slow on a flood."""
+    content = body.rstrip(b" \t\r\n" if relaxed else b"\r\n")
+    tail = body[len(content):]
+    if not tail.endswith(b"\r\n"):
+        return body
+    # A CR not starting a CRLF is content, as is everything before it.
+    kept = tail.replace(b"\r\n", b"\n\n").rfind(b"\r") + 1
+    return content + tail[:kept] + b"\r\n"
 
 
 def _valid_domain(domain: str) -> bool:
@@ -207,7 +247,7 @@ def _trusted_results(headers: Any, trusted_ids: list[str]) -> Any | None:
         return None
     for value in (headers.get_all("Authentication-Results") or [])[:_MAX_AR_HEADERS]:
         text = re.sub(r"\r?\n", "", str(value)).strip()
-        if len(text) > _MAX_AR_LENGTH or not text.isascii():
+        if len(text) > _MAX_AR_LENGTH or not text.isascii() or _comment_depth(text) > _MAX_COMMENT_DEPTH:
             continue  # not what an MX writes; a sender's
         try:
             parsed = _AR_FEATURES.parse_value(text)
@@ -222,6 +262,15 @@ def _trusted_results(headers: Any, trusted_ids: list[str]) -> Any | None:
 
 
 _UNREADABLE = object()
+
+
+def _comment_depth(text: str) -> int:
+    depth = deepest = 0
+    for char in text:
+        if char in "()":
+            depth = max(depth + (1 if char == "(" else -1), 0)
+            deepest = max(deepest, depth)
+    return deepest
 
 
 def _judge_results(header: Any, domain: str) -> Verdict:
@@ -331,15 +380,19 @@ def _verify(raw: bytes, domain: str, budget: _Budget) -> Verdict:
     def made(result: str, reason: str) -> Verdict:
         return Verdict(result, reason + note, domain, dmarc.published, "dkim")
 
+    # dkimpy reads the header section only; the body is given to it ready (see _dkim_body).
     try:
-        signer = dkim.DKIM(raw, minkey=1024)
+        signer = dkim.DKIM(_split(raw)[0], minkey=1024)
     except dkim.DKIMException as exc:
-        return made(FAIL, f"message unreadable for DKIM ({exc})")
+        return made(FAIL, f"header section unreadable for DKIM ({exc})")
     count = sum(1 for name, _ in signer.headers if name.lower() == b"dkim-signature")
     if count == 0:
         return made(NONE, "no DKIM signature")
+    if len(raw) > MAX_VERIFIED_BYTES:
+        return made(NONE, f"not verified: DKIM is checked here on messages up to {MAX_VERIFIED_BYTES >> 20} MiB "
+                          f"(this one has {len(raw)} bytes)")
     refused: list[str] = []
-    candidates: list[tuple[int, str]] = []
+    candidates: list[tuple[int, str, bool]] = []
     for index in range(min(count, MAX_SIGNATURES)):
         try:
             fields = signer.verify_headerprep(index)[0]
@@ -352,9 +405,12 @@ def _verify(raw: bytes, domain: str, budget: _Budget) -> Verdict:
         elif b"l" in fields:
             refused.append(f"DKIM signature d={d} covers only part of the body (l=)")
         else:
-            candidates.append((index, d))
+            candidates.append((index, d, fields.get(b"c", b"").lower().endswith(b"/relaxed")))
     temperror = ""
-    for index, d in candidates:
+    body = _dkim_body(_split(raw)[1]) if candidates else b""
+    ready = {relaxed: _without_trailing_lines(body, relaxed) for relaxed in {c[2] for c in candidates}}
+    for index, d, relaxed in candidates:
+        signer.body = ready[relaxed]
         try:
             if signer.verify(idx=index, dnsfunc=budget.dkim_key):
                 return made(PASS, f"dkim=pass d={d} aligned with From: {domain}")
