@@ -307,3 +307,31 @@ def test_a_trusted_header_costs_no_lookup_in_the_service(make_settings, start_in
     [_, message] = tickets.ticket_detail(running.engine, f"SEC-{datetime.now(timezone.utc).year}-0001").messages
     assert message.authentication["result"] == FAIL
     assert message.authentication["reason"] == "dmarc=fail header.from=researcher.test (by mx.example.com)"
+
+
+def test_only_mail_that_could_gain_privilege_is_looked_up(make_settings, start_intake_listener, config_file,
+                                                          stub_dns):
+    """The DNS cost of a stranger's mail is nil: only +tag, threading, a subject reference or a
+    maintainer sender make lookups (each such message here: its DMARC record, looked up once)."""
+    from conftest import report, smtp_send
+    from intake import inbound
+    from intake.processor import prepare
+
+    config_file.write_text(config_file.read_text() + '\n[[maintainers]]\nname = "Ana"\nemail = "ana@maint.test"\n')
+    settings = make_settings()
+    running = start_intake_listener(settings)
+    sent = [
+        (report(sender="s1@plain.test"), "s1@plain.test", "security@example.com"),  # a new report: no lookup
+        (report(sender="s2@tag.test"), "s2@tag.test", "security+SEC-2026-0001@example.com"),
+        (report(sender="s3@thread.test", References="<x@y>"), "s3@thread.test", "security@example.com"),
+        (report(sender="s4@subject.test", subject="Re: [sec-2026-0001] more"), "s4@subject.test",
+         "security@example.com"),
+        (report(sender="ana@maint.test"), "ana@maint.test", "security@example.com"),
+        (report(sender="ana@maint.test"), "forged@plain.test", "security@example.com"),  # From: a maintainer
+    ]
+    for message, mail_from, rcpt in sent:
+        smtp_send(running.port, message, mail_from=mail_from, rcpt_tos=[rcpt])
+    items = [prepare(settings, stored) for stored in inbound.pending(running.engine, 10)]
+    assert [item.authentication.result for item in items] == [NONE] * 6
+    assert stub_dns.lookups == ["_dmarc.tag.test", "_dmarc.thread.test", "_dmarc.subject.test", "_dmarc.maint.test",
+                                "_dmarc.maint.test"]
