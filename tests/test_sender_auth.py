@@ -153,6 +153,7 @@ def with_results(*values: str) -> bytes:
     ("mx.example.com; spf=pass smtp.mailfrom=example.org; dmarc=fail header.from=example.org", FAIL, True),
     ("mx.example.com; dkim=pass header.d=example.org; dmarc=none header.from=example.org", PASS, False),
     ("mx.example.com; dkim=pass header.d=mail.example.org", PASS, None),
+    ("mx.example.com; dkim=pass header.i=@example.org", PASS, None),
     ("mx.example.com; dkim=pass header.d=evil.test; dmarc=none header.from=example.org", FAIL, False),
     ("mx.example.com; dkim=fail header.d=example.org", FAIL, None),
     ("mx.example.com; dmarc=none header.from=example.org", NONE, False),

@@ -101,11 +101,6 @@ class Verdict:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Verdict:
-        return cls(**{k: data[k] for k in ("result", "reason", "from_domain", "dmarc_published", "method")
-                      if k in data})
-
 
 def authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resolver: Resolver | None) -> Verdict:
     """The verdict on *raw*'s From: domain (*from_address* is the parser's reading of From:).
@@ -232,6 +227,8 @@ def organisational_domain(domain: str) -> str:
 def aligned(signing_domain: str, from_domain: str, strict: bool = False) -> bool:
     """DMARC identifier alignment: the same domain (strict), or the same organisational domain."""
     signing_domain, from_domain = signing_domain.lower().rstrip("."), from_domain.lower().rstrip(".")
+    if not (_valid_domain(signing_domain) and _valid_domain(from_domain)):
+        return False
     if signing_domain == from_domain:
         return True
     return not strict and organisational_domain(signing_domain) == organisational_domain(from_domain)
@@ -298,7 +295,7 @@ def _judge_results(header: Any, domain: str) -> Verdict:
             published = False
         break
     dkim_results = [r for r in results if r.method == "dkim"]
-    passed = [_property(r, "header", "d").lower() for r in dkim_results if (r.result or "").lower() == PASS]
+    passed = [_signer(r) for r in dkim_results if (r.result or "").lower() == PASS]
     for signer in passed:
         if signer and aligned(signer, domain):
             return made(PASS, f"dkim=pass header.d={signer} aligned with From: {domain}", published)
@@ -307,10 +304,14 @@ def _judge_results(header: Any, domain: str) -> Verdict:
                     published)
     failed = [r for r in dkim_results if (r.result or "").lower() in (FAIL, "neutral", "policy", "permerror")]
     if failed:
-        signer = _property(failed[0], "header", "d").lower()
-        return made(FAIL, f"dkim={failed[0].result.lower()} header.d={signer or '?'}", published)
+        return made(FAIL, f"dkim={failed[0].result.lower()} header.d={_signer(failed[0]) or '?'}", published)
     dmarc_said = "dmarc=none" if published is False else "no dmarc result"
     return made(NONE, f"{dmarc_said}, no DKIM pass for {domain}", published)
+
+
+def _signer(result: Any) -> str:
+    """The signing domain of a dkim result: header.d, else the domain of header.i (older filters)."""
+    return (_property(result, "header", "d") or _property(result, "header", "i").rpartition("@")[2]).lower()
 
 
 def _property(result: Any, ptype: str, name: str) -> str:
