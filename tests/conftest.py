@@ -49,16 +49,22 @@ PG_ENV = "INTAKE_TEST_POSTGRES"  # a server URL to use instead of looking for on
 def stub_dns(monkeypatch: pytest.MonkeyPatch) -> sender_auth.StaticResolver:
     """Every test's DNS (sender authentication): these records only, none unless a test adds them
     (``stub_dns.records[name] = [...]``); ``stub_dns.lookups`` lists what was asked. Autouse, so
-    no in-process test can reach real DNS; dnspython itself is refused as a backstop."""
+    no in-process test can reach real DNS; dnspython asking anything but a test's loopback server fails too."""
+    import ipaddress
+
     import dns.resolver
 
     resolver = sender_auth.StaticResolver()
     monkeypatch.setattr(sender_auth, "system_resolver", lambda config: resolver)
+    resolve = dns.resolver.Resolver.resolve
 
-    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise dns.resolver.NoNameservers("tests never query real DNS (use the stub_dns fixture)")
+    def loopback_only(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # A test's own server: loopback, not port 53 (a local caching resolver forwards outside).
+        if self.port == 53 or not all(ipaddress.ip_address(str(ns)).is_loopback for ns in self.nameservers):
+            raise dns.resolver.NoNameservers("tests never query real DNS (use the stub_dns fixture)")
+        return resolve(self, *args, **kwargs)
 
-    monkeypatch.setattr(dns.resolver.Resolver, "resolve", refused)
+    monkeypatch.setattr(dns.resolver.Resolver, "resolve", loopback_only)
     return resolver
 
 

@@ -240,12 +240,6 @@ def test_hostile_from_headers_get_a_verdict_never_an_exception(raw, parsed, resu
     assert verdict.result == result and reason in verdict.reason
 
 
-def test_the_dns_resolver_caches_answers_per_process():
-    resolver = sender_auth.dns_resolver(0.5)
-    resolver._cache["_dmarc.cached.test"] = (float("inf"), [b"v=DMARC1; p=none"])
-    assert resolver.txt("_DMARC.cached.test.") == [b"v=DMARC1; p=none"]  # from the cache: no network
-
-
 # -- in the service: computed before any lock, stored, shown -------------------------------------
 
 AR_TRUSTED = {"INTAKE_SENDER_AUTH__TRUSTED_AUTHSERV_IDS": '["mx.example.com"]'}
@@ -336,3 +330,87 @@ def test_only_mail_that_could_gain_privilege_is_looked_up(make_settings, start_i
     assert [item.authentication.result for item in items] == [NONE] * 6
     assert stub_dns.lookups == ["_dmarc.tag.test", "_dmarc.thread.test", "_dmarc.subject.test", "_dmarc.maint.test",
                                 "_dmarc.maint.test"]
+
+
+# -- the dnspython resolver, against a DNS server on loopback --------------------------------------
+
+
+class LoopbackDns:
+    """A UDP DNS server on 127.0.0.1 answering TXT queries from *zone*: a list of strings per name
+    (one record of several strings), None for no answer at all; other names are NXDOMAIN."""
+
+    def __init__(self, zone: dict[str, list[str] | None]) -> None:
+        import socket
+        import threading
+
+        self.zone, self.queries = zone, []
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.settimeout(0.1)
+        self.port = self.socket.getsockname()[1]
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rrset
+
+        while self.running:
+            try:
+                wire, peer = self.socket.recvfrom(4096)
+            except OSError:
+                continue
+            query = dns.message.from_wire(wire)
+            name = query.question[0].name.to_text().rstrip(".").lower()
+            self.queries.append(name)
+            strings = self.zone.get(name, [])
+            if strings is None:
+                continue  # never answered: the client times out
+            response = dns.message.make_response(query)
+            if name in self.zone:
+                text = " ".join('"' + s.replace('"', '\\"') + '"' for s in strings)
+                response.answer.append(dns.rrset.from_text(name + ".", 120, "IN", "TXT", text))
+            else:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            self.socket.sendto(response.to_wire(), peer)
+
+    def stop(self) -> None:
+        self.running = False
+        self.thread.join(timeout=5)
+        self.socket.close()
+
+
+@pytest.fixture
+def loopback_dns():  # type: ignore[no-untyped-def]
+    servers = []
+
+    def start(zone):  # type: ignore[no-untyped-def]
+        servers.append(LoopbackDns(zone))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def test_the_dns_resolver_joins_strings_caches_answers_and_times_out(loopback_dns):
+    server = loopback_dns({"_dmarc.example.org": ["v=DMARC1; ", "p=reject"], "_dmarc.slow.test": None})
+    resolver = sender_auth.DnsResolver(0.3, nameservers=["127.0.0.1"], port=server.port)
+    assert resolver.txt("_dmarc.example.org") == [b"v=DMARC1; p=reject"]
+    assert resolver.txt("_DMARC.example.org.") == [b"v=DMARC1; p=reject"]  # from the cache
+    assert resolver.txt("_dmarc.nowhere.test") == [] == resolver.txt("_dmarc.nowhere.test")  # NXDOMAIN, cached
+    assert server.queries == ["_dmarc.example.org", "_dmarc.nowhere.test"]
+    with pytest.raises(TimeoutError):
+        resolver.txt("_dmarc.slow.test")
+    # Through authenticate: the timeout is a verdict, not an exception.
+    verdict = authenticate(message(sender="a@slow.test"), "a@slow.test", VERIFY, resolver)
+    assert verdict.result == NONE and "temperror: DNS lookup of _dmarc.slow.test timed out" in verdict.reason
+
+
+def test_no_test_can_reach_real_dns():
+    """conftest's stub_dns: the service's resolver is the stub, and dnspython refuses real servers."""
+    assert isinstance(sender_auth.system_resolver(VERIFY), StaticResolver)
+    with pytest.raises(OSError, match="NoNameservers"):
+        sender_auth.dns_resolver(0.5).txt("_dmarc.example.org")

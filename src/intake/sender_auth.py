@@ -445,11 +445,14 @@ class StaticResolver:
 
 
 class DnsResolver:
-    """TXT lookups with dnspython: one try within *timeout*, no search domains, answers (and
-    non-existence) cached per process up to their TTL, at most ``max_ttl`` seconds."""
+    """TXT lookups with dnspython: within *timeout*, no search domains, answers (and
+    non-existence) cached per process up to their TTL, at most ``max_ttl`` seconds. The system's
+    name servers (/etc/resolv.conf), or *nameservers* on *port*."""
 
-    def __init__(self, timeout: float, max_entries: int = 1024, max_ttl: float = 300) -> None:
+    def __init__(self, timeout: float, max_entries: int = 1024, max_ttl: float = 300,
+                 nameservers: list[str] | None = None, port: int = 53) -> None:
         self.timeout, self.max_entries, self.max_ttl = timeout, max_entries, max_ttl
+        self.nameservers, self.port = nameservers, port
         self._cache: OrderedDict[str, tuple[float, list[bytes]]] = OrderedDict()
         self._lock = threading.Lock()
         self._resolver: Any = None
@@ -467,7 +470,9 @@ class DnsResolver:
                 return cached[1]
         try:
             if self._resolver is None:
-                self._resolver = dns.resolver.Resolver()
+                self._resolver = dns.resolver.Resolver(configure=self.nameservers is None)
+                if self.nameservers is not None:
+                    self._resolver.nameservers, self._resolver.port = self.nameservers, self.port
             answer = self._resolver.resolve(key + ".", "TXT", lifetime=self.timeout, search=False)
             records = [b"".join(rdata.strings) for rdata in answer]
             ttl = min(float(answer.rrset.ttl), self.max_ttl)
