@@ -55,6 +55,11 @@ if TYPE_CHECKING:
     from intake.parse import ParsedMail
 
 log = logging.getLogger(__name__)
+# dkimpy logs each bad signature or key as an error, in the sender's words; the verdict's reason
+# says what matters, so its log goes nowhere.
+_dkimpy_log = logging.getLogger(__name__ + ".dkimpy")
+_dkimpy_log.addHandler(logging.NullHandler())
+_dkimpy_log.propagate = False
 
 PASS = "pass"
 FAIL = "fail"
@@ -398,7 +403,7 @@ def _verify(raw: bytes, domain: str, budget: _Budget) -> Verdict:
 
     # dkimpy reads the header section only; the body is given to it ready (see _dkim_body).
     try:
-        signer = dkim.DKIM(_split(raw)[0], minkey=1024)
+        signer = dkim.DKIM(_split(raw)[0], logger=_dkimpy_log, minkey=1024)
     except dkim.DKIMException as exc:
         return made(FAIL, f"header section unreadable for DKIM ({exc})")
     signatures = [value for name, value in signer.headers if name.lower() == b"dkim-signature"]
