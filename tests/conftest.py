@@ -49,7 +49,8 @@ PG_ENV = "INTAKE_TEST_POSTGRES"  # a server URL to use instead of looking for on
 def stub_dns(monkeypatch: pytest.MonkeyPatch) -> sender_auth.StaticResolver:
     """Every test's DNS (sender authentication): these records only, none unless a test adds them
     (``stub_dns.records[name] = [...]``); ``stub_dns.lookups`` lists what was asked. Autouse, so
-    no in-process test can reach real DNS; dnspython asking anything but a test's loopback server fails too."""
+    no in-process test can reach real DNS; dnspython asking anything but a test's own loopback
+    server fails too."""
     import ipaddress
 
     import dns.resolver

@@ -212,7 +212,8 @@ def test_a_trusted_result_about_another_domain_is_not_about_this_from():
 
 def test_a_dns_timeout_gives_a_temperror_verdict_not_an_exception(key):
     pem, record = key
-    resolver = StaticResolver({"_dmarc.example.org": ["v=DMARC1; p=reject"], "sel._domainkey.example.org": TimeoutError})
+    resolver = StaticResolver({"_dmarc.example.org": ["v=DMARC1; p=reject"],
+                               "sel._domainkey.example.org": TimeoutError})
     verdict = authenticate(signed(message(), pem), "ana@example.org", VERIFY, resolver)
     assert verdict.result == NONE and "temperror: DNS lookup of sel._domainkey.example.org timed out" in verdict.reason
     # A DMARC record that cannot be had: unknown, and only an exactly matching signature may pass.
@@ -280,7 +281,8 @@ def test_verdicts_are_computed_in_prepare_routed_stored_and_shown(make_settings,
     smtp_send(running.port, report(message_id="<r1@researcher.test>"))
     reply = report(subject="More detail", message_id="<r2@researcher.test>", In_Reply_To="<r1@researcher.test>")
     raw = as_wire(reply)
-    smtp_send(running.port, dkim.sign(raw, b"sel", b"researcher.test", pem, include_headers=[b"from", b"subject"]) + raw)
+    signature = dkim.sign(raw, b"sel", b"researcher.test", pem, include_headers=[b"from", b"subject"])
+    smtp_send(running.port, signature + raw)
     stub_dns.records["sel._domainkey.researcher.test"] = [record]
 
     items = [prepare(settings, stored) for stored in inbound.pending(running.engine, 10)]
