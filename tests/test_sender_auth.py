@@ -435,3 +435,38 @@ def test_no_test_can_reach_real_dns():
     assert isinstance(sender_auth.system_resolver(VERIFY), StaticResolver)
     with pytest.raises(OSError, match="NoNameservers"):
         sender_auth.dns_resolver(0.5).txt("_dmarc.example.org")
+
+
+def test_no_dns_lookup_runs_while_the_write_lock_is_held(make_settings, start_intake_listener, stub_dns, sqlite_url,
+                                                         monkeypatch, key):
+    """Each lookup probes SQLite's writer lock from another connection: it is always free."""
+    import sqlite3
+
+    from conftest import process, report, smtp_send
+
+    pem, record = key
+    settings = make_settings(INTAKE_DATABASE__URL=sqlite_url)
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(message_id="<r1@researcher.test>"))
+    process(settings, running.engine)
+    raw = as_wire(report(subject="More", In_Reply_To="<r1@researcher.test>"))
+    smtp_send(running.port, dkim.sign(raw, b"sel", b"researcher.test", pem) + raw)
+    stub_dns.records["sel._domainkey.researcher.test"] = [record]
+    lock_free = []
+    lookup = stub_dns.txt
+
+    def probing(name: str) -> list[bytes]:
+        probe = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"), timeout=0)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.rollback()
+            lock_free.append(True)
+        except sqlite3.OperationalError:
+            lock_free.append(False)
+        finally:
+            probe.close()
+        return lookup(name)
+
+    monkeypatch.setattr(stub_dns, "txt", probing)
+    assert process(settings, running.engine).decisions == {"reporter-reply": 1}
+    assert lock_free == [True, True]  # _dmarc.researcher.test, sel._domainkey.researcher.test
