@@ -338,6 +338,7 @@ def test_only_mail_that_could_gain_privilege_is_looked_up(make_settings, start_i
     running = start_intake_listener(settings)
     sent = [
         (report(sender="s1@plain.test"), "s1@plain.test", "security@example.com"),  # a new report: no lookup
+        (report(sender="s0@plain.test"), "s0@plain.test", "security+web@example.com"),  # a policy tag: none
         (report(sender="s2@tag.test"), "s2@tag.test", "security+SEC-2026-0001@example.com"),
         (report(sender="s3@thread.test", References="<x@y>"), "s3@thread.test", "security@example.com"),
         (report(sender="s4@subject.test", subject="Re: [sec-2026-0001] more"), "s4@subject.test",
@@ -348,7 +349,7 @@ def test_only_mail_that_could_gain_privilege_is_looked_up(make_settings, start_i
     for message, mail_from, rcpt in sent:
         smtp_send(running.port, message, mail_from=mail_from, rcpt_tos=[rcpt])
     items = [prepare(settings, stored) for stored in inbound.pending(running.engine, 10)]
-    assert [item.authentication.result for item in items] == [NONE] * 6
+    assert [item.authentication.result for item in items] == [NONE] * 7
     assert stub_dns.lookups == ["_dmarc.tag.test", "_dmarc.thread.test", "_dmarc.subject.test", "_dmarc.maint.test",
                                 "_dmarc.maint.test"]
 

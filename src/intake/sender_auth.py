@@ -10,7 +10,7 @@ DNS cost is bounded by construction:
 * A trusted header is read without any lookup, whatever the mail.
 * The processor asks for lookups (passes a resolver) only for mail that could gain privilege or
   be taken for a ticket's reporter (:func:`may_gain_privilege`, cheap checks on parsed headers):
-  a recipient with a ``+tag`` (a ticket reference or a maintainer's reply address), an
+  a recipient ``+tag`` naming a ticket (a reference or a maintainer's reply address), an
   In-Reply-To or References header, a subject naming a ticket reference, or an envelope or From:
   address of a maintainer. A stranger's new report costs no lookup at all.
 * At most ``max_dns_lookups`` lookups per message, each within ``dns_timeout``: the DMARC record
@@ -152,13 +152,15 @@ def _authenticate(raw: bytes, from_address: str, config: SenderAuthSection, reso
 
 
 def may_gain_privilege(settings: Settings, mail: ParsedMail, mail_from: str, rcpt_tos: list[str]) -> bool:
-    """Whether *mail* could be a maintainer's or a ticket reporter's (so is worth DNS lookups):
-    a +tag recipient, threading headers, a ticket reference in the subject, a maintainer sender."""
-    if any("+" in recipient.rpartition("@")[0] for recipient in rcpt_tos):
+    """Whether *mail* could be a maintainer's or a ticket reporter's (so is worth DNS lookups): a
+    recipient +tag naming a ticket (a reference or a reply address), threading headers, a ticket
+    reference in the subject, a maintainer sender. (A +tag naming a policy opens a new ticket.)"""
+    reference = settings.intake.reference_prefix.lower() + "-"
+    if any(recipient.rpartition("@")[0].partition("+")[2].lower().startswith(reference) for recipient in rcpt_tos):
         return True
     if mail.in_reply_to or mail.references:
         return True
-    if settings.intake.reference_prefix.lower() + "-" in mail.subject.lower():
+    if reference in mail.subject.lower():
         return True
     return any(address and settings.is_maintainer(address) for address in (mail_from, mail.from_address))
 
