@@ -26,14 +26,13 @@ from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from intake import processor, route, schema
+from intake import processor, schema, sender_auth
 from intake.cli import main
 from intake.config import Settings, load_settings
 from intake.db import make_engine, read_session
 from intake.inbound import GroupCommitter
 from intake.models import Ticket
 from intake.outbox import OutboxSender, make_transport
-from intake.sender_auth import PASS, Verdict
 from intake.service import start_listener
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +40,33 @@ SHIPPED_CONFIG = ROOT / "config.toml"
 CORPUS = ROOT.parent / "shared" / "corpus"
 
 PG_ENV = "INTAKE_TEST_POSTGRES"  # a server URL to use instead of looking for one
+
+
+# -- DNS -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def stub_dns(monkeypatch: pytest.MonkeyPatch) -> sender_auth.StaticResolver:
+    """Every test's DNS (sender authentication): these records only, none unless a test adds them
+    (``stub_dns.records[name] = [...]``); ``stub_dns.lookups`` lists what was asked. Autouse, so
+    no in-process test can reach real DNS; dnspython asking anything but a test's own loopback
+    server fails too."""
+    import ipaddress
+
+    import dns.resolver
+
+    resolver = sender_auth.StaticResolver()
+    monkeypatch.setattr(sender_auth, "system_resolver", lambda config: resolver)
+    resolve = dns.resolver.Resolver.resolve
+
+    def loopback_only(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # A test's own server: loopback, not port 53 (a local caching resolver forwards outside).
+        if self.port == 53 or not all(ipaddress.ip_address(str(ns)).is_loopback for ns in self.nameservers):
+            raise dns.resolver.NoNameservers("tests never query real DNS (use the stub_dns fixture)")
+        return resolve(self, *args, **kwargs)
+
+    monkeypatch.setattr(dns.resolver.Resolver, "resolve", loopback_only)
+    return resolver
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------
@@ -405,18 +431,3 @@ def trusted_results(domain: str) -> str:
     return f"{TRUSTED_MX}; dkim=pass header.d={domain}; dmarc=pass header.from={domain}"
 
 
-@pytest.fixture
-def vouched(monkeypatch: pytest.MonkeyPatch) -> set[str]:
-    """Add the Message-ID of mail sent with :func:`trusted_results` here. Until processing computes
-    sender verdicts itself (branch auth-core), such mail gets its pass verdict from this fixture;
-    once processing passes ``authentication`` to every Incoming, this stands aside."""
-    ids: set[str] = set()
-    real = route.Incoming
-
-    def incoming(*args, **kwargs):  # type: ignore[no-untyped-def]
-        if "authentication" not in kwargs and kwargs["mail"].message_id in ids:
-            kwargs["authentication"] = Verdict(PASS, f"dmarc=pass (by {TRUSTED_MX})", method="authentication-results")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(route, "Incoming", incoming)
-    return ids

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from conftest import all_tickets, process, report, smtp_send
-from intake import inbound, maintainer_mail, outbox, processor, route, tickets
+from intake import inbound, maintainer_mail, outbox, processor, route, text_work, tickets
 from intake.db import read_session, write_session
 from intake.models import InboundMessage, Ticket
 from intake.parse import parse
@@ -172,8 +172,9 @@ def _route_and_act(intake: Intake, message: EmailMessage, mail_from: str, rcpt_t
         decision = route.decide(incoming, tickets.ChunkKnown(session, [incoming]),
                                 tickets.routing_config(intake.settings))
         if tickets.records_on_ticket(decision):
-            tickets.record_on_ticket(session, intake.settings, stored, incoming, decision, now)
-            maintainer_mail.act_on(session, intake.settings, stored, incoming, decision, now, b"secret")
+            work = text_work.read(mail.body_text)
+            tickets.record_on_ticket(session, intake.settings, stored, incoming, decision, now, work.reply_credit)
+            maintainer_mail.act_on(session, intake.settings, stored, incoming, decision, now, b"secret", work)
     return decision
 
 

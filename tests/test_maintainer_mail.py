@@ -38,9 +38,8 @@ email = "bo@maintainers.test"
 
 
 class Desk:
-    def __init__(self, settings, running, sink, reference, vouched):  # type: ignore[no-untyped-def]
+    def __init__(self, settings, running, sink, reference):  # type: ignore[no-untyped-def]
         self.settings, self.running, self.sink, self.reference = settings, running, sink, reference
-        self.vouched = vouched
 
     def deliver(self) -> list:
         """Send what is queued and return the mail that reached the sink since the last call."""
@@ -49,8 +48,6 @@ class Desk:
         return self.sink.wait_for(before + sent)[before:]
 
     def send(self, message: EmailMessage, mail_from: str, rcpt: str) -> None:
-        if message["Authentication-Results"] == AUTHENTICATED:
-            self.vouched.add(message["Message-ID"])
         smtp_send(self.running.port, message, mail_from=mail_from, rcpt_tos=[rcpt])
         process(self.settings, self.running.engine)
 
@@ -65,7 +62,7 @@ AUTHENTICATED = trusted_results("maintainers.test")  # what our MX says of Ana's
 
 
 @pytest.fixture
-def desk(make_settings, start_intake_listener, config_file, sink, vouched):
+def desk(make_settings, start_intake_listener, config_file, sink):
     config_file.write_text(config_file.read_text() + MAINTAINERS)
     settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}",
                              # our MX's verdicts are believed; no DNS lookups of our own
@@ -74,7 +71,7 @@ def desk(make_settings, start_intake_listener, config_file, sink, vouched):
     running = start_intake_listener(settings)
     smtp_send(running.port, report(subject="Auth bypass in admin", message_id="<report@alice.test>"))
     [reference] = process(settings, running.engine).tickets_opened
-    desk = Desk(settings, running, sink, reference, vouched)
+    desk = Desk(settings, running, sink, reference)
     desk.deliver()  # the acknowledgement
     return desk
 

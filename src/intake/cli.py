@@ -202,7 +202,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         ],
         "events": [{"at": _iso(e.at), "actor": e.actor, "kind": e.kind, "detail": e.detail} for e in detail.events],
         "messages": [{"id": m.id, "status": m.status, "decision": m.decision, "reason": m.reason,
-                      "received_at": _iso(m.received_at), "size": m.size, "error": m.error}
+                      "received_at": _iso(m.received_at), "size": m.size, "error": m.error,
+                      "authentication": m.authentication}
                      for m in detail.messages],
     }
     if as_json:
@@ -253,6 +254,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     for message in data["messages"]:
         echo(f"  #{message['id']} [{message['received_at']}] {message['status']}, decision "
                    f"{message['decision'] or '-'}: {message['reason'] or message['error'] or ''}")
+        if message["authentication"]:
+            echo(f"      sender {message['authentication']['result']}: {message['authentication']['reason']}")
     echo("\nEvents:")
     for event in data["events"]:
         detail_text = " ".join(f"{k}={v}" for k, v in event["detail"].items())

@@ -67,6 +67,10 @@ class InboundMessage(SQLModel, table=True):
     attempts: int = 0
     processed_at: datetime | None = _instant(nullable=True)
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    # The sender-authentication verdict (intake.sender_auth.Verdict.as_dict()), set with the
+    # outcome; None until then, and for messages processed before it was recorded.
+    authentication: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True),
+                                                                              nullable=True))
 
 
 class TicketState:

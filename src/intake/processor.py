@@ -30,12 +30,13 @@ from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from intake import inbound, maintainer_mail, parse_guard, reply_tokens, route, tickets
+from intake import inbound, maintainer_mail, parse_guard, reply_tokens, route, sender_auth, tickets
 from intake.config import Settings
 from intake.db import read_session, write_session
 from intake.inbound import StoredMessage
 from intake.models import InboundMessage, InboundStatus
 from intake.parse import ParsedMail
+from intake.sender_auth import NONE, Verdict
 from intake.text_work import TextWork
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class Prepared:
     error: str | None = None
     work: TextWork = TextWork()
     cpu_seconds: float = 0.0  # the parse helper's CPU time on it (bounded by processing.message_budget)
+    # Who the From: domain is (DNS, if any, done here: never under the write lock).
+    authentication: Verdict = Verdict(NONE, "not checked")
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,15 @@ def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
         log.exception("event=parse-failed inbound_id=%d", stored.id)
         return Prepared(stored, None, {}, time.perf_counter() - started, f"parse: {type(exc).__name__}: {exc}")
     return Prepared(stored, result.mail, result.quality or {}, time.perf_counter() - started, work=result.work,
-                    cpu_seconds=result.cpu_seconds)
+                    cpu_seconds=result.cpu_seconds,
+                    authentication=_authenticate(settings, stored, result.mail))
+
+
+def _authenticate(settings: Settings, stored: StoredMessage, mail: ParsedMail) -> Verdict:
+    """The sender's verdict; DNS lookups only for mail that could gain privilege by it."""
+    may_gain = sender_auth.may_gain_privilege(settings, mail, stored.mail_from, stored.rcpt_tos)
+    resolver = sender_auth.system_resolver(settings.sender_auth) if may_gain else None
+    return sender_auth.authenticate(stored.raw, mail.from_address, settings.sender_auth, resolver)
 
 
 def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int | None = None) -> BatchResult:
@@ -253,7 +264,8 @@ def _route(session: Session, settings: Settings, items: list[Prepared], reply_se
     """Decide *items* in order, up to the first whose decision depends on one made before it here
     (and not yet written); returns the decisions made, at least the first."""
     incomings = [route.Incoming(mail=item.mail, mail_from=item.stored.mail_from, rcpt_tos=item.stored.rcpt_tos,
-                                message_key=tickets.message_key(item.mail, item.stored)) for item in items]
+                                message_key=tickets.message_key(item.mail, item.stored),
+                                authentication=item.authentication) for item in items]
     known = tickets.ChunkKnown(session, incomings)
     config = tickets.routing_config(settings, reply_secret, now)
     routed = []
@@ -275,9 +287,11 @@ def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
     by_id = update(table).where(table.c.id == bindparam("inbound_id"))
     decided = [{"inbound_id": o.prepared.stored.id,
                 "status": InboundStatus.PROCESSED if o.decision.kind in _ACTED_ON else InboundStatus.IGNORED,
-                "decision": o.decision.kind, "reason": o.decision.reason[:2000], "ticket_id": o.decision.ticket_id}
+                "decision": o.decision.kind, "reason": o.decision.reason[:2000], "ticket_id": o.decision.ticket_id,
+                "authentication": o.prepared.authentication.as_dict()}
                for o in outcomes if o.decision is not None]
-    failed = [{"inbound_id": o.prepared.stored.id, "error": o.error[:2000]} for o in outcomes if o.decision is None]
+    failed = [{"inbound_id": o.prepared.stored.id, "error": o.error[:2000],
+               "authentication": o.prepared.authentication.as_dict()} for o in outcomes if o.decision is None]
     if decided:
         session.execute(by_id.values(processed_at=now, error=None, attempts=table.c.attempts + 1), decided)
     if failed:
