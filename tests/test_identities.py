@@ -208,6 +208,19 @@ def test_a_maintainer_threading_without_a_reply_address_stays_an_unauthenticated
     assert _assert_nothing_changed(intake, state="new").entries[-1].kind == "maintainer-reply"
 
 
+def test_a_forged_maintainer_whose_domain_publishes_dmarc_is_a_third_party(intake):
+    """A maintainer's address is no more an identity than the reporter's: forged (DMARC published,
+    not authenticated), mail threading in is recorded as a third party's, not as Mia's (unforged,
+    see the test below, it stays hers)."""
+    mia_domain = MIA.rpartition("@")[2]
+    forged = Verdict(FAIL, f"dmarc=fail header.from={mia_domain}", mia_domain, dmarc_published=True)
+    decision = _route_and_act(intake, _reply("Closing this, send the PoC to me instead.\n", sender=MIA, name="Mia",
+                                             in_reply_to="<report@researcher.test>"), MIA, ["security@example.com"],
+                              forged)
+    assert decision.kind == "third-party-reply" and "a maintainer's address, but not authenticated" in decision.reason
+    assert _assert_nothing_changed(intake, state="new").entries[-1].kind == "third-party-reply"
+
+
 # -- finding 7: forged bounces -------------------------------------------------------------------
 
 

@@ -357,6 +357,12 @@ def is_reporter(incoming: Incoming, ticket: TicketRef) -> bool:
     reporter = ticket.reporter.lower()
     if incoming.mail_from.lower() != reporter or incoming.mail.from_address.lower() != reporter:
         return False
+    return _not_spoofed(incoming)
+
+
+def _not_spoofed(incoming: Incoming) -> bool:
+    """Authenticated, or from a domain that does not publish DMARC (or we could not learn whether
+    it does): nothing better than the addresses is to be had there."""
     return incoming.authentication.dmarc_published is not True or incoming.authentication.authenticated
 
 
@@ -369,7 +375,11 @@ def thread(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision 
         return None  # includes a stranger quoting a reference: a new ticket, which mentions it
     ticket, via = found
     if config.is_maintainer(incoming.sender):
-        return Decision(MAINTAINER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
+        if _not_spoofed(incoming):
+            return Decision(MAINTAINER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
+        return Decision(THIRD_PARTY_REPLY, f"threads by {via}; a maintainer's address, but not authenticated and "
+                                           f"its domain publishes DMARC ({incoming.authentication.reason})",
+                        ticket_id=ticket.id, threaded_by=via)
     if is_reporter(incoming, ticket):
         return Decision(REPORTER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
     return Decision(THIRD_PARTY_REPLY, f"threads by {via}; {_not_the_reporter(incoming, ticket)}",
