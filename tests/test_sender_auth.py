@@ -426,9 +426,34 @@ def test_the_dns_resolver_joins_strings_caches_answers_and_times_out(loopback_dn
     assert server.queries == ["_dmarc.example.org", "_dmarc.nowhere.test"]
     with pytest.raises(TimeoutError):
         resolver.txt("_dmarc.slow.test")
-    # Through authenticate: the timeout is a verdict, not an exception.
+    asked = len(server.queries)
+    # Through authenticate: the timeout is a verdict, not an exception; and the name that timed
+    # out is not asked again for a while (a slow name server costs one timeout, not one per mail).
     verdict = authenticate(message(sender="a@slow.test"), "a@slow.test", VERIFY, resolver)
     assert verdict.result == NONE and "temperror: DNS lookup of _dmarc.slow.test timed out" in verdict.reason
+    assert len(server.queries) == asked
+
+
+def test_a_batch_stops_asking_dns_once_its_time_is_spent():
+    """A slow name server (the sender's own) cannot make every message of a batch wait for
+    max_dns_lookups x dns_timeout: past the batch's DNS time, lookups fail at once."""
+    clock = [0.0]
+
+    class Slow:
+        asked: list[str] = []
+
+        def txt(self, name: str) -> list[bytes]:
+            self.asked.append(name)
+            clock[0] += 2.0  # each lookup takes its whole timeout
+            raise TimeoutError(f"{name}: no answer")
+
+    slow = Slow()
+    budget = sender_auth.TimeBudget(slow, sender_auth.batch_dns_seconds(VERIFY), clock=lambda: clock[0])
+    verdicts = [authenticate(message(sender=f"a@slow{n}.test"), f"a@slow{n}.test", VERIFY, budget)
+                for n in range(50)]
+    assert all(v.result == NONE and "temperror" in v.reason for v in verdicts)
+    # 2 x dns_timeout x max_dns_lookups seconds of lookups, then none: 8 of them, not 50 x 2.
+    assert VERIFY.dns_timeout == 2.0 and len(slow.asked) == sender_auth.batch_dns_seconds(VERIFY) / 2.0 == 8
 
 
 def test_no_test_can_reach_real_dns():

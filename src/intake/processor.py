@@ -112,7 +112,9 @@ class Outcome:
     error: str | None = None
 
 
-def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
+def prepare(settings: Settings, stored: StoredMessage, dns: sender_auth.Resolver | None = None) -> Prepared:
+    """Parse, score, read and authenticate *stored*: everything that needs no lock. DNS lookups
+    go through *dns* (the batch's time budget), else the process's resolver."""
     started = time.perf_counter()
     try:
         result = parse_guard.parse_and_score(stored.raw, settings.quality_rules, settings.processing.parse_timeout,
@@ -122,13 +124,14 @@ def prepare(settings: Settings, stored: StoredMessage) -> Prepared:
         return Prepared(stored, None, {}, time.perf_counter() - started, f"parse: {type(exc).__name__}: {exc}")
     return Prepared(stored, result.mail, result.quality or {}, time.perf_counter() - started, work=result.work,
                     cpu_seconds=result.cpu_seconds,
-                    authentication=_authenticate(settings, stored, result.mail))
+                    authentication=_authenticate(settings, stored, result.mail, dns))
 
 
-def _authenticate(settings: Settings, stored: StoredMessage, mail: ParsedMail) -> Verdict:
+def _authenticate(settings: Settings, stored: StoredMessage, mail: ParsedMail,
+                  dns: sender_auth.Resolver | None) -> Verdict:
     """The sender's verdict; DNS lookups only for mail that could gain privilege by it."""
     may_gain = sender_auth.may_gain_privilege(settings, mail, stored.mail_from, stored.rcpt_tos)
-    resolver = sender_auth.system_resolver(settings.sender_auth) if may_gain else None
+    resolver = (dns or sender_auth.system_resolver(settings.sender_auth)) if may_gain else None
     return sender_auth.authenticate(stored.raw, mail.from_address, settings.sender_auth, resolver)
 
 
@@ -136,7 +139,9 @@ def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int 
     """Process up to one batch of pending messages as of *now*."""
     result = BatchResult()
     started = time.perf_counter()
-    prepared = (prepare(settings, stored) for stored in
+    dns = sender_auth.TimeBudget(sender_auth.system_resolver(settings.sender_auth),
+                                 sender_auth.batch_dns_seconds(settings.sender_auth))
+    prepared = (prepare(settings, stored, dns) for stored in
                 inbound.pending(engine, limit or settings.processing.batch_size))
     for chunk in _chunks(prepared, settings.processing.messages_per_transaction):
         _tally(result, _act_on_chunk(engine, settings, chunk, now), time.perf_counter() - started)

@@ -18,7 +18,10 @@ DNS cost is bounded by construction:
   for signatures aligned with the From: domain (an unaligned one cannot make a pass, so it is
   never looked up), at most :data:`MAX_SIGNATURES` of them, on messages of at most
   :data:`MAX_VERIFIED_BYTES` (CPU: dkimpy reads the body once per signature).
-* Answers are cached per process (:class:`DnsResolver`, bounded, TTL-limited).
+* Answers are cached per process (:class:`DnsResolver`, bounded, TTL-limited), and so are
+  timeouts and failures, for a few minutes: a slow name server costs one timeout per name.
+* A processing batch spends at most :func:`batch_dns_seconds` on lookups (:class:`TimeBudget`):
+  a sender with a slow name server of their own cannot hold every other message up.
 
 CPU is bounded too: header sections past the parser's field limit are not judged; trusted-header
 candidates are length- and nesting-capped before authres reads them; dkimpy gets the header
@@ -36,6 +39,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -471,10 +475,15 @@ class StaticResolver:
         return [r.encode() if isinstance(r, str) else bytes(r) for r in found]
 
 
+# Seconds a name whose lookup timed out or failed is not asked again (its failure is the answer).
+_FAILURE_TTL = 300.0
+
+
 class DnsResolver:
     """TXT lookups with dnspython: within *timeout*, no search domains, answers (and
-    non-existence) cached per process up to their TTL, at most ``max_ttl`` seconds. The system's
-    name servers (/etc/resolv.conf), or *nameservers* on *port*."""
+    non-existence) cached per process up to their TTL, at most ``max_ttl`` seconds, and a timeout
+    or failure for ``_FAILURE_TTL`` seconds (a slow name server costs one timeout per name, not
+    one per message). The system's name servers (/etc/resolv.conf), or *nameservers* on *port*."""
 
     def __init__(self, timeout: float, max_entries: int = 1024, max_ttl: float = 300,
                  nameservers: list[str] | None = None, port: int = 53) -> None:
@@ -494,6 +503,8 @@ class DnsResolver:
             cached = self._cache.get(key)
             if cached and cached[0] > now:
                 self._cache.move_to_end(key)
+                if isinstance(cached[1], Exception):
+                    raise cached[1]
                 return cached[1]
         try:
             if self._resolver is None:
@@ -506,14 +517,44 @@ class DnsResolver:
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             records, ttl = [], min(60.0, self.max_ttl)
         except dns.exception.Timeout:
-            raise TimeoutError(f"{key}: no answer within {self.timeout:g} s") from None
+            self._remember(key, now + _FAILURE_TTL, TimeoutError(f"{key}: no answer within {self.timeout:g} s"))
+            raise self._cache[key][1] from None  # type: ignore[misc]
         except dns.exception.DNSException as exc:
-            raise OSError(f"{key}: {type(exc).__name__}") from None
+            self._remember(key, now + _FAILURE_TTL, OSError(f"{key}: {type(exc).__name__}"))
+            raise self._cache[key][1] from None  # type: ignore[misc]
+        self._remember(key, now + ttl, records)
+        return records
+
+    def _remember(self, key: str, until: float, answer: list[bytes] | Exception) -> None:
         with self._lock:
-            self._cache[key] = (now + ttl, records)
+            self._cache[key] = (until, answer)  # type: ignore[assignment]
             while len(self._cache) > self.max_entries:
                 self._cache.popitem(last=False)
-        return records
+
+
+class TimeBudget:
+    """A resolver that stops asking once *seconds* of lookups are spent: one processing batch's
+    DNS time. A sender whose domain's name server answers slowly (their own, if they reported
+    from it) otherwise costs every message they send ``max_dns_lookups`` x ``dns_timeout``, and
+    every other sender's mail waits behind it; past the budget a lookup is a ``temperror`` at once
+    (a maintainer's mail is then refused, as with any DNS failure, until their next try)."""
+
+    def __init__(self, resolver: Resolver, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._resolver, self.left, self._clock = resolver, seconds, clock
+
+    def txt(self, name: str) -> list[bytes]:
+        if self.left <= 0:
+            raise TimeoutError(f"{name}: not looked up, this batch's DNS time is spent")
+        started = self._clock()
+        try:
+            return self._resolver.txt(name)
+        finally:
+            self.left -= self._clock() - started
+
+
+def batch_dns_seconds(config: SenderAuthSection) -> float:
+    """DNS time one processing batch may spend: twice one message's worst case."""
+    return 2 * config.dns_timeout * config.max_dns_lookups
 
 
 def dns_resolver(timeout: float) -> DnsResolver:
