@@ -12,12 +12,15 @@ import re
 import subprocess
 import sys
 import time
+from email.feedparser import BytesFeedParser
 from email.header import Header
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from pathlib import Path
 
 import mailparser
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mailparser.utils import decode_base64_payload
 
 from conftest import CORPUS
@@ -825,3 +828,131 @@ def test_every_corpus_message_parses_quickly_without_falling_back(capsys: pytest
         print(f"\ncorpus: {len(timings)} messages in {sum(s for s, _ in timings) * 1000:.0f} ms; slowest: "
               + ", ".join(f"{name} {seconds * 1000:.1f} ms" for seconds, name in timings[:3]))
     assert timings[0][0] < QUICK
+
+
+# -- reading fast: the same Message as feeding the whole message (issue 12) ----------------------
+
+_LINE_BREAKS = st.sampled_from(["\r\n", "\n", "\r"])
+_HEADER_LINES = st.one_of(
+    st.sampled_from(["Subject: hello", "From: a@example.org", "X-H: v", "X:", ": no name", "From x",
+                     "From ", "no colon here", "Content-Type: text/plain; charset=utf-8",
+                     "Content-Type: multipart/mixed; boundary=b", "Content-Type: multipart/mixed",
+                     "Content-Type: message/rfc822", "Content-Type: message/delivery-status",
+                     "Content-Type: text/plain; a=1; b=2; c=3", "Content-Transfer-Encoding: base64",
+                     "X-\xe9t\xe9: 8-bit", "Subject: caf\xe9", "--b", "--b--", ""]),
+    st.builds(lambda lead, text: lead + text, st.sampled_from([" ", "\t"]), st.text("ab: \xe9", max_size=12)),
+    st.builds(lambda name, text: f"{name}:{text}", st.text("XYab-", min_size=1, max_size=4),
+              st.text("ab ;=\xe9", max_size=30)),
+)
+_BODY_LINES = st.one_of(st.sampled_from(["", "--b", "--b--", "From me", "X: not a header", " indented",
+                                         "Content-Type: text/plain", "\xff\xfe bytes"]),
+                        st.text("ab \xe9\t:", max_size=10))
+
+
+@st.composite
+def _messages(draw) -> bytes:  # type: ignore[no-untyped-def]
+    """Header lines (folded, malformed, 8-bit), then what ends them or not, then body lines; any
+    line break anywhere, the last line with or without one."""
+    if draw(st.booleans()):  # lines of either kind, in any order
+        lines = draw(st.lists(st.tuples(st.one_of(_HEADER_LINES, _BODY_LINES), _LINE_BREAKS), max_size=14))
+    else:  # a header block, a blank line or a body line or nothing, a body
+        lines = draw(st.lists(st.tuples(_HEADER_LINES.filter(bool), _LINE_BREAKS), max_size=8))
+        lines += draw(st.sampled_from([[], [("", "\r\n")], [("", "\n")], [("", "\r")], [("body", "\n")]]))
+        lines += draw(st.lists(st.tuples(_BODY_LINES, _LINE_BREAKS), max_size=6))
+    text = "".join(line + brk for line, brk in lines)
+    if lines and draw(st.booleans()):
+        text = text[:-len(lines[-1][1])]  # no line break at the end
+    return text.encode("latin-1")
+
+
+def _read_whole(data: bytes, depth: int = 0) -> tuple[Message, parse_module._Reading]:
+    """What the bounded feed parser gives when fed the whole of *data* (as before issue 12)."""
+    reading = parse_module._Reading()
+    parser = parse_module._BoundedFeedParser(reading, depth)
+    try:
+        BytesFeedParser.feed(parser, data)
+        return parser.close(), reading
+    except parse_module._PartLimitReached:
+        return parser._msgstack[0], reading
+
+
+def _read_fast(data: bytes, depth: int = 0) -> tuple[Message, parse_module._Reading]:
+    reading = parse_module._Reading()
+    return parse_module._BoundedFeedParser(reading, depth).parse(data), reading
+
+
+def _entity(part: Message) -> object:
+    payload = part._payload  # raw: get_payload decodes 8-bit bytes
+    return (part.get_unixfrom(), part._headers, [(type(d), str(d)) for d in part.defects],
+            [_entity(child) for child in payload] if isinstance(payload, list) else payload,
+            part.preamble, part.epilogue, part.get_default_type(), getattr(part, "opaque", None))
+
+
+def _as_bytes(part: Message) -> object:
+    try:
+        return part.as_bytes()
+    except Exception as exc:  # noqa: BLE001 - then both must fail alike
+        return type(exc)
+
+
+def _assert_read_alike(data: bytes, depth: int = 0) -> None:
+    try:
+        whole, whole_reading = _read_whole(data, depth)
+    except AssertionError:  # the stdlib's, on a field cut before its colon (limits patched tiny)
+        with pytest.raises(AssertionError):
+            _read_fast(data, depth)
+        return
+    fast, fast_reading = _read_fast(data, depth)
+    assert _entity(fast) == _entity(whole)
+    assert _as_bytes(fast) == _as_bytes(whole)
+    assert (fast_reading.warnings, fast_reading.header_count, fast_reading.part_count) \
+        == (whole_reading.warnings, whole_reading.header_count, whole_reading.part_count)
+
+
+@given(_messages(), st.sampled_from([0, 1, MAX_MIME_DEPTH]))
+@settings(max_examples=3000, deadline=None)
+def test_reading_fast_gives_the_message_feeding_it_whole_gives(data: bytes, depth: int):
+    _assert_read_alike(data, depth)
+
+
+@given(_messages(), st.integers(1, 4), st.integers(4, 40))
+@settings(max_examples=3000, deadline=None)
+def test_a_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, fields: int, length: int):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parse_module, "MAX_HEADER_FIELDS", fields)
+        patch.setattr(parse_module, "MAX_HEADER_LENGTH", length)
+        _assert_read_alike(data)
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=1000, deadline=None)
+def test_reading_fast_gives_the_message_feeding_it_whole_gives_for_any_bytes(data: bytes):
+    _assert_read_alike(data)
+
+
+@pytest.mark.parametrize("case", ["command-lines", "many-headers", "folded-subject"])
+def test_floods_read_fast_alike(case: str):
+    import adversarial
+
+    _assert_read_alike(adversarial.build(case, 256 * 1024))
+
+
+@pytest.mark.skipif(not SAMPLES, reason=f"no corpus at {CORPUS}")
+def test_every_corpus_message_reads_as_fed_whole(monkeypatch: pytest.MonkeyPatch):
+    for path in SAMPLES:
+        for raw in {path.read_bytes(), re.sub(rb"\r?\n", b"\r\n", path.read_bytes())}:
+            _assert_read_alike(raw)
+            fast = parse(raw)
+            with monkeypatch.context() as patch:
+                patch.setattr(parse_module._BoundedFeedParser, "parse",
+                              lambda self, data: _read_whole_with(self, data))
+                whole = parse(raw)
+            assert fast == whole, path
+
+
+def _read_whole_with(parser: parse_module._BoundedFeedParser, data: bytes) -> Message:
+    try:
+        BytesFeedParser.feed(parser, data)
+        return parser.close()
+    except parse_module._PartLimitReached:
+        return parser._msgstack[0]

@@ -38,6 +38,7 @@ import dataclasses
 import email.policy
 import hashlib
 import html
+import io
 import logging
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -304,18 +305,38 @@ class _BoundedFeedParser(BytesFeedParser):
     before its body is read; the parser picks how to read the body from the entity's content
     type right after). Embedded messages (message/*) are read as one opaque part, their exact
     bytes; :func:`_read_mime` parses those shown inline afterwards, within the same limits.
+    :meth:`parse` also hands the header lines to its input (``BufferedSubFile.pushlines``) and
+    runs it (``_call_parse``) itself; tests check it reads every message as ``feed`` does.
     """
 
     def __init__(self, reading: _Reading, depth: int) -> None:
         super().__init__(_factory=_Part, policy=email.policy.compat32)
         self._reading = reading
         self._depth = depth  # of the entity this run's top entity is nested in (0: none)
+        self._top_field_count: int | None = None  # the top entity's header fields, counted before any were cut
+        self._top_headers_read = False
 
     def parse(self, data: bytes) -> _Part:
-        """The entity in *data*; after the part limit, what was read of it."""
+        """The entity in *data*; after the part limit, what was read of it.
+
+        The same Message as feeding *data* whole, read faster (issue 12): the top entity's header
+        block is handed over without the fields :meth:`_parse_headers` would ignore, and the body
+        of a top entity the feed parser reads as one leaf (not multipart, not message/*) is not
+        pushed through it line by line: its text is the lines the parser read plus the rest."""
         try:
-            self.feed(data)
-            return self.close()
+            head, count, rest = _split_header_block(data)
+            self._top_field_count = count
+            self._input.pushlines(head)
+            self._call_parse()
+            top = self._msgstack[0] if self._msgstack else None
+            if top is None or not self._top_headers_read or self._cur is not top \
+                    or top.get_content_maintype() in ("multipart", "message"):
+                self.feed(rest)
+                return self.close()
+            top = self.close()  # the body lines read so far become its payload
+            # (its raw text: get_payload would decode the 8-bit bytes in it)
+            top.set_payload(top._payload + rest.decode("ascii", "surrogateescape"))
+            return top
         except _PartLimitReached:
             return self._msgstack[0]
 
@@ -330,10 +351,14 @@ class _BoundedFeedParser(BytesFeedParser):
         warnings = self._reading.warnings
         fields = _group_fields(lines)
         depth = self._depth + len(self._msgstack)
+        count = len(fields)
+        if not self._top_headers_read:  # the top entity's block, perhaps cut by _split_header_block
+            self._top_headers_read = True
+            count = self._top_field_count if self._top_field_count is not None else count
         if depth == 1:
-            self._reading.header_count = len(fields)
-        if len(fields) > MAX_HEADER_FIELDS:
-            _warn(warnings, f"limit MAX_HEADER_FIELDS ({MAX_HEADER_FIELDS}): {len(fields)} header fields "
+            self._reading.header_count = count
+        if count > MAX_HEADER_FIELDS:
+            _warn(warnings, f"limit MAX_HEADER_FIELDS ({MAX_HEADER_FIELDS}): {count} header fields "
                             "in one part; the rest were ignored")
             fields = fields[:MAX_HEADER_FIELDS]
         super()._parse_headers([line for field_lines in fields for line in self._bounded(field_lines)])
@@ -359,6 +384,57 @@ class _BoundedFeedParser(BytesFeedParser):
                                               f"{clean_text(name, 60)} parameters past the limit were ignored")
                 lines = [text[:cut]]
         return lines
+
+
+# The feed parser's header lines (``email.feedparser.headerRE``: a field name and colon, a
+# continuation, or "From "), each with its line break (a line is cut at CRLF, CR or LF), the last
+# line of the data without one.
+_HEADER_BLOCK = patterns.compile(r"(?:(?:From |[\x21-\x39\x3b-\x7e]*:|[\t ])[^\r\n]*(?:\r\n|\r|\n|$))*")
+# One header field of a header block: its first line and its continuation lines.
+_HEADER_FIELD = patterns.compile(r"(?:[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$)(?:[\t ][^\r\n]*(?:\r\n|\r|\n|$))*")
+# For the scans above: bytes 0x80-0xff as DEL, which no header line pattern takes either, so
+# the text is ASCII (RE2 cannot take the lone surrogates 8-bit bytes decode to) and indexes as *data*.
+_ASCII_VIEW = bytes(range(128)) + b"\x7f" * 128
+
+
+def _line_end(data: bytes, start: int) -> int:
+    """The end of the line at *start* (after its CRLF, CR or LF; the end of *data* if none)."""
+    ends = [i for i in (data.find(b"\r", start), data.find(b"\n", start)) if i >= 0]
+    if not ends:
+        return len(data)
+    end = min(ends)
+    return end + 2 if data[end:end + 2] == b"\r\n" else end + 1
+
+
+def _split_header_block(data: bytes) -> tuple[list[str], int | None, bytes]:
+    """*data* as the feed parser would read its header block: the lines of the header block
+    (without the fields past MAX_HEADER_FIELDS, and without the lines of a field past the ones
+    that make it longer than MAX_HEADER_LENGTH: both ignored by _parse_headers), then the line
+    that ends the block (a blank line, or the body's first line); the number of header fields
+    in the block (None: all of them are in the lines); the bytes after that line.
+
+    Every line ends at a break the parser finds in the whole (a CR is never parted from its LF),
+    so the lines and the bytes after them read as the whole does."""
+    view = data.translate(_ASCII_VIEW).decode("ascii")
+    block_end = _HEADER_BLOCK.match(view).end()
+    body_start = _line_end(data, block_end)
+    kept: list[bytes] = []
+    count: int | None = None
+    fields = _HEADER_FIELD.finditer(view[:block_end]) if block_end else iter(())
+    for number, found in enumerate(fields, 1):
+        if number > MAX_HEADER_FIELDS:
+            block = data[:block_end].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            count = block.count(b"\n") + (not block.endswith(b"\n")) - block.count(b"\n ") - block.count(b"\n\t")
+            break
+        start, end = found.span()
+        if end - start > MAX_HEADER_LENGTH:
+            end = _line_end(data, start + MAX_HEADER_LENGTH)
+        kept.append(data[start:end])
+    kept.append(data[block_end:body_start])
+    # Each piece split apart: joined, a piece's last CR and the next one's LF would be one break.
+    lines = [line for piece in kept for line in io.StringIO(piece.decode("ascii", "surrogateescape"),
+                                                            newline="").readlines()]
+    return lines, count, data[body_start:]
 
 
 def _group_fields(lines: list[str]) -> list[list[str]]:
