@@ -39,6 +39,7 @@ import email.policy
 import hashlib
 import html
 import io
+import itertools
 import logging
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -306,7 +307,9 @@ class _BoundedFeedParser(BytesFeedParser):
     type right after). Embedded messages (message/*) are read as one opaque part, their exact
     bytes; :func:`_read_mime` parses those shown inline afterwards, within the same limits.
     :meth:`parse` also hands the header lines to its input (``BufferedSubFile.pushlines``) and
-    runs it (``_call_parse``) itself; tests check it reads every message as ``feed`` does.
+    runs it (``_call_parse``) itself, and :meth:`_join_leaf_body` joins lines in the input's
+    ``_lines`` up to the first one its ``_eofstack`` ends a part at; tests check that every
+    message reads as ``feed`` reads it.
     """
 
     def __init__(self, reading: _Reading, depth: int) -> None:
@@ -368,6 +371,25 @@ class _BoundedFeedParser(BytesFeedParser):
         elif part.get_content_maintype() == "multipart" and depth > MAX_MIME_DEPTH:
             _warn(warnings, _DEPTH_LIMIT_WARNING)
             part.opaque = True
+        if part.get_content_maintype() not in ("multipart", "message") and self._input._eofstack:
+            self._join_leaf_body()
+
+    def _join_leaf_body(self) -> None:
+        """Before the parser reads a leaf part inside a multipart: its body lines, up to the first
+        line that ends it (a boundary of an enclosing multipart), become one line in the input.
+        The parser joins them all the same, and reads them in one step rather than one by one."""
+        lines, ends = self._input._lines, self._input._eofstack
+        count = len(lines)
+        for ends_here in reversed(ends):  # the innermost first: the others are only looked for before it
+            count = next(itertools.compress(itertools.count(), map(ends_here, itertools.islice(lines, count))),
+                         count)
+        if count < 2:
+            return
+        body = "".join(itertools.starmap(lines.popleft, itertools.repeat((), count)))
+        lines.appendleft(body)
+        if any(ends_here(body) for ends_here in ends):  # cannot be (each line was not): undo, to be safe
+            lines.popleft()
+            lines.extendleft(reversed(io.StringIO(body, newline="").readlines()))
 
     def _bounded(self, lines: list[str]) -> list[str]:
         """One header field's lines, cut to the length and parameter limits."""
