@@ -8,6 +8,7 @@ import base64
 import hashlib
 import logging
 import os
+import random
 import re
 import subprocess
 import sys
@@ -882,7 +883,8 @@ def _multipart_messages(draw) -> bytes:  # type: ignore[no-untyped-def]
         lines += [(draw(st.sampled_from(["--b", "--b ", "--c"])), draw(brk))]
         lines += draw(st.lists(st.tuples(st.one_of(st.sampled_from(
             ["Content-Type: multipart/alternative; boundary=c", "Content-Type: text/html",
-             "Content-Type: message/rfc822"]), _HEADER_LINES.filter(bool)), brk), max_size=3))
+             "Content-Type: message/rfc822", "X-Long: " + "long " * 12, "\t" + "folded " * 8]),
+            _HEADER_LINES.filter(bool)), brk), max_size=7))
         lines += draw(st.sampled_from([[], [("", "\r\n")], [("", "\n")], [("", "\r")]])) + draw(body)
     if draw(st.booleans()):
         lines += [("--b--", draw(brk))] + draw(body)  # epilogue
@@ -897,6 +899,7 @@ def _read_whole(data: bytes, depth: int = 0) -> tuple[Message, parse_module._Rea
     reading = parse_module._Reading()
     parser = parse_module._BoundedFeedParser(reading, depth)
     parser._join_leaf_body = lambda: None  # type: ignore[method-assign]
+    parser._cut_header_block = lambda: None  # type: ignore[method-assign]
     try:
         BytesFeedParser.feed(parser, data)
         return parser.close(), reading
@@ -917,6 +920,7 @@ def _entity(part: Message) -> object:
 
 
 def _as_bytes(part: Message) -> object:
+    random.seed(0)  # a multipart without a boundary gets a random one
     try:
         return part.as_bytes()
     except Exception as exc:  # noqa: BLE001 - then both must fail alike
@@ -958,6 +962,15 @@ def test_a_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, 
         _assert_read_alike(data)
 
 
+@given(_multipart_messages(), st.integers(1, 4), st.integers(42, 80))  # the top's boundary kept
+@settings(max_examples=3000, deadline=None)
+def test_a_part_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, fields: int, length: int):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parse_module, "MAX_HEADER_FIELDS", fields)
+        patch.setattr(parse_module, "MAX_HEADER_LENGTH", length)
+        _assert_read_alike(data)
+
+
 @given(st.binary(max_size=300))
 @settings(max_examples=1000, deadline=None)
 def test_reading_fast_gives_the_message_feeding_it_whole_gives_for_any_bytes(data: bytes):
@@ -981,6 +994,7 @@ def test_every_corpus_message_reads_as_fed_whole(monkeypatch: pytest.MonkeyPatch
                 patch.setattr(parse_module._BoundedFeedParser, "parse",
                               lambda self, data: _read_whole_with(self, data))
                 patch.setattr(parse_module._BoundedFeedParser, "_join_leaf_body", lambda self: None)
+                patch.setattr(parse_module._BoundedFeedParser, "_cut_header_block", lambda self: None)
                 whole = parse(raw)
             assert fast == whole, path
 

@@ -38,12 +38,15 @@ import dataclasses
 import email.policy
 import hashlib
 import html
+import collections
 import io
 import itertools
 import logging
+import operator
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from email import feedparser
 from email.feedparser import BytesFeedParser
 from email.header import decode_header, make_header
 from email.message import Message
@@ -318,6 +321,7 @@ class _BoundedFeedParser(BytesFeedParser):
         self._depth = depth  # of the entity this run's top entity is nested in (0: none)
         self._top_field_count: int | None = None  # the top entity's header fields, counted before any were cut
         self._top_headers_read = False
+        self._field_count: int | None = None  # the next nested part's header fields, counted before any were cut
 
     def parse(self, data: bytes) -> _Part:
         """The entity in *data*; after the part limit, what was read of it.
@@ -348,7 +352,39 @@ class _BoundedFeedParser(BytesFeedParser):
             _warn(self._reading.warnings, _PART_LIMIT_WARNING)
             raise _PartLimitReached
         self._reading.part_count += 1
+        nested = bool(self._msgstack)
         super()._new_message()
+        if nested:
+            self._cut_header_block()
+
+    def _cut_header_block(self) -> None:
+        """Before the parser reads the header block of a part inside a multipart: the lines of
+        the fields past MAX_HEADER_FIELDS, and those of a field past its first MAX_HEADER_LENGTH
+        characters and one line, leave the input (:meth:`_parse_headers` would ignore them);
+        the fields are counted first, for the warning."""
+        lines, ends = self._input._lines, self._input._eofstack
+        header_line = feedparser.headerRE.match
+        size = next(itertools.compress(itertools.count(), map(operator.not_, map(header_line, lines))), len(lines))
+        for ends_here in reversed(ends):  # a boundary line ends the block too
+            size = next(itertools.compress(itertools.count(), map(ends_here, itertools.islice(lines, size))), size)
+        if size >= len(lines) or size <= MAX_HEADER_FIELDS:  # it may go on in data not pushed yet, or is small
+            return
+        folds = (" ", "\t")
+        starts = [0, *itertools.islice(itertools.compress(itertools.count(1), map(
+            operator.not_, map(str.startswith, itertools.islice(lines, 1, size), itertools.repeat(folds)))),
+            MAX_HEADER_FIELDS)]
+        fields = len(starts) if len(starts) <= MAX_HEADER_FIELDS else 1 + operator.countOf(
+            map(str.startswith, itertools.islice(lines, 1, size), itertools.repeat(folds)), False)
+        kept: list[str] = []
+        for start, end in zip(starts[:MAX_HEADER_FIELDS], [*starts[1:MAX_HEADER_FIELDS + 1], size]):
+            field_lines = list(itertools.starmap(lines.popleft, itertools.repeat((), end - start)))
+            lengths = list(itertools.accumulate(map(len, field_lines[:MAX_HEADER_LENGTH + 1])))
+            kept += field_lines[:bisect.bisect_right(lengths, MAX_HEADER_LENGTH) + 1]
+        popped = min(len(starts), MAX_HEADER_FIELDS + 1)
+        dropped = size - (starts[popped - 1] if popped > MAX_HEADER_FIELDS else size)
+        collections.deque(itertools.starmap(lines.popleft, itertools.repeat((), dropped)), maxlen=0)
+        lines.extendleft(reversed(kept))
+        self._field_count = fields if fields > MAX_HEADER_FIELDS else None
 
     def _parse_headers(self, lines: list[str]) -> None:
         warnings = self._reading.warnings
@@ -358,6 +394,8 @@ class _BoundedFeedParser(BytesFeedParser):
         if not self._top_headers_read:  # the top entity's block, perhaps cut by _split_header_block
             self._top_headers_read = True
             count = self._top_field_count if self._top_field_count is not None else count
+        elif self._field_count is not None:  # a nested part's, cut by _cut_header_block
+            count, self._field_count = self._field_count, None
         if depth == 1:
             self._reading.header_count = count
         if count > MAX_HEADER_FIELDS:
