@@ -218,7 +218,7 @@ class ProcessingSection(Section):
     parse_timeout: float = Field(default=10.0, gt=0, le=3600)
     # Seconds of the helper's CPU for parsing, scoring and the text work of one message together;
     # then the message goes on with what was done and a warning (see intake.parse_guard).
-    message_budget: float = Field(default=5.0, gt=0, le=3600)
+    message_budget: float = Field(default=2.0, gt=0, le=3600)
 
 
 class OutboundSection(Section):
