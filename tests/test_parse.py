@@ -942,19 +942,19 @@ def _assert_read_alike(data: bytes, depth: int = 0) -> None:
 
 
 @given(_messages(), st.sampled_from([0, 1, MAX_MIME_DEPTH]))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=400, deadline=None)
 def test_reading_fast_gives_the_message_feeding_it_whole_gives(data: bytes, depth: int):
     _assert_read_alike(data, depth)
 
 
 @given(_multipart_messages(), st.sampled_from([0, 1, MAX_MIME_DEPTH - 1]))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=400, deadline=None)
 def test_reading_fast_gives_the_multipart_feeding_it_whole_gives(data: bytes, depth: int):
     _assert_read_alike(data, depth)
 
 
 @given(_messages(), st.integers(1, 4), st.integers(4, 40))
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=400, deadline=None)
 def test_a_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, fields: int, length: int):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(parse_module, "MAX_HEADER_FIELDS", fields)
@@ -963,7 +963,7 @@ def test_a_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, 
 
 
 @given(_multipart_messages(), st.integers(1, 4), st.integers(42, 80))  # the top's boundary kept
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=400, deadline=None)
 def test_a_part_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, fields: int, length: int):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(parse_module, "MAX_HEADER_FIELDS", fields)
@@ -972,7 +972,7 @@ def test_a_part_header_block_cut_at_the_limits_reads_as_the_whole_block(data: by
 
 
 @given(st.binary(max_size=300))
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 def test_reading_fast_gives_the_message_feeding_it_whole_gives_for_any_bytes(data: bytes):
     _assert_read_alike(data)
 
