@@ -19,6 +19,7 @@ templates) stay on ``re``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import lru_cache
 from typing import Any
 
 import re2
@@ -84,6 +85,7 @@ class Pattern:
         return f"patterns.compile({self.pattern!r})"
 
 
+@lru_cache(maxsize=512)  # as re.compile's cache: patterns built per use (routing's) compile once
 def compile(pattern: str, *, ignorecase: bool = False, multiline: bool = False,  # noqa: A001 - as re.compile
             dotall: bool = False) -> Pattern:
     """*pattern* on RE2, with the flags given; raises :class:`UnsupportedPattern` if RE2 cannot run it."""
