@@ -33,11 +33,16 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from intake import deadlines, digest, reminders, schema
-from intake.config import load_settings
-from intake.db import make_engine, write_session
-from intake.models import Deadline, Ticket
-from intake.sla import StageDeadline
+from intake.sla import deadlines
+from intake.sla import digest
+from intake.sla import reminders
+from intake.store import schema
+from intake.config.settings import load_settings
+from intake.store.db import make_engine
+from intake.store.db import write_session
+from intake.store.models import Deadline
+from intake.store.models import Ticket
+from intake.sla.engine import StageDeadline
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)

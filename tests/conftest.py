@@ -26,14 +26,19 @@ from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from intake import processor, schema, sender_auth
-from intake.cli import main
-from intake.config import Settings, load_settings
-from intake.db import make_engine, read_session
-from intake.inbound import GroupCommitter
-from intake.models import Ticket
-from intake.outbox import OutboxSender, make_transport
-from intake.service import start_listener
+from intake.run import processor
+from intake.store import schema
+from intake.understand import sender_auth
+from intake.cli.app import main
+from intake.config.settings import Settings
+from intake.config.settings import load_settings
+from intake.store.db import make_engine
+from intake.store.db import read_session
+from intake.store.inbound import GroupCommitter
+from intake.store.models import Ticket
+from intake.send.outbox import OutboxSender
+from intake.send.outbox import make_transport
+from intake.run.service import start_listener
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = ROOT / "config.toml"

@@ -12,8 +12,20 @@ import pytest
 
 import adversarial
 from conftest import all_tickets, process, report, smtp_send
-from intake import credit, maintainer_mail, parse, patterns, processor, replies, route, spam, text_work, tickets
-from intake.spam import SHIPPED_RULES, RulesError, load_rules, parse_rules
+from intake.tickets import credit
+from intake.tickets import maintainer_mail
+from intake.understand import parse
+from intake import patterns
+from intake.run import processor
+from intake.send import composer as replies
+from intake.understand import route
+from intake.understand import quality as spam
+from intake.understand import text_work
+from intake.tickets import core as tickets
+from intake.understand.quality import SHIPPED_RULES
+from intake.understand.quality import RulesError
+from intake.understand.quality import load_rules
+from intake.understand.quality import parse_rules
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import _fresh_postgres_database, process, report, smtp_send
-from intake.db import make_engine
+from intake.store.db import make_engine
 
 
 @pytest.fixture

@@ -90,7 +90,7 @@ def test_reprocess_failed_opens_the_ticket(cli, make_settings, start_intake_list
     assert json.loads(cli("tickets", "--json").output) == []
 
     (templates / "acknowledgement.txt.j2").unlink()
-    from intake.replies import _environment
+    from intake.send.composer import _environment
     _environment.cache_clear()
     output = cli("reprocess", "--failed").output
     assert f"opened {_ref(1)}" in output

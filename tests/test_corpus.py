@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import select
 
 from conftest import CORPUS, process, smtp_send
-from intake.db import read_session
-from intake.models import InboundMessage, ThreadEntry
-from intake.parse import clean_text
+from intake.store.db import read_session
+from intake.store.models import InboundMessage
+from intake.store.models import ThreadEntry
+from intake.understand.parse import clean_text
 
 SAMPLES = sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.suffix in {".eml", ".txt", ""}
                  and not p.name.startswith(("LICENSE", "COPYING", "NOTICE", "README")))

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from conftest import process, report, smtp_send
-from intake import credit, tickets
+from intake.tickets import credit
+from intake.tickets import core as tickets
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import process, report, smtp_send
 from intake import display
-from intake.cli import main
+from intake.cli.app import main
 
 INTAKE = Path(sys.executable).parent / "intake"
 
@@ -171,7 +171,7 @@ def test_no_cli_output_bypasses_the_display_module():
 def test_log_lines_of_intake_serve_carry_no_control_characters(style):
     import logging
 
-    from intake.logs import StructuredFormatter
+    from intake.run.logs import StructuredFormatter
 
     record = logging.LogRecord("intake.test", logging.WARNING, __file__, 1, "event=refused sender=%s", (NAME + OSC52,),
                                None)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import deliver_outbox, process, report, smtp_send
-from intake import backup
-from intake.db import make_engine
+from intake.store import backup
+from intake.store.db import make_engine
 
 
 @pytest.fixture

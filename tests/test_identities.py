@@ -14,11 +14,22 @@ import pytest
 from sqlalchemy import select
 
 from conftest import all_tickets, process, report, smtp_send
-from intake import inbound, maintainer_mail, outbox, processor, route, text_work, tickets
-from intake.db import read_session, write_session
-from intake.models import InboundMessage, Ticket
-from intake.parse import parse
-from intake.sender_auth import FAIL, NONE, PASS, Verdict
+from intake.store import inbound
+from intake.tickets import maintainer_mail
+from intake.send import outbox
+from intake.run import processor
+from intake.understand import route
+from intake.understand import text_work
+from intake.tickets import core as tickets
+from intake.store.db import read_session
+from intake.store.db import write_session
+from intake.store.models import InboundMessage
+from intake.store.models import Ticket
+from intake.understand.parse import parse
+from intake.understand.sender_auth import FAIL
+from intake.understand.sender_auth import NONE
+from intake.understand.sender_auth import PASS
+from intake.understand.sender_auth import Verdict
 
 YEAR = datetime.now(timezone.utc).year
 REF1 = f"SEC-{YEAR}-0001"

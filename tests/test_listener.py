@@ -23,11 +23,14 @@ import pytest
 import trustme
 from sqlalchemy import insert
 
-from intake import inbound, schema
-from intake.db import make_engine, wal_size
-from intake.inbound import Arrival, GroupCommitter
-from intake.listener import ConnectionLimits
-from intake.models import InboundMessage
+from intake.store import inbound
+from intake.store import schema
+from intake.store.db import make_engine
+from intake.store.db import wal_size
+from intake.store.inbound import Arrival
+from intake.store.inbound import GroupCommitter
+from intake.receive.listener import ConnectionLimits
+from intake.store.models import InboundMessage
 
 
 @pytest.fixture
@@ -115,7 +118,8 @@ ADDRESSES = '["security@example.com", "psirt@example.org"]'
 
 def test_aiosmtpd_still_finds_every_command_hook_and_auth_mechanism(make_settings):
     """The listener lists only what aiosmtpd looks up per connection: it must find all of it."""
-    from intake.listener import IntakeHandler, smtp_factory
+    from intake.receive.listener import IntakeHandler
+    from intake.receive.listener import smtp_factory
 
     def every(obj: object, prefix: str) -> set[str]:
         return {name[len(prefix):] for name in object.__dir__(obj) if name.startswith(prefix)}

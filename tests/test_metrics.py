@@ -10,9 +10,12 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import deliver_outbox, process, report
-from intake import inbound, metrics, readings
-from intake.config import ConfigError, MetricsSection
-from intake.db import make_engine
+from intake.store import inbound
+from intake.run import metrics
+from intake.run import readings
+from intake.config.settings import ConfigError
+from intake.config.settings import MetricsSection
+from intake.store.db import make_engine
 
 
 def _store_report(engine, received, subject="XSS in the login form"):  # type: ignore[no-untyped-def]

@@ -13,9 +13,12 @@ import pytest
 from sqlalchemy import inspect, select
 
 from conftest import process, report, smtp_send
-from intake import deadlines, milestones, tickets
-from intake.db import read_session, write_session
-from intake.models import Deadline
+from intake.sla import deadlines
+from intake.tickets import milestones
+from intake.tickets import core as tickets
+from intake.store.db import read_session
+from intake.store.db import write_session
+from intake.store.models import Deadline
 
 PAUSING_POLICY = """
 [policies.pausing]

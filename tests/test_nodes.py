@@ -21,8 +21,8 @@ import psycopg
 import pytest
 
 from conftest import SHIPPED_CONFIG, _fresh_postgres_database, free_port, report
-from intake import inbound
-from intake.db import make_engine
+from intake.store import inbound
+from intake.store.db import make_engine
 from test_serve import MONTH_POLICY, Serve
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

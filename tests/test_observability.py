@@ -16,8 +16,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, report, smtp_send
-from intake import inbound, metrics, route, schema
-from intake.db import make_engine
+from intake.store import inbound
+from intake.run import metrics
+from intake.understand import route
+from intake.store import schema
+from intake.store.db import make_engine
 from test_logs import parse_logfmt
 from test_serve import serve, serve_env  # noqa: F401 - fixtures
 
@@ -114,7 +117,7 @@ def test_metrics_count_what_happens_and_logs_are_logfmt_without_bodies(serve, se
     [processed] = [r for r in records if r.get("event") == "processed" and r["message_id"] == "<obs-1@researcher.test>"]
     assert processed["decision"] == route.NEW_TICKET and processed["ticket"].startswith("SEC-")
     assert float(processed["parse_ms"]) >= 0 and float(processed["total_ms"]) >= float(processed["parse_ms"])
-    assert any(r.get("event") == "accepted" and r["logger"] == "intake.listener" for r in records)
+    assert any(r.get("event") == "accepted" and r["logger"] == "intake.receive.listener" for r in records)
 
 
 def test_every_series_starts_at_zero_and_readyz_fails_when_the_outbox_is_stuck(serve, serve_env, metrics_port,  # noqa: F811

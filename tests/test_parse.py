@@ -25,22 +25,22 @@ from hypothesis import strategies as st
 from mailparser.utils import decode_base64_payload
 
 from conftest import CORPUS
-from intake import parse as parse_module
-from intake import parse_guard
-from intake.spam import SHIPPED_RULES, SpamScore, load_rules
-from intake.parse import (
-    MAX_BODY_TEXT,
-    MAX_FILENAME,
-    MAX_MIME_DEPTH,
-    MAX_MIME_PARTS,
-    DeliveryReport,
-    ParsedMail,
-    clean_text,
-    extract_attachment,
-    parse,
-    parse_headers_only,
-    safe_filename,
-)
+from intake.understand import parse as parse_module
+from intake.understand import parse_guard
+from intake.understand.quality import SHIPPED_RULES
+from intake.understand.quality import SpamScore
+from intake.understand.quality import load_rules
+from intake.understand.parse import MAX_BODY_TEXT
+from intake.understand.parse import MAX_FILENAME
+from intake.understand.parse import MAX_MIME_DEPTH
+from intake.understand.parse import MAX_MIME_PARTS
+from intake.understand.parse import DeliveryReport
+from intake.understand.parse import ParsedMail
+from intake.understand.parse import clean_text
+from intake.understand.parse import extract_attachment
+from intake.understand.parse import parse
+from intake.understand.parse import parse_headers_only
+from intake.understand.parse import safe_filename
 
 # Generous: each hostile message parses in milliseconds; unbounded, several take seconds or never end.
 QUICK = 5.0
@@ -704,7 +704,7 @@ def test_the_helper_of_a_script_does_not_run_the_script_again(tmp_path):
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from intake import parse_guard\n"
+        "from intake.understand import parse_guard\n"
         "import test_parse\n"
         "if __name__ == '__main__':\n"
         "    helper = parse_guard.BoundedParser(parse_function=test_parse.main_reimported)\n"
@@ -726,7 +726,7 @@ def test_a_helper_that_dies_is_replaced():
 
 
 def test_the_helper_scores_as_the_rules_do_and_a_change_of_rules_reaches_it():
-    from intake.spam import parse_rules
+    from intake.understand.quality import parse_rules
     raw = mail("From: a@example.org\nSubject: Bounty?", "Your domain has no DMARC record. Do you pay bounties?\n")
     strict = parse_rules('threshold = 1.0\n[[rule]]\nname = "asks"\ndescription = "asks"\nscore = 1.0\n'
                          'body = ["bount"]\n')
@@ -743,7 +743,7 @@ def test_the_helper_scores_as_the_rules_do_and_a_change_of_rules_reaches_it():
 
 
 def test_a_message_cut_short_is_still_scored_on_what_was_read():
-    from intake.spam import parse_rules
+    from intake.understand.quality import parse_rules
     rules = parse_rules('threshold = 1.0\n[[rule]]\nname = "short"\ndescription = "short"\nscore = 1.0\n'
                         'max_body_chars = 10\n')
     helper = parse_guard.BoundedParser(parse_function=sleepy_parse, rules=rules)

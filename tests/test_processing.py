@@ -10,9 +10,15 @@ import pytest
 from sqlalchemy import select
 
 from conftest import all_tickets, deliver_outbox, process, report, smtp_send
-from intake import inbound, outbox, tickets
-from intake.db import read_session
-from intake.models import Event, InboundMessage, Outbox, ThreadEntry, Ticket
+from intake.store import inbound
+from intake.send import outbox
+from intake.tickets import core as tickets
+from intake.store.db import read_session
+from intake.store.models import Event
+from intake.store.models import InboundMessage
+from intake.store.models import Outbox
+from intake.store.models import ThreadEntry
+from intake.store.models import Ticket
 
 
 def _outbox_rows(engine) -> list[Outbox]:
@@ -156,7 +162,7 @@ def test_failed_message_keeps_raw_bytes_and_reprocesses(make_settings, start_int
     assert stored.raw == message.as_bytes().replace(b"\n", b"\r\n") or b"fails@researcher.test" in stored.raw
 
     broken.unlink()  # the operator fixes the template
-    from intake.replies import _environment
+    from intake.send.composer import _environment
     _environment.cache_clear()
     assert inbound.requeue(running.engine, inbound.failed_ids(running.engine)) == [stored.id]
     result = process(settings, running.engine)
@@ -173,7 +179,7 @@ def test_one_failing_message_does_not_stop_the_batch(make_settings, start_intake
     with read_session(running.engine) as session:
         first_id = session.scalars(select(InboundMessage.id).order_by(InboundMessage.id)).first()
     from sqlalchemy import update
-    from intake.db import write_session
+    from intake.store.db import write_session
     with write_session(running.engine) as session:
         session.execute(update(InboundMessage).where(InboundMessage.id == first_id)
                         .values(rcpt_tos=["security+gone@example.com"]))
@@ -202,7 +208,7 @@ def test_tagged_address_maps_to_its_policy_and_ack_states_its_dates(make_setting
     smtp_send(running.port, report(), rcpt_tos=["security+vectis@example.com"])
     # Received Friday 18 Dec 2026, 15:00 in Brisbane (05:00 UTC).
     from sqlalchemy import update
-    from intake.db import write_session
+    from intake.store.db import write_session
     with write_session(running.engine) as session:
         session.execute(update(InboundMessage).values(received_at=datetime(2026, 12, 18, 5, 0, tzinfo=timezone.utc)))
     process(settings, running.engine)
@@ -294,8 +300,10 @@ def test_a_failure_in_a_chunk_fails_one_message_and_skips_no_reference(make_sett
 
 
 def test_references_taken_meanwhile_by_another_processor_are_not_reused(make_settings, start_intake_listener):
-    from intake.db import write_session
-    from intake.processor import _plan, _write, prepare
+    from intake.store.db import write_session
+    from intake.run.processor import _plan
+    from intake.run.processor import _write
+    from intake.run.processor import prepare
 
     settings = make_settings()
     running = start_intake_listener(settings)

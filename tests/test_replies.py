@@ -12,8 +12,8 @@ from email.mime.text import MIMEText
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from intake import replies
-from intake.parse import clean_text
+from intake.send import composer as replies
+from intake.understand.parse import clean_text
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 _STDLIB = email.policy.compat32.clone(linesep="\r\n")

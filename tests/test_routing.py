@@ -12,9 +12,12 @@ import pytest
 from sqlalchemy import select
 
 from conftest import all_tickets, deliver_outbox, process, report, smtp_send
-from intake import outbox, tickets
-from intake.db import read_session, write_session
-from intake.models import InboundMessage, Ticket
+from intake.send import outbox
+from intake.tickets import core as tickets
+from intake.store.db import read_session
+from intake.store.db import write_session
+from intake.store.models import InboundMessage
+from intake.store.models import Ticket
 
 YEAR = datetime.now(timezone.utc).year
 REF1 = f"SEC-{YEAR}-0001"
@@ -280,7 +283,7 @@ def test_a_hostile_auto_responder_cannot_make_intake_ping_pong(intake, monkeypat
     try:
         monkeypatch.setenv("INTAKE_OUTBOUND__TRANSPORT", "smtp")
         monkeypatch.setenv("INTAKE_OUTBOUND__RELAY", f"127.0.0.1:{port}")
-        from intake.config import load_settings
+        from intake.config.settings import load_settings
         settings = load_settings(intake.settings.config_path)
         intake.send(report(subject="first contact", sender="robot@hostile.test"), mail_from="robot@hostile.test")
         rounds = 0
@@ -300,7 +303,7 @@ def test_a_hostile_auto_responder_cannot_make_intake_ping_pong(intake, monkeypat
 def test_show_displays_decisions_and_threading(intake):
     from click.testing import CliRunner
 
-    from intake.cli import main
+    from intake.cli.app import main
     intake.send(report(subject="RCE in upload"))
     intake.send(_reply(f"Re: [{REF1}] RCE in upload", in_reply_to=_ack_id(intake)))
     result = CliRunner().invoke(main, ["--config", str(intake.settings.config_path), "show", REF1])
@@ -377,7 +380,7 @@ def test_pgp_mime_report_is_flagged_and_kept(intake):
     assert "-----BEGIN PGP MESSAGE-----" in entry.body_text
     from click.testing import CliRunner
 
-    from intake.cli import main
+    from intake.cli.app import main
     shown = CliRunner().invoke(main, ["--config", str(intake.settings.config_path), "show", REF1]).output
     assert "encrypted (pgp-mime)" in shown
 

@@ -14,9 +14,13 @@ from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from intake import sender_auth
-from intake.config import SenderAuthSection
-from intake.sender_auth import FAIL, NONE, PASS, StaticResolver, authenticate
+from intake.understand import sender_auth
+from intake.config.settings import SenderAuthSection
+from intake.understand.sender_auth import FAIL
+from intake.understand.sender_auth import NONE
+from intake.understand.sender_auth import PASS
+from intake.understand.sender_auth import StaticResolver
+from intake.understand.sender_auth import authenticate
 
 TRUSTED = SenderAuthSection(trusted_authserv_ids=["mx.example.com"])
 VERIFY = SenderAuthSection()
@@ -272,8 +276,9 @@ def as_wire(message) -> bytes:  # type: ignore[no-untyped-def]
 def test_verdicts_are_computed_in_prepare_routed_stored_and_shown(make_settings, start_intake_listener, cli,
                                                                    stub_dns, key):
     from conftest import process, report, smtp_send
-    from intake import inbound
-    from intake.processor import _plan, prepare
+    from intake.store import inbound
+    from intake.run.processor import _plan
+    from intake.run.processor import prepare
 
     pem, record = key
     settings = make_settings()
@@ -308,7 +313,7 @@ def test_verdicts_are_computed_in_prepare_routed_stored_and_shown(make_settings,
 def test_a_trusted_header_costs_no_lookup_in_the_service(make_settings, start_intake_listener,
                                                          cli, stub_dns):
     from conftest import process, report, smtp_send
-    from intake import tickets
+    from intake.tickets import core as tickets
 
     settings = make_settings(**AR_TRUSTED)
     running = start_intake_listener(settings)
@@ -330,8 +335,8 @@ def test_only_mail_that_could_gain_privilege_is_looked_up(make_settings, start_i
     """The DNS cost of a stranger's mail is nil: only +tag, threading, a subject reference or a
     maintainer sender make lookups (each such message here: its DMARC record, looked up once)."""
     from conftest import report, smtp_send
-    from intake import inbound
-    from intake.processor import prepare
+    from intake.store import inbound
+    from intake.run.processor import prepare
 
     config_file.write_text(config_file.read_text() + '\n[[maintainers]]\nname = "Ana"\nemail = "ana@maint.test"\n')
     settings = make_settings()

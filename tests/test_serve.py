@@ -24,9 +24,10 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from conftest import SinkHandler, free_port, report
-from intake import inbound, schema
-from intake.service import WORKER_NICENESS
-from intake.db import make_engine
+from intake.store import inbound
+from intake.store import schema
+from intake.run.service import WORKER_NICENESS
+from intake.store.db import make_engine
 
 pytestmark = pytest.mark.slow
 INTAKE = Path(sys.executable).parent / "intake"

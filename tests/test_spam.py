@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from intake.parse import Attachment, ParsedMail
-from intake.spam import RuleSet, RulesError, SpamScore, load_rules, parse_rules
+from intake.understand.parse import Attachment
+from intake.understand.parse import ParsedMail
+from intake.understand.quality import RuleSet
+from intake.understand.quality import RulesError
+from intake.understand.quality import SpamScore
+from intake.understand.quality import load_rules
+from intake.understand.quality import parse_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_RULES = ROOT / "src" / "intake" / "rules" / "low-quality.toml"
@@ -748,7 +753,7 @@ def test_every_problem_in_a_file_is_reported_at_once():
 
 
 def test_out_of_scope_template_renders_with_the_reply_variables_only():
-    from intake.replies import render
+    from intake.send.composer import render
 
     text = render("out-of-scope.txt.j2", None, reference="SEC-2026-0007", subject="Missing DMARC record",
                   policy="vaixus", from_name="Example Security Team", intake_address="security@example.com",

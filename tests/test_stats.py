@@ -1,4 +1,4 @@
-"""`intake stats` and :func:`intake.stats.compute` over tickets opened by real SMTP."""
+"""`intake stats` and :func:`intake.sla.stats.compute` over tickets opened by real SMTP."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from conftest import process, report, smtp_send
-from intake import stats, tickets
+from intake.sla import stats
+from intake.tickets import core as tickets
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ from datetime import datetime, timezone
 import pytest
 
 from conftest import deliver_outbox, process, report, smtp_send
-from intake import outbox, tickets
+from intake.send import outbox
+from intake.tickets import core as tickets
 
 MAINTAINERS = """
 [[maintainers]]

@@ -1,0 +1,1 @@
+"""Typed, validated settings loaded from config.toml and the environment."""

@@ -1,0 +1,1 @@
+"""Mail coming in: the SMTP listener, which only stores."""

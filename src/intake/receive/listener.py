@@ -1,0 +1,293 @@
+"""The SMTP listener (aiosmtpd): accept mail for our addresses only, store it, then say 250.
+
+It never parses or decides anything. RCPT is checked against the configured addresses and
+their ``+tag`` forms (550 5.1.1 otherwise; we never relay); DATA is committed to the raw store
+before the reply, so ``250`` means the message is on disk. A failed commit answers ``451`` and
+the client keeps the message and retries. Connections beyond ``smtp.max_connections`` in all,
+``smtp.max_connections_per_ip`` from one client address, or ``smtp.max_connections_per_network``
+from one client network (a /24 of IPv4, a /64 of IPv6 by default), get ``421`` and are closed at
+once (RFC 5321 3.8), so that a flood or a crowd of slow-loris clients cannot take every slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import socket
+import ssl
+from collections import Counter
+from collections.abc import Awaitable, Hashable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from intake.run import metrics
+from intake.config.settings import Settings
+from intake.config.settings import base_address
+from intake.store.inbound import Arrival
+from intake.store.inbound import GroupCommitter
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionLimits:
+    """Connections open now, in all, by client address and by client network, against the
+    configured limits."""
+
+    def __init__(self, most: int, most_per_ip: int, most_per_network: int, prefix_ipv4: int, prefix_ipv6: int):
+        self._most, self._most_per_ip, self._most_per_network = most, most_per_ip, most_per_network
+        self._prefixes = prefix_ipv4, prefix_ipv6
+        self._open: Counter[Hashable] = Counter()
+        self._open_networks: Counter[Hashable] = Counter()
+        self.total = 0
+
+    def admit(self, ip: str) -> str | None:
+        """Count a new connection from *ip*: None, or (not counted) the limit it is over:
+        ``"total"``, ``"address"`` or ``"network"``."""
+        address, network = client_keys(ip, *self._prefixes)
+        if self.total >= self._most:
+            return "total"
+        if self._open[address] >= self._most_per_ip:
+            return "address"
+        if self._open_networks[network] >= self._most_per_network:
+            return "network"
+        self._open[address] += 1
+        self._open_networks[network] += 1
+        self.total += 1
+        return None
+
+    def release(self, ip: str) -> None:
+        address, network = client_keys(ip, *self._prefixes)
+        self.total -= 1
+        for counter, key in ((self._open, address), (self._open_networks, network)):
+            counter[key] -= 1
+            if not counter[key]:
+                del counter[key]
+
+
+def client_keys(ip: str, prefix_ipv4: int, prefix_ipv6: int) -> tuple[Hashable, Hashable]:
+    """The address and the network a client at *ip* is counted under, as opaque keys: an
+    IPv4-mapped IPv6 address (a dual-stack listener's IPv4 client) counts as the IPv4 address, and
+    its network is the /prefix_ipv4 or /prefix_ipv6 around it. Anything that is not an IP address
+    is its own address and network. (inet_pton and integers: ``ipaddress`` took 70 µs an IPv6
+    address, a tenth of what a connection costs the listener.)"""
+    host = ip.partition("%")[0]  # without an IPv6 zone ("fe80::1%eth0")
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except (OSError, ValueError):
+        return ip, ip
+    if packed[:12] == _IPV4_MAPPED:
+        packed = packed[12:]
+    bits = 8 * len(packed)
+    return packed, (bits, int.from_bytes(packed, "big") >> (bits - (prefix_ipv4 if bits == 32 else prefix_ipv6)))
+
+
+_IPV4_MAPPED = bytes(10) + b"\xff\xff"  # ::ffff:0:0/96 (RFC 4291 2.5.5.2)
+
+
+class IntakeHandler:
+    """aiosmtpd handler hooks; each returns the SMTP reply line."""
+
+    def __init__(self, settings: Settings, committer: GroupCommitter):
+        self.reconfigure(settings)
+        self._committer = committer
+        smtp = settings.smtp
+        self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_ip,
+                                       smtp.max_connections_per_network, smtp.network_prefix_ipv4,
+                                       smtp.network_prefix_ipv6)
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def __dir__(self) -> list[str]:
+        return _discoverable_names(type(self))  # as IntakeSMTP.__dir__: aiosmtpd lists us per connection
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take the addresses and recipient limit of reloaded *settings* (SIGHUP), for the next RCPT."""
+        self._addresses = frozenset(settings.smtp.addresses)
+        self._max_recipients = settings.smtp.max_recipients
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        if "@" not in address or base_address(address) not in self._addresses:
+            log.info("event=rcpt-refused peer=%s rcpt=%r", session.peer, address[:320])
+            metrics.received("rejected-recipient")
+            return "550 5.1.1 Recipient address rejected: not a mailbox of this service"
+        if len(envelope.rcpt_tos) >= self._max_recipients:
+            metrics.received("too-many-recipients")
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: IntakeSMTP, session: Session, envelope: Envelope) -> str:
+        raw = envelope.original_content or b""
+        arrival = Arrival(
+            mail_from=envelope.mail_from if envelope.mail_from not in (None, "<>") else "",
+            rcpt_tos=list(envelope.rcpt_tos),
+            peer=_peer(session),
+            helo=(session.host_name or "")[:255],
+            raw=raw,
+            received_at=datetime.now(timezone.utc),
+        )
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            with server.working():
+                stored_id = await self._committer.store(arrival)
+        except Exception as exc:  # noqa: BLE001 - any storage failure is a temporary one for the client
+            log.error("event=store-failed peer=%s size=%d error=%r", arrival.peer, len(raw), exc)
+            metrics.received("store-failed")
+            return "451 4.3.0 Requested action aborted: local error in processing, try again later"
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+        log.info("event=accepted inbound_id=%d peer=%s size=%d rcpts=%d", stored_id, arrival.peer, len(raw),
+                 len(arrival.rcpt_tos))
+        metrics.received("accepted")
+        return f"250 2.0.0 OK queued as {stored_id}"
+
+
+class IntakeSMTP(SMTP):
+    """aiosmtpd's SMTP with ``timeout`` meaning what ``smtp.idle_timeout`` promises: seconds of silence.
+
+    aiosmtpd restarts its idle timer only when a whole command arrives, so everything after DATA
+    (the upload, then our commit) had to finish within one timeout of the DATA command: a large
+    message over a slow link was cut off mid-upload, and a commit that waited on a database lock
+    for longer than the timeout lost its 250 after the message was stored (the client then sends
+    it again). Here any byte from the client restarts the timer, and the timer stops while we make
+    the client wait. (``_reset_timeout``, ``_timeout_handle`` and ``_timeout_cb`` are aiosmtpd
+    internals, 1.4.x; the idle-timeout tests hold them to this.)
+    """
+
+    _working = False
+    _admitted: str | None = None  # the client address this connection is counted under
+    _idle_deadline = 0.0  # loop time at which the client has been silent too long
+    _timed_out = False
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd finds its command and AUTH methods by listing every attribute of every new
+        # connection (inspect.getmembers, dir): with a connection per message that was a tenth of
+        # the listener's CPU. What it looks for is fixed per class, so only that is listed.
+        return _discoverable_names(type(self))
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # a new connection (after STARTTLS this is called again)
+            peer = transport.get_extra_info("peername")
+            ip = peer[0] if isinstance(peer, tuple) else str(peer)
+            over = self.event_handler.limits.admit(ip)
+            if over is not None:
+                log.warning("event=connection-refused peer=%s reason=too-many-connections limit=%s open=%d", ip, over,
+                            self.event_handler.limits.total)
+                transport.write(_REFUSALS[over])
+                transport.close()
+                return
+            self._admitted = ip
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._admitted is None:
+            return  # refused in connection_made: aiosmtpd never set this connection up
+        self.event_handler.limits.release(self._admitted)
+        self._admitted = None
+        super().connection_lost(error)
+
+    def push(self, status: str | bytes) -> Awaitable[None]:
+        # aiosmtpd checks the size itself (SIZE= at MAIL, then DATA past the limit): its 552s are ours to count.
+        # (Not a coroutine of its own: every reply passes here, and aiosmtpd's push is awaited as it is.)
+        if status[:3] in ("552", b"552"):
+            metrics.received("too-big")
+        return super().push(status)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._working:
+            self._reset_timeout()
+        super().data_received(data)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Called for every command and every chunk of data: moving the deadline is cheaper than
+        # cancelling a timer and scheduling another each time. A timer that fires before the
+        # deadline sets itself again for it (see _idle_timer).
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or self._timed_out or self._idle_deadline < handle.when():
+            if handle is not None:
+                handle.cancel()
+            self._timed_out = False
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+
+    def _idle_timer(self) -> None:
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_timer)
+            return
+        self._timed_out = True
+        self._timeout_cb()
+
+    @contextmanager
+    def working(self) -> Iterator[None]:
+        """No idle timeout while the client waits for our answer."""
+        self._working = True
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        try:
+            yield
+        finally:
+            self._working = False
+            if self.transport is not None:  # not after connection_lost: the timer would fire on nothing
+                self._reset_timeout()
+
+
+_REFUSALS = {
+    "total": b"421 4.7.0 Too many connections, try again later\r\n",
+    "address": b"421 4.7.0 Too many connections, try again later\r\n",
+    "network": b"421 4.7.0 Too many connections from your network\r\n",
+}
+
+
+@functools.cache
+def _discoverable_names(cls: type) -> list[str]:
+    """The attributes of *cls* aiosmtpd looks up by listing them: the protocol's ``smtp_*``
+    commands, the handler's ``handle_*`` hooks and both's ``auth_*`` mechanisms."""
+    return [name for name in dir(cls) if name.startswith(("smtp_", "handle_", "auth_"))]
+
+
+def _peer(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "")
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    smtp = settings.smtp
+    if smtp.tls_certificate is None or smtp.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.resolve_path(smtp.tls_certificate), settings.resolve_path(smtp.tls_key))
+    return context
+
+
+def smtp_factory(settings: Settings, handler: IntakeHandler):  # type: ignore[no-untyped-def]
+    """A protocol factory for ``loop.create_server`` on the running loop: one aiosmtpd SMTP per connection."""
+    context = tls_context(settings)
+    smtp = settings.smtp
+    loop = asyncio.get_running_loop()  # given to each connection: aiosmtpd would look it up every time
+
+    def factory() -> SMTP:
+        return IntakeSMTP(
+            handler,
+            data_size_limit=smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=smtp.hostname,
+            ident="intake",
+            tls_context=context,
+            require_starttls=smtp.require_starttls,
+            timeout=smtp.idle_timeout,
+            loop=loop,
+        )
+
+    return factory

@@ -1,0 +1,1 @@
+"""The running service: serve, the processor, the scheduler, metrics and logs."""

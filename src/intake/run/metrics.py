@@ -1,0 +1,299 @@
+"""The metrics endpoint of ``intake serve``: ``/metrics`` (Prometheus), ``/livez`` and ``/readyz``.
+
+One HTTP server on ``[metrics] listen`` (loopback unless ``allow_remote``), in a thread of the
+main process. Two kinds of figures, chosen by where they are true:
+
+* **State, read from the database at scrape time** (:mod:`intake.run.readings`): tickets opened,
+  outbox pending / oldest age / dead, SLA breaches, inbound backlog. Right across restarts and
+  the same on every node of a shared PostgreSQL database (aggregate them with ``max``, not ``sum``).
+* **Events, counted where they happen**: SMTP outcomes in the listener (this process), and the
+  worker's (messages processed by decision, processing time, outbox delivery attempts). The
+  worker is another process: it sends its counts over a pipe (:class:`WorkerChannel`) and this
+  process adds them to its own counters, so one registry serves everything. Why not
+  prometheus_client's multiprocess mode: it needs its directory set before the library is
+  imported, files cleaned of dead workers, and per-gauge merge modes; a pipe of a few small
+  messages per batch needs none of that. The counters are per node and start at zero with the
+  process, as Prometheus counters may (``rate()`` copes with resets).
+
+Every labelled series exists, at zero, from the start: each label value is touched at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing.connection import Connection
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from sqlalchemy import Engine
+
+from intake.run import readings
+from intake.understand import route
+from intake.config.settings import MetricsSection
+
+log = logging.getLogger(__name__)
+
+# SMTP outcomes counted by the listener: a message stored (250), a recipient refused (550), one
+# recipient too many (452), a message over smtp.max_message_size (552), a store that failed (451).
+RECEIVED_RESULTS = ("accepted", "rejected-recipient", "too-many-recipients", "too-big", "store-failed")
+OUTBOX_OUTCOMES = ("sent", "retry", "dead")
+# How long /livez waits for the event loop to run a no-op before calling it stuck.
+LIVENESS_TIMEOUT = 5.0
+
+RECEIVED = Counter("intake_messages_received", "SMTP transactions by result (accepted: stored and answered 250).",
+                   ["result"], registry=None)
+PROCESSED = Counter("intake_messages_processed", "Stored messages the processor decided on, by decision.",
+                    ["decision"], registry=None)
+FAILED = Counter("intake_messages_failed", "Stored messages processing failed on (kept for `intake reprocess`).",
+                 registry=None)
+PROCESSING = Histogram("intake_processing_seconds",
+                       "Seconds from a message's batch being taken up to its outcome being written.",
+                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=None)
+OUTBOX_SENT = Counter("intake_outbox_sent", "Outbox delivery attempts by outcome (retry: temporary failure).",
+                      ["outcome"], registry=None)
+WORKER_RESTARTS = Counter("intake_worker_restarts", "Times the worker process died and was started again.",
+                          registry=None)
+_EVENT_METRICS = (RECEIVED, PROCESSED, FAILED, PROCESSING, OUTBOX_SENT, WORKER_RESTARTS)
+
+for _result in RECEIVED_RESULTS:
+    RECEIVED.labels(_result)
+for _decision in route.DECISIONS:
+    PROCESSED.labels(_decision)
+for _outcome in OUTBOX_OUTCOMES:
+    OUTBOX_SENT.labels(_outcome)
+
+
+def received(result: str) -> None:
+    """Count one SMTP outcome (one of :data:`RECEIVED_RESULTS`)."""
+    RECEIVED.labels(result).inc()
+
+
+class DatabaseCollector:
+    """The figures of :mod:`intake.run.readings`, read at each scrape. If the database cannot be read,
+    the scrape still answers, with ``intake_database_up 0`` and without them."""
+
+    def __init__(self, engine: Engine, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)):
+        self._engine = engine
+        self._clock = clock
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # no query when the collector is registered
+
+    def collect(self) -> Iterable[Metric]:
+        now = self._clock()
+        try:
+            figures = readings.read(self._engine, now)
+        except Exception as exc:  # noqa: BLE001 - the scrape must answer with what it has
+            log.warning("event=metrics-database-error error=%r", exc)
+            yield GaugeMetricFamily("intake_database_up", "1 when the database answered this scrape.", value=0)
+            return
+        yield GaugeMetricFamily("intake_database_up", "1 when the database answered this scrape.", value=1)
+        yield CounterMetricFamily("intake_tickets_opened", "Tickets opened (all nodes, since the database began).",
+                                  value=figures.tickets)
+        yield GaugeMetricFamily("intake_inbound_pending", "Stored messages not processed yet.",
+                                value=figures.inbound_pending)
+        yield GaugeMetricFamily("intake_inbound_failed", "Stored messages processing failed on.",
+                                value=figures.inbound_failed)
+        yield GaugeMetricFamily("intake_outbox_pending", "Mails waiting in the outbox (due or backing off).",
+                                value=figures.outbox_pending)
+        oldest = figures.outbox_oldest_pending
+        yield GaugeMetricFamily("intake_outbox_oldest_age_seconds",
+                                "Age of the oldest mail waiting in the outbox; 0 when none waits.",
+                                value=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
+        yield GaugeMetricFamily("intake_outbox_dead", "Mails the outbox gave up on (see `intake outbox`).",
+                                value=figures.outbox_dead)
+        yield CounterMetricFamily("intake_sla_breaches", "SLA stages breached: met late, or unmet past due on an "
+                                  "open ticket.", value=figures.breaches)
+        yield GaugeMetricFamily("intake_sla_breaches_open", "SLA stages unmet past their due time on open tickets.",
+                                value=figures.open_breaches)
+
+
+def build_registry(engine: Engine) -> CollectorRegistry:
+    """A registry with the event counters, the database figures and the process's own metrics."""
+    registry = CollectorRegistry(auto_describe=True)
+    for metric in _EVENT_METRICS:
+        registry.register(metric)
+    registry.register(DatabaseCollector(engine))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+# -- the worker's counts ------------------------------------------------------------------------
+
+
+class WorkerReport:
+    """The worker's side of a :class:`WorkerChannel`: sends what it did. A no-op without a pipe
+    (metrics disabled); a pipe whose reader is gone (the main process died) is ignored."""
+
+    def __init__(self, pipe: Connection | None):
+        self._pipe = pipe
+
+    def batch(self, decisions: dict[str, int], failed: int, seconds: list[float]) -> None:
+        if decisions or failed:
+            self._send(("batch", dict(decisions), failed, list(seconds)))
+
+    def outbox(self, outcome: str) -> None:
+        self._send(("outbox", outcome))
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self._pipe is None:
+            return
+        try:
+            self._pipe.send(message)
+        except OSError:
+            self._pipe = None
+
+
+class WorkerChannel:
+    """A pipe from one worker process to this one, drained into the event counters by a thread
+    that ends when the worker does (its end of the pipe closes). One per worker started, so a
+    worker killed half-way through a write can never wedge the next one's."""
+
+    def __init__(self, context: Any):
+        self._reader, self.writer = context.Pipe(duplex=False)
+
+    def started(self) -> None:
+        """Call once the worker has started: drop our copy of its end and start draining."""
+        self.writer.close()
+        threading.Thread(target=self._drain, name="intake-worker-metrics", daemon=True).start()
+
+    def _drain(self) -> None:
+        with self._reader:
+            while True:
+                try:
+                    message = self._reader.recv()
+                except (EOFError, OSError):
+                    return
+                apply(message)
+
+
+def apply(message: tuple[Any, ...]) -> None:
+    """Add one message of a :class:`WorkerReport` to this process's counters."""
+    if message[0] == "batch":
+        _, decisions, failed, seconds = message
+        for decision, count in decisions.items():
+            PROCESSED.labels(decision).inc(count)
+        FAILED.inc(failed)
+        for value in seconds:
+            PROCESSING.observe(value)
+    elif message[0] == "outbox":
+        OUTBOX_SENT.labels(message[1]).inc()
+
+
+# -- health and the HTTP server -----------------------------------------------------------------
+
+
+@dataclass
+class Health:
+    """What /livez and /readyz look at."""
+
+    loop: asyncio.AbstractEventLoop
+    engine: Engine
+    listener_up: Callable[[], bool]
+    worker_up: Callable[[], bool]
+    outbox_stuck_after: float
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+
+    def live(self) -> tuple[bool, str]:
+        """Alive: the event loop runs a no-op within :data:`LIVENESS_TIMEOUT`."""
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.sleep(0), self.loop).result(LIVENESS_TIMEOUT)
+        except Exception as exc:  # noqa: BLE001 - timeout, or a closed loop
+            return False, f"event loop not responding: {type(exc).__name__}"
+        return True, "ok"
+
+    def ready(self) -> tuple[bool, dict[str, str]]:
+        """Ready: the database answers, the listener accepts, the worker runs, the outbox moves."""
+        checks = {"database": "ok", "listener": "ok", "worker": "ok", "outbox": "ok"}
+        try:
+            readings.database_reachable(self.engine)
+            oldest = readings.outbox_oldest_pending(self.engine)
+        except Exception as exc:  # noqa: BLE001 - any failure to read is the answer
+            checks["database"] = f"unreachable: {type(exc).__name__}: {exc}"[:300]
+            checks["outbox"] = "unknown (no database)"
+        else:
+            age = (self.clock() - oldest).total_seconds() if oldest else 0.0
+            if age > self.outbox_stuck_after:
+                checks["outbox"] = (f"stuck: the oldest mail waiting was queued {age:.0f} s ago "
+                                    f"(limit {self.outbox_stuck_after:g} s); is the relay reachable?")
+        if not self.listener_up():
+            checks["listener"] = "not accepting connections"
+        if not self.worker_up():
+            checks["worker"] = "not running"
+        return all(value == "ok" for value in checks.values()), checks
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the shutdown
+
+
+class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        """Scrapes are not news; wsgiref would write each one to stderr, unstructured."""
+
+
+def wsgi_app(registry: CollectorRegistry, health: Health) -> Callable:
+    """/metrics, /livez and /readyz; 404 for anything else."""
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/metrics":
+            return metrics_app(environ, start_response)
+        if path == "/livez":
+            ok, text = health.live()
+            return _answer(start_response, ok, "text/plain; charset=utf-8", text + "\n")
+        if path == "/readyz":
+            ok, checks = health.ready()
+            body = json.dumps({"status": "ready" if ok else "not ready", "checks": checks}, indent=1)
+            return _answer(start_response, ok, "application/json", body + "\n")
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: try /metrics, /livez or /readyz\n"]
+
+    return app
+
+
+def _answer(start_response: Callable, ok: bool, content_type: str, body: str) -> list[bytes]:
+    start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", content_type),
+                                                                    ("Cache-Control", "no-store")])
+    return [body.encode()]
+
+
+class MetricsServer:
+    """The HTTP server, serving in a daemon thread until :meth:`close`."""
+
+    def __init__(self, section: MetricsSection, registry: CollectorRegistry, health: Health):
+        address = section.listen_address
+        self._server = make_server(address.host, address.port, wsgi_app(registry, health),
+                                   server_class=_ThreadingWSGIServer6 if ":" in address.host else _ThreadingWSGIServer,
+                                   handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="intake-metrics", daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

@@ -1,0 +1,342 @@
+"""Stored messages -> decisions -> tickets: the parse, route and act stages driven in batches.
+
+A batch is acted on in chunks of ``processing.messages_per_transaction`` messages, each prepared
+just before: parsed, scored and its text read (the expensive part) outside any transaction, so
+a message's ticket waits for the messages of its chunk, not for the whole batch to be parsed. A chunk is routed in
+order against set-based lookups and its new tickets are made ready, replies rendered with the
+references that come next, all before the write lock is taken; then one short write transaction
+takes those references (see :func:`intake.tickets.core.open_tickets`) and writes the lot in a handful
+of statements, not a dozen per message. A message whose routing depends on an earlier one of its
+chunk that is not written yet (a second copy, a reply to it) ends the part planned so far; that
+part is written and planning goes on from the message.
+
+If anything in a chunk fails, its transaction is rolled back and its messages are acted on
+again one at a time: the message at fault is marked ``failed`` alone, with its error, and its raw
+bytes stay for ``intake reprocess``. Messages are re-checked as still pending inside the write
+transaction, so two processors racing on the same rows act on each message once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from intake.store import inbound
+from intake.tickets import maintainer_mail
+from intake.understand import parse_guard
+from intake.understand import reply_tokens
+from intake.understand import route
+from intake.understand import sender_auth
+from intake.tickets import core as tickets
+from intake.config.settings import Settings
+from intake.store.db import read_session
+from intake.store.db import write_session
+from intake.store.inbound import StoredMessage
+from intake.store.models import InboundMessage
+from intake.store.models import InboundStatus
+from intake.understand.parse import ParsedMail
+from intake.understand.sender_auth import NONE
+from intake.understand.sender_auth import Verdict
+from intake.understand.text_work import TextWork
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchResult:
+    decisions: Counter[str] = field(default_factory=Counter)
+    failed: list[int] = field(default_factory=list)
+    tickets_opened: list[str] = field(default_factory=list)
+    # Per message acted on: seconds from its batch being taken up to its outcome being written.
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def handled(self) -> int:
+        return sum(self.decisions.values()) + len(self.failed)
+
+
+# Mail acted on per write transaction at most (see _chunks), whatever messages_per_transaction says.
+_CHUNK_BYTES = 512 * 1024
+
+# Times a message acted on alone is planned again after a unique key was taken under it (see
+# _act_on_chunk): once per copy of it being acted on elsewhere at the same moment.
+_CONFLICT_RETRIES = 3
+
+# Decisions that add to a ticket; everything else is stored and logged only.
+_ACTED_ON = {route.NEW_TICKET, route.REPORTER_REPLY, route.MAINTAINER_REPLY, route.THIRD_PARTY_REPLY}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The pure part of processing one message, done before any lock is taken: parsing, scoring
+    and all the text work acting on it needs (no text is read under the write lock)."""
+
+    stored: StoredMessage
+    mail: ParsedMail | None
+    quality: dict[str, Any]
+    parse_seconds: float
+    error: str | None = None
+    work: TextWork = TextWork()
+    cpu_seconds: float = 0.0  # the parse helper's CPU time on it (bounded by processing.message_budget)
+    # Who the From: domain is (DNS, if any, done here: never under the write lock).
+    authentication: Verdict = Verdict(NONE, "not checked")
+
+
+@dataclass(frozen=True)
+class Routed:
+    """A message and the decision made on it, not yet carried out."""
+
+    prepared: Prepared
+    incoming: route.Incoming
+    decision: route.Decision
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Decisions on a run of messages and the tickets they open, made ready without the write lock."""
+
+    routed: list[Routed]
+    openings: list[tickets.Opening]
+    sent: Counter[str]  # automatic mails per recipient within the rate limit's window, as read
+    reply_secret: bytes  # signs maintainers' reply addresses in the notices
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What acting on one message came to: its decision (and the reference of the ticket it opened),
+    or the error that failed it."""
+
+    prepared: Prepared
+    decision: route.Decision | None = None
+    reference: str | None = None
+    error: str | None = None
+
+
+def prepare(settings: Settings, stored: StoredMessage, dns: sender_auth.Resolver | None = None) -> Prepared:
+    """Parse, score, read and authenticate *stored*: everything that needs no lock. DNS lookups
+    go through *dns* (the batch's time budget), else the process's resolver."""
+    started = time.perf_counter()
+    try:
+        result = parse_guard.parse_and_score(stored.raw, settings.quality_rules, settings.processing.parse_timeout,
+                                             settings.processing.message_budget)
+    except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
+        log.exception("event=parse-failed inbound_id=%d", stored.id)
+        return Prepared(stored, None, {}, time.perf_counter() - started, f"parse: {type(exc).__name__}: {exc}")
+    return Prepared(stored, result.mail, result.quality or {}, time.perf_counter() - started, work=result.work,
+                    cpu_seconds=result.cpu_seconds,
+                    authentication=_authenticate(settings, stored, result.mail, dns))
+
+
+def _authenticate(settings: Settings, stored: StoredMessage, mail: ParsedMail,
+                  dns: sender_auth.Resolver | None) -> Verdict:
+    """The sender's verdict; DNS lookups only for mail that could gain privilege by it."""
+    may_gain = sender_auth.may_gain_privilege(settings, mail, stored.mail_from, stored.rcpt_tos)
+    resolver = (dns or sender_auth.system_resolver(settings.sender_auth)) if may_gain else None
+    return sender_auth.authenticate(stored.raw, mail.from_address, settings.sender_auth, resolver)
+
+
+def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int | None = None) -> BatchResult:
+    """Process up to one batch of pending messages as of *now*."""
+    result = BatchResult()
+    started = time.perf_counter()
+    dns = sender_auth.TimeBudget(sender_auth.system_resolver(settings.sender_auth),
+                                 sender_auth.batch_dns_seconds(settings.sender_auth))
+    prepared = (prepare(settings, stored, dns) for stored in
+                inbound.pending(engine, limit or settings.processing.batch_size))
+    for chunk in _chunks(prepared, settings.processing.messages_per_transaction):
+        _tally(result, _act_on_chunk(engine, settings, chunk, now), time.perf_counter() - started)
+    return result
+
+
+def _chunks(prepared: Iterable[Prepared], most: int) -> Iterator[list[Prepared]]:
+    """*prepared* in chunks of at most *most* messages and, but for a single larger message, of
+    at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written."""
+    chunk: list[Prepared] = []
+    size = 0
+    for item in prepared:
+        if chunk and (len(chunk) == most or size + len(item.stored.raw) > _CHUNK_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item.stored.raw)
+    if chunk:
+        yield chunk
+
+
+def _act_on_chunk(engine: Engine, settings: Settings, chunk: list[Prepared], now: datetime) -> list[Outcome]:
+    """Act on *chunk*: as many messages at a time as can go together, planned without the write
+    lock and written in one short transaction (the listener's commits wait for its lock). If that
+    fails, the messages not yet written are acted on one by one, so only the one at fault fails."""
+    unparsed = [(item, item.error or "parse failed") for item in chunk if item.mail is None]
+    outcomes = _record_failures(engine, unparsed, now) if unparsed else []
+    items = [item for item in chunk if item.mail is not None]
+    conflicts = 0
+    while items:
+        try:
+            plan = _plan(engine, settings, items, now)
+            with write_session(engine) as session:
+                outcomes += _write(session, settings, plan, now)
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop the rest
+            if len(items) == 1 and isinstance(exc, IntegrityError) and conflicts < _CONFLICT_RETRIES:
+                # A unique key taken by a transaction that committed after our snapshot: another
+                # node stored a copy of this message meanwhile. Planned again on a fresh snapshot it
+                # is a duplicate; a fault of the message itself fails again, and then for good.
+                conflicts += 1
+                continue
+            if len(items) == 1:
+                log.exception("event=process-failed inbound_id=%d", items[0].stored.id)
+                return outcomes + _record_failures(engine, [(items[0], f"{type(exc).__name__}: {exc}")], now)
+            log.warning("event=chunk-failed inbound_ids=%s error=%r: acting on each message alone",
+                        [item.stored.id for item in items], exc)
+            return outcomes + [outcome for item in items for outcome in _act_on_chunk(engine, settings, [item], now)]
+        items = items[len(plan.routed):]
+    return outcomes
+
+
+def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: datetime) -> Plan:
+    """Route *items* up to the first that depends on an earlier one, and make ready the tickets they
+    open, replies rendered, all without the write lock.
+
+    Routing reads a snapshot taken just before. The writers it could miss are another processor
+    acting on the same message (caught by the re-check of its status in :func:`_write`) or on a
+    copy of it (caught by the unique message key: the chunk fails and each message is then acted
+    on again alone, on a fresh snapshot)."""
+    reply_secret = reply_tokens.secret(engine)
+    with read_session(engine) as session:
+        routed = _route(session, settings, items, reply_secret, now)
+        reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
+                                     r.prepared.work.report_credit)
+                   for r in routed if r.decision.kind == route.NEW_TICKET]
+        sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
+        references = tickets.next_references(session, settings.intake.reference_prefix,
+                                             [report.stored.received_at.year for report in reports])
+    return Plan(routed, tickets.prepare_openings(settings, reports, references, sent, now, reply_secret), sent,
+                reply_secret)
+
+
+def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> list[Outcome]:
+    """Carry out the decisions of *plan* on the messages still pending: their new tickets all
+    together, additions to existing tickets one by one (replies are few, and may change a
+    ticket's state); then record each message's outcome."""
+    pending = {item.stored.id for item in _still_pending(session, [r.prepared for r in plan.routed])}
+    openings = [opening for opening in plan.openings if opening.report.stored.id in pending]
+    opened = iter(tickets.open_tickets(session, settings, openings, plan.sent, now, plan.reply_secret))
+    outcomes = []
+    for r in plan.routed:
+        if r.prepared.stored.id not in pending:
+            continue  # another processor got there first
+        if r.decision.kind == route.NEW_TICKET:
+            ticket = next(opened)
+            outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
+            continue
+        if tickets.records_on_ticket(r.decision):
+            tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now,
+                                     r.prepared.work.reply_credit)
+            maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
+                                   plan.reply_secret, r.prepared.work)
+        elif r.decision.refused is not None:
+            maintainer_mail.refused(session, settings, r.incoming, r.decision, now, plan.reply_secret)
+        outcomes.append(Outcome(r.prepared, r.decision))
+    _mark(session, outcomes, now)
+    return outcomes
+
+
+def _record_failures(engine: Engine, failures: list[tuple[Prepared, str]], now: datetime) -> list[Outcome]:
+    """Mark each message of *failures* failed with its error (unless another processor got to it)."""
+    with write_session(engine) as session:
+        pending = {item.stored.id for item in _still_pending(session, [item for item, _ in failures])}
+        outcomes = [Outcome(item, error=error) for item, error in failures if item.stored.id in pending]
+        _mark(session, outcomes, now)
+    return outcomes
+
+
+def _still_pending(session: Session, items: list[Prepared]) -> list[Prepared]:
+    """The messages of *items* no other processor has acted on meanwhile, nor is acting on now."""
+    table = InboundMessage.__table__
+    query = select(table.c.id).where(table.c.id.in_([item.stored.id for item in items]),
+                                     table.c.status == InboundStatus.PENDING)
+    if session.get_bind().dialect.name == "postgresql":
+        # Other nodes' processors read the same pending rows: a row another transaction is acting on
+        # is left to it (locked until our commit), rather than acted on again here and the whole
+        # chunk rolled back on the unique message key. SQLite's writer lock already serialises this.
+        query = query.with_for_update(skip_locked=True)
+    pending = set(session.scalars(query))
+    return [item for item in items if item.stored.id in pending]
+
+
+def _route(session: Session, settings: Settings, items: list[Prepared], reply_secret: bytes,
+           now: datetime) -> list[Routed]:
+    """Decide *items* in order, up to the first whose decision depends on one made before it here
+    (and not yet written); returns the decisions made, at least the first."""
+    incomings = [route.Incoming(mail=item.mail, mail_from=item.stored.mail_from, rcpt_tos=item.stored.rcpt_tos,
+                                message_key=tickets.message_key(item.mail, item.stored),
+                                authentication=item.authentication) for item in items]
+    known = tickets.ChunkKnown(session, incomings)
+    config = tickets.routing_config(settings, reply_secret, now)
+    routed = []
+    for item, incoming in zip(items, incomings):
+        try:
+            decision = route.decide(incoming, known, config)
+        except tickets.DependsOnPlanned:
+            break
+        known.planned(incoming, decision)
+        routed.append(Routed(item, incoming, decision))
+    return routed
+
+
+def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
+    """Record each message's outcome on its stored row (one statement for all the decided ones,
+    one for all the failed ones)."""
+    table = InboundMessage.__table__
+    # Values named after columns become SET clauses, one row each (executemany).
+    by_id = update(table).where(table.c.id == bindparam("inbound_id"))
+    decided = [{"inbound_id": o.prepared.stored.id,
+                "status": InboundStatus.PROCESSED if o.decision.kind in _ACTED_ON else InboundStatus.IGNORED,
+                "decision": o.decision.kind, "reason": o.decision.reason[:2000], "ticket_id": o.decision.ticket_id,
+                "authentication": o.prepared.authentication.as_dict()}
+               for o in outcomes if o.decision is not None]
+    failed = [{"inbound_id": o.prepared.stored.id, "error": o.error[:2000],
+               "authentication": o.prepared.authentication.as_dict()} for o in outcomes if o.decision is None]
+    if decided:
+        session.execute(by_id.values(processed_at=now, error=None, attempts=table.c.attempts + 1), decided)
+    if failed:
+        session.execute(by_id.values(status=InboundStatus.FAILED, processed_at=now, attempts=table.c.attempts + 1),
+                        failed)
+
+
+def _tally(result: BatchResult, outcomes: list[Outcome], seconds: float) -> None:
+    for outcome in outcomes:
+        result.seconds.append(seconds)
+        stored, mail, decision = outcome.prepared.stored, outcome.prepared.mail, outcome.decision
+        if decision is None:
+            result.failed.append(stored.id)
+            continue
+        result.decisions[decision.kind] += 1
+        if outcome.reference:
+            result.tickets_opened.append(outcome.reference)
+        log.info("event=processed inbound_id=%d message_id=%s decision=%s ticket=%s parse_ms=%.1f cpu_ms=%.1f "
+                 "total_ms=%.1f warnings=%d reason=%r", stored.id, mail.message_id, decision.kind,
+                 outcome.reference or decision.ticket_id or "-", outcome.prepared.parse_seconds * 1000,
+                 outcome.prepared.cpu_seconds * 1000, seconds * 1000, len(mail.warnings), decision.reason[:200])
+
+
+def process_all(engine: Engine, settings: Settings, now: datetime) -> BatchResult:
+    """Process until nothing is pending (messages failing again stay failed, so this ends)."""
+    total = BatchResult()
+    while True:
+        batch = process_batch(engine, settings, now)
+        if not batch.handled:
+            return total
+        total.decisions.update(batch.decisions)
+        total.failed.extend(batch.failed)
+        total.tickets_opened.extend(batch.tickets_opened)
+        total.seconds.extend(batch.seconds)

@@ -1,0 +1,434 @@
+"""``intake serve``: the listener in this process; the processor, the outbox and the scheduler
+(SLA sweep, digests) in a worker process.
+
+Why two processes: accepting mail (aiosmtpd's event loop plus the group-commit writer) and
+processing it (MIME parsing, ORM writes, rendering) are both CPU-bound Python; under one GIL
+they slow each other down. The worker shares nothing with the listener but the database, so
+it can also crash or restart without touching a single accepted message.
+
+Accepting comes first: the worker runs at a lower CPU priority than the listener, its parse
+helper at the lowest (see :func:`_yield_cpu_to_listener`); the worker writes in short
+transactions (``processing.messages_per_transaction``), so the listener's commits never wait
+long for the lock; it (not a commit in front of a 250) copies the SQLite WAL into the database
+file; and its outbox sender holds back while there is a backlog of mail to act on. The listener
+checkpoints only when the WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load never lets
+the WAL start over).
+
+systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
+(socket activation: port 25 without any capability), else ``smtp.listen``; ``READY=1`` once the
+listener is up, ``WATCHDOG=1`` from the event
+loop (a stuck loop stops the pings and systemd restarts us), ``STOPPING=1`` on SIGTERM. A clean
+stop closes the listening socket, lets in-flight DATA commits finish, flushes the writer, lets
+the worker finish its batch, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+import weakref
+from collections.abc import Callable
+from datetime import datetime, timezone
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Event as ProcessEvent
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from intake.sla import deadlines
+from intake.run import logs
+from intake.run import metrics
+from intake.understand import parse_guard
+from intake.run import processor
+from intake.run import scheduler
+from intake.store import schema
+from intake.config.settings import EXIT_CONFIG
+from intake.config.settings import ConfigError
+from intake.config.settings import LoggingSection
+from intake.config.settings import Settings
+from intake.config.settings import load_settings
+from intake.store.db import WAL_LIMIT
+from intake.store.db import checkpoint
+from intake.store.db import make_engine
+from intake.store.inbound import GroupCommitter
+from intake.receive.listener import IntakeHandler
+from intake.receive.listener import smtp_factory
+from intake.send.outbox import OutboxSender
+from intake.send.outbox import make_transport
+
+log = logging.getLogger(__name__)
+
+_WORKER_RESTART_DELAY = 1.0
+_SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed sockets start at file descriptor 3
+
+
+def sd_notify(state: str) -> bool:
+    """Send *state* to systemd's notify socket, if there is one (sd_notify(3) protocol)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    # Non-blocking: this runs on the event loop, and a notify socket nobody drains (its queue holds
+    # only ten datagrams by default) must cost us a lost ping, never a frozen loop.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
+        try:
+            sock.connect(address)
+            sock.send(state.encode())
+        except OSError as exc:
+            log.warning("event=sd-notify-failed error=%r", exc)
+            return False
+    return True
+
+
+def watchdog_interval() -> float | None:
+    """Half the watchdog timeout systemd gave us, or None when it gave none to this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 2_000_000
+
+
+def configure_logging(section: LoggingSection) -> None:
+    """Every logger to stderr, one structured line per record (see :mod:`intake.run.logs`)."""
+    logging.basicConfig(level=section.level.upper(), handlers=[logs.make_handler(section)], force=True)
+    # aiosmtpd logs every SMTP command at INFO, addresses included; our own lines say what matters.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # mail-parser warns about every MIME type it does not render; that is not news.
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    # APScheduler logs two lines for every run of every job; the sweep logs what it sent.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+
+
+def inherited_sockets() -> list[socket.socket]:
+    """The listening sockets systemd passed to this process (socket activation, sd_listen_fds(3)).
+
+    Empty unless ``LISTEN_PID`` is our pid. The variables are removed so that the worker, which
+    inherits our environment, never takes them for its own; the sockets are not inherited either.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sockets = []
+    for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + count):
+        sock = socket.socket(fileno=fd)
+        if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise OSError(f"file descriptor {fd} from systemd is not a listening stream socket "
+                          "(intake.socket must use ListenStream=)")
+        sock.set_inheritable(False)
+        sockets.append(sock)
+    return sockets
+
+
+class Listener:
+    """The SMTP listener's servers (one per listening socket) and the connections they have open."""
+
+    def __init__(self, servers: list[asyncio.Server], handler: IntakeHandler, connections: weakref.WeakSet):
+        self.servers = servers
+        self.handler = handler
+        self._connections = connections
+
+    @property
+    def port(self) -> int:
+        return self.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def bound(self) -> str:
+        return ", ".join(str(s.getsockname()[:2]) for server in self.servers for s in server.sockets)
+
+    def stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def close_connections(self) -> None:
+        self.stop_accepting()
+        for protocol in list(self._connections):
+            if protocol.transport is not None:
+                protocol.transport.close()
+        for server in self.servers:
+            await server.wait_closed()
+
+
+async def start_listener(settings: Settings, committer: GroupCommitter,
+                         sockets: list[socket.socket] | None = None) -> Listener:
+    """Serve SMTP on *sockets* (from systemd) if given, else bind ``smtp.listen`` (port 0 picks a free port)."""
+    handler = IntakeHandler(settings, committer)
+    connections: weakref.WeakSet = weakref.WeakSet()
+    make_smtp = smtp_factory(settings, handler)
+
+    def tracked_smtp():  # type: ignore[no-untyped-def]
+        protocol = make_smtp()
+        connections.add(protocol)
+        return protocol
+
+    loop = asyncio.get_running_loop()
+    if sockets:
+        servers = [await loop.create_server(tracked_smtp, sock=sock) for sock in sockets]
+    else:
+        address = settings.smtp.listen_address
+        servers = [await loop.create_server(tracked_smtp, host=address.host, port=address.port, reuse_address=True)]
+    return Listener(servers, handler, connections)
+
+
+def serve(settings: Settings) -> int:
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    loop = asyncio.get_running_loop()
+    context = multiprocessing.get_context("spawn")
+    wake_processor = context.Event()
+    stop_worker = context.Event()
+    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
+    # Before the listener: mail is accepted only into a database at head. Under a lock, so
+    # nodes starting together migrate once (see intake.store.schema).
+    try:
+        upgraded = schema.upgrade(engine)
+    except schema.SchemaRefused as exc:
+        # A restart cannot help: 78 keeps systemd from looping (RestartPreventExitStatus).
+        log.error("event=schema-refused error=%r", str(exc))
+        return EXIT_CONFIG
+    if upgraded.before != upgraded.after or upgraded.stamped:
+        log.info("event=schema-upgraded before=%s after=%s stamped=%s", upgraded.before, upgraded.after,
+                 upgraded.stamped)
+    filled = deadlines.backfill(engine, settings, datetime.now(timezone.utc))
+    if filled.tickets or filled.errors:
+        log.info("event=deadlines-backfilled tickets=%d errors=%d", filled.tickets, len(filled.errors))
+    committer = GroupCommitter(engine, on_commit=wake_processor.set, wal_limit=WAL_LIMIT)
+    activated = inherited_sockets()
+    if activated:
+        log.info("event=socket-activation sockets=%d note=smtp.listen-not-used", len(activated))
+    listener = await start_listener(settings, committer, activated)
+    handler = listener.handler
+    bound = listener.bound
+    worker = _start_worker(context, settings, wake_processor, stop_worker)
+    metrics_server = _start_metrics(settings, engine, listener, lambda: worker.is_alive())
+    stop, reload, woken = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: (stop.set(), woken.set()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: (reload.set(), woken.set()))
+    log.info("event=listening address=%s pid=%d", bound, os.getpid())
+    sd_notify(f"READY=1\nSTATUS=listening on {bound}\nMAINPID={os.getpid()}")
+
+    interval = watchdog_interval() or 5.0
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(woken.wait(), timeout=interval)
+        except asyncio.TimeoutError:
+            pass
+        woken.clear()
+        if reload.is_set() and not stop.is_set():
+            reload.clear()
+            settings, worker = await _reload(settings, handler, worker, context, wake_processor, stop_worker)
+        sd_notify("WATCHDOG=1")
+        if not stop.is_set() and not worker.is_alive():
+            log.error("event=worker-died exitcode=%s", worker.exitcode)
+            metrics.WORKER_RESTARTS.inc()
+            await asyncio.sleep(_WORKER_RESTART_DELAY)
+            worker = _start_worker(context, settings, wake_processor, stop_worker)
+
+    log.info("event=stopping")
+    sd_notify("STOPPING=1\nSTATUS=stopping")
+    grace = settings.service.shutdown_grace
+    listener.stop_accepting()
+    try:
+        await asyncio.wait_for(handler.idle.wait(), timeout=grace)  # in-flight DATA gets its answer
+    except asyncio.TimeoutError:
+        log.warning("event=shutdown-grace-expired in_flight=%d", handler.in_flight)
+    await listener.close_connections()
+    await asyncio.to_thread(committer.close)
+    stop_worker.set()
+    wake_processor.set()
+    await asyncio.to_thread(worker.join, grace)
+    if worker.is_alive():
+        log.warning("event=worker-kill reason=grace-expired")
+        worker.terminate()
+        await asyncio.to_thread(worker.join, 5)
+    if metrics_server:
+        await asyncio.to_thread(metrics_server.close)
+    log.info("event=stopped")
+    return 0
+
+
+# Settings only a restart applies: the listening socket and its SMTP session options, the database,
+# the service's own. Everything else is reloaded on SIGHUP.
+_RESTART_ONLY = ("smtp.listen", "smtp.hostname", "smtp.max_message_size", "smtp.idle_timeout", "smtp.tls_certificate",
+                 "smtp.tls_key", "smtp.require_starttls", "database", "service", "logging", "metrics")
+
+
+def _setting(settings: Settings, dotted: str) -> object:
+    value: object = settings
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+async def _reload(settings: Settings, handler: IntakeHandler, worker, context, wake: ProcessEvent,  # type: ignore[no-untyped-def]
+                  stop_worker: ProcessEvent):
+    """SIGHUP: read the configuration again. If it is valid, the listener takes its addresses and
+    recipient limit, and the worker (processor, outbox, scheduler: policies, calendars, templates,
+    maintainers, relay, schedules) is restarted on it; settings only a restart applies are named in
+    the log. If it is not valid, nothing changes and the error is logged: a typo must not stop
+    the service."""
+    sd_notify("RELOADING=1\nSTATUS=reloading the configuration")
+    try:
+        fresh = load_settings(settings.config_path)
+    except ConfigError as exc:
+        log.error("event=reload-refused error=%r", str(exc).replace("\n", "; "))
+        sd_notify("READY=1\nSTATUS=reload refused: configuration error (see the log)")
+        return settings, worker
+    handler.reconfigure(fresh)
+    stop_worker.set()
+    wake.set()
+    await asyncio.to_thread(worker.join, settings.service.shutdown_grace)
+    if worker.is_alive():
+        worker.terminate()
+        await asyncio.to_thread(worker.join, 5)
+    stop_worker.clear()
+    worker = _start_worker(context, fresh, wake, stop_worker)
+    pending = [name for name in _RESTART_ONLY if _setting(settings, name) != _setting(fresh, name)]
+    log.info("event=reloaded restart_needed=%s", ",".join(pending) or "-")
+    sd_notify("READY=1\nSTATUS=configuration reloaded")
+    return fresh, worker
+
+
+def _start_metrics(settings: Settings, engine: Engine, listener: Listener,
+                   worker_up: Callable[[], bool]) -> metrics.MetricsServer | None:
+    """The /metrics, /livez and /readyz endpoint, unless disabled or its port cannot be had."""
+    section = settings.metrics
+    if not section.enabled:
+        return None
+    health = metrics.Health(asyncio.get_running_loop(), engine,
+                            lambda: all(server.is_serving() for server in listener.servers), worker_up,
+                            section.outbox_stuck_after)
+    try:
+        server = metrics.MetricsServer(section, metrics.build_registry(engine), health)
+    except OSError as exc:
+        # Accepting mail matters more than being watched: go on, loudly (the scraper sees us down).
+        log.error("event=metrics-unavailable listen=%s error=%r", section.listen, exc)
+        return None
+    log.info("event=metrics-listening address=%s", section.listen)
+    return server
+
+
+def _start_worker(context, settings: Settings, wake: ProcessEvent, stop: ProcessEvent):  # type: ignore[no-untyped-def]
+    channel = metrics.WorkerChannel(context) if settings.metrics.enabled else None
+    worker = context.Process(
+        target=worker_main,
+        name="intake-worker",
+        args=(str(settings.config_path) if settings.config_path else None, wake, stop, os.getpid(),
+              channel.writer if channel else None),
+    )
+    worker.start()
+    if channel:
+        channel.started()
+    log.info("event=worker-started pid=%d", worker.pid)
+    return worker
+
+
+def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent, parent_pid: int,
+                metrics_pipe: Connection | None) -> None:
+    """Entry point of the worker process: processor, outbox and scheduler until told to stop."""
+    # The parent coordinates shutdown; a terminal's Ctrl-C reaches us too and must not cut a batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _yield_cpu_to_listener()
+    settings = load_settings(Path(config_path) if config_path else None)
+    configure_logging(settings.logging)
+    try:
+        asyncio.run(_work(settings, wake, stop, parent_pid, metrics.WorkerReport(metrics_pipe)))
+    except Exception:
+        # One structured line (multiprocessing would print a bare traceback); the parent restarts us.
+        log.exception("event=worker-crashed")
+        sys.exit(1)
+
+
+# How far the worker lowers its CPU priority (nice). The parse helper goes all the way to 19.
+WORKER_NICENESS = 10
+
+
+def _yield_cpu_to_listener() -> None:
+    """Lower this process's CPU priority part of the way, before it starts any thread (threads
+    inherit it): when the listener and the worker want the same core, the listener's 250s come
+    first. Not all the way (the parse helper, which holds no lock, is at 19): the worker holds the
+    database's write lock while it writes, and the listener's commits wait for that lock; starved
+    at nice 19, a worker holding it kept them waiting far longer (measured: lock held up to 190 ms
+    against ~40 ms)."""
+    try:
+        os.nice(WORKER_NICENESS)
+    except OSError as exc:  # a sandbox that forbids it: run at the priority we have
+        log.warning("event=worker-priority-unchanged error=%s", exc)
+
+
+class _SenderPacing:
+    """Tells the outbox sender when to run: woken once mail was queued and the processor has
+    caught up; held back (see :meth:`OutboxSender.run`) while its batches come back full."""
+
+    def __init__(self, batch_size: int):
+        self.wake = asyncio.Event()
+        self.backlog = asyncio.Event()
+        self._batch_size = batch_size
+        self._queued = False  # mail queued since the sender was last woken
+
+    def after(self, result: processor.BatchResult) -> None:
+        if result.handled >= self._batch_size:  # a full batch: more mail is waiting to be acted on
+            self.backlog.set()
+        else:
+            self.backlog.clear()
+        self._queued |= bool(result.tickets_opened)
+        if self._queued and not self.backlog.is_set():
+            self.wake.set()
+            self._queued = False
+
+
+def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
+    """One batch, then a checkpoint: the worker copies the WAL into the database file, so that no
+    commit in front of a 250 has to (see :func:`intake.store.db.make_engine`)."""
+    result = processor.process_batch(engine, settings, datetime.now(timezone.utc))
+    checkpoint(engine)
+    return result
+
+
+async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int,
+                report: metrics.WorkerReport) -> None:
+    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
+    stop = asyncio.Event()
+    pacing = _SenderPacing(settings.processing.batch_size)
+    sender = OutboxSender(engine, settings, make_transport(settings), on_record=report.outbox)
+    sending = asyncio.create_task(sender.run(stop, pacing.wake, busy=pacing.backlog))
+    loop = asyncio.get_running_loop()
+    jobs = scheduler.build_scheduler(engine, settings, on_queued=lambda: loop.call_soon_threadsafe(pacing.wake.set))
+    if settings.scheduler.enabled:
+        jobs.start()
+    poll = settings.processing.poll_interval
+    while True:
+        # A parent killed with SIGKILL cannot tell us to stop; being re-parented means it is gone.
+        if stop_flag.is_set() or os.getppid() != parent_pid:
+            break
+        try:
+            result = await asyncio.to_thread(_process_batch, engine, settings)
+        except Exception:  # noqa: BLE001 - e.g. database unreachable: wait and try again
+            log.exception("event=processor-error")
+            await asyncio.sleep(poll)
+        else:
+            pacing.after(result)
+            report.batch(result.decisions, len(result.failed), result.seconds)
+            if result.handled:
+                continue
+        await asyncio.to_thread(wake.wait, poll)
+        wake.clear()
+    if jobs.running:
+        await asyncio.to_thread(jobs.shutdown, wait=True)  # a sweep in progress finishes its page
+    stop.set()
+    pacing.wake.set()
+    await sending
+    parse_guard.close()
+    engine.dispose()

@@ -1,0 +1,361 @@
+"""Templates -> outbound messages. Builds bytes only; sending is the outbox's job.
+
+Every header value that came from a researcher passes through :func:`intake.understand.parse.clean_text`
+before it is used here, and the stdlib's SMTP policy refuses any CR/LF left in a header, so a
+subject can never smuggle a header into our mail.
+
+Every line we write fits RFC 5322's 998 octets (2.1.1), whatever a researcher sent: a subject is
+shortened with an ellipsis and folded (a word too long to fold is written as encoded-words), a body
+with a longer line is sent quoted-printable, and a Message-ID we cannot reuse whole (cut short when
+it was stored, or too long) is left out of In-Reply-To and References rather than cut.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.charset import QP, Charset
+from email.header import Header
+from email.mime.text import MIMEText
+from email.utils import format_datetime, formataddr
+from functools import lru_cache
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined, select_autoescape
+
+from intake import patterns
+from intake.understand.parse import clean_text
+
+class _Compat32(email.policy.Compat32):
+    """compat32 that writes a short, plain ASCII header line as it is. The stdlib runs every
+    header through ``Header.encode``, which was most of the cost of composing an
+    acknowledgement, for the same bytes."""
+
+    def _fold(self, name: str, value: object, sanitize: bool) -> str:
+        if (isinstance(value, str) and value.isascii() and value.isprintable()
+                and len(name) + 2 + len(value) <= self.max_line_length and "  " not in value):
+            return f"{name}: {value}{self.linesep}"
+        return super()._fold(name, value, sanitize)
+
+
+class _ModernFolding(email.policy.EmailPolicy):
+    """The modern policy, but In-Reply-To and References written one Message-ID per line (it reads
+    them as unstructured text and would turn an id longer than a line into encoded-words, which no
+    mail client matches against its Message-IDs) and Subject folded as compat32 folds it (the
+    modern folder doubles the space before an encoded-word, or folds right after the colon, and
+    the subject then reads back with a space more)."""
+
+    def _fold(self, name: str, value: object, refold_binary: bool = False) -> str:
+        if name.lower() in _ID_LISTS:
+            return f"{name}: " + f"{self.linesep} ".join(str(value).split()) + self.linesep
+        if name.lower() == "subject":
+            return _COMPAT32_CRLF.fold(name, _compat32_value(name, str(value)))
+        return super()._fold(name, value, refold_binary)
+
+
+_SMTP = _ModernFolding(linesep="\r\n")
+_SMTPUTF8 = _SMTP.clone(utf8=True)
+_COMPAT32_CRLF = _Compat32(linesep="\r\n")  # SMTP line endings
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP  # readable in a raw mail file, unlike base64
+_ASCII_QP = Charset("us-ascii")
+_ASCII_QP.body_encoding = QP  # for ASCII text with a line too long to send as it is
+
+# RFC 5322 2.1.1: at most 998 octets a line, CRLF excluded; ours stay within it CRLF included.
+MAX_LINE = 998 - 2
+# A researcher's subject where we reuse it (characters, the ellipsis included) ...
+MAX_SUBJECT = 200
+# ... and any Subject we send, our prefixes and suffixes included.
+_MAX_SUBJECT_HEADER = 300
+# Longest Message-ID reused in In-Reply-To / References (ours are under 100 characters).
+MAX_MESSAGE_ID = 250
+_REUSABLE_MESSAGE_ID = re.compile(r"<[!-;=?-~]+>")  # printable ASCII, no '<' or '>' inside
+_ID_LISTS = ("in-reply-to", "references")
+# Headers that are not free text: never encoded-words, and folded by their own rules.
+_STRUCTURED = frozenset({"from", "to", "cc", "reply-to", "date", "message-id", *_ID_LISTS})
+
+# Marks mail we sent, so our own mail coming back is recognised as a loop.
+LOOP_HEADER = "X-Intake-Loop"
+# Applied to senders' subjects: RE2 (intake.patterns).
+_REPLY_PREFIX = patterns.compile(r"^\s*((re|fwd?|aw|sv|vs|antw|wg|tr)\s*(\[\d+\])?\s*:\s*)+", ignorecase=True)
+
+
+@dataclass(frozen=True)
+class OutgoingMail:
+    dedupe_key: str
+    kind: str
+    envelope_from: str  # '' = null sender
+    recipients: list[str]
+    message_id: str
+    raw: bytes
+    automatic: bool = False  # counted against the per-recipient auto-reply limit
+
+
+@dataclass(frozen=True)
+class PromisedDate:
+    label: str
+    due: datetime
+    timezone: str
+    note: str = ""
+
+    @property
+    def due_local(self) -> str:
+        local = self.due.astimezone(ZoneInfo(self.timezone))
+        text = local.strftime("%a %d %b %Y %H:%M %Z")
+        if self.timezone != "UTC":
+            text += self.due.astimezone(ZoneInfo("UTC")).strftime(" (%d %b %H:%M UTC)")
+        return text
+
+
+@lru_cache(maxsize=8)
+def _environment(override_dir: str | None) -> Environment:
+    loaders = [FileSystemLoader(override_dir)] if override_dir else []
+    loaders.append(PackageLoader("intake.send", "templates"))
+    # Plain-text templates are not escaped; HTML ones (*.html.j2: the digest's alternative) are, as
+    # they show reporters' subjects. StrictUndefined turns a template typo into an error.
+    return Environment(loader=ChoiceLoader(loaders), autoescape=select_autoescape(["html.j2"], default=False),
+                       undefined=StrictUndefined, keep_trailing_newline=True)
+
+
+def render(template: str, override_dir: Path | None, **context: object) -> str:
+    return _environment(str(override_dir) if override_dir else None).get_template(template).render(**context)
+
+
+def shorten(text: str, limit: int = MAX_SUBJECT) -> str:
+    """*text*, or its start and an ellipsis in *limit* characters when it is longer."""
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def reusable_message_ids(value: str) -> list[str]:
+    """The Message-IDs in *value* that can be written back whole: complete ``<...>``, printable
+    ASCII, at most MAX_MESSAGE_ID characters. A stored id cut short (``<abc…`` without its ``>``)
+    is dropped whole: a cut one would leave References unterminated."""
+    return [word for word in value.split()
+            if len(word) <= MAX_MESSAGE_ID and _REUSABLE_MESSAGE_ID.fullmatch(word)]
+
+
+def bounded_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """*headers* as they can be sent: Subject shortened, In-Reply-To and References reduced to the
+    ids that can be reused whole (and left out when none can)."""
+    bounded = []
+    for name, value in headers:
+        key = name.lower()
+        if key in _ID_LISTS:
+            ids = reusable_message_ids(value)
+            if not ids:
+                continue
+            value = " ".join(ids[-1:] if key == "in-reply-to" else ids)
+        elif key == "subject":
+            value = shorten(value, _MAX_SUBJECT_HEADER)
+        bounded.append((name, value))
+    return bounded
+
+
+def strip_reply_prefixes(subject: str) -> str:
+    """'Re: Fwd: AW: hello' -> 'hello'."""
+    return _REPLY_PREFIX.sub("", subject).strip()
+
+
+def new_message_id(kind: str, reference: str, domain: str) -> str:
+    """A unique Message-ID on our domain that names what it is: <ack.SEC-2026-0001.1f2e…@example.com>."""
+    return f"<{kind}.{reference}.{secrets.token_hex(8)}@{domain}>"
+
+
+def _needs_utf8(*addresses: str) -> bool:
+    return any(not address.isascii() for address in addresses)
+
+
+# Dedupe-key prefix per kind of automatic reply: one of each per ticket, ever.
+_KEY_PREFIX = {"acknowledgement": "ack", "out-of-scope": "out-of-scope"}
+
+
+def automatic_reply(
+    *,
+    template: str,
+    kind: str,
+    reference: str,
+    subject: str,
+    reporter_address: str,
+    reporter_name: str,
+    intake_address: str,
+    from_name: str,
+    in_reply_to: str | None,
+    references: list[str],
+    deadlines: list[PromisedDate],
+    policy: str,
+    message_id_domain: str,
+    templates_dir: Path | None,
+    now: datetime,
+) -> OutgoingMail:
+    """An automatic reply to a new report (RFC 3834: auto-replied, from the null sender)."""
+    shown_subject = shorten(strip_reply_prefixes(clean_text(subject))) or "(no subject)"
+    body = render(
+        template,
+        templates_dir,
+        reference=reference,
+        subject=shown_subject,
+        reporter_name=clean_text(reporter_name),
+        deadlines=deadlines,
+        policy=policy,
+        from_name=from_name,
+        intake_address=intake_address,
+    )
+    message_id = new_message_id(_KEY_PREFIX[kind], reference, message_id_domain)
+    headers = [
+        ("To", reporter_address),
+        ("Subject", f"Re: [{reference}] {shown_subject}"),
+        ("Date", format_datetime(now)),
+        ("Message-ID", message_id),
+    ]
+    if in_reply_to:
+        headers += [("In-Reply-To", in_reply_to), ("References", " ".join([*references, in_reply_to][-20:]))]
+    headers += [
+        ("Auto-Submitted", "auto-replied"),
+        # Ask Exchange and friends not to answer this automatic mail with their own.
+        ("X-Auto-Response-Suppress", "All"),
+        (LOOP_HEADER, message_id_domain),
+        ("X-Intake-Ticket", reference),
+    ]
+    return OutgoingMail(
+        dedupe_key=f"{_KEY_PREFIX[kind]}:{reference}",
+        kind=kind,
+        envelope_from="",
+        recipients=[reporter_address],
+        message_id=message_id,
+        raw=compose((from_name, intake_address), headers, body),
+        automatic=True,
+    )
+
+
+def thread_address(intake_address: str, reference: str) -> str:
+    """The +tag form of *intake_address* that threads a reply into ticket *reference*:
+    security+SEC-2026-0001@example.com (the router's first threading rule)."""
+    local, _, domain = intake_address.rpartition("@")
+    return f"{local}+{reference}@{domain}"
+
+
+def maintainer_mail(
+    *,
+    kind: str,
+    dedupe_key: str,
+    reference: str,
+    subject: str,
+    recipients: list[str],
+    sender: tuple[str, str],
+    reply_to: str | None,
+    text: str,
+    html: str | None = None,
+    message_id_domain: str,
+    now: datetime,
+) -> OutgoingMail:
+    """A notification to maintainers (new ticket, reminder, breach, escalation, digest): automatic
+    (``Auto-Submitted: auto-generated``, from the null sender, loop-marked), replying to *reply_to*."""
+    message_id = new_message_id(kind, reference, message_id_domain)
+    headers = [
+        ("To", ", ".join(recipients)),
+        ("Subject", clean_text(subject)),
+        ("Date", format_datetime(now)),
+        ("Message-ID", message_id),
+        *([("Reply-To", reply_to)] if reply_to else []),
+        ("Auto-Submitted", "auto-generated"),
+        ("X-Auto-Response-Suppress", "All"),
+        (LOOP_HEADER, message_id_domain),
+    ]
+    raw = compose(sender, headers, text) if html is None else compose_alternative(sender, headers, text, html)
+    return OutgoingMail(dedupe_key=dedupe_key, kind=kind, envelope_from="", recipients=list(recipients),
+                        message_id=message_id, raw=raw)
+
+
+def compose_alternative(sender: tuple[str, str], headers: list[tuple[str, str]], text: str, html: str) -> bytes:
+    """A multipart/alternative message (plain text, then HTML) as bytes, with SMTP line endings."""
+    for name, value in headers:
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"{name} header value contains a line break")
+    headers = bounded_headers(headers)
+    message = EmailMessage(policy=_SMTPUTF8 if _needs_utf8(sender[1], *(v for h, v in headers if h == "To"))
+                           else _SMTP)
+    message["From"] = Address(display_name=sender[0], addr_spec=sender[1])
+    for header, value in headers:
+        message[header] = value
+    message.set_content(text)
+    message.add_alternative(html, subtype="html")
+    return message.as_bytes()
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
+
+
+def compose(sender: tuple[str, str], headers: list[tuple[str, str]], body: str,
+            attachments: tuple[Attachment, ...] = ()) -> bytes:
+    """A text/plain message (multipart/mixed with *attachments*) as bytes. *headers* values must
+    already be display-safe.
+
+    ASCII addresses go through the stdlib's compat32 classes, four times cheaper than its
+    modern header registry; mail to an SMTPUTF8 (non-ASCII) address, or with attachments, uses
+    the modern policy.
+    """
+    for name, value in headers:
+        if "\r" in value or "\n" in value:  # belt and braces: clean_text already removed them
+            raise ValueError(f"{name} header value contains a line break")
+    headers = bounded_headers(headers)
+    name, address = sender
+    recipients = [value for header, value in headers if header in ("To", "Cc")]
+    if attachments or _needs_utf8(address, *recipients):
+        # The modern policy folds every header and picks quoted-printable or base64 for long lines.
+        policy = _SMTPUTF8 if _needs_utf8(address, *recipients) else _SMTP
+        message = EmailMessage(policy=policy)
+        message["From"] = Address(display_name=name, addr_spec=address)
+        for header, value in headers:
+            message[header] = value
+        message.set_content(body)
+        for attachment in attachments:
+            maintype, _, subtype = attachment.content_type.partition("/")
+            message.add_attachment(attachment.data, maintype=maintype or "application",
+                                   subtype=subtype or "octet-stream", filename=attachment.filename)
+        return message.as_bytes()
+    fields = [("From", formataddr((name, address), charset="utf-8")), *_compat32_fields(headers)]
+    lines = _LINE_BREAK.split(body)
+    if body.isascii() and max(map(len, lines)) <= MAX_LINE:
+        return _ascii_text(fields, lines)
+    text = MIMEText(body, "plain", _ASCII_QP if body.isascii() else _UTF8_QP)
+    for header, value in fields:
+        text[header] = value
+    return text.as_bytes(policy=_COMPAT32_CRLF)
+
+
+def _compat32_fields(headers: list[tuple[str, str]]) -> list[tuple[str, str | Header]]:
+    return [(name, _compat32_value(name, value)) for name, value in headers]
+
+
+def _compat32_value(name: str, value: str) -> str | Header:
+    """A header value for the compat32 classes: text that is not ASCII, or has a word too long to
+    fold at 78, as encoded-words (which fold anywhere); the rest as it is."""
+    room = _COMPAT32_CRLF.max_line_length
+    # (A value that fits after its name has no word too long: the usual case, and cheap.)
+    unfoldable = (len(name) + 2 + len(value) > room and name.lower() not in _STRUCTURED
+                  and len(name) + 2 + max(map(len, value.split()), default=0) > room)
+    return value if value.isascii() and not unfoldable else Header(value, "utf-8", header_name=name)
+
+
+# What MIMEText gives an ASCII text, before the caller's headers.
+_ASCII_TEXT_FIELDS = (("Content-Type", 'text/plain; charset="us-ascii"'), ("MIME-Version", "1.0"),
+                      ("Content-Transfer-Encoding", "7bit"))
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def _ascii_text(fields: list[tuple[str, object]], lines: list[str]) -> bytes:
+    """The bytes ``MIMEText(body, "plain", "us-ascii")`` with *fields* gives through the stdlib's
+    generator (same folding, same line endings) for the body of these *lines*, written directly:
+    the generator's walk over the message was most of what an acknowledgement cost the worker."""
+    head = b"".join(_COMPAT32_CRLF.fold_binary(name, value) for name, value in (*_ASCII_TEXT_FIELDS, *fields))
+    return head + b"\r\n" + "\r\n".join(lines).encode("ascii")

@@ -1,0 +1,1 @@
+"""Deadlines: the pure SLA engine, stored deadlines, reminders, digests and figures."""

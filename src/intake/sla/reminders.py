@@ -1,0 +1,380 @@
+"""The SLA sweep: reminders before a stage is due, breach notices until it is met, escalations.
+
+One job: turn due deadlines into mail for maintainers, each notification exactly once.
+
+* **Only due work.** Every unmet deadline carries ``notify_at``, the next instant something may
+  have to be said about it (set from its due instant whenever the deadline is computed, see
+  :func:`intake.sla.deadlines.first_notice_at`). The sweep reads deadlines with ``notify_at <= now``
+  through a partial index, a page at a time, and moves each one's ``notify_at`` on to the next
+  point: a sweep with nothing to send reads nothing.
+* **Exactly once.** Each notification has a key — ``remind:<ref>:<stage>:<point>``,
+  ``breach:<ref>:<stage>:<n>`` (n-th repeat), ``escalate:<ref>:<stage>`` — unique in the
+  ``notification`` table and inserted (``ON CONFLICT DO NOTHING``) in the transaction that queues
+  its mail in the outbox, whose own unique key makes sending idempotent. Two sweepers at once:
+  on SQLite the cross-process writer lock runs their pages one after the other, and the second
+  finds the keys taken; on PostgreSQL each locks its page (``FOR UPDATE SKIP LOCKED``) and the
+  keys settle any overlap.
+* **No storms.** Only the latest passed point of a stage matters: after downtime a stage gets
+  one notice, not one per missed point or day, and all of a ticket's notices of one sweep go in
+  one mail per audience, stating where the ticket stands ("catch-up" when they are late).
+* **Quiet hours.** A reminder that is not a breach waits for the working hours of the stage's
+  calendar when ``[scheduler] quiet_hours`` is on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
+
+from sqlalchemy import Engine, and_, bindparam, or_, select, update
+from sqlmodel import Session
+
+from intake.sla import deadlines
+from intake.send import outbox
+from intake.send import composer as replies
+from intake.understand import reply_tokens
+from intake.config.settings import Settings
+from intake.store.db import insert_new
+from intake.store.db import read_session
+from intake.store.db import write_session
+from intake.store.models import FINISHED_STATES
+from intake.store.models import Deadline
+from intake.store.models import Notification
+from intake.store.models import Ticket
+from intake.sla.engine import format_span
+from intake.sla.engine import parse_duration
+from intake.sla.engine import reminder_times
+from intake.tickets.core import find
+
+log = logging.getLogger(__name__)
+
+# Deadlines read per transaction: short enough that the listener's commits never wait long.
+SWEEP_PAGE = 200
+# A bound on one sweep; anything beyond waits for the next one.
+MAX_DEADLINES_PER_SWEEP = 100_000
+
+_NOTIFY_AT = update(Deadline.__table__).where(Deadline.__table__.c.id == bindparam("row_id")).values(
+    notify_at=bindparam("next_at"))
+
+
+class Upcoming(NamedTuple):
+    """The next notification a stage is due to get."""
+
+    kind: str  # reminder | breach | escalation
+    label: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One notification about one stage of a ticket."""
+
+    key: str
+    kind: str  # reminder | breach | escalation
+    ticket_id: int
+    reference: str
+    stage: str
+    label: str  # "50%", "24 hours before", "breach", "repeat 2", "escalation"
+    at: datetime  # when it fell due
+    stage_due: datetime
+    late: bool  # fell due longer than misfire_grace ago, or stands in for notices never sent
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    deadline_id: int
+    notices: list[Notice]
+    next: Upcoming | None
+    held: bool = False  # a reminder waits for working hours
+
+
+@dataclass(frozen=True)
+class PlannedMail:
+    """The notices of one ticket for one audience, sent as one mail."""
+
+    kind: str  # reminder | breach | escalation | catch-up
+    ticket_id: int
+    reference: str
+    recipients: list[str]
+    notices: list[Notice]
+
+    @property
+    def key(self) -> str:
+        return ",".join(notice.key for notice in self.notices)
+
+
+@dataclass
+class SweepResult:
+    now: datetime
+    dry_run: bool
+    examined: int = 0  # deadlines looked at
+    held: int = 0  # reminders held for working hours
+    mails: list[PlannedMail] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "now": self.now.isoformat(), "dry_run": self.dry_run, "examined": self.examined, "held": self.held,
+            "mails": len(self.mails),
+            "notifications": [
+                {"key": notice.key, "kind": notice.kind, "ticket": notice.reference, "stage": notice.stage,
+                 "point": notice.label, "at": notice.at.isoformat(), "stage_due": notice.stage_due.isoformat(),
+                 "catch_up": mail.kind == "catch-up", "mail": mail.kind, "to": mail.recipients}
+                for mail in self.mails for notice in mail.notices],
+        }
+
+
+def sweep(engine: Engine, settings: Settings, now: datetime, dry_run: bool = False) -> SweepResult:
+    """Send what is due at *now*: reminders, breach notices and escalations, each once.
+
+    With *dry_run*, work out the same mails without sending or recording anything."""
+    result = SweepResult(now, dry_run)
+    # Before any transaction (it may have to make one); a dry run composes no mail and needs none.
+    reply_secret = b"" if dry_run else reply_tokens.secret(engine)
+    after: tuple[datetime, int] | None = None
+    seen: set[int] = set()  # tickets done (a dry run leaves their deadlines due)
+    while result.examined < MAX_DEADLINES_PER_SWEEP:
+        with (read_session(engine) if dry_run else write_session(engine)) as session:
+            page = _due_page(session, now, after, lock=not dry_run)
+            if not page:
+                break
+            after = (page[-1].notify_at, page[-1].id)
+            ticket_ids = {row.ticket_id for row in page} - seen
+            seen |= ticket_ids
+            mails = _sweep_tickets(session, settings, ticket_ids, now, result, dry_run, reply_secret)
+        result.mails += mails
+    if result.mails and not dry_run:
+        log.info("event=sweep-sent mails=%d examined=%d held=%d", len(result.mails), result.examined, result.held)
+    return result
+
+
+def _due_page(session: Session, now: datetime, after: tuple[datetime, int] | None, lock: bool) -> list[Any]:
+    table = Deadline.__table__
+    query = (select(table.c.id, table.c.ticket_id, table.c.notify_at)
+             .where(table.c.met_at.is_(None), table.c.notify_at <= now)
+             .order_by(table.c.notify_at, table.c.id).limit(SWEEP_PAGE))
+    if after is not None:
+        query = query.where(or_(table.c.notify_at > after[0], and_(table.c.notify_at == after[0], table.c.id > after[1])))
+    if lock and session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return list(session.execute(query))
+
+
+def _sweep_tickets(session: Session, settings: Settings, ticket_ids: set[int], now: datetime, result: SweepResult,
+                   dry_run: bool, reply_secret: bytes) -> list[PlannedMail]:
+    """Plan (and unless *dry_run*, send and record) the notices of *ticket_ids* due at *now*."""
+    if not ticket_ids:
+        return []
+    tickets = {t.id: t for t in session.scalars(select(Ticket).where(Ticket.id.in_(ticket_ids)))}
+    stages: dict[int, list[Deadline]] = defaultdict(list)
+    for row in session.scalars(select(Deadline).where(Deadline.ticket_id.in_(ticket_ids))
+                               .order_by(Deadline.ticket_id, Deadline.position)):
+        stages[row.ticket_id].append(row)
+    sent = _sent_keys(session, ticket_ids)
+    mails: list[PlannedMail] = []
+    moves = []
+    for ticket_id, rows in stages.items():
+        due = [row for row in rows if row.met_at is None and row.notify_at is not None and row.notify_at <= now]
+        plans = [plan_stage(settings, tickets[ticket_id], row, sent, now) for row in due]
+        result.examined += len(plans)
+        result.held += sum(plan.held for plan in plans)
+        moves += [{"row_id": plan.deadline_id, "next_at": plan.next.at if plan.next else None} for plan in plans]
+        mails += _mails_for(settings, tickets[ticket_id], [n for plan in plans for n in plan.notices])
+    if dry_run:
+        return mails
+    mails = _record(session, mails, now)
+    outbox.enqueue_many(session, [(mail, m.ticket_id) for m in mails
+                                  for mail in _compose(settings, tickets[m.ticket_id], stages[m.ticket_id], m, now,
+                                                       reply_secret)], now=now)
+    if moves:
+        session.execute(_NOTIFY_AT, moves)
+    return mails
+
+
+def _sent_keys(session: Session, ticket_ids: Iterable[int]) -> set[str]:
+    return set(session.scalars(select(Notification.key).where(Notification.ticket_id.in_(set(ticket_ids)))))
+
+
+def plan_stage(settings: Settings, ticket: Ticket, row: Deadline, sent: set[str], now: datetime) -> StagePlan:
+    """What one unmet stage needs at *now*, given the notification keys already *sent*: at most
+    one reminder, or a breach notice (and an escalation), and when to look at it next."""
+    policy = settings.policies.get(ticket.policy)
+    if policy is None or row.due_at is None or row.started_at is None or row.met_at is not None \
+            or ticket.state in FINISHED_STATES:
+        return StagePlan(row.id, [], None)
+    if now < row.due_at:
+        return _plan_before_due(settings, ticket, row, sent, now)
+    return _plan_breached(settings, ticket, row, sent, now)
+
+
+def _plan_before_due(settings: Settings, ticket: Ticket, row: Deadline, sent: set[str], now: datetime) -> StagePlan:
+    scheduler = settings.scheduler
+    calendar = deadlines.stage_calendar(settings, ticket.policy, row.stage)
+
+    def when(at: datetime) -> datetime:  # a reminder goes out no earlier than working hours
+        return calendar.next_working_instant(at) if scheduler.quiet_hours else at
+
+    def key(label: str) -> str:
+        return f"remind:{ticket.reference}:{row.stage}:{label}"
+
+    points = reminder_times(settings.policies[ticket.policy], row.stage, settings.all_calendars,
+                            start=row.started_at, due=row.due_at, severity=ticket.severity)
+    passed = [(label, at) for label, at in points if at <= now]
+    upcoming = [Upcoming("reminder", label, when(at)) for label, at in points if at > now]
+    following = min([*upcoming, Upcoming("breach", "breach", row.due_at)], key=lambda u: u.at)
+    if not passed or key(passed[-1][0]) in sent:
+        return StagePlan(row.id, [], following)
+    label, at = passed[-1]
+    if when(now) > now:  # quiet hours: hold it until the calendar's next opening (or the breach)
+        held = Upcoming("reminder", label, when(now))
+        return StagePlan(row.id, [], min(held, following, key=lambda u: u.at), held=True)
+    missed = any(key(other) not in sent for other, other_at in passed if other_at < at)
+    late = missed or now - when(at) > timedelta(seconds=scheduler.misfire_grace)
+    notice = Notice(key(label), "reminder", ticket.id, ticket.reference, row.stage, label, at, row.due_at, late)
+    return StagePlan(row.id, [notice], following)
+
+
+def _plan_breached(settings: Settings, ticket: Ticket, row: Deadline, sent: set[str], now: datetime) -> StagePlan:
+    scheduler = settings.scheduler
+    grace = timedelta(seconds=scheduler.misfire_grace)
+    repeat = parse_duration(scheduler.breach_repeat).elapsed
+    ref, due = ticket.reference, row.due_at
+    number = (now - due) // repeat  # 0: the breach itself; n: its n-th repeat
+    at = due + number * repeat
+    notices = []
+    key = f"breach:{ref}:{row.stage}:{number}"
+    if key not in sent:
+        missed = number > 0 and f"breach:{ref}:{row.stage}:{number - 1}" not in sent
+        notices.append(Notice(key, "breach", ticket.id, ref, row.stage, "breach" if number == 0 else f"repeat {number}",
+                              at, due, missed or now - at > grace))
+    following = Upcoming("breach", f"repeat {number + 1}", at + repeat)
+    if scheduler.escalate_to:
+        escalate_at = due + parse_duration(scheduler.escalation_delay).elapsed
+        escalate_key = f"escalate:{ref}:{row.stage}"
+        if escalate_at > now:
+            following = min(following, Upcoming("escalation", "escalation", escalate_at), key=lambda u: u.at)
+        elif escalate_key not in sent:
+            notices.append(Notice(escalate_key, "escalation", ticket.id, ref, row.stage, "escalation", escalate_at, due,
+                                  now - escalate_at > grace))
+    return StagePlan(row.id, notices, following)
+
+
+def _mails_for(settings: Settings, ticket: Ticket, notices: list[Notice]) -> list[PlannedMail]:
+    """One mail for the notice recipients (reminders, breaches), one for escalate_to (escalations)."""
+    mails = []
+    for recipients, group in ((settings.notice_recipients, [n for n in notices if n.kind != "escalation"]),
+                              (list(settings.scheduler.escalate_to), [n for n in notices if n.kind == "escalation"])):
+        if not recipients or not group:
+            continue
+        if any(notice.late for notice in group):
+            kind = "catch-up"
+        else:
+            kind = "breach" if any(n.kind == "breach" for n in group) else group[0].kind
+        mails.append(PlannedMail(kind, ticket.id, ticket.reference, recipients, group))
+    return mails
+
+
+def _record(session: Session, mails: list[PlannedMail], now: datetime) -> list[PlannedMail]:
+    """Insert the mails' notification keys; return the mails cut down to the keys inserted now (a
+    concurrent sweeper may have taken some), dropping those left with none."""
+    if not mails:
+        return []
+    rows = [dict(key=n.key, kind=n.kind, ticket_id=n.ticket_id, stage=n.stage, label=n.label, due_at=n.at,
+                 created_at=now, recipients=mail.recipients, outbox_key=mail.key)
+            for mail in mails for n in mail.notices]
+    inserted = insert_new(session, Notification.__table__, "key", rows)
+    kept = []
+    for mail in mails:
+        notices = [notice for notice in mail.notices if notice.key in inserted]
+        if notices:
+            kept.append(mail if len(notices) == len(mail.notices) else
+                        PlannedMail(mail.kind, mail.ticket_id, mail.reference, mail.recipients, notices))
+    return kept
+
+
+_SUBJECTS = {"reminder": "Reminder", "breach": "Breached", "escalation": "Escalation", "catch-up": "Catch-up"}
+
+
+def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: PlannedMail, now: datetime,
+             reply_secret: bytes) -> list[replies.OutgoingMail]:
+    """The mail for *mail*'s notices, with where the ticket stands now: one per recipient, each
+    replying to that recipient's own reply address."""
+    def local(stage: str, at: datetime) -> str:
+        zone = deadlines.stage_calendar(settings, ticket.policy, stage).timezone
+        return replies.PromisedDate(stage, at, zone).due_local
+
+    statuses = deadlines.statuses_of(settings, ticket, rows, now)
+    headlines = [_headline(notice, local(notice.stage, notice.stage_due), now) for notice in mail.notices]
+    first = mail.notices[0]
+    summary = f"{first.stage} {'due' if now < first.stage_due else 'was due'} {local(first.stage, first.stage_due)}"
+    if len(mail.notices) > 1:
+        summary += f" (+{len(mail.notices) - 1} more)"
+    subject = f"[{ticket.reference}] {_SUBJECTS[mail.kind]}: {summary}"
+    context = dict(
+        reference=ticket.reference, subject=ticket.subject,
+        headlines=headlines, catch_up=mail.kind == "catch-up", now=f"{now:%Y-%m-%d %H:%M} UTC", state=ticket.state,
+        severity=ticket.severity, reporter=ticket.reporter, policy=ticket.policy,
+        stages=[{"stage": s.stage, "state": s.state, "due": local(s.stage, s.due_at) if s.due_at else None,
+                 "met": f"{s.met_at:%Y-%m-%d %H:%M} UTC" if s.met_at else None} for s in statuses],
+        from_name=settings.intake.from_name)
+    mails = []
+    for recipient in mail.recipients:
+        reply_address = reply_tokens.reply_to(settings, reply_secret, ticket.intake_address, ticket.reference,
+                                              recipient, now)
+        mails.append(replies.maintainer_mail(
+            kind=mail.kind, dedupe_key=f"{mail.key}>{recipient.lower()}", reference=ticket.reference, subject=subject,
+            recipients=[recipient], sender=(settings.intake.from_name, ticket.intake_address), reply_to=reply_address,
+            text=replies.render("notice.txt.j2", settings.templates_path, reply_address=reply_address, **context),
+            message_id_domain=settings.intake.message_id_domain, now=now))
+    return mails
+
+
+def _headline(notice: Notice, due_local: str, now: datetime) -> str:
+    if notice.kind == "reminder":
+        return f"Reminder ({notice.label}): {notice.stage} is due {due_local}, in {format_span(notice.stage_due - now)}"
+    overdue = format_span(now - notice.stage_due)
+    if notice.kind == "escalation":
+        return f"Escalated: {notice.stage} was due {due_local} and is still not met, {overdue} later"
+    if notice.label == "breach":
+        return f"Breached: {notice.stage} was due {due_local} ({overdue} ago) and is not met"
+    return f"Still breached ({notice.label}): {notice.stage} was due {due_local}, {overdue} ago"
+
+
+# -- read side: `intake reminders REF` -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TicketReminders:
+    reference: str
+    sent: list[Notification]
+    due_now: list[Notice]  # due at *now*, for the next sweep to send
+    next: dict[str, Upcoming]  # per unmet stage: what comes after
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ticket": self.reference,
+            "sent": [{"key": n.key, "kind": n.kind, "stage": n.stage, "point": n.label, "at": n.due_at.isoformat(),
+                      "queued_at": n.created_at.isoformat(), "to": n.recipients} for n in self.sent],
+            "due_now": [{"key": n.key, "kind": n.kind, "stage": n.stage, "point": n.label, "at": n.at.isoformat()}
+                        for n in self.due_now],
+            "next": [{"stage": stage, "kind": u.kind, "point": u.label, "at": u.at.isoformat()}
+                     for stage, u in self.next.items()],
+        }
+
+
+def ticket_reminders(engine: Engine, settings: Settings, reference: str, now: datetime) -> TicketReminders:
+    """What was sent for ticket *reference*, what is due now and what each stage gets next."""
+    with read_session(engine) as session:
+        ticket = find(session, reference)
+        sent = list(session.scalars(select(Notification).where(Notification.ticket_id == ticket.id)
+                                    .order_by(Notification.created_at, Notification.id)))
+        rows = list(session.scalars(select(Deadline).where(Deadline.ticket_id == ticket.id)
+                                    .order_by(Deadline.position)))
+    keys = {notification.key for notification in sent}
+    plans = [(row.stage, plan_stage(settings, ticket, row, keys, now)) for row in rows]
+    return TicketReminders(ticket.reference, sent, [n for _, plan in plans for n in plan.notices],
+                           {stage: plan.next for stage, plan in plans if plan.next})
+

@@ -1,0 +1,1 @@
+"""Durable state: the tables, engine and sessions, schema migrations, backups, the raw inbound store."""

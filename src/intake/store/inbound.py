@@ -1,0 +1,263 @@
+"""The durable raw store: messages are committed here before the listener answers 250.
+
+:class:`GroupCommitter` is the listener's path in. Each accepted DATA is queued and a single
+writer thread commits whatever has queued while the previous commit ran, in one transaction
+(one fsync), then answers every waiter. There is no fixed wait window: an idle server commits
+a lone message at once, a busy one shares each fsync among many messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import queue
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import Dialect, Engine, insert, select, update
+
+from intake.store.db import checkpoint
+from intake.store.db import is_sqlite
+from intake.store.db import read_session
+from intake.store.db import sqlite_write_transaction
+from intake.store.db import wal_size
+from intake.store.db import write_connection
+from intake.store.db import write_session
+from intake.store.models import InboundMessage
+from intake.store.models import InboundStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One message as the listener accepted it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    peer: str
+    helo: str
+    raw: bytes
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A stored message as the processor needs it."""
+
+    id: int
+    mail_from: str
+    rcpt_tos: list[str]
+    raw: bytes
+    sha256: str
+    received_at: datetime
+
+
+# The columns :func:`_rows` gives a value for.
+_COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "size", "sha256", "raw", "status", "attempts")
+
+
+def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
+    return [
+        {
+            "received_at": a.received_at,
+            "mail_from": a.mail_from,
+            "rcpt_tos": a.rcpt_tos,
+            "peer": a.peer,
+            "helo": a.helo,
+            "size": len(a.raw),
+            "sha256": hashlib.sha256(a.raw).hexdigest(),
+            "raw": a.raw,
+            "status": InboundStatus.PENDING,
+            "attempts": 0,
+        }
+        for a in arrivals
+    ]
+
+
+def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
+    """Insert *arrivals* in one committed transaction; returns their ids in order."""
+    rows = _rows(arrivals)
+    if is_sqlite(engine):
+        return _store_sqlite(engine, rows)
+    table = InboundMessage.__table__
+    # Core on a plain connection, not ORM objects: this is the hot path in front of every 250. One
+    # INSERT for all rows; the rows come back in any order, and the content hash says which id is
+    # whose (identical messages may swap ids, which changes nothing).
+    with write_connection(engine) as connection:
+        inserted = connection.execute(insert(table).returning(table.c.id, table.c.sha256), rows).all()
+    ids_by_hash: dict[str, list[int]] = defaultdict(list)
+    for id_, sha256 in sorted(inserted):
+        ids_by_hash[sha256].append(id_)
+    return [ids_by_hash[row["sha256"]].pop(0) for row in rows]
+
+
+def _store_sqlite(engine: Engine, rows: list[dict[str, object]]) -> list[int]:
+    """:func:`store` on SQLite, on the driver's connection: a cached prepared INSERT per row, whose
+    id is its ``lastrowid``. The values go through SQLAlchemy's bind processors for SQLite,
+    so they are stored exactly as SQLAlchemy stores them (instants, JSON, bytes)."""
+    sql, processors = _sqlite_insert(engine.dialect)
+    with sqlite_write_transaction(engine) as connection:
+        cursor = connection.cursor()
+        ids = []
+        for row in rows:
+            cursor.execute(sql, [process(row[name]) if process else row[name] for name, process in processors])
+            ids.append(cursor.lastrowid)
+        return ids
+
+
+@functools.cache
+def _sqlite_insert(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[object], object] | None]]]:
+    """The INSERT of :func:`_store_sqlite` and each value's bind processor, in column order."""
+    table = InboundMessage.__table__
+    sql = f"INSERT INTO {table.name} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+    return sql, [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in _COLUMNS]
+
+
+Waiter = tuple[Arrival, asyncio.AbstractEventLoop, "asyncio.Future[int]"]
+
+
+class GroupCommitter:
+    """A writer thread that stores queued arrivals, many per commit, and answers their waiters."""
+
+    def __init__(self, engine: Engine, on_commit: Callable[[], None] = lambda: None, max_batch: int = 256,
+                 wal_limit: int | None = None):
+        """*wal_limit*: on SQLite, checkpoint when the WAL file has grown past this many bytes (see
+        :meth:`_bound_wal`); None leaves checkpoints to others."""
+        self._engine = engine
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._wal_limit = wal_limit if is_sqlite(engine) else None
+        self._unmeasured = 0  # bytes committed since the WAL's size was last looked at
+        self._queue: queue.SimpleQueue[Waiter | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="inbound-commit", daemon=True)
+        self._thread.start()
+
+    async def store(self, arrival: Arrival) -> int:
+        """Return the stored id once the message is committed; raises if the commit failed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[int] = loop.create_future()
+        self._queue.put((arrival, loop, future))
+        return await future
+
+    def close(self) -> None:
+        """Commit everything already queued, then stop the writer thread."""
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch: list[Waiter] = []
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self._max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            else:
+                stopping = True
+            if batch:
+                self._commit(batch)
+
+    def _commit(self, batch: list[Waiter]) -> None:
+        try:
+            outcome: list[int] | BaseException = store(self._engine, [arrival for arrival, _, _ in batch])
+        except Exception as exc:  # every waiter must hear about it: each answers 451
+            log.error("event=store-failed messages=%d error=%r", len(batch), exc)
+            outcome = exc
+        else:
+            self._on_commit()
+        # One wake-up per event loop for the whole group, not one per message.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
+        for position, (_, loop, future) in enumerate(batch):
+            result = outcome if isinstance(outcome, BaseException) else outcome[position]
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, answers in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_answer, answers)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
+        if self._wal_limit is not None and not isinstance(outcome, BaseException):
+            self._bound_wal(sum(len(arrival.raw) for arrival, _, _ in batch))
+
+    def _bound_wal(self, committed: int) -> None:
+        """Checkpoint (PASSIVE) once the WAL file has grown past the limit.
+
+        The listener's connections never checkpoint on commit (see :func:`intake.store.db.make_engine`):
+        the worker does. Should the worker be down or stuck, the WAL would grow without bound. And
+        under sustained load even the worker's checkpoints never let the WAL start over, as more
+        is committed while they copy. This one runs on the commit thread between two commits, so
+        none of the listener's lands while it copies and the next can start the WAL over (cutting
+        the file back to the limit, see ``journal_size_limit`` in :mod:`intake.store.db`). The
+        file's size is looked at only every quarter of the limit of mail committed, after the
+        batch's answers are on their way; the commits queued meanwhile wait for the copy, which
+        happens once per limit of mail, and is short when the worker keeps up."""
+        self._unmeasured += committed
+        if self._unmeasured < self._wal_limit // 4:
+            return
+        self._unmeasured = 0
+        size = wal_size(self._engine)
+        if size > self._wal_limit:
+            log.info("event=wal-checkpoint wal_bytes=%d limit=%d", size, self._wal_limit)
+            try:
+                checkpoint(self._engine)
+            except Exception as exc:  # noqa: BLE001 - the next look tries again; commits must go on
+                log.warning("event=wal-checkpoint-failed error=%r", exc)
+
+
+def _answer(answers: list[tuple[asyncio.Future[int], int | BaseException]]) -> None:
+    for future, result in answers:
+        if future.done():  # the SMTP session went away meanwhile
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+def pending(engine: Engine, limit: int) -> list[StoredMessage]:
+    """The oldest pending messages, at most *limit*."""
+    table = InboundMessage.__table__
+    query = (
+        select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at)
+        .where(table.c.status == InboundStatus.PENDING)
+        .order_by(table.c.id)
+        .limit(limit)
+    )
+    with read_session(engine) as session:
+        return [StoredMessage(*row) for row in session.execute(query)]
+
+
+def failed_ids(engine: Engine) -> list[int]:
+    with read_session(engine) as session:
+        query = select(InboundMessage.id).where(InboundMessage.status == InboundStatus.FAILED)
+        return list(session.scalars(query))
+
+
+def requeue(engine: Engine, ids: list[int]) -> list[int]:
+    """Put failed or ignored messages back to pending; returns the ids that were requeued."""
+    if not ids:
+        return []
+    table = InboundMessage.__table__
+    with write_session(engine) as session:
+        result = session.execute(
+            update(table)
+            .where(table.c.id.in_(ids), table.c.status.in_([InboundStatus.FAILED, InboundStatus.IGNORED]))
+            .values(status=InboundStatus.PENDING, error=None)
+            .returning(table.c.id)
+        )
+        return sorted(row[0] for row in result)
+
+
+def get(engine: Engine, message_id: int) -> InboundMessage | None:
+    with read_session(engine) as session:
+        return session.get(InboundMessage, message_id)

@@ -1,0 +1,274 @@
+"""The tables (SQLModel). Every instant is stored as UTC and read back timezone-aware."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlmodel import Field, SQLModel
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware datetimes in, aware UTC datetimes out, on SQLite (no zone support) and PostgreSQL."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; intake stores aware UTC instants")
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+def _instant(*, nullable: bool = False, index: bool = False) -> Any:
+    return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
+
+
+class InboundStatus:
+    PENDING = "pending"
+    PROCESSED = "processed"
+    IGNORED = "ignored"
+    FAILED = "failed"
+
+
+class InboundMessage(SQLModel, table=True):
+    """A message exactly as received: committed before the listener answers 250."""
+
+    __tablename__ = "inbound_message"
+    __table_args__ = (Index("ix_inbound_status_id", "status", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    received_at: datetime = _instant()
+    # Envelope sender; '' for the null sender <>.
+    mail_from: str = Field(sa_column=Column(Text, nullable=False))
+    rcpt_tos: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    peer: str = Field(default="", sa_column=Column(Text, nullable=False))
+    helo: str = Field(default="", sa_column=Column(Text, nullable=False))
+    size: int
+    sha256: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    status: str = Field(default=InboundStatus.PENDING, sa_column=Column(String(16), nullable=False))
+    # What the router decided (new-ticket, duplicate, auto-reply, ...).
+    decision: str | None = Field(default=None, sa_column=Column(String(32)))
+    # Why: which rule decided, and on what evidence ("In-Reply-To <x> is SEC-2026-0001").
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    attempts: int = 0
+    processed_at: datetime | None = _instant(nullable=True)
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    # The sender-authentication verdict (intake.understand.sender_auth.Verdict.as_dict()), set with the
+    # outcome; None until then, and for messages processed before it was recorded.
+    authentication: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True),
+                                                                              nullable=True))
+
+
+class TicketState:
+    NEW = "new"
+    WAITING = "waiting"  # on the reporter
+    CLOSED = "closed"  # with a close_reason
+
+
+CLOSE_REASONS = ("fixed", "invalid", "duplicate", "out-of-scope", "spam")
+# States in which a ticket has nothing left to meet: no deadlines listed, no reminders sent.
+FINISHED_STATES = ("resolved", TicketState.CLOSED)
+
+
+class Ticket(SQLModel, table=True):
+    """A tracked report, known by its public reference (SEC-2026-0001)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    reference: str = Field(sa_column=Column(String(40), nullable=False, unique=True))
+    subject: str = Field(sa_column=Column(Text, nullable=False))
+    reporter: str = Field(sa_column=Column(Text, nullable=False, index=True))
+    reporter_name: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # The intake address the report came in on; replies go out from it.
+    intake_address: str = Field(sa_column=Column(Text, nullable=False))
+    state: str = Field(default=TicketState.NEW, sa_column=Column(String(24), nullable=False, index=True))
+    severity: str | None = Field(default=None, sa_column=Column(String(16)))
+    # The CVSS v3.x / v4.0 vector the severity was assessed with, and its base score.
+    cvss_vector: str | None = Field(default=None, sa_column=Column(Text))
+    cvss_score: float | None = None
+    policy: str = Field(sa_column=Column(String(64), nullable=False))
+    assignee: str | None = Field(default=None, sa_column=Column(Text))
+    close_reason: str | None = Field(default=None, sa_column=Column(String(16)))
+    labels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Other tickets this one relates to: [{"kind": "mentions", "reference": "SEC-2026-0001"}].
+    links: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # Low-quality score of the report: {"score", "matched", "threshold", "low_quality"}.
+    quality: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # Set when our mail to the reporter bounced for good (a failed DSN); `intake show` says so.
+    reporter_unreachable_at: datetime | None = _instant(nullable=True)
+    received_at: datetime = _instant()
+    created_at: datetime = _instant()
+    updated_at: datetime = _instant()
+
+    # -- credit and advisory (see :mod:`intake.tickets.credit`, :mod:`intake.tickets.advisory`) --
+    # How the reporter wants to be credited, None until known:
+    # {"anonymous", "name", "handle", "url", "source": "report" | "cli", "statement"}.
+    credit: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True), nullable=True))
+
+
+class ThreadEntry(SQLModel, table=True):
+    """One message in or out of a ticket, or an internal note."""
+
+    __tablename__ = "thread_entry"
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    inbound_id: int | None = Field(default=None, foreign_key="inbound_message.id")
+    direction: str = Field(sa_column=Column(String(8), nullable=False))  # in | out | internal
+    kind: str = Field(sa_column=Column(String(24), nullable=False))  # report, automatic, ...
+    # Message-ID of inbound mail, or "sha256:<hex>" when it has none: one entry per message.
+    message_key: str | None = Field(default=None, sa_column=Column(Text, unique=True))
+    message_id: str | None = Field(default=None, sa_column=Column(Text, index=True))
+    in_reply_to: str | None = Field(default=None, sa_column=Column(Text))
+    references: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    sender: str = Field(default="", sa_column=Column(Text, nullable=False))
+    subject: str = Field(default="", sa_column=Column(Text, nullable=False))
+    body_text: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # [{"index", "filename", "original_filename", "content_type", "size", "sha256"}]
+    attachments: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    warnings: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    # How an inbound message found this ticket ("+tag", "In-Reply-To <…>", "subject tag").
+    threaded_by: str | None = Field(default=None, sa_column=Column(Text))
+    # Set for encrypted reports: "pgp-mime", "inline-pgp", "smime".
+    encrypted: str | None = Field(default=None, sa_column=Column(String(16)))
+    created_at: datetime = _instant()
+
+
+class Event(SQLModel, table=True):
+    """Append-only audit trail: who did what to which ticket, when."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    at: datetime = _instant()
+    actor: str = Field(sa_column=Column(Text, nullable=False))
+    kind: str = Field(sa_column=Column(String(40), nullable=False))
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class Deadline(SQLModel, table=True):
+    """When one stage of a ticket's policy is due, as last computed (see :mod:`intake.sla.deadlines`).
+
+    Kept in step with the ticket by every change that moves a deadline, so the scheduler finds
+    due work through the index on unmet ``due_at`` instead of recomputing every ticket."""
+
+    __table_args__ = (
+        UniqueConstraint("ticket_id", "stage"),
+        Index("ix_deadline_unmet_due", "due_at", sqlite_where=text("met_at IS NULL"),
+              postgresql_where=text("met_at IS NULL")),
+        Index("ix_deadline_unmet_notify", "notify_at", sqlite_where=text("met_at IS NULL"),
+              postgresql_where=text("met_at IS NULL")),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    ticket_id: int = Field(foreign_key="ticket.id", index=True)
+    stage: str = Field(sa_column=Column(String(64), nullable=False))
+    # Position of the stage in its policy, for display in policy order.
+    position: int
+    # None while the stage has not started (it waits on another) or its clock is paused.
+    due_at: datetime | None = _instant(nullable=True)
+    started_at: datetime | None = _instant(nullable=True)
+    met_at: datetime | None = _instant(nullable=True)
+    # One line for people: "2 business days in Australia/Brisbane from receipt; skipped ...".
+    basis: str = Field(sa_column=Column(Text, nullable=False))
+    # The strictest duration was used because the severity is not known yet.
+    severity_assumed: bool = Field(sa_column=Column(Boolean, nullable=False))
+    computed_at: datetime = _instant()
+    # When the scheduler's sweep next has to look at this stage: its next reminder point, its due
+    # instant (breach notice), the next repeat or escalation; None: nothing to tell (met, paused,
+    # pending). Derived from due_at, so the sweep reads only due work through its index.
+    notify_at: datetime | None = _instant(nullable=True)
+
+
+class OutboxStatus:
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD = "dead"
+
+
+class Outbox(SQLModel, table=True):
+    """Mail waiting to be sent; the dedupe key makes every notification exactly-once."""
+
+    __table_args__ = (
+        Index("ix_outbox_status_next", "status", "next_attempt_at"),
+        Index("ix_outbox_rate", "rate_key", "created_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    dedupe_key: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    kind: str = Field(sa_column=Column(String(24), nullable=False))
+    # Envelope sender; '' is the null sender <> (automatic replies, RFC 3834).
+    envelope_from: str = Field(sa_column=Column(Text, nullable=False))
+    recipients: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    # Automatic mail only: the lowercased recipient, for the per-recipient rate limit.
+    rate_key: str | None = Field(default=None, sa_column=Column(Text))
+    message_id: str = Field(sa_column=Column(Text, nullable=False))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    status: str = Field(default=OutboxStatus.PENDING, sa_column=Column(String(16), nullable=False))
+    attempts: int = 0
+    created_at: datetime = _instant()
+    next_attempt_at: datetime = _instant()
+    sent_at: datetime | None = _instant(nullable=True)
+    # A sender's claim on the row while it sends; an expired lease is claimable again.
+    lease_until: datetime | None = _instant(nullable=True)
+    lease_owner: str | None = Field(default=None, sa_column=Column(String(32)))
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class ServiceSecret(SQLModel, table=True):
+    """A secret the service made for itself, shared by every node through the database (used only
+    when the operator gave none; see :mod:`intake.understand.reply_tokens`)."""
+
+    __tablename__ = "service_secret"
+
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    value: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = _instant()
+
+
+class Notification(SQLModel, table=True):
+    """A reminder, breach notice, escalation, new-ticket notice or digest that was queued.
+
+    The unique key ("remind:SEC-2026-0001:assess:50%", "breach:SEC-2026-0001:assess:2",
+    "escalate:…", "new:…", "digest:daily:2026-03-30T06:00Z") is written in the transaction that
+    queues the mail, so each notification goes out exactly once, whoever sweeps."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(sa_column=Column(Text, nullable=False, unique=True))
+    # new-ticket, reminder, breach, escalation, digest
+    kind: str = Field(sa_column=Column(String(24), nullable=False))
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
+    stage: str | None = Field(default=None, sa_column=Column(String(64)))
+    # The reminder point ("50%", "24 hours before", "breach", "repeat 2") or the digest's name.
+    label: str = Field(sa_column=Column(Text, nullable=False))
+    # When it fell due: the reminder point, the due instant (+ repeats), the digest's scheduled time.
+    due_at: datetime = _instant()
+    created_at: datetime = _instant()
+    recipients: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    # The outbox row that carries it (several notifications of one ticket can share one mail).
+    outbox_key: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class ReferenceCounter(SQLModel, table=True):
+    """Last number handed out per prefix and year (SEC-2026-0001, SEC-2026-0002, ...)."""
+
+    __tablename__ = "reference_counter"
+    __table_args__ = (UniqueConstraint("prefix", "year"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    prefix: str = Field(sa_column=Column(String(16), nullable=False))
+    year: int
+    last: int = 0

@@ -1,0 +1,1 @@
+"""Tickets: opening, threading, triage, milestones, credit, correspondence and mail commands."""

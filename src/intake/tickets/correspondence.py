@@ -1,0 +1,109 @@
+"""Mail maintainers send to a reporter, and internal notes that never leave.
+
+A reply goes out from the ticket's intake address (never a maintainer's own) to the reporter, as
+``Re: [SEC-2026-0001] <subject>`` threaded under the reporter's latest message, and is queued in
+the outbox in the caller's transaction. It is recorded as correspondence on the ticket and, where
+the ticket has no human acknowledgement yet, counts as one (see :mod:`intake.tickets.milestones`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import datetime
+
+from email.utils import format_datetime
+from sqlalchemy import insert, select
+from sqlmodel import Session
+
+from intake.tickets import milestones
+from intake.send import outbox
+from intake.send import composer as replies
+from intake.tickets import core as tickets
+from intake.config.settings import Settings
+from intake.store.models import ThreadEntry
+from intake.store.models import Ticket
+from intake.understand.parse import clean_text
+
+# Human mail is not RFC 3834 automatic: a normal envelope sender, so bounces come back to us.
+CORRESPONDENCE = "correspondence"
+NOTE = "note"
+REPORTER_KINDS = ("report", "reporter-reply")
+
+
+class EmptyMessage(ValueError):
+    """Nothing to send: the text is empty once trimmed."""
+
+
+def _check_body(body: str) -> str:
+    text = body.strip("\n")
+    if not text.strip():
+        raise EmptyMessage("the message is empty: nothing sent")
+    return text + "\n"
+
+
+def _latest_from_reporter(session: Session, ticket: Ticket) -> ThreadEntry | None:
+    return session.scalars(
+        # The reporter's own mail only: a maintainer's Message-ID would name their domain.
+        select(ThreadEntry).where(ThreadEntry.ticket_id == ticket.id, ThreadEntry.kind.in_(REPORTER_KINDS),
+                                  ThreadEntry.message_id.is_not(None))
+        .order_by(ThreadEntry.created_at.desc(), ThreadEntry.id.desc())
+    ).first()
+
+
+def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: str, *, kind: str, now: datetime,
+                  actor: str, cc: tuple[str, ...] = (),
+                  attachments: tuple[replies.Attachment, ...] = ()) -> replies.OutgoingMail:
+    """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it."""
+    text = _check_body(body)
+    subject = f"Re: [{ticket.reference}] {clean_text(ticket.subject)}"
+    message_id = replies.new_message_id(kind, ticket.reference, settings.intake.message_id_domain)
+    headers = [("To", ticket.reporter)]
+    if cc:
+        headers.append(("Cc", ", ".join(cc)))
+    headers += [("Subject", subject), ("Date", format_datetime(now)), ("Message-ID", message_id)]
+    parent = _latest_from_reporter(session, ticket)
+    if parent is not None:
+        headers += [("In-Reply-To", parent.message_id),
+                    ("References", " ".join([*parent.references, parent.message_id][-20:]))]
+    headers += [(replies.LOOP_HEADER, settings.intake.message_id_domain), ("X-Intake-Ticket", ticket.reference)]
+    mail = replies.OutgoingMail(
+        dedupe_key=f"{kind}:{ticket.reference}:{uuid.uuid4().hex}",
+        kind=kind,
+        envelope_from=ticket.intake_address,
+        recipients=[ticket.reporter, *cc],
+        message_id=message_id,
+        raw=replies.compose((settings.intake.from_name, ticket.intake_address), headers, text, attachments),
+    )
+    outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
+    session.execute(insert(ThreadEntry.__table__).values(
+        ticket_id=ticket.id, direction="out", kind=kind, message_id=message_id,
+        in_reply_to=parent.message_id if parent else None, references=[], sender=ticket.intake_address,
+        subject=subject, body_text=text, warnings=[], created_at=now,
+        attachments=[{"index": n, "filename": a.filename, "original_filename": a.filename,
+                      "content_type": a.content_type, "size": len(a.data), "sha256": hashlib.sha256(a.data).hexdigest()}
+                     for n, a in enumerate(attachments, start=1)]))
+    tickets.add_event(session, ticket.id, f"{kind}-queued", now, actor=actor, to=ticket.reporter, cc=list(cc),
+                      message_id=message_id)
+    ticket.updated_at = now
+    return mail
+
+
+def reply(session: Session, settings: Settings, ticket: Ticket, body: str, *, now: datetime, actor: str,
+          cc: tuple[str, ...] = (), attachments: tuple[replies.Attachment, ...] = ()) -> replies.OutgoingMail:
+    """A maintainer's reply to the reporter; the ticket's first counts as its human acknowledgement."""
+    mail = mail_reporter(session, settings, ticket, body, kind=CORRESPONDENCE, now=now, actor=actor, cc=cc,
+                         attachments=attachments)
+    if not milestones.reached(session, settings, ticket, "acknowledged"):
+        milestones.record(session, settings, ticket, "acknowledged", at=now, now=now, actor=actor, via="reply")
+    return mail
+
+
+def note(session: Session, ticket: Ticket, body: str, *, now: datetime, actor: str) -> None:
+    """An internal note on the ticket: shown to maintainers, never sent."""
+    text = _check_body(body)
+    session.execute(insert(ThreadEntry.__table__).values(
+        ticket_id=ticket.id, direction="internal", kind=NOTE, references=[], sender=actor, subject="",
+        body_text=text, attachments=[], warnings=[], created_at=now))
+    tickets.add_event(session, ticket.id, "note-added", now, actor=actor)
+    ticket.updated_at = now

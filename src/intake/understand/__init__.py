@@ -1,0 +1,1 @@
+"""Bytes to meaning: parsing, sender authentication, quality scoring, reply tokens and routing."""
