@@ -33,16 +33,12 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from intake.sla import deadlines
-from intake.sla import digest
-from intake.sla import reminders
-from intake.store import schema
 from intake.config.settings import load_settings
-from intake.store.db import make_engine
-from intake.store.db import write_session
-from intake.store.models import Deadline
-from intake.store.models import Ticket
+from intake.sla import deadlines, digest, reminders
 from intake.sla.engine import StageDeadline
+from intake.store import schema
+from intake.store.db import make_engine, write_session
+from intake.store.models import Deadline, Ticket
 
 ROOT = Path(__file__).resolve().parent.parent
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)

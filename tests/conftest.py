@@ -26,19 +26,16 @@ from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 from sqlalchemy import select
 
-from intake.run import processor
-from intake.store import schema
-from intake.understand import sender_auth
 from intake.cli.app import main
-from intake.config.settings import Settings
-from intake.config.settings import load_settings
-from intake.store.db import make_engine
-from intake.store.db import read_session
+from intake.config.settings import Settings, load_settings
+from intake.run import processor
+from intake.run.service import start_listener
+from intake.send.outbox import OutboxSender, make_transport
+from intake.store import schema
+from intake.store.db import make_engine, read_session
 from intake.store.inbound import GroupCommitter
 from intake.store.models import Ticket
-from intake.send.outbox import OutboxSender
-from intake.send.outbox import make_transport
-from intake.run.service import start_listener
+from intake.understand import sender_auth
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = ROOT / "config.toml"

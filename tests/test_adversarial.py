@@ -12,20 +12,12 @@ import pytest
 
 import adversarial
 from conftest import all_tickets, process, report, smtp_send
-from intake.tickets import credit
-from intake.tickets import maintainer_mail
-from intake.understand import parse
 from intake import patterns
 from intake.run import processor
-from intake.send import composer as replies
-from intake.understand import route
-from intake.understand import quality as spam
-from intake.understand import text_work
-from intake.tickets import core as tickets
-from intake.understand.quality import SHIPPED_RULES
-from intake.understand.quality import RulesError
-from intake.understand.quality import load_rules
-from intake.understand.quality import parse_rules
+from intake.send import composer
+from intake.tickets import core as tickets, credit, maintainer_mail
+from intake.understand import parse, quality, route, text_work
+from intake.understand.quality import SHIPPED_RULES, RulesError, load_rules, parse_rules
 
 
 @pytest.fixture
@@ -52,7 +44,7 @@ def test_every_pattern_applied_to_senders_text_is_an_re2_pattern(make_settings):
     assert isinstance(config.reference_pattern, patterns.Pattern)
     assert isinstance(config.reply_address_tag, patterns.Pattern)
     assert isinstance(credit._QUOTE_HEADER, patterns.Pattern)  # the pattern of the 39 s reply
-    assert isinstance(replies._REPLY_PREFIX, patterns.Pattern)
+    assert isinstance(composer._REPLY_PREFIX, patterns.Pattern)
     assert settings.never_answered("no-reply@example.org") and not settings.never_answered("alice@example.org")
 
 
@@ -87,7 +79,7 @@ def test_lookarounds_rewritten_for_re2_mean_what_they_meant():
     assert parse._status_code("Status: 5.1.1") == "5.1.1"
     assert parse._status_code("v1.5.1.10 then 4.4.7 (delayed)") == "4.4.7"
     assert parse._status_code("build 2.0.0.1") is None
-    assert spam.parse_rules('threshold = 1.0\n[[rule]]\nname = "link"\ndescription = "x"\nscore = 1.0\n'
+    assert quality.parse_rules('threshold = 1.0\n[[rule]]\nname = "link"\ndescription = "x"\nscore = 1.0\n'
                             "body_absent = ['https?://[^\\s/]+/\\S*']\n"
                             "body_ignore = ['https?://mxtoolbox\\.com\\S*']\n").score(
         parse.parse(b"Subject: x\r\n\r\nSee https://mxtoolbox.com/SuperTool.aspx\r\n")).low_quality
@@ -124,7 +116,7 @@ class _Counting:
             return method(pattern, *args, **kwargs)
         return counted
 
-    def work(self, raw: bytes, rules: spam.RuleSet) -> tuple[int, int]:
+    def work(self, raw: bytes, rules: quality.RuleSet) -> tuple[int, int]:
         self.characters = self.calls = 0
         mail = parse.parse(raw)
         rules.score(mail)
@@ -183,7 +175,7 @@ def test_no_text_work_runs_while_the_write_lock_is_held(make_settings, start_int
     for module, name in [(credit, "recognise"), (credit, "own_words"), (maintainer_mail, "split_commands"),
                          (maintainer_mail, "trim_reply"), (text_work, "read"), (parse, "parse")]:
         monkeypatch.setattr(module, name, forbidden_under_lock(getattr(module, name)))
-    monkeypatch.setattr(spam.RuleSet, "score", forbidden_under_lock(spam.RuleSet.score))
+    monkeypatch.setattr(quality.RuleSet, "score", forbidden_under_lock(quality.RuleSet.score))
 
     # The attack of finding 1, threaded into the ticket as the reporter's reply.
     flood = report(subject="Re: XSS in the login form", message_id="<reply@researcher.test>",

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import update
 
 from conftest import process, report, smtp_send
-from intake.tickets import core as tickets
 from intake.store.db import write_session
 from intake.store.models import Ticket
+from intake.tickets import core as tickets
 
 SCHEMA = json.loads((Path(__file__).parent / "data" / "osv-schema.json").read_text())
 VECTOR = "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H"

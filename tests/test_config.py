@@ -10,10 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHIPPED_CONFIG
-from intake.config.settings import EXIT_CONFIG
-from intake.config.settings import ConfigError
-from intake.config.settings import load_settings
-from intake.config.settings import read_secret
+from intake.config.settings import EXIT_CONFIG, ConfigError, load_settings, read_secret
 
 INTAKE = Path(sys.executable).parent / "intake"
 

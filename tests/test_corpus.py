@@ -11,8 +11,7 @@ from sqlalchemy import select
 
 from conftest import CORPUS, process, smtp_send
 from intake.store.db import read_session
-from intake.store.models import InboundMessage
-from intake.store.models import ThreadEntry
+from intake.store.models import InboundMessage, ThreadEntry
 from intake.understand.parse import clean_text
 
 SAMPLES = sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.suffix in {".eml", ".txt", ""}

@@ -10,8 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from conftest import process, report, smtp_send
-from intake.tickets import credit
-from intake.tickets import core as tickets
+from intake.tickets import core as tickets, credit
 
 
 @pytest.fixture

@@ -15,15 +15,12 @@ from pathlib import Path
 import pytest
 
 from conftest import process, report
-from intake.sla import digest
-from intake.store import inbound
-from intake.tickets import milestones
-from intake.send import outbox
 from intake.run import scheduler
-from intake.store import schema
-from intake.tickets import core as tickets
-from intake.store.db import make_engine
-from intake.store.db import write_session
+from intake.send import outbox
+from intake.sla import digest
+from intake.store import inbound, schema
+from intake.store.db import make_engine, write_session
+from intake.tickets import core as tickets, milestones
 
 UTC = timezone.utc
 INTAKE = Path(sys.executable).parent / "intake"

@@ -14,22 +14,15 @@ import pytest
 from sqlalchemy import select
 
 from conftest import all_tickets, process, report, smtp_send
-from intake.store import inbound
-from intake.tickets import maintainer_mail
-from intake.send import outbox
 from intake.run import processor
-from intake.understand import route
-from intake.understand import text_work
-from intake.tickets import core as tickets
-from intake.store.db import read_session
-from intake.store.db import write_session
-from intake.store.models import InboundMessage
-from intake.store.models import Ticket
+from intake.send import outbox
+from intake.store import inbound
+from intake.store.db import read_session, write_session
+from intake.store.models import InboundMessage, Ticket
+from intake.tickets import core as tickets, maintainer_mail
+from intake.understand import route, text_work
 from intake.understand.parse import parse
-from intake.understand.sender_auth import FAIL
-from intake.understand.sender_auth import NONE
-from intake.understand.sender_auth import PASS
-from intake.understand.sender_auth import Verdict
+from intake.understand.sender_auth import FAIL, NONE, PASS, Verdict
 
 YEAR = datetime.now(timezone.utc).year
 REF1 = f"SEC-{YEAR}-0001"

@@ -23,13 +23,10 @@ import pytest
 import trustme
 from sqlalchemy import insert
 
-from intake.store import inbound
-from intake.store import schema
-from intake.store.db import make_engine
-from intake.store.db import wal_size
-from intake.store.inbound import Arrival
-from intake.store.inbound import GroupCommitter
 from intake.receive.listener import ConnectionLimits
+from intake.store import inbound, schema
+from intake.store.db import make_engine, wal_size
+from intake.store.inbound import Arrival, GroupCommitter
 from intake.store.models import InboundMessage
 
 

@@ -14,11 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from intake.config.settings import LoggingSection
-from intake.run.logs import StructuredFormatter
-from intake.run.logs import make_handler
-from intake.run.logs import parse_fields
-from intake.run.logs import stderr_is_journal
-from intake.run.logs import timestamp
+from intake.run.logs import StructuredFormatter, make_handler, parse_fields, stderr_is_journal, timestamp
 
 _LOGFMT_PAIR = re.compile(r'([^\s=]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s+|$)')
 

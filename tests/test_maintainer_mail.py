@@ -19,15 +19,12 @@ import pytest
 from sqlalchemy import select
 
 from conftest import TRUSTED_MX, deliver_outbox, process, report, smtp_send, trusted_results
-from intake.understand import reply_tokens
-from intake.understand import route
 from intake.store import schema
-from intake.tickets import core as tickets
-from intake.store.db import make_engine
-from intake.store.db import read_session
+from intake.store.db import make_engine, read_session
 from intake.store.models import InboundMessage
-from intake.tickets.maintainer_mail import split_commands
-from intake.tickets.maintainer_mail import trim_reply
+from intake.tickets import core as tickets
+from intake.tickets.maintainer_mail import split_commands, trim_reply
+from intake.understand import reply_tokens, route
 from intake.understand.parse import parse
 from intake.understand.sender_auth import Verdict
 

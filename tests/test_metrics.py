@@ -10,11 +10,9 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import deliver_outbox, process, report
+from intake.config.settings import ConfigError, MetricsSection
+from intake.run import metrics, readings
 from intake.store import inbound
-from intake.run import metrics
-from intake.run import readings
-from intake.config.settings import ConfigError
-from intake.config.settings import MetricsSection
 from intake.store.db import make_engine
 
 

@@ -14,11 +14,9 @@ from sqlalchemy import inspect, select
 
 from conftest import process, report, smtp_send
 from intake.sla import deadlines
-from intake.tickets import milestones
-from intake.tickets import core as tickets
-from intake.store.db import read_session
-from intake.store.db import write_session
+from intake.store.db import read_session, write_session
 from intake.store.models import Deadline
+from intake.tickets import core as tickets, milestones
 
 PAUSING_POLICY = """
 [policies.pausing]

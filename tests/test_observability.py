@@ -16,11 +16,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, report, smtp_send
-from intake.store import inbound
 from intake.run import metrics
-from intake.understand import route
-from intake.store import schema
+from intake.store import inbound, schema
 from intake.store.db import make_engine
+from intake.understand import route
 from test_logs import parse_logfmt
 from test_serve import serve, serve_env  # noqa: F401 - fixtures
 

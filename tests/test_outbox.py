@@ -27,18 +27,13 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from conftest import free_port, process, report, smtp_send
-from intake.store import inbound
 from intake.send import outbox
-from intake.store import schema
-from intake.store.db import make_engine
-from intake.store.db import read_session
-from intake.store.db import write_session
+from intake.send.composer import OutgoingMail
+from intake.send.outbox import Delivery, OutboxSender, make_transport
+from intake.store import inbound, schema
+from intake.store.db import make_engine, read_session, write_session
 from intake.store.inbound import Arrival
 from intake.store.models import Outbox
-from intake.send.outbox import Delivery
-from intake.send.outbox import OutboxSender
-from intake.send.outbox import make_transport
-from intake.send.composer import OutgoingMail
 
 INTAKE = Path(sys.executable).parent / "intake"
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)

@@ -25,22 +25,12 @@ from hypothesis import strategies as st
 from mailparser.utils import decode_base64_payload
 
 from conftest import CORPUS
-from intake.understand import parse as parse_module
-from intake.understand import parse_guard
-from intake.understand.quality import SHIPPED_RULES
-from intake.understand.quality import SpamScore
-from intake.understand.quality import load_rules
-from intake.understand.parse import MAX_BODY_TEXT
-from intake.understand.parse import MAX_FILENAME
-from intake.understand.parse import MAX_MIME_DEPTH
-from intake.understand.parse import MAX_MIME_PARTS
-from intake.understand.parse import DeliveryReport
-from intake.understand.parse import ParsedMail
-from intake.understand.parse import clean_text
-from intake.understand.parse import extract_attachment
-from intake.understand.parse import parse
-from intake.understand.parse import parse_headers_only
-from intake.understand.parse import safe_filename
+from intake.understand import parse as parse_module, parse_guard
+from intake.understand.parse import (
+    MAX_BODY_TEXT, MAX_FILENAME, MAX_MIME_DEPTH, MAX_MIME_PARTS, DeliveryReport, ParsedMail, clean_text,
+    extract_attachment, parse, parse_headers_only, safe_filename,
+)
+from intake.understand.quality import SHIPPED_RULES, SpamScore, load_rules
 
 # Generous: each hostile message parses in milliseconds; unbounded, several take seconds or never end.
 QUICK = 5.0

@@ -10,15 +10,11 @@ import pytest
 from sqlalchemy import select
 
 from conftest import all_tickets, deliver_outbox, process, report, smtp_send
-from intake.store import inbound
 from intake.send import outbox
-from intake.tickets import core as tickets
+from intake.store import inbound
 from intake.store.db import read_session
-from intake.store.models import Event
-from intake.store.models import InboundMessage
-from intake.store.models import Outbox
-from intake.store.models import ThreadEntry
-from intake.store.models import Ticket
+from intake.store.models import Event, InboundMessage, Outbox, ThreadEntry, Ticket
+from intake.tickets import core as tickets
 
 
 def _outbox_rows(engine) -> list[Outbox]:

@@ -13,11 +13,9 @@ from sqlalchemy import select
 
 from conftest import all_tickets, deliver_outbox, process, report, smtp_send
 from intake.send import outbox
+from intake.store.db import read_session, write_session
+from intake.store.models import InboundMessage, Ticket
 from intake.tickets import core as tickets
-from intake.store.db import read_session
-from intake.store.db import write_session
-from intake.store.models import InboundMessage
-from intake.store.models import Ticket
 
 YEAR = datetime.now(timezone.utc).year
 REF1 = f"SEC-{YEAR}-0001"

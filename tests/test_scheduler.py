@@ -16,19 +16,13 @@ import pytest
 from sqlalchemy import select, update
 
 from conftest import TRUSTED_MX, process, report, trusted_results
-from intake.sla import deadlines
-from intake.store import inbound
-from intake.tickets import milestones
 from intake.send import outbox
-from intake.sla import reminders
+from intake.sla import deadlines, reminders
+from intake.store import inbound, schema
+from intake.store.db import make_engine, read_session, write_session
+from intake.store.models import Deadline, Notification
+from intake.tickets import core as tickets, milestones
 from intake.understand import reply_tokens
-from intake.store import schema
-from intake.tickets import core as tickets
-from intake.store.db import make_engine
-from intake.store.db import read_session
-from intake.store.db import write_session
-from intake.store.models import Deadline
-from intake.store.models import Notification
 
 UTC = timezone.utc
 BRISBANE = timezone(timedelta(hours=10))

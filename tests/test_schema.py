@@ -13,11 +13,9 @@ import pytest
 from sqlalchemy import Column, MetaData, Table, Text, inspect, select, text
 from sqlmodel import SQLModel
 
-from intake.store import models
-from intake.store import schema
+from intake.store import models, schema
+from intake.store.db import make_engine, read_session
 from intake.tickets import core as tickets
-from intake.store.db import make_engine
-from intake.store.db import read_session
 
 INTAKE = Path(sys.executable).parent / "intake"
 T0 = datetime(2026, 3, 2, 9, 30, 15, 123456, tzinfo=timezone.utc)

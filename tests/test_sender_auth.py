@@ -14,13 +14,9 @@ from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from intake.understand import sender_auth
 from intake.config.settings import SenderAuthSection
-from intake.understand.sender_auth import FAIL
-from intake.understand.sender_auth import NONE
-from intake.understand.sender_auth import PASS
-from intake.understand.sender_auth import StaticResolver
-from intake.understand.sender_auth import authenticate
+from intake.understand import sender_auth
+from intake.understand.sender_auth import FAIL, NONE, PASS, StaticResolver, authenticate
 
 TRUSTED = SenderAuthSection(trusted_authserv_ids=["mx.example.com"])
 VERIFY = SenderAuthSection()

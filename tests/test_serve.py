@@ -24,9 +24,8 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from conftest import SinkHandler, free_port, report
-from intake.store import inbound
-from intake.store import schema
 from intake.run.service import WORKER_NICENESS
+from intake.store import inbound, schema
 from intake.store.db import make_engine
 
 pytestmark = pytest.mark.slow

@@ -15,16 +15,10 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from intake.sla.engine import CalendarConfig
-from intake.sla.engine import PolicyConfig
-from intake.sla.engine import StageConfig
-from intake.sla.engine import acknowledge_met_at
-from intake.sla.engine import add_duration
-from intake.sla.engine import builtin_calendars
-from intake.sla.engine import compute_deadlines
-from intake.sla.engine import parse_duration
-from intake.sla.engine import stage_state
-from intake.sla.engine import validate_policies
+from intake.sla.engine import (
+    CalendarConfig, PolicyConfig, StageConfig, acknowledge_met_at, add_duration, builtin_calendars,
+    compute_deadlines, parse_duration, stage_state, validate_policies,
+)
 
 BRISBANE = ZoneInfo("Australia/Brisbane")  # UTC+10, no DST
 BERLIN = ZoneInfo("Europe/Berlin")  # CET/CEST; 2026 changes on Sun 29 Mar and Sun 25 Oct

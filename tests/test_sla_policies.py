@@ -11,12 +11,9 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from intake.sla.engine import CalendarConfig
-from intake.sla.engine import PolicyConfig
-from intake.sla.engine import acknowledge_met_at
-from intake.sla.engine import compute_deadlines
-from intake.sla.engine import stage_state
-from intake.sla.engine import validate_policies
+from intake.sla.engine import (
+    CalendarConfig, PolicyConfig, acknowledge_met_at, compute_deadlines, stage_state, validate_policies,
+)
 
 BRISBANE = ZoneInfo("Australia/Brisbane")
 

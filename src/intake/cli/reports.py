@@ -13,21 +13,15 @@ from pathlib import Path
 import click
 from sqlalchemy.engine import make_url
 
-from intake.tickets import advisory
-from intake.tickets import credit
 from intake import display
-from intake.store import private_files
+from intake.cli.app import Context, _actor, _emit_json, _fail, main
 from intake.config import security_txt
-from intake.sla import stats
-from intake.tickets import core as tickets
-from intake.cli.app import Context
-from intake.cli.app import _actor
-from intake.cli.app import _emit_json
-from intake.cli.app import _fail
-from intake.cli.app import main
-from intake.display import echo
 from intake.config.settings import EXIT_CONFIG
+from intake.display import echo
+from intake.sla import stats
+from intake.store import private_files
 from intake.store.db import write_session
+from intake.tickets import advisory, core as tickets, credit
 
 _RELATIVE = re.compile(r"(\d+)([hdw])")
 _UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}

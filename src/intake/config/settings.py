@@ -40,15 +40,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from intake import patterns
 from intake.config.security_txt import SecurityTxtSection
-from intake.understand.quality import SHIPPED_RULES
-from intake.understand.quality import RuleSet
-from intake.understand.quality import RulesError
-from intake.understand.quality import load_rules
-from intake.sla.engine import CalendarConfig
-from intake.sla.engine import PolicyConfig
-from intake.sla.engine import builtin_calendars
-from intake.sla.engine import parse_duration
-from intake.sla.engine import validate_policies
+from intake.sla.engine import CalendarConfig, PolicyConfig, builtin_calendars, parse_duration, validate_policies
+from intake.understand.quality import SHIPPED_RULES, RuleSet, RulesError, load_rules
 
 ENV_PREFIX = "INTAKE_"
 CONFIG_ENV = "INTAKE_CONFIG"

@@ -23,11 +23,9 @@ from datetime import datetime, timezone
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from intake.config.settings import Settings, base_address
 from intake.run import metrics
-from intake.config.settings import Settings
-from intake.config.settings import base_address
-from intake.store.inbound import Arrival
-from intake.store.inbound import GroupCommitter
+from intake.store.inbound import Arrival, GroupCommitter
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from sqlalchemy import Engine
 
+from intake.config.settings import MetricsSection
 from intake.run import readings
 from intake.understand import route
-from intake.config.settings import MetricsSection
 
 log = logging.getLogger(__name__)
 

@@ -30,22 +30,15 @@ from sqlalchemy import Engine, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from intake.store import inbound
-from intake.tickets import maintainer_mail
-from intake.understand import parse_guard
-from intake.understand import reply_tokens
-from intake.understand import route
-from intake.understand import sender_auth
-from intake.tickets import core as tickets
 from intake.config.settings import Settings
-from intake.store.db import read_session
-from intake.store.db import write_session
+from intake.store import inbound
+from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
-from intake.store.models import InboundMessage
-from intake.store.models import InboundStatus
+from intake.store.models import InboundMessage, InboundStatus
+from intake.tickets import core as tickets, maintainer_mail
+from intake.understand import parse_guard, reply_tokens, route, sender_auth
 from intake.understand.parse import ParsedMail
-from intake.understand.sender_auth import NONE
-from intake.understand.sender_auth import Verdict
+from intake.understand.sender_auth import NONE, Verdict
 from intake.understand.text_work import TextWork
 
 log = logging.getLogger(__name__)

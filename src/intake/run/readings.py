@@ -13,13 +13,7 @@ from sqlalchemy import Engine, and_, func, or_, select, text
 from sqlmodel import Session
 
 from intake.store.db import read_session
-from intake.store.models import FINISHED_STATES
-from intake.store.models import Deadline
-from intake.store.models import InboundMessage
-from intake.store.models import InboundStatus
-from intake.store.models import Outbox
-from intake.store.models import OutboxStatus
-from intake.store.models import Ticket
+from intake.store.models import FINISHED_STATES, Deadline, InboundMessage, InboundStatus, Outbox, OutboxStatus, Ticket
 
 
 @dataclass(frozen=True)

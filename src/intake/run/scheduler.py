@@ -23,9 +23,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import Engine
 
-from intake.sla import digest
-from intake.sla import reminders
 from intake.config.settings import Settings
+from intake.sla import digest, reminders
 
 log = logging.getLogger(__name__)
 

@@ -40,26 +40,15 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from intake.config.settings import EXIT_CONFIG, ConfigError, LoggingSection, Settings, load_settings
+from intake.receive.listener import IntakeHandler, smtp_factory
+from intake.run import logs, metrics, processor, scheduler
+from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.run import logs
-from intake.run import metrics
-from intake.understand import parse_guard
-from intake.run import processor
-from intake.run import scheduler
 from intake.store import schema
-from intake.config.settings import EXIT_CONFIG
-from intake.config.settings import ConfigError
-from intake.config.settings import LoggingSection
-from intake.config.settings import Settings
-from intake.config.settings import load_settings
-from intake.store.db import WAL_LIMIT
-from intake.store.db import checkpoint
-from intake.store.db import make_engine
+from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
-from intake.receive.listener import IntakeHandler
-from intake.receive.listener import smtp_factory
-from intake.send.outbox import OutboxSender
-from intake.send.outbox import make_transport
+from intake.understand import parse_guard
 
 log = logging.getLogger(__name__)
 

@@ -33,18 +33,11 @@ import aiosmtplib
 from sqlalchemy import Engine, bindparam, func, or_, select, update
 from sqlmodel import Session
 
-from intake.config.settings import OutboundSection
-from intake.config.settings import Settings
-from intake.config.settings import read_secret
-from intake.store.db import insert_new
-from intake.store.db import read_session
-from intake.store.db import write_connection
-from intake.store.db import write_session
-from intake.store.models import Outbox
-from intake.store.models import OutboxStatus
-from intake.store.private_files import private_directory
-from intake.store.private_files import write_private
+from intake.config.settings import OutboundSection, Settings, read_secret
 from intake.send.composer import OutgoingMail
+from intake.store.db import insert_new, read_session, write_connection, write_session
+from intake.store.models import Outbox, OutboxStatus
+from intake.store.private_files import private_directory, write_private
 
 log = logging.getLogger(__name__)
 

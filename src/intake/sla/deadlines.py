@@ -19,22 +19,12 @@ from sqlalchemy import Engine, delete, select
 from sqlmodel import Session
 
 from intake.config.settings import Settings
-from intake.store.db import read_session
-from intake.store.db import write_session
-from intake.store.models import Deadline
-from intake.store.models import Event
-from intake.store.models import Ticket
-from intake.store.models import TicketState
-from intake.sla.engine import DEFAULT_DUE_SOON
-from intake.sla.engine import CalendarConfig
-from intake.sla.engine import Pause
-from intake.sla.engine import PolicyConfig
-from intake.sla.engine import StageDeadline
-from intake.sla.engine import acknowledge_met_at
-from intake.sla.engine import compute_deadlines
-from intake.sla.engine import parse_duration
-from intake.sla.engine import reminder_times
-from intake.sla.engine import stage_state
+from intake.sla.engine import (
+    DEFAULT_DUE_SOON, CalendarConfig, Pause, PolicyConfig, StageDeadline, acknowledge_met_at, compute_deadlines,
+    parse_duration, reminder_times, stage_state,
+)
+from intake.store.db import read_session, write_session
+from intake.store.models import Deadline, Event, Ticket, TicketState
 
 # Events that are the automatic reply to a new report: it acknowledges receipt where the policy
 # lets it count (``auto_ack_counts``), whichever template it used.

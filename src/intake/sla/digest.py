@@ -22,21 +22,12 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session
 
-from intake.send import outbox
-from intake.send import composer as replies
+from intake.config.settings import DigestSchedule, Settings
+from intake.send import composer, outbox
 from intake.sla import stats
-from intake.config.settings import DigestSchedule
-from intake.config.settings import Settings
-from intake.store.db import insert_new
-from intake.store.db import read_session
-from intake.store.db import write_session
-from intake.store.models import Deadline
-from intake.store.models import Notification
-from intake.store.models import Ticket
-from intake.store.models import TicketState
-from intake.sla.engine import SEVERITIES
-from intake.sla.engine import format_span
-from intake.sla.engine import parse_duration
+from intake.sla.engine import SEVERITIES, format_span, parse_duration
+from intake.store.db import insert_new, read_session, write_session
+from intake.store.models import Deadline, Notification, Ticket, TicketState
 
 SECTION_LIMIT = 50
 # How far back the latest fire time of a schedule is looked for, widening step by step.
@@ -224,14 +215,14 @@ def _context(settings: Settings, digest: Digest) -> dict[str, Any]:
 
 def text(settings: Settings, digest: Digest) -> str:
     """The digest's plain text (what ``intake digest NAME --preview`` shows)."""
-    return replies.render("digest.txt.j2", settings.templates_path, **_context(settings, digest))
+    return composer.render("digest.txt.j2", settings.templates_path, **_context(settings, digest))
 
 
-def render(settings: Settings, digest: Digest, recipients: list[str]) -> replies.OutgoingMail:
+def render(settings: Settings, digest: Digest, recipients: list[str]) -> composer.OutgoingMail:
     """The digest as mail: plain text with an HTML alternative."""
-    html = replies.render("digest.html.j2", settings.templates_path, **_context(settings, digest))
+    html = composer.render("digest.html.j2", settings.templates_path, **_context(settings, digest))
     totals = ", ".join(f"{section.total} {section.key.replace('_', ' ')}" for section in digest.sections[:3])
-    return replies.maintainer_mail(
+    return composer.maintainer_mail(
         kind="digest", dedupe_key=digest.key, reference=digest.name,
         subject=f"[intake] {digest.name} digest {digest.local(digest.period)}: {totals}", recipients=recipients,
         sender=(settings.intake.from_name, settings.smtp.addresses[0]), reply_to=None, text=text(settings, digest), html=html,

@@ -33,22 +33,14 @@ from typing import Any, NamedTuple
 from sqlalchemy import Engine, and_, bindparam, or_, select, update
 from sqlmodel import Session
 
-from intake.sla import deadlines
-from intake.send import outbox
-from intake.send import composer as replies
-from intake.understand import reply_tokens
 from intake.config.settings import Settings
-from intake.store.db import insert_new
-from intake.store.db import read_session
-from intake.store.db import write_session
-from intake.store.models import FINISHED_STATES
-from intake.store.models import Deadline
-from intake.store.models import Notification
-from intake.store.models import Ticket
-from intake.sla.engine import format_span
-from intake.sla.engine import parse_duration
-from intake.sla.engine import reminder_times
+from intake.send import composer, outbox
+from intake.sla import deadlines
+from intake.sla.engine import format_span, parse_duration, reminder_times
+from intake.store.db import insert_new, read_session, write_session
+from intake.store.models import FINISHED_STATES, Deadline, Notification, Ticket
 from intake.tickets.core import find
+from intake.understand import reply_tokens
 
 log = logging.getLogger(__name__)
 
@@ -299,12 +291,12 @@ _SUBJECTS = {"reminder": "Reminder", "breach": "Breached", "escalation": "Escala
 
 
 def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: PlannedMail, now: datetime,
-             reply_secret: bytes) -> list[replies.OutgoingMail]:
+             reply_secret: bytes) -> list[composer.OutgoingMail]:
     """The mail for *mail*'s notices, with where the ticket stands now: one per recipient, each
     replying to that recipient's own reply address."""
     def local(stage: str, at: datetime) -> str:
         zone = deadlines.stage_calendar(settings, ticket.policy, stage).timezone
-        return replies.PromisedDate(stage, at, zone).due_local
+        return composer.PromisedDate(stage, at, zone).due_local
 
     statuses = deadlines.statuses_of(settings, ticket, rows, now)
     headlines = [_headline(notice, local(notice.stage, notice.stage_due), now) for notice in mail.notices]
@@ -324,10 +316,10 @@ def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: Pla
     for recipient in mail.recipients:
         reply_address = reply_tokens.reply_to(settings, reply_secret, ticket.intake_address, ticket.reference,
                                               recipient, now)
-        mails.append(replies.maintainer_mail(
+        mails.append(composer.maintainer_mail(
             kind=mail.kind, dedupe_key=f"{mail.key}>{recipient.lower()}", reference=ticket.reference, subject=subject,
             recipients=[recipient], sender=(settings.intake.from_name, ticket.intake_address), reply_to=reply_address,
-            text=replies.render("notice.txt.j2", settings.templates_path, reply_address=reply_address, **context),
+            text=composer.render("notice.txt.j2", settings.templates_path, reply_address=reply_address, **context),
             message_id_domain=settings.intake.message_id_domain, now=now))
     return mails
 

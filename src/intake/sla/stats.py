@@ -28,9 +28,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 
 from intake.store.db import read_session
-from intake.store.models import Deadline
-from intake.store.models import InboundMessage
-from intake.store.models import Ticket
+from intake.store.models import Deadline, InboundMessage, Ticket
 
 UNASSESSED = "unassessed"
 UNDECIDED = "undecided"

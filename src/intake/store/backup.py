@@ -24,8 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from intake.store import db
-from intake.store.private_files import create_private_file
-from intake.store.private_files import private_directory
+from intake.store.private_files import create_private_file, private_directory
 
 
 class BackupError(Exception):

@@ -32,8 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
-from intake.store.private_files import create_private_file
-from intake.store.private_files import private_directory
+from intake.store.private_files import create_private_file, private_directory
 
 # The most WAL the listener lets pile up before it checkpoints itself (see GroupCommitter), and
 # the size the WAL file is cut back to when it starts over after a checkpoint.

@@ -21,15 +21,10 @@ from datetime import datetime
 
 from sqlalchemy import Dialect, Engine, insert, select, update
 
-from intake.store.db import checkpoint
-from intake.store.db import is_sqlite
-from intake.store.db import read_session
-from intake.store.db import sqlite_write_transaction
-from intake.store.db import wal_size
-from intake.store.db import write_connection
-from intake.store.db import write_session
-from intake.store.models import InboundMessage
-from intake.store.models import InboundStatus
+from intake.store.db import (
+    checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection, write_session,
+)
+from intake.store.models import InboundMessage, InboundStatus
 
 log = logging.getLogger(__name__)
 

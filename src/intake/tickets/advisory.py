@@ -14,9 +14,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from intake.tickets import credit
 from intake.sla import deadlines
-from intake.tickets import core as tickets
+from intake.tickets import core as tickets, credit
 
 PLACEHOLDER = "TODO"
 SCHEMA_VERSION = "1.6.0"

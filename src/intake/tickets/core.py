@@ -22,28 +22,19 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
-from intake.tickets import credit
-from intake.sla import deadlines
-from intake.send import outbox
-from intake.send import composer as replies
-from intake.understand import reply_tokens
-from intake.understand import route
 from intake.config.settings import Settings
+from intake.send import composer, outbox
+from intake.sla import deadlines
+from intake.sla.engine import StageDeadline
 from intake.store.db import read_session
 from intake.store.inbound import StoredMessage
-from intake.store.models import FINISHED_STATES
-from intake.store.models import Deadline
-from intake.store.models import Event
-from intake.store.models import InboundMessage
-from intake.store.models import Notification
-from intake.store.models import Outbox
-from intake.store.models import ReferenceCounter
-from intake.store.models import ThreadEntry
-from intake.store.models import Ticket
-from intake.store.models import TicketState
-from intake.understand.parse import ParsedMail
-from intake.understand.parse import clean_text
-from intake.sla.engine import StageDeadline
+from intake.store.models import (
+    FINISHED_STATES, Deadline, Event, InboundMessage, Notification, Outbox, ReferenceCounter, ThreadEntry, Ticket,
+    TicketState,
+)
+from intake.tickets import credit
+from intake.understand import reply_tokens, route
+from intake.understand.parse import ParsedMail, clean_text
 
 SYSTEM_ACTOR = "intake"
 
@@ -255,7 +246,7 @@ def _initial_deadlines(settings: Settings, policy_name: str, received_at: dateti
 
 
 def promised_dates(settings: Settings, policy_name: str,
-                   computed: list[tuple[StageDeadline, datetime | None]]) -> list[replies.PromisedDate]:
+                   computed: list[tuple[StageDeadline, datetime | None]]) -> list[composer.PromisedDate]:
     """The dates a new report's acknowledgement states (from its *computed* deadlines), in the
     policy's own time zone."""
     policy = settings.policies[policy_name]
@@ -267,7 +258,7 @@ def promised_dates(settings: Settings, policy_name: str,
         stage = next(s for s in policy.stages if s.name == deadline.stage)
         zone = calendars[stage.calendar or policy.calendar].timezone
         note = "depends on severity; the earliest applies until we assess it" if deadline.severity_assumed else ""
-        promised.append(replies.PromisedDate(STAGE_LABELS.get(deadline.stage, deadline.stage), deadline.due,
+        promised.append(composer.PromisedDate(STAGE_LABELS.get(deadline.stage, deadline.stage), deadline.due,
                                              zone, note))
     return promised
 
@@ -305,10 +296,10 @@ class Opening:
     address: str  # the intake address the report came in on; replies go out from it
     policy: str
     refusal: str | None  # why the reporter gets no automatic reply (loop safety, rate limit)
-    reply: replies.OutgoingMail | None
+    reply: composer.OutgoingMail | None
     deadlines: list[tuple[StageDeadline, datetime | None]]  # every stage's deadline, and when met
     credit: credit.Credit | None = None  # how the report asks to be credited, if it says
-    notices: tuple[replies.OutgoingMail, ...] = ()  # the new-ticket notice, one mail per maintainer
+    notices: tuple[composer.OutgoingMail, ...] = ()  # the new-ticket notice, one mail per maintainer
 
 
 def prepare_openings(settings: Settings, reports: list[NewReport], references: list[str], sent: Counter[str],
@@ -350,12 +341,12 @@ def _automatic_reply_refusal(settings: Settings, config: route.RoutingConfig, in
     return None
 
 
-def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> replies.OutgoingMail:
+def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> composer.OutgoingMail:
     """The acknowledgement of a new report, or the out-of-scope reply if its policy answers low-quality ones so."""
     report = opening.report
     mail = report.incoming.mail
     out_of_scope = report.low_quality and settings.policies[opening.policy].low_quality_reply == "out-of-scope"
-    return replies.automatic_reply(
+    return composer.automatic_reply(
         template="out-of-scope.txt.j2" if out_of_scope else "acknowledgement.txt.j2",
         kind="out-of-scope" if out_of_scope else "acknowledgement",
         reference=opening.reference,
@@ -375,12 +366,12 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> rep
 
 
 def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
-                        reply_secret: bytes) -> tuple[replies.OutgoingMail, ...]:
+                        reply_secret: bytes) -> tuple[composer.OutgoingMail, ...]:
     """Tell the maintainers about a new ticket: the report's text, sender, decision and SLA dates;
     one mail each, replying to their own reply address for the ticket."""
     report = opening.report
     mail, stored = report.incoming.mail, report.stored
-    subject = replies.strip_reply_prefixes(clean_text(mail.subject)) or "(no subject)"
+    subject = composer.strip_reply_prefixes(clean_text(mail.subject)) or "(no subject)"
     sender = clean_text(f"{mail.from_name} <{stored.mail_from or mail.from_address}>" if mail.from_name
                         else stored.mail_from or mail.from_address)
     context = dict(
@@ -398,11 +389,11 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
     for recipient in settings.notice_recipients:
         reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient,
                                               now)
-        notices.append(replies.maintainer_mail(
+        notices.append(composer.maintainer_mail(
             kind="new-ticket", dedupe_key=f"new:{opening.reference}>{recipient.lower()}", reference=opening.reference,
             subject=f"[{opening.reference}] New report: {subject}", recipients=[recipient],
             sender=(settings.intake.from_name, opening.address), reply_to=reply_address,
-            text=replies.render("new-ticket.txt.j2", settings.templates_path, reply_address=reply_address, **context),
+            text=composer.render("new-ticket.txt.j2", settings.templates_path, reply_address=reply_address, **context),
             message_id_domain=settings.intake.message_id_domain, now=now))
     return tuple(notices)
 
@@ -475,7 +466,7 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
     mail = report.incoming.mail
     return dict(
         reference=opening.reference,
-        subject=replies.strip_reply_prefixes(mail.subject) or "(no subject)",
+        subject=composer.strip_reply_prefixes(mail.subject) or "(no subject)",
         reporter=report.stored.mail_from or mail.from_address,
         reporter_name=mail.from_name,
         intake_address=opening.address,
@@ -505,7 +496,7 @@ def _opening_events(opening: Opening, ticket_id: int, now: datetime) -> list[dic
     return events
 
 
-def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: replies.OutgoingMail,
+def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: composer.OutgoingMail,
                      now: datetime) -> dict[str, Any]:
     """The thread entry of an automatic reply to a new report."""
     return dict(

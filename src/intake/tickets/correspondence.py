@@ -16,13 +16,10 @@ from email.utils import format_datetime
 from sqlalchemy import insert, select
 from sqlmodel import Session
 
-from intake.tickets import milestones
-from intake.send import outbox
-from intake.send import composer as replies
-from intake.tickets import core as tickets
 from intake.config.settings import Settings
-from intake.store.models import ThreadEntry
-from intake.store.models import Ticket
+from intake.send import composer, outbox
+from intake.store.models import ThreadEntry, Ticket
+from intake.tickets import core as tickets, milestones
 from intake.understand.parse import clean_text
 
 # Human mail is not RFC 3834 automatic: a normal envelope sender, so bounces come back to us.
@@ -53,11 +50,11 @@ def _latest_from_reporter(session: Session, ticket: Ticket) -> ThreadEntry | Non
 
 def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: str, *, kind: str, now: datetime,
                   actor: str, cc: tuple[str, ...] = (),
-                  attachments: tuple[replies.Attachment, ...] = ()) -> replies.OutgoingMail:
+                  attachments: tuple[composer.Attachment, ...] = ()) -> composer.OutgoingMail:
     """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it."""
     text = _check_body(body)
     subject = f"Re: [{ticket.reference}] {clean_text(ticket.subject)}"
-    message_id = replies.new_message_id(kind, ticket.reference, settings.intake.message_id_domain)
+    message_id = composer.new_message_id(kind, ticket.reference, settings.intake.message_id_domain)
     headers = [("To", ticket.reporter)]
     if cc:
         headers.append(("Cc", ", ".join(cc)))
@@ -66,14 +63,14 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
     if parent is not None:
         headers += [("In-Reply-To", parent.message_id),
                     ("References", " ".join([*parent.references, parent.message_id][-20:]))]
-    headers += [(replies.LOOP_HEADER, settings.intake.message_id_domain), ("X-Intake-Ticket", ticket.reference)]
-    mail = replies.OutgoingMail(
+    headers += [(composer.LOOP_HEADER, settings.intake.message_id_domain), ("X-Intake-Ticket", ticket.reference)]
+    mail = composer.OutgoingMail(
         dedupe_key=f"{kind}:{ticket.reference}:{uuid.uuid4().hex}",
         kind=kind,
         envelope_from=ticket.intake_address,
         recipients=[ticket.reporter, *cc],
         message_id=message_id,
-        raw=replies.compose((settings.intake.from_name, ticket.intake_address), headers, text, attachments),
+        raw=composer.compose((settings.intake.from_name, ticket.intake_address), headers, text, attachments),
     )
     outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
     session.execute(insert(ThreadEntry.__table__).values(
@@ -90,7 +87,7 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
 
 
 def reply(session: Session, settings: Settings, ticket: Ticket, body: str, *, now: datetime, actor: str,
-          cc: tuple[str, ...] = (), attachments: tuple[replies.Attachment, ...] = ()) -> replies.OutgoingMail:
+          cc: tuple[str, ...] = (), attachments: tuple[composer.Attachment, ...] = ()) -> composer.OutgoingMail:
     """A maintainer's reply to the reporter; the ticket's first counts as its human acknowledgement."""
     mail = mail_reporter(session, settings, ticket, body, kind=CORRESPONDENCE, now=now, actor=actor, cc=cc,
                          attachments=attachments)

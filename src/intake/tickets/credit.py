@@ -23,10 +23,9 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from intake import patterns
-from intake.store.db import read_session
 from intake.sla.deadlines import MILESTONE_EVENT
-from intake.store.models import Event
-from intake.store.models import Ticket
+from intake.store.db import read_session
+from intake.store.models import Event, Ticket
 
 CREDIT_EVENT = "credit-set"
 ANONYMOUS_LABEL = "anonymous reporter"

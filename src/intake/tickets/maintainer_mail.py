@@ -26,20 +26,14 @@ from typing import TYPE_CHECKING
 from email.utils import format_datetime
 from sqlmodel import Session
 
-from intake.tickets import correspondence
-from intake.tickets import credit
-from intake.tickets import milestones
-from intake.send import outbox
 from intake import patterns
-from intake.send import composer as replies
-from intake.understand import reply_tokens
-from intake.understand import route
-from intake.tickets import triage
 from intake.config.settings import Settings
+from intake.send import composer, outbox
 from intake.store.inbound import StoredMessage
 from intake.store.models import Ticket
-from intake.understand.parse import clean_text
-from intake.understand.parse import extract_attachment
+from intake.tickets import correspondence, credit, milestones, triage
+from intake.understand import reply_tokens, route
+from intake.understand.parse import clean_text, extract_attachment
 
 if TYPE_CHECKING:
     from intake.understand.text_work import TextWork  # which reads its text with this module's functions
@@ -208,14 +202,14 @@ def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage
     _confirm(session, settings, ticket, incoming, maintainer.email, done, failed, now)
 
 
-def _attachments(stored: StoredMessage, incoming: route.Incoming) -> tuple[replies.Attachment, ...]:
+def _attachments(stored: StoredMessage, incoming: route.Incoming) -> tuple[composer.Attachment, ...]:
     found = []
     for attachment in incoming.mail.attachments:
         try:
             meta, data = extract_attachment(stored.raw, attachment.index)
         except LookupError:
             continue
-        found.append(replies.Attachment(meta.filename, meta.content_type, data))
+        found.append(composer.Attachment(meta.filename, meta.content_type, data))
     return tuple(found)
 
 
@@ -225,18 +219,18 @@ def _confirm(session: Session, settings: Settings, ticket: Ticket, incoming: rou
     lines = [f"Your mail about {ticket.reference} was received."]
     lines += ["", "Done:", *(f"- {item}" for item in done)] if done else ["", "Nothing was changed or sent."]
     lines += ["", "Refused:", *(f"- {item}" for item in failed)] if failed else []
-    message_id = replies.new_message_id("confirm", ticket.reference, settings.intake.message_id_domain)
-    subject = f"Re: [{ticket.reference}] {replies.shorten(clean_text(ticket.subject))} (done)"
+    message_id = composer.new_message_id("confirm", ticket.reference, settings.intake.message_id_domain)
+    subject = f"Re: [{ticket.reference}] {composer.shorten(clean_text(ticket.subject))} (done)"
     headers = [("To", maintainer), ("Subject", subject),
                ("Date", format_datetime(now)), ("Message-ID", message_id)]
     if incoming.mail.message_id:
         headers.append(("In-Reply-To", incoming.mail.message_id))
-    headers += [("Auto-Submitted", "auto-replied"), (replies.LOOP_HEADER, settings.intake.message_id_domain),
+    headers += [("Auto-Submitted", "auto-replied"), (composer.LOOP_HEADER, settings.intake.message_id_domain),
                 ("X-Intake-Ticket", ticket.reference)]
-    outbox.enqueue(session, replies.OutgoingMail(
+    outbox.enqueue(session, composer.OutgoingMail(
         dedupe_key=f"confirm:{ticket.reference}:{message_id}", kind="confirmation", envelope_from="",
         recipients=[maintainer], message_id=message_id,
-        raw=replies.compose((settings.intake.from_name, ticket.intake_address), headers, "\n".join(lines) + "\n")),
+        raw=composer.compose((settings.intake.from_name, ticket.intake_address), headers, "\n".join(lines) + "\n")),
         ticket_id=ticket.id, now=now)
 
 
@@ -270,7 +264,7 @@ def refused(session: Session, settings: Settings, incoming: route.Incoming, deci
         "",
         "You get at most one such notice a day for this ticket.",
     ]) + "\n"
-    queued = outbox.enqueue(session, replies.maintainer_mail(
+    queued = outbox.enqueue(session, composer.maintainer_mail(
         kind="reply-refused", dedupe_key=f"refused:{ticket.reference}:{maintainer}:{now.date().isoformat()}",
         reference=ticket.reference, subject=f"[{ticket.reference}] Your mail was refused: nothing changed",
         recipients=[maintainer], sender=(settings.intake.from_name, ticket.intake_address),
@@ -332,17 +326,17 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
     ]) + "\n"
     what = "third party (not the reporter) wrote" if third_party else "reporter replied"
     for maintainer in recipients:
-        message_id = replies.new_message_id("fwd", ticket.reference, settings.intake.message_id_domain)
+        message_id = composer.new_message_id("fwd", ticket.reference, settings.intake.message_id_domain)
         address = reply_tokens.reply_address(secret, ticket.intake_address, ticket.reference, maintainer, now)
         headers = [("To", maintainer), *([] if third_party else [("Reply-To", address)]),
-                   ("Subject", f"[{ticket.reference}] {what}: {replies.shorten(clean_text(mail.subject))}"),
+                   ("Subject", f"[{ticket.reference}] {what}: {composer.shorten(clean_text(mail.subject))}"),
                    ("Date", format_datetime(now)), ("Message-ID", message_id),
-                   ("Auto-Submitted", "auto-generated"), (replies.LOOP_HEADER, settings.intake.message_id_domain),
+                   ("Auto-Submitted", "auto-generated"), (composer.LOOP_HEADER, settings.intake.message_id_domain),
                    ("X-Intake-Ticket", ticket.reference)]
-        outbox.enqueue(session, replies.OutgoingMail(
+        outbox.enqueue(session, composer.OutgoingMail(
             dedupe_key=f"forward:{ticket.reference}:{incoming.message_key}:{maintainer.lower()}",
             kind="third-party-forward" if third_party else "reporter-reply-forward", envelope_from="",
             recipients=[maintainer], message_id=message_id,
-            raw=replies.compose((f"{settings.intake.from_name} ({ticket.reference})", ticket.intake_address),
+            raw=composer.compose((f"{settings.intake.from_name} ({ticket.reference})", ticket.intake_address),
                                 headers, body)),
             ticket_id=ticket.id, now=now)

@@ -15,14 +15,11 @@ from datetime import datetime
 
 from sqlmodel import Session
 
-from intake.sla import deadlines
-from intake.tickets import core as tickets
 from intake.config.settings import Settings
-from intake.store.models import FINISHED_STATES
-from intake.store.models import Ticket
-from intake.store.models import TicketState
-from intake.sla.engine import MILESTONES
-from intake.sla.engine import SEVERITIES
+from intake.sla import deadlines
+from intake.sla.engine import MILESTONES, SEVERITIES
+from intake.store.models import FINISHED_STATES, Ticket, TicketState
+from intake.tickets import core as tickets
 
 # What each milestone follows. Resolving needs an assessment, not a release: an invalid report
 # is resolved without one.

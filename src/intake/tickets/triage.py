@@ -17,21 +17,14 @@ from cvss.exceptions import CVSSError
 from sqlalchemy import delete, update
 from sqlmodel import Session
 
-from intake.tickets import correspondence
-from intake.sla import deadlines
-from intake.tickets import milestones
-from intake.send import composer as replies
-from intake.tickets import core as tickets
 from intake.config.settings import Settings
-from intake.store.models import CLOSE_REASONS
-from intake.store.models import FINISHED_STATES
-from intake.store.models import Deadline
-from intake.store.models import InboundMessage
-from intake.store.models import Outbox
-from intake.store.models import ThreadEntry
-from intake.store.models import Ticket
-from intake.store.models import TicketState
+from intake.send import composer
+from intake.sla import deadlines
 from intake.sla.engine import SEVERITIES
+from intake.store.models import (
+    CLOSE_REASONS, FINISHED_STATES, Deadline, InboundMessage, Outbox, ThreadEntry, Ticket, TicketState,
+)
+from intake.tickets import core as tickets, correspondence, milestones
 
 Refused = milestones.Refused
 
@@ -148,7 +141,7 @@ def merge(session: Session, settings: Settings, duplicate: Ticket, into: Ticket,
             raise Refused(f"{ticket.reference} is closed; reopen it first")
     # Told first, on its own thread, so the notice moves over with the rest and replies to it
     # land in the merged ticket.
-    correspondence.mail_reporter(session, settings, duplicate, replies.render(
+    correspondence.mail_reporter(session, settings, duplicate, composer.render(
         "duplicate.txt.j2", settings.resolve_path(settings.intake.templates_dir) if settings.intake.templates_dir
         else None, reference=duplicate.reference, into=into.reference, from_name=settings.intake.from_name),
         kind="duplicate-notice", now=now, actor=actor)

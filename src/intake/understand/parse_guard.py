@@ -42,9 +42,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from intake.understand import text_work
-from intake.understand.parse import ParsedMail
-from intake.understand.parse import parse
-from intake.understand.parse import parse_headers_only
+from intake.understand.parse import ParsedMail, parse, parse_headers_only
 from intake.understand.quality import RuleSet
 from intake.understand.text_work import TextWork
 

@@ -78,9 +78,7 @@ from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from intake.patterns import Pattern as Regex
-from intake.patterns import UnsupportedPattern
-from intake.patterns import compile as compile_pattern
+from intake.patterns import Pattern as Regex, UnsupportedPattern, compile as compile_pattern
 
 __all__ = ["RulesError", "Rule", "RuleSet", "SpamScore", "load_rules", "parse_rules", "LOW_QUALITY_LABEL"]
 

@@ -35,17 +35,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy import Engine, func, select
 
-from intake.send import composer as replies
-from intake.config.settings import SECRETS
-from intake.config.settings import SenderAuthSection
-from intake.config.settings import Settings
-from intake.config.settings import read_secret
-from intake.store.db import read_session
-from intake.store.db import write_session
-from intake.store.models import FINISHED_STATES
-from intake.store.models import ServiceSecret
-from intake.store.models import Ticket
+from intake.config.settings import SECRETS, SenderAuthSection, Settings, read_secret
+from intake.send import composer
 from intake.sla.engine import parse_duration
+from intake.store.db import read_session, write_session
+from intake.store.models import FINISHED_STATES, ServiceSecret, Ticket
 
 _SECRET_NAME = "reply-secret"
 _MAC_LENGTH = 20  # base32 characters: 100 bits
@@ -218,4 +212,4 @@ def reply_to(settings: Settings, secret: bytes, intake_address: str, reference: 
     only mail from maintainers and the reporter)."""
     if settings.is_maintainer(recipient):
         return reply_address(secret, intake_address, reference, recipient, now)
-    return replies.thread_address(intake_address, reference)
+    return composer.thread_address(intake_address, reference)

@@ -31,12 +31,8 @@ from typing import Protocol
 
 from intake import patterns
 from intake.understand.parse import ParsedMail
-from intake.understand.reply_tokens import EXPIRED
-from intake.understand.reply_tokens import INVALID
-from intake.understand.reply_tokens import OLD_FORMAT
-from intake.understand.reply_tokens import TokenCheck
-from intake.understand.sender_auth import NONE
-from intake.understand.sender_auth import Verdict
+from intake.understand.reply_tokens import EXPIRED, INVALID, OLD_FORMAT, TokenCheck
+from intake.understand.sender_auth import NONE, Verdict
 
 NEW_TICKET = "new-ticket"
 REPORTER_REPLY = "reporter-reply"

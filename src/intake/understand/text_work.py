@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from intake.tickets import credit
-from intake.tickets import maintainer_mail
+from intake.tickets import credit, maintainer_mail
 
 
 @dataclass(frozen=True)

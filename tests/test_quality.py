@@ -10,16 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from intake.understand.parse import Attachment
-from intake.understand.parse import ParsedMail
-from intake.understand.quality import RuleSet
-from intake.understand.quality import RulesError
-from intake.understand.quality import SpamScore
-from intake.understand.quality import load_rules
-from intake.understand.quality import parse_rules
+from intake.understand.parse import Attachment, ParsedMail
+from intake.understand.quality import RuleSet, RulesError, SpamScore, load_rules, parse_rules
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_RULES = ROOT / "src" / "intake" / "rules" / "low-quality.toml"
+SHIPPED_RULES = ROOT / "src" / "intake" / "understand" / "rules" / "low-quality.toml"
 
 # ParsedMail is growing cc / recipient_count / undisclosed_recipients. Until it has them, a
 # subclass with the same attribute names stands in (score() only reads attributes).

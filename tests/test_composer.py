@@ -1,4 +1,4 @@
-"""intake.replies: the bytes of composed mail."""
+"""intake.send.composer: the bytes of composed mail."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from email.mime.text import MIMEText
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from intake.send import composer as replies
+from intake.send import composer
 from intake.understand.parse import clean_text
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
@@ -28,7 +28,7 @@ def test_header_lines_are_the_bytes_the_stdlib_writes(name, value):
         return  # compose refuses line breaks in headers before they get here
     message = MIMEText("body\n", "plain", "us-ascii")
     message[name] = value
-    assert _outcome(message, replies._COMPAT32_CRLF) == _outcome(message, _STDLIB)
+    assert _outcome(message, composer._COMPAT32_CRLF) == _outcome(message, _STDLIB)
 
 
 def _outcome(message: MIMEText, policy: email.policy.Policy) -> bytes | str:
@@ -59,12 +59,12 @@ def test_an_ascii_text_mail_is_the_bytes_mimetext_writes(sender_name, headers, b
 
     assume(all(value.isascii() for name, value in headers if name == "To"))  # else: the SMTPUTF8 path
     try:
-        composed: bytes | str = replies.compose((sender_name, "security@example.com"), headers, body)
+        composed: bytes | str = composer.compose((sender_name, "security@example.com"), headers, body)
     except Exception as exc:  # noqa: BLE001 - compared, not hidden
         composed = type(exc).__name__
     stdlib = MIMEText(body, "plain", "us-ascii")
     stdlib["From"] = formataddr((sender_name, "security@example.com"), charset="utf-8")
-    for name, value in replies._compat32_fields(replies.bounded_headers(headers)):
+    for name, value in composer._compat32_fields(composer.bounded_headers(headers)):
         stdlib[name] = value
     assert composed == _outcome(stdlib, _STDLIB)
 
@@ -105,19 +105,19 @@ def test_an_acknowledgement_of_any_report_has_no_line_over_998_octets(subject, n
     """A subject or sender name of 5,000 unbroken characters made acknowledgement lines of over a
     thousand octets, refused by relays ("500 Line too long"), and a stored Message-ID cut at 500
     characters left an unterminated '<…' in References."""
-    mail = replies.automatic_reply(
+    mail = composer.automatic_reply(
         template="acknowledgement.txt.j2", kind="acknowledgement", reference="SEC-2026-0001", subject=subject,
         reporter_address=address, reporter_name=name, intake_address="security@example.com",
         from_name="Security Team", in_reply_to=in_reply_to, references=references, deadlines=[], policy="vaixus",
         message_id_domain="example.com", templates_dir=None, now=NOW)
     _lines_fit(mail.raw)
     parsed = email.message_from_bytes(mail.raw, policy=email.policy.default)
-    shown = replies.shorten(replies.strip_reply_prefixes(clean_text(subject))) or "(no subject)"
+    shown = composer.shorten(composer.strip_reply_prefixes(clean_text(subject))) or "(no subject)"
     assert parsed["Subject"] == f"Re: [SEC-2026-0001] {shown}"
-    assert len(shown) <= replies.MAX_SUBJECT
+    assert len(shown) <= composer.MAX_SUBJECT
     ids = _threading_ids(parsed)
-    assert all(len(i) <= replies.MAX_MESSAGE_ID for i in ids)
-    assert set(ids) == ({i for i in [*references, in_reply_to] if i in replies.reusable_message_ids(i)}
+    assert all(len(i) <= composer.MAX_MESSAGE_ID for i in ids)
+    assert set(ids) == ({i for i in [*references, in_reply_to] if i in composer.reusable_message_ids(i)}
                         if in_reply_to else set())
     assert parsed["Message-ID"] == mail.message_id
     assert f'your report "{shown}"' in " ".join(parsed.get_content().split("\n"))
@@ -137,14 +137,14 @@ def test_any_composed_mail_has_no_line_over_998_octets_and_reads_back_the_same(s
                ("X-Intake-Ticket", "SEC-2026-0001")]
     sender = ("Security Team (SEC-2026-0001)", "security@example.com")
     if html:
-        raw = replies.compose_alternative(sender, headers, body, f"<p>{body}</p>")
+        raw = composer.compose_alternative(sender, headers, body, f"<p>{body}</p>")
     else:
-        attachments = (replies.Attachment("poc.txt", "text/plain", body.encode()),) if attach else ()
-        raw = replies.compose(sender, headers, body, attachments)
+        attachments = (composer.Attachment("poc.txt", "text/plain", body.encode()),) if attach else ()
+        raw = composer.compose(sender, headers, body, attachments)
     _lines_fit(raw)
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
-    assert parsed["Subject"] == replies.shorten(subject, 300)
-    assert _threading_ids(parsed) == [i for r in references for i in replies.reusable_message_ids(r)]
+    assert parsed["Subject"] == composer.shorten(subject, 300)
+    assert _threading_ids(parsed) == [i for r in references for i in composer.reusable_message_ids(r)]
     text = parsed.get_body(("plain",)).get_content()
     assert text.replace("\r\n", "\n").rstrip("\n") == body.replace("\r\n", "\n").rstrip("\n")
 
@@ -153,7 +153,7 @@ def test_a_stored_message_id_cut_short_is_left_out_whole_not_written_unterminate
     cut = "<" + "c" * 499  # parse keeps 500 characters of a Message-ID
     headers = [("To", "alice@researcher.test"), ("Subject", "Re: [SEC-2026-0001] x"), ("In-Reply-To", cut),
                ("References", f"<first@researcher.test> {cut}")]
-    parsed = email.message_from_bytes(replies.compose(("Security Team", "security@example.com"), headers, "hi\n"),
+    parsed = email.message_from_bytes(composer.compose(("Security Team", "security@example.com"), headers, "hi\n"),
                                       policy=email.policy.default)
     assert parsed["In-Reply-To"] is None
     assert parsed["References"] == "<first@researcher.test>"
