@@ -28,7 +28,7 @@ def database_url(sqlite_url: str) -> str:
 # -- the engine -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [credit, maintainer_mail, route, spam, parse], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [credit, maintainer_mail, route, quality, parse], ids=lambda m: m.__name__)
 def test_modules_reading_senders_text_compile_no_backtracking_pattern(module):
     backtracking = [name for name, value in vars(module).items() if isinstance(value, re.Pattern)]
     assert backtracking == [] and not hasattr(module, "re")
