@@ -19,7 +19,7 @@ from conftest import free_port, report, smtp_send
 from intake.run import metrics
 from intake.store import inbound, schema
 from intake.store.db import make_engine
-from intake.understand import route
+from intake.vocabulary import DECISIONS, NEW_TICKET
 from test_logs import parse_logfmt
 from test_serve import serve, serve_env  # noqa: F401 - fixtures
 
@@ -98,7 +98,7 @@ def test_metrics_count_what_happens_and_logs_are_logfmt_without_bodies(serve, se
     assert value(samples, "intake_messages_received_total", result="rejected-recipient") == 1
     assert value(samples, "intake_messages_received_total", result="too-big") == 1
     assert value(samples, "intake_messages_received_total", result="store-failed") == 0
-    assert value(samples, "intake_messages_processed_total", decision=route.NEW_TICKET) == 2
+    assert value(samples, "intake_messages_processed_total", decision=NEW_TICKET) == 2
     assert value(samples, "intake_tickets_opened_total") == 2
     assert value(samples, "intake_processing_seconds_count") == 2
     assert value(samples, "intake_processing_seconds_bucket", le="+Inf") == 2
@@ -114,7 +114,7 @@ def test_metrics_count_what_happens_and_logs_are_logfmt_without_bodies(serve, se
     records = [parse_logfmt(line) for line in lines]  # every line, not only ours
     assert all(record["level"] in ("debug", "info", "warning", "error", "critical") for record in records)
     [processed] = [r for r in records if r.get("event") == "processed" and r["message_id"] == "<obs-1@researcher.test>"]
-    assert processed["decision"] == route.NEW_TICKET and processed["ticket"].startswith("SEC-")
+    assert processed["decision"] == NEW_TICKET and processed["ticket"].startswith("SEC-")
     assert float(processed["parse_ms"]) >= 0 and float(processed["total_ms"]) >= float(processed["parse_ms"])
     assert any(r.get("event") == "accepted" and r["logger"] == "intake.receive.listener" for r in records)
 
@@ -134,7 +134,7 @@ def test_every_series_starts_at_zero_and_readyz_fails_when_the_outbox_is_stuck(s
     samples = scrape(metrics_port)
     for result in metrics.RECEIVED_RESULTS:
         assert value(samples, "intake_messages_received_total", result=result) == 0
-    for decision in route.DECISIONS:
+    for decision in DECISIONS:
         assert value(samples, "intake_messages_processed_total", decision=decision) == 0
     for outcome in metrics.OUTBOX_OUTCOMES:
         assert value(samples, "intake_outbox_sent_total", outcome=outcome) == 0

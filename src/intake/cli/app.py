@@ -44,8 +44,8 @@ from intake.store.db import make_engine
 from intake.store.db import write_session
 from intake.display import echo
 from intake.understand.parse import extract_attachment
-from intake.store.models import CLOSE_REASONS
-from intake.sla.engine import SEVERITIES
+from intake.vocabulary import CLOSE_REASONS
+from intake.vocabulary import SEVERITIES
 
 
 class Context:

@@ -42,7 +42,7 @@ from sqlalchemy import Engine
 
 from intake.config.settings import MetricsSection
 from intake.run import readings
-from intake.understand import route
+from intake.vocabulary import DECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ _EVENT_METRICS = (RECEIVED, PROCESSED, FAILED, PROCESSING, OUTBOX_SENT, WORKER_R
 
 for _result in RECEIVED_RESULTS:
     RECEIVED.labels(_result)
-for _decision in route.DECISIONS:
+for _decision in DECISIONS:
     PROCESSED.labels(_decision)
 for _outcome in OUTBOX_OUTCOMES:
     OUTBOX_SENT.labels(_outcome)

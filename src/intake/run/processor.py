@@ -34,12 +34,13 @@ from intake.config.settings import Settings
 from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
-from intake.store.models import InboundMessage, InboundStatus
+from intake.store.models import InboundMessage
 from intake.tickets import core as tickets, maintainer_mail
 from intake.understand import parse_guard, reply_tokens, route, sender_auth
 from intake.understand.parse import ParsedMail
 from intake.understand.sender_auth import NONE, Verdict
 from intake.understand.text_work import TextWork
+from intake.vocabulary import InboundStatus
 
 log = logging.getLogger(__name__)
 

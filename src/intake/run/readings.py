@@ -13,7 +13,8 @@ from sqlalchemy import Engine, and_, func, or_, select, text
 from sqlmodel import Session
 
 from intake.store.db import read_session
-from intake.store.models import FINISHED_STATES, Deadline, InboundMessage, InboundStatus, Outbox, OutboxStatus, Ticket
+from intake.store.models import Deadline, InboundMessage, Outbox, Ticket
+from intake.vocabulary import FINISHED_STATES, InboundStatus, OutboxStatus
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, S
 
 from intake import patterns
 from intake.understand.parse import clean_text
+from intake.vocabulary import LOOP_HEADER
 
 class _Compat32(email.policy.Compat32):
     """compat32 that writes a short, plain ASCII header line as it is. The stdlib runs every
@@ -81,7 +82,6 @@ _ID_LISTS = ("in-reply-to", "references")
 _STRUCTURED = frozenset({"from", "to", "cc", "reply-to", "date", "message-id", *_ID_LISTS})
 
 # Marks mail we sent, so our own mail coming back is recognised as a loop.
-LOOP_HEADER = "X-Intake-Loop"
 # Applied to senders' subjects: RE2 (intake.patterns).
 _REPLY_PREFIX = patterns.compile(r"^\s*((re|fwd?|aw|sv|vs|antw|wg|tr)\s*(\[\d+\])?\s*:\s*)+", ignorecase=True)
 

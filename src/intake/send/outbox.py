@@ -36,8 +36,9 @@ from sqlmodel import Session
 from intake.config.settings import OutboundSection, Settings, read_secret
 from intake.send.composer import OutgoingMail
 from intake.store.db import insert_new, read_session, write_connection, write_session
-from intake.store.models import Outbox, OutboxStatus
+from intake.store.models import Outbox
 from intake.store.private_files import private_directory, write_private
+from intake.vocabulary import OutboxStatus
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from intake.sla.engine import (
     parse_duration, reminder_times, stage_state,
 )
 from intake.store.db import read_session, write_session
-from intake.store.models import Deadline, Event, Ticket, TicketState
+from intake.store.models import Deadline, Event, Ticket
+from intake.vocabulary import TicketState
 
 # Events that are the automatic reply to a new report: it acknowledges receipt where the policy
 # lets it count (``auto_ack_counts``), whichever template it used.

@@ -25,9 +25,10 @@ from sqlmodel import Session
 from intake.config.settings import DigestSchedule, Settings
 from intake.send import composer, outbox
 from intake.sla import stats
-from intake.sla.engine import SEVERITIES, format_span, parse_duration
+from intake.sla.engine import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
-from intake.store.models import Deadline, Notification, Ticket, TicketState
+from intake.store.models import Deadline, Notification, Ticket
+from intake.vocabulary import SEVERITIES, TicketState
 
 SECTION_LIMIT = 50
 # How far back the latest fire time of a schedule is looked for, widening step by step.

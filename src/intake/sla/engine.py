@@ -89,17 +89,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from intake.vocabulary import MILESTONES, SEVERITIES
 
-SEVERITIES = ("critical", "high", "medium", "low", "none")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 STAGE_STATES = ("pending", "paused", "ok", "due-soon", "breached", "met", "met-late")
 BUILTIN_CALENDAR = "utc"
 DEFAULT_DUE_SOON = "24 hours"
 # When maintainers are reminded of an unmet stage, unless its policy or the stage says otherwise.
 DEFAULT_REMIND = ("50%", "80%", "24 hours before")
-# What maintainers record as a report moves on (``intake ack|assess|released|resolve|disclose``),
-# in the order they normally come; each meets a stage and can start others (``event:<name>``).
-MILESTONES = ("acknowledged", "assessed", "released", "resolved", "disclosed")
 # The milestone that meets a stage of one of these names unless the stage says ``met_by``.
 DEFAULT_MET_BY = {"acknowledge": "acknowledged", "assess": "assessed", "fix": "released",
                   "resolve": "resolved", "disclose": "disclosed"}

@@ -24,7 +24,8 @@ from sqlalchemy import Dialect, Engine, insert, select, update
 from intake.store.db import (
     checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection, write_session,
 )
-from intake.store.models import InboundMessage, InboundStatus
+from intake.store.models import InboundMessage
+from intake.vocabulary import InboundStatus
 
 log = logging.getLogger(__name__)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
+from intake.vocabulary import InboundStatus, OutboxStatus, TicketState
 
 
 class UTCDateTime(TypeDecorator):
@@ -35,11 +36,6 @@ def _instant(*, nullable: bool = False, index: bool = False) -> Any:
     return Field(default=None, sa_column=Column(UTCDateTime(), nullable=nullable, index=index))
 
 
-class InboundStatus:
-    PENDING = "pending"
-    PROCESSED = "processed"
-    IGNORED = "ignored"
-    FAILED = "failed"
 
 
 class InboundMessage(SQLModel, table=True):
@@ -73,15 +69,8 @@ class InboundMessage(SQLModel, table=True):
                                                                               nullable=True))
 
 
-class TicketState:
-    NEW = "new"
-    WAITING = "waiting"  # on the reporter
-    CLOSED = "closed"  # with a close_reason
 
 
-CLOSE_REASONS = ("fixed", "invalid", "duplicate", "out-of-scope", "spam")
-# States in which a ticket has nothing left to meet: no deadlines listed, no reminders sent.
-FINISHED_STATES = ("resolved", TicketState.CLOSED)
 
 
 class Ticket(SQLModel, table=True):
@@ -192,10 +181,6 @@ class Deadline(SQLModel, table=True):
     notify_at: datetime | None = _instant(nullable=True)
 
 
-class OutboxStatus:
-    PENDING = "pending"
-    SENT = "sent"
-    DEAD = "dead"
 
 
 class Outbox(SQLModel, table=True):

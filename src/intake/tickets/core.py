@@ -29,12 +29,12 @@ from intake.sla.engine import StageDeadline
 from intake.store.db import read_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import (
-    FINISHED_STATES, Deadline, Event, InboundMessage, Notification, Outbox, ReferenceCounter, ThreadEntry, Ticket,
-    TicketState,
+    Deadline, Event, InboundMessage, Notification, Outbox, ReferenceCounter, ThreadEntry, Ticket,
 )
 from intake.tickets import credit
 from intake.understand import reply_tokens, route
 from intake.understand.parse import ParsedMail, clean_text
+from intake.vocabulary import FINISHED_STATES, TicketState
 
 SYSTEM_ACTOR = "intake"
 

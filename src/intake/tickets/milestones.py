@@ -17,9 +17,9 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.sla import deadlines
-from intake.sla.engine import MILESTONES, SEVERITIES
-from intake.store.models import FINISHED_STATES, Ticket, TicketState
+from intake.store.models import Ticket
 from intake.tickets import core as tickets
+from intake.vocabulary import FINISHED_STATES, MILESTONES, SEVERITIES, TicketState
 
 # What each milestone follows. Resolving needs an assessment, not a release: an invalid report
 # is resolved without one.

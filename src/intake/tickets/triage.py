@@ -20,11 +20,9 @@ from sqlmodel import Session
 from intake.config.settings import Settings
 from intake.send import composer
 from intake.sla import deadlines
-from intake.sla.engine import SEVERITIES
-from intake.store.models import (
-    CLOSE_REASONS, FINISHED_STATES, Deadline, InboundMessage, Outbox, ThreadEntry, Ticket, TicketState,
-)
+from intake.store.models import Deadline, InboundMessage, Outbox, ThreadEntry, Ticket
 from intake.tickets import core as tickets, correspondence, milestones
+from intake.vocabulary import CLOSE_REASONS, FINISHED_STATES, SEVERITIES, TicketState
 
 Refused = milestones.Refused
 

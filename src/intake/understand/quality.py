@@ -79,10 +79,10 @@ from typing import Annotated, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from intake.patterns import Pattern as Regex, UnsupportedPattern, compile as compile_pattern
+from intake.vocabulary import LOW_QUALITY_LABEL
 
-__all__ = ["RulesError", "Rule", "RuleSet", "SpamScore", "load_rules", "parse_rules", "LOW_QUALITY_LABEL"]
+__all__ = ["RulesError", "Rule", "RuleSet", "SpamScore", "load_rules", "parse_rules"]
 
-LOW_QUALITY_LABEL = "low-quality"
 DEFAULT_SCAN_CHARS = 100_000
 MAX_SUBJECT_CHARS = 1_000
 _NAME = r"^[a-z0-9]+(?:-[a-z0-9]+)*$"

@@ -39,7 +39,8 @@ from intake.config.settings import SECRETS, SenderAuthSection, Settings, read_se
 from intake.send import composer
 from intake.sla.engine import parse_duration
 from intake.store.db import read_session, write_session
-from intake.store.models import FINISHED_STATES, ServiceSecret, Ticket
+from intake.store.models import ServiceSecret, Ticket
+from intake.vocabulary import FINISHED_STATES
 
 _SECRET_NAME = "reply-secret"
 _MAC_LENGTH = 20  # base32 characters: 100 bits

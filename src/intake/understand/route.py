@@ -33,19 +33,11 @@ from intake import patterns
 from intake.understand.parse import ParsedMail
 from intake.understand.reply_tokens import EXPIRED, INVALID, OLD_FORMAT, TokenCheck
 from intake.understand.sender_auth import NONE, Verdict
+from intake.vocabulary import (
+    AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, MAINTAINER_REPLY, NEW_TICKET, REJECTED, REPORTER_REPLY, SPAM,
+    THIRD_PARTY_REPLY,
+)
 
-NEW_TICKET = "new-ticket"
-REPORTER_REPLY = "reporter-reply"
-MAINTAINER_REPLY = "maintainer-reply"
-THIRD_PARTY_REPLY = "third-party-reply"
-AUTO_REPLY = "auto-reply"
-BOUNCE = "bounce"
-DUPLICATE = "duplicate"
-LOOP = "loop"
-SPAM = "spam"
-REJECTED = "rejected"
-DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY, AUTO_REPLY, BOUNCE, DUPLICATE, LOOP,
-             SPAM, REJECTED)
 
 # Subject prefixes of out-of-office mail that lacks Auto-Submitted (Outlook, Exchange, Lotus, ...).
 _AUTO_REPLY_SUBJECT = patterns.compile(
