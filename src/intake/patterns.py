@@ -1,7 +1,7 @@
 """Regular expressions for untrusted text, compiled on RE2: time linear in the text, whatever the pattern.
 
 Python's ``re`` backtracks: ``^\\s*(?:On\\b.*\\bwrote:|…)`` with MULTILINE took 39 s on a reply of
-60,000 blank lines (issue 12). Every pattern that meets sender-controlled text (bodies, subjects,
+60,000 blank lines. Every pattern that meets sender-controlled text (bodies, subjects,
 header values, addresses, operator-written low-quality rules applied to them) is compiled here,
 on google-re2, which runs in time linear in the input for any pattern. RE2 has no backreferences
 and no look-around: :func:`compile` refuses them with :class:`UnsupportedPattern` (at load time, so
