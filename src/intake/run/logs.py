@@ -31,7 +31,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from intake.config.settings import LoggingSection
+from intake.config.sections import LoggingSection
 from intake.display import DANGEROUS_CLASS, json_safe
 
 # sd-daemon(3) / syslog(3) priorities.
