@@ -204,10 +204,10 @@ def main() -> None:
             }
             for case, (ours, formatter, migrated, bare, bare_safe, key, expected) in cases.items():
                 lines = args.lines if case == "typical" else max(args.lines // 10, 100)
-                for name, write, out in (("intake", ours, intake_out), ("structlog-formatter", formatter, formatter_out),
-                                         ("structlog-native", migrated, native_out),
-                                         ("structlog-direct", bare, direct_out),
-                                         ("structlog-direct-safe", bare_safe, safe_out)):
+                writers = (("intake", ours, intake_out), ("structlog-formatter", formatter, formatter_out),
+                           ("structlog-native", migrated, native_out), ("structlog-direct", bare, direct_out),
+                           ("structlog-direct-safe", bare_safe, safe_out))
+                for name, write, out in writers:
                     cost = per_line_us(write, lines)
                     rows.append((style, case, name, cost, check(out.last, style, key, expected)))
     print(f"{'format':7} {'line':8} {'writer':22} {'us/line':>8}  check")
