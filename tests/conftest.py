@@ -35,7 +35,7 @@ from intake.store import schema
 from intake.store.db import make_engine, read_session
 from intake.store.inbound import GroupCommitter
 from intake.store.models import Ticket
-from intake.understand import sender_auth
+from intake.understand import dns_lookups
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = ROOT / "config.toml"
@@ -48,7 +48,7 @@ PG_ENV = "INTAKE_TEST_POSTGRES"  # a server URL to use instead of looking for on
 
 
 @pytest.fixture(autouse=True)
-def stub_dns(monkeypatch: pytest.MonkeyPatch) -> sender_auth.StaticResolver:
+def stub_dns(monkeypatch: pytest.MonkeyPatch) -> dns_lookups.StaticResolver:
     """Every test's DNS (sender authentication): these records only, none unless a test adds them
     (``stub_dns.records[name] = [...]``); ``stub_dns.lookups`` lists what was asked. Autouse, so
     no in-process test can reach real DNS; dnspython asking anything but a test's own loopback
@@ -57,8 +57,8 @@ def stub_dns(monkeypatch: pytest.MonkeyPatch) -> sender_auth.StaticResolver:
 
     import dns.resolver
 
-    resolver = sender_auth.StaticResolver()
-    monkeypatch.setattr(sender_auth, "system_resolver", lambda config: resolver)
+    resolver = dns_lookups.StaticResolver()
+    monkeypatch.setattr(dns_lookups, "system_resolver", lambda config: resolver)
     resolve = dns.resolver.Resolver.resolve
 
     def loopback_only(self, *args, **kwargs):  # type: ignore[no-untyped-def]

@@ -16,7 +16,7 @@ from intake import patterns
 from intake.run import processor
 from intake.send import composer
 from intake.tickets import core as tickets, credit, maintainer_mail
-from intake.understand import parse, quality, route, text_work
+from intake.understand import body_text, bounces, parse, quality, route, text_work
 from intake.understand.quality import SHIPPED_RULES, RulesError, load_rules, parse_rules
 
 
@@ -76,9 +76,9 @@ def test_lookarounds_rewritten_for_re2_mean_what_they_meant():
     assert credit.recognise("credit me as Jane Doe, see https://x.example/@nobody").handle is None
     assert credit.recognise("Credit: J. R. O'Brien. Thanks!").name == "J. R. O'Brien"
     assert credit.recognise("Credit: 'Jane Doe'").name == "Jane Doe"
-    assert parse._status_code("Status: 5.1.1") == "5.1.1"
-    assert parse._status_code("v1.5.1.10 then 4.4.7 (delayed)") == "4.4.7"
-    assert parse._status_code("build 2.0.0.1") is None
+    assert bounces._status_code("Status: 5.1.1") == "5.1.1"
+    assert bounces._status_code("v1.5.1.10 then 4.4.7 (delayed)") == "4.4.7"
+    assert bounces._status_code("build 2.0.0.1") is None
     assert quality.parse_rules('threshold = 1.0\n[[rule]]\nname = "link"\ndescription = "x"\nscore = 1.0\n'
                             "body_absent = ['https?://[^\\s/]+/\\S*']\n"
                             "body_ignore = ['https?://mxtoolbox\\.com\\S*']\n").score(
@@ -209,7 +209,7 @@ def test_an_unusable_rules_pattern_is_named_with_the_reason():
 def test_html_conversion_handles_a_bounded_number_of_events(monkeypatch, case):
     """html2text costs per tag, lone '<' and character reference: past MAX_HTML_EVENTS the HTML is cut."""
     import html2text
-    monkeypatch.setattr(parse, "MAX_HTML_EVENTS", 1_000)
+    monkeypatch.setattr(body_text, "MAX_HTML_EVENTS", 1_000)
     events = []
     for method in ("handle_data", "handle_tag", "handle_entityref", "handle_charref"):
         real = getattr(html2text.HTML2Text, method)

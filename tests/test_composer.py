@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from intake.send import composer
-from intake.understand.parse import clean_text
+from intake.understand.header_text import clean_text
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 _STDLIB = email.policy.compat32.clone(linesep="\r\n")

@@ -81,7 +81,7 @@ def test_environment_overrides_every_named_key(monkeypatch: pytest.MonkeyPatch, 
     ('[smtp]\nnetwork_prefix_ipv6 = 129\n', ["smtp.network_prefix_ipv6"]),
     ('[intake]\ndefault_policy = "nope"\n', ["default_policy", "nope"]),
     ('[outbound]\npassword = "hunter2"\n', ["outbound.password", "relay-password"]),
-    # A relay login without STARTTLS sent AUTH PLAIN in clear (issue 12, finding 5).
+    # A relay login without STARTTLS would send AUTH PLAIN in clear.
     ('[outbound]\nusername = "intake"\n', ["outbound.username", "outbound.starttls", "in clear"]),
     ('[outbound]\nusername = "intake"\nstarttls = false\ntransport = "smtp"\n',
      ["outbound.username", "outbound.starttls"]),

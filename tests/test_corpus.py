@@ -12,7 +12,7 @@ from sqlalchemy import select
 from conftest import CORPUS, process, smtp_send
 from intake.store.db import read_session
 from intake.store.models import InboundMessage, ThreadEntry
-from intake.understand.parse import clean_text
+from intake.understand.header_text import clean_text
 
 SAMPLES = sorted(p for p in CORPUS.rglob("*") if p.is_file() and p.suffix in {".eml", ".txt", ""}
                  and not p.name.startswith(("LICENSE", "COPYING", "NOTICE", "README")))

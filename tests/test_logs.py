@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from intake.config.settings import LoggingSection
+from intake.config.sections import LoggingSection
 from intake.run.logs import StructuredFormatter, make_handler, parse_fields, stderr_is_journal, timestamp
 
 _LOGFMT_PAIR = re.compile(r'([^\s=]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)(?:\s+|$)')

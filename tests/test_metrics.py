@@ -10,7 +10,8 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import deliver_outbox, process, report
-from intake.config.settings import ConfigError, MetricsSection
+from intake.config.sections import MetricsSection
+from intake.config.settings import ConfigError
 from intake.run import metrics, readings
 from intake.store import inbound
 from intake.store.db import make_engine

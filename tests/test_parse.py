@@ -25,11 +25,13 @@ from hypothesis import strategies as st
 from mailparser.utils import decode_base64_payload
 
 from conftest import CORPUS
-from intake.understand import parse as parse_module, parse_guard
-from intake.understand.parse import (
-    MAX_BODY_TEXT, MAX_FILENAME, MAX_MIME_DEPTH, MAX_MIME_PARTS, DeliveryReport, ParsedMail, clean_text,
-    extract_attachment, parse, parse_headers_only, safe_filename,
-)
+from intake.understand import body_text, content, mime_reader, parse as parse_module, parse_guard
+from intake.understand.body_text import MAX_BODY_TEXT
+from intake.understand.content import extract_attachment
+from intake.understand.header_text import MAX_FILENAME, clean_text, safe_filename
+from intake.understand.mime_reader import MAX_MIME_DEPTH, MAX_MIME_PARTS
+from intake.understand.parse import parse, parse_headers_only
+from intake.understand.parsed_mail import DeliveryReport, ParsedMail
 from intake.understand.quality import SHIPPED_RULES, SpamScore, load_rules
 
 # Generous: each hostile message parses in milliseconds; unbounded, several take seconds or never end.
@@ -174,7 +176,7 @@ def test_body_text_is_cut_at_the_body_limit():
 
 
 def test_html_beyond_the_html_limit_is_not_converted(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(parse_module, "MAX_HTML_INPUT", 50)
+    monkeypatch.setattr(body_text, "MAX_HTML_INPUT", 50)
     parsed = parse(mail("From: a@example.org\nContent-Type: text/html",
                         "<p>" + "early " * 10 + "</p>" + "<p>late</p>" * 100))
     assert "early" in parsed.body_text and "late" not in parsed.body_text
@@ -194,7 +196,7 @@ def test_the_parse_never_raises_even_when_an_internal_step_fails(monkeypatch: py
     def broken(*args: object) -> None:
         raise RuntimeError("bug")
 
-    monkeypatch.setattr(parse_module, "_extract_content", broken)
+    monkeypatch.setattr(parse_module, "extract_content", broken)
     parsed = parse(mail("From: Alice <alice@example.org>\nSubject: still here\nMessage-ID: <m1@example.org>"))
     assert (parsed.subject, parsed.from_address, parsed.message_id) == ("still here", "alice@example.org",
                                                                        "<m1@example.org>")
@@ -428,7 +430,7 @@ def test_when_mail_parser_fails_everything_else_is_still_read(monkeypatch: pytes
     def failing(message: object) -> None:
         raise AttributeError("'NoneType' object has no attribute 'index'")  # outside its own hierarchy
 
-    monkeypatch.setattr(parse_module, "MailParser", failing)
+    monkeypatch.setattr(content, "MailParser", failing)
     raw = mail("From: Alice <alice@example.org>\nSubject: report\nAuto-Submitted: auto-replied", "the report\n")
     parsed = parse(raw)
     assert (parsed.subject, parsed.from_address, parsed.auto_submitted) == ("report", "alice@example.org",
@@ -825,7 +827,7 @@ def test_every_corpus_message_parses_quickly_without_falling_back(capsys: pytest
     assert timings[0][0] < QUICK
 
 
-# -- reading fast: the same Message as feeding the whole message (issue 12) ----------------------
+# -- reading fast: the same Message as feeding the whole message --------------------------------
 
 _LINE_BREAKS = st.sampled_from(["\r\n", "\n", "\r"])
 _HEADER_LINES = st.one_of(
@@ -888,22 +890,22 @@ def _multipart_messages(draw) -> bytes:  # type: ignore[no-untyped-def]
     return text.encode("latin-1")
 
 
-def _read_whole(data: bytes, depth: int = 0) -> tuple[Message, parse_module._Reading]:
-    """What the bounded feed parser gives when fed the whole of *data* (as before issue 12)."""
-    reading = parse_module._Reading()
-    parser = parse_module._BoundedFeedParser(reading, depth)
+def _read_whole(data: bytes, depth: int = 0) -> tuple[Message, mime_reader._Reading]:
+    """What the bounded feed parser gives when fed the whole of *data* (the plain, slower way)."""
+    reading = mime_reader._Reading()
+    parser = mime_reader._BoundedFeedParser(reading, depth)
     parser._join_leaf_body = lambda: None  # type: ignore[method-assign]
     parser._cut_header_block = lambda: None  # type: ignore[method-assign]
     try:
         BytesFeedParser.feed(parser, data)
         return parser.close(), reading
-    except parse_module._PartLimitReached:
+    except mime_reader._PartLimitReached:
         return parser._msgstack[0], reading
 
 
-def _read_fast(data: bytes, depth: int = 0) -> tuple[Message, parse_module._Reading]:
-    reading = parse_module._Reading()
-    return parse_module._BoundedFeedParser(reading, depth).parse(data), reading
+def _read_fast(data: bytes, depth: int = 0) -> tuple[Message, mime_reader._Reading]:
+    reading = mime_reader._Reading()
+    return mime_reader._BoundedFeedParser(reading, depth).parse(data), reading
 
 
 def _entity(part: Message) -> object:
@@ -951,8 +953,8 @@ def test_reading_fast_gives_the_multipart_feeding_it_whole_gives(data: bytes, de
 @settings(max_examples=400, deadline=None)
 def test_a_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, fields: int, length: int):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(parse_module, "MAX_HEADER_FIELDS", fields)
-        patch.setattr(parse_module, "MAX_HEADER_LENGTH", length)
+        patch.setattr(mime_reader, "MAX_HEADER_FIELDS", fields)
+        patch.setattr(mime_reader, "MAX_HEADER_LENGTH", length)
         _assert_read_alike(data)
 
 
@@ -960,8 +962,8 @@ def test_a_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, 
 @settings(max_examples=400, deadline=None)
 def test_a_part_header_block_cut_at_the_limits_reads_as_the_whole_block(data: bytes, fields: int, length: int):
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(parse_module, "MAX_HEADER_FIELDS", fields)
-        patch.setattr(parse_module, "MAX_HEADER_LENGTH", length)
+        patch.setattr(mime_reader, "MAX_HEADER_FIELDS", fields)
+        patch.setattr(mime_reader, "MAX_HEADER_LENGTH", length)
         _assert_read_alike(data)
 
 
@@ -985,17 +987,17 @@ def test_every_corpus_message_reads_as_fed_whole(monkeypatch: pytest.MonkeyPatch
             _assert_read_alike(raw)
             fast = parse(raw)
             with monkeypatch.context() as patch:
-                patch.setattr(parse_module._BoundedFeedParser, "parse",
+                patch.setattr(mime_reader._BoundedFeedParser, "parse",
                               lambda self, data: _read_whole_with(self, data))
-                patch.setattr(parse_module._BoundedFeedParser, "_join_leaf_body", lambda self: None)
-                patch.setattr(parse_module._BoundedFeedParser, "_cut_header_block", lambda self: None)
+                patch.setattr(mime_reader._BoundedFeedParser, "_join_leaf_body", lambda self: None)
+                patch.setattr(mime_reader._BoundedFeedParser, "_cut_header_block", lambda self: None)
                 whole = parse(raw)
             assert fast == whole, path
 
 
-def _read_whole_with(parser: parse_module._BoundedFeedParser, data: bytes) -> Message:
+def _read_whole_with(parser: mime_reader._BoundedFeedParser, data: bytes) -> Message:
     try:
         BytesFeedParser.feed(parser, data)
         return parser.close()
-    except parse_module._PartLimitReached:
+    except mime_reader._PartLimitReached:
         return parser._msgstack[0]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from intake.understand.parse import Attachment, ParsedMail
+from intake.understand.parsed_mail import Attachment, ParsedMail
 from intake.understand.quality import RuleSet, RulesError, SpamScore, load_rules, parse_rules
 
 ROOT = Path(__file__).resolve().parent.parent

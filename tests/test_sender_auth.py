@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from intake.config.settings import SenderAuthSection
-from intake.understand import sender_auth
-from intake.understand.sender_auth import FAIL, NONE, PASS, StaticResolver, authenticate
+from intake.config.sections import SenderAuthSection
+from intake.understand import dns_lookups, sender_auth
+from intake.understand.dns_lookups import StaticResolver
+from intake.understand.sender_auth import FAIL, NONE, PASS, authenticate
 
 TRUSTED = SenderAuthSection(trusted_authserv_ids=["mx.example.com"])
 VERIFY = SenderAuthSection()
@@ -420,7 +421,7 @@ def loopback_dns():  # type: ignore[no-untyped-def]
 
 def test_the_dns_resolver_joins_strings_caches_answers_and_times_out(loopback_dns):
     server = loopback_dns({"_dmarc.example.org": ["v=DMARC1; ", "p=reject"], "_dmarc.slow.test": None})
-    resolver = sender_auth.DnsResolver(0.3, nameservers=["127.0.0.1"], port=server.port)
+    resolver = dns_lookups.DnsResolver(0.3, nameservers=["127.0.0.1"], port=server.port)
     assert resolver.txt("_dmarc.example.org") == [b"v=DMARC1; p=reject"]
     assert resolver.txt("_DMARC.example.org.") == [b"v=DMARC1; p=reject"]  # from the cache
     assert resolver.txt("_dmarc.nowhere.test") == [] == resolver.txt("_dmarc.nowhere.test")  # NXDOMAIN, cached
@@ -449,19 +450,19 @@ def test_a_batch_stops_asking_dns_once_its_time_is_spent():
             raise TimeoutError(f"{name}: no answer")
 
     slow = Slow()
-    budget = sender_auth.TimeBudget(slow, sender_auth.batch_dns_seconds(VERIFY), clock=lambda: clock[0])
+    budget = dns_lookups.TimeBudget(slow, dns_lookups.batch_dns_seconds(VERIFY), clock=lambda: clock[0])
     verdicts = [authenticate(message(sender=f"a@slow{n}.test"), f"a@slow{n}.test", VERIFY, budget)
                 for n in range(50)]
     assert all(v.result == NONE and "temperror" in v.reason for v in verdicts)
     # 2 x dns_timeout x max_dns_lookups seconds of lookups, then none: 8 of them, not 50 x 2.
-    assert VERIFY.dns_timeout == 2.0 and len(slow.asked) == sender_auth.batch_dns_seconds(VERIFY) / 2.0 == 8
+    assert VERIFY.dns_timeout == 2.0 and len(slow.asked) == dns_lookups.batch_dns_seconds(VERIFY) / 2.0 == 8
 
 
 def test_no_test_can_reach_real_dns():
     """conftest's stub_dns: the service's resolver is the stub, and dnspython refuses real servers."""
-    assert isinstance(sender_auth.system_resolver(VERIFY), StaticResolver)
+    assert isinstance(dns_lookups.system_resolver(VERIFY), StaticResolver)
     with pytest.raises(OSError, match="NoNameservers"):
-        sender_auth.dns_resolver(0.5).txt("_dmarc.example.org")
+        dns_lookups.dns_resolver(0.5).txt("_dmarc.example.org")
 
 
 def test_no_dns_lookup_runs_while_the_write_lock_is_held(make_settings, start_intake_listener, stub_dns, sqlite_url,

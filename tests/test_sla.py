@@ -15,9 +15,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from intake.sla.calendars import CalendarConfig, add_duration, builtin_calendars, parse_duration
 from intake.sla.engine import (
-    CalendarConfig, PolicyConfig, StageConfig, acknowledge_met_at, add_duration, builtin_calendars,
-    compute_deadlines, parse_duration, stage_state, validate_policies,
+    PolicyConfig, StageConfig, acknowledge_met_at, compute_deadlines, stage_state, validate_policies,
 )
 
 BRISBANE = ZoneInfo("Australia/Brisbane")  # UTC+10, no DST

@@ -11,9 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from intake.sla.engine import (
-    CalendarConfig, PolicyConfig, acknowledge_met_at, compute_deadlines, stage_state, validate_policies,
-)
+from intake.sla.calendars import CalendarConfig
+from intake.sla.engine import PolicyConfig, acknowledge_met_at, compute_deadlines, stage_state, validate_policies
 
 BRISBANE = ZoneInfo("Australia/Brisbane")
 

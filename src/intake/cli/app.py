@@ -43,7 +43,7 @@ from intake.store.db import is_sqlite
 from intake.store.db import make_engine
 from intake.store.db import write_session
 from intake.display import echo
-from intake.understand.parse import extract_attachment
+from intake.understand.content import extract_attachment
 from intake.vocabulary import CLOSE_REASONS
 from intake.vocabulary import SEVERITIES
 

@@ -4,7 +4,7 @@ Sources, highest priority first:
 
 1. environment variables ``INTAKE_<SECTION>__<KEY>`` (lists and tables as JSON),
 2. the TOML file (``--config``, else ``$INTAKE_CONFIG``, else ``./config.toml``),
-3. the defaults below.
+3. the defaults of the section models (:mod:`intake.config.sections`).
 
 Unknown or misspelled keys are errors, in the file and in ``INTAKE_*`` variables alike.
 Secrets never live in the file: they come from ``$CREDENTIALS_DIRECTORY/<name>`` (systemd
@@ -16,31 +16,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import ssl
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_origin
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Any, get_origin
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-from apscheduler.triggers.cron import CronTrigger
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from intake import patterns
-from intake.config.security_txt import SecurityTxtSection
-from intake.sla.engine import CalendarConfig, PolicyConfig, builtin_calendars, parse_duration, validate_policies
+from intake.config.sections import (
+    AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
+    OutboundSection, ProcessingSection, SchedulerSection, SecurityTxtSection, SenderAuthSection, ServiceSection,
+    SmtpSection,
+)
+from intake.sla.calendars import CalendarConfig, builtin_calendars
+from intake.sla.engine import PolicyConfig, validate_policies
 from intake.understand.quality import SHIPPED_RULES, RuleSet, RulesError, load_rules
 
 ENV_PREFIX = "INTAKE_"
@@ -59,394 +50,6 @@ SECRETS = {
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the reason."""
-
-
-@dataclass(frozen=True)
-class HostPort:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-
-def _parse_host_port(value: Any) -> HostPort:
-    if isinstance(value, HostPort):
-        return value
-    if not isinstance(value, str):
-        raise ValueError("expected a string 'host:port'")
-    text = value.strip()
-    if text.startswith("["):  # [::1]:25
-        host, sep, port = text[1:].partition("]:")
-    else:
-        host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"expected 'host:port', got {value!r}")
-    number = int(port)
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port {number} is out of range 0-65535")
-    return HostPort(host, number)
-
-
-def _check_host_port(value: str) -> str:
-    _parse_host_port(value)
-    return value
-
-
-HostPortText = Annotated[str, AfterValidator(_check_host_port)]
-
-
-def _check_mailbox(value: str) -> str:
-    local, sep, domain = value.rpartition("@")
-    if not sep or not local or not domain or any(c.isspace() for c in value):
-        raise ValueError(f"{value!r} is not an email address")
-    return value
-
-
-def _check_address(value: str) -> str:
-    """An intake address: a mailbox without a +tag (its +tag forms are implied)."""
-    local = _check_mailbox(value).rpartition("@")[0]
-    if "+" in local:
-        raise ValueError(f"{value!r}: list the base address; its +tag forms are accepted automatically")
-    return value
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class IntakeSection(Section):
-    # Prefix of public ticket references: SEC-2026-0001.
-    reference_prefix: str = Field(default="SEC", pattern=r"^[A-Z][A-Z0-9]{0,15}$")
-    # Domain used on the right of Message-IDs of mail we send.
-    message_id_domain: str = "example.com"
-    # Display name on mail we send from the security address.
-    from_name: str = "Security Team"
-    # Policy applied to tickets unless an address or +tag maps to another one.
-    default_policy: str = "vaixus"
-    # Address (or +tag) -> policy name.
-    policy_by_address: dict[str, str] = Field(default_factory=dict)
-    # Directory of templates that override the shipped ones (same file names).
-    templates_dir: Path | None = None
-    # Low-quality scoring rules (TOML); unset: the shipped rules (intake/understand/rules/low-quality.toml).
-    spam_rules: Path | None = None
-
-
-class SmtpSection(Section):
-    # Address the listener binds, 'host:port'.
-    listen: HostPortText = "127.0.0.1:8025"
-    # Addresses we accept mail for; their +tag forms are accepted too.
-    addresses: list[Annotated[str, AfterValidator(_check_address)]] = Field(
-        default_factory=lambda: ["security@example.com"], min_length=1
-    )
-    # Name in the greeting and in our Received: header.
-    hostname: str = "localhost"
-    # Largest message accepted, bytes (announced with SIZE; larger gets 552).
-    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
-    # Most recipients accepted in one transaction (more get 452).
-    max_recipients: int = Field(default=20, ge=1, le=1000)
-    # Seconds a client may stay idle before the connection is dropped.
-    idle_timeout: float = Field(default=60.0, gt=0)
-    # Connections open at once, in all and from one client address; more get 421 and are closed.
-    max_connections: int = Field(default=200, ge=1, le=100_000)
-    max_connections_per_ip: int = Field(default=50, ge=1, le=100_000)
-    # ... and from one client network: the addresses sharing their first network_prefix_ipv4 bits
-    # (IPv4, IPv4-mapped IPv6 included) or network_prefix_ipv6 bits. Between max_connections_per_ip
-    # and max_connections; unset: 100, within those two.
-    max_connections_per_network: int = Field(default=100, ge=1, le=100_000)
-    network_prefix_ipv4: int = Field(default=24, ge=8, le=32)
-    network_prefix_ipv6: int = Field(default=64, ge=16, le=128)
-    # STARTTLS: PEM certificate chain and key; both or neither.
-    tls_certificate: Path | None = None
-    tls_key: Path | None = None
-    # Refuse MAIL before STARTTLS (only with a certificate).
-    require_starttls: bool = False
-
-    @property
-    def listen_address(self) -> HostPort:
-        return _parse_host_port(self.listen)
-
-    @field_validator("addresses")
-    @classmethod
-    def _lowercase_unique(cls, value: list[str]) -> list[str]:
-        lowered = [a.lower() for a in value]
-        if len(set(lowered)) != len(lowered):
-            raise ValueError("an address is listed twice")
-        return lowered
-
-    @model_validator(mode="after")
-    def _tls_pair(self) -> SmtpSection:
-        if (self.tls_certificate is None) != (self.tls_key is None):
-            raise ValueError("tls_certificate and tls_key must be set together")
-        if self.require_starttls and self.tls_certificate is None:
-            raise ValueError("require_starttls needs tls_certificate and tls_key")
-        if self.max_connections_per_ip > self.max_connections:
-            raise ValueError("max_connections_per_ip cannot be more than max_connections")
-        return self
-
-    @model_validator(mode="after")
-    def _network_limit_between(self) -> SmtpSection:
-        low, high = self.max_connections_per_ip, self.max_connections
-        if "max_connections_per_network" not in self.model_fields_set:
-            # The default gives way to the other two limits (a configuration that lowered
-            # max_connections alone stays valid); frozen, hence __dict__.
-            self.__dict__["max_connections_per_network"] = min(max(self.max_connections_per_network, low), high)
-        elif not low <= self.max_connections_per_network <= high:
-            raise ValueError(f"max_connections_per_network ({self.max_connections_per_network}) must be between "
-                             f"max_connections_per_ip ({low}) and max_connections ({high})")
-        return self
-
-
-class DatabaseSection(Section):
-    # SQLAlchemy URL. A relative SQLite path is relative to the config file.
-    url: str = "sqlite:///var/intake.db"
-    # Seconds to wait for a lock before a write fails (SQLite busy timeout, PostgreSQL lock_timeout).
-    busy_timeout: float = Field(default=10.0, gt=0)
-
-
-class ProcessingSection(Section):
-    # Stored messages read and parsed per round.
-    batch_size: int = Field(default=100, ge=1, le=10_000)
-    # Messages acted on per write transaction (never more than 512 KB of mail): more means fewer
-    # statements and commits per message; fewer keeps the database lock short, so the listener's
-    # commits (and with them the 250s) wait less.
-    messages_per_transaction: int = Field(default=20, ge=1, le=10_000)
-    # Seconds between polls for pending messages when nothing wakes the processor.
-    poll_interval: float = Field(default=1.0, gt=0)
-    # Seconds (wall clock) parsing one message may take (in a helper process) before it is cut short.
-    parse_timeout: float = Field(default=10.0, gt=0, le=3600)
-    # Seconds of the helper's CPU for parsing, scoring and the text work of one message together;
-    # then the message goes on with what was done and a warning (see intake.understand.parse_guard).
-    message_budget: float = Field(default=2.0, gt=0, le=3600)
-
-
-class OutboundSection(Section):
-    # 'smtp': deliver through a relay; 'maildir': write each mail into a local Maildir.
-    transport: Literal["smtp", "maildir"] = "maildir"
-    # Maildir folder for transport = 'maildir'. Relative to the config file.
-    maildir: Path = Path("var/outbox")
-    # Relay for transport = 'smtp', 'host:port'.
-    relay: HostPortText = "127.0.0.1:25"
-    # Require STARTTLS with the relay (fail rather than send in clear).
-    starttls: bool = False
-    # Relay login; its password comes from the 'relay-password' credential. Needs starttls = true.
-    username: str | None = None
-    # PEM file of the CA(s) that issued the relay's certificate, trusted instead of the system's
-    # store (a private CA). Relative to the config file.
-    ca_file: Path | None = None
-    # Seconds for connecting and for each SMTP command with the relay.
-    timeout: float = Field(default=30.0, gt=0)
-    # Retry schedule for temporary failures: first delay, doubling up to the cap.
-    retry_initial: float = Field(default=60.0, gt=0)
-    retry_max: float = Field(default=3600.0, gt=0)
-    # Give up (mark dead) after this many seconds of temporary failures.
-    give_up_after: float = Field(default=5 * 24 * 3600.0, gt=0)
-    # Seconds between outbox polls when nothing wakes the sender.
-    poll_interval: float = Field(default=2.0, gt=0)
-
-    @property
-    def relay_address(self) -> HostPort:
-        return _parse_host_port(self.relay)
-
-    @model_validator(mode="after")
-    def _login_over_tls_only(self) -> OutboundSection:
-        if self.username and not self.starttls:
-            raise ValueError("outbound.username is set but outbound.starttls = false: the relay password "
-                             "would be sent in clear; set starttls = true (or remove username)")
-        return self
-
-
-class SenderAuthSection(Section):
-    """``[sender_auth]``: who a message is really from (see :mod:`intake.understand.sender_auth`). A maintainer's
-    mail is privileged only when its sender is authenticated; a reporter whose domain publishes
-    DMARC is the reporter only when authenticated."""
-
-    # authserv-ids (RFC 8601) of our own MX whose Authentication-Results header is believed: the
-    # topmost header of a listed id only; every other one is ignored (a sender can write any header).
-    trusted_authserv_ids: list[str] = Field(default_factory=list)
-    # Without a trusted header, verify DKIM signatures (and look up DMARC records) ourselves.
-    verify: bool = True
-    # Seconds one DNS lookup may take, and most lookups made for one message.
-    dns_timeout: float = Field(default=2.0, gt=0, le=30)
-    max_dns_lookups: int = Field(default=4, ge=1, le=20)
-    # Age after which a maintainer's reply address stops working (its answer carries a fresh one).
-    reply_token_max_age: ElapsedText = "90 days"
-
-    @field_validator("trusted_authserv_ids")
-    @classmethod
-    def _lowercase_ids(cls, value: list[str]) -> list[str]:
-        return [v.strip().lower() for v in value if v.strip()]
-
-
-class ServiceSection(Section):
-    # Seconds allowed for in-flight work on SIGTERM before exiting anyway.
-    shutdown_grace: float = Field(default=20.0, gt=0)
-
-
-class LoggingSection(Section):
-    """``[logging]``: how ``intake serve`` writes its log lines to stderr (see :mod:`intake.run.logs`)."""
-
-    # 'logfmt' (key=value pairs) or 'json' (one object per line).
-    format: Literal["logfmt", "json"] = "logfmt"
-    # Lowest level written.
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    # sd-daemon(3) priority prefixes (<3> error ... <7> debug): 'auto' when stderr is the journal
-    # ($JOURNAL_STREAM names it), or always / never.
-    journal_prefix: Literal["auto", "always", "never"] = "auto"
-
-
-class MetricsSection(Section):
-    """``[metrics]``: the HTTP endpoint with /metrics, /livez and /readyz (see :mod:`intake.run.metrics`)."""
-
-    # Serve the endpoint from `intake serve`.
-    enabled: bool = True
-    # Allow a listen address that is not loopback (put a firewall or an authenticating proxy in front).
-    # Before `listen`: its validator reads it.
-    allow_remote: bool = False
-    # Where it binds, 'host:port'. Loopback only unless allow_remote: nothing on it is authenticated.
-    listen: HostPortText = "127.0.0.1:9125"
-    # /readyz fails while the oldest mail waiting in the outbox is older than this, in seconds.
-    outbox_stuck_after: float = Field(default=3600.0, gt=0)
-
-    @property
-    def listen_address(self) -> HostPort:
-        return _parse_host_port(self.listen)
-
-    @field_validator("listen")
-    @classmethod
-    def _loopback_unless_allowed(cls, value: str, info: ValidationInfo) -> str:
-        host = _parse_host_port(value).host
-        if host == "localhost":
-            return value
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            raise ValueError(f"{host!r} must be an IP address or 'localhost'") from None
-        if not loopback and not info.data.get("allow_remote"):
-            raise ValueError(f"{host!r} is not a loopback address; the endpoint has no authentication "
-                             "(set allow_remote = true to serve it anyway)")
-        return value
-
-
-class AutoReplySection(Section):
-    # Most automatic mails (acknowledgements, out-of-scope replies) one address gets per window,
-    # so two auto-responders can never ping-pong.
-    limit_per_recipient: int = Field(default=5, ge=1)
-    # The window, in seconds.
-    window: float = Field(default=24 * 3600.0, gt=0)
-    # Senders (local part, a regular expression matched whole, case-insensitive) never answered.
-    # Matched against senders' addresses, so on RE2 (intake.patterns): no look-around or backreferences.
-    never_reply_to: list[str] = Field(default_factory=lambda: [
-        "mailer-daemon", "postmaster", "no-?reply", "do-?not-?reply", "bounces?", "daemon", "listserv",
-        "majordomo", "owner-.*", ".*-request", ".*-bounces?", ".*-owner", "notifications?",
-    ])
-
-    @field_validator("never_reply_to")
-    @classmethod
-    def _patterns_compile(cls, value: list[str]) -> list[str]:
-        for pattern in value:
-            try:
-                patterns.compile(pattern)
-            except patterns.UnsupportedPattern as exc:
-                raise ValueError(str(exc)) from None
-        return value
-
-
-def _check_elapsed(value: str) -> str:
-    duration = parse_duration(value)
-    if duration.business or duration.amount == 0:
-        raise ValueError(f"{value!r} must be a non-zero elapsed time (minutes, hours or days)")
-    return value
-
-
-ElapsedText = Annotated[str, AfterValidator(_check_elapsed)]
-Mailbox = Annotated[str, AfterValidator(_check_mailbox)]
-
-
-def _check_zone(name: str) -> str:
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(f"unknown IANA time zone {name!r} (e.g. 'Australia/Brisbane')") from None
-    return name
-
-
-class DigestSchedule(Section):
-    # When it is sent: a crontab line "minute hour day month weekday", e.g. "0 8 * * mon-fri".
-    cron: str
-    # IANA time zone the cron line is read in, e.g. "Australia/Brisbane".
-    timezone: Annotated[str, AfterValidator(_check_zone)] = "UTC"
-    # Who gets it; empty: every [[maintainers]] address.
-    recipients: list[Mailbox] = Field(default_factory=list)
-    # The "due soon" section lists unmet stages due within this (elapsed) time.
-    due_within: ElapsedText = "48 hours"
-    # The "disclosure dates" section lists disclosure deadlines within this.
-    disclosures_within: ElapsedText = "14 days"
-    # Send it even when it has nothing to list (otherwise an empty digest is skipped).
-    send_empty: bool = False
-
-    @model_validator(mode="after")
-    def _cron_parses(self) -> DigestSchedule:
-        self.trigger()
-        return self
-
-    def trigger(self) -> CronTrigger:
-        """The APScheduler trigger of this schedule, in its time zone."""
-        try:
-            return CronTrigger.from_crontab(self.cron, timezone=ZoneInfo(self.timezone))
-        except ValueError as exc:
-            raise ValueError(f"cron {self.cron!r} is not a crontab line 'minute hour day month weekday': {exc}")\
-                from None
-
-
-class SchedulerSection(Section):
-    # Run the scheduler (sweep and digests) inside `intake serve`.
-    enabled: bool = True
-    # Seconds between SLA sweeps (reminders, breach notices, escalations).
-    sweep_interval: float = Field(default=60.0, ge=1)
-    # Seconds a scheduled run may start late and still run (a digest due while intake was
-    # stopped longer than this is skipped, never sent in a burst); a notice that fell due longer
-    # ago than this is sent as a catch-up stating where the ticket stands.
-    misfire_grace: float = Field(default=300.0, ge=1)
-    # Hold reminders that are not breaches to the stage calendar's working hours.
-    quiet_hours: bool = True
-    # A breached stage's notice is repeated this often until it is met.
-    breach_repeat: ElapsedText = "1 day"
-    # A stage still unmet this long after its due instant is escalated to escalate_to (once).
-    escalation_delay: ElapsedText = "1 day"
-    # Who gets escalations; empty: nobody (no escalation).
-    escalate_to: list[Mailbox] = Field(default_factory=list)
-    # Who gets new-ticket notices, reminders and breach notices; empty: every [[maintainers]] address.
-    recipients: list[Mailbox] = Field(default_factory=list)
-    # Tell the recipients about each new ticket (its text, sender, decision and SLA dates).
-    new_ticket_notice: bool = True
-    # Digests by name, each with its own schedule and recipients.
-    digests: dict[str, DigestSchedule] = Field(default_factory=dict)
-
-    @field_validator("digests")
-    @classmethod
-    def _digest_names(cls, value: dict[str, DigestSchedule]) -> dict[str, DigestSchedule]:
-        for name in value:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-                raise ValueError(f"digest name {name!r}: letters, digits, '_', '-', '.'")
-        return value
-
-
-class Maintainer(Section):
-    # Who it is, as shown in events and used by `--actor`.
-    name: str = Field(min_length=1)
-    # Address the maintainer mails from.
-    email: Mailbox
-    # Their login on the host where they run `intake` ($USER): CLI changes are recorded as them.
-    login: str | None = None
-
-
-class AdvisorySection(Section):
-    """``[advisory]``: how advisory drafts (:mod:`intake.tickets.advisory`) are identified."""
-
-    # The OSV id is this prefix + the ticket reference ("" keeps the reference as it is).
-    id_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_.-]{0,32}$")
 
 
 class Settings(BaseSettings):
@@ -474,7 +77,7 @@ class Settings(BaseSettings):
     maintainers: list[Maintainer] = Field(default_factory=list)
     calendars: dict[str, CalendarConfig] = Field(default_factory=dict)
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)
-    # Publishing (issue 6): security.txt and advisory drafts.
+    # Publishing: security.txt and advisory drafts.
     security_txt: SecurityTxtSection = SecurityTxtSection()
     advisory: AdvisorySection = AdvisorySection()
 

@@ -40,7 +40,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from sqlalchemy import Engine
 
-from intake.config.settings import MetricsSection
+from intake.config.sections import MetricsSection
 from intake.run import readings
 from intake.vocabulary import DECISIONS
 

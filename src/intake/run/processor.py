@@ -36,8 +36,8 @@ from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import InboundMessage
 from intake.tickets import core as tickets, maintainer_mail
-from intake.understand import parse_guard, reply_tokens, route, sender_auth
-from intake.understand.parse import ParsedMail
+from intake.understand import dns_lookups, parse_guard, reply_tokens, route, sender_auth
+from intake.understand.parsed_mail import ParsedMail
 from intake.understand.sender_auth import NONE, Verdict
 from intake.understand.text_work import TextWork
 from intake.vocabulary import InboundStatus
@@ -115,7 +115,7 @@ class Outcome:
     error: str | None = None
 
 
-def prepare(settings: Settings, stored: StoredMessage, dns: sender_auth.Resolver | None = None) -> Prepared:
+def prepare(settings: Settings, stored: StoredMessage, dns: dns_lookups.Resolver | None = None) -> Prepared:
     """Parse, score, read and authenticate *stored*: everything that needs no lock. DNS lookups
     go through *dns* (the batch's time budget), else the process's resolver."""
     started = time.perf_counter()
@@ -131,10 +131,10 @@ def prepare(settings: Settings, stored: StoredMessage, dns: sender_auth.Resolver
 
 
 def _authenticate(settings: Settings, stored: StoredMessage, mail: ParsedMail,
-                  dns: sender_auth.Resolver | None) -> Verdict:
+                  dns: dns_lookups.Resolver | None) -> Verdict:
     """The sender's verdict; DNS lookups only for mail that could gain privilege by it."""
     may_gain = sender_auth.may_gain_privilege(settings, mail, stored.mail_from, stored.rcpt_tos)
-    resolver = (dns or sender_auth.system_resolver(settings.sender_auth)) if may_gain else None
+    resolver = (dns or dns_lookups.system_resolver(settings.sender_auth)) if may_gain else None
     return sender_auth.authenticate(stored.raw, mail.from_address, settings.sender_auth, resolver)
 
 
@@ -142,8 +142,8 @@ def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int 
     """Process up to one batch of pending messages as of *now*."""
     result = BatchResult()
     started = time.perf_counter()
-    dns = sender_auth.TimeBudget(sender_auth.system_resolver(settings.sender_auth),
-                                 sender_auth.batch_dns_seconds(settings.sender_auth))
+    dns = dns_lookups.TimeBudget(dns_lookups.system_resolver(settings.sender_auth),
+                                 dns_lookups.batch_dns_seconds(settings.sender_auth))
     prepared = (prepare(settings, stored, dns) for stored in
                 inbound.pending(engine, limit or settings.processing.batch_size))
     for chunk in _chunks(prepared, settings.processing.messages_per_transaction):

@@ -40,7 +40,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from intake.config.settings import EXIT_CONFIG, ConfigError, LoggingSection, Settings, load_settings
+from intake.config.sections import LoggingSection
+from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
 from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport

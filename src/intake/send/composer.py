@@ -1,6 +1,6 @@
 """Templates -> outbound messages. Builds bytes only; sending is the outbox's job.
 
-Every header value that came from a researcher passes through :func:`intake.understand.parse.clean_text`
+Every header value that came from a researcher passes through :func:`intake.understand.header_text.clean_text`
 before it is used here, and the stdlib's SMTP policy refuses any CR/LF left in a header, so a
 subject can never smuggle a header into our mail.
 
@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined, select_autoescape
 
 from intake import patterns
-from intake.understand.parse import clean_text
+from intake.understand.header_text import clean_text
 from intake.vocabulary import LOOP_HEADER
 
 class _Compat32(email.policy.Compat32):

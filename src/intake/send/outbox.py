@@ -33,7 +33,8 @@ import aiosmtplib
 from sqlalchemy import Engine, bindparam, func, or_, select, update
 from sqlmodel import Session
 
-from intake.config.settings import OutboundSection, Settings, read_secret
+from intake.config.sections import OutboundSection
+from intake.config.settings import Settings, read_secret
 from intake.send.composer import OutgoingMail
 from intake.store.db import insert_new, read_session, write_connection, write_session
 from intake.store.models import Outbox

@@ -19,9 +19,10 @@ from sqlalchemy import Engine, delete, select
 from sqlmodel import Session
 
 from intake.config.settings import Settings
+from intake.sla.calendars import CalendarConfig, parse_duration
 from intake.sla.engine import (
-    DEFAULT_DUE_SOON, CalendarConfig, Pause, PolicyConfig, StageDeadline, acknowledge_met_at, compute_deadlines,
-    parse_duration, reminder_times, stage_state,
+    DEFAULT_DUE_SOON, Pause, PolicyConfig, StageDeadline, acknowledge_met_at, compute_deadlines, reminder_times,
+    stage_state,
 )
 from intake.store.db import read_session, write_session
 from intake.store.models import Deadline, Event, Ticket

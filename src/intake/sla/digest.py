@@ -22,10 +22,11 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session
 
-from intake.config.settings import DigestSchedule, Settings
+from intake.config.sections import DigestSchedule
+from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import stats
-from intake.sla.engine import format_span, parse_duration
+from intake.sla.calendars import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
 from intake.vocabulary import SEVERITIES, TicketState

@@ -36,7 +36,8 @@ from sqlmodel import Session
 from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
-from intake.sla.engine import format_span, parse_duration, reminder_times
+from intake.sla.calendars import format_span, parse_duration
+from intake.sla.engine import reminder_times
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
 from intake.tickets.core import find

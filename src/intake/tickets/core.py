@@ -33,7 +33,8 @@ from intake.store.models import (
 )
 from intake.tickets import credit
 from intake.understand import reply_tokens, route
-from intake.understand.parse import ParsedMail, clean_text
+from intake.understand.header_text import clean_text
+from intake.understand.parsed_mail import ParsedMail
 from intake.vocabulary import FINISHED_STATES, TicketState
 
 SYSTEM_ACTOR = "intake"

@@ -20,7 +20,7 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.store.models import ThreadEntry, Ticket
 from intake.tickets import core as tickets, milestones
-from intake.understand.parse import clean_text
+from intake.understand.header_text import clean_text
 
 # Human mail is not RFC 3834 automatic: a normal envelope sender, so bounces come back to us.
 CORRESPONDENCE = "correspondence"

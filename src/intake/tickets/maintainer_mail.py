@@ -33,7 +33,8 @@ from intake.store.inbound import StoredMessage
 from intake.store.models import Ticket
 from intake.tickets import correspondence, credit, milestones, triage
 from intake.understand import reply_tokens, route
-from intake.understand.parse import clean_text, extract_attachment
+from intake.understand.content import extract_attachment
+from intake.understand.header_text import clean_text
 
 if TYPE_CHECKING:
     from intake.understand.text_work import TextWork  # which reads its text with this module's functions

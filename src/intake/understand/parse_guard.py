@@ -42,7 +42,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from intake.understand import text_work
-from intake.understand.parse import ParsedMail, parse, parse_headers_only
+from intake.understand.parse import parse, parse_headers_only
+from intake.understand.parsed_mail import ParsedMail
 from intake.understand.quality import RuleSet
 from intake.understand.text_work import TextWork
 

@@ -1,7 +1,7 @@
 """Score a new report for known low-value patterns ("beg bounty" mail, scanner boilerplate).
 
 Pure: no database, no clock, no network. A :class:`RuleSet` is loaded once from a TOML rules
-file and then scores :class:`~intake.understand.parse.ParsedMail` objects. The score never drops or hides
+file and then scores :class:`~intake.understand.parsed_mail.ParsedMail` objects. The score never drops or hides
 anything: the caller stores :meth:`SpamScore.as_dict` on the ticket, labels it ``low-quality``
 when the score reaches the threshold, and the ticket's policy decides which reply it gets.
 

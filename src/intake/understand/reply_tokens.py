@@ -35,9 +35,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy import Engine, func, select
 
-from intake.config.settings import SECRETS, SenderAuthSection, Settings, read_secret
+from intake.config.sections import SenderAuthSection
+from intake.config.settings import SECRETS, Settings, read_secret
 from intake.send import composer
-from intake.sla.engine import parse_duration
+from intake.sla.calendars import parse_duration
 from intake.store.db import read_session, write_session
 from intake.store.models import ServiceSecret, Ticket
 from intake.vocabulary import FINISHED_STATES

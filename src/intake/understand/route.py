@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from intake import patterns
-from intake.understand.parse import ParsedMail
+from intake.understand.parsed_mail import ParsedMail
 from intake.understand.reply_tokens import EXPIRED, INVALID, OLD_FORMAT, TokenCheck
 from intake.understand.sender_auth import NONE, Verdict
 from intake.vocabulary import (
