@@ -28,14 +28,13 @@ from intake.sla import stats
 from intake.sla.engine import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.vocabulary import SEVERITIES, TicketState
+from intake.vocabulary import FINISHED_STATES, SEVERITIES, TicketState
 
 SECTION_LIMIT = 50
 # How far back the latest fire time of a schedule is looked for, widening step by step.
 _LOOKBACKS = (timedelta(hours=2), timedelta(days=2), timedelta(days=9), timedelta(days=32), timedelta(days=367),
               timedelta(days=4 * 366 + 1))
 _MAX_FIRES_STEPPED = 3000
-_RESOLVED = "resolved"
 _NO_SEVERITY = "unassessed"
 
 
@@ -177,7 +176,7 @@ def _deadlines(session: Session, digest: Digest, key: str, title: str, *conditio
     ``due_at`` of unmet deadlines), soonest first."""
     query = (select(Ticket.reference, Ticket.subject, Deadline.stage, Deadline.due_at, Ticket.severity)
              .join(Ticket, Ticket.id == Deadline.ticket_id)
-             .where(Deadline.met_at.is_(None), *conditions, Ticket.state != _RESOLVED)
+             .where(Deadline.met_at.is_(None), *conditions, Ticket.state.not_in(FINISHED_STATES))
              .order_by(Deadline.due_at, Deadline.id))
 
     def line(ref: str, subject: str, stage: str, due: datetime, severity: str | None) -> DigestLine:
@@ -197,7 +196,7 @@ def _waiting(session: Session, digest: Digest) -> DigestSection:
 
 def _counts(session: Session) -> dict[str, dict[str, int]]:
     rows = session.execute(select(Ticket.state, Ticket.severity, func.count())
-                           .where(Ticket.state != _RESOLVED).group_by(Ticket.state, Ticket.severity))
+                           .where(Ticket.state.not_in(FINISHED_STATES)).group_by(Ticket.state, Ticket.severity))
     counts: dict[str, dict[str, int]] = {}
     for state, severity, count in rows:
         by_severity = counts.setdefault(state, {each: 0 for each in (*SEVERITIES, _NO_SEVERITY)})
