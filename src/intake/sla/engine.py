@@ -89,7 +89,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import holidays
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from intake.vocabulary import MILESTONES, SEVERITIES
+from intake.vocabulary import MILESTONE_SPECS, MILESTONES, SEVERITIES
 
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 STAGE_STATES = ("pending", "paused", "ok", "due-soon", "breached", "met", "met-late")
@@ -98,8 +98,7 @@ DEFAULT_DUE_SOON = "24 hours"
 # When maintainers are reminded of an unmet stage, unless its policy or the stage says otherwise.
 DEFAULT_REMIND = ("50%", "80%", "24 hours before")
 # The milestone that meets a stage of one of these names unless the stage says ``met_by``.
-DEFAULT_MET_BY = {"acknowledge": "acknowledged", "assess": "assessed", "fix": "released",
-                  "resolve": "resolved", "disclose": "disclosed"}
+DEFAULT_MET_BY = {spec.stage: spec.name for spec in MILESTONE_SPECS}
 
 # The basis is one line for a human: past this many skipped days, summarise.
 _MAX_SKIPPED_IN_BASIS = 8
