@@ -28,7 +28,7 @@ from intake.sla import stats
 from intake.sla.engine import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.vocabulary import FINISHED_STATES, SEVERITIES, TicketState
+from intake.vocabulary import FINISHED_STATES, SEVERITIES, MailKind, Milestone, NotificationKind, TicketState
 
 SECTION_LIMIT = 50
 # How far back the latest fire time of a schedule is looked for, widening step by step.
@@ -130,7 +130,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
     period = latest_fire_time(trigger, now) or now
     with read_session(engine) as session:
         last = session.scalar(select(func.max(Notification.due_at))
-                              .where(Notification.kind == "digest", Notification.label == name))
+                              .where(Notification.kind == NotificationKind.DIGEST, Notification.label == name))
         since = last or latest_fire_time(trigger, period - timedelta(seconds=1)) or period - timedelta(days=1)
         due_within = parse_duration(schedule.due_within).elapsed
         disclosures_within = parse_duration(schedule.disclosures_within).elapsed
@@ -153,7 +153,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
 def _disclosure_stages(settings: Settings) -> set[str]:
     """Names of stages met by a disclosure (embargo ends), in any policy."""
     return {stage.name for policy in settings.policies.values() for stage in policy.stages
-            if stage.milestone == "disclosed"}
+            if stage.milestone == Milestone.DISCLOSED}
 
 
 def _section(session: Session, query: Any, key: str, title: str, line: Any) -> DigestSection:
@@ -223,7 +223,7 @@ def render(settings: Settings, digest: Digest, recipients: list[str]) -> compose
     html = composer.render("digest.html.j2", settings.templates_path, **_context(settings, digest))
     totals = ", ".join(f"{section.total} {section.key.replace('_', ' ')}" for section in digest.sections[:3])
     return composer.maintainer_mail(
-        kind="digest", dedupe_key=digest.key, reference=digest.name,
+        kind=MailKind.DIGEST, dedupe_key=digest.key, reference=digest.name,
         subject=f"[intake] {digest.name} digest {digest.local(digest.period)}: {totals}", recipients=recipients,
         sender=(settings.intake.from_name, settings.smtp.addresses[0]), reply_to=None, text=text(settings, digest), html=html,
         message_id_domain=settings.intake.message_id_domain, now=digest.now)
@@ -247,7 +247,7 @@ def send(engine: Engine, settings: Settings, name: str, now: datetime) -> Digest
     mail = render(settings, digest, recipients)
     with write_session(engine) as session:
         recorded = insert_new(session, Notification.__table__, "key", [dict(
-            key=digest.key, kind="digest", ticket_id=None, stage=None, label=name, due_at=digest.period,
+            key=digest.key, kind=NotificationKind.DIGEST, ticket_id=None, stage=None, label=name, due_at=digest.period,
             created_at=now, recipients=recipients, outbox_key=digest.key)])
         if not recorded:
             return DigestOutcome("already-sent", digest)

@@ -58,6 +58,7 @@ from mailparser import MailParser
 from mailparser.utils import decode_base64_payload, decode_header_part
 
 from intake import patterns
+from intake.vocabulary import LOOP_HEADER, TICKET_HEADER
 
 T = TypeVar("T")
 
@@ -96,7 +97,7 @@ MAX_SCANNED_HEADER_BYTES = 256 * 1024  # of a header block read by the cheap sca
 # Loop- and automation-relevant headers the router reads (RFC 3834 and common practice).
 LOOP_HEADERS = (
     "auto-submitted", "precedence", "list-id", "list-unsubscribe", "list-post", "x-auto-response-suppress",
-    "x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply", "x-intake-loop", "x-intake-ticket",
+    "x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply", LOOP_HEADER.lower(), TICKET_HEADER.lower(),
     "x-mailer", "return-path", "x-spam-flag", "x-failed-recipients", "feedback-id", "content-type",
 )
 
@@ -1061,7 +1062,7 @@ _BOUNCE_SUBJECT = patterns.compile(
     r"returned mail|mail delivery failed|failure notice|non-?delivery|warning: message .* delayed)", ignorecase=True)
 _DAEMON_NAME = patterns.compile(r"mail delivery (?:system|subsystem)", ignorecase=True)
 _DELAY_WORDS = patterns.compile(r"\bdelay|will (?:retry|keep trying)|still (?:trying|being retried)", ignorecase=True)
-_QUOTED_FIELD = patterns.compile(r"^[ \t>]*(message-id|x-intake-ticket)[ \t]*:[ \t]*(?:\n[ \t]+)?(\S[^\n]*)",
+_QUOTED_FIELD = patterns.compile(rf"^[ \t>]*(message-id|{TICKET_HEADER.lower()})[ \t]*:[ \t]*(?:\n[ \t]+)?(\S[^\n]*)",
                                  ignorecase=True, multiline=True)
 _BLANK_LINE = patterns.compile(r"\n[ \t>]*\n")
 _BLANK_LINES = patterns.compile(r"\r?\n(?:[ \t]*\r?\n)+")
@@ -1110,7 +1111,7 @@ def _returned_headers(content: _Content, body: str) -> _Returned | None:
     for attachment, data in content.attachments:
         if attachment.content_type in _RETURNED_TYPES:
             fields = _first_values(_scan_header_block(data))
-            return _Returned(_first_message_id(fields.get("message-id")), _ticket(fields.get("x-intake-ticket")))
+            return _Returned(_first_message_id(fields.get("message-id")), _ticket(fields.get(TICKET_HEADER.lower())))
     return _quoted_returned_headers(body[:_BOUNCE_SCAN])
 
 
@@ -1122,13 +1123,13 @@ def _quoted_returned_headers(body: str) -> _Returned | None:
     for match in _QUOTED_FIELD.finditer(body):
         fields = blocks.setdefault(bisect.bisect_right(breaks, match.start()), {})
         fields.setdefault(match.group(1).lower(), match.group(2))
-    with_ticket = [b for b in sorted(blocks) if "x-intake-ticket" in blocks[b]]
+    with_ticket = [b for b in sorted(blocks) if TICKET_HEADER.lower() in blocks[b]]
     with_id = [b for b in sorted(blocks) if "message-id" in blocks[b]]
     chosen = (with_ticket or with_id or [None])[0]
     if chosen is None:
         return None
     fields = blocks[chosen]
-    return _Returned(_first_message_id(fields.get("message-id")), _ticket(fields.get("x-intake-ticket")),
+    return _Returned(_first_message_id(fields.get("message-id")), _ticket(fields.get(TICKET_HEADER.lower())),
                      breaks[chosen - 1] if chosen else 0)
 
 
