@@ -132,3 +132,24 @@ def test_the_words_are_distinct_and_derived_once():
     assert len({spec.stage for spec in MILESTONE_SPECS}) == len(MILESTONE_SPECS)
     assert all(follows in MILESTONES for spec in MILESTONE_SPECS for follows in spec.follows)
     assert set(FINISHED_STATES) & set(MILESTONES) == {"resolved"}
+
+
+def test_every_word_fits_the_column_it_is_stored_in():
+    from intake.store.models import Event, Notification, Outbox, ThreadEntry, Ticket
+    from intake.vocabulary import CLOSE_REASONS, DECISIONS, Direction, EntryKind, NotificationKind, TicketState
+
+    def values(namespace: type) -> list[str]:
+        return [value for name, value in vars(namespace).items() if name.isupper()]
+
+    stored = {
+        Event.__table__.c.kind: [*values(EventKind), *QUEUED_EVENT.values(), *RECEIVED_EVENT.values()],
+        ThreadEntry.__table__.c.kind: [*values(EntryKind), *DECISIONS, *values(MailKind)],
+        ThreadEntry.__table__.c.direction: values(Direction),
+        Outbox.__table__.c.kind: values(MailKind),
+        Notification.__table__.c.kind: values(NotificationKind),
+        Ticket.__table__.c.state: [*values(TicketState), *MILESTONES],
+        Ticket.__table__.c.close_reason: list(CLOSE_REASONS),
+    }
+    too_long = {f"{column.table.name}.{column.name}": word for column, words in stored.items() for word in words
+                if len(word) > column.type.length}
+    assert too_long == {}

@@ -19,12 +19,23 @@ class InboundStatus:
     FAILED = "failed"
 
 
+class Milestone:
+    """What maintainers record as a report moves on; each meets a stage and can start others
+    (``event:<name>``). A milestone moves the ticket to the state of its name."""
+
+    ACKNOWLEDGED = "acknowledged"
+    ASSESSED = "assessed"  # with the severity
+    RELEASED = "released"  # a patched release is out
+    RESOLVED = "resolved"
+    DISCLOSED = "disclosed"
+
+
 class TicketState:
-    """A ticket's state; ``resolved`` is a milestone recorded as a state (see FINISHED_STATES)."""
+    """A ticket's state: new, a milestone's name (see MILESTONE_SPECS), waiting or closed."""
 
     NEW = "new"
     WAITING = "waiting"  # on the reporter
-    RESOLVED = "resolved"  # the milestone's name
+    RESOLVED = Milestone.RESOLVED  # finished, as closed is (see FINISHED_STATES)
     CLOSED = "closed"  # with a close_reason
 
 
@@ -64,19 +75,8 @@ REJECTED = "rejected"
 DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY, AUTO_REPLY, BOUNCE, DUPLICATE, LOOP,
              SPAM, REJECTED)
 
-# -- severities and milestones --
+# -- severities and the milestones in order --
 SEVERITIES = ("critical", "high", "medium", "low", "none")
-
-
-class Milestone:
-    """What maintainers record as a report moves on; each meets a stage and can start others
-    (``event:<name>``). A milestone moves the ticket to the state of its name."""
-
-    ACKNOWLEDGED = "acknowledged"
-    ASSESSED = "assessed"  # with the severity
-    RELEASED = "released"  # a patched release is out
-    RESOLVED = "resolved"
-    DISCLOSED = "disclosed"
 
 
 @dataclass(frozen=True)

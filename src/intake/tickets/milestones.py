@@ -25,6 +25,7 @@ from intake.vocabulary import (
 )
 
 FOLLOWS = {spec.name: spec.follows for spec in MILESTONE_SPECS}
+_VERBS = {spec.name: spec.verb for spec in MILESTONE_SPECS}
 # A milestone moves the ticket to the state of its name, forward only (see _advance); the finished
 # one (resolved) comes last whatever follows it.
 _STATE_ORDER = (TicketState.NEW, *sorted(MILESTONES, key=lambda milestone: milestone in FINISHED_STATES))
@@ -80,7 +81,8 @@ def _check_order(ticket: Ticket, milestone: str, at: datetime, reached: dict[str
                       "use --force to record it again")
     for before in FOLLOWS[milestone]:
         if before not in reached:
-            raise Refused(f"{ticket.reference} is not {before} yet: record that first, or use --force")
+            raise Refused(f"{ticket.reference} is not {before} yet: record that first (`intake {_VERBS[before]}`), "
+                          "or use --force")
         if at < reached[before]:
             raise Refused(f"{milestone} at {at.isoformat()} would come before {before} at "
                           f"{reached[before].isoformat()}; use --force if that is right")

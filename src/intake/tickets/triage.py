@@ -2,8 +2,8 @@
 
 Each function changes one ticket (two for a merge) in the caller's transaction, records an event
 with the actor, refreshes the stored deadlines where they can move, and raises
-:class:`intake.tickets.milestones.Refused` with the reason when the change is not allowed. The CLI calls
-these; the mail commands of maintainers will call the same ones.
+:class:`intake.tickets.milestones.Refused` with the reason when the change is not allowed. The CLI and
+maintainers' mail commands (:mod:`intake.tickets.maintainer_mail`) call these.
 """
 
 from __future__ import annotations
