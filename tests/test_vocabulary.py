@@ -24,7 +24,7 @@ SOURCE = Path(vocabulary.__file__).parent
 PLAIN = {
     "new", "waiting", "pending", "processed", "ignored", "failed", "sent", "dead", "critical", "high", "medium",
     "low", "none", "in", "out", "internal", "fixed", "invalid", "note", "report", "digest", "milestone",
-    "reopened", "acknowledgement",
+    "reopened", "acknowledgement", "empty",
 }
 # Pieces of f-strings that build a word instead of looking it up (f"{kind}-queued").
 BUILT_SUFFIXES = ("-queued", "-received")

@@ -153,6 +153,15 @@ class MailKind:
     THIRD_PARTY_FORWARD = "third-party-forward"
 
 
+class DigestStatus:
+    """What sending a digest for its period did (``intake digest --send``, the scheduler)."""
+
+    SENT = "sent"
+    ALREADY_SENT = "already-sent"  # for this period, by this or another process
+    EMPTY = "empty"  # skipped: nothing to say and the schedule does not send empty ones
+    NO_RECIPIENTS = "no-recipients"
+
+
 # The event recorded when mail of each kind is queued to the reporter; the SLA reads the
 # automatic acknowledgement from these (see intake.sla.deadlines), so they are spelled here only.
 QUEUED_EVENT = {

@@ -44,7 +44,7 @@ from intake.store.db import make_engine
 from intake.store.db import write_session
 from intake.display import echo
 from intake.understand.parse import extract_attachment
-from intake.vocabulary import CLOSE_REASONS, SEVERITIES, Milestone, OutboxStatus
+from intake.vocabulary import CLOSE_REASONS, SEVERITIES, DigestStatus, Milestone, OutboxStatus
 
 
 class Context:
@@ -763,11 +763,11 @@ def digest_command(obj: Context, name: str, now: datetime | None, preview: bool,
     elif preview:
         echo(digest.text(settings, built), nl=False)
     else:
-        echo({"sent": f"digest {name} for {built.period.isoformat()} queued ({built.key})",
-                    "already-sent": f"digest {name} for {built.period.isoformat()} was sent already ({built.key})",
-                    "empty": f"digest {name} for {built.period.isoformat()} is empty: not sent (send_empty = false)",
-                    "no-recipients": f"digest {name}: no recipients and no [[maintainers]]: not sent"}[status])
-    if status == "no-recipients":
+        echo({DigestStatus.SENT: f"digest {name} for {built.period.isoformat()} queued ({built.key})",
+                    DigestStatus.ALREADY_SENT: f"digest {name} for {built.period.isoformat()} was sent already ({built.key})",
+                    DigestStatus.EMPTY: f"digest {name} for {built.period.isoformat()} is empty: not sent (send_empty = false)",
+                    DigestStatus.NO_RECIPIENTS: f"digest {name}: no recipients and no [[maintainers]]: not sent"}[status])
+    if status == DigestStatus.NO_RECIPIENTS:
         sys.exit(1)
 
 

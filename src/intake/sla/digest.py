@@ -28,7 +28,9 @@ from intake.sla import stats
 from intake.sla.engine import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.vocabulary import FINISHED_STATES, SEVERITIES, MailKind, Milestone, NotificationKind, TicketState
+from intake.vocabulary import (
+    FINISHED_STATES, SEVERITIES, DigestStatus, MailKind, Milestone, NotificationKind, TicketState,
+)
 
 SECTION_LIMIT = 50
 # How far back the latest fire time of a schedule is looked for, widening step by step.
@@ -231,7 +233,7 @@ def render(settings: Settings, digest: Digest, recipients: list[str]) -> compose
 
 @dataclass(frozen=True)
 class DigestOutcome:
-    status: str  # sent | already-sent | empty (skipped) | no-recipients
+    status: str  # DigestStatus
     digest: Digest
 
 
@@ -241,15 +243,15 @@ def send(engine: Engine, settings: Settings, name: str, now: datetime) -> Digest
     digest = build(engine, settings, name, now)
     recipients = settings.digest_recipients(name)
     if not recipients:
-        return DigestOutcome("no-recipients", digest)
+        return DigestOutcome(DigestStatus.NO_RECIPIENTS, digest)
     if digest.empty and not settings.scheduler.digests[name].send_empty:
-        return DigestOutcome("empty", digest)
+        return DigestOutcome(DigestStatus.EMPTY, digest)
     mail = render(settings, digest, recipients)
     with write_session(engine) as session:
         recorded = insert_new(session, Notification.__table__, "key", [dict(
             key=digest.key, kind=NotificationKind.DIGEST, ticket_id=None, stage=None, label=name, due_at=digest.period,
             created_at=now, recipients=recipients, outbox_key=digest.key)])
         if not recorded:
-            return DigestOutcome("already-sent", digest)
+            return DigestOutcome(DigestStatus.ALREADY_SENT, digest)
         outbox.enqueue(session, mail, ticket_id=None, now=now)
-    return DigestOutcome("sent", digest)
+    return DigestOutcome(DigestStatus.SENT, digest)
