@@ -18,6 +18,7 @@ from intake.send import composer
 from intake.tickets import core as tickets, credit, maintainer_mail
 from intake.understand import body_text, bounces, parse, quality, route, text_work
 from intake.understand.quality import SHIPPED_RULES, RulesError, load_rules, parse_rules
+from intake.vocabulary import REPORTER_REPLY
 
 
 @pytest.fixture
@@ -184,7 +185,7 @@ def test_no_text_work_runs_while_the_write_lock_is_held(make_settings, start_int
     smtp_send(running.port, flood)
     result = process(settings, running.engine, datetime.now(timezone.utc))
 
-    assert result.decisions == {route.REPORTER_REPLY: 1} and not result.failed
+    assert result.decisions == {REPORTER_REPLY: 1} and not result.failed
     [ticket] = all_tickets(running.engine)
     assert ticket.credit["name"] == "Jane Doe" and ticket.credit["source"] == "reply"
 

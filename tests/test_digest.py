@@ -20,7 +20,7 @@ from intake.send import outbox
 from intake.sla import digest
 from intake.store import inbound, schema
 from intake.store.db import make_engine, write_session
-from intake.tickets import core as tickets, milestones
+from intake.tickets import core as tickets, milestones, triage
 
 UTC = timezone.utc
 INTAKE = Path(sys.executable).parent / "intake"
@@ -120,6 +120,31 @@ def test_digest_sections_for_a_seeded_database(desk):
     assert (acknowledge.met, acknowledge.open_breaches) == (3, 1)
     assert "Metrics over the last 90 days" in text and "6 ticket(s) received since" in text
     assert "by decision: new-ticket 6" in text and "Metrics over the last 90 days" in html
+
+
+def test_finished_tickets_are_never_breached_nor_counted_open(desk, cli):
+    now = datetime(2026, 6, 10, 22, 0, tzinfo=UTC)  # acknowledge and assess long past due for all four
+    still_open = desk.open(datetime(2026, 6, 1, 0, 0, tzinfo=UTC), "Still open")
+    invalid = desk.open(datetime(2026, 6, 1, 0, 1, tzinfo=UTC), "Closed as invalid", sender="bob@researcher.test")
+    duplicate = desk.open(datetime(2026, 6, 1, 0, 2, tzinfo=UTC), "Closed as duplicate",
+                          sender="carol@researcher.test")
+    merged = desk.open(datetime(2026, 6, 1, 0, 3, tzinfo=UTC), "Merged", sender="dave@researcher.test")
+    at = datetime(2026, 6, 2, 0, 0, tzinfo=UTC)
+    for reference, reason in ((invalid, "invalid"), (duplicate, "duplicate")):
+        desk.change(reference, lambda s, st, t, r=reason: triage.close(s, st, t, r, now=at, actor="mia"))
+    desk.change(merged, lambda s, st, t: triage.merge(s, st, t, tickets.find(s, still_open), now=at, actor="mia"))
+
+    built = digest.build(desk.engine, desk.settings, "morning", now)
+    breached = built.as_dict()["sections"]["breached"]
+    assert breached["tickets"] == [still_open, still_open]  # its acknowledge and assess; no closed one
+    assert breached["total"] == 2
+    assert set(built.counts) == {"new"} and sum(built.counts["new"].values()) == 1  # open tickets only
+    text = digest.text(desk.settings, built)
+    assert "Breached (past due, not met) (2)" in text
+    assert not {invalid, duplicate, merged} & set(text.split())
+    data = json.loads(cli("digest", "morning", "--now", now.isoformat(), "--preview", "--json").output)
+    assert data["sections"]["breached"]["total"] == 2 and set(data["sections"]["breached"]["tickets"]) == {still_open}
+    assert set(data["counts"]) == {"new"}
 
 
 def test_a_digest_goes_once_per_period_and_missed_periods_are_not_sent_in_a_burst(desk):

@@ -14,9 +14,11 @@ from sqlalchemy import inspect, select
 
 from conftest import process, report, smtp_send
 from intake.sla import deadlines
+from intake.sla.engine import DEFAULT_MET_BY
 from intake.store.db import read_session, write_session
 from intake.store.models import Deadline
-from intake.tickets import core as tickets, milestones
+from intake.tickets import core as tickets, credit, milestones
+from intake.tickets.core import STAGE_LABELS
 
 PAUSING_POLICY = """
 [policies.pausing]
@@ -119,7 +121,7 @@ def test_milestones_in_order_meet_their_stages_and_start_disclosure(open_ticket,
 def test_a_milestone_out_of_order_is_refused_unless_forced(open_ticket, cli):
     _, engine, reference = open_ticket("vectis-mail")
     refused = cli("released", reference, code=1).output
-    assert "is not assessed yet" in refused and "--force" in refused
+    assert "is not assessed yet" in refused and "`intake assess`" in refused and "--force" in refused
     assert not [e for e in tickets.ticket_detail(engine, reference).events if e.kind == "milestone"]
     cli("released", reference, "--force")
     [event] = [e for e in tickets.ticket_detail(engine, reference).events if e.kind == "milestone"]
@@ -308,3 +310,16 @@ def test_recompute_reports_a_ticket_whose_policy_is_gone_and_goes_on(open_ticket
     result = cli("sla", "recompute", "--json", code=1)
     assert "policy 'pausing' is not in the configuration" in json.loads(result.stdout)["errors"][reference]
     assert stored_deadlines(engine, reference)["assess"].due_at is not None  # kept as they were
+
+
+def test_what_derives_from_the_milestones_declared_once():
+    """MILESTONE_SPECS is the one declaration; the engine's defaults, the acknowledgement's stage
+    names, the order checks, the state order and the credits are read from it."""
+    assert DEFAULT_MET_BY == {"acknowledge": "acknowledged", "assess": "assessed", "fix": "released",
+                              "resolve": "resolved", "disclose": "disclosed"}
+    assert STAGE_LABELS["acknowledge"] == "Acknowledgement by a person" and STAGE_LABELS["fix"] == "Fix released (target)"
+    assert milestones.FOLLOWS == {"acknowledged": (), "assessed": ("acknowledged",), "released": ("assessed",),
+                                  "disclosed": ("released",), "resolved": ("assessed",)}
+    # Resolved is the last state a milestone moves a ticket to, though disclosure can come after it.
+    assert milestones._STATE_ORDER == ("new", "acknowledged", "assessed", "released", "disclosed", "resolved")
+    assert set(credit.OUT_MILESTONES) == {"released", "disclosed", "resolved"}

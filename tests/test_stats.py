@@ -1,4 +1,5 @@
-"""`intake stats` and :func:`intake.sla.stats.compute` over tickets opened by real SMTP."""
+"""`intake stats` and :func:`intake.sla.stats.compute` over tickets opened by real SMTP (or stored as
+received days ago)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import pytest
 
 from conftest import process, report, smtp_send
 from intake.sla import stats
+from intake.store import inbound
+from intake.store.db import make_engine
 from intake.tickets import core as tickets
 
 
@@ -68,3 +71,28 @@ def test_stats_command_prints_text_and_json(cli, three_tickets):
     tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).strftime("%Y-%m-%d")
     assert json.loads(cli("stats", "--since", tomorrow, "--json").output)["tickets"] == 0
     assert "--since" in cli("stats", "--since", "soon", code=2).output
+
+
+def test_finished_tickets_are_not_open_breaches(make_settings, cli):
+    """Closed for any reason, merged or resolved: past its deadlines, a ticket is no open breach."""
+    settings = make_settings()
+    engine = make_engine(settings.database_url)
+    now = datetime.now(timezone.utc)
+    received = now - timedelta(days=10)  # the vaixus policy's 72 hours to acknowledge are long gone
+    refs = []
+    for number in range(5):
+        sender = f"r{number}@researcher.test"
+        inbound.store(engine, [inbound.Arrival(sender, ["security@example.com"], "127.0.0.1", "test",
+                                               report(subject=f"Report {number}", sender=sender).as_bytes(),
+                                               received + timedelta(minutes=number))])
+        refs += process(settings, engine, received + timedelta(minutes=number)).tickets_opened
+    still_open, invalid, duplicate, merged, resolved = refs
+    cli("close", invalid, "--reason", "invalid")
+    cli("close", duplicate, "--reason", "duplicate")
+    cli("merge", merged, still_open)
+    cli("resolve", resolved, "--force")
+
+    [acknowledge] = stats.compute(engine, received - timedelta(days=1), now).stages
+    assert acknowledge.open_breaches == 1
+    [acknowledge] = json.loads(cli("stats", "--json").output)["stages"]
+    assert acknowledge["open_breaches"] == 1 and acknowledge["on_time_share"] == 0.0

@@ -44,8 +44,7 @@ from intake.store.db import make_engine
 from intake.store.db import write_session
 from intake.display import echo
 from intake.understand.content import extract_attachment
-from intake.vocabulary import CLOSE_REASONS
-from intake.vocabulary import SEVERITIES
+from intake.vocabulary import CLOSE_REASONS, SEVERITIES, DigestStatus, Milestone, OutboxStatus
 
 
 class Context:
@@ -375,7 +374,7 @@ def reprocess(obj: Context, message_id: int | None, all_failed: bool) -> None:
 
 
 @main.command("outbox")
-@click.option("--status", type=click.Choice(["pending", "sent", "dead"]), default=None)
+@click.option("--status", type=click.Choice([OutboxStatus.PENDING, OutboxStatus.SENT, OutboxStatus.DEAD]), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def outbox_command(obj: Context, status: str | None, as_json: bool) -> None:
@@ -383,7 +382,7 @@ def outbox_command(obj: Context, status: str | None, as_json: bool) -> None:
     rows = outbox.listing(obj.engine(), status)
     data = [{"id": r.id, "key": r.dedupe_key, "kind": r.kind, "status": r.status, "to": r.recipients,
              "message_id": r.message_id, "attempts": r.attempts, "created_at": _iso(r.created_at),
-             "next_attempt_at": _iso(r.next_attempt_at) if r.status == "pending" else None,
+             "next_attempt_at": _iso(r.next_attempt_at) if r.status == OutboxStatus.PENDING else None,
              "sent_at": _iso(r.sent_at), "last_error": r.last_error} for r in rows]
     if as_json:
         _emit_json(data)
@@ -443,7 +442,7 @@ def sla_explain(obj: Context, policy_name: str, received: datetime, severity: st
     settings = obj.settings
     if policy_name not in settings.policies:
         _fail(f"no policy {policy_name!r} (known: {', '.join(sorted(settings.policies))})", 2)
-    inputs = deadlines.SlaInputs(received, severity, {"released": released} if released else {}, None, [])
+    inputs = deadlines.SlaInputs(received, severity, {Milestone.RELEASED: released} if released else {}, None, [])
     computed = deadlines.compute(settings, policy_name, inputs)
     stages = []
     for deadline, _ in computed:
@@ -455,7 +454,7 @@ def sla_explain(obj: Context, policy_name: str, received: datetime, severity: st
                        "severity_assumed": deadline.severity_assumed})
     if as_json:
         _emit_json({"policy": policy_name, "received": received.isoformat(), "severity": severity,
-                    "released": _iso(released), "stages": stages})
+                    Milestone.RELEASED: _iso(released), "stages": stages})
         return
     policy = settings.policies[policy_name]
     echo(f"policy {policy_name}{': ' + policy.description if policy.description else ''}")
@@ -555,9 +554,9 @@ def _ticket_command(name: str, change: Any, help_text: str) -> None:
 _ticket_command("wait", milestones.wait, "The ticket waits on the reporter (clocks stop where the policy says so).")
 _ticket_command("resume", milestones.resume, "The ticket no longer waits on the reporter.")
 _ticket_command("reopen", triage.reopen, "Reopen a closed or resolved ticket.")
-_milestone_command("ack", "acknowledged", "Record that a person acknowledged the report to the reporter.")
-_milestone_command("resolve", "resolved", "Record that the report is resolved.")
-_milestone_command("disclose", "disclosed", "Record that the vulnerability was disclosed publicly.")
+_milestone_command("ack", Milestone.ACKNOWLEDGED, "Record that a person acknowledged the report to the reporter.")
+_milestone_command("resolve", Milestone.RESOLVED, "Record that the report is resolved.")
+_milestone_command("disclose", Milestone.DISCLOSED, "Record that the vulnerability was disclosed publicly.")
 
 
 @main.command()
@@ -581,7 +580,7 @@ def assess(obj: Context, reference: str, severity: str, at: datetime | None, for
 def released(obj: Context, reference: str, at: datetime | None, version: str | None, force: bool) -> None:
     """Record that a patched release is out (starts the disclosure clock where the policy has one)."""
     _change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
-        session, settings, ticket, "released", at=at or now, now=now, actor=_actor(settings), force=force, version=version))
+        session, settings, ticket, Milestone.RELEASED, at=at or now, now=now, actor=_actor(settings), force=force, version=version))
 
 
 # -- triage --------------------------------------------------------------------------------------
@@ -764,11 +763,11 @@ def digest_command(obj: Context, name: str, now: datetime | None, preview: bool,
     elif preview:
         echo(digest.text(settings, built), nl=False)
     else:
-        echo({"sent": f"digest {name} for {built.period.isoformat()} queued ({built.key})",
-                    "already-sent": f"digest {name} for {built.period.isoformat()} was sent already ({built.key})",
-                    "empty": f"digest {name} for {built.period.isoformat()} is empty: not sent (send_empty = false)",
-                    "no-recipients": f"digest {name}: no recipients and no [[maintainers]]: not sent"}[status])
-    if status == "no-recipients":
+        echo({DigestStatus.SENT: f"digest {name} for {built.period.isoformat()} queued ({built.key})",
+                    DigestStatus.ALREADY_SENT: f"digest {name} for {built.period.isoformat()} was sent already ({built.key})",
+                    DigestStatus.EMPTY: f"digest {name} for {built.period.isoformat()} is empty: not sent (send_empty = false)",
+                    DigestStatus.NO_RECIPIENTS: f"digest {name}: no recipients and no [[maintainers]]: not sent"}[status])
+    if status == DigestStatus.NO_RECIPIENTS:
         sys.exit(1)
 
 

@@ -40,7 +40,7 @@ from intake.understand import dns_lookups, parse_guard, reply_tokens, route, sen
 from intake.understand.parsed_mail import ParsedMail
 from intake.understand.sender_auth import NONE, Verdict
 from intake.understand.text_work import TextWork
-from intake.vocabulary import InboundStatus
+from intake.vocabulary import MAINTAINER_REPLY, NEW_TICKET, REPORTER_REPLY, THIRD_PARTY_REPLY, InboundStatus
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ _CHUNK_BYTES = 512 * 1024
 _CONFLICT_RETRIES = 3
 
 # Decisions that add to a ticket; everything else is stored and logged only.
-_ACTED_ON = {route.NEW_TICKET, route.REPORTER_REPLY, route.MAINTAINER_REPLY, route.THIRD_PARTY_REPLY}
+_ACTED_ON = {NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY}
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
         routed = _route(session, settings, items, reply_secret, now)
         reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
                                      r.prepared.work.report_credit)
-                   for r in routed if r.decision.kind == route.NEW_TICKET]
+                   for r in routed if r.decision.kind == NEW_TICKET]
         sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
         references = tickets.next_references(session, settings.intake.reference_prefix,
                                              [report.stored.received_at.year for report in reports])
@@ -228,7 +228,7 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
     for r in plan.routed:
         if r.prepared.stored.id not in pending:
             continue  # another processor got there first
-        if r.decision.kind == route.NEW_TICKET:
+        if r.decision.kind == NEW_TICKET:
             ticket = next(opened)
             outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
             continue

@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 
 from intake.config.settings import Settings
 from intake.sla import digest, reminders
+from intake.vocabulary import DigestStatus
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def build_scheduler(engine: Engine, settings: Settings, on_queued: Callable[[], 
             log.exception("event=digest-error name=%s", name)
             return
         log.info("event=digest name=%s status=%s key=%s", name, outcome.status, outcome.digest.key)
-        if outcome.status == "sent":
+        if outcome.status == DigestStatus.SENT:
             on_queued()
 
     scheduler.add_job(run_sweep, IntervalTrigger(seconds=config.sweep_interval), id="sweep",

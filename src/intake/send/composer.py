@@ -31,7 +31,7 @@ from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, S
 
 from intake import patterns
 from intake.understand.header_text import clean_text
-from intake.vocabulary import LOOP_HEADER
+from intake.vocabulary import LOOP_HEADER, TICKET_HEADER, MailKind
 
 class _Compat32(email.policy.Compat32):
     """compat32 that writes a short, plain ASCII header line as it is. The stdlib runs every
@@ -172,7 +172,7 @@ def _needs_utf8(*addresses: str) -> bool:
 
 
 # Dedupe-key prefix per kind of automatic reply: one of each per ticket, ever.
-_KEY_PREFIX = {"acknowledgement": "ack", "out-of-scope": "out-of-scope"}
+_KEY_PREFIX = {MailKind.ACKNOWLEDGEMENT: "ack", MailKind.OUT_OF_SCOPE: MailKind.OUT_OF_SCOPE}
 
 
 def automatic_reply(
@@ -220,7 +220,7 @@ def automatic_reply(
         # Ask Exchange and friends not to answer this automatic mail with their own.
         ("X-Auto-Response-Suppress", "All"),
         (LOOP_HEADER, message_id_domain),
-        ("X-Intake-Ticket", reference),
+        (TICKET_HEADER, reference),
     ]
     return OutgoingMail(
         dedupe_key=f"{_KEY_PREFIX[kind]}:{reference}",

@@ -26,13 +26,11 @@ from intake.sla.engine import (
 )
 from intake.store.db import read_session, write_session
 from intake.store.models import Deadline, Event, Ticket
-from intake.vocabulary import TicketState
+from intake.vocabulary import QUEUED_EVENT, EventKind, MailKind, Milestone, TicketState
 
 # Events that are the automatic reply to a new report: it acknowledges receipt where the policy
 # lets it count (``auto_ack_counts``), whichever template it used.
-AUTOMATIC_ACKNOWLEDGEMENTS = ("acknowledgement-queued", "out-of-scope-queued")
-MILESTONE_EVENT = "milestone"
-REOPENED_EVENT = "reopened"
+AUTOMATIC_ACKNOWLEDGEMENTS = (QUEUED_EVENT[MailKind.ACKNOWLEDGEMENT], QUEUED_EVENT[MailKind.OUT_OF_SCOPE])
 
 
 class PolicyMissing(LookupError):
@@ -56,13 +54,13 @@ def sla_inputs(ticket: Ticket, events: Iterable[Event]) -> SlaInputs:
     auto_ack_at: datetime | None = None
     pauses: list[Pause] = []
     for event in events:
-        if event.kind == MILESTONE_EVENT:
+        if event.kind == EventKind.MILESTONE:
             milestones[event.detail["milestone"]] = datetime.fromisoformat(event.detail["at"])
-        elif event.kind == REOPENED_EVENT:
-            milestones.pop("resolved", None)  # a reopened ticket is not resolved any more
+        elif event.kind == EventKind.REOPENED:
+            milestones.pop(Milestone.RESOLVED, None)  # a reopened ticket is not resolved any more
         elif event.kind in AUTOMATIC_ACKNOWLEDGEMENTS and auto_ack_at is None:
             auto_ack_at = event.at
-        elif event.kind == "state-changed":
+        elif event.kind == EventKind.STATE_CHANGED:
             if event.detail.get("to") == TicketState.WAITING and (not pauses or pauses[-1][1] is not None):
                 pauses.append((event.at, None))
             elif event.detail.get("from") == TicketState.WAITING and pauses and pauses[-1][1] is None:
@@ -80,9 +78,9 @@ def met_stages(policy: PolicyConfig, inputs: SlaInputs) -> dict[str, datetime]:
     ``acknowledged`` by the automatic acknowledgement too where the policy counts it."""
     met = {}
     for stage in policy.stages:
-        if stage.milestone == "acknowledged":
+        if stage.milestone == Milestone.ACKNOWLEDGED:
             at = acknowledge_met_at(policy, auto_ack_sent_at=inputs.auto_ack_at,
-                                    first_human_reply_at=inputs.milestones.get("acknowledged"))
+                                    first_human_reply_at=inputs.milestones.get(Milestone.ACKNOWLEDGED))
         else:
             at = inputs.milestones.get(stage.milestone) if stage.milestone else None
         if at is not None:

@@ -29,14 +29,15 @@ from intake.sla import stats
 from intake.sla.calendars import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.vocabulary import SEVERITIES, TicketState
+from intake.vocabulary import (
+    FINISHED_STATES, SEVERITIES, DigestStatus, MailKind, Milestone, NotificationKind, TicketState,
+)
 
 SECTION_LIMIT = 50
 # How far back the latest fire time of a schedule is looked for, widening step by step.
 _LOOKBACKS = (timedelta(hours=2), timedelta(days=2), timedelta(days=9), timedelta(days=32), timedelta(days=367),
               timedelta(days=4 * 366 + 1))
 _MAX_FIRES_STEPPED = 3000
-_RESOLVED = "resolved"
 _NO_SEVERITY = "unassessed"
 
 
@@ -132,7 +133,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
     period = latest_fire_time(trigger, now) or now
     with read_session(engine) as session:
         last = session.scalar(select(func.max(Notification.due_at))
-                              .where(Notification.kind == "digest", Notification.label == name))
+                              .where(Notification.kind == NotificationKind.DIGEST, Notification.label == name))
         since = last or latest_fire_time(trigger, period - timedelta(seconds=1)) or period - timedelta(days=1)
         due_within = parse_duration(schedule.due_within).elapsed
         disclosures_within = parse_duration(schedule.disclosures_within).elapsed
@@ -155,7 +156,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
 def _disclosure_stages(settings: Settings) -> set[str]:
     """Names of stages met by a disclosure (embargo ends), in any policy."""
     return {stage.name for policy in settings.policies.values() for stage in policy.stages
-            if stage.milestone == "disclosed"}
+            if stage.milestone == Milestone.DISCLOSED}
 
 
 def _section(session: Session, query: Any, key: str, title: str, line: Any) -> DigestSection:
@@ -178,7 +179,7 @@ def _deadlines(session: Session, digest: Digest, key: str, title: str, *conditio
     ``due_at`` of unmet deadlines), soonest first."""
     query = (select(Ticket.reference, Ticket.subject, Deadline.stage, Deadline.due_at, Ticket.severity)
              .join(Ticket, Ticket.id == Deadline.ticket_id)
-             .where(Deadline.met_at.is_(None), *conditions, Ticket.state != _RESOLVED)
+             .where(Deadline.met_at.is_(None), *conditions, Ticket.state.not_in(FINISHED_STATES))
              .order_by(Deadline.due_at, Deadline.id))
 
     def line(ref: str, subject: str, stage: str, due: datetime, severity: str | None) -> DigestLine:
@@ -198,7 +199,7 @@ def _waiting(session: Session, digest: Digest) -> DigestSection:
 
 def _counts(session: Session) -> dict[str, dict[str, int]]:
     rows = session.execute(select(Ticket.state, Ticket.severity, func.count())
-                           .where(Ticket.state != _RESOLVED).group_by(Ticket.state, Ticket.severity))
+                           .where(Ticket.state.not_in(FINISHED_STATES)).group_by(Ticket.state, Ticket.severity))
     counts: dict[str, dict[str, int]] = {}
     for state, severity, count in rows:
         by_severity = counts.setdefault(state, {each: 0 for each in (*SEVERITIES, _NO_SEVERITY)})
@@ -225,7 +226,7 @@ def render(settings: Settings, digest: Digest, recipients: list[str]) -> compose
     html = composer.render("digest.html.j2", settings.templates_path, **_context(settings, digest))
     totals = ", ".join(f"{section.total} {section.key.replace('_', ' ')}" for section in digest.sections[:3])
     return composer.maintainer_mail(
-        kind="digest", dedupe_key=digest.key, reference=digest.name,
+        kind=MailKind.DIGEST, dedupe_key=digest.key, reference=digest.name,
         subject=f"[intake] {digest.name} digest {digest.local(digest.period)}: {totals}", recipients=recipients,
         sender=(settings.intake.from_name, settings.smtp.addresses[0]), reply_to=None, text=text(settings, digest), html=html,
         message_id_domain=settings.intake.message_id_domain, now=digest.now)
@@ -233,7 +234,7 @@ def render(settings: Settings, digest: Digest, recipients: list[str]) -> compose
 
 @dataclass(frozen=True)
 class DigestOutcome:
-    status: str  # sent | already-sent | empty (skipped) | no-recipients
+    status: str  # DigestStatus
     digest: Digest
 
 
@@ -243,15 +244,15 @@ def send(engine: Engine, settings: Settings, name: str, now: datetime) -> Digest
     digest = build(engine, settings, name, now)
     recipients = settings.digest_recipients(name)
     if not recipients:
-        return DigestOutcome("no-recipients", digest)
+        return DigestOutcome(DigestStatus.NO_RECIPIENTS, digest)
     if digest.empty and not settings.scheduler.digests[name].send_empty:
-        return DigestOutcome("empty", digest)
+        return DigestOutcome(DigestStatus.EMPTY, digest)
     mail = render(settings, digest, recipients)
     with write_session(engine) as session:
         recorded = insert_new(session, Notification.__table__, "key", [dict(
-            key=digest.key, kind="digest", ticket_id=None, stage=None, label=name, due_at=digest.period,
+            key=digest.key, kind=NotificationKind.DIGEST, ticket_id=None, stage=None, label=name, due_at=digest.period,
             created_at=now, recipients=recipients, outbox_key=digest.key)])
         if not recorded:
-            return DigestOutcome("already-sent", digest)
+            return DigestOutcome(DigestStatus.ALREADY_SENT, digest)
         outbox.enqueue(session, mail, ticket_id=None, now=now)
-    return DigestOutcome("sent", digest)
+    return DigestOutcome(DigestStatus.SENT, digest)

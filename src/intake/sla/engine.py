@@ -45,20 +45,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from intake.sla.calendars import (
-    BUILTIN_CALENDAR, CalendarConfig, as_utc, add_duration, builtin_calendars, format_skipped, format_span,
-    parse_duration,
-    point_in_counted_time, resolve_calendar,
+    BUILTIN_CALENDAR, CalendarConfig, add_duration, as_utc, builtin_calendars, format_skipped, format_span,
+    parse_duration, point_in_counted_time, resolve_calendar,
 )
 from intake.sla.reminder_points import parse_reminder_point, valid_reminder_points
-from intake.vocabulary import MILESTONES, SEVERITIES
+from intake.vocabulary import MILESTONES, MILESTONE_SPECS, SEVERITIES
 
 STAGE_STATES = ("pending", "paused", "ok", "due-soon", "breached", "met", "met-late")
 DEFAULT_DUE_SOON = "24 hours"
 # When maintainers are reminded of an unmet stage, unless its policy or the stage says otherwise.
 DEFAULT_REMIND = ("50%", "80%", "24 hours before")
 # The milestone that meets a stage of one of these names unless the stage says ``met_by``.
-DEFAULT_MET_BY = {"acknowledge": "acknowledged", "assess": "assessed", "fix": "released",
-                  "resolve": "resolved", "disclose": "disclosed"}
+DEFAULT_MET_BY = {spec.stage: spec.name for spec in MILESTONE_SPECS}
 
 Pause = tuple[datetime, datetime | None]
 

@@ -42,7 +42,7 @@ from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
 from intake.tickets.core import find
 from intake.understand import reply_tokens
-from intake.vocabulary import FINISHED_STATES
+from intake.vocabulary import FINISHED_STATES, MailKind, NotificationKind
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class SweepResult:
             "notifications": [
                 {"key": notice.key, "kind": notice.kind, "ticket": notice.reference, "stage": notice.stage,
                  "point": notice.label, "at": notice.at.isoformat(), "stage_due": notice.stage_due.isoformat(),
-                 "catch_up": mail.kind == "catch-up", "mail": mail.kind, "to": mail.recipients}
+                 "catch_up": mail.kind == MailKind.CATCH_UP, "mail": mail.kind, "to": mail.recipients}
                 for mail in self.mails for notice in mail.notices],
         }
 
@@ -217,17 +217,19 @@ def _plan_before_due(settings: Settings, ticket: Ticket, row: Deadline, sent: se
     points = reminder_times(settings.policies[ticket.policy], row.stage, settings.all_calendars,
                             start=row.started_at, due=row.due_at, severity=ticket.severity)
     passed = [(label, at) for label, at in points if at <= now]
-    upcoming = [Upcoming("reminder", label, when(at)) for label, at in points if at > now]
-    following = min([*upcoming, Upcoming("breach", "breach", row.due_at)], key=lambda u: u.at)
+    upcoming = [Upcoming(NotificationKind.REMINDER, label, when(at)) for label, at in points if at > now]
+    breach = Upcoming(NotificationKind.BREACH, NotificationKind.BREACH, row.due_at)
+    following = min([*upcoming, breach], key=lambda u: u.at)
     if not passed or key(passed[-1][0]) in sent:
         return StagePlan(row.id, [], following)
     label, at = passed[-1]
     if when(now) > now:  # quiet hours: hold it until the calendar's next opening (or the breach)
-        held = Upcoming("reminder", label, when(now))
+        held = Upcoming(NotificationKind.REMINDER, label, when(now))
         return StagePlan(row.id, [], min(held, following, key=lambda u: u.at), held=True)
     missed = any(key(other) not in sent for other, other_at in passed if other_at < at)
     late = missed or now - when(at) > timedelta(seconds=scheduler.misfire_grace)
-    notice = Notice(key(label), "reminder", ticket.id, ticket.reference, row.stage, label, at, row.due_at, late)
+    notice = Notice(key(label), NotificationKind.REMINDER, ticket.id, ticket.reference, row.stage, label, at,
+                    row.due_at, late)
     return StagePlan(row.id, [notice], following)
 
 
@@ -242,31 +244,34 @@ def _plan_breached(settings: Settings, ticket: Ticket, row: Deadline, sent: set[
     key = f"breach:{ref}:{row.stage}:{number}"
     if key not in sent:
         missed = number > 0 and f"breach:{ref}:{row.stage}:{number - 1}" not in sent
-        notices.append(Notice(key, "breach", ticket.id, ref, row.stage, "breach" if number == 0 else f"repeat {number}",
-                              at, due, missed or now - at > grace))
-    following = Upcoming("breach", f"repeat {number + 1}", at + repeat)
+        label = NotificationKind.BREACH if number == 0 else f"repeat {number}"
+        notices.append(Notice(key, NotificationKind.BREACH, ticket.id, ref, row.stage, label, at, due,
+                              missed or now - at > grace))
+    following = Upcoming(NotificationKind.BREACH, f"repeat {number + 1}", at + repeat)
     if scheduler.escalate_to:
         escalate_at = due + parse_duration(scheduler.escalation_delay).elapsed
         escalate_key = f"escalate:{ref}:{row.stage}"
         if escalate_at > now:
-            following = min(following, Upcoming("escalation", "escalation", escalate_at), key=lambda u: u.at)
+            escalation = Upcoming(NotificationKind.ESCALATION, NotificationKind.ESCALATION, escalate_at)
+            following = min(following, escalation, key=lambda u: u.at)
         elif escalate_key not in sent:
-            notices.append(Notice(escalate_key, "escalation", ticket.id, ref, row.stage, "escalation", escalate_at, due,
-                                  now - escalate_at > grace))
+            notices.append(Notice(escalate_key, NotificationKind.ESCALATION, ticket.id, ref, row.stage,
+                                  NotificationKind.ESCALATION, escalate_at, due, now - escalate_at > grace))
     return StagePlan(row.id, notices, following)
 
 
 def _mails_for(settings: Settings, ticket: Ticket, notices: list[Notice]) -> list[PlannedMail]:
     """One mail for the notice recipients (reminders, breaches), one for escalate_to (escalations)."""
     mails = []
-    for recipients, group in ((settings.notice_recipients, [n for n in notices if n.kind != "escalation"]),
-                              (list(settings.scheduler.escalate_to), [n for n in notices if n.kind == "escalation"])):
+    escalations = [n for n in notices if n.kind == NotificationKind.ESCALATION]
+    for recipients, group in ((settings.notice_recipients, [n for n in notices if n not in escalations]),
+                              (list(settings.scheduler.escalate_to), escalations)):
         if not recipients or not group:
             continue
         if any(notice.late for notice in group):
-            kind = "catch-up"
+            kind = MailKind.CATCH_UP
         else:
-            kind = "breach" if any(n.kind == "breach" for n in group) else group[0].kind
+            kind = MailKind.BREACH if any(n.kind == NotificationKind.BREACH for n in group) else group[0].kind
         mails.append(PlannedMail(kind, ticket.id, ticket.reference, recipients, group))
     return mails
 
@@ -289,7 +294,8 @@ def _record(session: Session, mails: list[PlannedMail], now: datetime) -> list[P
     return kept
 
 
-_SUBJECTS = {"reminder": "Reminder", "breach": "Breached", "escalation": "Escalation", "catch-up": "Catch-up"}
+_SUBJECTS = {MailKind.REMINDER: "Reminder", MailKind.BREACH: "Breached", MailKind.ESCALATION: "Escalation",
+             MailKind.CATCH_UP: "Catch-up"}
 
 
 def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: PlannedMail, now: datetime,
@@ -309,8 +315,8 @@ def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: Pla
     subject = f"[{ticket.reference}] {_SUBJECTS[mail.kind]}: {summary}"
     context = dict(
         reference=ticket.reference, subject=ticket.subject,
-        headlines=headlines, catch_up=mail.kind == "catch-up", now=f"{now:%Y-%m-%d %H:%M} UTC", state=ticket.state,
-        severity=ticket.severity, reporter=ticket.reporter, policy=ticket.policy,
+        headlines=headlines, catch_up=mail.kind == MailKind.CATCH_UP, now=f"{now:%Y-%m-%d %H:%M} UTC",
+        state=ticket.state, severity=ticket.severity, reporter=ticket.reporter, policy=ticket.policy,
         stages=[{"stage": s.stage, "state": s.state, "due": local(s.stage, s.due_at) if s.due_at else None,
                  "met": f"{s.met_at:%Y-%m-%d %H:%M} UTC" if s.met_at else None} for s in statuses],
         from_name=settings.intake.from_name)
@@ -327,12 +333,12 @@ def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: Pla
 
 
 def _headline(notice: Notice, due_local: str, now: datetime) -> str:
-    if notice.kind == "reminder":
+    if notice.kind == NotificationKind.REMINDER:
         return f"Reminder ({notice.label}): {notice.stage} is due {due_local}, in {format_span(notice.stage_due - now)}"
     overdue = format_span(now - notice.stage_due)
-    if notice.kind == "escalation":
+    if notice.kind == NotificationKind.ESCALATION:
         return f"Escalated: {notice.stage} was due {due_local} and is still not met, {overdue} later"
-    if notice.label == "breach":
+    if notice.label == NotificationKind.BREACH:
         return f"Breached: {notice.stage} was due {due_local} ({overdue} ago) and is not met"
     return f"Still breached ({notice.label}): {notice.stage} was due {due_local}, {overdue} ago"
 

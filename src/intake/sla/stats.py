@@ -29,6 +29,7 @@ from sqlalchemy import Engine, func, select
 
 from intake.store.db import read_session
 from intake.store.models import Deadline, InboundMessage, Ticket
+from intake.vocabulary import FINISHED_STATES
 
 UNASSESSED = "unassessed"
 UNDECIDED = "undecided"
@@ -134,7 +135,7 @@ def _stage_stats(rows: list[Any], now: datetime) -> list[StageStats]:
         if met_at is not None:
             times[stage].append(max(0.0, (met_at - (started_at or received_at)).total_seconds()))
             on_time[stage] += due_at is None or met_at <= due_at
-        elif due_at is not None and due_at < now and state != "resolved":
+        elif due_at is not None and due_at < now and state not in FINISHED_STATES:
             breaches[stage] += 1
     result = []
     for stage in sorted(times, key=lambda name: (position[name], name)):

@@ -92,7 +92,7 @@ class Ticket(SQLModel, table=True):
     assignee: str | None = Field(default=None, sa_column=Column(Text))
     close_reason: str | None = Field(default=None, sa_column=Column(String(16)))
     labels: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    # Other tickets this one relates to: [{"kind": "mentions", "reference": "SEC-2026-0001"}].
+    # Other tickets this one relates to: [{"kind": "mentions", "reference": "SEC-2026-0001"}] (LinkKind).
     links: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     # Low-quality score of the report: {"score", "matched", "threshold", "low_quality"}.
     quality: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
@@ -116,8 +116,8 @@ class ThreadEntry(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     ticket_id: int = Field(foreign_key="ticket.id", index=True)
     inbound_id: int | None = Field(default=None, foreign_key="inbound_message.id")
-    direction: str = Field(sa_column=Column(String(8), nullable=False))  # in | out | internal
-    kind: str = Field(sa_column=Column(String(24), nullable=False))  # report, automatic, ...
+    direction: str = Field(sa_column=Column(String(8), nullable=False))  # Direction
+    kind: str = Field(sa_column=Column(String(24), nullable=False))  # EntryKind, a decision or a MailKind
     # Message-ID of inbound mail, or "sha256:<hex>" when it has none: one entry per message.
     message_key: str | None = Field(default=None, sa_column=Column(Text, unique=True))
     message_id: str | None = Field(default=None, sa_column=Column(Text, index=True))
@@ -143,7 +143,7 @@ class Event(SQLModel, table=True):
     ticket_id: int = Field(foreign_key="ticket.id", index=True)
     at: datetime = _instant()
     actor: str = Field(sa_column=Column(Text, nullable=False))
-    kind: str = Field(sa_column=Column(String(40), nullable=False))
+    kind: str = Field(sa_column=Column(String(40), nullable=False))  # EventKind, QUEUED_EVENT, RECEIVED_EVENT
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
@@ -194,7 +194,7 @@ class Outbox(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     dedupe_key: str = Field(sa_column=Column(Text, nullable=False, unique=True))
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
-    kind: str = Field(sa_column=Column(String(24), nullable=False))
+    kind: str = Field(sa_column=Column(String(24), nullable=False))  # MailKind
     # Envelope sender; '' is the null sender <> (automatic replies, RFC 3834).
     envelope_from: str = Field(sa_column=Column(Text, nullable=False))
     recipients: list[str] = Field(sa_column=Column(JSON, nullable=False))
@@ -233,8 +233,7 @@ class Notification(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     key: str = Field(sa_column=Column(Text, nullable=False, unique=True))
-    # new-ticket, reminder, breach, escalation, digest
-    kind: str = Field(sa_column=Column(String(24), nullable=False))
+    kind: str = Field(sa_column=Column(String(24), nullable=False))  # NotificationKind
     ticket_id: int | None = Field(default=None, foreign_key="ticket.id", index=True)
     stage: str | None = Field(default=None, sa_column=Column(String(64)))
     # The reminder point ("50%", "24 hours before", "breach", "repeat 2") or the digest's name.

@@ -16,6 +16,7 @@ from typing import Any
 
 from intake.sla import deadlines
 from intake.tickets import core as tickets, credit
+from intake.vocabulary import EventKind, Milestone
 
 PLACEHOLDER = "TODO"
 SCHEMA_VERSION = "1.6.0"
@@ -52,8 +53,8 @@ def osv(detail: tickets.TicketDetail, id_prefix: str, organisation: str, now: da
     ticket = detail.ticket
     reached = deadlines.sla_inputs(ticket, detail.events).milestones
     version = next((e.detail.get("version") for e in reversed(detail.events)
-                    if e.kind == deadlines.MILESTONE_EVENT and e.detail.get("milestone") == "released"), None)
-    public = [reached[m] for m in ("disclosed", "released") if m in reached]
+                    if e.kind == EventKind.MILESTONE and e.detail.get("milestone") == Milestone.RELEASED), None)
+    public = [reached[m] for m in (Milestone.DISCLOSED, Milestone.RELEASED) if m in reached]
     draft: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "id": f"{id_prefix}{ticket.reference}",

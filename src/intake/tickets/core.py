@@ -35,18 +35,15 @@ from intake.tickets import credit
 from intake.understand import reply_tokens, route
 from intake.understand.header_text import clean_text
 from intake.understand.parsed_mail import ParsedMail
-from intake.vocabulary import FINISHED_STATES, TicketState
+from intake.vocabulary import (
+    BOUNCE, DUPLICATE, FINISHED_STATES, LOW_QUALITY_LABEL, MILESTONE_SPECS, NEW_TICKET, QUEUED_EVENT, RECEIVED_EVENT,
+    REPORTER_REPLY, Direction, EntryKind, EventKind, LinkKind, MailKind, NotificationKind, TicketState,
+)
 
 SYSTEM_ACTOR = "intake"
 
 # How the acknowledgement names each stage it promises; unnamed stages use their own name.
-STAGE_LABELS = {
-    "acknowledge": "Acknowledgement by a person",
-    "assess": "Initial assessment",
-    "fix": "Fix released (target)",
-    "resolve": "Resolution (target)",
-    "disclose": "Public disclosure",
-}
+STAGE_LABELS = {spec.stage: spec.stage_label for spec in MILESTONE_SPECS}
 
 # The new-ticket notice quotes the report up to this many characters (`intake show` has it all).
 NOTICE_TEXT_LIMIT = 20_000
@@ -72,7 +69,7 @@ class DependsOnPlanned(Exception):
 def records_on_ticket(decision: route.Decision) -> bool:
     """Whether *decision* adds its message to an existing ticket (a reply, a third party's mail, or
     automatic mail or a bounce that threads); a new ticket's report is added by :func:`open_tickets`."""
-    return decision.ticket_id is not None and decision.kind not in (route.NEW_TICKET, route.DUPLICATE)
+    return decision.ticket_id is not None and decision.kind not in (NEW_TICKET, DUPLICATE)
 
 
 class ChunkKnown:
@@ -101,11 +98,11 @@ class ChunkKnown:
 
     def planned(self, incoming: route.Incoming, decision: route.Decision) -> None:
         """Note that *decision* on *incoming* will be written with the chunk."""
-        if decision.kind == route.NEW_TICKET or records_on_ticket(decision):
+        if decision.kind == NEW_TICKET or records_on_ticket(decision):
             self._planned_keys.add(incoming.message_key)
             if incoming.mail.message_id:
                 self._planned_message_ids.add(incoming.mail.message_id)
-        self._plans_new_tickets |= decision.kind == route.NEW_TICKET
+        self._plans_new_tickets |= decision.kind == NEW_TICKET
 
     def ticket_for_message_key(self, message_key: str) -> int | None:
         if message_key in self._planned_keys:
@@ -146,7 +143,7 @@ class ChunkKnown:
         if not message_ids:
             return
         rows = self._session.execute(
-            select(ThreadEntry.message_id, ThreadEntry.kind, ThreadEntry.direction == "out", Ticket.id,
+            select(ThreadEntry.message_id, ThreadEntry.kind, ThreadEntry.direction == Direction.OUT, Ticket.id,
                    Ticket.reference, Ticket.reporter)
             .join(Ticket, Ticket.id == ThreadEntry.ticket_id).where(ThreadEntry.message_id.in_(message_ids))
         ).all()
@@ -346,10 +343,10 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> com
     """The acknowledgement of a new report, or the out-of-scope reply if its policy answers low-quality ones so."""
     report = opening.report
     mail = report.incoming.mail
-    out_of_scope = report.low_quality and settings.policies[opening.policy].low_quality_reply == "out-of-scope"
+    out_of_scope = report.low_quality and settings.policies[opening.policy].low_quality_reply == MailKind.OUT_OF_SCOPE
     return composer.automatic_reply(
         template="out-of-scope.txt.j2" if out_of_scope else "acknowledgement.txt.j2",
-        kind="out-of-scope" if out_of_scope else "acknowledgement",
+        kind=MailKind.OUT_OF_SCOPE if out_of_scope else MailKind.ACKNOWLEDGEMENT,
         reference=opening.reference,
         subject=mail.subject,
         reporter_address=report.stored.mail_from,
@@ -381,7 +378,7 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
         decision=report.decision.kind, reason=report.decision.reason, policy=opening.policy,
         acknowledgement=(f"{opening.reply.kind} queued to {stored.mail_from}" if opening.reply
                          else f"none ({opening.refusal})"),
-        labels=["low-quality"] if report.low_quality else [], warnings=mail.warnings,
+        labels=[LOW_QUALITY_LABEL] if report.low_quality else [], warnings=mail.warnings,
         deadlines=promised_dates(settings, opening.policy, opening.deadlines),
         attachments=[a.as_dict() for a in mail.attachments],
         text=mail.body_text[:NOTICE_TEXT_LIMIT], truncated=len(mail.body_text) > NOTICE_TEXT_LIMIT,
@@ -391,7 +388,8 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
         reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient,
                                               now)
         notices.append(composer.maintainer_mail(
-            kind="new-ticket", dedupe_key=f"new:{opening.reference}>{recipient.lower()}", reference=opening.reference,
+            kind=MailKind.NEW_TICKET, dedupe_key=f"new:{opening.reference}>{recipient.lower()}",
+            reference=opening.reference,
             subject=f"[{opening.reference}] New report: {subject}", recipients=[recipient],
             sender=(settings.intake.from_name, opening.address), reply_to=reply_address,
             text=composer.render("new-ticket.txt.j2", settings.templates_path, reply_address=reply_address, **context),
@@ -427,21 +425,21 @@ def open_tickets(session: Session, settings: Settings, openings: list[Opening], 
                 if any(mail.dedupe_key in queued for mail in opening.notices)]
     if notified:
         session.execute(insert(Notification.__table__), [
-            dict(key=f"new:{opening.reference}", kind="new-ticket", ticket_id=ticket_id, stage=None,
-                 label="new-ticket", due_at=now, created_at=now,
+            dict(key=f"new:{opening.reference}", kind=NotificationKind.NEW_TICKET, ticket_id=ticket_id, stage=None,
+                 label=NotificationKind.NEW_TICKET, due_at=now, created_at=now,
                  recipients=[mail.recipients[0] for mail in opening.notices],
                  outbox_key=f"new:{opening.reference}") for opening, ticket_id in notified])
     entries: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     for opening, ticket in zip(openings, opened):
         report, reply = opening.report, opening.reply
-        entries.append(_entry_from_mail(ticket.id, report.stored, report.incoming.mail, kind="report", now=now))
+        entries.append(_entry_from_mail(ticket.id, report.stored, report.incoming.mail, kind=EntryKind.REPORT, now=now))
         events += _opening_events(opening, ticket.id, now)
         if opening.refusal:
-            events.append(_event(ticket.id, "acknowledgement-suppressed", now, reason=opening.refusal))
+            events.append(_event(ticket.id, EventKind.ACKNOWLEDGEMENT_SUPPRESSED, now, reason=opening.refusal))
         elif reply.dedupe_key in queued:
             entries.append(_automatic_entry(opening, ticket, reply, now))
-            events.append(_event(ticket.id, f"{reply.kind}-queued", now, to=report.stored.mail_from,
+            events.append(_event(ticket.id, QUEUED_EVENT[reply.kind], now, to=report.stored.mail_from,
                                  message_id=reply.message_id))
     session.execute(insert(ThreadEntry.__table__), entries)
     session.execute(insert(Event.__table__), events)
@@ -473,8 +471,8 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
         intake_address=opening.address,
         state=TicketState.NEW,
         policy=opening.policy,
-        labels=["low-quality"] if report.low_quality else [],
-        links=[{"kind": "mentions", "reference": r} for r in report.decision.mentions],
+        labels=[LOW_QUALITY_LABEL] if report.low_quality else [],
+        links=[{"kind": LinkKind.MENTIONS, "reference": r} for r in report.decision.mentions],
         quality=report.quality,
         credit=opening.credit.as_dict() if opening.credit else None,
         received_at=report.stored.received_at,
@@ -485,15 +483,15 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
 
 def _opening_events(opening: Opening, ticket_id: int, now: datetime) -> list[dict[str, Any]]:
     report = opening.report
-    events = [_event(ticket_id, "opened", now, decision=report.decision.kind, inbound_id=report.stored.id,
+    events = [_event(ticket_id, EventKind.OPENED, now, decision=report.decision.kind, inbound_id=report.stored.id,
                      message_id=report.incoming.mail.message_id, policy=opening.policy)]
-    events += [_event(ticket_id, "linked", now, link="mentions", reference=mentioned)
+    events += [_event(ticket_id, EventKind.LINKED, now, link=LinkKind.MENTIONS, reference=mentioned)
                for mentioned in report.decision.mentions]
     if report.low_quality:
-        events.append(_event(ticket_id, "labelled", now, label="low-quality", score=report.quality.get("score"),
-                             matched=report.quality.get("matched")))
+        events.append(_event(ticket_id, EventKind.LABELLED, now, label=LOW_QUALITY_LABEL,
+                             score=report.quality.get("score"), matched=report.quality.get("matched")))
     if opening.credit:
-        events.append(_event(ticket_id, credit.CREDIT_EVENT, now, **credit.event_detail(opening.credit)))
+        events.append(_event(ticket_id, EventKind.CREDIT_SET, now, **credit.event_detail(opening.credit)))
     return events
 
 
@@ -503,8 +501,8 @@ def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: composer.Out
     return dict(
         ticket_id=ticket.id,
         inbound_id=None,
-        direction="out",
-        kind="automatic",
+        direction=Direction.OUT,
+        kind=EntryKind.AUTOMATIC,
         message_key=None,
         message_id=reply.message_id,
         in_reply_to=opening.report.incoming.mail.message_id,
@@ -533,15 +531,15 @@ def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage
                              threaded_by=decision.threaded_by)
     session.execute(insert(ThreadEntry.__table__), entry)
     ticket.updated_at = now
-    add_event(session, ticket.id, f"{decision.kind}-received", now, inbound_id=stored.id,
+    add_event(session, ticket.id, RECEIVED_EVENT[decision.kind], now, inbound_id=stored.id,
               message_id=incoming.mail.message_id, threaded_by=decision.threaded_by, sender=incoming.sender)
-    if decision.kind == route.REPORTER_REPLY:
+    if decision.kind == REPORTER_REPLY:
         if reply_credit:
             credit.set_credit(session, ticket, reply_credit, now, actor=SYSTEM_ACTOR)
-    if decision.kind == route.REPORTER_REPLY and ticket.state == TicketState.WAITING:
+    if decision.kind == REPORTER_REPLY and ticket.state == TicketState.WAITING:
         resume(session, ticket, now, actor=SYSTEM_ACTOR, why="the reporter replied")
         deadlines.refresh(session, settings, ticket, now)  # the clocks run again
-    if decision.kind == route.BOUNCE and decision.bounced is not None:
+    if decision.kind == BOUNCE and decision.bounced is not None:
         _record_bounce(session, ticket, incoming, decision.bounced, now)
 
 
@@ -556,19 +554,19 @@ def _record_bounce(session: Session, ticket: Ticket, incoming: route.Incoming, b
     recipient = report.recipient if report and report.recipient else (sent_to[0] if sent_to else ticket.reporter)
     diagnostic = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no detail"
     what = bounced.kind.replace("-", " ")
-    add_event(session, ticket.id, "bounced", now, summary=f"{what} to {recipient} bounced: {diagnostic}",
+    add_event(session, ticket.id, EventKind.BOUNCED, now, summary=f"{what} to {recipient} bounced: {diagnostic}",
               message_id=bounced.message_id, recipient=recipient)
     failed = report is None or (report.action or "failed") == "failed"
     to_reporter = recipient.lower() == ticket.reporter.lower() and (not sent_to or recipient.lower() in sent_to)
     if failed and to_reporter and ticket.reporter_unreachable_at is None:
         ticket.reporter_unreachable_at = now
-        add_event(session, ticket.id, "reporter-unreachable", now, address=recipient)
+        add_event(session, ticket.id, EventKind.REPORTER_UNREACHABLE, now, address=recipient)
 
 
 def resume(session: Session, ticket: Ticket, now: datetime, *, actor: str, why: str) -> None:
     """Leave the waiting state for the state the ticket was in before it."""
     previous = session.scalars(
-        select(Event).where(Event.ticket_id == ticket.id, Event.kind == "state-changed")
+        select(Event).where(Event.ticket_id == ticket.id, Event.kind == EventKind.STATE_CHANGED)
         .order_by(Event.at.desc(), Event.id.desc())
     ).first()
     target = previous.detail.get("from", TicketState.NEW) if previous else TicketState.NEW
@@ -576,7 +574,8 @@ def resume(session: Session, ticket: Ticket, now: datetime, *, actor: str, why: 
 
 
 def change_state(session: Session, ticket: Ticket, state: str, now: datetime, *, actor: str, why: str) -> None:
-    add_event(session, ticket.id, "state-changed", now, actor=actor, **{"from": ticket.state, "to": state, "why": why})
+    add_event(session, ticket.id, EventKind.STATE_CHANGED, now, actor=actor,
+              **{"from": ticket.state, "to": state, "why": why})
     ticket.state = state
     ticket.updated_at = now
 
@@ -587,7 +586,7 @@ def _entry_from_mail(ticket_id: int, stored: StoredMessage, mail: ParsedMail, *,
     return dict(
         ticket_id=ticket_id,
         inbound_id=stored.id,
-        direction="in",
+        direction=Direction.IN,
         kind=kind,
         message_key=message_key(mail, stored),
         message_id=mail.message_id,

@@ -21,11 +21,12 @@ from intake.send import composer, outbox
 from intake.store.models import ThreadEntry, Ticket
 from intake.tickets import core as tickets, milestones
 from intake.understand.header_text import clean_text
+from intake.vocabulary import (
+    LOOP_HEADER, QUEUED_EVENT, REPORTER_REPLY, TICKET_HEADER, Direction, EntryKind, EventKind, MailKind, Milestone,
+)
 
-# Human mail is not RFC 3834 automatic: a normal envelope sender, so bounces come back to us.
-CORRESPONDENCE = "correspondence"
-NOTE = "note"
-REPORTER_KINDS = ("report", "reporter-reply")
+# Thread entries that are the reporter's own mail: what a reply is threaded under.
+REPORTER_KINDS = (EntryKind.REPORT, REPORTER_REPLY)
 
 
 class EmptyMessage(ValueError):
@@ -63,24 +64,24 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
     if parent is not None:
         headers += [("In-Reply-To", parent.message_id),
                     ("References", " ".join([*parent.references, parent.message_id][-20:]))]
-    headers += [(composer.LOOP_HEADER, settings.intake.message_id_domain), ("X-Intake-Ticket", ticket.reference)]
+    headers += [(LOOP_HEADER, settings.intake.message_id_domain), (TICKET_HEADER, ticket.reference)]
     mail = composer.OutgoingMail(
         dedupe_key=f"{kind}:{ticket.reference}:{uuid.uuid4().hex}",
         kind=kind,
-        envelope_from=ticket.intake_address,
+        envelope_from=ticket.intake_address,  # not RFC 3834 automatic: bounces come back to us
         recipients=[ticket.reporter, *cc],
         message_id=message_id,
         raw=composer.compose((settings.intake.from_name, ticket.intake_address), headers, text, attachments),
     )
     outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
     session.execute(insert(ThreadEntry.__table__).values(
-        ticket_id=ticket.id, direction="out", kind=kind, message_id=message_id,
+        ticket_id=ticket.id, direction=Direction.OUT, kind=kind, message_id=message_id,
         in_reply_to=parent.message_id if parent else None, references=[], sender=ticket.intake_address,
         subject=subject, body_text=text, warnings=[], created_at=now,
         attachments=[{"index": n, "filename": a.filename, "original_filename": a.filename,
                       "content_type": a.content_type, "size": len(a.data), "sha256": hashlib.sha256(a.data).hexdigest()}
                      for n, a in enumerate(attachments, start=1)]))
-    tickets.add_event(session, ticket.id, f"{kind}-queued", now, actor=actor, to=ticket.reporter, cc=list(cc),
+    tickets.add_event(session, ticket.id, QUEUED_EVENT[kind], now, actor=actor, to=ticket.reporter, cc=list(cc),
                       message_id=message_id)
     ticket.updated_at = now
     return mail
@@ -89,10 +90,10 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
 def reply(session: Session, settings: Settings, ticket: Ticket, body: str, *, now: datetime, actor: str,
           cc: tuple[str, ...] = (), attachments: tuple[composer.Attachment, ...] = ()) -> composer.OutgoingMail:
     """A maintainer's reply to the reporter; the ticket's first counts as its human acknowledgement."""
-    mail = mail_reporter(session, settings, ticket, body, kind=CORRESPONDENCE, now=now, actor=actor, cc=cc,
+    mail = mail_reporter(session, settings, ticket, body, kind=MailKind.CORRESPONDENCE, now=now, actor=actor, cc=cc,
                          attachments=attachments)
-    if not milestones.reached(session, settings, ticket, "acknowledged"):
-        milestones.record(session, settings, ticket, "acknowledged", at=now, now=now, actor=actor, via="reply")
+    if not milestones.reached(session, settings, ticket, Milestone.ACKNOWLEDGED):
+        milestones.record(session, settings, ticket, Milestone.ACKNOWLEDGED, at=now, now=now, actor=actor, via="reply")
     return mail
 
 
@@ -100,7 +101,7 @@ def note(session: Session, ticket: Ticket, body: str, *, now: datetime, actor: s
     """An internal note on the ticket: shown to maintainers, never sent."""
     text = _check_body(body)
     session.execute(insert(ThreadEntry.__table__).values(
-        ticket_id=ticket.id, direction="internal", kind=NOTE, references=[], sender=actor, subject="",
+        ticket_id=ticket.id, direction=Direction.INTERNAL, kind=EntryKind.NOTE, references=[], sender=actor, subject="",
         body_text=text, attachments=[], warnings=[], created_at=now))
-    tickets.add_event(session, ticket.id, "note-added", now, actor=actor)
+    tickets.add_event(session, ticket.id, EventKind.NOTE_ADDED, now, actor=actor)
     ticket.updated_at = now

@@ -23,14 +23,13 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from intake import patterns
-from intake.sla.deadlines import MILESTONE_EVENT
 from intake.store.db import read_session
 from intake.store.models import Event, Ticket
+from intake.vocabulary import MILESTONE_SPECS, EventKind, Milestone
 
-CREDIT_EVENT = "credit-set"
 ANONYMOUS_LABEL = "anonymous reporter"
 # The milestones after which a report's credit belongs in release notes.
-OUT_MILESTONES = ("released", "disclosed", "resolved")
+OUT_MILESTONES = tuple(spec.name for spec in MILESTONE_SPECS if spec.credit_out)
 
 _MAX_NAME = 120
 _MAX_STATEMENT = 200
@@ -192,7 +191,7 @@ def set_credit(session: Session, ticket: Ticket, credit: Credit | None, now: dat
     ticket.credit = stored
     ticket.updated_at = now
     # An ORM add, not tickets.add_event: tickets imports this module to recognise credit in reports.
-    session.add(Event(ticket_id=ticket.id, at=now, actor=actor, kind=CREDIT_EVENT, detail=event_detail(credit)))
+    session.add(Event(ticket_id=ticket.id, at=now, actor=actor, kind=EventKind.CREDIT_SET, detail=event_detail(credit)))
     return True
 
 
@@ -234,7 +233,7 @@ def went_out(engine: Engine, since: datetime | None) -> list[CreditLine]:
     (all such tickets when None), in the order they went out."""
     with read_session(engine) as session:
         rows = session.execute(
-            select(Event.ticket_id, Event.detail).where(Event.kind == MILESTONE_EVENT).order_by(Event.at, Event.id)
+            select(Event.ticket_id, Event.detail).where(Event.kind == EventKind.MILESTONE).order_by(Event.at, Event.id)
         ).all()
         reached: dict[int, dict[str, tuple[datetime, dict[str, Any]]]] = {}
         for ticket_id, detail in rows:
@@ -250,7 +249,7 @@ def went_out(engine: Engine, since: datetime | None) -> list[CreditLine]:
         if since is not None and at < since:
             continue
         ticket = found[ticket_id]
-        version = milestones["released"][1].get("version") if "released" in milestones else None
+        version = milestones[Milestone.RELEASED][1].get("version") if Milestone.RELEASED in milestones else None
         lines.append(CreditLine(ticket.reference, ticket.subject, milestone, at, version, credit_of(ticket)))
     return sorted(lines, key=lambda line: (line.at, line.reference))
 

@@ -35,6 +35,10 @@ from intake.tickets import correspondence, credit, milestones, triage
 from intake.understand import reply_tokens, route
 from intake.understand.content import extract_attachment
 from intake.understand.header_text import clean_text
+from intake.vocabulary import (
+    LOOP_HEADER, MAINTAINER_REPLY, REPORTER_REPLY, THIRD_PARTY_REPLY, TICKET_HEADER, MailKind, Milestone,
+    TicketState,
+)
 
 if TYPE_CHECKING:
     from intake.understand.text_work import TextWork  # which reads its text with this module's functions
@@ -109,26 +113,26 @@ def _apply(session: Session, settings: Settings, ticket: Ticket, name: str, args
         return f"assigned to {triage.assign(session, settings, ticket, words[0], now=now, actor=actor)}"
     if name == "state":
         wanted = words[0].lower() if len(words) == 1 else ""
-        if wanted == "waiting":
+        if wanted == TicketState.WAITING:
             milestones.wait(session, settings, ticket, now=now, actor=actor)
         elif wanted in ("resume", "resumed", "open"):
             milestones.resume(session, settings, ticket, now=now, actor=actor)
         else:
             raise CommandError("usage: #state waiting|resume")
         return f"state {ticket.state}"
-    if name == "released":
-        milestones.record(session, settings, ticket, "released", at=now, now=now, actor=actor,
+    if name == Milestone.RELEASED:
+        milestones.record(session, settings, ticket, Milestone.RELEASED, at=now, now=now, actor=actor,
                           version=words[0] if words else None)
-        return "released" + (f" {words[0]}" if words else "")
-    if name in ("ack", "acknowledged"):
-        milestones.record(session, settings, ticket, "acknowledged", at=now, now=now, actor=actor)
-        return "acknowledged"
+        return Milestone.RELEASED + (f" {words[0]}" if words else "")
+    if name in ("ack", Milestone.ACKNOWLEDGED):
+        milestones.record(session, settings, ticket, Milestone.ACKNOWLEDGED, at=now, now=now, actor=actor)
+        return Milestone.ACKNOWLEDGED
     if name == "assess":
         if len(words) != 1:
             raise CommandError("usage: #assess <severity>")
         milestones.assess(session, settings, ticket, words[0].lower(), at=now, now=now, actor=actor)
         return f"assessed, severity {ticket.severity}"
-    if name in ("disclosed", "resolved"):
+    if name in (Milestone.DISCLOSED, Milestone.RESOLVED):
         milestones.record(session, settings, ticket, name, at=now, now=now, actor=actor)
         return name
     if name == "close":
@@ -165,9 +169,9 @@ def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming
     carried out (its commands and trimmed text read beforehand, *work*), a reporter's reply is
     forwarded to the maintainers (signing their reply addresses with *reply_secret*), a third
     party's is forwarded marked as theirs."""
-    if decision.kind == route.MAINTAINER_REPLY and decision.authenticated and incoming.authentication.authenticated:
+    if decision.kind == MAINTAINER_REPLY and decision.authenticated and incoming.authentication.authenticated:
         _maintainer_mail(session, settings, stored, incoming, decision, now, work)
-    elif decision.kind in (route.REPORTER_REPLY, route.THIRD_PARTY_REPLY):
+    elif decision.kind in (REPORTER_REPLY, THIRD_PARTY_REPLY):
         _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret)
 
 
@@ -226,10 +230,10 @@ def _confirm(session: Session, settings: Settings, ticket: Ticket, incoming: rou
                ("Date", format_datetime(now)), ("Message-ID", message_id)]
     if incoming.mail.message_id:
         headers.append(("In-Reply-To", incoming.mail.message_id))
-    headers += [("Auto-Submitted", "auto-replied"), (composer.LOOP_HEADER, settings.intake.message_id_domain),
-                ("X-Intake-Ticket", ticket.reference)]
+    headers += [("Auto-Submitted", "auto-replied"), (LOOP_HEADER, settings.intake.message_id_domain),
+                (TICKET_HEADER, ticket.reference)]
     outbox.enqueue(session, composer.OutgoingMail(
-        dedupe_key=f"confirm:{ticket.reference}:{message_id}", kind="confirmation", envelope_from="",
+        dedupe_key=f"confirm:{ticket.reference}:{message_id}", kind=MailKind.CONFIRMATION, envelope_from="",
         recipients=[maintainer], message_id=message_id,
         raw=composer.compose((settings.intake.from_name, ticket.intake_address), headers, "\n".join(lines) + "\n")),
         ticket_id=ticket.id, now=now)
@@ -266,7 +270,7 @@ def refused(session: Session, settings: Settings, incoming: route.Incoming, deci
         "You get at most one such notice a day for this ticket.",
     ]) + "\n"
     queued = outbox.enqueue(session, composer.maintainer_mail(
-        kind="reply-refused", dedupe_key=f"refused:{ticket.reference}:{maintainer}:{now.date().isoformat()}",
+        kind=MailKind.REPLY_REFUSED, dedupe_key=f"refused:{ticket.reference}:{maintainer}:{now.date().isoformat()}",
         reference=ticket.reference, subject=f"[{ticket.reference}] Your mail was refused: nothing changed",
         recipients=[maintainer], sender=(settings.intake.from_name, ticket.intake_address),
         reply_to=address, text=text, message_id_domain=settings.intake.message_id_domain, now=now),
@@ -295,7 +299,7 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
     def from_line(address: str) -> str:
         return f"From: {clean_text(mail.from_name)} <{address}>" if mail.from_name else f"From: {address}"
 
-    third_party = decision.kind == route.THIRD_PARTY_REPLY
+    third_party = decision.kind == THIRD_PARTY_REPLY
     if third_party:
         verdict = incoming.authentication
         intro = [
@@ -332,11 +336,11 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
         headers = [("To", maintainer), *([] if third_party else [("Reply-To", address)]),
                    ("Subject", f"[{ticket.reference}] {what}: {composer.shorten(clean_text(mail.subject))}"),
                    ("Date", format_datetime(now)), ("Message-ID", message_id),
-                   ("Auto-Submitted", "auto-generated"), (composer.LOOP_HEADER, settings.intake.message_id_domain),
-                   ("X-Intake-Ticket", ticket.reference)]
+                   ("Auto-Submitted", "auto-generated"), (LOOP_HEADER, settings.intake.message_id_domain),
+                   (TICKET_HEADER, ticket.reference)]
         outbox.enqueue(session, composer.OutgoingMail(
             dedupe_key=f"forward:{ticket.reference}:{incoming.message_key}:{maintainer.lower()}",
-            kind="third-party-forward" if third_party else "reporter-reply-forward", envelope_from="",
+            kind=MailKind.THIRD_PARTY_FORWARD if third_party else MailKind.REPORTER_REPLY_FORWARD, envelope_from="",
             recipients=[maintainer], message_id=message_id,
             raw=composer.compose((f"{settings.intake.from_name} ({ticket.reference})", ticket.intake_address),
                                 headers, body)),

@@ -1,12 +1,13 @@
 """Milestones maintainers record on a ticket, and waiting on the reporter.
 
 ``acknowledged``, ``assessed`` (with the severity), ``released`` (a patched release is out),
-``disclosed`` and ``resolved`` are each an event with who recorded it and when it happened; a
-policy's stages are met by them and can start at them (see :mod:`intake.sla.engine`). They come in
-order: recording one before the milestones it follows, twice, or out of time order is refused
-unless forced, so a slip of the keyboard cannot quietly meet a deadline. Waiting on the reporter
-stops the clocks of policies that say so. Every function here refreshes the ticket's stored
-deadlines in the caller's transaction; the CLI (and later the mail commands) call them.
+``disclosed`` and ``resolved`` (declared in :data:`intake.vocabulary.MILESTONE_SPECS`) are each an
+event with who recorded it and when it happened; a policy's stages are met by them and can start
+at them (see :mod:`intake.sla.engine`). They come in order: recording one before the milestones it
+follows, twice, or out of time order is refused unless forced, so a slip of the keyboard cannot
+quietly meet a deadline. Waiting on the reporter stops the clocks of policies that say so. Every
+function here refreshes the ticket's stored deadlines in the caller's transaction; the CLI and the
+maintainers' mail commands call them.
 """
 
 from __future__ import annotations
@@ -19,19 +20,15 @@ from intake.config.settings import Settings
 from intake.sla import deadlines
 from intake.store.models import Ticket
 from intake.tickets import core as tickets
-from intake.vocabulary import FINISHED_STATES, MILESTONES, SEVERITIES, TicketState
+from intake.vocabulary import (
+    FINISHED_STATES, MILESTONE_SPECS, MILESTONES, SEVERITIES, EventKind, Milestone, TicketState,
+)
 
-# What each milestone follows. Resolving needs an assessment, not a release: an invalid report
-# is resolved without one.
-FOLLOWS = {
-    "acknowledged": (),
-    "assessed": ("acknowledged",),
-    "released": ("assessed",),
-    "disclosed": ("released",),
-    "resolved": ("assessed",),
-}
-# A milestone moves the ticket to the state of its name, forward only (see _advance).
-_STATE_ORDER = (TicketState.NEW, "acknowledged", "assessed", "released", "disclosed", "resolved")
+FOLLOWS = {spec.name: spec.follows for spec in MILESTONE_SPECS}
+_VERBS = {spec.name: spec.verb for spec in MILESTONE_SPECS}
+# A milestone moves the ticket to the state of its name, forward only (see _advance); the finished
+# one (resolved) comes last whatever follows it.
+_STATE_ORDER = (TicketState.NEW, *sorted(MILESTONES, key=lambda milestone: milestone in FINISHED_STATES))
 
 
 class Refused(ValueError):
@@ -53,7 +50,7 @@ def record(session: Session, settings: Settings, ticket: Ticket, milestone: str,
     reached = _reached(session, settings, ticket)
     if not force:
         _check_order(ticket, milestone, at, reached)
-    tickets.add_event(session, ticket.id, deadlines.MILESTONE_EVENT, now, actor=actor, milestone=milestone,
+    tickets.add_event(session, ticket.id, EventKind.MILESTONE, now, actor=actor, milestone=milestone,
                       at=at.isoformat(), **({"forced": True} if force else {}),
                       **{key: value for key, value in detail.items() if value is not None})
     if advance:
@@ -67,8 +64,8 @@ def _reached(session: Session, settings: Settings, ticket: Ticket) -> dict[str, 
     policy = deadlines.policy_of(settings, ticket.policy)
     inputs = deadlines.sla_inputs(ticket, deadlines.ticket_events(session, ticket))
     found = dict(inputs.milestones)
-    if "acknowledged" not in found and policy.auto_ack_counts and inputs.auto_ack_at is not None:
-        found["acknowledged"] = inputs.auto_ack_at
+    if Milestone.ACKNOWLEDGED not in found and policy.auto_ack_counts and inputs.auto_ack_at is not None:
+        found[Milestone.ACKNOWLEDGED] = inputs.auto_ack_at
     return found
 
 
@@ -84,7 +81,8 @@ def _check_order(ticket: Ticket, milestone: str, at: datetime, reached: dict[str
                       "use --force to record it again")
     for before in FOLLOWS[milestone]:
         if before not in reached:
-            raise Refused(f"{ticket.reference} is not {before} yet: record that first, or use --force")
+            raise Refused(f"{ticket.reference} is not {before} yet: record that first (`intake {_VERBS[before]}`), "
+                          "or use --force")
         if at < reached[before]:
             raise Refused(f"{milestone} at {at.isoformat()} would come before {before} at "
                           f"{reached[before].isoformat()}; use --force if that is right")
@@ -104,7 +102,7 @@ def assess(session: Session, settings: Settings, ticket: Ticket, severity: str, 
     if severity not in SEVERITIES:
         raise Refused(f"unknown severity {severity!r}: use one of {', '.join(SEVERITIES)}")
     set_severity(session, ticket, severity, now, actor)
-    return record(session, settings, ticket, "assessed", at=at, now=now, actor=actor, force=force,
+    return record(session, settings, ticket, Milestone.ASSESSED, at=at, now=now, actor=actor, force=force,
                   severity=severity)
 
 
@@ -118,7 +116,7 @@ def set_severity(session: Session, ticket: Ticket, severity: str, now: datetime,
     if cvss is not None:
         ticket.cvss_vector, ticket.cvss_score = cvss
         detail.update(cvss_vector=cvss[0], cvss_score=cvss[1])
-    tickets.add_event(session, ticket.id, "severity-changed", now, actor=actor, **detail)
+    tickets.add_event(session, ticket.id, EventKind.SEVERITY_CHANGED, now, actor=actor, **detail)
     ticket.severity = severity
     ticket.updated_at = now
 

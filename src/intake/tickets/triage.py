@@ -2,8 +2,8 @@
 
 Each function changes one ticket (two for a merge) in the caller's transaction, records an event
 with the actor, refreshes the stored deadlines where they can move, and raises
-:class:`intake.tickets.milestones.Refused` with the reason when the change is not allowed. The CLI calls
-these; the mail commands of maintainers will call the same ones.
+:class:`intake.tickets.milestones.Refused` with the reason when the change is not allowed. The CLI and
+maintainers' mail commands (:mod:`intake.tickets.maintainer_mail`) call these.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from intake.send import composer
 from intake.sla import deadlines
 from intake.store.models import Deadline, InboundMessage, Outbox, ThreadEntry, Ticket
 from intake.tickets import core as tickets, correspondence, milestones
-from intake.vocabulary import CLOSE_REASONS, FINISHED_STATES, SEVERITIES, TicketState
+from intake.vocabulary import (
+    CLOSE_REASONS, FINISHED_STATES, SEVERITIES, CloseReason, EventKind, LinkKind, MailKind, Milestone, TicketState,
+)
 
 Refused = milestones.Refused
 
@@ -37,7 +39,7 @@ def assign(session: Session, settings: Settings, ticket: Ticket, who: str, *, no
         known = ", ".join(f"{m.name} <{m.email}>" for m in settings.maintainers) or "none configured"
         raise Refused(f"{who!r} is not a maintainer (known: {known}); add them under [[maintainers]]")
     if ticket.assignee != maintainer.email:
-        tickets.add_event(session, ticket.id, "assigned", now, actor=actor, **{"from": ticket.assignee,
+        tickets.add_event(session, ticket.id, EventKind.ASSIGNED, now, actor=actor, **{"from": ticket.assignee,
                                                                               "to": maintainer.email})
         ticket.assignee = maintainer.email
         ticket.updated_at = now
@@ -90,7 +92,8 @@ def label(session: Session, ticket: Ticket, add: tuple[str, ...], remove: tuple[
     labels = [existing for existing in ticket.labels if existing not in remove]
     labels += [name for name in dict.fromkeys(add) if name not in labels]
     if labels != ticket.labels:
-        tickets.add_event(session, ticket.id, "labelled", now, actor=actor, added=[n for n in add if n not in ticket.labels],
+        tickets.add_event(session, ticket.id, EventKind.LABELLED, now, actor=actor,
+                          added=[n for n in add if n not in ticket.labels],
                           removed=[n for n in remove if n in ticket.labels])
         ticket.labels = labels
         ticket.updated_at = now
@@ -104,11 +107,12 @@ def close(session: Session, settings: Settings, ticket: Ticket, reason: str, *, 
         raise Refused(f"unknown reason {reason!r}: use one of {', '.join(CLOSE_REASONS)}")
     if ticket.state == TicketState.CLOSED:
         raise Refused(f"{ticket.reference} is already closed ({ticket.close_reason})")
-    if reason == "fixed" and not force and not milestones.reached(session, settings, ticket, "released"):
+    if reason == CloseReason.FIXED and not force \
+            and not milestones.reached(session, settings, ticket, Milestone.RELEASED):
         raise Refused(f"{ticket.reference} has no release recorded: `intake released` first, or use --force")
-    if not milestones.reached(session, settings, ticket, "resolved"):
+    if not milestones.reached(session, settings, ticket, Milestone.RESOLVED):
         # Closing is the maintainer's decision, whatever milestones came before.
-        milestones.record(session, settings, ticket, "resolved", at=now, now=now, actor=actor, force=True,
+        milestones.record(session, settings, ticket, Milestone.RESOLVED, at=now, now=now, actor=actor, force=True,
                           advance=False, via=f"close {reason}")
     tickets.change_state(session, ticket, TicketState.CLOSED, now, actor=actor, why=f"closed: {reason}")
     ticket.close_reason = reason
@@ -119,10 +123,10 @@ def reopen(session: Session, settings: Settings, ticket: Ticket, *, now: datetim
     """Reopen a closed or resolved ticket: back to the state it had before, not resolved any more."""
     if ticket.state not in FINISHED_STATES:
         raise Refused(f"{ticket.reference} is not closed or resolved (state {ticket.state})")
-    tickets.add_event(session, ticket.id, deadlines.REOPENED_EVENT, now, actor=actor, close_reason=ticket.close_reason)
+    tickets.add_event(session, ticket.id, EventKind.REOPENED, now, actor=actor, close_reason=ticket.close_reason)
     tickets.resume(session, ticket, now, actor=actor, why="reopened")
     if ticket.state in FINISHED_STATES:  # it was resolved, then closed: go back before both
-        tickets.change_state(session, ticket, "assessed", now, actor=actor, why="reopened")
+        tickets.change_state(session, ticket, Milestone.ASSESSED, now, actor=actor, why="reopened")
     ticket.close_reason = None
     return deadlines.refresh(session, settings, ticket, now)
 
@@ -142,20 +146,20 @@ def merge(session: Session, settings: Settings, duplicate: Ticket, into: Ticket,
     correspondence.mail_reporter(session, settings, duplicate, composer.render(
         "duplicate.txt.j2", settings.resolve_path(settings.intake.templates_dir) if settings.intake.templates_dir
         else None, reference=duplicate.reference, into=into.reference, from_name=settings.intake.from_name),
-        kind="duplicate-notice", now=now, actor=actor)
+        kind=MailKind.DUPLICATE_NOTICE, now=now, actor=actor)
     for table in (ThreadEntry.__table__, InboundMessage.__table__, Outbox.__table__):
         session.execute(update(table).where(table.c.ticket_id == duplicate.id).values(ticket_id=into.id))
     if duplicate.received_at < into.received_at:
-        tickets.add_event(session, into.id, "received-at-changed", now, actor=actor,
+        tickets.add_event(session, into.id, EventKind.RECEIVED_AT_CHANGED, now, actor=actor,
                           **{"from": into.received_at.isoformat(), "to": duplicate.received_at.isoformat(),
                              "why": f"merged {duplicate.reference}, received earlier"})
         into.received_at = duplicate.received_at
-    into.links = [*into.links, {"kind": "duplicate", "reference": duplicate.reference}]
-    duplicate.links = [*duplicate.links, {"kind": "duplicate-of", "reference": into.reference}]
-    tickets.add_event(session, into.id, "merged", now, actor=actor, duplicate=duplicate.reference)
-    tickets.add_event(session, duplicate.id, "merged-into", now, actor=actor, into=into.reference)
+    into.links = [*into.links, {"kind": LinkKind.DUPLICATE, "reference": duplicate.reference}]
+    duplicate.links = [*duplicate.links, {"kind": LinkKind.DUPLICATE_OF, "reference": into.reference}]
+    tickets.add_event(session, into.id, EventKind.MERGED, now, actor=actor, duplicate=duplicate.reference)
+    tickets.add_event(session, duplicate.id, EventKind.MERGED_INTO, now, actor=actor, into=into.reference)
     tickets.change_state(session, duplicate, TicketState.CLOSED, now, actor=actor, why=f"duplicate of {into.reference}")
-    duplicate.close_reason = "duplicate"
+    duplicate.close_reason = CloseReason.DUPLICATE
     into.updated_at = duplicate.updated_at = now
     # The duplicate's promises are the merged ticket's now.
     session.execute(delete(Deadline).where(Deadline.ticket_id == duplicate.id))

@@ -11,6 +11,7 @@ from intake import patterns
 from intake.understand.content import Content
 from intake.understand.header_text import clean_text, first_message_id, first_values, scan_header_block
 from intake.understand.parsed_mail import DeliveryReport, ParsedMail
+from intake.vocabulary import TICKET_HEADER
 
 _DELIVERY_STATUS_TYPES = ("message/delivery-status", "message/global-delivery-status")
 # text/rfc822-headers is the standard; message/rfc822-headers is seen in the wild (MailSite).
@@ -32,7 +33,7 @@ _BOUNCE_SUBJECT = patterns.compile(
     r"returned mail|mail delivery failed|failure notice|non-?delivery|warning: message .* delayed)", ignorecase=True)
 _DAEMON_NAME = patterns.compile(r"mail delivery (?:system|subsystem)", ignorecase=True)
 _DELAY_WORDS = patterns.compile(r"\bdelay|will (?:retry|keep trying)|still (?:trying|being retried)", ignorecase=True)
-_QUOTED_FIELD = patterns.compile(r"^[ \t>]*(message-id|x-intake-ticket)[ \t]*:[ \t]*(?:\n[ \t]+)?(\S[^\n]*)",
+_QUOTED_FIELD = patterns.compile(rf"^[ \t>]*(message-id|{TICKET_HEADER.lower()})[ \t]*:[ \t]*(?:\n[ \t]+)?(\S[^\n]*)",
                                  ignorecase=True, multiline=True)
 _BLANK_LINE = patterns.compile(r"\n[ \t>]*\n")
 _BLANK_LINES = patterns.compile(r"\r?\n(?:[ \t]*\r?\n)+")
@@ -81,7 +82,7 @@ def _returned_headers(content: Content, body: str) -> _Returned | None:
     for attachment, data in content.attachments:
         if attachment.content_type in _RETURNED_TYPES:
             fields = first_values(scan_header_block(data))
-            return _Returned(first_message_id(fields.get("message-id")), _ticket(fields.get("x-intake-ticket")))
+            return _Returned(first_message_id(fields.get("message-id")), _ticket(fields.get(TICKET_HEADER.lower())))
     return _quoted_returned_headers(body[:_BOUNCE_SCAN])
 
 
@@ -93,13 +94,13 @@ def _quoted_returned_headers(body: str) -> _Returned | None:
     for match in _QUOTED_FIELD.finditer(body):
         fields = blocks.setdefault(bisect.bisect_right(breaks, match.start()), {})
         fields.setdefault(match.group(1).lower(), match.group(2))
-    with_ticket = [b for b in sorted(blocks) if "x-intake-ticket" in blocks[b]]
+    with_ticket = [b for b in sorted(blocks) if TICKET_HEADER.lower() in blocks[b]]
     with_id = [b for b in sorted(blocks) if "message-id" in blocks[b]]
     chosen = (with_ticket or with_id or [None])[0]
     if chosen is None:
         return None
     fields = blocks[chosen]
-    return _Returned(first_message_id(fields.get("message-id")), _ticket(fields.get("x-intake-ticket")),
+    return _Returned(first_message_id(fields.get("message-id")), _ticket(fields.get(TICKET_HEADER.lower())),
                      breaks[chosen - 1] if chosen else 0)
 
 

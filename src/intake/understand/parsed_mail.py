@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from intake.vocabulary import LOOP_HEADER, TICKET_HEADER
+
 # Loop- and automation-relevant headers the router reads (RFC 3834 and common practice).
 LOOP_HEADERS = (
     "auto-submitted", "precedence", "list-id", "list-unsubscribe", "list-post", "x-auto-response-suppress",
-    "x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply", "x-intake-loop", "x-intake-ticket",
+    "x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply", LOOP_HEADER.lower(), TICKET_HEADER.lower(),
     "x-mailer", "return-path", "x-spam-flag", "x-failed-recipients", "feedback-id", "content-type",
 )
 

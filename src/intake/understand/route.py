@@ -34,8 +34,8 @@ from intake.understand.parsed_mail import ParsedMail
 from intake.understand.reply_tokens import EXPIRED, INVALID, OLD_FORMAT, TokenCheck
 from intake.understand.sender_auth import NONE, Verdict
 from intake.vocabulary import (
-    AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, MAINTAINER_REPLY, NEW_TICKET, REJECTED, REPORTER_REPLY, SPAM,
-    THIRD_PARTY_REPLY,
+    AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, LOOP_HEADER, MAINTAINER_REPLY, NEW_TICKET, REJECTED, REPORTER_REPLY, SPAM,
+    THIRD_PARTY_REPLY, TICKET_HEADER,
 )
 
 
@@ -181,9 +181,9 @@ def duplicate(incoming: Incoming, known: Known, config: RoutingConfig) -> Decisi
 
 def loop(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
     """Our own mail coming back: it carries our loop marker, or claims to be from us."""
-    marker = _header(incoming, "x-intake-loop")
+    marker = _header(incoming, LOOP_HEADER.lower())
     if marker and marker == config.loop_marker.lower():
-        return Decision(LOOP, f"carries our loop marker X-Intake-Loop: {marker}")
+        return Decision(LOOP, f"carries our loop marker {LOOP_HEADER}: {marker}")
     for address in (incoming.mail_from, incoming.mail.from_address):
         if address and config.is_ours(address):
             return Decision(LOOP, f"sent from our own address {address}")
@@ -208,7 +208,7 @@ def bounce(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision 
     if found is None:
         reason += "; unmatched: concerns no mail of ours we can find (names no Message-ID we sent"
         if report is not None and report.original_ticket:
-            reason += f", though it says X-Intake-Ticket: {report.original_ticket}"
+            reason += f", though it says {TICKET_HEADER}: {report.original_ticket}"
         return Decision(BOUNCE, reason + ")")
     return Decision(BOUNCE, reason, ticket_id=found.ticket.id, threaded_by=f"bounced {found.message_id}",
                     bounced=found)
@@ -432,6 +432,6 @@ def auto_reply_suppressed(incoming: Incoming, config: RoutingConfig) -> str | No
         return f"sender {incoming.mail_from} is a robot address"
     if config.is_ours(incoming.mail_from):
         return "sender is our own address"
-    if _header(incoming, "x-intake-loop") == config.loop_marker.lower():
+    if _header(incoming, LOOP_HEADER.lower()) == config.loop_marker.lower():
         return "carries our loop marker"
     return None
