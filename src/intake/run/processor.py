@@ -7,9 +7,10 @@ order against set-based lookups (:mod:`intake.understand.lookups`) and its new t
 ready (:func:`intake.tickets.opening.plan`), replies rendered with the references that come next,
 all before the write lock is taken; then one short write transaction takes those references
 (:func:`intake.tickets.opening.open_tickets`) and writes the lot in a handful of statements, not a
-dozen per message. What acting on each decision does is :mod:`intake.understand.decisions`' table. A message whose routing depends on an earlier one of its
-chunk that is not written yet (a second copy, a reply to it) ends the part planned so far; that
-part is written and planning goes on from the message.
+dozen per message. What acting on each decision does is :mod:`intake.understand.decisions`' table.
+A message whose routing depends on an earlier one of its chunk that is not written yet (a second
+copy, a reply to it) ends the part planned so far; that part is written and planning goes on
+from the message.
 
 If anything in a chunk fails, its transaction is rolled back and its messages are acted on
 again one at a time: the message at fault is marked ``failed`` alone, with its error, and its raw
@@ -98,7 +99,7 @@ class Plan:
 
     routed: list[Routed]
     new_tickets: opening.NewTickets
-    reply_secret: bytes  # signs maintainers' reply addresses in the mail forwarded to them
+    reply_secret: bytes  # signs maintainers' reply addresses in the mail sent to them
 
 
 @dataclass(frozen=True)
