@@ -269,17 +269,8 @@ def _route(session: Session, settings: Settings, items: list[Prepared], reply_se
     incomings = [route.Incoming(mail=item.mail, mail_from=item.stored.mail_from, rcpt_tos=item.stored.rcpt_tos,
                                 message_key=lookups.message_key(item.mail, item.stored),
                                 authentication=item.authentication) for item in items]
-    known = lookups.ChunkKnown(session, incomings)
-    config = lookups.routing_config(settings, reply_secret, now)
-    routed = []
-    for item, incoming in zip(items, incomings):
-        try:
-            decision = route.decide(incoming, known, config)
-        except lookups.DependsOnPlanned:
-            break
-        known.planned(incoming, decision)
-        routed.append(Routed(item, incoming, decision))
-    return routed
+    decided = lookups.route_chunk(session, settings, incomings, reply_secret, now)
+    return [Routed(item, incoming, decision) for item, incoming, decision in zip(items, incomings, decided)]
 
 
 def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:

@@ -1,5 +1,5 @@
 """The route stage's view of the database and configuration: what :mod:`intake.understand.route`'s
-rules look up, for a chunk of messages at a time.
+rules look up, for a chunk of messages at a time (:func:`route_chunk` decides a chunk).
 
 :class:`ChunkKnown` implements :class:`intake.understand.route.Known` with set-based queries over
 the stored tables (thread entries, outbox, tickets); :func:`routing_config` builds the rules'
@@ -113,6 +113,24 @@ class ChunkKnown:
             kind, sent, ticket = found.get(message_id, (None, False, None))
             self._messages[message_id] = (route.KnownMessage(route.TicketRef(*ticket), message_id, kind, sent)
                                           if ticket else None)
+
+
+def route_chunk(session: Session, settings: Settings, incomings: list[route.Incoming], reply_secret: bytes,
+                now: datetime) -> list[route.Decision]:
+    """Decide *incomings* in order against one :class:`ChunkKnown`, up to the first whose decision
+    depends on one made before it here (and not yet written); returns the decisions made, at
+    least the first."""
+    known = ChunkKnown(session, incomings)
+    config = routing_config(settings, reply_secret, now)
+    decided = []
+    for incoming in incomings:
+        try:
+            decision = route.decide(incoming, known, config)
+        except DependsOnPlanned:
+            break
+        known.planned(incoming, decision)
+        decided.append(decision)
+    return decided
 
 
 def _message_ids_referred_to(mail: ParsedMail) -> list[str]:
