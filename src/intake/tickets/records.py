@@ -3,7 +3,7 @@
 Who writes tickets (each in the caller's transaction, taking ``now``):
 
 - :mod:`intake.tickets.opening` creates them, with their first entries, events and deadlines;
-- this module appends events (:func:`add_event`, for every module below), changes state
+- this module appends events (:func:`add_event`, for the modules below but credit), changes state
   (:func:`change_state`, :func:`resume`) and records inbound mail that threads into a ticket
   (:func:`record_on_ticket`, as :mod:`intake.understand.decisions` says per decision);
 - :mod:`intake.tickets.triage` assignment, labels, closing, reopening and merging;
