@@ -15,8 +15,8 @@ from conftest import all_tickets, process, report, smtp_send
 from intake import patterns
 from intake.run import processor
 from intake.send import composer
-from intake.tickets import core as tickets, credit, maintainer_mail
-from intake.understand import body_text, bounces, parse, quality, route, text_work
+from intake.tickets import credit, maintainer_mail
+from intake.understand import body_text, bounces, lookups, parse, quality, route, text_work
 from intake.understand.quality import SHIPPED_RULES, RulesError, load_rules, parse_rules
 from intake.vocabulary import REPORTER_REPLY
 
@@ -41,7 +41,7 @@ def test_every_pattern_applied_to_senders_text_is_an_re2_pattern(make_settings):
     compiled = [getattr(rule, key) for rule in rules.rules
                 for key in ("subject", "body", "subject_or_body", "body_absent", "body_ignore")]
     assert all(isinstance(p, patterns.Pattern) for group in compiled if group for p in group)
-    config = tickets.routing_config(settings)
+    config = lookups.routing_config(settings)
     assert isinstance(config.reference_pattern, patterns.Pattern)
     assert isinstance(config.reply_address_tag, patterns.Pattern)
     assert isinstance(credit._QUOTE_HEADER, patterns.Pattern)  # the pattern of the 39 s reply

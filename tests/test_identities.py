@@ -19,8 +19,8 @@ from intake.send import outbox
 from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.models import InboundMessage, Ticket
-from intake.tickets import core as tickets, maintainer_mail
-from intake.understand import route, text_work
+from intake.tickets import core as tickets, maintainer_mail, records
+from intake.understand import decisions, lookups, route, text_work
 from intake.understand.parse import parse
 from intake.understand.sender_auth import FAIL, NONE, PASS, Verdict
 
@@ -54,7 +54,7 @@ class Intake:
     def waiting(self) -> None:
         with write_session(self.running.engine) as session:
             ticket = session.scalars(select(Ticket).where(Ticket.reference == REF1)).one()
-            tickets.change_state(session, ticket, "waiting", datetime.now(timezone.utc), actor="mia",
+            records.change_state(session, ticket, "waiting", datetime.now(timezone.utc), actor="mia",
                                  why="asked for a PoC")
 
 
@@ -171,13 +171,13 @@ def _route_and_act(intake: Intake, message: EmailMessage, mail_from: str, rcpt_t
     now = datetime.now(timezone.utc)
     mail = parse(stored.raw)
     incoming = route.Incoming(mail=mail, mail_from=stored.mail_from, rcpt_tos=stored.rcpt_tos,
-                              message_key=tickets.message_key(mail, stored), authentication=authentication)
+                              message_key=lookups.message_key(mail, stored), authentication=authentication)
     with write_session(intake.running.engine) as session:
-        decision = route.decide(incoming, tickets.ChunkKnown(session, [incoming]),
-                                tickets.routing_config(intake.settings))
-        if tickets.records_on_ticket(decision):
+        decision = route.decide(incoming, lookups.ChunkKnown(session, [incoming]),
+                                lookups.routing_config(intake.settings))
+        if decisions.handling(decision).records_on_ticket(decision):
             work = text_work.read(mail.body_text)
-            tickets.record_on_ticket(session, intake.settings, stored, incoming, decision, now, work.reply_credit)
+            records.record_on_ticket(session, intake.settings, stored, incoming, decision, now, work.reply_credit)
             maintainer_mail.act_on(session, intake.settings, stored, incoming, decision, now, b"secret", work)
     return decision
 

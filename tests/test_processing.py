@@ -14,7 +14,7 @@ from intake.send import outbox
 from intake.store import inbound
 from intake.store.db import read_session
 from intake.store.models import Event, InboundMessage, Outbox, ThreadEntry, Ticket
-from intake.tickets import core as tickets
+from intake.tickets import core as tickets, references
 
 
 def _outbox_rows(engine) -> list[Outbox]:
@@ -308,9 +308,9 @@ def test_references_taken_meanwhile_by_another_processor_are_not_reused(make_set
     items = [prepare(settings, stored) for stored in inbound.pending(running.engine, 10)]
     plan = _plan(running.engine, settings, items, now)
     year = now.year
-    assert [o.reference for o in plan.openings] == [f"SEC-{year}-0001"]
+    assert [o.reference for o in plan.new_tickets.openings] == [f"SEC-{year}-0001"]
     with write_session(running.engine) as session:  # another processor opens a ticket meanwhile
-        assert tickets.allocate_references(session, "SEC", [year]) == [f"SEC-{year}-0001"]
+        assert references.allocate_references(session, "SEC", [year]) == [f"SEC-{year}-0001"]
     with write_session(running.engine) as session:
         [outcome] = _write(session, settings, plan, now)
     assert outcome.reference == f"SEC-{year}-0002"

@@ -15,7 +15,7 @@ from conftest import all_tickets, deliver_outbox, process, report, smtp_send
 from intake.send import outbox
 from intake.store.db import read_session, write_session
 from intake.store.models import InboundMessage, Ticket
-from intake.tickets import core as tickets
+from intake.tickets import core as tickets, records
 
 YEAR = datetime.now(timezone.utc).year
 REF1 = f"SEC-{YEAR}-0001"
@@ -128,7 +128,7 @@ def test_reporter_reply_reopens_a_ticket_waiting_on_the_reporter(intake):
     now = datetime.now(timezone.utc)
     with write_session(intake.running.engine) as session:
         ticket = session.scalars(select(Ticket)).one()
-        tickets.change_state(session, ticket, "waiting", now, actor="mia", why="asked for a PoC")
+        records.change_state(session, ticket, "waiting", now, actor="mia", why="asked for a PoC")
     intake.send(_reply(f"Re: [{REF1}] RCE in upload"))
     detail = intake.detail()
     assert detail.ticket.state == "new"

@@ -14,7 +14,7 @@ import pytest
 
 from intake import vocabulary
 from intake.vocabulary import (
-    FINISHED_STATES, MILESTONE_SPECS, MILESTONES, QUEUED_EVENT, RECEIVED_EVENT, EventKind, MailKind,
+    FINISHED_STATES, MILESTONES, MILESTONE_SPECS, QUEUED_EVENT, RECEIVED_EVENT, EventKind, MailKind,
 )
 
 SOURCE = Path(vocabulary.__file__).parent

@@ -3,12 +3,14 @@
 A batch is acted on in chunks of ``processing.messages_per_transaction`` messages, each prepared
 just before: parsed, scored and its text read (the expensive part) outside any transaction, so
 a message's ticket waits for the messages of its chunk, not for the whole batch to be parsed. A chunk is routed in
-order against set-based lookups and its new tickets are made ready, replies rendered with the
-references that come next, all before the write lock is taken; then one short write transaction
-takes those references (see :func:`intake.tickets.core.open_tickets`) and writes the lot in a handful
-of statements, not a dozen per message. A message whose routing depends on an earlier one of its
-chunk that is not written yet (a second copy, a reply to it) ends the part planned so far; that
-part is written and planning goes on from the message.
+order against set-based lookups (:mod:`intake.understand.lookups`) and its new tickets are made
+ready (:func:`intake.tickets.opening.plan`), replies rendered with the references that come next,
+all before the write lock is taken; then one short write transaction takes those references
+(:func:`intake.tickets.opening.open_tickets`) and writes the lot in a handful of statements, not a
+dozen per message. What acting on each decision does is :mod:`intake.understand.decisions`' table.
+A message whose routing depends on an earlier one of its chunk that is not written yet (a second
+copy, a reply to it) ends the part planned so far; that part is written and planning goes on
+from the message.
 
 If anything in a chunk fails, its transaction is rolled back and its messages are acted on
 again one at a time: the message at fault is marked ``failed`` alone, with its error, and its raw
@@ -35,12 +37,12 @@ from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import InboundMessage
-from intake.tickets import core as tickets, maintainer_mail
-from intake.understand import dns_lookups, parse_guard, reply_tokens, route, sender_auth
+from intake.tickets import maintainer_mail, opening, records
+from intake.understand import decisions, dns_lookups, lookups, parse_guard, reply_tokens, route, sender_auth
 from intake.understand.parsed_mail import ParsedMail
 from intake.understand.sender_auth import NONE, Verdict
 from intake.understand.text_work import TextWork
-from intake.vocabulary import MAINTAINER_REPLY, NEW_TICKET, REPORTER_REPLY, THIRD_PARTY_REPLY, InboundStatus
+from intake.vocabulary import InboundStatus
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +66,6 @@ _CHUNK_BYTES = 512 * 1024
 # Times a message acted on alone is planned again after a unique key was taken under it (see
 # _act_on_chunk): once per copy of it being acted on elsewhere at the same moment.
 _CONFLICT_RETRIES = 3
-
-# Decisions that add to a ticket; everything else is stored and logged only.
-_ACTED_ON = {NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY}
 
 
 @dataclass(frozen=True)
@@ -99,9 +98,8 @@ class Plan:
     """Decisions on a run of messages and the tickets they open, made ready without the write lock."""
 
     routed: list[Routed]
-    openings: list[tickets.Opening]
-    sent: Counter[str]  # automatic mails per recipient within the rate limit's window, as read
-    reply_secret: bytes  # signs maintainers' reply addresses in the notices
+    new_tickets: opening.NewTickets
+    reply_secret: bytes  # signs maintainers' reply addresses in the mail sent to them
 
 
 @dataclass(frozen=True)
@@ -207,37 +205,34 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
     reply_secret = reply_tokens.secret(engine)
     with read_session(engine) as session:
         routed = _route(session, settings, items, reply_secret, now)
-        reports = [tickets.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
+        reports = [opening.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
                                      r.prepared.work.report_credit)
-                   for r in routed if r.decision.kind == NEW_TICKET]
-        sent = tickets.automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
-        references = tickets.next_references(session, settings.intake.reference_prefix,
-                                             [report.stored.received_at.year for report in reports])
-    return Plan(routed, tickets.prepare_openings(settings, reports, references, sent, now, reply_secret), sent,
-                reply_secret)
+                   for r in routed if decisions.handling(r.decision).record is decisions.Record.NEW_TICKET]
+        return Plan(routed, opening.plan(session, settings, reports, now, reply_secret), reply_secret)
 
 
 def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> list[Outcome]:
-    """Carry out the decisions of *plan* on the messages still pending: their new tickets all
-    together, additions to existing tickets one by one (replies are few, and may change a
-    ticket's state); then record each message's outcome."""
+    """Carry out the decisions of *plan* on the messages still pending, as
+    :data:`intake.understand.decisions.HANDLING` says: their new tickets all together, additions to
+    existing tickets one by one (replies are few, and may change a ticket's state), each with the
+    mail it sends; then record each message's outcome."""
     pending = {item.stored.id for item in _still_pending(session, [r.prepared for r in plan.routed])}
-    openings = [opening for opening in plan.openings if opening.report.stored.id in pending]
-    opened = iter(tickets.open_tickets(session, settings, openings, plan.sent, now, plan.reply_secret))
+    opened = opening.open_tickets(session, settings, plan.new_tickets, pending, now)
     outcomes = []
     for r in plan.routed:
         if r.prepared.stored.id not in pending:
             continue  # another processor got there first
-        if r.decision.kind == NEW_TICKET:
-            ticket = next(opened)
+        handling = decisions.handling(r.decision)
+        if handling.record is decisions.Record.NEW_TICKET:
+            ticket = opened[r.prepared.stored.id]
             outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
             continue
-        if tickets.records_on_ticket(r.decision):
-            tickets.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now,
+        if handling.records_on_ticket(r.decision):
+            records.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now,
                                      r.prepared.work.reply_credit)
             maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
                                    plan.reply_secret, r.prepared.work)
-        elif r.decision.refused is not None:
+        elif handling.mail is decisions.Mail.REFUSAL and r.decision.refused is not None:
             maintainer_mail.refused(session, settings, r.incoming, r.decision, now, plan.reply_secret)
         outcomes.append(Outcome(r.prepared, r.decision))
     _mark(session, outcomes, now)
@@ -272,19 +267,10 @@ def _route(session: Session, settings: Settings, items: list[Prepared], reply_se
     """Decide *items* in order, up to the first whose decision depends on one made before it here
     (and not yet written); returns the decisions made, at least the first."""
     incomings = [route.Incoming(mail=item.mail, mail_from=item.stored.mail_from, rcpt_tos=item.stored.rcpt_tos,
-                                message_key=tickets.message_key(item.mail, item.stored),
+                                message_key=lookups.message_key(item.mail, item.stored),
                                 authentication=item.authentication) for item in items]
-    known = tickets.ChunkKnown(session, incomings)
-    config = tickets.routing_config(settings, reply_secret, now)
-    routed = []
-    for item, incoming in zip(items, incomings):
-        try:
-            decision = route.decide(incoming, known, config)
-        except tickets.DependsOnPlanned:
-            break
-        known.planned(incoming, decision)
-        routed.append(Routed(item, incoming, decision))
-    return routed
+    decided = lookups.route_chunk(session, settings, incomings, reply_secret, now)
+    return [Routed(item, incoming, decision) for item, incoming, decision in zip(items, incomings, decided)]
 
 
 def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
@@ -294,7 +280,7 @@ def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
     # Values named after columns become SET clauses, one row each (executemany).
     by_id = update(table).where(table.c.id == bindparam("inbound_id"))
     decided = [{"inbound_id": o.prepared.stored.id,
-                "status": InboundStatus.PROCESSED if o.decision.kind in _ACTED_ON else InboundStatus.IGNORED,
+                "status": decisions.handling(o.decision).status,
                 "decision": o.decision.kind, "reason": o.decision.reason[:2000], "ticket_id": o.decision.ticket_id,
                 "authentication": o.prepared.authentication.as_dict()}
                for o in outcomes if o.decision is not None]

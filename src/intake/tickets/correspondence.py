@@ -19,7 +19,7 @@ from sqlmodel import Session
 from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.store.models import ThreadEntry, Ticket
-from intake.tickets import core as tickets, milestones
+from intake.tickets import milestones, records
 from intake.understand.header_text import clean_text
 from intake.vocabulary import (
     LOOP_HEADER, QUEUED_EVENT, REPORTER_REPLY, TICKET_HEADER, Direction, EntryKind, EventKind, MailKind, Milestone,
@@ -81,7 +81,7 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
         attachments=[{"index": n, "filename": a.filename, "original_filename": a.filename,
                       "content_type": a.content_type, "size": len(a.data), "sha256": hashlib.sha256(a.data).hexdigest()}
                      for n, a in enumerate(attachments, start=1)]))
-    tickets.add_event(session, ticket.id, QUEUED_EVENT[kind], now, actor=actor, to=ticket.reporter, cc=list(cc),
+    records.add_event(session, ticket.id, QUEUED_EVENT[kind], now, actor=actor, to=ticket.reporter, cc=list(cc),
                       message_id=message_id)
     ticket.updated_at = now
     return mail
@@ -103,5 +103,5 @@ def note(session: Session, ticket: Ticket, body: str, *, now: datetime, actor: s
     session.execute(insert(ThreadEntry.__table__).values(
         ticket_id=ticket.id, direction=Direction.INTERNAL, kind=EntryKind.NOTE, references=[], sender=actor, subject="",
         body_text=text, attachments=[], warnings=[], created_at=now))
-    tickets.add_event(session, ticket.id, EventKind.NOTE_ADDED, now, actor=actor)
+    records.add_event(session, ticket.id, EventKind.NOTE_ADDED, now, actor=actor)
     ticket.updated_at = now

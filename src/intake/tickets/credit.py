@@ -190,7 +190,7 @@ def set_credit(session: Session, ticket: Ticket, credit: Credit | None, now: dat
         return False
     ticket.credit = stored
     ticket.updated_at = now
-    # An ORM add, not tickets.add_event: tickets imports this module to recognise credit in reports.
+    # An ORM add, not records.add_event: records imports this module to set the credit a reply states.
     session.add(Event(ticket_id=ticket.id, at=now, actor=actor, kind=EventKind.CREDIT_SET, detail=event_detail(credit)))
     return True
 

@@ -32,13 +32,10 @@ from intake.send import composer, outbox
 from intake.store.inbound import StoredMessage
 from intake.store.models import Ticket
 from intake.tickets import correspondence, credit, milestones, triage
-from intake.understand import reply_tokens, route
+from intake.understand import decisions, reply_tokens, route
 from intake.understand.content import extract_attachment
 from intake.understand.header_text import clean_text
-from intake.vocabulary import (
-    LOOP_HEADER, MAINTAINER_REPLY, REPORTER_REPLY, THIRD_PARTY_REPLY, TICKET_HEADER, MailKind, Milestone,
-    TicketState,
-)
+from intake.vocabulary import LOOP_HEADER, THIRD_PARTY_REPLY, TICKET_HEADER, MailKind, Milestone, TicketState
 
 if TYPE_CHECKING:
     from intake.understand.text_work import TextWork  # which reads its text with this module's functions
@@ -169,9 +166,10 @@ def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming
     carried out (its commands and trimmed text read beforehand, *work*), a reporter's reply is
     forwarded to the maintainers (signing their reply addresses with *reply_secret*), a third
     party's is forwarded marked as theirs."""
-    if decision.kind == MAINTAINER_REPLY and decision.authenticated and incoming.authentication.authenticated:
+    mail = decisions.handling(decision).mail
+    if mail is decisions.Mail.MAINTAINER_MAIL and decision.authenticated and incoming.authentication.authenticated:
         _maintainer_mail(session, settings, stored, incoming, decision, now, work)
-    elif decision.kind in (REPORTER_REPLY, THIRD_PARTY_REPLY):
+    elif mail is decisions.Mail.FORWARD:
         _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret)
 
 

@@ -19,9 +19,9 @@ from sqlmodel import Session
 from intake.config.settings import Settings
 from intake.sla import deadlines
 from intake.store.models import Ticket
-from intake.tickets import core as tickets
+from intake.tickets import records
 from intake.vocabulary import (
-    FINISHED_STATES, MILESTONE_SPECS, MILESTONES, SEVERITIES, EventKind, Milestone, TicketState,
+    FINISHED_STATES, MILESTONES, MILESTONE_SPECS, SEVERITIES, EventKind, Milestone, TicketState,
 )
 
 FOLLOWS = {spec.name: spec.follows for spec in MILESTONE_SPECS}
@@ -50,7 +50,7 @@ def record(session: Session, settings: Settings, ticket: Ticket, milestone: str,
     reached = _reached(session, settings, ticket)
     if not force:
         _check_order(ticket, milestone, at, reached)
-    tickets.add_event(session, ticket.id, EventKind.MILESTONE, now, actor=actor, milestone=milestone,
+    records.add_event(session, ticket.id, EventKind.MILESTONE, now, actor=actor, milestone=milestone,
                       at=at.isoformat(), **({"forced": True} if force else {}),
                       **{key: value for key, value in detail.items() if value is not None})
     if advance:
@@ -93,7 +93,7 @@ def _advance(session: Session, ticket: Ticket, state: str, now: datetime, actor:
     (resuming returns it to where it was)."""
     if ticket.state not in _STATE_ORDER or _STATE_ORDER.index(state) <= _STATE_ORDER.index(ticket.state):
         return
-    tickets.change_state(session, ticket, state, now, actor=actor, why=f"{state} recorded")
+    records.change_state(session, ticket, state, now, actor=actor, why=f"{state} recorded")
 
 
 def assess(session: Session, settings: Settings, ticket: Ticket, severity: str, *, at: datetime, now: datetime,
@@ -116,7 +116,7 @@ def set_severity(session: Session, ticket: Ticket, severity: str, now: datetime,
     if cvss is not None:
         ticket.cvss_vector, ticket.cvss_score = cvss
         detail.update(cvss_vector=cvss[0], cvss_score=cvss[1])
-    tickets.add_event(session, ticket.id, EventKind.SEVERITY_CHANGED, now, actor=actor, **detail)
+    records.add_event(session, ticket.id, EventKind.SEVERITY_CHANGED, now, actor=actor, **detail)
     ticket.severity = severity
     ticket.updated_at = now
 
@@ -128,7 +128,7 @@ def wait(session: Session, settings: Settings, ticket: Ticket, *, now: datetime,
         raise Refused(f"{ticket.reference} is already waiting on the reporter")
     if ticket.state in FINISHED_STATES:
         raise Refused(f"{ticket.reference} is {ticket.state}")
-    tickets.change_state(session, ticket, TicketState.WAITING, now, actor=actor, why=why)
+    records.change_state(session, ticket, TicketState.WAITING, now, actor=actor, why=why)
     return deadlines.refresh(session, settings, ticket, now)
 
 
@@ -137,6 +137,6 @@ def resume(session: Session, settings: Settings, ticket: Ticket, *, now: datetim
     """The ticket no longer waits on the reporter: back to the state it was in, clocks running."""
     if ticket.state != TicketState.WAITING:
         raise Refused(f"{ticket.reference} is not waiting on the reporter (state {ticket.state})")
-    tickets.resume(session, ticket, now, actor=actor, why=why)
+    records.resume(session, ticket, now, actor=actor, why=why)
     return deadlines.refresh(session, settings, ticket, now)
 

@@ -33,8 +33,8 @@ from intake.understand.body_text import body_text
 from intake.understand.bounces import delivery_report
 from intake.understand.content import Content, extract_content
 from intake.understand.header_text import (
-    clean_text, decode_words, display_value, first_message_id, guarded, header_values, message_ids, scan_header_block,
-    warn,
+    clean_text, decode_words, display_value, first_message_id, guarded, header_values, message_ids,
+    scan_header_block, warn,
 )
 from intake.understand.mime_reader import MimePart, read_mime, walk_parts
 from intake.understand.parsed_mail import LOOP_HEADERS, ParsedMail

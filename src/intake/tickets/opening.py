@@ -1,0 +1,359 @@
+"""Opening tickets: the new-ticket plan for a chunk's new reports, made ready without the write
+lock (:func:`plan`), and written in a few set-based statements (:func:`open_tickets`).
+
+A new ticket gets its public reference, its policy (from the address the report came in on),
+its deadlines, the automatic reply to its reporter stating the promised dates (unless loop safety
+or the rate limit forbid one) and the new-ticket notice to each maintainer; the replies are
+rendered with the references that come next before the lock is taken. This module writes the
+new ticket rows and their first thread entries, events, deadlines and notifications, and queues
+their mail; writes on tickets once they exist are :mod:`intake.tickets.records`' and the modules
+it names.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Container
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert
+from sqlmodel import Session
+
+from intake.config.settings import Settings
+from intake.send import composer, outbox
+from intake.sla import deadlines
+from intake.sla.engine import StageDeadline
+from intake.store.inbound import StoredMessage
+from intake.store.models import Deadline, Event, Notification, ThreadEntry, Ticket
+from intake.tickets import credit
+from intake.tickets.records import entry_from_mail, event
+from intake.tickets.references import allocate_references, next_references
+from intake.understand import reply_tokens, route
+from intake.understand.lookups import routing_config
+from intake.understand.parse import clean_text
+from intake.vocabulary import LOW_QUALITY_LABEL, TicketState
+
+# How the acknowledgement names each stage it promises; unnamed stages use their own name.
+STAGE_LABELS = {spec.stage: spec.stage_label for spec in MILESTONE_SPECS}
+
+# The new-ticket notice quotes the report up to this many characters (`intake show` has it all).
+NOTICE_TEXT_LIMIT = 20_000
+
+
+@dataclass(frozen=True)
+class NewReport:
+    """A message routed to a new ticket."""
+
+    stored: StoredMessage
+    incoming: route.Incoming
+    decision: route.Decision
+    quality: dict[str, Any]
+    credit: credit.Credit | None = None  # the credit the report states (read before any lock)
+
+    @property
+    def low_quality(self) -> bool:
+        return bool(self.quality.get("low_quality"))
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A new ticket ready to be written: everything about it that needs no database, its automatic
+    reply rendered (or why it gets none)."""
+
+    report: NewReport
+    reference: str
+    address: str  # the intake address the report came in on; replies go out from it
+    policy: str
+    refusal: str | None  # why the reporter gets no automatic reply (loop safety, rate limit)
+    reply: composer.OutgoingMail | None
+    deadlines: list[tuple[StageDeadline, datetime | None]]  # every stage's deadline, and when met
+    credit: credit.Credit | None = None  # how the report asks to be credited, if it says
+    notices: tuple[composer.OutgoingMail, ...] = ()  # the new-ticket notice, one mail per maintainer
+
+
+@dataclass(frozen=True)
+class NewTickets:
+    """The tickets a chunk's new reports open, ready to be written (see :func:`plan`)."""
+
+    openings: list[Opening]
+    sent: Counter[str]  # automatic mails per recipient within the rate limit's window, as read
+    reply_secret: bytes  # signs maintainers' reply addresses in the notices
+
+
+@dataclass(frozen=True)
+class OpenedTicket:
+    id: int
+    reference: str
+
+
+def plan(session: Session, settings: Settings, reports: list[NewReport], now: datetime,
+         reply_secret: bytes) -> NewTickets:
+    """The tickets *reports* open, made ready in a read session before the write lock: each under
+    the reference that comes next, its automatic reply rendered unless loop safety or the rate
+    limit forbid it, its notices signed with *reply_secret*."""
+    sent = _automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
+    upcoming = next_references(session, settings.intake.reference_prefix,
+                               [report.stored.received_at.year for report in reports])
+    return NewTickets(_prepare_openings(settings, reports, upcoming, sent, now, reply_secret), sent, reply_secret)
+
+
+def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbound_ids: Container[int],
+                 now: datetime) -> dict[int, OpenedTicket]:
+    """Write the tickets *planned* for the reports among *inbound_ids* (those still pending), in
+    order: each with its report as first entry, its events, and its mail queued; in the caller's
+    transaction, in a few statements for all. Returns the tickets opened by inbound message id.
+
+    The references the openings were prepared with are allocated here. If another processor took
+    some of them meanwhile (or a report planned is no longer pending), the openings are prepared
+    again (with the counts of automatic mail sent, as before) under the references allocated, so
+    a reference is never handed out twice and never skipped."""
+    openings = [opening for opening in planned.openings if opening.report.stored.id in inbound_ids]
+    if not openings:
+        return {}
+    reports = [opening.report for opening in openings]
+    allocated = allocate_references(session, settings.intake.reference_prefix,
+                                    [report.stored.received_at.year for report in reports])
+    if allocated != [opening.reference for opening in openings]:
+        openings = _prepare_openings(settings, reports, allocated, planned.sent, now, planned.reply_secret)
+    table = Ticket.__table__
+    # One INSERT for all (ids in parameter order would take one per row on SQLite): the unique
+    # reference says which id is whose.
+    ids = dict(session.execute(insert(table).returning(table.c.reference, table.c.id),
+                               [_ticket_row(opening, now) for opening in openings]).all())
+    opened = [OpenedTicket(ids[opening.reference], opening.reference) for opening in openings]
+    queued = outbox.enqueue_many(session, [(mail, ticket.id) for opening, ticket in zip(openings, opened)
+                                           for mail in (opening.reply, *opening.notices) if mail], now=now)
+    # One notification per ticket, whichever maintainers' mails carry it.
+    notified = [(opening, ticket.id) for opening, ticket in zip(openings, opened)
+                if any(mail.dedupe_key in queued for mail in opening.notices)]
+    if notified:
+        session.execute(insert(Notification.__table__), [
+            dict(key=f"new:{opening.reference}", kind=NotificationKind.NEW_TICKET, ticket_id=ticket_id, stage=None,
+                 label=NotificationKind.NEW_TICKET, due_at=now, created_at=now,
+                 recipients=[mail.recipients[0] for mail in opening.notices],
+                 outbox_key=f"new:{opening.reference}") for opening, ticket_id in notified])
+    entries: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for opening, ticket in zip(openings, opened):
+        report, reply = opening.report, opening.reply
+        entries.append(entry_from_mail(ticket.id, report.stored, report.incoming.mail, kind="report", now=now))
+        events += _opening_events(opening, ticket.id, now)
+        if opening.refusal:
+            events.append(event(ticket.id, "acknowledgement-suppressed", now, reason=opening.refusal))
+        elif reply.dedupe_key in queued:
+            entries.append(_automatic_entry(opening, ticket, reply, now))
+            events.append(event(ticket.id, f"{reply.kind}-queued", now, to=report.stored.mail_from,
+                                message_id=reply.message_id))
+    session.execute(insert(ThreadEntry.__table__), entries)
+    session.execute(insert(Event.__table__), events)
+    session.execute(insert(Deadline.__table__), [
+        {**row, "ticket_id": ticket.id}
+        for opening, ticket in zip(openings, opened)
+        for row in deadlines.rows(settings, opening.policy, None, _queued_deadlines(settings, opening, queued, now),
+                                  now)])
+    return {opening.report.stored.id: ticket for opening, ticket in zip(openings, opened)}
+
+
+def _automatic_mails_sent(session: Session, settings: Settings, incomings: list[route.Incoming],
+                          now: datetime) -> Counter[str]:
+    """How many automatic mails went to each of *incomings*' senders within the rate limit's window,
+    by lowercased address."""
+    window_start = now - timedelta(seconds=settings.autoreply.window)
+    return outbox.automatic_mail_counts(session, [i.mail_from for i in incomings if i.mail_from], window_start)
+
+
+def _prepare_openings(settings: Settings, reports: list[NewReport], references: list[str], sent: Counter[str],
+                      now: datetime, reply_secret: bytes) -> list[Opening]:
+    """The tickets *reports* open, under *references*, with their automatic replies rendered unless
+    loop safety or the rate limit forbid them. *sent* is :func:`_automatic_mails_sent` for the reports;
+    each reply made here counts against the limit of the reports after it, as if they had been
+    opened one by one."""
+    config = routing_config(settings)
+    sent = Counter(sent)
+    openings = []
+    for report, reference in zip(reports, references, strict=True):
+        stored = report.stored
+        address = intake_address(settings, stored.rcpt_tos)
+        # The first recipient decides: a +tag mapped to a policy is more specific than the base address.
+        policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
+        refusal = _automatic_reply_refusal(settings, config, report.incoming, sent)
+        computed = _initial_deadlines(settings, policy, stored.received_at, acknowledged_at=None if refusal else now)
+        opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit)
+        if refusal is None:
+            opening = replace(opening, reply=_automatic_reply(settings, opening, now))
+            sent[stored.mail_from.lower()] += 1
+        if settings.scheduler.new_ticket_notice and settings.notice_recipients:
+            opening = replace(opening, notices=_new_ticket_notices(settings, opening, now, reply_secret))
+        openings.append(opening)
+    return openings
+
+
+def _automatic_reply_refusal(settings: Settings, config: route.RoutingConfig, incoming: route.Incoming,
+                             sent: Counter[str]) -> str | None:
+    """Why *incoming*'s sender gets no automatic reply now (loop safety, rate limit), or None."""
+    reason = route.auto_reply_suppressed(incoming, config)
+    if reason:
+        return reason
+    count = sent[incoming.mail_from.lower()]
+    if count >= settings.autoreply.limit_per_recipient:
+        return (f"rate limit: {count} automatic mails to {incoming.mail_from} in the last "
+                f"{settings.autoreply.window / 3600:g} h")
+    return None
+
+
+def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> composer.OutgoingMail:
+    """The acknowledgement of a new report, or the out-of-scope reply if its policy answers low-quality ones so."""
+    report = opening.report
+    mail = report.incoming.mail
+    out_of_scope = report.low_quality and settings.policies[opening.policy].low_quality_reply == MailKind.OUT_OF_SCOPE
+    return composer.automatic_reply(
+        template="out-of-scope.txt.j2" if out_of_scope else "acknowledgement.txt.j2",
+        kind=MailKind.OUT_OF_SCOPE if out_of_scope else MailKind.ACKNOWLEDGEMENT,
+        reference=opening.reference,
+        subject=mail.subject,
+        reporter_address=report.stored.mail_from,
+        reporter_name=mail.from_name,
+        intake_address=opening.address,
+        from_name=settings.intake.from_name,
+        in_reply_to=mail.message_id,
+        references=mail.references,
+        deadlines=promised_dates(settings, opening.policy, opening.deadlines),
+        policy=opening.policy,
+        message_id_domain=settings.intake.message_id_domain,
+        templates_dir=settings.templates_path,
+        now=now,
+    )
+
+
+def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
+                        reply_secret: bytes) -> tuple[composer.OutgoingMail, ...]:
+    """Tell the maintainers about a new ticket: the report's text, sender, decision and SLA dates;
+    one mail each, replying to their own reply address for the ticket."""
+    report = opening.report
+    mail, stored = report.incoming.mail, report.stored
+    subject = composer.strip_reply_prefixes(clean_text(mail.subject)) or "(no subject)"
+    sender = clean_text(f"{mail.from_name} <{stored.mail_from or mail.from_address}>" if mail.from_name
+                        else stored.mail_from or mail.from_address)
+    context = dict(
+        reference=opening.reference, subject=subject, sender=sender,
+        received=f"{stored.received_at:%Y-%m-%d %H:%M:%S} UTC", intake_address=opening.address,
+        decision=report.decision.kind, reason=report.decision.reason, policy=opening.policy,
+        acknowledgement=(f"{opening.reply.kind} queued to {stored.mail_from}" if opening.reply
+                         else f"none ({opening.refusal})"),
+        labels=[LOW_QUALITY_LABEL] if report.low_quality else [], warnings=mail.warnings,
+        deadlines=promised_dates(settings, opening.policy, opening.deadlines),
+        attachments=[a.as_dict() for a in mail.attachments],
+        text=mail.body_text[:NOTICE_TEXT_LIMIT], truncated=len(mail.body_text) > NOTICE_TEXT_LIMIT,
+        from_name=settings.intake.from_name)
+    notices = []
+    for recipient in settings.notice_recipients:
+        reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient,
+                                              now)
+        notices.append(composer.maintainer_mail(
+            kind=MailKind.NEW_TICKET, dedupe_key=f"new:{opening.reference}>{recipient.lower()}",
+            reference=opening.reference,
+            subject=f"[{opening.reference}] New report: {subject}", recipients=[recipient],
+            sender=(settings.intake.from_name, opening.address), reply_to=reply_address,
+            text=composer.render("new-ticket.txt.j2", settings.templates_path, reply_address=reply_address, **context),
+            message_id_domain=settings.intake.message_id_domain, now=now))
+    return tuple(notices)
+
+
+def promised_dates(settings: Settings, policy_name: str,
+                   computed: list[tuple[StageDeadline, datetime | None]]) -> list[composer.PromisedDate]:
+    """The dates a new report's acknowledgement states (from its *computed* deadlines), in the
+    policy's own time zone."""
+    policy = settings.policies[policy_name]
+    calendars = settings.all_calendars
+    promised = []
+    for deadline, _ in computed:
+        if deadline.due is None:
+            continue
+        stage = next(s for s in policy.stages if s.name == deadline.stage)
+        zone = calendars[stage.calendar or policy.calendar].timezone
+        note = "depends on severity; the earliest applies until we assess it" if deadline.severity_assumed else ""
+        promised.append(composer.PromisedDate(STAGE_LABELS.get(deadline.stage, deadline.stage), deadline.due,
+                                             zone, note))
+    return promised
+
+
+def _initial_deadlines(settings: Settings, policy_name: str, received_at: datetime,
+                       acknowledged_at: datetime | None) -> list[tuple[StageDeadline, datetime | None]]:
+    """A new ticket's deadlines; *acknowledged_at*: when its automatic reply was queued, if it was."""
+    inputs = deadlines.SlaInputs(received_at, None, {}, acknowledged_at, [])
+    return deadlines.compute(settings, policy_name, inputs)
+
+
+def _queued_deadlines(settings: Settings, opening: Opening, queued: set[str],
+                      now: datetime) -> list[tuple[StageDeadline, datetime | None]]:
+    """The opening's deadlines, unless they counted an automatic reply that turned out to be queued
+    already (by another processor: its dedupe key was taken), which this ticket did not send."""
+    if opening.reply is None or opening.reply.dedupe_key in queued:
+        return opening.deadlines
+    return _initial_deadlines(settings, opening.policy, opening.report.stored.received_at, acknowledged_at=None)
+
+
+def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
+    report = opening.report
+    mail = report.incoming.mail
+    return dict(
+        reference=opening.reference,
+        subject=composer.strip_reply_prefixes(mail.subject) or "(no subject)",
+        reporter=report.stored.mail_from or mail.from_address,
+        reporter_name=mail.from_name,
+        intake_address=opening.address,
+        state=TicketState.NEW,
+        policy=opening.policy,
+        labels=[LOW_QUALITY_LABEL] if report.low_quality else [],
+        links=[{"kind": "mentions", "reference": r} for r in report.decision.mentions],
+        quality=report.quality,
+        credit=opening.credit.as_dict() if opening.credit else None,
+        received_at=report.stored.received_at,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def _opening_events(opening: Opening, ticket_id: int, now: datetime) -> list[dict[str, Any]]:
+    report = opening.report
+    events = [event(ticket_id, "opened", now, decision=report.decision.kind, inbound_id=report.stored.id,
+                    message_id=report.incoming.mail.message_id, policy=opening.policy)]
+    events += [event(ticket_id, "linked", now, link="mentions", reference=mentioned)
+               for mentioned in report.decision.mentions]
+    if report.low_quality:
+        events.append(event(ticket_id, "labelled", now, label=LOW_QUALITY_LABEL, score=report.quality.get("score"),
+                            matched=report.quality.get("matched")))
+    if opening.credit:
+        events.append(event(ticket_id, credit.CREDIT_EVENT, now, **credit.event_detail(opening.credit)))
+    return events
+
+
+def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: composer.OutgoingMail,
+                     now: datetime) -> dict[str, Any]:
+    """The thread entry of an automatic reply to a new report."""
+    return dict(
+        ticket_id=ticket.id,
+        inbound_id=None,
+        direction=Direction.OUT,
+        kind=EntryKind.AUTOMATIC,
+        message_key=None,
+        message_id=reply.message_id,
+        in_reply_to=opening.report.incoming.mail.message_id,
+        references=[],
+        sender=opening.address,
+        subject=f"Re: [{ticket.reference}]",
+        body_text="",
+        attachments=[],
+        warnings=[],
+        threaded_by=None,
+        encrypted=None,
+        created_at=now,
+    )
+
+
+def intake_address(settings: Settings, rcpt_tos: list[str]) -> str:
+    """The configured address the mail came in on (its +tag removed)."""
+    ours = (settings.our_address(recipient) for recipient in rcpt_tos)
+    return next((address for address in ours if address), settings.smtp.addresses[0])
