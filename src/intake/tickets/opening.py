@@ -33,7 +33,10 @@ from intake.tickets.references import allocate_references, next_references
 from intake.understand import reply_tokens, route
 from intake.understand.lookups import routing_config
 from intake.understand.parse import clean_text
-from intake.vocabulary import LOW_QUALITY_LABEL, TicketState
+from intake.vocabulary import (
+    LOW_QUALITY_LABEL, MILESTONE_SPECS, QUEUED_EVENT, Direction, EntryKind, EventKind, LinkKind, MailKind,
+    NotificationKind, TicketState,
+)
 
 # How the acknowledgement names each stage it promises; unnamed stages use their own name.
 STAGE_LABELS = {spec.stage: spec.stage_label for spec in MILESTONE_SPECS}
@@ -138,13 +141,13 @@ def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbo
     events: list[dict[str, Any]] = []
     for opening, ticket in zip(openings, opened):
         report, reply = opening.report, opening.reply
-        entries.append(entry_from_mail(ticket.id, report.stored, report.incoming.mail, kind="report", now=now))
+        entries.append(entry_from_mail(ticket.id, report.stored, report.incoming.mail, kind=EntryKind.REPORT, now=now))
         events += _opening_events(opening, ticket.id, now)
         if opening.refusal:
-            events.append(event(ticket.id, "acknowledgement-suppressed", now, reason=opening.refusal))
+            events.append(event(ticket.id, EventKind.ACKNOWLEDGEMENT_SUPPRESSED, now, reason=opening.refusal))
         elif reply.dedupe_key in queued:
             entries.append(_automatic_entry(opening, ticket, reply, now))
-            events.append(event(ticket.id, f"{reply.kind}-queued", now, to=report.stored.mail_from,
+            events.append(event(ticket.id, QUEUED_EVENT[reply.kind], now, to=report.stored.mail_from,
                                 message_id=reply.message_id))
     session.execute(insert(ThreadEntry.__table__), entries)
     session.execute(insert(Event.__table__), events)
@@ -307,7 +310,7 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
         state=TicketState.NEW,
         policy=opening.policy,
         labels=[LOW_QUALITY_LABEL] if report.low_quality else [],
-        links=[{"kind": "mentions", "reference": r} for r in report.decision.mentions],
+        links=[{"kind": LinkKind.MENTIONS, "reference": r} for r in report.decision.mentions],
         quality=report.quality,
         credit=opening.credit.as_dict() if opening.credit else None,
         received_at=report.stored.received_at,
@@ -318,15 +321,15 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
 
 def _opening_events(opening: Opening, ticket_id: int, now: datetime) -> list[dict[str, Any]]:
     report = opening.report
-    events = [event(ticket_id, "opened", now, decision=report.decision.kind, inbound_id=report.stored.id,
+    events = [event(ticket_id, EventKind.OPENED, now, decision=report.decision.kind, inbound_id=report.stored.id,
                     message_id=report.incoming.mail.message_id, policy=opening.policy)]
-    events += [event(ticket_id, "linked", now, link="mentions", reference=mentioned)
+    events += [event(ticket_id, EventKind.LINKED, now, link=LinkKind.MENTIONS, reference=mentioned)
                for mentioned in report.decision.mentions]
     if report.low_quality:
-        events.append(event(ticket_id, "labelled", now, label=LOW_QUALITY_LABEL, score=report.quality.get("score"),
+        events.append(event(ticket_id, EventKind.LABELLED, now, label=LOW_QUALITY_LABEL, score=report.quality.get("score"),
                             matched=report.quality.get("matched")))
     if opening.credit:
-        events.append(event(ticket_id, credit.CREDIT_EVENT, now, **credit.event_detail(opening.credit)))
+        events.append(event(ticket_id, EventKind.CREDIT_SET, now, **credit.event_detail(opening.credit)))
     return events
 
 

@@ -30,7 +30,7 @@ from intake.tickets import credit
 from intake.understand import decisions, route
 from intake.understand.lookups import message_key
 from intake.understand.parse import ParsedMail
-from intake.vocabulary import TicketState
+from intake.vocabulary import RECEIVED_EVENT, Direction, EventKind, TicketState
 
 SYSTEM_ACTOR = "intake"
 

@@ -19,6 +19,7 @@ from intake.store.inbound import StoredMessage
 from intake.store.models import Outbox, ThreadEntry, Ticket
 from intake.understand import decisions, reply_tokens, route
 from intake.understand.parse import ParsedMail
+from intake.vocabulary import Direction
 
 # Message-IDs of one message looked up for threading: In-Reply-To and the latest References.
 _MESSAGE_IDS_LOOKED_UP = 50
