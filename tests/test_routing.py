@@ -394,3 +394,30 @@ def test_one_mail_to_several_intake_addresses_is_one_ticket(make_settings, start
     assert result.decisions == {"new-ticket": 1, "duplicate": 1}
     assert len(all_tickets(running.engine)) == 1
     assert len(outbox.listing(running.engine)) == 1
+
+
+# -- Threading order: when two routes disagree, which wins ------------------------------------------
+# +tag (or a signed reply address) → In-Reply-To → References → subject tag; a guessable reference
+# (+tag, subject tag) counts only for the ticket's reporter or a maintainer.
+
+REF2 = f"SEC-{YEAR}-0002"
+
+
+def _two_tickets(intake) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """Alice reports twice; the Message-IDs of our two acknowledgements."""
+    intake.send(report(subject="RCE in upload"))
+    intake.send(report(subject="SSRF in webhooks"))
+    return _ack_id(intake, REF1), _ack_id(intake, REF2)
+
+
+def _kinds(intake, reference: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [e.kind for e in intake.detail(reference).entries]
+
+
+def test_plus_tag_wins_over_in_reply_to(intake):
+    _, ack2 = _two_tickets(intake)
+    tagged = f"security+{REF1}@example.com"
+    result = intake.send(_reply("Re: more detail", in_reply_to=ack2), rcpt_tos=[tagged])
+    assert result.decisions == {"reporter-reply": 1}
+    assert intake.detail(REF1).entries[-1].threaded_by == f"+tag {tagged}"
+    assert "reporter-reply" not in _kinds(intake, REF2)

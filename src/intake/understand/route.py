@@ -5,11 +5,23 @@ Each rule looks at the message, at a little configuration (:class:`RoutingConfig
 to pass. The first decision wins; ``new-ticket`` is the fallback. Rules are pure functions so
 each can be tested on its own.
 
-Threading order (DESIGN.md): a ticket reference in a ``+tag`` recipient → ``In-Reply-To`` /
-``References`` matching a Message-ID we stored or sent → a ``[SEC-2026-0001]`` subject tag. A
-reference is guessable, so the ``+tag`` and subject routes thread only mail from the ticket's
-reporter or a maintainer; anyone else's mail opens a new ticket that *mentions* the old one.
-A Message-ID is harder to come by, so a reply that quotes one threads whoever sends it.
+Mail that is no correspondence at all is sorted out first: a duplicate, a loop, a bounce, an
+automatic reply (recorded on the ticket it threads into, by the threading order below), a bare
+null sender, an upstream spam verdict, an empty message. Then threading, first match wins:
+
+1. a maintainer's signed reply address (``security+SEC-2026-0001.<token>@``, :func:`reply_address`):
+   mail to one is decided there, privileged or refused (a refusal threads nowhere); else a ticket
+   reference in a ``+tag`` recipient (``security+SEC-2026-0001@``);
+2. ``In-Reply-To``, else ``References`` (latest first), naming a Message-ID we stored or sent;
+3. a ``[SEC-2026-0001]`` tag in the subject (:data:`THREADING`: the routes after the reply address);
+4. else a new ticket (:func:`decide`), which *mentions* any existing ticket it quoted.
+
+A reference is guessable, so the ``+tag`` and subject routes count only for mail from the ticket's
+reporter's address or a maintainer; from anyone else they are no evidence and the next route
+decides. A Message-ID is harder to come by, so a reply that quotes one threads whoever sends it.
+So when the ``+tag`` and ``In-Reply-To`` name different tickets, the reporter's or a maintainer's
+mail goes to the ``+tag``'s ticket, anyone else's to the ``In-Reply-To``'s (as a third party there,
+unless they are that ticket's reporter); a stranger quoting only references opens a new ticket.
 
 Threading into a ticket is not being its reporter (:func:`is_reporter`): envelope sender and
 From: must both be the reporter's address, authenticated where the domain publishes DMARC.
@@ -34,7 +46,7 @@ from intake.understand.parse import ParsedMail
 from intake.understand.reply_tokens import EXPIRED, INVALID, OLD_FORMAT, TokenCheck
 from intake.understand.sender_auth import NONE, Verdict
 from intake.vocabulary import (
-    AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, MAINTAINER_REPLY, NEW_TICKET, REJECTED, REPORTER_REPLY, SPAM,
+    AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, LOOP_HEADER, MAINTAINER_REPLY, NEW_TICKET, REJECTED, REPORTER_REPLY, SPAM,
     THIRD_PARTY_REPLY,
 )
 
@@ -161,7 +173,7 @@ def _header(incoming: Incoming, name: str) -> str:
     return (incoming.mail.headers.get(name) or "").strip().lower()
 
 
-def _thread_by_message_id(incoming: Incoming, known: Known,
+def _named_message(incoming: Incoming, known: Known,
                           sent_only: bool = False) -> tuple[KnownMessage, str] | None:
     ids = [i for i in [incoming.mail.in_reply_to, *reversed(incoming.mail.references)] if i]
     found = known.message_by_ids(ids, sent_only) if ids else None
@@ -181,7 +193,7 @@ def duplicate(incoming: Incoming, known: Known, config: RoutingConfig) -> Decisi
 
 def loop(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
     """Our own mail coming back: it carries our loop marker, or claims to be from us."""
-    marker = _header(incoming, "x-intake-loop")
+    marker = _header(incoming, LOOP_HEADER.lower())
     if marker and marker == config.loop_marker.lower():
         return Decision(LOOP, f"carries our loop marker X-Intake-Loop: {marker}")
     for address in (incoming.mail_from, incoming.mail.from_address):
@@ -201,7 +213,7 @@ def bounce(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision 
     if report is not None and report.original_message_id:
         found = known.message_by_ids([report.original_message_id], sent_only=True)
     if found is None:
-        threaded = _thread_by_message_id(incoming, known, sent_only=True)
+        threaded = _named_message(incoming, known, sent_only=True)
         found = threaded[0] if threaded else None
     detail = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no status"
     reason = f"delivery status notification ({detail})"
@@ -236,18 +248,17 @@ def auto_reply(incoming: Incoming, known: Known, config: RoutingConfig) -> Decis
     evidence = _auto_reply_evidence(incoming)
     if evidence is None:
         return None
-    found = _find_ticket(incoming, known, config)
-    if found is None:
+    threaded = next(filter(None, (rule(incoming, known, config) for rule in THREADING)), None)
+    if threaded is None:
         return Decision(AUTO_REPLY, evidence + "; threads into no ticket")
-    ticket, via = found
-    return Decision(AUTO_REPLY, evidence, ticket_id=ticket.id, threaded_by=via)
+    return Decision(AUTO_REPLY, evidence, ticket_id=threaded.ticket_id, threaded_by=threaded.threaded_by)
 
 
 def bare_null_sender(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
     """A null envelope sender without a recognisable report is still a notification (RFC 5321 4.5.5)."""
     if incoming.mail_from:
         return None
-    threaded = _thread_by_message_id(incoming, known, sent_only=True)
+    threaded = _named_message(incoming, known, sent_only=True)
     if threaded is None:
         return Decision(BOUNCE, "null envelope sender; unmatched: names no Message-ID we sent")
     return Decision(BOUNCE, "null envelope sender", ticket_id=threaded[0].ticket.id, threaded_by=threaded[1])
@@ -313,33 +324,10 @@ def reply_address(incoming: Incoming, known: Known, config: RoutingConfig) -> De
                     threaded_by=f"reply address {recipient}", authenticated=True)
 
 
-def _thread_by_reference(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[TicketRef, str] | None:
-    """A ticket named by a +tag recipient, else by a subject tag (either may be guessed)."""
-    pattern = config.reference_pattern
-    for recipient in incoming.rcpt_tos:
-        local = recipient.rpartition("@")[0]
-        tag = local.split("+", 1)[1] if "+" in local else ""
-        match = pattern.fullmatch(tag) if tag.isascii() else None  # a non-ASCII tag is no tag
-        if match and (ticket := known.ticket_by_reference(match.group(1).upper())):
-            return ticket, f"+tag {recipient}"
-    for match in pattern.finditer(incoming.mail.subject):
-        if match.group(1).isascii() and (ticket := known.ticket_by_reference(match.group(1).upper())):
-            return ticket, f"subject tag [{ticket.reference}]"
-    return None
-
-
-def _find_ticket(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[TicketRef, str] | None:
-    """The ticket a message belongs to and how it was found, per the threading order."""
-    threaded = _thread_by_message_id(incoming, known)
-    if threaded is not None:
-        return threaded[0].ticket, threaded[1]
-    by_reference = _thread_by_reference(incoming, known, config)
-    if by_reference is None:
-        return None
-    ticket, via = by_reference
-    if incoming.sender == ticket.reporter.lower() or config.is_maintainer(incoming.sender):
-        return ticket, via
-    return None  # a stranger quoting a reference may not write into that ticket
+def _may_write_by_reference(incoming: Incoming, ticket: TicketRef, config: RoutingConfig) -> bool:
+    """A ticket reference is guessable: it threads only mail from the ticket's reporter's address or
+    a maintainer (whether they really are who they say is :func:`_reply_decision`'s question)."""
+    return incoming.sender == ticket.reporter.lower() or config.is_maintainer(incoming.sender)
 
 
 def is_reporter(incoming: Incoming, ticket: TicketRef) -> bool:
@@ -358,14 +346,10 @@ def _not_spoofed(incoming: Incoming) -> bool:
     return incoming.authentication.dmarc_published is not True or incoming.authentication.authenticated
 
 
-def thread(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
-    """A reply to a ticket: by Message-ID from anyone; by reference only from its reporter's address
-    or a maintainer. Only the reporter (:func:`is_reporter`) makes a ``reporter-reply``; anyone else
-    is a third party, recorded and forwarded but changing nothing."""
-    found = _find_ticket(incoming, known, config)
-    if found is None:
-        return None  # includes a stranger quoting a reference: a new ticket, which mentions it
-    ticket, via = found
+def _reply_decision(incoming: Incoming, config: RoutingConfig, ticket: TicketRef, via: str) -> Decision:
+    """What mail threading into *ticket* (found by *via*) is: only the reporter (:func:`is_reporter`)
+    makes a ``reporter-reply`` and only a maintainer a ``maintainer-reply``; anyone else is a third
+    party, recorded and forwarded but changing nothing."""
     if config.is_maintainer(incoming.sender):
         if _not_spoofed(incoming):
             return Decision(MAINTAINER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
@@ -376,6 +360,36 @@ def thread(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision 
         return Decision(REPORTER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
     return Decision(THIRD_PARTY_REPLY, f"threads by {via}; {_not_the_reporter(incoming, ticket)}",
                     ticket_id=ticket.id, threaded_by=via)
+
+
+def thread_by_plus_tag(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """Mail to ``security+SEC-2026-0001@`` (the first such recipient naming a ticket the sender may
+    write into): from anyone else, a ``+tag`` is no evidence, and the next rule decides."""
+    pattern = config.reference_pattern
+    for recipient in incoming.rcpt_tos:
+        local = recipient.rpartition("@")[0]
+        tag = local.split("+", 1)[1] if "+" in local else ""
+        match = pattern.fullmatch(tag) if tag.isascii() else None  # a non-ASCII tag is no tag
+        if (match and (ticket := known.ticket_by_reference(match.group(1).upper()))
+                and _may_write_by_reference(incoming, ticket, config)):
+            return _reply_decision(incoming, config, ticket, f"+tag {recipient}")
+    return None
+
+
+def thread_by_message_id(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """A reply naming a Message-ID we stored or sent, whoever sends it: In-Reply-To, else the latest
+    References entry we know."""
+    threaded = _named_message(incoming, known)
+    return _reply_decision(incoming, config, threaded[0].ticket, threaded[1]) if threaded else None
+
+
+def thread_by_subject_tag(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """A ``[SEC-2026-0001]`` in the subject (the first naming a ticket the sender may write into)."""
+    for match in config.reference_pattern.finditer(incoming.mail.subject):
+        if (match.group(1).isascii() and (ticket := known.ticket_by_reference(match.group(1).upper()))
+                and _may_write_by_reference(incoming, ticket, config)):
+            return _reply_decision(incoming, config, ticket, f"subject tag [{ticket.reference}]")
+    return None
 
 
 def _not_the_reporter(incoming: Incoming, ticket: TicketRef) -> str:
@@ -399,7 +413,10 @@ def _mentions(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[
     return tuple(found)
 
 
-RULES: tuple[Rule, ...] = (duplicate, loop, bounce, auto_reply, bare_null_sender, spam, empty, reply_address, thread)
+# The threading order, first match wins; a signed reply address (reply_address) comes before it.
+THREADING: tuple[Rule, ...] = (thread_by_plus_tag, thread_by_message_id, thread_by_subject_tag)
+RULES: tuple[Rule, ...] = (duplicate, loop, bounce, auto_reply, bare_null_sender, spam, empty, reply_address,
+                           *THREADING)
 
 
 def decide(incoming: Incoming, known: Known, config: RoutingConfig, rules: tuple[Rule, ...] = RULES) -> Decision:
@@ -432,6 +449,6 @@ def auto_reply_suppressed(incoming: Incoming, config: RoutingConfig) -> str | No
         return f"sender {incoming.mail_from} is a robot address"
     if config.is_ours(incoming.mail_from):
         return "sender is our own address"
-    if _header(incoming, "x-intake-loop") == config.loop_marker.lower():
+    if _header(incoming, LOOP_HEADER.lower()) == config.loop_marker.lower():
         return "carries our loop marker"
     return None
