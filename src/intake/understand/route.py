@@ -173,8 +173,9 @@ def _header(incoming: Incoming, name: str) -> str:
     return (incoming.mail.headers.get(name) or "").strip().lower()
 
 
-def _named_message(incoming: Incoming, known: Known,
-                          sent_only: bool = False) -> tuple[KnownMessage, str] | None:
+def _named_message(incoming: Incoming, known: Known, sent_only: bool = False) -> tuple[KnownMessage, str] | None:
+    """The message we stored or (*sent_only*) sent that In-Reply-To names, else the latest of
+    References that we know, and how it was found ("In-Reply-To <id>" or "References <id>")."""
     ids = [i for i in [incoming.mail.in_reply_to, *reversed(incoming.mail.references)] if i]
     found = known.message_by_ids(ids, sent_only) if ids else None
     if found is None:
@@ -195,7 +196,7 @@ def loop(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | 
     """Our own mail coming back: it carries our loop marker, or claims to be from us."""
     marker = _header(incoming, LOOP_HEADER.lower())
     if marker and marker == config.loop_marker.lower():
-        return Decision(LOOP, f"carries our loop marker X-Intake-Loop: {marker}")
+        return Decision(LOOP, f"carries our loop marker {LOOP_HEADER}: {marker}")
     for address in (incoming.mail_from, incoming.mail.from_address):
         if address and config.is_ours(address):
             return Decision(LOOP, f"sent from our own address {address}")
@@ -279,14 +280,19 @@ def empty(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision |
     return Decision(REJECTED, "empty message: no subject, no text, no attachment")
 
 
+def _plus_tag(recipient: str) -> str:
+    """What follows the ``+`` of *recipient*'s local part; empty without one, or when it is not all
+    ASCII (under IGNORECASE [a-z] matches "ſ" and the Kelvin sign, \\d any digit: no tag at all)."""
+    local = recipient.rpartition("@")[0]
+    tag = local.split("+", 1)[1] if "+" in local else ""
+    return tag if tag.isascii() else ""
+
+
 def _reply_address_tag(incoming: Incoming, config: RoutingConfig) -> tuple[str, str, str] | None:
     """(recipient, reference, token) of the first recipient that is a signed reply address."""
     pattern = config.reply_address_tag
     for recipient in incoming.rcpt_tos:
-        local = recipient.rpartition("@")[0]
-        tag = local.split("+", 1)[1] if "+" in local else ""
-        # ASCII only: under IGNORECASE [a-z] matches "ſ" and the Kelvin sign, \d any digit.
-        if tag.isascii() and (match := pattern.fullmatch(tag)):
+        if match := pattern.fullmatch(_plus_tag(recipient)):
             return recipient, match.group(1).upper(), match.group(2)
     return None
 
@@ -367,9 +373,7 @@ def thread_by_plus_tag(incoming: Incoming, known: Known, config: RoutingConfig) 
     write into): from anyone else, a ``+tag`` is no evidence, and the next rule decides."""
     pattern = config.reference_pattern
     for recipient in incoming.rcpt_tos:
-        local = recipient.rpartition("@")[0]
-        tag = local.split("+", 1)[1] if "+" in local else ""
-        match = pattern.fullmatch(tag) if tag.isascii() else None  # a non-ASCII tag is no tag
+        match = pattern.fullmatch(_plus_tag(recipient))
         if (match and (ticket := known.ticket_by_reference(match.group(1).upper()))
                 and _may_write_by_reference(incoming, ticket, config)):
             return _reply_decision(incoming, config, ticket, f"+tag {recipient}")
@@ -420,6 +424,7 @@ RULES: tuple[Rule, ...] = (duplicate, loop, bounce, auto_reply, bare_null_sender
 
 
 def decide(incoming: Incoming, known: Known, config: RoutingConfig, rules: tuple[Rule, ...] = RULES) -> Decision:
+    """The first decision of *rules*, in order; else a new ticket, mentioning the tickets it quotes."""
     for rule in rules:
         decision = rule(incoming, known, config)
         if decision is not None:
