@@ -11,44 +11,47 @@ from email.message import EmailMessage
 import pytest
 from sqlalchemy import select
 
-from conftest import all_tickets, deliver_outbox, process, report, smtp_send
+from conftest import TRUSTED_MX, all_tickets, deliver_outbox, process, report, smtp_send, trusted_results
 from intake.send import outbox
 from intake.store.db import read_session, write_session
 from intake.store.models import InboundMessage, Ticket
 from intake.tickets import core as tickets, records
+from intake.understand import reply_tokens
 
 YEAR = datetime.now(timezone.utc).year
 REF1 = f"SEC-{YEAR}-0001"
 
 
-@pytest.fixture
-def intake(make_settings, start_intake_listener):
+class Intake:
     """A listener plus helpers to send, process and inspect, with one maintainer configured (who
     gets no new-ticket notices here: the outbox then holds only what goes to researchers)."""
 
-    class Intake:
-        settings = make_settings(INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]',
-                                 INTAKE_SCHEDULER__NEW_TICKET_NOTICE="false")
-        running = start_intake_listener(settings)
+    def __init__(self, make_settings, start_intake_listener, **env: str):  # type: ignore[no-untyped-def]
+        self.settings = make_settings(INTAKE_MAINTAINERS='[{"name": "Mia", "email": "mia@example.com"}]',
+                                      INTAKE_SCHEDULER__NEW_TICKET_NOTICE="false", **env)
+        self.running = start_intake_listener(self.settings)
 
-        def send(self, message: EmailMessage | bytes, mail_from: str = "alice@researcher.test",
-                 rcpt_tos: list[str] | None = None, now: datetime | None = None):  # type: ignore[no-untyped-def]
-            smtp_send(self.running.port, message, mail_from=mail_from, rcpt_tos=rcpt_tos)
-            return process(self.settings, self.running.engine, now)
+    def send(self, message: EmailMessage | bytes, mail_from: str = "alice@researcher.test",
+             rcpt_tos: list[str] | None = None, now: datetime | None = None):  # type: ignore[no-untyped-def]
+        smtp_send(self.running.port, message, mail_from=mail_from, rcpt_tos=rcpt_tos)
+        return process(self.settings, self.running.engine, now)
 
-        def detail(self, reference: str = REF1) -> tickets.TicketDetail:
-            return tickets.ticket_detail(self.running.engine, reference)
+    def detail(self, reference: str = REF1) -> tickets.TicketDetail:
+        return tickets.ticket_detail(self.running.engine, reference)
 
-        def outbox(self) -> list:
-            """Mail to researchers (what maintainers are sent is tested elsewhere)."""
-            return sorted((r for r in outbox.listing(self.running.engine) if "mia@example.com" not in r.recipients),
-                          key=lambda r: r.id)
+    def outbox(self) -> list:
+        """Mail to researchers (what maintainers are sent is tested elsewhere)."""
+        return sorted((r for r in outbox.listing(self.running.engine) if "mia@example.com" not in r.recipients),
+                      key=lambda r: r.id)
 
-        def stored(self) -> list[InboundMessage]:
-            with read_session(self.running.engine) as session:
-                return list(session.scalars(select(InboundMessage).order_by(InboundMessage.id)))
+    def stored(self) -> list[InboundMessage]:
+        with read_session(self.running.engine) as session:
+            return list(session.scalars(select(InboundMessage).order_by(InboundMessage.id)))
 
-    return Intake()
+
+@pytest.fixture
+def intake(make_settings, start_intake_listener):
+    return Intake(make_settings, start_intake_listener)
 
 
 def _ack_id(intake, reference: str = REF1) -> str:
@@ -394,3 +397,174 @@ def test_one_mail_to_several_intake_addresses_is_one_ticket(make_settings, start
     assert result.decisions == {"new-ticket": 1, "duplicate": 1}
     assert len(all_tickets(running.engine)) == 1
     assert len(outbox.listing(running.engine)) == 1
+
+
+# -- Threading order: when two routes disagree, which wins ------------------------------------------
+# +tag (or a signed reply address) → In-Reply-To → References → subject tag; a guessable reference
+# (+tag, subject tag) counts only for the ticket's reporter or a maintainer.
+
+REF2 = f"SEC-{YEAR}-0002"
+
+
+def _two_tickets(intake) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """Alice reports twice; the Message-IDs of our two acknowledgements."""
+    intake.send(report(subject="RCE in upload"))
+    intake.send(report(subject="SSRF in webhooks"))
+    return _ack_id(intake, REF1), _ack_id(intake, REF2)
+
+
+def _kinds(intake, reference: str) -> list[str]:  # type: ignore[no-untyped-def]
+    return [e.kind for e in intake.detail(reference).entries]
+
+
+def _last_decision(intake) -> tuple[str, int | None]:  # type: ignore[no-untyped-def]
+    last = intake.stored()[-1]
+    return last.decision, last.ticket_id
+
+
+def test_plus_tag_wins_over_in_reply_to(intake):
+    _, ack2 = _two_tickets(intake)
+    tagged = f"security+{REF1}@example.com"
+    result = intake.send(_reply("Re: more detail", in_reply_to=ack2), rcpt_tos=[tagged])
+    assert result.decisions == {"reporter-reply": 1}
+    assert intake.detail(REF1).entries[-1].threaded_by == f"+tag {tagged}"
+    assert "reporter-reply" not in _kinds(intake, REF2)
+
+
+def test_plus_tag_wins_over_references(intake):
+    _, ack2 = _two_tickets(intake)
+    tagged = f"security+{REF1}@example.com"
+    intake.send(_reply("Re: more detail", References=ack2), rcpt_tos=[tagged])
+    assert intake.detail(REF1).entries[-1].threaded_by == f"+tag {tagged}"
+    assert "reporter-reply" not in _kinds(intake, REF2)
+
+
+def test_plus_tag_wins_over_the_subject_tag(intake):
+    _two_tickets(intake)
+    tagged = f"security+{REF1}@example.com"
+    intake.send(_reply(f"Re: [{REF2}] SSRF in webhooks"), rcpt_tos=[tagged])
+    assert intake.detail(REF1).entries[-1].threaded_by == f"+tag {tagged}"
+    assert "reporter-reply" not in _kinds(intake, REF2)
+
+
+def test_in_reply_to_wins_over_references(intake):
+    ack1, ack2 = _two_tickets(intake)
+    intake.send(_reply("Re: more detail", In_Reply_To=ack1, References=ack2))
+    assert intake.detail(REF1).entries[-1].threaded_by == f"In-Reply-To {ack1}"
+    assert "reporter-reply" not in _kinds(intake, REF2)
+
+
+def test_references_thread_when_in_reply_to_names_nothing_we_know(intake):
+    _, ack2 = _two_tickets(intake)
+    intake.send(_reply("Re: more detail", In_Reply_To="<unknown@elsewhere.test>", References=ack2))
+    assert intake.detail(REF2).entries[-1].threaded_by == f"References {ack2}"
+
+
+def test_in_reply_to_wins_over_the_subject_tag(intake):
+    ack1, _ = _two_tickets(intake)
+    intake.send(_reply(f"Re: [{REF2}] SSRF in webhooks", in_reply_to=ack1))
+    assert intake.detail(REF1).entries[-1].threaded_by == f"In-Reply-To {ack1}"
+    assert "reporter-reply" not in _kinds(intake, REF2)
+
+
+def test_a_maintainers_plus_tag_wins_over_in_reply_to(intake):
+    _, ack2 = _two_tickets(intake)
+    tagged = f"security+{REF1}@example.com"
+    result = intake.send(_reply("triage notes", in_reply_to=ack2, sender="mia@example.com"),
+                         mail_from="mia@example.com", rcpt_tos=[tagged])
+    assert result.decisions == {"maintainer-reply": 1}
+    assert intake.detail(REF1).entries[-1].threaded_by == f"+tag {tagged}"
+
+
+def test_a_strangers_plus_tag_is_no_evidence_so_in_reply_to_decides(intake):
+    # Anyone can guess a reference, but only those in the thread have our Message-ID: the stranger's
+    # +tag is ignored, and their mail threads by In-Reply-To, as a third party's, into the other ticket.
+    _, ack2 = _two_tickets(intake)
+    result = intake.send(_reply("Re: SSRF", in_reply_to=ack2, sender="cert@coord.test"),
+                         mail_from="cert@coord.test", rcpt_tos=[f"security+{REF1}@example.com"])
+    assert result.decisions == {"third-party-reply": 1}
+    assert intake.detail(REF2).entries[-1].threaded_by == f"In-Reply-To {ack2}"
+    assert _kinds(intake, REF1) == ["report", "automatic"]
+
+
+@pytest.fixture
+def trusting_intake(make_settings, start_intake_listener):
+    """As ``intake``, believing our MX's Authentication-Results (mia's mail can be authenticated)."""
+    return Intake(make_settings, start_intake_listener,
+                  INTAKE_SENDER_AUTH__TRUSTED_AUTHSERV_IDS=f'["{TRUSTED_MX}"]', INTAKE_SENDER_AUTH__VERIFY="false")
+
+
+@pytest.mark.parametrize("authenticated", [True, False])
+def test_a_reply_address_wins_over_in_reply_to(trusting_intake, authenticated):
+    intake = trusting_intake
+    _, ack2 = _two_tickets(intake)
+    secret = reply_tokens.secret(intake.running.engine)
+    address = reply_tokens.reply_address(secret, "security@example.com", REF1, "mia@example.com",
+                                         datetime.now(timezone.utc))
+    headers = {"Authentication_Results": trusted_results("example.com")} if authenticated else {}
+    intake.send(_reply("Re: SSRF", in_reply_to=ack2, sender="mia@example.com", **headers),
+                mail_from="mia@example.com", rcpt_tos=[address])
+    if authenticated:
+        assert _last_decision(intake) == ("maintainer-reply", intake.detail(REF1).ticket.id)
+        [entry] = [e for e in intake.detail(REF1).entries if e.kind == "maintainer-reply"]
+        assert entry.threaded_by == f"reply address {address}"
+    else:  # refused, and a refusal threads nowhere: not into the ticket its In-Reply-To names either
+        assert _last_decision(intake) == ("rejected", None)
+    assert "maintainer-reply" not in _kinds(intake, REF2)
+
+
+def test_a_bounce_is_matched_by_our_message_id_not_by_its_plus_tag(intake):
+    _two_tickets(intake)
+    ack2 = next(r for r in intake.outbox() if r.dedupe_key == f"ack:{REF2}")
+    intake.send(_dsn(ack2.raw, "alice@researcher.test"), mail_from="",
+                rcpt_tos=[f"security+{REF1}@example.com"])
+    assert _last_decision(intake) == ("bounce", intake.detail(REF2).ticket.id)
+    assert intake.detail(REF1).ticket.reporter_unreachable_at is None
+
+
+def test_a_bare_null_sender_is_a_bounce_not_a_reply(intake):
+    _, ack2 = _two_tickets(intake)
+    intake.send(_reply("Re: RCE in upload", in_reply_to=ack2), mail_from="",
+                rcpt_tos=[f"security+{REF1}@example.com"])
+    assert _last_decision(intake) == ("bounce", intake.detail(REF2).ticket.id)
+    assert _kinds(intake, REF1) == ["report", "automatic"]
+
+
+def test_a_duplicate_stays_a_duplicate_wherever_it_would_thread(intake):
+    ack1, _ = _two_tickets(intake)
+    again = _reply("Re: RCE in upload", in_reply_to=ack1, message_id="<followup@researcher.test>")
+    assert intake.send(again).decisions == {"reporter-reply": 1}
+    # The same message again, now sent to the other ticket's +tag: still the one message already stored.
+    resent = intake.send(again, rcpt_tos=[f"security+{REF2}@example.com"])
+    assert resent.decisions == {"duplicate": 1}
+    assert _kinds(intake, REF1).count("reporter-reply") == 1 and "reporter-reply" not in _kinds(intake, REF2)
+
+
+def test_an_auto_reply_is_recorded_where_the_threading_order_puts_it(intake):
+    _, ack2 = _two_tickets(intake)
+    tagged = f"security+{REF1}@example.com"
+    ooo = _reply("Automatic reply: SSRF in webhooks", in_reply_to=ack2, Auto_Submitted="auto-replied")
+    assert intake.send(ooo, rcpt_tos=[tagged]).decisions == {"auto-reply": 1}
+    assert (intake.detail(REF1).entries[-1].kind, intake.detail(REF1).entries[-1].threaded_by) == (
+        "auto-reply", f"+tag {tagged}")
+    assert len(intake.outbox()) == 2  # the two acknowledgements: an automatic reply is never answered
+
+
+@pytest.mark.parametrize("headers, decision", [
+    ({"X_Intake_Loop": "example.com"}, "loop"),
+    ({"X_Spam_Flag": "YES"}, "spam"),
+])
+def test_loop_and_spam_are_decided_before_threading(intake, headers, decision):
+    ack1, _ = _two_tickets(intake)
+    result = intake.send(_reply(f"Re: [{REF1}] RCE in upload", in_reply_to=ack1, **headers),
+                         rcpt_tos=[f"security+{REF1}@example.com"])
+    assert result.decisions == {decision: 1}
+    assert _kinds(intake, REF1) == ["report", "automatic"]
+
+
+def test_an_empty_reply_is_rejected_before_threading(intake):
+    ack1, _ = _two_tickets(intake)
+    raw = (f"From: alice@researcher.test\r\nTo: security@example.com\r\nMessage-ID: <empty@x.test>\r\n"
+           f"In-Reply-To: {ack1}\r\n\r\n").encode()
+    assert intake.send(raw, rcpt_tos=[f"security+{REF1}@example.com"]).decisions == {"rejected": 1}
+    assert _kinds(intake, REF1) == ["report", "automatic"]

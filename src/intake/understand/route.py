@@ -5,11 +5,23 @@ Each rule looks at the message, at a little configuration (:class:`RoutingConfig
 to pass. The first decision wins; ``new-ticket`` is the fallback. Rules are pure functions so
 each can be tested on its own.
 
-Threading order (DESIGN.md): a ticket reference in a ``+tag`` recipient → ``In-Reply-To`` /
-``References`` matching a Message-ID we stored or sent → a ``[SEC-2026-0001]`` subject tag. A
-reference is guessable, so the ``+tag`` and subject routes thread only mail from the ticket's
-reporter or a maintainer; anyone else's mail opens a new ticket that *mentions* the old one.
-A Message-ID is harder to come by, so a reply that quotes one threads whoever sends it.
+Mail that is no correspondence at all is sorted out first: a duplicate, a loop, a bounce, an
+automatic reply (recorded on the ticket it threads into, by the threading order below), a bare
+null sender, an upstream spam verdict, an empty message. Then threading, first match wins:
+
+1. a maintainer's signed reply address (``security+SEC-2026-0001.<token>@``, :func:`reply_address`):
+   mail to one is decided there, privileged or refused (a refusal threads nowhere); else a ticket
+   reference in a ``+tag`` recipient (``security+SEC-2026-0001@``);
+2. ``In-Reply-To``, else ``References`` (latest first), naming a Message-ID we stored or sent;
+3. a ``[SEC-2026-0001]`` tag in the subject (:data:`THREADING`: the routes after the reply address);
+4. else a new ticket (:func:`decide`), which *mentions* any existing ticket it quoted.
+
+A reference is guessable, so the ``+tag`` and subject routes count only for mail from the ticket's
+reporter's address or a maintainer; from anyone else they are no evidence and the next route
+decides. A Message-ID is harder to come by, so a reply that quotes one threads whoever sends it.
+So when the ``+tag`` and ``In-Reply-To`` name different tickets, the reporter's or a maintainer's
+mail goes to the ``+tag``'s ticket, anyone else's to the ``In-Reply-To``'s (as a third party there,
+unless they are that ticket's reporter); a stranger quoting only references opens a new ticket.
 
 Threading into a ticket is not being its reporter (:func:`is_reporter`): envelope sender and
 From: must both be the reporter's address, authenticated where the domain publishes DMARC.
@@ -161,8 +173,9 @@ def _header(incoming: Incoming, name: str) -> str:
     return (incoming.mail.headers.get(name) or "").strip().lower()
 
 
-def _thread_by_message_id(incoming: Incoming, known: Known,
-                          sent_only: bool = False) -> tuple[KnownMessage, str] | None:
+def _named_message(incoming: Incoming, known: Known, sent_only: bool = False) -> tuple[KnownMessage, str] | None:
+    """The message we stored or (*sent_only*) sent that In-Reply-To names, else the latest of
+    References that we know, and how it was found ("In-Reply-To <id>" or "References <id>")."""
     ids = [i for i in [incoming.mail.in_reply_to, *reversed(incoming.mail.references)] if i]
     found = known.message_by_ids(ids, sent_only) if ids else None
     if found is None:
@@ -201,7 +214,7 @@ def bounce(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision 
     if report is not None and report.original_message_id:
         found = known.message_by_ids([report.original_message_id], sent_only=True)
     if found is None:
-        threaded = _thread_by_message_id(incoming, known, sent_only=True)
+        threaded = _named_message(incoming, known, sent_only=True)
         found = threaded[0] if threaded else None
     detail = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no status"
     reason = f"delivery status notification ({detail})"
@@ -236,18 +249,17 @@ def auto_reply(incoming: Incoming, known: Known, config: RoutingConfig) -> Decis
     evidence = _auto_reply_evidence(incoming)
     if evidence is None:
         return None
-    found = _find_ticket(incoming, known, config)
-    if found is None:
+    threaded = next(filter(None, (rule(incoming, known, config) for rule in THREADING)), None)
+    if threaded is None:
         return Decision(AUTO_REPLY, evidence + "; threads into no ticket")
-    ticket, via = found
-    return Decision(AUTO_REPLY, evidence, ticket_id=ticket.id, threaded_by=via)
+    return Decision(AUTO_REPLY, evidence, ticket_id=threaded.ticket_id, threaded_by=threaded.threaded_by)
 
 
 def bare_null_sender(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
     """A null envelope sender without a recognisable report is still a notification (RFC 5321 4.5.5)."""
     if incoming.mail_from:
         return None
-    threaded = _thread_by_message_id(incoming, known, sent_only=True)
+    threaded = _named_message(incoming, known, sent_only=True)
     if threaded is None:
         return Decision(BOUNCE, "null envelope sender; unmatched: names no Message-ID we sent")
     return Decision(BOUNCE, "null envelope sender", ticket_id=threaded[0].ticket.id, threaded_by=threaded[1])
@@ -268,14 +280,19 @@ def empty(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision |
     return Decision(REJECTED, "empty message: no subject, no text, no attachment")
 
 
+def _plus_tag(recipient: str) -> str:
+    """What follows the ``+`` of *recipient*'s local part; empty without one, or when it is not all
+    ASCII (under IGNORECASE [a-z] matches "ſ" and the Kelvin sign, \\d any digit: no tag at all)."""
+    local = recipient.rpartition("@")[0]
+    tag = local.split("+", 1)[1] if "+" in local else ""
+    return tag if tag.isascii() else ""
+
+
 def _reply_address_tag(incoming: Incoming, config: RoutingConfig) -> tuple[str, str, str] | None:
     """(recipient, reference, token) of the first recipient that is a signed reply address."""
     pattern = config.reply_address_tag
     for recipient in incoming.rcpt_tos:
-        local = recipient.rpartition("@")[0]
-        tag = local.split("+", 1)[1] if "+" in local else ""
-        # ASCII only: under IGNORECASE [a-z] matches "ſ" and the Kelvin sign, \d any digit.
-        if tag.isascii() and (match := pattern.fullmatch(tag)):
+        if match := pattern.fullmatch(_plus_tag(recipient)):
             return recipient, match.group(1).upper(), match.group(2)
     return None
 
@@ -313,33 +330,10 @@ def reply_address(incoming: Incoming, known: Known, config: RoutingConfig) -> De
                     threaded_by=f"reply address {recipient}", authenticated=True)
 
 
-def _thread_by_reference(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[TicketRef, str] | None:
-    """A ticket named by a +tag recipient, else by a subject tag (either may be guessed)."""
-    pattern = config.reference_pattern
-    for recipient in incoming.rcpt_tos:
-        local = recipient.rpartition("@")[0]
-        tag = local.split("+", 1)[1] if "+" in local else ""
-        match = pattern.fullmatch(tag) if tag.isascii() else None  # a non-ASCII tag is no tag
-        if match and (ticket := known.ticket_by_reference(match.group(1).upper())):
-            return ticket, f"+tag {recipient}"
-    for match in pattern.finditer(incoming.mail.subject):
-        if match.group(1).isascii() and (ticket := known.ticket_by_reference(match.group(1).upper())):
-            return ticket, f"subject tag [{ticket.reference}]"
-    return None
-
-
-def _find_ticket(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[TicketRef, str] | None:
-    """The ticket a message belongs to and how it was found, per the threading order."""
-    threaded = _thread_by_message_id(incoming, known)
-    if threaded is not None:
-        return threaded[0].ticket, threaded[1]
-    by_reference = _thread_by_reference(incoming, known, config)
-    if by_reference is None:
-        return None
-    ticket, via = by_reference
-    if incoming.sender == ticket.reporter.lower() or config.is_maintainer(incoming.sender):
-        return ticket, via
-    return None  # a stranger quoting a reference may not write into that ticket
+def _may_write_by_reference(incoming: Incoming, ticket: TicketRef, config: RoutingConfig) -> bool:
+    """A ticket reference is guessable: it threads only mail from the ticket's reporter's address or
+    a maintainer (whether they really are who they say is :func:`_reply_decision`'s question)."""
+    return incoming.sender == ticket.reporter.lower() or config.is_maintainer(incoming.sender)
 
 
 def is_reporter(incoming: Incoming, ticket: TicketRef) -> bool:
@@ -358,14 +352,10 @@ def _not_spoofed(incoming: Incoming) -> bool:
     return incoming.authentication.dmarc_published is not True or incoming.authentication.authenticated
 
 
-def thread(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
-    """A reply to a ticket: by Message-ID from anyone; by reference only from its reporter's address
-    or a maintainer. Only the reporter (:func:`is_reporter`) makes a ``reporter-reply``; anyone else
-    is a third party, recorded and forwarded but changing nothing."""
-    found = _find_ticket(incoming, known, config)
-    if found is None:
-        return None  # includes a stranger quoting a reference: a new ticket, which mentions it
-    ticket, via = found
+def _reply_decision(incoming: Incoming, config: RoutingConfig, ticket: TicketRef, via: str) -> Decision:
+    """What mail threading into *ticket* (found by *via*) is: only the reporter (:func:`is_reporter`)
+    makes a ``reporter-reply`` and only a maintainer a ``maintainer-reply``; anyone else is a third
+    party, recorded and forwarded but changing nothing."""
     if config.is_maintainer(incoming.sender):
         if _not_spoofed(incoming):
             return Decision(MAINTAINER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
@@ -376,6 +366,34 @@ def thread(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision 
         return Decision(REPORTER_REPLY, f"threads by {via}", ticket_id=ticket.id, threaded_by=via)
     return Decision(THIRD_PARTY_REPLY, f"threads by {via}; {_not_the_reporter(incoming, ticket)}",
                     ticket_id=ticket.id, threaded_by=via)
+
+
+def thread_by_plus_tag(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """Mail to ``security+SEC-2026-0001@`` (the first such recipient naming a ticket the sender may
+    write into): from anyone else, a ``+tag`` is no evidence, and the next rule decides."""
+    pattern = config.reference_pattern
+    for recipient in incoming.rcpt_tos:
+        match = pattern.fullmatch(_plus_tag(recipient))
+        if (match and (ticket := known.ticket_by_reference(match.group(1).upper()))
+                and _may_write_by_reference(incoming, ticket, config)):
+            return _reply_decision(incoming, config, ticket, f"+tag {recipient}")
+    return None
+
+
+def thread_by_message_id(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """A reply naming a Message-ID we stored or sent, whoever sends it: In-Reply-To, else the latest
+    References entry we know."""
+    threaded = _named_message(incoming, known)
+    return _reply_decision(incoming, config, threaded[0].ticket, threaded[1]) if threaded else None
+
+
+def thread_by_subject_tag(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
+    """A ``[SEC-2026-0001]`` in the subject (the first naming a ticket the sender may write into)."""
+    for match in config.reference_pattern.finditer(incoming.mail.subject):
+        if (match.group(1).isascii() and (ticket := known.ticket_by_reference(match.group(1).upper()))
+                and _may_write_by_reference(incoming, ticket, config)):
+            return _reply_decision(incoming, config, ticket, f"subject tag [{ticket.reference}]")
+    return None
 
 
 def _not_the_reporter(incoming: Incoming, ticket: TicketRef) -> str:
@@ -399,10 +417,14 @@ def _mentions(incoming: Incoming, known: Known, config: RoutingConfig) -> tuple[
     return tuple(found)
 
 
-RULES: tuple[Rule, ...] = (duplicate, loop, bounce, auto_reply, bare_null_sender, spam, empty, reply_address, thread)
+# The threading order, first match wins; a signed reply address (reply_address) comes before it.
+THREADING: tuple[Rule, ...] = (thread_by_plus_tag, thread_by_message_id, thread_by_subject_tag)
+RULES: tuple[Rule, ...] = (duplicate, loop, bounce, auto_reply, bare_null_sender, spam, empty, reply_address,
+                           *THREADING)
 
 
 def decide(incoming: Incoming, known: Known, config: RoutingConfig, rules: tuple[Rule, ...] = RULES) -> Decision:
+    """The first decision of *rules*, in order; else a new ticket, mentioning the tickets it quotes."""
     for rule in rules:
         decision = rule(incoming, known, config)
         if decision is not None:
