@@ -264,7 +264,8 @@ def _mails_for(settings: Settings, ticket: Ticket, notices: list[Notice]) -> lis
     """One mail for the notice recipients (reminders, breaches), one for escalate_to (escalations)."""
     mails = []
     escalations = [n for n in notices if n.kind == NotificationKind.ESCALATION]
-    for recipients, group in ((settings.notice_recipients, [n for n in notices if n not in escalations]),
+    others = [n for n in notices if n.kind != NotificationKind.ESCALATION]
+    for recipients, group in ((settings.notice_recipients, others),
                               (list(settings.scheduler.escalate_to), escalations)):
         if not recipients or not group:
             continue
