@@ -25,7 +25,7 @@ _STDLIB = email.policy.compat32.clone(linesep="\r\n")
 def test_header_lines_are_the_bytes_the_stdlib_writes(name, value):
     """The fast path for short ASCII headers changes the cost of composing, never the bytes."""
     if "\r" in value or "\n" in value:
-        return  # compose refuses line breaks in headers before they get here
+        return  # text_bytes refuses line breaks in headers before they get here
     message = MIMEText("body\n", "plain", "us-ascii")
     message[name] = value
     assert _outcome(message, composer._COMPAT32_CRLF) == _outcome(message, _STDLIB)
@@ -53,13 +53,13 @@ _IDS = st.lists(st.text(alphabet=string.ascii_letters + "@.<>", min_size=1, max_
                         | st.tuples(st.sampled_from(["In-Reply-To", "References"]), _IDS), max_size=12),
        body=st.text(alphabet=string.printable + "\r", max_size=3000))
 def test_an_ascii_text_mail_is_the_bytes_mimetext_writes(sender_name, headers, body):
-    """compose writes ASCII text mail itself: the bytes must be the stdlib's, header for header
+    """text_bytes writes ASCII text mail itself: the bytes must be the stdlib's, header for header
     (the header values once bounded: that step decides what is written, the writer how)."""
     from email.utils import formataddr
 
     assume(all(value.isascii() for name, value in headers if name == "To"))  # else: the SMTPUTF8 path
     try:
-        composed: bytes | str = composer.compose((sender_name, "security@example.com"), headers, body)
+        composed: bytes | str = composer.text_bytes((sender_name, "security@example.com"), headers, body)
     except Exception as exc:  # noqa: BLE001 - compared, not hidden
         composed = type(exc).__name__
     stdlib = MIMEText(body, "plain", "us-ascii")
@@ -137,10 +137,10 @@ def test_any_composed_mail_has_no_line_over_998_octets_and_reads_back_the_same(s
                ("X-Intake-Ticket", "SEC-2026-0001")]
     sender = ("Security Team (SEC-2026-0001)", "security@example.com")
     if html:
-        raw = composer.compose_alternative(sender, headers, body, f"<p>{body}</p>")
+        raw = composer.alternative_bytes(sender, headers, body, f"<p>{body}</p>")
     else:
         attachments = (composer.Attachment("poc.txt", "text/plain", body.encode()),) if attach else ()
-        raw = composer.compose(sender, headers, body, attachments)
+        raw = composer.text_bytes(sender, headers, body, attachments)
     _lines_fit(raw)
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Subject"] == composer.shorten(subject, 300)
@@ -153,7 +153,7 @@ def test_a_stored_message_id_cut_short_is_left_out_whole_not_written_unterminate
     cut = "<" + "c" * 499  # parse keeps 500 characters of a Message-ID
     headers = [("To", "alice@researcher.test"), ("Subject", "Re: [SEC-2026-0001] x"), ("In-Reply-To", cut),
                ("References", f"<first@researcher.test> {cut}")]
-    parsed = email.message_from_bytes(composer.compose(("Security Team", "security@example.com"), headers, "hi\n"),
+    parsed = email.message_from_bytes(composer.text_bytes(("Security Team", "security@example.com"), headers, "hi\n"),
                                       policy=email.policy.default)
     assert parsed["In-Reply-To"] is None
     assert parsed["References"] == "<first@researcher.test>"

@@ -23,10 +23,10 @@ from intake.store import schema
 from intake.store.db import make_engine, read_session
 from intake.store.models import InboundMessage
 from intake.tickets import core as tickets
-from intake.tickets.maintainer_mail import split_commands, trim_reply
 from intake.understand import reply_tokens, route
 from intake.understand.parse import parse
 from intake.understand.sender_auth import Verdict
+from intake.understand.text_work import split_commands, trim_reply
 
 MAINTAINERS = """
 [[maintainers]]

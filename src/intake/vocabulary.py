@@ -53,9 +53,21 @@ DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY, AU
 
 # -- severities and milestones --
 SEVERITIES = ("critical", "high", "medium", "low", "none")
-# What maintainers record as a report moves on (``intake ack|assess|released|resolve|disclose``),
-# in the order they normally come; each meets a stage and can start others (``event:<name>``).
-MILESTONES = ("acknowledged", "assessed", "released", "resolved", "disclosed")
+
+
+class Milestone:
+    """What maintainers record as a report moves on (``intake ack|assess|released|resolve|disclose``);
+    each meets a stage and can start others (``event:<name>``)."""
+
+    ACKNOWLEDGED = "acknowledged"
+    ASSESSED = "assessed"  # with the severity
+    RELEASED = "released"  # a fixed release is out
+    RESOLVED = "resolved"
+    DISCLOSED = "disclosed"
+
+
+# The milestones in the order they normally come.
+MILESTONES = (Milestone.ACKNOWLEDGED, Milestone.ASSESSED, Milestone.RELEASED, Milestone.RESOLVED, Milestone.DISCLOSED)
 
 # -- header names on mail we send --
 LOOP_HEADER = "X-Intake-Loop"  # our loop marker: mail carrying it is never answered
@@ -63,3 +75,19 @@ TICKET_HEADER = "X-Intake-Ticket"  # the ticket a message belongs to; bounces qu
 
 # -- labels intake sets itself --
 LOW_QUALITY_LABEL = "low-quality"
+
+
+class MailKind:
+    """What a mail we send is: the outbox's kind, and the ``<kind>-queued`` event. (The SLA's
+    notices are sent as the kind of their notice: reminder, breach, escalation, catch-up.)"""
+
+    ACKNOWLEDGEMENT = "acknowledgement"  # automatic reply to a new report
+    OUT_OF_SCOPE = "out-of-scope"  # automatic reply to a low-quality one, where the policy says so
+    NEW_TICKET = "new-ticket"  # notice to maintainers
+    DIGEST = "digest"
+    REPLY_REFUSED = "reply-refused"  # to a maintainer whose reply address was refused
+    CONFIRMATION = "confirmation"  # what a maintainer's mail did
+    REPORTER_REPLY_FORWARD = "reporter-reply-forward"
+    THIRD_PARTY_FORWARD = "third-party-forward"
+    CORRESPONDENCE = "correspondence"  # a maintainer's words to the reporter
+    DUPLICATE_NOTICE = "duplicate-notice"  # to the reporter of a ticket merged into another

@@ -34,7 +34,7 @@ from intake.store.models import (
 from intake.tickets import credit
 from intake.understand import reply_tokens, route
 from intake.understand.parse import ParsedMail, clean_text
-from intake.vocabulary import FINISHED_STATES, TicketState
+from intake.vocabulary import FINISHED_STATES, MailKind, TicketState
 
 SYSTEM_ACTOR = "intake"
 
@@ -348,7 +348,7 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> com
     out_of_scope = report.low_quality and settings.policies[opening.policy].low_quality_reply == "out-of-scope"
     return composer.automatic_reply(
         template="out-of-scope.txt.j2" if out_of_scope else "acknowledgement.txt.j2",
-        kind="out-of-scope" if out_of_scope else "acknowledgement",
+        kind=MailKind.OUT_OF_SCOPE if out_of_scope else MailKind.ACKNOWLEDGEMENT,
         reference=opening.reference,
         subject=mail.subject,
         reporter_address=report.stored.mail_from,
@@ -389,8 +389,8 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
     for recipient in settings.notice_recipients:
         reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient,
                                               now)
-        notices.append(composer.maintainer_mail(
-            kind="new-ticket", dedupe_key=f"new:{opening.reference}>{recipient.lower()}", reference=opening.reference,
+        notices.append(composer.notice(
+            MailKind.NEW_TICKET, dedupe_key=f"new:{opening.reference}>{recipient.lower()}", ticket=opening.reference,
             subject=f"[{opening.reference}] New report: {subject}", recipients=[recipient],
             sender=(settings.intake.from_name, opening.address), reply_to=reply_address,
             text=composer.render("new-ticket.txt.j2", settings.templates_path, reply_address=reply_address, **context),
