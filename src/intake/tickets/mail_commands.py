@@ -159,12 +159,12 @@ _BY_NAME = {name: command for command in COMMANDS for name in (command.name, *co
 
 
 def help_text() -> str:
-    """The list of commands, one a line, as the reply to ``#help`` or an unknown command shows it."""
-    width = max(len(command.synopsis) for command in COMMANDS)
-    lines = ["Commands (lines at the top of your mail, before your text):"]
+    """The list of commands, as the reply to ``#help`` or an unknown command shows it: each
+    command's synopsis, and under it what it does."""
+    lines = ["Commands (lines at the top of your mail, before your text):", ""]
     for command in COMMANDS:
         also = f" (also {', '.join(f'#{alias}' for alias in command.aliases)})" if command.aliases else ""
-        lines.append(f"  {command.synopsis.ljust(width)}  {command.help}{also}")
+        lines += [command.synopsis, f"    {command.help}{also}"]
     return "\n".join(lines) + "\n"
 
 
