@@ -9,11 +9,13 @@ import string
 from datetime import datetime, timezone
 from email.mime.text import MIMEText
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from intake.send import composer
 from intake.understand.parse import clean_text
+from intake.vocabulary import LOOP_HEADER, TICKET_HEADER, MailKind
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 _STDLIB = email.policy.compat32.clone(linesep="\r\n")
@@ -157,3 +159,42 @@ def test_a_stored_message_id_cut_short_is_left_out_whole_not_written_unterminate
                                       policy=email.policy.default)
     assert parsed["In-Reply-To"] is None
     assert parsed["References"] == "<first@researcher.test>"
+
+
+# -- compose: the one way every mail is built -----------------------------------------------------
+
+
+def _composed(**overrides):  # type: ignore[no-untyped-def]
+    fields = dict(sender=("Security Team", "security@example.com"), to=["alice@researcher.test"],
+                  subject="Re: [SEC-2026-0001] RCE", text="Hello.\n", ticket="SEC-2026-0001",
+                  message_id_domain="intake.example.com", now=NOW)
+    mail = composer.compose(MailKind.CORRESPONDENCE, **{**fields, **overrides})
+    return mail, email.message_from_bytes(mail.raw, policy=email.policy.default)
+
+
+@given(automatic=st.sampled_from([None, composer.AUTO_REPLIED, composer.AUTO_GENERATED]),
+       ticket=st.sampled_from([None, "SEC-2026-0001"]), threaded=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_every_mail_carries_the_loop_safety_and_threading_headers_its_kind_needs(automatic, ticket, threaded):
+    mail, parsed = _composed(automatic=automatic, ticket=ticket,
+                             in_reply_to="<b@researcher.test>" if threaded else None,
+                             references=["<a@researcher.test>"])
+    assert parsed[LOOP_HEADER] == "intake.example.com"  # every mail: ours coming back is a loop
+    assert parsed[TICKET_HEADER] == ticket
+    assert parsed["Message-ID"] == mail.message_id and mail.message_id.endswith("@intake.example.com>")
+    assert parsed["Date"] == "Mon, 02 Mar 2026 09:00:00 +0000"
+    assert (parsed["Auto-Submitted"], parsed["X-Auto-Response-Suppress"]) == (automatic, "All" if automatic else None)
+    # Automatic mail goes from the null sender: nothing answers it, not even a bounce.
+    assert mail.envelope_from == ("" if automatic else "security@example.com")
+    assert (parsed["In-Reply-To"], parsed["References"]) == (
+        ("<b@researcher.test>", "<a@researcher.test> <b@researcher.test>") if threaded else (None, None))
+
+
+def test_a_subject_never_adds_a_header_and_every_mail_is_its_own_unless_deduplicated():
+    mail, parsed = _composed(subject="Re: x\r\nBcc: mallory@evil.test\nX-Intake-Loop: forged")
+    assert parsed["Bcc"] is None and parsed[LOOP_HEADER] == "intake.example.com"
+    assert parsed["Subject"] == "Re: x Bcc: mallory@evil.test X-Intake-Loop: forged"
+    assert _composed()[0].dedupe_key != mail.dedupe_key
+    assert _composed(dedupe_key="ack:SEC-2026-0001")[0].dedupe_key == "ack:SEC-2026-0001"
+    with pytest.raises(ValueError, match="line break"):
+        _composed(to=["alice@researcher.test\r\nBcc: mallory@evil.test"])

@@ -97,7 +97,7 @@ class OutgoingMail:
     recipients: list[str]
     message_id: str
     raw: bytes
-    automatic: bool = False  # counted against the per-recipient auto-reply limit
+    rate_limited: bool = False  # counted against the per-recipient limit on automatic mail
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ def compose(
            else text_bytes(sender, headers, text, attachments))
     return OutgoingMail(dedupe_key=dedupe_key or f"{kind}:{ticket}:{message_id}", kind=kind,
                         envelope_from="" if automatic else sender[1], recipients=[*to, *cc], message_id=message_id,
-                        raw=raw, automatic=rate_limited)
+                        raw=raw, rate_limited=rate_limited)
 
 
 # Dedupe-key prefix per kind of automatic reply: one of each per ticket, ever.
@@ -283,13 +283,6 @@ def automatic_reply(
                    subject=f"Re: [{reference}] {shown_subject}", text=body, ticket=reference,
                    message_id_domain=message_id_domain, now=now, dedupe_key=f"{_KEY_PREFIX[kind]}:{reference}",
                    in_reply_to=in_reply_to, references=references, automatic=AUTO_REPLIED, rate_limited=True)
-
-
-def thread_address(intake_address: str, reference: str) -> str:
-    """The +tag form of *intake_address* that threads a reply into ticket *reference*:
-    security+SEC-2026-0001@example.com (the router's first threading rule)."""
-    local, _, domain = intake_address.rpartition("@")
-    return f"{local}+{reference}@{domain}"
 
 
 def notice(
