@@ -71,7 +71,7 @@ def test_an_ascii_text_mail_is_the_bytes_mimetext_writes(sender_name, headers, b
     assert composed == _outcome(stdlib, _STDLIB)
 
 
-# -- every line within RFC 5322's 998 octets (issue 12, finding 10) ------------------------------
+# -- every line within RFC 5322's 998 octets -------------------------------------------------------
 
 _WORDS = st.one_of(
     st.text(alphabet=string.ascii_letters + string.digits + string.punctuation + " éü✓€😀", max_size=40),

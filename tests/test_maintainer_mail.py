@@ -386,7 +386,7 @@ def test_trimming_and_command_lines():
 
 
 def test_maintainer_address_is_blanked_in_any_case(desk):
-    """Finding 11: the blanking was case-sensitive, so `Ana@Maintainers.TEST` reached the reporter."""
+    """The blanking once was case-sensitive, so `Ana@Maintainers.TEST` reached the reporter."""
     reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
     desk.send(_maintainer_mail(reply_to, "Fixed in 2.4.1. Reach me at Ana@Maintainers.TEST or ANA@maintainers.test.\n"),
               "ana@maintainers.test", reply_to)
@@ -409,7 +409,8 @@ def test_every_command_is_in_the_help_and_the_forward_text():
 
 def test_readme_lists_the_commands_of_the_table():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    start, end = "<!-- mail-commands: generated from intake.tickets.mail_commands.COMMANDS -->\n", "<!-- /mail-commands -->"
+    start = "<!-- mail-commands: generated from intake.tickets.mail_commands.COMMANDS -->\n"
+    end = "<!-- /mail-commands -->"
     listed = readme[readme.index(start) + len(start):readme.index(end)]
     rows = ["| command | what it does |", "|---|---|"]
     for command in mail_commands.COMMANDS:
