@@ -1,10 +1,13 @@
-"""intake's words, each defined once: states, decisions, milestones, severities, header names, labels.
+"""intake's words, each defined once: states, decisions, milestones, severities, event kinds, mail and
+thread-entry kinds, link kinds, header names, labels.
 
 Every other module imports these names; none spells the strings itself. The values are stored in
 the database and shown to operators, so changing one is a migration, not a rename.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class InboundStatus:
@@ -21,7 +24,7 @@ class TicketState:
 
     NEW = "new"
     WAITING = "waiting"  # on the reporter
-    RESOLVED = "resolved"
+    RESOLVED = "resolved"  # the milestone's name
     CLOSED = "closed"  # with a close_reason
 
 
@@ -31,8 +34,18 @@ class OutboxStatus:
     DEAD = "dead"
 
 
-# Why a ticket was closed (``intake close --reason``).
-CLOSE_REASONS = ("fixed", "invalid", "duplicate", "out-of-scope", "spam")
+class CloseReason:
+    """Why a ticket was closed (``intake close --reason``)."""
+
+    FIXED = "fixed"  # wants a recorded release
+    INVALID = "invalid"
+    DUPLICATE = "duplicate"  # also what merging sets
+    OUT_OF_SCOPE = "out-of-scope"
+    SPAM = "spam"
+
+
+CLOSE_REASONS = (CloseReason.FIXED, CloseReason.INVALID, CloseReason.DUPLICATE, CloseReason.OUT_OF_SCOPE,
+                 CloseReason.SPAM)
 # States in which a ticket has nothing left to meet: no deadlines listed, no reminders sent,
 # never counted as breached.
 FINISHED_STATES = (TicketState.RESOLVED, TicketState.CLOSED)
@@ -56,18 +69,126 @@ SEVERITIES = ("critical", "high", "medium", "low", "none")
 
 
 class Milestone:
-    """What maintainers record as a report moves on (``intake ack|assess|released|resolve|disclose``);
-    each meets a stage and can start others (``event:<name>``)."""
+    """What maintainers record as a report moves on; each meets a stage and can start others
+    (``event:<name>``). A milestone moves the ticket to the state of its name."""
 
     ACKNOWLEDGED = "acknowledged"
     ASSESSED = "assessed"  # with the severity
-    RELEASED = "released"  # a fixed release is out
+    RELEASED = "released"  # a patched release is out
     RESOLVED = "resolved"
     DISCLOSED = "disclosed"
 
 
-# The milestones in the order they normally come.
-MILESTONES = (Milestone.ACKNOWLEDGED, Milestone.ASSESSED, Milestone.RELEASED, Milestone.RESOLVED, Milestone.DISCLOSED)
+@dataclass(frozen=True)
+class MilestoneSpec:
+    name: str
+    verb: str  # ``intake <verb> REFERENCE``
+    follows: tuple[str, ...]  # recorded before it, unless forced
+    stage: str  # the stage of this name is met by it unless the stage says ``met_by``
+    stage_label: str  # how the acknowledgement names that stage
+    credit_out: bool  # once reached, the reporter's credit belongs in release notes
+
+
+# Every milestone, declared once and in the order they normally come; the SLA engine's default
+# ``met_by``, the acknowledgement's stage names, the order checks and the credits derive from it.
+# Resolving follows the assessment, not a release: an invalid report is resolved without one.
+MILESTONE_SPECS = (
+    MilestoneSpec(Milestone.ACKNOWLEDGED, "ack", (), "acknowledge", "Acknowledgement by a person", False),
+    MilestoneSpec(Milestone.ASSESSED, "assess", (Milestone.ACKNOWLEDGED,), "assess", "Initial assessment", False),
+    MilestoneSpec(Milestone.RELEASED, "released", (Milestone.ASSESSED,), "fix", "Fix released (target)", True),
+    MilestoneSpec(Milestone.RESOLVED, "resolve", (Milestone.ASSESSED,), "resolve", "Resolution (target)", True),
+    MilestoneSpec(Milestone.DISCLOSED, "disclose", (Milestone.RELEASED,), "disclose", "Public disclosure", True),
+)
+MILESTONES = tuple(spec.name for spec in MILESTONE_SPECS)
+
+# -- what a ticket's history records: ``event.kind`` --
+
+
+class EventKind:
+    OPENED = "opened"
+    LINKED = "linked"  # to another ticket it mentions
+    LABELLED = "labelled"
+    STATE_CHANGED = "state-changed"
+    MILESTONE = "milestone"  # recorded by a maintainer; which one is in the detail
+    SEVERITY_CHANGED = "severity-changed"
+    ASSIGNED = "assigned"
+    CREDIT_SET = "credit-set"
+    NOTE_ADDED = "note-added"
+    REOPENED = "reopened"
+    MERGED = "merged"  # on the ticket that took a duplicate in
+    MERGED_INTO = "merged-into"  # on the duplicate
+    RECEIVED_AT_CHANGED = "received-at-changed"
+    ACKNOWLEDGEMENT_SUPPRESSED = "acknowledgement-suppressed"  # loop safety or the rate limit
+    BOUNCED = "bounced"
+    REPORTER_UNREACHABLE = "reporter-unreachable"
+
+
+# -- mail intake sends (``outbox.kind``) and the notifications recorded for it (``notification.kind``) --
+
+
+class NotificationKind:
+    NEW_TICKET = NEW_TICKET  # the maintainers' notice of a new report
+    REMINDER = "reminder"  # a stage is coming due
+    BREACH = "breach"  # a stage is past due
+    ESCALATION = "escalation"  # a breach, to ``escalate_to``
+    DIGEST = "digest"
+
+
+class MailKind:
+    # to the reporter
+    ACKNOWLEDGEMENT = "acknowledgement"
+    OUT_OF_SCOPE = "out-of-scope"
+    CORRESPONDENCE = "correspondence"  # a maintainer's reply
+    DUPLICATE_NOTICE = "duplicate-notice"  # the ticket was merged into another
+    # to maintainers
+    NEW_TICKET = NotificationKind.NEW_TICKET
+    REMINDER = NotificationKind.REMINDER
+    BREACH = NotificationKind.BREACH
+    ESCALATION = NotificationKind.ESCALATION
+    CATCH_UP = "catch-up"  # several notices of one ticket in one mail
+    DIGEST = NotificationKind.DIGEST
+    CONFIRMATION = "confirmation"  # of a maintainer's mail command
+    REPLY_REFUSED = "reply-refused"
+    REPORTER_REPLY_FORWARD = "reporter-reply-forward"
+    THIRD_PARTY_FORWARD = "third-party-forward"
+
+
+# The event recorded when mail of each kind is queued to the reporter; the SLA reads the
+# automatic acknowledgement from these (see intake.sla.deadlines), so they are spelled here only.
+QUEUED_EVENT = {
+    MailKind.ACKNOWLEDGEMENT: "acknowledgement-queued",
+    MailKind.OUT_OF_SCOPE: "out-of-scope-queued",
+    MailKind.CORRESPONDENCE: "correspondence-queued",
+    MailKind.DUPLICATE_NOTICE: "duplicate-notice-queued",
+}
+# The event recorded when a routed message is added to its ticket, by decision.
+RECEIVED_EVENT = {decision: f"{decision}-received" for decision in DECISIONS}
+
+# -- a ticket's thread (``thread_entry``): which way an entry went, and what it is --
+
+
+class Direction:
+    IN = "in"
+    OUT = "out"
+    INTERNAL = "internal"  # a note: never sent
+
+
+class EntryKind:
+    """Besides these, an inbound entry's kind is its routing decision and an outgoing one's its mail kind."""
+
+    REPORT = "report"  # the message that opened the ticket
+    AUTOMATIC = "automatic"  # the automatic reply to it
+    NOTE = "note"
+
+
+# -- how tickets relate (``ticket.links``) --
+
+
+class LinkKind:
+    MENTIONS = "mentions"  # the report names another ticket's reference
+    DUPLICATE = "duplicate"  # this ticket took that one in
+    DUPLICATE_OF = "duplicate-of"
+
 
 # -- header names on mail we send --
 LOOP_HEADER = "X-Intake-Loop"  # our loop marker: mail carrying it is never answered
@@ -75,19 +196,3 @@ TICKET_HEADER = "X-Intake-Ticket"  # the ticket a message belongs to; bounces qu
 
 # -- labels intake sets itself --
 LOW_QUALITY_LABEL = "low-quality"
-
-
-class MailKind:
-    """What a mail we send is: the outbox's kind, and the ``<kind>-queued`` event. (The SLA's
-    notices are sent as the kind of their notice: reminder, breach, escalation, catch-up.)"""
-
-    ACKNOWLEDGEMENT = "acknowledgement"  # automatic reply to a new report
-    OUT_OF_SCOPE = "out-of-scope"  # automatic reply to a low-quality one, where the policy says so
-    NEW_TICKET = "new-ticket"  # notice to maintainers
-    DIGEST = "digest"
-    REPLY_REFUSED = "reply-refused"  # to a maintainer whose reply address was refused
-    CONFIRMATION = "confirmation"  # what a maintainer's mail did
-    REPORTER_REPLY_FORWARD = "reporter-reply-forward"
-    THIRD_PARTY_FORWARD = "third-party-forward"
-    CORRESPONDENCE = "correspondence"  # a maintainer's words to the reporter
-    DUPLICATE_NOTICE = "duplicate-notice"  # to the reporter of a ticket merged into another

@@ -244,7 +244,7 @@ def compose(
 
 
 # Dedupe-key prefix per kind of automatic reply: one of each per ticket, ever.
-_KEY_PREFIX = {MailKind.ACKNOWLEDGEMENT: "ack", MailKind.OUT_OF_SCOPE: "out-of-scope"}
+_KEY_PREFIX = {MailKind.ACKNOWLEDGEMENT: "ack", MailKind.OUT_OF_SCOPE: MailKind.OUT_OF_SCOPE}
 
 
 def automatic_reply(

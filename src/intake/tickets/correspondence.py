@@ -19,10 +19,10 @@ from intake.send import composer, outbox
 from intake.store.models import ThreadEntry, Ticket
 from intake.tickets import core as tickets, milestones
 from intake.understand.parse import clean_text
-from intake.vocabulary import MailKind, Milestone
+from intake.vocabulary import QUEUED_EVENT, REPORTER_REPLY, Direction, EntryKind, EventKind, MailKind, Milestone
 
-NOTE = "note"
-REPORTER_KINDS = ("report", "reporter-reply")
+# Thread entries that are the reporter's own mail: what a reply is threaded under.
+REPORTER_KINDS = (EntryKind.REPORT, REPORTER_REPLY)
 
 
 class EmptyMessage(ValueError):
@@ -60,13 +60,13 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
         in_reply_to=parent.message_id if parent else None, references=parent.references if parent else ())
     outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
     session.execute(insert(ThreadEntry.__table__).values(
-        ticket_id=ticket.id, direction="out", kind=kind, message_id=mail.message_id,
+        ticket_id=ticket.id, direction=Direction.OUT, kind=kind, message_id=mail.message_id,
         in_reply_to=parent.message_id if parent else None, references=[], sender=ticket.intake_address,
         subject=subject, body_text=text, warnings=[], created_at=now,
         attachments=[{"index": n, "filename": a.filename, "original_filename": a.filename,
                       "content_type": a.content_type, "size": len(a.data), "sha256": hashlib.sha256(a.data).hexdigest()}
                      for n, a in enumerate(attachments, start=1)]))
-    tickets.add_event(session, ticket.id, f"{kind}-queued", now, actor=actor, to=ticket.reporter, cc=list(cc),
+    tickets.add_event(session, ticket.id, QUEUED_EVENT[kind], now, actor=actor, to=ticket.reporter, cc=list(cc),
                       message_id=mail.message_id)
     ticket.updated_at = now
     return mail
@@ -86,7 +86,7 @@ def note(session: Session, ticket: Ticket, body: str, *, now: datetime, actor: s
     """An internal note on the ticket: shown to maintainers, never sent."""
     text = _check_body(body)
     session.execute(insert(ThreadEntry.__table__).values(
-        ticket_id=ticket.id, direction="internal", kind=NOTE, references=[], sender=actor, subject="",
+        ticket_id=ticket.id, direction=Direction.INTERNAL, kind=EntryKind.NOTE, references=[], sender=actor, subject="",
         body_text=text, attachments=[], warnings=[], created_at=now))
-    tickets.add_event(session, ticket.id, "note-added", now, actor=actor)
+    tickets.add_event(session, ticket.id, EventKind.NOTE_ADDED, now, actor=actor)
     ticket.updated_at = now

@@ -142,7 +142,7 @@ COMMANDS = (
     Command("assign", "<maintainer>", "assign the ticket to a maintainer (address, name or login)", _assign, (1, 1)),
     Command("state", f"{TicketState.WAITING}|resume", "wait on the reporter (clocks stop where the policy says), "
             "or stop waiting", _state, (1, 1)),
-    Command("released", "[version]", "record that a fixed release is out", _released),
+    Command(Milestone.RELEASED, "[version]", "record that a fixed release is out", _released),
     Command("ack", "", "record that a person acknowledged the report", _record(Milestone.ACKNOWLEDGED),
             aliases=(Milestone.ACKNOWLEDGED,)),
     Command("assess", "<severity>", "record the assessment, with its severity", _assess, (1, 1)),

@@ -32,7 +32,7 @@ from intake.tickets import correspondence, mail_commands
 from intake.understand import reply_tokens, route
 from intake.understand.parse import clean_text, extract_attachment
 from intake.understand.text_work import MAX_COMMANDS, TextWork
-from intake.vocabulary import MailKind
+from intake.vocabulary import THIRD_PARTY_REPLY, MailKind
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
     def from_line(address: str) -> str:
         return f"From: {clean_text(mail.from_name)} <{address}>" if mail.from_name else f"From: {address}"
 
-    third_party = decision.kind == route.THIRD_PARTY_REPLY
+    third_party = decision.kind == THIRD_PARTY_REPLY
     if third_party:
         verdict = incoming.authentication
         intro = [
