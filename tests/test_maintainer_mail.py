@@ -407,6 +407,17 @@ def test_every_command_is_in_the_help_and_the_forward_text():
         assert all(f"#{alias}" in help_text for alias in command.aliases)
 
 
+def test_an_unknown_command_is_refused_with_every_known_name_and_asks_for_the_help():
+    request = mail_commands.Request(None, None, None, NOW, "Ana Maintainer")  # type: ignore[arg-type]
+    outcome = mail_commands.carry_out(request, [("sevrity", "high"), ("note", "")])
+    assert outcome.show_help and outcome.done == []
+    [refused] = outcome.refused
+    assert refused == f"#sevrity high: unknown command #sevrity (known: {mail_commands.names()})"
+    assert mail_commands.names().split() == [f"#{command.name}" for command in mail_commands.COMMANDS]
+    assert mail_commands.carry_out(request, [("help", "")]).show_help
+    assert not mail_commands.carry_out(request, [("note", "")]).show_help
+
+
 def test_readme_lists_the_commands_of_the_table():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     start = "<!-- mail-commands: generated from intake.tickets.mail_commands.COMMANDS -->\n"

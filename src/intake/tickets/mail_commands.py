@@ -140,7 +140,7 @@ COMMANDS = (
     Command("severity", f"{'|'.join(SEVERITIES)} [CVSS-vector]", "set the severity (and the CVSS score)",
             _severity, (1, 2)),
     Command("assign", "<maintainer>", "assign the ticket to a maintainer (address, name or login)", _assign, (1, 1)),
-    Command("state", f"{TicketState.WAITING}|resume", "wait on the reporter (clocks stop where the policy says), "
+    Command("state", f"{TicketState.WAITING}|{_RESUME_WORDS[0]}", "wait on the reporter (clocks stop where the policy says), "
             "or stop waiting", _state, (1, 1)),
     Command(Milestone.RELEASED, "[version]", "record that a fixed release is out", _released),
     Command("ack", "", "record that a person acknowledged the report", _record(Milestone.ACKNOWLEDGED),
@@ -193,18 +193,19 @@ def carry_out(request: Request, commands: tuple[tuple[str, str], ...] | list[tup
     outcome = Outcome()
     for name, args in commands:
         command = _BY_NAME.get(name)
-        if command is not None and command.run is None:
+        line = f"#{name} {args}".strip()
+        if command is None:
+            outcome.refused.append(f"{line}: unknown command #{name} (known: {names()})")
+            outcome.show_help = True
+        elif command.run is None:
             outcome.show_help |= command.name == HELP_COMMAND
-            continue
-        try:
-            if command is None:
-                outcome.show_help = True
-                raise CommandError(f"unknown command #{name} (known: {names()})")
-            words = _words(args)
-            with request.session.begin_nested():  # a refused command leaves nothing half done
-                outcome.done.append(_run(command, request, words))
-        except (CommandError, milestones.Refused) as exc:
-            outcome.refused.append(f"#{name} {args}".strip() + f": {exc}")
+        else:
+            try:
+                words = _words(args)
+                with request.session.begin_nested():  # a refused command leaves nothing half done
+                    outcome.done.append(_run(command, request, words))
+            except (CommandError, milestones.Refused) as exc:
+                outcome.refused.append(f"{line}: {exc}")
     return outcome
 
 
