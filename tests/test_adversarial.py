@@ -29,7 +29,7 @@ def database_url(sqlite_url: str) -> str:
 # -- the engine -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [credit, maintainer_mail, route, quality, parse], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [credit, maintainer_mail, text_work, route, quality, parse], ids=lambda m: m.__name__)
 def test_modules_reading_senders_text_compile_no_backtracking_pattern(module):
     backtracking = [name for name, value in vars(module).items() if isinstance(value, re.Pattern)]
     assert backtracking == [] and not hasattr(module, "re")
@@ -173,8 +173,8 @@ def test_no_text_work_runs_while_the_write_lock_is_held(make_settings, start_int
         return guarded
 
     monkeypatch.setattr(processor, "write_session", watched_write_session)
-    for module, name in [(credit, "recognise"), (credit, "own_words"), (maintainer_mail, "split_commands"),
-                         (maintainer_mail, "trim_reply"), (text_work, "read"), (parse, "parse")]:
+    for module, name in [(credit, "recognise"), (credit, "own_words"), (text_work, "split_commands"),
+                         (text_work, "trim_reply"), (text_work, "read"), (parse, "parse")]:
         monkeypatch.setattr(module, name, forbidden_under_lock(getattr(module, name)))
     monkeypatch.setattr(quality.RuleSet, "score", forbidden_under_lock(quality.RuleSet.score))
 
@@ -197,8 +197,8 @@ def test_text_work_reads_credit_commands_and_the_relayed_text():
     assert work.relayed_text == "Fixed in 1.2; credit me as Ana."
     assert work.report_credit.name == "Ana" and work.reply_credit.source == "reply"
     flood = text_work.read("#label x\n" * 10_000 + "Hello\n")
-    assert len(flood.commands) == maintainer_mail.MAX_COMMANDS
-    assert flood.more_commands == 10_000 - maintainer_mail.MAX_COMMANDS and flood.relayed_text == "Hello"
+    assert len(flood.commands) == text_work.MAX_COMMANDS
+    assert flood.more_commands == 10_000 - text_work.MAX_COMMANDS and flood.relayed_text == "Hello"
 
 
 def test_an_unusable_rules_pattern_is_named_with_the_reason():

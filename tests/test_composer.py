@@ -9,11 +9,13 @@ import string
 from datetime import datetime, timezone
 from email.mime.text import MIMEText
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from intake.send import composer
 from intake.understand.header_text import clean_text
+from intake.vocabulary import LOOP_HEADER, TICKET_HEADER, MailKind
 
 NOW = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 _STDLIB = email.policy.compat32.clone(linesep="\r\n")
@@ -25,7 +27,7 @@ _STDLIB = email.policy.compat32.clone(linesep="\r\n")
 def test_header_lines_are_the_bytes_the_stdlib_writes(name, value):
     """The fast path for short ASCII headers changes the cost of composing, never the bytes."""
     if "\r" in value or "\n" in value:
-        return  # compose refuses line breaks in headers before they get here
+        return  # text_bytes refuses line breaks in headers before they get here
     message = MIMEText("body\n", "plain", "us-ascii")
     message[name] = value
     assert _outcome(message, composer._COMPAT32_CRLF) == _outcome(message, _STDLIB)
@@ -53,13 +55,13 @@ _IDS = st.lists(st.text(alphabet=string.ascii_letters + "@.<>", min_size=1, max_
                         | st.tuples(st.sampled_from(["In-Reply-To", "References"]), _IDS), max_size=12),
        body=st.text(alphabet=string.printable + "\r", max_size=3000))
 def test_an_ascii_text_mail_is_the_bytes_mimetext_writes(sender_name, headers, body):
-    """compose writes ASCII text mail itself: the bytes must be the stdlib's, header for header
+    """text_bytes writes ASCII text mail itself: the bytes must be the stdlib's, header for header
     (the header values once bounded: that step decides what is written, the writer how)."""
     from email.utils import formataddr
 
     assume(all(value.isascii() for name, value in headers if name == "To"))  # else: the SMTPUTF8 path
     try:
-        composed: bytes | str = composer.compose((sender_name, "security@example.com"), headers, body)
+        composed: bytes | str = composer.text_bytes((sender_name, "security@example.com"), headers, body)
     except Exception as exc:  # noqa: BLE001 - compared, not hidden
         composed = type(exc).__name__
     stdlib = MIMEText(body, "plain", "us-ascii")
@@ -69,7 +71,7 @@ def test_an_ascii_text_mail_is_the_bytes_mimetext_writes(sender_name, headers, b
     assert composed == _outcome(stdlib, _STDLIB)
 
 
-# -- every line within RFC 5322's 998 octets (issue 12, finding 10) ------------------------------
+# -- every line within RFC 5322's 998 octets -------------------------------------------------------
 
 _WORDS = st.one_of(
     st.text(alphabet=string.ascii_letters + string.digits + string.punctuation + " éü✓€😀", max_size=40),
@@ -137,10 +139,10 @@ def test_any_composed_mail_has_no_line_over_998_octets_and_reads_back_the_same(s
                ("X-Intake-Ticket", "SEC-2026-0001")]
     sender = ("Security Team (SEC-2026-0001)", "security@example.com")
     if html:
-        raw = composer.compose_alternative(sender, headers, body, f"<p>{body}</p>")
+        raw = composer.alternative_bytes(sender, headers, body, f"<p>{body}</p>")
     else:
         attachments = (composer.Attachment("poc.txt", "text/plain", body.encode()),) if attach else ()
-        raw = composer.compose(sender, headers, body, attachments)
+        raw = composer.text_bytes(sender, headers, body, attachments)
     _lines_fit(raw)
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Subject"] == composer.shorten(subject, 300)
@@ -153,7 +155,46 @@ def test_a_stored_message_id_cut_short_is_left_out_whole_not_written_unterminate
     cut = "<" + "c" * 499  # parse keeps 500 characters of a Message-ID
     headers = [("To", "alice@researcher.test"), ("Subject", "Re: [SEC-2026-0001] x"), ("In-Reply-To", cut),
                ("References", f"<first@researcher.test> {cut}")]
-    parsed = email.message_from_bytes(composer.compose(("Security Team", "security@example.com"), headers, "hi\n"),
+    parsed = email.message_from_bytes(composer.text_bytes(("Security Team", "security@example.com"), headers, "hi\n"),
                                       policy=email.policy.default)
     assert parsed["In-Reply-To"] is None
     assert parsed["References"] == "<first@researcher.test>"
+
+
+# -- compose: the one way every mail is built -----------------------------------------------------
+
+
+def _composed(**overrides):  # type: ignore[no-untyped-def]
+    fields = dict(sender=("Security Team", "security@example.com"), to=["alice@researcher.test"],
+                  subject="Re: [SEC-2026-0001] RCE", text="Hello.\n", ticket="SEC-2026-0001",
+                  message_id_domain="intake.example.com", now=NOW)
+    mail = composer.compose(MailKind.CORRESPONDENCE, **{**fields, **overrides})
+    return mail, email.message_from_bytes(mail.raw, policy=email.policy.default)
+
+
+@given(automatic=st.sampled_from([None, composer.AUTO_REPLIED, composer.AUTO_GENERATED]),
+       ticket=st.sampled_from([None, "SEC-2026-0001"]), threaded=st.booleans())
+@settings(max_examples=30, deadline=None)
+def test_every_mail_carries_the_loop_safety_and_threading_headers_its_kind_needs(automatic, ticket, threaded):
+    mail, parsed = _composed(automatic=automatic, ticket=ticket,
+                             in_reply_to="<b@researcher.test>" if threaded else None,
+                             references=["<a@researcher.test>"])
+    assert parsed[LOOP_HEADER] == "intake.example.com"  # every mail: ours coming back is a loop
+    assert parsed[TICKET_HEADER] == ticket
+    assert parsed["Message-ID"] == mail.message_id and mail.message_id.endswith("@intake.example.com>")
+    assert parsed["Date"] == "Mon, 02 Mar 2026 09:00:00 +0000"
+    assert (parsed["Auto-Submitted"], parsed["X-Auto-Response-Suppress"]) == (automatic, "All" if automatic else None)
+    # Automatic mail goes from the null sender: nothing answers it, not even a bounce.
+    assert mail.envelope_from == ("" if automatic else "security@example.com")
+    assert (parsed["In-Reply-To"], parsed["References"]) == (
+        ("<b@researcher.test>", "<a@researcher.test> <b@researcher.test>") if threaded else (None, None))
+
+
+def test_a_subject_never_adds_a_header_and_every_mail_is_its_own_unless_deduplicated():
+    mail, parsed = _composed(subject="Re: x\r\nBcc: mallory@evil.test\nX-Intake-Loop: forged")
+    assert parsed["Bcc"] is None and parsed[LOOP_HEADER] == "intake.example.com"
+    assert parsed["Subject"] == "Re: x Bcc: mallory@evil.test X-Intake-Loop: forged"
+    assert _composed()[0].dedupe_key != mail.dedupe_key
+    assert _composed(dedupe_key="ack:SEC-2026-0001")[0].dedupe_key == "ack:SEC-2026-0001"
+    with pytest.raises(ValueError, match="line break"):
+        _composed(to=["alice@researcher.test\r\nBcc: mallory@evil.test"])

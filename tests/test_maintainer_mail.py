@@ -14,6 +14,7 @@ import smtplib
 import uuid
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -22,11 +23,11 @@ from conftest import TRUSTED_MX, deliver_outbox, process, report, smtp_send, tru
 from intake.store import schema
 from intake.store.db import make_engine, read_session
 from intake.store.models import InboundMessage
-from intake.tickets import core as tickets
-from intake.tickets.maintainer_mail import split_commands, trim_reply
+from intake.tickets import core as tickets, mail_commands
 from intake.understand import reply_tokens, route
 from intake.understand.parse import parse
 from intake.understand.sender_auth import Verdict
+from intake.understand.text_work import split_commands, trim_reply
 
 MAINTAINERS = """
 [[maintainers]]
@@ -385,7 +386,7 @@ def test_trimming_and_command_lines():
 
 
 def test_maintainer_address_is_blanked_in_any_case(desk):
-    """Finding 11: the blanking was case-sensitive, so `Ana@Maintainers.TEST` reached the reporter."""
+    """The blanking once was case-sensitive, so `Ana@Maintainers.TEST` reached the reporter."""
     reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
     desk.send(_maintainer_mail(reply_to, "Fixed in 2.4.1. Reach me at Ana@Maintainers.TEST or ANA@maintainers.test.\n"),
               "ana@maintainers.test", reply_to)
@@ -393,3 +394,64 @@ def test_maintainer_address_is_blanked_in_any_case(desk):
     assert b"maintainers.test" not in relayed.data.lower()
     body = _parsed(relayed).get_content()
     assert "Reach me at [maintainer] or [maintainer]." in body
+
+
+# -- the commands' table: help, forward text and README generated from it ------------------------
+
+
+def test_every_command_is_in_the_help_and_the_forward_text():
+    help_text, footer = mail_commands.help_text(), "\n".join(mail_commands.footer())
+    for command in mail_commands.COMMANDS:
+        assert f"\n{command.synopsis}\n    {command.help}" in help_text
+        assert f"#{command.name}" in footer.split()
+        assert all(f"#{alias}" in help_text for alias in command.aliases)
+
+
+def test_an_unknown_command_is_refused_with_every_known_name_and_asks_for_the_help():
+    request = mail_commands.Request(None, None, None, NOW, "Ana Maintainer")  # type: ignore[arg-type]
+    outcome = mail_commands.carry_out(request, [("sevrity", "high"), ("note", "")])
+    assert outcome.show_help and outcome.done == []
+    [refused] = outcome.refused
+    assert refused == f"#sevrity high: unknown command #sevrity (known: {mail_commands.names()})"
+    assert mail_commands.names().split() == [f"#{command.name}" for command in mail_commands.COMMANDS]
+    assert mail_commands.carry_out(request, [("help", "")]).show_help
+    assert not mail_commands.carry_out(request, [("note", "")]).show_help
+
+
+def test_readme_lists_the_commands_of_the_table():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = "<!-- mail-commands: generated from intake.tickets.mail_commands.COMMANDS -->\n"
+    end = "<!-- /mail-commands -->"
+    listed = readme[readme.index(start) + len(start):readme.index(end)]
+    rows = ["| command | what it does |", "|---|---|"]
+    for command in mail_commands.COMMANDS:
+        also = f" (also {', '.join(f'`#{alias}`' for alias in command.aliases)})" if command.aliases else ""
+        rows.append(f"| `{command.synopsis.replace('|', chr(92) + '|')}` | {command.help}{also} |")
+    assert listed == "\n".join(rows) + "\n", "README's mail commands differ from the table: paste\n" + "\n".join(rows)
+
+
+def test_an_unknown_command_or_help_is_answered_with_every_command(desk):
+    forwards = _reporter_replies(desk)
+    assert mail_commands.names() in " ".join(forwards["bo@maintainers.test"].get_content().split())
+    reply_to = forwards["ana@maintainers.test"]["Reply-To"]
+    answers = []
+    for body in ("#severity high\n#sevreity low\n#note\n", "#help\n"):
+        desk.send(_maintainer_mail(reply_to, body), "ana@maintainers.test", reply_to)
+        [confirmation] = desk.deliver()
+        answers.append(_parsed(confirmation).get_content().replace("\r\n", "\n"))
+    for text in answers:
+        assert text.endswith(mail_commands.help_text())
+        assert all(f"\n{command.synopsis}\n" in text for command in mail_commands.COMMANDS)
+    assert f"- #sevreity low: unknown command #sevreity (known: {mail_commands.names()})" in answers[0]
+    assert "Nothing was changed or sent." in answers[1]
+    assert desk.ticket().ticket.severity == "high"  # the known command was carried out
+
+
+def test_a_command_with_an_unclosed_quote_is_refused_and_the_rest_carried_out(desk):
+    reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
+    desk.send(_maintainer_mail(reply_to, "#label 'unclosed\n#severity high\n#note\n"), "ana@maintainers.test",
+              reply_to)
+    [confirmation] = desk.deliver()
+    text = _parsed(confirmation).get_content()
+    assert "#label 'unclosed: cannot read the arguments: No closing quotation" in text and "severity high" in text
+    assert desk.ticket().ticket.severity == "high"

@@ -1,8 +1,11 @@
-"""Templates -> outbound messages. Builds bytes only; sending is the outbox's job.
+"""Every mail intake sends, built one way: :func:`compose`, from a rendered template or a person's
+text (:func:`automatic_reply` and :func:`notice` are its two common uses). It sets the headers that
+keep threads and mail loops right (Message-ID, Date, In-Reply-To/References, Auto-Submitted, the
+loop marker, X-Intake-Ticket) in one place. Builds bytes only; sending is the outbox's job.
 
-Every header value that came from a researcher passes through :func:`intake.understand.header_text.clean_text`
-before it is used here, and the stdlib's SMTP policy refuses any CR/LF left in a header, so a
-subject can never smuggle a header into our mail.
+A subject passes through :func:`intake.understand.header_text.clean_text` here, whoever built it, and
+the stdlib's SMTP policy refuses any CR/LF left in a header, so text a sender wrote can never
+smuggle a header into our mail.
 
 Every line we write fits RFC 5322's 998 octets (2.1.1), whatever a researcher sent: a subject is
 shortened with an ellipsis and folded (a word too long to fold is written as encoded-words), a body
@@ -94,7 +97,14 @@ class OutgoingMail:
     recipients: list[str]
     message_id: str
     raw: bytes
-    automatic: bool = False  # counted against the per-recipient auto-reply limit
+    rate_limited: bool = False  # counted against the per-recipient limit on automatic mail
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str
+    data: bytes
 
 
 @dataclass(frozen=True)
@@ -162,13 +172,75 @@ def strip_reply_prefixes(subject: str) -> str:
     return _REPLY_PREFIX.sub("", subject).strip()
 
 
-def new_message_id(kind: str, reference: str, domain: str) -> str:
-    """A unique Message-ID on our domain that names what it is: <ack.SEC-2026-0001.1f2e…@example.com>."""
-    return f"<{kind}.{reference}.{secrets.token_hex(8)}@{domain}>"
+def new_message_id(kind: str, ticket: str | None, domain: str) -> str:
+    """A unique Message-ID on our domain that names what it is: <acknowledgement.SEC-2026-0001.1f2e…@example.com>."""
+    return f"<{kind}.{ticket + '.' if ticket else ''}{secrets.token_hex(8)}@{domain}>"
 
 
 def _needs_utf8(*addresses: str) -> bool:
     return any(not address.isascii() for address in addresses)
+
+
+# RFC 3834's Auto-Submitted values: automatic mail goes from the null sender, and well-behaved
+# software never answers it automatically.
+AUTO_REPLIED = "auto-replied"  # answers a message: an acknowledgement, a confirmation
+AUTO_GENERATED = "auto-generated"  # answers none: notices, forwards, digests
+# References we write: the answered mail's own, and its Message-ID, at most this many.
+_MAX_REFERENCES = 20
+
+
+def compose(
+    kind: str,
+    *,
+    sender: tuple[str, str],
+    to: list[str],
+    subject: str,
+    text: str,
+    ticket: str | None,
+    message_id_domain: str,
+    now: datetime,
+    dedupe_key: str | None = None,
+    cc: tuple[str, ...] = (),
+    reply_to: str | None = None,
+    in_reply_to: str | None = None,
+    references: list[str] | tuple[str, ...] = (),
+    automatic: str | None = None,
+    rate_limited: bool = False,
+    html: str | None = None,
+    attachments: tuple[Attachment, ...] = (),
+) -> OutgoingMail:
+    """Every mail intake sends, built the one way: *text* (a rendered template, or a person's
+    words) from *sender* (display name, address) to *to* and *cc*.
+
+    The headers that keep mail loops and threads right are set here and nowhere else: a fresh
+    Message-ID naming *kind* and *ticket*, Date, In-Reply-To and References when the mail answers
+    *in_reply_to* (whose own References are *references*), our loop marker on every mail, and
+    X-Intake-Ticket on mail about a *ticket*. *automatic* mail (:data:`AUTO_REPLIED` or
+    :data:`AUTO_GENERATED`) says so in Auto-Submitted, asks Exchange and friends not to answer
+    it, and goes from the null sender so that nothing bounces back to us; a person's mail goes
+    from *sender*'s address. *rate_limited* mail counts against the per-recipient limit on
+    automatic mail. The subject is made display-safe (:func:`clean_text`), so text a sender
+    wrote can never become a header. Without a *dedupe_key* the mail is never deduplicated."""
+    message_id = new_message_id(kind, ticket, message_id_domain)
+    headers = [("To", ", ".join(to))]
+    if cc:
+        headers.append(("Cc", ", ".join(cc)))
+    headers += [("Subject", clean_text(subject)), ("Date", format_datetime(now)), ("Message-ID", message_id)]
+    if reply_to:
+        headers.append(("Reply-To", reply_to))
+    if in_reply_to:
+        headers += [("In-Reply-To", in_reply_to),
+                    ("References", " ".join([*references, in_reply_to][-_MAX_REFERENCES:]))]
+    if automatic:
+        headers += [("Auto-Submitted", automatic), ("X-Auto-Response-Suppress", "All")]
+    headers.append((LOOP_HEADER, message_id_domain))
+    if ticket:
+        headers.append((TICKET_HEADER, ticket))
+    raw = (alternative_bytes(sender, headers, text, html) if html is not None
+           else text_bytes(sender, headers, text, attachments))
+    return OutgoingMail(dedupe_key=dedupe_key or f"{kind}:{ticket}:{message_id}", kind=kind,
+                        envelope_from="" if automatic else sender[1], recipients=[*to, *cc], message_id=message_id,
+                        raw=raw, rate_limited=rate_limited)
 
 
 # Dedupe-key prefix per kind of automatic reply: one of each per ticket, ever.
@@ -193,7 +265,8 @@ def automatic_reply(
     templates_dir: Path | None,
     now: datetime,
 ) -> OutgoingMail:
-    """An automatic reply to a new report (RFC 3834: auto-replied, from the null sender)."""
+    """An automatic reply to a new report (*template* rendered; RFC 3834: auto-replied, from the
+    null sender, counted against the reporter's limit)."""
     shown_subject = shorten(strip_reply_prefixes(clean_text(subject))) or "(no subject)"
     body = render(
         template,
@@ -206,45 +279,17 @@ def automatic_reply(
         from_name=from_name,
         intake_address=intake_address,
     )
-    message_id = new_message_id(_KEY_PREFIX[kind], reference, message_id_domain)
-    headers = [
-        ("To", reporter_address),
-        ("Subject", f"Re: [{reference}] {shown_subject}"),
-        ("Date", format_datetime(now)),
-        ("Message-ID", message_id),
-    ]
-    if in_reply_to:
-        headers += [("In-Reply-To", in_reply_to), ("References", " ".join([*references, in_reply_to][-20:]))]
-    headers += [
-        ("Auto-Submitted", "auto-replied"),
-        # Ask Exchange and friends not to answer this automatic mail with their own.
-        ("X-Auto-Response-Suppress", "All"),
-        (LOOP_HEADER, message_id_domain),
-        (TICKET_HEADER, reference),
-    ]
-    return OutgoingMail(
-        dedupe_key=f"{_KEY_PREFIX[kind]}:{reference}",
-        kind=kind,
-        envelope_from="",
-        recipients=[reporter_address],
-        message_id=message_id,
-        raw=compose((from_name, intake_address), headers, body),
-        automatic=True,
-    )
+    return compose(kind, sender=(from_name, intake_address), to=[reporter_address],
+                   subject=f"Re: [{reference}] {shown_subject}", text=body, ticket=reference,
+                   message_id_domain=message_id_domain, now=now, dedupe_key=f"{_KEY_PREFIX[kind]}:{reference}",
+                   in_reply_to=in_reply_to, references=references, automatic=AUTO_REPLIED, rate_limited=True)
 
 
-def thread_address(intake_address: str, reference: str) -> str:
-    """The +tag form of *intake_address* that threads a reply into ticket *reference*:
-    security+SEC-2026-0001@example.com (the router's first threading rule)."""
-    local, _, domain = intake_address.rpartition("@")
-    return f"{local}+{reference}@{domain}"
-
-
-def maintainer_mail(
-    *,
+def notice(
     kind: str,
+    *,
     dedupe_key: str,
-    reference: str,
+    ticket: str | None,
     subject: str,
     recipients: list[str],
     sender: tuple[str, str],
@@ -254,25 +299,14 @@ def maintainer_mail(
     message_id_domain: str,
     now: datetime,
 ) -> OutgoingMail:
-    """A notification to maintainers (new ticket, reminder, breach, escalation, digest): automatic
-    (``Auto-Submitted: auto-generated``, from the null sender, loop-marked), replying to *reply_to*."""
-    message_id = new_message_id(kind, reference, message_id_domain)
-    headers = [
-        ("To", ", ".join(recipients)),
-        ("Subject", clean_text(subject)),
-        ("Date", format_datetime(now)),
-        ("Message-ID", message_id),
-        *([("Reply-To", reply_to)] if reply_to else []),
-        ("Auto-Submitted", "auto-generated"),
-        ("X-Auto-Response-Suppress", "All"),
-        (LOOP_HEADER, message_id_domain),
-    ]
-    raw = compose(sender, headers, text) if html is None else compose_alternative(sender, headers, text, html)
-    return OutgoingMail(dedupe_key=dedupe_key, kind=kind, envelope_from="", recipients=list(recipients),
-                        message_id=message_id, raw=raw)
+    """A notice to maintainers (new ticket, reminder, breach, escalation, refusal, digest) about
+    *ticket* (None for a digest): automatic mail nothing asked for, replying to *reply_to*."""
+    return compose(kind, sender=sender, to=recipients, subject=subject, text=text, html=html, ticket=ticket,
+                   message_id_domain=message_id_domain, now=now, dedupe_key=dedupe_key, reply_to=reply_to,
+                   automatic=AUTO_GENERATED)
 
 
-def compose_alternative(sender: tuple[str, str], headers: list[tuple[str, str]], text: str, html: str) -> bytes:
+def alternative_bytes(sender: tuple[str, str], headers: list[tuple[str, str]], text: str, html: str) -> bytes:
     """A multipart/alternative message (plain text, then HTML) as bytes, with SMTP line endings."""
     for name, value in headers:
         if "\r" in value or "\n" in value:
@@ -288,15 +322,8 @@ def compose_alternative(sender: tuple[str, str], headers: list[tuple[str, str]],
     return message.as_bytes()
 
 
-@dataclass(frozen=True)
-class Attachment:
-    filename: str
-    content_type: str
-    data: bytes
-
-
-def compose(sender: tuple[str, str], headers: list[tuple[str, str]], body: str,
-            attachments: tuple[Attachment, ...] = ()) -> bytes:
+def text_bytes(sender: tuple[str, str], headers: list[tuple[str, str]], body: str,
+               attachments: tuple[Attachment, ...] = ()) -> bytes:
     """A text/plain message (multipart/mixed with *attachments*) as bytes. *headers* values must
     already be display-safe.
 

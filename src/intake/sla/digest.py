@@ -225,8 +225,8 @@ def render(settings: Settings, digest: Digest, recipients: list[str]) -> compose
     """The digest as mail: plain text with an HTML alternative."""
     html = composer.render("digest.html.j2", settings.templates_path, **_context(settings, digest))
     totals = ", ".join(f"{section.total} {section.key.replace('_', ' ')}" for section in digest.sections[:3])
-    return composer.maintainer_mail(
-        kind=MailKind.DIGEST, dedupe_key=digest.key, reference=digest.name,
+    return composer.notice(
+        MailKind.DIGEST, dedupe_key=digest.key, ticket=None,
         subject=f"[intake] {digest.name} digest {digest.local(digest.period)}: {totals}", recipients=recipients,
         sender=(settings.intake.from_name, settings.smtp.addresses[0]), reply_to=None, text=text(settings, digest), html=html,
         message_id_domain=settings.intake.message_id_domain, now=digest.now)

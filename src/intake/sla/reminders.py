@@ -325,8 +325,8 @@ def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: Pla
     for recipient in mail.recipients:
         reply_address = reply_tokens.reply_to(settings, reply_secret, ticket.intake_address, ticket.reference,
                                               recipient, now)
-        mails.append(composer.maintainer_mail(
-            kind=mail.kind, dedupe_key=f"{mail.key}>{recipient.lower()}", reference=ticket.reference, subject=subject,
+        mails.append(composer.notice(
+            mail.kind, dedupe_key=f"{mail.key}>{recipient.lower()}", ticket=ticket.reference, subject=subject,
             recipients=[recipient], sender=(settings.intake.from_name, ticket.intake_address), reply_to=reply_address,
             text=composer.render("notice.txt.j2", settings.templates_path, reply_address=reply_address, **context),
             message_id_domain=settings.intake.message_id_domain, now=now))

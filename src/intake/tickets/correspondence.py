@@ -9,10 +9,8 @@ the ticket has no human acknowledgement yet, counts as one (see :mod:`intake.tic
 from __future__ import annotations
 
 import hashlib
-import uuid
 from datetime import datetime
 
-from email.utils import format_datetime
 from sqlalchemy import insert, select
 from sqlmodel import Session
 
@@ -21,9 +19,7 @@ from intake.send import composer, outbox
 from intake.store.models import ThreadEntry, Ticket
 from intake.tickets import milestones, records
 from intake.understand.header_text import clean_text
-from intake.vocabulary import (
-    LOOP_HEADER, QUEUED_EVENT, REPORTER_REPLY, TICKET_HEADER, Direction, EntryKind, EventKind, MailKind, Milestone,
-)
+from intake.vocabulary import QUEUED_EVENT, REPORTER_REPLY, Direction, EntryKind, EventKind, MailKind, Milestone
 
 # Thread entries that are the reporter's own mail: what a reply is threaded under.
 REPORTER_KINDS = (EntryKind.REPORT, REPORTER_REPLY)
@@ -55,34 +51,23 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
     """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it."""
     text = _check_body(body)
     subject = f"Re: [{ticket.reference}] {clean_text(ticket.subject)}"
-    message_id = composer.new_message_id(kind, ticket.reference, settings.intake.message_id_domain)
-    headers = [("To", ticket.reporter)]
-    if cc:
-        headers.append(("Cc", ", ".join(cc)))
-    headers += [("Subject", subject), ("Date", format_datetime(now)), ("Message-ID", message_id)]
     parent = _latest_from_reporter(session, ticket)
-    if parent is not None:
-        headers += [("In-Reply-To", parent.message_id),
-                    ("References", " ".join([*parent.references, parent.message_id][-20:]))]
-    headers += [(LOOP_HEADER, settings.intake.message_id_domain), (TICKET_HEADER, ticket.reference)]
-    mail = composer.OutgoingMail(
-        dedupe_key=f"{kind}:{ticket.reference}:{uuid.uuid4().hex}",
-        kind=kind,
-        envelope_from=ticket.intake_address,  # not RFC 3834 automatic: bounces come back to us
-        recipients=[ticket.reporter, *cc],
-        message_id=message_id,
-        raw=composer.compose((settings.intake.from_name, ticket.intake_address), headers, text, attachments),
-    )
+    # A person's words: not automatic mail, so it goes from the intake address and bounces come back.
+    mail = composer.compose(
+        kind, sender=(settings.intake.from_name, ticket.intake_address), to=[ticket.reporter], cc=cc,
+        subject=subject, text=text, attachments=attachments,
+        ticket=ticket.reference, message_id_domain=settings.intake.message_id_domain, now=now,
+        in_reply_to=parent.message_id if parent else None, references=parent.references if parent else ())
     outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
     session.execute(insert(ThreadEntry.__table__).values(
-        ticket_id=ticket.id, direction=Direction.OUT, kind=kind, message_id=message_id,
+        ticket_id=ticket.id, direction=Direction.OUT, kind=kind, message_id=mail.message_id,
         in_reply_to=parent.message_id if parent else None, references=[], sender=ticket.intake_address,
         subject=subject, body_text=text, warnings=[], created_at=now,
         attachments=[{"index": n, "filename": a.filename, "original_filename": a.filename,
                       "content_type": a.content_type, "size": len(a.data), "sha256": hashlib.sha256(a.data).hexdigest()}
                      for n, a in enumerate(attachments, start=1)]))
     records.add_event(session, ticket.id, QUEUED_EVENT[kind], now, actor=actor, to=ticket.reporter, cc=list(cc),
-                      message_id=message_id)
+                      message_id=mail.message_id)
     ticket.updated_at = now
     return mail
 

@@ -254,9 +254,9 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
     for recipient in settings.notice_recipients:
         reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient,
                                               now)
-        notices.append(composer.maintainer_mail(
-            kind=MailKind.NEW_TICKET, dedupe_key=f"new:{opening.reference}>{recipient.lower()}",
-            reference=opening.reference,
+        notices.append(composer.notice(
+            MailKind.NEW_TICKET, dedupe_key=f"new:{opening.reference}>{recipient.lower()}",
+            ticket=opening.reference,
             subject=f"[{opening.reference}] New report: {subject}", recipients=[recipient],
             sender=(settings.intake.from_name, opening.address), reply_to=reply_address,
             text=composer.render("new-ticket.txt.j2", settings.templates_path, reply_address=reply_address, **context),

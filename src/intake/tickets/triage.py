@@ -22,11 +22,11 @@ from intake.send import composer
 from intake.sla import deadlines
 from intake.store.models import Deadline, InboundMessage, Outbox, ThreadEntry, Ticket
 from intake.tickets import correspondence, milestones, records
+from intake.tickets.milestones import Refused
 from intake.vocabulary import (
     CLOSE_REASONS, FINISHED_STATES, SEVERITIES, CloseReason, EventKind, LinkKind, MailKind, Milestone, TicketState,
 )
 
-Refused = milestones.Refused
 
 _LABEL = re.compile(r"[a-z0-9][a-z0-9._-]{0,39}")
 _CVSS_PREFIXES = {"CVSS:3.0/": CVSS3, "CVSS:3.1/": CVSS3, "CVSS:4.0/": CVSS4}

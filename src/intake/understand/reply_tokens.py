@@ -37,7 +37,6 @@ from sqlalchemy import Engine, func, select
 
 from intake.config.sections import SenderAuthSection
 from intake.config.settings import SECRETS, Settings, read_secret
-from intake.send import composer
 from intake.sla.calendars import parse_duration
 from intake.store.db import read_session, write_session
 from intake.store.models import ServiceSecret, Ticket
@@ -207,6 +206,13 @@ def reply_address(secret: bytes, intake_address: str, reference: str, maintainer
     return f"{local.split('+', 1)[0]}+{reference}.{issued}@{domain}"
 
 
+def thread_address(intake_address: str, reference: str) -> str:
+    """The +tag form of *intake_address* that threads a reply into ticket *reference*:
+    security+SEC-2026-0001@example.com (the router's first threading rule)."""
+    local, _, domain = intake_address.rpartition("@")
+    return f"{local}+{reference}@{domain}"
+
+
 def reply_to(settings: Settings, secret: bytes, intake_address: str, reference: str, recipient: str,
              now: datetime) -> str:
     """The address a notification to *recipient* about *reference* asks replies to go to: their own
@@ -214,4 +220,4 @@ def reply_to(settings: Settings, secret: bytes, intake_address: str, reference: 
     only mail from maintainers and the reporter)."""
     if settings.is_maintainer(recipient):
         return reply_address(secret, intake_address, reference, recipient, now)
-    return composer.thread_address(intake_address, reference)
+    return thread_address(intake_address, reference)

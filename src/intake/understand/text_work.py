@@ -1,21 +1,37 @@
 """The text work on a message, done in the prepare stage so that none of it runs under the write lock.
 
 Acting on a message reads things out of its body text: the credit a report or a reporter's reply
-states (:mod:`intake.tickets.credit`), a maintainer's ``#command`` lines and the text relayed to the
-reporter with the quoted thread and signature trimmed (:mod:`intake.tickets.maintainer_mail`). A reply of
-60,000 blank lines once made that work take 39 s inside the write transaction, and every other
-sender got ``451`` meanwhile (issue 12). So it is all done here, for every message, before any
-lock is taken: in the parse helper after parsing and scoring, within ``processing.message_budget``
-(see :mod:`intake.understand.parse_guard`); the result travels on ``processor.Prepared`` and the act stage
-only copies it. Which of its parts a message needs is known only after routing, so all are done:
-each is linear in the text (RE2 patterns, line-by-line scans).
+states (:mod:`intake.tickets.credit`), a maintainer's ``#command`` lines (:func:`split_commands`;
+:mod:`intake.tickets.mail_commands` carries them out) and the text relayed to the reporter with the
+quoted thread and signature trimmed (:func:`trim_reply`). A reply of 60,000 blank lines once made
+that work take 39 s inside the write transaction, and every other sender got ``451`` meanwhile.
+So it is all done here, for every message, before any lock is taken: in the parse helper after
+parsing and scoring, within ``processing.message_budget`` (see :mod:`intake.understand.parse_guard`);
+the result travels on ``processor.Prepared`` and the act stage only copies it. Which of its parts a
+message needs is known only after routing, so all are done: each is linear in the text (RE2
+patterns, line-by-line scans).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from intake.tickets import credit, maintainer_mail
+from intake import patterns
+from intake.tickets import credit
+
+# Where quoted history starts in a reply: "On Mon, … wrote:", Outlook's separator and header block.
+# Both patterns see mail text: RE2 (intake.patterns).
+_QUOTE_START = patterns.compile(
+    r"^(on .{0,200}wrote:\s*$|-{2,}\s*original message\s*-{2,}|_{10,}\s*$|from:\s.+$|am .{0,200}schrieb .{0,80}:\s*$)",
+    ignorecase=True)
+# What each alternative of _QUOTE_START begins with, lowercased: other lines skip the regex.
+_QUOTE_START_PREFIXES = ("on ", "--", "__________", "from:", "am ")
+_SIGNATURE = "-- "
+# Command lines carried out per mail; more are refused, in one line of the confirmation.
+MAX_COMMANDS = 20
+_COMMAND = patterns.compile(r"^#([a-z-]+)\b\s*(.*)$", ignorecase=True)
+# The command that keeps a maintainer's text internal (a note) instead of relaying it.
+NOTE_COMMAND = "note"
 
 
 @dataclass(frozen=True)
@@ -32,10 +48,44 @@ class TextWork:
     relayed_text: str = ""  # the rest, quoted thread and signature trimmed: what a maintainer's reply relays
 
 
+def trim_reply(text: str) -> str:
+    """*text* without the quoted thread (``>`` lines, "On … wrote:" and below) and the signature."""
+    kept = []
+    for line in text.splitlines():
+        if line.rstrip() == _SIGNATURE.rstrip() and line.startswith("--"):
+            break
+        stripped = line.strip()
+        if stripped.lower().startswith(_QUOTE_START_PREFIXES) and _QUOTE_START.match(stripped):
+            break
+        if line.lstrip().startswith(">"):
+            continue
+        kept.append(line.rstrip())
+    return "\n".join(kept).strip("\n")
+
+
+def split_commands(text: str) -> tuple[list[tuple[str, str]], str]:
+    """The ``#command args`` lines at the top of *text* (blank lines between them allowed) and the rest.
+    Past ``MAX_COMMANDS`` commands (none of which will be carried out) any ``#`` line is one more,
+    named by its first word: no regex per line of a flood."""
+    lines = text.splitlines()
+    commands = []
+    position = 0
+    while position < len(lines):
+        line = lines[position].strip()
+        if len(commands) > MAX_COMMANDS and line.startswith("#"):
+            commands.append((line[1:].split(maxsplit=1)[0].lower() if line[1:].strip() else "", ""))
+        elif line and not (match := _COMMAND.match(line)):
+            break
+        elif line:
+            commands.append((match.group(1).lower(), match.group(2).strip()))
+        position += 1
+    return commands, "\n".join(lines[position:])
+
+
 def read(body: str) -> TextWork:
     """The text work on a message's *body* text (``ParsedMail.body_text``)."""
-    commands, rest = maintainer_mail.split_commands(body)
-    most = maintainer_mail.MAX_COMMANDS
+    commands, rest = split_commands(body)
+    most = MAX_COMMANDS
     own_words = credit.own_words(body)
     report_credit = credit.recognise(body)
     if own_words == body:  # nothing quoted: the same words, read once
@@ -44,5 +94,5 @@ def read(body: str) -> TextWork:
         reply_credit = credit.recognise(own_words, source="reply")
     return TextWork(report_credit=report_credit, reply_credit=reply_credit,
                     commands=tuple(commands[:most]), more_commands=max(0, len(commands) - most),
-                    internal=any(name == "note" for name, _ in commands),
-                    relayed_text=maintainer_mail.trim_reply(rest))
+                    internal=any(name == NOTE_COMMAND for name, _ in commands),
+                    relayed_text=trim_reply(rest))
