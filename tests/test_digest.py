@@ -20,7 +20,7 @@ from intake.send import outbox
 from intake.sla import digest
 from intake.store import inbound, schema
 from intake.store.db import make_engine, write_session
-from intake.tickets import core as tickets, milestones
+from intake.tickets import milestones, reads
 
 UTC = timezone.utc
 INTAKE = Path(sys.executable).parent / "intake"
@@ -59,7 +59,7 @@ def desk(make_settings, config_file):
 
         def change(self, reference: str, change) -> None:  # type: ignore[no-untyped-def]
             with write_session(self.engine) as session:
-                change(session, self.settings, tickets.find(session, reference))
+                change(session, self.settings, reads.find(session, reference))
 
     return Desk()
 

@@ -22,7 +22,7 @@ from conftest import TRUSTED_MX, deliver_outbox, process, report, smtp_send, tru
 from intake.store import schema
 from intake.store.db import make_engine, read_session
 from intake.store.models import InboundMessage
-from intake.tickets import core as tickets
+from intake.tickets import reads
 from intake.tickets.maintainer_mail import split_commands, trim_reply
 from intake.understand import reply_tokens, route
 from intake.understand.parse import parse
@@ -54,7 +54,7 @@ class Desk:
         process(self.settings, self.running.engine)
 
     def ticket(self):  # type: ignore[no-untyped-def]
-        return tickets.ticket_detail(self.running.engine, self.reference)
+        return reads.ticket_detail(self.running.engine, self.reference)
 
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)

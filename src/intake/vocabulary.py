@@ -55,7 +55,17 @@ DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY, AU
 SEVERITIES = ("critical", "high", "medium", "low", "none")
 # What maintainers record as a report moves on (``intake ack|assess|released|resolve|disclose``),
 # in the order they normally come; each meets a stage and can start others (``event:<name>``).
-MILESTONES = ("acknowledged", "assessed", "released", "resolved", "disclosed")
+class Milestone:
+    ACKNOWLEDGED = "acknowledged"
+    ASSESSED = "assessed"
+    RELEASED = "released"  # a patched release is out
+    RESOLVED = "resolved"  # also a state, a finished one
+    DISCLOSED = "disclosed"
+
+
+MILESTONES = (Milestone.ACKNOWLEDGED, Milestone.ASSESSED, Milestone.RELEASED, Milestone.RESOLVED, Milestone.DISCLOSED)
+# Every state a ticket can be in: a recorded milestone moves it to the state of that name.
+TICKET_STATES = (TicketState.NEW, TicketState.WAITING, *MILESTONES, TicketState.CLOSED)
 
 # -- header names on mail we send --
 LOOP_HEADER = "X-Intake-Loop"  # our loop marker: mail carrying it is never answered

@@ -39,7 +39,7 @@ from intake.sla import deadlines
 from intake.sla.engine import format_span, parse_duration, reminder_times
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.tickets.core import find
+from intake.tickets.reads import find
 from intake.understand import reply_tokens
 from intake.vocabulary import FINISHED_STATES
 

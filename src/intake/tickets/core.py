@@ -1,4 +1,4 @@
-"""Ticket service functions: open, thread, acknowledge, and the read side the CLI shows.
+"""Ticket service functions: open, thread, acknowledge (the read side is :mod:`intake.tickets.reads`).
 
 The processor, the CLI and (later) the scheduler all come through here; nothing else writes
 tickets. Functions that change state take an open write session and ``now`` so a caller can
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, insert, select, true
+from sqlalchemy import insert, select, true
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
@@ -26,15 +26,14 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
 from intake.sla.engine import StageDeadline
-from intake.store.db import read_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import (
-    Deadline, Event, InboundMessage, Notification, Outbox, ReferenceCounter, ThreadEntry, Ticket,
+    Deadline, Event, Notification, Outbox, ReferenceCounter, ThreadEntry, Ticket,
 )
 from intake.tickets import credit
 from intake.understand import reply_tokens, route
 from intake.understand.parse import ParsedMail, clean_text
-from intake.vocabulary import FINISHED_STATES, TicketState
+from intake.vocabulary import TicketState
 
 SYSTEM_ACTOR = "intake"
 
@@ -52,10 +51,6 @@ NOTICE_TEXT_LIMIT = 20_000
 
 # Message-IDs of one message looked up for threading: In-Reply-To and the latest References.
 _MESSAGE_IDS_LOOKED_UP = 50
-
-
-class TicketNotFound(LookupError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -601,89 +596,3 @@ def _entry_from_mail(ticket_id: int, stored: StoredMessage, mail: ParsedMail, *,
         encrypted=mail.encrypted,
         created_at=now,
     )
-
-
-# -- read side ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TicketDetail:
-    ticket: Ticket
-    entries: list[ThreadEntry]
-    events: list[Event]
-    messages: list[InboundMessage]
-
-
-def find(session: Session, reference: str) -> Ticket:
-    """The ticket known as *reference* (any case), for a change in *session*."""
-    ticket = session.scalars(select(Ticket).where(Ticket.reference == reference.upper())).first()
-    if ticket is None:
-        raise TicketNotFound(reference)
-    return ticket
-
-
-@dataclass(frozen=True)
-class Listed:
-    """A ticket as `intake tickets` lists it, with its next unmet deadline."""
-
-    ticket: Ticket
-    next_stage: str | None
-    next_due: datetime | None
-    breached: bool
-    due_soon: bool
-
-
-@dataclass(frozen=True)
-class TicketFilter:
-    state: str | None = None
-    severity: str | None = None
-    assignee: str | None = None  # the maintainer's email
-    label: str | None = None
-    policy: str | None = None
-    breached: bool = False
-    due_soon: bool = False
-
-
-def find_tickets(engine: Engine, settings: Settings, wanted: TicketFilter, now: datetime,
-                 sort: str = "due") -> list[Listed]:
-    """Tickets matching *wanted*, by next deadline (soonest first, then those with none, by receipt)
-    or, with ``sort="received"``, oldest first."""
-    query = select(Ticket).order_by(Ticket.received_at, Ticket.id)
-    for column, value in ((Ticket.state, wanted.state), (Ticket.severity, wanted.severity),
-                          (Ticket.assignee, wanted.assignee), (Ticket.policy, wanted.policy)):
-        if value is not None:
-            query = query.where(column == value)
-    with read_session(engine) as session:
-        found = [t for t in session.scalars(query) if wanted.label is None or wanted.label in t.labels]
-        open_ids = [t.id for t in found if t.state not in FINISHED_STATES]
-        next_due: dict[int, tuple[str, datetime]] = {}
-        for start in range(0, len(open_ids), 500):  # bounded IN lists
-            rows = session.execute(
-                select(Deadline.ticket_id, Deadline.stage, Deadline.due_at)
-                .where(Deadline.ticket_id.in_(open_ids[start:start + 500]), Deadline.met_at.is_(None),
-                       Deadline.due_at.is_not(None))
-                .order_by(Deadline.due_at))
-            for ticket_id, stage, due in rows:
-                next_due.setdefault(ticket_id, (stage, due))
-    listed = []
-    for ticket in found:
-        stage, due = next_due.get(ticket.id, (None, None))
-        soon = deadlines.due_soon(settings, ticket.policy)
-        breached = due is not None and due < now
-        listed.append(Listed(ticket, stage, due, breached, due is not None and not breached and due - now <= soon))
-    listed = [item for item in listed if (not wanted.breached or item.breached)
-              and (not wanted.due_soon or item.due_soon)]
-    if sort == "due":
-        listed.sort(key=lambda item: (item.next_due is None, item.next_due or item.ticket.received_at))
-    return listed
-
-
-def ticket_detail(engine: Engine, reference: str) -> TicketDetail:
-    with read_session(engine) as session:
-        ticket = find(session, reference)
-        entries = session.scalars(select(ThreadEntry).where(ThreadEntry.ticket_id == ticket.id)
-                                  .order_by(ThreadEntry.created_at, ThreadEntry.id))
-        events = session.scalars(select(Event).where(Event.ticket_id == ticket.id).order_by(Event.at, Event.id))
-        messages = session.scalars(select(InboundMessage).where(InboundMessage.ticket_id == ticket.id)
-                                   .order_by(InboundMessage.id))
-        return TicketDetail(ticket, list(entries), list(events), list(messages))
