@@ -101,7 +101,8 @@ class LazyGroup(click.Group):
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list from :data:`COMMANDS`, as click would write it, importing no command."""
         limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
-        rows = [(name, click.utils.make_default_short_help(COMMANDS[name].short_help, limit))
+        # Shortened to the width as click shortens a command's own help.
+        rows = [(name, click.Command(name, help=COMMANDS[name].short_help).get_short_help_str(limit))
                 for name in self.list_commands(ctx)]
         with formatter.section("Commands"):
             formatter.write_dl(rows)

@@ -80,8 +80,9 @@ def emit_json(data: Any) -> None:
 
 def table(rows: list[list[str]], headers: list[str]) -> None:
     widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    for line in [headers, *rows]:
-        echo("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip())
+    # One write: a listing can have thousands of lines.
+    echo("\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)).rstrip()
+                   for line in [headers, *rows]))
 
 
 def local_and_utc(instant: datetime, zone: ZoneInfo) -> str:

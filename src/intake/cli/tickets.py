@@ -195,11 +195,13 @@ def attachment(obj: Context, reference: str, number: int, output: str, force: bo
     The bytes are the attachment exactly as received, decoded from its transfer encoding;
     archives are never unpacked. Open it somewhere safe: it came from a stranger.
     """
+    from intake.tickets import attachments  # the parser: only this command needs it
+
     try:
-        meta, data = reads.attachment(obj.engine(), reference, number)
+        meta, data = attachments.read(obj.engine(), reference, number)
     except reads.TicketNotFound:
         fail(f"no ticket {reference}")
-    except reads.AttachmentMissing as exc:
+    except attachments.AttachmentMissing as exc:
         fail(str(exc))
     if output == "-":
         try:

@@ -1,11 +1,12 @@
 """The read side of tickets: find one by reference, list them with their next deadline, show one in
-full, and the attachments of its thread as ``intake show`` numbers them. Nothing here writes.
+full, and number its attachments. Nothing here writes; an attachment's bytes are read by
+:mod:`intake.tickets.attachments`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import Engine, and_, func, select
@@ -13,19 +14,16 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.sla import deadlines
-from intake.store import inbound
 from intake.store.db import read_session
 from intake.store.models import Deadline, Event, InboundMessage, ThreadEntry, Ticket
-from intake.understand.parse import Attachment, extract_attachment
 from intake.vocabulary import FINISHED_STATES
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 class TicketNotFound(LookupError):
     pass
-
-
-class AttachmentMissing(LookupError):
-    """The attachment asked for cannot be given; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -58,12 +56,17 @@ def ticket_detail(engine: Engine, reference: str) -> TicketDetail:
 # -- listing ---------------------------------------------------------------------------------
 
 
+# What a listing shows of each ticket (``intake tickets`` and its JSON).
+LISTED_COLUMNS = ("id", "reference", "subject", "reporter", "state", "severity", "policy", "assignee", "received_at",
+                  "close_reason", "cvss_vector", "cvss_score", "labels")
+
+
 @dataclass(frozen=True)
 class Listed:
     """A ticket as `intake tickets` lists it, with its next unmet deadline.
 
-    *ticket* carries the ticket's columns (as :class:`Ticket` names them) without loading the
-    ticket as an object: a listing reads thousands."""
+    *ticket* has the :data:`LISTED_COLUMNS` as attributes (named as on :class:`Ticket`), read
+    without loading the ticket as an object: a listing reads thousands."""
 
     ticket: Any
     next_stage: str | None
@@ -87,18 +90,19 @@ class TicketFilter:
 def find_tickets(engine: Engine, settings: Settings, wanted: TicketFilter, now: datetime,
                  sort: str = "due") -> list[Listed]:
     """Tickets matching *wanted*, by next deadline (soonest first, then those with none, by receipt)
-    or, with ``sort="received"``, oldest first. One query: each ticket's columns and its next unmet
-    deadline (finished tickets have none to show)."""
+    or, with ``sort="received"``, oldest first. One query: each ticket's listed columns and its next
+    unmet deadline (finished tickets have none to show)."""
+    table = Ticket.__table__
+    unmet = and_(Deadline.met_at.is_(None), Deadline.due_at.is_not(None))
     first_due = (select(Deadline.ticket_id, func.min(Deadline.due_at).label("due_at"))
-                 .where(Deadline.met_at.is_(None), Deadline.due_at.is_not(None))
-                 .group_by(Deadline.ticket_id).subquery())
+                 .where(unmet).group_by(Deadline.ticket_id).subquery())
+    # The stage due then (the first by name when two are due at the same instant).
     next_due = (select(Deadline.ticket_id, func.min(Deadline.stage).label("stage"), first_due.c.due_at)
                 .join(first_due, and_(Deadline.ticket_id == first_due.c.ticket_id,
                                       Deadline.due_at == first_due.c.due_at))
-                .where(Deadline.met_at.is_(None))
-                .group_by(Deadline.ticket_id, first_due.c.due_at).subquery())
-    table = Ticket.__table__
-    query = (select(table, next_due.c.stage.label("next_stage"), next_due.c.due_at.label("next_due"))
+                .where(unmet).group_by(Deadline.ticket_id, first_due.c.due_at).subquery())
+    query = (select(*(table.c[name] for name in LISTED_COLUMNS), next_due.c.stage.label("next_stage"),
+                    next_due.c.due_at.label("next_due"))
              .outerjoin(next_due, and_(next_due.c.ticket_id == table.c.id, table.c.state.not_in(FINISHED_STATES)))
              .order_by(table.c.received_at, table.c.id))
     for column, value in ((table.c.state, wanted.state), (table.c.severity, wanted.severity),
@@ -107,30 +111,26 @@ def find_tickets(engine: Engine, settings: Settings, wanted: TicketFilter, now: 
             query = query.where(column == value)
     if not wanted.finished:
         query = query.where(table.c.state.not_in(FINISHED_STATES))
-    soon_by_policy: dict[str, Any] = {}
+    soon_by_policy: dict[str, timedelta] = {}
     listed = []
     with engine.connect() as connection:
         for row in connection.execute(query):
-            if wanted.label is not None and wanted.label not in row.labels:
+            ticket, stage, due = row, row.next_stage, row.next_due
+            if wanted.label is not None and wanted.label not in ticket.labels:
                 continue
-            due = row.next_due
             breached = due is not None and due < now
-            soon = due is not None and not breached and due - now <= _due_soon(settings, row.policy, soon_by_policy)
+            if due is not None and not breached:
+                if ticket.policy not in soon_by_policy:
+                    soon_by_policy[ticket.policy] = deadlines.due_soon(settings, ticket.policy)
+                soon = due - now <= soon_by_policy[ticket.policy]
+            else:
+                soon = False
             if (wanted.breached and not breached) or (wanted.due_soon and not soon):
                 continue
-            listed.append(Listed(row, row.next_stage if due is not None else None, due, breached, soon))
-    if sort == "due":
-        listed.sort(key=lambda item: (item.next_due is None, item.next_due or item.ticket.received_at))
+            listed.append(Listed(ticket, stage, due, breached, soon))
+    if sort == "due":  # received_at order is kept among those due together, and those with none
+        listed.sort(key=lambda item: (item.next_due is None, item.next_due or _EPOCH))
     return listed
-
-
-def _due_soon(settings: Settings, policy: str, known: dict[str, Any]) -> Any:
-    if policy not in known:
-        known[policy] = deadlines.due_soon(settings, policy)
-    return known[policy]
-
-
-# -- attachments -------------------------------------------------------------------------------
 
 
 def numbered_attachments(detail: TicketDetail) -> dict[tuple[int, int], int]:
@@ -138,23 +138,3 @@ def numbered_attachments(detail: TicketDetail) -> dict[tuple[int, int], int]:
     message): what ``intake attachment REF N`` takes."""
     keys = [(entry.id, a["index"]) for entry in detail.entries for a in entry.attachments]
     return {key: number for number, key in enumerate(keys, start=1)}
-
-
-def attachment(engine: Engine, reference: str, number: int) -> tuple[Attachment, bytes]:
-    """Attachment *number* of ticket *reference* (as :func:`numbered_attachments` numbers them) and
-    its bytes exactly as received, decoded from the transfer encoding, from the stored message.
-    Raises :class:`TicketNotFound` or :class:`AttachmentMissing`."""
-    detail = ticket_detail(engine, reference)
-    located = {n: key for key, n in numbered_attachments(detail).items()}
-    if number not in located:
-        raise AttachmentMissing(f"{detail.ticket.reference} has {len(located)} attachment(s); "
-                                f"there is no number {number}")
-    entry_id, index = located[number]
-    entry = next(e for e in detail.entries if e.id == entry_id)
-    stored = inbound.get(engine, entry.inbound_id) if entry.inbound_id else None
-    if stored is None:
-        raise AttachmentMissing(f"the stored message of attachment {number} is gone")
-    try:
-        return extract_attachment(stored.raw, index)
-    except LookupError:  # the parser no longer finds it where it was numbered: say so
-        raise AttachmentMissing(f"attachment {number} can no longer be read from stored message {stored.id}") from None
