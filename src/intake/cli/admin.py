@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 import click
 from sqlalchemy.engine import make_url
 
-from intake.cli.common import INSTANT, Context, emit_json, fail, iso, local_and_utc, JSON_OPTION
+from intake.cli.common import INSTANT, JSON_OPTION, Context, emit_json, fail, iso, local_and_utc
 from intake.config import security_txt
 from intake.display import echo
 from intake.run import service

@@ -88,7 +88,8 @@ def table(rows: list[list[str]], headers: list[str]) -> None:
 def local_and_utc(instant: datetime, zone: ZoneInfo) -> str:
     local = instant.astimezone(zone)
     offset = local.isoformat()[-6:]
-    return f"{local:%a %d %b %Y %H:%M} {local.tzname()} ({offset}) = {instant.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    utc = instant.astimezone(timezone.utc)
+    return f"{local:%a %d %b %Y %H:%M} {local.tzname()} ({offset}) = {utc:%Y-%m-%d %H:%M} UTC"
 
 
 def actor(settings: Settings) -> str:

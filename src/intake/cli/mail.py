@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from intake.cli.common import Context, actor, change_ticket, emit_json, fail, iso, table, JSON_OPTION, NOW_OPTION
+from intake.cli.common import JSON_OPTION, NOW_OPTION, Context, actor, change_ticket, emit_json, fail, iso, table
 from intake.display import echo
 from intake.run import processor
 from intake.send import outbox

@@ -12,7 +12,7 @@ from datetime import datetime, timedelta, timezone
 import click
 
 from intake import display
-from intake.cli.common import Context, actor, emit_json, fail, write_file_or_fail, JSON_OPTION
+from intake.cli.common import JSON_OPTION, Context, actor, emit_json, fail, write_file_or_fail
 from intake.config import security_txt
 from intake.config.settings import EXIT_CONFIG
 from intake.display import echo

@@ -10,7 +10,9 @@ from zoneinfo import ZoneInfo
 import click
 
 from intake import display
-from intake.cli.common import Context, emit_json, fail, iso, local_and_utc, table, write_file_or_fail, JSON_OPTION
+from intake.cli.common import (
+    JSON_OPTION, Context, emit_json, fail, iso, local_and_utc, table, write_file_or_fail,
+)
 from intake.display import echo
 from intake.sla import deadlines
 from intake.tickets import credit, reads

@@ -41,7 +41,8 @@ def _ticket_command(name: str, change: Callable[..., Any], help_text: str) -> cl
     return command
 
 
-wait = _ticket_command("wait", milestones.wait, "The ticket waits on the reporter (clocks stop where the policy says so).")
+wait = _ticket_command("wait", milestones.wait,
+                       "The ticket waits on the reporter (clocks stop where the policy says so).")
 resume = _ticket_command("resume", milestones.resume, "The ticket no longer waits on the reporter.")
 reopen = _ticket_command("reopen", triage.reopen, "Reopen a closed or resolved ticket.")
 ack = _milestone_command("ack", Milestone.ACKNOWLEDGED, "Record that a person acknowledged the report to the reporter.")
