@@ -14,7 +14,7 @@ from sqlalchemy import update
 from conftest import process, report, smtp_send
 from intake.store.db import write_session
 from intake.store.models import Ticket
-from intake.tickets import core as tickets
+from intake.tickets import reads
 
 SCHEMA = json.loads((Path(__file__).parent / "data" / "osv-schema.json").read_text())
 VECTOR = "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H"
@@ -48,7 +48,7 @@ def test_a_new_ticket_drafts_a_valid_advisory(cli, ticket):
 
 def test_released_and_disclosed_with_cvss_fill_the_draft(cli, ticket, config_file, tmp_path):
     engine, reference = ticket
-    received = tickets.ticket_detail(engine, reference).ticket.received_at
+    received = reads.ticket_detail(engine, reference).ticket.received_at
     released_at, disclosed_at = received + timedelta(milliseconds=1), received + timedelta(milliseconds=2)
     cli("ack", reference, "--at", released_at.isoformat())
     cli("assess", reference, "--severity", "critical", "--at", released_at.isoformat())

@@ -145,3 +145,32 @@ def test_attachment_never_follows_a_symlink_and_replaces_with_mode_0600(cli, two
     assert existing.stat().st_mode & 0o777 == 0o600  # a new file, not the old one's mode
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")) == []
     assert "cannot write" in cli("attachment", _ref(2), "1", "-o", str(tmp_path / "no" / "such"), code=1).output
+
+
+def test_tickets_lists_open_tickets_unless_all(cli, two_tickets):
+    """Closed tickets were listed by default; now --open (the default) hides finished ones and --all
+    shows them too. Asking for a state shows its tickets, finished or not."""
+    cli("close", _ref(1), "--reason", "invalid")
+    assert [t["reference"] for t in json.loads(cli("tickets", "--json").output)] == [_ref(2)]
+    assert [t["reference"] for t in json.loads(cli("tickets", "--open", "--json").output)] == [_ref(2)]
+    listed = json.loads(cli("tickets", "--all", "--json").output)
+    assert [t["reference"] for t in listed] == [_ref(2), _ref(1)]  # the closed one has no next deadline: last
+    assert listed[1]["state"] == "closed" and listed[1]["next_due"] is None
+    assert [t["reference"] for t in json.loads(cli("tickets", "--state", "closed", "--json").output)] == [_ref(1)]
+    assert _ref(1) not in cli("tickets").output and _ref(1) in cli("tickets", "--all").output
+
+
+def test_tickets_unknown_state_is_a_usage_error_naming_the_states(cli, two_tickets):
+    """`--state bogus` printed "no tickets" and exited 0."""
+    result = cli("tickets", "--state", "bogus", code=2)
+    assert "'bogus' is not one of" in result.output
+    for state in ("new", "waiting", "acknowledged", "assessed", "released", "resolved", "disclosed", "closed"):
+        assert f"'{state}'" in result.output
+    assert "no tickets" not in result.output
+    cli("tickets", "--state", "assessed")  # a milestone's state is a state
+
+
+def test_version_prints_the_installed_version(cli):
+    from importlib.metadata import version
+
+    assert cli("--version").output == f"intake {version('intake')}\n"

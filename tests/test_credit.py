@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from conftest import process, report, smtp_send
-from intake.tickets import core as tickets, credit
+from intake.tickets import credit, reads
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_credits_lists_tickets_that_went_out_since_a_date(cli, open_reports):
     _, running, [early, named, anonymous, unknown, still_open] = open_reports(
         "Credit: Early Bird\n", "Please credit me as Jane *Doe* [x](https://evil.example)\n",
         "Please keep me anonymous.\n", "Steps.\n", "Credit: Not Yet\n")
-    received = tickets.ticket_detail(running.engine, early).ticket.received_at
+    received = reads.ticket_detail(running.engine, early).ticket.received_at
     _ship(cli, early, received + timedelta(milliseconds=1))
     cutoff = received + timedelta(milliseconds=100)
     while datetime.now(timezone.utc) <= cutoff + timedelta(milliseconds=50):

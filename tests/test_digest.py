@@ -20,7 +20,8 @@ from intake.send import outbox
 from intake.sla import digest
 from intake.store import inbound, schema
 from intake.store.db import make_engine, write_session
-from intake.tickets import core as tickets, milestones, triage
+from intake.tickets import milestones, triage
+from intake.tickets import milestones, reads
 
 UTC = timezone.utc
 INTAKE = Path(sys.executable).parent / "intake"
@@ -59,7 +60,7 @@ def desk(make_settings, config_file):
 
         def change(self, reference: str, change) -> None:  # type: ignore[no-untyped-def]
             with write_session(self.engine) as session:
-                change(session, self.settings, tickets.find(session, reference))
+                change(session, self.settings, reads.find(session, reference))
 
     return Desk()
 
@@ -132,7 +133,7 @@ def test_finished_tickets_are_never_breached_nor_counted_open(desk, cli):
     at = datetime(2026, 6, 2, 0, 0, tzinfo=UTC)
     for reference, reason in ((invalid, "invalid"), (duplicate, "duplicate")):
         desk.change(reference, lambda s, st, t, r=reason: triage.close(s, st, t, r, now=at, actor="mia"))
-    desk.change(merged, lambda s, st, t: triage.merge(s, st, t, tickets.find(s, still_open), now=at, actor="mia"))
+    desk.change(merged, lambda s, st, t: triage.merge(s, st, t, reads.find(s, still_open), now=at, actor="mia"))
 
     built = digest.build(desk.engine, desk.settings, "morning", now)
     breached = built.as_dict()["sections"]["breached"]

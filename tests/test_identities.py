@@ -19,8 +19,11 @@ from intake.send import outbox
 from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.models import InboundMessage, Ticket
-from intake.tickets import core as tickets, maintainer_mail, records
+from intake.tickets import maintainer_mail, records
 from intake.understand import decisions, lookups, route, text_work
+from intake.tickets import maintainer_mail
+from intake.tickets import reads
+from intake.understand import route, text_work
 from intake.understand.parse import parse
 from intake.understand.sender_auth import FAIL, NONE, PASS, Verdict
 
@@ -41,8 +44,8 @@ class Intake:
         smtp_send(self.running.port, message, mail_from=mail_from, rcpt_tos=rcpt_tos)
         return process(self.settings, self.running.engine)
 
-    def detail(self, reference: str = REF1) -> tickets.TicketDetail:
-        return tickets.ticket_detail(self.running.engine, reference)
+    def detail(self, reference: str = REF1) -> reads.TicketDetail:
+        return reads.ticket_detail(self.running.engine, reference)
 
     def mail(self) -> list:
         return sorted(outbox.listing(self.running.engine), key=lambda row: row.id)
@@ -82,7 +85,7 @@ def _ack_id(intake: Intake) -> str:
     return next(row.message_id for row in intake.mail() if row.dedupe_key == f"ack:{REF1}")
 
 
-def _assert_nothing_changed(intake: Intake, state: str = "waiting") -> tickets.TicketDetail:
+def _assert_nothing_changed(intake: Intake, state: str = "waiting") -> reads.TicketDetail:
     detail = intake.detail()
     assert detail.ticket.credit["name"] == "Alice Researcher"
     assert detail.ticket.state == state

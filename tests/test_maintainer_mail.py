@@ -23,7 +23,8 @@ from conftest import TRUSTED_MX, deliver_outbox, process, report, smtp_send, tru
 from intake.store import schema
 from intake.store.db import make_engine, read_session
 from intake.store.models import InboundMessage
-from intake.tickets import core as tickets, mail_commands
+from intake.tickets import mail_commands
+from intake.tickets import reads
 from intake.understand import reply_tokens, route
 from intake.understand.parse import parse
 from intake.understand.sender_auth import Verdict
@@ -55,7 +56,7 @@ class Desk:
         process(self.settings, self.running.engine)
 
     def ticket(self):  # type: ignore[no-untyped-def]
-        return tickets.ticket_detail(self.running.engine, self.reference)
+        return reads.ticket_detail(self.running.engine, self.reference)
 
 
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)

@@ -17,8 +17,9 @@ from intake.sla import deadlines
 from intake.sla.engine import DEFAULT_MET_BY
 from intake.store.db import read_session, write_session
 from intake.store.models import Deadline
-from intake.tickets import core as tickets, credit, milestones
-from intake.tickets.core import STAGE_LABELS
+from intake.tickets import credit, milestones
+from intake.tickets.opening import STAGE_LABELS
+from intake.tickets import milestones, reads
 
 PAUSING_POLICY = """
 [policies.pausing]
@@ -55,12 +56,12 @@ def open_ticket(make_settings, start_intake_listener, config_file):
 
 def stored_deadlines(engine, reference: str) -> dict[str, Deadline]:  # type: ignore[no-untyped-def]
     with read_session(engine) as session:
-        ticket = tickets.find(session, reference)
+        ticket = reads.find(session, reference)
         return {d.stage: d for d in session.scalars(select(Deadline).where(Deadline.ticket_id == ticket.id))}
 
 
 def received_at(engine, reference: str) -> datetime:  # type: ignore[no-untyped-def]
-    return tickets.ticket_detail(engine, reference).ticket.received_at
+    return reads.ticket_detail(engine, reference).ticket.received_at
 
 
 # -- stored deadlines --------------------------------------------------------------------------
@@ -107,14 +108,14 @@ def test_milestones_in_order_meet_their_stages_and_start_disclosure(open_ticket,
     assert stored["acknowledge"].met_at and stored["assess"].met_at and stored["fix"].met_at
     assert stored["fix"].due_at == received + timedelta(days=90) and not stored["fix"].severity_assumed
     assert stored["disclose"].due_at == stored["fix"].met_at + timedelta(days=7)
-    detail = tickets.ticket_detail(engine, reference)
+    detail = reads.ticket_detail(engine, reference)
     assert detail.ticket.state == "released" and detail.ticket.severity == "low"
     recorded = [e for e in detail.events if e.kind == "milestone"]
     assert [e.detail["milestone"] for e in recorded] == ["acknowledged", "assessed", "released"]
     assert recorded[2].detail["version"] == "1.4.2" and all(e.actor for e in recorded)
     cli("disclose", reference)
     cli("resolve", reference)
-    assert tickets.ticket_detail(engine, reference).ticket.state == "resolved"
+    assert reads.ticket_detail(engine, reference).ticket.state == "resolved"
     assert all(d.met_at for d in stored_deadlines(engine, reference).values())
 
 
@@ -122,9 +123,9 @@ def test_a_milestone_out_of_order_is_refused_unless_forced(open_ticket, cli):
     _, engine, reference = open_ticket("vectis-mail")
     refused = cli("released", reference, code=1).output
     assert "is not assessed yet" in refused and "`intake assess`" in refused and "--force" in refused
-    assert not [e for e in tickets.ticket_detail(engine, reference).events if e.kind == "milestone"]
+    assert not [e for e in reads.ticket_detail(engine, reference).events if e.kind == "milestone"]
     cli("released", reference, "--force")
-    [event] = [e for e in tickets.ticket_detail(engine, reference).events if e.kind == "milestone"]
+    [event] = [e for e in reads.ticket_detail(engine, reference).events if e.kind == "milestone"]
     assert event.detail == {"milestone": "released", "at": event.detail["at"], "forced": True}
 
 
@@ -138,7 +139,7 @@ def test_a_milestone_twice_in_the_future_or_before_its_predecessor_is_refused(op
     assert "before" in cli("assess", reference, "--severity", "high", "--at", before, "--force", code=1).output
     assert "no UTC offset" in cli("ack", reference, "--at", "2026-12-01T10:00:00", code=2).output
     assert "no ticket SEC-1999-0001" in cli("ack", "SEC-1999-0001", code=1).output
-    assert tickets.ticket_detail(engine, reference).ticket.severity is None
+    assert reads.ticket_detail(engine, reference).ticket.severity is None
 
 
 def test_a_milestone_dated_before_the_one_it_follows_is_refused(open_ticket):
@@ -146,7 +147,7 @@ def test_a_milestone_dated_before_the_one_it_follows_is_refused(open_ticket):
     received = received_at(engine, reference)
     now = received + timedelta(days=3)
     with write_session(engine) as session:
-        ticket = tickets.find(session, reference)
+        ticket = reads.find(session, reference)
         milestones.record(session, settings, ticket, "acknowledged", at=received + timedelta(days=2), now=now,
                           actor="ana")
         with pytest.raises(milestones.Refused, match="would come before acknowledged"):
@@ -158,12 +159,12 @@ def test_severity_change_after_assessment_moves_the_fix_deadline(open_ticket):
     settings, engine, reference = open_ticket("vectis-mail")
     received = received_at(engine, reference)
     with write_session(engine) as session:
-        ticket = tickets.find(session, reference)
+        ticket = reads.find(session, reference)
         milestones.record(session, settings, ticket, "acknowledged", at=received, now=received, actor="ana")
         milestones.assess(session, settings, ticket, "medium", at=received, now=received, actor="ana")
     assert stored_deadlines(engine, reference)["fix"].due_at == received + timedelta(days=90)
     with write_session(engine) as session:
-        ticket = tickets.find(session, reference)
+        ticket = reads.find(session, reference)
         milestones.assess(session, settings, ticket, "critical", at=received + timedelta(days=1),
                           now=received + timedelta(days=1), actor="ana", force=True)
     assert stored_deadlines(engine, reference)["fix"].due_at == received + timedelta(days=30)
@@ -178,14 +179,14 @@ def test_stage_states_follow_the_clock(open_ticket):
 
     def ack_state(now: datetime) -> str:
         with read_session(engine) as session:
-            [stage] = deadlines.stage_statuses(session, settings, tickets.find(session, reference), now)
+            [stage] = deadlines.stage_statuses(session, settings, reads.find(session, reference), now)
         return stage.state
 
     assert ack_state(received + timedelta(hours=1)) == "ok"
     assert ack_state(received + timedelta(hours=60)) == "due-soon"  # within 24 hours of the due time
     assert ack_state(received + timedelta(hours=73)) == "breached"
     with write_session(engine) as session:
-        milestones.record(session, settings, tickets.find(session, reference), "acknowledged",
+        milestones.record(session, settings, reads.find(session, reference), "acknowledged",
                           at=received + timedelta(hours=80), now=received + timedelta(hours=80), actor="ana")
     assert ack_state(received + timedelta(hours=81)) == "met-late"
 
@@ -211,24 +212,24 @@ def test_waiting_pauses_the_clocks_of_a_pausing_policy(open_ticket):
     settings, engine, reference = open_ticket("pausing", PAUSING_POLICY)
     received = received_at(engine, reference)
     with write_session(engine) as session:
-        milestones.wait(session, settings, tickets.find(session, reference), now=received + timedelta(days=1),
+        milestones.wait(session, settings, reads.find(session, reference), now=received + timedelta(days=1),
                         actor="ana")
     assert stored_deadlines(engine, reference)["assess"].due_at is None
     with read_session(engine) as session:
-        statuses = deadlines.stage_statuses(session, settings, tickets.find(session, reference),
+        statuses = deadlines.stage_statuses(session, settings, reads.find(session, reference),
                                             received + timedelta(days=2))
     assert {s.stage: s.state for s in statuses} == {"acknowledge": "met", "assess": "paused"}
     with write_session(engine) as session:
-        milestones.resume(session, settings, tickets.find(session, reference), now=received + timedelta(days=3),
+        milestones.resume(session, settings, reads.find(session, reference), now=received + timedelta(days=3),
                           actor="ana")
     assert stored_deadlines(engine, reference)["assess"].due_at == received + timedelta(days=9)
-    assert tickets.ticket_detail(engine, reference).ticket.state == "new"
+    assert reads.ticket_detail(engine, reference).ticket.state == "new"
 
 
 def test_wait_and_resume_by_cli_and_a_reporter_reply_resumes(open_ticket, cli, start_intake_listener):
     settings, engine, reference = open_ticket("pausing", PAUSING_POLICY)
     assert "already" in (cli("wait", reference).output + cli("wait", reference, code=1).output)
-    assert tickets.ticket_detail(engine, reference).ticket.state == "waiting"
+    assert reads.ticket_detail(engine, reference).ticket.state == "waiting"
     assert stored_deadlines(engine, reference)["assess"].due_at is None
     cli("resume", reference)
     assert "is not waiting" in cli("resume", reference, code=1).output
@@ -236,7 +237,7 @@ def test_wait_and_resume_by_cli_and_a_reporter_reply_resumes(open_ticket, cli, s
     running = start_intake_listener(settings)
     smtp_send(running.port, report(subject=f"Re: [{reference}] RCE in the importer"))
     process(settings, running.engine)
-    assert tickets.ticket_detail(engine, reference).ticket.state == "new"
+    assert reads.ticket_detail(engine, reference).ticket.state == "new"
     assert stored_deadlines(engine, reference)["assess"].due_at is not None  # its clock runs again
 
 

@@ -14,7 +14,8 @@ from intake.send import outbox
 from intake.store import inbound
 from intake.store.db import read_session
 from intake.store.models import Event, InboundMessage, Outbox, ThreadEntry, Ticket
-from intake.tickets import core as tickets, references
+from intake.tickets import references
+from intake.tickets import reads
 
 
 def _outbox_rows(engine) -> list[Outbox]:
@@ -33,7 +34,7 @@ def test_report_becomes_ticket_with_acknowledgement_through_relay(make_settings,
     year = datetime.now(timezone.utc).year
     assert result.tickets_opened == [f"SEC-{year}-0001"]
 
-    detail = tickets.ticket_detail(running.engine, f"SEC-{year}-0001")
+    detail = reads.ticket_detail(running.engine, f"SEC-{year}-0001")
     assert detail.ticket.subject == "SQL injection in /search"
     assert detail.ticket.reporter == "alice@researcher.test"
     assert detail.ticket.policy == "vaixus"
@@ -255,7 +256,7 @@ def test_a_reply_in_the_same_batch_as_its_report_threads(make_settings, start_in
     result = process(settings, running.engine)  # all three in one chunk
     assert result.decisions == {"new-ticket": 1, "reporter-reply": 1, "duplicate": 1}
     [ticket] = all_tickets(running.engine)
-    detail = tickets.ticket_detail(running.engine, ticket.reference)
+    detail = reads.ticket_detail(running.engine, ticket.reference)
     assert [(e.kind, e.message_id) for e in detail.entries if e.direction == "in"] == [
         ("report", "<first@researcher.test>"), ("reporter-reply", "<second@researcher.test>")]
 
@@ -269,7 +270,7 @@ def test_rate_limit_counts_the_replies_queued_earlier_in_the_same_batch(make_set
     assert result.decisions == {"new-ticket": 7}
     assert len(_outbox_rows(running.engine)) == 5  # default: 5 automatic mails per recipient and 24 hours
     year = datetime.now(timezone.utc).year
-    suppressed = [e for e in tickets.ticket_detail(running.engine, f"SEC-{year}-0006").events
+    suppressed = [e for e in reads.ticket_detail(running.engine, f"SEC-{year}-0006").events
                   if e.kind == "acknowledgement-suppressed"]
     assert "rate limit: 5 automatic mails" in suppressed[0].detail["reason"]
 
@@ -336,12 +337,12 @@ def test_a_message_that_parses_too_long_is_a_ticket_from_its_headers_with_a_warn
 
     assert result.decisions == {"new-ticket": 2} and not result.failed
     year = datetime.now(timezone.utc).year
-    cut_short = tickets.ticket_detail(running.engine, f"SEC-{year}-0001")
+    cut_short = reads.ticket_detail(running.engine, f"SEC-{year}-0001")
     assert cut_short.ticket.subject == "Many crash dumps"
     assert cut_short.ticket.reporter == "alice@researcher.test"
     assert any("parse timed out after 0.01 s" in warning for warning in cut_short.entries[0].warnings)
     # The helper was replaced: the next message is parsed in full.
-    assert "Steps to reproduce" in tickets.ticket_detail(running.engine, f"SEC-{year}-0002").entries[0].body_text
+    assert "Steps to reproduce" in reads.ticket_detail(running.engine, f"SEC-{year}-0002").entries[0].body_text
     # Its raw bytes stay stored for `intake reprocess` with a longer bound.
     [stored] = [m for m in _stored(running.engine) if m.ticket_id == cut_short.ticket.id]
     assert len(stored.raw) > 3_000_000 and b'filename="dump149.bin"' in stored.raw
@@ -363,12 +364,12 @@ def test_a_message_past_its_cpu_budget_is_a_ticket_from_its_headers_with_a_warni
 
     assert result.decisions == {"new-ticket": 2} and not result.failed
     year = datetime.now(timezone.utc).year
-    cut_short = tickets.ticket_detail(running.engine, f"SEC-{year}-0001")
+    cut_short = reads.ticket_detail(running.engine, f"SEC-{year}-0001")
     assert cut_short.ticket.subject == "Many crash dumps" and cut_short.ticket.reporter == "alice@researcher.test"
     assert any(warning.startswith("processing budget (0.05 s of CPU) spent while parsing")
                for warning in cut_short.entries[0].warnings)
     # The helper goes on (the budget stops the work, not the process): the next message is read in full.
-    small = tickets.ticket_detail(running.engine, f"SEC-{year}-0002")
+    small = reads.ticket_detail(running.engine, f"SEC-{year}-0002")
     assert "Steps to reproduce" in small.entries[0].body_text and small.ticket.credit["name"] == "Jane Doe"
     [stored] = [m for m in _stored(running.engine) if m.ticket_id == cut_short.ticket.id]
     assert b'filename="dump149.bin"' in stored.raw  # kept for `intake reprocess`

@@ -15,8 +15,9 @@ from conftest import TRUSTED_MX, all_tickets, deliver_outbox, process, report, s
 from intake.send import outbox
 from intake.store.db import read_session, write_session
 from intake.store.models import InboundMessage, Ticket
-from intake.tickets import core as tickets, records
+from intake.tickets import records
 from intake.understand import reply_tokens
+from intake.tickets import reads
 
 YEAR = datetime.now(timezone.utc).year
 REF1 = f"SEC-{YEAR}-0001"
@@ -36,8 +37,8 @@ class Intake:
         smtp_send(self.running.port, message, mail_from=mail_from, rcpt_tos=rcpt_tos)
         return process(self.settings, self.running.engine, now)
 
-    def detail(self, reference: str = REF1) -> tickets.TicketDetail:
-        return tickets.ticket_detail(self.running.engine, reference)
+    def detail(self, reference: str = REF1) -> reads.TicketDetail:
+        return reads.ticket_detail(self.running.engine, reference)
 
     def outbox(self) -> list:
         """Mail to researchers (what maintainers are sent is tested elsewhere)."""

@@ -21,7 +21,7 @@ from intake.sla import deadlines, reminders
 from intake.store import inbound, schema
 from intake.store.db import make_engine, read_session, write_session
 from intake.store.models import Deadline, Notification
-from intake.tickets import core as tickets, milestones
+from intake.tickets import milestones, reads
 from intake.understand import reply_tokens
 
 UTC = timezone.utc
@@ -162,7 +162,7 @@ def test_breach_notice_repeats_daily_until_the_stage_is_met(desk):
     assert "Still breached (repeat 1)" in body(repeat.raw)
 
     with write_session(desk.engine) as session:
-        ticket = tickets.find(session, ref)
+        ticket = reads.find(session, ref)
         now = due + timedelta(days=1, hours=2)
         milestones.record(session, desk.settings, ticket, "acknowledged", at=now, now=now, actor="mia", force=True)
         milestones.assess(session, desk.settings, ticket, "low", at=now, now=now, actor="mia", force=True)
@@ -304,7 +304,7 @@ def test_reminders_lists_what_was_sent_and_what_comes_next(desk):
     assert [(s["kind"], s["point"]) for s in listed["sent"]] == [("new-ticket", "new-ticket"), ("reminder", "50%")]
     assert listed["next"] == [{"stage": "resolve", "kind": "reminder", "point": "24 hours before",
                                "at": (T0 + timedelta(days=9)).isoformat()}]
-    with pytest.raises(tickets.TicketNotFound):
+    with pytest.raises(reads.TicketNotFound):
         reminders.ticket_reminders(desk.engine, desk.settings, "SEC-1999-0001", T0)
 
 
@@ -338,4 +338,4 @@ def test_a_maintainer_replying_to_the_notice_threads_into_the_ticket(desk):
                                                 "test", reply.as_bytes(), T0 + timedelta(hours=1))])
     result = process(desk.settings, desk.engine, T0 + timedelta(hours=1))
     assert result.decisions == {"maintainer-reply": 1}
-    assert tickets.ticket_detail(desk.engine, ref).entries[-1].body_text.startswith("Looking at it.")
+    assert reads.ticket_detail(desk.engine, ref).entries[-1].body_text.startswith("Looking at it.")

@@ -15,7 +15,7 @@ from sqlmodel import SQLModel
 
 from intake.store import models, schema
 from intake.store.db import make_engine, read_session
-from intake.tickets import core as tickets
+from intake.tickets import reads
 
 INTAKE = Path(sys.executable).parent / "intake"
 T0 = datetime(2026, 3, 2, 9, 30, 15, 123456, tzinfo=timezone.utc)
@@ -124,7 +124,7 @@ def test_data_made_at_the_first_revision_survives_upgrade_to_head(engine):
     assert schema.differences(engine) == []
 
     # Read back the way intake reads: through the models, timezone-aware.
-    detail = tickets.ticket_detail(engine, "sec-2026-0007")
+    detail = reads.ticket_detail(engine, "sec-2026-0007")
     ticket = detail.ticket
     assert (ticket.subject, ticket.labels, ticket.links) == (
         "Stored XSS in comments ✓", ["web", "xss"], [{"kind": "mentions", "reference": "SEC-2026-0001"}])

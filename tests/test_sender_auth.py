@@ -310,7 +310,7 @@ def test_verdicts_are_computed_in_prepare_routed_stored_and_shown(make_settings,
 def test_a_trusted_header_costs_no_lookup_in_the_service(make_settings, start_intake_listener,
                                                          cli, stub_dns):
     from conftest import process, report, smtp_send
-    from intake.tickets import core as tickets
+    from intake.tickets import reads
 
     settings = make_settings(**AR_TRUSTED)
     running = start_intake_listener(settings)
@@ -322,7 +322,7 @@ def test_a_trusted_header_costs_no_lookup_in_the_service(make_settings, start_in
     smtp_send(running.port, raw)
     process(settings, running.engine)
     assert stub_dns.lookups == []
-    [_, message] = tickets.ticket_detail(running.engine, f"SEC-{datetime.now(timezone.utc).year}-0001").messages
+    [_, message] = reads.ticket_detail(running.engine, f"SEC-{datetime.now(timezone.utc).year}-0001").messages
     assert message.authentication["result"] == FAIL
     assert message.authentication["reason"] == "dmarc=fail header.from=researcher.test (by mx.example.com)"
 

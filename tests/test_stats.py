@@ -13,7 +13,7 @@ from conftest import process, report, smtp_send
 from intake.sla import stats
 from intake.store import inbound
 from intake.store.db import make_engine
-from intake.tickets import core as tickets
+from intake.tickets import reads
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def three_tickets(make_settings, start_intake_listener, cli):
     smtp_send(running.port, report(subject="Report 0", message_id="<r0@researcher.test>"))  # the same again
     smtp_send(running.port, report(subject="Cheap pills", X_Spam_Flag="YES"))
     refs = process(settings, running.engine).tickets_opened
-    received = {ref: tickets.ticket_detail(running.engine, ref).ticket.received_at for ref in refs}
+    received = {ref: reads.ticket_detail(running.engine, ref).ticket.received_at for ref in refs}
     time.sleep(0.05)
     for ref, after in zip(refs[:2], (10, 20)):
         cli("ack", ref, "--at", (received[ref] + timedelta(milliseconds=after)).isoformat())

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import deliver_outbox, process, report, smtp_send
 from intake.send import outbox
-from intake.tickets import core as tickets
+from intake.tickets import reads
 
 MAINTAINERS = """
 [[maintainers]]
@@ -67,7 +67,7 @@ def desk(make_settings, start_intake_listener, config_file, sink, monkeypatch):
 
 
 def _events(engine, reference: str, kind: str):  # type: ignore[no-untyped-def]
-    return [e for e in tickets.ticket_detail(engine, reference).events if e.kind == kind]
+    return [e for e in reads.ticket_detail(engine, reference).events if e.kind == kind]
 
 
 # -- assign, severity, labels ----------------------------------------------------------------
@@ -77,7 +77,7 @@ def test_assign_to_a_maintainer_by_name_login_or_email(desk, cli):
     _, running, (first, second) = desk
     assert "assigned to ana@maintainers.test" in cli("assign", first, "ana").output
     cli("assign", second, "Bo Triager")
-    assert tickets.ticket_detail(running.engine, second).ticket.assignee == "bo@maintainers.test"
+    assert reads.ticket_detail(running.engine, second).ticket.assignee == "bo@maintainers.test"
     [event] = _events(running.engine, first, "assigned")
     assert event.actor == "Ana Maintainer"  # $USER=ana is her login
     assert "is not a maintainer" in cli("assign", first, "mallory@evil.test", code=1).output
@@ -89,7 +89,7 @@ def test_severity_with_a_cvss_vector_is_validated_and_scored(desk, cli):
     _, running, (first, _) = desk
     out = cli("severity", first, "critical", "--cvss", "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H").output
     assert "CVSS 9.8" in out and "warning" not in out
-    ticket = tickets.ticket_detail(running.engine, first).ticket
+    ticket = reads.ticket_detail(running.engine, first).ticket
     assert (ticket.severity, ticket.cvss_score) == ("critical", 9.8)
     assert ticket.cvss_vector == "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H"
     v4 = "CVSS:4.0/AV:N/AC:L/AT:N/PR:N/UI:N/VC:H/VI:H/VA:H/SC:N/SI:N/SA:N"
@@ -105,7 +105,7 @@ def test_severity_with_a_cvss_vector_is_validated_and_scored(desk, cli):
 def test_bad_cvss_vectors_are_refused_and_change_nothing(desk, cli, vector, message):
     _, running, (first, _) = desk
     assert message in cli("severity", first, "high", "--cvss", vector, code=1).output
-    ticket = tickets.ticket_detail(running.engine, first).ticket
+    ticket = reads.ticket_detail(running.engine, first).ticket
     assert (ticket.severity, ticket.cvss_vector) == (None, None)
 
 
@@ -114,7 +114,7 @@ def test_labels_added_removed_and_filtered(desk, cli):
     cli("label", first, "web", "sqli")
     cli("label", second, "web")
     cli("label", first, "--remove", "web")
-    assert tickets.ticket_detail(running.engine, first).ticket.labels == ["sqli"]
+    assert reads.ticket_detail(running.engine, first).ticket.labels == ["sqli"]
     assert [t["reference"] for t in json.loads(cli("tickets", "--label", "web", "--json").output)] == [second]
     assert "invalid label" in cli("label", first, "Bad Label!", code=1).output
 
@@ -127,12 +127,12 @@ def test_close_needs_a_release_to_be_fixed_and_reopen_restores(desk, cli):
     assert "no release recorded" in cli("close", first, "--reason", "fixed", code=1).output
     assert "Invalid value for '--reason'" in cli("close", first, "--reason", "meh", code=2).output
     cli("close", first, "--reason", "invalid")
-    ticket = tickets.ticket_detail(running.engine, first).ticket
+    ticket = reads.ticket_detail(running.engine, first).ticket
     assert (ticket.state, ticket.close_reason) == ("closed", "invalid")
     assert "already closed" in cli("close", first, "--reason", "spam", code=1).output
     assert [t["reference"] for t in json.loads(cli("tickets", "--state", "closed", "--json").output)] == [first]
     cli("reopen", first)
-    ticket = tickets.ticket_detail(running.engine, first).ticket
+    ticket = reads.ticket_detail(running.engine, first).ticket
     assert (ticket.state, ticket.close_reason) == ("new", None)
     assert "is not closed" in cli("reopen", first, code=1).output
     cli("close", first, "--reason", "fixed", "--force")
@@ -145,7 +145,7 @@ def test_no_disclosure_before_a_release_without_force(desk, cli):
     assert "is not released yet" in cli("disclose", first, code=1).output
     cli("released", first, "--version", "2.0.1")
     cli("disclose", first)
-    assert tickets.ticket_detail(running.engine, first).ticket.state == "disclosed"
+    assert reads.ticket_detail(running.engine, first).ticket.state == "disclosed"
 
 
 # -- merge --------------------------------------------------------------------------------------
@@ -154,8 +154,8 @@ def test_no_disclosure_before_a_release_without_force(desk, cli):
 def test_merge_moves_the_thread_closes_the_duplicate_and_tells_its_reporter(desk, cli, sink):
     settings, running, (first, second) = desk
     cli("merge", second, first)
-    merged = tickets.ticket_detail(running.engine, first)
-    duplicate = tickets.ticket_detail(running.engine, second)
+    merged = reads.ticket_detail(running.engine, first)
+    duplicate = reads.ticket_detail(running.engine, second)
     assert (duplicate.ticket.state, duplicate.ticket.close_reason) == ("closed", "duplicate")
     assert {"kind": "duplicate-of", "reference": first} in duplicate.ticket.links
     assert {"kind": "duplicate", "reference": second} in merged.ticket.links
@@ -172,7 +172,7 @@ def test_merge_moves_the_thread_closes_the_duplicate_and_tells_its_reporter(desk
                     In_Reply_To=parsed["Message-ID"])
     smtp_send(running.port, answer, mail_from="carol@other.test")
     process(settings, running.engine)
-    assert answer["Message-ID"] in [e.message_id for e in tickets.ticket_detail(running.engine, first).entries]
+    assert answer["Message-ID"] in [e.message_id for e in reads.ticket_detail(running.engine, first).entries]
     assert "closed" in cli("merge", first, second, code=1).output
 
 
@@ -193,7 +193,7 @@ def test_reply_reaches_the_reporter_from_the_intake_address_and_acknowledges(des
     assert parsed["Auto-Submitted"] is None
     assert "Thanks, we can reproduce it." in parsed.get_content()
     assert b"maintainers.test" not in mail.data  # the researcher never sees a maintainer's address
-    detail = tickets.ticket_detail(running.engine, first)
+    detail = reads.ticket_detail(running.engine, first)
     assert [e.kind for e in detail.entries if e.direction == "out"][-1] == "correspondence"
     [milestone] = [e for e in detail.events if e.kind == "milestone"]
     assert milestone.detail["milestone"] == "acknowledged" and milestone.actor == "Ana Maintainer"
@@ -211,7 +211,7 @@ def test_reply_text_from_a_file_or_the_editor_and_empty_sends_nothing(desk, cli,
     monkeypatch.setenv("EDITOR", f"{sys.executable} {editor}")
     cli("reply", first)
     assert "message is empty" in cli("reply", first, "--message", "  \n", code=1).output
-    bodies = [e.body_text for e in tickets.ticket_detail(running.engine, first).entries if e.kind == "correspondence"]
+    bodies = [e.body_text for e in reads.ticket_detail(running.engine, first).entries if e.kind == "correspondence"]
     assert bodies == ["From a file.\n", "From the editor.\n"]
     assert len([r for r in outbox.listing(running.engine) if r.kind == "correspondence"]) == 2
 
@@ -220,7 +220,7 @@ def test_a_note_stays_internal(desk, cli):
     _, running, (first, _) = desk
     before = len(outbox.listing(running.engine))
     cli("note", first, "-m", "Looks like CVE-2024-1234 again.")
-    [entry] = [e for e in tickets.ticket_detail(running.engine, first).entries if e.kind == "note"]
+    [entry] = [e for e in reads.ticket_detail(running.engine, first).entries if e.kind == "note"]
     assert (entry.direction, entry.sender) == ("internal", "Ana Maintainer")
     assert len(outbox.listing(running.engine)) == before
     assert "Looks like CVE-2024-1234" in cli("show", first).output

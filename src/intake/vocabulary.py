@@ -100,6 +100,8 @@ MILESTONE_SPECS = (
     MilestoneSpec(Milestone.DISCLOSED, "disclose", (Milestone.RELEASED,), "disclose", "Public disclosure", True),
 )
 MILESTONES = tuple(spec.name for spec in MILESTONE_SPECS)
+# Every state a ticket can be in: a recorded milestone moves it to the state of that name.
+TICKET_STATES = (TicketState.NEW, TicketState.WAITING, *MILESTONES, TicketState.CLOSED)
 
 # -- what a ticket's history records: ``event.kind`` --
 

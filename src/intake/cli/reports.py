@@ -1,27 +1,24 @@
 """CLI commands for what goes out of intake: credit, advisories, metrics and security.txt.
 
-Registered on :data:`intake.cli.app.main` when :mod:`intake.cli.app` is imported; the work is done by
-:mod:`intake.tickets.credit`, :mod:`intake.tickets.advisory`, :mod:`intake.sla.stats` and :mod:`intake.config.security_txt`.
+The work is done by :mod:`intake.tickets.credit`, :mod:`intake.tickets.advisory`,
+:mod:`intake.sla.stats` and :mod:`intake.config.security_txt`.
 """
 
 from __future__ import annotations
 
 import re  # CLI arguments only; senders' text goes through intake.patterns (RE2)
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import click
-from sqlalchemy.engine import make_url
 
 from intake import display
-from intake.cli.app import Context, _actor, _emit_json, _fail, main
+from intake.cli.common import JSON_OPTION, Context, actor, emit_json, fail, write_file_or_fail
 from intake.config import security_txt
 from intake.config.settings import EXIT_CONFIG
 from intake.display import echo
 from intake.sla import stats
-from intake.store import private_files
 from intake.store.db import write_session
-from intake.tickets import advisory, core as tickets, credit
+from intake.tickets import advisory, credit, reads
 
 _RELATIVE = re.compile(r"(\d+)([hdw])")
 _UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
@@ -48,14 +45,14 @@ def parse_since(value: str, now: datetime) -> datetime:
 # -- credit -------------------------------------------------------------------------------------
 
 
-@main.command("credit")
+@click.command("credit")
 @click.argument("reference")
 @click.option("--name", default=None, help="Name to credit the reporter as.")
 @click.option("--handle", default=None, help="Their handle, e.g. @janed.")
 @click.option("--url", default=None, help="Their web page (http or https).")
 @click.option("--anonymous", is_flag=True, help="The reporter wants no credit.")
 @click.option("--clear", is_flag=True, help="Forget the recorded preference.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@JSON_OPTION
 @click.pass_obj
 def credit_command(obj: Context, reference: str, name: str | None, handle: str | None, url: str | None,
                    anonymous: bool, clear: bool, as_json: bool) -> None:
@@ -74,22 +71,21 @@ def credit_command(obj: Context, reference: str, name: str | None, handle: str |
             raise click.UsageError(str(exc)) from None
     try:
         with write_session(obj.engine()) as session:
-            ticket = tickets.find(session, reference)
+            ticket = reads.find(session, reference)
             if setting or anonymous or clear:
-                credit.set_credit(session, ticket, wanted, datetime.now(timezone.utc), actor=_actor(obj.settings))
+                credit.set_credit(session, ticket, wanted, datetime.now(timezone.utc), actor=actor(obj.settings))
             shown, ref = credit.credit_of(ticket), ticket.reference
-    except tickets.TicketNotFound:
-        _fail(f"no ticket {reference}")
-        return
+    except reads.TicketNotFound:
+        fail(f"no ticket {reference}")
     if as_json:
-        _emit_json({"reference": ref, "credit": shown.as_dict() if shown else None})
+        emit_json({"reference": ref, "credit": shown.as_dict() if shown else None})
     elif shown is None:
         echo(f"{ref}: no credit preference recorded")
     else:
         echo(f"{ref}: credited as {shown.display}{' ' + shown.url if shown.url else ''} (from {shown.source})")
 
 
-@main.command("credits")
+@click.command("credits")
 @click.option("--since", "since_text", default=None,
               help="Tickets released, disclosed or resolved since: 2026-01-31, an ISO instant, or 90d.")
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
@@ -114,7 +110,7 @@ def credits_command(obj: Context, since_text: str | None, fmt: str) -> None:
 # -- advisory -----------------------------------------------------------------------------------
 
 
-@main.command("advisory")
+@click.command("advisory")
 @click.argument("reference")
 @click.option("--format", "fmt", type=click.Choice(["osv"]), default="osv", show_default=True)
 @click.option("-o", "--output", "output", default="-", type=click.Path(dir_okay=False, allow_dash=True),
@@ -124,10 +120,9 @@ def credits_command(obj: Context, since_text: str | None, fmt: str) -> None:
 def advisory_command(obj: Context, reference: str, fmt: str, output: str, force: bool) -> None:
     """Write an OSV advisory draft for REFERENCE; replace every "TODO" before publishing."""
     try:
-        detail = tickets.ticket_detail(obj.engine(), reference)
-    except tickets.TicketNotFound:
-        _fail(f"no ticket {reference}")
-        return
+        detail = reads.ticket_detail(obj.engine(), reference)
+    except reads.TicketNotFound:
+        fail(f"no ticket {reference}")
     settings = obj.settings
     draft = advisory.osv(detail, settings.advisory.id_prefix, settings.intake.from_name, datetime.now(timezone.utc))
     text = display.dumps(draft, indent=2) + "\n"
@@ -136,24 +131,17 @@ def advisory_command(obj: Context, reference: str, fmt: str, output: str, force:
     if output == "-":
         display.echo_json(text, nl=False)
         return
-    try:  # an unpublished advisory: 0600, like the reports it comes from
-        private_files.write_private(Path(output), text.encode("utf-8"), replace=force)
-    except FileExistsError:
-        _fail(f"{output} exists (use --force to overwrite)")
-    except private_files.SymlinkRefused as exc:
-        _fail(f"{exc}: give another file name")
-    except OSError as exc:
-        _fail(f"cannot write {output}: {exc.strerror}")
+    write_file_or_fail(output, text.encode("utf-8"), force)  # an unpublished advisory: 0600, like the reports
     echo(f"wrote {output}", err=True)
 
 
 # -- metrics ------------------------------------------------------------------------------------
 
 
-@main.command("stats")
+@click.command("stats")
 @click.option("--since", "since_text", default="90d", show_default=True,
               help="Tickets received since: 90d, 12w, 2026-01-31 or an ISO instant.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@JSON_OPTION
 @click.pass_obj
 def stats_command(obj: Context, since_text: str, as_json: bool) -> None:
     """Per stage: median and 90th-percentile time to meet it, share met on time, open breaches;
@@ -161,7 +149,7 @@ def stats_command(obj: Context, since_text: str, as_json: bool) -> None:
     now = datetime.now(timezone.utc)
     figures = stats.compute(obj.engine(), parse_since(since_text, now), now)
     if as_json:
-        _emit_json(figures.as_dict())
+        emit_json(figures.as_dict())
     else:
         echo(figures.render_text())
 
@@ -169,7 +157,7 @@ def stats_command(obj: Context, since_text: str, as_json: bool) -> None:
 # -- security.txt -------------------------------------------------------------------------------
 
 
-@main.command("security-txt")
+@click.command("security-txt")
 @click.pass_obj
 def security_txt_command(obj: Context) -> None:
     """Print /.well-known/security.txt (RFC 9116, LF line endings) from the configuration."""
@@ -177,24 +165,8 @@ def security_txt_command(obj: Context) -> None:
     try:
         text = security_txt.render(settings)
     except security_txt.NotConfigured as exc:
-        _fail(str(exc), EXIT_CONFIG)
-        return
+        fail(str(exc), EXIT_CONFIG)
     warning = security_txt.expiry_warning(settings, datetime.now(timezone.utc))
     if warning:
         echo(f"intake: warning: {warning}", err=True)
     echo(text, nl=False)
-
-
-def check_config_warnings(obj: Context) -> list[str]:
-    """What ``intake check-config`` warns about without failing (exit status stays 0)."""
-    warning = security_txt.expiry_warning(obj.settings, datetime.now(timezone.utc))
-    return ([warning] if warning else []) + private_files.exposed(_database_files(obj.settings.database_url))
-
-
-def _database_files(url: str) -> list[Path]:
-    """A SQLite database's files (none for PostgreSQL)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return []
-    return [Path(parsed.database + suffix) for suffix in ("", "-wal", "-shm")]
-

@@ -181,16 +181,16 @@ async def _serve(settings: Settings) -> int:
     # Before the listener: mail is accepted only into a database at head. Under a lock, so
     # nodes starting together migrate once (see intake.store.schema).
     try:
-        upgraded = schema.upgrade(engine)
+        brought_up = deadlines.upgrade_and_backfill(engine, settings, datetime.now(timezone.utc))
     except schema.SchemaRefused as exc:
         # A restart cannot help: 78 keeps systemd from looping (RestartPreventExitStatus).
         log.error("event=schema-refused error=%r", str(exc))
         return EXIT_CONFIG
+    upgraded, filled = brought_up.upgraded, brought_up.filled
     if upgraded.before != upgraded.after or upgraded.stamped:
         log.info("event=schema-upgraded before=%s after=%s stamped=%s", upgraded.before, upgraded.after,
                  upgraded.stamped)
-    filled = deadlines.backfill(engine, settings, datetime.now(timezone.utc))
-    if filled.tickets or filled.errors:
+    if filled and (filled.tickets or filled.errors):
         log.info("event=deadlines-backfilled tickets=%d errors=%d", filled.tickets, len(filled.errors))
     committer = GroupCommitter(engine, on_commit=wake_processor.set, wal_limit=WAL_LIMIT)
     activated = inherited_sockets()

@@ -24,6 +24,7 @@ from intake.sla.engine import (
     DEFAULT_DUE_SOON, Pause, PolicyConfig, StageDeadline, acknowledge_met_at, compute_deadlines, reminder_times,
     stage_state,
 )
+from intake.store import schema
 from intake.store.db import read_session, write_session
 from intake.store.models import Deadline, Event, Ticket
 from intake.vocabulary import QUEUED_EVENT, EventKind, MailKind, Milestone, TicketState
@@ -266,3 +267,28 @@ def statuses_of(settings: Settings, ticket: Ticket, stored: Iterable[Deadline], 
 def ticket_stage_statuses(engine: Engine, settings: Settings, ticket: Ticket, now: datetime) -> list[StageStatus]:
     with read_session(engine) as session:
         return stage_statuses(session, settings, ticket, now)
+
+
+def explain(settings: Settings, policy_name: str, received: datetime, severity: str | None,
+            released: datetime | None) -> list[tuple[StageDeadline, CalendarConfig]]:
+    """Every stage's deadline under *policy_name* for a report received at *received* (of
+    *severity*, if known; with a patched release out at *released*, if any), each with the calendar
+    it counts in: what ``intake sla explain`` shows."""
+    milestones = {Milestone.RELEASED: released} if released else {}
+    computed = compute(settings, policy_name, SlaInputs(received, severity, milestones, None, []))
+    return [(deadline, stage_calendar(settings, policy_name, deadline.stage)) for deadline, _ in computed]
+
+
+@dataclass(frozen=True)
+class BroughtUp:
+    upgraded: schema.Upgraded
+    filled: RecomputeResult | None  # None: the schema is not at head, so no deadlines were computed
+
+
+def upgrade_and_backfill(engine: Engine, settings: Settings, now: datetime, revision: str = "head") -> BroughtUp:
+    """Migrate the database to *revision* and, at head, compute the deadlines a migration could not
+    (:func:`backfill`): what ``intake serve`` does at start and ``intake db upgrade`` does.
+    Raises :class:`intake.store.schema.SchemaRefused`."""
+    upgraded = schema.upgrade(engine, revision)
+    at_head = upgraded.after == schema.head()
+    return BroughtUp(upgraded, backfill(engine, settings, now) if at_head else None)

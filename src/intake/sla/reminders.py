@@ -40,7 +40,7 @@ from intake.sla.calendars import format_span, parse_duration
 from intake.sla.engine import reminder_times
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.tickets.core import find
+from intake.tickets.reads import find
 from intake.understand import reply_tokens
 from intake.vocabulary import FINISHED_STATES, MailKind, NotificationKind
 

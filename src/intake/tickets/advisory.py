@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from intake.sla import deadlines
-from intake.tickets import core as tickets, credit
+from intake.tickets import credit
+from intake.tickets.reads import TicketDetail
 from intake.vocabulary import EventKind, Milestone
 
 PLACEHOLDER = "TODO"
@@ -48,7 +49,7 @@ def credits_entry(preference: credit.Credit | None) -> list[dict[str, Any]]:
     return [entry]
 
 
-def osv(detail: tickets.TicketDetail, id_prefix: str, organisation: str, now: datetime) -> dict[str, Any]:
+def osv(detail: TicketDetail, id_prefix: str, organisation: str, now: datetime) -> dict[str, Any]:
     """The OSV draft of the ticket in *detail*, made at *now*."""
     ticket = detail.ticket
     reached = deadlines.sla_inputs(ticket, detail.events).milestones

@@ -31,8 +31,8 @@ from intake.tickets import credit
 from intake.tickets.records import entry_from_mail, event
 from intake.tickets.references import allocate_references, next_references
 from intake.understand import reply_tokens, route
+from intake.understand.header_text import clean_text
 from intake.understand.lookups import routing_config
-from intake.understand.parse import clean_text
 from intake.vocabulary import (
     LOW_QUALITY_LABEL, MILESTONE_SPECS, QUEUED_EVENT, Direction, EntryKind, EventKind, LinkKind, MailKind,
     NotificationKind, TicketState,

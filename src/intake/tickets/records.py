@@ -29,7 +29,7 @@ from intake.store.models import Event, Outbox, ThreadEntry, Ticket
 from intake.tickets import credit
 from intake.understand import decisions, route
 from intake.understand.lookups import message_key
-from intake.understand.parse import ParsedMail
+from intake.understand.parsed_mail import ParsedMail
 from intake.vocabulary import RECEIVED_EVENT, Direction, EventKind, TicketState
 
 SYSTEM_ACTOR = "intake"

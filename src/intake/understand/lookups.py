@@ -18,7 +18,7 @@ from intake.config.settings import Settings
 from intake.store.inbound import StoredMessage
 from intake.store.models import Outbox, ThreadEntry, Ticket
 from intake.understand import decisions, reply_tokens, route
-from intake.understand.parse import ParsedMail
+from intake.understand.parsed_mail import ParsedMail
 from intake.vocabulary import Direction
 
 # Message-IDs of one message looked up for threading: In-Reply-To and the latest References.

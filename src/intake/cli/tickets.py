@@ -1,0 +1,215 @@
+"""``intake tickets``, ``intake show`` and ``intake attachment``: reading tickets (through
+:mod:`intake.tickets.reads`)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import click
+
+from intake import display
+from intake.cli.common import JSON_OPTION, Context, emit_json, fail, iso, local_and_utc, table, write_file_or_fail
+from intake.display import echo
+from intake.sla import deadlines
+from intake.tickets import credit, reads
+from intake.vocabulary import SEVERITIES, TICKET_STATES
+
+
+def _ticket_summary(ticket: Any) -> dict[str, Any]:
+    return {
+        "reference": ticket.reference,
+        "subject": ticket.subject,
+        "reporter": ticket.reporter,
+        "state": ticket.state,
+        "severity": ticket.severity,
+        "policy": ticket.policy,
+        "assignee": ticket.assignee,
+        "received_at": iso(ticket.received_at),
+        "close_reason": ticket.close_reason,
+        "cvss_vector": ticket.cvss_vector,
+        "cvss_score": ticket.cvss_score,
+    }
+
+
+@click.command("tickets")
+@click.option("--state", type=click.Choice(TICKET_STATES), default=None,
+              help="Only tickets in this state (finished ones included).")
+@click.option("--open/--all", "only_open", default=True,
+              help="Only tickets with something left to meet (the default), or finished ones (resolved, closed) too.")
+@click.option("--severity", type=click.Choice(SEVERITIES), default=None, help="Only tickets of this severity.")
+@click.option("--assignee", default=None, help="Only tickets assigned to this maintainer (email, name or login).")
+@click.option("--label", default=None, help="Only tickets with this label.")
+@click.option("--policy", default=None, help="Only tickets under this policy.")
+@click.option("--breached", is_flag=True, help="Only tickets with a stage past its due time.")
+@click.option("--due-soon", "due_soon", is_flag=True, help="Only tickets with a stage due soon (policy's due_soon).")
+@click.option("--sort", type=click.Choice(["due", "received"]), default="due", show_default=True,
+              help="By next deadline (soonest first), or by receipt (oldest first).")
+@JSON_OPTION
+@click.pass_obj
+def list_tickets(obj: Context, state: str | None, only_open: bool, severity: str | None, assignee: str | None,
+                 label: str | None, policy: str | None, breached: bool, due_soon: bool, sort: str,
+                 as_json: bool) -> None:
+    """List tickets, by next deadline unless --sort received."""
+    settings = obj.settings
+    if assignee is not None:
+        maintainer = settings.find_maintainer(assignee)
+        assignee = maintainer.email if maintainer else assignee
+    # Asking for a state is asking for it, finished or not.
+    wanted = reads.TicketFilter(state, severity, assignee, label, policy, breached, due_soon,
+                                finished=state is not None or not only_open)
+    found = reads.find_tickets(obj.engine(), settings, wanted, datetime.now(timezone.utc), sort)
+    if as_json:
+        emit_json([{**_ticket_summary(item.ticket), "labels": item.ticket.labels,
+                    "next_due": {"stage": item.next_stage, "due": iso(item.next_due)} if item.next_due else None,
+                    "breached": item.breached, "due_soon": item.due_soon} for item in found])
+        return
+    if not found:
+        echo("no tickets")
+        return
+
+    def due_text(item: reads.Listed) -> str:
+        if item.next_due is None:
+            return "-"
+        flag = " BREACHED" if item.breached else " soon" if item.due_soon else ""
+        return f"{item.next_stage} {item.next_due:%Y-%m-%d %H:%M}{flag}"
+
+    table([[i.ticket.reference, i.ticket.state, i.ticket.severity or "-", due_text(i), i.ticket.assignee or "-",
+            i.ticket.reporter, i.ticket.subject[:50]] for i in found],
+          ["REFERENCE", "STATE", "SEVERITY", "NEXT DUE (UTC)", "ASSIGNEE", "REPORTER", "SUBJECT"])
+
+
+@click.command()
+@click.argument("reference")
+@JSON_OPTION
+@click.pass_obj
+def show(obj: Context, reference: str, as_json: bool) -> None:
+    """Show a ticket: its fields, deadlines, thread and events."""
+    engine = obj.engine()
+    try:
+        detail = reads.ticket_detail(engine, reference)
+    except reads.TicketNotFound:
+        fail(f"no ticket {reference}")
+    stages = deadlines.ticket_stage_statuses(engine, obj.settings, detail.ticket, datetime.now(timezone.utc))
+    numbered = reads.numbered_attachments(detail)
+    data = {
+        **_ticket_summary(detail.ticket),
+        "intake_address": detail.ticket.intake_address,
+        "labels": detail.ticket.labels,
+        "links": detail.ticket.links,
+        "quality": detail.ticket.quality,
+        "credit": detail.ticket.credit,
+        "reporter_unreachable_at": iso(detail.ticket.reporter_unreachable_at),
+        "stages": [stage.as_dict() for stage in stages],
+        "thread": [
+            {
+                "direction": e.direction,
+                "kind": e.kind,
+                "sender": e.sender,
+                "subject": e.subject,
+                "message_id": e.message_id,
+                "in_reply_to": e.in_reply_to,
+                "at": iso(e.created_at),
+                "threaded_by": e.threaded_by,
+                "encrypted": e.encrypted,
+                "body": e.body_text,
+                "attachments": [{**a, "number": numbered[(e.id, a["index"])]} for a in e.attachments],
+                "warnings": e.warnings,
+            }
+            for e in detail.entries
+        ],
+        "events": [{"at": iso(e.at), "actor": e.actor, "kind": e.kind, "detail": e.detail} for e in detail.events],
+        "messages": [{"id": m.id, "status": m.status, "decision": m.decision, "reason": m.reason,
+                      "received_at": iso(m.received_at), "size": m.size, "error": m.error,
+                      "authentication": m.authentication}
+                     for m in detail.messages],
+    }
+    if as_json:
+        emit_json(data)
+        return
+    t = detail.ticket
+    echo(f"{t.reference}  {t.subject}")
+    echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
+    echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
+    echo(f"  received {t.received_at.isoformat()}")
+    if t.reporter_unreachable_at:
+        echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()} (our mail bounced)")
+    if t.labels:
+        echo(f"  labels {', '.join(t.labels)}")
+    for link in t.links:
+        echo(f"  {link['kind']} {link['reference']}")
+    if t.credit:
+        echo(f"  credit: {credit.Credit.from_dict(t.credit).display} (from {t.credit.get('source')})")
+    if t.quality:
+        matched = ", ".join(t.quality.get("matched", [])) or "no rule"
+        echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")
+    if stages:
+        echo("\nDeadlines:")
+        width = max(len(stage.stage) for stage in stages)
+        for stage in stages:
+            zone = (deadlines.stage_calendar(obj.settings, t.policy, stage.stage).zone
+                    if t.policy in obj.settings.policies else ZoneInfo("UTC"))
+            due = local_and_utc(stage.due_at, zone) if stage.due_at else "-"
+            met = f", met {local_and_utc(stage.met_at, zone)}" if stage.met_at else ""
+            echo(f"  {stage.stage.ljust(width)}  {stage.state:<9} due {due}{met}")
+            echo(f"  {''.ljust(width)}  {stage.basis}")
+    echo("\nThread:")
+    for entry in data["thread"]:
+        echo(f"  [{entry['at']}] {entry['direction']} {entry['kind']} from {entry['sender'] or '-'}"
+             f"  {entry['message_id'] or ''}")
+        if entry["threaded_by"]:
+            echo(f"      threaded by {entry['threaded_by']}")
+        if entry["encrypted"]:
+            echo(f"      encrypted ({entry['encrypted']}): ciphertext kept as received")
+        for attachment in entry["attachments"]:
+            echo(f"      attachment {attachment['number']}: {attachment['filename']} "
+                 f"({attachment['content_type']}, {attachment['size']} bytes, sha256 {attachment['sha256'][:16]}…)")
+        for warning in entry["warnings"]:
+            echo(f"      warning: {warning}")
+        if entry["body"]:
+            for line in entry["body"].strip().splitlines()[:40]:
+                echo(f"      | {line}")
+    echo("\nMessages:")
+    for message in data["messages"]:
+        echo(f"  #{message['id']} [{message['received_at']}] {message['status']}, decision "
+             f"{message['decision'] or '-'}: {message['reason'] or message['error'] or ''}")
+        if message["authentication"]:
+            echo(f"      sender {message['authentication']['result']}: {message['authentication']['reason']}")
+    echo("\nEvents:")
+    for event in data["events"]:
+        detail_text = " ".join(f"{k}={v}" for k, v in event["detail"].items())
+        echo(f"  [{event['at']}] {event['actor']}: {event['kind']} {detail_text}")
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("number", type=click.IntRange(min=1))
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="File to write (created with mode 0600), or - for standard output.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (never a symbolic link).")
+@click.pass_obj
+def attachment(obj: Context, reference: str, number: int, output: str, force: bool) -> None:
+    """Write attachment NUMBER of ticket REFERENCE (as numbered by `intake show`) to a file.
+
+    The bytes are the attachment exactly as received, decoded from its transfer encoding;
+    archives are never unpacked. Open it somewhere safe: it came from a stranger.
+    """
+    from intake.tickets import attachments  # the parser: only this command needs it
+
+    try:
+        meta, data = attachments.read(obj.engine(), reference, number)
+    except reads.TicketNotFound:
+        fail(f"no ticket {reference}")
+    except attachments.AttachmentMissing as exc:
+        fail(str(exc))
+    if output == "-":
+        try:
+            echo(data, nl=False)  # bytes go to the binary stream, unchanged
+        except display.TerminalRefused:
+            fail("standard output is a terminal, which a stranger's bytes could drive: "
+                 "give a file name, or pipe it (-o - | less)")
+        return
+    write_file_or_fail(output, data, force)
+    echo(f"wrote {len(data)} bytes to {output} ({meta.content_type}, sha256 {meta.sha256}; "
+         f"sent as {meta.original_filename or meta.filename!r})", err=True)

@@ -1,0 +1,142 @@
+"""Commands that move a ticket on: assign, severity, label, merge, close, reopen; the milestones
+(ack, assess, released, resolve, disclose); wait and resume (on the reporter). Each is one call to
+:mod:`intake.tickets.triage` or :mod:`intake.tickets.milestones` in :func:`change_ticket`'s
+transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import click
+
+from intake.cli.common import AT_OPTION, FORCE_OPTION, Context, actor, change_ticket
+from intake.tickets import milestones, reads, triage
+from intake.vocabulary import CLOSE_REASONS, SEVERITIES, Milestone
+
+
+def _milestone_command(name: str, milestone: str, help_text: str) -> click.Command:
+    @click.command(name, help=help_text)
+    @click.argument("reference")
+    @AT_OPTION
+    @FORCE_OPTION
+    @click.pass_obj
+    def command(obj: Context, reference: str, at: datetime | None, force: bool) -> None:
+        change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
+            session, settings, ticket, milestone, at=at or now, now=now, actor=actor(settings), force=force))
+
+    return command
+
+
+def _ticket_command(name: str, change: Callable[..., Any], help_text: str) -> click.Command:
+    """A command that makes one change to ticket REFERENCE: *change(session, settings, ticket, now=, actor=)*."""
+    @click.command(name, help=help_text)
+    @click.argument("reference")
+    @click.pass_obj
+    def command(obj: Context, reference: str) -> None:
+        change_ticket(obj, reference, lambda session, settings, ticket, now: change(
+            session, settings, ticket, now=now, actor=actor(settings)))
+
+    return command
+
+
+wait = _ticket_command("wait", milestones.wait,
+                       "The ticket waits on the reporter (clocks stop where the policy says so).")
+resume = _ticket_command("resume", milestones.resume, "The ticket no longer waits on the reporter.")
+reopen = _ticket_command("reopen", triage.reopen, "Reopen a closed or resolved ticket.")
+ack = _milestone_command("ack", Milestone.ACKNOWLEDGED, "Record that a person acknowledged the report to the reporter.")
+resolve = _milestone_command("resolve", Milestone.RESOLVED, "Record that the report is resolved.")
+disclose = _milestone_command("disclose", Milestone.DISCLOSED, "Record that the vulnerability was disclosed publicly.")
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--severity", required=True, type=click.Choice(SEVERITIES), help="The assessed severity.")
+@AT_OPTION
+@FORCE_OPTION
+@click.pass_obj
+def assess(obj: Context, reference: str, severity: str, at: datetime | None, force: bool) -> None:
+    """Record the assessment of the report, with its severity."""
+    change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.assess(
+        session, settings, ticket, severity, at=at or now, now=now, actor=actor(settings), force=force))
+
+
+@click.command()
+@click.argument("reference")
+@AT_OPTION
+@click.option("--version", "version", default=None, help="The release that carries the fix.")
+@FORCE_OPTION
+@click.pass_obj
+def released(obj: Context, reference: str, at: datetime | None, version: str | None, force: bool) -> None:
+    """Record that a patched release is out (starts the disclosure clock where the policy has one)."""
+    change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
+        session, settings, ticket, Milestone.RELEASED, at=at or now, now=now, actor=actor(settings), force=force,
+        version=version))
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("who")
+@click.pass_obj
+def assign(obj: Context, reference: str, who: str) -> None:
+    """Assign the ticket to a maintainer (email, name or login from [[maintainers]])."""
+    change_ticket(obj, reference, lambda session, settings, ticket, now: (
+        [], [f"assigned to {triage.assign(session, settings, ticket, who, now=now, actor=actor(settings))}"]))
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("severity", type=click.Choice(SEVERITIES))
+@click.option("--cvss", "cvss_vector", default=None, help="CVSS v3.1 or v4.0 vector; validated and scored.")
+@click.pass_obj
+def severity(obj: Context, reference: str, severity: str, cvss_vector: str | None) -> None:
+    """Set the ticket's severity (and CVSS vector); severity-dependent deadlines follow."""
+
+    def change(session, settings, ticket, now):  # type: ignore[no-untyped-def]
+        moved, warning = triage.set_severity(session, settings, ticket, severity, now=now, actor=actor(settings),
+                                             cvss_vector=cvss_vector)
+        notes = [f"CVSS {ticket.cvss_score} {ticket.cvss_vector}"] if cvss_vector else []
+        return moved, notes + ([f"warning: {warning}"] if warning else [])
+
+    change_ticket(obj, reference, change)
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("labels", nargs=-1)
+@click.option("--remove", multiple=True, help="A label to take off (repeatable).")
+@click.pass_obj
+def label(obj: Context, reference: str, labels: tuple[str, ...], remove: tuple[str, ...]) -> None:
+    """Add labels to the ticket (and take some off with --remove)."""
+    if not labels and not remove:
+        raise click.UsageError("give labels to add, or --remove LABEL")
+    change_ticket(obj, reference, lambda session, settings, ticket, now: (
+        [], ["labels " + (", ".join(triage.label(session, ticket, labels, remove, now=now, actor=actor(settings)))
+                          or "(none)")]))
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("into_reference")
+@click.pass_obj
+def merge(obj: Context, reference: str, into_reference: str) -> None:
+    """Merge duplicate REFERENCE into INTO_REFERENCE; the duplicate's reporter is told."""
+
+    def change(session, settings, ticket, now):  # type: ignore[no-untyped-def]
+        into = reads.find(session, into_reference)
+        triage.merge(session, settings, ticket, into, now=now, actor=actor(settings))
+        return [], [f"merged into {into.reference}; its reporter was told"]
+
+    change_ticket(obj, reference, change)
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--reason", required=True, type=click.Choice(CLOSE_REASONS), help="Why it is closed.")
+@click.option("--force", is_flag=True, help="Close as fixed without a recorded release.")
+@click.pass_obj
+def close(obj: Context, reference: str, reason: str, force: bool) -> None:
+    """Close the ticket (it counts as resolved)."""
+    change_ticket(obj, reference, lambda session, settings, ticket, now: triage.close(
+        session, settings, ticket, reason, now=now, actor=actor(settings), force=force))

@@ -1,0 +1,36 @@
+"""A ticket's attachment read back from its stored message exactly as received (``intake
+attachment``); apart from :mod:`intake.tickets.reads` because it needs the mail parser."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+
+from intake.store import inbound
+from intake.tickets.reads import numbered_attachments, ticket_detail
+from intake.understand.content import extract_attachment
+from intake.understand.parsed_mail import Attachment
+
+
+class AttachmentMissing(LookupError):
+    """The attachment asked for cannot be given; the message says why."""
+
+
+def read(engine: Engine, reference: str, number: int) -> tuple[Attachment, bytes]:
+    """Attachment *number* of ticket *reference* (as
+    :func:`intake.tickets.reads.numbered_attachments` numbers them) and
+    its bytes exactly as received, decoded from the transfer encoding, from the stored message.
+    Raises :class:`intake.tickets.reads.TicketNotFound` or :class:`AttachmentMissing`."""
+    detail = ticket_detail(engine, reference)
+    located = {n: key for key, n in numbered_attachments(detail).items()}
+    if number not in located:
+        raise AttachmentMissing(f"{detail.ticket.reference} has {len(located)} attachment(s); "
+                                f"there is no number {number}")
+    entry_id, index = located[number]
+    entry = next(e for e in detail.entries if e.id == entry_id)
+    stored = inbound.get(engine, entry.inbound_id) if entry.inbound_id else None
+    if stored is None:
+        raise AttachmentMissing(f"the stored message of attachment {number} is gone")
+    try:
+        return extract_attachment(stored.raw, index)
+    except LookupError:  # the parser no longer finds it where it was numbered: say so
+        raise AttachmentMissing(f"attachment {number} can no longer be read from stored message {stored.id}") from None
