@@ -87,19 +87,26 @@ class MilestoneSpec:
     stage: str  # the stage of this name is met by it unless the stage says ``met_by``
     stage_label: str  # how the acknowledgement names that stage
     credit_out: bool  # once reached, the reporter's credit belongs in release notes
+    summary: str  # what ``intake <verb>`` does, as its help says
 
 
 # Every milestone, declared once and in the order they normally come; the SLA engine's default
 # ``met_by``, the acknowledgement's stage names, the order checks and the credits derive from it.
 # Resolving follows the assessment, not a release: an invalid report is resolved without one.
 MILESTONE_SPECS = (
-    MilestoneSpec(Milestone.ACKNOWLEDGED, "ack", (), "acknowledge", "Acknowledgement by a person", False),
-    MilestoneSpec(Milestone.ASSESSED, "assess", (Milestone.ACKNOWLEDGED,), "assess", "Initial assessment", False),
-    MilestoneSpec(Milestone.RELEASED, "released", (Milestone.ASSESSED,), "fix", "Fix released (target)", True),
-    MilestoneSpec(Milestone.RESOLVED, "resolve", (Milestone.ASSESSED,), "resolve", "Resolution (target)", True),
-    MilestoneSpec(Milestone.DISCLOSED, "disclose", (Milestone.RELEASED,), "disclose", "Public disclosure", True),
+    MilestoneSpec(Milestone.ACKNOWLEDGED, "ack", (), "acknowledge", "Acknowledgement by a person", False,
+                  "Record that a person acknowledged the report to the reporter."),
+    MilestoneSpec(Milestone.ASSESSED, "assess", (Milestone.ACKNOWLEDGED,), "assess", "Initial assessment", False,
+                  "Record the assessment of the report, with its severity."),
+    MilestoneSpec(Milestone.RELEASED, "released", (Milestone.ASSESSED,), "fix", "Fix released (target)", True,
+                  "Record that a patched release is out (starts the disclosure clock where the policy has one)."),
+    MilestoneSpec(Milestone.RESOLVED, "resolve", (Milestone.ASSESSED,), "resolve", "Resolution (target)", True,
+                  "Record that the report is resolved."),
+    MilestoneSpec(Milestone.DISCLOSED, "disclose", (Milestone.RELEASED,), "disclose", "Public disclosure", True,
+                  "Record that the vulnerability was disclosed publicly."),
 )
 MILESTONES = tuple(spec.name for spec in MILESTONE_SPECS)
+MILESTONE_SPEC = {spec.name: spec for spec in MILESTONE_SPECS}
 # Every state a ticket can be in: a recorded milestone moves it to the state of that name.
 TICKET_STATES = (TicketState.NEW, TicketState.WAITING, *MILESTONES, TicketState.CLOSED)
 

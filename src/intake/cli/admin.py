@@ -19,7 +19,7 @@ from intake.sla import deadlines
 from intake.store import backup as backups, private_files, schema
 from intake.store.db import is_sqlite
 from intake.understand import reply_tokens
-from intake.vocabulary import SEVERITIES
+from intake.vocabulary import SEVERITIES, Milestone
 
 
 @click.command()
@@ -225,7 +225,7 @@ def sla_explain(obj: Context, policy_name: str, received: datetime, severity: st
               for deadline, calendar in explained]
     if as_json:
         emit_json({"policy": policy_name, "received": received.isoformat(), "severity": severity,
-                   "released": iso(released), "stages": stages})
+                   Milestone.RELEASED: iso(released), "stages": stages})
         return
     policy = settings.policies[policy_name]
     echo(f"policy {policy_name}{': ' + policy.description if policy.description else ''}")

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import click
 
 from intake.cli.common import Context
+from intake.vocabulary import MILESTONE_SPECS
 
 
 class Registered(NamedTuple):
@@ -40,13 +41,8 @@ COMMANDS = {
                         "Merge duplicate REFERENCE into INTO_REFERENCE; the duplicate's reporter is told."),
     "close": Registered(_M + "triage:close", "Close the ticket (it counts as resolved)."),
     "reopen": Registered(_M + "triage:reopen", "Reopen a closed or resolved ticket."),
-    "ack": Registered(_M + "triage:ack", "Record that a person acknowledged the report to the reporter."),
-    "assess": Registered(_M + "triage:assess", "Record the assessment of the report, with its severity."),
-    "released": Registered(_M + "triage:released",
-                           "Record that a patched release is out (starts the disclosure clock where the policy has "
-                           "one)."),
-    "resolve": Registered(_M + "triage:resolve", "Record that the report is resolved."),
-    "disclose": Registered(_M + "triage:disclose", "Record that the vulnerability was disclosed publicly."),
+    # ack, assess, released, resolve, disclose: as MILESTONE_SPECS declares them
+    **{spec.verb: Registered(_M + f"triage:{spec.verb}", spec.summary) for spec in MILESTONE_SPECS},
     "wait": Registered(_M + "triage:wait",
                        "The ticket waits on the reporter (clocks stop where the policy says so)."),
     "resume": Registered(_M + "triage:resume", "The ticket no longer waits on the reporter."),

@@ -17,7 +17,7 @@ from intake.sla import digest, reminders
 from intake.store import inbound
 from intake.tickets import correspondence, reads
 from intake.understand import parse_guard
-from intake.vocabulary import OutboxStatus
+from intake.vocabulary import DigestStatus, OutboxStatus
 
 
 def _message_text(message: str | None, file: Path | None, reference: str, what: str) -> str:
@@ -172,11 +172,11 @@ def digest_command(obj: Context, name: str, now: datetime | None, preview: bool,
     elif preview:
         echo(digest.text(settings, built), nl=False)
     else:
-        echo({"sent": f"digest {name} for {built.period.isoformat()} queued ({built.key})",
-              "already-sent": f"digest {name} for {built.period.isoformat()} was sent already ({built.key})",
-              "empty": f"digest {name} for {built.period.isoformat()} is empty: not sent (send_empty = false)",
-              "no-recipients": f"digest {name}: no recipients and no [[maintainers]]: not sent"}[status])
-    if status == "no-recipients":
+        echo({DigestStatus.SENT: f"digest {name} for {built.period.isoformat()} queued ({built.key})",
+              DigestStatus.ALREADY_SENT: f"digest {name} for {built.period.isoformat()} was sent already ({built.key})",
+              DigestStatus.EMPTY: f"digest {name} for {built.period.isoformat()} is empty: not sent (send_empty = false)",
+              DigestStatus.NO_RECIPIENTS: f"digest {name}: no recipients and no [[maintainers]]: not sent"}[status])
+    if status == DigestStatus.NO_RECIPIENTS:
         sys.exit(1)
 
 

@@ -13,11 +13,12 @@ import click
 
 from intake.cli.common import AT_OPTION, FORCE_OPTION, Context, actor, change_ticket
 from intake.tickets import milestones, reads, triage
-from intake.vocabulary import CLOSE_REASONS, SEVERITIES, Milestone
+from intake.vocabulary import CLOSE_REASONS, MILESTONE_SPEC, SEVERITIES, Milestone
 
 
-def _milestone_command(name: str, milestone: str, help_text: str) -> click.Command:
-    @click.command(name, help=help_text)
+def _milestone_command(milestone: str) -> click.Command:
+    """``intake <verb> REFERENCE``: record *milestone*, as its entry in MILESTONE_SPECS says."""
+    @click.command(MILESTONE_SPEC[milestone].verb, help=MILESTONE_SPEC[milestone].summary)
     @click.argument("reference")
     @AT_OPTION
     @FORCE_OPTION
@@ -45,31 +46,29 @@ wait = _ticket_command("wait", milestones.wait,
                        "The ticket waits on the reporter (clocks stop where the policy says so).")
 resume = _ticket_command("resume", milestones.resume, "The ticket no longer waits on the reporter.")
 reopen = _ticket_command("reopen", triage.reopen, "Reopen a closed or resolved ticket.")
-ack = _milestone_command("ack", Milestone.ACKNOWLEDGED, "Record that a person acknowledged the report to the reporter.")
-resolve = _milestone_command("resolve", Milestone.RESOLVED, "Record that the report is resolved.")
-disclose = _milestone_command("disclose", Milestone.DISCLOSED, "Record that the vulnerability was disclosed publicly.")
+ack = _milestone_command(Milestone.ACKNOWLEDGED)
+resolve = _milestone_command(Milestone.RESOLVED)
+disclose = _milestone_command(Milestone.DISCLOSED)
 
 
-@click.command()
+@click.command(MILESTONE_SPEC[Milestone.ASSESSED].verb, help=MILESTONE_SPEC[Milestone.ASSESSED].summary)
 @click.argument("reference")
 @click.option("--severity", required=True, type=click.Choice(SEVERITIES), help="The assessed severity.")
 @AT_OPTION
 @FORCE_OPTION
 @click.pass_obj
 def assess(obj: Context, reference: str, severity: str, at: datetime | None, force: bool) -> None:
-    """Record the assessment of the report, with its severity."""
     change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.assess(
         session, settings, ticket, severity, at=at or now, now=now, actor=actor(settings), force=force))
 
 
-@click.command()
+@click.command(MILESTONE_SPEC[Milestone.RELEASED].verb, help=MILESTONE_SPEC[Milestone.RELEASED].summary)
 @click.argument("reference")
 @AT_OPTION
 @click.option("--version", "version", default=None, help="The release that carries the fix.")
 @FORCE_OPTION
 @click.pass_obj
 def released(obj: Context, reference: str, at: datetime | None, version: str | None, force: bool) -> None:
-    """Record that a patched release is out (starts the disclosure clock where the policy has one)."""
     change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
         session, settings, ticket, Milestone.RELEASED, at=at or now, now=now, actor=actor(settings), force=force,
         version=version))
