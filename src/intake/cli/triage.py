@@ -1,5 +1,5 @@
 """Commands that move a ticket on: assign, severity, label, merge, close, reopen; the milestones
-(ack, assess, released, resolve, disclose); wait and resume (on the reporter). Each is one call to
+(ack, assess, released, resolve, disclose: see :func:`__getattr__`); wait and resume (on the reporter). Each is one call to
 :mod:`intake.tickets.triage` or :mod:`intake.tickets.milestones` in :func:`change_ticket`'s
 transaction."""
 
@@ -13,7 +13,7 @@ import click
 
 from intake.cli.common import AT_OPTION, FORCE_OPTION, Context, actor, change_ticket
 from intake.tickets import milestones, reads, triage
-from intake.vocabulary import CLOSE_REASONS, MILESTONE_SPEC, SEVERITIES, Milestone
+from intake.vocabulary import CLOSE_REASONS, MILESTONE_SPEC, MILESTONE_SPECS, SEVERITIES, Milestone
 
 
 def _milestone_command(milestone: str) -> click.Command:
@@ -46,9 +46,6 @@ wait = _ticket_command("wait", milestones.wait,
                        "The ticket waits on the reporter (clocks stop where the policy says so).")
 resume = _ticket_command("resume", milestones.resume, "The ticket no longer waits on the reporter.")
 reopen = _ticket_command("reopen", triage.reopen, "Reopen a closed or resolved ticket.")
-ack = _milestone_command(Milestone.ACKNOWLEDGED)
-resolve = _milestone_command(Milestone.RESOLVED)
-disclose = _milestone_command(Milestone.DISCLOSED)
 
 
 @click.command(MILESTONE_SPEC[Milestone.ASSESSED].verb, help=MILESTONE_SPEC[Milestone.ASSESSED].summary)
@@ -139,3 +136,12 @@ def close(obj: Context, reference: str, reason: str, force: bool) -> None:
     """Close the ticket (it counts as resolved)."""
     change_ticket(obj, reference, lambda session, settings, ticket, now: triage.close(
         session, settings, ticket, reason, now=now, actor=actor(settings), force=force))
+
+
+def __getattr__(verb: str) -> click.Command:
+    """``intake <verb>`` of every milestone in MILESTONE_SPECS without a command of its own above
+    (ack, resolve, disclose): a new milestone gets its command from its entry alone."""
+    spec = next((spec for spec in MILESTONE_SPECS if spec.verb == verb), None)
+    if spec is None:
+        raise AttributeError(verb)
+    return _milestone_command(spec.name)
