@@ -253,3 +253,23 @@ def test_processes_upgrading_at_once_migrate_exactly_once(config_file, empty_dat
     assert [p.returncode for p in processes] == [0] * 4, outputs
     assert sorted("upgraded from empty" in out for out in outputs) == [False, False, False, True], outputs
     assert all(f"already at {schema.head()}" in out for out in outputs if "upgraded" not in out), outputs
+
+
+def test_the_numbered_revisions_are_alembics_history_in_one_line():
+    """head() and require_current read the revision files' numbers (no Alembic import for every
+    command); that holds only while the history is one line numbered 0001, 0002, ..."""
+    history = list(reversed(list(schema.scripts().walk_revisions())))
+    assert [script.revision for script in history] == [f"{n:04d}" for n in range(1, len(history) + 1)]
+    assert all(script.down_revision == (history[i - 1].revision if i else None) for i, script in enumerate(history))
+    assert schema.head() == schema.scripts().get_current_head() == schema.revisions()[-1]
+
+
+def test_a_database_at_an_unknown_revision_is_refused(engine):
+    assert schema.current(engine) is None
+    schema.upgrade(engine)
+    schema.require_current(engine)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(schema.SchemaRefused, match="9999, which this intake does not know"):
+        schema.require_current(engine)
+    assert schema.current(engine) == "9999"

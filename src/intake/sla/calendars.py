@@ -185,8 +185,10 @@ class CalendarConfig(BaseModel):
         if country is None:
             return None
         country = country.strip().upper()
-        if country not in holidays.list_supported_countries():
-            raise ValueError(f"holidays_country {country!r} is not known to the holidays package")
+        try:  # one country's module, not all of them (list_supported_countries imports every one)
+            holidays.country_holidays(country)
+        except NotImplementedError:
+            raise ValueError(f"holidays_country {country!r} is not known to the holidays package") from None
         return country
 
     @model_validator(mode="after")

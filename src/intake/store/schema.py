@@ -21,19 +21,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.autogenerate import compare_metadata
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, inspect, text
 from sqlalchemy.types import TypeDecorator
 from sqlmodel import SQLModel
 
 from intake.store import db  # noqa: F401  (models: registers the tables on SQLModel.metadata)
 from intake.store import models
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+# Alembic is imported where a migration is read or run, not here: every CLI command checks the
+# schema (require_current), and importing Alembic for that doubled `intake tickets`' start.
+VERSIONS = Path(__file__).parent / "migrations" / "versions"
 
 # Any constant: the key of the PostgreSQL advisory lock that serialises migrations.
 _PG_LOCK_KEY = 0x696E74616B65  # "intake"
@@ -52,6 +56,8 @@ class Upgraded:
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", "intake.store:migrations")
     # %% because Config interpolates like ConfigParser. 0001_initial_schema.py, in order.
@@ -61,11 +67,19 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 
 def scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
+def _numbered_revisions() -> list[str]:
+    """The revisions, oldest first, read from the file names: :func:`new_revision` numbers them
+    0001, 0002, ... in one line (tests/test_schema.py checks this against Alembic's own history)."""
+    return sorted(path.name.split("_", 1)[0] for path in VERSIONS.glob("[0-9][0-9][0-9][0-9]_*.py"))
+
+
 def head() -> str:
-    return scripts().get_current_head()
+    return _numbered_revisions()[-1]
 
 
 def revisions() -> list[str]:
@@ -82,8 +96,11 @@ def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
 
 
 def current(engine: Engine) -> str | None:
+    """The database's revision (None: no schema), read as Alembic stores it, without Alembic."""
     with engine.connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+        if _VERSION_TABLE not in inspect(connection).get_table_names():
+            return None
+        return connection.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalar()
 
 
 @contextmanager
@@ -112,6 +129,9 @@ def migration_transaction(engine: Engine) -> Iterator[Connection]:
 
 def upgrade(engine: Engine, revision: str = "head") -> Upgraded:
     """Bring the database to *revision* (default: head); a no-op when it is there already."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
     known = revisions()
     with migration_transaction(engine) as connection:
         before = MigrationContext.configure(connection).get_current_revision()
@@ -137,7 +157,7 @@ def require_current(engine: Engine) -> None:
     if at is None:
         raise SchemaRefused("the database has no intake schema (or one from before migrations): "
                             "run `intake db upgrade` (`intake serve` does it at start)")
-    if at not in revisions():
+    if at not in _numbered_revisions():
         raise SchemaRefused(f"the database is at revision {at}, which this intake does not know (made by a newer "
                             f"version?); this intake needs {newest}")
     raise SchemaRefused(f"the database is at revision {at}, this intake needs {newest}: run `intake db upgrade`")
@@ -168,6 +188,8 @@ def _shape(connection: Connection) -> dict[str, Any]:
 
 def _first_revision_shape() -> dict[str, Any]:
     """The shape the first revision makes, built in a scratch in-memory SQLite database."""
+    from alembic import command
+
     scratch = create_engine("sqlite://")
     try:
         with scratch.begin() as connection:
@@ -178,6 +200,8 @@ def _first_revision_shape() -> dict[str, Any]:
 
 
 def _adopt_unversioned(connection: Connection) -> None:
+    from alembic import command
+
     expected, found = _first_revision_shape(), _shape(connection)
     if found != expected:
         differing = sorted(t for t in expected.keys() | found.keys() if expected.get(t) != found.get(t))
@@ -195,6 +219,9 @@ def differences(engine: Engine, metadata: Any = None) -> list[str]:
     """How the database's schema differs from the models (*metadata*, default intake's), one
     readable line each; empty when they agree. On a database at head this is "models against
     migrations": a non-empty answer means a model changed without a migration."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"compare_type": True})
         diffs = compare_metadata(context, metadata if metadata is not None else SQLModel.metadata)
@@ -233,6 +260,8 @@ def new_revision(message: str) -> str:
     models have that head does not, compared in a scratch SQLite database upgraded to head.
     Returns the file's path. Read it before committing: autogenerate misses some changes
     (renames, server defaults) and cannot know how to move data."""
+    from alembic import command
+
     existing = revisions()
     scratch = create_engine("sqlite://")
     try:
