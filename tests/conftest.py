@@ -371,10 +371,20 @@ def sink() -> Iterator[Sink]:
 # -- helpers ---------------------------------------------------------------------------------
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port nothing listens on, never the same one twice in a run: the kernel can hand
+    out a just-closed ephemeral port again, and a test that asks for two (SMTP and metrics) got
+    one port for both."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def report(subject: str = "XSS in the login form", sender: str = "alice@researcher.test",
