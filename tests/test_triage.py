@@ -15,6 +15,7 @@ import pytest
 from conftest import deliver_outbox, process, report, smtp_send
 from intake.send import outbox
 from intake.tickets import reads
+from intake.vocabulary import StageState
 
 MAINTAINERS = """
 [[maintainers]]
@@ -245,3 +246,19 @@ def test_tickets_sorted_by_next_deadline_and_filtered_by_breach(desk, cli, sink)
     assert "BREACHED" in cli("tickets").output
     year = datetime.now(timezone.utc).year
     assert all(t["reference"].startswith(f"SEC-{year}-") for t in listed)
+
+
+def test_a_finished_ticket_shows_its_unmet_stages_as_closed_not_breached(desk, cli, sink):
+    """Past due and closed as invalid: nothing is left to meet, so nothing of it is breached (as the
+    sweep, the digest and `intake stats` count it), in `intake show` as in the listing."""
+    settings, running, _ = desk
+    for subject in ("breaches at once", "breaches at once too"):
+        smtp_send(running.port, report(subject=subject), rcpt_tos=["security+now@example.com"])
+    closed, still_open = process(settings, running.engine).tickets_opened
+    cli("close", closed, "--reason", "invalid")
+    closed_stages = json.loads(cli("show", closed, "--json").output)["stages"]
+    open_stages = json.loads(cli("show", still_open, "--json").output)["stages"]
+    assert closed_stages and {stage["state"] for stage in closed_stages} == {StageState.CLOSED}
+    assert StageState.BREACHED in {stage["state"] for stage in open_stages}
+    assert "breached" not in cli("show", closed).output
+    assert [t["reference"] for t in json.loads(cli("tickets", "--all", "--breached", "--json").output)] == [still_open]

@@ -30,6 +30,23 @@ class Milestone:
     DISCLOSED = "disclosed"
 
 
+class StageState:
+    """Where one stage of a ticket's policy stands at an instant (``intake show``, notices)."""
+
+    PENDING = "pending"  # its start has not happened
+    PAUSED = "paused"  # started, its clock stopped (waiting on the reporter)
+    OK = "ok"
+    DUE_SOON = "due-soon"
+    BREACHED = "breached"  # past due and not met, on an open ticket
+    MET = "met"
+    MET_LATE = "met-late"
+    CLOSED = "closed"  # not met, and never will be: the ticket was resolved or closed first
+
+
+STAGE_STATES = (StageState.PENDING, StageState.PAUSED, StageState.OK, StageState.DUE_SOON, StageState.BREACHED,
+                StageState.MET, StageState.MET_LATE, StageState.CLOSED)
+
+
 class TicketState:
     """A ticket's state: new, a milestone's name (see MILESTONE_SPECS), waiting or closed."""
 

@@ -27,7 +27,7 @@ from intake.sla.engine import (
 from intake.store import schema
 from intake.store.db import read_session, write_session
 from intake.store.models import Deadline, Event, Ticket
-from intake.vocabulary import QUEUED_EVENT, EventKind, MailKind, Milestone, TicketState
+from intake.vocabulary import FINISHED_STATES, QUEUED_EVENT, EventKind, MailKind, Milestone, StageState, TicketState
 
 # Events that are the automatic reply to a new report: it acknowledges receipt where the policy
 # lets it count (``auto_ack_counts``), whichever template it used.
@@ -230,7 +230,7 @@ class StageStatus:
     stage: str
     due_at: datetime | None
     met_at: datetime | None
-    state: str  # pending, paused, ok, due-soon, breached, met, met-late
+    state: str  # a StageState
     basis: str
     severity_assumed: bool
 
@@ -254,13 +254,17 @@ def due_soon(settings: Settings, policy_name: str) -> timedelta:
 
 
 def statuses_of(settings: Settings, ticket: Ticket, stored: Iterable[Deadline], now: datetime) -> list[StageStatus]:
-    """The state at *now* of each of *ticket*'s *stored* deadlines (in the order given)."""
+    """The state at *now* of each of *ticket*'s *stored* deadlines (in the order given). A finished
+    ticket's unmet stages are ``closed``, never ``breached``: nothing is left to meet (as the sweep,
+    the digest and ``intake stats`` count them)."""
     soon = due_soon(settings, ticket.policy)
+    finished = ticket.state in FINISHED_STATES
     statuses = []
     for row in stored:
         deadline = StageDeadline(row.stage, row.due_at, row.basis, row.started_at, row.severity_assumed)
-        statuses.append(StageStatus(row.stage, row.due_at, row.met_at, stage_state(deadline, row.met_at, now, soon),
-                                    row.basis, row.severity_assumed))
+        state = (StageState.CLOSED if finished and row.met_at is None
+                 else stage_state(deadline, row.met_at, now, soon))
+        statuses.append(StageStatus(row.stage, row.due_at, row.met_at, state, row.basis, row.severity_assumed))
     return statuses
 
 

@@ -49,9 +49,8 @@ from intake.sla.calendars import (
     parse_duration, point_in_counted_time, resolve_calendar,
 )
 from intake.sla.reminder_points import parse_reminder_point, valid_reminder_points
-from intake.vocabulary import MILESTONES, MILESTONE_SPECS, SEVERITIES
+from intake.vocabulary import MILESTONES, MILESTONE_SPECS, SEVERITIES, StageState
 
-STAGE_STATES = ("pending", "paused", "ok", "due-soon", "breached", "met", "met-late")
 DEFAULT_DUE_SOON = "24 hours"
 # When maintainers are reminded of an unmet stage, unless its policy or the stage says otherwise.
 DEFAULT_REMIND = ("50%", "80%", "24 hours before")
@@ -412,7 +411,7 @@ def _apply_pauses(
 
 
 def stage_state(deadline: StageDeadline, met_at: datetime | None, now: datetime, due_soon: timedelta) -> str:
-    """Classify a stage at ``now`` as one of STAGE_STATES.
+    """Classify a stage of an open ticket at ``now`` (see :data:`intake.vocabulary.StageState`).
 
     ``pending``: its start has not happened (``deadline.start`` is None).
     ``paused``: started but its clock is stopped (``deadline.due`` is None).
@@ -423,16 +422,16 @@ def stage_state(deadline: StageDeadline, met_at: datetime | None, now: datetime,
     now = as_utc("now", now)
     if met_at is not None:
         met_at = as_utc("met_at", met_at)
-        return "met-late" if deadline.due is not None and met_at > deadline.due else "met"
+        return StageState.MET_LATE if deadline.due is not None and met_at > deadline.due else StageState.MET
     if deadline.start is None:
-        return "pending"
+        return StageState.PENDING
     if deadline.due is None:
-        return "paused"
+        return StageState.PAUSED
     if now > deadline.due:
-        return "breached"
+        return StageState.BREACHED
     if deadline.due - now <= due_soon:
-        return "due-soon"
-    return "ok"
+        return StageState.DUE_SOON
+    return StageState.OK
 
 
 def reminder_times(
