@@ -25,6 +25,8 @@ PLAIN = {
     "new", "waiting", "pending", "processed", "ignored", "failed", "sent", "dead", "critical", "high", "medium",
     "low", "none", "in", "out", "internal", "fixed", "invalid", "note", "report", "digest", "milestone",
     "reopened", "acknowledgement", "empty",
+    # stage states that are also JSON field names ("breached": true, "met": ...) or a check's "ok"
+    "ok", "met", "breached",
 }
 # Pieces of f-strings that build a word instead of looking it up (f"{kind}-queued").
 BUILT_SUFFIXES = ("-queued", "-received")
