@@ -61,8 +61,8 @@ def test_a_rules_file_re2_cannot_run_fails_check_config(cli, config_file, tmp_pa
                      "body = ['(?<!not )bounty']\n")
     with pytest.raises(RulesError, match=r"lookbehind.*not a valid regular expression \(RE2"):
         load_rules(rules)
-    config_file.write_text(config_file.read_text().replace('# spam_rules = "low-quality.toml"',
-                                                           f'spam_rules = "{rules}"'))
+    config_file.write_text(config_file.read_text().replace('# quality_rules = "low-quality.toml"',
+                                                           f'quality_rules = "{rules}"'))
     assert "RE2" in cli("check-config", code=78).output
 
 

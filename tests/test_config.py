@@ -210,3 +210,24 @@ def test_unknown_policy_in_mapping_is_rejected(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("INTAKE_INTAKE__POLICY_BY_ADDRESS", '{"security+x@example.com": "missing"}')
     with pytest.raises(ConfigError, match="missing"):
         load_settings(SHIPPED_CONFIG)
+
+
+def test_the_old_name_of_quality_rules_is_read_with_a_warning(tmp_path: Path):
+    rules = tmp_path / "mine.toml"
+    rules.write_text('threshold = 1.0\n[[rule]]\nname = "begging"\ndescription = "asks for money"\nscore = 1.0\n'
+                     'body = ["bounty"]\n')
+    shipped = SHIPPED_CONFIG.read_text()
+    old = _write(tmp_path, shipped.replace('# quality_rules = "low-quality.toml"', 'spam_rules = "mine.toml"'))
+    settings = load_settings(old)
+    assert [rule.name for rule in settings.quality_rules.rules] == ["begging"]
+    assert settings.warnings == ["intake.spam_rules is now called intake.quality_rules: rename it in the config file"]
+    checked = _check_config(old)
+    assert checked.returncode == 0 and "intake.spam_rules is now called intake.quality_rules" in checked.stderr
+
+    new = _write(tmp_path, shipped.replace('# quality_rules = "low-quality.toml"', 'quality_rules = "mine.toml"'))
+    assert load_settings(new).warnings == [] and "spam_rules" not in _check_config(new).stderr
+
+    both = _write(tmp_path, shipped.replace('# quality_rules = "low-quality.toml"',
+                                            'quality_rules = "mine.toml"\nspam_rules = "mine.toml"'))
+    refused = _check_config(both)
+    assert refused.returncode == 78 and "intake.spam_rules: renamed intake.quality_rules" in refused.stderr

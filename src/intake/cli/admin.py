@@ -38,7 +38,8 @@ def check_config(obj: Context) -> None:
     echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, "
          f"listening on {settings.smtp.listen}, outbound via {settings.outbound.transport})")
     warning = security_txt.expiry_warning(settings, datetime.now(timezone.utc))
-    for text in ([warning] if warning else []) + private_files.exposed(_database_files(settings.database_url)):
+    for text in ([warning] if warning else []) + settings.warnings + private_files.exposed(
+            _database_files(settings.database_url)):
         echo(f"intake: warning: {text}", err=True)
 
 

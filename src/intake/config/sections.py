@@ -90,7 +90,8 @@ class IntakeSection(Section):
     # Directory of templates that override the shipped ones (same file names).
     templates_dir: Path | None = None
     # Low-quality scoring rules (TOML); unset: the shipped rules (intake/understand/rules/low-quality.toml).
-    spam_rules: Path | None = None
+    # Named spam_rules before: load_settings still reads that name, with a warning.
+    quality_rules: Path | None = None
 
 
 class SmtpSection(Section):

@@ -84,6 +84,8 @@ class Settings(BaseSettings):
     # Where the file was read from; relative paths are resolved against its folder.
     config_path: Path | None = Field(default=None, exclude=True)
     _quality_rules: RuleSet = PrivateAttr()
+    # What check-config and `intake serve` warn about: keys read under a name they no longer have.
+    _warnings: list[str] = PrivateAttr(default_factory=list)
 
     @classmethod
     def settings_customise_sources(
@@ -111,16 +113,21 @@ class Settings(BaseSettings):
             if policy not in known:
                 raise ValueError(f"intake.policy_by_address.{address}: unknown policy {policy!r}")
         try:
-            self._quality_rules = load_rules(self.resolve_path(self.intake.spam_rules) if self.intake.spam_rules
-                                             else SHIPPED_RULES)
+            self._quality_rules = load_rules(self.resolve_path(self.intake.quality_rules)
+                                             if self.intake.quality_rules else SHIPPED_RULES)
         except RulesError as exc:
-            raise ValueError(f"intake.spam_rules: {exc}") from None
+            raise ValueError(f"intake.quality_rules: {exc}") from None
         return self
 
     @property
     def quality_rules(self) -> RuleSet:
         """The low-quality scoring rules, loaded (and checked) with the configuration."""
         return self._quality_rules
+
+    @property
+    def warnings(self) -> list[str]:
+        """What loading the configuration found to warn about (old key names)."""
+        return list(self._warnings)
 
     # -- derived values -------------------------------------------------------------
 
@@ -290,6 +297,7 @@ def load_settings(path: Path | None = None) -> Settings:
                 f"outbound.{key}: secrets are not read from config.toml; put the relay password in "
                 f"$CREDENTIALS_DIRECTORY/relay-password or ${SECRETS['relay-password']}"
             )
+    renamed = _read_renamed_keys(data)
     try:
         settings = Settings(**data, config_path=Path(path).resolve())
     except ValidationError as exc:
@@ -298,7 +306,27 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(str(exc)) from None
     _check_listen_host(settings)
     _check_ca_file(settings)
+    settings._warnings = renamed
     return settings
+
+
+# (section, old key) -> new key: read under the old name with a warning, so an upgrade does not
+# stop a service whose config.toml still says it.
+RENAMED_KEYS = {("intake", "spam_rules"): "quality_rules"}
+
+
+def _read_renamed_keys(data: dict[str, Any]) -> list[str]:
+    """Move keys of *data* from their old names to their new ones; one warning per key moved."""
+    warnings = []
+    for (section, old), new in RENAMED_KEYS.items():
+        table = data.get(section)
+        if not isinstance(table, dict) or old not in table:
+            continue
+        if new in table:
+            raise ConfigError(f"{section}.{old}: renamed {section}.{new}, which is set too; remove {old}")
+        table[new] = table.pop(old)
+        warnings.append(f"{section}.{old} is now called {section}.{new}: rename it in the config file")
+    return warnings
 
 
 def _check_listen_host(settings: Settings) -> None:

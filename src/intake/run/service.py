@@ -177,6 +177,8 @@ async def _serve(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")
     wake_processor = context.Event()
     stop_worker = context.Event()
+    for warning in settings.warnings:
+        log.warning("event=config-warning detail=%r", warning)
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     # Before the listener: mail is accepted only into a database at head. Under a lock, so
     # nodes starting together migrate once (see intake.store.schema).

@@ -91,7 +91,7 @@ _MATCHER_KEYS = (*_PATTERN_KEYS, "max_body_chars", "min_recipients", "undisclose
                  "attachment_types", "requires")
 
 
-# The rules that ship with intake; `[intake] spam_rules` points at a file of one's own instead.
+# The rules that ship with intake; `[intake] quality_rules` points at a file of one's own instead.
 SHIPPED_RULES = Path(__file__).parent / "rules" / "low-quality.toml"
 
 
