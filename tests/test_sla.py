@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from intake.sla.calendars import CalendarConfig, add_duration, builtin_calendars, parse_duration
+from intake.sla.calendars import CalendarConfig, add_duration, builtin_calendars, holidays_country_codes, parse_duration
 from intake.sla.engine import (
     PolicyConfig, StageConfig, acknowledge_met_at, compute_deadlines, stage_state, validate_policies,
 )
@@ -756,3 +756,9 @@ def test_business_days_match_numpy_busday_offset(calendar, start, days):
     # time (PEP 495), even to the same instant.
     due, _ = add_duration(start, f"{days} business days", calendar)
     assert due.astimezone(UTC) == numpy_business_days(start, days, calendar).astimezone(UTC)
+
+
+def test_the_country_codes_checked_are_those_the_holidays_package_supports():
+    """holidays_country is checked against the package's registry (no country imported for it):
+    the same set as list_supported_countries(), which imports them all."""
+    assert holidays_country_codes() == set(holidays.list_supported_countries())
