@@ -137,6 +137,6 @@ def resume(session: Session, settings: Settings, ticket: Ticket, *, now: datetim
     """The ticket no longer waits on the reporter: back to the state it was in, clocks running."""
     if ticket.state != TicketState.WAITING:
         raise Refused(f"{ticket.reference} is not waiting on the reporter (state {ticket.state})")
-    records.resume(session, ticket, now, actor=actor, why=why)
+    records.leave_waiting(session, ticket, now, actor=actor, why=why)
     return deadlines.refresh(session, settings, ticket, now)
 

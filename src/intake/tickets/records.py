@@ -4,7 +4,7 @@ Who writes tickets (each in the caller's transaction, taking ``now``):
 
 - :mod:`intake.tickets.opening` creates them, with their first entries, events and deadlines;
 - this module appends events (:func:`add_event`, for the modules below but credit), changes state
-  (:func:`change_state`, :func:`resume`) and records inbound mail that threads into a ticket
+  (:func:`change_state`, :func:`leave_waiting`) and records inbound mail that threads into a ticket
   (:func:`record_on_ticket`, as :mod:`intake.understand.decisions` says per decision);
 - :mod:`intake.tickets.triage` assignment, labels, closing, reopening and merging;
 - :mod:`intake.tickets.milestones` milestones, severity and waiting on the reporter;
@@ -67,7 +67,7 @@ def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage
         if reply_credit:
             credit.set_credit(session, ticket, reply_credit, now, actor=SYSTEM_ACTOR)
         if ticket.state == TicketState.WAITING:
-            resume(session, ticket, now, actor=SYSTEM_ACTOR, why="the reporter replied")
+            leave_waiting(session, ticket, now, actor=SYSTEM_ACTOR, why="the reporter replied")
             deadlines.refresh(session, settings, ticket, now)  # the clocks run again
     elif effect is decisions.OnTicket.BOUNCE and decision.bounced is not None:
         _record_bounce(session, ticket, incoming, decision.bounced, now)
@@ -93,7 +93,7 @@ def _record_bounce(session: Session, ticket: Ticket, incoming: route.Incoming, b
         add_event(session, ticket.id, EventKind.REPORTER_UNREACHABLE, now, address=recipient)
 
 
-def resume(session: Session, ticket: Ticket, now: datetime, *, actor: str, why: str) -> None:
+def leave_waiting(session: Session, ticket: Ticket, now: datetime, *, actor: str, why: str) -> None:
     """Leave the waiting state for the state the ticket was in before it."""
     previous = session.scalars(
         select(Event).where(Event.ticket_id == ticket.id, Event.kind == EventKind.STATE_CHANGED)

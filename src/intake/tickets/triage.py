@@ -124,7 +124,7 @@ def reopen(session: Session, settings: Settings, ticket: Ticket, *, now: datetim
     if ticket.state not in FINISHED_STATES:
         raise Refused(f"{ticket.reference} is not closed or resolved (state {ticket.state})")
     records.add_event(session, ticket.id, EventKind.REOPENED, now, actor=actor, close_reason=ticket.close_reason)
-    records.resume(session, ticket, now, actor=actor, why="reopened")
+    records.leave_waiting(session, ticket, now, actor=actor, why="reopened")
     if ticket.state in FINISHED_STATES:  # it was resolved, then closed: go back before both
         records.change_state(session, ticket, Milestone.ASSESSED, now, actor=actor, why="reopened")
     ticket.close_reason = None
