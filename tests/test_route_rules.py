@@ -183,7 +183,7 @@ def test_reply_address_decides_for_its_maintainer_authenticated_or_refused():
     privileged = run(route.reply_address, mail(sender=MIA, to=(REPLY_ADDRESS_A,), authentication=AUTHENTICATED))
     assert (privileged.kind, privileged.ticket_id, privileged.authenticated) == (MAINTAINER_REPLY, A.id, True)
     refused = run(route.reply_address, mail(sender=MIA, to=(REPLY_ADDRESS_A,)))
-    assert (refused.kind, refused.ticket_id, refused.refused) == (REJECTED, None, route.Refused(A, MIA))
+    assert (refused.kind, refused.ticket_id, refused.refused) == (REJECTED, None, route.RefusedReplyAddress(A, MIA))
     stranger = run(route.reply_address, mail(sender=EVE, to=(REPLY_ADDRESS_A,), authentication=AUTHENTICATED))
     assert (stranger.kind, stranger.ticket_id, stranger.refused) == (REJECTED, None, None)
 

@@ -141,7 +141,7 @@ class Incoming:
 
 
 @dataclass(frozen=True)
-class Refused:
+class RefusedReplyAddress:
     """Mail to a maintainer's reply address that was refused: whose address it is, on which ticket."""
 
     ticket: TicketRef
@@ -163,7 +163,7 @@ class Decision:
     authenticated: bool = False
     # Mail to a maintainer's reply address refused (expired, or its sender not authenticated): the
     # ticket and the maintainer the address belongs to, who is told why (never the sender).
-    refused: Refused | None = None
+    refused: RefusedReplyAddress | None = None
 
 
 Rule = Callable[[Incoming, Known, RoutingConfig], Decision | None]
@@ -315,7 +315,7 @@ def reply_address(incoming: Incoming, known: Known, config: RoutingConfig) -> De
     checked = config.check_reply_token(reference, token)
     if checked.status == INVALID or checked.maintainer != incoming.sender:
         return Decision(REJECTED, f"reply address {recipient}: token is not {incoming.sender}'s: nothing changed")
-    refused = Refused(ticket, checked.maintainer)
+    refused = RefusedReplyAddress(ticket, checked.maintainer)
     if checked.status == OLD_FORMAT:
         return Decision(REJECTED, f"reply address expired: {recipient} is of the old format without an issue "
                                   "date, treated as expired: nothing changed", refused=refused)
