@@ -10,11 +10,12 @@ PACKAGE = ROOT / "src" / "intake"
 
 
 def _modules() -> set[str]:
-    """Every module of the package, as a path under src/intake/ (migration scripts are data)."""
+    """Every module of the package (packages' __init__.py included), as a path under src/intake/;
+    migration scripts are data."""
     found = set()
     for path in PACKAGE.rglob("*.py"):
         relative = path.relative_to(PACKAGE).as_posix()
-        if relative.startswith("store/migrations/") or path.name == "__init__.py":
+        if relative.startswith("store/migrations/"):
             continue
         found.add(relative)
     return found
