@@ -258,7 +258,7 @@ def test_the_reply_address_rule_needs_a_valid_token_and_an_authenticated_sender(
         refused = _route_to(address, ana, verdict)
         assert (refused.kind, refused.ticket_id, refused.authenticated) == ("rejected", None, False)
         assert "authentication failed" in refused.reason and verdict.reason in refused.reason
-        assert refused.refused == route.Refused(route.TicketRef(7, "SEC-2026-0001", "alice@researcher.test"), ana)
+        assert refused.refused == route.RefusedReplyAddress(route.TicketRef(7, "SEC-2026-0001", "alice@researcher.test"), ana)
     stale = reply_tokens.reply_address(b"s" * 32, "security@example.com", "SEC-2026-0001", ana,
                                        NOW - MAX_AGE - timedelta(days=1))
     expired = _route_to(stale, ana, passed)
