@@ -227,6 +227,10 @@ def test_the_old_name_of_quality_rules_is_read_with_a_warning(tmp_path: Path):
     new = _write(tmp_path, shipped.replace('# quality_rules = "low-quality.toml"', 'quality_rules = "mine.toml"'))
     assert load_settings(new).warnings == [] and "spam_rules" not in _check_config(new).stderr
 
+    by_env = _check_config(_write(tmp_path, shipped), INTAKE_INTAKE__SPAM_RULES=str(rules))
+    assert by_env.returncode == 0, by_env.stderr
+    assert "INTAKE_INTAKE__SPAM_RULES is now called INTAKE_INTAKE__QUALITY_RULES" in by_env.stderr
+
     both = _write(tmp_path, shipped.replace('# quality_rules = "low-quality.toml"',
                                             'quality_rules = "mine.toml"\nspam_rules = "mine.toml"'))
     refused = _check_config(both)

@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator,
+)
 
 from intake import patterns
 from intake.sla.calendars import parse_duration
@@ -90,8 +92,9 @@ class IntakeSection(Section):
     # Directory of templates that override the shipped ones (same file names).
     templates_dir: Path | None = None
     # Low-quality scoring rules (TOML); unset: the shipped rules (intake/understand/rules/low-quality.toml).
-    # Named spam_rules before: load_settings still reads that name, with a warning.
-    quality_rules: Path | None = None
+    # Named spam_rules before: still read under that name (INTAKE_INTAKE__SPAM_RULES too), with a
+    # warning from load_settings.
+    quality_rules: Path | None = Field(default=None, validation_alias=AliasChoices("quality_rules", "spam_rules"))
 
 
 class SmtpSection(Section):

@@ -245,7 +245,8 @@ def _json_env_errors(environ: dict[str, str]) -> list[str]:
 
 
 def _unknown_env_vars(environ: dict[str, str]) -> list[str]:
-    known = _known_env_names(Settings, ENV_PREFIX) | {CONFIG_ENV, *SECRETS.values()}
+    known = _known_env_names(Settings, ENV_PREFIX) | {CONFIG_ENV, *SECRETS.values()} | {
+        _env_name(section, old) for section, old in RENAMED_KEYS}
     unknown = []
     for name in environ:
         upper = name.upper()
@@ -283,6 +284,7 @@ def load_settings(path: Path | None = None) -> Settings:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
+    renamed = _read_renamed_keys(data, dict(os.environ))
     unknown = _unknown_env_vars(dict(os.environ))
     if unknown:
         raise ConfigError(
@@ -297,7 +299,6 @@ def load_settings(path: Path | None = None) -> Settings:
                 f"outbound.{key}: secrets are not read from config.toml; put the relay password in "
                 f"$CREDENTIALS_DIRECTORY/relay-password or ${SECRETS['relay-password']}"
             )
-    renamed = _read_renamed_keys(data)
     try:
         settings = Settings(**data, config_path=Path(path).resolve())
     except ValidationError as exc:
@@ -315,17 +316,26 @@ def load_settings(path: Path | None = None) -> Settings:
 RENAMED_KEYS = {("intake", "spam_rules"): "quality_rules"}
 
 
-def _read_renamed_keys(data: dict[str, Any]) -> list[str]:
-    """Move keys of *data* from their old names to their new ones; one warning per key moved."""
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section}__{key}".upper()
+
+
+def _read_renamed_keys(data: dict[str, Any], environ: dict[str, str]) -> list[str]:
+    """Move keys of *data* from their old names to their new ones; one warning per key read under
+    its old name, in the file or the environment."""
     warnings = []
     for (section, old), new in RENAMED_KEYS.items():
         table = data.get(section)
-        if not isinstance(table, dict) or old not in table:
-            continue
-        if new in table:
-            raise ConfigError(f"{section}.{old}: renamed {section}.{new}, which is set too; remove {old}")
-        table[new] = table.pop(old)
-        warnings.append(f"{section}.{old} is now called {section}.{new}: rename it in the config file")
+        if isinstance(table, dict) and old in table:
+            if new in table:
+                raise ConfigError(f"{section}.{old}: renamed {section}.{new}, which is set too; remove {old}")
+            table[new] = table.pop(old)
+            warnings.append(f"{section}.{old} is now called {section}.{new}: rename it in the config file")
+        old_env, new_env = _env_name(section, old), _env_name(section, new)
+        if old_env in environ:  # the section's field reads it under its old name too (sections.py)
+            if new_env in environ:
+                raise ConfigError(f"{old_env}: renamed {new_env}, which is set too; unset {old_env}")
+            warnings.append(f"{old_env} is now called {new_env}: rename it in the environment")
     return warnings
 
 
