@@ -34,7 +34,10 @@ def parse_logfmt(line: str) -> dict[str, str]:
 
 
 def record(message: str, *args: object, level: int = logging.INFO, exc_info=None) -> logging.LogRecord:  # type: ignore[no-untyped-def]
-    return logging.LogRecord("intake.test", level, __file__, 1, message, args, exc_info)
+    made = logging.LogRecord("intake.test", level, __file__, 1, message, args, exc_info)
+    # One instant for every record: two lines compared whole must not straddle a millisecond.
+    made.created = 1_777_887_000.123
+    return made
 
 
 def logfmt(message: str, *args: object, **kwargs) -> dict[str, str]:  # type: ignore[no-untyped-def]
