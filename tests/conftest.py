@@ -331,6 +331,12 @@ class SinkHandler:
 
     messages: list[Captured] = field(default_factory=list)
     replies: list[str] = field(default_factory=list)
+    sessions: int = 0  # EHLOs seen: each is a client's session
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):  # type: ignore[no-untyped-def]
+        self.sessions += 1
+        session.host_name = hostname
+        return responses
 
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
         if self.replies:

@@ -39,6 +39,62 @@ INTAKE = Path(sys.executable).parent / "intake"
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
 
 
+
+def test_an_idle_outbox_opens_no_session_with_the_relay(make_settings, sink):
+    """Polling with nothing due must not EHLO and QUIT the relay every few seconds (a smarthost
+    counts those sessions); mail that comes due gets exactly one session."""
+    settings = make_settings(**relay_env(sink.port), INTAKE_OUTBOUND__POLL_INTERVAL="0.05")
+    engine = engine_for(settings)
+    sender = OutboxSender(engine, settings, make_transport(settings))
+
+    async def scenario() -> tuple[int, int, int]:
+        stop, wake = asyncio.Event(), asyncio.Event()
+        running = asyncio.create_task(sender.run(stop, wake))
+        await asyncio.sleep(0.6)  # a dozen polls with nothing due
+        idle = sink.handler.sessions
+        enqueue(engine, outgoing(1), now=datetime.now(timezone.utc))
+        wake.set()
+        for _ in range(200):
+            if sink.messages:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.6)  # idle again
+        stop.set()
+        await running
+        return idle, len(sink.messages), sink.handler.sessions
+
+    assert asyncio.run(scenario()) == (0, 1, 1)
+
+
+def test_a_database_that_is_unavailable_is_one_line_a_poll_warned_once_and_its_recovery_said(
+        make_settings, tmp_path, caplog):
+    url = f"sqlite:///{tmp_path / 'not-yet.db'}"  # no schema yet: every statement fails as when it is away
+    settings = make_settings(INTAKE_DATABASE__URL=url, INTAKE_OUTBOUND__TRANSPORT="maildir",
+                             INTAKE_OUTBOUND__MAILDIR=str(tmp_path / "out"), INTAKE_OUTBOUND__POLL_INTERVAL="0.05")
+    engine = make_engine(url, settings.database.busy_timeout)
+    sender = OutboxSender(engine, settings, make_transport(settings))
+
+    async def scenario() -> None:
+        stop, wake = asyncio.Event(), asyncio.Event()
+        running = asyncio.create_task(sender.run(stop, wake))
+        await asyncio.sleep(0.5)
+        schema.upgrade(make_engine(url))  # the database comes (back) as intake serve makes it
+        await asyncio.sleep(0.5)
+        stop.set()
+        await running
+
+    with caplog.at_level("INFO", logger="intake.send.outbox"):
+        asyncio.run(scenario())
+    lines = [(r.levelname, r.getMessage().split()[0], r.exc_info) for r in caplog.records]
+    unavailable = [line for line in lines if line[1] == "event=outbox-database-unavailable"]
+    assert len(unavailable) >= 3 and [level for level, _, _ in unavailable] == ["WARNING"] + ["INFO"] * (
+        len(unavailable) - 1)
+    assert all(exc_info is None for _, _, exc_info in lines)  # no traceback, ever
+    assert [line[:2] for line in lines if line[1] == "event=outbox-database-available"] == [
+        ("INFO", "event=outbox-database-available")]
+    assert not [line for line in lines if line[1] == "event=outbox-error"]
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 

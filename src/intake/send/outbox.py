@@ -31,6 +31,7 @@ from pathlib import Path
 
 import aiosmtplib
 from sqlalchemy import Engine, bindparam, func, or_, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
 from intake.config.sections import OutboundSection
@@ -270,6 +271,8 @@ class OutboxSender:
         """Send one claimed batch; returns counts by outcome."""
         counts: dict[str, int] = {}
         rows = await asyncio.to_thread(self.claim, now)
+        if not rows:  # no session with the relay for nothing: an idle intake polls every few seconds
+            return counts
         async for row, delivery in self._transport.deliver(rows):
             # Recorded one by one: a crash can then resend at most the message in flight.
             outcome = await asyncio.to_thread(self.record, row, delivery, now)
@@ -304,11 +307,22 @@ class OutboxSender:
         claimed batch rather than everything due: turning mail into tickets and queued replies
         comes first, and sending still goes on, at least ``CLAIM_BATCH`` mails per poll interval."""
         busy = busy or asyncio.Event()
+        failed_polls = 0  # in a row, with the database unavailable
         while not stop.is_set():
             try:
                 while not stop.is_set() and await self.send_due(datetime.now(timezone.utc)) and not busy.is_set():
                     pass
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the sender
+                if failed_polls:
+                    log.info("event=outbox-database-available failed_polls=%d", failed_polls)
+                failed_polls = 0
+            except (OperationalError, InterfaceError) as exc:
+                # Locked, restarting, unreachable: expected now and then, and it retries by itself. A
+                # warning once, then one line per poll, never a traceback each time.
+                failed_polls += 1
+                (log.warning if failed_polls == 1 else log.info)(
+                    "event=outbox-database-unavailable failed_polls=%d error=%r", failed_polls,
+                    str(exc.orig or exc).splitlines()[0][:200])
+            except Exception:  # noqa: BLE001 - nothing must end the sender; what this is, is unknown
                 log.exception("event=outbox-error")
             wake.clear()
             try:
