@@ -208,7 +208,9 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
         reports = [opening.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
                                      r.prepared.work.report_credit)
                    for r in routed if decisions.handling(r.decision).record is decisions.Record.NEW_TICKET]
-        return Plan(routed, opening.plan(session, settings, reports, now, reply_secret), reply_secret)
+        reads = opening.read_for_plan(session, settings, reports, now)
+    # Templates rendered after the read transaction ends: it need not stay open for them.
+    return Plan(routed, opening.plan(settings, reports, reads, now, reply_secret), reply_secret)
 
 
 def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> list[Outcome]:

@@ -140,11 +140,12 @@ def _public_holidays(country: str, subdivision: str | None, year: int) -> Mappin
     return dict(holidays.country_holidays(country, subdiv=subdivision, years=year))
 
 
-def holidays_country_codes() -> set[str]:
+@cache
+def holidays_country_codes() -> frozenset[str]:
     """The ISO 3166 codes (alpha-2 and alpha-3) the holidays package knows, without importing its
     countries: a registry entry is (class name, alpha-2, alpha-3, aliases such as UK or HolidaysAX)."""
-    return {code for names in holidays.registry.COUNTRIES.values() for code in names[1:]
-            if 2 <= len(code) <= 3 and code.isupper()}
+    return frozenset(code for names in holidays.registry.COUNTRIES.values() for code in names[1:]
+                     if 2 <= len(code) <= 3 and code.isupper())
 
 
 class CalendarConfig(BaseModel):

@@ -91,15 +91,28 @@ class OpenedTicket:
     reference: str
 
 
-def plan(session: Session, settings: Settings, reports: list[NewReport], now: datetime,
+@dataclass(frozen=True)
+class PlanReads:
+    """What planning new tickets reads from the database (see :func:`read_for_plan`)."""
+
+    sent: Counter[str]  # automatic mails per recipient within the rate limit's window
+    upcoming: list[str]  # the references that come next, one per report
+
+
+def read_for_plan(session: Session, settings: Settings, reports: list[NewReport], now: datetime) -> PlanReads:
+    """The two reads :func:`plan` needs, in the caller's read session: rendering happens after it."""
+    return PlanReads(_automatic_mails_sent(session, settings, [report.incoming for report in reports], now),
+                     next_references(session, settings.intake.reference_prefix,
+                                     [report.stored.received_at.year for report in reports]))
+
+
+def plan(settings: Settings, reports: list[NewReport], reads: PlanReads, now: datetime,
          reply_secret: bytes) -> NewTickets:
-    """The tickets *reports* open, made ready in a read session before the write lock: each under
-    the reference that comes next, its automatic reply rendered unless loop safety or the rate
-    limit forbid it, its notices signed with *reply_secret*."""
-    sent = _automatic_mails_sent(session, settings, [report.incoming for report in reports], now)
-    upcoming = next_references(session, settings.intake.reference_prefix,
-                               [report.stored.received_at.year for report in reports])
-    return NewTickets(_prepare_openings(settings, reports, upcoming, sent, now, reply_secret), sent, reply_secret)
+    """The tickets *reports* open, made ready before the write lock and outside any transaction:
+    each under the reference that comes next, its automatic reply rendered unless loop safety or
+    the rate limit forbid it, its notices signed with *reply_secret*."""
+    return NewTickets(_prepare_openings(settings, reports, reads.upcoming, reads.sent, now, reply_secret),
+                      reads.sent, reply_secret)
 
 
 def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbound_ids: Container[int],
