@@ -95,6 +95,9 @@ class IntakeSection(Section):
     # Named spam_rules before: still read under that name (INTAKE_INTAKE__SPAM_RULES too), with a
     # warning from load_settings.
     quality_rules: Path | None = Field(default=None, validation_alias=AliasChoices("quality_rules", "spam_rules"))
+    # This file is a development configuration (the shipped config.toml): check-config does not warn
+    # about example.com addresses, the Maildir transport, no maintainers or a HELO of localhost.
+    development: bool = False
 
 
 class SmtpSection(Section):
@@ -126,6 +129,10 @@ class SmtpSection(Section):
     tls_key: Path | None = None
     # Refuse MAIL before STARTTLS (only with a certificate).
     require_starttls: bool = False
+    # MTAs in front of intake (addresses or networks, e.g. "127.0.0.1", "10.0.0.0/24"): from them
+    # intake takes Postfix's XFORWARD (the original client), counts connection limits against that
+    # client, and starts SLA clocks when the relay accepted the message (its Received: header).
+    trusted_relays: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
 
     @property
     def listen_address(self) -> HostPort:
