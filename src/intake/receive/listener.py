@@ -14,16 +14,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import socket
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Hashable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from intake.config.settings import Settings, base_address
+from intake.receive import xforward
+from intake.receive.trace import Hop, trace_fields
 from intake.run import metrics
 from intake.store.inbound import Arrival, GroupCommitter
 
@@ -57,8 +61,31 @@ class ConnectionLimits:
         return None
 
     def release(self, ip: str) -> None:
-        address, network = client_keys(ip, *self._prefixes)
         self.total -= 1
+        self.uncount(ip)
+
+    def admit_relay(self) -> str | None:
+        """Count a new connection from a trusted relay, in the total only: None, or ``"total"``."""
+        if self.total >= self._most:
+            return "total"
+        self.total += 1
+        return None
+
+    def count_under(self, ip: str) -> str | None:
+        """Count a connection already admitted (a trusted relay's) under the client *ip* it now
+        speaks for: None, or (not counted) ``"address"`` or ``"network"``."""
+        address, network = client_keys(ip, *self._prefixes)
+        if self._open[address] >= self._most_per_ip:
+            return "address"
+        if self._open_networks[network] >= self._most_per_network:
+            return "network"
+        self._open[address] += 1
+        self._open_networks[network] += 1
+        return None
+
+    def uncount(self, ip: str) -> None:
+        """Undo :meth:`count_under` (or the per-client part of :meth:`admit`)."""
+        address, network = client_keys(ip, *self._prefixes)
         for counter, key in ((self._open, address), (self._open_networks, network)):
             counter[key] -= 1
             if not counter[key]:
@@ -92,6 +119,7 @@ class IntakeHandler:
         self.reconfigure(settings)
         self._committer = committer
         smtp = settings.smtp
+        self._hostname = smtp.hostname  # as in the greeting: only a restart changes it
         self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_ip,
                                        smtp.max_connections_per_network, smtp.network_prefix_ipv4,
                                        smtp.network_prefix_ipv6)
@@ -103,9 +131,11 @@ class IntakeHandler:
         return _discoverable_names(type(self))  # as IntakeSMTP.__dir__: aiosmtpd lists us per connection
 
     def reconfigure(self, settings: Settings) -> None:
-        """Take the addresses and recipient limit of reloaded *settings* (SIGHUP), for the next RCPT."""
+        """Take the addresses and recipient limit of reloaded *settings* (SIGHUP), for the next RCPT,
+        and the trusted relays, for the next connection."""
         self._addresses = frozenset(settings.smtp.addresses)
         self._max_recipients = settings.smtp.max_recipients
+        self.trusted_relays = xforward.TrustedRelays(settings.smtp.trusted_relays)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
@@ -121,13 +151,22 @@ class IntakeHandler:
 
     async def handle_DATA(self, server: IntakeSMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
+        received_at = datetime.now(timezone.utc)
+        mail_from = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
+        origin = server.origin()
+        trace_id = secrets.token_hex(6).upper()
         arrival = Arrival(
-            mail_from=envelope.mail_from if envelope.mail_from not in (None, "<>") else "",
+            mail_from=mail_from,
             rcpt_tos=list(envelope.rcpt_tos),
-            peer=_peer(session),
-            helo=(session.host_name or "")[:255],
+            peer=origin.peer,
+            helo=origin.helo[:255],
             raw=raw,
-            received_at=datetime.now(timezone.utc),
+            received_at=received_at,
+            relay=origin.relay,
+            trace=trace_fields(mail_from=mail_from, rcpt_tos=envelope.rcpt_tos, client=origin.client,
+                               relay=origin.via, by=self._hostname, extended=session.extended_smtp,
+                               authenticated=bool(session.authenticated), tls=server.tls(),
+                               trace_id=trace_id, at=received_at),
         )
         self.in_flight += 1
         self.idle.clear()
@@ -142,10 +181,23 @@ class IntakeHandler:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
-        log.info("event=accepted inbound_id=%d peer=%s size=%d rcpts=%d", stored_id, arrival.peer, len(raw),
-                 len(arrival.rcpt_tos))
+        log.info("event=accepted inbound_id=%d peer=%s relay=%s size=%d rcpts=%d trace_id=%s", stored_id,
+                 arrival.peer, arrival.relay or "-", len(raw), len(arrival.rcpt_tos), trace_id)
         metrics.received("accepted")
         return f"250 2.0.0 OK queued as {stored_id}"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who a message comes from: *peer* and *helo* as recorded (the original client when a trusted
+    relay named it), *relay* the trusted relay's peer ("" for a direct client), and the hops of
+    its ``Received:`` field: *client*, and *via* the relay when the client is another host."""
+
+    peer: str
+    helo: str
+    relay: str
+    client: Hop
+    via: Hop | None
 
 
 class IntakeSMTP(SMTP):
@@ -164,6 +216,10 @@ class IntakeSMTP(SMTP):
     _admitted: str | None = None  # the client address this connection is counted under
     _idle_deadline = 0.0  # loop time at which the client has been silent too long
     _timed_out = False
+    relay: str | None = None  # the address of the trusted relay this connection comes from
+    forwarded: xforward.Forwarded | None = None  # what XFORWARD said in this transaction
+    _counted_as: str | None = None  # the forwarded client a relay's connection is counted under now
+    _offer_xforward = False  # this EHLO answer is to a trusted relay: it gets XFORWARD
 
     def __dir__(self) -> list[str]:
         # aiosmtpd finds its command and AUTH methods by listing every attribute of every new
@@ -175,20 +231,29 @@ class IntakeSMTP(SMTP):
         if self.transport is None:  # a new connection (after STARTTLS this is called again)
             peer = transport.get_extra_info("peername")
             ip = peer[0] if isinstance(peer, tuple) else str(peer)
-            over = self.event_handler.limits.admit(ip)
+            limits, trusted = self.event_handler.limits, self.event_handler.trusted_relays
+            relay = bool(trusted) and ip in trusted  # a relay is held to the total; its clients to the rest
+            over = limits.admit_relay() if relay else limits.admit(ip)
             if over is not None:
                 log.warning("event=connection-refused peer=%s reason=too-many-connections limit=%s open=%d", ip, over,
-                            self.event_handler.limits.total)
+                            limits.total)
                 transport.write(_REFUSALS[over])
                 transport.close()
                 return
             self._admitted = ip
+            if relay:
+                self.relay = ip
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._admitted is None:
             return  # refused in connection_made: aiosmtpd never set this connection up
-        self.event_handler.limits.release(self._admitted)
+        limits = self.event_handler.limits
+        if self.relay is None:
+            limits.release(self._admitted)
+        else:
+            self._count_as(None)
+            limits.release_relay()
         self._admitted = None
         super().connection_lost(error)
 
@@ -197,7 +262,87 @@ class IntakeSMTP(SMTP):
         # (Not a coroutine of its own: every reply passes here, and aiosmtpd's push is awaited as it is.)
         if status[:3] in ("552", b"552"):
             metrics.received("too-big")
+        elif self._offer_xforward and status == "250 HELP":  # the last line of the EHLO answer
+            self._offer_xforward = False
+            status = f"250-{xforward.EHLO_KEYWORD}\r\n{status}"
         return super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        # XFORWARD is added to aiosmtpd's answer as it is pushed: its EHLO hook would cost every
+        # connection an inspect.signature() (aiosmtpd checks the hook's arity per connection).
+        self._offer_xforward = self.relay is not None and bool(hostname)
+        await super().smtp_EHLO(hostname)
+
+    @syntax("XFORWARD attribute=value ...", when="relay")
+    async def smtp_XFORWARD(self, arg: str | None) -> None:
+        if self.relay is None:
+            log.info("event=xforward-refused peer=%s", self._admitted)
+            await self.push("550 5.7.0 XFORWARD not permitted")
+            return
+        if await self.check_helo_needed("EHLO"):
+            return
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            await self.push("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        try:
+            forwarded = xforward.update(self.forwarded or xforward.Forwarded(), arg)
+        except xforward.BadXforward as exc:
+            log.info("event=xforward-refused peer=%s reason=%r", self._admitted, str(exc))
+            await self.push(f"501 5.5.4 {exc}")
+            return
+        over = self._count_as(forwarded.addr)
+        if over is not None:
+            # Postfix defers the message on a 421 and tries again later: the client's limit holds.
+            log.warning("event=connection-refused peer=%s relay=%s reason=too-many-connections limit=%s",
+                        forwarded.addr, self.relay, over)
+            await self.push(_REFUSALS[over].decode().rstrip())
+            assert self.transport is not None
+            self.transport.close()
+            return
+        self.forwarded = forwarded
+        await self.push("250 2.0.0 Ok")
+
+    def _count_as(self, ip: str | None) -> str | None:
+        """Count this relay connection under the client *ip* (None: under none), releasing the
+        client it was counted under; returns the limit *ip* is over, if it is (then under none)."""
+        if ip == self._counted_as:
+            return None
+        limits = self.event_handler.limits
+        if self._counted_as is not None:
+            limits.uncount(self._counted_as)
+            self._counted_as = None
+        if ip is None:
+            return None
+        over = limits.count_under(ip)
+        if over is None:
+            self._counted_as = ip
+        return over
+
+    def _set_post_data_state(self) -> None:
+        # The end of a transaction (and RSET, EHLO, STARTTLS): what XFORWARD said ends with it.
+        super()._set_post_data_state()
+        if self.forwarded is not None:
+            self.forwarded = None
+            self._count_as(None)
+
+    def origin(self) -> Origin:
+        """Who the message of this transaction comes from (see :class:`Origin`)."""
+        session = self.session
+        assert session is not None
+        peer, own = _peer(session), Hop(session.host_name or "", self._admitted or "")
+        if self.relay is None:
+            return Origin(peer, own.helo, "", own, None)
+        forwarded = self.forwarded or xforward.Forwarded()
+        if forwarded.addr is None:  # the relay did not say who: it is the client we know
+            return Origin(peer, forwarded.helo or own.helo, peer, own, None)
+        client = Hop(forwarded.helo or "", forwarded.addr, forwarded.name)
+        return Origin(forwarded.peer or forwarded.addr, client.helo, peer, client, own)
+
+    def tls(self) -> ssl.SSLObject | None:
+        """The TLS session this connection switched to with STARTTLS, if it did."""
+        if self.session is None or self.session.ssl is None or self.transport is None:
+            return None
+        return self.transport.get_extra_info("ssl_object")
 
     def data_received(self, data: bytes) -> None:
         if not self._working:

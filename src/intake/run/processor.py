@@ -38,7 +38,9 @@ from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import InboundMessage
 from intake.tickets import maintainer_mail, opening, records
-from intake.understand import decisions, dns_lookups, lookups, parse_guard, reply_tokens, route, sender_auth
+from intake.understand import (
+    arrival_time, decisions, dns_lookups, lookups, parse_guard, reply_tokens, route, sender_auth,
+)
 from intake.understand.parsed_mail import ParsedMail
 from intake.understand.sender_auth import NONE, Verdict
 from intake.understand.text_work import TextWork
@@ -74,6 +76,8 @@ class Prepared:
     and all the text work acting on it needs (no text is read under the write lock)."""
 
     stored: StoredMessage
+    # When it arrived for SLA purposes: when the trusted relay accepted it, else when intake did.
+    arrived_at: datetime
     mail: ParsedMail | None
     quality: dict[str, Any]
     parse_seconds: float
@@ -117,15 +121,26 @@ def prepare(settings: Settings, stored: StoredMessage, dns: dns_lookups.Resolver
     """Parse, score, read and authenticate *stored*: everything that needs no lock. DNS lookups
     go through *dns* (the batch's time budget), else the process's resolver."""
     started = time.perf_counter()
+    arrived = arrived_at(stored)
     try:
-        result = parse_guard.parse_and_score(stored.raw, settings.quality_rules, settings.processing.parse_timeout,
+        result = parse_guard.parse_and_score(stored.full, settings.quality_rules, settings.processing.parse_timeout,
                                              settings.processing.message_budget)
     except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
         log.exception("event=parse-failed inbound_id=%d", stored.id)
-        return Prepared(stored, None, {}, time.perf_counter() - started, f"parse: {type(exc).__name__}: {exc}")
-    return Prepared(stored, result.mail, result.quality or {}, time.perf_counter() - started, work=result.work,
-                    cpu_seconds=result.cpu_seconds,
+        return Prepared(stored, arrived, None, {}, time.perf_counter() - started,
+                        f"parse: {type(exc).__name__}: {exc}")
+    return Prepared(stored, arrived, result.mail, result.quality or {}, time.perf_counter() - started,
+                    work=result.work, cpu_seconds=result.cpu_seconds,
                     authentication=_authenticate(settings, stored, result.mail, dns))
+
+
+def arrived_at(stored: StoredMessage) -> datetime:
+    """When *stored* arrived, for its SLA: the trusted relay's Received: time, bounded (see
+    :mod:`intake.understand.arrival_time`); intake's receipt for a direct client, whose
+    Received: fields are its own writing."""
+    if not stored.relay:
+        return stored.received_at
+    return arrival_time.relayed_sla_start(stored.raw, stored.received_at)
 
 
 def _authenticate(settings: Settings, stored: StoredMessage, mail: ParsedMail,
@@ -133,6 +148,7 @@ def _authenticate(settings: Settings, stored: StoredMessage, mail: ParsedMail,
     """The sender's verdict; DNS lookups only for mail that could gain privilege by it."""
     may_gain = sender_auth.may_gain_privilege(settings, mail, stored.mail_from, stored.rcpt_tos)
     resolver = (dns or dns_lookups.system_resolver(settings.sender_auth)) if may_gain else None
+    # The message as sent: intake's own trace fields are no evidence of who sent it.
     return sender_auth.authenticate(stored.raw, mail.from_address, settings.sender_auth, resolver)
 
 
@@ -206,6 +222,7 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
     with read_session(engine) as session:
         routed = _route(session, settings, items, reply_secret, now)
         reports = [opening.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
+                                     r.prepared.arrived_at,
                                      r.prepared.work.report_credit)
                    for r in routed if decisions.handling(r.decision).record is decisions.Record.NEW_TICKET]
         reads = opening.read_for_plan(session, settings, reports, now)

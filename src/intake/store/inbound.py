@@ -40,6 +40,8 @@ class Arrival:
     helo: str
     raw: bytes
     received_at: datetime
+    relay: str = ""  # the trusted relay's peer, "" for a direct client
+    trace: str = ""  # intake's Return-Path: and Received: fields, CRLF lines
 
 
 @dataclass(frozen=True)
@@ -49,13 +51,26 @@ class StoredMessage:
     id: int
     mail_from: str
     rcpt_tos: list[str]
-    raw: bytes
+    raw: bytes  # as the client sent it (what sha256 is of)
     sha256: str
-    received_at: datetime
+    received_at: datetime  # when intake got it
+    relay: str = ""
+    trace: str = ""
+
+    @property
+    def full(self) -> bytes:
+        """The message with intake's trace fields on top: what is parsed, shown or exported whole."""
+        return full_message(self.trace, self.raw)
+
+
+def full_message(trace: str, raw: bytes) -> bytes:
+    """*raw* with the *trace* fields stored beside it on top (RFC 5321 4.4: we prepend them)."""
+    return trace.encode("utf-8") + raw if trace else raw
 
 
 # The columns :func:`_rows` gives a value for.
-_COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "size", "sha256", "raw", "status", "attempts")
+_COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "raw", "status",
+            "attempts")
 
 
 def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
@@ -66,6 +81,8 @@ def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
             "rcpt_tos": a.rcpt_tos,
             "peer": a.peer,
             "helo": a.helo,
+            "relay": a.relay,
+            "trace": a.trace,
             "size": len(a.raw),
             "sha256": hashlib.sha256(a.raw).hexdigest(),
             "raw": a.raw,
@@ -224,7 +241,8 @@ def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     """The oldest pending messages, at most *limit*."""
     table = InboundMessage.__table__
     query = (
-        select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at)
+        select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at,
+               table.c.relay, table.c.trace)
         .where(table.c.status == InboundStatus.PENDING)
         .order_by(table.c.id)
         .limit(limit)

@@ -49,8 +49,14 @@ class InboundMessage(SQLModel, table=True):
     # Envelope sender; '' for the null sender <>.
     mail_from: str = Field(sa_column=Column(Text, nullable=False))
     rcpt_tos: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    # The client: the original one when a trusted relay named it (XFORWARD), and its HELO.
     peer: str = Field(default="", sa_column=Column(Text, nullable=False))
     helo: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # The trusted relay (smtp.trusted_relays) the message came through; '' for a direct client.
+    relay: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # intake's own Return-Path: and Received: fields (CRLF lines), kept beside raw so that raw,
+    # size and sha256 stay the message as sent; see intake.store.inbound.full_message.
+    trace: str = Field(default="", sa_column=Column(Text, nullable=False))
     size: int
     sha256: str = Field(sa_column=Column(String(64), nullable=False, index=True))
     raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))

@@ -53,6 +53,9 @@ class NewReport:
     incoming: route.Incoming
     decision: route.Decision
     quality: dict[str, Any]
+    # When it arrived, for the SLA: when the trusted relay in front accepted it, else when intake
+    # did (stored.received_at); see intake.understand.arrival_time.
+    received_at: datetime
     credit: credit.Credit | None = None  # the credit the report states (read before any lock)
 
     @property
@@ -103,7 +106,7 @@ def read_for_plan(session: Session, settings: Settings, reports: list[NewReport]
     """The two reads :func:`plan` needs, in the caller's read session: rendering happens after it."""
     return PlanReads(_automatic_mails_sent(session, settings, [report.incoming for report in reports], now),
                      next_references(session, settings.intake.reference_prefix,
-                                     [report.stored.received_at.year for report in reports]))
+                                     [report.received_at.year for report in reports]))
 
 
 def plan(settings: Settings, reports: list[NewReport], reads: PlanReads, now: datetime,
@@ -130,7 +133,7 @@ def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbo
         return {}
     reports = [opening.report for opening in openings]
     allocated = allocate_references(session, settings.intake.reference_prefix,
-                                    [report.stored.received_at.year for report in reports])
+                                    [report.received_at.year for report in reports])
     if allocated != [opening.reference for opening in openings]:
         openings = _prepare_openings(settings, reports, allocated, planned.sent, now, planned.reply_secret)
     table = Ticket.__table__
@@ -195,7 +198,7 @@ def _prepare_openings(settings: Settings, reports: list[NewReport], references: 
         # The first recipient decides: a +tag mapped to a policy is more specific than the base address.
         policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
         refusal = _automatic_reply_refusal(settings, config, report.incoming, sent)
-        computed = _initial_deadlines(settings, policy, stored.received_at, acknowledged_at=None if refusal else now)
+        computed = _initial_deadlines(settings, policy, report.received_at, acknowledged_at=None if refusal else now)
         opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit)
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now))
@@ -254,7 +257,7 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
                         else stored.mail_from or mail.from_address)
     context = dict(
         reference=opening.reference, subject=subject, sender=sender,
-        received=f"{stored.received_at:%Y-%m-%d %H:%M:%S} UTC", intake_address=opening.address,
+        received=f"{report.received_at:%Y-%m-%d %H:%M:%S} UTC", intake_address=opening.address,
         decision=report.decision.kind, reason=report.decision.reason, policy=opening.policy,
         acknowledgement=(f"{opening.reply.kind} queued to {stored.mail_from}" if opening.reply
                          else f"none ({opening.refusal})"),
@@ -308,7 +311,7 @@ def _queued_deadlines(settings: Settings, opening: Opening, queued: set[str],
     already (by another processor: its dedupe key was taken), which this ticket did not send."""
     if opening.reply is None or opening.reply.dedupe_key in queued:
         return opening.deadlines
-    return _initial_deadlines(settings, opening.policy, opening.report.stored.received_at, acknowledged_at=None)
+    return _initial_deadlines(settings, opening.policy, opening.report.received_at, acknowledged_at=None)
 
 
 def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
@@ -326,7 +329,7 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
         links=[{"kind": LinkKind.MENTIONS, "reference": r} for r in report.decision.mentions],
         quality=report.quality,
         credit=opening.credit.as_dict() if opening.credit else None,
-        received_at=report.stored.received_at,
+        received_at=report.received_at,
         created_at=now,
         updated_at=now,
     )
