@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Column, MetaData, Table, Text, inspect, select, text
 from sqlmodel import SQLModel
 
-from intake.store import models, schema
+from intake.store import inbound, models, schema
 from intake.store.db import make_engine, read_session
 from intake.tickets import reads
 
@@ -160,6 +160,27 @@ def test_upgrade_computes_the_deadlines_of_tickets_from_before_they_were_stored(
     # vaixus: a person acknowledges within 72 hours of receipt.
     assert (acknowledge.stage, acknowledge.due_at, acknowledge.met_at) == ("acknowledge", T0 + timedelta(hours=72), None)
     assert "deadlines computed" not in db_cli("db", "upgrade").output  # nothing left to fill
+
+
+def test_messages_stored_before_0005_come_through_no_relay_and_with_no_trace(engine):
+    """0005 adds the inbound relay and trace columns: rows stored at 0004 get '' for both (no
+    relay was known then, no trace fields were written), and read back as any other message."""
+    schema.upgrade(engine, "0004")
+    with engine.begin() as connection:
+        connection.execute(reflected_insert(connection, "inbound_message"),
+                           [{name: value for name, value in FIRST_REVISION_ROWS["inbound_message"][0].items()
+                             if name != "id"} | {"status": "pending", "ticket_id": None}])
+    assert (schema.upgrade(engine).before, schema.current(engine)) == ("0004", schema.head())
+    assert schema.differences(engine) == []
+    [stored] = inbound.pending(engine, 10)
+    assert (stored.relay, stored.trace, stored.raw) == ("", "", b"\x00raw\r\n")
+    assert stored.full == stored.raw and stored.received_at == T0
+    # New rows name their relay and keep their trace beside the bytes, which stay as sent.
+    [new_id] = inbound.store(engine, [inbound.Arrival("bob@researcher.test", ["security@example.com"], "192.0.2.7",
+                                                      "client.test", b"Subject: x\r\n\r\nhi\r\n", T1,
+                                                      relay="127.0.0.1:41000", trace="Received: by intake; x\r\n")])
+    new = inbound.get(engine, new_id)
+    assert (new.relay, new.trace, new.size) == ("127.0.0.1:41000", "Received: by intake; x\r\n", 18)
 
 
 # -- databases from before migrations ----------------------------------------------------------

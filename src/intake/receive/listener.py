@@ -71,6 +71,9 @@ class ConnectionLimits:
         self.total += 1
         return None
 
+    def release_relay(self) -> None:
+        self.total -= 1
+
     def count_under(self, ip: str) -> str | None:
         """Count a connection already admitted (a trusted relay's) under the client *ip* it now
         speaks for: None, or (not counted) ``"address"`` or ``"network"``."""
@@ -152,14 +155,14 @@ class IntakeHandler:
     async def handle_DATA(self, server: IntakeSMTP, session: Session, envelope: Envelope) -> str:
         raw = envelope.original_content or b""
         received_at = datetime.now(timezone.utc)
-        mail_from = envelope.mail_from if envelope.mail_from not in (None, "<>") else ""
+        mail_from = _text(envelope.mail_from) if envelope.mail_from not in (None, "<>") else ""
         origin = server.origin()
         trace_id = secrets.token_hex(6).upper()
         arrival = Arrival(
             mail_from=mail_from,
-            rcpt_tos=list(envelope.rcpt_tos),
+            rcpt_tos=[_text(rcpt) for rcpt in envelope.rcpt_tos],
             peer=origin.peer,
-            helo=origin.helo[:255],
+            helo=_text(origin.helo[:255]),
             raw=raw,
             received_at=received_at,
             relay=origin.relay,
@@ -394,6 +397,15 @@ def _discoverable_names(cls: type) -> list[str]:
     """The attributes of *cls* aiosmtpd looks up by listing them: the protocol's ``smtp_*``
     commands, the handler's ``handle_*`` hooks and both's ``auth_*`` mechanisms."""
     return [name for name in dir(cls) if name.startswith(("smtp_", "handle_", "auth_"))]
+
+
+def _text(value: str) -> str:
+    """A command argument as text the database takes: aiosmtpd keeps bytes that are not UTF-8 as
+    lone surrogates (surrogateescape), which no database encodes (every commit failed: 451 for
+    ever). They become U+FFFD, as everywhere else intake reads text it did not write."""
+    if value.isascii():
+        return value
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _peer(session: Session) -> str:
