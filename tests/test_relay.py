@@ -20,7 +20,7 @@ from conftest import all_tickets, process, report
 from intake.run import processor
 from intake.store import inbound
 from intake.store.db import read_session
-from intake.store.models import InboundMessage
+from intake.store.models import Deadline, InboundMessage
 from test_listener import RawSMTP, message_bytes
 
 RELAY = "127.0.0.5"  # a loopback source address stands for the MX in front
@@ -269,7 +269,7 @@ def test_the_parser_sees_the_trace_and_the_stored_bytes_and_hash_are_the_clients
     assert process(settings, running.engine).decisions == {"new-ticket": 1, "duplicate": 1}
 
 
-def test_the_sla_starts_when_the_relay_accepted_the_message(make_settings, start_intake_listener):
+def test_the_sla_starts_when_the_relay_accepted_the_message(make_settings, start_intake_listener, cli):
     settings = make_settings(**TRUSTED)
     running = start_intake_listener(settings)
     now = datetime.now(timezone.utc).replace(microsecond=0)
@@ -297,7 +297,10 @@ def test_the_sla_starts_when_the_relay_accepted_the_message(make_settings, start
     assert tickets["direct"].received_at == stored[4]
     assert all(abs(at - now) < timedelta(minutes=1) for at in stored.values())  # the listing keeps intake's time
     with read_session(running.engine) as session:
-        from intake.store.models import Deadline
         due = session.scalars(select(Deadline.due_at).where(Deadline.ticket_id == tickets["queued"].id,
                                                             Deadline.stage == "acknowledge")).one()
     assert due == accepted + timedelta(hours=72)  # vaixus: acknowledge within 72 hours of receipt
+    shown = cli("show", tickets["queued"].reference).output
+    assert f"received {accepted.isoformat()} (relay accepted it; intake got it {stored[1].isoformat()})" in shown
+    assert f"from 192.0.2.7 (client.test) via trusted relay {RELAY}:" in shown
+    assert "relay accepted" not in cli("show", tickets["direct"].reference).output

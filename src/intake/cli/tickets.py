@@ -122,7 +122,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         "events": [{"at": iso(e.at), "actor": e.actor, "kind": e.kind, "detail": e.detail} for e in detail.events],
         "messages": [{"id": m.id, "status": m.status, "decision": m.decision, "reason": m.reason,
                       "received_at": iso(m.received_at), "size": m.size, "error": m.error,
-                      "authentication": m.authentication}
+                      "authentication": m.authentication, "peer": m.peer, "helo": m.helo, "relay": m.relay}
                      for m in detail.messages],
     }
     if as_json:
@@ -132,7 +132,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     echo(f"{t.reference}  {t.subject}")
     echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
     echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
-    echo(f"  received {t.received_at.isoformat()}")
+    echo(f"  received {t.received_at.isoformat()}{_relayed_note(t, detail.messages)}")
     if t.reporter_unreachable_at:
         echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()} (our mail bounced)")
     if t.labels:
@@ -174,6 +174,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     for message in data["messages"]:
         echo(f"  #{message['id']} [{message['received_at']}] {message['status']}, decision "
              f"{message['decision'] or '-'}: {message['reason'] or message['error'] or ''}")
+        if message["relay"]:
+            echo(f"      from {message['peer']} ({message['helo'] or 'no HELO'}) via trusted relay {message['relay']}")
         if message["authentication"]:
             echo(f"      sender {message['authentication']['result']}: {message['authentication']['reason']}")
     echo("\nEvents:")
@@ -213,3 +215,12 @@ def attachment(obj: Context, reference: str, number: int, output: str, force: bo
     write_file_or_fail(output, data, force)
     echo(f"wrote {len(data)} bytes to {output} ({meta.content_type}, sha256 {meta.sha256}; "
          f"sent as {meta.original_filename or meta.filename!r})", err=True)
+
+
+def _relayed_note(ticket: Any, messages: list[Any]) -> str:
+    """How the ticket's received time relates to intake's, when its report came through a trusted
+    relay: the SLA starts when the relay accepted it, which may be well before intake got it."""
+    report = messages[0] if messages else None  # the first message stored for it: its report
+    if report is None or not report.relay or report.received_at == ticket.received_at:
+        return ""
+    return f" (relay accepted it; intake got it {report.received_at.isoformat()})"
