@@ -55,8 +55,8 @@ def test_no_relay_time_is_intakes_receipt_and_naive_times_are_utc():
 
 def _message(*received: str, date: str | None = None) -> bytes:
     lines = [f"Received: {value}" for value in received] + ([f"Date: {date}"] if date else [])
-    return ("\r\n".join(lines + ["From: a@researcher.test", "Subject: x", "", "body",
-                                 "Received: from body.example; " + format_datetime(RECEIVED - 90 * HOUR)]) + "\r\n").encode()
+    in_body = "Received: from body.example; " + format_datetime(RECEIVED - 90 * HOUR)  # not a header
+    return ("\r\n".join(lines + ["From: a@researcher.test", "Subject: x", "", "body", in_body]) + "\r\n").encode()
 
 
 def _stamp(at: datetime) -> str:
@@ -71,8 +71,8 @@ def test_read_from_the_header_block_topmost_first():
         date=_stamp(RECEIVED - 5 * HOUR))
     assert relayed_sla_start(raw, RECEIVED) == RECEIVED - 4 * HOUR
     # The next Received: down bounds it; another zone is the same instant.
-    later_hop = _message(f"by mx; {_stamp(RECEIVED - 4 * HOUR)}",
-                         f"by mail.client.test; {(RECEIVED - 3 * HOUR).astimezone(timezone(timedelta(hours=9))):%a, %d %b %Y %H:%M:%S %z}")
+    tokyo = (RECEIVED - 3 * HOUR).astimezone(timezone(timedelta(hours=9)))
+    later_hop = _message(f"by mx; {_stamp(RECEIVED - 4 * HOUR)}", f"by hop; {tokyo:%a, %d %b %Y %H:%M:%S %z}")
     assert relayed_sla_start(later_hop, RECEIVED) == RECEIVED - 3 * HOUR
     dated = _message(f"by mx; {_stamp(RECEIVED - 40 * HOUR)}", date=_stamp(RECEIVED - 2 * HOUR))
     assert relayed_sla_start(dated, RECEIVED) == RECEIVED - 2 * HOUR - DATE_MARGIN

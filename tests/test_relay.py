@@ -140,7 +140,8 @@ def test_hostile_names_stay_one_word_of_one_header(make_settings, start_intake_l
     assert direct.command(message_bytes("direct") + b".")[0] == 250
     direct.close()
     relayed, direct_row = _rows(running.engine)
-    assert (direct_row.mail_from, direct_row.helo[:14]) == ("al\ufffdice@researcher.test", "evil;(x)\x0b\x1c\x85\u2028\ufffdy")
+    assert direct_row.mail_from == "al\ufffdice@researcher.test"
+    assert direct_row.helo[:14] == "evil;(x)\x0b\x1c\x85\u2028\ufffdy"
     assert _fields(relayed.trace)[1][1].startswith("from ?a??b?c? (x??by?evil [192.0.2.7]) (via trusted relay")
     [(_, return_path), (_, received)] = _fields(direct_row.trace)
     assert return_path == "<al\ufffdice@researcher.test>"  # UTF-8 as in an SMTPUTF8 address, nothing else

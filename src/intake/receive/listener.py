@@ -216,7 +216,7 @@ class IntakeSMTP(SMTP):
     """
 
     _working = False
-    _admitted: str | None = None  # the client address this connection is counted under
+    _admitted: str | None = None  # the client's address (counted under it, but a trusted relay's: in the total only)
     _idle_deadline = 0.0  # loop time at which the client has been silent too long
     _timed_out = False
     relay: str | None = None  # the address of the trusted relay this connection comes from
