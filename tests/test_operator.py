@@ -25,6 +25,7 @@ from conftest import SHIPPED_CONFIG, deliver_outbox, free_port, process, report,
 from intake.cli.app import main
 from intake.config import production, settings as settings_module
 from intake.config.settings import EXIT_CONFIG, ConfigError, load_settings
+from intake.store import private_files
 from intake.tickets import reads
 
 INTAKE = Path(sys.executable).parent / "intake"
@@ -298,12 +299,29 @@ def test_a_maintainer_account_in_the_group_works_tickets_while_the_service_runs(
         unnamed = _intake("--config", str(config), "label", reference, "seen",
                           prefix=("setpriv", f"--reuid={no_name}", f"--regid={group}", f"--groups={group}", "--"))
         assert unnamed.returncode == 0, unnamed.stderr
-        outsider = _intake("--config", str(config), "tickets",
+        # Outside the group, even with a configuration it can read: told why, not a traceback.
+        public = shared.with_name(f"{shared.name}-public.toml")
+        public.write_text(config.read_text())
+        public.chmod(0o644)
+        outsider = _intake("--config", str(public), "tickets",
                            prefix=("setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", "--"))
-        assert outsider.returncode != 0  # not in the group: the configuration is not even readable
+        assert outsider.returncode == EXIT_CONFIG
+        assert f"permission denied on {shared}; maintainers run intake as members of its group" in outsider.stderr
 
         events = reads.ticket_detail(running.engine, reference).events
         assert [(e.actor, e.detail.get("added")) for e in events if e.actor != "intake"] == [
             ("unix:nobody", ["triaged"]), (f"uid:{no_name}", ["seen"])]
     finally:
         shutil.rmtree(shared)
+        shared.with_name(f"{shared.name}-public.toml").unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a folder a group of its own")
+def test_shared_files_take_their_folders_group_without_a_setgid_folder(tmp_path: Path):
+    group = _unused(grp.getgrgid, 64000)
+    folder = tmp_path / "state"
+    folder.mkdir()
+    os.chown(folder, 0, group)  # not setgid: a new file would get root's group
+    private_files.create_shared_file(folder / "intake.db")
+    found = (folder / "intake.db").stat()
+    assert (stat.S_IMODE(found.st_mode), found.st_gid) == (0o660, group)

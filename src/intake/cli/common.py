@@ -8,6 +8,7 @@ the database modules are imported by the first command that asks for them.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -56,15 +57,13 @@ class Context:
         Only `intake serve` and `intake db upgrade` migrate. A SQLite file that does not exist is
         made only with *create* (`db upgrade`, `restore`); any other command exits 78 naming it:
         a second, empty database beside the wrong config file helps nobody."""
-        from intake.config.settings import EXIT_CONFIG
         from intake.store import schema
         from intake.store.db import make_engine, sqlite_file
 
         settings = self.settings
         database = sqlite_file(settings.database_url)
-        if database is not None and not create and not database.exists():
-            fail(f"no database at {database} (from {settings.database_source}): is this the service's "
-                 "configuration?", EXIT_CONFIG)
+        if database is not None:
+            _check_sqlite_file(database, settings.database_source, create)
         engine = make_engine(settings.database_url, settings.database.busy_timeout)
         if at_head:
             try:
@@ -72,6 +71,29 @@ class Context:
             except schema.SchemaRefused as exc:
                 fail(str(exc))
         return engine
+
+
+def _check_sqlite_file(database: Path, source: str, create: bool) -> None:
+    """Exit 78 saying why unless *database* exists (or may be made: *create*) and this account may
+    read and write it: a maintainer outside the service's group learns which group to join."""
+    from intake.config.settings import EXIT_CONFIG
+
+    try:
+        present = database.exists()
+    except PermissionError:
+        fail(f"cannot reach the database at {database} (from {source}): permission denied on "
+             f"{database.parent}; maintainers run intake as members of its group", EXIT_CONFIG)
+    if not present:
+        if not create:
+            fail(f"no database at {database} (from {source}): is this the service's configuration?", EXIT_CONFIG)
+    elif not os.access(database, os.R_OK | os.W_OK):
+        group = database.stat().st_gid
+        try:
+            group_name = grp.getgrgid(group).gr_name
+        except KeyError:
+            group_name = str(group)
+        fail(f"cannot read and write the database at {database} (from {source}): run intake as a member of "
+             f"group {group_name}", EXIT_CONFIG)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
