@@ -73,7 +73,7 @@ def test_online_backup_while_mail_arrives_then_restore(make_settings, start_inta
     copied, stored = _messages(backup), _messages(live)
     assert copied == stored[:len(copied)]
     assert acknowledged_before_backup <= len(copied) < len(stored)
-    assert stat.S_IMODE(backup.stat().st_mode) == 0o600  # reports are confidential
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o660  # reports: no other user, the group restores
     assert sorted(p.name for p in backup.parent.iterdir()) == ["intake-backup.db"]  # no -wal, no temporary
     with sqlite3.connect(backup) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
@@ -137,7 +137,7 @@ def test_postgresql_backup_is_pg_dump(cli, monkeypatch, tmp_path, postgres_serve
             pytest.skip("pg_dump is not installed: only the guidance was tested")
         cli("backup", "--pg-dump", str(tmp_path / "intake.dump"))
         assert (tmp_path / "intake.dump").read_bytes().startswith(b"PGDMP")  # pg_restore's custom format
-        assert stat.S_IMODE((tmp_path / "intake.dump").stat().st_mode) == 0o600
+        assert stat.S_IMODE((tmp_path / "intake.dump").stat().st_mode) == 0o660
         assert "exists" in cli("backup", "--pg-dump", str(tmp_path / "intake.dump"), code=1).output
         assert os.listdir(tmp_path).count("intake.dump") == 1
     finally:

@@ -1,5 +1,6 @@
-"""File modes (issue 12, finding 8): under umask 022, as `scripts/serve` and a shell run intake
-(the systemd unit's UMask is not there), whatever holds reports is 0600 and its folders 0700."""
+"""File modes: under umask 022, as `scripts/serve` and a shell run intake (the systemd unit's UMask
+is not there), whatever holds reports is closed to other users: the database, its lock and backups
+0660 in 0770 folders (maintainers in the service's group use them), the rest 0600 in 0700 folders."""
 
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ def test_everything_that_holds_reports_is_private_under_umask_022(umask_022, mak
     [reference] = process(settings, running.engine).tickets_opened
     assert deliver_outbox(settings, running.engine) == {"sent": 1}
 
-    assert _mode(tmp_path / "state") == 0o700 and _mode(state) == 0o700
+    assert _mode(tmp_path / "state") == 0o770 and _mode(state) == 0o770
     for name in ("intake.db", "intake.db-wal", "intake.db-shm", "intake.db.writer"):
-        assert _mode(state / name) == 0o600, name
+        assert _mode(state / name) == 0o660, name
     maildir = state / "outbox"
     assert {folder.name: _mode(folder) for folder in [maildir, *maildir.iterdir()]} == {
         "outbox": 0o700, "tmp": 0o700, "new": 0o700, "cur": 0o700}
@@ -56,12 +57,13 @@ def test_everything_that_holds_reports_is_private_under_umask_022(umask_022, mak
     cli("backup", str(tmp_path / "copy.db"))
     cli("attachment", reference, "1", "-o", str(tmp_path / "poc.bin"))
     cli("advisory", reference, "-o", str(tmp_path / "draft.json"))
-    for name in ("copy.db", "poc.bin", "draft.json"):
+    assert _mode(tmp_path / "copy.db") == 0o660
+    for name in ("poc.bin", "draft.json"):  # the maintainer's own files
         assert _mode(tmp_path / name) == 0o600, name
 
     restored = tmp_path / "restored" / "intake.db"
     backup.restore_sqlite(make_engine(f"sqlite:///{restored}"), tmp_path / "copy.db")
-    assert _mode(restored) == 0o600 and _mode(restored.parent) == 0o700
+    assert _mode(restored) == 0o660 and _mode(restored.parent) == 0o770
 
 
 def test_check_config_warns_about_a_database_others_can_read(umask_022, make_settings, cli, tmp_path):
@@ -71,7 +73,7 @@ def test_check_config_warns_about_a_database_others_can_read(umask_022, make_set
     database.write_bytes(b"")
     database.chmod(0o644)  # as an intake before issue 12 made it under umask 022
     result = cli("check-config")
-    assert f"warning: {database} is open to other users (mode 0644) and holds reports: chmod go= {database}" \
+    assert f"warning: {database} is open to other users (mode 0644) and holds reports: chmod o= {database}" \
         in result.output
-    database.chmod(0o600)
+    database.chmod(0o660)  # the group's, as intake makes it
     assert "open to other users" not in cli("check-config").output

@@ -314,7 +314,9 @@ def test_socket_activation_serves_on_the_socket_systemd_passes(serve_env, config
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-c", _AS_SYSTEMD_WOULD, str(INTAKE), "--config", str(config_file), "serve"],
-            env={**serve_env, "PASSED_FD": str(passed.fileno())}, pass_fds=(passed.fileno(),), stdout=log,
+            # A limit below 35 MiB: serve logs check-config's warning about it at start.
+            env={**serve_env, "PASSED_FD": str(passed.fileno()), "INTAKE_SMTP__MAX_MESSAGE_SIZE": "26214400"},
+            pass_fds=(passed.fileno(),), stdout=log,
             stderr=log, start_new_session=True)
     passed.close()  # the service holds it now
     try:
@@ -331,6 +333,8 @@ def test_socket_activation_serves_on_the_socket_systemd_passes(serve_env, config
             os.killpg(process.pid, signal.SIGKILL)
     log_text = log_path.read_text()
     assert "event=socket-activation sockets=1" in log_text and "Traceback" not in log_text
+    assert any("event=config-warning" in line and "smtp.max_message_size is 26214400 bytes, below 36700160" in line
+               for line in log_text.splitlines())
 
 
 def test_a_notify_socket_nobody_reads_never_freezes_the_service(serve, serve_env, tmp_path):

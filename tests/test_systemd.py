@@ -74,3 +74,12 @@ def test_socket_passes_port_25_to_the_service():
 def test_reply_secret_comes_from_a_credential_not_the_database():
     credentials = dict(value.split(":", 1) for value in _directives("intake.service")["LoadCredential"])
     assert credentials["reply-secret"] == "/etc/intake/credentials/reply-secret"
+
+
+def test_maintainers_in_the_group_share_the_state_and_the_config_file_says_where_it_is():
+    service = _directives("intake.service")
+    assert service["UMask"] == ["0007"] and service["StateDirectoryMode"] == ["0770"]
+    assert service["Group"] == ["intake"]
+    # The database and maildir locations are in /etc/intake/config.toml, which the CLI reads too.
+    assert not [value for value in service.get("Environment", []) if "INTAKE_" in value]
+    assert all("--config /etc/intake/config.toml" in command for command in service["ExecStart"] + service["ExecStartPre"])

@@ -27,6 +27,8 @@ PLAIN = {
     "reopened", "acknowledgement", "empty",
     # stage states that are also JSON field names ("breached": true, "met": ...) or a check's "ok"
     "ok", "met", "breached",
+    # the system actor is intake's own name: the package, a config section, the SMTP ident
+    "intake",
 }
 # Pieces of f-strings that build a word instead of looking it up (f"{kind}-queued").
 BUILT_SUFFIXES = ("-queued", "-received")

@@ -130,6 +130,14 @@ TICKET_STATES = (TicketState.NEW, TicketState.WAITING, *MILESTONES, TicketState.
 # -- what a ticket's history records: ``event.kind`` --
 
 
+# Who events are recorded as (Event.actor). intake's own actions: SYSTEM_ACTOR, which no maintainer
+# may be named. A CLI action: the maintainer whose `login` is the Unix account running it, else
+# UNIX_ACTOR_PREFIX + the account's name, or UID_ACTOR_PREFIX + the uid when it has no name.
+SYSTEM_ACTOR = "intake"
+UNIX_ACTOR_PREFIX = "unix:"
+UID_ACTOR_PREFIX = "uid:"
+
+
 class EventKind:
     OPENED = "opened"
     LINKED = "linked"  # to another ticket it mentions

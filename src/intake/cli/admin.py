@@ -9,15 +9,14 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import click
-from sqlalchemy.engine import make_url
 
 from intake.cli.common import INSTANT, JSON_OPTION, Context, emit_json, fail, iso, local_and_utc
-from intake.config import security_txt
+from intake.config import production, security_txt
 from intake.display import echo
 from intake.run import service
 from intake.sla import deadlines
 from intake.store import backup as backups, private_files, schema
-from intake.store.db import is_sqlite
+from intake.store.db import is_sqlite, sqlite_file
 from intake.understand import reply_tokens
 from intake.vocabulary import SEVERITIES, Milestone
 
@@ -33,22 +32,19 @@ def serve(obj: Context) -> None:
 @click.command("check-config")
 @click.pass_obj
 def check_config(obj: Context) -> None:
-    """Validate the configuration: exit 0, or 78 naming the bad key."""
+    """Validate the configuration: exit 0, or 78 naming the bad key. Warnings (`warning: ...` on
+    stderr) leave the status at 0."""
     settings = obj.settings
-    echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, "
-         f"listening on {settings.smtp.listen}, outbound via {settings.outbound.transport})")
+    passed = service.passed_socket_addresses()
+    listening = (f"listens on {', '.join(passed)} (sockets passed by systemd)" if passed else
+                 f"listens on smtp.listen {settings.smtp.listen} (unless systemd passes sockets)")
+    echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, {listening}, "
+         f"outbound via {settings.outbound.transport})")
     warning = security_txt.expiry_warning(settings, datetime.now(timezone.utc))
-    for text in ([warning] if warning else []) + settings.warnings + private_files.exposed(
-            _database_files(settings.database_url)):
+    database = sqlite_file(settings.database_url)
+    for text in ([warning] if warning else []) + production.warnings(settings) + private_files.exposed(
+            [Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm")] if database else []):
         echo(f"intake: warning: {text}", err=True)
-
-
-def _database_files(url: str) -> list[Path]:
-    """A SQLite database's files (none for PostgreSQL)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
-        return []
-    return [Path(parsed.database + suffix) for suffix in ("", "-wal", "-shm")]
 
 
 # -- the database: schema migrations, backup, restore ----------------------------------------
@@ -65,8 +61,11 @@ def db_group() -> None:
 def db_upgrade(obj: Context, revision: str) -> None:
     """Migrate the database to REVISION (default: the newest). Safe to run any number of times,
     and while intake runs: migrations take the write lock."""
+    database = sqlite_file(obj.settings.database_url)
+    if database is not None and not database.exists():
+        echo(f"creating a new database at {database} (from {obj.settings.database_source})")
     try:
-        brought_up = deadlines.upgrade_and_backfill(obj.engine(at_head=False), obj.settings,
+        brought_up = deadlines.upgrade_and_backfill(obj.engine(at_head=False, create=True), obj.settings,
                                                     datetime.now(timezone.utc), revision)
     except schema.SchemaRefused as exc:
         fail(str(exc))
@@ -157,7 +156,7 @@ def restore_command(obj: Context, backup: Path, force: bool) -> None:
     Stop intake first: a database in use is refused unless --force. The backup is checked with
     PRAGMA integrity_check before, the database after. Then `intake db upgrade` (or `intake
     serve`) brings an older backup's schema up to date."""
-    engine = obj.engine(at_head=False)
+    engine = obj.engine(at_head=False, create=True)
     if not is_sqlite(engine):
         fail("intake restores SQLite only; restore a PostgreSQL dump with pg_restore")
     try:

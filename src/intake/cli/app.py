@@ -106,7 +106,7 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup)
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="Config file (default: $INTAKE_CONFIG, else ./config.toml).")
+              help="Config file (default: $INTAKE_CONFIG, else /etc/intake/config.toml if it exists, else ./config.toml).")
 @click.version_option(package_name="intake", message="intake %(version)s",
                       help="Print intake's version and exit.")
 @click.pass_context

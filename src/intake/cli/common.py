@@ -8,8 +8,10 @@ the database modules are imported by the first command that asks for them.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -50,19 +52,48 @@ class Context:
                 sys.exit(EXIT_CONFIG)
         return self._settings
 
-    def engine(self, *, at_head: bool = True) -> Engine:
+    def engine(self, *, at_head: bool = True, create: bool = False) -> Engine:
         """The database; unless *at_head* is False, one whose schema this intake can use.
-        Only `intake serve` and `intake db upgrade` migrate."""
+        Only `intake serve` and `intake db upgrade` migrate. A SQLite file that does not exist is
+        made only with *create* (`db upgrade`, `restore`); any other command exits 78 naming it:
+        a second, empty database beside the wrong config file helps nobody."""
         from intake.store import schema
-        from intake.store.db import make_engine
+        from intake.store.db import make_engine, sqlite_file
 
-        engine = make_engine(self.settings.database_url, self.settings.database.busy_timeout)
+        settings = self.settings
+        database = sqlite_file(settings.database_url)
+        if database is not None:
+            _check_sqlite_file(database, settings.database_source, create)
+        engine = make_engine(settings.database_url, settings.database.busy_timeout)
         if at_head:
             try:
                 schema.require_current(engine)
             except schema.SchemaRefused as exc:
                 fail(str(exc))
         return engine
+
+
+def _check_sqlite_file(database: Path, source: str, create: bool) -> None:
+    """Exit 78 saying why unless *database* exists (or may be made: *create*) and this account may
+    read and write it: a maintainer outside the service's group learns which group to join."""
+    from intake.config.settings import EXIT_CONFIG
+
+    try:
+        present = database.exists()
+    except PermissionError:
+        fail(f"cannot reach the database at {database} (from {source}): permission denied on "
+             f"{database.parent}; maintainers run intake as members of its group", EXIT_CONFIG)
+    if not present:
+        if not create:
+            fail(f"no database at {database} (from {source}): is this the service's configuration?", EXIT_CONFIG)
+    elif not os.access(database, os.R_OK | os.W_OK):
+        group = database.stat().st_gid
+        try:
+            group_name = grp.getgrgid(group).gr_name
+        except KeyError:
+            group_name = str(group)
+        fail(f"cannot read and write the database at {database} (from {source}): run intake as a member of "
+             f"group {group_name}", EXIT_CONFIG)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -93,9 +124,15 @@ def local_and_utc(instant: datetime, zone: ZoneInfo) -> str:
 
 
 def actor(settings: Settings) -> str:
-    """Who is at the keyboard, recorded with every change: the maintainer whose ``login`` is $USER,
-    else $USER itself."""
-    return settings.actor(os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown")
+    """Who is at the keyboard, recorded with every change: the Unix account running this process,
+    found from its uid ($USER and $LOGNAME are whatever the caller set), as
+    :meth:`Settings.actor` maps it."""
+    uid = os.getuid()
+    try:
+        login: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid with no passwd entry (a container's, a deleted account's)
+        login = None
+    return settings.actor(login, uid)
 
 
 class _Instant(click.ParamType):

@@ -21,6 +21,7 @@ from pydantic import (
 
 from intake import patterns
 from intake.sla.calendars import parse_duration
+from intake.vocabulary import SYSTEM_ACTOR, UID_ACTOR_PREFIX, UNIX_ACTOR_PREFIX
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,12 @@ class SmtpSection(Section):
     addresses: list[Annotated[str, AfterValidator(_check_address)]] = Field(
         default_factory=lambda: ["security@example.com"], min_length=1
     )
-    # Name in the greeting and in our Received: header.
-    hostname: str = "localhost"
-    # Largest message accepted, bytes (announced with SIZE; larger gets 552).
-    max_message_size: int = Field(default=25 * 1024 * 1024, ge=1024)
+    # Name in the greeting, our Received: header and our EHLO to the relay; unset: this machine's
+    # fully qualified name (Settings.hostname looks it up once per process).
+    hostname: str | None = None
+    # Largest message accepted, bytes (announced with SIZE; larger gets 552). 35 MiB: a 25 MB
+    # attachment is ~33.3 MB after base64 and headers.
+    max_message_size: int = Field(default=35 * 1024 * 1024, ge=1024)
     # Most recipients accepted in one transaction (more get 452).
     max_recipients: int = Field(default=20, ge=1, le=1000)
     # Seconds a client may stay idle before the connection is dropped.
@@ -404,12 +407,21 @@ class SchedulerSection(Section):
         return value
 
 
+def _check_person_name(name: str) -> str:
+    """A maintainer's name must not read as intake itself or as an unmapped Unix account in events."""
+    if name.strip().lower() == SYSTEM_ACTOR or name.startswith((UNIX_ACTOR_PREFIX, UID_ACTOR_PREFIX)):
+        raise ValueError(f"{name!r} is how events of intake itself or of an account that is no maintainer are "
+                         "recorded: choose another name")
+    return name
+
+
 class Maintainer(Section):
-    # Who it is, as shown in events and used by `--actor`.
-    name: str = Field(min_length=1)
+    # Who it is, as shown in events.
+    name: Annotated[str, AfterValidator(_check_person_name)] = Field(min_length=1)
     # Address the maintainer mails from.
     email: Mailbox
-    # Their login on the host where they run `intake` ($USER): CLI changes are recorded as them.
+    # Their Unix account on the host where they run `intake` (found from the uid, not $USER): CLI
+    # changes are recorded as them.
     login: str | None = None
 
 

@@ -3,7 +3,8 @@
 Sources, highest priority first:
 
 1. environment variables ``INTAKE_<SECTION>__<KEY>`` (lists and tables as JSON),
-2. the TOML file (``--config``, else ``$INTAKE_CONFIG``, else ``./config.toml``),
+2. the TOML file (``--config``, else ``$INTAKE_CONFIG``, else ``/etc/intake/config.toml`` if it
+   exists, else ``./config.toml``): the service and a maintainer's ``intake`` read the same one,
 3. the defaults of the section models (:mod:`intake.config.sections`).
 
 Unknown or misspelled keys are errors, in the file and in ``INTAKE_*`` variables alike.
@@ -13,9 +14,11 @@ Secrets never live in the file: they come from ``$CREDENTIALS_DIRECTORY/<name>``
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import os
+import socket
 import ssl
 import tomllib
 from pathlib import Path
@@ -33,9 +36,13 @@ from intake.config.sections import (
 from intake.sla.calendars import CalendarConfig, builtin_calendars
 from intake.sla.engine import PolicyConfig, validate_policies
 from intake.understand.quality import SHIPPED_RULES, RuleSet, RulesError, load_rules
+from intake.vocabulary import UID_ACTOR_PREFIX, UNIX_ACTOR_PREFIX
 
 ENV_PREFIX = "INTAKE_"
 CONFIG_ENV = "INTAKE_CONFIG"
+# Where an installed intake keeps its configuration (README "Running under systemd"): read when
+# neither --config nor $INTAKE_CONFIG names one, so a maintainer's `intake` finds the service's.
+SYSTEM_CONFIG = Path("/etc/intake/config.toml")
 # Exit status for a configuration error (sysexits.h EX_CONFIG); systemd's
 # RestartPreventExitStatus=78 stops a restart loop on a broken config.
 EXIT_CONFIG = 78
@@ -132,6 +139,18 @@ class Settings(BaseSettings):
     # -- derived values -------------------------------------------------------------
 
     @property
+    def hostname(self) -> str:
+        """Our name in the SMTP greeting, our EHLO and Received: headers: ``smtp.hostname``, else
+        this machine's fully qualified name."""
+        return self.smtp.hostname or machine_fqdn()
+
+    @property
+    def database_source(self) -> str:
+        """Where the database URL came from, for messages: the variable or the file's key."""
+        variable = _env_name("database", "url")
+        return f"${variable}" if variable in os.environ else f"{self.config_path} [database] url"
+
+    @property
     def base_dir(self) -> Path:
         return self.config_path.parent if self.config_path else Path.cwd()
 
@@ -188,10 +207,14 @@ class Settings(BaseSettings):
         found = exact or by_local_part
         return found[0] if len(found) == 1 else None
 
-    def actor(self, login: str) -> str:
-        """Who a CLI change is recorded as: the maintainer with this *login*, else the login itself."""
+    def actor(self, login: str | None, uid: int) -> str:
+        """Who a CLI change by Unix account *login* (None: the *uid* has no name) is recorded as:
+        the maintainer with this ``login``, else ``unix:LOGIN`` (``uid:N``), never a name a
+        maintainer or intake itself can have."""
+        if login is None:
+            return f"{UID_ACTOR_PREFIX}{uid}"
         maintainer = next((m for m in self.maintainers if m.login and m.login == login), None)
-        return maintainer.name if maintainer else login
+        return maintainer.name if maintainer else f"{UNIX_ACTOR_PREFIX}{login}"
 
     def never_answered(self, address: str) -> bool:
         """Senders no automatic mail goes to: MAILER-DAEMON, postmaster, noreply and friends."""
@@ -203,6 +226,13 @@ class Settings(BaseSettings):
         """The configured address *recipient* is (or is a +tag form of), else None."""
         base = base_address(recipient)
         return base if base in self.smtp.addresses else None
+
+
+@functools.cache
+def machine_fqdn() -> str:
+    """This machine's fully qualified name, looked up once per process (a resolver call per
+    configuration load would slow every CLI command and test)."""
+    return socket.getfqdn()
 
 
 def base_address(address: str) -> str:
@@ -268,7 +298,10 @@ def _describe(error: dict[str, Any]) -> str:
 
 
 def default_config_path() -> Path:
-    return Path(os.environ.get(CONFIG_ENV, "config.toml"))
+    """$INTAKE_CONFIG, else the installed configuration if there is one, else ./config.toml."""
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else Path("config.toml")
 
 
 def load_settings(path: Path | None = None) -> Settings:

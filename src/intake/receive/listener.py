@@ -429,6 +429,7 @@ def smtp_factory(settings: Settings, handler: IntakeHandler):  # type: ignore[no
     """A protocol factory for ``loop.create_server`` on the running loop: one aiosmtpd SMTP per connection."""
     context = tls_context(settings)
     smtp = settings.smtp
+    hostname = settings.hostname  # given to each connection: aiosmtpd would look up the FQDN every time
     loop = asyncio.get_running_loop()  # given to each connection: aiosmtpd would look it up every time
 
     def factory() -> SMTP:
@@ -437,7 +438,7 @@ def smtp_factory(settings: Settings, handler: IntakeHandler):  # type: ignore[no
             data_size_limit=smtp.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
-            hostname=smtp.hostname,
+            hostname=hostname,
             ident="intake",
             tls_context=context,
             require_starttls=smtp.require_starttls,

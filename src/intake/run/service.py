@@ -40,7 +40,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from intake.config.sections import LoggingSection
+from intake.config import production
+from intake.config.sections import HostPort, LoggingSection
 from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
 from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
@@ -118,6 +119,22 @@ def inherited_sockets() -> list[socket.socket]:
     return sockets
 
 
+def passed_socket_addresses() -> list[str]:
+    """Where the sockets systemd passes this process listen ("host:port"), without taking them:
+    what `intake check-config` reports under socket activation."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    addresses = []
+    for fd in range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + int(os.environ.get("LISTEN_FDS", "0"))):
+        sock = socket.socket(fileno=fd)
+        try:
+            host, port = sock.getsockname()[:2]
+        finally:
+            sock.detach()  # the descriptor stays open, for the process that serves on it
+        addresses.append(str(HostPort(host, port)))
+    return addresses
+
+
 class Listener:
     """The SMTP listener's servers (one per listening socket) and the connections they have open."""
 
@@ -177,7 +194,7 @@ async def _serve(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")
     wake_processor = context.Event()
     stop_worker = context.Event()
-    for warning in settings.warnings:
+    for warning in production.warnings(settings):
         log.warning("event=config-warning detail=%r", warning)
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     # Before the listener: mail is accepted only into a database at head. Under a lock, so

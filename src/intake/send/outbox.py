@@ -221,7 +221,7 @@ def make_transport(settings: Settings) -> Transport:
     if settings.outbound.transport == "maildir":
         return MaildirTransport(settings.maildir_path)
     ca_file = settings.resolve_path(settings.outbound.ca_file) if settings.outbound.ca_file else None
-    return SmtpTransport(settings.outbound, read_secret("relay-password"), settings.smtp.hostname, ca_file)
+    return SmtpTransport(settings.outbound, read_secret("relay-password"), settings.hostname, ca_file)
 
 
 def backoff(outbound: OutboundSection, attempts: int) -> timedelta:

@@ -24,7 +24,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from intake.store import db
-from intake.store.private_files import create_private_file, private_directory
+from intake.store.private_files import create_shared_file, shared_directory
 
 
 class BackupError(Exception):
@@ -65,11 +65,12 @@ def _describe(connection: sqlite3.Connection, path: Path) -> Copied:
     return Copied(path, path.stat().st_size, revision[0] if revision else None, tickets, messages)
 
 
-def _private_temporary(destination: Path) -> Path:
-    """An empty file beside *destination*, readable by its owner only: backups hold reports."""
+def _shared_temporary(destination: Path) -> Path:
+    """An empty file beside *destination*, 0660 like the database (backups hold reports; group
+    ``intake`` restores them)."""
     temporary = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
     temporary.unlink(missing_ok=True)
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    create_shared_file(temporary)
     return temporary
 
 
@@ -90,7 +91,7 @@ def backup_sqlite(engine: Engine, destination: Path, force: bool = False) -> Cop
         raise BackupError(f"{destination} is a directory; give the backup's file name")
     if destination.exists() and not force:
         raise BackupError(f"{destination} exists (use --force to overwrite)")
-    temporary = _private_temporary(destination)
+    temporary = _shared_temporary(destination)
     try:
         with closing(sqlite3.connect(source, timeout=30)) as live, \
                 closing(sqlite3.connect(temporary, isolation_level=None)) as copy:
@@ -125,8 +126,8 @@ def restore_sqlite(engine: Engine, backup: Path, force: bool = False) -> Copied:
         raise BackupError(f"{backup} is not a file")
     with closing(sqlite3.connect(f"{backup.resolve().as_uri()}?mode=ro", uri=True)) as source:
         _describe(source, backup)
-        private_directory(target.parent)
-        create_private_file(target)  # not SQLite's 0644: see private_files
+        shared_directory(target.parent)
+        create_shared_file(target)  # not SQLite's 0644: see private_files
         with db.sqlite_writer_lock(engine), closing(sqlite3.connect(target, timeout=0, isolation_level=None)) as live:
             if not force:
                 try:
@@ -162,7 +163,7 @@ def run_pg_dump(engine: Engine, destination: Path, force: bool = False) -> Copie
         raise BackupError("pg_dump is not on PATH (install the PostgreSQL client of the server's version)")
     if destination.exists() and not force:
         raise BackupError(f"{destination} exists (use --force to overwrite)")
-    temporary = _private_temporary(destination)
+    temporary = _shared_temporary(destination)
     command, env = pg_dump_command(engine, temporary)
     try:
         finished = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True)

@@ -32,7 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
-from intake.store.private_files import create_private_file, private_directory
+from intake.store.private_files import create_shared_file, shared_directory
 
 # The most WAL the listener lets pile up before it checkpoints itself (see GroupCommitter), and
 # the size the WAL file is cut back to when it starts over after a checkpoint.
@@ -53,17 +53,18 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
     :func:`checkpoint`: otherwise the commit that finds the WAL past 1000 pages does it before it
     returns, and under load that is mostly one of the listener's, holding up its 250s."""
     parsed = make_url(url)
+    database = sqlite_file(url)
     # hide_parameters: a database error's text (logged, and kept on a failed message) must not
     # carry the statement's values, which are message bodies and raw mail.
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            private_directory(Path(parsed.database).parent)
+        if database:
+            shared_directory(database.parent)
         engine = create_engine(url, connect_args={"timeout": busy_timeout, "check_same_thread": False},
                                hide_parameters=True)
         _make_sqlite_durable(engine, busy_timeout, checkpoint_on_commit)
-        if parsed.database and parsed.database != ":memory:":
+        if database:
             _lock_timeouts[f"{parsed.database}.writer"] = busy_timeout
-            _create_private(engine, Path(parsed.database))
+            _create_shared(engine, database)
         return engine
     engine = create_engine(
         url,
@@ -74,12 +75,20 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
     return engine
 
 
-def _create_private(engine: Engine, database: Path) -> None:
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite database URL (None for PostgreSQL and in-memory SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def _create_shared(engine: Engine, database: Path) -> None:
     @event.listens_for(engine, "do_connect")
     def _before_connect(dialect, record, cargs, cparams) -> None:  # type: ignore[no-untyped-def]
-        # Made 0600 before SQLite opens it, which would make it 0644 under umask 022; its -wal and
-        # -shm files get the database file's mode.
-        create_private_file(database)
+        # Made 0660 (maintainers in the group write events too) before SQLite opens it, which would
+        # make it 0644 under umask 022; its -wal and -shm files get the database file's mode.
+        create_shared_file(database)
 
 
 def _make_sqlite_durable(engine: Engine, busy_timeout: float, checkpoint_on_commit: bool) -> None:
@@ -132,7 +141,11 @@ def sqlite_writer_lock(engine: Engine, wait_forever: bool = False) -> Iterator[N
     if not thread_lock.acquire(timeout=-1 if wait_forever else max(0.0, deadline - time.monotonic())):
         raise sqlite3.OperationalError(f"database is locked: no turn at the writer lock {path}")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:  # the first writer: made 0660 whatever its umask, for the group
+            create_shared_file(Path(path))
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             if wait_forever:
                 fcntl.flock(fd, fcntl.LOCK_EX)

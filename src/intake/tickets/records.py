@@ -30,9 +30,7 @@ from intake.tickets import credit
 from intake.understand import decisions, route
 from intake.understand.lookups import message_key
 from intake.understand.parsed_mail import ParsedMail
-from intake.vocabulary import RECEIVED_EVENT, Direction, EventKind, TicketState
-
-SYSTEM_ACTOR = "intake"
+from intake.vocabulary import RECEIVED_EVENT, SYSTEM_ACTOR, Direction, EventKind, TicketState
 
 
 def add_event(session: Session, ticket_id: int, kind: str, now: datetime, actor: str = SYSTEM_ACTOR,
