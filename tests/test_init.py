@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from conftest import SHIPPED_CONFIG
 from intake.cli.app import main
-from intake.config import production
+from intake.config import template
 from intake.config.settings import load_settings
 
 INTAKE = Path(sys.executable).parent / "intake"
@@ -86,7 +86,7 @@ def test_the_file_is_0640_in_group_intake_if_there_is_one_and_never_overwritten_
     init(*FLAGS, "--output", str(path))
     status = path.stat()
     assert stat.S_IMODE(status.st_mode) == 0o640
-    group = production.config_group()
+    group = template.config_group()
     assert status.st_gid == (group if group is not None else os.getegid())
     before = path.read_bytes()
     assert "exists (use --force to overwrite)" in init(*FLAGS, "--domain", "other.org", "--output", str(path), code=1)

@@ -15,8 +15,8 @@ from pathlib import Path
 import click
 
 from intake.cli.common import Context, fail
-from intake.config import production
-from intake.config.production import AnswerError, Answers, MaintainerAnswer
+from intake.config import template
+from intake.config.template import AnswerError, Answers, MaintainerAnswer
 from intake.display import echo
 
 DEFAULT_OUTPUT = Path("/etc/intake/config.toml")
@@ -29,8 +29,8 @@ def _domain(text: str) -> str:
     name = text.strip().rstrip(".").lower()
     if not _DOMAIN.fullmatch(name):
         raise click.BadParameter(f"{text!r} is not a fully qualified domain name")
-    if production.is_placeholder(name):
-        raise click.BadParameter(f"{name}: {production.PLACEHOLDER_HINT}; give your organisation's own")
+    if template.is_placeholder(name):
+        raise click.BadParameter(f"{name}: {template.PLACEHOLDER_HINT}; give your organisation's own")
     return name
 
 
@@ -46,7 +46,7 @@ def _addresses(text: str) -> list[str]:
 
 def _maintainer(text: str) -> MaintainerAnswer:
     try:
-        found = production.parse_maintainer(text)
+        found = template.parse_maintainer(text)
     except AnswerError as exc:
         raise click.BadParameter(str(exc)) from None
     _domain(found.email.rpartition("@")[2])
@@ -57,8 +57,8 @@ def _host_port(text: str) -> str:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit():
         raise click.BadParameter(f"{text!r}: expected HOST:PORT")
-    if production.is_placeholder(host.strip("[]")):
-        raise click.BadParameter(f"{host}: {production.PLACEHOLDER_HINT}")
+    if template.is_placeholder(host.strip("[]")):
+        raise click.BadParameter(f"{host}: {template.PLACEHOLDER_HINT}")
     return text.strip()
 
 
@@ -138,7 +138,7 @@ def init(obj: Context, domain: str | None, addresses: tuple[str, ...], relay: st
     domain = _domain(ask("--domain", domain, "Mail domain", _domain))
     accepted = _addresses(ask("--address", ",".join(addresses) or None, "Addresses mail is accepted for "
                               "(comma-separated)", _addresses, f"security@{domain}"))
-    policies = production.shipped_policies()
+    policies = template.shipped_policies()
     policy = ask("--policy", policy, f"SLA policy ({', '.join(policies)})", _one_of(policies))
     relay = ask("--relay", relay, "Relay for outgoing mail (HOST:PORT)", _host_port, DEFAULT_RELAY)
     listen = ask("--listen", listen, f"Listen on ({BEHIND_MTA} behind a local MTA, 0.0.0.0:25 as the MX)",
@@ -149,18 +149,18 @@ def init(obj: Context, domain: str | None, addresses: tuple[str, ...], relay: st
         domain=domain, addresses=accepted, relay=relay, maintainers=people, policy=policy, listen=listen,
         hostname=hostname, state_dir=state_dir, from_name=from_name or f"{domain} Security Team",
         trusted_relays=list(trusted_relays) or (["::1" if ":" in listen.rpartition(":")[0] else "127.0.0.1"]
-                                                if production.is_loopback(listen) else []))
-    refused = production.placeholders(answers)
+                                                if template.is_loopback(listen) else []))
+    refused = template.placeholders(answers)
     if refused:
-        fail(f"placeholder domains ({production.PLACEHOLDER_HINT}): {'; '.join(refused)}", 2)
+        fail(f"placeholder domains ({template.PLACEHOLDER_HINT}): {'; '.join(refused)}", 2)
     try:
-        text = production.render(production.shipped_text(), answers)
+        text = template.render(template.shipped_text(), answers)
     except AnswerError as exc:
         fail(str(exc))
     _validate(text)
-    group = production.config_group()
+    group = template.config_group()
     try:
-        production.write_config(path, text, replace=force, group=group)
+        template.write_config(path, text, replace=force, group=group)
     except FileExistsError:
         fail(f"{path} exists (use --force to overwrite)")
     except OSError as exc:
@@ -236,7 +236,7 @@ def _next_steps(path: Path, answers: Answers, credentials_dir: Path | None) -> N
         "sudo install -m 0600 /dev/null /etc/intake/credentials/reply-secret",
         "head -c 32 /dev/urandom | base64 | sudo tee /etc/intake/credentials/reply-secret >/dev/null"]]
     steps.append(["Check it as the service's user:", f"sudo -u intake {intake} check-config"])
-    if production.is_loopback(answers.listen):
+    if template.is_loopback(answers.listen):
         steps.append([f"intake.socket listens on port 25; behind your MTA it must listen on {answers.listen}: "
                       "`sudo systemctl edit intake.socket`, and write", "[Socket]", "ListenStream=",
                       f"ListenStream={answers.listen}",

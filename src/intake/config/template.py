@@ -1,4 +1,4 @@
-"""A production configuration written from the shipped one (``intake init``).
+"""The shipped config.toml as the template of a production configuration (`intake init`).
 
 The shipped ``config.toml`` (packaged as ``shipped.toml``) documents every key; a production file
 is that text with the operator's answers in place of the shipped values, every comment kept, the
