@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import select
 import stat
 import subprocess
@@ -173,3 +174,14 @@ def test_on_a_terminal_missing_answers_are_asked_and_bad_ones_asked_again(tmp_pa
         "127.0.0.1:25", "0.0.0.0:25", "emailconnect")
     assert settings.smtp.trusted_relays == []  # not behind an MTA: nobody's XFORWARD is believed
     assert [(m.name, m.login) for m in settings.maintainers] == [("Bob Builder", "bob")]
+
+
+def test_the_readme_walk_through_documents_every_flag_and_no_other():
+    readme = (SHIPPED_CONFIG.parent / "README.md").read_text()
+    section = readme[readme.index("## Installing on a Debian server"):readme.index("## Running under systemd")]
+    command = main.get_command(None, "init")  # type: ignore[arg-type]
+    flags = {name for option in command.params for name in option.opts if name.startswith("--")}
+    global_flags = {name for option in main.params for name in option.opts}
+    documented = set(re.findall(r"`(--[a-z][a-z-]*)", section))
+    assert flags <= documented
+    assert documented <= flags | global_flags
