@@ -158,14 +158,13 @@ def init(obj: Context, domain: str | None, addresses: tuple[str, ...], relay: st
     except AnswerError as exc:
         fail(str(exc))
     _validate(text)
-    group = template.config_group()
     try:
-        template.write_config(path, text, replace=force, group=group)
+        grouped = template.write_config(path, text, replace=force, group=template.config_group())
     except FileExistsError:
         fail(f"{path} exists (use --force to overwrite)")
     except OSError as exc:
         fail(f"cannot write {path}: {exc.strerror}")
-    echo(f"wrote {path} (mode 0640{', group intake' if group is not None else ''})")
+    echo(f"wrote {path} (mode 0640{', group intake' if grouped else ''})")
     if credentials_dir is not None:
         _reply_secret(credentials_dir)
     _next_steps(path, answers, credentials_dir)

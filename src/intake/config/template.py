@@ -175,21 +175,21 @@ def config_group() -> int | None:
         return None
 
 
-def write_config(path: Path, text: str, *, replace: bool, group: int | None) -> None:
-    """Write *text* to *path*, mode 0640 (group *group* when given), all at once: a new file beside
-    it, fsync'd, then renamed over *path* when *replace*, else linked (:class:`FileExistsError` if
-    *path* exists). The folder is made (0750, the same group) if missing."""
+def write_config(path: Path, text: str, *, replace: bool, group: int | None) -> bool:
+    """Write *text* to *path*, mode 0640, all at once: a new file beside it, fsync'd, then renamed
+    over *path* when *replace*, else linked (:class:`FileExistsError` if *path* exists). The file
+    (and its folder, made 0750 if missing) is given *group* where the writer may do that (root, or a
+    member of it); returns whether it was."""
     if not path.parent.is_dir():
         path.parent.mkdir(mode=0o750, parents=True)
         os.chmod(path.parent, 0o750)
         if group is not None:
-            os.chown(path.parent, -1, group)
+            _give_group(path.parent, group)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), CONFIG_MODE)
-            if group is not None:
-                os.fchown(handle.fileno(), -1, group)
+            grouped = group is not None and _give_group(handle.fileno(), group)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -199,3 +199,12 @@ def write_config(path: Path, text: str, *, replace: bool, group: int | None) -> 
             os.link(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+    return grouped
+
+
+def _give_group(target: Path | int, group: int) -> bool:
+    try:
+        os.chown(target, -1, group)
+    except PermissionError:  # not root, and not a member of the group: the file keeps the writer's
+        return False
+    return True
