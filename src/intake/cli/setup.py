@@ -148,8 +148,7 @@ def init(obj: Context, domain: str | None, addresses: tuple[str, ...], relay: st
     answers = Answers(
         domain=domain, addresses=accepted, relay=relay, maintainers=people, policy=policy, listen=listen,
         hostname=hostname, state_dir=state_dir, from_name=from_name or f"{domain} Security Team",
-        trusted_relays=list(trusted_relays) or (["::1" if ":" in listen.rpartition(":")[0] else "127.0.0.1"]
-                                                if template.is_loopback(listen) else []))
+        trusted_relays=list(trusted_relays) or _local_mta(listen))
     refused = template.placeholders(answers)
     if refused:
         fail(f"placeholder domains ({template.PLACEHOLDER_HINT}): {'; '.join(refused)}", 2)
@@ -168,6 +167,13 @@ def init(obj: Context, domain: str | None, addresses: tuple[str, ...], relay: st
     if credentials_dir is not None:
         _reply_secret(credentials_dir)
     _next_steps(path, answers, credentials_dir)
+
+
+def _local_mta(listen: str) -> list[str]:
+    """Listening on loopback, intake is behind an MTA on this host, which connects from loopback."""
+    if not template.is_loopback(listen):
+        return []
+    return ["::1" if ":" in listen.rpartition(":")[0] else "127.0.0.1"]
 
 
 def _one_of(choices: list[str]) -> Callable[[str], str]:
