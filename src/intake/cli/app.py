@@ -58,6 +58,9 @@ COMMANDS = {
     "reminders": Registered(_M + "mail:reminders_command",
                             "What was sent for ticket REFERENCE and what each of its stages gets next."),
     "serve": Registered(_M + "admin:serve", "Run the SMTP listener, processor and outbox until SIGTERM."),
+    "init": Registered(_M + "setup:init",
+                       "Write a production config.toml (mode 0640, group intake) from these flags, asking on a "
+                       "terminal for what is missing; placeholder domains (example.com, *.test, ...) are refused."),
     "check-config": Registered(_M + "admin:check_config",
                                "Validate the configuration: exit 0, or 78 naming the bad key."),
     "db": Registered(_M + "admin:db_group",

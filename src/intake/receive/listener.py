@@ -122,7 +122,7 @@ class IntakeHandler:
         self.reconfigure(settings)
         self._committer = committer
         smtp = settings.smtp
-        self._hostname = smtp.hostname  # as in the greeting: only a restart changes it
+        self._hostname = settings.hostname  # as in the greeting: only a restart changes it
         self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_ip,
                                        smtp.max_connections_per_network, smtp.network_prefix_ipv4,
                                        smtp.network_prefix_ipv6)
