@@ -54,6 +54,7 @@ anvil     unix  - - n -     1 anvil
 scache    unix  - - n -     1 scache
 postlog   unix-dgram n - n - 1 postlogd
 intake    unix  - - n -     - smtp
+  -o syslog_name=postfix/intake
   -o smtp_send_xforward_command=yes
   -o smtp_tls_security_level=encrypt
 """

@@ -100,9 +100,9 @@ def behind_postfix(make_settings, intake_port: int, postfix: Postfix, intake_tls
     STARTTLS), relaying out through Postfix's MX port, size limit matched unless a test says
     otherwise."""
 
-    def make(**env: str):  # type: ignore[no-untyped-def]
+    def make(tls: bool = True, **env: str):  # type: ignore[no-untyped-def]
         return make_settings(**{
-            **intake_tls,
+            **(intake_tls if tls else {}),
             "INTAKE_SMTP__LISTEN": f"127.0.0.1:{intake_port}",
             "INTAKE_SMTP__MAX_MESSAGE_SIZE": str(SIZE_LIMIT),
             "INTAKE_OUTBOUND__TRANSPORT": "smtp",
@@ -181,6 +181,7 @@ def test_a_report_through_postfix_is_a_ticket_and_the_acknowledgement_goes_out_t
     engine.dispose()
     received = email.message_from_bytes(row.raw, policy=email.policy.default).get_all("Received")
     assert any(f"by {postfix.myhostname} (Postfix)" in header for header in received)
+    assert "postfix/intake/smtp" in postfix.log()  # the transport's own log name, for grep
     assert f"TLS connection established to 127.0.0.1[127.0.0.1]:{intake_port}" in postfix.log()
 
 
@@ -251,6 +252,23 @@ def test_while_intake_is_down_postfix_queues_and_delivers_every_report_when_it_i
     postfix.wait(lambda: len(stored(running.engine)) == 3, "the queued reports in intake")
     assert process(settings, running.engine).decisions == {"new-ticket": 3}
     assert sorted(t.subject for t in all_tickets(running.engine)) == sorted(f"report {i}" for i in ids)
+
+
+def test_postfix_hands_reports_to_intake_only_over_tls(behind_postfix, start_intake_listener, postfix):
+    """The transport says `smtp_tls_security_level=encrypt`: an intake without STARTTLS gets
+    nothing in clear; the report waits in Postfix's queue until intake offers TLS."""
+    without_tls = behind_postfix(tls=False)
+    assert without_tls.smtp.tls_certificate is None
+    running = start_intake_listener(without_tls)
+    deferred_before = deferrals(postfix)
+    send_to_mx(postfix, report(message_id="<tls@researcher.test>"))
+    postfix.wait(lambda: deferrals(postfix) > deferred_before, "the report deferred")
+    assert "TLS is required, but was not offered" in postfix.log()
+    assert stored(running.engine) == []
+    running.stop()
+    running = start_intake_listener(behind_postfix())
+    postfix.flush()
+    postfix.wait(lambda: len(stored(running.engine)) == 1, "the report in intake over TLS")
 
 
 @pytest.mark.xfail(reason="needs XFORWARD support from branch relay", strict=False)
