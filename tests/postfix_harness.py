@@ -69,6 +69,7 @@ maillog_file = {root}/maillog
 maillog_file_prefixes = {root}
 myhostname = {myhostname}
 mydestination =
+alias_maps =
 inet_interfaces = 127.0.0.1
 inet_protocols = ipv4
 # Only loopback: the test client's addresses are never resolved, no nexthop is looked up.

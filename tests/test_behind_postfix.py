@@ -16,6 +16,7 @@ import email.policy
 import email.utils
 import json
 import os
+import re
 import smtplib
 import time
 from collections.abc import Iterator
@@ -181,7 +182,9 @@ def test_a_report_through_postfix_is_a_ticket_and_the_acknowledgement_goes_out_t
     engine.dispose()
     received = email.message_from_bytes(row.raw, policy=email.policy.default).get_all("Received")
     assert any(f"by {postfix.myhostname} (Postfix)" in header for header in received)
-    assert "postfix/intake/smtp" in postfix.log()  # the transport's own log name, for grep
+    # README: one line of Postfix's log, under the transport's own name, ties its queue id to intake's row.
+    assert re.search(rf"postfix/intake/smtp\[\d+\]: \w+: to=<{SECURITY}>, relay=127.0.0.1\[127.0.0.1\]:{intake_port},"
+                     rf".* status=sent \(250 2.0.0 OK queued as {row.id}\)", postfix.log())
     assert f"TLS connection established to 127.0.0.1[127.0.0.1]:{intake_port}" in postfix.log()
 
 
