@@ -149,7 +149,10 @@ class Postfix:
             time.sleep(0.05)
         for pid in ([master] if master else []) + children:
             if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it exited in between
         shutil.rmtree(self.root, ignore_errors=True)
 
 
