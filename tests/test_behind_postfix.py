@@ -285,7 +285,6 @@ def test_postfix_hands_reports_to_intake_only_over_tls(behind_postfix, start_int
     postfix.wait(lambda: len(stored(running.engine)) == 1, "the report in intake over TLS")
 
 
-@pytest.mark.xfail(reason="needs XFORWARD support from branch relay", strict=False)
 def test_xforward_from_postfix_records_the_original_client_and_the_mx_receipt_time(
         behind_postfix, start_intake_listener, postfix):
     """With Postfix in smtp.trusted_relays, intake records the client Postfix saw (on loopback its

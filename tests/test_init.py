@@ -59,7 +59,7 @@ def test_flags_make_a_production_config_that_loads(tmp_path: Path):
     assert not settings.intake.development
     assert [(m.name, m.email, m.login) for m in settings.maintainers] == [
         ("Ada Lovelace", "ada@acme.org", "ada"), ("Bob Builder", "bob@acme.org", None)]
-    assert settings.actor("ada") == "Ada Lovelace"
+    assert settings.actor("ada", 1000) == "Ada Lovelace"
 
 
 def test_every_shipped_key_and_comment_is_kept_but_the_development_marker(tmp_path: Path):
