@@ -10,6 +10,7 @@ import email
 import email.policy
 import hashlib
 import hmac
+import logging
 import smtplib
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -350,6 +351,29 @@ def test_rotating_is_refused_when_the_operator_gives_the_secret(make_settings, c
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     monkeypatch.setenv("INTAKE_REPLY_SECRET", "c2VjcmV0IGZyb20gdGhlIGVudmlyb25tZW50Cg==")
     assert "$INTAKE_REPLY_SECRET" in cli("secret", "rotate", code=1).output
+
+
+def test_a_shell_without_the_service_credential_refuses_to_sign(make_settings, cli, monkeypatch, caplog):
+    """The service signs with its credential; a maintainer's shell cannot read it. Signing there with
+    the database's secret would send reply addresses the service refuses: the command says so instead."""
+    engine = make_engine(make_settings().database_url)
+    schema.upgrade(engine)
+    monkeypatch.setattr(reply_tokens, "_secrets", {})
+    monkeypatch.setattr(reply_tokens, "_fingerprinted", set())
+    monkeypatch.setenv("INTAKE_REPLY_SECRET", "c2VydmljZSBjcmVkZW50aWFsCg==")
+    assert reply_tokens.secret(engine) == b"c2VydmljZSBjcmVkZW50aWFsCg=="  # as the service: recorded
+    monkeypatch.delenv("INTAKE_REPLY_SECRET")
+    with pytest.raises(reply_tokens.SecretUnavailable):
+        reply_tokens.secret(engine)
+    output = cli("sweep", code=78).output
+    assert "cannot read" in output and "CREDENTIALS_DIRECTORY" in output
+    cli("sweep", "--dry-run")  # signs nothing: allowed
+    assert "credential" in cli("secret", "rotate", code=1).output  # the database's secret is not the one in use
+    monkeypatch.setenv("INTAKE_REPLY_SECRET", "YW5vdGhlciBub2RlJ3MK")
+    monkeypatch.setattr(reply_tokens, "_fingerprinted", set())
+    with caplog.at_level(logging.WARNING, logger="intake.understand.reply_tokens"):
+        reply_tokens.secret(engine)
+    assert "event=reply-secret-differs" in caplog.text
 
 
 def test_other_nodes_use_a_rotated_secret_within_their_cache_time(make_settings, monkeypatch):

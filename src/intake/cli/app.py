@@ -12,12 +12,14 @@ Exit status: 0 success, 1 the thing asked for failed or was not found, 2 usage e
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import click
 
 from intake.cli.common import Context
+from intake.display import echo
 from intake.vocabulary import MILESTONE_SPECS
 
 
@@ -96,6 +98,15 @@ class LazyGroup(click.Group):
         module_name, attribute = registered.target.split(":")
         command: click.Command = getattr(importlib.import_module(module_name), attribute)
         return command
+
+    def invoke(self, ctx: click.Context) -> object:
+        from intake.config.settings import EXIT_CONFIG, ConfigError
+
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:  # met after loading, e.g. a secret only the service can read
+            echo(f"intake: {exc}", err=True)
+            sys.exit(EXIT_CONFIG)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """The command list from :data:`COMMANDS`, as click would write it, importing no command."""

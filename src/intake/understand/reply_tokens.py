@@ -15,6 +15,13 @@ database, so every node shares it and it survives restarts. ``intake secret rota
 (:func:`rotate`) replaces the database's secret, and every earlier reply address stops working.
 Each process caches the secret for ``CACHE_SECONDS`` only, so other nodes (and a running
 ``intake serve`` when the CLI rotated) use the new secret within that time.
+
+A process with the operator's secret records its fingerprint (an HMAC of a fixed text, which
+reveals nothing of the secret) in the database. A process without it (a maintainer's shell cannot
+read the service's credential) then refuses to sign (:class:`SecretUnavailable`) rather than sign
+with the database's secret, which the service would not accept: ``intake sweep`` run from a shell
+would otherwise send notices whose reply addresses never work. A node whose credential differs
+from the recorded one logs a warning: every node needs the same value.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -36,13 +44,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy import Engine, func, select
 
 from intake.config.sections import SenderAuthSection
-from intake.config.settings import SECRETS, Settings, read_secret
+from intake.config.settings import SECRETS, ConfigError, Settings, read_secret
 from intake.sla.calendars import parse_duration
 from intake.store.db import read_session, write_session
 from intake.store.models import ServiceSecret, Ticket
 from intake.vocabulary import FINISHED_STATES
 
 _SECRET_NAME = "reply-secret"
+_FINGERPRINT_NAME = "reply-secret-fingerprint"  # a ServiceSecret row: the operator's secret is in use
 _MAC_LENGTH = 20  # base32 characters: 100 bits
 _DAY_LENGTH = 4  # base32 characters of the issue day: days since 1970 until the year 4840
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lowercased
@@ -60,7 +69,13 @@ OLD_FORMAT = "old-format"
 INVALID = "invalid"
 
 _secrets: dict[str, tuple[float, bytes]] = {}  # by database URL: (_clock() when read, secret)
+_fingerprinted: set[str] = set()  # database URLs this process recorded its operator secret's fingerprint in
 _clock = time.monotonic
+log = logging.getLogger(__name__)
+
+
+class SecretUnavailable(ConfigError):
+    """The service signs with the operator's secret, which this process cannot read."""
 
 
 class SecretGiven(RuntimeError):
@@ -80,13 +95,23 @@ def given_by() -> str | None:
 def secret(engine: Engine) -> bytes:
     """The signing secret: the operator's, else the one kept in the database (made on first use)."""
     given = read_secret(_SECRET_NAME)
-    if given:
-        return given.encode()
     key = engine.url.render_as_string(hide_password=False)
+    if given:
+        if key not in _fingerprinted:
+            _record_fingerprint(engine, _fingerprint(given.encode()))
+            _fingerprinted.add(key)
+        return given.encode()
     cached = _secrets.get(key)
     if cached is not None and _clock() - cached[0] < CACHE_SECONDS:
         return cached[1]
     with read_session(engine) as session:
+        if session.get(ServiceSecret, _FINGERPRINT_NAME) is not None:
+            raise SecretUnavailable(
+                "maintainers' reply addresses are signed with the service's own secret (the credential "
+                f"{_SECRET_NAME}, or ${SECRETS[_SECRET_NAME]}), which this process cannot read, so it would "
+                "send reply addresses that never work. Leave this to the running service (its scheduler "
+                "sweeps and processes on its own), or run the command as root with "
+                "CREDENTIALS_DIRECTORY=/etc/intake/credentials")
         stored = session.get(ServiceSecret, _SECRET_NAME)
     if stored is None:
         with write_session(engine) as session:
@@ -101,6 +126,22 @@ def secret(engine: Engine) -> bytes:
     return _secrets[key][1]
 
 
+def _fingerprint(secret_bytes: bytes) -> str:
+    return hmac.new(secret_bytes, b"intake reply-secret fingerprint", hashlib.sha256).hexdigest()
+
+
+def _record_fingerprint(engine: Engine, fingerprint: str) -> None:
+    """Note in the database that the operator's secret signs, warning when another one did."""
+    with write_session(engine) as session:
+        stored = session.get(ServiceSecret, _FINGERPRINT_NAME)
+        if stored is None:
+            session.add(ServiceSecret(name=_FINGERPRINT_NAME, value=fingerprint, created_at=datetime.now(timezone.utc)))
+        elif stored.value != fingerprint:
+            log.warning("event=reply-secret-differs detail=%r", "this process's reply secret is not the one another "
+                        "process recorded: every node needs the same value, or reply addresses fail between them")
+            stored.value, stored.created_at = fingerprint, datetime.now(timezone.utc)
+
+
 def rotate(engine: Engine, now: datetime) -> int:
     """Replace the database's secret with a new random one: every reply address made before stops
     working. Returns how many tickets are open (their maintainers get fresh reply addresses with
@@ -110,6 +151,8 @@ def rotate(engine: Engine, now: datetime) -> int:
     if source:
         raise SecretGiven(source)
     with write_session(engine) as session:
+        if session.get(ServiceSecret, _FINGERPRINT_NAME) is not None:
+            raise SecretGiven(f"the service's credential {_SECRET_NAME}")
         stored = session.get(ServiceSecret, _SECRET_NAME)
         if stored is None:
             session.add(ServiceSecret(name=_SECRET_NAME, value=secrets.token_hex(32), created_at=now))
