@@ -95,6 +95,8 @@ def configure_logging(section: LoggingSection) -> None:
     logging.getLogger("mailparser").setLevel(logging.ERROR)
     # APScheduler logs two lines for every run of every job; the sweep logs what it sent.
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Alembic logs its plugin set-up at every start (about 20 lines); event=schema-upgraded says what changed.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def inherited_sockets() -> list[socket.socket]:
