@@ -10,6 +10,11 @@ the transport, and records the outcome:
   until ``give_up_after``, then ``dead``;
 * permanent failure (5xx) -> ``dead`` at once.
 
+Recipients the relay refused (at RCPT, some or all of them, or every one by a 5xx after DATA) and
+rows given up on are handed, with the relay's answers, to the ``on_undelivered`` callback in the
+transaction that records the row's outcome: the ticket's side of it (events, the reporter flagged
+unreachable) is :mod:`intake.tickets.undeliverable`'s, never this module's.
+
 A crash after the relay accepted a message but before ``sent`` was recorded means that one
 message is sent again on recovery (RFC 1047's window, shared by every MTA); it carries the
 same Message-ID, so the duplicate is recognisable.
@@ -30,7 +35,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiosmtplib
-from sqlalchemy import Engine, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
@@ -93,12 +98,46 @@ def automatic_mail_counts(session: Session, recipients: Iterable[str], since: da
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """The relay's answer refusing one recipient of a message."""
+
+    recipient: str
+    code: int
+    text: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+@dataclass(frozen=True)
 class Delivery:
-    """What a transport reports for one message."""
+    """What a transport reports for one message: *refused* names the recipients the relay would
+    not take, with its answers (the others got it when *ok*)."""
 
     ok: bool
     permanent: bool = False
     detail: str = ""
+    refused: tuple[Refusal, ...] = ()
+
+
+@dataclass(frozen=True)
+class Undelivered:
+    """Mail of a ticket that did not reach everyone: what the outbox hands on, once per recorded
+    attempt that had refusals or ended the row."""
+
+    outbox_id: int
+    ticket_id: int
+    kind: str  # MailKind
+    recipients: tuple[str, ...]
+    refused: tuple[Refusal, ...]  # this attempt's refusals, temporary ones included
+    dead: bool  # the row is given up on: no one not yet reached ever gets it
+    attempts: int
+    detail: str  # the attempt's outcome as recorded in last_error
+
+
+# Told in the transaction that records the row's outcome; it must not commit or roll back.
+UndeliveredHook = Callable[[Connection, Undelivered, datetime], None]
 
 
 class Transport:
@@ -204,9 +243,12 @@ class SmtpTransport(Transport):
         except aiosmtplib.SMTPNotSupported as exc:
             return Delivery(False, True, f"relay cannot deliver this message: {exc}")
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [r.code for r in exc.recipients]
-            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
-            return Delivery(False, all(code >= 500 for code in codes), f"refused {detail}")
+            refused = tuple(Refusal(r.recipient, r.code, r.message) for r in exc.recipients)
+            return Delivery(False, all(r.permanent for r in refused), f"refused {_refusals(refused)}", refused)
+        except aiosmtplib.SMTPDataError as exc:
+            # After the envelope was accepted: the answer is for the message, so for each recipient.
+            refused = tuple(Refusal(recipient, exc.code, exc.message) for recipient in row.recipients)
+            return Delivery(False, exc.code >= 500, f"relay {exc.code} {exc.message}", refused)
         except aiosmtplib.SMTPResponseException as exc:
             return Delivery(False, exc.code >= 500, f"relay {exc.code} {exc.message}")
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
@@ -214,7 +256,14 @@ class SmtpTransport(Transport):
         except Exception as exc:  # noqa: BLE001 - recorded and retried with backoff, never a stuck lease
             log.exception("event=outbox-unexpected outbox_id=%s", row.id)
             return Delivery(False, detail=f"unexpected {type(exc).__name__}: {exc}")
-        return Delivery(True, detail=f"relay: {response}")
+        refused = tuple(Refusal(recipient, answer.code, answer.message) for recipient, answer in errors.items())
+        # Some recipients refused at RCPT, the rest took it: sent, and the refused ones said.
+        return Delivery(True, detail=f"relay: {response}" + (f"; refused {_refusals(refused)}" if refused else ""),
+                        refused=refused)
+
+
+def _refusals(refused: Iterable[Refusal]) -> str:
+    return "; ".join(f"{r.recipient}: {r.code} {r.text}" for r in refused)
 
 
 def make_transport(settings: Settings) -> Transport:
@@ -233,9 +282,10 @@ def backoff(outbound: OutboundSection, attempts: int) -> timedelta:
 class OutboxSender:
     """Claims due outbox rows, sends them, records what happened."""
 
-    def __init__(self, engine: Engine, settings: Settings, transport: Transport,
+    def __init__(self, engine: Engine, settings: Settings, transport: Transport, *, on_undelivered: UndeliveredHook,
                  on_record: Callable[[str], None] = lambda outcome: None):
         self._engine = engine
+        self._on_undelivered = on_undelivered  # a ticket's mail refused or given up on (no default: never lost)
         self._on_record = on_record  # told each outcome recorded (the worker's metrics)
         self._outbound = settings.outbound
         self._transport = transport
@@ -284,7 +334,7 @@ class OutboxSender:
         values: dict[str, object] = {"attempts": row.attempts + 1, "lease_until": None, "lease_owner": None}
         if delivery.ok:
             outcome = "sent"
-            values.update(status=OutboxStatus.SENT, sent_at=now, last_error=None)
+            values.update(status=OutboxStatus.SENT, sent_at=now, last_error=delivery.detail if delivery.refused else None)
         elif delivery.permanent or now - row.created_at >= timedelta(seconds=self._outbound.give_up_after):
             outcome = "dead"
             values.update(status=OutboxStatus.DEAD, last_error=delivery.detail)
@@ -294,11 +344,30 @@ class OutboxSender:
         # Not fsync'd (WAL survives a process crash): a power cut can only make us send this mail
         # again, with the same Message-ID, which is the same risk every MTA takes (RFC 1047).
         with write_connection(self._engine, durable=False) as connection:
-            connection.execute(_RECORD, {"row_id": row.id, "owner": self._owner, **values})
+            recorded = connection.execute(_RECORD, {"row_id": row.id, "owner": self._owner, **values}).rowcount
+            # Only while our lease held (else another sender has the row and tells its own outcome),
+            # in this transaction: a crash records both or neither, and the row is tried again.
+            if recorded and row.ticket_id is not None and (delivery.refused or outcome == "dead"):
+                self._tell_undelivered(connection, Undelivered(
+                    row.id, row.ticket_id, row.kind, tuple(row.recipients), delivery.refused, outcome == "dead",
+                    row.attempts + 1, delivery.detail), now)
         log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
                  row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
+        for refusal in delivery.refused:
+            if refusal.permanent:
+                log.warning("event=outbox-refused outbox_id=%d key=%s recipient=%s answer=%r", row.id, row.dedupe_key,
+                            refusal.recipient, f"{refusal.code} {refusal.text}"[:200])
         self._on_record(outcome)
         return outcome
+
+    def _tell_undelivered(self, connection: Connection, undelivered: Undelivered, now: datetime) -> None:
+        # In a savepoint: if recording it fails, the row's outcome still stands (sending the mail
+        # again because a ticket event could not be written would be the worse failure).
+        try:
+            with connection.begin_nested():
+                self._on_undelivered(connection, undelivered, now)
+        except Exception:  # noqa: BLE001 - logged; the delivery outcome is recorded regardless
+            log.exception("event=outbox-undelivered-not-recorded outbox_id=%d", undelivered.outbox_id)
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event, busy: asyncio.Event | None = None) -> None:
         """Send until *stop* is set; wakes on *wake* or every poll interval.

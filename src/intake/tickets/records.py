@@ -28,11 +28,13 @@ from intake.store.inbound import StoredMessage
 from intake.store.models import Event, Outbox, ThreadEntry, Ticket
 from intake.tickets import credit
 from intake.understand import decisions, route
+from intake.understand.header_text import clean_text
 from intake.understand.lookups import message_key
 from intake.understand.parsed_mail import ParsedMail
 from intake.vocabulary import RECEIVED_EVENT, Direction, EventKind, TicketState
 
 SYSTEM_ACTOR = "intake"
+_MAX_REASON = 600
 
 
 def add_event(session: Session, ticket_id: int, kind: str, now: datetime, actor: str = SYSTEM_ACTOR,
@@ -84,13 +86,16 @@ def _record_bounce(session: Session, ticket: Ticket, incoming: route.Incoming, b
     recipient = report.recipient if report and report.recipient else (sent_to[0] if sent_to else ticket.reporter)
     diagnostic = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no detail"
     what = bounced.kind.replace("-", " ")
-    add_event(session, ticket.id, EventKind.BOUNCED, now, summary=f"{what} to {recipient} bounced: {diagnostic}",
+    summary = f"{what} to {recipient} bounced: {diagnostic}"
+    add_event(session, ticket.id, EventKind.BOUNCED, now, summary=summary,
               message_id=bounced.message_id, recipient=recipient)
     failed = report is None or (report.action or "failed") == "failed"
     to_reporter = recipient.lower() == ticket.reporter.lower() and (not sent_to or recipient.lower() in sent_to)
     if failed and to_reporter and ticket.reporter_unreachable_at is None:
         ticket.reporter_unreachable_at = now
-        add_event(session, ticket.id, EventKind.REPORTER_UNREACHABLE, now, address=recipient)
+        # The reason as maintainers see it (show, digest, notices): one bounded line.
+        add_event(session, ticket.id, EventKind.REPORTER_UNREACHABLE, now, address=recipient,
+                  reason=clean_text(summary, _MAX_REASON))
 
 
 def leave_waiting(session: Session, ticket: Ticket, now: datetime, *, actor: str, why: str) -> None:
