@@ -132,6 +132,7 @@ class Undelivered:
     recipients: tuple[str, ...]
     refused: tuple[Refusal, ...]  # this attempt's refusals, temporary ones included
     dead: bool  # the row is given up on: no one not yet reached ever gets it
+    sent: bool  # the others got it: the refused recipients are not tried again
     attempts: int
     detail: str  # the attempt's outcome as recorded in last_error
 
@@ -350,7 +351,7 @@ class OutboxSender:
             if recorded and row.ticket_id is not None and (delivery.refused or outcome == "dead"):
                 self._tell_undelivered(connection, Undelivered(
                     row.id, row.ticket_id, row.kind, tuple(row.recipients), delivery.refused, outcome == "dead",
-                    row.attempts + 1, delivery.detail), now)
+                    delivery.ok, row.attempts + 1, delivery.detail), now)
         log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
                  row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
         for refusal in delivery.refused:

@@ -11,6 +11,9 @@ the same answer, and flags the reporter unreachable as a bounce does
 * the outbox gave up (``give_up_after``) while the relay was still refusing the reporter's address
   with 4xx: what an MTA does at the end of its queue lifetime, with a failed DSN.
 
+A 4xx for one recipient while others took the message is an event only: the row is sent, and the
+outbox does not retry single recipients, so that answer is the last one, but it says little.
+
 A row given up on because the relay itself was unreachable or refused the session says nothing
 about the reporter: an event for its recipients, nothing flagged. Refusals of other recipients
 (a Cc, a maintainer's notice) are events and the outbox's warning, never "reporter unreachable".
@@ -59,10 +62,15 @@ def record(connection: Connection, undelivered: Undelivered, now: datetime) -> N
     unreachable: str | None = None
     for refusal in undelivered.refused:
         answer = answer_text(refusal.code, refusal.text)
-        if refusal.recipient.lower() in told or not (refusal.permanent or undelivered.dead):
+        if refusal.recipient.lower() in told or not (refusal.permanent or undelivered.dead or undelivered.sent):
             continue  # said already, or a 4xx the outbox still retries
         told.add(refusal.recipient.lower())
-        how = "refused by the relay" if refusal.permanent else f"given up after {undelivered.attempts} attempts"
+        if refusal.permanent:
+            how = "refused by the relay"
+        elif undelivered.dead:
+            how = f"given up after {undelivered.attempts} attempts"
+        else:  # the others got it: the row is done, and a refused Cc is not tried again
+            how = "not retried (sent to the other recipients)"
         summary = clean_text(f"{what} to {refusal.recipient} {how}: {answer}", MAX_ANSWER * 2)
         rows.append(event(undelivered.ticket_id, EventKind.UNDELIVERABLE, now, outbox_id=undelivered.outbox_id,
                           mail=undelivered.kind, recipient=refusal.recipient, answer=answer,
@@ -70,7 +78,7 @@ def record(connection: Connection, undelivered: Undelivered, now: datetime) -> N
         to_reporter = refusal.recipient.lower() == ticket.reporter.lower()
         log.warning("event=mail-undeliverable ticket=%s outbox_id=%d recipient=%s reporter=%s answer=%r",
                     ticket.reference, undelivered.outbox_id, refusal.recipient, to_reporter, answer)
-        if to_reporter:
+        if to_reporter and (refusal.permanent or undelivered.dead):
             unreachable = summary
     if undelivered.dead:
         rows += _given_up(undelivered, told, what, ticket.reference, now)
