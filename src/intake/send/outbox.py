@@ -355,7 +355,7 @@ class OutboxSender:
         log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
                  row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
         for refusal in delivery.refused:
-            if refusal.permanent:
+            if refusal.permanent or outcome != "retry":  # this recipient will not get it
                 log.warning("event=outbox-refused outbox_id=%d key=%s recipient=%s answer=%r", row.id, row.dedupe_key,
                             refusal.recipient, f"{refusal.code} {refusal.text}"[:200])
         self._on_record(outcome)

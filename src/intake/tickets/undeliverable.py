@@ -68,7 +68,7 @@ def record(connection: Connection, undelivered: Undelivered, now: datetime) -> N
         if refusal.permanent:
             how = "refused by the relay"
         elif undelivered.dead:
-            how = f"given up after {undelivered.attempts} attempts"
+            how = f"given up after {_attempts(undelivered)}"
         else:  # the others got it: the row is done, and a refused Cc is not tried again
             how = "not retried (sent to the other recipients)"
         summary = clean_text(f"{what} to {refusal.recipient} {how}: {answer}", MAX_ANSWER * 2)
@@ -76,7 +76,8 @@ def record(connection: Connection, undelivered: Undelivered, now: datetime) -> N
                           mail=undelivered.kind, recipient=refusal.recipient, answer=answer,
                           permanent=refusal.permanent, summary=summary))
         to_reporter = refusal.recipient.lower() == ticket.reporter.lower()
-        log.warning("event=mail-undeliverable ticket=%s outbox_id=%d recipient=%s reporter=%s answer=%r",
+        # The outbox warned already (event=outbox-refused); this line ties it to the ticket.
+        log.info("event=mail-undeliverable ticket=%s outbox_id=%d recipient=%s reporter=%s answer=%r",
                     ticket.reference, undelivered.outbox_id, refusal.recipient, to_reporter, answer)
         if to_reporter and (refusal.permanent or undelivered.dead):
             unreachable = summary
@@ -108,9 +109,13 @@ def _given_up(undelivered: Undelivered, told: set[str], what: str, reference: st
                 undelivered.outbox_id, ",".join(rest), reason)
     return [event(undelivered.ticket_id, EventKind.UNDELIVERABLE, now, outbox_id=undelivered.outbox_id,
                   mail=undelivered.kind, recipient=recipient, answer=reason, permanent=False,
-                  summary=clean_text(f"{what} to {recipient} given up after {undelivered.attempts} attempts: {reason}",
+                  summary=clean_text(f"{what} to {recipient} given up after {_attempts(undelivered)}: {reason}",
                                      MAX_ANSWER * 2))
             for recipient in rest]
+
+
+def _attempts(undelivered: Undelivered) -> str:
+    return f"{undelivered.attempts} attempt{'' if undelivered.attempts == 1 else 's'}"
 
 
 def _flag_reporter(connection: Connection, ticket_id: int, address: str, reason: str, now: datetime) -> None:
