@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import json
 import email.policy
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -114,6 +115,17 @@ def desk(make_settings, config_file, relay):  # type: ignore[no-untyped-def]
     return Desk()
 
 
+def reply_with_cc(desk, reference: str, text: str = "Confirmed, thank you.\n") -> None:  # type: ignore[no-untyped-def]
+    """A maintainer's reply to the reporter with the coordinator in Cc: one mail, two recipients."""
+    with write_session(desk.engine) as session:
+        correspondence.reply(session, desk.settings, reads.find(session, reference), text, now=T0, actor="mia",
+                             cc=(CC,))
+
+
+def correspondence_rows(desk) -> list[outbox.Outbox]:  # type: ignore[no-untyped-def]
+    return sorted((r for r in outbox.listing(desk.engine) if r.kind == "correspondence"), key=lambda r: r.id)
+
+
 def body(raw: bytes) -> str:
     return email.message_from_bytes(raw, policy=email.policy.default).get_body(("plain",)).get_content()
 
@@ -161,15 +173,14 @@ def test_a_554_after_data_flags_the_reporter(desk):
     assert desk.unreachable_at(ref) == T0
 
 
-@pytest.mark.parametrize(("refused", "code"), [(ALICE, "550 5.1.1"), (CC, "550 5.1.1"), (ALICE, "452 4.2.2")])
-def test_one_recipient_of_several_refused_is_recorded_for_that_recipient_only(desk, refused, code):
+@pytest.mark.parametrize("refused", [ALICE, CC])
+def test_one_recipient_of_several_refused_is_recorded_for_that_recipient_only(desk, refused):
+    code = "550 5.1.1"
     ref = desk.open()
     desk.send(T0)  # the acknowledgement and the notice go through
-    with write_session(desk.engine) as session:
-        correspondence.reply(session, desk.settings, reads.find(session, ref), "Confirmed, thank you.\n",
-                             now=T0, actor="mia", cc=(CC,))
+    reply_with_cc(desk, ref)
     desk.refuse[refused] = f"{code} <{refused}>: no"
-    later = T0 + timedelta(hours=1)
+    later = T0 + timedelta(minutes=10)
     assert desk.send(later) == {"sent": 1}  # the other recipient got it
     [delivered] = [m for m in desk.delivered if b"Confirmed" in m.data]
     assert delivered.rcpt_tos == [CC if refused == ALICE else ALICE]
@@ -177,12 +188,79 @@ def test_one_recipient_of_several_refused_is_recorded_for_that_recipient_only(de
     assert (event["recipient"], event["mail"], event["answer"]) == (refused, "correspondence", f"{code} <{refused}>: no")
     [row] = [r for r in outbox.listing(desk.engine) if r.kind == "correspondence"]
     assert (row.status, f"{refused}: {code}" in row.last_error) == ("sent", True)
-    # Only a permanent refusal of the reporter's own address flags them; a 4xx is not tried again
-    # (the row is sent), so it is said, but it proves nothing about the address.
-    flagged = refused == ALICE and code.startswith("5")
-    assert desk.unreachable_at(ref) == (later if flagged else None)
-    assert event["summary"].endswith(("refused by the relay: " if code.startswith("5") else
-                                      "not retried (sent to the other recipients): ") + event["answer"])
+    assert desk.unreachable_at(ref) == (later if refused == ALICE else None)  # the reporter's address only
+    assert event["summary"].endswith("refused by the relay: " + event["answer"])
+
+
+MAILBOX_FULL = f"452 4.2.2 <{ALICE}>: Mailbox full"
+
+
+def test_a_recipient_deferred_while_another_took_it_gets_it_on_the_retry_and_the_other_only_once(desk, cli):
+    ref = desk.open()
+    desk.send(T0)
+    reply_with_cc(desk, ref)
+    desk.refuse[ALICE] = MAILBOX_FULL
+    first = T0 + timedelta(minutes=1)
+    assert desk.send(first) == {"sent": 1}  # the Cc got it
+    original, retry = correspondence_rows(desk)
+    assert (original.status, original.recipients, original.attempts) == ("sent", [CC], 1)
+    # The same mail, for the deferred recipient only, on the usual backoff from the first attempt.
+    assert (retry.status, retry.recipients, retry.attempts, retry.dedupe_key) == \
+           ("pending", [ALICE], 1, f"{original.dedupe_key}/deferred:{original.id}")
+    same = ("raw", "message_id", "envelope_from", "ticket_id", "kind", "created_at")
+    assert [getattr(retry, a) for a in same] == [getattr(original, a) for a in same]
+    assert retry.next_attempt_at == first + outbox.backoff(desk.settings.outbound, 1)
+    [event] = desk.events(ref, "undeliverable")
+    assert event["summary"] == f"correspondence to {ALICE} deferred by the relay, will be retried " \
+                               f"(outbox {retry.id}): {MAILBOX_FULL}"
+    assert desk.unreachable_at(ref) is None
+    listed = {row["id"]: row for row in json.loads(cli("outbox", "--json").output)}
+    assert (listed[retry.id]["status"], listed[retry.id]["to"], listed[retry.id]["last_error"]) == \
+           ("pending", [ALICE], f"{ALICE}: {MAILBOX_FULL}")
+
+    assert desk.send(retry.next_attempt_at - timedelta(seconds=1)) == {}  # not due yet
+    del desk.refuse[ALICE]  # the mailbox has room again
+    assert desk.send(retry.next_attempt_at) == {"sent": 1}
+    copies = [m for m in desk.delivered if b"Confirmed" in m.data]
+    assert [m.rcpt_tos for m in copies] == [[CC], [ALICE]]  # each exactly once
+    assert desk.row(retry.dedupe_key).status == "sent"
+    assert desk.send(T0 + timedelta(days=1)) == {}  # nothing left for anyone
+    assert len(desk.events(ref, "undeliverable")) == 1
+
+
+def test_a_deferred_recipient_is_given_up_on_counting_from_when_the_mail_was_queued(desk, caplog):
+    ref = desk.open()
+    desk.send(T0)
+    reply_with_cc(desk, ref)  # queued at T0; give_up_after is an hour
+    desk.refuse[ALICE] = MAILBOX_FULL
+    desk.send(T0 + timedelta(minutes=1))
+    gave_up = T0 + timedelta(hours=1)
+    with caplog.at_level("INFO"):
+        assert desk.send(gave_up) == {"dead": 1}
+    deferred, given_up = desk.events(ref, "undeliverable")
+    _, retry = correspondence_rows(desk)
+    assert (deferred["outbox_id"], given_up["outbox_id"]) == (correspondence_rows(desk)[0].id, retry.id)
+    assert given_up["summary"] == f"correspondence to {ALICE} given up after 2 attempts: {MAILBOX_FULL}"
+    assert desk.unreachable_at(ref) == gave_up  # as an MTA's final DSN would say
+    [dead] = [r for r in caplog.records if r.getMessage().startswith("event=outbox-dead")]
+    assert (dead.levelname, f"outbox_id={retry.id}" in dead.getMessage()) == ("WARNING", True)
+
+
+@pytest.mark.parametrize("at_rcpt", ["550 5.1.1", "452 4.2.2"])
+def test_after_a_refusal_of_the_message_each_recipient_refused_at_rcpt_keeps_its_own_answer(desk, at_rcpt):
+    ref = desk.open()
+    desk.send(T0)
+    reply_with_cc(desk, ref)
+    desk.refuse[ALICE] = f"{at_rcpt} <{ALICE}>: no"
+    desk.replies.append("554 5.7.1 Message rejected: content policy")  # to the Cc's copy
+    sent_at = T0 + timedelta(minutes=1)
+    assert desk.send(sent_at) == {"dead": 1}
+    answers = {e["recipient"]: e["answer"] for e in desk.events(ref, "undeliverable")}
+    assert answers == {ALICE: f"{at_rcpt} <{ALICE}>: no", CC: "554 5.7.1 Message rejected: content policy"}
+    deferred = at_rcpt.startswith("4")
+    assert [(r.status, r.recipients) for r in correspondence_rows(desk)] == \
+           ([("dead", [CC]), ("pending", [ALICE])] if deferred else [("dead", [ALICE, CC])])
+    assert desk.unreachable_at(ref) == (None if deferred else sent_at)
 
 
 def test_a_maintainers_notice_refused_is_an_event_and_a_warning_not_the_reporter(desk, caplog):
@@ -223,17 +301,20 @@ def test_giving_up_because_the_relay_was_down_says_nothing_about_the_reporter(de
 
 
 def test_a_refusal_met_again_on_every_retry_is_recorded_once(desk):
-    """The reporter refused for good, the Cc only for now: the row is retried for the Cc, and the
-    relay refuses the reporter each time."""
+    """The reporter refused for good, the Cc only for now: only the Cc is retried, and its 4xx is
+    said once when deferred and once when given up, however many retries met it between."""
     ref = desk.open()
     desk.send(T0)
-    with write_session(desk.engine) as session:
-        correspondence.reply(session, desk.settings, reads.find(session, ref), "Confirmed.\n", now=T0, actor="mia",
-                             cc=(CC,))
+    reply_with_cc(desk, ref, "Confirmed.\n")
     desk.refuse.update({ALICE: USER_UNKNOWN, CC: f"451 4.3.0 <{CC}>: try later"})
-    for minutes in (1, 60, 180):
-        desk.send(T0 + timedelta(minutes=minutes))
-    assert [e["recipient"] for e in desk.events(ref, "undeliverable")] == [ALICE, CC]  # CC: given up at last
+    outcomes = [desk.send(T0 + timedelta(minutes=minutes)) for minutes in (1, 3, 10, 180)]
+    assert outcomes == [{"dead": 1}, {"retry": 1}, {"retry": 1}, {"dead": 1}]
+    summaries = [(e["recipient"], e["summary"].split(":")[0]) for e in desk.events(ref, "undeliverable")]
+    assert summaries == [(ALICE, f"correspondence to {ALICE} refused by the relay"),
+                         (CC, f"correspondence to {CC} deferred by the relay, will be retried (outbox "
+                              f"{correspondence_rows(desk)[1].id})"),
+                         (CC, f"correspondence to {CC} given up after 4 attempts")]
+    assert not any(ALICE in m.rcpt_tos for m in desk.delivered if b"Confirmed" in m.data)
     assert len(desk.events(ref, "reporter-unreachable")) == 1
     assert desk.unreachable_at(ref) == T0 + timedelta(minutes=1)
 
@@ -259,6 +340,24 @@ def test_a_crash_before_the_outcome_is_committed_records_the_refusal_once_on_the
     assert len(desk.events(ref, "undeliverable")) == 1
     assert len(desk.events(ref, "reporter-unreachable")) == 1
     assert desk.unreachable_at(ref) == after_lease
+
+
+def test_a_crash_before_a_deferral_is_committed_leaves_the_row_whole_and_queues_no_retry(desk):
+    ref = desk.open()
+    desk.send(T0)
+    reply_with_cc(desk, ref)
+    desk.refuse[ALICE] = MAILBOX_FULL
+
+    def crash(connection, undelivered, now):  # type: ignore[no-untyped-def]
+        raise Crash
+
+    crashing = OutboxSender(desk.engine, desk.settings, make_transport(desk.settings), on_undelivered=crash)
+    with pytest.raises(Crash):
+        asyncio.run(crashing.send_due(T0 + timedelta(minutes=1)))
+    [row] = correspondence_rows(desk)
+    assert (row.status, sorted(row.recipients), row.attempts) == ("pending", sorted([ALICE, CC]), 0)
+    assert desk.send(T0 + timedelta(minutes=5)) == {"sent": 1}  # after the lease: the Cc again, at least once
+    assert [(r.status, r.recipients) for r in correspondence_rows(desk)] == [("sent", [CC]), ("pending", [ALICE])]
 
 
 def test_the_relays_answer_is_kept_display_safe_and_bounded():

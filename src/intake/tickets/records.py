@@ -81,8 +81,10 @@ def _record_bounce(session: Session, ticket: Ticket, incoming: route.Incoming, b
     the reporter and failed for them, the reporter flagged unreachable (a maintainer's notice
     bouncing says nothing about the reporter)."""
     report = incoming.mail.delivery_report
-    sent_to = [r.lower() for r in session.scalars(select(Outbox.recipients)
-                                                  .where(Outbox.message_id == bounced.message_id)).first() or []]
+    # Every row of that message: recipients deferred by the relay were sent it from a row of their own.
+    sent_to = [r.lower() for recipients in session.scalars(select(Outbox.recipients)
+                                                           .where(Outbox.message_id == bounced.message_id))
+               for r in recipients]
     recipient = report.recipient if report and report.recipient else (sent_to[0] if sent_to else ticket.reporter)
     diagnostic = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no detail"
     what = bounced.kind.replace("-", " ")

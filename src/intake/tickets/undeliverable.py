@@ -11,8 +11,9 @@ the same answer, and flags the reporter unreachable as a bounce does
 * the outbox gave up (``give_up_after``) while the relay was still refusing the reporter's address
   with 4xx: what an MTA does at the end of its queue lifetime, with a failed DSN.
 
-A 4xx for one recipient while others took the message is an event only: the row is sent, and the
-outbox does not retry single recipients, so that answer is the last one, but it says little.
+A 4xx for some recipients while others got a final answer is an event saying it will be retried
+(the outbox queued a row for them); nothing is flagged. That new row is then a row like any
+other: delivered, refused, or given up on, with its own events.
 
 A row given up on because the relay itself was unreachable or refused the session says nothing
 about the reporter: an event for its recipients, nothing flagged. Refusals of other recipients
@@ -62,15 +63,16 @@ def record(connection: Connection, undelivered: Undelivered, now: datetime) -> N
     unreachable: str | None = None
     for refusal in undelivered.refused:
         answer = answer_text(refusal.code, refusal.text)
-        if refusal.recipient.lower() in told or not (refusal.permanent or undelivered.dead or undelivered.sent):
-            continue  # said already, or a 4xx the outbox still retries
+        retried_alone = undelivered.retried_in is not None and not refusal.permanent
+        if refusal.recipient.lower() in told or not (refusal.permanent or undelivered.given_up or retried_alone):
+            continue  # said already, or a 4xx for the whole row, which the outbox retries
         told.add(refusal.recipient.lower())
         if refusal.permanent:
             how = "refused by the relay"
-        elif undelivered.dead:
+        elif retried_alone:  # the others got a final answer; this recipient goes on in a row of its own
+            how = f"deferred by the relay, will be retried (outbox {undelivered.retried_in})"
+        else:
             how = f"given up after {_attempts(undelivered)}"
-        else:  # the others got it: the row is done, and a refused Cc is not tried again
-            how = "not retried (sent to the other recipients)"
         summary = clean_text(f"{what} to {refusal.recipient} {how}: {answer}", MAX_ANSWER * 2)
         rows.append(event(undelivered.ticket_id, EventKind.UNDELIVERABLE, now, outbox_id=undelivered.outbox_id,
                           mail=undelivered.kind, recipient=refusal.recipient, answer=answer,
@@ -79,9 +81,9 @@ def record(connection: Connection, undelivered: Undelivered, now: datetime) -> N
         # The outbox warned already (event=outbox-refused); this line ties it to the ticket.
         log.info("event=mail-undeliverable ticket=%s outbox_id=%d recipient=%s reporter=%s answer=%r",
                     ticket.reference, undelivered.outbox_id, refusal.recipient, to_reporter, answer)
-        if to_reporter and (refusal.permanent or undelivered.dead):
+        if to_reporter and (refusal.permanent or undelivered.given_up):
             unreachable = summary
-    if undelivered.dead:
+    if undelivered.given_up:
         rows += _given_up(undelivered, told, what, ticket.reference, now)
     if rows:
         connection.execute(insert(_EVENTS), rows)
