@@ -35,6 +35,7 @@ from intake.store import schema
 from intake.store.db import make_engine, read_session
 from intake.store.inbound import GroupCommitter
 from intake.store.models import Ticket
+from intake.tickets import undeliverable
 from intake.understand import dns_lookups
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -427,7 +428,7 @@ def process(settings: Settings, engine, now: datetime | None = None) -> processo
 
 def deliver_outbox(settings: Settings, engine, now: datetime | None = None) -> dict[str, int]:  # type: ignore[no-untyped-def]
     """Run the real outbox sender until nothing is due at *now*."""
-    sender = OutboxSender(engine, settings, make_transport(settings))
+    sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record)
     totals: dict[str, int] = {}
 
     async def drain() -> None:

@@ -34,6 +34,7 @@ from intake.store import inbound, schema
 from intake.store.db import make_engine, read_session, write_session
 from intake.store.inbound import Arrival
 from intake.store.models import Outbox
+from intake.tickets import undeliverable
 
 INTAKE = Path(sys.executable).parent / "intake"
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
@@ -45,7 +46,7 @@ def test_an_idle_outbox_opens_no_session_with_the_relay(make_settings, sink):
     counts those sessions); mail that comes due gets exactly one session."""
     settings = make_settings(**relay_env(sink.port), INTAKE_OUTBOUND__POLL_INTERVAL="0.05")
     engine = engine_for(settings)
-    sender = OutboxSender(engine, settings, make_transport(settings))
+    sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record)
 
     async def scenario() -> tuple[int, int, int]:
         stop, wake = asyncio.Event(), asyncio.Event()
@@ -72,7 +73,7 @@ def test_a_database_that_is_unavailable_is_one_line_a_poll_warned_once_and_its_r
     settings = make_settings(INTAKE_DATABASE__URL=url, INTAKE_OUTBOUND__TRANSPORT="maildir",
                              INTAKE_OUTBOUND__MAILDIR=str(tmp_path / "out"), INTAKE_OUTBOUND__POLL_INTERVAL="0.05")
     engine = make_engine(url, settings.database.busy_timeout)
-    sender = OutboxSender(engine, settings, make_transport(settings))
+    sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record)
 
     async def scenario() -> None:
         stop, wake = asyncio.Event(), asyncio.Event()
@@ -123,7 +124,7 @@ def enqueue(engine, *mails: OutgoingMail, now: datetime = T0) -> list[bool]:  # 
 
 
 def send_due(settings, engine, now: datetime, sender: OutboxSender | None = None) -> dict[str, int]:  # type: ignore[no-untyped-def]
-    sender = sender or OutboxSender(engine, settings, make_transport(settings))
+    sender = sender or OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record)
     return asyncio.run(sender.send_due(now))
 
 
@@ -489,7 +490,7 @@ def test_while_processing_has_a_backlog_a_wake_up_sends_one_claimed_batch(make_s
                              INTAKE_OUTBOUND__POLL_INTERVAL="60")  # no wake-up but ours during the test
     engine = engine_for(settings)
     enqueue(engine, *[outgoing(n) for n in range(1, outbox.CLAIM_BATCH + 11)], now=datetime.now(timezone.utc))
-    sender = OutboxSender(engine, settings, make_transport(settings))
+    sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record)
 
     async def sent_reaches(count: int) -> int:
         for _ in range(200):
@@ -524,7 +525,7 @@ def test_two_senders_at_the_same_now_never_both_send_a_row(make_settings, sink):
     engine = engine_for(settings)
     count = 130  # more than one claim batch each, so the two senders really interleave
     enqueue(engine, *[outgoing(n) for n in range(1, count + 1)])
-    senders = [OutboxSender(engine_for(settings), settings, make_transport(settings)) for _ in range(2)]
+    senders = [OutboxSender(engine_for(settings), settings, make_transport(settings), on_undelivered=undeliverable.record) for _ in range(2)]
     totals: list[Counter] = [Counter(), Counter()]
     errors: list[BaseException] = []
     start = threading.Barrier(2)
@@ -557,9 +558,9 @@ def test_a_claimed_row_is_not_sent_by_another_sender_until_the_lease_expires(mak
     settings = make_settings(**relay_env(sink.port))
     engine = engine_for(settings)
     enqueue(engine, outgoing(1))
-    crashed = OutboxSender(engine, settings, make_transport(settings))
+    crashed = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record)
     [claimed] = crashed.claim(T0)  # ... and then the process dies before sending
-    other = OutboxSender(engine, settings, make_transport(settings))
+    other = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record)
     lease = timedelta(seconds=settings.outbound.timeout * 2 + 5)
     assert send_due(settings, engine, T0, other) == {}
     assert send_due(settings, engine, T0 + lease, other) == {}  # still held at the last instant

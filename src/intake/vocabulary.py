@@ -154,7 +154,10 @@ class EventKind:
     RECEIVED_AT_CHANGED = "received-at-changed"
     ACKNOWLEDGEMENT_SUPPRESSED = "acknowledgement-suppressed"  # loop safety or the rate limit
     BOUNCED = "bounced"
-    REPORTER_UNREACHABLE = "reporter-unreachable"
+    # The relay refused mail of the ticket for a recipient (5xx at RCPT or after DATA), or the
+    # outbox gave up on it after retrying: one per recipient and outbox row.
+    UNDELIVERABLE = "undeliverable"
+    REPORTER_UNREACHABLE = "reporter-unreachable"  # a bounce or a refusal of mail to the reporter
 
 
 # -- mail intake sends (``outbox.kind``) and the notifications recorded for it (``notification.kind``) --

@@ -13,7 +13,7 @@ from intake import display
 from intake.cli.common import JSON_OPTION, Context, emit_json, fail, iso, local_and_utc, table, write_file_or_fail
 from intake.display import echo
 from intake.sla import deadlines
-from intake.tickets import credit, reads
+from intake.tickets import credit, reads, undeliverable
 from intake.vocabulary import SEVERITIES, TICKET_STATES
 
 
@@ -101,6 +101,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         "quality": detail.ticket.quality,
         "credit": detail.ticket.credit,
         "reporter_unreachable_at": iso(detail.ticket.reporter_unreachable_at),
+        "reporter_unreachable_reason": undeliverable.latest_reason(detail.events)
+        if detail.ticket.reporter_unreachable_at else None,
         "stages": [stage.as_dict() for stage in stages],
         "thread": [
             {
@@ -134,7 +136,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
     echo(f"  received {t.received_at.isoformat()}{_relayed_note(t, detail.messages)}")
     if t.reporter_unreachable_at:
-        echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()} (our mail bounced)")
+        echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()}: "
+             f"{data['reporter_unreachable_reason']}")
     if t.labels:
         echo(f"  labels {', '.join(t.labels)}")
     for link in t.links:

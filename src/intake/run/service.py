@@ -50,6 +50,7 @@ from intake.sla import deadlines
 from intake.store import schema
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
+from intake.tickets import undeliverable
 from intake.understand import parse_guard
 
 log = logging.getLogger(__name__)
@@ -413,7 +414,8 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     stop = asyncio.Event()
     pacing = _SenderPacing(settings.processing.batch_size)
-    sender = OutboxSender(engine, settings, make_transport(settings), on_record=report.outbox)
+    sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record,
+                          on_record=report.outbox)
     sending = asyncio.create_task(sender.run(stop, pacing.wake, busy=pacing.backlog))
     loop = asyncio.get_running_loop()
     jobs = scheduler.build_scheduler(engine, settings, on_queued=lambda: loop.call_soon_threadsafe(pacing.wake.set))

@@ -8,11 +8,24 @@ the transport, and records the outcome:
 * delivered -> ``sent``;
 * temporary failure (4xx, connection refused, timeout) -> retried with exponential backoff
   until ``give_up_after``, then ``dead``;
-* permanent failure (5xx) -> ``dead`` at once.
+* permanent failure (5xx) -> ``dead`` at once;
+* a temporary answer (4xx) for some recipients while the others got a final one (accepted, or
+  refused for good) -> the row is ``sent`` (or ``dead``) for those others, and the deferred
+  recipients go on in a new row queued in the same transaction: same message, Message-ID,
+  envelope sender, ticket and kind, key ``<key>/deferred:<id>``, the usual backoff, and the
+  original ``created_at``, so ``give_up_after`` still counts from when the mail was queued. As an
+  MTA's queue does, a retry then goes to no one who has the message already.
 
-A crash after the relay accepted a message but before ``sent`` was recorded means that one
-message is sent again on recovery (RFC 1047's window, shared by every MTA); it carries the
-same Message-ID, so the duplicate is recognisable.
+Recipients the relay refused (at RCPT, some or all of them, or by its answer after DATA, those
+refused at RCPT keeping their own answer), recipients deferred to a new row, and rows given up on
+are handed, with the relay's answers, to the ``on_undelivered`` callback in the transaction that
+records the row's outcome: the ticket's side of it (events, the reporter flagged unreachable) is
+:mod:`intake.tickets.undeliverable`'s, never this module's.
+
+A crash after the relay accepted a message but before ``sent`` was recorded (with the row for
+any deferred recipients, in the same transaction) means that one message is sent again on
+recovery, to all its recipients (RFC 1047's window, shared by every MTA); it carries the same
+Message-ID, so the duplicate is recognisable.
 """
 
 from __future__ import annotations
@@ -30,7 +43,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiosmtplib
-from sqlalchemy import Engine, bindparam, func, or_, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
@@ -93,12 +106,47 @@ def automatic_mail_counts(session: Session, recipients: Iterable[str], since: da
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """The relay's answer refusing one recipient of a message."""
+
+    recipient: str
+    code: int
+    text: str
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+
+@dataclass(frozen=True)
 class Delivery:
-    """What a transport reports for one message."""
+    """What a transport reports for one message: *refused* names the recipients the relay would
+    not take, with its answers (the others got it when *ok*)."""
 
     ok: bool
     permanent: bool = False
     detail: str = ""
+    refused: tuple[Refusal, ...] = ()
+
+
+@dataclass(frozen=True)
+class Undelivered:
+    """Mail of a ticket that did not reach everyone: what the outbox hands on, once per recorded
+    attempt that had refusals or ended the row."""
+
+    outbox_id: int
+    ticket_id: int
+    kind: str  # MailKind
+    recipients: tuple[str, ...]  # those this attempt did not reach
+    refused: tuple[Refusal, ...]  # this attempt's refusals, temporary ones included
+    given_up: bool  # the row is done: no one it did not reach is tried again
+    retried_in: int | None  # the new row the temporary refusals go on in, if any
+    attempts: int
+    detail: str  # the attempt's outcome as recorded in last_error
+
+
+# Told in the transaction that records the row's outcome; it must not commit or roll back.
+UndeliveredHook = Callable[[Connection, Undelivered, datetime], None]
 
 
 class Transport:
@@ -156,7 +204,7 @@ class SmtpTransport(Transport):
 
     async def deliver(self, rows: list[Outbox]) -> AsyncIterator[tuple[Outbox, Delivery]]:
         relay = self._outbound.relay_address
-        client = aiosmtplib.SMTP(
+        client = _Client(
             hostname=relay.host,
             port=relay.port,
             timeout=self._outbound.timeout,
@@ -195,18 +243,25 @@ class SmtpTransport(Transport):
                 client.close()
 
     @staticmethod
-    async def _send_one(client: aiosmtplib.SMTP, row: Outbox) -> Delivery:
+    async def _send_one(client: _Client, row: Outbox) -> Delivery:
         # Non-ASCII addresses (RFC 6531) need SMTPUTF8 on MAIL FROM; a relay without it cannot take them.
         needs_utf8 = not all(address.isascii() for address in [row.envelope_from, *row.recipients])
+        client.refused_at_rcpt.clear()
         try:
             errors, response = await client.sendmail(row.envelope_from, row.recipients, row.raw,
                                                      mail_options=["SMTPUTF8"] if needs_utf8 else None)
         except aiosmtplib.SMTPNotSupported as exc:
             return Delivery(False, True, f"relay cannot deliver this message: {exc}")
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            codes = [r.code for r in exc.recipients]
-            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
-            return Delivery(False, all(code >= 500 for code in codes), f"refused {detail}")
+            refused = tuple(Refusal(r.recipient, r.code, r.message) for r in exc.recipients)
+            return Delivery(False, all(r.permanent for r in refused), f"refused {_refusals(refused)}", refused)
+        except aiosmtplib.SMTPDataError as exc:
+            # The answer to the message is each accepted recipient's; one refused at RCPT keeps its own.
+            refused = tuple(client.refused_at_rcpt.get(recipient) or Refusal(recipient, exc.code, exc.message)
+                            for recipient in row.recipients)
+            return Delivery(False, all(r.permanent for r in refused), f"relay {exc.code} {exc.message}"
+                            + (f"; refused {_refusals(client.refused_at_rcpt.values())}" if client.refused_at_rcpt
+                               else ""), refused)
         except aiosmtplib.SMTPResponseException as exc:
             return Delivery(False, exc.code >= 500, f"relay {exc.code} {exc.message}")
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
@@ -214,7 +269,38 @@ class SmtpTransport(Transport):
         except Exception as exc:  # noqa: BLE001 - recorded and retried with backoff, never a stuck lease
             log.exception("event=outbox-unexpected outbox_id=%s", row.id)
             return Delivery(False, detail=f"unexpected {type(exc).__name__}: {exc}")
-        return Delivery(True, detail=f"relay: {response}")
+        refused = tuple(Refusal(recipient, answer.code, answer.message) for recipient, answer in errors.items())
+        # Some recipients refused at RCPT, the rest took it: sent, and the refused ones said.
+        return Delivery(True, detail=f"relay: {response}" + (f"; refused {_refusals(refused)}" if refused else ""),
+                        refused=refused)
+
+
+class _Client(aiosmtplib.SMTP):
+    """Keeps the relay's answers to RCPT of the message being sent: ``sendmail`` drops them when
+    DATA then fails, and each refused recipient must keep its own answer."""
+
+    def __init__(self, **options: object):
+        super().__init__(**options)  # type: ignore[arg-type]
+        self.refused_at_rcpt: dict[str, Refusal] = {}
+
+    async def rcpt(self, recipient: str, *args: object, **kwargs: object) -> aiosmtplib.SMTPResponse:
+        try:
+            return await super().rcpt(recipient, *args, **kwargs)  # type: ignore[arg-type]
+        except aiosmtplib.SMTPRecipientRefused as exc:
+            self.refused_at_rcpt[recipient] = Refusal(recipient, exc.code, exc.message)
+            raise
+
+
+def _deferred(delivery: Delivery) -> tuple[str, ...]:
+    """The recipients answered 4xx when others got a final answer (the message accepted for them,
+    or refused for good): only those are tried again. Empty when the answer was the same for all."""
+    temporary = tuple(r.recipient for r in delivery.refused if not r.permanent)
+    final = delivery.ok or any(r.permanent for r in delivery.refused)
+    return temporary if final else ()
+
+
+def _refusals(refused: Iterable[Refusal]) -> str:
+    return "; ".join(f"{r.recipient}: {r.code} {r.text}" for r in refused)
 
 
 def make_transport(settings: Settings) -> Transport:
@@ -233,9 +319,10 @@ def backoff(outbound: OutboundSection, attempts: int) -> timedelta:
 class OutboxSender:
     """Claims due outbox rows, sends them, records what happened."""
 
-    def __init__(self, engine: Engine, settings: Settings, transport: Transport,
+    def __init__(self, engine: Engine, settings: Settings, transport: Transport, *, on_undelivered: UndeliveredHook,
                  on_record: Callable[[str], None] = lambda outcome: None):
         self._engine = engine
+        self._on_undelivered = on_undelivered  # a ticket's mail refused or given up on (no default: never lost)
         self._on_record = on_record  # told each outcome recorded (the worker's metrics)
         self._outbound = settings.outbound
         self._transport = transport
@@ -280,25 +367,72 @@ class OutboxSender:
         return counts
 
     def record(self, row: Outbox, delivery: Delivery, now: datetime) -> str:
-        """Store what happened to *row*; returns 'sent', 'retry' or 'dead'."""
-        values: dict[str, object] = {"attempts": row.attempts + 1, "lease_until": None, "lease_owner": None}
+        """Store what happened to *row*; returns 'sent', 'retry' or 'dead'. Recipients deferred
+        (4xx) while others got a final answer go on in a new row (see the module's docstring)."""
+        attempts = row.attempts + 1
+        expired = now - row.created_at >= timedelta(seconds=self._outbound.give_up_after)
+        deferred = _deferred(delivery) if not expired else ()
+        values: dict[str, object] = {"attempts": attempts, "lease_until": None, "lease_owner": None}
+        if deferred:
+            values["recipients"] = [r for r in row.recipients if r not in deferred]
         if delivery.ok:
             outcome = "sent"
-            values.update(status=OutboxStatus.SENT, sent_at=now, last_error=None)
-        elif delivery.permanent or now - row.created_at >= timedelta(seconds=self._outbound.give_up_after):
+            values.update(status=OutboxStatus.SENT, sent_at=now, last_error=delivery.detail if delivery.refused else None)
+        elif delivery.permanent or expired or deferred:  # with deferred ones: the others were refused for good
             outcome = "dead"
             values.update(status=OutboxStatus.DEAD, last_error=delivery.detail)
         else:
             outcome = "retry"
-            values.update(next_attempt_at=now + backoff(self._outbound, row.attempts + 1), last_error=delivery.detail)
+            values.update(next_attempt_at=now + backoff(self._outbound, attempts), last_error=delivery.detail)
+        retried_in = None
         # Not fsync'd (WAL survives a process crash): a power cut can only make us send this mail
         # again, with the same Message-ID, which is the same risk every MTA takes (RFC 1047).
         with write_connection(self._engine, durable=False) as connection:
-            connection.execute(_RECORD, {"row_id": row.id, "owner": self._owner, **values})
-        log.info("event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id,
-                 row.dedupe_key, ",".join(row.recipients), row.attempts + 1, delivery.detail[:200])
+            recorded = connection.execute(_RECORD, {"row_id": row.id, "owner": self._owner, **values}).rowcount
+            # Only while our lease held (else another sender has the row and tells its own outcome),
+            # in this transaction: a crash records all or nothing, and the row is tried again whole.
+            if recorded and deferred:
+                retried_in = self._queue_deferred(connection, row, delivery, deferred, attempts, now)
+            if recorded and row.ticket_id is not None and (delivery.refused or outcome == "dead"):
+                unreached = [r.recipient for r in delivery.refused] if delivery.ok else row.recipients
+                self._tell_undelivered(connection, Undelivered(
+                    row.id, row.ticket_id, row.kind, tuple(r for r in unreached if r not in deferred),
+                    delivery.refused, outcome != "retry" and not deferred, retried_in, attempts, delivery.detail), now)
+        # A mail that will never reach anyone more is an operator's concern; the rest is routine.
+        (log.warning if outcome == "dead" else log.info)(
+            "event=outbox-%s outbox_id=%d key=%s to=%s attempts=%d detail=%r", outcome, row.id, row.dedupe_key,
+            ",".join(r for r in row.recipients if r not in deferred), attempts, delivery.detail[:200])
+        if retried_in is not None:
+            log.info("event=outbox-deferred outbox_id=%d retry_id=%d to=%s", row.id, retried_in, ",".join(deferred))
+        for refusal in delivery.refused:
+            if refusal.permanent or not (outcome == "retry" or refusal.recipient in deferred):  # will not get it
+                log.warning("event=outbox-refused outbox_id=%d key=%s recipient=%s answer=%r", row.id, row.dedupe_key,
+                            refusal.recipient, f"{refusal.code} {refusal.text}"[:200])
         self._on_record(outcome)
         return outcome
+
+    def _queue_deferred(self, connection: Connection, row: Outbox, delivery: Delivery, deferred: tuple[str, ...],
+                        attempts: int, now: datetime) -> int:
+        """The row that retries *deferred* (the same message); returns its id."""
+        table = Outbox.__table__
+        return connection.execute(insert(table), {
+            "dedupe_key": f"{row.dedupe_key}/deferred:{row.id}",  # row.id: a row is split at most once
+            "ticket_id": row.ticket_id, "kind": row.kind, "envelope_from": row.envelope_from,
+            "recipients": list(deferred), "rate_key": None,  # the same mail: the rate limit counted it once
+            "message_id": row.message_id, "raw": row.raw, "status": OutboxStatus.PENDING, "attempts": attempts,
+            "created_at": row.created_at,  # give_up_after counts from when the mail was queued
+            "next_attempt_at": now + backoff(self._outbound, attempts),
+            "last_error": _refusals(r for r in delivery.refused if r.recipient in deferred),
+        }).inserted_primary_key[0]
+
+    def _tell_undelivered(self, connection: Connection, undelivered: Undelivered, now: datetime) -> None:
+        # In a savepoint: if recording it fails, the row's outcome still stands (sending the mail
+        # again because a ticket event could not be written would be the worse failure).
+        try:
+            with connection.begin_nested():
+                self._on_undelivered(connection, undelivered, now)
+        except Exception:  # noqa: BLE001 - logged; the delivery outcome is recorded regardless
+            log.exception("event=outbox-undelivered-not-recorded outbox_id=%d", undelivered.outbox_id)
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event, busy: asyncio.Event | None = None) -> None:
         """Send until *stop* is set; wakes on *wake* or every poll interval.

@@ -6,7 +6,8 @@ is a crontab line read in its own IANA time zone (08:00 Europe/Berlin is 07:00 U
 before ``now``, and ``digest:<name>:<period>`` in the ``notification`` table makes it go out once
 whoever sends it (the scheduler of either of two ``intake serve`` processes, or ``intake digest
 --send``). Sections: new since the last digest, due soon, breached, waiting on the reporter,
-disclosure dates coming up, and counts by state and severity. Each section lists at most
+disclosure dates coming up, reporters who became unreachable since the last digest (a bounce, or
+the relay refusing our mail to them), and counts by state and severity. Each section lists at most
 ``SECTION_LIMIT`` tickets and counts the rest, and the counts are SQL aggregates, so building one
 takes the same memory for ten tickets or a hundred thousand.
 """
@@ -29,6 +30,7 @@ from intake.sla import stats
 from intake.sla.calendars import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
+from intake.tickets import undeliverable
 from intake.vocabulary import (
     FINISHED_STATES, SEVERITIES, DigestStatus, MailKind, Milestone, NotificationKind, TicketState,
 )
@@ -147,6 +149,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
             _deadlines(session, digest, "disclosures", f"Disclosure dates in the next {schedule.disclosures_within}",
                        Deadline.due_at > now, Deadline.due_at <= now + disclosures_within,
                        Deadline.stage.in_(_disclosure_stages(settings))),
+            _unreachable(session, digest),
         ]
         counts = _counts(session)
     return Digest(name, period, since, now, schedule.timezone, sections, counts,
@@ -195,6 +198,20 @@ def _waiting(session: Session, digest: Digest) -> DigestSection:
     return _section(session, query, "waiting", "Waiting on the reporter",
                     lambda ref, subject, reporter, updated: DigestLine(
                         ref, subject, f"asked {reporter}; last change {digest.local(updated)}"))
+
+
+def _unreachable(session: Session, digest: Digest) -> DigestSection:
+    """Tickets whose reporter was flagged unreachable since the last digest, with why."""
+    query = (select(Ticket.id, Ticket.reference, Ticket.subject, Ticket.reporter, Ticket.reporter_unreachable_at)
+             .where(Ticket.reporter_unreachable_at > digest.since, Ticket.reporter_unreachable_at <= digest.now)
+             .order_by(Ticket.reporter_unreachable_at, Ticket.id))
+    total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
+    rows = session.execute(query.limit(SECTION_LIMIT)).all()
+    why = undeliverable.reasons(session, [row.id for row in rows])
+    return DigestSection("unreachable", "Reporter unreachable since the last digest", total, [
+        DigestLine(row.reference, row.subject, f"{row.reporter} since {digest.local(row.reporter_unreachable_at)}: "
+                                               f"{why.get(row.id) or 'no reason recorded'}")
+        for row in rows])
 
 
 def _counts(session: Session) -> dict[str, dict[str, int]]:

@@ -28,9 +28,12 @@ from intake.store.inbound import StoredMessage
 from intake.store.models import Event, Outbox, ThreadEntry, Ticket
 from intake.tickets import credit
 from intake.understand import decisions, route
+from intake.understand.header_text import clean_text
 from intake.understand.lookups import message_key
 from intake.understand.parsed_mail import ParsedMail
 from intake.vocabulary import RECEIVED_EVENT, SYSTEM_ACTOR, Direction, EventKind, TicketState
+
+_MAX_REASON = 600
 
 
 def add_event(session: Session, ticket_id: int, kind: str, now: datetime, actor: str = SYSTEM_ACTOR,
@@ -77,18 +80,23 @@ def _record_bounce(session: Session, ticket: Ticket, incoming: route.Incoming, b
     the reporter and failed for them, the reporter flagged unreachable (a maintainer's notice
     bouncing says nothing about the reporter)."""
     report = incoming.mail.delivery_report
-    sent_to = [r.lower() for r in session.scalars(select(Outbox.recipients)
-                                                  .where(Outbox.message_id == bounced.message_id)).first() or []]
+    # Every row of that message: recipients deferred by the relay were sent it from a row of their own.
+    sent_to = [r.lower() for recipients in session.scalars(select(Outbox.recipients)
+                                                           .where(Outbox.message_id == bounced.message_id))
+               for r in recipients]
     recipient = report.recipient if report and report.recipient else (sent_to[0] if sent_to else ticket.reporter)
     diagnostic = " ".join(filter(None, [report and report.status, report and report.diagnostic])) or "no detail"
     what = bounced.kind.replace("-", " ")
-    add_event(session, ticket.id, EventKind.BOUNCED, now, summary=f"{what} to {recipient} bounced: {diagnostic}",
+    summary = f"{what} to {recipient} bounced: {diagnostic}"
+    add_event(session, ticket.id, EventKind.BOUNCED, now, summary=summary,
               message_id=bounced.message_id, recipient=recipient)
     failed = report is None or (report.action or "failed") == "failed"
     to_reporter = recipient.lower() == ticket.reporter.lower() and (not sent_to or recipient.lower() in sent_to)
     if failed and to_reporter and ticket.reporter_unreachable_at is None:
         ticket.reporter_unreachable_at = now
-        add_event(session, ticket.id, EventKind.REPORTER_UNREACHABLE, now, address=recipient)
+        # The reason as maintainers see it (show, digest, notices): one bounded line.
+        add_event(session, ticket.id, EventKind.REPORTER_UNREACHABLE, now, address=recipient,
+                  reason=clean_text(summary, _MAX_REASON))
 
 
 def leave_waiting(session: Session, ticket: Ticket, now: datetime, *, actor: str, why: str) -> None:
