@@ -204,6 +204,25 @@ def test_config_path_order_flag_environment_installed_then_cwd(tmp_path: Path, m
     assert settings_module.default_config_path() == tmp_path / "mine.toml"
 
 
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv(1) to run the CLI as another Unix account")
+def test_an_outsider_without_config_flag_is_told_the_installed_config_is_the_groups(tmp_path: Path):
+    # As `intake init` installs it: /etc/intake 0750 root:intake, so an outsider cannot even stat it.
+    folder = tmp_path / "etc"
+    folder.mkdir(mode=0o750)
+    installed = folder / "config.toml"
+    installed.write_text("")
+    tmp_path.chmod(0o755)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    code = ("import sys; from pathlib import Path; from intake.config import settings; from intake.cli.app import main; "
+            f"settings.SYSTEM_CONFIG = Path({str(installed)!r}); sys.argv = ['intake', 'tickets']; main()")
+    outsider = subprocess.run(["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", "--",
+                               sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              env=_environment(), cwd="/")
+    assert outsider.returncode == EXIT_CONFIG, outsider.stderr
+    assert f"{installed}: permission denied; maintainers run intake as members of its group" in outsider.stderr
+
+
 def test_only_upgrade_restore_and_serve_make_a_database(tmp_path: Path):
     config = _config(tmp_path, {'url = "sqlite:///var/intake.db"': 'url = "sqlite:///state/intake.db"'})
     database = tmp_path / "state" / "intake.db"

@@ -301,7 +301,11 @@ def default_config_path() -> Path:
     """$INTAKE_CONFIG, else the installed configuration if there is one, else ./config.toml."""
     if os.environ.get(CONFIG_ENV):
         return Path(os.environ[CONFIG_ENV])
-    return SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else Path("config.toml")
+    try:
+        installed = SYSTEM_CONFIG.is_file()
+    except PermissionError:  # /etc/intake is group intake's: load_settings says so to an outsider
+        installed = True
+    return SYSTEM_CONFIG if installed else Path("config.toml")
 
 
 def load_settings(path: Path | None = None) -> Settings:
@@ -314,6 +318,8 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(f"{path}: no such config file (use --config PATH or ${CONFIG_ENV})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied; maintainers run intake as members of its group") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
 
