@@ -247,8 +247,9 @@ def _next_steps(path: Path, answers: Answers, credentials_dir: Path | None) -> N
         steps.append([f"intake.socket listens on port 25; behind your MTA it must listen on {answers.listen}: "
                       "`sudo systemctl edit intake.socket`, and write", "[Socket]", "ListenStream=",
                       f"ListenStream={answers.listen}",
-                      f"Have the MTA hand mail for {', '.join(answers.addresses)} to smtp:[{host}]:{port} "
-                      "(README: Behind Postfix)."])
+                      f"Have the MTA hand mail for {', '.join(answers.addresses)} to intake:[{host}]:{port}, "
+                      "its own transport, STARTTLS required (README: Behind Postfix): give intake a "
+                      "certificate, tls_certificate and tls_key (README: step 6)."])
     else:
         steps.append([f"The MX record of {answers.domain} must name {answers.hostname} (README: Installing on a "
                       "Debian server)."])
