@@ -91,6 +91,9 @@ SPAM = "spam"  # an upstream filter's X-Spam-Flag, not intake's quality score
 REJECTED = "rejected"
 DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY, AUTO_REPLY, BOUNCE, DUPLICATE, LOOP,
              SPAM, REJECTED)
+# Decisions that leave a message held: stored, its status ignored, no ticket of its own (it may
+# still thread into one). Messages processing failed on (status failed, no decision) are held too.
+HELD_DECISIONS = (AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, SPAM, REJECTED)
 
 # -- severities and the milestones in order --
 SEVERITIES = ("critical", "high", "medium", "low", "none")

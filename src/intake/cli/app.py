@@ -79,7 +79,10 @@ COMMANDS = {
                            "Write an OSV advisory draft for REFERENCE; replace every \"TODO\" before publishing."),
     "stats": Registered(_M + "reports:stats_command",
                         "Per stage: median and 90th-percentile time to meet it, share met on time, open breaches; "
-                        "tickets by state and severity, messages by decision."),
+                        "tickets by state and severity, messages by decision, held mail and purged."),
+    # Held mail's purge: registered here until the `messages` group (held-review) takes it as `purge`.
+    "messages-purge": Registered(_M + "held:purge",
+                                 "Delete held messages older than --older-than (90d), keeping a count."),
     "security-txt": Registered(_M + "reports:security_txt_command",
                                "Print /.well-known/security.txt (RFC 9116, LF line endings) from the configuration."),
 }

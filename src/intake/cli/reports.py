@@ -145,7 +145,7 @@ def advisory_command(obj: Context, reference: str, fmt: str, output: str, force:
 @click.pass_obj
 def stats_command(obj: Context, since_text: str, as_json: bool) -> None:
     """Per stage: median and 90th-percentile time to meet it, share met on time, open breaches;
-    tickets by state and severity, messages by decision."""
+    tickets by state and severity, messages by decision, held mail and purged."""
     now = datetime.now(timezone.utc)
     figures = stats.compute(obj.engine(), parse_since(since_text, now), now)
     if as_json:

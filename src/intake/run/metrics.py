@@ -4,7 +4,7 @@ One HTTP server on ``[metrics] listen`` (loopback unless ``allow_remote``), in a
 main process. Two kinds of figures, chosen by where they are true:
 
 * **State, read from the database at scrape time** (:mod:`intake.run.readings`): tickets opened,
-  outbox pending / oldest age / dead, SLA breaches, inbound backlog. Right across restarts and
+  outbox pending / oldest age / dead, SLA breaches, inbound backlog, mail held in the last week. Right across restarts and
   the same on every node of a shared PostgreSQL database (aggregate them with ``max``, not ``sum``).
 * **Events, counted where they happen**: SMTP outcomes in the listener (this process), and the
   worker's (messages processed by decision, processing time, outbox delivery attempts). The
@@ -42,6 +42,7 @@ from sqlalchemy import Engine
 
 from intake.config.sections import MetricsSection
 from intake.run import readings
+from intake.tickets.held import HELD_LABELS
 from intake.vocabulary import DECISIONS
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ class DatabaseCollector:
                                 value=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
         yield GaugeMetricFamily("intake_outbox_dead", "Mails the outbox gave up on (see `intake outbox`).",
                                 value=figures.outbox_dead)
+        held = GaugeMetricFamily("intake_held_messages", f"Stored messages held (no ticket of their own) in the last "
+                                 f"{readings.HELD_WINDOW.days} days, by decision (failed: processing failed).",
+                                 labels=["decision"])
+        for label in HELD_LABELS:  # every series, at zero when none
+            held.add_metric([label], figures.held.get(label, 0))
+        yield held
         yield CounterMetricFamily("intake_sla_breaches", "SLA stages breached: met late, or unmet past due on an "
                                   "open ticket.", value=figures.breaches)
         yield GaugeMetricFamily("intake_sla_breaches_open", "SLA stages unmet past their due time on open tickets.",

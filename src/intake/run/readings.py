@@ -7,13 +7,14 @@ PostgreSQL database. Each is one aggregate query on an indexed or small set of r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, and_, func, or_, select, text
 from sqlmodel import Session
 
 from intake.store.db import read_session
 from intake.store.models import Deadline, InboundMessage, Outbox, Ticket
+from intake.tickets import held
 from intake.vocabulary import FINISHED_STATES, InboundStatus, OutboxStatus
 
 
@@ -27,6 +28,13 @@ class Readings:
     outbox_dead: int
     breaches: int  # stages met late, plus unmet stages past due on open tickets
     open_breaches: int  # unmet stages past due on open tickets
+    held: dict[str, int]  # messages held (made no ticket) in the last HELD_WINDOW, per decision
+
+
+# The held-mail gauge's window: a week is long enough to see a weekend's spam wave, short enough
+# that a rise shows, and unlike "since the database began" it neither grows without end nor drops
+# when old held mail is purged (after 90 days).
+HELD_WINDOW = timedelta(days=7)
 
 
 def read(engine: Engine, now: datetime) -> Readings:
@@ -48,9 +56,10 @@ def read(engine: Engine, now: datetime) -> Readings:
             select(func.count(), func.count().filter(overdue))
             .select_from(Deadline).join(Ticket, Ticket.id == Deadline.ticket_id)
             .where(Deadline.due_at.is_not(None), or_(late, overdue))).one()
+        held_recently = held.counts(session, now - HELD_WINDOW, now)
     return Readings(tickets, inbound.get(InboundStatus.PENDING, 0), inbound.get(InboundStatus.FAILED, 0),
                     outbox.get(OutboxStatus.PENDING, 0), oldest, outbox.get(OutboxStatus.DEAD, 0),
-                    breaches or 0, open_breaches or 0)
+                    breaches or 0, open_breaches or 0, held_recently)
 
 
 def outbox_oldest_pending(engine: Engine) -> datetime | None:

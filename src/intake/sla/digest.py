@@ -7,14 +7,16 @@ before ``now``, and ``digest:<name>:<period>`` in the ``notification`` table mak
 whoever sends it (the scheduler of either of two ``intake serve`` processes, or ``intake digest
 --send``). Sections: new since the last digest, due soon, breached, waiting on the reporter,
 disclosure dates coming up, reporters who became unreachable since the last digest (a bounce, or
-the relay refusing our mail to them), and counts by state and severity. Each section lists at most
+the relay refusing our mail to them), mail held since the last digest (made no ticket: counted per
+decision, the spam, failed and unthreaded automatic ones named by message id), and counts by state
+and severity. Each section lists at most
 ``SECTION_LIMIT`` tickets and counts the rest, and the counts are SQL aggregates, so building one
 takes the same memory for ten tickets or a hundred thousand.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -30,12 +32,13 @@ from intake.sla import stats
 from intake.sla.calendars import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.tickets import undeliverable
+from intake.tickets import held, undeliverable
 from intake.vocabulary import (
     FINISHED_STATES, SEVERITIES, DigestStatus, MailKind, Milestone, NotificationKind, TicketState,
 )
 
 SECTION_LIMIT = 50
+HELD_LIMIT = 20  # held messages named in the digest; the rest are counted
 # How far back the latest fire time of a schedule is looked for, widening step by step.
 _LOOKBACKS = (timedelta(hours=2), timedelta(days=2), timedelta(days=9), timedelta(days=32), timedelta(days=367),
               timedelta(days=4 * 366 + 1))
@@ -83,10 +86,12 @@ class DigestSection:
     title: str
     total: int
     lines: list[DigestLine]
+    counts: dict[str, int] = field(default_factory=dict)  # held mail: per decision
+    listable: int | None = None  # held mail: how many could be named (of total)
 
     @property
     def more(self) -> int:
-        return self.total - len(self.lines)
+        return (self.total if self.listable is None else self.listable) - len(self.lines)
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,8 @@ class Digest:
             "now": self.now.isoformat(), "timezone": self.timezone, "empty": self.empty, "key": self.key,
             "sections": {section.key: {"title": section.title, "total": section.total,
                                        "tickets": [line.reference for line in section.lines],
-                                       "lines": [vars(line) for line in section.lines]}
+                                       "lines": [vars(line) for line in section.lines],
+                                       **({"counts": section.counts} if section.key == "held" else {})}
                          for section in self.sections},
             "counts": self.counts,
             "metrics": self.metrics.as_dict() if self.metrics else None,
@@ -150,6 +156,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
                        Deadline.due_at > now, Deadline.due_at <= now + disclosures_within,
                        Deadline.stage.in_(_disclosure_stages(settings))),
             _unreachable(session, digest),
+            _held(session, digest),
         ]
         counts = _counts(session)
     return Digest(name, period, since, now, schedule.timezone, sections, counts,
@@ -212,6 +219,17 @@ def _unreachable(session: Session, digest: Digest) -> DigestSection:
         DigestLine(row.reference, row.subject, f"{row.reporter} since {digest.local(row.reporter_unreachable_at)}: "
                                                f"{why.get(row.id) or 'no reason recorded'}")
         for row in rows])
+
+
+def _held(session: Session, digest: Digest) -> DigestSection:
+    """Messages held (no ticket of their own) since the last digest: a count per decision, and the
+    spam, failures and automatic mail threading nowhere by id, for `intake messages show ID`."""
+    counts = held.counts(session, digest.since, digest.now)
+    listable, messages = held.listed(session, digest.since, digest.now, HELD_LIMIT)
+    return DigestSection("held", "Held since the last digest", sum(counts.values()), [
+        DigestLine(f"message {message.id}", message.subject,
+                   f"{message.label}, from <{message.mail_from}>, {digest.local(message.processed_at)}")
+        for message in messages], counts, listable)
 
 
 def _counts(session: Session) -> dict[str, dict[str, int]]:

@@ -13,7 +13,10 @@ received since then), at the instant ``now``:
   share met on time out of those met plus those breached and still open; and the open breaches:
   unmet stages past their due time, on tickets not resolved;
 * tickets by state and by severity (``unassessed`` while none), and stored messages by the
-  router's decision (``new-ticket``, ``duplicate``, ``spam``, …; ``undecided`` while pending).
+  router's decision (``new-ticket``, ``duplicate``, ``spam``, …; ``undecided`` while pending);
+* held mail (messages that made no ticket of their own) by decision, ``failed`` for those
+  processing failed on, counted by when they were processed; and how many held messages
+  ``intake messages purge`` deleted, ever (not only since ``since``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sqlalchemy import Engine, func, select
 
 from intake.store.db import read_session
 from intake.store.models import Deadline, InboundMessage, Ticket
+from intake.tickets import held
 from intake.vocabulary import FINISHED_STATES
 
 UNASSESSED = "unassessed"
@@ -55,12 +59,14 @@ class Stats:
     by_state: dict[str, int]
     by_severity: dict[str, int]
     by_decision: dict[str, int]
+    held: dict[str, int]  # held since *since*, per decision (failed: processing failed)
+    purged: int  # held messages purged, ever
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: instants as ISO 8601 strings, durations in seconds."""
         return {"since": self.since.isoformat(), "now": self.now.isoformat(), "tickets": self.tickets,
                 "stages": [asdict(stage) for stage in self.stages], "by_state": self.by_state,
-                "by_severity": self.by_severity, "by_decision": self.by_decision}
+                "by_severity": self.by_severity, "by_decision": self.by_decision, "held": self.held, "purged": self.purged}
 
     def render_text(self) -> str:
         """A few lines for people (the CLI, the digest's footer)."""
@@ -76,6 +82,8 @@ class Stats:
                               ("decision", self.by_decision)):
             shown = ", ".join(f"{key} {count}" for key, count in counts.items()) or "none"
             lines.append(f"by {label}: {shown}")
+        shown = ", ".join(f"{key} {count}" for key, count in self.held.items()) or "none"
+        lines.append(f"held: {shown}; purged, ever: {self.purged}")
         return "\n".join(lines)
 
 
@@ -114,9 +122,11 @@ def compute(engine: Engine, since: datetime, now: datetime) -> Stats:
         by_decision = dict(session.execute(select(InboundMessage.decision, func.count())
                                            .where(InboundMessage.received_at >= since)
                                            .group_by(InboundMessage.decision)).all())
+        held_since = held.counts(session, since, now)
+        purged = held.purged_total(session)
     return Stats(since, now, sum(by_state.values()), _stage_stats(stage_rows, now), _sorted(by_state),
                  _sorted({(key or UNASSESSED): count for key, count in by_severity.items()}),
-                 _sorted({(key or UNDECIDED): count for key, count in by_decision.items()}))
+                 _sorted({(key or UNDECIDED): count for key, count in by_decision.items()}), held_since, purged)
 
 
 def _sorted(counts: dict[str, int]) -> dict[str, int]:

@@ -42,7 +42,9 @@ class InboundMessage(SQLModel, table=True):
     """A message exactly as received: committed before the listener answers 250."""
 
     __tablename__ = "inbound_message"
-    __table_args__ = (Index("ix_inbound_status_id", "status", "id"),)
+    # status + processed_at: the held messages of a window (digest, metrics, purge) without a scan.
+    __table_args__ = (Index("ix_inbound_status_id", "status", "id"),
+                      Index("ix_inbound_status_processed_at", "status", "processed_at"))
 
     id: int | None = Field(default=None, primary_key=True)
     received_at: datetime = _instant()
@@ -77,6 +79,18 @@ class InboundMessage(SQLModel, table=True):
 
 
 
+
+
+class PurgeLog(SQLModel, table=True):
+    """One run of ``intake messages purge`` that deleted held messages: when, how many, of what."""
+
+    __tablename__ = "purge_log"
+
+    id: int | None = Field(default=None, primary_key=True)
+    purged_at: datetime = _instant()
+    cutoff: datetime = _instant()  # held messages processed and received before it were purged
+    total: int
+    by_decision: dict[str, int] = Field(sa_column=Column(JSON, nullable=False))
 
 
 class Ticket(SQLModel, table=True):

@@ -1,0 +1,157 @@
+"""Held mail: stored messages that made no ticket of their own (a decision in HELD_DECISIONS, or
+processing failed on them), counted, named and purged.
+
+Counts are one GROUP BY over the window's held rows, found through the (status, processed_at)
+index: the digest, the metrics and ``intake stats`` cost the same for ten tickets or a hundred
+thousand. A message is held from when it was processed (``processed_at``), so a window means
+"became held in it". The purge deletes old held messages in bounded batches, each one
+transaction that also adds its count to the run's ``purge_log`` row, so the count is exact even
+if the purge is interrupted. Deleting rows does not shrink a SQLite file: reclaiming the space
+(VACUUM) belongs with the retention settings, not here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, and_, delete, exists, func, or_, select, update
+from sqlmodel import Session
+
+from intake.store.db import read_session, write_session
+from intake.store.models import InboundMessage, PurgeLog, ThreadEntry
+from intake.understand.header_text import display_value, first_values, scan_header_block
+from intake.vocabulary import AUTO_REPLY, HELD_DECISIONS, SPAM, InboundStatus
+
+HELD_STATUSES = (InboundStatus.IGNORED, InboundStatus.FAILED)
+# What each held message is counted as: its decision, or "failed" (processing failed: no decision).
+HELD_LABELS = (*HELD_DECISIONS, InboundStatus.FAILED)
+# How old a held message must be (received and processed) before the purge deletes it.
+HELD_RETENTION = timedelta(days=90)
+PURGE_BATCH = 500
+MAX_PURGE_BATCHES = 1_000_000  # a bound on the loop, far above any mailbox (5e8 messages)
+SUBJECT_LIMIT = 200  # characters of a subject shown in a list
+_HEADER_BYTES = 16 * 1024  # of a message read to find its subject: never the whole message
+
+_message = InboundMessage.__table__.c
+
+
+def _label(decision: str | None, status: str) -> str:
+    return decision or status
+
+
+def _window(since: datetime | None, until: datetime) -> ColumnElement[bool]:
+    held = and_(_message.status.in_(HELD_STATUSES), _message.processed_at <= until)
+    return held if since is None else and_(held, _message.processed_at > since)
+
+
+def counts(session: Session, since: datetime | None, until: datetime) -> dict[str, int]:
+    """Held messages that became held after *since* (ever, if None) up to *until*, per label."""
+    rows = session.execute(select(_message.decision, _message.status, func.count())
+                           .where(_window(since, until)).group_by(_message.decision, _message.status))
+    by_label: Counter[str] = Counter()
+    for decision, status, count in rows:
+        by_label[_label(decision, status)] += count
+    return dict(sorted(by_label.items(), key=lambda item: (-item[1], item[0])))
+
+
+# The held messages worth a maintainer's look by name: upstream spam, failures, and automatic
+# mail that threads into no ticket (a web form's report sent as auto-generated is one). Loops,
+# backscatter, duplicates and refused replies are only counted.
+_LISTED = or_(_message.status == InboundStatus.FAILED, _message.decision == SPAM,
+              and_(_message.decision == AUTO_REPLY, _message.ticket_id.is_(None)))
+
+
+@dataclass(frozen=True)
+class HeldMessage:
+    id: int
+    label: str
+    processed_at: datetime
+    mail_from: str  # the envelope sender; '' for <>
+    subject: str  # display-safe, one line, at most SUBJECT_LIMIT characters
+
+
+def listed(session: Session, since: datetime | None, until: datetime, limit: int) -> tuple[int, list[HeldMessage]]:
+    """How many held messages of the window are worth naming, and the newest *limit* of them."""
+    condition = and_(_window(since, until), _LISTED)
+    total = session.scalar(select(func.count()).select_from(InboundMessage).where(condition)) or 0
+    rows = session.execute(select(_message.id, _message.decision, _message.status, _message.processed_at,
+                                  _message.mail_from, func.substr(_message.raw, 1, _HEADER_BYTES))
+                           .where(condition).order_by(_message.processed_at.desc(), _message.id.desc()).limit(limit))
+    return total, [HeldMessage(id_, _label(decision, status), processed_at, display_value(mail_from, 254),
+                               _subject(bytes(head or b"")))
+                   for id_, decision, status, processed_at, mail_from, head in rows]
+
+
+def _subject(head: bytes) -> str:
+    """The Subject: of a message's first bytes, decoded and made display-safe; '' when none."""
+    subject = first_values(scan_header_block(head)).get("subject", "")
+    return display_value(subject, SUBJECT_LIMIT).strip() or "(no subject)"
+
+
+@dataclass(frozen=True)
+class PurgeResult:
+    cutoff: datetime
+    dry_run: bool
+    by_decision: dict[str, int]  # per label: purged, or that would be
+    complete: bool = True  # False only if MAX_PURGE_BATCHES stopped it
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_decision.values())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"cutoff": self.cutoff.isoformat(), "dry_run": self.dry_run, "total": self.total,
+                "by_decision": self.by_decision, "complete": self.complete}
+
+
+def _purgeable(cutoff: datetime) -> ColumnElement[bool]:
+    """Held, on no ticket (not even one it threads into or names), and both received and processed
+    before *cutoff*: history imported today is not purged for its old Date:."""
+    return and_(_message.status.in_(HELD_STATUSES), _message.ticket_id.is_(None),
+                _message.processed_at < cutoff, _message.received_at < cutoff,
+                ~exists().where(ThreadEntry.inbound_id == _message.id))
+
+
+def purge_held(engine: Engine, now: datetime, older_than: timedelta = HELD_RETENTION, dry_run: bool = False,
+               batch: int = PURGE_BATCH) -> PurgeResult:
+    """Delete held messages older than *older_than* at *now* (count them only, if *dry_run*)."""
+    cutoff = now - older_than
+    condition = _purgeable(cutoff)
+    if dry_run:
+        with read_session(engine) as session:
+            rows = session.execute(select(_message.decision, _message.status, func.count())
+                                   .where(condition).group_by(_message.decision, _message.status))
+            return PurgeResult(cutoff, True, dict(Counter({_label(d, s): n for d, s, n in rows})))
+    purged: Counter[str] = Counter()
+    log_id: int | None = None
+    for _ in range(MAX_PURGE_BATCHES):
+        with write_session(engine) as session:
+            ids = list(session.scalars(select(_message.id).where(condition).order_by(_message.id).limit(batch)))
+            # The condition again: a message requeued or threaded since the select is kept.
+            deleted = Counter(_label(decision, status) for decision, status in session.execute(
+                delete(InboundMessage.__table__).where(_message.id.in_(ids), condition)
+                .returning(_message.decision, _message.status))) if ids else Counter()
+            if deleted:
+                purged.update(deleted)
+                log_id = _log(session, log_id, now, cutoff, purged)
+        if len(ids) < batch:
+            return PurgeResult(cutoff, False, dict(purged))
+    return PurgeResult(cutoff, False, dict(purged), complete=False)
+
+
+def _log(session: Session, log_id: int | None, now: datetime, cutoff: datetime, purged: Counter[str]) -> int:
+    """Record the run's count so far in its purge_log row (made by its first deleting batch)."""
+    values = dict(purged_at=now, cutoff=cutoff, total=sum(purged.values()), by_decision=dict(sorted(purged.items())))
+    table = PurgeLog.__table__
+    if log_id is None:
+        return int(session.execute(table.insert().values(**values).returning(table.c.id)).scalar_one())
+    session.execute(update(table).where(table.c.id == log_id).values(**values))
+    return log_id
+
+
+def purged_total(session: Session) -> int:
+    """Held messages purged, ever."""
+    return int(session.scalar(select(func.coalesce(func.sum(PurgeLog.total), 0))) or 0)
