@@ -17,7 +17,8 @@ from intake.tickets import held
 _DEFAULT_AGE = f"{held.HELD_RETENTION.days}d"
 
 
-@click.command("purge")
+# Named for the top level until it joins the `messages` group as `purge`.
+@click.command("messages-purge")
 @click.option("--older-than", "older_than_text", default=_DEFAULT_AGE, show_default=True,
               help="Purge held messages older than this: 90d, 12w, 36h, or a date / ISO instant.")
 @click.option("--dry-run", is_flag=True, help="Count what would be purged; delete nothing.")
@@ -25,9 +26,11 @@ _DEFAULT_AGE = f"{held.HELD_RETENTION.days}d"
 @JSON_OPTION
 @click.pass_obj
 def purge(obj: Context, older_than_text: str, dry_run: bool, now: datetime | None, as_json: bool) -> None:
-    """Delete held messages (spam, auto-replies, bounces, loops, refused, duplicates, failed) received
-    and processed before the cutoff, except any on a ticket; each run's count is kept (`intake stats`).
-    The database file does not shrink by itself (SQLite keeps the freed pages for reuse)."""
+    """Delete held messages older than --older-than (90d), keeping a count.
+
+    Held: spam, auto-replies, bounces, loops, refused replies, duplicates, failed. Those received and
+    processed before the cutoff go, except any on a ticket; each run's count per decision is kept
+    (`intake stats`). The database file does not shrink by itself (SQLite reuses the freed pages)."""
     now = now or datetime.now(timezone.utc)
     try:
         cutoff = parse_since(older_than_text, now)
