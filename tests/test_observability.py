@@ -19,6 +19,7 @@ from conftest import free_port, report, smtp_send
 from intake.run import metrics
 from intake.store import inbound, schema
 from intake.store.db import make_engine
+from intake.tickets.held import HELD_LABELS
 from intake.vocabulary import DECISIONS, NEW_TICKET
 from test_logs import parse_logfmt
 from test_serve import serve, serve_env  # noqa: F401 - fixtures
@@ -138,6 +139,8 @@ def test_every_series_starts_at_zero_and_readyz_fails_when_the_outbox_is_stuck(s
         assert value(samples, "intake_messages_processed_total", decision=decision) == 0
     for outcome in metrics.OUTBOX_OUTCOMES:
         assert value(samples, "intake_outbox_sent_total", outcome=outcome) == 0
+    for label in HELD_LABELS:
+        assert value(samples, "intake_held_messages", decision=label) == 0
     for name in ("intake_tickets_opened_total", "intake_outbox_pending", "intake_outbox_oldest_age_seconds",
                  "intake_outbox_dead", "intake_sla_breaches_total", "intake_processing_seconds_count",
                  "intake_messages_failed_total", "intake_worker_restarts_total", "intake_inbound_pending"):

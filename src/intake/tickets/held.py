@@ -42,13 +42,12 @@ def _label(decision: str | None, status: str) -> str:
     return decision or status
 
 
-def _window(since: datetime | None, until: datetime) -> ColumnElement[bool]:
-    held = and_(_message.status.in_(HELD_STATUSES), _message.processed_at <= until)
-    return held if since is None else and_(held, _message.processed_at > since)
+def _window(since: datetime, until: datetime) -> ColumnElement[bool]:
+    return and_(_message.status.in_(HELD_STATUSES), _message.processed_at > since, _message.processed_at <= until)
 
 
-def counts(session: Session, since: datetime | None, until: datetime) -> dict[str, int]:
-    """Held messages that became held after *since* (ever, if None) up to *until*, per label."""
+def counts(session: Session, since: datetime, until: datetime) -> dict[str, int]:
+    """Held messages that became held after *since* up to *until*, per label."""
     rows = session.execute(select(_message.decision, _message.status, func.count())
                            .where(_window(since, until)).group_by(_message.decision, _message.status))
     by_label: Counter[str] = Counter()
@@ -73,7 +72,7 @@ class HeldMessage:
     subject: str  # display-safe, one line, at most SUBJECT_LIMIT characters
 
 
-def listed(session: Session, since: datetime | None, until: datetime, limit: int) -> tuple[int, list[HeldMessage]]:
+def listed(session: Session, since: datetime, until: datetime, limit: int) -> tuple[int, list[HeldMessage]]:
     """How many held messages of the window are worth naming, and the newest *limit* of them."""
     condition = and_(_window(since, until), _LISTED)
     total = session.scalar(select(func.count()).select_from(InboundMessage).where(condition)) or 0
