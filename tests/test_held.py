@@ -86,6 +86,7 @@ def test_the_digest_counts_held_mail_since_the_last_digest_and_names_the_spam_fa
     section = {s.key: s for s in built.sections}["held"]
     assert section.counts == {"auto-reply": 1, "duplicate": 1, "failed": 1, "spam": 1}
     assert section.total == 4 and section.listable == 3 and section.more == 0
+    assert stats.compute(desk.engine, built.since, NOW).held == section.counts  # `intake stats` agrees
     named = [line.reference for line in section.lines]
     assert sorted(named) == sorted(f"message {ids[key]}" for key in ("spam", "auto-reply", "failed"))
     assert not {f"message {value}" for value in before.values()} & set(named)
