@@ -23,9 +23,11 @@ from intake.run import mailbox_import
 @JSON_OPTION
 @click.pass_obj
 def import_command(obj: Context, path: Path, acknowledge: bool, younger_than: str | None, as_json: bool) -> None:
-    """Import an mbox file or a Maildir folder: each message stored and processed as if received at
-    its Date:, threads rebuilt, nothing sent (no acknowledgement, no notice) unless --acknowledge.
-    Running it again imports nothing new (duplicates by Message-ID or bytes are skipped)."""
+    """Import an mbox file or Maildir folder as history: stored, processed, nothing sent.
+
+    Each message is stored and processed as if received at its Date:, oldest first, so threads are
+    rebuilt; no acknowledgement and no notice go out unless --acknowledge (for messages younger
+    than --younger-than). Running it again imports nothing new (duplicates by Message-ID or bytes)."""
     if acknowledge != (younger_than is not None):
         raise click.UsageError("--acknowledge and --younger-than go together")
     try:
