@@ -53,6 +53,8 @@ COMMANDS = {
     "note": Registered(_M + "mail:note", "Add an internal note to the ticket; it is never sent."),
     "outbox": Registered(_M + "mail:outbox_command", "Mail queued, sent and dead, newest first."),
     "reprocess": Registered(_M + "mail:reprocess", "Run failed (or ignored) stored messages through processing again."),
+    "import": Registered(_M + "importing:import_command",
+                         "Import an mbox file or Maildir folder as history: stored, processed, nothing sent."),
     "sweep": Registered(_M + "mail:sweep",
                         "Run one SLA sweep: reminders, breach notices and escalations due at --now, each sent once."),
     "digest": Registered(_M + "mail:digest_command",

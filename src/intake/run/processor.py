@@ -249,9 +249,11 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
         if handling.records_on_ticket(r.decision):
             records.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now,
                                      r.prepared.work.reply_credit)
-            maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
-                                   plan.reply_secret, r.prepared.work)
-        elif handling.mail is decisions.Mail.REFUSAL and r.decision.refused is not None:
+            if not r.prepared.stored.history:  # imported history: recorded, never forwarded nor carried out
+                maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
+                                       plan.reply_secret, r.prepared.work)
+        elif (handling.mail is decisions.Mail.REFUSAL and r.decision.refused is not None
+              and not r.prepared.stored.history):
             maintainer_mail.refused(session, settings, r.incoming, r.decision, now, plan.reply_secret)
         outcomes.append(Outcome(r.prepared, r.decision))
     _mark(session, outcomes, now)

@@ -24,7 +24,7 @@ from sqlalchemy import Dialect, Engine, insert, select, update
 from intake.store.db import (
     checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection, write_session,
 )
-from intake.store.models import InboundMessage
+from intake.store.models import InboundMessage, ThreadEntry
 from intake.vocabulary import InboundStatus
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,8 @@ class Arrival:
     received_at: datetime
     relay: str = ""  # the trusted relay's peer, "" for a direct client
     trace: str = ""  # intake's Return-Path: and Received: fields, CRLF lines
+    history: bool = False  # imported from an existing mailbox: nothing is sent for it
+    message_id: str | None = None  # the Message-ID an import read (the listener reads none)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class StoredMessage:
     received_at: datetime  # when intake got it
     relay: str = ""
     trace: str = ""
+    history: bool = False  # see Arrival.history
 
     @property
     def full(self) -> bytes:
@@ -70,7 +73,7 @@ def full_message(trace: str, raw: bytes) -> bytes:
 
 # The columns :func:`_rows` gives a value for.
 _COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "raw", "status",
-            "attempts")
+            "attempts", "history", "message_id")
 
 
 def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
@@ -88,6 +91,8 @@ def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
             "raw": a.raw,
             "status": InboundStatus.PENDING,
             "attempts": 0,
+            "history": a.history,
+            "message_id": a.message_id,
         }
         for a in arrivals
     ]
@@ -242,7 +247,7 @@ def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     table = InboundMessage.__table__
     query = (
         select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at,
-               table.c.relay, table.c.trace)
+               table.c.relay, table.c.trace, table.c.history)
         .where(table.c.status == InboundStatus.PENDING)
         .order_by(table.c.id)
         .limit(limit)
@@ -275,3 +280,44 @@ def requeue(engine: Engine, ids: list[int]) -> list[int]:
 def get(engine: Engine, message_id: int) -> InboundMessage | None:
     with read_session(engine) as session:
         return session.get(InboundMessage, message_id)
+
+
+def known_hashes(engine: Engine, hashes: Iterable[str]) -> set[str]:
+    """Which of the sha256 *hashes* a stored message already has."""
+    wanted = sorted(set(hashes))
+    found: set[str] = set()
+    with read_session(engine) as session:
+        for start in range(0, len(wanted), _LOOKUP_CHUNK):
+            chunk = wanted[start:start + _LOOKUP_CHUNK]
+            found.update(session.scalars(select(InboundMessage.sha256).where(InboundMessage.sha256.in_(chunk))))
+    return found
+
+
+def known_message_ids(engine: Engine, message_ids: Iterable[str]) -> set[str]:
+    """Which of *message_ids* a ticket's thread already holds (its message key is the Message-ID),
+    or an imported message was stored under."""
+    wanted = sorted(set(message_ids))
+    found: set[str] = set()
+    with read_session(engine) as session:
+        for start in range(0, len(wanted), _LOOKUP_CHUNK):
+            chunk = wanted[start:start + _LOOKUP_CHUNK]
+            found.update(session.scalars(select(ThreadEntry.message_key).where(ThreadEntry.message_key.in_(chunk))))
+            found.update(session.scalars(select(InboundMessage.message_id)
+                                         .where(InboundMessage.message_id.in_(chunk))))
+    return found
+
+
+def outcomes(engine: Engine, ids: list[int]) -> list[tuple[str, str | None]]:
+    """The status and decision of each stored message of *ids* (in no particular order)."""
+    table = InboundMessage.__table__
+    rows: list[tuple[str, str | None]] = []
+    with read_session(engine) as session:
+        for start in range(0, len(ids), _LOOKUP_CHUNK):
+            chunk = ids[start:start + _LOOKUP_CHUNK]
+            rows += [(row.status, row.decision) for row in
+                     session.execute(select(table.c.status, table.c.decision).where(table.c.id.in_(chunk)))]
+    return rows
+
+
+# Values per IN (...) lookup: well under SQLite's and PostgreSQL's bound-parameter limits.
+_LOOKUP_CHUNK = 500

@@ -59,6 +59,11 @@ class InboundMessage(SQLModel, table=True):
     # intake's own Return-Path: and Received: fields (CRLF lines), kept beside raw so that raw,
     # size and sha256 stay the message as sent; see intake.store.inbound.full_message.
     trace: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # Mail from before intake, stored by `intake import`: processed (threads rebuilt) but nothing
+    # is sent for it, no acknowledgement, notice or forward (see intake.receive.mailbox_import).
+    history: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false")))
+    # The Message-ID `intake import` read (the listener reads none): a second import finds it.
+    message_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True, index=True))
     size: int
     sha256: str = Field(sa_column=Column(String(64), nullable=False, index=True))
     raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))

@@ -41,6 +41,9 @@ from intake.vocabulary import (
 # How the acknowledgement names each stage it promises; unnamed stages use their own name.
 STAGE_LABELS = {spec.stage: spec.stage_label for spec in MILESTONE_SPECS}
 
+# Why a report imported as history (`intake import`) gets no automatic reply (nor notice).
+HISTORY_REFUSAL = "imported history: nothing is sent for it"
+
 # The new-ticket notice quotes the report up to this many characters (`intake show` has it all).
 NOTICE_TEXT_LIMIT = 20_000
 
@@ -197,13 +200,14 @@ def _prepare_openings(settings: Settings, reports: list[NewReport], references: 
         address = intake_address(settings, stored.rcpt_tos)
         # The first recipient decides: a +tag mapped to a policy is more specific than the base address.
         policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
-        refusal = _automatic_reply_refusal(settings, config, report.incoming, sent)
+        refusal = HISTORY_REFUSAL if stored.history else _automatic_reply_refusal(settings, config, report.incoming,
+                                                                                  sent)
         computed = _initial_deadlines(settings, policy, report.received_at, acknowledged_at=None if refusal else now)
         opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit)
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now))
             sent[stored.mail_from.lower()] += 1
-        if settings.scheduler.new_ticket_notice and settings.notice_recipients:
+        if settings.scheduler.new_ticket_notice and settings.notice_recipients and not stored.history:
             opening = replace(opening, notices=_new_ticket_notices(settings, opening, now, reply_secret))
         openings.append(opening)
     return openings
