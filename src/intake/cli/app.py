@@ -52,6 +52,11 @@ COMMANDS = {
                         "Reply to the reporter from the intake address (counts as the human acknowledgement)."),
     "note": Registered(_M + "mail:note", "Add an internal note to the ticket; it is never sent."),
     "outbox": Registered(_M + "mail:outbox_command", "Mail queued, sent and dead, newest first."),
+    "messages": Registered(_M + "messages:messages_group",
+                           "Stored messages that made no ticket of their own, newest first (see `show`, and "
+                           "`intake promote`)."),
+    "promote": Registered(_M + "messages:promote",
+                          "Make a ticket of held message ID, as if it had come in as a new report."),
     "reprocess": Registered(_M + "mail:reprocess", "Run failed (or ignored) stored messages through processing again."),
     "sweep": Registered(_M + "mail:sweep",
                         "Run one SLA sweep: reminders, breach notices and escalations due at --now, each sent once."),
