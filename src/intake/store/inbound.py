@@ -292,7 +292,6 @@ class HeldMessage:
     size: int
     decision: str  # its routing decision, or HELD_FAILED for a message processing failed on
     reason: str  # why: the decision's reason, or the error
-    ticket_id: int | None  # the ticket it threads into (an automatic reply, a bounce), if any
 
     def as_dict(self) -> dict[str, object]:
         return {"id": self.id, "received_at": self.received_at.isoformat(), "mail_from": self.mail_from,
@@ -315,7 +314,7 @@ def held(engine: Engine, decisions: Iterable[str] = HELD, since: datetime | None
     if not matches:
         return []
     query = (select(table.c.id, table.c.received_at, table.c.mail_from, table.c.size, table.c.status,
-                    table.c.decision, table.c.reason, table.c.error, table.c.ticket_id,
+                    table.c.decision, table.c.reason, table.c.error,
                     func.substr(table.c.raw, 1, MAX_SCANNED_HEADER_BYTES).label("head"))
              .where(or_(*matches))
              .order_by(table.c.received_at.desc(), table.c.id.desc())
@@ -332,5 +331,4 @@ def _held(row: Any) -> HeldMessage:
     failed = row.status == InboundStatus.FAILED
     return HeldMessage(row.id, row.received_at, row.mail_from, display_value(fields.get("from", [""])[0]),
                        display_value(fields.get("subject", [""])[0]), row.size,
-                       HELD_FAILED if failed else row.decision, (row.error if failed else row.reason) or "",
-                       row.ticket_id)
+                       HELD_FAILED if failed else row.decision, (row.error if failed else row.reason) or "")
