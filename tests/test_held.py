@@ -145,7 +145,7 @@ def test_purge_deletes_only_old_held_mail_on_no_ticket_and_keeps_the_count(make_
     with read_session(engine) as session:
         assert held.purged_total(session) == 0
         assert session.scalar(select(InboundMessage.id).where(InboundMessage.id == old["spam"])) == old["spam"]
-    cli_dry = json.loads(cli("messages-purge", "--dry-run", "--json", "--now", NOW.isoformat()).output)
+    cli_dry = json.loads(cli("messages", "purge", "--dry-run", "--json", "--now", NOW.isoformat()).output)
     assert cli_dry["total"] == 3 and cli_dry["dry_run"]
 
     purged = held.purge_held(engine, NOW, batch=2)  # two batches: the log row follows both
@@ -158,14 +158,14 @@ def test_purge_deletes_only_old_held_mail_on_no_ticket_and_keeps_the_count(make_
     assert (log.total, log.by_decision, log.purged_at, log.cutoff) == (
         3, {"auto-reply": 1, "failed": 1, "spam": 1}, NOW, NOW - held.HELD_RETENTION)
 
-    again = cli("messages-purge", "--now", NOW.isoformat()).output  # idempotent: nothing more, no new row
+    again = cli("messages", "purge", "--now", NOW.isoformat()).output  # idempotent: nothing more, no new row
     assert again.startswith("purged 0 held message(s)")
     assert stats.compute(engine, NOW - timedelta(days=30), NOW).purged == 3
     figures = json.loads(cli("stats", "--json").output)
     assert figures["purged"] == 3 and "held" in figures
     # A shorter age reaches the recent ones.
-    assert "purged 3 held message(s)" in cli("messages-purge", "--older-than", "7d", "--now", NOW.isoformat()).output
-    cli("messages-purge", "--older-than", "soon", code=2)
+    assert "purged 3 held message(s)" in cli("messages", "purge", "--older-than", "7d", "--now", NOW.isoformat()).output
+    cli("messages", "purge", "--older-than", "soon", code=2)
 
 
 def test_migration_0006_adds_the_purge_log_and_the_held_index(empty_database_url):

@@ -91,9 +91,13 @@ SPAM = "spam"  # an upstream filter's X-Spam-Flag, not intake's quality score
 REJECTED = "rejected"
 DECISIONS = (NEW_TICKET, REPORTER_REPLY, MAINTAINER_REPLY, THIRD_PARTY_REPLY, AUTO_REPLY, BOUNCE, DUPLICATE, LOOP,
              SPAM, REJECTED)
-# Decisions that leave a message held: stored, its status ignored, no ticket of its own (it may
-# still thread into one). Messages processing failed on (status failed, no decision) are held too.
-HELD_DECISIONS = (AUTO_REPLY, BOUNCE, DUPLICATE, LOOP, SPAM, REJECTED)
+# Held mail: the decisions that make no ticket of their own (`intake messages` lists them, with
+# the messages processing failed on, whose status stands in for a decision: HELD_FAILED).
+HELD_DECISIONS = (SPAM, AUTO_REPLY, BOUNCE, LOOP, REJECTED, DUPLICATE)
+HELD_FAILED = InboundStatus.FAILED
+HELD = (*HELD_DECISIONS, HELD_FAILED)
+# The start of a promoted message's reason: `intake promote` made its ticket (see intake.run.promotion).
+PROMOTED_REASON = "promoted by "
 
 # -- severities and the milestones in order --
 SEVERITIES = ("critical", "high", "medium", "low", "none")
@@ -161,6 +165,7 @@ class EventKind:
     # outbox gave up on it after retrying: one per recipient and outbox row.
     UNDELIVERABLE = "undeliverable"
     REPORTER_UNREACHABLE = "reporter-unreachable"  # a bounce or a refusal of mail to the reporter
+    PROMOTED = "promoted"  # a held message made into this ticket by a maintainer (`intake promote`)
 
 
 # -- mail intake sends (``outbox.kind``) and the notifications recorded for it (``notification.kind``) --

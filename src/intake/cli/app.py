@@ -52,6 +52,11 @@ COMMANDS = {
                         "Reply to the reporter from the intake address (counts as the human acknowledgement)."),
     "note": Registered(_M + "mail:note", "Add an internal note to the ticket; it is never sent."),
     "outbox": Registered(_M + "mail:outbox_command", "Mail queued, sent and dead, newest first."),
+    "messages": Registered(_M + "messages:messages_group",
+                           "Stored messages that made no ticket of their own, newest first (see `show`, and "
+                           "`intake promote`)."),
+    "promote": Registered(_M + "messages:promote",
+                          "Make a ticket of held message ID, as if it had come in as a new report."),
     "reprocess": Registered(_M + "mail:reprocess", "Run failed (or ignored) stored messages through processing again."),
     "import": Registered(_M + "importing:import_command",
                          "Import an mbox file or Maildir folder as history: stored, processed, nothing sent."),
@@ -82,9 +87,6 @@ COMMANDS = {
     "stats": Registered(_M + "reports:stats_command",
                         "Per stage: median and 90th-percentile time to meet it, share met on time, open breaches; "
                         "tickets by state and severity, messages by decision, held mail and purged."),
-    # Held mail's purge: registered here until the `messages` group (held-review) takes it as `purge`.
-    "messages-purge": Registered(_M + "held:purge",
-                                 "Delete held messages older than --older-than (90d), keeping a count."),
     "security-txt": Registered(_M + "reports:security_txt_command",
                                "Print /.well-known/security.txt (RFC 9116, LF line endings) from the configuration."),
 }

@@ -17,8 +17,7 @@ from intake.tickets import held
 _DEFAULT_AGE = f"{held.HELD_RETENTION.days}d"
 
 
-# Named for the top level until it joins the `messages` group as `purge`.
-@click.command("messages-purge")
+@click.command("purge")
 @click.option("--older-than", "older_than_text", default=_DEFAULT_AGE, show_default=True,
               help="Purge held messages older than this: 90d, 12w, 36h, or a date / ISO instant.")
 @click.option("--dry-run", is_flag=True, help="Count what would be purged; delete nothing.")

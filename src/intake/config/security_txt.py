@@ -1,6 +1,6 @@
 """``/.well-known/security.txt`` (RFC 9116) built from the configuration.
 
-The ``[security_txt]`` section (:class:`intake.config.sections.SecurityTxtSection`) is checked when
+The ``[security_txt]`` section (:class:`intake.config.security_txt_section.SecurityTxtSection`) is checked when
 the configuration loads (web URIs are https, ``expires`` is an RFC 3339 instant with an offset);
 :func:`render` writes the file and :func:`expiry_warning` is what ``intake check-config`` says
 when the file is about to go stale.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from datetime import datetime, timedelta, timezone
 
-from intake.config.sections import parse_instant
+from intake.config.security_txt_section import parse_instant
 from intake.config.settings import Settings
 
 # check-config warns when the file expires within this, or has expired.

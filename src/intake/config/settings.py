@@ -30,9 +30,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from intake import patterns
 from intake.config.sections import (
     AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
-    OutboundSection, ProcessingSection, SchedulerSection, SecurityTxtSection, SenderAuthSection, ServiceSection,
-    SmtpSection,
+    OutboundSection, ProcessingSection, SchedulerSection, SenderAuthSection, ServiceSection, SmtpSection,
 )
+from intake.config.security_txt_section import SecurityTxtSection
 from intake.sla.calendars import CalendarConfig, builtin_calendars
 from intake.sla.engine import PolicyConfig, validate_policies
 from intake.understand.quality import SHIPPED_RULES, RuleSet, RulesError, load_rules

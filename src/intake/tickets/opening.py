@@ -60,6 +60,9 @@ class NewReport:
     # did (stored.received_at); see intake.understand.arrival_time.
     received_at: datetime
     credit: credit.Credit | None = None  # the credit the report states (read before any lock)
+    # Why it gets no automatic reply whatever loop safety and the rate limit say (`intake promote
+    # --no-ack`), or None.
+    no_reply: str | None = None
 
     @property
     def low_quality(self) -> bool:
@@ -200,8 +203,8 @@ def _prepare_openings(settings: Settings, reports: list[NewReport], references: 
         address = intake_address(settings, stored.rcpt_tos)
         # The first recipient decides: a +tag mapped to a policy is more specific than the base address.
         policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
-        refusal = HISTORY_REFUSAL if stored.history else _automatic_reply_refusal(settings, config, report.incoming,
-                                                                                  sent)
+        refusal = HISTORY_REFUSAL if stored.history else (
+            report.no_reply or _automatic_reply_refusal(settings, config, report.incoming, sent))
         computed = _initial_deadlines(settings, policy, report.received_at, acknowledged_at=None if refusal else now)
         opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit)
         if refusal is None:

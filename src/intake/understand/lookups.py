@@ -151,6 +151,8 @@ def routing_config(settings: Settings, reply_secret: bytes | None = None,
         reference_prefix=settings.intake.reference_prefix,
         is_maintainer=settings.is_maintainer,
         never_answered=settings.never_answered,
+        ticket_auto_generated=settings.intake.ticket_auto_generated,
+        ticket_spam=settings.intake.ticket_spam,
         check_reply_token=(lambda reference, token: reply_tokens.check(
             reply_secret, reference, token, [m.email for m in settings.maintainers], now,
             reply_tokens.max_age(settings)))

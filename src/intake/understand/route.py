@@ -104,6 +104,11 @@ class RoutingConfig:
     # (reference, token) -> whose reply address token it is among the maintainers, and whether it is
     # still valid (see intake.understand.reply_tokens.check); without a secret, no token is anyone's.
     check_reply_token: Callable[[str, str], TokenCheck] = lambda reference, token: TokenCheck(INVALID)
+    # [intake] ticket_auto_generated: Auto-Submitted: auto-generated mail threading nowhere is a new
+    # report (answered by no automatic reply, see auto_reply_suppressed), not a held auto-reply.
+    ticket_auto_generated: bool = True
+    # [intake] ticket_spam: an upstream spam verdict holds nothing; the message is routed as any other.
+    ticket_spam: bool = False
 
     @property
     def _reference(self) -> str:
@@ -245,14 +250,23 @@ def _auto_reply_evidence(incoming: Incoming) -> str | None:
 
 
 def auto_reply(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
-    """Out-of-office and other automatic mail: recorded on its ticket if it threads, never a ticket."""
+    """Out-of-office and other automatic mail: recorded on its ticket if it threads, else held; but
+    ``Auto-Submitted: auto-generated`` mail threading nowhere goes on to the next rules (it may be
+    a report) when ``ticket_auto_generated`` says so."""
     evidence = _auto_reply_evidence(incoming)
     if evidence is None:
         return None
     threaded = next(filter(None, (rule(incoming, known, config) for rule in THREADING)), None)
+    if threaded is None and config.ticket_auto_generated and _auto_generated(incoming):
+        return None  # a web form's or scanner's report: the rules after this one decide
     if threaded is None:
         return Decision(AUTO_REPLY, evidence + "; threads into no ticket")
     return Decision(AUTO_REPLY, evidence, ticket_id=threaded.ticket_id, threaded_by=threaded.threaded_by)
+
+
+def _auto_generated(incoming: Incoming) -> bool:
+    """Auto-Submitted: auto-generated (RFC 3834): made by a program, not a reply to anything."""
+    return (incoming.mail.auto_submitted or "").split(";")[0].strip().lower() == "auto-generated"
 
 
 def bare_null_sender(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
@@ -266,8 +280,9 @@ def bare_null_sender(incoming: Incoming, known: Known, config: RoutingConfig) ->
 
 
 def spam(incoming: Incoming, known: Known, config: RoutingConfig) -> Decision | None:
-    """An upstream filter's verdict (X-Spam-Flag: YES): stored, never a ticket, never answered."""
-    if _header(incoming, "x-spam-flag") == "yes":
+    """An upstream filter's verdict (X-Spam-Flag: YES): stored and held (never a ticket, never
+    answered) unless ``ticket_spam`` says such mail is routed as any other."""
+    if not config.ticket_spam and _header(incoming, "x-spam-flag") == "yes":
         return Decision(SPAM, "X-Spam-Flag: YES from an upstream filter")
     return None
 
