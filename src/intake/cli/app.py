@@ -53,8 +53,8 @@ COMMANDS = {
     "note": Registered(_M + "mail:note", "Add an internal note to the ticket; it is never sent."),
     "outbox": Registered(_M + "mail:outbox_command", "Mail queued, sent and dead, newest first."),
     "messages": Registered(_M + "messages:messages_group",
-                           "Stored messages that made no ticket of their own, newest first (see `show`, and "
-                           "`intake promote`)."),
+                           "Stored messages that made no ticket of their own, newest first (see `show`, `purge` "
+                           "and `intake promote`)."),
     "promote": Registered(_M + "messages:promote",
                           "Make a ticket of held message ID, as if it had come in as a new report."),
     "reprocess": Registered(_M + "mail:reprocess", "Run failed (or ignored) stored messages through processing again."),

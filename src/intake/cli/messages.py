@@ -29,7 +29,7 @@ _SHOWN_LINES = 200
 @click.pass_context
 def messages_group(ctx: click.Context, decisions: tuple[str, ...], since: datetime | None, limit: int,
                    as_json: bool) -> None:
-    """Stored messages that made no ticket of their own, newest first (see `show`, and `intake promote`)."""
+    """Stored messages that made no ticket of their own, newest first (see `show`, `purge` and `intake promote`)."""
     if ctx.invoked_subcommand is not None:
         return
     obj: Context = ctx.obj
