@@ -52,6 +52,9 @@ COMMANDS = {
                         "Reply to the reporter from the intake address (counts as the human acknowledgement)."),
     "note": Registered(_M + "mail:note", "Add an internal note to the ticket; it is never sent."),
     "outbox": Registered(_M + "mail:outbox_command", "Mail queued, sent and dead, newest first."),
+    "fetch": Registered(_M + "fetch:fetch_command",
+                        "Store the mail waiting in the [[fetch]] IMAP mailboxes, then mark it seen, move or delete it "
+                        "there (as each source's `after` says)."),
     "reprocess": Registered(_M + "mail:reprocess", "Run failed (or ignored) stored messages through processing again."),
     "sweep": Registered(_M + "mail:sweep",
                         "Run one SLA sweep: reminders, breach notices and escalations due at --now, each sent once."),

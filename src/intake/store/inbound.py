@@ -275,3 +275,15 @@ def requeue(engine: Engine, ids: list[int]) -> list[int]:
 def get(engine: Engine, message_id: int) -> InboundMessage | None:
     with read_session(engine) as session:
         return session.get(InboundMessage, message_id)
+
+
+def stored_from(engine: Engine, peer: str, hashes: Iterable[str]) -> set[str]:
+    """Which of *hashes* (sha256 of raw) are already stored with *peer*: what a fetch source
+    stored before, and must not store again."""
+    wanted = sorted(set(hashes))
+    if not wanted:
+        return set()
+    table = InboundMessage.__table__
+    query = select(table.c.sha256).where(table.c.peer == peer, table.c.sha256.in_(wanted))
+    with read_session(engine) as session:
+        return set(session.scalars(query))
