@@ -41,6 +41,8 @@ ssl = required
 ssl_cert = <{root}/cert.pem
 ssl_key = <{root}/key.pem
 auth_mechanisms = plain
+# A wrong password is refused at once, not after Dovecot's 2 s (the tests try one).
+auth_failure_delay = 0
 default_internal_user = dovecot
 default_login_user = dovenull
 first_valid_uid = {uid}
@@ -165,8 +167,7 @@ class Dovecot:
         with self.client() as client:
             if not client.folder_exists(folder):
                 client.create_folder(folder)
-            for message in messages:
-                client.append(folder, message)
+            client.multiappend(folder, messages)  # one command (RFC 3502): 200 APPENDs took a second
 
     def folder_state(self, folder: str = "INBOX") -> tuple[int, int]:
         """(messages, seen ones) in *folder*, expunged ones not counted."""

@@ -200,7 +200,7 @@ def test_kill_9_of_intake_fetch_midway_then_a_rerun_stores_exactly_200(configure
     assert dovecot.folder_state()[1] < 200
     rerun = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
     assert rerun.returncode == 0, rerun.stderr
-    assert f"{200 - at_kill} stored" in rerun.stdout or count() == 200
+    assert f", {200 - at_kill} stored, " in rerun.stdout, rerun.stdout
     assert count() == 200
     assert dovecot.folder_state() == (200, 200)
 
@@ -217,7 +217,8 @@ def test_wrong_password_or_untrusted_certificate_fails_the_pass_and_stores_nothi
     untrusted = settings.fetch[0].model_copy(update={"ca_file": None})  # the system's CAs do not know it
     with pytest.raises(fetch.FetchError):
         fetch.fetch_once(settings, untrusted, engine)
-    assert _stored(engine) == [] and dovecot.folder_state() == (3, 0)
+    # (Not looked at on the server: Dovecot holds the next login from this address back 4 s.)
+    assert _stored(engine) == []
 
 
 def test_run_fetches_mail_as_it_arrives_until_stopped(configure, dovecot: Dovecot):
@@ -271,3 +272,14 @@ def test_source_names_are_unique_and_the_password_comes_from_the_credentials_dir
     assert source.password(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from systemd"
     with pytest.raises(FileNotFoundError, match="fetch-hosted"):
         source.password(tmp_path, {})
+
+
+def test_the_shipped_example_source_loads_and_names_every_key(tmp_path: Path, config_file: Path):
+    shipped = config_file.read_text()
+    block = shipped[shipped.index("# [[fetch]]"):]
+    block = block[:block.index("\n\n")]
+    example = "\n".join(line.removeprefix("# ").split("  #")[0].rstrip() for line in block.splitlines())
+    config_file.write_text(shipped + "\n" + example + "\n")
+    source = load_settings(config_file).fetch[0]
+    assert (source.name, source.tls, source.after, source.folder) == ("hosted", "imaps", "seen", "INBOX")
+    assert {line.split(" =")[0] for line in example.splitlines()[1:]} == set(type(source).model_fields)
