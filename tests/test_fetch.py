@@ -4,6 +4,7 @@ a dropped connection, a message deleted by another client, or a kill -9 of `inta
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -17,6 +18,8 @@ import pytest
 from sqlalchemy import select
 
 from conftest import free_port
+from test_observability import _get, scrape, value, wait_until
+from test_serve import serve, serve_env  # noqa: F401 - fixtures
 from dovecot_harness import Dovecot, DovecotUnavailable, start_dovecot
 from intake.config.settings import ConfigError, Settings, load_settings
 from intake.receive import fetch
@@ -221,25 +224,6 @@ def test_wrong_password_or_untrusted_certificate_fails_the_pass_and_stores_nothi
     assert _stored(engine) == []
 
 
-def test_run_fetches_mail_as_it_arrives_until_stopped(configure, dovecot: Dovecot):
-    settings = configure("seen")
-    engine = make_engine(settings.database_url)
-    stop = fetch.threading.Event()
-    state = fetch.SourceState("hosted")
-    thread = fetch.threading.Thread(target=fetch.run, args=(settings, settings.fetch[0], engine, stop, state))
-    thread.start()
-    try:
-        dovecot.append(_messages(3, "late"))  # after the first pass: IDLE (or the next poll) finds them
-        deadline = time.monotonic() + 10
-        while len(_stored(engine)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join(10)
-    assert not thread.is_alive()
-    assert len(_stored(engine)) == 3 and state.failures == 0 and state.last_success is not None
-
-
 @pytest.mark.parametrize("fragment, names", [
     ('tls = "plain"', ["fetch.0.tls"]),
     ('after = "archive"', ["fetch.0.after", "move:<folder>"]),
@@ -283,3 +267,30 @@ def test_the_shipped_example_source_loads_and_names_every_key(tmp_path: Path, co
     source = load_settings(config_file).fetch[0]
     assert (source.name, source.tls, source.after, source.folder) == ("hosted", "imaps", "seen", "INBOX")
     assert {line.split(" =")[0] for line in example.splitlines()[1:]} == set(type(source).model_fields)
+
+
+def test_serve_fetches_processes_and_reports_each_source(configure, dovecot: Dovecot, serve, serve_env,  # noqa: F811
+                                                         sqlite_url: str):
+    configure("seen")
+    dovecot.append(_messages(2, "early"))  # found by the first pass
+    port = free_port()
+    serve_env.update(INTAKE_METRICS__LISTEN=f"127.0.0.1:{port}")
+    server = serve()
+    server.start()
+    dovecot.append(_messages(3, "late"))  # found when IDLE (or the next poll) says new mail is there
+    database = sqlite_url.removeprefix("sqlite:///")
+
+    def processed() -> int:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT count(*) FROM inbound_message WHERE peer = 'imap:hosted' "
+                                      "AND status != 'pending' AND ticket_id IS NOT NULL").fetchone()[0]
+
+    wait_until(lambda: processed() == 5, "the fetched reports to become tickets", timeout=30)
+    status, ready = _get(port, "/readyz")
+    assert status == 200 and json.loads(ready)["checks"]["fetch:hosted"] == "ok", ready
+    samples = scrape(port)
+    assert value(samples, "intake_fetch_stored_total", source="hosted") == 5
+    assert value(samples, "intake_fetch_failures", source="hosted") == 0
+    assert value(samples, "intake_fetch_last_success_timestamp_seconds", source="hosted") > time.time() - 60
+    assert dovecot.folder_state() == (5, 5)
+    assert server.stop() == 0

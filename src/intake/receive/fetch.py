@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 
 from intake.config.fetch import FetchSource
 from intake.config.settings import Settings
+from intake.run import metrics
 from intake.store.inbound import Arrival, store, stored_from
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,13 @@ class SourceState:
     last_error: str | None = None
     failures: int = 0
     stored: int = 0
-    passes: list[PassResult] = field(default_factory=list, repr=False)
+
+    def check(self) -> str:
+        """"ok", or what /readyz says of a failing source."""
+        if not self.failures:
+            return "ok"
+        since = self.last_success.isoformat() if self.last_success else "never"
+        return f"failing ({self.failures} tries in a row; last success {since}): {self.last_error}"[:300]
 
 
 def connect(source: FetchSource, settings: Settings) -> IMAPClient:
@@ -91,11 +98,12 @@ def connect(source: FetchSource, settings: Settings) -> IMAPClient:
 
 
 def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch: int = BATCH,
-               client: IMAPClient | None = None,
+               client: IMAPClient | None = None, on_stored: Callable[[int], None] = lambda count: None,
                after_batch: Callable[[PassResult], None] | None = None) -> PassResult:
     """One pass over *source*: store what waits in its folder, then mark it on the server.
 
-    Uses *client* if given (left open), else a connection of its own. *after_batch* is called
+    Uses *client* if given (left open), else a connection of its own. *on_stored* is told how
+    many messages each commit stored (the service wakes its processor); *after_batch* is called
     after each batch is committed and marked (progress; tests drop the connection there)."""
     own = client is None
     client = client or connect(source, settings)
@@ -106,7 +114,7 @@ def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch
         uids = sorted(client.search(["UNSEEN"] if source.after == "seen" else ["NOT", "DELETED"]))
         result.found = len(uids)
         for chunk in _chunks(uids, batch):
-            _fetch_batch(settings, source, engine, client, uidvalidity, chunk, result)
+            _fetch_batch(settings, source, engine, client, uidvalidity, chunk, result, on_stored)
             if after_batch is not None:
                 after_batch(result)
     finally:
@@ -116,7 +124,7 @@ def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch
 
 
 def _fetch_batch(settings: Settings, source: FetchSource, engine: Engine, client: IMAPClient, uidvalidity: int,
-                 uids: list[int], result: PassResult) -> None:
+                 uids: list[int], result: PassResult, on_stored: Callable[[int], None]) -> None:
     """Fetch *uids*, commit the ones not stored before, then mark every one fetched."""
     bodies = _bodies(client, uids)
     result.vanished += len(uids) - len(bodies)
@@ -134,6 +142,8 @@ def _fetch_batch(settings: Settings, source: FetchSource, engine: Engine, client
     if arrivals:
         ids = store(engine, arrivals)
         result.stored += len(ids)
+        metrics.FETCH_STORED.labels(source.name).inc(len(ids))
+        on_stored(len(ids))
         log.info("event=fetched source=%s stored=%d first_id=%d", source.name, len(ids), ids[0])
     done = sorted(bodies)
     if done:
@@ -236,7 +246,7 @@ def backoff(failures: int, poll_interval: float) -> float:
 
 
 def run(settings: Settings, source: FetchSource, engine: Engine, stop: threading.Event,
-        state: SourceState | None = None) -> SourceState:
+        state: SourceState | None = None, on_stored: Callable[[int], None] = lambda count: None) -> SourceState:
     """Fetch from *source* until *stop* is set: a pass, then IDLE (or a poll interval's wait)
     until the server says something changed; after an error, a bounded back-off and a new
     connection. Meant for a thread of its own."""
@@ -246,14 +256,16 @@ def run(settings: Settings, source: FetchSource, engine: Engine, stop: threading
         try:
             if client is None:
                 client = connect(source, settings)
-            result = fetch_once(settings, source, engine, client=client)
+            result = fetch_once(settings, source, engine, client=client, on_stored=on_stored)
             state.stored += result.stored
             state.last_success, state.failures, state.last_error = datetime.now(timezone.utc), 0, None
+            metrics.fetch_pass(source.name, state.last_success, ok=True)
             _wait_for_news(client, source, stop)
         except FetchError as exc:
             state.failures += 1
             state.last_error = f"{type(exc).__name__}: {exc}"[:500]
             delay = backoff(state.failures, source.poll_interval)
+            metrics.fetch_pass(source.name, None, ok=False)
             log.warning("event=fetch-failed source=%s failures=%d retry_in=%.0f error=%r", source.name,
                         state.failures, delay, state.last_error)
             if client is not None:
@@ -263,6 +275,25 @@ def run(settings: Settings, source: FetchSource, engine: Engine, stop: threading
     if client is not None:
         _close(client)
     return state
+
+
+class Fetchers:
+    """The service's fetch threads, one per source; :meth:`stop` ends them all."""
+
+    def __init__(self, settings: Settings, engine: Engine, on_stored: Callable[[int], None]):
+        self._stop = threading.Event()
+        self.states = [SourceState(source.name) for source in settings.fetch]
+        self._threads = [
+            threading.Thread(target=run, args=(settings, source, engine, self._stop, state, on_stored),
+                             name=f"fetch-{source.name}", daemon=True)
+            for source, state in zip(settings.fetch, self.states)]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        for thread in self._threads:  # each notices within a second (IDLE is checked every second)
+            thread.join(timeout)
 
 
 def _wait_for_news(client: IMAPClient, source: FetchSource, stop: threading.Event) -> None:
