@@ -283,6 +283,9 @@ class Fetchers:
     def __init__(self, settings: Settings, engine: Engine, on_stored: Callable[[int], None]):
         self._stop = threading.Event()
         self.states = [SourceState(source.name) for source in settings.fetch]
+        for source in settings.fetch:  # every series there, at zero, from the start
+            for metric in (metrics.FETCH_STORED, metrics.FETCH_LAST_SUCCESS, metrics.FETCH_FAILURES):
+                metric.labels(source.name)
         self._threads = [
             threading.Thread(target=run, args=(settings, source, engine, self._stop, state, on_stored),
                              name=f"fetch-{source.name}", daemon=True)
