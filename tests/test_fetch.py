@@ -294,3 +294,13 @@ def test_serve_fetches_processes_and_reports_each_source(configure, dovecot: Dov
     assert value(samples, "intake_fetch_last_success_timestamp_seconds", source="hosted") > time.time() - 60
     assert dovecot.folder_state() == (5, 5)
     assert server.stop() == 0
+
+
+def test_the_back_off_doubles_within_bounds_and_a_failing_source_says_since_when_and_why():
+    waits = [fetch.backoff(failures, poll_interval=1) for failures in range(1, 15)]
+    assert waits[:4] == [5, 10, 20, 40] and max(waits) == fetch.MAX_BACKOFF == waits[-1]
+    assert fetch.backoff(1, poll_interval=120) == 120  # never sooner than the next poll would be
+    state = fetch.SourceState("hosted")
+    assert state.check() == "ok"
+    state.failures, state.last_error = 3, "LoginError: [AUTHENTICATIONFAILED]"
+    assert state.check() == "failing (3 tries in a row; last success never): LoginError: [AUTHENTICATIONFAILED]"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -44,8 +43,9 @@ _SEEN, _DELETED = b"\\Seen", b"\\Deleted"
 # Headers naming the address a fetched message was delivered to, most telling first.
 _RECIPIENT_HEADERS = ("Delivered-To", "X-Original-To", "To", "Cc")
 
-# What a dead or refusing server, a bad certificate or a dropped connection raise.
-FetchError = (IMAPClientError, OSError, ssl.SSLError, socket.timeout)
+# What a dead or refusing server, a bad certificate, a dropped connection or a timeout raise (the
+# TLS errors and timeouts are OSErrors), and a missing password file.
+FetchError = (IMAPClientError, OSError)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class SourceState:
     stored: int = 0
 
     def check(self) -> str:
-        """"ok", or what /readyz says of a failing source."""
+        """What /readyz says of the source: ok, or since when and why it fails."""
         if not self.failures:
             return "ok"
         since = self.last_success.isoformat() if self.last_success else "never"
