@@ -57,7 +57,7 @@ userdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    port = 0
+    port = {starttls_port}
   }}
   inet_listener imaps {{
     port = {port}
@@ -84,6 +84,7 @@ class Dovecot:
     root: Path
     port: int
     ca_file: Path
+    starttls_port: int = 0  # plain IMAP that must switch to TLS (STARTTLS) before logging in
     user: str = USER
     password: str = PASSWORD
 
@@ -185,8 +186,8 @@ def _kill(pid: int) -> None:
         pass
 
 
-def start_dovecot(port: int) -> Dovecot:
-    """Start a private instance on 127.0.0.1:*port*, in a new temporary folder (under /tmp, which
+def start_dovecot(port: int, starttls_port: int = 0) -> Dovecot:
+    """Start a private instance on 127.0.0.1:*port* (IMAPS; STARTTLS on *starttls_port* if given), in a new temporary folder (under /tmp, which
     the mail user can reach: pytest's folders are root's alone); `remove` it once stopped."""
     if not os.path.exists(DOVECOT):
         raise DovecotUnavailable(f"{DOVECOT} is missing (Debian: apt-get install dovecot-imapd)")
@@ -210,8 +211,9 @@ def start_dovecot(port: int) -> Dovecot:
     os.chmod(root / "key.pem", 0o600)
     authority.cert_pem.write_to_path(str(root / "ca.pem"))
     (root / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}::::::\n")
-    (root / "dovecot.conf").write_text(CONF.format(root=root, port=port, uid=mail.pw_uid, gid=mail.pw_gid))
-    dovecot = Dovecot(root, port, root / "ca.pem")
+    (root / "dovecot.conf").write_text(CONF.format(root=root, port=port, starttls_port=starttls_port,
+                                                     uid=mail.pw_uid, gid=mail.pw_gid))
+    dovecot = Dovecot(root, port, root / "ca.pem", starttls_port)
     try:
         dovecot.start()
     except (DovecotUnavailable, subprocess.TimeoutExpired) as exc:

@@ -40,7 +40,7 @@ def database_url(sqlite_url: str) -> str:
 @pytest.fixture
 def dovecot() -> Iterator[Dovecot]:
     try:
-        server = start_dovecot(free_port())
+        server = start_dovecot(free_port(), starttls_port=free_port())
     except DovecotUnavailable as exc:
         pytest.skip(f"fetch tests skipped: {exc}")
     try:
@@ -206,6 +206,15 @@ def test_kill_9_of_intake_fetch_midway_then_a_rerun_stores_exactly_200(configure
     assert f", {200 - at_kill} stored, " in rerun.stdout, rerun.stdout
     assert count() == 200
     assert dovecot.folder_state() == (200, 200)
+
+
+def test_starttls_source_fetches_too(configure, dovecot: Dovecot):
+    settings = configure("seen")
+    dovecot.append(_messages(4))
+    source = settings.fetch[0].model_copy(update={"tls": "starttls", "port": dovecot.starttls_port})
+    result = fetch.fetch_once(settings, source, make_engine(settings.database_url))
+    assert (result.found, result.stored, result.marked) == (4, 4, 4)
+    assert dovecot.folder_state() == (4, 4)
 
 
 def test_wrong_password_or_untrusted_certificate_fails_the_pass_and_stores_nothing(configure, dovecot: Dovecot,
