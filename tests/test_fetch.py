@@ -62,9 +62,9 @@ def configure(dovecot: Dovecot, config_file: Path, make_settings, tmp_path: Path
     password_file = tmp_path / "imap-password"
     password_file.write_text(dovecot.password + "\n")
 
-    def make(after: str = "seen") -> Settings:
+    def make(after: str = "seen", **env: str) -> Settings:
         config_file.write_text(config_file.read_text() + _source_toml(dovecot, password_file, after))
-        return make_settings()
+        return make_settings(**env)
 
     return make
 
@@ -215,6 +215,16 @@ def test_starttls_source_fetches_too(configure, dovecot: Dovecot):
     result = fetch.fetch_once(settings, source, make_engine(settings.database_url))
     assert (result.found, result.stored, result.marked) == (4, 4, 4)
     assert dovecot.folder_state() == (4, 4)
+
+
+def test_a_message_over_the_size_limit_is_left_on_the_server(configure, dovecot: Dovecot):
+    settings = configure("delete", INTAKE_SMTP__MAX_MESSAGE_SIZE="8192")
+    small, big = _messages(3), _messages(1, "big")[0] + b"x" * 8192
+    dovecot.append([*small, big])
+    result = fetch.fetch_once(settings, settings.fetch[0], make_engine(settings.database_url))
+    assert (result.found, result.stored, result.too_big) == (4, 3, 1)
+    assert sorted(m.raw for m in _stored(make_engine(settings.database_url))) == sorted(small)
+    assert dovecot.folder_state() == (1, 0)
 
 
 def test_wrong_password_or_untrusted_certificate_fails_the_pass_and_stores_nothing(configure, dovecot: Dovecot,

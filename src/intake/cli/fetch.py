@@ -59,7 +59,7 @@ def fetch_command(obj: Context, names: tuple[str, ...], once: bool) -> None:
             continue
         seconds = time.monotonic() - started
         echo(f"{source.name}: {result.found} waiting, {result.stored} stored, {result.duplicates} stored before, "
-             f"{result.marked} marked {source.after}, {result.vanished} gone meanwhile "
+             f"{result.marked} marked {source.after}, {result.vanished} gone meanwhile, {result.too_big} too big "
              f"({result.found / seconds if seconds else 0:.0f} messages/s)")
     if failed:
         fail(f"fetch failed for {', '.join(failed)} (stored mail stays stored; the next pass goes on)")

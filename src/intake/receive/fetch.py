@@ -57,6 +57,7 @@ class PassResult:
     duplicates: int = 0  # stored before (a pass that ended before marking them): marked now
     marked: int = 0  # marked seen, moved or deleted on the server
     vanished: int = 0  # gone before they could be fetched (deleted by someone else)
+    too_big: int = 0  # over smtp.max_message_size: left on the server
 
 
 @dataclass
@@ -113,6 +114,7 @@ def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch
         uidvalidity = int(selected.get(b"UIDVALIDITY", 0))
         uids = sorted(client.search(["UNSEEN"] if source.after == "seen" else ["NOT", "DELETED"]))
         result.found = len(uids)
+        uids = _within_size_limit(settings, source, client, uids, result)
         for chunk in _chunks(uids, batch):
             _fetch_batch(settings, source, engine, client, uidvalidity, chunk, result, on_stored)
             if after_batch is not None:
@@ -121,6 +123,22 @@ def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch
         if own:
             _close(client)
     return result
+
+
+def _within_size_limit(settings: Settings, source: FetchSource, client: IMAPClient, uids: list[int],
+                       result: PassResult) -> list[int]:
+    """*uids* but those larger than ``smtp.max_message_size``, which the listener would refuse
+    (552) too: they stay on the server, unmarked, and each pass warns about them."""
+    if not uids:
+        return uids
+    limit = settings.smtp.max_message_size
+    sizes = client.fetch(uids, [b"RFC822.SIZE"])
+    too_big = [uid for uid in uids if sizes.get(uid, {}).get(b"RFC822.SIZE", 0) > limit]
+    if too_big:
+        result.too_big = len(too_big)
+        log.warning("event=fetch-too-big source=%s messages=%d limit=%d uids=%s note=left-on-server", source.name,
+                    len(too_big), limit, ",".join(map(str, too_big[:20])))
+    return [uid for uid in uids if uid not in set(too_big)]
 
 
 def _fetch_batch(settings: Settings, source: FetchSource, engine: Engine, client: IMAPClient, uidvalidity: int,
