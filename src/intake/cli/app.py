@@ -57,6 +57,9 @@ COMMANDS = {
                            "and `intake promote`)."),
     "promote": Registered(_M + "messages:promote",
                           "Make a ticket of held message ID, as if it had come in as a new report."),
+    "fetch": Registered(_M + "fetch:fetch_command",
+                        "Store the mail waiting in the [[fetch]] IMAP mailboxes, then mark it seen, move or delete it "
+                        "there (as each source's `after` says)."),
     "reprocess": Registered(_M + "mail:reprocess", "Run failed (or ignored) stored messages through processing again."),
     "import": Registered(_M + "importing:import_command",
                          "Import an mbox file or Maildir folder as history: stored, processed, nothing sent."),

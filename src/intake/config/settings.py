@@ -22,12 +22,13 @@ import socket
 import ssl
 import tomllib
 from pathlib import Path
-from typing import Any, get_origin
+from typing import Annotated, Any, get_origin
 
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from intake import patterns
+from intake.config.fetch import FetchSource, check_sources
 from intake.config.sections import (
     AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
     OutboundSection, ProcessingSection, SchedulerSection, SenderAuthSection, ServiceSection, SmtpSection,
@@ -87,6 +88,8 @@ class Settings(BaseSettings):
     # Publishing: security.txt and advisory drafts.
     security_txt: SecurityTxtSection = SecurityTxtSection()
     advisory: AdvisorySection = AdvisorySection()
+    # Hosted IMAP mailboxes to fetch mail from ([[fetch]] tables; intake.config.fetch).
+    fetch: Annotated[list[FetchSource], AfterValidator(check_sources)] = Field(default_factory=list)
 
     # Where the file was read from; relative paths are resolved against its folder.
     config_path: Path | None = Field(default=None, exclude=True)

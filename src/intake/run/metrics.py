@@ -33,7 +33,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -67,7 +67,14 @@ OUTBOX_SENT = Counter("intake_outbox_sent", "Outbox delivery attempts by outcome
                       ["outcome"], registry=None)
 WORKER_RESTARTS = Counter("intake_worker_restarts", "Times the worker process died and was started again.",
                           registry=None)
-_EVENT_METRICS = (RECEIVED, PROCESSED, FAILED, PROCESSING, OUTBOX_SENT, WORKER_RESTARTS)
+FETCH_STORED = Counter("intake_fetch_stored", "Messages stored from each [[fetch]] source.", ["source"], registry=None)
+FETCH_LAST_SUCCESS = Gauge("intake_fetch_last_success_timestamp_seconds",
+                           "When each [[fetch]] source last finished a pass (Unix time; 0: not yet).", ["source"],
+                           registry=None)
+FETCH_FAILURES = Gauge("intake_fetch_failures", "Failed passes in a row of each [[fetch]] source (0: it works).",
+                       ["source"], registry=None)
+_EVENT_METRICS = (RECEIVED, PROCESSED, FAILED, PROCESSING, OUTBOX_SENT, WORKER_RESTARTS, FETCH_STORED,
+                  FETCH_LAST_SUCCESS, FETCH_FAILURES)
 
 for _result in RECEIVED_RESULTS:
     RECEIVED.labels(_result)
@@ -75,6 +82,15 @@ for _decision in DECISIONS:
     PROCESSED.labels(_decision)
 for _outcome in OUTBOX_OUTCOMES:
     OUTBOX_SENT.labels(_outcome)
+
+
+def fetch_pass(source: str, finished: datetime | None, ok: bool) -> None:
+    """A pass of fetch source *source* ended, *ok* (at *finished*) or not."""
+    if ok and finished is not None:
+        FETCH_LAST_SUCCESS.labels(source).set(finished.timestamp())
+        FETCH_FAILURES.labels(source).set(0)
+    else:
+        FETCH_FAILURES.labels(source).inc()
 
 
 def received(result: str) -> None:
@@ -214,6 +230,8 @@ class Health:
     listener_up: Callable[[], bool]
     worker_up: Callable[[], bool]
     outbox_stuck_after: float
+    # Each [[fetch]] source's name and check ("ok", or why not), as the fetch threads see it.
+    fetch_checks: Callable[[], dict[str, str]] = dict
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
 
     def live(self) -> tuple[bool, str]:
@@ -242,6 +260,7 @@ class Health:
             checks["listener"] = "not accepting connections"
         if not self.worker_up():
             checks["worker"] = "not running"
+        checks.update({f"fetch:{name}": check for name, check in self.fetch_checks().items()})
         return all(value == "ok" for value in checks.values()), checks
 
 

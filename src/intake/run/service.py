@@ -43,6 +43,7 @@ from sqlalchemy import Engine
 from intake.config import production
 from intake.config.sections import HostPort, LoggingSection
 from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
+from intake.receive import fetch
 from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport
@@ -222,7 +223,10 @@ async def _serve(settings: Settings) -> int:
     handler = listener.handler
     bound = listener.bound
     worker = _start_worker(context, settings, wake_processor, stop_worker)
-    metrics_server = _start_metrics(settings, engine, listener, lambda: worker.is_alive())
+    # [[fetch]] sources: a thread each, storing as the listener does and waking the processor.
+    fetchers = fetch.Fetchers(settings, engine, lambda count: wake_processor.set())
+    metrics_server = _start_metrics(settings, engine, listener, lambda: worker.is_alive(),
+                                    lambda: {state.name: state.check() for state in fetchers.states})
     stop, reload, woken = asyncio.Event(), asyncio.Event(), asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: (stop.set(), woken.set()))
@@ -256,6 +260,7 @@ async def _serve(settings: Settings) -> int:
     except asyncio.TimeoutError:
         log.warning("event=shutdown-grace-expired in_flight=%d", handler.in_flight)
     await listener.close_connections()
+    await asyncio.to_thread(fetchers.stop, grace)
     await asyncio.to_thread(committer.close)
     stop_worker.set()
     wake_processor.set()
@@ -273,7 +278,7 @@ async def _serve(settings: Settings) -> int:
 # Settings only a restart applies: the listening socket and its SMTP session options, the database,
 # the service's own. Everything else is reloaded on SIGHUP.
 _RESTART_ONLY = ("smtp.listen", "smtp.hostname", "smtp.max_message_size", "smtp.idle_timeout", "smtp.tls_certificate",
-                 "smtp.tls_key", "smtp.require_starttls", "database", "service", "logging", "metrics")
+                 "smtp.tls_key", "smtp.require_starttls", "database", "service", "logging", "metrics", "fetch")
 
 
 def _setting(settings: Settings, dotted: str) -> object:
@@ -312,15 +317,15 @@ async def _reload(settings: Settings, handler: IntakeHandler, worker, context, w
     return fresh, worker
 
 
-def _start_metrics(settings: Settings, engine: Engine, listener: Listener,
-                   worker_up: Callable[[], bool]) -> metrics.MetricsServer | None:
+def _start_metrics(settings: Settings, engine: Engine, listener: Listener, worker_up: Callable[[], bool],
+                   fetch_checks: Callable[[], dict[str, str]]) -> metrics.MetricsServer | None:
     """The /metrics, /livez and /readyz endpoint, unless disabled or its port cannot be had."""
     section = settings.metrics
     if not section.enabled:
         return None
     health = metrics.Health(asyncio.get_running_loop(), engine,
                             lambda: all(server.is_serving() for server in listener.servers), worker_up,
-                            section.outbox_stuck_after)
+                            section.outbox_stuck_after, fetch_checks)
     try:
         server = metrics.MetricsServer(section, metrics.build_registry(engine), health)
     except OSError as exc:

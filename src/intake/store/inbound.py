@@ -378,3 +378,15 @@ def _held(row: Any) -> HeldMessage:
     return HeldMessage(row.id, row.received_at, row.mail_from, display_value(fields.get("from", [""])[0]),
                        display_value(fields.get("subject", [""])[0]), row.size,
                        HELD_FAILED if failed else row.decision, (row.error if failed else row.reason) or "")
+
+
+def stored_from(engine: Engine, peer: str, hashes: Iterable[str]) -> set[str]:
+    """Which of *hashes* (sha256 of raw) are already stored with *peer*: what a fetch source
+    stored before, and must not store again."""
+    wanted = sorted(set(hashes))
+    if not wanted:
+        return set()
+    table = InboundMessage.__table__
+    query = select(table.c.sha256).where(table.c.peer == peer, table.c.sha256.in_(wanted))
+    with read_session(engine) as session:
+        return set(session.scalars(query))

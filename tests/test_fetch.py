@@ -1,0 +1,325 @@
+"""[[fetch]] sources against a real Dovecot (tests/dovecot_harness.py) on a loopback port: every
+message stored once, marked on the server only after the commit, nothing lost or doubled across
+a dropped connection, a message deleted by another client, or a kill -9 of `intake fetch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from conftest import free_port
+from test_observability import _get, scrape, value, wait_until
+from test_serve import serve, serve_env  # noqa: F401 - fixtures
+from dovecot_harness import Dovecot, DovecotUnavailable, start_dovecot
+from intake.config.settings import ConfigError, Settings, load_settings
+from intake.receive import fetch
+from intake.store import schema
+from intake.store.db import make_engine, read_session
+from intake.store.inbound import store
+from intake.store.models import InboundMessage
+
+INTAKE = Path(sys.executable).parent / "intake"
+
+
+@pytest.fixture
+def database_url(sqlite_url: str) -> str:
+    """What is fetched does not depend on the database: the store is the listener's, tested on both."""
+    return sqlite_url
+
+
+@pytest.fixture
+def dovecot() -> Iterator[Dovecot]:
+    try:
+        server = start_dovecot(free_port(), starttls_port=free_port())
+    except DovecotUnavailable as exc:
+        pytest.skip(f"fetch tests skipped: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.remove()
+
+
+def _source_toml(dovecot: Dovecot, password_file: Path, after: str = "seen", name: str = "hosted") -> str:
+    return (f'\n[[fetch]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {dovecot.port}\ntls = "imaps"\n'
+            f'ca_file = "{dovecot.ca_file}"\nuser = "{dovecot.user}"\npassword_file = "{password_file}"\n'
+            f'after = "{after}"\npoll_interval = 1\n')
+
+
+@pytest.fixture
+def configure(dovecot: Dovecot, config_file: Path, make_settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Settings with one [[fetch]] source on the test's Dovecot, its password in a file."""
+    password_file = tmp_path / "imap-password"
+    password_file.write_text(dovecot.password + "\n")
+
+    def make(after: str = "seen", **env: str) -> Settings:
+        config_file.write_text(config_file.read_text() + _source_toml(dovecot, password_file, after))
+        return make_settings(**env)
+
+    return make
+
+
+def _messages(count: int, tag: str = "m") -> list[bytes]:
+    # Distinct bytes each, a few KB: a report with some text, as mail from a web form looks.
+    body = b"Steps to reproduce: open the login form and paste the payload.\r\n" * 60
+    return [(b"Return-Path: <alice@researcher.test>\r\nDelivered-To: security@example.com\r\n"
+             b"From: Alice <alice@researcher.test>\r\nTo: Security <security@example.com>\r\n"
+             b"Subject: report %s-%d\r\nMessage-ID: <%s-%d@researcher.test>\r\n\r\n" % (tag.encode(), i, tag.encode(), i)
+             + body) for i in range(count)]
+
+
+def _stored(engine, peer: str = "imap:hosted") -> list[InboundMessage]:  # type: ignore[no-untyped-def]
+    with read_session(engine) as session:
+        return list(session.scalars(select(InboundMessage).where(InboundMessage.peer == peer)))
+
+
+@pytest.mark.parametrize("after", ["seen", "move:Archive", "delete"])
+def test_200_messages_are_stored_once_then_marked_and_a_second_pass_stores_nothing(configure, dovecot: Dovecot,
+                                                                                   after: str):
+    settings = configure(after)
+    engine = make_engine(settings.database_url)
+    sent = _messages(200)
+    dovecot.append(sent)
+    source = settings.fetch[0]
+    started = time.monotonic()
+    first = fetch.fetch_once(settings, source, engine)
+    rate = 200 / (time.monotonic() - started)
+    print(f"fetch rate ({after}): {rate:.0f} messages/s")
+    assert (first.found, first.stored, first.duplicates, first.marked) == (200, 200, 0, 200)
+    stored = _stored(engine)
+    assert sorted(message.raw for message in stored) == sorted(sent)  # the bytes as the server had them
+    assert {tuple(message.rcpt_tos) for message in stored} == {("security@example.com",)}
+    assert {message.mail_from for message in stored} == {"alice@researcher.test"}
+    assert all("with IMAP" in message.trace and "fetch source hosted" in message.trace for message in stored)
+    expected = {"seen": ((200, 200), None), "move:Archive": ((0, 0), (200, 0)), "delete": ((0, 0), None)}[after]
+    assert dovecot.folder_state("INBOX") == expected[0]
+    if expected[1] is not None:
+        assert dovecot.folder_state("Archive") == expected[1]
+    second = fetch.fetch_once(settings, source, engine)
+    assert (second.found, second.stored) == (0, 0)
+    assert len(_stored(engine)) == 200
+
+
+def test_a_pass_that_stored_but_did_not_mark_is_finished_by_the_next_without_doubles(configure, dovecot: Dovecot):
+    """A crash between the commit and the marking: the messages are on the server unmarked and in
+    the store; the next pass marks them and stores only what is new."""
+    settings = configure("seen")
+    engine = make_engine(settings.database_url)
+    sent = _messages(30)
+    dovecot.append(sent)
+    source = settings.fetch[0]
+    now = fetch.datetime.now(fetch.timezone.utc)
+    store(engine, [fetch.arrival(settings, source, raw, now, 1, n) for n, raw in enumerate(sent[:12])])
+    result = fetch.fetch_once(settings, source, engine, batch=7)
+    assert (result.found, result.stored, result.duplicates, result.marked) == (30, 18, 12, 30)
+    assert sorted(message.raw for message in _stored(engine)) == sorted(sent)
+    assert dovecot.folder_state() == (30, 30)
+
+
+def test_a_dropped_connection_loses_nothing_and_a_message_deleted_meanwhile_is_skipped(configure, dovecot: Dovecot):
+    settings = configure("seen")
+    engine = make_engine(settings.database_url)
+    sent = _messages(60)
+    dovecot.append(sent)
+    source = settings.fetch[0]
+    other = dovecot.client()
+    other.select_folder("INBOX")
+    uids = sorted(other.search("ALL"))
+
+    batches: list[int] = []
+
+    def meanwhile(progress: fetch.PassResult) -> None:
+        batches.append(progress.marked)
+        if len(batches) == 1:  # another mail program deletes a message this pass has not reached
+            other.delete_messages([uids[-1]])
+            other.expunge()
+        elif len(batches) == 3:  # then the server drops every connection
+            assert dovecot.kill_imap_sessions() >= 1
+
+    with pytest.raises(fetch.FetchError):
+        fetch.fetch_once(settings, source, engine, batch=10, after_batch=meanwhile)
+    assert batches == [10, 20, 30] and len(_stored(engine)) == 30
+    result = fetch.fetch_once(settings, source, engine, batch=10)
+    assert (result.found, result.stored, result.marked) == (29, 29, 29)
+    assert sorted(message.raw for message in _stored(engine)) == sorted(sent[:-1])
+    assert dovecot.folder_state() == (59, 59)
+
+
+def test_a_message_expunged_under_a_running_pass_is_skipped_not_fatal(configure, dovecot: Dovecot):
+    """Dovecot refuses a FETCH naming a message another session expunged (NO [EXPUNGEISSUED]): the
+    rest of that batch is still stored."""
+    settings = configure("delete")
+    engine = make_engine(settings.database_url)
+    sent = _messages(20)
+    dovecot.append(sent)
+    source = settings.fetch[0]
+    other = dovecot.client()
+    other.select_folder("INBOX")
+    uids = sorted(other.search("ALL"))
+
+    def meanwhile(progress: fetch.PassResult) -> None:
+        if progress.marked == 5:  # after the first batch only: the second marks 3
+            other.delete_messages(uids[7:9])  # both in the next batch
+            other.expunge()
+
+    result = fetch.fetch_once(settings, source, engine, batch=5, after_batch=meanwhile)
+    assert (result.found, result.stored, result.vanished) == (20, 18, 2)
+    assert sorted(message.raw for message in _stored(engine)) == sorted(sent[:7] + sent[9:])
+    assert dovecot.folder_state() == (0, 0)
+
+
+def test_kill_9_of_intake_fetch_midway_then_a_rerun_stores_exactly_200(configure, dovecot: Dovecot, config_file: Path,
+                                                                       sqlite_url: str):
+    settings = configure("seen")
+    schema.upgrade(make_engine(settings.database_url))
+    dovecot.append(_messages(200))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")} | {
+        "INTAKE_DATABASE__URL": sqlite_url}
+    database = sqlite_url.removeprefix("sqlite:///")
+    command = [str(INTAKE), "--config", str(config_file), "fetch", "--once"]
+
+    def count() -> int:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT count(*) FROM inbound_message WHERE peer = 'imap:hosted'").fetchone()[0]
+
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while count() == 0 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    at_kill = count()
+    assert 0 < at_kill < 200, f"the kill did not land midway ({at_kill} stored)"
+    assert dovecot.folder_state()[1] < 200
+    rerun = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f", {200 - at_kill} stored, " in rerun.stdout, rerun.stdout
+    assert count() == 200
+    assert dovecot.folder_state() == (200, 200)
+
+
+def test_starttls_source_fetches_too(configure, dovecot: Dovecot):
+    settings = configure("seen")
+    dovecot.append(_messages(4))
+    source = settings.fetch[0].model_copy(update={"tls": "starttls", "port": dovecot.starttls_port})
+    result = fetch.fetch_once(settings, source, make_engine(settings.database_url))
+    assert (result.found, result.stored, result.marked) == (4, 4, 4)
+    assert dovecot.folder_state() == (4, 4)
+
+
+def test_a_message_over_the_size_limit_is_left_on_the_server(configure, dovecot: Dovecot):
+    settings = configure("delete", INTAKE_SMTP__MAX_MESSAGE_SIZE="8192")
+    small, big = _messages(3), _messages(1, "big")[0] + b"x" * 8192
+    dovecot.append([*small, big])
+    result = fetch.fetch_once(settings, settings.fetch[0], make_engine(settings.database_url))
+    assert (result.found, result.stored, result.too_big) == (4, 3, 1)
+    assert sorted(m.raw for m in _stored(make_engine(settings.database_url))) == sorted(small)
+    assert dovecot.folder_state() == (1, 0)
+
+
+def test_wrong_password_or_untrusted_certificate_fails_the_pass_and_stores_nothing(configure, dovecot: Dovecot,
+                                                                                   tmp_path: Path):
+    settings = configure("seen")
+    dovecot.append(_messages(3))
+    engine = make_engine(settings.database_url)
+    (tmp_path / "imap-password").write_text("wrong\n")
+    with pytest.raises(fetch.FetchError):
+        fetch.fetch_once(settings, settings.fetch[0], engine)
+    (tmp_path / "imap-password").write_text(dovecot.password)
+    untrusted = settings.fetch[0].model_copy(update={"ca_file": None})  # the system's CAs do not know it
+    with pytest.raises(fetch.FetchError):
+        fetch.fetch_once(settings, untrusted, engine)
+    # (Not looked at on the server: Dovecot holds the next login from this address back 4 s.)
+    assert _stored(engine) == []
+
+
+@pytest.mark.parametrize("fragment, names", [
+    ('tls = "plain"', ["fetch.0.tls"]),
+    ('after = "archive"', ["fetch.0.after", "move:<folder>"]),
+    ('name = "Has Spaces"', ["fetch.0.name"]),
+    ('password = "hunter2"', ["fetch.0.password", "unknown key"]),
+])
+def test_bad_fetch_sources_are_refused_naming_the_key(tmp_path: Path, fragment: str, names: list[str],
+                                                      config_file: Path):
+    key = fragment.split(" ")[0]
+    lines = [line for line in _source_toml(Dovecot(tmp_path, 993, tmp_path / "ca.pem"), tmp_path / "pw").splitlines()
+             if not line.startswith(f"{key} ")]
+    config_file.write_text(config_file.read_text() + "\n".join(lines) + f"\n{fragment}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_file)
+    for name in names:
+        assert name in str(raised.value)
+
+
+def test_source_names_are_unique_and_the_password_comes_from_the_credentials_directory(tmp_path: Path,
+                                                                                       config_file: Path):
+    shipped = config_file.read_text()
+    one = _source_toml(Dovecot(tmp_path, 993, tmp_path / "ca.pem"), tmp_path / "pw").replace(
+        f'password_file = "{tmp_path / "pw"}"\n', "")
+    config_file.write_text(shipped + one + one)
+    with pytest.raises(ConfigError, match="unique"):
+        load_settings(config_file)
+    config_file.write_text(shipped + one)
+    source = load_settings(config_file).fetch[0]
+    (tmp_path / "fetch-hosted").write_text("from systemd\n")
+    assert source.password(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from systemd"
+    with pytest.raises(FileNotFoundError, match="fetch-hosted"):
+        source.password(tmp_path, {})
+
+
+def test_the_shipped_example_source_loads_and_names_every_key(tmp_path: Path, config_file: Path):
+    shipped = config_file.read_text()
+    block = shipped[shipped.index("# [[fetch]]"):]
+    block = block[:block.index("\n\n")]
+    example = "\n".join(line.removeprefix("# ").split("  #")[0].rstrip() for line in block.splitlines())
+    config_file.write_text(shipped + "\n" + example + "\n")
+    source = load_settings(config_file).fetch[0]
+    assert (source.name, source.tls, source.after, source.folder) == ("hosted", "imaps", "seen", "INBOX")
+    assert {line.split(" =")[0] for line in example.splitlines()[1:]} == set(type(source).model_fields)
+
+
+def test_serve_fetches_processes_and_reports_each_source(configure, dovecot: Dovecot, serve, serve_env,  # noqa: F811
+                                                         sqlite_url: str):
+    configure("seen")
+    dovecot.append(_messages(2, "early"))  # found by the first pass
+    port = free_port()
+    serve_env.update(INTAKE_METRICS__LISTEN=f"127.0.0.1:{port}")
+    server = serve()
+    server.start()
+    dovecot.append(_messages(3, "late"))  # found when IDLE (or the next poll) says new mail is there
+    database = sqlite_url.removeprefix("sqlite:///")
+
+    def processed() -> int:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT count(*) FROM inbound_message WHERE peer = 'imap:hosted' "
+                                      "AND status != 'pending' AND ticket_id IS NOT NULL").fetchone()[0]
+
+    wait_until(lambda: processed() == 5, "the fetched reports to become tickets", timeout=30)
+    status, ready = _get(port, "/readyz")
+    assert status == 200 and json.loads(ready)["checks"]["fetch:hosted"] == "ok", ready
+    samples = scrape(port)
+    assert value(samples, "intake_fetch_stored_total", source="hosted") == 5
+    assert value(samples, "intake_fetch_failures", source="hosted") == 0
+    assert value(samples, "intake_fetch_last_success_timestamp_seconds", source="hosted") > time.time() - 60
+    assert dovecot.folder_state() == (5, 5)
+    assert server.stop() == 0
+
+
+def test_the_back_off_doubles_within_bounds_and_a_failing_source_says_since_when_and_why():
+    waits = [fetch.backoff(failures, poll_interval=1) for failures in range(1, 15)]
+    assert waits[:4] == [5, 10, 20, 40] and max(waits) == fetch.MAX_BACKOFF == waits[-1]
+    assert fetch.backoff(1, poll_interval=120) == 120  # never sooner than the next poll would be
+    state = fetch.SourceState("hosted")
+    assert state.check() == "ok"
+    state.failures, state.last_error = 3, "LoginError: [AUTHENTICATIONFAILED]"
+    assert state.check() == "failing (3 tries in a row; last success never): LoginError: [AUTHENTICATIONFAILED]"
