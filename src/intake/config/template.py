@@ -13,13 +13,13 @@ import ipaddress
 import json
 import os
 import re  # config text and operator input only
-import tempfile
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from intake.config.production import is_placeholder_domain
+from intake.store.private_files import give_group, write_new_file
 
 # RFC 2606 / RFC 6761 names that can never be a real organisation's.
 PLACEHOLDER_HINT = "example.com/.org/.net, *.example, *.test, *.invalid and *.localhost are placeholders"
@@ -170,35 +170,13 @@ def config_group() -> int | None:
 
 
 def write_config(path: Path, text: str, *, replace: bool, group: int | None) -> bool:
-    """Write *text* to *path*, mode 0640, all at once: a new file beside it, fsync'd, then renamed
-    over *path* when *replace*, else linked (:class:`FileExistsError` if *path* exists). The file
-    (and its folder, made 0750 if missing) is given *group* where the writer may do that (root, or a
+    """Write *text* to *path*, mode 0640, all at once (:func:`write_new_file`): renamed over
+    *path* when *replace*, else linked (:class:`FileExistsError` if *path* exists). The file (and
+    its folder, made 0750 if missing) is given *group* where the writer may do that (root, or a
     member of it); returns whether it was."""
     if not path.parent.is_dir():
         path.parent.mkdir(mode=0o750, parents=True)
         os.chmod(path.parent, 0o750)
         if group is not None:
-            _give_group(path.parent, group)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), CONFIG_MODE)
-            grouped = group is not None and _give_group(handle.fileno(), group)
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if replace:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    return grouped
-
-
-def _give_group(target: Path | int, group: int) -> bool:
-    try:
-        os.chown(target, -1, group)
-    except PermissionError:  # not root, and not a member of the group: the file keeps the writer's
-        return False
-    return True
+            give_group(path.parent, group)
+    return write_new_file(path, text.encode(), replace=replace, mode=CONFIG_MODE, group=group)

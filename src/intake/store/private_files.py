@@ -68,17 +68,21 @@ def _take_folder_group(fd: int, path: Path) -> None:
     allowed to its owner when a member of that group; otherwise it keeps the owner's group."""
     group = os.stat(path.parent).st_gid
     if os.fstat(fd).st_gid != group:
-        try:
-            os.fchown(fd, -1, group)
-        except PermissionError:
-            pass
+        give_group(fd, group)
 
 
 def write_private(path: Path, data: bytes, *, replace: bool, staging: Path | None = None) -> None:
-    """Write *data* to *path*, 0600, never through a symbolic link.
+    """Write *data* to *path*, 0600, never through a symbolic link (see :func:`write_new_file`)."""
+    write_new_file(path, data, replace=replace, staging=staging)
+
+
+def write_new_file(path: Path, data: bytes, *, replace: bool, mode: int = FILE_MODE, group: int | None = None,
+                   staging: Path | None = None) -> bool:
+    """Write *data* to *path* with *mode*, never through a symbolic link; returns whether the file
+    was given *group* (possible for root, or a member of it; otherwise it keeps the writer's).
 
     The bytes go to a new file beside *path* (or in *staging*, a folder on the same file system:
-    a Maildir's tmp/), then take its name: renamed over an existing file
+    a Maildir's tmp/), fsync'd, then take its name: renamed over an existing file
     when *replace* (the old file's mode and links are not kept), else linked, which fails with
     :class:`FileExistsError` if *path* exists. A symbolic link at *path* is refused
     (:class:`SymlinkRefused`), even when *replace*; one put there meanwhile is replaced, not
@@ -86,9 +90,11 @@ def write_private(path: Path, data: bytes, *, replace: bool, staging: Path | Non
     if path.is_symlink():
         raise SymlinkRefused(f"{path} is a symbolic link (not followed, not replaced)")
     fd, temporary = tempfile.mkstemp(dir=staging or path.parent, prefix=f".{path.name}.", suffix=".partial")
+    grouped = False
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)
+            os.fchmod(handle.fileno(), mode)
+            grouped = group is not None and give_group(handle.fileno(), group)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -98,6 +104,17 @@ def write_private(path: Path, data: bytes, *, replace: bool, staging: Path | Non
             os.link(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
+    return grouped
+
+
+def give_group(target: Path | int, group: int) -> bool:
+    """Give the file or folder *target* (a path or an open descriptor) *group*; False when the
+    writer may not (neither root nor a member of it)."""
+    try:
+        os.chown(target, -1, group)
+    except PermissionError:
+        return False
+    return True
 
 
 def exposed(paths: Iterable[Path]) -> list[str]:
