@@ -48,17 +48,12 @@ class ConnectionLimits:
     def admit(self, ip: str) -> str | None:
         """Count a new connection from *ip*: None, or (not counted) the limit it is over:
         ``"total"``, ``"address"`` or ``"network"``."""
-        address, network = client_keys(ip, *self._prefixes)
         if self.total >= self._most:
             return "total"
-        if self._open[address] >= self._most_per_ip:
-            return "address"
-        if self._open_networks[network] >= self._most_per_network:
-            return "network"
-        self._open[address] += 1
-        self._open_networks[network] += 1
-        self.total += 1
-        return None
+        over = self.count_under(ip)
+        if over is None:
+            self.total += 1
+        return over
 
     def release(self, ip: str) -> None:
         self.total -= 1

@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -286,11 +286,9 @@ def get(engine: Engine, message_id: int) -> InboundMessage | None:
 
 def known_hashes(engine: Engine, hashes: Iterable[str]) -> set[str]:
     """Which of the sha256 *hashes* a stored message already has."""
-    wanted = sorted(set(hashes))
     found: set[str] = set()
     with read_session(engine) as session:
-        for start in range(0, len(wanted), _LOOKUP_CHUNK):
-            chunk = wanted[start:start + _LOOKUP_CHUNK]
+        for chunk in _chunks(sorted(set(hashes))):
             found.update(session.scalars(select(InboundMessage.sha256).where(InboundMessage.sha256.in_(chunk))))
     return found
 
@@ -298,11 +296,9 @@ def known_hashes(engine: Engine, hashes: Iterable[str]) -> set[str]:
 def known_message_ids(engine: Engine, message_ids: Iterable[str]) -> set[str]:
     """Which of *message_ids* a ticket's thread already holds (its message key is the Message-ID),
     or an imported message was stored under."""
-    wanted = sorted(set(message_ids))
     found: set[str] = set()
     with read_session(engine) as session:
-        for start in range(0, len(wanted), _LOOKUP_CHUNK):
-            chunk = wanted[start:start + _LOOKUP_CHUNK]
+        for chunk in _chunks(sorted(set(message_ids))):
             found.update(session.scalars(select(ThreadEntry.message_key).where(ThreadEntry.message_key.in_(chunk))))
             found.update(session.scalars(select(InboundMessage.message_id)
                                          .where(InboundMessage.message_id.in_(chunk))))
@@ -314,8 +310,7 @@ def outcomes(engine: Engine, ids: list[int]) -> list[tuple[str, str | None]]:
     table = InboundMessage.__table__
     rows: list[tuple[str, str | None]] = []
     with read_session(engine) as session:
-        for start in range(0, len(ids), _LOOKUP_CHUNK):
-            chunk = ids[start:start + _LOOKUP_CHUNK]
+        for chunk in _chunks(ids):
             rows += [(row.status, row.decision) for row in
                      session.execute(select(table.c.status, table.c.decision).where(table.c.id.in_(chunk)))]
     return rows
@@ -323,6 +318,12 @@ def outcomes(engine: Engine, ids: list[int]) -> list[tuple[str, str | None]]:
 
 # Values per IN (...) lookup: well under SQLite's and PostgreSQL's bound-parameter limits.
 _LOOKUP_CHUNK = 500
+
+
+def _chunks(values: list[Any]) -> Iterator[list[Any]]:
+    """*values* in slices of :data:`_LOOKUP_CHUNK`, one IN (...) lookup each."""
+    for start in range(0, len(values), _LOOKUP_CHUNK):
+        yield values[start:start + _LOOKUP_CHUNK]
 
 
 @dataclass(frozen=True)
