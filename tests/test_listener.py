@@ -762,6 +762,28 @@ def test_starttls_is_offered_with_a_certificate_and_mail_is_accepted_over_it(mak
     assert b"marker tls" in row["raw"]
 
 
+def test_tls_min_version_1_3_refuses_a_tls_1_2_client_and_takes_a_tls_1_3_one(make_settings, start_intake_listener,
+                                                                                tls_files):
+    """A policy that promises TLS 1.3 (EmailConnect's) is kept at the handshake: a client that
+    cannot speak it gets no session, so it never sends the report over something older."""
+    ca, chain, key = tls_files
+    running = start_intake_listener(make_settings(INTAKE_SMTP__TLS_CERTIFICATE=str(chain),
+                                                  INTAKE_SMTP__TLS_KEY=str(key),
+                                                  INTAKE_SMTP__REQUIRE_STARTTLS="true",
+                                                  INTAKE_SMTP__TLS_MIN_VERSION="1.3"))
+    old_client = _client_context(ca)
+    old_client.maximum_version = ssl.TLSVersion.TLSv1_2
+    with smtplib.SMTP("127.0.0.1", running.port, timeout=10) as client:
+        with pytest.raises(ssl.SSLError):
+            client.starttls(context=old_client)
+    with smtplib.SMTP("127.0.0.1", running.port, timeout=10) as client:
+        client.starttls(context=_client_context(ca))
+        assert client.sock.version() == "TLSv1.3"
+        assert client.sendmail("alice@researcher.test", ["security@example.com"], message_bytes("tls13")) == {}
+    [row] = stored_rows(running.engine)
+    assert b"marker tls13" in row["raw"]
+
+
 def test_no_starttls_without_a_certificate(make_settings, start_intake_listener):
     running = start_intake_listener(make_settings())
     with smtplib.SMTP("127.0.0.1", running.port, timeout=10) as client:

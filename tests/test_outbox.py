@@ -168,7 +168,19 @@ def tls_ca() -> trustme.CA:
 @pytest.fixture
 def tls_sink(tls_ca: trustme.CA):  # type: ignore[no-untyped-def]
     """A relay offering STARTTLS with a certificate for 127.0.0.1 issued by `tls_ca`."""
+    yield from _tls_sink(tls_ca, None)
+
+
+@pytest.fixture
+def tls_1_2_sink(tls_ca: trustme.CA):  # type: ignore[no-untyped-def]
+    """The same relay, speaking TLS 1.2 at most (an older MTA)."""
+    yield from _tls_sink(tls_ca, ssl.TLSVersion.TLSv1_2)
+
+
+def _tls_sink(tls_ca: trustme.CA, maximum_version: ssl.TLSVersion | None):  # type: ignore[no-untyped-def]
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if maximum_version is not None:
+        context.maximum_version = maximum_version
     tls_ca.issue_cert("127.0.0.1").configure_cert(context)
     handler = TlsSinkHandler()
     port = free_port()
@@ -404,6 +416,27 @@ def test_opportunistic_tls_does_not_block_delivery_to_a_relay_with_a_private_cer
     [(data, over_tls)] = handler.messages
     assert over_tls
     assert data == outgoing(1).raw
+
+
+@pytest.mark.parametrize("required", [True, False], ids=["required-starttls", "opportunistic"])
+def test_tls_min_version_1_3_sends_nothing_to_a_tls_1_2_relay_and_everything_to_a_tls_1_3_one(
+        make_settings, tls_1_2_sink, tls_sink, tls_ca, tmp_path, required):
+    tls_ca.cert_pem.write_to_path(str(tmp_path / "relay-ca.pem"))
+    for (handler, port), expected in ((tls_1_2_sink, {"retry": 1}), (tls_sink, {"sent": 1})):
+        settings = make_settings(**relay_env(port, INTAKE_OUTBOUND__STARTTLS=str(required).lower(),
+                                             INTAKE_OUTBOUND__CA_FILE=str(tmp_path / "relay-ca.pem"),
+                                             INTAKE_OUTBOUND__TLS_MIN_VERSION="1.3",
+                                             INTAKE_DATABASE__URL=f"sqlite:///{tmp_path}/{port}.db"))
+        engine = engine_for(settings)
+        enqueue(engine, outgoing(1))
+        assert send_due(settings, engine, T0) == expected
+        if expected == {"retry": 1}:
+            assert handler.messages == []  # not in clear instead, opportunistic or not
+            [row] = rows(engine)
+            assert row.status == "pending" and row.last_error
+        else:
+            [(data, over_tls)] = handler.messages
+            assert over_tls and data == outgoing(1).raw
 
 
 def test_starttls_to_a_relay_of_a_private_ca_named_by_ca_file(make_settings, tls_sink, tls_ca, tmp_path):

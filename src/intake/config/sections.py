@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re  # config text only; senders' text goes through intake.patterns (RE2)
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -57,6 +58,13 @@ def _check_host_port(value: str) -> str:
 
 
 HostPortText = Annotated[str, AfterValidator(_check_host_port)]
+# The oldest TLS version a connection may use (see :func:`minimum_tls_version`).
+TlsVersion = Literal["1.2", "1.3"]
+
+
+def minimum_tls_version(version: TlsVersion) -> ssl.TLSVersion:
+    """The :mod:`ssl` value of a configured ``tls_min_version``."""
+    return ssl.TLSVersion.TLSv1_3 if version == "1.3" else ssl.TLSVersion.TLSv1_2
 
 
 def _check_mailbox(value: str) -> str:
@@ -136,6 +144,8 @@ class SmtpSection(Section):
     tls_key: Path | None = None
     # Refuse MAIL before STARTTLS (only with a certificate).
     require_starttls: bool = False
+    # Oldest TLS version a client may STARTTLS with: "1.2" or "1.3" (a policy promising TLS 1.3).
+    tls_min_version: TlsVersion = "1.2"
     # MTAs in front of intake (addresses or networks, e.g. "127.0.0.1", "10.0.0.0/24"): from them
     # intake takes Postfix's XFORWARD (the original client), counts connection limits against that
     # client, and starts SLA clocks when the relay accepted the message (its Received: header).
@@ -208,6 +218,9 @@ class OutboundSection(Section):
     relay: HostPortText = "127.0.0.1:25"
     # Require STARTTLS with the relay (fail rather than send in clear).
     starttls: bool = False
+    # Oldest TLS version spoken with the relay: "1.2" or "1.3". A relay that offers only older
+    # ones gets nothing (the mail waits and is retried), never mail in clear instead.
+    tls_min_version: TlsVersion = "1.2"
     # Relay login; its password comes from the 'relay-password' credential. Needs starttls = true.
     username: str | None = None
     # PEM file of the CA(s) that issued the relay's certificate, trusted instead of the system's

@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 
 from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
+from intake.config.sections import minimum_tls_version
 from intake.config.settings import Settings, base_address
 from intake.receive import xforward
 from intake.receive.trace import Hop, trace_fields
@@ -415,7 +416,7 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     if smtp.tls_certificate is None or smtp.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = minimum_tls_version(smtp.tls_min_version)
     context.load_cert_chain(settings.resolve_path(smtp.tls_certificate), settings.resolve_path(smtp.tls_key))
     return context
 

@@ -47,7 +47,7 @@ from sqlalchemy import Connection, Engine, bindparam, func, insert, or_, select,
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlmodel import Session
 
-from intake.config.sections import OutboundSection
+from intake.config.sections import OutboundSection, minimum_tls_version
 from intake.config.settings import Settings, read_secret
 from intake.send.composer import OutgoingMail
 from intake.store.db import insert_new, read_session, write_connection, write_session
@@ -198,6 +198,7 @@ class SmtpTransport(Transport):
         self._hostname = hostname
         self._ca_file = ca_file
         self._tls = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._tls.minimum_version = minimum_tls_version(outbound.tls_min_version)
         if not outbound.starttls:
             self._tls.check_hostname = False
             self._tls.verify_mode = ssl.CERT_NONE
