@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from sqlalchemy import select
 from conftest import free_port
 from test_observability import _get, scrape, value, wait_until
 from test_serve import serve, serve_env  # noqa: F401 - fixtures
-from dovecot_harness import Dovecot, DovecotUnavailable, start_dovecot
+from dovecot_harness import Dovecot, DovecotUnavailable, TokenInfo, start_dovecot
 from intake.config.settings import ConfigError, Settings, load_settings
 from intake.receive import fetch
 from intake.store import schema
@@ -50,9 +52,12 @@ def dovecot() -> Iterator[Dovecot]:
         server.remove()
 
 
-def _source_toml(dovecot: Dovecot, password_file: Path, after: str = "seen", name: str = "hosted") -> str:
+def _source_toml(dovecot: Dovecot, credential_file: Path, after: str = "seen", name: str = "hosted",
+                 auth: str = "password") -> str:
+    credential = (f'password_file = "{credential_file}"\n' if auth == "password" else
+                  f'auth = "oauth2"\ntoken_file = "{credential_file}"\n')
     return (f'\n[[fetch]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {dovecot.port}\ntls = "imaps"\n'
-            f'ca_file = "{dovecot.ca_file}"\nuser = "{dovecot.user}"\npassword_file = "{password_file}"\n'
+            f'ca_file = "{dovecot.ca_file}"\nuser = "{dovecot.user}"\n{credential}'
             f'after = "{after}"\npoll_interval = 1\n')
 
 
@@ -271,21 +276,32 @@ def test_source_names_are_unique_and_the_password_comes_from_the_credentials_dir
         load_settings(config_file)
     config_file.write_text(shipped + one)
     source = load_settings(config_file).fetch[0]
-    (tmp_path / "fetch-hosted").write_text("from systemd\n")
-    assert source.password(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from systemd"
-    with pytest.raises(FileNotFoundError, match="fetch-hosted"):
-        source.password(tmp_path, {})
+    (tmp_path / "fetch-hosted").write_text(" from systemd \n")  # a password keeps its spaces
+    assert source.credential(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == " from systemd "
+    with pytest.raises(FileNotFoundError, match="password_file.*fetch-hosted"):
+        source.credential(tmp_path, {})
+    oauth2 = source.model_copy(update={"auth": "oauth2"})
+    assert oauth2.credential(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from systemd"
+    with pytest.raises(FileNotFoundError, match="token_file.*fetch-hosted"):
+        oauth2.credential(tmp_path, {})
 
 
-def test_the_shipped_example_source_loads_and_names_every_key(tmp_path: Path, config_file: Path):
+def test_the_shipped_example_sources_load_and_name_every_key(tmp_path: Path, config_file: Path):
+    """The commented [[fetch]] examples (a password source, an OAuth2 one) load as they are, and
+    between them name every key a source has."""
     shipped = config_file.read_text()
     block = shipped[shipped.index("# [[fetch]]"):]
     block = block[:block.index("\n\n")]
-    example = "\n".join(line.removeprefix("# ").split("  #")[0].rstrip() for line in block.splitlines())
+    lines = [line.removeprefix("# ").split("  #")[0].rstrip() for line in block.splitlines()]
+    example = "\n".join(line for line in lines if line == "[[fetch]]" or re.fullmatch(r"\w+ = .+", line))
+    (config_file.parent / "imap-token").write_text("ya29.example\n")  # the OAuth2 example's token_file
     config_file.write_text(shipped + "\n" + example + "\n")
-    source = load_settings(config_file).fetch[0]
-    assert (source.name, source.tls, source.after, source.folder) == ("hosted", "imaps", "seen", "INBOX")
-    assert {line.split(" =")[0] for line in example.splitlines()[1:]} == set(type(source).model_fields)
+    password, oauth2 = load_settings(config_file).fetch
+    assert (password.name, password.tls, password.after, password.folder, password.auth) == (
+        "hosted", "imaps", "seen", "INBOX", "password")
+    assert (oauth2.auth, oauth2.oauth2_mechanism, oauth2.port) == ("oauth2", "XOAUTH2", 993)
+    assert oauth2.credential(config_file.parent) == "ya29.example"
+    assert {line.split(" =")[0] for line in example.splitlines() if " = " in line} == set(type(password).model_fields)
 
 
 def test_serve_fetches_processes_and_reports_each_source(configure, dovecot: Dovecot, serve, serve_env,  # noqa: F811
@@ -313,6 +329,134 @@ def test_serve_fetches_processes_and_reports_each_source(configure, dovecot: Dov
     assert value(samples, "intake_fetch_last_success_timestamp_seconds", source="hosted") > time.time() - 60
     assert dovecot.folder_state() == (5, 5)
     assert server.stop() == 0
+
+
+GOOD_TOKEN, EXPIRED_TOKEN = "ya29.good-for-an-hour", "ya29.expired"
+
+
+@pytest.fixture
+def tokeninfo() -> Iterator[TokenInfo]:
+    """The identity service the OAuth2 Dovecot asks about each token: GOOD_TOKEN is valid."""
+    endpoint = TokenInfo()
+    endpoint.valid.add(GOOD_TOKEN)
+    try:
+        yield endpoint
+    finally:
+        endpoint.close()
+
+
+@pytest.fixture
+def oauth2_dovecot(tokeninfo: TokenInfo) -> Iterator[Dovecot]:
+    try:
+        server = start_dovecot(free_port(), tokeninfo=tokeninfo)
+    except DovecotUnavailable as exc:
+        pytest.skip(f"fetch tests skipped: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.remove()
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "imap-token"
+    path.write_text(GOOD_TOKEN + "\n")
+    return path
+
+
+@pytest.fixture
+def configure_oauth2(oauth2_dovecot: Dovecot, token_file: Path, config_file: Path, make_settings):  # type: ignore[no-untyped-def]
+    """Settings with one OAuth2 [[fetch]] source on the OAuth2 Dovecot, its token in *token_file*."""
+
+    def make(mechanism: str = "XOAUTH2") -> Settings:
+        config_file.write_text(config_file.read_text() + _source_toml(oauth2_dovecot, token_file, auth="oauth2")
+                               + f'oauth2_mechanism = "{mechanism}"\n')
+        return make_settings()
+
+    return make
+
+
+@pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
+def test_an_oauth2_source_fetches_with_the_token_from_its_file(configure_oauth2, oauth2_dovecot: Dovecot,
+                                                              tokeninfo: TokenInfo, mechanism: str):
+    settings = configure_oauth2(mechanism)
+    sent = _messages(3)
+    oauth2_dovecot.append(sent)  # (the harness's own client logs in with the password)
+    engine = make_engine(settings.database_url)
+    result = fetch.fetch_once(settings, settings.fetch[0], engine)
+    assert (result.found, result.stored, result.marked) == (3, 3, 3)
+    assert sorted(message.raw for message in _stored(engine)) == sorted(sent)
+    assert tokeninfo.asked == [GOOD_TOKEN]  # the server checked the token intake sent
+    assert oauth2_dovecot.folder_state() == (3, 3)
+
+
+def test_a_rejected_token_stores_nothing_says_so_and_a_rewritten_token_file_is_used_without_restart(
+        configure_oauth2, oauth2_dovecot: Dovecot, tokeninfo: TokenInfo, token_file: Path, caplog):
+    """The refresher stopped: the file holds an expired token. The source fails with back-off,
+    naming itself and the likely cause; once the file is rewritten the running loop's next try
+    logs in with the new token (no restart) and fetches what waited."""
+    settings = configure_oauth2()
+    oauth2_dovecot.append(_messages(3))
+    engine = make_engine(settings.database_url)
+    token_file.write_text(EXPIRED_TOKEN + "\n")
+    stop, state = threading.Event(), fetch.SourceState("hosted")
+    loop = threading.Thread(target=fetch.run, args=(settings, settings.fetch[0], engine, stop, state))
+    loop.start()
+    try:
+        wait_until(lambda: state.failures == 1, "the first login to be refused", timeout=15)
+        # At once: the loop tries again after its back-off (5 s), which this must come before.
+        token_file.write_text(GOOD_TOKEN)  # the refresher runs again (no newline: either is read)
+        assert _stored(engine) == []
+        report = state.check()
+        assert report.startswith("failing (1 tries in a row; last success never): TokenRejected: fetch source "
+                                 "hosted: token rejected (XOAUTH2: ") and "is the refresher running?" in report
+        assert "Its token file was last written 20" in report
+        assert any("event=fetch-failed source=hosted" in line and "token rejected" in line
+                   for line in caplog.messages)
+        wait_until(lambda: state.stored == 3, "the next try (after back-off) to fetch with the new token",
+                   timeout=30)
+        assert state.check() == "ok" and state.failures == 0
+    finally:
+        stop.set()
+        loop.join(10)
+    assert not loop.is_alive()
+    assert tokeninfo.asked == [EXPIRED_TOKEN, GOOD_TOKEN]
+    assert len(_stored(engine)) == 3 and oauth2_dovecot.folder_state() == (3, 3)
+
+
+def test_a_token_rotated_between_passes_is_read_again_at_the_next_login(configure_oauth2, oauth2_dovecot: Dovecot,
+                                                                       tokeninfo: TokenInfo, token_file: Path):
+    settings = configure_oauth2()
+    engine = make_engine(settings.database_url)
+    oauth2_dovecot.append(_messages(2, "first"))
+    assert fetch.fetch_once(settings, settings.fetch[0], engine).stored == 2
+    tokeninfo.valid = {"ya29.next-hour"}  # the provider let the first token expire ...
+    token_file.write_text("ya29.next-hour\n")  # ... and the refresher wrote the next one
+    oauth2_dovecot.append(_messages(2, "second"))
+    assert fetch.fetch_once(settings, settings.fetch[0], engine).stored == 2
+    assert tokeninfo.asked == [GOOD_TOKEN, "ya29.next-hour"]
+    assert len(_stored(engine)) == 4
+
+
+@pytest.mark.parametrize("lines, names", [
+    ('auth = "kerberos"\n', ["fetch.0.auth", "'password' or 'oauth2'"]),
+    ('auth = "oauth2"\ntoken_file = "no-such-token"\n', ["fetch.0.token_file", "no-such-token", "does not exist"]),
+    ('auth = "oauth2"\npassword_file = "pw"\n', ["fetch.0", "password_file is for auth"]),
+    ('token_file = "token"\n', ["fetch.0", "token_file is for auth"]),
+    ('auth = "oauth2"\noauth2_mechanism = "PLAIN"\n', ["fetch.0.oauth2_mechanism"]),
+])
+def test_bad_oauth2_settings_are_refused_naming_the_key(tmp_path: Path, config_file: Path, lines: str,
+                                                       names: list[str]):
+    (tmp_path / "token").write_text("ya29.token\n")
+    source = "".join(line + "\n" for line in _source_toml(Dovecot(tmp_path, 993, tmp_path / "ca.pem"),
+                                                        tmp_path / "pw").splitlines()
+                     if not line.startswith("password_file"))
+    config_file.write_text(config_file.read_text() + source + lines)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_file)
+    for name in names:
+        assert name in str(raised.value)
 
 
 def test_the_back_off_doubles_within_bounds_and_a_failing_source_says_since_when_and_why():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -26,7 +27,7 @@ from email.policy import compat32
 from email.utils import format_datetime, getaddresses, parseaddr
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 from sqlalchemy import Engine
 
 from intake.config.fetch import FetchSource
@@ -46,6 +47,11 @@ _RECIPIENT_HEADERS = ("Delivered-To", "X-Original-To", "To", "Cc")
 # What a dead or refusing server, a bad certificate, a dropped connection or a timeout raise (the
 # TLS errors and timeouts are OSErrors), and a missing password file.
 FetchError = (IMAPClientError, OSError)
+
+
+class TokenRejected(LoginError):
+    """The server refused an OAuth2 source's access token: most often it expired because the
+    refresher that rewrites the token file has stopped."""
 
 
 @dataclass
@@ -83,19 +89,46 @@ def connect(source: FetchSource, settings: Settings) -> IMAPClient:
     context = ssl.create_default_context(
         cafile=str(settings.resolve_path(source.ca_file)) if source.ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    password = source.password(settings.base_dir)
+    # Read at every login: a refresher rewrites a token. (When it was written, for the error if refused.)
+    written = _written(source, settings) if source.auth == "oauth2" else ""
+    secret = source.credential(settings.base_dir)
     client = IMAPClient(source.host, port=source.port, ssl=source.tls == "imaps", ssl_context=context,
                         timeout=TIMEOUT)
     try:
         if source.tls == "starttls":
             client.starttls(context)
-        client.login(source.user, password)
+        _login(client, source, secret, written)
         if source.move_to and not client.folder_exists(source.move_to):
             client.create_folder(source.move_to)
     except BaseException:
         _close(client)
         raise
     return client
+
+
+def _written(source: FetchSource, settings: Settings) -> str:
+    """When the source's token file was last written (UTC, ISO 8601), or "unknown"."""
+    try:
+        stamp = os.stat(source.credential_path(settings.base_dir)).st_mtime
+    except OSError:
+        return "unknown"
+    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def _login(client: IMAPClient, source: FetchSource, secret: str, written: str) -> None:
+    """LOGIN with the password, or SASL XOAUTH2/OAUTHBEARER with the access token; a refused
+    token is a :class:`TokenRejected` naming the source and when its token file was written."""
+    if source.auth == "password":
+        client.login(source.user, secret)
+        return
+    try:
+        if source.oauth2_mechanism == "OAUTHBEARER":
+            client.oauthbearer_login(source.user, secret)
+        else:
+            client.oauth2_login(source.user, secret)
+    except LoginError as exc:
+        raise TokenRejected(f"fetch source {source.name}: token rejected ({source.oauth2_mechanism}: {exc}); "
+                            f"is the refresher running? Its token file was last written {written}") from None
 
 
 def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch: int = BATCH,
