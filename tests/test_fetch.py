@@ -14,12 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from conftest import free_port
+from conftest import free_port, process
 from test_observability import _get, scrape, value, wait_until
 from test_serve import serve, serve_env  # noqa: F401 - fixtures
 from dovecot_harness import Dovecot, DovecotUnavailable, TokenInfo, start_dovecot
@@ -28,7 +30,9 @@ from intake.receive import fetch
 from intake.store import schema
 from intake.store.db import make_engine, read_session
 from intake.store.inbound import store
-from intake.store.models import InboundMessage
+from intake.sla import deadlines
+from intake.store.models import Deadline, InboundMessage, Ticket
+from intake.understand.arrival_time import MAX_QUEUED
 
 INTAKE = Path(sys.executable).parent / "intake"
 
@@ -329,6 +333,46 @@ def test_serve_fetches_processes_and_reports_each_source(configure, dovecot: Dov
     assert value(samples, "intake_fetch_last_success_timestamp_seconds", source="hosted") > time.time() - 60
     assert dovecot.folder_state() == (5, 5)
     assert server.stop() == 0
+
+
+def test_a_report_that_waited_in_the_mailbox_starts_its_sla_when_the_mailbox_got_it_bounded(
+        configure, dovecot: Dovecot):
+    """INTERNALDATE is when the hosted mailbox got the message: the report that waited there six
+    hours (intake was down) starts its SLA then, not when intake fetched it; one that was put in
+    the folder with a date 400 days back (from an archive) starts at most MAX_QUEUED before."""
+    settings = configure("seen")
+    engine = make_engine(settings.database_url)
+    before = datetime.now(timezone.utc)
+    waited_since, archived_since = before.replace(microsecond=0) - timedelta(hours=6), before - timedelta(days=400)
+    [waited], [archived] = _messages(1, "waited"), _messages(1, "archived")
+    with dovecot.client() as client:  # APPEND with an INTERNALDATE, as the provider's delivery set it
+        client.append("INBOX", waited, msg_time=waited_since)
+        client.append("INBOX", archived, msg_time=archived_since)
+    assert fetch.fetch_once(settings, settings.fetch[0], engine).stored == 2
+    rows = {row.raw: row for row in _stored(engine)}
+    assert rows[waited].arrived_at == waited_since and rows[waited].received_at >= before
+    assert f"internaldate {format_datetime(waited_since)})" in rows[waited].trace
+    assert rows[archived].arrived_at == rows[archived].received_at - MAX_QUEUED
+    process(settings, engine)
+    with read_session(engine) as session:
+        for raw, start in ((waited, waited_since), (archived, rows[archived].received_at - MAX_QUEUED)):
+            inbound = session.get(InboundMessage, rows[raw].id)
+            ticket = session.get(Ticket, inbound.ticket_id)
+            assert ticket.received_at == start
+            due = {row.stage: row.due_at for row in session.scalars(select(Deadline).where(
+                Deadline.ticket_id == ticket.id))}
+            expected = {deadline.stage: deadline.due for deadline, _ in
+                        deadlines.explain(settings, ticket.policy, start, None, None)}
+            from_fetch_time = {deadline.stage: deadline.due for deadline, _ in
+                               deadlines.explain(settings, ticket.policy, inbound.received_at, None, None)}
+            assert due == expected != from_fetch_time
+
+
+def test_a_message_without_internaldate_starts_when_intake_fetched_it(configure):
+    settings = configure("seen")
+    now = datetime.now(timezone.utc)
+    message = fetch.arrival(settings, settings.fetch[0], _messages(1)[0], now, 1, 1, None)
+    assert message.arrived_at == now and "internaldate" not in message.trace
 
 
 GOOD_TOKEN, EXPIRED_TOKEN = "ya29.good-for-an-hour", "ya29.expired"

@@ -34,6 +34,7 @@ from intake.config.fetch import FetchSource
 from intake.config.settings import Settings
 from intake.run import metrics
 from intake.store.inbound import Arrival, store, stored_from
+from intake.understand.arrival_time import fetched_sla_start
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,9 @@ BATCH = 50  # messages fetched, committed and marked together: one fsync and one
 TIMEOUT = 60.0  # seconds any one IMAP read or write may take before the connection counts as dead
 MAX_BACKOFF = 600.0  # the longest wait between tries after errors, seconds
 _SEEN, _DELETED = b"\\Seen", b"\\Deleted"
+_BODY, _INTERNALDATE = b"BODY[]", b"INTERNALDATE"
+# What is fetched of each message: its bytes (PEEK: no \\Seen flag set) and when the mailbox got it.
+_FETCH_ITEMS = [b"BODY.PEEK[]", _INTERNALDATE]
 # Headers naming the address a fetched message was delivered to, most telling first.
 _RECIPIENT_HEADERS = ("Delivered-To", "X-Original-To", "To", "Cc")
 
@@ -141,6 +145,7 @@ def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch
     after each batch is committed and marked (progress; tests drop the connection there)."""
     own = client is None
     client = client or connect(source, settings)
+    client.normalise_times = False  # INTERNALDATE with the zone the server gave, not naive local time
     result = PassResult()
     try:
         selected = client.select_folder(source.folder)
@@ -177,38 +182,38 @@ def _within_size_limit(settings: Settings, source: FetchSource, client: IMAPClie
 def _fetch_batch(settings: Settings, source: FetchSource, engine: Engine, client: IMAPClient, uidvalidity: int,
                  uids: list[int], result: PassResult, on_stored: Callable[[int], None]) -> None:
     """Fetch *uids*, commit the ones not stored before, then mark every one fetched."""
-    bodies = _bodies(client, uids)
-    result.vanished += len(uids) - len(bodies)
-    hashes = {uid: hashlib.sha256(raw).hexdigest() for uid, raw in bodies.items()}
+    fetched = _fetched(client, uids)
+    result.vanished += len(uids) - len(fetched)
+    hashes = {uid: hashlib.sha256(raw).hexdigest() for uid, (raw, _) in fetched.items()}
     known = stored_from(engine, source.peer, hashes.values())
     now = datetime.now(timezone.utc)
     arrivals, new_hashes = [], set()
-    for uid, raw in bodies.items():
+    for uid, (raw, internal_date) in fetched.items():
         digest = hashes[uid]
         if digest in known or digest in new_hashes:  # the same bytes twice in one batch: one message
             result.duplicates += 1
             continue
         new_hashes.add(digest)
-        arrivals.append(arrival(settings, source, raw, now, uidvalidity, uid))
+        arrivals.append(arrival(settings, source, raw, now, uidvalidity, uid, internal_date))
     if arrivals:
         ids = store(engine, arrivals)
         result.stored += len(ids)
         metrics.FETCH_STORED.labels(source.name).inc(len(ids))
         on_stored(len(ids))
         log.info("event=fetched source=%s stored=%d first_id=%d", source.name, len(ids), ids[0])
-    done = sorted(bodies)
+    done = sorted(fetched)
     if done:
         _mark(client, source, done)
         result.marked += len(done)
 
 
-def _bodies(client: IMAPClient, uids: list[int]) -> dict[int, bytes]:
-    """The raw bytes of *uids* that still exist. A message expunged by another client meanwhile is
-    left out: the server leaves it out of the answer or (Dovecot) refuses the whole FETCH with
-    NO [EXPUNGEISSUED] until this session has heard of the expunge; then a NOOP, and each
-    message is asked for alone. A dropped connection is raised, not taken for a refusal."""
+def _fetched(client: IMAPClient, uids: list[int]) -> dict[int, tuple[bytes, datetime | None]]:
+    """The raw bytes and INTERNALDATE of *uids* that still exist. A message expunged by another
+    client meanwhile is left out: the server leaves it out of the answer or (Dovecot) refuses the
+    whole FETCH with NO [EXPUNGEISSUED] until this session has heard of the expunge; then a NOOP,
+    and each message is asked for alone. A dropped connection is raised, not taken for a refusal."""
     try:
-        answer = client.fetch(uids, [b"BODY.PEEK[]"])
+        answer = client.fetch(uids, _FETCH_ITEMS)
     except IMAPClientAbortError:
         raise
     except IMAPClient.Error as exc:
@@ -217,14 +222,24 @@ def _bodies(client: IMAPClient, uids: list[int]) -> dict[int, bytes]:
         answer = {}
         for uid in uids:
             try:
-                answer.update(client.fetch([uid], [b"BODY.PEEK[]"]))
+                answer.update(client.fetch([uid], _FETCH_ITEMS))
             except IMAPClientAbortError:
                 raise
             except IMAPClient.Error:
                 continue
-    # Dovecot answers BODY[] NIL for a message expunged since this session last heard.
-    bodies = {uid: answer.get(uid, {}).get(b"BODY[]") for uid in uids}
-    return {uid: raw for uid, raw in bodies.items() if isinstance(raw, bytes)}
+    found = {}
+    for uid in uids:
+        item = answer.get(uid, {})
+        # Dovecot answers BODY[] NIL for a message expunged since this session last heard.
+        if isinstance(item.get(_BODY), bytes):
+            found[uid] = (item[_BODY], _instant(item.get(_INTERNALDATE)))
+    return found
+
+
+def _instant(value: object) -> datetime | None:
+    """An INTERNALDATE as imapclient gives it (aware with normalise_times off; naive local time
+    otherwise), as an aware UTC instant; None if the server gave none."""
+    return value.astimezone(timezone.utc) if isinstance(value, datetime) else None
 
 
 def _mark(client: IMAPClient, source: FetchSource, uids: list[int]) -> None:
@@ -246,18 +261,21 @@ def _mark(client: IMAPClient, source: FetchSource, uids: list[int]) -> None:
 
 
 def arrival(settings: Settings, source: FetchSource, raw: bytes, now: datetime, uidvalidity: int,
-            uid: int) -> Arrival:
-    """*raw*, fetched from *source*, as the listener would have received it: the envelope sender
-    from its Return-Path (else From), the recipient the configured address it was delivered to
-    (else the first configured one), and a Received: field saying where it was fetched from."""
+            uid: int, internal_date: datetime | None = None) -> Arrival:
+    """*raw*, fetched from *source* at *now*, as the listener would have received it: the envelope
+    sender from its Return-Path (else From), the recipient the configured address it was
+    delivered to (else the first configured one), and a Received: field saying where it was
+    fetched from and when the mailbox got it (*internal_date*, its INTERNALDATE), where its SLA
+    starts, bounded (:func:`~intake.understand.arrival_time.fetched_sla_start`)."""
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
     mail_from = parseaddr(str(headers.get("Return-Path") or headers.get("From") or ""))[1]
     recipient = _our_recipient(settings, headers)
+    internal = f" internaldate {format_datetime(internal_date)}" if internal_date else ""
     received = (f"Received: from {_word(source.host)} by {_word(settings.hostname)} (intake) with IMAP\r\n"
-                f"\t(fetch source {source.name} uidvalidity {uidvalidity} uid {uid})\r\n"
+                f"\t(fetch source {source.name} uidvalidity {uidvalidity} uid {uid}{internal})\r\n"
                 f"\tfor <{recipient}>; {format_datetime(now)}\r\n")
     return Arrival(mail_from=mail_from, rcpt_tos=[recipient], peer=source.peer, helo=_word(source.host), raw=raw,
-                   received_at=now, trace=received)
+                   received_at=now, trace=received, arrived_at=fetched_sla_start(internal_date, raw, now))
 
 
 def _our_recipient(settings: Settings, headers) -> str:  # type: ignore[no-untyped-def]

@@ -46,6 +46,7 @@ class Arrival:
     trace: str = ""  # intake's Return-Path: and Received: fields, CRLF lines
     history: bool = False  # imported from an existing mailbox: nothing is sent for it
     message_id: str | None = None  # the Message-ID an import read (the listener reads none)
+    arrived_at: datetime | None = None  # a fetched message's bounded INTERNALDATE: its SLA start
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class StoredMessage:
     relay: str = ""
     trace: str = ""
     history: bool = False  # see Arrival.history
+    arrived_at: datetime | None = None  # see Arrival.arrived_at
 
     @property
     def full(self) -> bytes:
@@ -75,7 +77,7 @@ def full_message(trace: str, raw: bytes) -> bytes:
 
 # The columns :func:`_rows` gives a value for.
 _COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "raw", "status",
-            "attempts", "history", "message_id")
+            "attempts", "history", "message_id", "arrived_at")
 
 
 def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
@@ -95,6 +97,7 @@ def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
             "attempts": 0,
             "history": a.history,
             "message_id": a.message_id,
+            "arrived_at": a.arrived_at,
         }
         for a in arrivals
     ]
@@ -249,7 +252,7 @@ def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     table = InboundMessage.__table__
     query = (
         select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at,
-               table.c.relay, table.c.trace, table.c.history)
+               table.c.relay, table.c.trace, table.c.history, table.c.arrived_at)
         .where(table.c.status == InboundStatus.PENDING)
         .order_by(table.c.id)
         .limit(limit)
