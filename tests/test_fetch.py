@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from conftest import free_port, process
 from test_observability import _get, scrape, value, wait_until
-from test_serve import serve, serve_env  # noqa: F401 - fixtures
+from test_serve import _wait_for_log, serve, serve_env  # noqa: F401 - fixtures
 from dovecot_harness import Dovecot, DovecotUnavailable, TokenInfo, start_dovecot
 from intake.config.settings import ConfigError, Settings, load_settings
 from intake.receive import fetch
@@ -501,6 +501,76 @@ def test_bad_oauth2_settings_are_refused_naming_the_key(tmp_path: Path, config_f
         load_settings(config_file)
     for name in names:
         assert name in str(raised.value)
+
+
+def test_sighup_starts_an_added_source_and_stops_a_removed_one(configure, dovecot: Dovecot, serve, serve_env,  # noqa: F811
+                                                               sqlite_url: str, config_file: Path, tmp_path: Path):
+    """Through the real `intake serve`: a [[fetch]] source added to config.toml starts fetching at
+    SIGHUP, without a restart; one removed stops and leaves /readyz."""
+    configure("seen")
+    shipped_and_hosted = config_file.read_text()
+    dovecot.append(_messages(2, "partner"), folder="Partner")
+    port = free_port()
+    serve_env.update(INTAKE_METRICS__LISTEN=f"127.0.0.1:{port}")
+    server = serve()
+    server.start()
+    database = sqlite_url.removeprefix("sqlite:///")
+
+    def stored_from(source: str) -> int:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT count(*) FROM inbound_message WHERE peer = ?",
+                                      (f"imap:{source}",)).fetchone()[0]
+
+    def checks() -> dict[str, str]:
+        return {name: check for name, check in json.loads(_get(port, "/readyz")[1])["checks"].items()
+                if name.startswith("fetch:")}
+
+    wait_until(lambda: checks() == {"fetch:hosted": "ok"}, "the configured source to work", timeout=30)
+    partner = _source_toml(dovecot, tmp_path / "imap-password", name="partner") + 'folder = "Partner"\n'
+    config_file.write_text(shipped_and_hosted + partner)
+    server.process.send_signal(signal.SIGHUP)
+    _wait_for_log(server, "event=fetch-reloaded added=partner removed=- restarted=-")
+    wait_until(lambda: stored_from("partner") == 2, "the added source's mail to be stored", timeout=30)
+    assert dovecot.folder_state("Partner") == (2, 2)
+    _wait_for_log(server, "event=reloaded restart_needed=-")  # fetch no longer needs a restart
+    config_file.write_text(shipped_and_hosted[:shipped_and_hosted.rindex("\n[[fetch]]")] + partner)
+    server.process.send_signal(signal.SIGHUP)
+    _wait_for_log(server, "event=fetch-reloaded added=- removed=hosted restarted=-")
+    wait_until(lambda: checks() == {"fetch:partner": "ok"}, "the removed source to leave /readyz", timeout=30)
+    dovecot.append(_messages(1, "unfetched"))  # INBOX, which only the removed source fetched
+    dovecot.append(_messages(1, "partner-later"), folder="Partner")
+    wait_until(lambda: stored_from("partner") == 3, "the remaining source to go on", timeout=30)
+    assert stored_from("hosted") == 0 and dovecot.folder_state("INBOX") == (1, 0)
+    assert server.stop() == 0
+
+
+def test_reconfigure_restarts_a_changed_or_failing_source_and_leaves_a_working_one_alone(
+        configure, dovecot: Dovecot, tmp_path: Path):
+    """A reload re-reads credentials where it matters: a source failing on a wrong password is
+    restarted at once (not after its back-off) and logs in with the fixed file; a source whose
+    table changed restarts on the new table; an unchanged working one keeps its session."""
+    (tmp_path / "imap-password").write_text("wrong\n")
+    settings = configure("seen")
+    engine = make_engine(settings.database_url)
+    dovecot.append(_messages(2))
+    stored = []
+    fetchers = fetch.Fetchers(settings, engine, stored.append)
+    try:
+        [failing] = fetchers.states
+        wait_until(lambda: failing.failures == 1, "the wrong password to be refused", timeout=15)
+        (tmp_path / "imap-password").write_text(dovecot.password)
+        assert fetchers.reconfigure(settings, 10) == {"added": [], "removed": [], "restarted": ["hosted"]}
+        [working] = fetchers.states
+        # Well before the failed source's back-off (5 s, then Dovecot's own penalty) would have ended.
+        wait_until(lambda: working.stored == 2, "the restarted source to log in with the fixed file", timeout=15)
+        assert fetchers.reconfigure(settings, 10) == {"added": [], "removed": [], "restarted": []}
+        assert fetchers.states == [working]
+        slower = settings.model_copy(update={"fetch": [settings.fetch[0].model_copy(update={"poll_interval": 5})]})
+        assert fetchers.reconfigure(slower, 10)["restarted"] == ["hosted"]
+        assert fetchers.states[0] is not working
+    finally:
+        fetchers.stop(10)
+    assert sum(stored) == 2 and len(_stored(engine)) == 2
 
 
 def test_the_back_off_doubles_within_bounds_and_a_failing_source_says_since_when_and_why():

@@ -137,12 +137,14 @@ def _login(client: IMAPClient, source: FetchSource, secret: str, written: str) -
 
 def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch: int = BATCH,
                client: IMAPClient | None = None, on_stored: Callable[[int], None] = lambda count: None,
-               after_batch: Callable[[PassResult], None] | None = None) -> PassResult:
+               after_batch: Callable[[PassResult], None] | None = None,
+               stop: threading.Event | None = None) -> PassResult:
     """One pass over *source*: store what waits in its folder, then mark it on the server.
 
     Uses *client* if given (left open), else a connection of its own. *on_stored* is told how
     many messages each commit stored (the service wakes its processor); *after_batch* is called
-    after each batch is committed and marked (progress; tests drop the connection there)."""
+    after each batch is committed and marked (progress; tests drop the connection there). Once
+    *stop* is set, the pass ends after the batch in hand is committed and marked."""
     own = client is None
     client = client or connect(source, settings)
     client.normalise_times = False  # INTERNALDATE with the zone the server gave, not naive local time
@@ -154,6 +156,8 @@ def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch
         result.found = len(uids)
         uids = _within_size_limit(settings, source, client, uids, result)
         for chunk in _chunks(uids, batch):
+            if stop is not None and stop.is_set():
+                break
             _fetch_batch(settings, source, engine, client, uidvalidity, chunk, result, on_stored)
             if after_batch is not None:
                 after_batch(result)
@@ -325,7 +329,7 @@ def run(settings: Settings, source: FetchSource, engine: Engine, stop: threading
         try:
             if client is None:
                 client = connect(source, settings)
-            result = fetch_once(settings, source, engine, client=client, on_stored=on_stored)
+            result = fetch_once(settings, source, engine, client=client, on_stored=on_stored, stop=stop)
             state.stored += result.stored
             state.last_success, state.failures, state.last_error = datetime.now(timezone.utc), 0, None
             metrics.fetch_pass(source.name, state.last_success, ok=True)
@@ -346,26 +350,78 @@ def run(settings: Settings, source: FetchSource, engine: Engine, stop: threading
     return state
 
 
+@dataclass
+class _Running:
+    """One source's fetch thread, and the event that stops it."""
+
+    source: FetchSource
+    state: SourceState
+    stop: threading.Event
+    thread: threading.Thread
+
+
 class Fetchers:
-    """The service's fetch threads, one per source; :meth:`stop` ends them all."""
+    """The service's fetch threads, one per source. :meth:`reconfigure` applies a reloaded
+    configuration (SIGHUP); :meth:`stop` ends them all."""
 
     def __init__(self, settings: Settings, engine: Engine, on_stored: Callable[[int], None]):
-        self._stop = threading.Event()
-        self.states = [SourceState(source.name) for source in settings.fetch]
-        for source in settings.fetch:  # every series there, at zero, from the start
+        self._settings, self._engine, self._on_stored = settings, engine, on_stored
+        self._running: dict[str, _Running] = {}
+        for source in settings.fetch:
+            self._start(source)
+
+    @property
+    def states(self) -> list[SourceState]:
+        """The running sources' states, in configuration order."""
+        return [running.state for running in self._running.values()]
+
+    def _start(self, source: FetchSource) -> None:
+        for metric in (metrics.FETCH_STORED, metrics.FETCH_LAST_SUCCESS, metrics.FETCH_FAILURES):
+            metric.labels(source.name)  # every series there, at zero, from the start
+        state, stop = SourceState(source.name), threading.Event()
+        thread = threading.Thread(target=run, args=(self._settings, source, self._engine, stop, state,
+                                                    self._on_stored), name=f"fetch-{source.name}", daemon=True)
+        self._running[source.name] = _Running(source, state, stop, thread)
+        thread.start()
+
+    def reconfigure(self, settings: Settings, timeout: float) -> dict[str, list[str]]:
+        """Apply *settings*' sources: a new one starts, a removed one stops (once the batch in
+        hand is committed and marked), a changed one, or one whose logins fail, restarts (so a
+        fixed password or token file is tried at once, not after its back-off); the others go
+        on undisturbed, unless what they read of the rest changed (the intake addresses a
+        fetched message's recipient is one of). Returns the names of each kind, for the log."""
+        wanted = {source.name: source for source in settings.fetch}
+        removed = [name for name in self._running if name not in wanted]
+        everything = _read_by_sources(settings) != _read_by_sources(self._settings)
+        restarted = [name for name, running in self._running.items() if name in wanted and (
+            everything or running.source != wanted[name] or running.state.failures)]
+        stopping = [self._running.pop(name) for name in removed + restarted]
+        for running in stopping:
+            running.stop.set()
+        for running in stopping:  # a restarted source's old session ends before its new one starts
+            running.thread.join(timeout)
+        for name in removed:
             for metric in (metrics.FETCH_STORED, metrics.FETCH_LAST_SUCCESS, metrics.FETCH_FAILURES):
-                metric.labels(source.name)
-        self._threads = [
-            threading.Thread(target=run, args=(settings, source, engine, self._stop, state, on_stored),
-                             name=f"fetch-{source.name}", daemon=True)
-            for source, state in zip(settings.fetch, self.states)]
-        for thread in self._threads:
-            thread.start()
+                metric.remove(name)
+        self._settings = settings
+        added = [name for name in wanted if name not in self._running and name not in restarted]
+        for name, source in wanted.items():
+            if name not in self._running:
+                self._start(source)
+        self._running = {name: self._running[name] for name in wanted}  # configuration order
+        return {"added": added, "removed": removed, "restarted": restarted}
 
     def stop(self, timeout: float) -> None:
-        self._stop.set()
-        for thread in self._threads:  # each notices within a second (IDLE is checked every second)
-            thread.join(timeout)
+        for running in self._running.values():
+            running.stop.set()
+        for running in self._running.values():  # each notices within a second (IDLE is checked every second)
+            running.thread.join(timeout)
+
+
+def _read_by_sources(settings: Settings) -> tuple[object, ...]:
+    """What a source's thread reads of the settings besides its own [[fetch]] table (the rest,
+    hostname and message size, a restart applies)."""
+    return tuple(settings.smtp.addresses), settings.base_dir
 
 
 def _wait_for_news(client: IMAPClient, source: FetchSource, stop: threading.Event) -> None:
