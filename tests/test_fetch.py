@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from conftest import free_port, process
+from conftest import _fresh_postgres_database, all_tickets, free_port, process
 from test_observability import _get, scrape, value, wait_until
 from test_serve import _wait_for_log, serve, serve_env  # noqa: F401 - fixtures
 from dovecot_harness import Dovecot, DovecotUnavailable, TokenInfo, start_dovecot
@@ -571,6 +571,50 @@ def test_reconfigure_restarts_a_changed_or_failing_source_and_leaves_a_working_o
     finally:
         fetchers.stop(10)
     assert sum(stored) == 2 and len(_stored(engine)) == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_fetchers_racing_on_one_mailbox_store_each_message_once(configure, dovecot: Dovecot, request,
+                                                                    backend: str):
+    """Two nodes fetching one mailbox (or a cron job beside the service): two passes at once, in
+    lockstep batch by batch, each on its own connection. Each message is stored once (the check
+    and the insert are one transaction under a per-source lock) and makes one ticket."""
+    if backend == "sqlite":
+        url, drop = request.getfixturevalue("sqlite_url"), (lambda: None)
+    else:
+        url, drop = _fresh_postgres_database(request.getfixturevalue("postgres_server"),
+                                             request.getfixturevalue("postgres_template"))
+    try:
+        settings = configure("seen", INTAKE_DATABASE__URL=url)
+        engine = make_engine(settings.database_url)
+        sent = _messages(40, "race")
+        dovecot.append(sent)
+        lockstep = threading.Barrier(2, timeout=20)
+        committed: list[int] = []  # how many each commit of either node stored
+
+        def node() -> None:
+            try:
+                fetch.fetch_once(settings, settings.fetch[0], engine, batch=5, on_stored=committed.append,
+                                 after_batch=lambda progress: lockstep.wait())
+            except threading.BrokenBarrierError:  # the other node's pass ended first
+                pass
+            finally:
+                lockstep.abort()
+
+        nodes = [threading.Thread(target=node) for _ in range(2)]
+        for thread in nodes:
+            thread.start()
+        for thread in nodes:
+            thread.join(60)
+        fetch.fetch_once(settings, settings.fetch[0], engine, on_stored=committed.append)  # what an ended pass left
+        assert sorted(message.raw for message in _stored(engine)) == sorted(sent)
+        assert sum(committed) == 40
+        assert dovecot.folder_state() == (40, 40)
+        process(settings, engine)
+        assert len(all_tickets(engine)) == 40
+        engine.dispose()
+    finally:
+        drop()
 
 
 def test_the_back_off_doubles_within_bounds_and_a_failing_source_says_since_when_and_why():

@@ -14,7 +14,6 @@ and a bounded back-off after errors.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import ssl
@@ -33,7 +32,7 @@ from sqlalchemy import Engine
 from intake.config.fetch import FetchSource
 from intake.config.settings import Settings
 from intake.run import metrics
-from intake.store.inbound import Arrival, store, stored_from
+from intake.store.inbound import Arrival, store_new_from
 from intake.understand.arrival_time import fetched_sla_start
 
 log = logging.getLogger(__name__)
@@ -188,19 +187,13 @@ def _fetch_batch(settings: Settings, source: FetchSource, engine: Engine, client
     """Fetch *uids*, commit the ones not stored before, then mark every one fetched."""
     fetched = _fetched(client, uids)
     result.vanished += len(uids) - len(fetched)
-    hashes = {uid: hashlib.sha256(raw).hexdigest() for uid, (raw, _) in fetched.items()}
-    known = stored_from(engine, source.peer, hashes.values())
     now = datetime.now(timezone.utc)
-    arrivals, new_hashes = [], set()
-    for uid, (raw, internal_date) in fetched.items():
-        digest = hashes[uid]
-        if digest in known or digest in new_hashes:  # the same bytes twice in one batch: one message
-            result.duplicates += 1
-            continue
-        new_hashes.add(digest)
-        arrivals.append(arrival(settings, source, raw, now, uidvalidity, uid, internal_date))
-    if arrivals:
-        ids = store(engine, arrivals)
+    # Committed unless stored from this source before (a pass that ended before marking, another
+    # node's fetcher) or repeated in the batch: stored once, marked now either way.
+    ids = store_new_from(engine, source.peer, [arrival(settings, source, raw, now, uidvalidity, uid, internal_date)
+                                               for uid, (raw, internal_date) in fetched.items()])
+    result.duplicates += len(fetched) - len(ids)
+    if ids:
         result.stored += len(ids)
         metrics.FETCH_STORED.labels(source.name).inc(len(ids))
         on_stored(len(ids))
