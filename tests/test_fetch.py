@@ -217,6 +217,26 @@ def test_kill_9_of_intake_fetch_midway_then_a_rerun_stores_exactly_200(configure
     assert dovecot.folder_state() == (200, 200)
 
 
+def test_intake_fetch_without_once_keeps_fetching_until_sigterm(configure, dovecot: Dovecot, config_file: Path,
+                                                                sqlite_url: str):
+    settings = configure("seen")
+    schema.upgrade(make_engine(settings.database_url))
+    dovecot.append(_messages(3, "before"))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")} | {
+        "INTAKE_DATABASE__URL": sqlite_url}
+    process = subprocess.Popen([str(INTAKE), "--config", str(config_file), "fetch", "--source", "hosted"],
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        engine = make_engine(settings.database_url)
+        wait_until(lambda: len(_stored(engine)) == 3, "the first pass", timeout=30)
+        dovecot.append(_messages(2, "after"))  # IDLE (or the next poll) brings these
+        wait_until(lambda: len(_stored(engine)) == 5, "the loop to fetch new mail", timeout=30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, process.stderr.read()
+    assert dovecot.folder_state() == (5, 5)
+
+
 def test_starttls_source_fetches_too(configure, dovecot: Dovecot):
     settings = configure("seen")
     dovecot.append(_messages(4))
