@@ -5,11 +5,15 @@ message is stored exactly as the listener stores one (an :class:`~intake.store.i
 peer ``imap:<name>``, committed), and only after the commit is it marked ``\\Seen``, moved or
 deleted on the server. A crash or a dropped connection between the two leaves it unmarked: the
 next pass fetches it again and finds its bytes already stored from this source (sha256), so it
-is stored once and then marked. Messages are read with ``BODY.PEEK[]``, which sets no flag.
+is stored once and then marked; the check and the insert are one transaction under a lock per
+source, so two fetchers of one mailbox (two nodes) store it once too. Messages are read with
+``BODY.PEEK[]``, which sets no flag, with their ``INTERNALDATE``: when the mailbox got them,
+where their SLA starts (bounded, :func:`~intake.understand.arrival_time.fetched_sla_start`).
 
-imapclient, synchronous: each source runs in a thread of its own (:func:`run`), beside the
-listener's event loop, never blocking it; IDLE where the server offers it, polling otherwise,
-and a bounded back-off after errors.
+Login with a password or an OAuth2 access token (SASL XOAUTH2 or OAUTHBEARER), read from its
+file at every login. imapclient, synchronous: each source runs in a thread of its own
+(:func:`run`, :class:`Fetchers`), beside the listener's event loop, never blocking it; IDLE where
+the server offers it, polling otherwise, and a bounded back-off after errors.
 """
 
 from __future__ import annotations
