@@ -25,6 +25,7 @@ from conftest import _fresh_postgres_database, all_tickets, free_port, process
 from test_observability import _get, scrape, value, wait_until
 from test_serve import _wait_for_log, serve, serve_env  # noqa: F401 - fixtures
 from dovecot_harness import Dovecot, DovecotUnavailable, TokenInfo, start_dovecot
+from intake.config import production
 from intake.config.settings import ConfigError, Settings, load_settings
 from intake.receive import fetch
 from intake.store import schema
@@ -503,6 +504,24 @@ def test_a_token_rotated_between_passes_is_read_again_at_the_next_login(configur
     assert len(_stored(engine)) == 4
 
 
+def _source_without_credential(tmp_path: Path) -> str:
+    """A [[fetch]] table naming no credential file (and a server nobody connects to)."""
+    return "".join(line + "\n" for line in _source_toml(Dovecot(tmp_path, 993, tmp_path / "ca.pem"),
+                                                      tmp_path / "pw").splitlines()
+                   if not line.startswith("password_file"))
+
+
+def test_an_oauth2_source_on_the_systemd_credential_is_warned_about(tmp_path: Path, config_file: Path):
+    """LoadCredential= copies the token once, at start: check-config and serve say so."""
+    source = _source_without_credential(tmp_path)
+    config_file.write_text(config_file.read_text() + source + 'auth = "oauth2"\n')
+    [warning] = [w for w in production.warnings(load_settings(config_file)) if w.startswith("fetch.")]
+    assert warning.startswith("fetch.0: source 'hosted' reads its OAuth2 token from $CREDENTIALS_DIRECTORY/fetch-hosted")
+    (tmp_path / "token").write_text("ya29.token\n")
+    config_file.write_text(config_file.read_text() + 'token_file = "token"\n')
+    assert not [w for w in production.warnings(load_settings(config_file)) if w.startswith("fetch.")]
+
+
 @pytest.mark.parametrize("lines, names", [
     ('auth = "kerberos"\n', ["fetch.0.auth", "'password' or 'oauth2'"]),
     ('auth = "oauth2"\ntoken_file = "no-such-token"\n', ["fetch.0.token_file", "no-such-token", "does not exist"]),
@@ -513,9 +532,7 @@ def test_a_token_rotated_between_passes_is_read_again_at_the_next_login(configur
 def test_bad_oauth2_settings_are_refused_naming_the_key(tmp_path: Path, config_file: Path, lines: str,
                                                        names: list[str]):
     (tmp_path / "token").write_text("ya29.token\n")
-    source = "".join(line + "\n" for line in _source_toml(Dovecot(tmp_path, 993, tmp_path / "ca.pem"),
-                                                        tmp_path / "pw").splitlines()
-                     if not line.startswith("password_file"))
+    source = _source_without_credential(tmp_path)
     config_file.write_text(config_file.read_text() + source + lines)
     with pytest.raises(ConfigError) as raised:
         load_settings(config_file)
