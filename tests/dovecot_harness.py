@@ -7,6 +7,10 @@ Maildir the tests fill by IMAP APPEND. Dovecot's master wants root; mail is acce
 temporary folder owned by it, not pytest's root-only tmp_path. Where the binary or root is
 missing, or the instance does not start, `start_dovecot` raises `DovecotUnavailable` with the
 reason, for the tests to skip with.
+
+An instance started with a :class:`TokenInfo` also takes OAuth2 bearer tokens (SASL XOAUTH2 and
+OAUTHBEARER, Dovecot's oauth2 passdb), which it checks by asking that tiny HTTP endpoint on
+127.0.0.1, as a hosted provider's IMAP server asks its identity service.
 """
 
 from __future__ import annotations
@@ -19,9 +23,12 @@ import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import trustme
 from imapclient import IMAPClient
@@ -40,7 +47,7 @@ listen = 127.0.0.1
 ssl = required
 ssl_cert = <{root}/cert.pem
 ssl_key = <{root}/key.pem
-auth_mechanisms = plain
+auth_mechanisms = plain{oauth2_mechanisms}
 # A wrong password is refused at once, not after Dovecot's 2 s (the tests try one).
 auth_failure_delay = 0
 default_internal_user = dovecot
@@ -49,9 +56,10 @@ first_valid_uid = {uid}
 mail_location = maildir:{root}/home/%u/Maildir
 passdb {{
   driver = passwd-file
+  mechanisms = plain
   args = scheme=PLAIN username_format=%u {root}/passwd
 }}
-userdb {{
+{oauth2_passdb}userdb {{
   driver = static
   args = uid={uid} gid={gid} home={root}/home/%u
 }}
@@ -71,6 +79,64 @@ service imap-login {{
   chroot =
 }}
 """
+
+
+# With a TokenInfo: tokens are checked by its endpoint, whose answer names the user (email) and
+# says whether the token is active; nothing is cached (auth_cache_size is 0 by default), so a
+# token the endpoint stops accepting is refused at the next login.
+OAUTH2_PASSDB = """\
+passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {root}/oauth2.conf.ext
+}}
+"""
+OAUTH2_CONF = """\
+tokeninfo_url = http://127.0.0.1:{port}/tokeninfo?access_token=
+username_attribute = email
+active_attribute = active
+active_value = true
+"""
+
+
+class TokenInfo:
+    """An OAuth2 token-info endpoint on 127.0.0.1 (http.server in a thread): a token in `valid`
+    gets 200 and the user it belongs to, any other 401. `asked` lists the tokens it was asked
+    about, in order."""
+
+    def __init__(self, user: str = USER):
+        self.valid: set[str] = set()
+        self.asked: list[str] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                token = parse_qs(urlparse(self.path).query).get("access_token", [""])[0]
+                endpoint.asked.append(token)
+                accepted = token in endpoint.valid
+                body = (b'{"email": "%s", "active": "true"}' % user.encode() if accepted
+                        else b'{"error": "invalid_token"}')
+                self.send_response(200 if accepted else 401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:  # quiet: pytest shows what matters
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="tokeninfo", daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
 
 
 class DovecotUnavailable(Exception):
@@ -186,9 +252,11 @@ def _kill(pid: int) -> None:
         pass
 
 
-def start_dovecot(port: int, starttls_port: int = 0) -> Dovecot:
-    """Start a private instance on 127.0.0.1:*port* (IMAPS; STARTTLS on *starttls_port* if given), in a new temporary folder (under /tmp, which
-    the mail user can reach: pytest's folders are root's alone); `remove` it once stopped."""
+def start_dovecot(port: int, starttls_port: int = 0, tokeninfo: TokenInfo | None = None) -> Dovecot:
+    """Start a private instance on 127.0.0.1:*port* (IMAPS; STARTTLS on *starttls_port* if given;
+    OAuth2 bearer tokens checked by *tokeninfo* if given, passwords either way), in a new temporary
+    folder (under /tmp, which the mail user can reach: pytest's folders are root's alone); `remove`
+    it once stopped."""
     if not os.path.exists(DOVECOT):
         raise DovecotUnavailable(f"{DOVECOT} is missing (Debian: apt-get install dovecot-imapd)")
     if os.geteuid() != 0:
@@ -211,8 +279,12 @@ def start_dovecot(port: int, starttls_port: int = 0) -> Dovecot:
     os.chmod(root / "key.pem", 0o600)
     authority.cert_pem.write_to_path(str(root / "ca.pem"))
     (root / "passwd").write_text(f"{USER}:{{PLAIN}}{PASSWORD}::::::\n")
-    (root / "dovecot.conf").write_text(CONF.format(root=root, port=port, starttls_port=starttls_port,
-                                                     uid=mail.pw_uid, gid=mail.pw_gid))
+    if tokeninfo is not None:
+        (root / "oauth2.conf.ext").write_text(OAUTH2_CONF.format(port=tokeninfo.port))
+    (root / "dovecot.conf").write_text(CONF.format(
+        root=root, port=port, starttls_port=starttls_port, uid=mail.pw_uid, gid=mail.pw_gid,
+        oauth2_mechanisms=" xoauth2 oauthbearer" if tokeninfo else "",
+        oauth2_passdb=OAUTH2_PASSDB.format(root=root) if tokeninfo else ""))
     dovecot = Dovecot(root, port, root / "ca.pem", starttls_port)
     try:
         dovecot.start()

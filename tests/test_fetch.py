@@ -6,27 +6,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 
-from conftest import free_port
+from conftest import _fresh_postgres_database, all_tickets, free_port, process
 from test_observability import _get, scrape, value, wait_until
-from test_serve import serve, serve_env  # noqa: F401 - fixtures
-from dovecot_harness import Dovecot, DovecotUnavailable, start_dovecot
+from test_serve import _wait_for_log, serve, serve_env  # noqa: F401 - fixtures
+from dovecot_harness import Dovecot, DovecotUnavailable, TokenInfo, start_dovecot
+from intake.config import production
 from intake.config.settings import ConfigError, Settings, load_settings
 from intake.receive import fetch
 from intake.store import schema
 from intake.store.db import make_engine, read_session
 from intake.store.inbound import store
-from intake.store.models import InboundMessage
+from intake.sla import deadlines
+from intake.store.models import Deadline, InboundMessage, Ticket
+from intake.understand.arrival_time import MAX_QUEUED
 
 INTAKE = Path(sys.executable).parent / "intake"
 
@@ -50,9 +57,12 @@ def dovecot() -> Iterator[Dovecot]:
         server.remove()
 
 
-def _source_toml(dovecot: Dovecot, password_file: Path, after: str = "seen", name: str = "hosted") -> str:
+def _source_toml(dovecot: Dovecot, credential_file: Path, after: str = "seen", name: str = "hosted",
+                 auth: str = "password") -> str:
+    credential = (f'password_file = "{credential_file}"\n' if auth == "password" else
+                  f'auth = "oauth2"\ntoken_file = "{credential_file}"\n')
     return (f'\n[[fetch]]\nname = "{name}"\nhost = "127.0.0.1"\nport = {dovecot.port}\ntls = "imaps"\n'
-            f'ca_file = "{dovecot.ca_file}"\nuser = "{dovecot.user}"\npassword_file = "{password_file}"\n'
+            f'ca_file = "{dovecot.ca_file}"\nuser = "{dovecot.user}"\n{credential}'
             f'after = "{after}"\npoll_interval = 1\n')
 
 
@@ -208,6 +218,26 @@ def test_kill_9_of_intake_fetch_midway_then_a_rerun_stores_exactly_200(configure
     assert dovecot.folder_state() == (200, 200)
 
 
+def test_intake_fetch_without_once_keeps_fetching_until_sigterm(configure, dovecot: Dovecot, config_file: Path,
+                                                                sqlite_url: str):
+    settings = configure("seen")
+    schema.upgrade(make_engine(settings.database_url))
+    dovecot.append(_messages(3, "before"))
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")} | {
+        "INTAKE_DATABASE__URL": sqlite_url}
+    process = subprocess.Popen([str(INTAKE), "--config", str(config_file), "fetch", "--source", "hosted"],
+                               env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        engine = make_engine(settings.database_url)
+        wait_until(lambda: len(_stored(engine)) == 3, "the first pass", timeout=30)
+        dovecot.append(_messages(2, "after"))  # IDLE (or the next poll) brings these
+        wait_until(lambda: len(_stored(engine)) == 5, "the loop to fetch new mail", timeout=30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0, process.stderr.read()
+    assert dovecot.folder_state() == (5, 5)
+
+
 def test_starttls_source_fetches_too(configure, dovecot: Dovecot):
     settings = configure("seen")
     dovecot.append(_messages(4))
@@ -271,21 +301,32 @@ def test_source_names_are_unique_and_the_password_comes_from_the_credentials_dir
         load_settings(config_file)
     config_file.write_text(shipped + one)
     source = load_settings(config_file).fetch[0]
-    (tmp_path / "fetch-hosted").write_text("from systemd\n")
-    assert source.password(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from systemd"
-    with pytest.raises(FileNotFoundError, match="fetch-hosted"):
-        source.password(tmp_path, {})
+    (tmp_path / "fetch-hosted").write_text(" from systemd \n")  # a password keeps its spaces
+    assert source.credential(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == " from systemd "
+    with pytest.raises(FileNotFoundError, match="password_file.*fetch-hosted"):
+        source.credential(tmp_path, {})
+    oauth2 = source.model_copy(update={"auth": "oauth2"})
+    assert oauth2.credential(tmp_path, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) == "from systemd"
+    with pytest.raises(FileNotFoundError, match="token_file.*fetch-hosted"):
+        oauth2.credential(tmp_path, {})
 
 
-def test_the_shipped_example_source_loads_and_names_every_key(tmp_path: Path, config_file: Path):
+def test_the_shipped_example_sources_load_and_name_every_key(tmp_path: Path, config_file: Path):
+    """The commented [[fetch]] examples (a password source, an OAuth2 one) load as they are, and
+    between them name every key a source has."""
     shipped = config_file.read_text()
     block = shipped[shipped.index("# [[fetch]]"):]
     block = block[:block.index("\n\n")]
-    example = "\n".join(line.removeprefix("# ").split("  #")[0].rstrip() for line in block.splitlines())
+    lines = [line.removeprefix("# ").split("  #")[0].rstrip() for line in block.splitlines()]
+    example = "\n".join(line for line in lines if line == "[[fetch]]" or re.fullmatch(r"\w+ = .+", line))
+    (config_file.parent / "imap-token").write_text("ya29.example\n")  # the OAuth2 example's token_file
     config_file.write_text(shipped + "\n" + example + "\n")
-    source = load_settings(config_file).fetch[0]
-    assert (source.name, source.tls, source.after, source.folder) == ("hosted", "imaps", "seen", "INBOX")
-    assert {line.split(" =")[0] for line in example.splitlines()[1:]} == set(type(source).model_fields)
+    password, oauth2 = load_settings(config_file).fetch
+    assert (password.name, password.tls, password.after, password.folder, password.auth) == (
+        "hosted", "imaps", "seen", "INBOX", "password")
+    assert (oauth2.auth, oauth2.oauth2_mechanism, oauth2.port) == ("oauth2", "XOAUTH2", 993)
+    assert oauth2.credential(config_file.parent) == "ya29.example"
+    assert {line.split(" =")[0] for line in example.splitlines() if " = " in line} == set(type(password).model_fields)
 
 
 def test_serve_fetches_processes_and_reports_each_source(configure, dovecot: Dovecot, serve, serve_env,  # noqa: F811
@@ -313,6 +354,304 @@ def test_serve_fetches_processes_and_reports_each_source(configure, dovecot: Dov
     assert value(samples, "intake_fetch_last_success_timestamp_seconds", source="hosted") > time.time() - 60
     assert dovecot.folder_state() == (5, 5)
     assert server.stop() == 0
+
+
+def test_a_report_that_waited_in_the_mailbox_starts_its_sla_when_the_mailbox_got_it_bounded(
+        configure, dovecot: Dovecot):
+    """INTERNALDATE is when the hosted mailbox got the message: the report that waited there six
+    hours (intake was down) starts its SLA then, not when intake fetched it; one that was put in
+    the folder with a date 400 days back (from an archive) starts at most MAX_QUEUED before."""
+    settings = configure("seen")
+    engine = make_engine(settings.database_url)
+    before = datetime.now(timezone.utc)
+    waited_since, archived_since = before.replace(microsecond=0) - timedelta(hours=6), before - timedelta(days=400)
+    [waited], [archived] = _messages(1, "waited"), _messages(1, "archived")
+    with dovecot.client() as client:  # APPEND with an INTERNALDATE, as the provider's delivery set it
+        client.append("INBOX", waited, msg_time=waited_since)
+        client.append("INBOX", archived, msg_time=archived_since)
+    assert fetch.fetch_once(settings, settings.fetch[0], engine).stored == 2
+    rows = {row.raw: row for row in _stored(engine)}
+    assert rows[waited].arrived_at == waited_since and rows[waited].received_at >= before
+    assert f"internaldate {format_datetime(waited_since)})" in rows[waited].trace
+    assert rows[archived].arrived_at == rows[archived].received_at - MAX_QUEUED
+    process(settings, engine)
+    with read_session(engine) as session:
+        for raw, start in ((waited, waited_since), (archived, rows[archived].received_at - MAX_QUEUED)):
+            inbound = session.get(InboundMessage, rows[raw].id)
+            ticket = session.get(Ticket, inbound.ticket_id)
+            assert ticket.received_at == start
+            due = {row.stage: row.due_at for row in session.scalars(select(Deadline).where(
+                Deadline.ticket_id == ticket.id))}
+            expected = {deadline.stage: deadline.due for deadline, _ in
+                        deadlines.explain(settings, ticket.policy, start, None, None)}
+            from_fetch_time = {deadline.stage: deadline.due for deadline, _ in
+                               deadlines.explain(settings, ticket.policy, inbound.received_at, None, None)}
+            assert due == expected != from_fetch_time
+
+
+def test_a_message_without_internaldate_starts_when_intake_fetched_it(configure):
+    settings = configure("seen")
+    now = datetime.now(timezone.utc)
+    message = fetch.arrival(settings, settings.fetch[0], _messages(1)[0], now, 1, 1, None)
+    assert message.arrived_at == now and "internaldate" not in message.trace
+
+
+GOOD_TOKEN, EXPIRED_TOKEN = "ya29.good-for-an-hour", "ya29.expired"
+
+
+@pytest.fixture
+def tokeninfo() -> Iterator[TokenInfo]:
+    """The identity service the OAuth2 Dovecot asks about each token: GOOD_TOKEN is valid."""
+    endpoint = TokenInfo()
+    endpoint.valid.add(GOOD_TOKEN)
+    try:
+        yield endpoint
+    finally:
+        endpoint.close()
+
+
+@pytest.fixture
+def oauth2_dovecot(tokeninfo: TokenInfo) -> Iterator[Dovecot]:
+    try:
+        server = start_dovecot(free_port(), tokeninfo=tokeninfo)
+    except DovecotUnavailable as exc:
+        pytest.skip(f"fetch tests skipped: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+        server.remove()
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "imap-token"
+    path.write_text(GOOD_TOKEN + "\n")
+    return path
+
+
+@pytest.fixture
+def configure_oauth2(oauth2_dovecot: Dovecot, token_file: Path, config_file: Path, make_settings):  # type: ignore[no-untyped-def]
+    """Settings with one OAuth2 [[fetch]] source on the OAuth2 Dovecot, its token in *token_file*."""
+
+    def make(mechanism: str = "XOAUTH2") -> Settings:
+        config_file.write_text(config_file.read_text() + _source_toml(oauth2_dovecot, token_file, auth="oauth2")
+                               + f'oauth2_mechanism = "{mechanism}"\n')
+        return make_settings()
+
+    return make
+
+
+@pytest.mark.parametrize("mechanism", ["XOAUTH2", "OAUTHBEARER"])
+def test_an_oauth2_source_fetches_with_the_token_from_its_file(configure_oauth2, oauth2_dovecot: Dovecot,
+                                                              tokeninfo: TokenInfo, mechanism: str):
+    settings = configure_oauth2(mechanism)
+    sent = _messages(3)
+    oauth2_dovecot.append(sent)  # (the harness's own client logs in with the password)
+    engine = make_engine(settings.database_url)
+    result = fetch.fetch_once(settings, settings.fetch[0], engine)
+    assert (result.found, result.stored, result.marked) == (3, 3, 3)
+    assert sorted(message.raw for message in _stored(engine)) == sorted(sent)
+    assert tokeninfo.asked == [GOOD_TOKEN]  # the server checked the token intake sent
+    assert oauth2_dovecot.folder_state() == (3, 3)
+
+
+def test_a_rejected_token_stores_nothing_says_so_and_a_rewritten_token_file_is_used_without_restart(
+        configure_oauth2, oauth2_dovecot: Dovecot, tokeninfo: TokenInfo, token_file: Path, caplog):
+    """The refresher stopped: the file holds an expired token. The source fails with back-off,
+    naming itself and the likely cause; once the file is rewritten the running loop's next try
+    logs in with the new token (no restart) and fetches what waited."""
+    settings = configure_oauth2()
+    oauth2_dovecot.append(_messages(3))
+    engine = make_engine(settings.database_url)
+    token_file.write_text(EXPIRED_TOKEN + "\n")
+    stop, state = threading.Event(), fetch.SourceState("hosted")
+    loop = threading.Thread(target=fetch.run, args=(settings, settings.fetch[0], engine, stop, state))
+    loop.start()
+    try:
+        wait_until(lambda: state.failures == 1, "the first login to be refused", timeout=15)
+        # At once: the loop tries again after its back-off (5 s), which this must come before.
+        token_file.write_text(GOOD_TOKEN)  # the refresher runs again (no newline: either is read)
+        assert _stored(engine) == []
+        report = state.check()
+        assert report.startswith("failing (1 tries in a row; last success never): TokenRejected: fetch source "
+                                 "hosted: token rejected (XOAUTH2: ") and "is the refresher running?" in report
+        assert "Its token file was last written 20" in report
+        assert any("event=fetch-failed source=hosted" in line and "token rejected" in line
+                   for line in caplog.messages)
+        wait_until(lambda: state.stored == 3, "the next try (after back-off) to fetch with the new token",
+                   timeout=30)
+        assert state.check() == "ok" and state.failures == 0
+    finally:
+        stop.set()
+        loop.join(10)
+    assert not loop.is_alive()
+    assert tokeninfo.asked == [EXPIRED_TOKEN, GOOD_TOKEN]
+    assert len(_stored(engine)) == 3 and oauth2_dovecot.folder_state() == (3, 3)
+
+
+def test_a_token_rotated_between_passes_is_read_again_at_the_next_login(configure_oauth2, oauth2_dovecot: Dovecot,
+                                                                       tokeninfo: TokenInfo, token_file: Path):
+    settings = configure_oauth2()
+    engine = make_engine(settings.database_url)
+    oauth2_dovecot.append(_messages(2, "first"))
+    assert fetch.fetch_once(settings, settings.fetch[0], engine).stored == 2
+    tokeninfo.valid = {"ya29.next-hour"}  # the provider let the first token expire ...
+    token_file.write_text("ya29.next-hour\n")  # ... and the refresher wrote the next one
+    oauth2_dovecot.append(_messages(2, "second"))
+    assert fetch.fetch_once(settings, settings.fetch[0], engine).stored == 2
+    assert tokeninfo.asked == [GOOD_TOKEN, "ya29.next-hour"]
+    assert len(_stored(engine)) == 4
+
+
+def _source_without_credential(tmp_path: Path) -> str:
+    """A [[fetch]] table naming no credential file (and a server nobody connects to)."""
+    return "".join(line + "\n" for line in _source_toml(Dovecot(tmp_path, 993, tmp_path / "ca.pem"),
+                                                      tmp_path / "pw").splitlines()
+                   if not line.startswith("password_file"))
+
+
+def test_an_oauth2_source_on_the_systemd_credential_is_warned_about(tmp_path: Path, config_file: Path):
+    """LoadCredential= copies the token once, at start: check-config and serve say so."""
+    source = _source_without_credential(tmp_path)
+    config_file.write_text(config_file.read_text() + source + 'auth = "oauth2"\n')
+    [warning] = [w for w in production.warnings(load_settings(config_file)) if w.startswith("fetch.")]
+    assert warning.startswith("fetch.0: source 'hosted' reads its OAuth2 token from $CREDENTIALS_DIRECTORY/fetch-hosted")
+    (tmp_path / "token").write_text("ya29.token\n")
+    config_file.write_text(config_file.read_text() + 'token_file = "token"\n')
+    assert not [w for w in production.warnings(load_settings(config_file)) if w.startswith("fetch.")]
+
+
+@pytest.mark.parametrize("lines, names", [
+    ('auth = "kerberos"\n', ["fetch.0.auth", "'password' or 'oauth2'"]),
+    ('auth = "oauth2"\ntoken_file = "no-such-token"\n', ["fetch.0.token_file", "no-such-token", "does not exist"]),
+    ('auth = "oauth2"\npassword_file = "pw"\n', ["fetch.0", "password_file is for auth"]),
+    ('token_file = "token"\n', ["fetch.0", "token_file is for auth"]),
+    ('auth = "oauth2"\noauth2_mechanism = "PLAIN"\n', ["fetch.0.oauth2_mechanism"]),
+])
+def test_bad_oauth2_settings_are_refused_naming_the_key(tmp_path: Path, config_file: Path, lines: str,
+                                                       names: list[str]):
+    (tmp_path / "token").write_text("ya29.token\n")
+    source = _source_without_credential(tmp_path)
+    config_file.write_text(config_file.read_text() + source + lines)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config_file)
+    for name in names:
+        assert name in str(raised.value)
+
+
+def test_sighup_starts_an_added_source_and_stops_a_removed_one(configure, dovecot: Dovecot, serve, serve_env,  # noqa: F811
+                                                               sqlite_url: str, config_file: Path, tmp_path: Path):
+    """Through the real `intake serve`: a [[fetch]] source added to config.toml starts fetching at
+    SIGHUP, without a restart; one removed stops and leaves /readyz."""
+    configure("seen")
+    shipped_and_hosted = config_file.read_text()
+    dovecot.append(_messages(2, "partner"), folder="Partner")
+    port = free_port()
+    serve_env.update(INTAKE_METRICS__LISTEN=f"127.0.0.1:{port}")
+    server = serve()
+    server.start()
+    database = sqlite_url.removeprefix("sqlite:///")
+
+    def stored_from(source: str) -> int:
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=5) as connection:
+            return connection.execute("SELECT count(*) FROM inbound_message WHERE peer = ?",
+                                      (f"imap:{source}",)).fetchone()[0]
+
+    def checks() -> dict[str, str]:
+        return {name: check for name, check in json.loads(_get(port, "/readyz")[1])["checks"].items()
+                if name.startswith("fetch:")}
+
+    wait_until(lambda: checks() == {"fetch:hosted": "ok"}, "the configured source to work", timeout=30)
+    partner = _source_toml(dovecot, tmp_path / "imap-password", name="partner") + 'folder = "Partner"\n'
+    config_file.write_text(shipped_and_hosted + partner)
+    server.process.send_signal(signal.SIGHUP)
+    _wait_for_log(server, "event=fetch-reloaded added=partner removed=- restarted=-")
+    wait_until(lambda: stored_from("partner") == 2, "the added source's mail to be stored", timeout=30)
+    assert dovecot.folder_state("Partner") == (2, 2)
+    _wait_for_log(server, "event=reloaded restart_needed=-")  # fetch no longer needs a restart
+    config_file.write_text(shipped_and_hosted[:shipped_and_hosted.rindex("\n[[fetch]]")] + partner)
+    server.process.send_signal(signal.SIGHUP)
+    _wait_for_log(server, "event=fetch-reloaded added=- removed=hosted restarted=-")
+    wait_until(lambda: checks() == {"fetch:partner": "ok"}, "the removed source to leave /readyz", timeout=30)
+    dovecot.append(_messages(1, "unfetched"))  # INBOX, which only the removed source fetched
+    dovecot.append(_messages(1, "partner-later"), folder="Partner")
+    wait_until(lambda: stored_from("partner") == 3, "the remaining source to go on", timeout=30)
+    assert stored_from("hosted") == 0 and dovecot.folder_state("INBOX") == (1, 0)
+    assert server.stop() == 0
+
+
+def test_reconfigure_restarts_a_changed_or_failing_source_and_leaves_a_working_one_alone(
+        configure, dovecot: Dovecot, tmp_path: Path):
+    """A reload re-reads credentials where it matters: a source failing on a wrong password is
+    restarted at once (not after its back-off) and logs in with the fixed file; a source whose
+    table changed restarts on the new table; an unchanged working one keeps its session."""
+    (tmp_path / "imap-password").write_text("wrong\n")
+    settings = configure("seen")
+    engine = make_engine(settings.database_url)
+    dovecot.append(_messages(2))
+    stored = []
+    fetchers = fetch.Fetchers(settings, engine, stored.append)
+    try:
+        [failing] = fetchers.states
+        wait_until(lambda: failing.failures == 1, "the wrong password to be refused", timeout=15)
+        (tmp_path / "imap-password").write_text(dovecot.password)
+        assert fetchers.reconfigure(settings, 10) == {"added": [], "removed": [], "restarted": ["hosted"]}
+        [working] = fetchers.states
+        # Well before the failed source's back-off (5 s, then Dovecot's own penalty) would have ended.
+        wait_until(lambda: working.stored == 2, "the restarted source to log in with the fixed file", timeout=15)
+        assert fetchers.reconfigure(settings, 10) == {"added": [], "removed": [], "restarted": []}
+        assert fetchers.states == [working]
+        slower = settings.model_copy(update={"fetch": [settings.fetch[0].model_copy(update={"poll_interval": 5})]})
+        assert fetchers.reconfigure(slower, 10)["restarted"] == ["hosted"]
+        assert fetchers.states[0] is not working
+    finally:
+        fetchers.stop(10)
+    assert sum(stored) == 2 and len(_stored(engine)) == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_fetchers_racing_on_one_mailbox_store_each_message_once(configure, dovecot: Dovecot, request,
+                                                                    backend: str):
+    """Two nodes fetching one mailbox (or a cron job beside the service): two passes at once, in
+    lockstep batch by batch, each on its own connection. Each message is stored once (the check
+    and the insert are one transaction under a per-source lock) and makes one ticket."""
+    if backend == "sqlite":
+        url, drop = request.getfixturevalue("sqlite_url"), (lambda: None)
+    else:
+        url, drop = _fresh_postgres_database(request.getfixturevalue("postgres_server"),
+                                             request.getfixturevalue("postgres_template"))
+    try:
+        settings = configure("seen", INTAKE_DATABASE__URL=url)
+        engine = make_engine(settings.database_url)
+        sent = _messages(40, "race")
+        dovecot.append(sent)
+        lockstep = threading.Barrier(2, timeout=20)
+        committed: list[int] = []  # how many each commit of either node stored
+
+        def node() -> None:
+            try:
+                fetch.fetch_once(settings, settings.fetch[0], engine, batch=5, on_stored=committed.append,
+                                 after_batch=lambda progress: lockstep.wait())
+            except threading.BrokenBarrierError:  # the other node's pass ended first
+                pass
+            finally:
+                lockstep.abort()
+
+        nodes = [threading.Thread(target=node) for _ in range(2)]
+        for thread in nodes:
+            thread.start()
+        for thread in nodes:
+            thread.join(60)
+        fetch.fetch_once(settings, settings.fetch[0], engine, on_stored=committed.append)  # what an ended pass left
+        assert sorted(message.raw for message in _stored(engine)) == sorted(sent)
+        assert sum(committed) == 40
+        assert dovecot.folder_state() == (40, 40)
+        process(settings, engine)
+        assert len(all_tickets(engine)) == 40
+        engine.dispose()
+    finally:
+        drop()
 
 
 def test_the_back_off_doubles_within_bounds_and_a_failing_source_says_since_when_and_why():

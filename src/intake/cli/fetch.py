@@ -33,20 +33,16 @@ def fetch_command(obj: Context, names: tuple[str, ...], once: bool) -> None:
         fail("no [[fetch]] sources are configured")
     engine = obj.engine()
     if not once:
+        # The service's fetch threads, on the chosen sources, until SIGTERM or Ctrl-C.
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        threads = [threading.Thread(target=fetch.run, args=(settings, source, engine, stop), name=f"fetch-{source.name}")
-                   for source in sources]
-        for thread in threads:
-            thread.start()
+        fetchers = fetch.Fetchers(settings.model_copy(update={"fetch": sources}), engine, lambda count: None)
         try:
-            while any(thread.is_alive() for thread in threads):
+            while not stop.is_set():
                 stop.wait(1)
         except KeyboardInterrupt:
             pass
-        stop.set()
-        for thread in threads:
-            thread.join()
+        fetchers.stop(settings.service.shutdown_grace)
         return
     failed = []
     for source in sources:

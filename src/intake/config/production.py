@@ -22,7 +22,7 @@ _RESERVED_TOP_LEVEL = ("example", "test", "invalid", "localhost")
 
 def warnings(settings: Settings) -> list[str]:
     """Every warning about *settings*: keys under old names, then the checks of this module."""
-    found = settings.warnings + _size_warnings(settings)
+    found = settings.warnings + _size_warnings(settings) + _token_warnings(settings)
     if not settings.intake.development:
         found += _placeholder_warnings(settings) + _transport_warnings(settings) + _maintainer_warnings(settings)
         found += _hostname_warnings(settings)
@@ -55,6 +55,16 @@ def _size_warnings(settings: Settings) -> list[str]:
     return [f"smtp.max_message_size is {size} bytes, below {RECOMMENDED_MESSAGE_SIZE} (35 MiB): a 25 MB "
             "attachment is ~33.3 MB once base64-encoded, with headers more; give the MX in front the same limit "
             "(Postfix message_size_limit, README \"Behind Postfix\"), or it bounces what intake refuses unseen"]
+
+
+def _token_warnings(settings: Settings) -> list[str]:
+    """An OAuth2 [[fetch]] source reading its token from the systemd credential: LoadCredential=
+    copies the file once, when the service starts, so the refresher's new tokens never reach it."""
+    return [f"fetch.{index}: source {source.name!r} reads its OAuth2 token from $CREDENTIALS_DIRECTORY/fetch-"
+            f"{source.name}, which systemd's LoadCredential= copies once, at service start: a refreshed token "
+            "reaches intake only at a restart (tokens last about an hour). Set token_file to the file your "
+            "refresher writes" for index, source in enumerate(settings.fetch)
+            if source.auth == "oauth2" and source.token_file is None]
 
 
 def _placeholder_warnings(settings: Settings) -> list[str]:

@@ -28,7 +28,7 @@ from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationEr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from intake import patterns
-from intake.config.fetch import FetchSource, check_sources
+from intake.config.fetch import FetchSource, check_sources, token_files_exist
 from intake.config.sections import (
     AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
     OutboundSection, ProcessingSection, SchedulerSection, SenderAuthSection, ServiceSection, SmtpSection,
@@ -127,6 +127,7 @@ class Settings(BaseSettings):
                                              if self.intake.quality_rules else SHIPPED_RULES)
         except RulesError as exc:
             raise ValueError(f"intake.quality_rules: {exc}") from None
+        token_files_exist(self.fetch, self.base_dir)
         return self
 
     @property

@@ -5,17 +5,21 @@ message is stored exactly as the listener stores one (an :class:`~intake.store.i
 peer ``imap:<name>``, committed), and only after the commit is it marked ``\\Seen``, moved or
 deleted on the server. A crash or a dropped connection between the two leaves it unmarked: the
 next pass fetches it again and finds its bytes already stored from this source (sha256), so it
-is stored once and then marked. Messages are read with ``BODY.PEEK[]``, which sets no flag.
+is stored once and then marked; the check and the insert are one transaction under a lock per
+source, so two fetchers of one mailbox (two nodes) store it once too. Messages are read with
+``BODY.PEEK[]``, which sets no flag, with their ``INTERNALDATE``: when the mailbox got them,
+where their SLA starts (bounded, :func:`~intake.understand.arrival_time.fetched_sla_start`).
 
-imapclient, synchronous: each source runs in a thread of its own (:func:`run`), beside the
-listener's event loop, never blocking it; IDLE where the server offers it, polling otherwise,
-and a bounded back-off after errors.
+Login with a password or an OAuth2 access token (SASL XOAUTH2 or OAUTHBEARER), read from its
+file at every login. imapclient, synchronous: each source runs in a thread of its own
+(:func:`run`, :class:`Fetchers`), beside the listener's event loop, never blocking it; IDLE where
+the server offers it, polling otherwise, and a bounded back-off after errors.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import ssl
 import threading
 from collections.abc import Callable, Iterator
@@ -26,13 +30,14 @@ from email.policy import compat32
 from email.utils import format_datetime, getaddresses, parseaddr
 
 from imapclient import IMAPClient
-from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError, LoginError
 from sqlalchemy import Engine
 
 from intake.config.fetch import FetchSource
 from intake.config.settings import Settings
 from intake.run import metrics
-from intake.store.inbound import Arrival, store, stored_from
+from intake.store.inbound import Arrival, store_new_from
+from intake.understand.arrival_time import fetched_sla_start
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +45,20 @@ BATCH = 50  # messages fetched, committed and marked together: one fsync and one
 TIMEOUT = 60.0  # seconds any one IMAP read or write may take before the connection counts as dead
 MAX_BACKOFF = 600.0  # the longest wait between tries after errors, seconds
 _SEEN, _DELETED = b"\\Seen", b"\\Deleted"
+_BODY, _INTERNALDATE = b"BODY[]", b"INTERNALDATE"
+# What is fetched of each message: its bytes (PEEK: no \\Seen flag set) and when the mailbox got it.
+_FETCH_ITEMS = [b"BODY.PEEK[]", _INTERNALDATE]
 # Headers naming the address a fetched message was delivered to, most telling first.
 _RECIPIENT_HEADERS = ("Delivered-To", "X-Original-To", "To", "Cc")
 
 # What a dead or refusing server, a bad certificate, a dropped connection or a timeout raise (the
 # TLS errors and timeouts are OSErrors), and a missing password file.
 FetchError = (IMAPClientError, OSError)
+
+
+class TokenRejected(LoginError):
+    """The server refused an OAuth2 source's access token: most often it expired because the
+    refresher that rewrites the token file has stopped."""
 
 
 @dataclass
@@ -83,13 +96,15 @@ def connect(source: FetchSource, settings: Settings) -> IMAPClient:
     context = ssl.create_default_context(
         cafile=str(settings.resolve_path(source.ca_file)) if source.ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    password = source.password(settings.base_dir)
+    # Read at every login: a refresher rewrites a token. (When it was written, for the error if refused.)
+    written = _written(source, settings) if source.auth == "oauth2" else ""
+    secret = source.credential(settings.base_dir)
     client = IMAPClient(source.host, port=source.port, ssl=source.tls == "imaps", ssl_context=context,
                         timeout=TIMEOUT)
     try:
         if source.tls == "starttls":
             client.starttls(context)
-        client.login(source.user, password)
+        _login(client, source, secret, written)
         if source.move_to and not client.folder_exists(source.move_to):
             client.create_folder(source.move_to)
     except BaseException:
@@ -98,16 +113,44 @@ def connect(source: FetchSource, settings: Settings) -> IMAPClient:
     return client
 
 
+def _written(source: FetchSource, settings: Settings) -> str:
+    """When the source's token file was last written (UTC, ISO 8601), or "unknown"."""
+    try:
+        stamp = os.stat(source.credential_path(settings.base_dir)).st_mtime
+    except OSError:
+        return "unknown"
+    return datetime.fromtimestamp(stamp, timezone.utc).isoformat(timespec="seconds")
+
+
+def _login(client: IMAPClient, source: FetchSource, secret: str, written: str) -> None:
+    """LOGIN with the password, or SASL XOAUTH2/OAUTHBEARER with the access token; a refused
+    token is a :class:`TokenRejected` naming the source and when its token file was written."""
+    if source.auth == "password":
+        client.login(source.user, secret)
+        return
+    try:
+        if source.oauth2_mechanism == "OAUTHBEARER":
+            client.oauthbearer_login(source.user, secret)
+        else:
+            client.oauth2_login(source.user, secret)
+    except LoginError as exc:
+        raise TokenRejected(f"fetch source {source.name}: token rejected ({source.oauth2_mechanism}: {exc}); "
+                            f"is the refresher running? Its token file was last written {written}") from None
+
+
 def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch: int = BATCH,
                client: IMAPClient | None = None, on_stored: Callable[[int], None] = lambda count: None,
-               after_batch: Callable[[PassResult], None] | None = None) -> PassResult:
+               after_batch: Callable[[PassResult], None] | None = None,
+               stop: threading.Event | None = None) -> PassResult:
     """One pass over *source*: store what waits in its folder, then mark it on the server.
 
     Uses *client* if given (left open), else a connection of its own. *on_stored* is told how
     many messages each commit stored (the service wakes its processor); *after_batch* is called
-    after each batch is committed and marked (progress; tests drop the connection there)."""
+    after each batch is committed and marked (progress; tests drop the connection there). Once
+    *stop* is set, the pass ends after the batch in hand is committed and marked."""
     own = client is None
     client = client or connect(source, settings)
+    client.normalise_times = False  # INTERNALDATE with the zone the server gave, not naive local time
     result = PassResult()
     try:
         selected = client.select_folder(source.folder)
@@ -116,6 +159,8 @@ def fetch_once(settings: Settings, source: FetchSource, engine: Engine, *, batch
         result.found = len(uids)
         uids = _within_size_limit(settings, source, client, uids, result)
         for chunk in _chunks(uids, batch):
+            if stop is not None and stop.is_set():
+                break
             _fetch_batch(settings, source, engine, client, uidvalidity, chunk, result, on_stored)
             if after_batch is not None:
                 after_batch(result)
@@ -144,38 +189,32 @@ def _within_size_limit(settings: Settings, source: FetchSource, client: IMAPClie
 def _fetch_batch(settings: Settings, source: FetchSource, engine: Engine, client: IMAPClient, uidvalidity: int,
                  uids: list[int], result: PassResult, on_stored: Callable[[int], None]) -> None:
     """Fetch *uids*, commit the ones not stored before, then mark every one fetched."""
-    bodies = _bodies(client, uids)
-    result.vanished += len(uids) - len(bodies)
-    hashes = {uid: hashlib.sha256(raw).hexdigest() for uid, raw in bodies.items()}
-    known = stored_from(engine, source.peer, hashes.values())
+    fetched = _fetched(client, uids)
+    result.vanished += len(uids) - len(fetched)
     now = datetime.now(timezone.utc)
-    arrivals, new_hashes = [], set()
-    for uid, raw in bodies.items():
-        digest = hashes[uid]
-        if digest in known or digest in new_hashes:  # the same bytes twice in one batch: one message
-            result.duplicates += 1
-            continue
-        new_hashes.add(digest)
-        arrivals.append(arrival(settings, source, raw, now, uidvalidity, uid))
-    if arrivals:
-        ids = store(engine, arrivals)
+    # Committed unless stored from this source before (a pass that ended before marking, another
+    # node's fetcher) or repeated in the batch: stored once, marked now either way.
+    ids = store_new_from(engine, source.peer, [arrival(settings, source, raw, now, uidvalidity, uid, internal_date)
+                                               for uid, (raw, internal_date) in fetched.items()])
+    result.duplicates += len(fetched) - len(ids)
+    if ids:
         result.stored += len(ids)
         metrics.FETCH_STORED.labels(source.name).inc(len(ids))
         on_stored(len(ids))
         log.info("event=fetched source=%s stored=%d first_id=%d", source.name, len(ids), ids[0])
-    done = sorted(bodies)
+    done = sorted(fetched)
     if done:
         _mark(client, source, done)
         result.marked += len(done)
 
 
-def _bodies(client: IMAPClient, uids: list[int]) -> dict[int, bytes]:
-    """The raw bytes of *uids* that still exist. A message expunged by another client meanwhile is
-    left out: the server leaves it out of the answer or (Dovecot) refuses the whole FETCH with
-    NO [EXPUNGEISSUED] until this session has heard of the expunge; then a NOOP, and each
-    message is asked for alone. A dropped connection is raised, not taken for a refusal."""
+def _fetched(client: IMAPClient, uids: list[int]) -> dict[int, tuple[bytes, datetime | None]]:
+    """The raw bytes and INTERNALDATE of *uids* that still exist. A message expunged by another
+    client meanwhile is left out: the server leaves it out of the answer or (Dovecot) refuses the
+    whole FETCH with NO [EXPUNGEISSUED] until this session has heard of the expunge; then a NOOP,
+    and each message is asked for alone. A dropped connection is raised, not taken for a refusal."""
     try:
-        answer = client.fetch(uids, [b"BODY.PEEK[]"])
+        answer = client.fetch(uids, _FETCH_ITEMS)
     except IMAPClientAbortError:
         raise
     except IMAPClient.Error as exc:
@@ -184,14 +223,24 @@ def _bodies(client: IMAPClient, uids: list[int]) -> dict[int, bytes]:
         answer = {}
         for uid in uids:
             try:
-                answer.update(client.fetch([uid], [b"BODY.PEEK[]"]))
+                answer.update(client.fetch([uid], _FETCH_ITEMS))
             except IMAPClientAbortError:
                 raise
             except IMAPClient.Error:
                 continue
-    # Dovecot answers BODY[] NIL for a message expunged since this session last heard.
-    bodies = {uid: answer.get(uid, {}).get(b"BODY[]") for uid in uids}
-    return {uid: raw for uid, raw in bodies.items() if isinstance(raw, bytes)}
+    found = {}
+    for uid in uids:
+        item = answer.get(uid, {})
+        # Dovecot answers BODY[] NIL for a message expunged since this session last heard.
+        if isinstance(item.get(_BODY), bytes):
+            found[uid] = (item[_BODY], _instant(item.get(_INTERNALDATE)))
+    return found
+
+
+def _instant(value: object) -> datetime | None:
+    """An INTERNALDATE as imapclient gives it (aware with normalise_times off; naive local time
+    otherwise), as an aware UTC instant; None if the server gave none."""
+    return value.astimezone(timezone.utc) if isinstance(value, datetime) else None
 
 
 def _mark(client: IMAPClient, source: FetchSource, uids: list[int]) -> None:
@@ -213,18 +262,21 @@ def _mark(client: IMAPClient, source: FetchSource, uids: list[int]) -> None:
 
 
 def arrival(settings: Settings, source: FetchSource, raw: bytes, now: datetime, uidvalidity: int,
-            uid: int) -> Arrival:
-    """*raw*, fetched from *source*, as the listener would have received it: the envelope sender
-    from its Return-Path (else From), the recipient the configured address it was delivered to
-    (else the first configured one), and a Received: field saying where it was fetched from."""
+            uid: int, internal_date: datetime | None = None) -> Arrival:
+    """*raw*, fetched from *source* at *now*, as the listener would have received it: the envelope
+    sender from its Return-Path (else From), the recipient the configured address it was
+    delivered to (else the first configured one), and a Received: field saying where it was
+    fetched from and when the mailbox got it (*internal_date*, its INTERNALDATE), where its SLA
+    starts, bounded (:func:`~intake.understand.arrival_time.fetched_sla_start`)."""
     headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
     mail_from = parseaddr(str(headers.get("Return-Path") or headers.get("From") or ""))[1]
     recipient = _our_recipient(settings, headers)
+    internal = f" internaldate {format_datetime(internal_date)}" if internal_date else ""
     received = (f"Received: from {_word(source.host)} by {_word(settings.hostname)} (intake) with IMAP\r\n"
-                f"\t(fetch source {source.name} uidvalidity {uidvalidity} uid {uid})\r\n"
+                f"\t(fetch source {source.name} uidvalidity {uidvalidity} uid {uid}{internal})\r\n"
                 f"\tfor <{recipient}>; {format_datetime(now)}\r\n")
     return Arrival(mail_from=mail_from, rcpt_tos=[recipient], peer=source.peer, helo=_word(source.host), raw=raw,
-                   received_at=now, trace=received)
+                   received_at=now, trace=received, arrived_at=fetched_sla_start(internal_date, raw, now))
 
 
 def _our_recipient(settings: Settings, headers) -> str:  # type: ignore[no-untyped-def]
@@ -274,7 +326,7 @@ def run(settings: Settings, source: FetchSource, engine: Engine, stop: threading
         try:
             if client is None:
                 client = connect(source, settings)
-            result = fetch_once(settings, source, engine, client=client, on_stored=on_stored)
+            result = fetch_once(settings, source, engine, client=client, on_stored=on_stored, stop=stop)
             state.stored += result.stored
             state.last_success, state.failures, state.last_error = datetime.now(timezone.utc), 0, None
             metrics.fetch_pass(source.name, state.last_success, ok=True)
@@ -295,26 +347,78 @@ def run(settings: Settings, source: FetchSource, engine: Engine, stop: threading
     return state
 
 
+@dataclass
+class _Running:
+    """One source's fetch thread, and the event that stops it."""
+
+    source: FetchSource
+    state: SourceState
+    stop: threading.Event
+    thread: threading.Thread
+
+
 class Fetchers:
-    """The service's fetch threads, one per source; :meth:`stop` ends them all."""
+    """The service's fetch threads, one per source. :meth:`reconfigure` applies a reloaded
+    configuration (SIGHUP); :meth:`stop` ends them all."""
 
     def __init__(self, settings: Settings, engine: Engine, on_stored: Callable[[int], None]):
-        self._stop = threading.Event()
-        self.states = [SourceState(source.name) for source in settings.fetch]
-        for source in settings.fetch:  # every series there, at zero, from the start
+        self._settings, self._engine, self._on_stored = settings, engine, on_stored
+        self._running: dict[str, _Running] = {}
+        for source in settings.fetch:
+            self._start(source)
+
+    @property
+    def states(self) -> list[SourceState]:
+        """The running sources' states, in configuration order."""
+        return [running.state for running in self._running.values()]
+
+    def _start(self, source: FetchSource) -> None:
+        for metric in (metrics.FETCH_STORED, metrics.FETCH_LAST_SUCCESS, metrics.FETCH_FAILURES):
+            metric.labels(source.name)  # every series there, at zero, from the start
+        state, stop = SourceState(source.name), threading.Event()
+        thread = threading.Thread(target=run, args=(self._settings, source, self._engine, stop, state,
+                                                    self._on_stored), name=f"fetch-{source.name}", daemon=True)
+        self._running[source.name] = _Running(source, state, stop, thread)
+        thread.start()
+
+    def reconfigure(self, settings: Settings, timeout: float) -> dict[str, list[str]]:
+        """Apply *settings*' sources: a new one starts, a removed one stops (once the batch in
+        hand is committed and marked), a changed one, or one whose logins fail, restarts (so a
+        fixed password or token file is tried at once, not after its back-off); the others go
+        on undisturbed, unless what they read of the rest changed (the intake addresses a
+        fetched message's recipient is one of). Returns the names of each kind, for the log."""
+        wanted = {source.name: source for source in settings.fetch}
+        removed = [name for name in self._running if name not in wanted]
+        everything = _read_by_sources(settings) != _read_by_sources(self._settings)
+        restarted = [name for name, running in self._running.items() if name in wanted and (
+            everything or running.source != wanted[name] or running.state.failures)]
+        stopping = [self._running.pop(name) for name in removed + restarted]
+        for running in stopping:
+            running.stop.set()
+        for running in stopping:  # a restarted source's old session ends before its new one starts
+            running.thread.join(timeout)
+        for name in removed:
             for metric in (metrics.FETCH_STORED, metrics.FETCH_LAST_SUCCESS, metrics.FETCH_FAILURES):
-                metric.labels(source.name)
-        self._threads = [
-            threading.Thread(target=run, args=(settings, source, engine, self._stop, state, on_stored),
-                             name=f"fetch-{source.name}", daemon=True)
-            for source, state in zip(settings.fetch, self.states)]
-        for thread in self._threads:
-            thread.start()
+                metric.remove(name)
+        self._settings = settings
+        added = [name for name in wanted if name not in self._running and name not in restarted]
+        for name, source in wanted.items():
+            if name not in self._running:
+                self._start(source)
+        self._running = {name: self._running[name] for name in wanted}  # configuration order
+        return {"added": added, "removed": removed, "restarted": restarted}
 
     def stop(self, timeout: float) -> None:
-        self._stop.set()
-        for thread in self._threads:  # each notices within a second (IDLE is checked every second)
-            thread.join(timeout)
+        for running in self._running.values():
+            running.stop.set()
+        for running in self._running.values():  # each notices within a second (IDLE is checked every second)
+            running.thread.join(timeout)
+
+
+def _read_by_sources(settings: Settings) -> tuple[object, ...]:
+    """What a source's thread reads of the settings besides its own [[fetch]] table (the rest,
+    hostname and message size, a restart applies)."""
+    return tuple(settings.smtp.addresses), settings.base_dir
 
 
 def _wait_for_news(client: IMAPClient, source: FetchSource, stop: threading.Event) -> None:

@@ -135,9 +135,11 @@ def prepare(settings: Settings, stored: StoredMessage, dns: dns_lookups.Resolver
 
 
 def arrived_at(stored: StoredMessage) -> datetime:
-    """When *stored* arrived, for its SLA: the trusted relay's Received: time, bounded (see
-    :mod:`intake.understand.arrival_time`); intake's receipt for a direct client, whose
-    Received: fields are its own writing."""
+    """When *stored* arrived, for its SLA: a fetched message's INTERNALDATE or the trusted relay's
+    Received: time, bounded (see :mod:`intake.understand.arrival_time`); intake's receipt for a
+    direct client, whose Received: fields are its own writing."""
+    if stored.arrived_at is not None:  # bounded when it was stored
+        return stored.arrived_at
     if not stored.relay:
         return stored.received_at
     return arrival_time.relayed_sla_start(stored.raw, stored.received_at)

@@ -50,7 +50,7 @@ def promote(engine: Engine, settings: Settings, inbound_id: int, actor: str, now
         return already
     held_as = f"{row.decision or row.status}: {row.reason or row.error or ''}"
     stored = StoredMessage(row.id, row.mail_from, row.rcpt_tos, row.raw, row.sha256, row.received_at, row.relay,
-                           row.trace)
+                           row.trace, arrived_at=row.arrived_at)
     prepared = processor.prepare(settings, stored)
     if prepared.mail is None:
         raise PromoteRefused(f"message {inbound_id} cannot be parsed: {prepared.error}")

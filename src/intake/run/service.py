@@ -243,7 +243,8 @@ async def _serve(settings: Settings) -> int:
         woken.clear()
         if reload.is_set() and not stop.is_set():
             reload.clear()
-            settings, worker = await _reload(settings, handler, worker, context, wake_processor, stop_worker)
+            settings, worker = await _reload(settings, handler, fetchers, worker, context, wake_processor,
+                                             stop_worker)
         sd_notify("WATCHDOG=1")
         if not stop.is_set() and not worker.is_alive():
             log.error("event=worker-died exitcode=%s", worker.exitcode)
@@ -278,7 +279,7 @@ async def _serve(settings: Settings) -> int:
 # Settings only a restart applies: the listening socket and its SMTP session options, the database,
 # the service's own. Everything else is reloaded on SIGHUP.
 _RESTART_ONLY = ("smtp.listen", "smtp.hostname", "smtp.max_message_size", "smtp.idle_timeout", "smtp.tls_certificate",
-                 "smtp.tls_key", "smtp.require_starttls", "database", "service", "logging", "metrics", "fetch")
+                 "smtp.tls_key", "smtp.require_starttls", "database", "service", "logging", "metrics")
 
 
 def _setting(settings: Settings, dotted: str) -> object:
@@ -288,13 +289,13 @@ def _setting(settings: Settings, dotted: str) -> object:
     return value
 
 
-async def _reload(settings: Settings, handler: IntakeHandler, worker, context, wake: ProcessEvent,  # type: ignore[no-untyped-def]
-                  stop_worker: ProcessEvent):
+async def _reload(settings: Settings, handler: IntakeHandler, fetchers: fetch.Fetchers, worker, context,  # type: ignore[no-untyped-def]
+                  wake: ProcessEvent, stop_worker: ProcessEvent):
     """SIGHUP: read the configuration again. If it is valid, the listener takes its addresses and
-    recipient limit, and the worker (processor, outbox, scheduler: policies, calendars, templates,
-    maintainers, relay, schedules) is restarted on it; settings only a restart applies are named in
-    the log. If it is not valid, nothing changes and the error is logged: a typo must not stop
-    the service."""
+    recipient limit, the [[fetch]] sources are started, stopped or restarted as they changed, and
+    the worker (processor, outbox, scheduler: policies, calendars, templates, maintainers, relay,
+    schedules) is restarted on it; settings only a restart applies are named in the log. If it is
+    not valid, nothing changes and the error is logged: a typo must not stop the service."""
     sd_notify("RELOADING=1\nSTATUS=reloading the configuration")
     try:
         fresh = load_settings(settings.config_path)
@@ -303,6 +304,8 @@ async def _reload(settings: Settings, handler: IntakeHandler, worker, context, w
         sd_notify("READY=1\nSTATUS=reload refused: configuration error (see the log)")
         return settings, worker
     handler.reconfigure(fresh)
+    sources = await asyncio.to_thread(fetchers.reconfigure, fresh, settings.service.shutdown_grace)
+    log.info("event=fetch-reloaded %s", " ".join(f"{kind}={','.join(names) or '-'}" for kind, names in sources.items()))
     stop_worker.set()
     wake.set()
     await asyncio.to_thread(worker.join, settings.service.shutdown_grace)

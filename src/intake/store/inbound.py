@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Dialect, Engine, func, insert, or_, select, update
+from sqlalchemy import Connection, Dialect, Engine, func, insert, or_, select, text, update
 
 from intake.store.db import (
     checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection, write_session,
@@ -46,6 +46,7 @@ class Arrival:
     trace: str = ""  # intake's Return-Path: and Received: fields, CRLF lines
     history: bool = False  # imported from an existing mailbox: nothing is sent for it
     message_id: str | None = None  # the Message-ID an import read (the listener reads none)
+    arrived_at: datetime | None = None  # a fetched message's bounded INTERNALDATE: its SLA start
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class StoredMessage:
     relay: str = ""
     trace: str = ""
     history: bool = False  # see Arrival.history
+    arrived_at: datetime | None = None  # see Arrival.arrived_at
 
     @property
     def full(self) -> bytes:
@@ -75,7 +77,7 @@ def full_message(trace: str, raw: bytes) -> bytes:
 
 # The columns :func:`_rows` gives a value for.
 _COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "raw", "status",
-            "attempts", "history", "message_id")
+            "attempts", "history", "message_id", "arrived_at")
 
 
 def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
@@ -95,6 +97,7 @@ def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
             "attempts": 0,
             "history": a.history,
             "message_id": a.message_id,
+            "arrived_at": a.arrived_at,
         }
         for a in arrivals
     ]
@@ -105,12 +108,16 @@ def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
     rows = _rows(arrivals)
     if is_sqlite(engine):
         return _store_sqlite(engine, rows)
-    table = InboundMessage.__table__
-    # Core on a plain connection, not ORM objects: this is the hot path in front of every 250. One
-    # INSERT for all rows; the rows come back in any order, and the content hash says which id is
-    # whose (identical messages may swap ids, which changes nothing).
+    # Core on a plain connection, not ORM objects: this is the hot path in front of every 250.
     with write_connection(engine) as connection:
-        inserted = connection.execute(insert(table).returning(table.c.id, table.c.sha256), rows).all()
+        return _insert(connection, rows)
+
+
+def _insert(connection: Connection, rows: list[dict[str, object]]) -> list[int]:
+    """One INSERT for all *rows*; their ids in order. The rows come back in any order, and the
+    content hash says which id is whose (identical messages may swap ids, which changes nothing)."""
+    table = InboundMessage.__table__
+    inserted = connection.execute(insert(table).returning(table.c.id, table.c.sha256), rows).all()
     ids_by_hash: dict[str, list[int]] = defaultdict(list)
     for id_, sha256 in sorted(inserted):
         ids_by_hash[sha256].append(id_)
@@ -249,7 +256,7 @@ def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     table = InboundMessage.__table__
     query = (
         select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at,
-               table.c.relay, table.c.trace, table.c.history)
+               table.c.relay, table.c.trace, table.c.history, table.c.arrived_at)
         .where(table.c.status == InboundStatus.PENDING)
         .order_by(table.c.id)
         .limit(limit)
@@ -381,13 +388,30 @@ def _held(row: Any) -> HeldMessage:
                        HELD_FAILED if failed else row.decision, (row.error if failed else row.reason) or "")
 
 
-def stored_from(engine: Engine, peer: str, hashes: Iterable[str]) -> set[str]:
-    """Which of *hashes* (sha256 of raw) are already stored with *peer*: what a fetch source
-    stored before, and must not store again."""
-    wanted = sorted(set(hashes))
-    if not wanted:
-        return set()
+def store_new_from(engine: Engine, peer: str, arrivals: Iterable[Arrival]) -> list[int]:
+    """Store those of *arrivals* (all from *peer*, a fetch source) whose bytes are not stored from
+    *peer* yet, nor repeated among them, in one committed transaction; returns the new ids.
+
+    The check and the insert are one transaction under a lock per peer, so fetchers of one mailbox
+    on two nodes (or a cron job beside the service) never both store a message: on SQLite the
+    writer lock every intake writer takes; on PostgreSQL an advisory lock keyed by *peer*."""
+    rows, hashes = [], set()
+    for row in _rows(arrivals):
+        if row["sha256"] not in hashes:
+            hashes.add(row["sha256"])
+            rows.append(row)
+    if not rows:
+        return []
     table = InboundMessage.__table__
-    query = select(table.c.sha256).where(table.c.peer == peer, table.c.sha256.in_(wanted))
-    with read_session(engine) as session:
-        return set(session.scalars(query))
+    with write_connection(engine) as connection:
+        if not is_sqlite(engine):
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _peer_lock_key(peer)})
+        known = set(connection.scalars(select(table.c.sha256).where(table.c.peer == peer,
+                                                                    table.c.sha256.in_(sorted(hashes)))))
+        new = [row for row in rows if row["sha256"] not in known]
+        return _insert(connection, new) if new else []
+
+
+def _peer_lock_key(peer: str) -> int:
+    """A PostgreSQL advisory lock key (signed 64 bits) for *peer*'s fetches."""
+    return int.from_bytes(hashlib.sha256(f"intake-fetch:{peer}".encode()).digest()[:8], "big", signed=True)

@@ -59,6 +59,10 @@ class InboundMessage(SQLModel, table=True):
     # intake's own Return-Path: and Received: fields (CRLF lines), kept beside raw so that raw,
     # size and sha256 stay the message as sent; see intake.store.inbound.full_message.
     trace: str = Field(default="", sa_column=Column(Text, nullable=False))
+    # When the message reached the organisation, where intake knows it was before received_at: a
+    # fetched message's INTERNALDATE (when the hosted mailbox got it), bounded; its SLA starts
+    # there (see intake.understand.arrival_time). None for mail handed to intake over SMTP.
+    arrived_at: datetime | None = _instant(nullable=True)
     # Mail from before intake, stored by `intake import`: processed (threads rebuilt) but nothing
     # is sent for it, no acknowledgement, notice or forward (see intake.receive.mailbox_import).
     history: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, server_default=text("false")))

@@ -14,6 +14,12 @@ no field of its own would hand us a line the sender wrote:
 
 A timestamp that cannot be read gives intake's receipt. Mail from a direct client never comes
 here: its ``Received:`` fields are all the sender's own writing.
+
+Mail fetched from a hosted mailbox (``[[fetch]]``) starts where the mailbox's server says it
+arrived, its IMAP ``INTERNALDATE``, within the same bounds: a report that waited in the mailbox
+while intake was down is not given extra time. The bounds matter more there: INTERNALDATE is
+whatever an APPEND said, so a message dragged into the folder from an archive (or a migration
+that kept the dates) brings a date of years ago, and would start with every deadline breached.
 """
 
 from __future__ import annotations
@@ -59,6 +65,14 @@ def relayed_sla_start(raw: bytes, received: datetime) -> datetime:
     previous_hop = _received_time(stamps[1]) if len(stamps) > 1 else None
     dates = fields.get("date", [])
     return sla_start(relay_received, previous_hop, _date(dates[0]) if dates else None, received)
+
+
+def fetched_sla_start(internal_date: datetime | None, raw: bytes, received: datetime) -> datetime:
+    """When a message fetched from a hosted mailbox arrived: its *internal_date* (IMAP
+    INTERNALDATE) within :func:`sla_start`'s bounds (not after *received*, intake's receipt; not
+    more than MAX_QUEUED before it; not more than DATE_MARGIN before the Date: of *raw*)."""
+    dates = scan_header_block(raw).get("date", [])
+    return sla_start(internal_date, None, _date(dates[0]) if dates else None, received)
 
 
 def _received_time(value: str) -> datetime | None:
