@@ -5,7 +5,10 @@ made CRLF, as on the wire), as if received at its ``Date:`` (never in the future
 Maildir file's time or the mbox ``From`` line's date, else the import's own time), oldest first,
 then run through the normal processor, so replies thread into the tickets their reports open.
 Stored rows are marked ``history``: acting on them sends nothing (no acknowledgement, notice,
-forward or command) unless the operator opts in for messages younger than a cutoff.
+forward or command) unless the operator opts in for messages younger than a cutoff. The tickets
+they open keep deadlines counted from the true arrival, and record when they were imported: the
+SLA sweep mails nothing that fell due before then (see :mod:`intake.sla.reminders`); the result
+says how many of them are open and how many of their stages were past due already.
 
 Importing twice adds nothing: a message whose bytes (sha256) are stored already, or whose
 Message-ID a ticket's thread holds (or an earlier message of the same box had), is a duplicate.
@@ -33,6 +36,7 @@ from sqlalchemy import Engine
 
 from intake.config.settings import Settings
 from intake.run import processor
+from intake.sla import deadlines
 from intake.store import inbound
 from intake.understand import addresses
 from intake.understand.header_text import clean_text, first_message_id
@@ -63,13 +67,16 @@ class ImportResult:
     held: int = 0  # of the imported: stored but made no ticket entry (spam, auto-reply, bounce...)
     failed: int = 0  # could not be read from the box, or processing failed (stored as failed)
     tickets: int = 0  # tickets the imported messages opened
+    open_tickets: int = 0  # of those, still open (not resolved or closed)
+    stages_past_due: int = 0  # their unmet stages past due at the import: counted, never mailed about
     acknowledged: int = 0  # messages stored to be acted on as new mail (--acknowledge)
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
         return {"imported": self.imported, "duplicates": self.duplicates, "held": self.held,
-                "failed": self.failed, "tickets": self.tickets}
+                "failed": self.failed, "tickets": self.tickets, "open_tickets": self.open_tickets,
+                "stages_past_due": self.stages_past_due}
 
 
 @dataclass(frozen=True)
@@ -139,16 +146,22 @@ def import_mailbox(engine: Engine, settings: Settings, path: Path, now: datetime
         progress(len(fresh[start:start + _STORE_BATCH]))
     progress(result.duplicates + unreadable)
     # Counted from the rows, not the batch result: a running worker may have processed some.
-    for status, decision in inbound.outcomes(engine, stored_ids):
+    opened = []
+    for status, decision, ticket_id in inbound.outcomes(engine, stored_ids):
         if status == InboundStatus.FAILED:
             result.failed += 1
             continue
         result.imported += 1
         result.held += status != InboundStatus.PROCESSED
-        result.tickets += decision == NEW_TICKET
+        if decision == NEW_TICKET and ticket_id is not None:
+            opened.append(ticket_id)
+    result.tickets = len(opened)
+    backlog = deadlines.backlog(engine, opened, now)
+    result.open_tickets, result.stages_past_due = backlog.open_tickets, backlog.stages_past_due
     result.seconds = time.perf_counter() - started
-    log.info("event=mailbox-imported path=%s imported=%d duplicates=%d held=%d failed=%d tickets=%d seconds=%.1f",
-             path, result.imported, result.duplicates, result.held, result.failed, result.tickets, result.seconds)
+    log.info("event=mailbox-imported path=%s imported=%d duplicates=%d held=%d failed=%d tickets=%d open=%d "
+             "past_due=%d seconds=%.1f", path, result.imported, result.duplicates, result.held, result.failed,
+             result.tickets, result.open_tickets, result.stages_past_due, result.seconds)
     return result
 
 
