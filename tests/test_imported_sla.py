@@ -155,3 +155,47 @@ def test_the_import_summary_names_open_tickets_and_past_due_stages(settings, cli
 
     assert "3 imported ticket(s) open, 6 stage(s) already past due" in output
     assert "never mailed about" in output and "intake close" in output
+
+
+def test_our_own_reply_in_the_box_acknowledges_its_ticket_at_the_reply_date(settings, cli, sink, tmp_path):
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    reported = now - timedelta(days=AGES["oldest"])
+    answered_at = reported + timedelta(days=2)  # within acknowledge's 3 days
+    path = tmp_path / "security.mbox"
+    box = mailbox.mbox(path)
+    for name in ("answered", "unanswered"):
+        message = report(subject=f"{name}: IDOR on invoices", sender=f"{name}@researcher.test",
+                         message_id=f"<{name}@researcher.test>")
+        message["Date"] = format_datetime(reported)
+        box.add(message.as_bytes())
+    ours = report(subject="Re: answered: IDOR on invoices", sender="security@example.com",
+                  message_id="<reply-1@example.com>", In_Reply_To="<answered@researcher.test>",
+                  References="<answered@researcher.test>")
+    ours.replace_header("To", "answered@researcher.test")
+    ours["Date"] = format_datetime(answered_at)
+    box.add(ours.as_bytes())
+    # A stranger's mail naming the report proves nothing.
+    forged = report(subject="Re: unanswered", sender="mallory@elsewhere.test", In_Reply_To="<unanswered@researcher.test>")
+    forged["Date"] = format_datetime(answered_at)
+    box.add(forged.as_bytes())
+    box.flush()
+
+    summary = json.loads(cli("import", str(path), "--json").output)
+
+    assert summary["tickets"] == 2 and summary["acknowledged_by_replies"] == 1
+    assert summary["stages_past_due"] == 3  # assess of both, acknowledge of the unanswered one
+    references = {t.reporter.split("@")[0]: t.reference for t in all_tickets(make_engine(settings.database_url))}
+    shown = json.loads(cli("show", references["answered"], "--json").output)
+    stages = {stage["stage"]: stage for stage in shown["stages"]}
+    assert stages["acknowledge"]["state"] == "met"
+    assert datetime.fromisoformat(stages["acknowledge"]["met_at"]) == answered_at
+    [milestone] = [e for e in shown["events"] if e["kind"] == "milestone"]
+    assert milestone["actor"] == "intake import" and milestone["detail"]["message_id"] == "<reply-1@example.com>"
+    unanswered = json.loads(cli("show", references["unanswered"], "--json").output)
+    assert {s["stage"]: s["state"] for s in unanswered["stages"]}["acknowledge"] == "breached"
+
+    swept = _sweep(cli, now + timedelta(hours=1))
+    assert swept["mails"] == 0
+    assert (references["answered"], "acknowledge") not in {(n["ticket"], n["stage"]) for n in swept["suppressed"]}
+    deliver_outbox(settings, make_engine(settings.database_url), now + timedelta(hours=1))
+    assert sink.messages == []

@@ -82,7 +82,7 @@ def test_a_corpus_mailbox_imports_once_with_exact_counts_and_sends_nothing(kind,
 
     second = _import(cli, path)
     assert second == {"imported": 0, "duplicates": len(messages), "held": 0, "failed": 0, "tickets": 0,
-                      "open_tickets": 0, "stages_past_due": 0, "close_hint": None}
+                      "acknowledged_by_replies": 0, "open_tickets": 0, "stages_past_due": 0, "close_hint": None}
     assert _stored(settings)[0] == total
 
     assert deliver_outbox(settings, make_engine(settings.database_url)).get("sent", 0) == 0

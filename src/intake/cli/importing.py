@@ -50,6 +50,8 @@ def import_command(obj: Context, path: Path, acknowledge: bool, younger_than: st
         return
     echo(f"imported {result.imported}, duplicates {result.duplicates}, held {result.held}, failed {result.failed} "
          f"({result.tickets} tickets opened, {size / max(result.seconds, 1e-9):.0f} messages/s)")
+    if result.acknowledged_by_replies:
+        echo(f"{result.acknowledged_by_replies} ticket(s) acknowledged at the date of our own reply found in the box")
     if result.open_tickets:
         echo(f"{result.open_tickets} imported ticket(s) open, {result.stages_past_due} stage(s) already past due: "
              "shown as missed by show, stats and the digest, but never mailed about (reminders and breach "
