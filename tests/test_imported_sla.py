@@ -155,6 +155,9 @@ def test_the_import_summary_names_open_tickets_and_past_due_stages(settings, cli
 
     assert "3 imported ticket(s) open, 6 stage(s) already past due" in output
     assert "never mailed about" in output and "intake close" in output
+    # The hint selects imported tickets by this field.
+    listed = json.loads(cli("tickets", "--json").output)
+    assert len(listed) == 3 and all(ticket["imported_at"] for ticket in listed)
 
 
 def test_our_own_reply_in_the_box_acknowledges_its_ticket_at_the_reply_date(settings, cli, sink, tmp_path):
