@@ -1,5 +1,5 @@
 """Imported history does not flood the maintainers: `intake import` of a mailbox of old reports,
-then SLA sweeps at explicit instants.
+then SLA sweeps at explicit instants, on SQLite and PostgreSQL.
 
 Deadlines stay counted from each report's true arrival, so the imported tickets are honestly
 breached; but no breach notice, repeat or escalation for a stage already past due at the import
@@ -47,11 +47,6 @@ duration = "365 days"
 # Reports' ages at the import: the 50% point of "fix" (182.5 days in) passed before the import
 # for the first two, and is still ahead for the third.
 AGES = {"oldest": 300, "older": 200, "recent": 100}
-
-
-@pytest.fixture
-def database_url(sqlite_url: str) -> str:
-    return sqlite_url
 
 
 @pytest.fixture
