@@ -6,7 +6,9 @@ synchronous=FULL): messages stored per second, connection, TLS and marking inclu
     sudo .venv/bin/python benchmarks/fetch.py             # N=1000, 4 KB, after = "seen"
     sudo .venv/bin/python benchmarks/fetch.py -n 200 --after delete --json
 
-Only 127.0.0.1 is contacted; the Dovecot is stopped and its folder removed at the end.
+Only 127.0.0.1 is contacted; the pass is bounded by --timeout; the Dovecot is stopped and its
+folder removed at the end. (``throughput.py --modes smtp,import,fetch`` puts the fetch rate,
+processing included, beside the SMTP and import rates; the setup is shared: ``intake_modes.py``.)
 Exit status: 0 measured, 1 not every message was stored, 2 no Dovecot could run here.
 """
 
@@ -14,22 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from intake_modes import DovecotUnavailable, fetch_pass, fetch_source, free_port, intake_settings, start_dovecot
 
-from dovecot_harness import DovecotUnavailable, start_dovecot  # noqa: E402
-
-from intake.config.settings import load_settings  # noqa: E402
-from intake.receive.fetch import fetch_once  # noqa: E402
-from intake.store import schema  # noqa: E402
-from intake.store.db import make_engine  # noqa: E402
+RECIPIENT = "security@example.com"
 
 
 def _message(number: int, size: int) -> bytes:
@@ -38,43 +33,27 @@ def _message(number: int, size: int) -> bytes:
     return head + (b"x" * 76 + b"\r\n") * max(1, size // 78)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--messages", type=int, default=1000)
     parser.add_argument("-s", "--size", type=int, default=4096, help="body bytes (default 4096)")
     parser.add_argument("--after", default="seen", help='"seen", "move:<folder>" or "delete"')
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds the pass may take (default 300)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     try:
-        dovecot = start_dovecot(_free_port())
+        dovecot = start_dovecot(free_port())
     except DovecotUnavailable as exc:
         print(f"no Dovecot: {exc}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="intake-bench-fetch-"))
     try:
-        (work / "password").write_text(dovecot.password)
-        config = work / "config.toml"
-        config.write_text((ROOT / "config.toml").read_text() + (
-            f'\n[[fetch]]\nname = "bench"\nhost = "127.0.0.1"\nport = {dovecot.port}\n'
-            f'ca_file = "{dovecot.ca_file}"\nuser = "{dovecot.user}"\npassword_file = "{work / "password"}"\n'
-            f'after = "{args.after}"\n'))
-        os.environ["INTAKE_DATABASE__URL"] = f"sqlite:///{work / 'intake.db'}"
-        settings = load_settings(config)
-        engine = make_engine(settings.database_url)
-        schema.upgrade(engine)
         for start in range(0, args.messages, 200):
             dovecot.append([_message(n, args.size) for n in range(start, min(start + 200, args.messages))])
-        started = time.monotonic()
-        result = fetch_once(settings, settings.fetch[0], engine)
-        seconds = time.monotonic() - started
+        with intake_settings(work, RECIPIENT, fetch_source(dovecot, work, args.after)) as settings:
+            started = time.monotonic()
+            result = fetch_pass(settings, started + args.timeout)
+            seconds = time.monotonic() - started
     finally:
         dovecot.stop()
         dovecot.remove()

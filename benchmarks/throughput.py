@@ -15,12 +15,18 @@ the client). For intake it also measures end-to-end processing: the time from th
 until every accepted message has a ticket and a queued acknowledgement (``outbox`` row
 ``ack:*``), read from the database read-only.
 
+With ``--modes smtp,import,fetch`` the same N messages (per body size) also go in the two other
+ways, each into a fresh SQLite database (see ``intake_modes.py``): ``intake import`` of an mbox
+holding them, and one ``[[fetch]]`` pass from a private Dovecot holding them, then processing;
+one more table puts the three rates side by side (messages/s into tickets, seconds, tickets).
+
 Run it with intake's virtualenv, from anywhere:
 
     .venv/bin/python benchmarks/throughput.py           # N=2000, C=1 and 20, 4 KB and 64 KB bodies
     .venv/bin/python benchmarks/throughput.py --quick   # smoke run: N=200, C=20, 4 KB
     .venv/bin/python benchmarks/throughput.py --json    # the results as JSON on stdout
     .venv/bin/python benchmarks/throughput.py --quick --database postgresql --nodes 2
+    .venv/bin/python benchmarks/throughput.py -n 300 -c 20 -s 4k --modes smtp,import,fetch  # as root
 
 Only 127.0.0.1 is contacted. Each server run is bounded by ``--timeout`` seconds (reported as
 incomplete past it); servers are killed at the end, on error, on Ctrl-C and on SIGTERM.
@@ -51,8 +57,13 @@ from dataclasses import asdict, dataclass, field
 from email.utils import formatdate
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import aiosmtplib
 import psycopg
+
+if TYPE_CHECKING:
+    from intake_modes import ModeResult
 
 HOST = "127.0.0.1"
 RECIPIENT = "security@example.com"
@@ -79,6 +90,7 @@ PGRP, FLAGS, UTIME, STIME, CUTIME, CSTIME = 2, 6, 11, 12, 13, 14  # /proc/<pid>/
 PF_KTHREAD = 0x00200000
 
 FULL_RUN = {"messages": 2000, "concurrency": [1, 20], "sizes": [4096, 65536]}
+MODES = ("smtp", "import", "fetch")  # the ways mail enters intake that --modes can measure
 QUICK_RUN = {"messages": 200, "concurrency": [20], "sizes": [4096]}
 
 
@@ -140,6 +152,7 @@ class Measurement:
     load: LoadResult
     cpu: CpuUse
     processed_after: float | None = None  # intake: seconds from the first send until all were processed
+    tickets: int | None = None  # intake: tickets the measured messages opened (the warm-up's not counted)
     inbound_status: dict[str, int] = field(default_factory=dict)  # intake: inbound_message rows by status
 
     @property
@@ -187,6 +200,7 @@ class Measurement:
             "p99_ms": _rounded(self.p99_ms, 2),
             "processed_seconds": _rounded(self.processed_after, 3),
             "processed_per_second": _rounded(self.end_to_end_rate, 1),
+            "tickets": self.tickets,
             "inbound_status": self.inbound_status,
             "cpu_percent": {
                 "client": round(self.cpu_percent(load.client_cpu), 1),
@@ -494,6 +508,9 @@ class ProcessingProbe:
             time.sleep(POLL_INTERVAL)
         return False
 
+    def tickets(self) -> int:
+        return self._connection.execute("SELECT count(*) FROM ticket").fetchone()[0]
+
     def inbound_status(self) -> dict[str, int]:
         return dict(self._connection.execute("SELECT status, count(*) FROM inbound_message GROUP BY status"))
 
@@ -554,6 +571,7 @@ def measure_processing(server: Nodes, scenario: Scenario, deadline: float, datab
         if probe.wait_until_processed(1 + load.accepted, deadline):
             measurement.processed_after = time.perf_counter() - load.started
         measurement.inbound_status = probe.inbound_status()
+        measurement.tickets = probe.tickets() - 1  # the warm-up message's
     return measurement
 
 
@@ -674,6 +692,33 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_rates(pairs: list[tuple[Measurement, Measurement]], others: list[ModeResult]) -> str:
+    """The ways into intake side by side, per body size: messages/s taken in (SMTP: accepted; fetch:
+    stored by the IMAP pass) and into tickets, seconds until all were processed, tickets made."""
+    header = ("size", "mode", "messages", "taken msg/s", "to tickets msg/s", "seconds", "tickets")
+    rows = [header]
+    for size in dict.fromkeys([intake.scenario.body_size for _, intake in pairs] + [m.body_size for m in others]):
+        for _, intake in (pair for pair in pairs if pair[1].scenario.body_size == size):
+            e2e = intake.end_to_end_rate
+            rows.append((human_size(size), f"smtp C={intake.scenario.concurrency}", str(intake.scenario.messages),
+                         f"{intake.accept_rate:.1f}", f"{e2e:.1f}" if e2e is not None else "INCOMPLETE",
+                         _seconds(intake.processed_after), str(intake.tickets)))
+        for mode in (m for m in others if m.body_size == size):
+            rate = ("unavailable" if mode.unavailable else f"{mode.rate:.1f}" if mode.rate is not None
+                    else "INCOMPLETE")
+            rows.append((human_size(size), mode.mode, str(mode.messages),
+                         f"{mode.store_rate:.1f}" if mode.store_rate is not None else "-", rate,
+                         _seconds(mode.seconds), str(mode.tickets)))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
+                               for column, (cell, width) in enumerate(zip(row, widths)))
+                     for row in rows)
+
+
 def format_goals(goals: list[Goal]) -> str:
     lines = ["goals (intake vs bare, same run):"]
     for goal in goals:
@@ -724,6 +769,15 @@ def parse_intake_env(text: str) -> tuple[str, str]:
     return name, value
 
 
+def parse_modes(text: str) -> list[str]:
+    """'smtp,import,fetch' -> ['smtp', 'import', 'fetch']."""
+    modes = [mode.strip() for mode in text.split(",") if mode.strip()]
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(MODES)} separated by commas")
+    return list(dict.fromkeys(modes))
+
+
 def human_size(size: int) -> str:
     return f"{size // 1024} KB" if size % 1024 == 0 else f"{size} B"
 
@@ -752,6 +806,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=1,
                         help="intake servers on the one database, each on its own port (more than 1 needs "
                              "--database postgresql)")
+    parser.add_argument("--modes", type=parse_modes, default=["smtp"],
+                        help="ways in to measure on the same messages, comma-separated: smtp (bare and intake "
+                             "serve), import (an mbox), fetch (a private Dovecot; needs root) (default smtp)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     defaults = QUICK_RUN if args.quick else FULL_RUN
@@ -770,16 +827,35 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> list[tuple[Measurement, Measurement]]:
-    """Every scenario, bare then intake; returns (bare, intake) per scenario."""
-    pairs = []
+def run(args: argparse.Namespace) -> tuple[list[tuple[Measurement, Measurement]], list[ModeResult]]:
+    """Every scenario, bare then intake, then per body size the other --modes; returns (bare, intake)
+    per scenario and the other modes' results."""
+    pairs, others = [], []
     for size in args.sizes:
-        for concurrency in args.concurrency:
-            scenario = Scenario(size, concurrency, args.messages, args.connections == "per-session")
-            bare = measure_and_tell("bare", scenario, args)
-            intake = measure_and_tell("intake", scenario, args)
-            pairs.append((bare, intake))
-    return pairs
+        if "smtp" in args.modes:
+            for concurrency in args.concurrency:
+                scenario = Scenario(size, concurrency, args.messages, args.connections == "per-session")
+                bare = measure_and_tell("bare", scenario, args)
+                intake = measure_and_tell("intake", scenario, args)
+                pairs.append((bare, intake))
+        others += [measure_mode(mode, size, args) for mode in args.modes if mode != "smtp"]
+    return pairs, others
+
+
+def measure_mode(mode: str, size: int, args: argparse.Namespace) -> ModeResult:
+    """``import`` or ``fetch`` of N messages built as the SMTP runs build them, within ``--timeout``."""
+    import intake_modes  # the Dovecot harness and intake's modules: only when asked for
+
+    run_tag, body = uuid.uuid4().hex[:12], make_body(size)
+    messages = [build_message(run_tag, index, body).raw for index in range(1, args.messages + 1)]
+    measure_it = intake_modes.measure_import if mode == "import" else intake_modes.measure_fetch
+    progress(f"[{human_size(size)}] {mode}: {args.messages} messages ...")
+    with tempfile.TemporaryDirectory(prefix=f"intake-bench-{mode}-") as tmp:
+        result = measure_it(messages, Path(tmp), RECIPIENT, time.monotonic() + args.timeout)
+    result.body_size = size  # the body's: the SMTP runs' scenarios are labelled by it
+    progress(f"[{human_size(size)}] {mode}: " + (f"unavailable: {result.unavailable}" if result.unavailable else
+                                                  f"{result.tickets} tickets in {_seconds(result.seconds)} s"))
+    return result
 
 
 def measure_and_tell(server_kind: str, scenario: Scenario, args: argparse.Namespace) -> Measurement:
@@ -791,15 +867,17 @@ def measure_and_tell(server_kind: str, scenario: Scenario, args: argparse.Namesp
     return m
 
 
-def report(args: argparse.Namespace, pairs: list[tuple[Measurement, Measurement]], goals: list[Goal]) -> str:
+def report(args: argparse.Namespace, pairs: list[tuple[Measurement, Measurement]], others: list[ModeResult],
+           goals: list[Goal]) -> str:
     machine = describe_machine()
     if args.json:
         return json.dumps({
             "machine": machine,
             "settings": {"messages": args.messages, "concurrency": args.concurrency, "sizes": args.sizes,
                          "connections": args.connections, "database": args.database, "nodes": args.nodes,
-                         "timeout": args.timeout, "intake_env": args.intake_env},
+                         "timeout": args.timeout, "intake_env": args.intake_env, "modes": args.modes},
             "results": [m.as_dict() for pair in pairs for m in pair],
+            "modes": [m.as_dict() for m in others],
             "goals": [asdict(goal) for goal in goals],
         }, indent=2)
     modified = " (src/ modified)" if machine["intake_tree_modified"] else ""
@@ -808,7 +886,14 @@ def report(args: argparse.Namespace, pairs: list[tuple[Measurement, Measurement]
              f"intake on {args.database}" + (f" x {args.nodes} nodes" if args.nodes > 1 else ""))
     if args.intake_env:
         title += "\nintake settings overridden: " + " ".join(f"{k}={v}" for k, v in args.intake_env.items())
-    return "\n\n".join([title, format_table(pairs) + busy_machine_note(pairs), format_goals(goals)])
+    parts = [title]
+    if pairs:
+        parts.append(format_table(pairs) + busy_machine_note(pairs))
+    if others:
+        parts.append("ways in, the same messages each into a fresh SQLite database:\n" + format_rates(pairs, others))
+    if pairs:
+        parts.append(format_goals(goals))
+    return "\n\n".join(parts)
 
 
 def busy_machine_note(pairs: list[tuple[Measurement, Measurement]]) -> str:
@@ -827,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds like Ctrl-C: servers get stopped
     try:
-        pairs = run(args)
+        pairs, others = run(args)
     except ServerFailed as exc:
         progress(f"server failed: {exc}")
         return 2
@@ -835,8 +920,10 @@ def main(argv: list[str] | None = None) -> int:
         progress("interrupted; servers stopped")
         return 130
     goals = evaluate_goals(pairs)
-    print(report(args, pairs, goals))
-    return 0 if all(goal.passed for goal in goals) else 1
+    print(report(args, pairs, others, goals))
+    if any(mode.unavailable for mode in others):
+        return 2
+    return 0 if all(goal.passed for goal in goals) and all(mode.complete for mode in others) else 1
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def test_tickets_lists_as_table_and_json(cli, two_tickets):
     assert [t["reference"] for t in data] == [_ref(1), _ref(2)]
     assert data[1] | {"received_at": None, "next_due": None} == {
         "reference": _ref(2), "subject": "Open redirect", "reporter": "bob@researcher.test", "state": "new",
-        "severity": None, "policy": "vaixus", "assignee": None, "received_at": None, "close_reason": None,
+        "severity": None, "policy": "vaixus", "assignee": None, "received_at": None, "imported_at": None,
+        "close_reason": None,
         "cvss_vector": None, "cvss_score": None, "labels": [], "next_due": None, "breached": False,
         "due_soon": False}
     assert data[1]["next_due"]["stage"] == "acknowledge"  # vaixus: a person acknowledges within 72 hours

@@ -11,7 +11,7 @@ from conftest import all_tickets, deliver_outbox, process, report, smtp_send
 from intake.cli.common import actor
 from intake.store import inbound
 from intake.tickets import reads
-from intake.vocabulary import AUTO_REPLY, NEW_TICKET, SPAM, EventKind
+from intake.vocabulary import AUTO_REPLY, HELD_FAILED, NEW_TICKET, SPAM, EventKind
 
 # A subject a stranger wrote to drive a terminal: an ESC sequence and a bidi override.
 HOSTILE_SUBJECT = "RCE in upload \x1b[2Kfake line \u202etxt.exe"
@@ -142,3 +142,35 @@ def test_ticket_auto_generated_and_ticket_spam_both_ways(make_settings, start_in
     assert [t.reporter for t in all_tickets(running.engine)][-1] == "eve@flagged.test"
     deliver_outbox(flipped, running.engine)
     assert [m.rcpt_tos for m in sink.wait_for(1)] == [["eve@flagged.test"]]  # spam routed as any report
+
+
+def test_a_message_processing_failed_on_is_listed_as_failed_and_shown_with_its_error(
+        make_settings, start_intake_listener, sink, cli, config_file):
+    # A broken acknowledgement template (StrictUndefined) makes processing of every new report fail
+    # for real; spam needs no template and is held as usual.
+    templates = config_file.parent / "templates"
+    templates.mkdir()
+    (templates / "acknowledgement.txt.j2").write_text("{{ no_such_variable }}\n")
+    settings, running = _held_desk(make_settings, start_intake_listener, sink,
+                                   INTAKE_INTAKE__TEMPLATES_DIR=str(templates))
+    smtp_send(running.port, report(subject="Path traversal in export", sender="dora@researcher.test",
+                                   body="GET /export?file=../../etc/passwd\n"), mail_from="dora@researcher.test")
+    smtp_send(running.port, report(subject="Cheap pills", sender="bob@flagged.test", X_Spam_Flag="YES"),
+              mail_from="bob@flagged.test")
+    result = process(settings, running.engine)
+    assert len(result.failed) == 1 and result.decisions == {SPAM: 1}
+    [failed_id] = result.failed
+
+    [listed] = _listed(cli, "--decision", HELD_FAILED)
+    assert (listed["id"], listed["decision"], listed["subject"]) == (failed_id, HELD_FAILED, "Path traversal in export")
+    assert listed["mail_from"] == "dora@researcher.test" and "no_such_variable" in listed["reason"]
+    assert {m["decision"] for m in _listed(cli)} == {HELD_FAILED, SPAM}  # failed is held by default too
+    table = cli("messages", "--decision", HELD_FAILED).output
+    assert "Path traversal in export" in table and "Cheap pills" not in table and HELD_FAILED in table
+
+    shown = cli("messages", "show", str(failed_id)).output
+    assert f"{HELD_FAILED}, decision {HELD_FAILED}: " in shown and "no_such_variable" in shown
+    assert "| GET /export?file=../../etc/passwd" in shown
+    detail = json.loads(cli("messages", "show", str(failed_id), "--json").output)
+    assert (detail["status"], detail["decision"], detail["ticket_id"]) == (HELD_FAILED, HELD_FAILED, None)
+    assert "no_such_variable" in detail["reason"] and all_tickets(running.engine) == []

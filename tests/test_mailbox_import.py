@@ -76,11 +76,13 @@ def test_a_corpus_mailbox_imports_once_with_exact_counts_and_sends_nothing(kind,
     assert first["duplicates"] >= REPEATED  # every repeated sample, and samples sharing a Message-ID
     assert first["held"] <= first["imported"] and first["tickets"] <= first["imported"] - first["held"]
     assert first["tickets"] > 0 and first["held"] > 0  # the corpus has reports, bounces and spam
+    assert first["open_tickets"] == first["tickets"]  # nothing in history closes a ticket
     total, failed = _stored(settings)
     assert total == first["imported"] + failed and failed == first["failed"]  # nothing is unreadable here
 
     second = _import(cli, path)
-    assert second == {"imported": 0, "duplicates": len(messages), "held": 0, "failed": 0, "tickets": 0}
+    assert second == {"imported": 0, "duplicates": len(messages), "held": 0, "failed": 0, "tickets": 0,
+                      "acknowledged_by_replies": 0, "open_tickets": 0, "stages_past_due": 0, "close_hint": None}
     assert _stored(settings)[0] == total
 
     assert deliver_outbox(settings, make_engine(settings.database_url)).get("sent", 0) == 0
@@ -100,7 +102,11 @@ def test_a_reply_stored_before_its_report_threads_into_the_ticket_the_report_ope
     original = _mail("SQL injection in search", "carol@researcher.test", reported, "<report@researcher.test>")
     path = _pack("mbox", tmp_path, [reply, original])
 
-    assert _import(cli, path) == {"imported": 2, "duplicates": 0, "held": 0, "failed": 0, "tickets": 1}
+    counts = _import(cli, path)
+    assert {key: counts[key] for key in ("imported", "duplicates", "held", "failed", "tickets", "open_tickets",
+                                         "stages_past_due")} == {"imported": 2, "duplicates": 0, "held": 0,
+                                                                 "failed": 0, "tickets": 1, "open_tickets": 1,
+                                                                 "stages_past_due": 1}
 
     [ticket] = all_tickets(make_engine(settings.database_url))
     assert ticket.received_at == reported and ticket.reference.startswith("SEC-2026-")

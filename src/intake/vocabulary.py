@@ -177,6 +177,8 @@ class NotificationKind:
     BREACH = "breach"  # a stage is past due
     ESCALATION = "escalation"  # a breach, to ``escalate_to``
     DIGEST = "digest"
+    # Never mailed: fell due before its ticket was imported from history (`intake import`).
+    SUPPRESSED = "suppressed"
 
 
 class MailKind:

@@ -46,7 +46,19 @@ def import_command(obj: Context, path: Path, acknowledge: bool, younger_than: st
     else:
         result = mailbox_import.import_mailbox(engine, obj.settings, path, now, age)
     if as_json:
-        emit_json(result.as_dict())
+        emit_json({**result.as_dict(), "close_hint": CLOSE_IMPORTED_HINT if result.open_tickets else None})
         return
     echo(f"imported {result.imported}, duplicates {result.duplicates}, held {result.held}, failed {result.failed} "
          f"({result.tickets} tickets opened, {size / max(result.seconds, 1e-9):.0f} messages/s)")
+    if result.acknowledged_by_replies:
+        echo(f"{result.acknowledged_by_replies} ticket(s) acknowledged at the date of our own reply found in the box")
+    if result.open_tickets:
+        echo(f"{result.open_tickets} imported ticket(s) open, {result.stages_past_due} stage(s) already past due: "
+             "shown as missed by show, stats and the digest, but never mailed about (reminders and breach "
+             "notices start from the import)")
+        echo(f"to close old ones there is no bulk close; e.g. {CLOSE_IMPORTED_HINT}")
+
+
+# Closing is one ticket at a time; `intake tickets --json` says which tickets were imported.
+CLOSE_IMPORTED_HINT = ("intake tickets --json | jq -r '.[] | select(.imported_at) | .reference' "
+                       "| xargs -I{} intake close {} --reason REASON")

@@ -140,6 +140,10 @@ def sweep(obj: Context, now: datetime | None, dry_run: bool, as_json: bool) -> N
     verb = "would send" if dry_run else "queued"
     echo(f"sweep at {result.now.isoformat()}: {verb} {len(result.mails)} mail(s); "
          f"{result.examined} stage(s) looked at, {result.held} reminder(s) held for working hours")
+    if result.suppressed:
+        tickets = len({notice.ticket_id for notice in result.suppressed})
+        echo(f"  {len(result.suppressed)} notice(s) of {tickets} imported ticket(s) not mailed: they fell due "
+             "before the import (see intake reminders REF)")
     for mail in result.mails:
         echo(f"  {mail.reference} {mail.kind} to {', '.join(mail.recipients)}")
         for notice in mail.notices:
@@ -200,6 +204,10 @@ def reminders_command(obj: Context, reference: str, now: datetime | None, as_jso
         echo("  " + " ".join(filter(None, [sent["kind"], sent.get("stage"), sent.get("point"),
                                            sent.get("queued_at") and f"queued {sent['queued_at']}",
                                            sent.get("to") and "to " + ", ".join(sent["to"])])))
+    if found.suppressed:
+        echo(f"suppressed (imported from history at {data['imported_at']}; never mailed)")
+    for item in found.suppressed:
+        echo(f"  {item.stage} {item.point} (at {item.at.isoformat()}): {item.why}")
     echo("due now (the next sweep sends it)" if data["due_now"] else "due now: nothing")
     for item in data["due_now"]:
         echo(f"  {item['stage']} {item['kind']} {item['point']} (at {item['at']})")

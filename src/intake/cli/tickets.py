@@ -27,6 +27,7 @@ def _ticket_summary(ticket: Any) -> dict[str, Any]:
         "policy": ticket.policy,
         "assignee": ticket.assignee,
         "received_at": iso(ticket.received_at),
+        "imported_at": iso(ticket.imported_at),
         "close_reason": ticket.close_reason,
         "cvss_vector": ticket.cvss_vector,
         "cvss_score": ticket.cvss_score,
@@ -135,6 +136,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
     echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
     echo(f"  received {t.received_at.isoformat()}{_relayed_note(t, detail.messages)}")
+    if t.imported_at:
+        echo(f"  imported from history {t.imported_at.isoformat()}: nothing due before then is mailed about")
     if t.reporter_unreachable_at:
         echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()}: "
              f"{data['reporter_unreachable_reason']}")

@@ -5,7 +5,12 @@ made CRLF, as on the wire), as if received at its ``Date:`` (never in the future
 Maildir file's time or the mbox ``From`` line's date, else the import's own time), oldest first,
 then run through the normal processor, so replies thread into the tickets their reports open.
 Stored rows are marked ``history``: acting on them sends nothing (no acknowledgement, notice,
-forward or command) unless the operator opts in for messages younger than a cutoff.
+forward or command) unless the operator opts in for messages younger than a cutoff. The tickets
+they open keep deadlines counted from the true arrival, and record when they were imported: the
+SLA sweep mails nothing that fell due before then (see :mod:`intake.sla.reminders`); the result
+says how many of them are open and how many of their stages were past due already. Mail in the
+box from an intake address answering a report is the organisation's reply: the earliest one
+records the ticket's acknowledgement at its Date: (see :mod:`intake.tickets.imported_replies`).
 
 Importing twice adds nothing: a message whose bytes (sha256) are stored already, or whose
 Message-ID a ticket's thread holds (or an earlier message of the same box had), is a duplicate.
@@ -33,9 +38,11 @@ from sqlalchemy import Engine
 
 from intake.config.settings import Settings
 from intake.run import processor
+from intake.sla import deadlines
+from intake.tickets import imported_replies
 from intake.store import inbound
 from intake.understand import addresses
-from intake.understand.header_text import clean_text, first_message_id
+from intake.understand.header_text import clean_text, first_message_id, message_ids
 from intake.vocabulary import NEW_TICKET, InboundStatus
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ log = logging.getLogger(__name__)
 _STORE_BATCH = 200
 
 # The headers the first pass reads; the processor parses the whole message later.
-_HEADERS = ("date", "message-id", "return-path", "from", "delivered-to", "to", "cc")
+_HEADERS = ("date", "message-id", "return-path", "from", "delivered-to", "to", "cc", "in-reply-to", "references")
 
 _DURATION = re.compile(r"\s*(\d+)\s*(m|min|minutes?|h|hours?|d|days?|w|weeks?)\s*", re.IGNORECASE)
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -63,13 +70,18 @@ class ImportResult:
     held: int = 0  # of the imported: stored but made no ticket entry (spam, auto-reply, bounce...)
     failed: int = 0  # could not be read from the box, or processing failed (stored as failed)
     tickets: int = 0  # tickets the imported messages opened
+    acknowledged_by_replies: int = 0  # tickets acknowledged by the organisation's reply found in the box
+    open_tickets: int = 0  # of those, still open (not resolved or closed)
+    stages_past_due: int = 0  # their unmet stages past due at the import: counted, never mailed about
     acknowledged: int = 0  # messages stored to be acted on as new mail (--acknowledge)
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, int]:
         return {"imported": self.imported, "duplicates": self.duplicates, "held": self.held,
-                "failed": self.failed, "tickets": self.tickets}
+                "failed": self.failed, "tickets": self.tickets,
+                "acknowledged_by_replies": self.acknowledged_by_replies, "open_tickets": self.open_tickets,
+                "stages_past_due": self.stages_past_due}
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ class _Entry:
     message_id: str | None
     mail_from: str
     rcpt_tos: list[str]
+    from_us: bool  # From: is an intake address: the organisation's own reply, if it answers something
+    answers: tuple[str, ...]  # In-Reply-To, then References latest first
 
 
 def parse_age(text: str) -> timedelta:
@@ -139,16 +153,24 @@ def import_mailbox(engine: Engine, settings: Settings, path: Path, now: datetime
         progress(len(fresh[start:start + _STORE_BATCH]))
     progress(result.duplicates + unreadable)
     # Counted from the rows, not the batch result: a running worker may have processed some.
-    for status, decision in inbound.outcomes(engine, stored_ids):
+    opened = []
+    for status, decision, ticket_id in inbound.outcomes(engine, stored_ids):
         if status == InboundStatus.FAILED:
             result.failed += 1
             continue
         result.imported += 1
         result.held += status != InboundStatus.PROCESSED
-        result.tickets += decision == NEW_TICKET
+        if decision == NEW_TICKET and ticket_id is not None:
+            opened.append(ticket_id)
+    result.tickets = len(opened)
+    replies = [imported_replies.OwnReply(e.message_id, e.received_at, e.answers) for e in fresh if e.from_us]
+    result.acknowledged_by_replies = len(imported_replies.acknowledge(engine, settings, replies, now))
+    backlog = deadlines.backlog(engine, opened, now)
+    result.open_tickets, result.stages_past_due = backlog.open_tickets, backlog.stages_past_due
     result.seconds = time.perf_counter() - started
-    log.info("event=mailbox-imported path=%s imported=%d duplicates=%d held=%d failed=%d tickets=%d seconds=%.1f",
-             path, result.imported, result.duplicates, result.held, result.failed, result.tickets, result.seconds)
+    log.info("event=mailbox-imported path=%s imported=%d duplicates=%d held=%d failed=%d tickets=%d open=%d "
+             "past_due=%d seconds=%.1f", path, result.imported, result.duplicates, result.held, result.failed,
+             result.tickets, result.open_tickets, result.stages_past_due, result.seconds)
     return result
 
 
@@ -185,7 +207,9 @@ def _entry(box: mailbox.Mailbox, key: str, raw: bytes, settings: Settings, now: 
     return _Entry(key=key, received_at=_received_at(box, key, first["date"], now),
                   sha256=hashlib.sha256(raw).hexdigest(), message_id=first_message_id(first["message-id"]),
                   mail_from=_envelope_sender(first["return-path"], values["from"]),
-                  rcpt_tos=_recipients(settings, values["delivered-to"] + values["to"], values["cc"]))
+                  rcpt_tos=_recipients(settings, values["delivered-to"] + values["to"], values["cc"]),
+                  from_us=bool(settings.our_address(addresses.sender(values["from"], [])[1])),
+                  answers=(*message_ids(first["in-reply-to"]), *reversed(message_ids(first["references"]))))
 
 
 def _received_at(box: mailbox.Mailbox, key: str, date: str, now: datetime) -> datetime:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, func, select
 from sqlmodel import Session
 
 from intake.config.settings import Settings
@@ -221,6 +221,34 @@ def _refresh_each(engine: Engine, settings: Settings, now: datetime, batch: int,
             return RecomputeResult(count, changes, errors)
         count += len(found)
         after = found[-1].id or after
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Of some tickets: how many are open, and how many of their stages are past due and unmet."""
+
+    open_tickets: int
+    stages_past_due: int
+
+
+def backlog(engine: Engine, ticket_ids: Iterable[int], now: datetime) -> Backlog:
+    """The :class:`Backlog` of *ticket_ids* at *now* (what `intake import` reports it opened)."""
+    wanted = sorted(set(ticket_ids))
+    open_ids: set[int] = set()
+    past_due = 0
+    with read_session(engine) as session:
+        for start in range(0, len(wanted), _BACKLOG_CHUNK):
+            chunk = wanted[start:start + _BACKLOG_CHUNK]
+            found = set(session.scalars(select(Ticket.id).where(Ticket.id.in_(chunk),
+                                                                Ticket.state.not_in(FINISHED_STATES))))
+            open_ids |= found
+            past_due += session.scalar(select(func.count()).select_from(Deadline).where(
+                Deadline.ticket_id.in_(found), Deadline.met_at.is_(None), Deadline.due_at <= now)) or 0
+    return Backlog(len(open_ids), past_due)
+
+
+# Tickets per IN (...) lookup of :func:`backlog`: well under the databases' bound-parameter limits.
+_BACKLOG_CHUNK = 500
 
 
 @dataclass(frozen=True)

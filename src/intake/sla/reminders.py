@@ -19,6 +19,13 @@ One job: turn due deadlines into mail for maintainers, each notification exactly
   one mail per audience, stating where the ticket stands ("catch-up" when they are late).
 * **Quiet hours.** A reminder that is not a breach waits for the working hours of the stage's
   calendar when ``[scheduler] quiet_hours`` is on.
+* **Imported history is not news.** A ticket ``intake import`` opened from an old mailbox keeps
+  deadlines counted from the report's true arrival (``show``, stats and the digest say what was
+  missed), but nothing that fell due before the import is mailed: a stage already past due then
+  gets no breach notice, repeat or escalation ever, and a reminder point passed by then none. Each
+  is recorded as a ``suppressed`` notification under the key it would have been sent with (so it
+  stays once-only, and ``intake reminders REF`` says why); points after the import are mailed
+  as for any ticket.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class StagePlan:
     notices: list[Notice]
     next: Upcoming | None
     held: bool = False  # a reminder waits for working hours
+    suppressed: tuple[Notice, ...] = ()  # fell due before the ticket was imported: recorded, never mailed
 
 
 @dataclass(frozen=True)
@@ -109,11 +117,12 @@ class SweepResult:
     examined: int = 0  # deadlines looked at
     held: int = 0  # reminders held for working hours
     mails: list[PlannedMail] = field(default_factory=list)
+    suppressed: list[Notice] = field(default_factory=list)  # imported history: recorded, not mailed
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "now": self.now.isoformat(), "dry_run": self.dry_run, "examined": self.examined, "held": self.held,
-            "mails": len(self.mails),
+            "mails": len(self.mails), NotificationKind.SUPPRESSED: [_suppressed_dict(n) for n in self.suppressed],
             "notifications": [
                 {"key": notice.key, "kind": notice.kind, "ticket": notice.reference, "stage": notice.stage,
                  "point": notice.label, "at": notice.at.isoformat(), "stage_due": notice.stage_due.isoformat(),
@@ -141,8 +150,9 @@ def sweep(engine: Engine, settings: Settings, now: datetime, dry_run: bool = Fal
             seen |= ticket_ids
             mails = _sweep_tickets(session, settings, ticket_ids, now, result, dry_run, reply_secret)
         result.mails += mails
-    if result.mails and not dry_run:
-        log.info("event=sweep-sent mails=%d examined=%d held=%d", len(result.mails), result.examined, result.held)
+    if (result.mails or result.suppressed) and not dry_run:
+        log.info("event=sweep-sent mails=%d examined=%d held=%d suppressed=%d", len(result.mails), result.examined,
+                 result.held, len(result.suppressed))
     return result
 
 
@@ -170,6 +180,7 @@ def _sweep_tickets(session: Session, settings: Settings, ticket_ids: set[int], n
         stages[row.ticket_id].append(row)
     sent = _sent_keys(session, ticket_ids)
     mails: list[PlannedMail] = []
+    suppressed: list[Notice] = []
     moves = []
     for ticket_id, rows in stages.items():
         due = [row for row in rows if row.met_at is None and row.notify_at is not None and row.notify_at <= now]
@@ -178,8 +189,11 @@ def _sweep_tickets(session: Session, settings: Settings, ticket_ids: set[int], n
         result.held += sum(plan.held for plan in plans)
         moves += [{"row_id": plan.deadline_id, "next_at": plan.next.at if plan.next else None} for plan in plans]
         mails += _mails_for(settings, tickets[ticket_id], [n for plan in plans for n in plan.notices])
+        suppressed += [notice for plan in plans for notice in plan.suppressed]
+    result.suppressed += suppressed
     if dry_run:
         return mails
+    _record_suppressed(session, suppressed, now)
     mails = _record(session, mails, now)
     # Said in every notice while the reporter is unreachable: the maintainers must find another way.
     unreachable = undeliverable.reasons(session, {m.ticket_id for m in mails
@@ -203,9 +217,23 @@ def plan_stage(settings: Settings, ticket: Ticket, row: Deadline, sent: set[str]
     if policy is None or row.due_at is None or row.started_at is None or row.met_at is not None \
             or ticket.state in FINISHED_STATES:
         return StagePlan(row.id, [], None)
+    if ticket.imported_at is not None and row.due_at <= ticket.imported_at:
+        return _plan_due_before_import(ticket, row, sent)
     if now < row.due_at:
         return _plan_before_due(settings, ticket, row, sent, now)
     return _plan_breached(settings, ticket, row, sent, now)
+
+
+def _plan_due_before_import(ticket: Ticket, row: Deadline, sent: set[str]) -> StagePlan:
+    """A stage already past due when its ticket was imported: its breach is suppressed (once, under
+    the breach notice's key) and nothing about it is looked at again: no repeat, no escalation."""
+    assert row.due_at is not None
+    key = f"breach:{ticket.reference}:{row.stage}:0"
+    if key in sent:
+        return StagePlan(row.id, [], None)
+    breach = Notice(key, NotificationKind.BREACH, ticket.id, ticket.reference, row.stage, NotificationKind.BREACH,
+                    row.due_at, row.due_at, late=True)
+    return StagePlan(row.id, [], None, suppressed=(breach,))
 
 
 def _plan_before_due(settings: Settings, ticket: Ticket, row: Deadline, sent: set[str], now: datetime) -> StagePlan:
@@ -227,10 +255,16 @@ def _plan_before_due(settings: Settings, ticket: Ticket, row: Deadline, sent: se
     if not passed or key(passed[-1][0]) in sent:
         return StagePlan(row.id, [], following)
     label, at = passed[-1]
+    if ticket.imported_at is not None and at < ticket.imported_at:  # passed before the import: not news
+        notice = Notice(key(label), NotificationKind.REMINDER, ticket.id, ticket.reference, row.stage, label, at,
+                        row.due_at, late=True)
+        return StagePlan(row.id, [], following, suppressed=(notice,))
     if when(now) > now:  # quiet hours: hold it until the calendar's next opening (or the breach)
         held = Upcoming(NotificationKind.REMINDER, label, when(now))
         return StagePlan(row.id, [], min(held, following, key=lambda u: u.at), held=True)
-    missed = any(key(other) not in sent for other, other_at in passed if other_at < at)
+    # Points before an import were never to be mailed: skipping them makes nothing late.
+    missed = any(key(other) not in sent for other, other_at in passed
+                 if other_at < at and (ticket.imported_at is None or other_at >= ticket.imported_at))
     late = missed or now - when(at) > timedelta(seconds=scheduler.misfire_grace)
     notice = Notice(key(label), NotificationKind.REMINDER, ticket.id, ticket.reference, row.stage, label, at,
                     row.due_at, late)
@@ -262,6 +296,11 @@ def _plan_breached(settings: Settings, ticket: Ticket, row: Deadline, sent: set[
             notices.append(Notice(escalate_key, NotificationKind.ESCALATION, ticket.id, ref, row.stage,
                                   NotificationKind.ESCALATION, escalate_at, due, now - escalate_at > grace))
     return StagePlan(row.id, notices, following)
+
+
+def _suppressed_dict(notice: Notice) -> dict[str, Any]:
+    return {"key": notice.key, "ticket": notice.reference, "stage": notice.stage, "point": notice.label,
+            "at": notice.at.isoformat()}
 
 
 def _mails_for(settings: Settings, ticket: Ticket, notices: list[Notice]) -> list[PlannedMail]:
@@ -297,6 +336,14 @@ def _record(session: Session, mails: list[PlannedMail], now: datetime) -> list[P
             kept.append(mail if len(notices) == len(mail.notices) else
                         PlannedMail(mail.kind, mail.ticket_id, mail.reference, mail.recipients, notices))
     return kept
+
+
+def _record_suppressed(session: Session, notices: list[Notice], now: datetime) -> None:
+    """Record *notices* as suppressed under their own keys: never mailed, and never planned again."""
+    if notices:
+        insert_new(session, Notification.__table__, "key", [
+            dict(key=n.key, kind=NotificationKind.SUPPRESSED, ticket_id=n.ticket_id, stage=n.stage, label=n.label,
+                 due_at=n.at, created_at=now, recipients=[], outbox_key="") for n in notices])
 
 
 _SUBJECTS = {MailKind.REMINDER: "Reminder", MailKind.BREACH: "Breached", MailKind.ESCALATION: "Escalation",
@@ -354,17 +401,45 @@ def _headline(notice: Notice, due_local: str, now: datetime) -> str:
 
 
 @dataclass(frozen=True)
+class Suppressed:
+    """A notification never mailed because it fell due before its ticket was imported."""
+
+    key: str
+    stage: str | None
+    point: str
+    at: datetime  # when it fell due
+    imported_at: datetime
+    recorded_at: datetime | None  # when a sweep recorded it; None: the next sweep will
+
+    @property
+    def why(self) -> str:
+        if self.point == NotificationKind.BREACH:
+            return (f"{self.stage} was past due when the ticket was imported from history at "
+                    f"{self.imported_at:%Y-%m-%d %H:%M} UTC: no breach notice, repeat or escalation is mailed for it")
+        return (f"fell due before the ticket was imported from history at {self.imported_at:%Y-%m-%d %H:%M} UTC: "
+                "not mailed")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "stage": self.stage, "point": self.point, "at": self.at.isoformat(),
+                "recorded_at": self.recorded_at.isoformat() if self.recorded_at else None, "why": self.why}
+
+
+@dataclass(frozen=True)
 class TicketReminders:
     reference: str
     sent: list[Notification]
     due_now: list[Notice]  # due at *now*, for the next sweep to send
     next: dict[str, Upcoming]  # per unmet stage: what comes after
+    imported_at: datetime | None = None  # opened by `intake import`
+    suppressed: list[Suppressed] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ticket": self.reference,
+            "imported_at": self.imported_at.isoformat() if self.imported_at else None,
             "sent": [{"key": n.key, "kind": n.kind, "stage": n.stage, "point": n.label, "at": n.due_at.isoformat(),
                       "queued_at": n.created_at.isoformat(), "to": n.recipients} for n in self.sent],
+            NotificationKind.SUPPRESSED: [item.as_dict() for item in self.suppressed],
             "due_now": [{"key": n.key, "kind": n.kind, "stage": n.stage, "point": n.label, "at": n.at.isoformat()}
                         for n in self.due_now],
             "next": [{"stage": stage, "kind": u.kind, "point": u.label, "at": u.at.isoformat()}
@@ -382,6 +457,13 @@ def ticket_reminders(engine: Engine, settings: Settings, reference: str, now: da
                                     .order_by(Deadline.position)))
     keys = {notification.key for notification in sent}
     plans = [(row.stage, plan_stage(settings, ticket, row, keys, now)) for row in rows]
-    return TicketReminders(ticket.reference, sent, [n for _, plan in plans for n in plan.notices],
-                           {stage: plan.next for stage, plan in plans if plan.next})
+    suppressed = []
+    if ticket.imported_at is not None:
+        suppressed = [Suppressed(n.key, n.stage, n.label, n.due_at, ticket.imported_at, n.created_at)
+                      for n in sent if n.kind == NotificationKind.SUPPRESSED]
+        suppressed += [Suppressed(n.key, n.stage, n.label, n.at, ticket.imported_at, None)
+                       for _, plan in plans for n in plan.suppressed]
+    return TicketReminders(ticket.reference, [n for n in sent if n.kind != NotificationKind.SUPPRESSED],
+                           [n for _, plan in plans for n in plan.notices],
+                           {stage: plan.next for stage, plan in plans if plan.next}, ticket.imported_at, suppressed)
 

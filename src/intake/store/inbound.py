@@ -312,14 +312,15 @@ def known_message_ids(engine: Engine, message_ids: Iterable[str]) -> set[str]:
     return found
 
 
-def outcomes(engine: Engine, ids: list[int]) -> list[tuple[str, str | None]]:
-    """The status and decision of each stored message of *ids* (in no particular order)."""
+def outcomes(engine: Engine, ids: list[int]) -> list[tuple[str, str | None, int | None]]:
+    """The status, decision and ticket of each stored message of *ids* (in no particular order)."""
     table = InboundMessage.__table__
-    rows: list[tuple[str, str | None]] = []
+    rows: list[tuple[str, str | None, int | None]] = []
     with read_session(engine) as session:
         for chunk in _chunks(ids):
-            rows += [(row.status, row.decision) for row in
-                     session.execute(select(table.c.status, table.c.decision).where(table.c.id.in_(chunk)))]
+            rows += [(row.status, row.decision, row.ticket_id) for row in
+                     session.execute(select(table.c.status, table.c.decision, table.c.ticket_id)
+                                     .where(table.c.id.in_(chunk)))]
     return rows
 
 

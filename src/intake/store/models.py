@@ -130,6 +130,9 @@ class Ticket(SQLModel, table=True):
     received_at: datetime = _instant()
     created_at: datetime = _instant()
     updated_at: datetime = _instant()
+    # When `intake import` opened it from history (None: it came in live). The SLA sweep mails no
+    # reminder, breach notice or escalation that fell due before this instant (see sla/reminders).
+    imported_at: datetime | None = _instant(nullable=True)
 
     # -- credit and advisory (see :mod:`intake.tickets.credit`, :mod:`intake.tickets.advisory`) --
     # How the reporter wants to be credited, None until known:

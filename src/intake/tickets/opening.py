@@ -339,6 +339,7 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
         received_at=report.received_at,
         created_at=now,
         updated_at=now,
+        imported_at=now if report.stored.history else None,
     )
 
 

@@ -55,7 +55,7 @@ def ticket_detail(engine: Engine, reference: str) -> TicketDetail:
 
 # What a listing shows of each ticket (``intake tickets`` and its JSON).
 LISTED_COLUMNS = ("id", "reference", "subject", "reporter", "state", "severity", "policy", "assignee", "received_at",
-                  "close_reason", "cvss_vector", "cvss_score", "labels")
+                  "imported_at", "close_reason", "cvss_vector", "cvss_score", "labels")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)  # sorts before any deadline: stands for "none"
 
 
