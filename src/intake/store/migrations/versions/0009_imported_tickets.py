@@ -1,8 +1,8 @@
 """tickets opened from imported history (intake import): when they were imported, so that the SLA
 sweep mails nothing that fell due before then
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-12-03
 
 Write it for SQLite and PostgreSQL alike: on SQLite, ALTERs run in batch mode (a nullable ADD COLUMN
@@ -16,8 +16,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision: str = '0008'
-down_revision: Union[str, Sequence[str], None] = '0007'
+revision: str = '0009'
+down_revision: Union[str, Sequence[str], None] = '0008'
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
