@@ -14,7 +14,6 @@ and a bounded back-off after errors.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import ssl
 import threading
@@ -32,6 +31,7 @@ from sqlalchemy import Engine
 from intake.config.fetch import FetchSource
 from intake.config.settings import Settings
 from intake.run import metrics
+from intake.store import sealing
 from intake.store.inbound import Arrival, store, stored_from
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def _fetch_batch(settings: Settings, source: FetchSource, engine: Engine, client
     """Fetch *uids*, commit the ones not stored before, then mark every one fetched."""
     bodies = _bodies(client, uids)
     result.vanished += len(uids) - len(bodies)
-    hashes = {uid: hashlib.sha256(raw).hexdigest() for uid, raw in bodies.items()}
+    hashes = {uid: sealing.content_digest(engine, raw) for uid, raw in bodies.items()}
     known = stored_from(engine, source.peer, hashes.values())
     now = datetime.now(timezone.utc)
     arrivals, new_hashes = [], set()

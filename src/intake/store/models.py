@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlalchemy import JSON, Boolean, Column, DateTime, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 from intake.vocabulary import InboundStatus, OutboxStatus, TicketState
 
@@ -269,6 +269,26 @@ class Notification(SQLModel, table=True):
     recipients: list[str] = Field(sa_column=Column(JSON, nullable=False))
     # The outbox row that carries it (several notifications of one ticket can share one mail).
     outbox_key: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class DataKey(SQLModel, table=True):
+    """A data key content is sealed with, wrapped by a storage key (see :mod:`intake.store.sealing`).
+
+    One per ticket (its thread, its outbox mail), one per stored message (its raw and trace), one
+    per ticketless outbox mail. Deleting the row makes what it sealed unreadable (crypto-shredding);
+    no foreign key, so a purge may delete it whatever else it keeps."""
+
+    __tablename__ = "data_key"
+
+    # 32 hex characters, random: sealed values name it in their header, so it is chosen before
+    # the row that uses it is written (the listener seals before it inserts).
+    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    # The ticket it belongs to; None for a stored message's key or a ticketless mail's.
+    ticket_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True, unique=True))
+    # Which storage key wrapped it (its key id): what `intake storage rotate` and `status` count by.
+    storage_key: str = Field(sa_column=Column(String(16), nullable=False, index=True))
+    wrapped: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = _instant()
 
 
 class ReferenceCounter(SQLModel, table=True):

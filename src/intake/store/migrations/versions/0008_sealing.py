@@ -1,0 +1,39 @@
+"""data keys for encryption at rest ([storage] key_file): one per ticket, per stored message and
+per ticketless outgoing mail, wrapped by the storage key (see intake.store.sealing)
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-03
+
+Content stored before this revision stays plaintext and readable; `intake storage
+encrypt-existing` seals it once a key is set.
+"""
+from typing import Sequence, Union
+
+from alembic import op
+import sqlalchemy as sa
+
+
+revision: str = '0008'
+down_revision: Union[str, Sequence[str], None] = '0007'
+branch_labels: Union[str, Sequence[str], None] = None
+depends_on: Union[str, Sequence[str], None] = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        'data_key',
+        sa.Column('id', sa.String(length=32), nullable=False),
+        sa.Column('ticket_id', sa.Integer(), nullable=True),
+        sa.Column('storage_key', sa.String(length=16), nullable=False),
+        sa.Column('wrapped', sa.LargeBinary(), nullable=False),
+        sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+        sa.PrimaryKeyConstraint('id'),
+        sa.UniqueConstraint('ticket_id'),
+    )
+    op.create_index(op.f('ix_data_key_storage_key'), 'data_key', ['storage_key'], unique=False)
+
+
+def downgrade() -> None:
+    op.drop_index(op.f('ix_data_key_storage_key'), table_name='data_key')
+    op.drop_table('data_key')
