@@ -711,7 +711,7 @@ def format_goals(goals: list[Goal]) -> str:
     lines = ["goals (intake vs bare, same run):"]
     for goal in goals:
         value = "not measured" if goal.value is None else f"{goal.value:g}"
-        lines.append(f"  {'PASS' if goal.passed else 'FAIL'}  {goal.name:<26} {goal.scenario:<11} "
+        lines.append(f"  {'PASS' if goal.passed else 'FAIL'}  {goal.name:<30} {goal.scenario:<11} "
                      f"{value:>12}  (goal {goal.target})")
     missed = sum(not goal.passed for goal in goals)
     lines.append(f"RESULT: {'PASS' if not missed else 'FAIL'} ({len(goals) - missed} of {len(goals)} goals met)")

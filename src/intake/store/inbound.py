@@ -273,7 +273,9 @@ def pending(engine: Engine, limit: int) -> list[StoredMessage]:
         .limit(limit)
     )
     with read_session(engine) as session:
-        return [StoredMessage(*opened(session, row)) for row in session.execute(query)]
+        rows = session.execute(query).all()
+        sealing.preload(session, [row.raw for row in rows])  # one query for the batch's keys
+        return [StoredMessage(*opened(session, row)) for row in rows]
 
 
 def opened(session: Session, row: Any) -> Any:
