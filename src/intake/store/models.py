@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 from intake.vocabulary import InboundStatus, OutboxStatus, TicketState
 
@@ -276,17 +276,23 @@ class DataKey(SQLModel, table=True):
 
     One per ticket (its thread, its outbox mail), one per stored message (its raw and trace), one
     per ticketless outbox mail. Deleting the row makes what it sealed unreadable (crypto-shredding);
-    no foreign key, so a purge may delete it whatever else it keeps."""
+    no foreign key, so a purge may delete it whatever else it keeps. Written beside every message
+    the listener stores, so it has as few indexes as it can: its rowid, and tickets' keys unique."""
 
     __tablename__ = "data_key"
+    __table_args__ = (Index("ux_data_key_ticket", "ticket_id", unique=True,
+                            sqlite_where=text("ticket_id IS NOT NULL"),
+                            postgresql_where=text("ticket_id IS NOT NULL")),)
 
-    # 32 hex characters, random: sealed values name it in their header, so it is chosen before
-    # the row that uses it is written (the listener seals before it inserts).
-    id: str = Field(sa_column=Column(String(32), primary_key=True))
+    # Random (2 to 2^63-1), not a sequence: sealed values name it in their header, so it is chosen
+    # before the row that uses it is written (the listener seals before it inserts). INTEGER on
+    # SQLite: the rowid itself, no index of its own.
+    id: int = Field(sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                                     autoincrement=False))
     # The ticket it belongs to; None for a stored message's key or a ticketless mail's.
-    ticket_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True, unique=True))
+    ticket_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
     # Which storage key wrapped it (its key id): what `intake storage rotate` and `status` count by.
-    storage_key: str = Field(sa_column=Column(String(16), nullable=False, index=True))
+    storage_key: str = Field(sa_column=Column(String(16), nullable=False))
     wrapped: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime = _instant()
 

@@ -4,7 +4,7 @@ With ``[storage] key_file`` (or the ``storage-key`` credential) set, every piece
 content (a stored message's raw bytes and trace fields, a thread entry's text, an outgoing mail)
 is written *sealed*:
 
-    MAGIC (3 bytes) | version (1) | data key id (16) | nonce (12) | ciphertext + tag (16)
+    MAGIC (3 bytes) | version (1) | data key id (8) | nonce (12) | ciphertext + tag (16)
 
 (text columns hold :data:`TEXT_MARK` + the same bytes in base64). The data key id names a
 ``data_key`` row: 32 random bytes wrapped (AES-256-GCM) by the storage key whose key id the row
@@ -40,6 +40,8 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
 
 from intake.store.db import insert_new, read_session, write_session
@@ -49,14 +51,14 @@ from intake.store.private_files import write_private
 MAGIC = b"\x00iS"
 VERSION = 1
 TEXT_MARK = "\x1b[sealed]"
-_KEY_ID_BYTES = 16
+_KEY_ID_BYTES = 8
 _NONCE_BYTES = 12
 _HEADER = len(MAGIC) + 1 + _KEY_ID_BYTES
 # Base64 characters after TEXT_MARK that hold the header (24 bytes of 4-byte-aligned input: 32 chars).
 _TEXT_HEADER_CHARS = 4 * ((_HEADER + _NONCE_BYTES) // 3)
 STORAGE_KEY_BYTES = 32
 # The data key that keys the digests of stored messages (see :func:`content_digest`).
-DIGEST_KEY_ID = "00" * _KEY_ID_BYTES
+DIGEST_KEY_ID = 1  # random data key ids are 2 and up
 
 # Every sealed column: (table, column, is text). What status, encrypt-existing and shred go through.
 SEALED_COLUMNS = (("inbound_message", "raw", False), ("inbound_message", "trace", True),
@@ -134,8 +136,8 @@ def write_storage_key(path: Path) -> StorageKey:
 class _Cache:
     """Data keys unwrapped in one session or connection (None: deleted), and tickets' key ids."""
 
-    keys: dict[str, bytes | None] = field(default_factory=dict)
-    tickets: dict[int, str] = field(default_factory=dict)
+    keys: dict[int, bytes | None] = field(default_factory=dict)
+    tickets: dict[int, int] = field(default_factory=dict)
 
 
 # -- which keys an engine uses ------------------------------------------------------------------
@@ -171,29 +173,30 @@ def keyring_of(bind: Session | Connection | Engine) -> Keyring:
 class DataKeyValue:
     """A data key, unwrapped: its id (the ``data_key`` row's) and its 32 bytes."""
 
-    id: str
+    id: int
     secret: bytes = field(repr=False)
 
 
-def _wrap(storage: StorageKey, key_id: str, secret: bytes) -> bytes:
+def _wrap(storage: StorageKey, key_id: int, secret: bytes) -> bytes:
     nonce = os.urandom(_NONCE_BYTES)
-    return nonce + AESGCM(storage.secret).encrypt(nonce, secret, b"intake data key " + key_id.encode())
+    return nonce + AESGCM(storage.secret).encrypt(nonce, secret, f"intake data key {key_id}".encode())
 
 
-def _unwrap(storage: StorageKey, key_id: str, wrapped: bytes) -> bytes:
+def _unwrap(storage: StorageKey, key_id: int, wrapped: bytes) -> bytes:
     try:
         return AESGCM(storage.secret).decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:],
-                                              b"intake data key " + key_id.encode())
+                                              f"intake data key {key_id}".encode())
     except InvalidTag:
         raise SealingError(f"data key {key_id} does not open with storage key {storage.id} "
                            "(the wrong key file, or the row was altered)") from None
 
 
 def key_row(keyring: Keyring, now: datetime, ticket_id: int | None = None,
-            key_id: str | None = None) -> tuple[dict[str, Any], DataKeyValue]:
+            key_id: int | None = None) -> tuple[dict[str, Any], DataKeyValue]:
     """A new data key: its ``data_key`` row (wrapped by the current storage key) and its value."""
     assert keyring.current is not None
-    key = DataKeyValue(key_id or secrets.token_hex(_KEY_ID_BYTES), secrets.token_bytes(32))
+    # Random, not a sequence: chosen before the row is written (see DataKey.id).
+    key = DataKeyValue(key_id or 2 + secrets.randbelow(2 ** 63 - 2), secrets.token_bytes(32))
     row = {"id": key.id, "ticket_id": ticket_id, "storage_key": keyring.current.id,
            "wrapped": _wrap(keyring.current, key.id, key.secret), "created_at": now}
     return row, key
@@ -225,7 +228,9 @@ def ticket_key(bind: Session, ticket_id: int, now: datetime) -> DataKeyValue | N
         if key_id is None:
             row, _ = key_row(keyring, now, ticket_id=ticket_id)
             # ON CONFLICT DO NOTHING: another process may make the same ticket's key at the same time.
-            insert_new(bind, _DATA_KEYS, "ticket_id", [row])
+            insert = pg_insert if bind.get_bind().dialect.name == "postgresql" else sqlite_insert
+            bind.execute(insert(_DATA_KEYS).values(row).on_conflict_do_nothing(
+                index_elements=[_DATA_KEYS.c.ticket_id], index_where=_DATA_KEYS.c.ticket_id.is_not(None)))
             key_id = bind.scalar(select(_DATA_KEYS.c.id).where(_DATA_KEYS.c.ticket_id == ticket_id))
         tickets[ticket_id] = key_id
     return DataKeyValue(tickets[ticket_id], _data_key(bind, tickets[ticket_id]))
@@ -250,7 +255,7 @@ def preload(bind: Session | Connection, values: Iterable[bytes | str | None]) ->
     _load_keys(bind, {key_id for value in values if (key_id := sealed_key_id(value))})
 
 
-def _load_keys(bind: Session | Connection, key_ids: set[str]) -> None:
+def _load_keys(bind: Session | Connection, key_ids: set[int]) -> None:
     """Unwrap data keys *key_ids* into the cache of *bind* (None for those deleted)."""
     cache = _cache(bind).keys
     keyring = keyring_of(bind)
@@ -270,7 +275,7 @@ def _storage_key(keyring: Keyring, row: Any) -> StorageKey:
     return storage
 
 
-def _data_key(bind: Session | Connection, key_id: str) -> bytes:
+def _data_key(bind: Session | Connection, key_id: int) -> bytes:
     """Data key *key_id*, unwrapped; raises :class:`Shredded` if it was deleted."""
     cache = _cache(bind).keys
     if key_id not in cache:
@@ -283,7 +288,7 @@ def _data_key(bind: Session | Connection, key_id: str) -> bytes:
 
 # -- sealing and opening values -----------------------------------------------------------------
 
-def _aad(table: str, column: str, key_id: str) -> bytes:
+def _aad(table: str, column: str, key_id: int) -> bytes:
     return f"intake|{table}.{column}|{key_id}".encode()
 
 
@@ -292,7 +297,7 @@ def seal_bytes(key: DataKeyValue | None, table: str, column: str, data: bytes) -
     if key is None:
         return data
     nonce = os.urandom(_NONCE_BYTES)
-    header = MAGIC + bytes([VERSION]) + bytes.fromhex(key.id)
+    header = MAGIC + bytes([VERSION]) + key.id.to_bytes(_KEY_ID_BYTES, "big")
     return header + nonce + AESGCM(key.secret).encrypt(nonce, data, _aad(table, column, key.id))
 
 
@@ -315,13 +320,13 @@ def is_sealed(value: bytes | str | None) -> bool:
     return value is not None and bytes(value[:len(MAGIC)]) == MAGIC
 
 
-def sealed_key_id(value: bytes | str | None) -> str | None:
+def sealed_key_id(value: bytes | str | None) -> int | None:
     """The data key id a sealed value names; None for plaintext."""
     if not is_sealed(value):
         return None
     if isinstance(value, str):
         value = base64.b64decode(value[len(TEXT_MARK):len(TEXT_MARK) + _TEXT_HEADER_CHARS])
-    return bytes(value[len(MAGIC) + 1:_HEADER]).hex()
+    return int.from_bytes(bytes(value[len(MAGIC) + 1:_HEADER]), "big")
 
 
 def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes) -> bytes:
@@ -334,7 +339,7 @@ def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes
     value = bytes(value)
     if value[len(MAGIC)] != VERSION:
         raise SealingError(f"{table}.{column}: sealed with format version {value[len(MAGIC)]}, unknown here")
-    key_id = value[len(MAGIC) + 1:_HEADER].hex()
+    key_id = int.from_bytes(value[len(MAGIC) + 1:_HEADER], "big")
     secret = _data_key(bind, key_id)
     try:
         return AESGCM(secret).decrypt(value[_HEADER:_HEADER + _NONCE_BYTES], value[_HEADER + _NONCE_BYTES:],
@@ -405,7 +410,7 @@ def shred(session: Session, ticket_ids: Iterable[int] = (), inbound_ids: Iterabl
     values stay where they are, unreadable: :func:`open_bytes` raises :class:`Shredded`."""
     tickets = sorted(set(ticket_ids))
     messages = set(inbound_ids)
-    key_ids: set[str] = set()
+    key_ids: set[int] = set()
     inbound, entries, outbox = _TABLES["inbound_message"], _TABLES["thread_entry"], _TABLES["outbox"]
     for chunk in _chunks(tickets):
         messages.update(session.scalars(select(inbound.c.id).where(inbound.c.ticket_id.in_(chunk))))
@@ -425,7 +430,7 @@ def shred(session: Session, ticket_ids: Iterable[int] = (), inbound_ids: Iterabl
     return deleted
 
 
-def _named_keys(session: Session, column: Any, where: Any, *, text: bool) -> set[str]:
+def _named_keys(session: Session, column: Any, where: Any, *, text: bool) -> set[int]:
     """The data key ids the sealed values of *column* in the rows *where* name (from their headers)."""
     width = len(TEXT_MARK) + _TEXT_HEADER_CHARS if text else _HEADER
     heads = session.scalars(select(func.substr(column, 1, width)).where(where))

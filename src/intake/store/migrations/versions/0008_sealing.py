@@ -23,17 +23,17 @@ depends_on: Union[str, Sequence[str], None] = None
 def upgrade() -> None:
     op.create_table(
         'data_key',
-        sa.Column('id', sa.String(length=32), nullable=False),
+        sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=False, nullable=False),
         sa.Column('ticket_id', sa.Integer(), nullable=True),
         sa.Column('storage_key', sa.String(length=16), nullable=False),
         sa.Column('wrapped', sa.LargeBinary(), nullable=False),
         sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint('id'),
-        sa.UniqueConstraint('ticket_id'),
     )
-    op.create_index(op.f('ix_data_key_storage_key'), 'data_key', ['storage_key'], unique=False)
+    op.create_index('ux_data_key_ticket', 'data_key', ['ticket_id'], unique=True,
+                    sqlite_where=sa.text('ticket_id IS NOT NULL'), postgresql_where=sa.text('ticket_id IS NOT NULL'))
 
 
 def downgrade() -> None:
-    op.drop_index(op.f('ix_data_key_storage_key'), table_name='data_key')
+    op.drop_index('ux_data_key_ticket', table_name='data_key')
     op.drop_table('data_key')
