@@ -180,6 +180,8 @@ def test_shredding_a_ticket_makes_its_content_unreadable_and_leaves_others(make_
     assert ticket_detail(engine, gone).entries[0].body_text == "(content purged)"
     with pytest.raises(sealing.Shredded):
         inbound.get(engine, 1)
+    with pytest.raises(attachments.AttachmentMissing, match="purged"):
+        attachments.read(engine, gone, 1)
     assert CANARY in ticket_detail(engine, kept).entries[0].body_text
     assert ATTACHED.encode() in attachments.read(engine, kept, 1)[1]
     with write_session(engine) as session:  # a held message alone

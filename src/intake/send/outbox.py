@@ -362,9 +362,14 @@ class OutboxSender:
             )
             rows = list(session.scalars(select(Outbox).where(Outbox.id.in_(ids)).order_by(Outbox.id)))
             session.expunge_all()  # their raw is opened for sending: never written back
+        if not sealing.keyring_of(self._engine).enabled:
+            return rows
+        # Opened once the write lock is released: the listener's commits need not wait for it.
+        with read_session(self._engine) as session:
+            sealing.preload(session, [row.raw for row in rows])
             for row in rows:
                 row.raw = sealing.open_bytes(session, "outbox", "raw", row.raw)
-            return rows
+        return rows
 
     async def send_due(self, now: datetime) -> dict[str, int]:
         """Send one claimed batch; returns counts by outcome."""
