@@ -163,9 +163,11 @@ def test_ciphertext_moved_to_another_row_or_column_does_not_open(make_settings, 
             sealing.open_text(session, "inbound_message", "trace", entries[one].body_text)
     with pytest.raises(sealing.SealingError):
         with read_session(engine) as session:
-            value = bytes(session.scalar(select(InboundMessage.raw).limit(1)))
+            row = session.execute(select(InboundMessage.raw, InboundMessage.data_key).limit(1)).one()
+            value = bytes(row.raw)
+            assert CANARY.encode() in sealing.open_bytes(session, "inbound_message", "raw", value, row.data_key)
             tampered = value[:-1] + bytes([value[-1] ^ 1])
-            sealing.open_bytes(session, "inbound_message", "raw", tampered)
+            sealing.open_bytes(session, "inbound_message", "raw", tampered, row.data_key)
     assert second
 
 

@@ -49,8 +49,8 @@ def promote(engine: Engine, settings: Settings, inbound_id: int, actor: str, now
         already = _promoted_before(session, inbound_id, row)
         if already:
             return already
-        raw = sealing.open_bytes(session, "inbound_message", "raw", row.raw)
-        trace = sealing.open_text(session, "inbound_message", "trace", row.trace)
+        raw = sealing.open_bytes(session, "inbound_message", "raw", row.raw, inline=row.data_key)
+        trace = sealing.open_text(session, "inbound_message", "trace", row.trace, inline=row.data_key)
     held_as = f"{row.decision or row.status}: {row.reason or row.error or ''}"
     stored = StoredMessage(row.id, row.mail_from, row.rcpt_tos, raw, row.sha256, row.received_at, row.relay, trace)
     prepared = processor.prepare(settings, stored)

@@ -19,15 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Dialect, Engine, Table, func, insert, or_, select, update
-
+from sqlalchemy import Dialect, Engine, func, insert, or_, select, update
 from sqlmodel import Session
 
 from intake.store.db import (
     checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection, write_session,
 )
 from intake.store import sealing
-from intake.store.models import DataKey, InboundMessage, ThreadEntry
+from intake.store.models import InboundMessage, ThreadEntry
 from intake.understand.header_text import MAX_SCANNED_HEADER_BYTES, display_value, scan_header_block
 from intake.vocabulary import HELD, HELD_DECISIONS, HELD_FAILED, InboundStatus
 
@@ -77,19 +76,16 @@ def full_message(trace: str, raw: bytes) -> bytes:
 
 # The columns :func:`_rows` gives a value for.
 _COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "raw", "status",
-            "attempts", "history", "message_id")
+            "attempts", "history", "message_id", "data_key")
 
 
-def _rows(engine: Engine, arrivals: Iterable[Arrival]) -> tuple[list[dict[str, object]], list[dict[str, object]]]:
-    """The inbound_message rows of *arrivals*, and the data_key rows their content is sealed with
-    (none when sealing is off): each message gets a key of its own, so it can be shredded alone."""
+def _rows(engine: Engine, arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
+    """The inbound_message rows of *arrivals*, their content sealed (when sealing is on) under a
+    data key of each message's own, kept wrapped in its row (see :mod:`intake.store.sealing`)."""
     keyring = sealing.keyring_of(engine)
-    rows, keys = [], []
+    rows = []
     for a in arrivals:
-        key = None
-        if keyring.enabled:
-            key_row, key = sealing.key_row(keyring, a.received_at)
-            keys.append(key_row)
+        data_key, key = sealing.inline_key(keyring) if keyring.enabled else (None, None)
         rows.append({
             "received_at": a.received_at,
             "mail_from": a.mail_from,
@@ -105,22 +101,21 @@ def _rows(engine: Engine, arrivals: Iterable[Arrival]) -> tuple[list[dict[str, o
             "attempts": 0,
             "history": a.history,
             "message_id": a.message_id,
+            "data_key": data_key,
         })
-    return rows, keys
+    return rows
 
 
 def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
     """Insert *arrivals* in one committed transaction; returns their ids in order."""
-    rows, keys = _rows(engine, arrivals)
+    rows = _rows(engine, arrivals)
     if is_sqlite(engine):
-        return _store_sqlite(engine, rows, keys)
+        return _store_sqlite(engine, rows)
     table = InboundMessage.__table__
     # Core on a plain connection, not ORM objects: this is the hot path in front of every 250. One
     # INSERT for all rows; the rows come back in any order, and the content hash says which id is
     # whose (identical messages may swap ids, which changes nothing).
     with write_connection(engine) as connection:
-        if keys:
-            connection.execute(insert(DataKey.__table__), keys)
         inserted = connection.execute(insert(table).returning(table.c.id, table.c.sha256), rows).all()
     ids_by_hash: dict[str, list[int]] = defaultdict(list)
     for id_, sha256 in sorted(inserted):
@@ -128,17 +123,13 @@ def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
     return [ids_by_hash[row["sha256"]].pop(0) for row in rows]
 
 
-def _store_sqlite(engine: Engine, rows: list[dict[str, object]], keys: list[dict[str, object]]) -> list[int]:
+def _store_sqlite(engine: Engine, rows: list[dict[str, object]]) -> list[int]:
     """:func:`store` on SQLite, on the driver's connection: a cached prepared INSERT per row, whose
     id is its ``lastrowid``. The values go through SQLAlchemy's bind processors for SQLite,
     so they are stored exactly as SQLAlchemy stores them (instants, JSON, bytes)."""
-    sql, processors = _sqlite_insert(engine.dialect, InboundMessage.__table__, _COLUMNS)
+    sql, processors = _sqlite_insert(engine.dialect)
     with sqlite_write_transaction(engine) as connection:
         cursor = connection.cursor()
-        if keys:
-            key_sql, key_processors = _sqlite_insert(engine.dialect, DataKey.__table__, _KEY_COLUMNS)
-            cursor.executemany(key_sql, [[process(key[name]) if process else key[name]
-                                          for name, process in key_processors] for key in keys])
         ids = []
         for row in rows:
             cursor.execute(sql, [process(row[name]) if process else row[name] for name, process in processors])
@@ -146,15 +137,12 @@ def _store_sqlite(engine: Engine, rows: list[dict[str, object]], keys: list[dict
         return ids
 
 
-_KEY_COLUMNS = ("id", "ticket_id", "storage_key", "wrapped", "created_at")
-
-
 @functools.cache
-def _sqlite_insert(dialect: Dialect, table: Table,
-                   columns: tuple[str, ...]) -> tuple[str, list[tuple[str, Callable[[object], object] | None]]]:
-    """An INSERT of :func:`_store_sqlite` and each value's bind processor, in column order."""
-    sql = f"INSERT INTO {table.name} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
-    return sql, [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in columns]
+def _sqlite_insert(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[object], object] | None]]]:
+    """The INSERT of :func:`_store_sqlite` and each value's bind processor, in column order."""
+    table = InboundMessage.__table__
+    sql = f"INSERT INTO {table.name} ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+    return sql, [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in _COLUMNS]
 
 
 Waiter = tuple[Arrival, asyncio.AbstractEventLoop, "asyncio.Future[int]"]
@@ -267,27 +255,26 @@ def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     table = InboundMessage.__table__
     query = (
         select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at,
-               table.c.relay, table.c.trace, table.c.history)
+               table.c.relay, table.c.trace, table.c.history, table.c.data_key)
         .where(table.c.status == InboundStatus.PENDING)
         .order_by(table.c.id)
         .limit(limit)
     )
     with read_session(engine) as session:
-        rows = session.execute(query).all()
-        sealing.preload(session, [row.raw for row in rows])  # one query for the batch's keys
-        return [StoredMessage(*opened(session, row)) for row in rows]
+        return [StoredMessage(*opened(session, row)) for row in session.execute(query)]
 
 
 def opened(session: Session, row: Any) -> Any:
-    """*row* (of inbound_message columns, an ORM object included) with its raw and trace opened
-    (see :mod:`intake.store.sealing`); a tuple row comes back as a tuple, in the same order."""
-    raw = sealing.open_bytes(session, "inbound_message", "raw", row.raw)
-    trace = sealing.open_text(session, "inbound_message", "trace", row.trace)
+    """*row* (of inbound_message columns with its data_key, an ORM object included) with its raw
+    and trace opened (see :mod:`intake.store.sealing`); a tuple row comes back as a tuple, in the
+    same order, without its data_key."""
+    raw = sealing.open_bytes(session, "inbound_message", "raw", row.raw, inline=row.data_key)
+    trace = sealing.open_text(session, "inbound_message", "trace", row.trace, inline=row.data_key)
     if isinstance(row, InboundMessage):
         row.raw, row.trace = raw, trace
         return row
     opened_values = {"raw": raw, "trace": trace}
-    return tuple(opened_values.get(name, value) for name, value in zip(row._fields, row))
+    return tuple(opened_values.get(name, value) for name, value in zip(row._fields, row) if name != "data_key")
 
 
 def failed_ids(engine: Engine) -> list[int]:
@@ -398,27 +385,29 @@ def held(engine: Engine, decisions: Iterable[str] = HELD, since: datetime | None
     if not matches:
         return []
     query = (select(table.c.id, table.c.received_at, table.c.mail_from, table.c.size, table.c.status,
-                    table.c.decision, table.c.reason, table.c.error, head_of_raw(engine, MAX_SCANNED_HEADER_BYTES))
+                    table.c.decision, table.c.reason, table.c.error, table.c.data_key,
+                    head_of_raw(engine, MAX_SCANNED_HEADER_BYTES))
              .where(or_(*matches))
              .order_by(table.c.received_at.desc(), table.c.id.desc())
              .limit(limit))
     if since is not None:
         query = query.where(table.c.received_at >= since)
     with read_session(engine) as session:
-        return [_held(row, open_head(session, row.head, MAX_SCANNED_HEADER_BYTES))
+        return [_held(row, open_head(session, row.head, row.data_key, MAX_SCANNED_HEADER_BYTES))
                 for row in session.execute(query).all()]
 
 
 def head_of_raw(bind: Engine | Session, size: int) -> Any:
     """The column of a stored message's first *size* bytes, labelled ``head``: the whole sealed
-    value when sealing is on (a sealed value's start opens nothing), for :func:`open_head`."""
+    value when sealing is on (a sealed value's start opens nothing), for :func:`open_head` (with
+    the row's ``data_key``)."""
     raw = InboundMessage.__table__.c.raw
     return (raw if sealing.keyring_of(bind).enabled else func.substr(raw, 1, size)).label("head")
 
 
-def open_head(session: Session, head: bytes | None, size: int) -> bytes:
+def open_head(session: Session, head: bytes | None, data_key: bytes | None, size: int) -> bytes:
     """The first *size* bytes of a stored message from :func:`head_of_raw`'s value."""
-    return sealing.open_bytes(session, "inbound_message", "raw", bytes(head or b""))[:size]
+    return sealing.open_bytes(session, "inbound_message", "raw", bytes(head or b""), inline=data_key)[:size]
 
 
 def _held(row: Any, head: bytes) -> HeldMessage:

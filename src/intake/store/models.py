@@ -80,6 +80,10 @@ class InboundMessage(SQLModel, table=True):
     # outcome; None until then, and for messages processed before it was recorded.
     authentication: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True),
                                                                               nullable=True))
+    # The data key its raw and trace are sealed with, wrapped by the storage key (see
+    # intake.store.sealing.inline_key): in the row, as a data_key row would cost the listener's
+    # commit a page more. None: stored in clear, or shredded.
+    data_key: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
 

@@ -6,19 +6,23 @@ is written *sealed*:
 
     MAGIC (3 bytes) | version (1) | data key id (8) | nonce (12) | ciphertext + tag (16)
 
-(text columns hold :data:`TEXT_MARK` + the same bytes in base64). The data key id names a
-``data_key`` row: 32 random bytes wrapped (AES-256-GCM) by the storage key whose key id the row
-records. Each ticket has one data key (its thread entries, its outgoing mail), each stored message
-one of its own, each ticketless outgoing mail one. The associated data binds a sealed value to its
-table, column and data key, so a value moved to another column or owner does not open.
+(text columns hold :data:`TEXT_MARK` + the same bytes in base64). A data key is 32 random bytes
+wrapped (AES-256-GCM) by a storage key, recorded with that key's id. Each ticket has one (its
+thread entries, its outgoing mail) and each ticketless outgoing mail one, in the ``data_key``
+table, named by the id in the header. Each stored message has one of its own, kept in its row
+(``inbound_message.data_key``, see :func:`inline_key`): the listener's commit in front of every 250
+then writes no page more than in clear. The associated data binds a sealed value to its table,
+column and data key, so a value moved to another column or owner does not open.
 
 Deleting data keys (:func:`shred`) makes what they sealed unreadable in the database and in every
-backup made since, as far as nobody holds the storage key a backup's data keys were wrapped with.
+backup made since; backups made before keep their wrapped copy, readable with the storage key of
+their time until that key is destroyed (README: "Encryption at rest").
 
 Values without :data:`MAGIC` / :data:`TEXT_MARK` are plaintext (written before a key was set) and
 read as they are; :func:`encrypt_existing` seals them. Readers call :func:`open_bytes` /
-:func:`open_text`, writers :func:`seal_for_ticket` (or :func:`seal` with a key from
-:func:`new_key`). The storage keys of a database are attached to its engine (:func:`attach`);
+:func:`open_text` (with a stored message's ``data_key`` as *inline*), writers
+:func:`seal_for_ticket` (or :func:`seal_bytes` / :func:`seal_text` with a key from :func:`new_key`
+or :func:`inline_key`). The storage keys of a database are attached to its engine (:func:`attach`);
 unwrapped data keys are cached per session or connection only, so a shred takes effect at once.
 """
 
@@ -31,6 +35,7 @@ import hmac
 import os
 import secrets
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -57,6 +62,7 @@ _HEADER = len(MAGIC) + 1 + _KEY_ID_BYTES
 # Base64 characters after TEXT_MARK that hold the header (24 bytes of 4-byte-aligned input: 32 chars).
 _TEXT_HEADER_CHARS = 4 * ((_HEADER + _NONCE_BYTES) // 3)
 STORAGE_KEY_BYTES = 32
+_STORAGE_ID_CHARS = 16  # a storage key's id, at the start of an inline data key
 # The data key that keys the digests of stored messages (see :func:`content_digest`).
 DIGEST_KEY_ID = 1  # random data key ids are 2 and up
 
@@ -202,6 +208,24 @@ def key_row(keyring: Keyring, now: datetime, ticket_id: int | None = None,
     return row, key
 
 
+def inline_key(keyring: Keyring) -> tuple[bytes, DataKeyValue]:
+    """A new data key for one stored message: what its ``data_key`` column holds (the storage
+    key's id, then the key wrapped by it) and its value."""
+    assert keyring.current is not None
+    key = DataKeyValue(2 + secrets.randbelow(2 ** 63 - 2), secrets.token_bytes(32))
+    return keyring.current.id.encode() + _wrap(keyring.current, key.id, key.secret), key
+
+
+def _open_inline(bind: Session | Connection, key_id: int, inline: bytes) -> None:
+    """Unwrap a stored message's data key (its ``data_key`` column) into the cache of *bind*."""
+    storage_id, wrapped = bytes(inline[:_STORAGE_ID_CHARS]).decode(), bytes(inline[_STORAGE_ID_CHARS:])
+    storage = keyring_of(bind).find(storage_id)
+    if storage is None:
+        raise SealingError(f"a stored message's data key is wrapped by storage key {storage_id}, which is not "
+                           "loaded: set [storage] key_file (or previous_key_files) to it")
+    _cache(bind).keys[key_id] = _unwrap(storage, key_id, wrapped)
+
+
 def _cache(bind: Session | Connection) -> _Cache:
     return _caches.setdefault(bind, _Cache())
 
@@ -329,8 +353,10 @@ def sealed_key_id(value: bytes | str | None) -> int | None:
     return int.from_bytes(bytes(value[len(MAGIC) + 1:_HEADER]), "big")
 
 
-def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes) -> bytes:
-    """The plaintext of a (possibly) sealed bytes value of *table*.*column*.
+def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes,
+               inline: bytes | None = None) -> bytes:
+    """The plaintext of a (possibly) sealed bytes value of *table*.*column*; *inline* is the data
+    key of its row, for a stored message (its ``data_key`` column).
 
     Raises :class:`Shredded` when its data key was deleted, :class:`SealingError` when the
     storage key is not loaded or the value was altered or moved."""
@@ -340,6 +366,8 @@ def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes
     if value[len(MAGIC)] != VERSION:
         raise SealingError(f"{table}.{column}: sealed with format version {value[len(MAGIC)]}, unknown here")
     key_id = int.from_bytes(value[len(MAGIC) + 1:_HEADER], "big")
+    if inline and not _cache(bind).keys.get(key_id):
+        _open_inline(bind, key_id, bytes(inline))
     secret = _data_key(bind, key_id)
     try:
         return AESGCM(secret).decrypt(value[_HEADER:_HEADER + _NONCE_BYTES], value[_HEADER + _NONCE_BYTES:],
@@ -349,11 +377,11 @@ def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes
                            "(altered, or moved from another row)") from None
 
 
-def open_text(bind: Session | Connection, table: str, column: str, value: str) -> str:
+def open_text(bind: Session | Connection, table: str, column: str, value: str, inline: bytes | None = None) -> str:
     """:func:`open_bytes` for a text column."""
     if not is_sealed(value):
         return value
-    return open_bytes(bind, table, column, base64.b64decode(value[len(TEXT_MARK):])).decode("utf-8")
+    return open_bytes(bind, table, column, base64.b64decode(value[len(TEXT_MARK):]), inline).decode("utf-8")
 
 
 def open_or_note(bind: Session | Connection, table: str, column: str, value: str) -> str:
@@ -406,8 +434,9 @@ def shred(session: Session, ticket_ids: Iterable[int] = (), inbound_ids: Iterabl
     """Delete the data keys of tickets *ticket_ids* and stored messages *inbound_ids*, in the
     caller's transaction; returns how many were deleted. A ticket's keys are its own and every key
     its content is sealed under: its stored messages' (those on the ticket or in its thread), and
-    any its entries or outgoing mail name (entries merged in from another ticket). The sealed
-    values stay where they are, unreadable: :func:`open_bytes` raises :class:`Shredded`."""
+    any its entries or outgoing mail name (entries merged in from another ticket). A stored
+    message's key is its ``data_key`` column, set to NULL. The sealed values stay where they are,
+    unreadable: :func:`open_bytes` raises :class:`Shredded`."""
     tickets = sorted(set(ticket_ids))
     messages = set(inbound_ids)
     key_ids: set[int] = set()
@@ -419,11 +448,11 @@ def shred(session: Session, ticket_ids: Iterable[int] = (), inbound_ids: Iterabl
         key_ids.update(session.scalars(select(_DATA_KEYS.c.id).where(_DATA_KEYS.c.ticket_id.in_(chunk))))
         key_ids.update(_named_keys(session, entries.c.body_text, entries.c.ticket_id.in_(chunk), text=True))
         key_ids.update(_named_keys(session, outbox.c.raw, outbox.c.ticket_id.in_(chunk), text=False))
-    for chunk in _chunks(sorted(messages)):
-        key_ids.update(_named_keys(session, inbound.c.raw, inbound.c.id.in_(chunk), text=False))
-        key_ids.update(_named_keys(session, inbound.c.trace, inbound.c.id.in_(chunk), text=True))
     key_ids.discard(DIGEST_KEY_ID)
     deleted = 0
+    for chunk in _chunks(sorted(messages)):
+        deleted += session.execute(update(inbound).where(inbound.c.id.in_(chunk), inbound.c.data_key.is_not(None))
+                                   .values(data_key=None)).rowcount or 0
     for chunk in _chunks(sorted(key_ids)):
         deleted += session.execute(delete(_DATA_KEYS).where(_DATA_KEYS.c.id.in_(chunk))).rowcount or 0
     _caches.pop(session, None)
@@ -450,9 +479,15 @@ def _chunks(values: list[Any]) -> Iterator[list[Any]]:
 def check(engine: Engine, keyring: Keyring) -> None:
     """Raise :class:`SealingError` unless every storage key the database's data keys are wrapped
     with is in *keyring*: refuse to start rather than fail on each read, or write plaintext into
-    a database that holds sealed content."""
+    a database that holds sealed content. Of stored messages' keys only the newest is looked at
+    (not a scan of every message, at every start): a rotation moves them all together."""
+    inbound = _TABLES["inbound_message"]
     with read_session(engine) as session:
         used = set(session.scalars(select(_DATA_KEYS.c.storage_key).distinct()))
+        newest = session.scalar(select(_inline_storage(inbound)).where(inbound.c.data_key.is_not(None))
+                                .order_by(inbound.c.id.desc()).limit(1))
+    if newest is not None:
+        used.add(bytes(newest).decode())
     if used and not keyring.enabled:
         raise SealingError(f"the database holds content sealed with storage key(s) {', '.join(sorted(used))}, "
                            "and no [storage] key_file (or storage-key credential) is set")
@@ -460,6 +495,11 @@ def check(engine: Engine, keyring: Keyring) -> None:
     if missing:
         raise SealingError(f"data keys are wrapped by storage key(s) {', '.join(missing)}, which are not loaded: "
                            "add the key file to [storage] key_file or previous_key_files")
+
+
+def _inline_storage(inbound: Any) -> Any:
+    """The id of the storage key a stored message's data key is wrapped by (bytes)."""
+    return func.substr(inbound.c.data_key, 1, _STORAGE_ID_CHARS)
 
 
 @dataclass(frozen=True)
@@ -470,32 +510,53 @@ class RotationProgress:
 
 def rotate(engine: Engine, keyring: Keyring, batch: int = 500, max_batches: int | None = None,
            progress: Callable[[int], None] = lambda count: None) -> RotationProgress:
-    """Re-wrap every data key under *keyring*'s current storage key, *batch* keys per committed
-    transaction: a killed run loses at most one batch's work, and running it again goes on where
-    it stopped. Readers keep working throughout (they find either key in the keyring).
-    *max_batches* stops early (for a partial run); *progress* hears the count after each batch."""
+    """Re-wrap every data key (the ``data_key`` table's, then stored messages') under *keyring*'s
+    current storage key, *batch* keys per committed transaction: a killed run loses at most one
+    batch's work, and running it again goes on where it stopped. Readers keep working throughout
+    (they find either key in the keyring). *max_batches* stops early (for a partial run);
+    *progress* hears the count after each batch."""
     assert keyring.current is not None
-    current = keyring.current
+    current, inbound = keyring.current, _TABLES["inbound_message"]
+    stale_table = _DATA_KEYS.c.storage_key != current.id
+    stale_inline = inbound.c.data_key.is_not(None) & (_inline_storage(inbound) != current.id.encode())
+    phases = [
+        (select(_DATA_KEYS.c.id, _DATA_KEYS.c.storage_key, _DATA_KEYS.c.wrapped).where(stale_table)
+         .order_by(_DATA_KEYS.c.id), _rewrap_table_key),
+        (select(inbound.c.id, inbound.c.data_key, func.substr(inbound.c.raw, 1, _HEADER).label("head"))
+         .where(stale_inline).order_by(inbound.c.id), _rewrap_inline_key),
+    ]
     rewrapped = batches = 0
-    while max_batches is None or batches < max_batches:
-        with write_session(engine) as session:
-            rows = session.execute(select(_DATA_KEYS.c.id, _DATA_KEYS.c.storage_key, _DATA_KEYS.c.wrapped)
-                                   .where(_DATA_KEYS.c.storage_key != current.id)
-                                   .order_by(_DATA_KEYS.c.id).limit(batch)).all()
-            for row in rows:
-                secret = _unwrap(_storage_key(keyring, row), row.id, bytes(row.wrapped))
-                session.execute(update(_DATA_KEYS).where(_DATA_KEYS.c.id == row.id)
-                                .values(storage_key=current.id, wrapped=_wrap(current, row.id, secret)))
-        rewrapped += len(rows)
-        batches += 1
-        if rows:
-            progress(rewrapped)
-        if len(rows) < batch:
-            break
+    for query, rewrap in phases:
+        while max_batches is None or batches < max_batches:
+            with write_session(engine) as session:
+                rows = session.execute(query.limit(batch)).all()
+                for row in rows:
+                    rewrap(session, keyring, row)
+            rewrapped += len(rows)
+            batches += 1
+            if rows:
+                progress(rewrapped)
+            if len(rows) < batch:
+                break
     with read_session(engine) as session:
-        remaining = session.scalar(select(func.count()).select_from(_DATA_KEYS)
-                                   .where(_DATA_KEYS.c.storage_key != current.id)) or 0
+        remaining = sum(session.scalar(select(func.count()).select_from(table).where(stale)) or 0
+                        for table, stale in ((_DATA_KEYS, stale_table), (inbound, stale_inline)))
     return RotationProgress(rewrapped, remaining)
+
+
+def _rewrap_table_key(session: Session, keyring: Keyring, row: Any) -> None:
+    secret = _unwrap(_storage_key(keyring, row), row.id, bytes(row.wrapped))
+    session.execute(update(_DATA_KEYS).where(_DATA_KEYS.c.id == row.id)
+                    .values(storage_key=keyring.current.id, wrapped=_wrap(keyring.current, row.id, secret)))
+
+
+def _rewrap_inline_key(session: Session, keyring: Keyring, row: Any) -> None:
+    key_id = sealed_key_id(bytes(row.head))
+    _open_inline(session, key_id, bytes(row.data_key))
+    secret = _cache(session).keys[key_id]
+    inbound = _TABLES["inbound_message"]
+    session.execute(update(inbound).where(inbound.c.id == row.id).values(
+        data_key=keyring.current.id.encode() + _wrap(keyring.current, key_id, secret)))
 
 
 def _plaintext(table: Any, column: str, text: bool) -> Any:
@@ -507,9 +568,13 @@ def _plaintext(table: Any, column: str, text: bool) -> Any:
 
 def status(engine: Engine, keyring: Keyring) -> dict[str, Any]:
     """Data keys per storage key (and whether it is loaded), and plaintext rows per sealed column."""
+    inbound = _TABLES["inbound_message"]
     with read_session(engine) as session:
-        by_key = dict(session.execute(select(_DATA_KEYS.c.storage_key, func.count())
-                                      .group_by(_DATA_KEYS.c.storage_key)).all())
+        by_key = Counter(dict(session.execute(select(_DATA_KEYS.c.storage_key, func.count())
+                                              .group_by(_DATA_KEYS.c.storage_key)).all()))
+        inline = _inline_storage(inbound)
+        by_key.update({bytes(key_id).decode(): count for key_id, count in session.execute(
+            select(inline, func.count()).where(inbound.c.data_key.is_not(None)).group_by(inline))})
         plaintext = {f"{table}.{column}": session.scalar(select(func.count()).select_from(_TABLES[table])
                                                          .where(_plaintext(_TABLES[table], column, text))) or 0
                      for table, column, text in SEALED_COLUMNS}
@@ -526,24 +591,23 @@ def status(engine: Engine, keyring: Keyring) -> dict[str, Any]:
 def encrypt_existing(engine: Engine, now: datetime, batch: int = 200, max_batches: int | None = None) -> dict[str, int]:
     """Seal the plaintext content written before a key was set, *batch* rows per committed
     transaction (resumable like :func:`rotate`); returns rows sealed per column. A stored
-    message's raw and trace get a key of their own, a ticket's entries and mail its key, a
-    ticketless mail a key of its own."""
+    message's raw and trace get a key of their own (in its row), a ticket's entries and mail its
+    key, a ticketless mail a key of its own."""
     if not keyring_of(engine).enabled:
         raise SealingError("no storage key set: nothing to encrypt with")
     done = {f"{table}.{column}": 0 for table, column, _ in SEALED_COLUMNS}
     batches = 0
     for table_name, column, text in SEALED_COLUMNS:
         table = _TABLES[table_name]
-        owner = table.c.ticket_id if table_name != "inbound_message" else None
+        owner = table.c.data_key if table_name == "inbound_message" else table.c.ticket_id
         while max_batches is None or batches < max_batches:
             with write_session(engine) as session:
-                columns = [table.c.id, table.c[column]] + ([owner] if owner is not None else [])
-                rows = session.execute(select(*columns).where(_plaintext(table, column, text))
+                rows = session.execute(select(table.c.id, table.c[column], owner).where(_plaintext(table, column, text))
                                        .order_by(table.c.id).limit(batch)).all()
                 for row in rows:
                     value = row[1] if text else bytes(row[1])
-                    sealed = _seal_existing(session, table_name, column, row, value, now)
-                    session.execute(update(table).where(table.c.id == row.id).values({column: sealed}))
+                    session.execute(update(table).where(table.c.id == row.id)
+                                    .values(_sealed_existing(session, table_name, column, row, value, now)))
             done[f"{table_name}.{column}"] += len(rows)
             batches += 1
             if len(rows) < batch:
@@ -551,17 +615,24 @@ def encrypt_existing(engine: Engine, now: datetime, batch: int = 200, max_batche
     return done
 
 
-def _seal_existing(session: Session, table: str, column: str, row: Any, value: Any, now: datetime) -> Any:
-    """*value* of *row* sealed under the key its owner uses (see :func:`encrypt_existing`)."""
-    ticket_id = row[2] if len(row) > 2 else None
-    if ticket_id is not None:
-        return seal_for_ticket(session, ticket_id, now, table, column, value)
+def _sealed_existing(session: Session, table: str, column: str, row: Any, value: Any,
+                     now: datetime) -> dict[str, Any]:
+    """The values that seal *value* of *row* under the key its owner uses (see
+    :func:`encrypt_existing`): the column's, and a stored message's new data key."""
+    values: dict[str, Any] = {}
     if table == "inbound_message":
-        # raw and trace of one message share its key: reuse the one its other column names.
-        other = session.execute(select(_TABLES[table].c.raw, _TABLES[table].c.trace)
-                                .where(_TABLES[table].c.id == row.id)).one()
-        key_id = sealed_key_id(bytes(other.raw)) or sealed_key_id(other.trace)
-        key = DataKeyValue(key_id, _data_key(session, key_id)) if key_id else new_key(session, now)
+        if row[2] is None:  # its first column sealed: the message's key is made now
+            values["data_key"], key = inline_key(keyring_of(session))
+        else:  # raw and trace share the key its other column names
+            other = session.execute(select(_TABLES[table].c.raw, _TABLES[table].c.trace)
+                                    .where(_TABLES[table].c.id == row.id)).one()
+            key_id = sealed_key_id(bytes(other.raw)) or sealed_key_id(other.trace)
+            _open_inline(session, key_id, bytes(row[2]))
+            key = DataKeyValue(key_id, _data_key(session, key_id))
+    elif row[2] is not None:
+        key = ticket_key(session, row[2], now)
     else:
         key = new_key(session, now)
-    return seal_text(key, table, column, value) if isinstance(value, str) else seal_bytes(key, table, column, value)
+    sealed = seal_text if isinstance(value, str) else seal_bytes
+    values[column] = sealed(key, table, column, value)
+    return values

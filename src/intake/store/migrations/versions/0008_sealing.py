@@ -1,5 +1,6 @@
-"""data keys for encryption at rest ([storage] key_file): one per ticket, per stored message and
-per ticketless outgoing mail, wrapped by the storage key (see intake.store.sealing)
+"""data keys for encryption at rest ([storage] key_file): one per ticket and per ticketless
+outgoing mail (table data_key), one per stored message (inbound_message.data_key), wrapped by the
+storage key (see intake.store.sealing)
 
 Revision ID: 0008
 Revises: 0007
@@ -32,8 +33,12 @@ def upgrade() -> None:
     )
     op.create_index('ux_data_key_ticket', 'data_key', ['ticket_id'], unique=True,
                     sqlite_where=sa.text('ticket_id IS NOT NULL'), postgresql_where=sa.text('ticket_id IS NOT NULL'))
+    with op.batch_alter_table('inbound_message', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('data_key', sa.LargeBinary(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('inbound_message', schema=None) as batch_op:
+        batch_op.drop_column('data_key')
     op.drop_index('ux_data_key_ticket', table_name='data_key')
     op.drop_table('data_key')
