@@ -27,6 +27,11 @@ Run it with intake's virtualenv, from anywhere:
     .venv/bin/python benchmarks/throughput.py --json    # the results as JSON on stdout
     .venv/bin/python benchmarks/throughput.py --quick --database postgresql --nodes 2
     .venv/bin/python benchmarks/throughput.py -n 300 -c 20 -s 4k --modes smtp,import,fetch  # as root
+    .venv/bin/python benchmarks/throughput.py --quick --encryption   # intake also with a storage key
+
+With ``--encryption`` each scenario also runs ``intake+enc``: intake with ``[storage] key_file``
+set (report content stored encrypted, see intake.store.sealing), compared with intake in clear in
+the same run (goal: within 15 %).
 
 Only 127.0.0.1 is contacted. Each server run is bounded by ``--timeout`` seconds (reported as
 incomplete past it); servers are killed at the end, on error, on Ctrl-C and on SIGTERM.
@@ -76,6 +81,8 @@ POLL_INTERVAL = 0.05  # seconds between database checks while waiting for proces
 ACCEPT_RATIO_GOAL = 0.5  # intake accepted msg/s vs bare, in the goal scenario
 E2E_RATIO_GOAL = 0.3  # intake end-to-end msg/s vs bare accepted msg/s, every scenario
 P99_GOAL_MS = 100.0  # intake p99 SMTP transaction, every scenario
+ENCRYPTION_RATIO_GOAL = 0.85  # intake+enc msg/s (accepted, end-to-end) vs intake's in clear: within 15 %
+ENCRYPTED = "intake+enc"  # the server name of intake with a storage key (--encryption)
 GOAL_SIZE, GOAL_CONCURRENCY = 4096, 20
 BUSY_MACHINE_PERCENT = 25.0  # other work above this much of a core while sending is warned about
 
@@ -147,7 +154,7 @@ class CpuUse:
 class Measurement:
     """One server in one scenario."""
 
-    server: str  # "bare" or "intake"
+    server: str  # "bare", "intake" or "intake+enc" (intake with a storage key)
     scenario: Scenario
     load: LoadResult
     cpu: CpuUse
@@ -177,6 +184,10 @@ class Measurement:
     def complete(self) -> bool:
         sent_all = not self.load.timed_out and self.load.accepted == self.scenario.messages
         return sent_all and (self.server == "bare" or self.processed_after is not None)
+
+    @property
+    def is_intake(self) -> bool:
+        return self.server.startswith("intake")
 
     def cpu_percent(self, seconds: float) -> float:
         """CPU *seconds* used while sending, as % of one core."""
@@ -456,7 +467,8 @@ def bare_server(workdir: Path, port: int) -> ServerProcess:
     return ServerProcess("bare", [sys.executable, str(DISCARD_SERVER), str(port)], dict(os.environ), workdir, port)
 
 
-def intake_server(workdir: Path, port: int, database_url: str, overrides: dict[str, str]) -> ServerProcess:
+def intake_server(workdir: Path, port: int, database_url: str, overrides: dict[str, str],
+                  name: str = "intake") -> ServerProcess:
     """``intake serve`` with the shipped config.toml, its state in *workdir*, acknowledgements to a Maildir.
 
     *overrides* are further ``INTAKE_*`` variables (``--intake-env``), e.g. to compare a setting."""
@@ -472,7 +484,7 @@ def intake_server(workdir: Path, port: int, database_url: str, overrides: dict[s
         "INTAKE_OUTBOUND__MAILDIR": str(workdir / "outbox"),
         **overrides,
     })
-    return ServerProcess("intake", [str(INTAKE), "--config", str(config), "serve"], env, workdir, port)
+    return ServerProcess(name, [str(INTAKE), "--config", str(config), "serve"], env, workdir, port)
 
 
 # -- intake's processing, read from its database ---------------------------------------------
@@ -522,16 +534,22 @@ class ProcessingProbe:
 
 
 def measure(server_kind: str, scenario: Scenario, args: argparse.Namespace) -> Measurement:
-    """Run one scenario against a fresh *server_kind* ("bare" or "intake"), within ``--timeout`` seconds."""
+    """Run one scenario against a fresh *server_kind* ("bare", "intake" or "intake+enc"), within
+    ``--timeout`` seconds."""
     deadline = time.monotonic() + args.timeout
     with tempfile.TemporaryDirectory(prefix=f"intake-bench-{server_kind}-") as tmp:
         workdir, port = Path(tmp), free_port()
         if server_kind == "bare":
             with bare_server(workdir, port) as server:
                 return measure_accepting(server, scenario, deadline)
+        overrides = dict(args.intake_env)
+        if server_kind == ENCRYPTED:  # one key for every node, as a PostgreSQL deployment shares it
+            key = workdir / "storage.key"
+            subprocess.run([str(INTAKE), "storage", "keygen", str(key)], check=True, capture_output=True)
+            overrides["INTAKE_STORAGE__KEY_FILE"] = str(key)
         with fresh_database(args, workdir) as database_url:
             nodes = Nodes([intake_server(workdir / f"node{n}", port if n == 0 else free_port(), database_url,
-                                         args.intake_env) for n in range(args.nodes)])
+                                         overrides, server_kind) for n in range(args.nodes)])
             with nodes as server:
                 return measure_processing(server, scenario, deadline, database_url)
 
@@ -630,10 +648,11 @@ class Goal:
     passed: bool
 
 
-def evaluate_goals(pairs: list[tuple[Measurement, Measurement]]) -> list[Goal]:
-    """The issue's goals, for each (bare, intake) pair of one scenario."""
+def evaluate_goals(pairs: list[tuple[Measurement, ...]]) -> list[Goal]:
+    """The issue's goals, for each (bare, intake) pair of one scenario, and with ``--encryption``
+    intake+enc against intake."""
     goals = []
-    for bare, intake in pairs:
+    for bare, intake, *encrypted in pairs:
         label = intake.scenario.label
         if intake.scenario.is_goal_scenario:
             ratio = intake.accept_rate / bare.accept_rate if bare.accept_rate else None
@@ -646,19 +665,33 @@ def evaluate_goals(pairs: list[tuple[Measurement, Measurement]]) -> list[Goal]:
         p99 = intake.p99_ms
         goals.append(_goal("p99 SMTP transaction ms", label, p99, f"< {P99_GOAL_MS:g}",
                            intake.complete and p99 is not None and p99 < P99_GOAL_MS))
+        for sealed in encrypted:
+            goals += _encryption_goals(intake, sealed)
     return goals
+
+
+def _encryption_goals(clear: Measurement, sealed: Measurement) -> list[Goal]:
+    """Accepted and end-to-end msg/s with a storage key, as a share of intake's in clear."""
+    label = sealed.scenario.label
+    accepted = sealed.accept_rate / clear.accept_rate if clear.accept_rate else None
+    e2e_clear, e2e_sealed = clear.end_to_end_rate, sealed.end_to_end_rate
+    e2e = e2e_sealed / e2e_clear if e2e_clear and e2e_sealed is not None else None
+    complete = clear.complete and sealed.complete
+    return [_goal(f"{name} encrypted vs clear", label, ratio, f">= {ENCRYPTION_RATIO_GOAL}x",
+                  complete and ratio is not None and ratio >= ENCRYPTION_RATIO_GOAL)
+            for name, ratio in (("accepted", accepted), ("end-to-end", e2e))]
 
 
 def _goal(name: str, scenario: str, value: float | None, target: str, passed: bool) -> Goal:
     return Goal(name, scenario, None if value is None else round(value, 2), target, passed)
 
 
-def format_table(pairs: list[tuple[Measurement, Measurement]]) -> str:
+def format_table(pairs: list[tuple[Measurement, ...]]) -> str:
     header = ("scenario", "server", "accepted", "msg/s", "x bare", "p50 ms", "p99 ms", "e2e msg/s", "e2e x bare",
               "client CPU", "server CPU", "other CPU")
     rows = [header]
-    for bare, intake in pairs:
-        for measurement in (bare, intake):
+    for bare, *intakes in pairs:
+        for measurement in (bare, *intakes):
             rows.append(_table_row(measurement, bare.accept_rate))
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
@@ -667,7 +700,7 @@ def format_table(pairs: list[tuple[Measurement, Measurement]]) -> str:
 
 
 def _table_row(m: Measurement, bare_rate: float) -> tuple[str, ...]:
-    is_intake = m.server == "intake"
+    is_intake = m.is_intake
     e2e = m.end_to_end_rate
     accepted = f"{m.load.accepted}/{m.scenario.messages}" + ("" if m.complete else " INCOMPLETE")
     main, children = m.cpu_percent(m.cpu.server_main), m.cpu_percent(m.cpu.server_children)
@@ -696,13 +729,13 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def format_rates(pairs: list[tuple[Measurement, Measurement]], others: list[ModeResult]) -> str:
+def format_rates(pairs: list[tuple[Measurement, ...]], others: list[ModeResult]) -> str:
     """The ways into intake side by side, per body size: messages/s taken in (SMTP: accepted; fetch:
     stored by the IMAP pass) and into tickets, seconds until all were processed, tickets made."""
     header = ("size", "mode", "messages", "taken msg/s", "to tickets msg/s", "seconds", "tickets")
     rows = [header]
-    for size in dict.fromkeys([intake.scenario.body_size for _, intake in pairs] + [m.body_size for m in others]):
-        for _, intake in (pair for pair in pairs if pair[1].scenario.body_size == size):
+    for size in dict.fromkeys([pair[1].scenario.body_size for pair in pairs] + [m.body_size for m in others]):
+        for intake in (pair[1] for pair in pairs if pair[1].scenario.body_size == size):
             e2e = intake.end_to_end_rate
             rows.append((human_size(size), f"smtp C={intake.scenario.concurrency}", str(intake.scenario.messages),
                          f"{intake.accept_rate:.1f}", f"{e2e:.1f}" if e2e is not None else "INCOMPLETE",
@@ -723,7 +756,7 @@ def format_goals(goals: list[Goal]) -> str:
     lines = ["goals (intake vs bare, same run):"]
     for goal in goals:
         value = "not measured" if goal.value is None else f"{goal.value:g}"
-        lines.append(f"  {'PASS' if goal.passed else 'FAIL'}  {goal.name:<26} {goal.scenario:<11} "
+        lines.append(f"  {'PASS' if goal.passed else 'FAIL'}  {goal.name:<30} {goal.scenario:<11} "
                      f"{value:>12}  (goal {goal.target})")
     missed = sum(not goal.passed for goal in goals)
     lines.append(f"RESULT: {'PASS' if not missed else 'FAIL'} ({len(goals) - missed} of {len(goals)} goals met)")
@@ -809,6 +842,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--modes", type=parse_modes, default=["smtp"],
                         help="ways in to measure on the same messages, comma-separated: smtp (bare and intake "
                              "serve), import (an mbox), fetch (a private Dovecot; needs root) (default smtp)")
+    parser.add_argument("--encryption", action="store_true",
+                        help="also run intake with a storage key (content encrypted at rest), compared with intake "
+                             "in clear in the same run")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     defaults = QUICK_RUN if args.quick else FULL_RUN
@@ -827,9 +863,9 @@ def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> tuple[list[tuple[Measurement, Measurement]], list[ModeResult]]:
-    """Every scenario, bare then intake, then per body size the other --modes; returns (bare, intake)
-    per scenario and the other modes' results."""
+def run(args: argparse.Namespace) -> tuple[list[tuple[Measurement, ...]], list[ModeResult]]:
+    """Every scenario, bare then intake (then intake+enc with ``--encryption``), then per body size
+    the other --modes; returns the measurements per scenario in that order and the other modes' results."""
     pairs, others = [], []
     for size in args.sizes:
         if "smtp" in args.modes:
@@ -837,7 +873,8 @@ def run(args: argparse.Namespace) -> tuple[list[tuple[Measurement, Measurement]]
                 scenario = Scenario(size, concurrency, args.messages, args.connections == "per-session")
                 bare = measure_and_tell("bare", scenario, args)
                 intake = measure_and_tell("intake", scenario, args)
-                pairs.append((bare, intake))
+                encrypted = (measure_and_tell(ENCRYPTED, scenario, args),) if args.encryption else ()
+                pairs.append((bare, intake, *encrypted))
         others += [measure_mode(mode, size, args) for mode in args.modes if mode != "smtp"]
     return pairs, others
 
@@ -867,7 +904,7 @@ def measure_and_tell(server_kind: str, scenario: Scenario, args: argparse.Namesp
     return m
 
 
-def report(args: argparse.Namespace, pairs: list[tuple[Measurement, Measurement]], others: list[ModeResult],
+def report(args: argparse.Namespace, pairs: list[tuple[Measurement, ...]], others: list[ModeResult],
            goals: list[Goal]) -> str:
     machine = describe_machine()
     if args.json:
@@ -875,6 +912,7 @@ def report(args: argparse.Namespace, pairs: list[tuple[Measurement, Measurement]
             "machine": machine,
             "settings": {"messages": args.messages, "concurrency": args.concurrency, "sizes": args.sizes,
                          "connections": args.connections, "database": args.database, "nodes": args.nodes,
+                         "encryption": args.encryption,
                          "timeout": args.timeout, "intake_env": args.intake_env, "modes": args.modes},
             "results": [m.as_dict() for pair in pairs for m in pair],
             "modes": [m.as_dict() for m in others],
@@ -896,7 +934,7 @@ def report(args: argparse.Namespace, pairs: list[tuple[Measurement, Measurement]
     return "\n\n".join(parts)
 
 
-def busy_machine_note(pairs: list[tuple[Measurement, Measurement]]) -> str:
+def busy_machine_note(pairs: list[tuple[Measurement, ...]]) -> str:
     """A warning when work outside the benchmark took CPU while it was sending."""
     busiest = max(m.cpu_percent(m.cpu.others) for pair in pairs for m in pair)
     if busiest < BUSY_MACHINE_PERCENT:

@@ -600,7 +600,7 @@ def test_the_sqlite_fast_insert_stores_what_sqlalchemy_would_and_answers_ids_in_
         schema.upgrade(engine)
     assert inbound.store(fast, arrivals) == [1, 2, 3]
     with core.begin() as connection:
-        connection.execute(insert(InboundMessage.__table__), inbound._rows(arrivals))
+        connection.execute(insert(InboundMessage.__table__), inbound._rows(core, arrivals))
 
     def table(engine) -> list[tuple]:  # type: ignore[no-untyped-def]
         with sqlite3.connect(engine.url.database) as connection:

@@ -35,11 +35,13 @@ def check_config(obj: Context) -> None:
     """Validate the configuration: exit 0, or 78 naming the bad key. Warnings (`warning: ...` on
     stderr) leave the status at 0."""
     settings = obj.settings
+    keyring = obj.keyring  # a storage key that cannot be read is a configuration error (78)
     passed = service.passed_socket_addresses()
     listening = (f"listens on {', '.join(passed)} (sockets passed by systemd)" if passed else
                  f"listens on smtp.listen {settings.smtp.listen} (unless systemd passes sockets)")
     echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, {listening}, "
-         f"outbound via {settings.outbound.transport})")
+         f"outbound via {settings.outbound.transport}, "
+         f"{f'content encrypted with storage key {keyring.current.id}' if keyring.enabled else 'content unencrypted'})")
     warning = security_txt.expiry_warning(settings, datetime.now(timezone.utc))
     database = sqlite_file(settings.database_url)
     for text in ([warning] if warning else []) + production.warnings(settings) + private_files.exposed(

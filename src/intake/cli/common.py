@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sqlmodel import Session
 
     from intake.config.settings import Settings
+    from intake.store.sealing import Keyring
     from intake.store.models import Ticket
 
 
@@ -38,6 +39,7 @@ class Context:
     def __init__(self, config_path: Path | None):
         self.config_path = config_path
         self._settings: Settings | None = None
+        self._keyring: Keyring | None = None
 
     @property
     def settings(self) -> Settings:
@@ -52,25 +54,44 @@ class Context:
                 sys.exit(EXIT_CONFIG)
         return self._settings
 
-    def engine(self, *, at_head: bool = True, create: bool = False) -> Engine:
+    def engine(self, *, at_head: bool = True, create: bool = False, check_keys: bool = True) -> Engine:
         """The database; unless *at_head* is False, one whose schema this intake can use.
         Only `intake serve` and `intake db upgrade` migrate. A SQLite file that does not exist is
         made only with *create* (`db upgrade`, `restore`); any other command exits 78 naming it:
-        a second, empty database beside the wrong config file helps nobody."""
-        from intake.store import schema
+        a second, empty database beside the wrong config file helps nobody. Unless *check_keys* is
+        False, one whose data keys the configured storage keys open (else exit 78)."""
+        from intake.config.settings import EXIT_CONFIG
+        from intake.store import schema, sealing
         from intake.store.db import make_engine, sqlite_file
 
         settings = self.settings
         database = sqlite_file(settings.database_url)
         if database is not None:
             _check_sqlite_file(database, settings.database_source, create)
-        engine = make_engine(settings.database_url, settings.database.busy_timeout)
+        engine = make_engine(settings.database_url, settings.database.busy_timeout, keyring=self.keyring)
         if at_head:
             try:
                 schema.require_current(engine)
             except schema.SchemaRefused as exc:
                 fail(str(exc))
+        if at_head and check_keys:
+            try:
+                sealing.check(engine, self.keyring)
+            except sealing.SealingError as exc:
+                fail(str(exc), EXIT_CONFIG)
         return engine
+
+    @property
+    def keyring(self) -> Keyring:
+        """The storage keys of the configuration (exit 78 when one cannot be read)."""
+        from intake.config.settings import EXIT_CONFIG, ConfigError, storage_keyring
+
+        if self._keyring is None:
+            try:
+                self._keyring = storage_keyring(self.settings)
+            except ConfigError as exc:
+                fail(str(exc), EXIT_CONFIG)
+        return self._keyring
 
 
 def _check_sqlite_file(database: Path, source: str, create: bool) -> None:

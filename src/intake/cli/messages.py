@@ -12,7 +12,7 @@ import click
 from intake.cli.common import INSTANT, JSON_OPTION, Context, actor, emit_json, fail, iso, table
 from intake.cli.held import purge
 from intake.display import echo
-from intake.store import inbound
+from intake.store import inbound, sealing
 from intake.understand.header_text import display_value, scan_header_block
 from intake.vocabulary import HELD, HELD_FAILED, InboundStatus
 
@@ -57,7 +57,10 @@ def show_message(obj: Context, message_id: int, as_json: bool) -> None:
     """Show stored message ID: its headers, text, attachments and why it was held."""
     from intake.understand import parse_guard  # the parser: only this command needs it
 
-    row = inbound.get(obj.engine(), message_id)
+    try:
+        row = inbound.get(obj.engine(), message_id)
+    except sealing.Shredded:
+        fail(f"stored message {message_id}: its content was purged")
     if row is None:
         fail(f"no stored message {message_id}")
     settings = obj.settings

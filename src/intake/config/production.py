@@ -9,9 +9,11 @@ size warning, which matters as much in development as anywhere.
 from __future__ import annotations
 
 import ipaddress
+import os
+from pathlib import Path
 
 from intake.config.sections import SmtpSection
-from intake.config.settings import Settings
+from intake.config.settings import STORAGE_KEY_CREDENTIAL, Settings
 
 # The default limit: a 25 MB attachment is ~33.3 MB after base64, plus headers.
 RECOMMENDED_MESSAGE_SIZE: int = SmtpSection.model_fields["max_message_size"].default
@@ -25,8 +27,17 @@ def warnings(settings: Settings) -> list[str]:
     found = settings.warnings + _size_warnings(settings) + _token_warnings(settings)
     if not settings.intake.development:
         found += _placeholder_warnings(settings) + _transport_warnings(settings) + _maintainer_warnings(settings)
-        found += _hostname_warnings(settings)
+        found += _hostname_warnings(settings) + _storage_warnings(settings)
     return found
+
+
+def _storage_warnings(settings: Settings) -> list[str]:
+    """Report content in clear in the database and its backups: the policies promise otherwise."""
+    if settings.storage.key_file or os.environ.get("CREDENTIALS_DIRECTORY") and \
+            (Path(os.environ["CREDENTIALS_DIRECTORY"]) / STORAGE_KEY_CREDENTIAL).is_file():
+        return []
+    return ["no storage key: report content is stored unencrypted (set [storage] key_file to a key made by "
+            "`intake storage keygen PATH`, or pass the 'storage-key' credential)"]
 
 
 def is_placeholder_domain(domain: str) -> bool:

@@ -193,6 +193,15 @@ class DatabaseSection(Section):
     busy_timeout: float = Field(default=10.0, gt=0)
 
 
+class StorageSection(Section):
+    # The storage key (made by `intake storage keygen PATH`): when set, report content is stored
+    # encrypted (intake.store.sealing). Unset: the systemd credential 'storage-key' if there is one.
+    key_file: Path | None = None
+    # Older storage keys still readable: data keys wrapped by them open until `intake storage
+    # rotate` has re-wrapped them under key_file; then remove them here and destroy the files.
+    previous_key_files: list[Path] = Field(default_factory=list)
+
+
 class ProcessingSection(Section):
     # Stored messages read and parsed per round.
     batch_size: int = Field(default=100, ge=1, le=10_000)

@@ -22,7 +22,7 @@ next is stored.
 from __future__ import annotations
 
 import email.utils
-import hashlib
+import functools
 import logging
 import mailbox
 import re
@@ -40,7 +40,7 @@ from intake.config.settings import Settings
 from intake.run import processor
 from intake.sla import deadlines
 from intake.tickets import imported_replies
-from intake.store import inbound
+from intake.store import inbound, sealing
 from intake.understand import addresses
 from intake.understand.header_text import clean_text, first_message_id, message_ids
 from intake.vocabulary import NEW_TICKET, InboundStatus
@@ -131,7 +131,7 @@ def import_mailbox(engine: Engine, settings: Settings, path: Path, now: datetime
     box = open_mailbox(path)
     result = ImportResult()
     peer = f"import:{path}"
-    entries = _read_entries(box, settings, now, result)
+    entries = _read_entries(box, settings, now, result, functools.partial(sealing.content_digest, engine))
     unreadable = result.failed
     fresh = _new_entries(engine, entries, result)
     cutoff = now - acknowledge_younger_than if acknowledge_younger_than is not None else None
@@ -174,13 +174,15 @@ def import_mailbox(engine: Engine, settings: Settings, path: Path, now: datetime
     return result
 
 
-def _read_entries(box: mailbox.Mailbox, settings: Settings, now: datetime, result: ImportResult) -> list[_Entry]:
-    """First pass: every readable message's headers, oldest first."""
+def _read_entries(box: mailbox.Mailbox, settings: Settings, now: datetime, result: ImportResult,
+                  digest: Callable[[bytes], str]) -> list[_Entry]:
+    """First pass: every readable message's headers and *digest* (what inbound_message.sha256
+    holds, see :func:`intake.store.sealing.content_digest`), oldest first."""
     entries = []
     for key in list(box.keys()):
         raw = _read_raw(box, key, result)
         if raw is not None:
-            entries.append(_entry(box, key, raw, settings, now))
+            entries.append(_entry(box, key, raw, settings, now, digest(raw)))
     entries.sort(key=lambda entry: entry.received_at)  # stable: equal dates keep the box's order
     return entries
 
@@ -197,7 +199,7 @@ def _read_raw(box: mailbox.Mailbox, key: str, result: ImportResult) -> bytes | N
     return re.sub(rb"\r?\n", b"\r\n", data)
 
 
-def _entry(box: mailbox.Mailbox, key: str, raw: bytes, settings: Settings, now: datetime) -> _Entry:
+def _entry(box: mailbox.Mailbox, key: str, raw: bytes, settings: Settings, now: datetime, digest: str) -> _Entry:
     try:
         headers = BytesHeaderParser(policy=compat32).parsebytes(raw)
         values = {name: [str(value) for value in headers.get_all(name, [])] for name in _HEADERS}
@@ -205,7 +207,7 @@ def _entry(box: mailbox.Mailbox, key: str, raw: bytes, settings: Settings, now: 
         values = {name: [] for name in _HEADERS}
     first = {name: found[0] if found else "" for name, found in values.items()}
     return _Entry(key=key, received_at=_received_at(box, key, first["date"], now),
-                  sha256=hashlib.sha256(raw).hexdigest(), message_id=first_message_id(first["message-id"]),
+                  sha256=digest, message_id=first_message_id(first["message-id"]),
                   mail_from=_envelope_sender(first["return-path"], values["from"]),
                   rcpt_tos=_recipients(settings, values["delivered-to"] + values["to"], values["cc"]),
                   from_us=bool(settings.our_address(addresses.sender(values["from"], [])[1])),

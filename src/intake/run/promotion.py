@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.run import processor
+from intake.store import sealing
 from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import InboundMessage, Ticket
@@ -46,11 +47,13 @@ def promote(engine: Engine, settings: Settings, inbound_id: int, actor: str, now
     with read_session(engine) as session:
         row = session.get(InboundMessage, inbound_id)
         already = _promoted_before(session, inbound_id, row)
-    if already:
-        return already
+        if already:
+            return already
+        raw = sealing.open_bytes(session, "inbound_message", "raw", row.raw, inline=row.data_key)
+        trace = sealing.open_text(session, "inbound_message", "trace", row.trace, inline=row.data_key)
     held_as = f"{row.decision or row.status}: {row.reason or row.error or ''}"
-    stored = StoredMessage(row.id, row.mail_from, row.rcpt_tos, row.raw, row.sha256, row.received_at, row.relay,
-                           row.trace, arrived_at=row.arrived_at)
+    stored = StoredMessage(row.id, row.mail_from, row.rcpt_tos, raw, row.sha256, row.received_at, row.relay, trace,
+                           arrived_at=row.arrived_at)
     prepared = processor.prepare(settings, stored)
     if prepared.mail is None:
         raise PromoteRefused(f"message {inbound_id} cannot be parsed: {prepared.error}")

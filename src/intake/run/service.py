@@ -42,13 +42,13 @@ from sqlalchemy import Engine
 
 from intake.config import production
 from intake.config.sections import HostPort, LoggingSection
-from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
+from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, storage_keyring
 from intake.receive import fetch
 from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.store import schema
+from intake.store import schema, sealing
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
 from intake.tickets import undeliverable
@@ -200,7 +200,13 @@ async def _serve(settings: Settings) -> int:
     stop_worker = context.Event()
     for warning in production.warnings(settings):
         log.warning("event=config-warning detail=%r", warning)
-    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
+    try:
+        keyring = storage_keyring(settings)
+    except ConfigError as exc:
+        log.error("event=config-error error=%r", str(exc))
+        return EXIT_CONFIG
+    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False,
+                         keyring=keyring)
     # Before the listener: mail is accepted only into a database at head. Under a lock, so
     # nodes starting together migrate once (see intake.store.schema).
     try:
@@ -208,6 +214,11 @@ async def _serve(settings: Settings) -> int:
     except schema.SchemaRefused as exc:
         # A restart cannot help: 78 keeps systemd from looping (RestartPreventExitStatus).
         log.error("event=schema-refused error=%r", str(exc))
+        return EXIT_CONFIG
+    try:  # before the listener too: never a plaintext write into sealed storage, nor a key that does not open it
+        sealing.check(engine, keyring)
+    except sealing.SealingError as exc:
+        log.error("event=storage-key-refused error=%r", str(exc))
         return EXIT_CONFIG
     upgraded, filled = brought_up.upgraded, brought_up.filled
     if upgraded.before != upgraded.after or upgraded.stamped:
@@ -419,7 +430,8 @@ def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
 
 async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int,
                 report: metrics.WorkerReport) -> None:
-    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
+    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False,
+                         keyring=storage_keyring(settings))  # the parent read and checked it
     stop = asyncio.Event()
     pacing = _SenderPacing(settings.processing.batch_size)
     sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record,

@@ -50,6 +50,7 @@ from sqlmodel import Session
 from intake.config.sections import OutboundSection, minimum_tls_version
 from intake.config.settings import Settings, read_secret
 from intake.send.composer import OutgoingMail
+from intake.store import sealing
 from intake.store.db import insert_new, read_session, write_connection, write_session
 from intake.store.models import Outbox
 from intake.store.private_files import private_directory, write_private
@@ -72,7 +73,8 @@ def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now:
 
 def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]], *, now: datetime) -> set[str]:
     """Queue each mail (for its ticket) unless its dedupe key is already queued, in one statement;
-    returns the dedupe keys queued now."""
+    returns the dedupe keys queued now. The mail is sealed under its ticket's data key, a
+    ticketless one under a key of its own (see :mod:`intake.store.sealing`)."""
     rows = [
         {
             "dedupe_key": mail.dedupe_key,
@@ -82,7 +84,7 @@ def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]],
             "recipients": mail.recipients,
             "rate_key": mail.recipients[0].lower() if mail.rate_limited else None,
             "message_id": mail.message_id,
-            "raw": mail.raw,
+            "raw": _sealed(session, mail.raw, ticket_id, now),
             "status": OutboxStatus.PENDING,
             "attempts": 0,
             "created_at": now,
@@ -91,6 +93,12 @@ def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]],
         for mail, ticket_id in mails
     ]
     return insert_new(session, Outbox.__table__, "dedupe_key", rows)
+
+
+def _sealed(session: Session, raw: bytes, ticket_id: int | None, now: datetime) -> bytes:
+    if ticket_id is not None:
+        return sealing.seal_for_ticket(session, ticket_id, now, "outbox", "raw", raw)
+    return sealing.seal_bytes(sealing.new_key(session, now), "outbox", "raw", raw)
 
 
 def automatic_mail_counts(session: Session, recipients: Iterable[str], since: datetime) -> Counter[str]:
@@ -353,7 +361,16 @@ class OutboxSender:
             session.execute(
                 update(table).where(table.c.id.in_(ids)).values(lease_until=now + self._lease, lease_owner=self._owner)
             )
-            return list(session.scalars(select(Outbox).where(Outbox.id.in_(ids)).order_by(Outbox.id)))
+            rows = list(session.scalars(select(Outbox).where(Outbox.id.in_(ids)).order_by(Outbox.id)))
+            session.expunge_all()  # their raw is opened for sending: never written back
+        if not sealing.keyring_of(self._engine).enabled:
+            return rows
+        # Opened once the write lock is released: the listener's commits need not wait for it.
+        with read_session(self._engine) as session:
+            sealing.preload(session, [row.raw for row in rows])
+            for row in rows:
+                row.raw = sealing.open_bytes(session, "outbox", "raw", row.raw)
+        return rows
 
     async def send_due(self, now: datetime) -> dict[str, int]:
         """Send one claimed batch; returns counts by outcome."""
@@ -420,7 +437,9 @@ class OutboxSender:
             "dedupe_key": f"{row.dedupe_key}/deferred:{row.id}",  # row.id: a row is split at most once
             "ticket_id": row.ticket_id, "kind": row.kind, "envelope_from": row.envelope_from,
             "recipients": list(deferred), "rate_key": None,  # the same mail: the rate limit counted it once
-            "message_id": row.message_id, "raw": row.raw, "status": OutboxStatus.PENDING, "attempts": attempts,
+            # The row's raw as stored (sealed, if it is): the same mail under the same key.
+            "message_id": row.message_id, "raw": connection.scalar(select(table.c.raw).where(table.c.id == row.id)),
+            "status": OutboxStatus.PENDING, "attempts": attempts,
             "created_at": row.created_at,  # give_up_after counts from when the mail was queued
             "next_attempt_at": now + backoff(self._outbound, attempts),
             "last_error": _refusals(r for r in delivery.refused if r.recipient in deferred),

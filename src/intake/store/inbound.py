@@ -9,8 +9,8 @@ a lone message at once, a busy one shares each fsync among many messages.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
+import functools
 import logging
 import queue
 import threading
@@ -21,10 +21,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, func, insert, or_, select, text, update
+from sqlmodel import Session
 
 from intake.store.db import (
     checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection, write_session,
 )
+from intake.store import sealing
 from intake.store.models import InboundMessage, ThreadEntry
 from intake.understand.header_text import MAX_SCANNED_HEADER_BYTES, display_value, scan_header_block
 from intake.vocabulary import HELD, HELD_DECISIONS, HELD_FAILED, InboundStatus
@@ -77,35 +79,40 @@ def full_message(trace: str, raw: bytes) -> bytes:
 
 # The columns :func:`_rows` gives a value for.
 _COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "raw", "status",
-            "attempts", "history", "message_id", "arrived_at")
+            "attempts", "history", "message_id", "arrived_at", "data_key")
 
 
-def _rows(arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
-    return [
-        {
+def _rows(engine: Engine, arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
+    """The inbound_message rows of *arrivals*, their content sealed (when sealing is on) under a
+    data key of each message's own, kept wrapped in its row (see :mod:`intake.store.sealing`)."""
+    keyring = sealing.keyring_of(engine)
+    rows = []
+    for a in arrivals:
+        data_key, key = sealing.inline_key(keyring) if keyring.enabled else (None, None)
+        rows.append({
             "received_at": a.received_at,
             "mail_from": a.mail_from,
             "rcpt_tos": a.rcpt_tos,
             "peer": a.peer,
             "helo": a.helo,
             "relay": a.relay,
-            "trace": a.trace,
+            "trace": sealing.seal_text(key, "inbound_message", "trace", a.trace),
             "size": len(a.raw),
-            "sha256": hashlib.sha256(a.raw).hexdigest(),
-            "raw": a.raw,
+            "sha256": sealing.content_digest(engine, a.raw),
+            "raw": sealing.seal_bytes(key, "inbound_message", "raw", a.raw),
             "status": InboundStatus.PENDING,
             "attempts": 0,
             "history": a.history,
             "message_id": a.message_id,
             "arrived_at": a.arrived_at,
-        }
-        for a in arrivals
-    ]
+            "data_key": data_key,
+        })
+    return rows
 
 
 def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
     """Insert *arrivals* in one committed transaction; returns their ids in order."""
-    rows = _rows(arrivals)
+    rows = _rows(engine, arrivals)
     if is_sqlite(engine):
         return _store_sqlite(engine, rows)
     # Core on a plain connection, not ORM objects: this is the hot path in front of every 250.
@@ -256,13 +263,26 @@ def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     table = InboundMessage.__table__
     query = (
         select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at,
-               table.c.relay, table.c.trace, table.c.history, table.c.arrived_at)
+               table.c.relay, table.c.trace, table.c.history, table.c.arrived_at, table.c.data_key)
         .where(table.c.status == InboundStatus.PENDING)
         .order_by(table.c.id)
         .limit(limit)
     )
     with read_session(engine) as session:
-        return [StoredMessage(*row) for row in session.execute(query)]
+        return [StoredMessage(*opened(session, row)) for row in session.execute(query)]
+
+
+def opened(session: Session, row: Any) -> Any:
+    """*row* (of inbound_message columns with its data_key, an ORM object included) with its raw
+    and trace opened (see :mod:`intake.store.sealing`); a tuple row comes back as a tuple, in the
+    same order, without its data_key."""
+    raw = sealing.open_bytes(session, "inbound_message", "raw", row.raw, inline=row.data_key)
+    trace = sealing.open_text(session, "inbound_message", "trace", row.trace, inline=row.data_key)
+    if isinstance(row, InboundMessage):
+        row.raw, row.trace = raw, trace
+        return row
+    opened_values = {"raw": raw, "trace": trace}
+    return tuple(opened_values.get(name, value) for name, value in zip(row._fields, row) if name != "data_key")
 
 
 def failed_ids(engine: Engine) -> list[int]:
@@ -287,8 +307,13 @@ def requeue(engine: Engine, ids: list[int]) -> list[int]:
 
 
 def get(engine: Engine, message_id: int) -> InboundMessage | None:
+    """Stored message *message_id* (detached), its content opened; None if there is none."""
     with read_session(engine) as session:
-        return session.get(InboundMessage, message_id)
+        row = session.get(InboundMessage, message_id)
+        if row is None:
+            return None
+        session.expunge(row)
+        return opened(session, row)
 
 
 def known_hashes(engine: Engine, hashes: Iterable[str]) -> set[str]:
@@ -369,20 +394,33 @@ def held(engine: Engine, decisions: Iterable[str] = HELD, since: datetime | None
     if not matches:
         return []
     query = (select(table.c.id, table.c.received_at, table.c.mail_from, table.c.size, table.c.status,
-                    table.c.decision, table.c.reason, table.c.error,
-                    func.substr(table.c.raw, 1, MAX_SCANNED_HEADER_BYTES).label("head"))
+                    table.c.decision, table.c.reason, table.c.error, table.c.data_key,
+                    head_of_raw(engine, MAX_SCANNED_HEADER_BYTES))
              .where(or_(*matches))
              .order_by(table.c.received_at.desc(), table.c.id.desc())
              .limit(limit))
     if since is not None:
         query = query.where(table.c.received_at >= since)
     with read_session(engine) as session:
-        rows = session.execute(query).all()
-    return [_held(row) for row in rows]
+        return [_held(row, open_head(session, row.head, row.data_key, MAX_SCANNED_HEADER_BYTES))
+                for row in session.execute(query).all()]
 
 
-def _held(row: Any) -> HeldMessage:
-    fields = scan_header_block(bytes(row.head or b""))
+def head_of_raw(bind: Engine | Session, size: int) -> Any:
+    """The column of a stored message's first *size* bytes, labelled ``head``: the whole sealed
+    value when sealing is on (a sealed value's start opens nothing), for :func:`open_head` (with
+    the row's ``data_key``)."""
+    raw = InboundMessage.__table__.c.raw
+    return (raw if sealing.keyring_of(bind).enabled else func.substr(raw, 1, size)).label("head")
+
+
+def open_head(session: Session, head: bytes | None, data_key: bytes | None, size: int) -> bytes:
+    """The first *size* bytes of a stored message from :func:`head_of_raw`'s value."""
+    return sealing.open_bytes(session, "inbound_message", "raw", bytes(head or b""), inline=data_key)[:size]
+
+
+def _held(row: Any, head: bytes) -> HeldMessage:
+    fields = scan_header_block(head)
     failed = row.status == InboundStatus.FAILED
     return HeldMessage(row.id, row.received_at, row.mail_from, display_value(fields.get("from", [""])[0]),
                        display_value(fields.get("subject", [""])[0]), row.size,
@@ -397,7 +435,7 @@ def store_new_from(engine: Engine, peer: str, arrivals: Iterable[Arrival]) -> li
     on two nodes (or a cron job beside the service) never both store a message: on SQLite the
     writer lock every intake writer takes; on PostgreSQL an advisory lock keyed by *peer*."""
     rows, hashes = [], set()
-    for row in _rows(arrivals):
+    for row in _rows(engine, arrivals):
         if row["sha256"] not in hashes:
             hashes.add(row["sha256"])
             rows.append(row)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 from intake.vocabulary import InboundStatus, OutboxStatus, TicketState
 
@@ -84,6 +84,10 @@ class InboundMessage(SQLModel, table=True):
     # outcome; None until then, and for messages processed before it was recorded.
     authentication: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON(none_as_null=True),
                                                                               nullable=True))
+    # The data key its raw and trace are sealed with, wrapped by the storage key (see
+    # intake.store.sealing.inline_key): in the row, as a data_key row would cost the listener's
+    # commit a page more. None: stored in clear, or shredded.
+    data_key: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
 
 
 
@@ -276,6 +280,32 @@ class Notification(SQLModel, table=True):
     recipients: list[str] = Field(sa_column=Column(JSON, nullable=False))
     # The outbox row that carries it (several notifications of one ticket can share one mail).
     outbox_key: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class DataKey(SQLModel, table=True):
+    """A data key content is sealed with, wrapped by a storage key (see :mod:`intake.store.sealing`).
+
+    One per ticket (its thread, its outbox mail), one per stored message (its raw and trace), one
+    per ticketless outbox mail. Deleting the row makes what it sealed unreadable (crypto-shredding);
+    no foreign key, so a purge may delete it whatever else it keeps. Written beside every message
+    the listener stores, so it has as few indexes as it can: its rowid, and tickets' keys unique."""
+
+    __tablename__ = "data_key"
+    __table_args__ = (Index("ux_data_key_ticket", "ticket_id", unique=True,
+                            sqlite_where=text("ticket_id IS NOT NULL"),
+                            postgresql_where=text("ticket_id IS NOT NULL")),)
+
+    # Random (2 to 2^63-1), not a sequence: sealed values name it in their header, so it is chosen
+    # before the row that uses it is written (the listener seals before it inserts). INTEGER on
+    # SQLite: the rowid itself, no index of its own.
+    id: int = Field(sa_column=Column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                                     autoincrement=False))
+    # The ticket it belongs to; None for a stored message's key or a ticketless mail's.
+    ticket_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    # Which storage key wrapped it (its key id): what `intake storage rotate` and `status` count by.
+    storage_key: str = Field(sa_column=Column(String(16), nullable=False))
+    wrapped: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = _instant()
 
 
 class ReferenceCounter(SQLModel, table=True):

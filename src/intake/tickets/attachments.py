@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
-from intake.store import inbound
+from intake.store import inbound, sealing
 from intake.tickets.reads import numbered_attachments, ticket_detail
 from intake.understand.content import extract_attachment
 from intake.understand.parsed_mail import Attachment
@@ -27,7 +27,10 @@ def read(engine: Engine, reference: str, number: int) -> tuple[Attachment, bytes
                                 f"there is no number {number}")
     entry_id, index = located[number]
     entry = next(e for e in detail.entries if e.id == entry_id)
-    stored = inbound.get(engine, entry.inbound_id) if entry.inbound_id else None
+    try:
+        stored = inbound.get(engine, entry.inbound_id) if entry.inbound_id else None
+    except sealing.Shredded:
+        raise AttachmentMissing(f"attachment {number} was purged with the content of its message") from None
     if stored is None:
         raise AttachmentMissing(f"the stored message of attachment {number} is gone")
     try:

@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.send import composer, outbox
+from intake.store import sealing
 from intake.store.models import ThreadEntry, Ticket
 from intake.tickets import milestones, records
 from intake.understand.header_text import clean_text
@@ -62,7 +63,8 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
     session.execute(insert(ThreadEntry.__table__).values(
         ticket_id=ticket.id, direction=Direction.OUT, kind=kind, message_id=mail.message_id,
         in_reply_to=parent.message_id if parent else None, references=[], sender=ticket.intake_address,
-        subject=subject, body_text=text, warnings=[], created_at=now,
+        subject=subject, body_text=sealing.seal_for_ticket(session, ticket.id, now, "thread_entry", "body_text", text),
+        warnings=[], created_at=now,
         attachments=[{"index": n, "filename": a.filename, "original_filename": a.filename,
                       "content_type": a.content_type, "size": len(a.data), "sha256": hashlib.sha256(a.data).hexdigest()}
                      for n, a in enumerate(attachments, start=1)]))
@@ -87,6 +89,7 @@ def note(session: Session, ticket: Ticket, body: str, *, now: datetime, actor: s
     text = _check_body(body)
     session.execute(insert(ThreadEntry.__table__).values(
         ticket_id=ticket.id, direction=Direction.INTERNAL, kind=EntryKind.NOTE, references=[], sender=actor, subject="",
-        body_text=text, attachments=[], warnings=[], created_at=now))
+        body_text=sealing.seal_for_ticket(session, ticket.id, now, "thread_entry", "body_text", text),
+        attachments=[], warnings=[], created_at=now))
     records.add_event(session, ticket.id, EventKind.NOTE_ADDED, now, actor=actor)
     ticket.updated_at = now

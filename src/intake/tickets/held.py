@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Engine, and_, delete, exists, func, or_, select, update
 from sqlmodel import Session
 
+from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.models import InboundMessage, PurgeLog, ThreadEntry
 from intake.understand.header_text import display_value, first_values, scan_header_block
@@ -77,11 +78,11 @@ def listed(session: Session, since: datetime, until: datetime, limit: int) -> tu
     condition = and_(_window(since, until), _LISTED)
     total = session.scalar(select(func.count()).select_from(InboundMessage).where(condition)) or 0
     rows = session.execute(select(_message.id, _message.decision, _message.status, _message.processed_at,
-                                  _message.mail_from, func.substr(_message.raw, 1, _HEADER_BYTES))
+                                  _message.mail_from, inbound.head_of_raw(session, _HEADER_BYTES), _message.data_key)
                            .where(condition).order_by(_message.processed_at.desc(), _message.id.desc()).limit(limit))
     return total, [HeldMessage(id_, _label(decision, status), processed_at, display_value(mail_from, 254),
-                               _subject(bytes(head or b"")))
-                   for id_, decision, status, processed_at, mail_from, head in rows]
+                               _subject(inbound.open_head(session, head, data_key, _HEADER_BYTES)))
+                   for id_, decision, status, processed_at, mail_from, head, data_key in rows]
 
 
 def _subject(head: bytes) -> str:

@@ -25,6 +25,7 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
 from intake.sla.engine import StageDeadline
+from intake.store import sealing
 from intake.store.inbound import StoredMessage
 from intake.store.models import Deadline, Event, Notification, ThreadEntry, Ticket
 from intake.tickets import credit
@@ -148,6 +149,7 @@ def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbo
     ids = dict(session.execute(insert(table).returning(table.c.reference, table.c.id),
                                [_ticket_row(opening, now) for opening in openings]).all())
     opened = [OpenedTicket(ids[opening.reference], opening.reference) for opening in openings]
+    sealing.make_ticket_keys(session, [ticket.id for ticket in opened], now)  # one INSERT, not one per ticket
     queued = outbox.enqueue_many(session, [(mail, ticket.id) for opening, ticket in zip(openings, opened)
                                            for mail in (opening.reply, *opening.notices) if mail], now=now)
     # One notification per ticket, whichever maintainers' mails carry it.
@@ -163,7 +165,8 @@ def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbo
     events: list[dict[str, Any]] = []
     for opening, ticket in zip(openings, opened):
         report, reply = opening.report, opening.reply
-        entries.append(entry_from_mail(ticket.id, report.stored, report.incoming.mail, kind=EntryKind.REPORT, now=now))
+        entries.append(entry_from_mail(session, ticket.id, report.stored, report.incoming.mail,
+                                       kind=EntryKind.REPORT, now=now))
         events += _opening_events(opening, ticket.id, now)
         if opening.refusal:
             events.append(event(ticket.id, EventKind.ACKNOWLEDGEMENT_SUPPRESSED, now, reason=opening.refusal))

@@ -14,6 +14,7 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.sla import deadlines
+from intake.store import sealing
 from intake.store.db import read_session
 from intake.store.models import Deadline, Event, InboundMessage, ThreadEntry, Ticket
 from intake.vocabulary import FINISHED_STATES
@@ -25,6 +26,9 @@ class TicketNotFound(LookupError):
 
 @dataclass(frozen=True)
 class TicketDetail:
+    """A ticket, its thread (entries' text opened, see :mod:`intake.store.sealing`), events and
+    stored messages (their content as stored: sealed when sealing is on)."""
+
     ticket: Ticket
     entries: list[ThreadEntry]
     events: list[Event]
@@ -47,7 +51,11 @@ def ticket_detail(engine: Engine, reference: str) -> TicketDetail:
         events = session.scalars(select(Event).where(Event.ticket_id == ticket.id).order_by(Event.at, Event.id))
         messages = session.scalars(select(InboundMessage).where(InboundMessage.ticket_id == ticket.id)
                                    .order_by(InboundMessage.id))
-        return TicketDetail(ticket, list(entries), list(events), list(messages))
+        detail = TicketDetail(ticket, list(entries), list(events), list(messages))
+        session.expunge_all()  # the entries' text is opened below: nothing of it is written back
+        for entry in detail.entries:
+            entry.body_text = sealing.open_or_note(session, "thread_entry", "body_text", entry.body_text)
+        return detail
 
 
 # -- listing ---------------------------------------------------------------------------------

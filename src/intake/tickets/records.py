@@ -24,6 +24,7 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.sla import deadlines
+from intake.store import sealing
 from intake.store.inbound import StoredMessage
 from intake.store.models import Event, Outbox, ThreadEntry, Ticket
 from intake.tickets import credit
@@ -57,7 +58,7 @@ def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage
     assert decision.ticket_id is not None
     ticket = session.get(Ticket, decision.ticket_id)
     assert ticket is not None
-    entry = entry_from_mail(ticket.id, stored, incoming.mail, kind=decision.kind, now=now,
+    entry = entry_from_mail(session, ticket.id, stored, incoming.mail, kind=decision.kind, now=now,
                             threaded_by=decision.threaded_by)
     session.execute(insert(ThreadEntry.__table__), entry)
     ticket.updated_at = now
@@ -116,9 +117,9 @@ def change_state(session: Session, ticket: Ticket, state: str, now: datetime, *,
     ticket.updated_at = now
 
 
-def entry_from_mail(ticket_id: int, stored: StoredMessage, mail: ParsedMail, *, kind: str, now: datetime,
-                    threaded_by: str | None = None) -> dict[str, Any]:
-    """A thread_entry row for an inbound message."""
+def entry_from_mail(session: Session, ticket_id: int, stored: StoredMessage, mail: ParsedMail, *, kind: str,
+                    now: datetime, threaded_by: str | None = None) -> dict[str, Any]:
+    """A thread_entry row for an inbound message, its text sealed under the ticket's data key."""
     return dict(
         ticket_id=ticket_id,
         inbound_id=stored.id,
@@ -130,7 +131,7 @@ def entry_from_mail(ticket_id: int, stored: StoredMessage, mail: ParsedMail, *, 
         references=mail.references,
         sender=stored.mail_from or mail.from_address,
         subject=mail.subject,
-        body_text=mail.body_text,
+        body_text=sealing.seal_for_ticket(session, ticket_id, now, "thread_entry", "body_text", mail.body_text),
         attachments=[a.as_dict() for a in mail.attachments],
         warnings=mail.warnings,
         threaded_by=threaded_by,
