@@ -224,7 +224,9 @@ def test_redeliveries_still_match_but_the_digest_is_keyed(make_settings, databas
     import hashlib
     assert digest != hashlib.sha256(raw).hexdigest()
     assert inbound.known_hashes(engine, [digest]) == {digest}
-    assert inbound.stored_from(engine, "1.2.3.4", [digest]) == {digest}
+    # A fetch source's second copy of the same bytes is found by the keyed digest and not stored.
+    again = Arrival("a@researcher.test", ["security@example.com"], "1.2.3.4", "h", raw, NOW)
+    assert inbound.store_new_from(engine, "1.2.3.4", [again]) == []
 
 
 # -- rotation ---------------------------------------------------------------------------------
