@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import MetaData, select, text
 
 from conftest import all_tickets, deliver_outbox, process, report, smtp_send
+from intake.run import scheduler
 from intake.store.db import make_engine, read_session, sqlite_file
 from intake.store.models import Event, InboundMessage, Outbox, PurgeLog, ThreadEntry
 from intake.tickets import retention
@@ -183,6 +184,8 @@ def test_never_keeps_everything_and_the_settings_are_checked(make_settings):
     engine = make_engine(settings.database_url)
     report_ = retention.purge(engine, settings, datetime.now(timezone.utc) + timedelta(days=9999))
     assert (report_.tickets, report_.held, report_.sent_mail, report_.reclaimed) == (None, None, None, None)
+    jobs = scheduler.build_scheduler(engine, settings)  # nothing to purge: no daily job
+    assert "purge" not in {job.id for job in jobs.get_jobs()}
     from intake.config.settings import ConfigError
 
     for key, value in (("INTAKE_RETENTION__AFTER_CLOSE", "2 business days"), ("INTAKE_RETENTION__HELD", "soon"),
