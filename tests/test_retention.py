@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
 from pathlib import Path
@@ -15,9 +16,11 @@ import pytest
 from sqlalchemy import MetaData, select, text
 
 from conftest import all_tickets, deliver_outbox, process, report, smtp_send
+from intake.config import production
 from intake.run import scheduler
-from intake.store.db import make_engine, read_session, sqlite_file
-from intake.store.models import Event, InboundMessage, Outbox, PurgeLog, ThreadEntry
+from intake.store import reclaim
+from intake.store.db import make_engine, read_session, sqlite_file, wal_size, write_session
+from intake.store.models import Event, InboundMessage, Outbox, PurgeLog, ReferenceCounter, ThreadEntry
 from intake.tickets import retention
 from intake.vocabulary import EventKind, OutboxStatus, PurgeKind
 
@@ -186,6 +189,8 @@ def test_never_keeps_everything_and_the_settings_are_checked(make_settings):
     assert (report_.tickets, report_.held, report_.sent_mail, report_.reclaimed) == (None, None, None, None)
     jobs = scheduler.build_scheduler(engine, settings)  # nothing to purge: no daily job
     assert "purge" not in {job.id for job in jobs.get_jobs()}
+    production_like = make_settings(INTAKE_INTAKE__DEVELOPMENT="false", INTAKE_RETENTION__HELD="never")
+    assert [w for w in production.warnings(production_like) if w.startswith("[retention] held unset")]
     from intake.config.settings import ConfigError
 
     for key, value in (("INTAKE_RETENTION__AFTER_CLOSE", "2 business days"), ("INTAKE_RETENTION__HELD", "soon"),
@@ -227,3 +232,21 @@ def test_postgresql_rewrite_leaves_no_old_row_version_holding_the_canary(make_se
     full = retention.purge(engine, settings, datetime.now(timezone.utc), rewrite=True)
     assert full.reclaimed.ran == ["VACUUM FULL thread_entry, inbound_message, outbox, ticket"]
     assert not pages_hold_canary()
+
+
+def test_a_reader_keeping_old_wal_frames_is_reported_and_the_next_run_truncates(sqlite_url):
+    engine = make_engine(sqlite_url, busy_timeout=0.1)  # each attempt waits for the reader this long
+    reader = sqlite3.connect(str(sqlite_file(sqlite_url)))
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM ticket").fetchall()  # a snapshot from before the write below
+        with write_session(engine) as session:
+            session.execute(ReferenceCounter.__table__.insert().values(prefix="SEC", year=2026, last=1))
+        held_up = reclaim.reclaim(engine, attempts=2, pause=0)
+        assert held_up.incomplete and "2 attempts" in held_up.incomplete[0] and wal_size(engine) > 0
+    finally:
+        reader.close()
+    done = reclaim.reclaim(engine, attempts=2, pause=0)
+    assert (done.incomplete, done.ran, wal_size(engine)) == ([], ["wal_checkpoint(TRUNCATE), attempt 1"], 0)
+    rewritten = reclaim.reclaim(engine, rewrite=True)
+    assert rewritten.ran[0] == "VACUUM" and not rewritten.incomplete and wal_size(engine) == 0
