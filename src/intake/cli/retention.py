@@ -60,6 +60,8 @@ def _print(report: retention.PurgeReport, legal_hold_label: str) -> None:
     else:
         echo(f"bodies of mail sent before {report.sent_mail.cutoff:%Y-%m-%d %H:%M} UTC: {verb} "
              f"{sum(report.sent_mail.by_kind.values())}" + _counts(report.sent_mail.by_kind))
+    if (report.held and not report.held.complete) or (report.sent_mail and not report.sent_mail.complete):
+        echo("intake: stopped after the most batches one run takes; run it again", err=True)
     if report.reclaimed:
         print_reclaimed(report.reclaimed)
 
