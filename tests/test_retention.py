@@ -18,11 +18,12 @@ from sqlalchemy import MetaData, select, text
 from conftest import all_tickets, deliver_outbox, process, report, smtp_send
 from intake.config import production
 from intake.run import scheduler
-from intake.store import reclaim
+from intake.store import reclaim, schema
 from intake.store.db import make_engine, read_session, sqlite_file, wal_size, write_session
 from intake.store.models import Event, InboundMessage, Outbox, PurgeLog, ReferenceCounter, ThreadEntry
-from intake.tickets import retention
+from intake.tickets import held, retention
 from intake.vocabulary import EventKind, OutboxStatus, PurgeKind
+from test_schema import reflected_insert
 
 CANARY = "Zq7-canary-4f1e9b-retention"
 KEPT = "Hx2-kept-8c3d0a-legalhold"  # in the ticket under legal hold: must survive
@@ -250,3 +251,20 @@ def test_a_reader_keeping_old_wal_frames_is_reported_and_the_next_run_truncates(
     assert (done.incomplete, done.ran, wal_size(engine)) == ([], ["wal_checkpoint(TRUNCATE), attempt 1"], 0)
     rewritten = reclaim.reclaim(engine, rewrite=True)
     assert rewritten.ran[0] == "VACUUM" and not rewritten.incomplete and wal_size(engine) == 0
+
+
+def test_migration_0008_counts_earlier_purges_as_held_and_marks_no_ticket_purged(empty_database_url):
+    engine = make_engine(empty_database_url)
+    try:
+        schema.upgrade(engine, "0007")
+        at = datetime(2026, 3, 1, tzinfo=timezone.utc)
+        with engine.begin() as connection:
+            connection.execute(reflected_insert(connection, "purge_log"),
+                               [{"purged_at": at, "cutoff": at, "total": 2, "by_decision": {"spam": 2}}])
+        assert (schema.upgrade(engine).before, schema.current(engine)) == ("0007", schema.head())
+        assert schema.differences(engine) == []
+        with read_session(engine) as session:
+            assert [log.kind for log in session.scalars(select(PurgeLog))] == [PurgeKind.HELD]
+            assert held.purged_total(session) == 2
+    finally:
+        engine.dispose()
