@@ -29,8 +29,8 @@ from intake.store.db import is_sqlite, sqlite_writer_lock, wal_size
 
 # The tables whose rows hold message content.
 CONTENT_TABLES = ("thread_entry", "inbound_message", "outbox", "ticket")
-CHECKPOINT_ATTEMPTS = 20
-CHECKPOINT_PAUSE = 0.25  # seconds between attempts: a reader's transaction is short
+CHECKPOINT_ATTEMPTS = 5  # each waits up to busy_timeout for readers: under a minute in all
+CHECKPOINT_PAUSE = 1.0  # seconds between attempts: a reader's transaction is short
 
 
 @dataclass(frozen=True)
@@ -65,10 +65,7 @@ def _reclaim_sqlite(engine: Engine, rewrite: bool, attempts: int, pause: float) 
                 cursor.execute("VACUUM")
             ran.append("VACUUM")
         for attempt in range(1, attempts + 1):
-            # Under the writer lock: intake's own writers wait their turn instead of keeping it busy.
-            with sqlite_writer_lock(engine, wait_forever=True):
-                busy = _checkpoint_truncate(cursor)
-            if not busy and wal_size(engine) == 0:
+            if not _checkpoint_truncate(engine, cursor) and wal_size(engine) == 0:
                 ran.append(f"wal_checkpoint(TRUNCATE), attempt {attempt}")
                 return Reclaimed(ran)
             if attempt < attempts:
@@ -76,13 +73,19 @@ def _reclaim_sqlite(engine: Engine, rewrite: bool, attempts: int, pause: float) 
     finally:
         connection.close()
     return Reclaimed(ran, [f"the WAL could not be checkpointed and truncated in {attempts} attempts: a reader "
-                           "held old frames (they hold erased content until the next checkpoint); run "
-                           "`intake purge` again"])
+                           "held old frames, or a writer the lock (the WAL holds erased content until the next "
+                           "checkpoint); run `intake purge` again"])
 
 
-def _checkpoint_truncate(cursor: sqlite3.Cursor) -> bool:
-    """One TRUNCATE checkpoint; True when readers kept it from finishing."""
-    busy, _frames, _copied = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+def _checkpoint_truncate(engine: Engine, cursor: sqlite3.Cursor) -> bool:
+    """One TRUNCATE checkpoint, under the writer lock (intake's writers wait their turn instead of
+    keeping it busy); True when a reader, or a writer holding the lock past busy_timeout, kept it
+    from finishing. Never waits longer than that: the scheduler's sweeps run after it."""
+    try:
+        with sqlite_writer_lock(engine):
+            busy, _frames, _copied = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    except sqlite3.OperationalError:  # the writer lock or the database stayed locked
+        return True
     return bool(busy)
 
 
