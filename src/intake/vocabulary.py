@@ -172,7 +172,7 @@ class EventKind:
 class PurgeKind:
     """What one ``purge_log`` row counts (see :mod:`intake.tickets.retention`)."""
 
-    HELD = "held"  # held messages deleted, per decision
+    HELD = "held-messages"  # held messages deleted, per decision
     TICKET_CONTENT = "ticket-content"  # closed tickets whose content was erased, per state / close reason
     SENT_MAIL = "sent-mail"  # bodies of sent (or given up) outbox mail erased, per mail kind
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, Column, DateTime, Index, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
-from intake.vocabulary import InboundStatus, OutboxStatus, PurgeKind, TicketState
+from intake.vocabulary import InboundStatus, OutboxStatus, TicketState
 
 
 class UTCDateTime(TypeDecorator):
@@ -94,7 +94,7 @@ class PurgeLog(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     # PurgeKind: held messages deleted, ticket content erased, sent mail bodies erased.
-    kind: str = Field(default=PurgeKind.HELD, sa_column=Column(String(16), nullable=False, server_default="held"))
+    kind: str = Field(sa_column=Column(String(16), nullable=False))
     purged_at: datetime = _instant()
     cutoff: datetime = _instant()  # what was purged was older than it (received, closed, sent)
     total: int
