@@ -203,13 +203,16 @@ def test_scheduler_jobs_coalesce_and_skip_misfires(desk):
     jobs.start(paused=True)
     try:
         by_id = {job.id: job for job in jobs.get_jobs()}
-        assert set(by_id) == {"sweep", "digest:morning", "digest:berlin"}
+        assert set(by_id) == {"sweep", "purge", "digest:morning", "digest:berlin"}
         for job in by_id.values():
             assert job.coalesce and job.max_instances == 1
             assert job.misfire_grace_time == int(desk.settings.scheduler.misfire_grace)
         # No digest is fired for a time that passed before start-up.
         assert by_id["digest:morning"].next_run_time > datetime.now(UTC)
         assert by_id["sweep"].trigger.interval == timedelta(seconds=desk.settings.scheduler.sweep_interval)
+        # The daily purge ([retention] is set in the shipped config), never at start-up itself.
+        assert by_id["purge"].trigger.interval == timedelta(days=1)
+        assert by_id["purge"].next_run_time > datetime.now(UTC) + timedelta(minutes=5)
     finally:
         jobs.shutdown(wait=False)
 

@@ -140,7 +140,7 @@ def test_purge_deletes_only_old_held_mail_on_no_ticket_and_keeps_the_count(make_
     imported = _store(engine, _spam("old history"), NOW - timedelta(days=300))
     process(settings, engine, NOW)
 
-    dry = held.purge_held(engine, NOW, dry_run=True)
+    dry = held.purge_held(engine, NOW, timedelta(days=90), dry_run=True)
     assert dry.by_decision == {"spam": 1, "auto-reply": 1, "failed": 1} and dry.dry_run
     with read_session(engine) as session:
         assert held.purged_total(session) == 0
@@ -148,7 +148,7 @@ def test_purge_deletes_only_old_held_mail_on_no_ticket_and_keeps_the_count(make_
     cli_dry = json.loads(cli("messages", "purge", "--dry-run", "--json", "--now", NOW.isoformat()).output)
     assert cli_dry["total"] == 3 and cli_dry["dry_run"]
 
-    purged = held.purge_held(engine, NOW, batch=2)  # two batches: the log row follows both
+    purged = held.purge_held(engine, NOW, timedelta(days=90), batch=2)  # two batches: the log row follows both
     assert purged.by_decision == {"spam": 1, "auto-reply": 1, "failed": 1} and purged.complete
     with read_session(engine) as session:
         left = set(session.scalars(select(InboundMessage.id)))
@@ -156,7 +156,7 @@ def test_purge_deletes_only_old_held_mail_on_no_ticket_and_keeps_the_count(make_
         assert held.purged_total(session) == 3
     assert left == {old["report"], old["duplicate"], imported, *recent.values()}  # a ticket's and a named one kept
     assert (log.total, log.by_decision, log.purged_at, log.cutoff) == (
-        3, {"auto-reply": 1, "failed": 1, "spam": 1}, NOW, NOW - held.HELD_RETENTION)
+        3, {"auto-reply": 1, "failed": 1, "spam": 1}, NOW, NOW - timedelta(days=90))
 
     again = cli("messages", "purge", "--now", NOW.isoformat()).output  # idempotent: nothing more, no new row
     assert again.startswith("purged 0 held message(s)")
@@ -182,7 +182,7 @@ def test_migration_0006_adds_the_purge_log_and_the_held_index(empty_database_url
         assert "ix_inbound_status_processed_at" in {index["name"] for index in inspect(engine).get_indexes(
             "inbound_message")}
         # The message stored before 0006 is held, and purged with its count logged.
-        result = held.purge_held(engine, row["processed_at"] + timedelta(days=91))
+        result = held.purge_held(engine, row["processed_at"] + timedelta(days=91), timedelta(days=90))
         assert result.by_decision == {"spam": 1}
         with read_session(engine) as session:
             assert held.purged_total(session) == 1

@@ -166,6 +166,15 @@ class EventKind:
     UNDELIVERABLE = "undeliverable"
     REPORTER_UNREACHABLE = "reporter-unreachable"  # a bounce or a refusal of mail to the reporter
     PROMOTED = "promoted"  # a held message made into this ticket by a maintainer (`intake promote`)
+    CONTENT_PURGED = "content-purged"  # `intake purge`: its report, thread and mail erased after [retention]
+
+
+class PurgeKind:
+    """What one ``purge_log`` row counts (see :mod:`intake.tickets.retention`)."""
+
+    HELD = "held-messages"  # held messages deleted, per decision
+    TICKET_CONTENT = "ticket-content"  # closed tickets whose content was erased, per state / close reason
+    SENT_MAIL = "sent-mail"  # bodies of sent (or given up) outbox mail erased, per mail kind
 
 
 # -- mail intake sends (``outbox.kind``) and the notifications recorded for it (``notification.kind``) --

@@ -55,6 +55,9 @@ COMMANDS = {
     "messages": Registered(_M + "messages:messages_group",
                            "Stored messages that made no ticket of their own, newest first (see `show`, `purge` "
                            "and `intake promote`)."),
+    "purge": Registered(_M + "retention:purge",
+                        "Erase content past its [retention] period: closed tickets' reports, threads and mail; held "
+                        "messages; bodies of sent mail."),
     "promote": Registered(_M + "messages:promote",
                           "Make a ticket of held message ID, as if it had come in as a new report."),
     "fetch": Registered(_M + "fetch:fetch_command",

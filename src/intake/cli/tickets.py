@@ -102,6 +102,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         "quality": detail.ticket.quality,
         "credit": detail.ticket.credit,
         "reporter_unreachable_at": iso(detail.ticket.reporter_unreachable_at),
+        "content_purged_at": iso(detail.ticket.content_purged_at),
         "reporter_unreachable_reason": undeliverable.latest_reason(detail.events)
         if detail.ticket.reporter_unreachable_at else None,
         "stages": [stage.as_dict() for stage in stages],
@@ -132,12 +133,15 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         emit_json(data)
         return
     t = detail.ticket
-    echo(f"{t.reference}  {t.subject}")
+    echo(f"{t.reference}  {t.subject or ('(content purged)' if t.content_purged_at else '')}")
     echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
     echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
     echo(f"  received {t.received_at.isoformat()}{_relayed_note(t, detail.messages)}")
     if t.imported_at:
         echo(f"  imported from history {t.imported_at.isoformat()}: nothing due before then is mailed about")
+    if t.content_purged_at:
+        echo(f"  content purged on {t.content_purged_at:%Y-%m-%d} ([retention] after_close): subject, thread text, "
+             "attachments and stored mail erased")
     if t.reporter_unreachable_at:
         echo(f"  reporter unreachable since {t.reporter_unreachable_at.isoformat()}: "
              f"{data['reporter_unreachable_reason']}")
@@ -169,6 +173,10 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         if entry["encrypted"]:
             echo(f"      encrypted ({entry['encrypted']}): ciphertext kept as received")
         for attachment in entry["attachments"]:
+            if "filename" not in attachment:  # its content was purged: type and size only
+                echo(f"      attachment {attachment['number']}: (purged) ({attachment['content_type']}, "
+                     f"{attachment['size']} bytes)")
+                continue
             echo(f"      attachment {attachment['number']}: {attachment['filename']} "
                  f"({attachment['content_type']}, {attachment['size']} bytes, sha256 {attachment['sha256'][:16]}…)")
         for warning in entry["warnings"]:

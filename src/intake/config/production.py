@@ -27,7 +27,7 @@ def warnings(settings: Settings) -> list[str]:
     found = settings.warnings + _size_warnings(settings) + _token_warnings(settings)
     if not settings.intake.development:
         found += _placeholder_warnings(settings) + _transport_warnings(settings) + _maintainer_warnings(settings)
-        found += _hostname_warnings(settings) + _storage_warnings(settings)
+        found += _hostname_warnings(settings) + _storage_warnings(settings) + _retention_warnings(settings)
     return found
 
 
@@ -93,6 +93,14 @@ def _transport_warnings(settings: Settings) -> list[str]:
         return []
     return [f"[outbound] transport = \"maildir\": acknowledgements and replies are written to "
             f"{settings.maildir_path} and never reach researchers; set transport = \"smtp\" and relay"]
+
+
+def _retention_warnings(settings: Settings) -> list[str]:
+    kept = [name for name in ("after_close", "held", "sent_mail") if settings.retention.period(name) is None]
+    if not kept:
+        return []
+    return [f"[retention] {', '.join(kept)} unset or \"never\": that content is kept forever, in the database "
+            "and every backup (README \"Retention and deletion\")"]
 
 
 def _maintainer_warnings(settings: Settings) -> list[str]:

@@ -10,6 +10,7 @@ import ipaddress
 import re  # config text only; senders' text goes through intake.patterns (RE2)
 import ssl
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -431,6 +432,39 @@ class SchedulerSection(Section):
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
                 raise ValueError(f"digest name {name!r}: letters, digits, '_', '-', '.'")
         return value
+
+
+def _check_retention(value: str | None) -> str | None:
+    """A retention period: an elapsed time ("365 days"), or "never" (None): kept forever."""
+    if value is None or value.strip().lower() == "never":
+        return None
+    return _check_elapsed(value)
+
+
+RetentionText = Annotated[str | None, AfterValidator(_check_retention)]
+
+
+class RetentionSection(Section):
+    """``[retention]``: how long content is kept before ``intake purge`` (and the scheduler, daily)
+    erases it (see :mod:`intake.tickets.retention`). Unset or "never": kept forever, so an upgrade
+    never starts deleting what its operator did not ask to delete; the shipped config.toml sets
+    the recommended periods."""
+
+    # After a ticket is closed or resolved (measured from its last change): its report, thread,
+    # stored messages and mail are erased; its reference, dates, states, deadlines, credit and
+    # events stay.
+    after_close: RetentionText = None
+    # Held messages (no ticket of their own), from when they were received and processed: deleted.
+    held: RetentionText = None
+    # Bodies of outgoing mail once sent (or given up on), from then: erased; the row stays.
+    sent_mail: RetentionText = None
+    # A ticket with this label is never purged, nor its mail (a legal hold).
+    legal_hold_label: str = Field(default="legal-hold", pattern=r"^[a-z0-9][a-z0-9._-]{0,39}$")
+
+    def period(self, name: Literal["after_close", "held", "sent_mail"]) -> timedelta | None:
+        """The retention period of *name*, or None: kept forever."""
+        value = getattr(self, name)
+        return None if value is None else parse_duration(value).elapsed
 
 
 def _check_person_name(name: str) -> str:

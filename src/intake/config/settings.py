@@ -31,8 +31,8 @@ from intake import patterns
 from intake.config.fetch import FetchSource, check_sources, token_files_exist
 from intake.config.sections import (
     AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
-    OutboundSection, ProcessingSection, SchedulerSection, SenderAuthSection, ServiceSection, SmtpSection,
-    StorageSection,
+    OutboundSection, ProcessingSection, RetentionSection, SchedulerSection, SenderAuthSection, ServiceSection,
+    SmtpSection, StorageSection,
 )
 from intake.config.security_txt_section import SecurityTxtSection
 from intake.sla.calendars import CalendarConfig, builtin_calendars
@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     autoreply: AutoReplySection = AutoReplySection()
     sender_auth: SenderAuthSection = SenderAuthSection()
     scheduler: SchedulerSection = SchedulerSection()
+    # How long content is kept: closed tickets', held messages', sent mail's (`intake purge`).
+    retention: RetentionSection = RetentionSection()
     maintainers: list[Maintainer] = Field(default_factory=list)
     calendars: dict[str, CalendarConfig] = Field(default_factory=dict)
     policies: dict[str, PolicyConfig] = Field(default_factory=dict)

@@ -33,7 +33,7 @@ class Readings:
 
 # The held-mail gauge's window: a week is long enough to see a weekend's spam wave, short enough
 # that a rise shows, and unlike "since the database began" it neither grows without end nor drops
-# when old held mail is purged (after 90 days).
+# when old held mail is purged ([retention] held).
 HELD_WINDOW = timedelta(days=7)
 
 

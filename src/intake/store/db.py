@@ -113,6 +113,9 @@ def _make_sqlite_durable(engine: Engine, busy_timeout: float, checkpoint_on_comm
         record.info[_SYNC_OPTION] = "FULL"
         cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Freed space (a row deleted or rewritten, an overflow page let go) is zeroed, so no stale
+        # copy of a message outlives its row: what makes `intake purge` erase rather than unlink.
+        cursor.execute("PRAGMA secure_delete=ON")
         if not checkpoint_on_commit:
             cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")

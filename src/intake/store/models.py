@@ -95,14 +95,18 @@ class InboundMessage(SQLModel, table=True):
 
 
 class PurgeLog(SQLModel, table=True):
-    """One run of ``intake messages purge`` that deleted held messages: when, how many, of what."""
+    """One run of ``intake purge`` (or ``intake messages purge``) that erased something of one kind:
+    when, how many, of what (see :mod:`intake.tickets.retention`)."""
 
     __tablename__ = "purge_log"
 
     id: int | None = Field(default=None, primary_key=True)
+    # PurgeKind: held messages deleted, ticket content erased, sent mail bodies erased.
+    kind: str = Field(sa_column=Column(String(16), nullable=False))
     purged_at: datetime = _instant()
-    cutoff: datetime = _instant()  # held messages processed and received before it were purged
+    cutoff: datetime = _instant()  # what was purged was older than it (received, closed, sent)
     total: int
+    # Per label: a held message's decision, a ticket's state or close reason, a mail's kind.
     by_decision: dict[str, int] = Field(sa_column=Column(JSON, nullable=False))
 
 
@@ -131,6 +135,8 @@ class Ticket(SQLModel, table=True):
     quality: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     # Set when our mail to the reporter bounced for good (a failed DSN); `intake show` says so.
     reporter_unreachable_at: datetime | None = _instant(nullable=True)
+    # When `intake purge` erased its content ([retention] after_close); its metadata stays.
+    content_purged_at: datetime | None = _instant(nullable=True)
     received_at: datetime = _instant()
     created_at: datetime = _instant()
     updated_at: datetime = _instant()

@@ -27,6 +27,10 @@ def read(engine: Engine, reference: str, number: int) -> tuple[Attachment, bytes
                                 f"there is no number {number}")
     entry_id, index = located[number]
     entry = next(e for e in detail.entries if e.id == entry_id)
+    if not any("filename" in a for a in entry.attachments if a["index"] == index):  # see intake.tickets.erasure
+        purged = detail.ticket.content_purged_at
+        raise AttachmentMissing(f"attachment {number} was purged{f' on {purged:%Y-%m-%d}' if purged else ''} "
+                                "([retention] after_close)")
     try:
         stored = inbound.get(engine, entry.inbound_id) if entry.inbound_id else None
     except sealing.Shredded:

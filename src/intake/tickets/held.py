@@ -4,10 +4,9 @@ processing failed on them), counted, named and purged.
 Counts are one GROUP BY over the window's held rows, found through the (status, processed_at)
 index: the digest, the metrics and ``intake stats`` cost the same for ten tickets or a hundred
 thousand. A message is held from when it was processed (``processed_at``), so a window means
-"became held in it". The purge deletes old held messages in bounded batches, each one
-transaction that also adds its count to the run's ``purge_log`` row, so the count is exact even
-if the purge is interrupted. Deleting rows does not shrink a SQLite file: reclaiming the space
-(VACUUM) belongs with the retention settings, not here.
+"became held in it". The purge ([retention] held, run by ``intake purge``) deletes old held
+messages in bounded batches, each one transaction that also adds its count to the run's
+``purge_log`` row, so the count is exact even if the purge is interrupted.
 """
 
 from __future__ import annotations
@@ -17,20 +16,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, and_, delete, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, and_, exists, func, or_, select
 from sqlmodel import Session
 
 from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.models import InboundMessage, PurgeLog, ThreadEntry
+from intake.tickets import erasure
 from intake.understand.header_text import display_value, first_values, scan_header_block
-from intake.vocabulary import AUTO_REPLY, HELD_DECISIONS, SPAM, InboundStatus
+from intake.vocabulary import AUTO_REPLY, HELD_DECISIONS, SPAM, InboundStatus, PurgeKind
 
 HELD_STATUSES = (InboundStatus.IGNORED, InboundStatus.FAILED)
 # What each held message is counted as: its decision, or "failed" (processing failed: no decision).
 HELD_LABELS = (*HELD_DECISIONS, InboundStatus.FAILED)
-# How old a held message must be (received and processed) before the purge deletes it.
-HELD_RETENTION = timedelta(days=90)
 PURGE_BATCH = 500
 MAX_PURGE_BATCHES = 1_000_000  # a bound on the loop, far above any mailbox (5e8 messages)
 SUBJECT_LIMIT = 200  # characters of a subject shown in a list
@@ -115,9 +113,10 @@ def _purgeable(cutoff: datetime) -> ColumnElement[bool]:
                 ~exists().where(ThreadEntry.inbound_id == _message.id))
 
 
-def purge_held(engine: Engine, now: datetime, older_than: timedelta = HELD_RETENTION, dry_run: bool = False,
+def purge_held(engine: Engine, now: datetime, older_than: timedelta, dry_run: bool = False,
                batch: int = PURGE_BATCH) -> PurgeResult:
-    """Delete held messages older than *older_than* at *now* (count them only, if *dry_run*)."""
+    """Delete held messages older than *older_than* at *now* ([retention] held; count them only, if
+    *dry_run*), through :func:`intake.tickets.erasure.erase_content`."""
     cutoff = now - older_than
     condition = _purgeable(cutoff)
     if dry_run:
@@ -129,29 +128,19 @@ def purge_held(engine: Engine, now: datetime, older_than: timedelta = HELD_RETEN
     log_id: int | None = None
     for _ in range(MAX_PURGE_BATCHES):
         with write_session(engine) as session:
-            ids = list(session.scalars(select(_message.id).where(condition).order_by(_message.id).limit(batch)))
-            # The condition again: a message requeued or threaded since the select is kept.
-            deleted = Counter(_label(decision, status) for decision, status in session.execute(
-                delete(InboundMessage.__table__).where(_message.id.in_(ids), condition)
-                .returning(_message.decision, _message.status))) if ids else Counter()
-            if deleted:
-                purged.update(deleted)
-                log_id = _log(session, log_id, now, cutoff, purged)
-        if len(ids) < batch:
+            # Locked in this transaction, so a message requeued or threaded meanwhile is not taken.
+            rows = session.execute(select(_message.id, _message.decision, _message.status).where(condition)
+                                   .order_by(_message.id).limit(batch).with_for_update()).all()
+            if rows:
+                erasure.erase_content(session, now, inbound_ids=[row.id for row in rows])
+                purged.update(_label(decision, status) for _, decision, status in rows)
+                log_id = erasure.log_purge(session, log_id, PurgeKind.HELD, now, cutoff, purged)
+        if len(rows) < batch:
             return PurgeResult(cutoff, False, dict(purged))
     return PurgeResult(cutoff, False, dict(purged), complete=False)
 
 
-def _log(session: Session, log_id: int | None, now: datetime, cutoff: datetime, purged: Counter[str]) -> int:
-    """Record the run's count so far in its purge_log row (made by its first deleting batch)."""
-    values = dict(purged_at=now, cutoff=cutoff, total=sum(purged.values()), by_decision=dict(sorted(purged.items())))
-    table = PurgeLog.__table__
-    if log_id is None:
-        return int(session.execute(table.insert().values(**values).returning(table.c.id)).scalar_one())
-    session.execute(update(table).where(table.c.id == log_id).values(**values))
-    return log_id
-
-
 def purged_total(session: Session) -> int:
     """Held messages purged, ever."""
-    return int(session.scalar(select(func.coalesce(func.sum(PurgeLog.total), 0))) or 0)
+    return int(session.scalar(select(func.coalesce(func.sum(PurgeLog.total), 0))
+                              .where(PurgeLog.kind == PurgeKind.HELD)) or 0)
