@@ -65,6 +65,7 @@ Pause = tuple[datetime, datetime | None]
 # --------------------------------------------------------------------------
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_HTTPS_URL_RE = re.compile(r"https://[^/\s]+\S*", re.IGNORECASE)
 
 
 def _parse_start(text: str) -> tuple[Literal["received", "stage", "event"], str | None]:
@@ -188,6 +189,10 @@ class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     description: str = ""
+    # How reporters see the policy named (the acknowledgement says it); unset: the description.
+    title: str = ""
+    # Where reporters can read the policy (https); unset: the acknowledgement gives no link.
+    url: str | None = None
     calendar: str = BUILTIN_CALENDAR
     auto_ack_counts: bool
     pause_while_waiting: bool = False
@@ -208,6 +213,19 @@ class PolicyConfig(BaseModel):
 
     def stage(self, name: str) -> StageConfig | None:
         return next((stage for stage in self.stages if stage.name == name), None)
+
+    @field_validator("url")
+    @classmethod
+    def _https_url(cls, url: str | None) -> str | None:
+        if url is not None and not _HTTPS_URL_RE.fullmatch(url):
+            raise ValueError(f"url {url!r} is not an https:// URL")
+        return url
+
+    @property
+    def public_title(self) -> str:
+        """The policy's name as reporters read it: its title, else its description ('' when it has
+        neither; its config key is ours, never shown to them)."""
+        return self.title or self.description
 
     @field_validator("due_soon")
     @classmethod
