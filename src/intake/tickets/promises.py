@@ -42,10 +42,8 @@ def promised_dates(settings: Settings, policy_name: str, received_at: datetime,
                       if any(deadline.severity_assumed for deadline, _ in computed) else {})
     promised = []
     for deadline, met_at in computed:
-        if deadline.due is None or deadline.stage in met:
-            continue  # not started, paused, or met by this very reply: nothing left to promise
         if deadlines.first_notice_at(settings, policy_name, None, deadline, met_at) is None:
-            continue  # nobody would be reminded of it
+            continue  # met (by this very reply), not started or paused: nobody is reminded of it
         stage = policy.stage(deadline.stage)
         label = MILESTONE_SPEC[stage.milestone].stage_label if stage and stage.milestone else deadline.stage
         zone = deadlines.stage_calendar(settings, policy_name, deadline.stage).timezone
