@@ -388,6 +388,21 @@ def _timed_stage(
     return StageDeadline(stage.name, extended_due, basis, start, assumed)
 
 
+def dues_by_severity(stage: StageConfig, calendar: CalendarConfig,
+                     start: datetime) -> list[tuple[datetime, tuple[str, ...]]]:
+    """When *stage*, started at *start*, falls due under each severity (no pause counted), the
+    severities sharing an instant together, earliest first: the first is its due while severity is
+    unknown, and a severity, once set, gives the instant it is listed with."""
+    due_of: dict[str, datetime] = {}
+    severities_at: dict[datetime, list[str]] = {}
+    for severity in SEVERITIES:
+        text = stage.duration_for(severity)
+        if text not in due_of:
+            due_of[text] = add_duration(as_utc("start", start), text, calendar)[0]
+        severities_at.setdefault(due_of[text], []).append(severity)
+    return sorted((due, tuple(severities)) for due, severities in severities_at.items())
+
+
 def _merge_pauses(pauses: Iterable[Pause]) -> list[Pause]:
     """Sorted, non-overlapping pauses; an open pause swallows everything after it."""
     merged: list[Pause] = []

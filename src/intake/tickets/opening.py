@@ -235,7 +235,7 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> com
     report = opening.report
     mail = report.incoming.mail
     return promises.automatic_reply(
-        settings, policy_name=opening.policy, received_at=report.received_at, computed=opening.deadlines,
+        settings, policy_name=opening.policy, computed=opening.deadlines,
         out_of_scope=report.low_quality and settings.policies[opening.policy].low_quality_reply == MailKind.OUT_OF_SCOPE,
         reference=opening.reference, subject=mail.subject, reporter_address=report.stored.mail_from,
         reporter_name=mail.from_name, intake_address=opening.address, in_reply_to=mail.message_id,
