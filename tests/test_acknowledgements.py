@@ -198,3 +198,11 @@ def test_readme_shows_each_shipped_acknowledgement_as_the_code_renders_it(cli, m
     assert sorted(shown) == sorted(SHIPPED_POLICIES)
     for command, text in shown.values():
         assert text == cli(*command.split()[1:]).output, command
+
+
+def test_severities_that_end_at_one_instant_are_one_date(cli, config_file, make_settings):
+    make_settings()
+    # "7 days" and "168 hours" differ as text (so the stage depends on severity) but end together.
+    _edit_config(config_file, 'name = "assess"\nduration = "7 days"\n',
+                 'name = "assess"\nduration = "7 days"\nby_severity = { critical = "168 hours" }\n')
+    assert _stated(_preview(cli, "emailconnect"))["Initial assessment"] == ["Fri 25 Dec 2026 05:00 UTC"]

@@ -45,8 +45,9 @@ def promised_dates(settings: Settings, policy_name: str, computed: Computed) -> 
         calendar = deadlines.stage_calendar(settings, policy_name, deadline.stage)
         options = (dues_by_severity(stage, calendar, deadline.start)  # type: ignore[arg-type]
                    if deadline.severity_assumed else [])
+        # Durations that differ may still end at one instant (48 hours, 2 business days): one date then.
         by_severity = tuple(composer.PromisedDate(_severity_words(severities), due, calendar.timezone)
-                            for due, severities in options)
+                            for due, severities in options) if len(options) > 1 else ()
         promised.append(composer.PromisedDate(label, deadline.due, calendar.timezone, by_severity=by_severity))
     return promised
 
@@ -70,7 +71,7 @@ def automatic_reply(settings: Settings, *, policy_name: str, computed: Computed,
         intake_address=intake_address, from_name=settings.intake.from_name, in_reply_to=in_reply_to,
         references=references, deadlines=promised_dates(settings, policy_name, computed),
         policy=policy.public_title, policy_url=policy.url,
-        acknowledges=any(met_at is not None for _, met_at in computed),
+        acknowledges=any(met_at is not None for _, met_at in computed),  # only this reply meets a stage yet
         pauses_while_waiting=policy.pause_while_waiting,
         message_id_domain=settings.intake.message_id_domain, templates_dir=settings.templates_path, now=now)
 
