@@ -65,7 +65,6 @@ Pause = tuple[datetime, datetime | None]
 # --------------------------------------------------------------------------
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-_HTTPS_URL_RE = re.compile(r"https://[^/\s]+\S*", re.IGNORECASE)
 
 
 def _parse_start(text: str) -> tuple[Literal["received", "stage", "event"], str | None]:
@@ -192,7 +191,7 @@ class PolicyConfig(BaseModel):
     # How reporters see the policy named (the acknowledgement says it); unset: the description.
     title: str = ""
     # Where reporters can read the policy (https); unset: the acknowledgement gives no link.
-    url: str | None = None
+    url: str | None = Field(default=None, pattern=r"^https://[^/\s]+\S*$")
     calendar: str = BUILTIN_CALENDAR
     auto_ack_counts: bool
     pause_while_waiting: bool = False
@@ -213,13 +212,6 @@ class PolicyConfig(BaseModel):
 
     def stage(self, name: str) -> StageConfig | None:
         return next((stage for stage in self.stages if stage.name == name), None)
-
-    @field_validator("url")
-    @classmethod
-    def _https_url(cls, url: str | None) -> str | None:
-        if url is not None and not _HTTPS_URL_RE.fullmatch(url):
-            raise ValueError(f"url {url!r} is not an https:// URL")
-        return url
 
     @property
     def public_title(self) -> str:
@@ -386,21 +378,6 @@ def _timed_stage(
     elif credited:
         basis += f"; +{format_span(credited)} paused"
     return StageDeadline(stage.name, extended_due, basis, start, assumed)
-
-
-def dues_by_severity(stage: StageConfig, calendar: CalendarConfig,
-                     start: datetime) -> list[tuple[datetime, tuple[str, ...]]]:
-    """When *stage*, started at *start*, falls due under each severity (no pause counted), the
-    severities sharing an instant together, earliest first: the first is its due while severity is
-    unknown, and a severity, once set, gives the instant it is listed with."""
-    due_of: dict[str, datetime] = {}
-    severities_at: dict[datetime, list[str]] = {}
-    for severity in SEVERITIES:
-        text = stage.duration_for(severity)
-        if text not in due_of:
-            due_of[text] = add_duration(as_utc("start", start), text, calendar)[0]
-        severities_at.setdefault(due_of[text], []).append(severity)
-    return sorted((due, tuple(severities)) for due, severities in severities_at.items())
 
 
 def _merge_pauses(pauses: Iterable[Pause]) -> list[Pause]:

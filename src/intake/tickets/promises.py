@@ -6,7 +6,7 @@ runs (it is not waiting for a release, say) and it is not met. Where the policy'
 ``auto_ack_counts`` lets the automatic reply meet ``acknowledge``, that reply says it is the
 acknowledgement and promises no other. A stage whose time depends on a severity nobody has
 assessed yet is stored with its strictest date; the reply states the date each severity gives it
-(:func:`intake.sla.engine.dues_by_severity`), so that the reporter reads which one will apply.
+(:func:`dues_by_severity`, as the engine times a stage of known severity), so that the reporter reads which one will apply.
 
 The policy is named by its title and link (``[policies.X] title``, ``url``), never by its config key.
 """
@@ -20,8 +20,9 @@ from datetime import datetime
 from intake.config.settings import Settings
 from intake.send import composer
 from intake.sla import deadlines
-from intake.sla.engine import StageDeadline, dues_by_severity
-from intake.vocabulary import MILESTONE_SPEC, MailKind
+from intake.sla.calendars import CalendarConfig, add_duration, as_utc
+from intake.sla.engine import StageConfig, StageDeadline
+from intake.vocabulary import MILESTONE_SPEC, SEVERITIES, MailKind
 
 Computed = list[tuple[StageDeadline, datetime | None]]
 
@@ -50,6 +51,22 @@ def promised_dates(settings: Settings, policy_name: str, computed: Computed) -> 
                             for due, severities in options) if len(options) > 1 else ()
         promised.append(composer.PromisedDate(label, deadline.due, calendar.timezone, by_severity=by_severity))
     return promised
+
+
+def dues_by_severity(stage: StageConfig, calendar: CalendarConfig,
+                     start: datetime) -> list[tuple[datetime, tuple[str, ...]]]:
+    """When *stage*, started at *start*, falls due under each severity (as
+    :func:`intake.sla.engine.compute_deadlines` times it; no pause counted), the severities sharing
+    an instant together, earliest first: the first is its due while severity is unknown, and a
+    severity, once set, gives the instant it is listed with."""
+    due_of: dict[str, datetime] = {}
+    severities_at: dict[datetime, list[str]] = {}
+    for severity in SEVERITIES:
+        text = stage.duration_for(severity)
+        if text not in due_of:
+            due_of[text] = add_duration(as_utc("start", start), text, calendar)[0]
+        severities_at.setdefault(due_of[text], []).append(severity)
+    return sorted((due, tuple(severities)) for due, severities in severities_at.items())
 
 
 def _severity_words(severities: tuple[str, ...]) -> str:
