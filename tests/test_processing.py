@@ -221,9 +221,10 @@ def test_tagged_address_maps_to_its_policy_and_ack_states_its_dates(make_setting
     # assess: 5 business days; Christmas (Fri 25) and the weekend are skipped. AU national
     # holidays have no "Boxing Day observed" for Sat 26 Dec, so Mon 28 Dec counts -> Mon 28 Dec.
     assert "Initial assessment: by Mon 28 Dec 2026 15:00 AEST (28 Dec 05:00 UTC)" in body
-    # fix: severity unknown -> the strictest, 30 days -> Sun 17 Jan 2027.
-    assert "Fix released (target): by Sun 17 Jan 2027 15:00 AEST (17 Jan 05:00 UTC)" in body
-    assert "depends on severity" in body
+    # fix: severity unknown -> 30 days (Sun 17 Jan 2027) if assessed critical or high, else 90 days.
+    assert ("Fix released (target), depending on how severe we find the issue\r\n  when we assess it:\r\n"
+            "  - critical or high severity: by Sun 17 Jan 2027 15:00 AEST (17 Jan 05:00 UTC)\r\n"
+            "  - any other severity: by Thu 18 Mar 2027 15:00 AEST (18 Mar 05:00 UTC)\r\n") in body
     assert "disclos" not in body.lower().split("what happens next")[1].split("these dates")[0]
 
 

@@ -751,12 +751,14 @@ def test_out_of_scope_template_renders_with_the_reply_variables_only():
     from intake.send.composer import render
 
     text = render("out-of-scope.txt.j2", None, reference="SEC-2026-0007", subject="Missing DMARC record",
-                  policy="vaixus", from_name="Example Security Team", intake_address="security@example.com",
-                  reporter_name="Raj")
+                  policy="Vaixus Security Policy", policy_url="https://vaixus.example/policy",
+                  from_name="Example Security Team", intake_address="security@example.com", reporter_name="Raj")
     assert text.startswith("Hello Raj,\n")
-    assert '"Missing DMARC record"' in text and "[SEC-2026-0007]" in text and "(vaixus)" in text
+    assert '"Missing DMARC record"' in text and "[SEC-2026-0007]" in text
+    assert 'our security policy, "Vaixus Security Policy"\n(https://vaixus.example/policy), or' in text
     assert "has not been discarded" in text and "steps to reproduce" in text
     assert text.rstrip().endswith("Example Security Team\nsecurity@example.com")
-    anonymous = render("out-of-scope.txt.j2", None, reference="SEC-2026-0007", subject="x", policy="vaixus",
-                       from_name="T", intake_address="s@example.com", reporter_name="")
+    anonymous = render("out-of-scope.txt.j2", None, reference="SEC-2026-0007", subject="x", policy="",
+                       policy_url=None, from_name="T", intake_address="s@example.com", reporter_name="")
     assert anonymous.startswith("Hello,\n")
+    assert "our security policy, or that we cannot" in " ".join(anonymous.split())

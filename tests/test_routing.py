@@ -331,7 +331,8 @@ def test_low_quality_report_is_labelled_and_gets_the_out_of_scope_reply(intake):
     [reply] = intake.outbox()
     assert (reply.kind, reply.dedupe_key) == ("out-of-scope", f"out-of-scope:{REF1}")
     text = email.message_from_bytes(reply.raw, policy=email.policy.default).get_content()
-    assert REF1 in text and "outside the scope of our security policy (vaixus)" in " ".join(text.split())
+    assert REF1 in text and ('outside the scope of our security policy, "Vaixus Technologies Security Policy (June 2026)", or'
+                              in " ".join(text.split()))
     assert "labelled" in [e.kind for e in detail.events]
 
 

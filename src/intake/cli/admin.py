@@ -17,6 +17,7 @@ from intake.run import service
 from intake.sla import deadlines
 from intake.store import backup as backups, private_files, schema
 from intake.store.db import is_sqlite, sqlite_file
+from intake.tickets import promises
 from intake.understand import reply_tokens
 from intake.vocabulary import SEVERITIES, Milestone
 
@@ -210,14 +211,21 @@ def sla() -> None:
 @click.option("--severity", type=click.Choice(SEVERITIES), default=None,
               help="Severity, if known (else severity-dependent stages take their strictest duration).")
 @click.option("--released", type=INSTANT, default=None, help="When the patched release came out.")
+@click.option("--acknowledgement", is_flag=True,
+              help="Print instead the acknowledgement a new report received then gets, as its reporter reads it.")
 @JSON_OPTION
 @click.pass_obj
 def sla_explain(obj: Context, policy_name: str, received: datetime, severity: str | None,
-                released: datetime | None, as_json: bool) -> None:
+                released: datetime | None, acknowledgement: bool, as_json: bool) -> None:
     """Every stage's due instant for a report received at --received, and why."""
     settings = obj.settings
     if policy_name not in settings.policies:
         fail(f"no policy {policy_name!r} (known: {', '.join(sorted(settings.policies))})", 2)
+    if acknowledgement:
+        if severity or released or as_json:
+            fail("--acknowledgement is a new report's: without --severity, --released or --json", 2)
+        echo(promises.preview(settings, policy_name, received), nl=False)
+        return
     explained = deadlines.explain(settings, policy_name, received, severity, released)
     stages = [{"stage": deadline.stage,
                "due": deadline.due.astimezone(calendar.zone).isoformat() if deadline.due else None,

@@ -113,6 +113,9 @@ class PromisedDate:
     due: datetime
     timezone: str
     note: str = ""
+    # A date that depends on a severity not assessed yet: the date for each group of severities
+    # (label "critical or high"), earliest (= due) first.
+    by_severity: tuple[PromisedDate, ...] = ()
 
     @property
     def due_local(self) -> str:
@@ -264,9 +267,14 @@ def automatic_reply(
     message_id_domain: str,
     templates_dir: Path | None,
     now: datetime,
+    policy_url: str | None = None,
+    acknowledges: bool = False,
+    pauses_while_waiting: bool = False,
 ) -> OutgoingMail:
     """An automatic reply to a new report (*template* rendered; RFC 3834: auto-replied, from the
-    null sender, counted against the reporter's limit)."""
+    null sender, counted against the reporter's limit). *policy* is the policy's title as
+    reporters read it; *acknowledges*: this reply meets the policy's acknowledgement;
+    *pauses_while_waiting*: the *deadlines* move later while the ticket waits on the reporter."""
     shown_subject = shorten(strip_reply_prefixes(clean_text(subject))) or "(no subject)"
     body = render(
         template,
@@ -276,6 +284,9 @@ def automatic_reply(
         reporter_name=clean_text(reporter_name),
         deadlines=deadlines,
         policy=policy,
+        policy_url=policy_url,
+        acknowledges=acknowledges,
+        pauses_while_waiting=pauses_while_waiting,
         from_name=from_name,
         intake_address=intake_address,
     )

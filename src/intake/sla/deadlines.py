@@ -122,12 +122,18 @@ def rows(settings: Settings, policy_name: str, severity: str | None,
             for position, (deadline, met_at) in enumerate(computed)]
 
 
+def reminded(deadline: StageDeadline, met_at: datetime | None) -> bool:
+    """Whether the sweep tells maintainers about the stage (reminders, then its breach): it is
+    unmet, and its clock runs (started, not paused)."""
+    return met_at is None and deadline.due is not None and deadline.start is not None
+
+
 def first_notice_at(settings: Settings, policy_name: str, severity: str | None, deadline: StageDeadline,
                     met_at: datetime | None) -> datetime | None:
     """When the sweep first looks at a stage whose deadline was (re)computed: its earliest reminder
     point, else its due instant; None when there is nothing to remind of. The sweep works out from
     what was already sent which of the points passed by then still needs telling."""
-    if met_at is not None or deadline.due is None or deadline.start is None:
+    if not reminded(deadline, met_at):
         return None
     times = reminder_times(policy_of(settings, policy_name), deadline.stage, settings.all_calendars,
                            start=deadline.start, due=deadline.due, severity=severity)

@@ -188,6 +188,10 @@ class PolicyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     description: str = ""
+    # How reporters see the policy named (the acknowledgement says it); unset: the description.
+    title: str = ""
+    # Where reporters can read the policy (https); unset: the acknowledgement gives no link.
+    url: str | None = Field(default=None, pattern=r"^https://[^/\s]+\S*$")
     calendar: str = BUILTIN_CALENDAR
     auto_ack_counts: bool
     pause_while_waiting: bool = False
@@ -208,6 +212,12 @@ class PolicyConfig(BaseModel):
 
     def stage(self, name: str) -> StageConfig | None:
         return next((stage for stage in self.stages if stage.name == name), None)
+
+    @property
+    def public_title(self) -> str:
+        """The policy's name as reporters read it: its title, else its description ('' when it has
+        neither; its config key is ours, never shown to them)."""
+        return self.title or self.description
 
     @field_validator("due_soon")
     @classmethod

@@ -28,7 +28,7 @@ from intake.sla.engine import StageDeadline
 from intake.store import sealing
 from intake.store.inbound import StoredMessage
 from intake.store.models import Deadline, Event, Notification, ThreadEntry, Ticket
-from intake.tickets import credit
+from intake.tickets import credit, promises
 from intake.tickets.records import entry_from_mail, event
 from intake.tickets.references import allocate_references, next_references
 from intake.understand import reply_tokens, route
@@ -208,7 +208,8 @@ def _prepare_openings(settings: Settings, reports: list[NewReport], references: 
         policy = settings.policy_for(stored.rcpt_tos[0] if stored.rcpt_tos else address)
         refusal = HISTORY_REFUSAL if stored.history else (
             report.no_reply or _automatic_reply_refusal(settings, config, report.incoming, sent))
-        computed = _initial_deadlines(settings, policy, report.received_at, acknowledged_at=None if refusal else now)
+        computed = promises.initial_deadlines(settings, policy, report.received_at,
+                                              acknowledged_at=None if refusal else now)
         opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit)
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now))
@@ -236,24 +237,12 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> com
     """The acknowledgement of a new report, or the out-of-scope reply if its policy answers low-quality ones so."""
     report = opening.report
     mail = report.incoming.mail
-    out_of_scope = report.low_quality and settings.policies[opening.policy].low_quality_reply == MailKind.OUT_OF_SCOPE
-    return composer.automatic_reply(
-        template="out-of-scope.txt.j2" if out_of_scope else "acknowledgement.txt.j2",
-        kind=MailKind.OUT_OF_SCOPE if out_of_scope else MailKind.ACKNOWLEDGEMENT,
-        reference=opening.reference,
-        subject=mail.subject,
-        reporter_address=report.stored.mail_from,
-        reporter_name=mail.from_name,
-        intake_address=opening.address,
-        from_name=settings.intake.from_name,
-        in_reply_to=mail.message_id,
-        references=mail.references,
-        deadlines=promised_dates(settings, opening.policy, opening.deadlines),
-        policy=opening.policy,
-        message_id_domain=settings.intake.message_id_domain,
-        templates_dir=settings.templates_path,
-        now=now,
-    )
+    return promises.automatic_reply(
+        settings, policy_name=opening.policy, computed=opening.deadlines,
+        out_of_scope=report.low_quality and settings.policies[opening.policy].low_quality_reply == MailKind.OUT_OF_SCOPE,
+        reference=opening.reference, subject=mail.subject, reporter_address=report.stored.mail_from,
+        reporter_name=mail.from_name, intake_address=opening.address, in_reply_to=mail.message_id,
+        references=mail.references, now=now)
 
 
 def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
@@ -272,7 +261,7 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
         acknowledgement=(f"{opening.reply.kind} queued to {stored.mail_from}" if opening.reply
                          else f"none ({opening.refusal})"),
         labels=[LOW_QUALITY_LABEL] if report.low_quality else [], warnings=mail.warnings,
-        deadlines=promised_dates(settings, opening.policy, opening.deadlines),
+        deadlines=stage_dates(settings, opening.policy, opening.deadlines),
         attachments=[a.as_dict() for a in mail.attachments],
         text=mail.body_text[:NOTICE_TEXT_LIMIT], truncated=len(mail.body_text) > NOTICE_TEXT_LIMIT,
         from_name=settings.intake.from_name)
@@ -290,10 +279,11 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
     return tuple(notices)
 
 
-def promised_dates(settings: Settings, policy_name: str,
-                   computed: list[tuple[StageDeadline, datetime | None]]) -> list[composer.PromisedDate]:
-    """The dates a new report's acknowledgement states (from its *computed* deadlines), in the
-    policy's own time zone."""
+def stage_dates(settings: Settings, policy_name: str,
+                computed: list[tuple[StageDeadline, datetime | None]]) -> list[composer.PromisedDate]:
+    """Every dated stage of a new ticket (from its *computed* deadlines), in the policy's own time
+    zone, as the maintainers' new-ticket notice lists them (the reporter's acknowledgement states
+    only :func:`intake.tickets.promises.promised_dates`)."""
     policy = settings.policies[policy_name]
     calendars = settings.all_calendars
     promised = []
@@ -308,20 +298,13 @@ def promised_dates(settings: Settings, policy_name: str,
     return promised
 
 
-def _initial_deadlines(settings: Settings, policy_name: str, received_at: datetime,
-                       acknowledged_at: datetime | None) -> list[tuple[StageDeadline, datetime | None]]:
-    """A new ticket's deadlines; *acknowledged_at*: when its automatic reply was queued, if it was."""
-    inputs = deadlines.SlaInputs(received_at, None, {}, acknowledged_at, [])
-    return deadlines.compute(settings, policy_name, inputs)
-
-
 def _queued_deadlines(settings: Settings, opening: Opening, queued: set[str],
                       now: datetime) -> list[tuple[StageDeadline, datetime | None]]:
     """The opening's deadlines, unless they counted an automatic reply that turned out to be queued
     already (by another processor: its dedupe key was taken), which this ticket did not send."""
     if opening.reply is None or opening.reply.dedupe_key in queued:
         return opening.deadlines
-    return _initial_deadlines(settings, opening.policy, opening.report.received_at, acknowledged_at=None)
+    return promises.initial_deadlines(settings, opening.policy, opening.report.received_at, acknowledged_at=None)
 
 
 def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
