@@ -33,6 +33,7 @@ from intake.config.sections import (
     AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
     OutboundSection, ProcessingSection, SchedulerSection, SenderAuthSection, ServiceSection, SmtpSection,
 )
+from intake.config.openpgp_section import OpenPgpSection
 from intake.config.security_txt_section import SecurityTxtSection
 from intake.sla.calendars import CalendarConfig, builtin_calendars
 from intake.sla.engine import PolicyConfig, validate_policies
@@ -88,6 +89,8 @@ class Settings(BaseSettings):
     # Publishing: security.txt and advisory drafts.
     security_txt: SecurityTxtSection = SecurityTxtSection()
     advisory: AdvisorySection = AdvisorySection()
+    # The organisation's OpenPGP key: encrypted reports in, encrypted mail out (intake.openpgp).
+    openpgp: OpenPgpSection = OpenPgpSection()
     # Hosted IMAP mailboxes to fetch mail from ([[fetch]] tables; intake.config.fetch).
     fetch: Annotated[list[FetchSource], AfterValidator(check_sources)] = Field(default_factory=list)
 

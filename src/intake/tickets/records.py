@@ -135,5 +135,6 @@ def entry_from_mail(ticket_id: int, stored: StoredMessage, mail: ParsedMail, *, 
         warnings=mail.warnings,
         threaded_by=threaded_by,
         encrypted=mail.encrypted,
+        pgp=mail.pgp.as_dict() if mail.pgp else None,
         created_at=now,
     )
