@@ -138,8 +138,7 @@ def read_public_key(data: bytes) -> PublicKey:
     cert = certs[0]
     if cert.is_revoked:
         raise OpenPgpError(f"key {cert.fingerprint.upper()} is revoked")
-    if cert.has_secret_keys:  # someone sent their secret key: keep only the public half
-        cert = pysequoia.Cert.from_bytes(str(cert).encode())
+    # str() is the public half only, should someone send their secret key.
     return PublicKey(cert.fingerprint.upper(), str(cert), tuple(str(uid) for uid in cert.user_ids))
 
 
@@ -158,21 +157,25 @@ def encrypt(data: bytes, recipients: list[str], signer: OrgKey | None) -> bytes:
 @dataclass(frozen=True)
 class Decrypted:
     """A message decrypted: its plaintext; whether it was signed, by which key (the certificate's
-    fingerprint when verified, else the issuer the signature names), and whether it verified."""
+    fingerprint when verified, else the key id the signature names), whether it verified, and
+    why the signature could not be checked at all, if it could not."""
 
     plaintext: bytes
     signed: bool
     signer: str | None
     verified: bool
+    unchecked: str | None = None
 
 
 def decrypt(ciphertext: bytes, key: OrgKey, candidates: list[str]) -> Decrypted:
     """Decrypt *ciphertext* with *key*, checking any signature inside against *candidates*
     (armored certificates). OpenPgpError if it cannot be decrypted (not to our key, damaged).
 
-    pysequoia fails the whole decryption when a verifier finds no valid signature, so a first
+    pysequoia fails the whole decryption when its verifier finds no valid signature, so a first
     pass verifies (and records which key ids the message asks for); when that fails, a second
-    pass only decrypts, and the ids asked for say whether (and by whom) it was signed."""
+    pass only decrypts, and the ids asked for say whether (and by whom) it was signed. Its
+    verifier also refuses a signed message inside a compressed one (what gpg sends by default):
+    that is decrypted too, its signature reported as not checked."""
     asked: list[str] = []
     certs = []
     for armored in candidates:
@@ -187,14 +190,15 @@ def decrypt(ciphertext: bytes, key: OrgKey, candidates: list[str]) -> Decrypted:
 
     try:
         result = pysequoia.decrypt(ciphertext, decryptor=key.decryptor(), store=store)
-        if result.valid_sigs:
-            return Decrypted(result.bytes or b"", True, result.valid_sigs[0].certificate.upper(), True)
-        return Decrypted(result.bytes or b"", bool(asked), asked[0].upper() if asked else None, False)
     except (RuntimeError, ValueError) as exc:
-        if "signature" not in reason(exc).lower():
-            raise OpenPgpError(reason(exc)) from None
+        failure = reason(exc)
+    else:
+        verified = bool(result.valid_sigs)
+        signer = result.valid_sigs[0].certificate if verified else (asked[0] if asked else None)
+        return Decrypted(result.bytes or b"", bool(asked), signer.upper() if signer else None, verified)
     try:
         result = pysequoia.decrypt(ciphertext, decryptor=key.decryptor())
     except (RuntimeError, ValueError) as exc:
         raise OpenPgpError(reason(exc)) from None
-    return Decrypted(result.bytes or b"", bool(asked), asked[0].upper() if asked else None, False)
+    unchecked = None if "signature" in failure.lower() else failure
+    return Decrypted(result.bytes or b"", bool(asked), asked[0].upper() if asked else None, False, unchecked)

@@ -400,6 +400,7 @@ def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: composer.Out
         warnings=[],
         threaded_by=None,
         encrypted=None,
+        pgp=None,
         created_at=now,
     )
 

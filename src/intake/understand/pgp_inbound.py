@@ -124,16 +124,18 @@ def opened_message(raw: bytes, decryption: Decryption | None) -> bytes:
 def decrypted_mail(mail: ParsedMail, ciphertext: bytes, decryption: Decryption) -> ParsedMail:
     """The mail parsed from a decrypted PGP/MIME message, marked so, its signature checked
     against the keys it carries."""
-    status = _signature(ciphertext, decryption, mail.public_keys)
     warnings = [*mail.warnings, "encrypted: pgp-mime (decrypted; ciphertext kept as received)"]
+    try:
+        status = _status(openpgp.decrypt(ciphertext, decryption.key, mail.public_keys), warnings)
+    except openpgp.OpenPgpError:
+        status = PgpStatus(decrypted=True)
     return dataclasses.replace(mail, encrypted="pgp-mime", pgp=status, warnings=warnings)
 
 
-def _signature(ciphertext: bytes, decryption: Decryption, candidates: list[str]) -> PgpStatus:
-    try:
-        found = openpgp.decrypt(ciphertext, decryption.key, candidates)
-    except openpgp.OpenPgpError:
-        return PgpStatus(decrypted=True)
+def _status(found: openpgp.Decrypted, warnings: list[str]) -> PgpStatus:
+    """What a decryption says of the message's signature (a warning when it could not be checked)."""
+    if found.unchecked:
+        warn(warnings, f"signature not checked: {found.unchecked}")
     return PgpStatus(True, found.signed, found.signer, found.verified, ATTACHED if found.verified else None)
 
 
@@ -164,7 +166,7 @@ def decrypt_inline(body: str, decryption: Decryption, candidates: list[str],
             continue
         pieces.append(found.plaintext.decode("utf-8", "replace").replace("\r\n", "\n").replace("\x00", ""))
         if not status.decrypted:
-            status = PgpStatus(True, found.signed, found.signer, found.verified, ATTACHED if found.verified else None)
+            status = _status(found, warnings)
     return "".join(pieces) + rest, status
 
 
