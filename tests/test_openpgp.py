@@ -272,3 +272,29 @@ def test_gpg_encrypts_what_we_read_and_reads_what_we_send(keys, tmp_path):
     message = email.message_from_bytes(sent, policy=email.policy.default)
     plain = gpg("--decrypt", data=message.get_payload()[1].get_payload(decode=True))
     assert plain.endswith(b"\r\n\r\nFor gpg\r\n") and plain.startswith(b"Content-Type: text/plain")
+
+
+@pytest.mark.skipif(GPG is None, reason="Debian's gnupg is not installed")
+def test_a_protected_key_from_credentials_needs_its_passphrase(make_settings, cli, tmp_path, monkeypatch):
+    home, credentials = tmp_path / "gnupg", tmp_path / "credentials"
+    home.mkdir(mode=0o700)
+    credentials.mkdir()
+    env = {**os.environ, "GNUPGHOME": str(home)}
+
+    def gpg(*args: str) -> bytes:
+        return subprocess.run([GPG, "--batch", "--yes", "--quiet", "--pinentry-mode", "loopback", "--passphrase",
+                               "correct horse", *args], env=env, capture_output=True, check=True, timeout=60).stdout
+
+    gpg("--quick-generate-key", "Security <security@example.com>", "ed25519", "sign", "never")
+    listing = gpg("--list-keys", "--with-colons").decode()
+    fingerprint = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr"))
+    gpg("--quick-add-key", fingerprint, "cv25519", "encr", "never")
+    (credentials / "openpgp-key").write_bytes(gpg("--export-secret-keys", "--armor"))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    make_settings()
+    assert "needs its passphrase" in cli("check-config", code=78).output
+    (credentials / "openpgp-passphrase").write_text("correct horse\n")
+    assert f"OpenPGP key {fingerprint}" in cli("check-config").output
+    (tmp_path / "not-a-key").write_text("hello")
+    monkeypatch.setenv("INTAKE_OPENPGP__KEY_FILE", str(tmp_path / "not-a-key"))
+    assert "not a usable secret key" in cli("check-config", code=78).output

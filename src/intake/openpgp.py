@@ -115,6 +115,35 @@ def _read_key(key_path: Path, pass_path: Path | None) -> OrgKey:
     return key
 
 
+@functools.lru_cache(maxsize=32)
+def _key_file(path: Path, stamp: int) -> str:
+    try:
+        return read_public_key(path.read_bytes()).armored
+    except (OSError, OpenPgpError) as exc:
+        raise ConfigError(f"maintainers: openpgp_key {path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def maintainer_keys(settings: Settings) -> dict[str, str]:
+    """The armored key of each maintainer who has ``openpgp_key``, by lowercased address."""
+    found = {}
+    for maintainer in settings.maintainers:
+        if maintainer.openpgp_key is not None:
+            path = settings.resolve_path(maintainer.openpgp_key)
+            stamp = path.stat().st_mtime_ns if path.exists() else 0
+            found[maintainer.email.lower()] = _key_file(path, stamp)
+    return found
+
+
+def check(settings: Settings) -> str | None:
+    """What check-config and `intake serve` say of OpenPGP: the organisation's key fingerprint and
+    how many maintainers have keys, or None when it is off. ConfigError when a key file is unusable."""
+    key = org_key(settings)
+    maintainers = maintainer_keys(settings)
+    if key is None:
+        return None
+    return f"OpenPGP key {key.fingerprint}; {len(maintainers)} maintainer key(s)"
+
+
 @dataclass(frozen=True)
 class PublicKey:
     """A certificate someone gave us: its fingerprint (upper-case hex) and armored text."""

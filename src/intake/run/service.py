@@ -40,6 +40,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from intake import openpgp
 from intake.config import production
 from intake.config.sections import HostPort, LoggingSection
 from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
@@ -200,6 +201,11 @@ async def _serve(settings: Settings) -> int:
     stop_worker = context.Event()
     for warning in production.warnings(settings):
         log.warning("event=config-warning detail=%r", warning)
+    try:  # an unusable key would leave every encrypted report unread: refuse to start
+        log.info("event=openpgp detail=%r", openpgp.check(settings) or "off")
+    except ConfigError as exc:
+        log.error("event=config-error error=%r", str(exc))
+        return EXIT_CONFIG
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     # Before the listener: mail is accepted only into a database at head. Under a lock, so
     # nodes starting together migrate once (see intake.store.schema).

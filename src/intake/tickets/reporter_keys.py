@@ -9,16 +9,14 @@ so a maintainer without a key never holds back another's encryption).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from datetime import datetime
-from pathlib import Path
 
 from sqlalchemy import Engine, insert, select
 from sqlmodel import Session
 
 from intake import openpgp
-from intake.config.settings import ConfigError, Settings
+from intake.config.settings import Settings
 from intake.send.pgp_mime import Encryption
 from intake.store.db import read_session, write_session
 from intake.store.models import ReporterKey, Ticket
@@ -84,25 +82,6 @@ def give(engine: Engine, reference: str, data: bytes, now: datetime, actor: str)
     return ticket, key, bool(added)
 
 
-@functools.lru_cache(maxsize=32)
-def _key_file(path: Path, stamp: int) -> str:
-    try:
-        return openpgp.read_public_key(path.read_bytes()).armored
-    except (OSError, openpgp.OpenPgpError) as exc:
-        raise ConfigError(f"maintainers: openpgp_key {path}: {getattr(exc, 'strerror', None) or exc}") from None
-
-
-def maintainer_keys(settings: Settings) -> dict[str, str]:
-    """The armored key of each maintainer who has ``openpgp_key``, by lowercased address."""
-    found = {}
-    for maintainer in settings.maintainers:
-        if maintainer.openpgp_key is not None:
-            path = settings.resolve_path(maintainer.openpgp_key)
-            stamp = path.stat().st_mtime_ns if path.exists() else 0
-            found[maintainer.email.lower()] = _key_file(path, stamp)
-    return found
-
-
 def encryption_for(settings: Settings, keys: dict[str, str], recipients: Iterable[str]) -> Encryption | None:
     """How a mail to *recipients* is encrypted: to each one's key in *keys* (armored, by
     lowercased address), signed with the organisation's key; None when OpenPGP is off or a
@@ -118,7 +97,7 @@ def keys_for(session: Session, settings: Settings, addresses: Iterable[str]) -> 
     """The keys mail to *addresses* is encrypted to: maintainers' from their files, others' the
     newest on file, armored, by lowercased address."""
     found = {address: row.armored for address, row in newest(session, addresses).items()}
-    return {**found, **maintainer_keys(settings)}
+    return {**found, **openpgp.maintainer_keys(settings)}
 
 
 def encryption_to(session: Session, settings: Settings, recipients: list[str]) -> Encryption | None:
