@@ -298,3 +298,15 @@ def test_a_protected_key_from_credentials_needs_its_passphrase(make_settings, cl
     (tmp_path / "not-a-key").write_text("hello")
     monkeypatch.setenv("INTAKE_OPENPGP__KEY_FILE", str(tmp_path / "not-a-key"))
     assert "not a usable secret key" in cli("check-config", code=78).output
+
+
+def test_decryption_is_bounded_and_keys_are_read_from_any_report(keys):
+    small = Decryption(OrgKey(bytes(keys.org)), 1024)
+    big = _pgp_mime(_report_entity(keys), keys)  # over 1 KB of ciphertext: the PoC and a key inside
+    mail = parse(big.as_bytes(), small)
+    assert mail.pgp is None and "over openpgp.max_ciphertext (1024)" in " ".join(mail.warnings)
+    assert CANARY not in mail.body_text and "BEGIN PGP MESSAGE" in mail.body_text
+    # A key sent in clear is read without any organisation key configured (for later mail).
+    clear = report(body=f"My key:\n{keys.reporter.extract_certificate()}")
+    [armored] = parse(clear.as_bytes()).public_keys
+    assert pysequoia.Cert.from_bytes(armored.encode()).fingerprint == keys.reporter.extract_certificate().fingerprint
