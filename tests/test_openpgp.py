@@ -183,6 +183,9 @@ def test_inline_report_signed_by_a_key_given_later_verifies_against_it(desk, key
     process(settings, running.engine)
     fingerprint = keys.reporter.extract_certificate().fingerprint.upper()
     assert f"signed by {fingerprint}, verified against the known reporter key" in cli("show", reference).output
+    forwards = _delivered(settings, running, sink)  # her reply, forwarded to each maintainer
+    assert "One more detail" in _decrypted(forwards["ana@maintainers.test"], keys.ana)
+    assert "One more detail" in forwards["bo@maintainers.test"].get_content()
 
     cli("reply", reference, "-m", "Fixed in 2.1.")
     reply = _delivered(settings, running, sink)["alice@researcher.test"]

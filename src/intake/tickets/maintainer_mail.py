@@ -104,7 +104,7 @@ def _confirm(session: Session, settings: Settings, ticket: Ticket, incoming: rou
         subject=f"Re: [{ticket.reference}] {composer.shorten(clean_text(ticket.subject))} (done)", text=text,
         ticket=ticket.reference, message_id_domain=settings.intake.message_id_domain, now=now,
         in_reply_to=incoming.mail.message_id, references=incoming.mail.references,
-        automatic=composer.AUTO_REPLIED, encryption=reporter_keys.encryption_to(session, settings, [maintainer])),
+        automatic=composer.AUTO_REPLIED, encryption=reporter_keys.to_maintainer(settings, maintainer)),
         ticket_id=ticket.id, now=now)
 
 
@@ -143,7 +143,7 @@ def refused(session: Session, settings: Settings, incoming: route.Incoming, deci
         ticket=ticket.reference, subject=f"[{ticket.reference}] Your mail was refused: nothing changed",
         recipients=[maintainer], sender=(settings.intake.from_name, ticket.intake_address),
         reply_to=address, text=text, message_id_domain=settings.intake.message_id_domain, now=now,
-        encryption=reporter_keys.encryption_to(session, settings, [maintainer])),
+        encryption=reporter_keys.to_maintainer(settings, maintainer)),
         ticket_id=ticket.id, now=now)
     log.info("event=maintainer-mail-refused ticket=%s maintainer=%s notified=%s", ticket.reference, maintainer,
              queued)
@@ -208,5 +208,5 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
             dedupe_key=f"forward:{ticket.reference}:{incoming.message_key}:{maintainer.lower()}",
             reply_to=None if third_party else reply_tokens.reply_address(secret, ticket.intake_address,
                                                                          ticket.reference, maintainer, now),
-            automatic=composer.AUTO_GENERATED, encryption=reporter_keys.encryption_to(session, settings, [maintainer])),
+            automatic=composer.AUTO_GENERATED, encryption=reporter_keys.to_maintainer(settings, maintainer)),
             ticket_id=ticket.id, now=now)

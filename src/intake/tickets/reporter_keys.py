@@ -106,3 +106,10 @@ def encryption_to(session: Session, settings: Settings, recipients: list[str]) -
     if openpgp.org_key(settings) is None:
         return None
     return encryption_for(settings, keys_for(session, settings, recipients), recipients)
+
+
+def to_maintainer(settings: Settings, address: str) -> Encryption | None:
+    """How a mail to maintainer *address* alone is encrypted: to their ``openpgp_key``, if any."""
+    if openpgp.org_key(settings) is None:
+        return None
+    return encryption_for(settings, openpgp.maintainer_keys(settings), [address])
