@@ -240,7 +240,7 @@ class KeySource:
     """Where a reporter's OpenPGP key (``reporter_key.source``) came from."""
 
     ATTACHED = "attached"  # carried by a report or reply (an application/pgp-keys part or an armored block)
-    CLI = "cli"  # given by a maintainer: `intake key REF FILE`
+    GIVEN = "given"  # given by a maintainer: `intake key REF FILE`
 
 
 # -- how tickets relate (``ticket.links``) --

@@ -78,7 +78,7 @@ def give(engine: Engine, reference: str, data: bytes, now: datetime, actor: str)
     key = openpgp.read_public_key(data)
     with write_session(engine) as session:
         ticket = find(session, reference)
-        added = keep(session, ticket.reporter, [key.armored], ticket.id, KeySource.CLI, now, actor)
+        added = keep(session, ticket.reporter, [key.armored], ticket.id, KeySource.GIVEN, now, actor)
     return ticket, key, bool(added)
 
 
