@@ -14,6 +14,7 @@ import subprocess
 from email.message import EmailMessage
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from pathlib import Path
 
 import pysequoia
@@ -313,3 +314,31 @@ def test_decryption_is_bounded_and_keys_are_read_from_any_report(keys):
     clear = report(body=f"My key:\n{keys.reporter.extract_certificate()}")
     [armored] = parse(clear.as_bytes()).public_keys
     assert pysequoia.Cert.from_bytes(armored.encode()).fingerprint == keys.reporter.extract_certificate().fingerprint
+
+
+def _signed_then_encrypted(keys: Keys, text: str, altered: str | None = None) -> MIMEMultipart:
+    """RFC 3156 section 6.1 (as mutt sends): a multipart/signed entity, then encrypted; *altered*
+    replaces the text after signing."""
+    body = MIMEMultipart("mixed")
+    body.attach(MIMEText(text))
+    key = MIMEApplication(str(keys.reporter.extract_certificate()).encode(), "pgp-keys", _encoder=lambda part: None)
+    key.add_header("Content-Disposition", "attachment", filename="alice.asc")
+    body.attach(key)
+    signature = pysequoia.sign(keys.reporter.signer(), body.as_bytes().replace(b"\n", b"\r\n"),
+                               mode=pysequoia.SignatureMode.DETACHED)
+    signed = MIMEMultipart("signed", protocol="application/pgp-signature", micalg="pgp-sha256")
+    signed.attach(body)
+    signed.attach(MIMEApplication(signature, "pgp-signature", _encoder=lambda part: None))
+    entity = signed.as_bytes().replace(b"\n", b"\r\n")
+    changed = entity.replace(text.strip().encode(), altered.strip().encode()) if altered else entity
+    return _pgp_mime(changed, keys, signed=False)
+
+
+def test_a_signed_entity_encrypted_is_verified_and_an_altered_one_is_not(keys):
+    decryption = Decryption(OrgKey(bytes(keys.org)), 10 ** 6)
+    fingerprint = keys.reporter.extract_certificate().fingerprint.upper()
+    good = parse(_signed_then_encrypted(keys, f"Signed, then encrypted: {CANARY}\n").as_bytes(), decryption)
+    assert CANARY in good.body_text and good.pgp.signed and good.pgp.verified and good.pgp.signer == fingerprint
+    altered = parse(_signed_then_encrypted(keys, f"Signed, then encrypted: {CANARY}\n",
+                                           f"Signed, then altered: {CANARY}\n").as_bytes(), decryption)
+    assert "altered" in altered.body_text and altered.pgp.signed and not altered.pgp.verified

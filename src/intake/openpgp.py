@@ -231,3 +231,26 @@ def decrypt(ciphertext: bytes, key: OrgKey, candidates: list[str]) -> Decrypted:
         raise OpenPgpError(reason(exc)) from None
     unchecked = None if "signature" in failure.lower() else failure
     return Decrypted(result.bytes or b"", bool(asked), asked[0].upper() if asked else None, False, unchecked)
+
+
+def verify_detached(data: bytes, signature: bytes, candidates: list[str]) -> tuple[str | None, bool]:
+    """Who made the detached *signature* over *data* (the certificate's fingerprint when one of
+    *candidates* verifies it, else the issuer it names) and whether it verified."""
+    try:
+        sig = pysequoia.Sig.from_bytes(signature)
+    except (RuntimeError, ValueError):
+        return None, False
+    issuer = (sig.issuer_fingerprint or sig.issuer_key_id or "").upper() or None
+    certs = []
+    for armored in candidates:
+        try:
+            certs.append(pysequoia.Cert.from_bytes(armored.encode()))
+        except (RuntimeError, ValueError):
+            continue
+    try:
+        result = pysequoia.verify(bytes=data, store=lambda key_ids: certs, signature=sig)
+    except (RuntimeError, ValueError):
+        return issuer, False
+    if not result.valid_sigs:
+        return issuer, False
+    return result.valid_sigs[0].certificate.upper(), True

@@ -109,7 +109,7 @@ def _parse(raw: bytes, decryption: Decryption | None = None) -> ParsedMail:
     if decryption is not None and is_pgp_mime(root):
         opened = open_pgp_mime(raw, root, decryption)
         if opened.raw is not None:
-            return decrypted_mail(_parse(opened.raw), opened.ciphertext, decryption)
+            return decrypted_mail(_parse(opened.raw), opened, decryption)
         warn(warnings, opened.failure)
     # What we read of the tree ourselves is read first: the extraction writes into it.
     values = header_values(root)

@@ -93,6 +93,7 @@ class Opened:
     raw: bytes | None
     ciphertext: bytes | None
     failure: str | None = None
+    entity: bytes = b""  # the decrypted MIME entity
 
 
 def open_pgp_mime(raw: bytes, root: MimePart, decryption: Decryption) -> Opened:
@@ -108,7 +109,7 @@ def open_pgp_mime(raw: bytes, root: MimePart, decryption: Decryption) -> Opened:
         plaintext = openpgp.decrypt(ciphertext, decryption.key, []).plaintext
     except openpgp.OpenPgpError as exc:
         return Opened(None, ciphertext, f"encrypted report not decrypted: {exc}")
-    return Opened(_outer_header_block(raw) + b"MIME-Version: 1.0\r\n" + plaintext, ciphertext)
+    return Opened(_outer_header_block(raw) + b"MIME-Version: 1.0\r\n" + plaintext, ciphertext, entity=plaintext)
 
 
 def opened_message(raw: bytes, decryption: Decryption | None) -> bytes:
@@ -121,15 +122,36 @@ def opened_message(raw: bytes, decryption: Decryption | None) -> bytes:
     return open_pgp_mime(raw, root, decryption).raw or raw
 
 
-def decrypted_mail(mail: ParsedMail, ciphertext: bytes, decryption: Decryption) -> ParsedMail:
+def decrypted_mail(mail: ParsedMail, opened: Opened, decryption: Decryption) -> ParsedMail:
     """The mail parsed from a decrypted PGP/MIME message, marked so, its signature checked
-    against the keys it carries."""
+    against the keys it carries: one inside the encryption (RFC 3156 section 6.2), else a
+    multipart/signed entity that was encrypted (section 6.1)."""
     warnings = [*mail.warnings, "encrypted: pgp-mime (decrypted; ciphertext kept as received)"]
     try:
-        status = _status(openpgp.decrypt(ciphertext, decryption.key, mail.public_keys), warnings)
+        status = _status(openpgp.decrypt(opened.ciphertext, decryption.key, mail.public_keys), warnings)
     except openpgp.OpenPgpError:
         status = PgpStatus(decrypted=True)
+    if not status.signed:
+        status = _signed_entity(opened.entity, mail.public_keys) or status
     return dataclasses.replace(mail, encrypted="pgp-mime", pgp=status, warnings=warnings)
+
+
+def _signed_entity(entity: bytes, candidates: list[str]) -> PgpStatus | None:
+    """The signature of *entity* if it is multipart/signed (RFC 3156 section 5): its first part,
+    exactly as it stands (CRLF line endings), checked against the detached signature of its second."""
+    root = read_mime(entity).root
+    parts = root.get_payload() if root.is_multipart() else []
+    if root.get_content_type() != "multipart/signed" or len(parts) < 2 or not root.get_boundary():
+        return None
+    text = entity.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    delimiter = b"--" + root.get_boundary().encode("ascii", "replace")
+    start = text.find(delimiter + b"\r\n")
+    end = text.find(b"\r\n" + delimiter, start + len(delimiter))
+    if start < 0 or end < 0:
+        return None
+    signed = text[start + len(delimiter) + 2:end]
+    signer, verified = openpgp.verify_detached(signed, parts[1].get_payload(decode=True) or b"", candidates)
+    return PgpStatus(True, True, signer, verified, ATTACHED if verified else None)
 
 
 def _status(found: openpgp.Decrypted, warnings: list[str]) -> PgpStatus:
@@ -211,8 +233,11 @@ def verify_with_known(raw: bytes, mail: ParsedMail, decryption: Decryption, know
             found = openpgp.decrypt(ciphertext, decryption.key, known)
         except openpgp.OpenPgpError:
             continue
-        if found.verified:
-            return dataclasses.replace(mail, pgp=PgpStatus(True, True, found.signer, True, KNOWN))
+        signer, verified = found.signer, found.verified
+        if not found.signed and (entity := _signed_entity(found.plaintext, known)) is not None:
+            signer, verified = entity.signer, entity.verified
+        if verified:
+            return dataclasses.replace(mail, pgp=PgpStatus(True, True, signer, True, KNOWN))
     return mail
 
 
