@@ -93,7 +93,7 @@ class NewTickets:
     openings: list[Opening]
     sent: Counter[str]  # automatic mails per recipient within the rate limit's window, as read
     reply_secret: bytes  # signs maintainers' reply addresses in the notices
-    keys: dict[str, str] = field(default_factory=dict)  # OpenPGP keys on file, by lowercased address
+    keys: dict[str, str] = field(default_factory=dict)  # OpenPGP keys mail is encrypted to, by lowercased address
 
 
 @dataclass(frozen=True)
