@@ -166,6 +166,7 @@ class EventKind:
     UNDELIVERABLE = "undeliverable"
     REPORTER_UNREACHABLE = "reporter-unreachable"  # a bounce or a refusal of mail to the reporter
     PROMOTED = "promoted"  # a held message made into this ticket by a maintainer (`intake promote`)
+    REPORTER_KEY_ADDED = "reporter-key-added"  # an OpenPGP key kept for the reporter (attached, or `intake key`)
     CONTENT_PURGED = "content-purged"  # `intake purge`: its report, thread and mail erased after [retention]
 
 
@@ -244,6 +245,13 @@ class EntryKind:
     REPORT = "report"  # the message that opened the ticket
     AUTOMATIC = "automatic"  # the automatic reply to it
     NOTE = "note"
+
+
+class KeySource:
+    """Where a reporter's OpenPGP key (``reporter_key.source``) came from."""
+
+    ATTACHED = "attached"  # carried by a report or reply (an application/pgp-keys part or an armored block)
+    GIVEN = "given"  # given by a maintainer: `intake key REF FILE`
 
 
 # -- how tickets relate (``ticket.links``) --

@@ -11,7 +11,9 @@ from zoneinfo import ZoneInfo
 import click
 
 from intake.cli.common import INSTANT, JSON_OPTION, Context, emit_json, fail, iso, local_and_utc
+from intake import openpgp
 from intake.config import production, security_txt
+from intake.config.settings import EXIT_CONFIG, ConfigError
 from intake.display import echo
 from intake.run import service
 from intake.sla import deadlines
@@ -40,9 +42,15 @@ def check_config(obj: Context) -> None:
     passed = service.passed_socket_addresses()
     listening = (f"listens on {', '.join(passed)} (sockets passed by systemd)" if passed else
                  f"listens on smtp.listen {settings.smtp.listen} (unless systemd passes sockets)")
+    try:
+        pgp = openpgp.check(settings)
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}", EXIT_CONFIG)
     echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, {listening}, "
          f"outbound via {settings.outbound.transport}, "
          f"{f'content encrypted with storage key {keyring.current.id}' if keyring.enabled else 'content unencrypted'})")
+    if pgp:
+        echo(pgp)
     warning = security_txt.expiry_warning(settings, datetime.now(timezone.utc))
     database = sqlite_file(settings.database_url)
     for text in ([warning] if warning else []) + production.warnings(settings) + private_files.exposed(

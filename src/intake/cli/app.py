@@ -95,6 +95,9 @@ COMMANDS = {
     "stats": Registered(_M + "reports:stats_command",
                         "Per stage: median and 90th-percentile time to meet it, share met on time, open breaches; "
                         "tickets by state and severity, messages by decision, held mail and purged."),
+    "key": Registered(_M + "keys:key_command",
+                      "Show the reporter's OpenPGP key of ticket TARGET, or keep the one in FILE for them; `intake "
+                      "key export` prints the organisation's public key (armored)."),
     "security-txt": Registered(_M + "reports:security_txt_command",
                                "Print /.well-known/security.txt (RFC 9116, LF line endings) from the configuration."),
 }

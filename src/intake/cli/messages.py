@@ -55,7 +55,7 @@ messages_group.add_command(purge)  # `intake messages purge` (intake.cli.held)
 @click.pass_obj
 def show_message(obj: Context, message_id: int, as_json: bool) -> None:
     """Show stored message ID: its headers, text, attachments and why it was held."""
-    from intake.understand import parse_guard  # the parser: only this command needs it
+    from intake.understand import parse_guard, pgp_inbound  # the parser: only this command needs it
 
     try:
         row = inbound.get(obj.engine(), message_id)
@@ -66,7 +66,8 @@ def show_message(obj: Context, message_id: int, as_json: bool) -> None:
     settings = obj.settings
     try:
         parsed = parse_guard.parse_and_score(inbound.full_message(row.trace, row.raw), settings.quality_rules,
-                                             settings.processing.parse_timeout, settings.processing.message_budget)
+                                             settings.processing.parse_timeout, settings.processing.message_budget,
+                                             pgp_inbound.decryption(settings))
     finally:
         parse_guard.close()
     mail = parsed.mail

@@ -117,6 +117,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
                 "at": iso(e.created_at),
                 "threaded_by": e.threaded_by,
                 "encrypted": e.encrypted,
+                "pgp": e.pgp,
                 "body": e.body_text,
                 "attachments": [{**a, "number": numbered[(e.id, a["index"])]} for a in e.attachments],
                 "warnings": e.warnings,
@@ -171,7 +172,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         if entry["threaded_by"]:
             echo(f"      threaded by {entry['threaded_by']}")
         if entry["encrypted"]:
-            echo(f"      encrypted ({entry['encrypted']}): ciphertext kept as received")
+            echo(f"      {_encryption_line(entry['encrypted'], entry['pgp'])}")
         for attachment in entry["attachments"]:
             if "filename" not in attachment:  # its content was purged: type and size only
                 echo(f"      attachment {attachment['number']}: (purged) ({attachment['content_type']}, "
@@ -212,9 +213,10 @@ def attachment(obj: Context, reference: str, number: int, output: str, force: bo
     archives are never unpacked. Open it somewhere safe: it came from a stranger.
     """
     from intake.tickets import attachments  # the parser: only this command needs it
+    from intake.understand import pgp_inbound
 
     try:
-        meta, data = attachments.read(obj.engine(), reference, number)
+        meta, data = attachments.read(obj.engine(), reference, number, pgp_inbound.decryption(obj.settings))
     except reads.TicketNotFound:
         fail(f"no ticket {reference}")
     except attachments.AttachmentMissing as exc:
@@ -238,3 +240,15 @@ def _relayed_note(ticket: Any, messages: list[Any]) -> str:
     if report is None or not report.relay or report.received_at == ticket.received_at:
         return ""
     return f" (relay accepted it; intake got it {report.received_at.isoformat()})"
+
+
+def _encryption_line(kind: str, pgp: dict | None) -> str:
+    """How `intake show` states that an entry came encrypted, whether it was decrypted, and its signature."""
+    if not pgp or not pgp.get("decrypted"):
+        return f"received encrypted ({kind}), not decrypted: ciphertext kept as received (see the warnings)"
+    line = f"received encrypted ({kind}), decrypted; ciphertext kept as received"
+    if not pgp.get("signed"):
+        return line + "; not signed"
+    if pgp.get("verified"):
+        return line + f"; signed by {pgp['signer']}, verified against the {pgp['verified_with']}"
+    return line + f"; signed by key {pgp['signer'] or '(unnamed)'}, NOT verified (no key of it on file or attached)"

@@ -422,6 +422,8 @@ class SchedulerSection(Section):
     recipients: list[Mailbox] = Field(default_factory=list)
     # Tell the recipients about each new ticket (its text, sender, decision and SLA dates).
     new_ticket_notice: bool = True
+    # The new-ticket notice quotes the report's text; false: it names the ticket and its dates only.
+    notices_include_report: bool = True
     # Digests by name, each with its own schedule and recipients.
     digests: dict[str, DigestSchedule] = Field(default_factory=dict)
 
@@ -483,6 +485,8 @@ class Maintainer(Section):
     # Their Unix account on the host where they run `intake` (found from the uid, not $USER): CLI
     # changes are recorded as them.
     login: str | None = None
+    # Their OpenPGP public key file: mail to them is encrypted to it.
+    openpgp_key: Path | None = None
 
 
 class AdvisorySection(Section):

@@ -17,6 +17,7 @@ import math
 from datetime import datetime, timedelta, timezone
 
 from intake.config.security_txt_section import parse_instant
+from intake import openpgp
 from intake.config.settings import Settings
 
 # check-config warns when the file expires within this, or has expired.
@@ -39,7 +40,7 @@ def render(settings: Settings) -> str:
     fields: list[tuple[str, str]] = [("Contact", f"mailto:{address}") for address in settings.smtp.addresses]
     fields += [("Contact", contact) for contact in section.extra_contacts]
     fields.append(("Expires", expires.strftime("%Y-%m-%dT%H:%M:%SZ")))
-    fields += [("Encryption", uri) for uri in section.encryption]
+    fields += [("Encryption", uri) for uri in section.encryption or _published_key(settings)]
     fields += [("Policy", section.policy)] if section.policy else []
     fields += [("Acknowledgments", section.acknowledgments)] if section.acknowledgments else []
     if section.preferred_languages:
@@ -47,6 +48,16 @@ def render(settings: Settings) -> str:
     fields += [("Canonical", uri) for uri in section.canonical]
     fields += [("Hiring", section.hiring)] if section.hiring else []
     return "".join(f"{name}: {value}\n" for name, value in fields)
+
+
+def _published_key(settings: Settings) -> list[str]:
+    """The Encryption line for the organisation's OpenPGP key, when one is configured and
+    ``encryption`` names none: ``[openpgp] key_url``, else ``openpgp4fpr:<fingerprint>``
+    (RFC 9116 section 2.5.4 allows both)."""
+    key = openpgp.org_key(settings)
+    if key is None:
+        return []
+    return [settings.openpgp.key_url or f"openpgp4fpr:{key.fingerprint.lower()}"]
 
 
 def expiry_warning(settings: Settings, now: datetime) -> str | None:

@@ -34,6 +34,7 @@ from intake.config.sections import (
     OutboundSection, ProcessingSection, RetentionSection, SchedulerSection, SenderAuthSection, ServiceSection,
     SmtpSection, StorageSection,
 )
+from intake.config.openpgp_section import OpenPgpSection
 from intake.config.security_txt_section import SecurityTxtSection
 from intake.sla.calendars import CalendarConfig, builtin_calendars
 from intake.sla.engine import PolicyConfig, validate_policies
@@ -95,6 +96,8 @@ class Settings(BaseSettings):
     # Publishing: security.txt and advisory drafts.
     security_txt: SecurityTxtSection = SecurityTxtSection()
     advisory: AdvisorySection = AdvisorySection()
+    # The organisation's OpenPGP key: encrypted reports in, encrypted mail out (intake.openpgp).
+    openpgp: OpenPgpSection = OpenPgpSection()
     # Hosted IMAP mailboxes to fetch mail from ([[fetch]] tables; intake.config.fetch).
     fetch: Annotated[list[FetchSource], AfterValidator(check_sources)] = Field(default_factory=list)
 

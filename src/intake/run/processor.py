@@ -37,14 +37,14 @@ from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import InboundMessage
-from intake.tickets import maintainer_mail, opening, records
+from intake.tickets import maintainer_mail, opening, records, reporter_keys
 from intake.understand import (
-    arrival_time, decisions, dns_lookups, lookups, parse_guard, reply_tokens, route, sender_auth,
+    arrival_time, decisions, dns_lookups, lookups, parse_guard, pgp_inbound, reply_tokens, route, sender_auth,
 )
 from intake.understand.parsed_mail import ParsedMail
 from intake.understand.sender_auth import NONE, Verdict
 from intake.understand.text_work import TextWork
-from intake.vocabulary import InboundStatus
+from intake.vocabulary import InboundStatus, KeySource
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def prepare(settings: Settings, stored: StoredMessage, dns: dns_lookups.Resolver
     arrived = arrived_at(stored)
     try:
         result = parse_guard.parse_and_score(stored.full, settings.quality_rules, settings.processing.parse_timeout,
-                                             settings.processing.message_budget)
+                                             settings.processing.message_budget, pgp_inbound.decryption(settings))
     except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
         log.exception("event=parse-failed inbound_id=%d", stored.id)
         return Prepared(stored, arrived, None, {}, time.perf_counter() - started,
@@ -222,7 +222,7 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
     on again alone, on a fresh snapshot)."""
     reply_secret = reply_tokens.secret(engine)
     with read_session(engine) as session:
-        routed = _route(session, settings, items, reply_secret, now)
+        routed = _with_known_signers(session, settings, _route(session, settings, items, reply_secret, now))
         reports = [opening.NewReport(r.prepared.stored, r.incoming, r.decision, r.prepared.quality,
                                      r.prepared.arrived_at,
                                      r.prepared.work.report_credit)
@@ -230,6 +230,32 @@ def _plan(engine: Engine, settings: Settings, items: list[Prepared], now: dateti
         reads = opening.read_for_plan(session, settings, reports, now)
     # Templates rendered after the read transaction ends: it need not stay open for them.
     return Plan(routed, opening.plan(settings, reports, reads, now, reply_secret), reply_secret)
+
+
+def _with_known_signers(session: Session, settings: Settings, routed: list[Routed]) -> list[Routed]:
+    """*routed* with the signatures of decrypted reports checked against their senders' keys on
+    file too (the parse helper only had the keys each report carries)."""
+    decryption = pgp_inbound.decryption(settings)
+    signed = [r for r in routed if r.incoming.mail.pgp is not None and r.incoming.mail.pgp.signed]
+    if decryption is None or not signed:
+        return routed
+    on_file = reporter_keys.newest(session, [r.incoming.sender for r in signed])
+    checked = []
+    for r in routed:
+        key = on_file.get(r.incoming.sender.lower())
+        if key is not None and r.incoming.mail.pgp is not None and r.incoming.mail.pgp.signed:
+            mail = pgp_inbound.verify_with_known(r.prepared.stored.full, r.incoming.mail, decryption, [key.armored],
+                                                 {key.fingerprint})
+            r = replace(r, incoming=replace(r.incoming, mail=mail))
+        checked.append(r)
+    return checked
+
+
+def _keys_carried(session: Session, routed: Routed, ticket_id: int, now: datetime) -> None:
+    """Keep the OpenPGP keys a reporter's own mail carries, for the mail we send them later."""
+    if routed.incoming.mail.public_keys:
+        reporter_keys.keep(session, routed.incoming.sender, routed.incoming.mail.public_keys, ticket_id,
+                           KeySource.ATTACHED, now)
 
 
 def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> list[Outcome]:
@@ -246,11 +272,14 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
         handling = decisions.handling(r.decision)
         if handling.record is decisions.Record.NEW_TICKET:
             ticket = opened[r.prepared.stored.id]
+            _keys_carried(session, r, ticket.id, now)
             outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
             continue
         if handling.records_on_ticket(r.decision):
             records.record_on_ticket(session, settings, r.prepared.stored, r.incoming, r.decision, now,
                                      r.prepared.work.reply_credit)
+            if handling.on_ticket is decisions.OnTicket.REPORTER_BACK:
+                _keys_carried(session, r, r.decision.ticket_id, now)
             if not r.prepared.stored.history:  # imported history: recorded, never forwarded nor carried out
                 maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
                                        plan.reply_secret, r.prepared.work)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from intake import openpgp
 from intake.config import production
 from intake.config.sections import HostPort, LoggingSection
 from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, storage_keyring
@@ -202,6 +203,11 @@ async def _serve(settings: Settings) -> int:
         log.warning("event=config-warning detail=%r", warning)
     try:
         keyring = storage_keyring(settings)
+    except ConfigError as exc:
+        log.error("event=config-error error=%r", str(exc))
+        return EXIT_CONFIG
+    try:  # an unusable key would leave every encrypted report unread: refuse to start
+        log.info("event=openpgp detail=%r", openpgp.check(settings) or "off")
     except ConfigError as exc:
         log.error("event=config-error error=%r", str(exc))
         return EXIT_CONFIG

@@ -33,6 +33,7 @@ from zoneinfo import ZoneInfo
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined, select_autoescape
 
 from intake import patterns
+from intake.send.pgp_mime import Encryption, encrypted
 from intake.understand.header_text import clean_text
 from intake.vocabulary import LOOP_HEADER, TICKET_HEADER, MailKind
 
@@ -211,6 +212,7 @@ def compose(
     rate_limited: bool = False,
     html: str | None = None,
     attachments: tuple[Attachment, ...] = (),
+    encryption: Encryption | None = None,
 ) -> OutgoingMail:
     """Every mail intake sends, built the one way: *text* (a rendered template, or a person's
     words) from *sender* (display name, address) to *to* and *cc*.
@@ -223,7 +225,8 @@ def compose(
     it, and goes from the null sender so that nothing bounces back to us; a person's mail goes
     from *sender*'s address. *rate_limited* mail counts against the per-recipient limit on
     automatic mail. The subject is made display-safe (:func:`clean_text`), so text a sender
-    wrote can never become a header. Without a *dedupe_key* the mail is never deduplicated."""
+    wrote can never become a header. Without a *dedupe_key* the mail is never deduplicated. With
+    *encryption* it is sent as PGP/MIME to the recipients' keys (:mod:`intake.send.pgp_mime`)."""
     message_id = new_message_id(kind, ticket, message_id_domain)
     headers = [("To", ", ".join(to))]
     if cc:
@@ -241,6 +244,8 @@ def compose(
         headers.append((TICKET_HEADER, ticket))
     raw = (alternative_bytes(sender, headers, text, html) if html is not None
            else text_bytes(sender, headers, text, attachments))
+    if encryption is not None:
+        raw = encrypted(raw, encryption)
     return OutgoingMail(dedupe_key=dedupe_key or f"{kind}:{ticket}:{message_id}", kind=kind,
                         envelope_from="" if automatic else sender[1], recipients=[*to, *cc], message_id=message_id,
                         raw=raw, rate_limited=rate_limited)
@@ -270,11 +275,13 @@ def automatic_reply(
     policy_url: str | None = None,
     acknowledges: bool = False,
     pauses_while_waiting: bool = False,
+    encryption: Encryption | None = None,
 ) -> OutgoingMail:
     """An automatic reply to a new report (*template* rendered; RFC 3834: auto-replied, from the
-    null sender, counted against the reporter's limit). *policy* is the policy's title as
-    reporters read it; *acknowledges*: this reply meets the policy's acknowledgement;
-    *pauses_while_waiting*: the *deadlines* move later while the ticket waits on the reporter."""
+    null sender, counted against the reporter's limit), encrypted with *encryption* if given.
+    *policy* is the policy's title as reporters read it; *acknowledges*: this reply meets the
+    policy's acknowledgement; *pauses_while_waiting*: the *deadlines* move later while the ticket
+    waits on the reporter."""
     shown_subject = shorten(strip_reply_prefixes(clean_text(subject))) or "(no subject)"
     body = render(
         template,
@@ -293,7 +300,8 @@ def automatic_reply(
     return compose(kind, sender=(from_name, intake_address), to=[reporter_address],
                    subject=f"Re: [{reference}] {shown_subject}", text=body, ticket=reference,
                    message_id_domain=message_id_domain, now=now, dedupe_key=f"{_KEY_PREFIX[kind]}:{reference}",
-                   in_reply_to=in_reply_to, references=references, automatic=AUTO_REPLIED, rate_limited=True)
+                   in_reply_to=in_reply_to, references=references, automatic=AUTO_REPLIED, rate_limited=True,
+                   encryption=encryption)
 
 
 def notice(
@@ -309,12 +317,14 @@ def notice(
     html: str | None = None,
     message_id_domain: str,
     now: datetime,
+    encryption: Encryption | None = None,
 ) -> OutgoingMail:
     """A notice to maintainers (new ticket, reminder, breach, escalation, refusal, digest) about
-    *ticket* (None for a digest): automatic mail nothing asked for, replying to *reply_to*."""
+    *ticket* (None for a digest): automatic mail nothing asked for, replying to *reply_to*;
+    encrypted with *encryption* if given."""
     return compose(kind, sender=sender, to=recipients, subject=subject, text=text, html=html, ticket=ticket,
                    message_id_domain=message_id_domain, now=now, dedupe_key=dedupe_key, reply_to=reply_to,
-                   automatic=AUTO_GENERATED)
+                   automatic=AUTO_GENERATED, encryption=encryption)
 
 
 def alternative_bytes(sender: tuple[str, str], headers: list[tuple[str, str]], text: str, html: str) -> bytes:

@@ -47,7 +47,7 @@ from intake.sla.calendars import format_span, parse_duration
 from intake.sla.engine import reminder_times
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.tickets import undeliverable
+from intake.tickets import reporter_keys, undeliverable
 from intake.tickets.reads import find
 from intake.understand import reply_tokens
 from intake.vocabulary import FINISHED_STATES, MailKind, NotificationKind
@@ -382,7 +382,8 @@ def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: Pla
             mail.kind, dedupe_key=f"{mail.key}>{recipient.lower()}", ticket=ticket.reference, subject=subject,
             recipients=[recipient], sender=(settings.intake.from_name, ticket.intake_address), reply_to=reply_address,
             text=composer.render("notice.txt.j2", settings.templates_path, reply_address=reply_address, **context),
-            message_id_domain=settings.intake.message_id_domain, now=now))
+            message_id_domain=settings.intake.message_id_domain, now=now,
+            encryption=reporter_keys.to_maintainer(settings, recipient)))
     return mails
 
 

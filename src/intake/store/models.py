@@ -175,6 +175,24 @@ class ThreadEntry(SQLModel, table=True):
     threaded_by: str | None = Field(default=None, sa_column=Column(Text))
     # Set for encrypted reports: "pgp-mime", "inline-pgp", "smime".
     encrypted: str | None = Field(default=None, sa_column=Column(String(16)))
+    # What OpenPGP made of it (PgpStatus.as_dict()): decrypted, signed, signer, verified, verified_with.
+    pgp: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_at: datetime = _instant()
+
+
+class ReporterKey(SQLModel, table=True):
+    """An OpenPGP public key a reporter gave (attached to a report, or `intake key REF FILE`):
+    mail to that address is encrypted to the newest one."""
+
+    __tablename__ = "reporter_key"
+    __table_args__ = (UniqueConstraint("address", "fingerprint"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    address: str = Field(sa_column=Column(Text, nullable=False, index=True))  # lowercased
+    fingerprint: str = Field(sa_column=Column(String(64), nullable=False))  # upper-case hex
+    armored: str = Field(sa_column=Column(Text, nullable=False))
+    ticket_id: int | None = Field(default=None, foreign_key="ticket.id")  # where it came from
+    source: str = Field(sa_column=Column(String(16), nullable=False))  # KeySource
     created_at: datetime = _instant()
 
 

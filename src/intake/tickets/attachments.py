@@ -9,16 +9,18 @@ from intake.store import inbound, sealing
 from intake.tickets.reads import numbered_attachments, ticket_detail
 from intake.understand.content import extract_attachment
 from intake.understand.parsed_mail import Attachment
+from intake.understand.pgp_inbound import Decryption, opened_message
 
 
 class AttachmentMissing(LookupError):
     """The attachment asked for cannot be given; the message says why."""
 
 
-def read(engine: Engine, reference: str, number: int) -> tuple[Attachment, bytes]:
+def read(engine: Engine, reference: str, number: int, decryption: Decryption | None = None) -> tuple[Attachment, bytes]:
     """Attachment *number* of ticket *reference* (as
     :func:`intake.tickets.reads.numbered_attachments` numbers them) and
-    its bytes exactly as received, decoded from the transfer encoding, from the stored message.
+    its bytes exactly as received, decoded from the transfer encoding, from the stored message
+    (decrypted again with *decryption* when it came as PGP/MIME to the organisation's key).
     Raises :class:`intake.tickets.reads.TicketNotFound` or :class:`AttachmentMissing`."""
     detail = ticket_detail(engine, reference)
     located = {n: key for key, n in numbered_attachments(detail).items()}
@@ -38,6 +40,6 @@ def read(engine: Engine, reference: str, number: int) -> tuple[Attachment, bytes
     if stored is None:
         raise AttachmentMissing(f"the stored message of attachment {number} is gone")
     try:
-        return extract_attachment(stored.raw, index)
+        return extract_attachment(opened_message(stored.raw, decryption), index)
     except LookupError:  # the parser no longer finds it where it was numbered: say so
         raise AttachmentMissing(f"attachment {number} can no longer be read from stored message {stored.id}") from None

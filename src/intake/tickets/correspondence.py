@@ -18,7 +18,7 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.store import sealing
 from intake.store.models import ThreadEntry, Ticket
-from intake.tickets import milestones, records
+from intake.tickets import milestones, records, reporter_keys
 from intake.understand.header_text import clean_text
 from intake.vocabulary import QUEUED_EVENT, REPORTER_REPLY, Direction, EntryKind, EventKind, MailKind, Milestone
 
@@ -49,7 +49,8 @@ def _latest_from_reporter(session: Session, ticket: Ticket) -> ThreadEntry | Non
 def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: str, *, kind: str, now: datetime,
                   actor: str, cc: tuple[str, ...] = (),
                   attachments: tuple[composer.Attachment, ...] = ()) -> composer.OutgoingMail:
-    """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it."""
+    """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it.
+    Encrypted when every recipient has an OpenPGP key (see :mod:`intake.tickets.reporter_keys`)."""
     text = _check_body(body)
     subject = f"Re: [{ticket.reference}] {clean_text(ticket.subject)}"
     parent = _latest_from_reporter(session, ticket)
@@ -58,7 +59,8 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
         kind, sender=(settings.intake.from_name, ticket.intake_address), to=[ticket.reporter], cc=cc,
         subject=subject, text=text, attachments=attachments,
         ticket=ticket.reference, message_id_domain=settings.intake.message_id_domain, now=now,
-        in_reply_to=parent.message_id if parent else None, references=parent.references if parent else ())
+        in_reply_to=parent.message_id if parent else None, references=parent.references if parent else (),
+        encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter, *cc]))
     outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
     session.execute(insert(ThreadEntry.__table__).values(
         ticket_id=ticket.id, direction=Direction.OUT, kind=kind, message_id=mail.message_id,

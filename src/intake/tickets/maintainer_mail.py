@@ -28,8 +28,8 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.store.inbound import StoredMessage
 from intake.store.models import Ticket
-from intake.tickets import correspondence, mail_commands
-from intake.understand import decisions, reply_tokens, route
+from intake.tickets import correspondence, mail_commands, reporter_keys
+from intake.understand import decisions, pgp_inbound, reply_tokens, route
 from intake.understand.content import extract_attachment
 from intake.understand.header_text import clean_text
 from intake.understand.text_work import MAX_COMMANDS, TextWork
@@ -64,7 +64,7 @@ def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage
     # Any case: the domain part is case-blind, and mail clients write Ana@Example.com as they like.
     own_address = patterns.compile(patterns.escape(maintainer.email), ignorecase=True)
     text = own_address.sub("[maintainer]", work.relayed_text)
-    attachments = _attachments(stored, incoming)
+    attachments = _attachments(stored, incoming, pgp_inbound.decryption(settings))
     if work.internal and text.strip():
         correspondence.note(session, ticket, text, now=now, actor=maintainer.name)
         outcome.done.append("added your text as an internal note")
@@ -78,11 +78,13 @@ def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage
     _confirm(session, settings, ticket, incoming, maintainer.email, outcome, now)
 
 
-def _attachments(stored: StoredMessage, incoming: route.Incoming) -> tuple[composer.Attachment, ...]:
+def _attachments(stored: StoredMessage, incoming: route.Incoming,
+                 decryption: pgp_inbound.Decryption | None) -> tuple[composer.Attachment, ...]:
     found = []
+    raw = pgp_inbound.opened_message(stored.raw, decryption)
     for attachment in incoming.mail.attachments:
         try:
-            meta, data = extract_attachment(stored.raw, attachment.index)
+            meta, data = extract_attachment(raw, attachment.index)
         except LookupError:
             continue
         found.append(composer.Attachment(meta.filename, meta.content_type, data))
@@ -102,7 +104,8 @@ def _confirm(session: Session, settings: Settings, ticket: Ticket, incoming: rou
         subject=f"Re: [{ticket.reference}] {composer.shorten(clean_text(ticket.subject))} (done)", text=text,
         ticket=ticket.reference, message_id_domain=settings.intake.message_id_domain, now=now,
         in_reply_to=incoming.mail.message_id, references=incoming.mail.references,
-        automatic=composer.AUTO_REPLIED), ticket_id=ticket.id, now=now)
+        automatic=composer.AUTO_REPLIED, encryption=reporter_keys.to_maintainer(settings, maintainer)),
+        ticket_id=ticket.id, now=now)
 
 
 def refused(session: Session, settings: Settings, incoming: route.Incoming, decision: route.Decision,
@@ -139,7 +142,8 @@ def refused(session: Session, settings: Settings, incoming: route.Incoming, deci
         MailKind.REPLY_REFUSED, dedupe_key=f"refused:{ticket.reference}:{maintainer}:{now.date().isoformat()}",
         ticket=ticket.reference, subject=f"[{ticket.reference}] Your mail was refused: nothing changed",
         recipients=[maintainer], sender=(settings.intake.from_name, ticket.intake_address),
-        reply_to=address, text=text, message_id_domain=settings.intake.message_id_domain, now=now),
+        reply_to=address, text=text, message_id_domain=settings.intake.message_id_domain, now=now,
+        encryption=reporter_keys.to_maintainer(settings, maintainer)),
         ticket_id=ticket.id, now=now)
     log.info("event=maintainer-mail-refused ticket=%s maintainer=%s notified=%s", ticket.reference, maintainer,
              queued)
@@ -204,5 +208,5 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
             dedupe_key=f"forward:{ticket.reference}:{incoming.message_key}:{maintainer.lower()}",
             reply_to=None if third_party else reply_tokens.reply_address(secret, ticket.intake_address,
                                                                          ticket.reference, maintainer, now),
-            automatic=composer.AUTO_GENERATED),
+            automatic=composer.AUTO_GENERATED, encryption=reporter_keys.to_maintainer(settings, maintainer)),
             ticket_id=ticket.id, now=now)

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Container
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert
 from sqlmodel import Session
 
+from intake import openpgp
 from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
@@ -28,7 +29,7 @@ from intake.sla.engine import StageDeadline
 from intake.store import sealing
 from intake.store.inbound import StoredMessage
 from intake.store.models import Deadline, Event, Notification, ThreadEntry, Ticket
-from intake.tickets import credit, promises
+from intake.tickets import credit, promises, reporter_keys
 from intake.tickets.records import entry_from_mail, event
 from intake.tickets.references import allocate_references, next_references
 from intake.understand import reply_tokens, route
@@ -93,6 +94,7 @@ class NewTickets:
     openings: list[Opening]
     sent: Counter[str]  # automatic mails per recipient within the rate limit's window, as read
     reply_secret: bytes  # signs maintainers' reply addresses in the notices
+    keys: dict[str, str] = field(default_factory=dict)  # OpenPGP keys mail is encrypted to, by lowercased address
 
 
 @dataclass(frozen=True)
@@ -107,13 +109,16 @@ class PlanReads:
 
     sent: Counter[str]  # automatic mails per recipient within the rate limit's window
     upcoming: list[str]  # the references that come next, one per report
+    keys: dict[str, str] = field(default_factory=dict)  # OpenPGP keys mail is encrypted to, by lowercased address
 
 
 def read_for_plan(session: Session, settings: Settings, reports: list[NewReport], now: datetime) -> PlanReads:
-    """The two reads :func:`plan` needs, in the caller's read session: rendering happens after it."""
+    """The reads :func:`plan` needs, in the caller's read session: rendering happens after it."""
+    keys = (reporter_keys.keys_for(session, settings, [report.stored.mail_from for report in reports])
+            if openpgp.org_key(settings) else {})
     return PlanReads(_automatic_mails_sent(session, settings, [report.incoming for report in reports], now),
                      next_references(session, settings.intake.reference_prefix,
-                                     [report.received_at.year for report in reports]))
+                                     [report.received_at.year for report in reports]), keys)
 
 
 def plan(settings: Settings, reports: list[NewReport], reads: PlanReads, now: datetime,
@@ -121,8 +126,8 @@ def plan(settings: Settings, reports: list[NewReport], reads: PlanReads, now: da
     """The tickets *reports* open, made ready before the write lock and outside any transaction:
     each under the reference that comes next, its automatic reply rendered unless loop safety or
     the rate limit forbid it, its notices signed with *reply_secret*."""
-    return NewTickets(_prepare_openings(settings, reports, reads.upcoming, reads.sent, now, reply_secret),
-                      reads.sent, reply_secret)
+    return NewTickets(_prepare_openings(settings, reports, reads.upcoming, reads.sent, now, reply_secret, reads.keys),
+                      reads.sent, reply_secret, reads.keys)
 
 
 def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbound_ids: Container[int],
@@ -142,7 +147,8 @@ def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbo
     allocated = allocate_references(session, settings.intake.reference_prefix,
                                     [report.received_at.year for report in reports])
     if allocated != [opening.reference for opening in openings]:
-        openings = _prepare_openings(settings, reports, allocated, planned.sent, now, planned.reply_secret)
+        openings = _prepare_openings(settings, reports, allocated, planned.sent, now, planned.reply_secret,
+                                     planned.keys)
     table = Ticket.__table__
     # One INSERT for all (ids in parameter order would take one per row on SQLite): the unique
     # reference says which id is whose.
@@ -193,11 +199,11 @@ def _automatic_mails_sent(session: Session, settings: Settings, incomings: list[
 
 
 def _prepare_openings(settings: Settings, reports: list[NewReport], references: list[str], sent: Counter[str],
-                      now: datetime, reply_secret: bytes) -> list[Opening]:
+                      now: datetime, reply_secret: bytes, keys: dict[str, str]) -> list[Opening]:
     """The tickets *reports* open, under *references*, with their automatic replies rendered unless
     loop safety or the rate limit forbid them. *sent* is :func:`_automatic_mails_sent` for the reports;
     each reply made here counts against the limit of the reports after it, as if they had been
-    opened one by one."""
+    opened one by one. Mail goes encrypted to the OpenPGP *keys* (see :func:`_reply_keys`)."""
     config = routing_config(settings)
     sent = Counter(sent)
     openings = []
@@ -212,10 +218,10 @@ def _prepare_openings(settings: Settings, reports: list[NewReport], references: 
                                               acknowledged_at=None if refusal else now)
         opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit)
         if refusal is None:
-            opening = replace(opening, reply=_automatic_reply(settings, opening, now))
+            opening = replace(opening, reply=_automatic_reply(settings, opening, now, _reply_keys(report, keys)))
             sent[stored.mail_from.lower()] += 1
         if settings.scheduler.new_ticket_notice and settings.notice_recipients and not stored.history:
-            opening = replace(opening, notices=_new_ticket_notices(settings, opening, now, reply_secret))
+            opening = replace(opening, notices=_new_ticket_notices(settings, opening, now, reply_secret, keys))
         openings.append(opening)
     return openings
 
@@ -233,8 +239,23 @@ def _automatic_reply_refusal(settings: Settings, config: route.RoutingConfig, in
     return None
 
 
-def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> composer.OutgoingMail:
-    """The acknowledgement of a new report, or the out-of-scope reply if its policy answers low-quality ones so."""
+def _reply_keys(report: NewReport, keys: dict[str, str]) -> dict[str, str]:
+    """The key the automatic reply to *report* is encrypted to: one on file for its sender, else,
+    when the report came encrypted and was decrypted, the newest key it carries (a key sent in
+    clear is kept for later mail, but the reply to a report sent in clear goes in clear)."""
+    address = report.stored.mail_from.lower()
+    mail = report.incoming.mail
+    if address in keys:
+        return {address: keys[address]}
+    if mail.pgp is not None and mail.pgp.decrypted and mail.public_keys:
+        return {address: mail.public_keys[-1]}
+    return {}
+
+
+def _automatic_reply(settings: Settings, opening: Opening, now: datetime,
+                     keys: dict[str, str]) -> composer.OutgoingMail:
+    """The acknowledgement of a new report, or the out-of-scope reply if its policy answers low-quality ones so;
+    encrypted when its reporter has a key in *keys*."""
     report = opening.report
     mail = report.incoming.mail
     return promises.automatic_reply(
@@ -242,13 +263,15 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime) -> com
         out_of_scope=report.low_quality and settings.policies[opening.policy].low_quality_reply == MailKind.OUT_OF_SCOPE,
         reference=opening.reference, subject=mail.subject, reporter_address=report.stored.mail_from,
         reporter_name=mail.from_name, intake_address=opening.address, in_reply_to=mail.message_id,
-        references=mail.references, now=now)
+        references=mail.references, now=now,
+        encryption=reporter_keys.encryption_for(settings, keys, [report.stored.mail_from]))
 
 
-def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
-                        reply_secret: bytes) -> tuple[composer.OutgoingMail, ...]:
-    """Tell the maintainers about a new ticket: the report's text, sender, decision and SLA dates;
-    one mail each, replying to their own reply address for the ticket."""
+def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime, reply_secret: bytes,
+                        keys: dict[str, str]) -> tuple[composer.OutgoingMail, ...]:
+    """Tell the maintainers about a new ticket: the report's text (unless
+    ``notices_include_report`` is off), sender, decision and SLA dates; one mail each, replying
+    to their own reply address for the ticket, encrypted to their key if they have one."""
     report = opening.report
     mail, stored = report.incoming.mail, report.stored
     subject = composer.strip_reply_prefixes(clean_text(mail.subject)) or "(no subject)"
@@ -263,8 +286,9 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
         labels=[LOW_QUALITY_LABEL] if report.low_quality else [], warnings=mail.warnings,
         deadlines=stage_dates(settings, opening.policy, opening.deadlines),
         attachments=[a.as_dict() for a in mail.attachments],
-        text=mail.body_text[:NOTICE_TEXT_LIMIT], truncated=len(mail.body_text) > NOTICE_TEXT_LIMIT,
-        from_name=settings.intake.from_name)
+        include_report=settings.scheduler.notices_include_report,
+        text=mail.body_text[:NOTICE_TEXT_LIMIT] if settings.scheduler.notices_include_report else "",
+        truncated=len(mail.body_text) > NOTICE_TEXT_LIMIT, from_name=settings.intake.from_name)
     notices = []
     for recipient in settings.notice_recipients:
         reply_address = reply_tokens.reply_to(settings, reply_secret, opening.address, opening.reference, recipient,
@@ -275,7 +299,8 @@ def _new_ticket_notices(settings: Settings, opening: Opening, now: datetime,
             subject=f"[{opening.reference}] New report: {subject}", recipients=[recipient],
             sender=(settings.intake.from_name, opening.address), reply_to=reply_address,
             text=composer.render("new-ticket.txt.j2", settings.templates_path, reply_address=reply_address, **context),
-            message_id_domain=settings.intake.message_id_domain, now=now))
+            message_id_domain=settings.intake.message_id_domain, now=now,
+            encryption=reporter_keys.encryption_for(settings, keys, [recipient])))
     return tuple(notices)
 
 
@@ -362,6 +387,7 @@ def _automatic_entry(opening: Opening, ticket: OpenedTicket, reply: composer.Out
         warnings=[],
         threaded_by=None,
         encrypted=None,
+        pgp=None,
         created_at=now,
     )
 

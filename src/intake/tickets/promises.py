@@ -77,9 +77,9 @@ def _severity_words(severities: tuple[str, ...]) -> str:
 def automatic_reply(settings: Settings, *, policy_name: str, computed: Computed,
                     out_of_scope: bool, reference: str, subject: str, reporter_address: str,
                     reporter_name: str, intake_address: str, in_reply_to: str | None, references: list[str],
-                    now: datetime) -> composer.OutgoingMail:
+                    now: datetime, encryption: composer.Encryption | None = None) -> composer.OutgoingMail:
     """The automatic reply to a new report under *policy_name*: the acknowledgement stating
-    :func:`promised_dates`, or the out-of-scope reply."""
+    :func:`promised_dates`, or the out-of-scope reply; encrypted with *encryption* if given."""
     policy = settings.policies[policy_name]
     return composer.automatic_reply(
         template="out-of-scope.txt.j2" if out_of_scope else "acknowledgement.txt.j2",
@@ -90,7 +90,8 @@ def automatic_reply(settings: Settings, *, policy_name: str, computed: Computed,
         policy=policy.public_title, policy_url=policy.url,
         acknowledges=any(met_at is not None for _, met_at in computed),  # only this reply meets a stage yet
         pauses_while_waiting=policy.pause_while_waiting,
-        message_id_domain=settings.intake.message_id_domain, templates_dir=settings.templates_path, now=now)
+        message_id_domain=settings.intake.message_id_domain, templates_dir=settings.templates_path, now=now,
+        encryption=encryption)
 
 
 # The report a preview acknowledges.

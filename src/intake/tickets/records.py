@@ -136,5 +136,6 @@ def entry_from_mail(session: Session, ticket_id: int, stored: StoredMessage, mai
         warnings=mail.warnings,
         threaded_by=threaded_by,
         encrypted=mail.encrypted,
+        pgp=mail.pgp.as_dict() if mail.pgp else None,
         created_at=now,
     )

@@ -38,6 +38,9 @@ from intake.understand.header_text import (
 )
 from intake.understand.mime_reader import MimePart, read_mime, walk_parts
 from intake.understand.parsed_mail import LOOP_HEADERS, ParsedMail
+from intake.understand.pgp_inbound import (
+    Decryption, decrypt_inline, decrypted_mail, is_pgp_mime, open_pgp_mime, public_keys,
+)
 
 
 # -- encryption ----------------------------------------------------------------------------------
@@ -52,11 +55,6 @@ def _param(part: Message, name: str) -> str:
     return clean_text(text, 255).lower()
 
 
-def _is_pgp_mime(part: Message) -> bool:
-    """RFC 3156: multipart/encrypted; protocol="application/pgp-encrypted"."""
-    return part.get_content_type() == "multipart/encrypted" and _param(part, "protocol") == "application/pgp-encrypted"
-
-
 def _is_smime_encrypted(part: Message) -> bool:
     """RFC 8551 enveloped (or authenticated-enveloped) data; signed-only data is not encrypted."""
     return part.get_content_type() in ("application/pkcs7-mime", "application/x-pkcs7-mime") and \
@@ -67,7 +65,7 @@ def _encrypted_parts(root: MimePart) -> str | None:
     """The kind of the first encrypted entity, "pgp-mime" or "smime", if any. (The third kind, an
     armored PGP block in the text, "inline-pgp", is found in the body text.)"""
     for part, _, _ in walk_parts(root):
-        if _is_pgp_mime(part):
+        if is_pgp_mime(part):
             return "pgp-mime"
         if not part.is_multipart() and _is_smime_encrypted(part):
             return "smime"
@@ -78,7 +76,7 @@ def _pgp_ciphertexts(root: MimePart) -> list[str]:
     """The encrypted parts of PGP/MIME entities as text, unchanged: the body shows them, so the
     armored block can be decrypted from the ticket without fetching the attachment."""
     return [(part.get_payload(decode=True) or b"").decode("utf-8", "replace") for part, parent, _ in walk_parts(root)
-            if parent is not None and _is_pgp_mime(parent) and part.get_content_type() == "application/octet-stream"]
+            if parent is not None and is_pgp_mime(parent) and part.get_content_type() == "application/octet-stream"]
 
 
 def parse_headers_only(raw: bytes, warning: str) -> ParsedMail:
@@ -95,17 +93,24 @@ def parse_headers_only(raw: bytes, warning: str) -> ParsedMail:
 # -- parse -------------------------------------------------------------------------------------
 
 
-def parse(raw: bytes) -> ParsedMail:
-    """Parse *raw*; whatever happens, return a ParsedMail (warnings say what went wrong)."""
+def parse(raw: bytes, decryption: Decryption | None = None) -> ParsedMail:
+    """Parse *raw*; whatever happens, return a ParsedMail (warnings say what went wrong). With
+    *decryption*, a report encrypted to the organisation's key is read as its plaintext (see
+    :mod:`intake.understand.pgp_inbound`)."""
     try:
-        return _parse(raw)
+        return _parse(raw, decryption)
     except Exception as exc:  # noqa: BLE001 - the promise is "never raises"; the raw bytes stay stored
         return parse_headers_only(raw, f"parse failed ({type(exc).__name__}); only the header block was read")
 
 
-def _parse(raw: bytes) -> ParsedMail:
+def _parse(raw: bytes, decryption: Decryption | None = None) -> ParsedMail:
     reading = read_mime(raw)
     root, warnings = reading.root, list(reading.warnings)
+    if decryption is not None and is_pgp_mime(root):
+        opened = open_pgp_mime(raw, root, decryption)
+        if opened.raw is not None:
+            return decrypted_mail(_parse(opened.raw), opened, decryption)
+        warn(warnings, opened.failure)
     # What we read of the tree ourselves is read first: the extraction writes into it.
     values = header_values(root)
     content_type = clean_text(root.get_content_type(), 255)
@@ -113,9 +118,14 @@ def _parse(raw: bytes) -> ParsedMail:
     encrypted_parts, ciphertexts = _encrypted_parts(root), _pgp_ciphertexts(root)
     content = extract_content(root, warnings)
     body = body_text(content, ciphertexts, warnings)
+    keys = guarded(lambda: public_keys(content, body), [], "OpenPGP keys", warnings)
     encrypted = encrypted_parts or ("inline-pgp" if _PGP_ARMOR in body else None)
+    pgp = None
+    if encrypted == "inline-pgp" and decryption is not None:
+        body, pgp = decrypt_inline(body, decryption, keys, warnings)
     if encrypted:
-        warn(warnings, f"encrypted: {encrypted}")
+        warn(warnings, f"encrypted: {encrypted}" + (" (decrypted; ciphertext kept as received)" if pgp and pgp.decrypted
+                                                    else ""))
     mail = _mail_from(
         values, warnings,
         content_type=content_type,
@@ -123,6 +133,8 @@ def _parse(raw: bytes) -> ParsedMail:
         attachments=[attachment for attachment, _ in content.attachments],
         encrypted=encrypted,
         is_report=is_report,
+        pgp=pgp,
+        public_keys=keys,
         part_count=reading.part_count,
         header_count=reading.header_count,
     )

@@ -27,6 +27,7 @@ pickling the result: ~0.1 ms for a 4 KB mail on a 2-core machine, where parse it
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -44,6 +45,7 @@ from typing import Any
 from intake.understand import text_work
 from intake.understand.parse import parse, parse_headers_only
 from intake.understand.parsed_mail import ParsedMail
+from intake.understand.pgp_inbound import Decryption
 from intake.understand.quality import RuleSet
 from intake.understand.text_work import TextWork
 
@@ -311,21 +313,24 @@ def _headers_only(raw: bytes, warning: str, cpu_seconds: float = 0.0) -> Result:
 
 
 _shared: BoundedParser | None = None
+_shared_for: tuple[RuleSet, float, Decryption | None] | None = None  # what the shared helper was made for
 _shared_lock = threading.Lock()
 
 
 def parse_and_score(raw: bytes, rules: RuleSet, timeout: float = PARSE_TIMEOUT,
-                    budget: float = MESSAGE_BUDGET) -> Result:
+                    budget: float = MESSAGE_BUDGET, decryption: Decryption | None = None) -> Result:
     """:func:`intake.understand.parse.parse` in the shared helper process, bounded by *timeout* seconds of
     wall time and *budget* seconds of CPU, the mail's low-quality score by *rules*
-    (``SpamScore.as_dict()``) and its text work. A process works by one configuration's rules
-    and budget: others restart the helper."""
-    global _shared
+    (``SpamScore.as_dict()``) and its text work. With *decryption* (the organisation's OpenPGP
+    key, handed to the helper as bytes) encrypted reports are decrypted there, within the same
+    bounds. A process works by one configuration's rules, budget and key: others restart the helper."""
+    global _shared, _shared_for
     with _shared_lock:
-        if _shared is None or _shared.rules != rules or _shared.budget != budget:
+        if _shared is None or _shared_for != (rules, budget, decryption):
             if _shared is not None:
                 _shared.close()
-            _shared = BoundedParser(rules=rules, budget=budget)
+            parse_function = functools.partial(parse, decryption=decryption) if decryption else parse
+            _shared, _shared_for = BoundedParser(parse_function, rules=rules, budget=budget), (rules, budget, decryption)
         parser = _shared
     return parser.parse_and_score(raw, timeout)
 

@@ -63,3 +63,21 @@ class ParsedMail:
     is_report: str | None = None  # report-type of a top-level multipart/report
     part_count: int = 0  # MIME entities read, those of inline embedded messages included
     header_count: int = 0  # header fields of the top-level header block, including any past the limit
+    pgp: PgpStatus | None = None  # set when a report encrypted to the organisation's key was read
+    public_keys: list[str] = field(default_factory=list)  # OpenPGP public keys the mail carries, armored
+
+
+@dataclass(frozen=True)
+class PgpStatus:
+    """What OpenPGP made of an encrypted report: whether it was decrypted, and its signature:
+    whether it was signed, by which key (upper-case hex), whether it verified and against what
+    ("key attached to the report" or "known reporter key")."""
+
+    decrypted: bool
+    signed: bool = False
+    signer: str | None = None
+    verified: bool = False
+    verified_with: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
