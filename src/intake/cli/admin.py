@@ -10,15 +10,15 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from intake.cli.common import INSTANT, JSON_OPTION, Context, emit_json, fail, iso, local_and_utc
+from intake.cli.common import INSTANT, JSON_OPTION, Context, emit_json, fail, iso, local_and_utc, record_read
 from intake.config import production, security_txt
 from intake.display import echo
 from intake.run import service
 from intake.sla import deadlines
-from intake.store import backup as backups, private_files, schema
+from intake.store import audit, backup as backups, private_files, schema
 from intake.store.db import is_sqlite, sqlite_file
 from intake.understand import reply_tokens
-from intake.vocabulary import SEVERITIES, Milestone
+from intake.vocabulary import SEVERITIES, AuditAction, Milestone
 
 
 @click.command()
@@ -40,9 +40,9 @@ def check_config(obj: Context) -> None:
                  f"listens on smtp.listen {settings.smtp.listen} (unless systemd passes sockets)")
     echo(f"{settings.config_path}: OK ({len(settings.policies)} policies, {listening}, "
          f"outbound via {settings.outbound.transport})")
-    warning = security_txt.expiry_warning(settings, datetime.now(timezone.utc))
+    found = [security_txt.expiry_warning(settings, datetime.now(timezone.utc)), audit.key_warning(settings)]
     database = sqlite_file(settings.database_url)
-    for text in ([warning] if warning else []) + production.warnings(settings) + private_files.exposed(
+    for text in list(filter(None, found)) + production.warnings(settings) + private_files.exposed(
             [Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm")] if database else []):
         echo(f"intake: warning: {text}", err=True)
 
@@ -131,6 +131,10 @@ def backup_command(obj: Context, path: Path, force: bool, pg_dump: bool) -> None
     SQLite: an online backup, checked and renamed into place. PostgreSQL: use pg_dump
     (printed, or run with --pg-dump). Any schema revision: back up before `intake db upgrade`."""
     engine = obj.engine(at_head=False)
+    if is_sqlite(engine) or pg_dump:
+        if schema.current(engine) == schema.head():  # an older schema has no chain yet
+            # Before the copy, so the backup holds the record of its own making.
+            record_read(obj, engine, AuditAction.BACKUP, path=str(path))
     try:
         if is_sqlite(engine):
             copied = backups.backup_sqlite(engine, path, force)

@@ -57,7 +57,7 @@ class Context:
         Only `intake serve` and `intake db upgrade` migrate. A SQLite file that does not exist is
         made only with *create* (`db upgrade`, `restore`); any other command exits 78 naming it:
         a second, empty database beside the wrong config file helps nobody."""
-        from intake.store import schema
+        from intake.store import audit, schema
         from intake.store.db import make_engine, sqlite_file
 
         settings = self.settings
@@ -65,6 +65,7 @@ class Context:
         if database is not None:
             _check_sqlite_file(database, settings.database_source, create)
         engine = make_engine(settings.database_url, settings.database.busy_timeout)
+        audit.configure(settings)
         if at_head:
             try:
                 schema.require_current(engine)
@@ -175,6 +176,16 @@ def write_file_or_fail(output: str, data: bytes, force: bool) -> None:
         fail(f"{exc}: give another file name")
     except OSError as exc:
         fail(f"cannot write {output}: {exc.strerror}")
+
+
+def record_read(obj: Context, engine: Engine, action: str, *, reference: str | None = None,
+                ticket_id: int | None = None, **detail: Any) -> None:
+    """Append to the audit chain that the maintainer running this read report content (see
+    :func:`intake.store.audit_verify.record_read`)."""
+    from intake.store import audit_verify
+
+    audit_verify.record_read(engine, action, actor(obj.settings), datetime.now(timezone.utc),
+                             reference=reference, ticket_id=ticket_id, **detail)
 
 
 def change_ticket(obj: Context, reference: str, change: Callable[[Session, Settings, Ticket, datetime], Any]) -> None:

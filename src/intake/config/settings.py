@@ -30,7 +30,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from intake import patterns
 from intake.config.fetch import FetchSource, check_sources
 from intake.config.sections import (
-    AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
+    AdvisorySection, AuditSection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
     OutboundSection, ProcessingSection, SchedulerSection, SenderAuthSection, ServiceSection, SmtpSection,
 )
 from intake.config.security_txt_section import SecurityTxtSection
@@ -53,6 +53,8 @@ SECRETS = {
     "relay-password": "INTAKE_RELAY_PASSWORD",
     # Signs maintainers' reply addresses (see intake.understand.reply_tokens); the same on every node.
     "reply-secret": "INTAKE_REPLY_SECRET",
+    # MACs the audit chain (see intake.store.audit); the same on every node and maintainer's intake.
+    "audit-key": "INTAKE_AUDIT_KEY",
 }
 
 
@@ -88,6 +90,8 @@ class Settings(BaseSettings):
     # Publishing: security.txt and advisory drafts.
     security_txt: SecurityTxtSection = SecurityTxtSection()
     advisory: AdvisorySection = AdvisorySection()
+    # The key of the tamper-evident audit chain.
+    audit: AuditSection = AuditSection()
     # Hosted IMAP mailboxes to fetch mail from ([[fetch]] tables; intake.config.fetch).
     fetch: Annotated[list[FetchSource], AfterValidator(check_sources)] = Field(default_factory=list)
 

@@ -48,7 +48,7 @@ from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.store import schema
+from intake.store import audit, schema
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
 from intake.tickets import undeliverable
@@ -198,7 +198,8 @@ async def _serve(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")
     wake_processor = context.Event()
     stop_worker = context.Event()
-    for warning in production.warnings(settings):
+    # key_warning also takes [audit] key_file for this process (a key it cannot read stops it here).
+    for warning in production.warnings(settings) + list(filter(None, [audit.key_warning(settings)])):
         log.warning("event=config-warning detail=%r", warning)
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
     # Before the listener: mail is accepted only into a database at head. Under a lock, so
@@ -417,6 +418,7 @@ def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
 async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int,
                 report: metrics.WorkerReport) -> None:
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False)
+    audit.configure(settings)
     stop = asyncio.Event()
     pacing = _SenderPacing(settings.processing.batch_size)
     sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record,
