@@ -64,6 +64,9 @@ GENESIS = "0" * 64  # the prev_mac of entry 1
 _PENDING = "intake_audit_pending"
 _ENTRIES = AuditEntry.__table__
 _EVENTS = Event.__table__
+# Built once: the events are read back as stored, so the digest is of what verification will read.
+_INSERT_EVENTS = insert(_EVENTS).returning(*_EVENTS.c)
+_HEAD = select(_ENTRIES.c.seq, _ENTRIES.c.mac).order_by(_ENTRIES.c.seq.desc()).limit(1)
 
 _key_files: dict[str, Path] = {}  # database URL -> [audit] key_file
 _checked: dict[str, bytes] = {}  # database URL -> a key whose fingerprint matched the chain's
@@ -128,8 +131,7 @@ def add_events(bind: Session | Connection, rows: Sequence[dict[str, Any]]) -> No
     for the chain: the one way events are written."""
     if not rows:
         return
-    # Read back as stored, so the digest is of what verification will read.
-    stored = bind.execute(insert(_EVENTS).returning(*_EVENTS.c), list(rows)).all()
+    stored = bind.execute(_INSERT_EVENTS, list(rows)).all()
     _pending(bind).extend(_event_entry(row, AuditAction.EVENT) for row in sorted(stored, key=lambda r: r.id))
 
 
@@ -159,7 +161,7 @@ def append(bind: Session | Connection, entries: Sequence[Pending], now: datetime
     if _dialect(bind) == "postgresql":
         bind.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": CHAIN_LOCK})
     key = _chain_key(bind)
-    head = bind.execute(select(_ENTRIES.c.seq, _ENTRIES.c.mac).order_by(_ENTRIES.c.seq.desc()).limit(1)).first()
+    head = bind.execute(_HEAD).first()
     if head is None and started_at(bind) is None:
         entries = [*_history(bind, {entry.event_id for entry in entries}), *entries]
         _keep(bind, _STARTED, instant(now))
