@@ -332,3 +332,14 @@ def _a_ticket(engine) -> int:  # type: ignore[no-untyped-def]
         session.add(ticket)
         session.flush()
         return ticket.id
+
+
+def test_db_upgrade_seals_the_events_of_a_database_from_before_the_chain(desk, cli):
+    settings, engine, _ = desk
+    events = _count(engine, Event)
+    with engine.begin() as connection:  # the events of revision 0007, and no chain
+        connection.execute(delete(AuditEntry))
+        connection.execute(delete(ServiceSecret).where(ServiceSecret.name.like("audit-%")))
+    assert f"audit chain started: the {events} event(s) stored before it sealed" in cli("db", "upgrade").output
+    assert "sealed" not in cli("db", "upgrade").output
+    assert _count(engine, AuditEntry) == events

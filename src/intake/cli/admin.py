@@ -15,7 +15,7 @@ from intake.config import production, security_txt
 from intake.display import echo
 from intake.run import service
 from intake.sla import deadlines
-from intake.store import audit, backup as backups, private_files, schema
+from intake.store import audit, audit_verify, backup as backups, private_files, schema
 from intake.store.db import is_sqlite, sqlite_file
 from intake.understand import reply_tokens
 from intake.vocabulary import SEVERITIES, AuditAction, Milestone
@@ -64,9 +64,9 @@ def db_upgrade(obj: Context, revision: str) -> None:
     database = sqlite_file(obj.settings.database_url)
     if database is not None and not database.exists():
         echo(f"creating a new database at {database} (from {obj.settings.database_source})")
+    engine = obj.engine(at_head=False, create=True)
     try:
-        brought_up = deadlines.upgrade_and_backfill(obj.engine(at_head=False, create=True), obj.settings,
-                                                    datetime.now(timezone.utc), revision)
+        brought_up = deadlines.upgrade_and_backfill(engine, obj.settings, datetime.now(timezone.utc), revision)
     except schema.SchemaRefused as exc:
         fail(str(exc))
     upgraded, filled = brought_up.upgraded, brought_up.filled
@@ -78,6 +78,11 @@ def db_upgrade(obj: Context, revision: str) -> None:
         echo(f"database upgraded from {upgraded.before or 'empty'} to {upgraded.after}")
     if filled and filled.tickets:
         echo(f"deadlines computed for {filled.tickets} ticket(s) opened before they were stored")
+    if upgraded.after == schema.head():
+        now = datetime.now(timezone.utc)
+        sealed = audit_verify.start(engine, now)
+        if sealed:
+            echo(f"audit chain started: the {sealed} event(s) stored before it sealed as of {now.isoformat()}")
     for reference, error in (filled.errors if filled else {}).items():
         echo(f"  {reference}: no deadlines: {error}", err=True)
 

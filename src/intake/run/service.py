@@ -48,7 +48,7 @@ from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.store import audit, schema
+from intake.store import audit, audit_verify, schema
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
 from intake.tickets import undeliverable
@@ -216,6 +216,10 @@ async def _serve(settings: Settings) -> int:
                  upgraded.stamped)
     if filled and (filled.tickets or filled.errors):
         log.info("event=deadlines-backfilled tickets=%d errors=%d", filled.tickets, len(filled.errors))
+    # Events from before the audit chain sealed now, not in the first transaction of new mail.
+    sealed = audit_verify.start(engine, datetime.now(timezone.utc))
+    if sealed:
+        log.info("event=audit-chain-started sealed=%d", sealed)
     committer = GroupCommitter(engine, on_commit=wake_processor.set, wal_limit=WAL_LIMIT)
     activated = inherited_sockets()
     if activated:
