@@ -343,3 +343,22 @@ def test_db_upgrade_seals_the_events_of_a_database_from_before_the_chain(desk, c
     assert f"audit chain started: the {events} event(s) stored before it sealed" in cli("db", "upgrade").output
     assert "sealed" not in cli("db", "upgrade").output
     assert _count(engine, AuditEntry) == events
+
+
+@SQLITE_ONLY
+def test_reading_an_attachment_or_a_held_message_is_recorded(desk, cli, tmp_path):
+    settings, engine, _ = desk
+    with_file = report(subject="PoC attached", sender="dave@researcher.test")
+    with_file.add_attachment(b"exploit", maintype="application", subtype="octet-stream", filename="poc.bin")
+    spam = report(subject="Cheap pills", sender="spam@spam.test", X_Spam_Flag="YES")
+    inbound.store(engine, [inbound.Arrival(sender, ["security@example.com"], "127.0.0.1:1", "client.test",
+                                           message.as_bytes(), T0 + timedelta(minutes=10))
+                           for sender, message in (("dave@researcher.test", with_file), ("spam@spam.test", spam))])
+    [reference] = process(settings, engine, T0 + timedelta(minutes=11)).tickets_opened
+    cli("attachment", reference, "1", "-o", str(tmp_path / "poc.bin"))
+    held_id = max(message["id"] for message in json.loads(cli("messages", "--json").output))
+    cli("messages", "show", str(held_id))
+    newest, before = json.loads(cli("audit", "log", "--json", "--limit", "2").output)
+    assert (newest["action"], newest["detail"], newest["reference"]) == (AuditAction.MESSAGE, {"message": held_id}, None)
+    assert (before["action"], before["reference"], before["detail"]["number"]) == (AuditAction.ATTACHMENT, reference, 1)
+    assert before["actor"] == newest["actor"] == "Ana Maintainer"
