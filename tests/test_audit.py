@@ -268,7 +268,7 @@ def test_a_process_with_another_key_or_none_is_refused(desk, cli, monkeypatch):
     (Path(os.environ["CREDENTIALS_DIRECTORY"]) / "audit-key").write_text("x" * 40)
     assert "MAC'd with another key" in cli("show", first, code=78).stderr
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
-    assert "MAC'd with another key" in cli("audit", "verify", code=78).stderr
+    assert "this process has none" in cli("audit", "verify", code=78).stderr
 
 
 def test_key_file_and_check_config_warning(cli, config_file, monkeypatch, make_settings):
@@ -362,3 +362,24 @@ def test_reading_an_attachment_or_a_held_message_is_recorded(desk, cli, tmp_path
     assert (newest["action"], newest["detail"], newest["reference"]) == (AuditAction.MESSAGE, {"message": held_id}, None)
     assert (before["action"], before["reference"], before["detail"]["number"]) == (AuditAction.ATTACHMENT, reference, 1)
     assert before["actor"] == newest["actor"] == "Ana Maintainer"
+
+
+def test_a_chain_under_the_databases_key_moves_to_the_configured_one(desk, cli, monkeypatch):
+    """An installation upgraded before it had a key: sealed under the key kept in the database."""
+    settings, engine, (first, _) = desk
+    credentials = os.environ["CREDENTIALS_DIRECTORY"]
+    with engine.begin() as connection:
+        connection.execute(delete(AuditEntry))
+        connection.execute(delete(ServiceSecret).where(ServiceSecret.name.like("audit-%")))
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    cli("show", first)  # sealed, and the read appended, under the database's own key
+    assert "no key is given" in cli("audit", "rekey", code=1).stderr
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", credentials)
+    assert "MAC'd with another key" in cli("show", first, code=78).stderr
+    entries = _count(engine, AuditEntry)
+    assert f"{entries} entries re-MAC'd" in cli("audit", "rekey").output
+    assert "audit chain intact" in cli("audit", "verify").output
+    [line] = json.loads(cli("audit", "log", "--json", "--limit", "1").output)
+    assert (line["action"], line["actor"]) == (audit.REKEYED, "Ana Maintainer")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")  # the database's key is gone with the move
+    assert "this process has none" in cli("show", first, code=78).stderr

@@ -1,4 +1,4 @@
-"""``intake audit verify|log|anchor``: the tamper-evident audit chain of events and reads (through
+"""``intake audit verify|log|anchor|rekey``: the tamper-evident audit chain of events and reads (through
 :mod:`intake.store.audit_verify`).
 
 Every one of them first starts the chain on a database that has none yet (one from before it):
@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from sqlalchemy import Engine
 
-from intake.cli.common import JSON_OPTION, Context, emit_json, fail, iso, table
+from intake.cli.common import JSON_OPTION, Context, actor, emit_json, fail, iso, table
 from intake.cli.reports import parse_since
 from intake.display import echo
 from intake.store import audit_verify
@@ -24,7 +24,7 @@ _SHOWN_PROBLEMS = 20  # the first ones; the rest are counted
 
 @click.group("audit")
 def audit_group() -> None:
-    """The tamper-evident audit chain of events and maintainers' reads: verify, log, anchor."""
+    """The tamper-evident audit chain of events and maintainers' reads: verify, log, anchor, rekey."""
 
 
 def _started(obj: Context) -> Engine:
@@ -94,6 +94,21 @@ def log(obj: Context, reference: str | None, since_text: str | None, limit: int,
     table([[str(line.seq), iso(line.at) or "", line.actor, line.action, line.reference or "-",
             " ".join(f"{k}={v}" for k, v in line.detail.items())] for line in lines],
           ["SEQ", "AT (UTC)", "ACTOR", "ACTION", "TICKET", "DETAIL"])
+
+
+@audit_group.command("rekey")
+@click.pass_obj
+def rekey(obj: Context) -> None:
+    """Move a chain MAC'd with the key intake kept in the database (no key was configured when it
+    started) to the key now configured ([audit] key_file or the audit-key credential): verified
+    first, every entry re-MAC'd, the old key deleted. Stop `intake serve` first, and start it with
+    the new key after."""
+    engine = _started(obj)
+    try:
+        moved = audit_verify.rekey(engine, actor(obj.settings), datetime.now(timezone.utc))
+    except audit_verify.RekeyRefused as exc:
+        fail(str(exc))
+    echo(f"audit chain moved to the configured key: {moved} entries re-MAC'd")
 
 
 @audit_group.command("anchor")

@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, text
+from sqlalchemy import Connection, delete, insert, select, text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
@@ -61,15 +61,16 @@ _MIN_KEY_LENGTH = 32  # characters of a given key: 32 bytes of base64 are 44
 # Arbitrary, fixed: the one advisory lock every node's appends take on PostgreSQL.
 CHAIN_LOCK = 0x696E74616B65
 GENESIS = "0" * 64  # the prev_mac of entry 1
+REKEYED = "rekeyed"  # the action of the entry recording a move to the operator's key
 _PENDING = "intake_audit_pending"
 _ENTRIES = AuditEntry.__table__
 _EVENTS = Event.__table__
 # Built once: the events are read back as stored, so the digest is of what verification will read.
 _INSERT_EVENTS = insert(_EVENTS).returning(*_EVENTS.c)
+_LOCK = text("SELECT pg_advisory_xact_lock(:lock)")
 _HEAD = select(_ENTRIES.c.seq, _ENTRIES.c.mac).order_by(_ENTRIES.c.seq.desc()).limit(1)
 
 _key_files: dict[str, Path] = {}  # database URL -> [audit] key_file
-_checked: dict[str, bytes] = {}  # database URL -> a key whose fingerprint matched the chain's
 
 
 class AuditKeyError(ConfigError):
@@ -158,12 +159,11 @@ def sealing(bind: Session | Connection) -> Iterator[None]:
 def append(bind: Session | Connection, entries: Sequence[Pending], now: datetime) -> int:
     """Append *entries* after the chain's head, in this transaction; returns the new head's seq.
     An empty chain first seals the events stored before it (stamped *now*)."""
-    if _dialect(bind) == "postgresql":
-        bind.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": CHAIN_LOCK})
-    key = _chain_key(bind)
+    lock_chain(bind)
+    key = chain_key(bind, appending=True)
     head = bind.execute(_HEAD).first()
     if head is None and started_at(bind) is None:
-        entries = [*_history(bind, {entry.event_id for entry in entries}), *entries]
+        entries = [*_history(bind, {entry.event_id for entry in entries}, now), *entries]
         _keep(bind, _STARTED, instant(now))
     seq, prev = (head.seq, head.mac) if head else (0, GENESIS)
     rows = []
@@ -178,6 +178,13 @@ def append(bind: Session | Connection, entries: Sequence[Pending], now: datetime
     return seq
 
 
+def lock_chain(bind: Session | Connection) -> None:
+    """Hold the chain for this transaction: PostgreSQL's advisory lock (on SQLite, every write
+    transaction holds the writer lock already)."""
+    if _dialect(bind) == "postgresql":
+        bind.execute(_LOCK, {"lock": CHAIN_LOCK})
+
+
 def _pending(bind: Session | Connection) -> list[Pending]:
     return bind.info.setdefault(_PENDING, [])
 
@@ -186,12 +193,11 @@ def _event_entry(row: Any, prefix: str, at: datetime | None = None) -> Pending:
     return Pending(at or row.at, row.actor, prefix + row.kind, row.ticket_id, row.id, {}, event_digest(row))
 
 
-def _history(bind: Session | Connection, queued: set[int | None]) -> Iterable[Pending]:
-    """Entries sealing every stored event not queued now, by whoever did it, as of the sealing."""
-    sealed_at = datetime.now(timezone.utc)
+def _history(bind: Session | Connection, queued: set[int | None], now: datetime) -> Iterable[Pending]:
+    """Entries sealing every stored event not queued now, by whoever did it, as of *now*."""
     for row in bind.execute(select(_EVENTS).order_by(_EVENTS.c.id)):
         if row.id not in queued:
-            yield _event_entry(row, AuditAction.SEALED, sealed_at)
+            yield _event_entry(row, AuditAction.SEALED, now)
 
 
 # -- the key ---------------------------------------------------------------------------------
@@ -251,44 +257,53 @@ def _url(bind: Session | Connection) -> str:
     return _engine(bind).url.render_as_string(hide_password=False)
 
 
-def chain_key(bind: Session | Connection) -> bytes:
-    """The key the chain is MAC'd with (see the module's docstring), for verification: the given
-    one, else the one kept in the database. Raises :class:`AuditKeyError` when it is not the key
-    the chain was started with."""
-    url = _url(bind)
-    given = given_key(url)
-    key = given[0] if given else _kept_key(bind)
+def chain_key(bind: Session | Connection, appending: bool = False) -> bytes:
+    """The key the chain is MAC'd with (see the module's docstring): the given one, else the one
+    kept in the database; *appending*, its fingerprint is recorded with the chain's first entry.
+    Raises :class:`AuditKeyError` when it is not the key the chain was started with. Checked in
+    every appending transaction (one primary-key read), not once per process: a process whose key
+    stopped being the chain's (`intake audit rekey`) is refused from its next write on."""
+    given = given_key(_url(bind))
     recorded = _get(bind, _FINGERPRINT)
+    kept = None if given else _get(bind, _KEPT_KEY)
+    if given:
+        key, where = given
+    elif kept is not None or recorded is None:  # the database's own key, made with the chain's first entry
+        key, where = (kept or _make_kept_key(bind)).encode(), "the key kept in the database"
+    else:
+        raise AuditKeyError("the audit chain is MAC'd with the operator's key, and this process has none "
+                            "([audit] key_file or the audit-key credential): every node and maintainer's "
+                            "intake needs it")
     if recorded is not None and not hmac.compare_digest(recorded, fingerprint(key)):
-        where = given[1] if given else "no [audit] key_file or audit-key credential here, so the database's own key"
         raise AuditKeyError(f"the audit chain is MAC'd with another key than this process has ({where}): "
                             "every node and maintainer's intake needs the same [audit] key_file")
-    return key
-
-
-def _chain_key(bind: Session | Connection) -> bytes:
-    """:func:`chain_key` for appending, recording its fingerprint with the first entry; checked
-    once per process and database (the key cannot change under a running process)."""
-    url = _url(bind)
-    given = given_key(url)
-    if given and _checked.get(url) == given[0]:
-        return given[0]
-    key = chain_key(bind)
-    if _get(bind, _FINGERPRINT) is None:
+    if recorded is None and appending:
         _keep(bind, _FINGERPRINT, fingerprint(key))
-    if given:
-        _checked[url] = key
     return key
 
 
-def _kept_key(bind: Session | Connection) -> bytes:
-    """The key intake keeps in the database, made on first use."""
+
+
+def _make_kept_key(bind: Session | Connection) -> str:
+    """A key for intake to keep in the database (read back: another node may have made it first)."""
+    _keep(bind, _KEPT_KEY, secrets.token_hex(32))
     kept = _get(bind, _KEPT_KEY)
-    if kept is None:
-        _keep(bind, _KEPT_KEY, secrets.token_hex(32))
-        kept = _get(bind, _KEPT_KEY)
     assert kept is not None
-    return kept.encode()
+    return kept
+
+
+def kept_key(bind: Session | Connection) -> bytes | None:
+    """The key intake keeps in the database, if it made one."""
+    kept = _get(bind, _KEPT_KEY)
+    return kept.encode() if kept is not None else None
+
+
+def take_key(bind: Session | Connection, key: bytes) -> None:
+    """From now on the chain is MAC'd with *key* (the caller re-MAC'd it): its fingerprint is
+    recorded and the key kept in the database deleted."""
+    table = ServiceSecret.__table__
+    bind.execute(delete(table).where(table.c.name.in_([_FINGERPRINT, _KEPT_KEY])))
+    _keep(bind, _FINGERPRINT, fingerprint(key))
 
 
 def started_at(bind: Session | Connection) -> str | None:

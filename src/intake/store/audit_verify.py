@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, bindparam, select, update
 
 from intake.store import audit
 from intake.store.db import is_sqlite, write_session
@@ -109,23 +109,60 @@ def _snapshot(engine: Engine) -> Iterator[Connection]:
         yield connection
 
 
+class RekeyRefused(Exception):
+    """The chain cannot be moved to the operator's key; the message says why."""
+
+
 def verify(engine: Engine, anchor: Anchor | None = None) -> Verification:
     """Check the chain and the events against each other (see the module's docstring)."""
     with _snapshot(engine) as connection:
-        key = audit.chain_key(connection)
-        events = {row.id: (audit.event_digest(row), row.kind, row.ticket_id)
-                  for row in connection.execute(select(_EVENTS).order_by(_EVENTS.c.id))}
-        problems: list[Problem] = []
-        sealed: set[int] = set()
-        count, last = _walk(connection, key, events, sealed, problems)
-        if count == 0 and audit.started_at(connection) is not None:
-            problems.append(Problem(1, None, f"the chain is empty but was started at {audit.started_at(connection)}: "
-                                             "every entry was deleted"))
-        if anchor is not None:
-            problems += _anchor_problems(connection, anchor, last)
-        problems += [Problem(None, event_id, f"event {event_id} ({kind}, ticket id {ticket_id}) is in no audit entry: "
-                                             "written or re-inserted behind intake's back")
-                     for event_id, (_, kind, ticket_id) in events.items() if event_id not in sealed]
+        return _check(connection, audit.chain_key(connection), anchor)
+
+
+def rekey(engine: Engine, actor: str, now: datetime) -> int:
+    """Move a chain MAC'd with the key kept in the database (no key was configured when it
+    started) to the operator's key, given now: verified intact under the old key, every entry
+    re-MAC'd under the new one, the old key deleted, and an entry saying who did it. Returns how
+    many entries were re-MAC'd. Raises :class:`RekeyRefused`."""
+    with write_session(engine) as session:
+        connection = session.connection()
+        audit.lock_chain(connection)
+        given = audit.given_key(connection.engine.url.render_as_string(hide_password=False))
+        old = audit.kept_key(connection)
+        if given is None:
+            raise RekeyRefused("no key is given ([audit] key_file or the audit-key credential): nothing to move to")
+        if old is None:
+            raise RekeyRefused("the chain is not MAC'd with a key kept in the database")
+        checked = _check(connection, old, None)
+        if not checked.intact:
+            raise RekeyRefused(f"the chain is not intact under its key: {checked.problems[0].text}")
+        prev, updates = audit.GENESIS, []
+        for entry in connection.execute(select(_ENTRIES).order_by(_ENTRIES.c.seq)):
+            mac = audit.entry_mac(given[0], prev, entry.seq, entry)
+            updates.append({"at_seq": entry.seq, "prev_mac": prev, "mac": mac})
+            prev = mac
+        if updates:
+            connection.execute(update(_ENTRIES).where(_ENTRIES.c.seq == bindparam("at_seq")), updates)
+        audit.take_key(connection, given[0])
+        audit.record(session, audit.REKEYED, actor, now, key=given[1])
+        return len(updates)
+
+
+def _check(connection: Connection, key: bytes, anchor: Anchor | None) -> Verification:
+    """:func:`verify` on *connection* under *key*."""
+    events = {row.id: (audit.event_digest(row), row.kind, row.ticket_id)
+              for row in connection.execute(select(_EVENTS).order_by(_EVENTS.c.id))}
+    problems: list[Problem] = []
+    sealed: set[int] = set()
+    count, last = _walk(connection, key, events, sealed, problems)
+    if count == 0 and audit.started_at(connection) is not None:
+        problems.append(Problem(1, None, f"the chain is empty but was started at {audit.started_at(connection)}: "
+                                         "every entry was deleted"))
+    if anchor is not None:
+        problems += _anchor_problems(connection, anchor, last)
+    problems += [Problem(None, event_id, f"event {event_id} ({kind}, ticket id {ticket_id}) is in no audit entry: "
+                                         "written or re-inserted behind intake's back")
+                 for event_id, (_, kind, ticket_id) in events.items() if event_id not in sealed]
     return Verification(count, len(events), problems)
 
 
