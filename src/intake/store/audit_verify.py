@@ -1,5 +1,6 @@
 """The tamper-evident audit chain, read side: verify it, list who did what, export its head as an
-anchor, and start it on a database that has none (the chain's format: :mod:`intake.store.audit`).
+anchor; start it on a database that has none, and move it from the key intake kept in the
+database to the operator's (:func:`rekey`). The chain's format: :mod:`intake.store.audit`.
 
 Verification reads the events and the chain in one snapshot (REPEATABLE READ on PostgreSQL, one
 read transaction on SQLite) and walks the chain in order, recomputing every MAC with the key; it
