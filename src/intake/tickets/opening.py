@@ -25,8 +25,8 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
 from intake.sla.engine import StageDeadline
-from intake.store.inbound import StoredMessage
 from intake.store import audit
+from intake.store.inbound import StoredMessage
 from intake.store.models import Deadline, Notification, ThreadEntry, Ticket
 from intake.tickets import credit
 from intake.tickets.records import entry_from_mail, event
