@@ -274,6 +274,8 @@ def test_a_process_with_another_key_or_none_is_refused(desk, cli, monkeypatch):
 def test_key_file_and_check_config_warning(cli, config_file, monkeypatch, make_settings):
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     make_settings()
+    assert "no audit key" not in cli("check-config").stderr  # the development configuration is spared
+    monkeypatch.setenv("INTAKE_INTAKE__DEVELOPMENT", "false")
     assert "no audit key" in cli("check-config").stderr
     (config_file.parent / "audit.key").write_text("short")
     monkeypatch.setenv("INTAKE_AUDIT__KEY_FILE", "audit.key")
