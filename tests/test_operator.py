@@ -94,10 +94,11 @@ def test_check_config_warns_about_placeholders_maildir_no_maintainers_helo_and_s
                 '[outbound] transport = "maildir": acknowledgements and replies are written to',
                 "no [[maintainers]]", "smtp.hostname is 'localhost', not a fully qualified domain name",
                 "reject_non_fqdn_helo_hostname", "smtp.max_message_size is 26214400 bytes, below 36700160",
-                "message_size_limit", "no storage key: report content is stored unencrypted"]
+                "message_size_limit", "no storage key: report content is stored unencrypted",
+                "no audit key ([audit] key_file or the audit-key credential)"]
     for text in expected:
         assert text in result.stderr, text
-    assert len(warnings) == 7, result.stderr
+    assert len(warnings) == 8, result.stderr
     assert "listens on smtp.listen 127.0.0.1:8025 (unless systemd passes sockets)" in result.stdout
 
     # The shipped development configuration: only the size warning would apply, and its size is enough.

@@ -178,6 +178,21 @@ class PurgeKind:
     SENT_MAIL = "sent-mail"  # bodies of sent (or given up) outbox mail erased, per mail kind
 
 
+class AuditAction:
+    """What an audit chain entry records (``audit_entry.action``, see :mod:`intake.store.audit`)."""
+
+    EVENT = "event:"  # + the event's kind: an event, sealed as it was written
+    SEALED = "sealed:"  # + the event's kind: an event from before the chain, sealed when it started
+    # Maintainers' reads of report content (who saw what): `intake show`, `attachment`,
+    # `messages show`, and the exports `advisory`, `credits` and `backup`.
+    SHOW = "read:show"
+    ATTACHMENT = "read:attachment"
+    MESSAGE = "read:message"
+    ADVISORY = "read:advisory"
+    CREDITS = "read:credits"
+    BACKUP = "read:backup"
+
+
 # -- mail intake sends (``outbox.kind``) and the notifications recorded for it (``notification.kind``) --
 
 

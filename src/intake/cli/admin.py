@@ -10,18 +10,18 @@ from zoneinfo import ZoneInfo
 
 import click
 
-from intake.cli.common import INSTANT, JSON_OPTION, Context, emit_json, fail, iso, local_and_utc
+from intake.cli.common import INSTANT, JSON_OPTION, Context, emit_json, fail, iso, local_and_utc, record_read
 from intake import openpgp
 from intake.config import production, security_txt
 from intake.config.settings import EXIT_CONFIG, ConfigError
 from intake.display import echo
 from intake.run import service
 from intake.sla import deadlines
-from intake.store import backup as backups, private_files, schema
+from intake.store import audit, audit_verify, backup as backups, private_files, schema
 from intake.store.db import is_sqlite, sqlite_file
 from intake.tickets import promises
 from intake.understand import reply_tokens
-from intake.vocabulary import SEVERITIES, Milestone
+from intake.vocabulary import SEVERITIES, AuditAction, Milestone
 
 
 @click.command()
@@ -51,9 +51,9 @@ def check_config(obj: Context) -> None:
          f"{f'content encrypted with storage key {keyring.current.id}' if keyring.enabled else 'content unencrypted'})")
     if pgp:
         echo(pgp)
-    warning = security_txt.expiry_warning(settings, datetime.now(timezone.utc))
+    found = [security_txt.expiry_warning(settings, datetime.now(timezone.utc)), audit.key_warning(settings)]
     database = sqlite_file(settings.database_url)
-    for text in ([warning] if warning else []) + production.warnings(settings) + private_files.exposed(
+    for text in list(filter(None, found)) + production.warnings(settings) + private_files.exposed(
             [Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm")] if database else []):
         echo(f"intake: warning: {text}", err=True)
 
@@ -75,9 +75,9 @@ def db_upgrade(obj: Context, revision: str) -> None:
     database = sqlite_file(obj.settings.database_url)
     if database is not None and not database.exists():
         echo(f"creating a new database at {database} (from {obj.settings.database_source})")
+    engine = obj.engine(at_head=False, create=True)
     try:
-        brought_up = deadlines.upgrade_and_backfill(obj.engine(at_head=False, create=True), obj.settings,
-                                                    datetime.now(timezone.utc), revision)
+        brought_up = deadlines.upgrade_and_backfill(engine, obj.settings, datetime.now(timezone.utc), revision)
     except schema.SchemaRefused as exc:
         fail(str(exc))
     upgraded, filled = brought_up.upgraded, brought_up.filled
@@ -89,6 +89,11 @@ def db_upgrade(obj: Context, revision: str) -> None:
         echo(f"database upgraded from {upgraded.before or 'empty'} to {upgraded.after}")
     if filled and filled.tickets:
         echo(f"deadlines computed for {filled.tickets} ticket(s) opened before they were stored")
+    if upgraded.after == schema.head():
+        now = datetime.now(timezone.utc)
+        sealed = audit_verify.start(engine, now)
+        if sealed:
+            echo(f"audit chain started: the {sealed} event(s) stored before it sealed as of {now.isoformat()}")
     for reference, error in (filled.errors if filled else {}).items():
         echo(f"  {reference}: no deadlines: {error}", err=True)
 
@@ -142,6 +147,10 @@ def backup_command(obj: Context, path: Path, force: bool, pg_dump: bool) -> None
     SQLite: an online backup, checked and renamed into place. PostgreSQL: use pg_dump
     (printed, or run with --pg-dump). Any schema revision: back up before `intake db upgrade`."""
     engine = obj.engine(at_head=False)
+    if is_sqlite(engine) or pg_dump:
+        if schema.current(engine) == schema.head():  # an older schema has no chain yet
+            # Before the copy, so the backup holds the record of its own making.
+            record_read(obj, engine, AuditAction.BACKUP, path=str(path))
     try:
         if is_sqlite(engine):
             copied = backups.backup_sqlite(engine, path, force)

@@ -85,6 +85,8 @@ COMMANDS = {
                           "Replace the SQLite database's contents with BACKUP (made by `intake backup`)."),
     "storage": Registered(_M + "storage:storage_group",
                           "Encryption at rest: keygen, status, rotate (re-wrap under a new key), encrypt-existing."),
+    "audit": Registered(_M + "audit:audit_group",
+                        "The tamper-evident audit chain of events and maintainers' reads: verify, log, anchor, rekey."),
     "secret": Registered(_M + "admin:secret_group", "The secret that signs maintainers' reply addresses."),
     "sla": Registered(_M + "admin:sla", "SLA deadlines: explain a policy, recompute the stored deadlines."),
     "credit": Registered(_M + "reports:credit_command", "Show or set how the reporter of REFERENCE is credited."),

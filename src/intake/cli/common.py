@@ -61,7 +61,7 @@ class Context:
         a second, empty database beside the wrong config file helps nobody. Unless *check_keys* is
         False, one whose data keys the configured storage keys open (else exit 78)."""
         from intake.config.settings import EXIT_CONFIG
-        from intake.store import schema, sealing
+        from intake.store import audit, schema, sealing
         from intake.store.db import make_engine, sqlite_file
 
         settings = self.settings
@@ -69,6 +69,7 @@ class Context:
         if database is not None:
             _check_sqlite_file(database, settings.database_source, create)
         engine = make_engine(settings.database_url, settings.database.busy_timeout, keyring=self.keyring)
+        audit.configure(settings)
         if at_head:
             try:
                 schema.require_current(engine)
@@ -196,6 +197,16 @@ def write_file_or_fail(output: str, data: bytes, force: bool) -> None:
         fail(f"{exc}: give another file name")
     except OSError as exc:
         fail(f"cannot write {output}: {exc.strerror}")
+
+
+def record_read(obj: Context, engine: Engine, action: str, *, reference: str | None = None,
+                ticket_id: int | None = None, **detail: Any) -> None:
+    """Append to the audit chain that the maintainer running this read report content (see
+    :func:`intake.store.audit_verify.record_read`)."""
+    from intake.store import audit_verify
+
+    audit_verify.record_read(engine, action, actor(obj.settings), datetime.now(timezone.utc),
+                             reference=reference, ticket_id=ticket_id, **detail)
 
 
 def change_ticket(obj: Context, reference: str, change: Callable[[Session, Settings, Ticket, datetime], Any]) -> None:

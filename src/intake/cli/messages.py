@@ -9,12 +9,12 @@ from datetime import datetime, timezone
 
 import click
 
-from intake.cli.common import INSTANT, JSON_OPTION, Context, actor, emit_json, fail, iso, table
+from intake.cli.common import INSTANT, JSON_OPTION, Context, actor, emit_json, fail, iso, record_read, table
 from intake.cli.held import purge
 from intake.display import echo
 from intake.store import inbound, sealing
 from intake.understand.header_text import display_value, scan_header_block
-from intake.vocabulary import HELD, HELD_FAILED, InboundStatus
+from intake.vocabulary import HELD, HELD_FAILED, AuditAction, InboundStatus
 
 # Lines of a held message's text `intake messages show` prints (--json has it all).
 _SHOWN_LINES = 200
@@ -57,12 +57,14 @@ def show_message(obj: Context, message_id: int, as_json: bool) -> None:
     """Show stored message ID: its headers, text, attachments and why it was held."""
     from intake.understand import parse_guard, pgp_inbound  # the parser: only this command needs it
 
+    engine = obj.engine()
     try:
-        row = inbound.get(obj.engine(), message_id)
+        row = inbound.get(engine, message_id)
     except sealing.Shredded:
         fail(f"stored message {message_id}: its content was purged")
     if row is None:
         fail(f"no stored message {message_id}")
+    record_read(obj, engine, AuditAction.MESSAGE, ticket_id=row.ticket_id, message=message_id)
     settings = obj.settings
     try:
         parsed = parse_guard.parse_and_score(inbound.full_message(row.trace, row.raw), settings.quality_rules,

@@ -12,13 +12,14 @@ from datetime import datetime, timedelta, timezone
 import click
 
 from intake import display
-from intake.cli.common import JSON_OPTION, Context, actor, emit_json, fail, write_file_or_fail
+from intake.cli.common import JSON_OPTION, Context, actor, emit_json, fail, record_read, write_file_or_fail
 from intake.config import security_txt
 from intake.config.settings import EXIT_CONFIG
 from intake.display import echo
 from intake.sla import stats
 from intake.store.db import write_session
 from intake.tickets import advisory, credit, reads
+from intake.vocabulary import AuditAction
 
 _RELATIVE = re.compile(r"(\d+)([hdw])")
 _UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
@@ -97,7 +98,10 @@ def credits_command(obj: Context, since_text: str | None, fmt: str) -> None:
     Anonymous reporters appear as "anonymous reporter"; tickets with no recorded preference are
     named on stderr (and under "without_preference" in JSON)."""
     since = parse_since(since_text, datetime.now(timezone.utc)) if since_text else None
-    lines = credit.went_out(obj.engine(), since)
+    engine = obj.engine()
+    lines = credit.went_out(engine, since)
+    # Reporters' names and handles: one entry naming every ticket exported.
+    record_read(obj, engine, AuditAction.CREDITS, tickets=[line.reference for line in lines], since=since_text)
     output = credit.render(lines, fmt, since)
     if output:
         (display.echo_json if fmt == "json" else echo)(output)
@@ -120,9 +124,11 @@ def credits_command(obj: Context, since_text: str | None, fmt: str) -> None:
 def advisory_command(obj: Context, reference: str, fmt: str, output: str, force: bool) -> None:
     """Write an OSV advisory draft for REFERENCE; replace every "TODO" before publishing."""
     try:
-        detail = reads.ticket_detail(obj.engine(), reference)
+        engine = obj.engine()
+        detail = reads.ticket_detail(engine, reference)
     except reads.TicketNotFound:
         fail(f"no ticket {reference}")
+    record_read(obj, engine, AuditAction.ADVISORY, ticket_id=detail.ticket.id)
     settings = obj.settings
     draft = advisory.osv(detail, settings.advisory.id_prefix, settings.intake.from_name, datetime.now(timezone.utc))
     text = display.dumps(draft, indent=2) + "\n"

@@ -10,11 +10,13 @@ from zoneinfo import ZoneInfo
 import click
 
 from intake import display
-from intake.cli.common import JSON_OPTION, Context, emit_json, fail, iso, local_and_utc, table, write_file_or_fail
+from intake.cli.common import (
+    JSON_OPTION, Context, emit_json, fail, iso, local_and_utc, record_read, table, write_file_or_fail,
+)
 from intake.display import echo
 from intake.sla import deadlines
 from intake.tickets import credit, reads, undeliverable
-from intake.vocabulary import SEVERITIES, TICKET_STATES
+from intake.vocabulary import SEVERITIES, TICKET_STATES, AuditAction
 
 
 def _ticket_summary(ticket: Any) -> dict[str, Any]:
@@ -92,6 +94,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         detail = reads.ticket_detail(engine, reference)
     except reads.TicketNotFound:
         fail(f"no ticket {reference}")
+    record_read(obj, engine, AuditAction.SHOW, ticket_id=detail.ticket.id)
     stages = deadlines.ticket_stage_statuses(engine, obj.settings, detail.ticket, datetime.now(timezone.utc))
     numbered = reads.numbered_attachments(detail)
     data = {
@@ -216,11 +219,13 @@ def attachment(obj: Context, reference: str, number: int, output: str, force: bo
     from intake.understand import pgp_inbound
 
     try:
-        meta, data = attachments.read(obj.engine(), reference, number, pgp_inbound.decryption(obj.settings))
+        engine = obj.engine()
+        meta, data = attachments.read(engine, reference, number, pgp_inbound.decryption(obj.settings))
     except reads.TicketNotFound:
         fail(f"no ticket {reference}")
     except attachments.AttachmentMissing as exc:
         fail(str(exc))
+    record_read(obj, engine, AuditAction.ATTACHMENT, reference=reference, number=number, sha256=meta.sha256)
     if output == "-":
         try:
             echo(data, nl=False)  # bytes go to the binary stream, unchanged

@@ -489,6 +489,14 @@ class Maintainer(Section):
     openpgp_key: Path | None = None
 
 
+class AuditSection(Section):
+    """``[audit]``: the key of the tamper-evident audit chain (:mod:`intake.store.audit`)."""
+
+    # A file holding the key (32+ characters); the audit-key credential, if given, comes first.
+    # Unset and no credential: a key intake keeps in the database (check-config warns).
+    key_file: Path | None = None
+
+
 class AdvisorySection(Section):
     """``[advisory]``: how advisory drafts (:mod:`intake.tickets.advisory`) are identified."""
 

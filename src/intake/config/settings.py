@@ -30,9 +30,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from intake import patterns
 from intake.config.fetch import FetchSource, check_sources, token_files_exist
 from intake.config.sections import (
-    AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
-    OutboundSection, ProcessingSection, RetentionSection, SchedulerSection, SenderAuthSection, ServiceSection,
-    SmtpSection, StorageSection,
+    AdvisorySection, AuditSection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer,
+    MetricsSection, OutboundSection, ProcessingSection, RetentionSection, SchedulerSection, SenderAuthSection,
+    ServiceSection, SmtpSection, StorageSection,
 )
 from intake.config.openpgp_section import OpenPgpSection
 from intake.config.security_txt_section import SecurityTxtSection
@@ -58,6 +58,8 @@ SECRETS = {
     "relay-password": "INTAKE_RELAY_PASSWORD",
     # Signs maintainers' reply addresses (see intake.understand.reply_tokens); the same on every node.
     "reply-secret": "INTAKE_REPLY_SECRET",
+    # MACs the audit chain (see intake.store.audit); the same on every node and maintainer's intake.
+    "audit-key": "INTAKE_AUDIT_KEY",
 }
 
 
@@ -98,6 +100,8 @@ class Settings(BaseSettings):
     advisory: AdvisorySection = AdvisorySection()
     # The organisation's OpenPGP key: encrypted reports in, encrypted mail out (intake.openpgp).
     openpgp: OpenPgpSection = OpenPgpSection()
+    # The key of the tamper-evident audit chain.
+    audit: AuditSection = AuditSection()
     # Hosted IMAP mailboxes to fetch mail from ([[fetch]] tables; intake.config.fetch).
     fetch: Annotated[list[FetchSource], AfterValidator(check_sources)] = Field(default_factory=list)
 

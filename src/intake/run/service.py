@@ -49,7 +49,7 @@ from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.store import schema, sealing
+from intake.store import audit, audit_verify, schema, sealing
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
 from intake.tickets import undeliverable
@@ -199,7 +199,8 @@ async def _serve(settings: Settings) -> int:
     context = multiprocessing.get_context("spawn")
     wake_processor = context.Event()
     stop_worker = context.Event()
-    for warning in production.warnings(settings):
+    # key_warning also takes [audit] key_file for this process (a key it cannot read stops it here).
+    for warning in production.warnings(settings) + list(filter(None, [audit.key_warning(settings)])):
         log.warning("event=config-warning detail=%r", warning)
     try:
         keyring = storage_keyring(settings)
@@ -232,6 +233,10 @@ async def _serve(settings: Settings) -> int:
                  upgraded.stamped)
     if filled and (filled.tickets or filled.errors):
         log.info("event=deadlines-backfilled tickets=%d errors=%d", filled.tickets, len(filled.errors))
+    # Events from before the audit chain sealed now, not in the first transaction of new mail.
+    sealed = audit_verify.start(engine, datetime.now(timezone.utc))
+    if sealed:
+        log.info("event=audit-chain-started sealed=%d", sealed)
     committer = GroupCommitter(engine, on_commit=wake_processor.set, wal_limit=WAL_LIMIT)
     activated = inherited_sockets()
     if activated:
@@ -438,6 +443,7 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
                 report: metrics.WorkerReport) -> None:
     engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False,
                          keyring=storage_keyring(settings))  # the parent read and checked it
+    audit.configure(settings)
     stop = asyncio.Event()
     pacing = _SenderPacing(settings.processing.batch_size)
     sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record,

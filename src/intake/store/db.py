@@ -12,7 +12,9 @@ SQLite each write transaction
 * runs with ``synchronous=FULL`` (commit returns after the WAL is fsync'd) unless the caller
   says ``durable=False``: then ``NORMAL``, which in WAL mode still survives a crash of the
   process and loses only the last commits on power loss. That is for bookkeeping whose loss
-  can only repeat work (an outbox "sent" mark), never for accepting mail.
+  can only repeat work (an outbox "sent" mark), never for accepting mail;
+* appends what it queued for the audit chain (events, reads) just before it commits
+  (:func:`intake.store.audit.sealing`), under that same lock.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
+from intake.store import audit
 from intake.store.private_files import create_shared_file, shared_directory
 
 if TYPE_CHECKING:
@@ -200,11 +203,11 @@ def is_sqlite(engine: Engine) -> bool:
 def write_session(engine: Engine, durable: bool = True) -> Iterator[Session]:
     """A session whose transaction holds the write lock from its first statement; commits on exit."""
     if not is_sqlite(engine):
-        with Session(engine, expire_on_commit=False) as session, session.begin():
+        with Session(engine, expire_on_commit=False) as session, session.begin(), audit.sealing(session):
             yield session
         return
     with sqlite_writer_lock(engine), Session(write_bind(engine, durable), expire_on_commit=False) as session:
-        with session.begin():
+        with session.begin(), audit.sealing(session):
             yield session
 
 
@@ -212,10 +215,10 @@ def write_session(engine: Engine, durable: bool = True) -> Iterator[Session]:
 def write_connection(engine: Engine, durable: bool = True) -> Iterator[Connection]:
     """A Core connection in a write transaction (no ORM session: cheaper on hot paths)."""
     if not is_sqlite(engine):
-        with engine.begin() as connection:
+        with engine.begin() as connection, audit.sealing(connection):
             yield connection
         return
-    with sqlite_writer_lock(engine), write_bind(engine, durable).begin() as connection:
+    with sqlite_writer_lock(engine), write_bind(engine, durable).begin() as connection, audit.sealing(connection):
         yield connection
 
 

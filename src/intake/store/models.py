@@ -207,6 +207,30 @@ class Event(SQLModel, table=True):
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
+class AuditEntry(SQLModel, table=True):
+    """One link of the tamper-evident audit chain (see :mod:`intake.store.audit`): an event sealed,
+    or a maintainer's read of report content. No foreign keys: an entry must outlive an event or
+    ticket deleted behind intake's back, so that verification can name what went missing."""
+
+    __tablename__ = "audit_entry"
+
+    # 1, 2, 3, ... without gaps: the chain's order (a gap is an entry deleted).
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    at: datetime = _instant()
+    actor: str = Field(sa_column=Column(Text, nullable=False))
+    # "event:<kind>", "sealed:<kind>" (history from before the chain) or "read:<what>" (AuditAction).
+    action: str = Field(sa_column=Column(String(64), nullable=False))
+    ticket_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True, index=True))
+    event_id: int | None = Field(default=None, sa_column=Column(Integer, nullable=True, unique=True))
+    # What a read read (attachment number, message id, backup path); {} for events (the event has it).
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # SHA-256 of the event row's canonical content (for events) or of detail (for reads).
+    digest: str = Field(sa_column=Column(String(64), nullable=False))
+    prev_mac: str = Field(sa_column=Column(String(64), nullable=False))
+    # HMAC-SHA256 under the audit key of prev_mac and this entry's canonical content.
+    mac: str = Field(sa_column=Column(String(64), nullable=False))
+
+
 class Deadline(SQLModel, table=True):
     """When one stage of a ticket's policy is due, as last computed (see :mod:`intake.sla.deadlines`).
 

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from intake import patterns
+from intake.store import audit
 from intake.store.db import read_session
 from intake.store.models import Event, Ticket
 from intake.vocabulary import MILESTONE_SPECS, EventKind, Milestone
@@ -190,8 +191,9 @@ def set_credit(session: Session, ticket: Ticket, credit: Credit | None, now: dat
         return False
     ticket.credit = stored
     ticket.updated_at = now
-    # An ORM add, not records.add_event: records imports this module to set the credit a reply states.
-    session.add(Event(ticket_id=ticket.id, at=now, actor=actor, kind=EventKind.CREDIT_SET, detail=event_detail(credit)))
+    # Not records.add_event: records imports this module to set the credit a reply states.
+    audit.add_events(session, [dict(ticket_id=ticket.id, at=now, actor=actor, kind=EventKind.CREDIT_SET,
+                                    detail=event_detail(credit))])
     return True
 
 

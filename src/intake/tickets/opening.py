@@ -26,9 +26,9 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
 from intake.sla.engine import StageDeadline
-from intake.store import sealing
+from intake.store import audit, sealing
 from intake.store.inbound import StoredMessage
-from intake.store.models import Deadline, Event, Notification, ThreadEntry, Ticket
+from intake.store.models import Deadline, Notification, ThreadEntry, Ticket
 from intake.tickets import credit, promises, reporter_keys
 from intake.tickets.records import entry_from_mail, event
 from intake.tickets.references import allocate_references, next_references
@@ -181,7 +181,7 @@ def open_tickets(session: Session, settings: Settings, planned: NewTickets, inbo
             events.append(event(ticket.id, QUEUED_EVENT[reply.kind], now, to=report.stored.mail_from,
                                 message_id=reply.message_id))
     session.execute(insert(ThreadEntry.__table__), entries)
-    session.execute(insert(Event.__table__), events)
+    audit.add_events(session, events)
     session.execute(insert(Deadline.__table__), [
         {**row, "ticket_id": ticket.id}
         for opening, ticket in zip(openings, opened)

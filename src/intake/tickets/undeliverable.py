@@ -29,9 +29,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, select, update
 
 from intake.send.outbox import Undelivered
+from intake.store import audit
 from intake.store.models import Event, Ticket
 from intake.tickets.records import event
 from intake.understand.header_text import clean_text
@@ -86,7 +87,7 @@ def record(connection: Connection, undelivered: Undelivered, now: datetime) -> N
     if undelivered.given_up:
         rows += _given_up(undelivered, told, what, ticket.reference, now)
     if rows:
-        connection.execute(insert(_EVENTS), rows)
+        audit.add_events(connection, rows)
     if unreachable is not None:
         _flag_reporter(connection, undelivered.ticket_id, ticket.reporter, unreachable, now)
 
@@ -126,8 +127,8 @@ def _flag_reporter(connection: Connection, ticket_id: int, address: str, reason:
                                                         _TICKETS.c.reporter_unreachable_at.is_(None))
                                  .values(reporter_unreachable_at=now, updated_at=now)).rowcount
     if flagged:
-        connection.execute(insert(_EVENTS), event(ticket_id, EventKind.REPORTER_UNREACHABLE, now, SYSTEM_ACTOR,
-                                                  address=address, reason=reason))
+        audit.add_events(connection, [event(ticket_id, EventKind.REPORTER_UNREACHABLE, now, SYSTEM_ACTOR,
+                                            address=address, reason=reason)])
 
 
 def latest_reason(events: Iterable[Any]) -> str | None:
