@@ -305,8 +305,8 @@ def test_wrong_or_missing_key_is_a_configuration_error_never_a_plaintext_write(
     unset = _run(config_file, "show", reference, env=env, code=78)  # sealed content, and no key given
     assert b"no [storage] key_file" in unset.stderr
     # The service refuses to start rather than accept mail it would store in clear.
-    serve_env = env | {"INTAKE_SMTP__LISTEN": "127.0.0.1:0"}
-    served = subprocess.run([str(INTAKE), "--config", str(config_file), "serve"], env=serve_env,
+    served = subprocess.run([str(INTAKE), "--config", str(config_file), "serve"],
+                            env=env | {"INTAKE_SMTP__LISTEN": "127.0.0.1:0"},
                             capture_output=True, timeout=60)
     assert served.returncode == 78, served.stderr.decode()
     assert b"storage-key-refused" in served.stderr
