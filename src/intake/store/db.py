@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -34,9 +33,6 @@ from sqlalchemy.engine import make_url
 from sqlmodel import Session
 
 from intake.store.private_files import create_shared_file, shared_directory
-
-if TYPE_CHECKING:
-    from intake.store.sealing import Keyring
 
 # The most WAL the listener lets pile up before it checkpoints itself (see GroupCommitter), and
 # the size the WAL file is cut back to when it starts over after a checkpoint.
@@ -50,10 +46,8 @@ _DEFAULT_LOCK_TIMEOUT = 10.0
 _writer_locks_guard = threading.Lock()
 
 
-def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool = True,
-                keyring: Keyring | None = None) -> Engine:
-    """An engine with intake's durability settings applied to every connection, sealing content
-    with *keyring*'s storage key (see :mod:`intake.store.sealing`) when it has one.
+def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool = True) -> Engine:
+    """An engine with intake's durability settings applied to every connection.
 
     On SQLite, ``checkpoint_on_commit=False`` leaves copying the WAL into the database file to
     :func:`checkpoint`: otherwise the commit that finds the WAL past 1000 pages does it before it
@@ -78,10 +72,6 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
             hide_parameters=True,
             connect_args={"options": f"-c lock_timeout={int(busy_timeout * 1000)}"},
         )
-    if keyring is not None:
-        from intake.store import sealing  # it imports this module
-
-        sealing.attach(engine, keyring)
     return engine
 
 
