@@ -65,13 +65,13 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
         if database:
             _lock_timeouts[f"{parsed.database}.writer"] = busy_timeout
             _create_shared(engine, database)
-    else:
-        engine = create_engine(
-            url,
-            pool_pre_ping=True,
-            hide_parameters=True,
-            connect_args={"options": f"-c lock_timeout={int(busy_timeout * 1000)}"},
-        )
+        return engine
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        hide_parameters=True,
+        connect_args={"options": f"-c lock_timeout={int(busy_timeout * 1000)}"},
+    )
     return engine
 
 
