@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from conftest import all_tickets, deliver_outbox, process, report
 from intake.cli.app import main
 from intake.config.settings import storage_keyring
-from intake.store import inbound, sealing
+from intake.store import inbound, key_rotation, sealing
 from intake.store.db import make_engine, read_session, write_session
 from intake.store.inbound import Arrival
 from intake.store.models import DataKey, InboundMessage, Outbox, ThreadEntry
@@ -104,7 +104,7 @@ def test_canary_is_in_no_byte_of_database_wal_backup_or_log_and_the_cli_shows_it
 @SQLITE_ONLY
 def test_without_a_key_the_canary_is_in_the_database_file(make_settings, sqlite_url):
     settings = make_settings()
-    engine = make_engine(sqlite_url, keyring=storage_keyring(settings))
+    engine = sealing.attach(make_engine(sqlite_url), storage_keyring(settings))
     raw = _canary_report().as_bytes()
     inbound.store(engine, [Arrival("alice@researcher.test", ["security@example.com"], "127.0.0.1", "h", raw, NOW)])
     assert _found_in(_database_files(sqlite_url), CANARY)
@@ -115,7 +115,7 @@ def test_without_a_key_the_canary_is_in_the_database_file(make_settings, sqlite_
 
 def _sealed_engine(make_settings, url: str, key: Path):
     settings = make_settings(INTAKE_STORAGE__KEY_FILE=str(key))
-    return settings, make_engine(url, keyring=storage_keyring(settings))
+    return settings, sealing.attach(make_engine(url), storage_keyring(settings))
 
 
 def _ticket_from_canary(settings, engine, subject: str = "Overflow in the parser") -> str:
@@ -139,7 +139,7 @@ def test_content_is_sealed_in_every_column_and_opens_through_the_readers(make_se
     assert CANARY in detail.entries[0].body_text
     meta, data = attachments.read(engine, reference, 1)
     assert ATTACHED.encode() in data and meta.filename == "poc.txt"
-    assert sealing.status(engine, storage_keyring(settings))["plaintext_rows"] == {
+    assert key_rotation.status(engine, storage_keyring(settings))["plaintext_rows"] == {
         "inbound_message.raw": 0, "inbound_message.trace": 0, "thread_entry.body_text": 0, "outbox.raw": 0}
     # The outbox sends the mail opened.
     deliver_outbox(settings, engine, NOW)
@@ -194,19 +194,19 @@ def test_shredding_a_ticket_makes_its_content_unreadable_and_leaves_others(make_
 
 def test_plaintext_rows_from_before_the_key_are_read_and_encrypted_on_demand(make_settings, database_url, tmp_path):
     plain_settings = make_settings()
-    plain = make_engine(database_url, keyring=storage_keyring(plain_settings))
+    plain = sealing.attach(make_engine(database_url), storage_keyring(plain_settings))
     before = _ticket_from_canary(plain_settings, plain, "before the key")
     settings, engine = _sealed_engine(make_settings, database_url, _keygen(tmp_path / "k"))
     keyring = storage_keyring(settings)
     after = _ticket_from_canary(settings, engine, "after the key")
     assert CANARY in ticket_detail(engine, before).entries[0].body_text  # plaintext still reads
-    counts = sealing.status(engine, keyring)["plaintext_rows"]
+    counts = key_rotation.status(engine, keyring)["plaintext_rows"]
     assert counts["inbound_message.raw"] == 1 and counts["thread_entry.body_text"] >= 1
 
-    done = sealing.encrypt_existing(engine, NOW, batch=1, max_batches=1)  # stopped after one batch...
+    done = key_rotation.encrypt_existing(engine, NOW, batch=1, max_batches=1)  # stopped after one batch...
     assert sum(done.values()) == 1
-    sealing.encrypt_existing(engine, NOW, batch=1)  # ...and resumed
-    assert set(sealing.status(engine, keyring)["plaintext_rows"].values()) == {0}
+    key_rotation.encrypt_existing(engine, NOW, batch=1)  # ...and resumed
+    assert set(key_rotation.status(engine, keyring)["plaintext_rows"].values()) == {0}
     for reference in (before, after):
         assert CANARY in ticket_detail(engine, reference).entries[0].body_text
         assert ATTACHED.encode() in attachments.read(engine, reference, 1)[1]
@@ -242,18 +242,18 @@ def test_rotation_stopped_midway_then_resumed_reads_with_only_the_new_key(make_s
     during = make_settings(INTAKE_STORAGE__KEY_FILE=str(new_key),
                            INTAKE_STORAGE__PREVIOUS_KEY_FILES=f'["{old_key}"]')
     keyring = storage_keyring(during)
-    engine = make_engine(database_url, keyring=keyring)
-    first = sealing.rotate(engine, keyring, batch=1, max_batches=1)
+    engine = sealing.attach(make_engine(database_url), keyring)
+    first = key_rotation.rotate(engine, keyring, batch=1, max_batches=1)
     assert first.rewrapped == 1 and first.remaining > 0
-    by_key = {row["storage_key"]: row["count"] for row in sealing.status(engine, keyring)["data_keys"]}
+    by_key = {row["storage_key"]: row["count"] for row in key_rotation.status(engine, keyring)["data_keys"]}
     assert set(by_key) == {keyring.current.id, keyring.previous[0].id}
     assert CANARY in ticket_detail(engine, reference).entries[0].body_text  # both keys read meanwhile
-    assert sealing.rotate(engine, keyring, batch=1).remaining == 0
+    assert key_rotation.rotate(engine, keyring, batch=1).remaining == 0
 
     old_key.unlink()
     after = make_settings(INTAKE_STORAGE__KEY_FILE=str(new_key))
-    engine = make_engine(database_url, keyring=storage_keyring(after))
-    sealing.check(engine, storage_keyring(after))
+    engine = sealing.attach(make_engine(database_url), storage_keyring(after))
+    key_rotation.check(engine, storage_keyring(after))
     assert CANARY in ticket_detail(engine, reference).entries[0].body_text
     assert ATTACHED.encode() in attachments.read(engine, reference, 1)[1]
 
@@ -274,7 +274,7 @@ def test_rotate_killed_midway_resumes_and_content_survives(make_settings, sqlite
     os.kill(rotating.pid, signal.SIGKILL)
     rotating.wait(10)
     both = sealing.Keyring(sealing.read_storage_key(new_key), (sealing.read_storage_key(old_key),))
-    remaining = {row["current"]: row["count"] for row in sealing.status(engine, both)["data_keys"]}
+    remaining = {row["current"]: row["count"] for row in key_rotation.status(engine, both)["data_keys"]}
     assert remaining.get(False, 0) > 0 and remaining.get(True, 0) > 0  # killed midway
 
     _run(config_file, "storage", "rotate", "--new-key", str(new_key), env=env)  # resumed, to the end
@@ -307,8 +307,8 @@ def test_wrong_or_missing_key_is_a_configuration_error_never_a_plaintext_write(
     unset = _run(config_file, "show", reference, env=env, code=78)  # sealed content, and no key given
     assert b"no [storage] key_file" in unset.stderr
     # The service refuses to start rather than accept mail it would store in clear.
-    serve_env = env | {"INTAKE_SMTP__LISTEN": "127.0.0.1:0"}
-    served = subprocess.run([str(INTAKE), "--config", str(config_file), "serve"], env=serve_env,
+    served = subprocess.run([str(INTAKE), "--config", str(config_file), "serve"],
+                            env=env | {"INTAKE_SMTP__LISTEN": "127.0.0.1:0"},
                             capture_output=True, timeout=60)
     assert served.returncode == 78, served.stderr.decode()
     assert b"storage-key-refused" in served.stderr

@@ -84,7 +84,7 @@ COMMANDS = {
     "restore": Registered(_M + "admin:restore_command",
                           "Replace the SQLite database's contents with BACKUP (made by `intake backup`)."),
     "storage": Registered(_M + "storage:storage_group",
-                          "Encryption at rest: keygen, status, rotate (re-wrap under a new key), encrypt-existing."),
+                          "Encryption at rest: keygen, status, rotate, encrypt-existing."),
     "audit": Registered(_M + "audit:audit_group",
                         "The tamper-evident audit chain of events and maintainers' reads: verify, log, anchor, rekey."),
     "secret": Registered(_M + "admin:secret_group", "The secret that signs maintainers' reply addresses."),

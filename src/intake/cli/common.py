@@ -61,14 +61,14 @@ class Context:
         a second, empty database beside the wrong config file helps nobody. Unless *check_keys* is
         False, one whose data keys the configured storage keys open (else exit 78)."""
         from intake.config.settings import EXIT_CONFIG
-        from intake.store import audit, schema, sealing
+        from intake.store import audit, key_rotation, schema, sealing
         from intake.store.db import make_engine, sqlite_file
 
         settings = self.settings
         database = sqlite_file(settings.database_url)
         if database is not None:
             _check_sqlite_file(database, settings.database_source, create)
-        engine = make_engine(settings.database_url, settings.database.busy_timeout, keyring=self.keyring)
+        engine = sealing.attach(make_engine(settings.database_url, settings.database.busy_timeout), self.keyring)
         audit.configure(settings)
         if at_head:
             try:
@@ -77,7 +77,7 @@ class Context:
                 fail(str(exc))
         if at_head and check_keys:
             try:
-                sealing.check(engine, self.keyring)
+                key_rotation.check(engine, self.keyring)
             except sealing.SealingError as exc:
                 fail(str(exc), EXIT_CONFIG)
         return engine

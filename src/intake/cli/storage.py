@@ -38,9 +38,9 @@ def keygen(path: Path) -> None:
 @click.pass_obj
 def status(obj: Context, as_json: bool) -> None:
     """Data keys per storage key, and rows whose content is still unencrypted."""
-    from intake.store import sealing
+    from intake.store import key_rotation
 
-    found = sealing.status(obj.engine(check_keys=False), obj.keyring)
+    found = key_rotation.status(obj.engine(check_keys=False), obj.keyring)
     if as_json:
         emit_json(found)
         return
@@ -62,7 +62,7 @@ def status(obj: Context, as_json: bool) -> None:
 def rotate(obj: Context, new_key: Path | None, batch_size: int) -> None:
     """Re-wrap every data key under the new storage key, a batch per transaction: safe to stop and
     run again, and while intake runs (both keys must be readable meanwhile: see README)."""
-    from intake.store import sealing
+    from intake.store import key_rotation, sealing
 
     configured = obj.keyring
     if new_key is not None:
@@ -78,7 +78,7 @@ def rotate(obj: Context, new_key: Path | None, batch_size: int) -> None:
         fail("no storage key: give --new-key PATH or set [storage] key_file", 78)
     engine = sealing.attach(obj.engine(check_keys=False), keyring)
     try:
-        done = sealing.rotate(engine, keyring, batch_size,
+        done = key_rotation.rotate(engine, keyring, batch_size,
                               progress=lambda count: echo(f"re-wrapped {count} data key(s)"))
     except sealing.SealingError as exc:
         fail(str(exc), 78)
@@ -96,12 +96,12 @@ def rotate(obj: Context, new_key: Path | None, batch_size: int) -> None:
 def encrypt_existing(obj: Context, batch_size: int) -> None:
     """Encrypt the content stored before a storage key was set, a batch per transaction: safe to
     stop and run again, and while intake runs."""
-    from intake.store import sealing
+    from intake.store import key_rotation, sealing
 
     if not obj.keyring.enabled:
         fail("no storage key set ([storage] key_file): nothing to encrypt with", 78)
     try:
-        done = sealing.encrypt_existing(obj.engine(), datetime.now(timezone.utc), batch_size)
+        done = key_rotation.encrypt_existing(obj.engine(), datetime.now(timezone.utc), batch_size)
     except sealing.SealingError as exc:
         fail(str(exc), 78)
     for column, count in done.items():

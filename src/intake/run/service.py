@@ -49,7 +49,7 @@ from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.store import audit, audit_verify, schema, sealing
+from intake.store import audit, audit_verify, key_rotation, schema, sealing
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
 from intake.tickets import undeliverable
@@ -212,8 +212,8 @@ async def _serve(settings: Settings) -> int:
     except ConfigError as exc:
         log.error("event=config-error error=%r", str(exc))
         return EXIT_CONFIG
-    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False,
-                         keyring=keyring)
+    engine = sealing.attach(make_engine(settings.database_url, settings.database.busy_timeout,
+                                        checkpoint_on_commit=False), keyring)
     # Before the listener: mail is accepted only into a database at head. Under a lock, so
     # nodes starting together migrate once (see intake.store.schema).
     try:
@@ -223,7 +223,7 @@ async def _serve(settings: Settings) -> int:
         log.error("event=schema-refused error=%r", str(exc))
         return EXIT_CONFIG
     try:  # before the listener too: never a plaintext write into sealed storage, nor a key that does not open it
-        sealing.check(engine, keyring)
+        key_rotation.check(engine, keyring)
     except sealing.SealingError as exc:
         log.error("event=storage-key-refused error=%r", str(exc))
         return EXIT_CONFIG
@@ -441,8 +441,8 @@ def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
 
 async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int,
                 report: metrics.WorkerReport) -> None:
-    engine = make_engine(settings.database_url, settings.database.busy_timeout, checkpoint_on_commit=False,
-                         keyring=storage_keyring(settings))  # the parent read and checked it
+    engine = sealing.attach(make_engine(settings.database_url, settings.database.busy_timeout,
+                                        checkpoint_on_commit=False), storage_keyring(settings))  # the parent checked it
     audit.configure(settings)
     stop = asyncio.Event()
     pacing = _SenderPacing(settings.processing.batch_size)

@@ -84,7 +84,7 @@ def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]],
             "recipients": mail.recipients,
             "rate_key": mail.recipients[0].lower() if mail.rate_limited else None,
             "message_id": mail.message_id,
-            "raw": _sealed(session, mail.raw, ticket_id, now),
+            "raw": sealing.seal_for_ticket(session, ticket_id, now, "outbox", "raw", mail.raw),
             "status": OutboxStatus.PENDING,
             "attempts": 0,
             "created_at": now,
@@ -93,12 +93,6 @@ def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]],
         for mail, ticket_id in mails
     ]
     return insert_new(session, Outbox.__table__, "dedupe_key", rows)
-
-
-def _sealed(session: Session, raw: bytes, ticket_id: int | None, now: datetime) -> bytes:
-    if ticket_id is not None:
-        return sealing.seal_for_ticket(session, ticket_id, now, "outbox", "raw", raw)
-    return sealing.seal_bytes(sealing.new_key(session, now), "outbox", "raw", raw)
 
 
 def automatic_mail_counts(session: Session, recipients: Iterable[str], since: datetime) -> Counter[str]:
@@ -363,14 +357,8 @@ class OutboxSender:
             )
             rows = list(session.scalars(select(Outbox).where(Outbox.id.in_(ids)).order_by(Outbox.id)))
             session.expunge_all()  # their raw is opened for sending: never written back
-        if not sealing.keyring_of(self._engine).enabled:
-            return rows
         # Opened once the write lock is released: the listener's commits need not wait for it.
-        with read_session(self._engine) as session:
-            sealing.preload(session, [row.raw for row in rows])
-            for row in rows:
-                row.raw = sealing.open_bytes(session, "outbox", "raw", row.raw)
-        return rows
+        return sealing.open_rows(self._engine, rows, "outbox", "raw")
 
     async def send_due(self, now: datetime) -> dict[str, int]:
         """Send one claimed batch; returns counts by outcome."""

@@ -27,7 +27,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -37,9 +36,6 @@ from sqlmodel import Session
 
 from intake.store import audit
 from intake.store.private_files import create_shared_file, shared_directory
-
-if TYPE_CHECKING:
-    from intake.store.sealing import Keyring
 
 # The most WAL the listener lets pile up before it checkpoints itself (see GroupCommitter), and
 # the size the WAL file is cut back to when it starts over after a checkpoint.
@@ -53,10 +49,8 @@ _DEFAULT_LOCK_TIMEOUT = 10.0
 _writer_locks_guard = threading.Lock()
 
 
-def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool = True,
-                keyring: Keyring | None = None) -> Engine:
-    """An engine with intake's durability settings applied to every connection, sealing content
-    with *keyring*'s storage key (see :mod:`intake.store.sealing`) when it has one.
+def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool = True) -> Engine:
+    """An engine with intake's durability settings applied to every connection.
 
     On SQLite, ``checkpoint_on_commit=False`` leaves copying the WAL into the database file to
     :func:`checkpoint`: otherwise the commit that finds the WAL past 1000 pages does it before it
@@ -74,17 +68,13 @@ def make_engine(url: str, busy_timeout: float = 10.0, checkpoint_on_commit: bool
         if database:
             _lock_timeouts[f"{parsed.database}.writer"] = busy_timeout
             _create_shared(engine, database)
-    else:
-        engine = create_engine(
-            url,
-            pool_pre_ping=True,
-            hide_parameters=True,
-            connect_args={"options": f"-c lock_timeout={int(busy_timeout * 1000)}"},
-        )
-    if keyring is not None:
-        from intake.store import sealing  # it imports this module
-
-        sealing.attach(engine, keyring)
+        return engine
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        hide_parameters=True,
+        connect_args={"options": f"-c lock_timeout={int(busy_timeout * 1000)}"},
+    )
     return engine
 
 

@@ -35,8 +35,7 @@ import hmac
 import os
 import secrets
 import weakref
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,20 +57,20 @@ VERSION = 1
 TEXT_MARK = "\x1b[sealed]"
 _KEY_ID_BYTES = 8
 _NONCE_BYTES = 12
-_HEADER = len(MAGIC) + 1 + _KEY_ID_BYTES
+HEADER = len(MAGIC) + 1 + _KEY_ID_BYTES
 # Base64 characters after TEXT_MARK that hold the header (24 bytes of 4-byte-aligned input: 32 chars).
-_TEXT_HEADER_CHARS = 4 * ((_HEADER + _NONCE_BYTES) // 3)
+_TEXT_HEADER_CHARS = 4 * ((HEADER + _NONCE_BYTES) // 3)
 STORAGE_KEY_BYTES = 32
-_STORAGE_ID_CHARS = 16  # a storage key's id, at the start of an inline data key
+STORAGE_ID_CHARS = 16  # a storage key's id, at the start of an inline data key
 # The data key that keys the digests of stored messages (see :func:`content_digest`).
 DIGEST_KEY_ID = 1  # random data key ids are 2 and up
 
 # Every sealed column: (table, column, is text). What status, encrypt-existing and shred go through.
 SEALED_COLUMNS = (("inbound_message", "raw", False), ("inbound_message", "trace", True),
                   ("thread_entry", "body_text", True), ("outbox", "raw", False))
-_TABLES = {"inbound_message": InboundMessage.__table__, "thread_entry": ThreadEntry.__table__,
+TABLES = {"inbound_message": InboundMessage.__table__, "thread_entry": ThreadEntry.__table__,
            "outbox": Outbox.__table__}
-_DATA_KEYS = DataKey.__table__
+DATA_KEYS = DataKey.__table__
 
 
 class SealingError(Exception):
@@ -183,12 +182,12 @@ class DataKeyValue:
     secret: bytes = field(repr=False)
 
 
-def _wrap(storage: StorageKey, key_id: int, secret: bytes) -> bytes:
+def wrap_key(storage: StorageKey, key_id: int, secret: bytes) -> bytes:
     nonce = os.urandom(_NONCE_BYTES)
     return nonce + AESGCM(storage.secret).encrypt(nonce, secret, f"intake data key {key_id}".encode())
 
 
-def _unwrap(storage: StorageKey, key_id: int, wrapped: bytes) -> bytes:
+def unwrap_key(storage: StorageKey, key_id: int, wrapped: bytes) -> bytes:
     try:
         return AESGCM(storage.secret).decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:],
                                               f"intake data key {key_id}".encode())
@@ -204,7 +203,7 @@ def key_row(keyring: Keyring, now: datetime, ticket_id: int | None = None,
     # Random, not a sequence: chosen before the row is written (see DataKey.id).
     key = DataKeyValue(key_id or 2 + secrets.randbelow(2 ** 63 - 2), secrets.token_bytes(32))
     row = {"id": key.id, "ticket_id": ticket_id, "storage_key": keyring.current.id,
-           "wrapped": _wrap(keyring.current, key.id, key.secret), "created_at": now}
+           "wrapped": wrap_key(keyring.current, key.id, key.secret), "created_at": now}
     return row, key
 
 
@@ -213,17 +212,17 @@ def inline_key(keyring: Keyring) -> tuple[bytes, DataKeyValue]:
     key's id, then the key wrapped by it) and its value."""
     assert keyring.current is not None
     key = DataKeyValue(2 + secrets.randbelow(2 ** 63 - 2), secrets.token_bytes(32))
-    return keyring.current.id.encode() + _wrap(keyring.current, key.id, key.secret), key
+    return keyring.current.id.encode() + wrap_key(keyring.current, key.id, key.secret), key
 
 
-def _open_inline(bind: Session | Connection, key_id: int, inline: bytes) -> None:
+def open_inline(bind: Session | Connection, key_id: int, inline: bytes) -> None:
     """Unwrap a stored message's data key (its ``data_key`` column) into the cache of *bind*."""
-    storage_id, wrapped = bytes(inline[:_STORAGE_ID_CHARS]).decode(), bytes(inline[_STORAGE_ID_CHARS:])
+    storage_id, wrapped = bytes(inline[:STORAGE_ID_CHARS]).decode(), bytes(inline[STORAGE_ID_CHARS:])
     storage = keyring_of(bind).find(storage_id)
     if storage is None:
         raise SealingError(f"a stored message's data key is wrapped by storage key {storage_id}, which is not "
                            "loaded: set [storage] key_file (or previous_key_files) to it")
-    _cache(bind).keys[key_id] = _unwrap(storage, key_id, wrapped)
+    _cache(bind).keys[key_id] = unwrap_key(storage, key_id, wrapped)
 
 
 def _cache(bind: Session | Connection) -> _Cache:
@@ -236,7 +235,7 @@ def new_key(bind: Session | Connection, now: datetime) -> DataKeyValue | None:
     if not keyring.enabled:
         return None
     row, key = key_row(keyring, now)
-    bind.execute(_DATA_KEYS.insert(), row)
+    bind.execute(DATA_KEYS.insert(), row)
     _cache(bind).keys[key.id] = key.secret
     return key
 
@@ -248,16 +247,16 @@ def ticket_key(bind: Session, ticket_id: int, now: datetime) -> DataKeyValue | N
         return None
     tickets = _cache(bind).tickets
     if ticket_id not in tickets:
-        key_id = bind.scalar(select(_DATA_KEYS.c.id).where(_DATA_KEYS.c.ticket_id == ticket_id))
+        key_id = bind.scalar(select(DATA_KEYS.c.id).where(DATA_KEYS.c.ticket_id == ticket_id))
         if key_id is None:
             row, _ = key_row(keyring, now, ticket_id=ticket_id)
             # ON CONFLICT DO NOTHING: another process may make the same ticket's key at the same time.
             insert = pg_insert if bind.get_bind().dialect.name == "postgresql" else sqlite_insert
-            bind.execute(insert(_DATA_KEYS).values(row).on_conflict_do_nothing(
-                index_elements=[_DATA_KEYS.c.ticket_id], index_where=_DATA_KEYS.c.ticket_id.is_not(None)))
-            key_id = bind.scalar(select(_DATA_KEYS.c.id).where(_DATA_KEYS.c.ticket_id == ticket_id))
+            bind.execute(insert(DATA_KEYS).values(row).on_conflict_do_nothing(
+                index_elements=[DATA_KEYS.c.ticket_id], index_where=DATA_KEYS.c.ticket_id.is_not(None)))
+            key_id = bind.scalar(select(DATA_KEYS.c.id).where(DATA_KEYS.c.ticket_id == ticket_id))
         tickets[ticket_id] = key_id
-    return DataKeyValue(tickets[ticket_id], _data_key(bind, tickets[ticket_id]))
+    return DataKeyValue(tickets[ticket_id], unwrapped(bind, tickets[ticket_id]))
 
 
 def make_ticket_keys(session: Session, ticket_ids: list[int], now: datetime) -> None:
@@ -266,7 +265,7 @@ def make_ticket_keys(session: Session, ticket_ids: list[int], now: datetime) -> 
     if not keyring.enabled or not ticket_ids:
         return
     made = [key_row(keyring, now, ticket_id=ticket_id) for ticket_id in ticket_ids]
-    session.execute(_DATA_KEYS.insert(), [row for row, _ in made])
+    session.execute(DATA_KEYS.insert(), [row for row, _ in made])
     cache = _cache(session)
     for ticket_id, (_, key) in zip(ticket_ids, made):
         cache.tickets[ticket_id] = key.id
@@ -284,13 +283,13 @@ def _load_keys(bind: Session | Connection, key_ids: set[int]) -> None:
     cache = _cache(bind).keys
     keyring = keyring_of(bind)
     for chunk in _chunks(sorted(key_ids - set(cache))):
-        found = bind.execute(select(_DATA_KEYS.c.id, _DATA_KEYS.c.storage_key, _DATA_KEYS.c.wrapped)
-                             .where(_DATA_KEYS.c.id.in_(chunk))).all()
-        cache.update({row.id: _unwrap(_storage_key(keyring, row), row.id, bytes(row.wrapped)) for row in found})
+        found = bind.execute(select(DATA_KEYS.c.id, DATA_KEYS.c.storage_key, DATA_KEYS.c.wrapped)
+                             .where(DATA_KEYS.c.id.in_(chunk))).all()
+        cache.update({row.id: unwrap_key(storage_key_of(keyring, row), row.id, bytes(row.wrapped)) for row in found})
         cache.update({key_id: None for key_id in chunk if key_id not in cache})  # deleted: shredded
 
 
-def _storage_key(keyring: Keyring, row: Any) -> StorageKey:
+def storage_key_of(keyring: Keyring, row: Any) -> StorageKey:
     """The storage key *row* (of ``data_key``) is wrapped by; :class:`SealingError` if not loaded."""
     storage = keyring.find(row.storage_key)
     if storage is None:
@@ -299,7 +298,7 @@ def _storage_key(keyring: Keyring, row: Any) -> StorageKey:
     return storage
 
 
-def _data_key(bind: Session | Connection, key_id: int) -> bytes:
+def unwrapped(bind: Session | Connection, key_id: int) -> bytes:
     """Data key *key_id*, unwrapped; raises :class:`Shredded` if it was deleted."""
     cache = _cache(bind).keys
     if key_id not in cache:
@@ -332,9 +331,11 @@ def seal_text(key: DataKeyValue | None, table: str, column: str, text: str) -> s
     return TEXT_MARK + base64.b64encode(seal_bytes(key, table, column, text.encode("utf-8"))).decode("ascii")
 
 
-def seal_for_ticket(session: Session, ticket_id: int, now: datetime, table: str, column: str, value: Any) -> Any:
-    """*value* (bytes or text) sealed under ticket *ticket_id*'s data key; unchanged when sealing is off."""
-    key = ticket_key(session, ticket_id, now)
+def seal_for_ticket(session: Session, ticket_id: int | None, now: datetime, table: str, column: str,
+                    value: Any) -> Any:
+    """*value* (bytes or text) sealed under ticket *ticket_id*'s data key (a new key of its own for
+    no ticket: a ticketless mail); unchanged when sealing is off."""
+    key = ticket_key(session, ticket_id, now) if ticket_id is not None else new_key(session, now)
     return seal_text(key, table, column, value) if isinstance(value, str) else seal_bytes(key, table, column, value)
 
 
@@ -350,7 +351,7 @@ def sealed_key_id(value: bytes | str | None) -> int | None:
         return None
     if isinstance(value, str):
         value = base64.b64decode(value[len(TEXT_MARK):len(TEXT_MARK) + _TEXT_HEADER_CHARS])
-    return int.from_bytes(bytes(value[len(MAGIC) + 1:_HEADER]), "big")
+    return int.from_bytes(bytes(value[len(MAGIC) + 1:HEADER]), "big")
 
 
 def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes,
@@ -365,16 +366,27 @@ def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes
     value = bytes(value)
     if value[len(MAGIC)] != VERSION:
         raise SealingError(f"{table}.{column}: sealed with format version {value[len(MAGIC)]}, unknown here")
-    key_id = int.from_bytes(value[len(MAGIC) + 1:_HEADER], "big")
+    key_id = int.from_bytes(value[len(MAGIC) + 1:HEADER], "big")
     if inline and not _cache(bind).keys.get(key_id):
-        _open_inline(bind, key_id, bytes(inline))
-    secret = _data_key(bind, key_id)
+        open_inline(bind, key_id, bytes(inline))
+    secret = unwrapped(bind, key_id)
     try:
-        return AESGCM(secret).decrypt(value[_HEADER:_HEADER + _NONCE_BYTES], value[_HEADER + _NONCE_BYTES:],
+        return AESGCM(secret).decrypt(value[HEADER:HEADER + _NONCE_BYTES], value[HEADER + _NONCE_BYTES:],
                                       _aad(table, column, key_id))
     except InvalidTag:
         raise SealingError(f"{table}.{column}: sealed content does not open with its data key {key_id} "
                            "(altered, or moved from another row)") from None
+
+
+def open_rows(engine: Engine, rows: list[Any], table: str, column: str) -> list[Any]:
+    """*rows* (detached objects) with their *column* opened in place, their keys read in one query."""
+    if not keyring_of(engine).enabled:
+        return rows
+    with read_session(engine) as session:
+        preload(session, [getattr(row, column) for row in rows])
+        for row in rows:
+            setattr(row, column, open_bytes(session, table, column, getattr(row, column)))
+    return rows
 
 
 def open_text(bind: Session | Connection, table: str, column: str, value: str, inline: bytes | None = None) -> str:
@@ -418,14 +430,14 @@ def _engine_of(bind: Session | Connection) -> Engine:
 def _load_digest_key(engine: Engine, keyring: Keyring) -> bytes:
     """The digest key, made (in a transaction of its own) the first time it is needed."""
     with read_session(engine) as session:
-        row = session.execute(select(_DATA_KEYS.c.id, _DATA_KEYS.c.storage_key, _DATA_KEYS.c.wrapped)
-                              .where(_DATA_KEYS.c.id == DIGEST_KEY_ID)).first()
+        row = session.execute(select(DATA_KEYS.c.id, DATA_KEYS.c.storage_key, DATA_KEYS.c.wrapped)
+                              .where(DATA_KEYS.c.id == DIGEST_KEY_ID)).first()
     if row is None:
         with write_session(engine) as session:
             created, _ = key_row(keyring, datetime.now(timezone.utc), key_id=DIGEST_KEY_ID)
-            insert_new(session, _DATA_KEYS, "id", [created])
+            insert_new(session, DATA_KEYS, "id", [created])
         return _load_digest_key(engine, keyring)
-    return _unwrap(_storage_key(keyring, row), DIGEST_KEY_ID, bytes(row.wrapped))
+    return unwrap_key(storage_key_of(keyring, row), DIGEST_KEY_ID, bytes(row.wrapped))
 
 
 # -- shredding ----------------------------------------------------------------------------------
@@ -440,12 +452,12 @@ def shred(session: Session, ticket_ids: Iterable[int] = (), inbound_ids: Iterabl
     tickets = sorted(set(ticket_ids))
     messages = set(inbound_ids)
     key_ids: set[int] = set()
-    inbound, entries, outbox = _TABLES["inbound_message"], _TABLES["thread_entry"], _TABLES["outbox"]
+    inbound, entries, outbox = TABLES["inbound_message"], TABLES["thread_entry"], TABLES["outbox"]
     for chunk in _chunks(tickets):
         messages.update(session.scalars(select(inbound.c.id).where(inbound.c.ticket_id.in_(chunk))))
         messages.update(session.scalars(select(entries.c.inbound_id).where(entries.c.ticket_id.in_(chunk),
                                                                           entries.c.inbound_id.is_not(None))))
-        key_ids.update(session.scalars(select(_DATA_KEYS.c.id).where(_DATA_KEYS.c.ticket_id.in_(chunk))))
+        key_ids.update(session.scalars(select(DATA_KEYS.c.id).where(DATA_KEYS.c.ticket_id.in_(chunk))))
         key_ids.update(_named_keys(session, entries.c.body_text, entries.c.ticket_id.in_(chunk), text=True))
         key_ids.update(_named_keys(session, outbox.c.raw, outbox.c.ticket_id.in_(chunk), text=False))
     key_ids.discard(DIGEST_KEY_ID)
@@ -454,14 +466,14 @@ def shred(session: Session, ticket_ids: Iterable[int] = (), inbound_ids: Iterabl
         deleted += session.execute(update(inbound).where(inbound.c.id.in_(chunk), inbound.c.data_key.is_not(None))
                                    .values(data_key=None)).rowcount or 0
     for chunk in _chunks(sorted(key_ids)):
-        deleted += session.execute(delete(_DATA_KEYS).where(_DATA_KEYS.c.id.in_(chunk))).rowcount or 0
+        deleted += session.execute(delete(DATA_KEYS).where(DATA_KEYS.c.id.in_(chunk))).rowcount or 0
     _caches.pop(session, None)
     return deleted
 
 
 def _named_keys(session: Session, column: Any, where: Any, *, text: bool) -> set[int]:
     """The data key ids the sealed values of *column* in the rows *where* name (from their headers)."""
-    width = len(TEXT_MARK) + _TEXT_HEADER_CHARS if text else _HEADER
+    width = len(TEXT_MARK) + _TEXT_HEADER_CHARS if text else HEADER
     heads = session.scalars(select(func.substr(column, 1, width)).where(where))
     return {key_id for head in heads if (key_id := sealed_key_id(head if text else bytes(head or b"")))}
 
@@ -473,166 +485,8 @@ def _chunks(values: list[Any]) -> Iterator[list[Any]]:
     for start in range(0, len(values), _CHUNK):
         yield values[start:start + _CHUNK]
 
-
-# -- checks, rotation, status -------------------------------------------------------------------
-
-def check(engine: Engine, keyring: Keyring) -> None:
-    """Raise :class:`SealingError` unless every storage key the database's data keys are wrapped
-    with is in *keyring*: refuse to start rather than fail on each read, or write plaintext into
-    a database that holds sealed content. Of stored messages' keys only the newest is looked at
-    (not a scan of every message, at every start): a rotation moves them all together."""
-    inbound = _TABLES["inbound_message"]
-    with read_session(engine) as session:
-        used = set(session.scalars(select(_DATA_KEYS.c.storage_key).distinct()))
-        newest = session.scalar(select(_inline_storage(inbound)).where(inbound.c.data_key.is_not(None))
-                                .order_by(inbound.c.id.desc()).limit(1))
-    if newest is not None:
-        used.add(bytes(newest).decode())
-    if used and not keyring.enabled:
-        raise SealingError(f"the database holds content sealed with storage key(s) {', '.join(sorted(used))}, "
-                           "and no [storage] key_file (or storage-key credential) is set")
-    missing = sorted(k for k in used if keyring.find(k) is None)
-    if missing:
-        raise SealingError(f"data keys are wrapped by storage key(s) {', '.join(missing)}, which are not loaded: "
-                           "add the key file to [storage] key_file or previous_key_files")
-
-
-def _inline_storage(inbound: Any) -> Any:
+def inline_storage(inbound: Any) -> Any:
     """The id of the storage key a stored message's data key is wrapped by (bytes)."""
-    return func.substr(inbound.c.data_key, 1, _STORAGE_ID_CHARS)
+    return func.substr(inbound.c.data_key, 1, STORAGE_ID_CHARS)
 
 
-@dataclass(frozen=True)
-class RotationProgress:
-    rewrapped: int  # data keys re-wrapped by this run
-    remaining: int  # data keys still wrapped by another storage key
-
-
-def rotate(engine: Engine, keyring: Keyring, batch: int = 500, max_batches: int | None = None,
-           progress: Callable[[int], None] = lambda count: None) -> RotationProgress:
-    """Re-wrap every data key (the ``data_key`` table's, then stored messages') under *keyring*'s
-    current storage key, *batch* keys per committed transaction: a killed run loses at most one
-    batch's work, and running it again goes on where it stopped. Readers keep working throughout
-    (they find either key in the keyring). *max_batches* stops early (for a partial run);
-    *progress* hears the count after each batch."""
-    assert keyring.current is not None
-    current, inbound = keyring.current, _TABLES["inbound_message"]
-    stale_table = _DATA_KEYS.c.storage_key != current.id
-    stale_inline = inbound.c.data_key.is_not(None) & (_inline_storage(inbound) != current.id.encode())
-    phases = [
-        (select(_DATA_KEYS.c.id, _DATA_KEYS.c.storage_key, _DATA_KEYS.c.wrapped).where(stale_table)
-         .order_by(_DATA_KEYS.c.id), _rewrap_table_key),
-        (select(inbound.c.id, inbound.c.data_key, func.substr(inbound.c.raw, 1, _HEADER).label("head"))
-         .where(stale_inline).order_by(inbound.c.id), _rewrap_inline_key),
-    ]
-    rewrapped = batches = 0
-    for query, rewrap in phases:
-        while max_batches is None or batches < max_batches:
-            with write_session(engine) as session:
-                rows = session.execute(query.limit(batch)).all()
-                for row in rows:
-                    rewrap(session, keyring, row)
-            rewrapped += len(rows)
-            batches += 1
-            if rows:
-                progress(rewrapped)
-            if len(rows) < batch:
-                break
-    with read_session(engine) as session:
-        remaining = sum(session.scalar(select(func.count()).select_from(table).where(stale)) or 0
-                        for table, stale in ((_DATA_KEYS, stale_table), (inbound, stale_inline)))
-    return RotationProgress(rewrapped, remaining)
-
-
-def _rewrap_table_key(session: Session, keyring: Keyring, row: Any) -> None:
-    secret = _unwrap(_storage_key(keyring, row), row.id, bytes(row.wrapped))
-    session.execute(update(_DATA_KEYS).where(_DATA_KEYS.c.id == row.id)
-                    .values(storage_key=keyring.current.id, wrapped=_wrap(keyring.current, row.id, secret)))
-
-
-def _rewrap_inline_key(session: Session, keyring: Keyring, row: Any) -> None:
-    key_id = sealed_key_id(bytes(row.head))
-    _open_inline(session, key_id, bytes(row.data_key))
-    secret = _cache(session).keys[key_id]
-    inbound = _TABLES["inbound_message"]
-    session.execute(update(inbound).where(inbound.c.id == row.id).values(
-        data_key=keyring.current.id.encode() + _wrap(keyring.current, key_id, secret)))
-
-
-def _plaintext(table: Any, column: str, text: bool) -> Any:
-    """Rows of *table* whose *column* holds plaintext content (not empty, not sealed)."""
-    col = table.c[column]
-    marker = TEXT_MARK if text else MAGIC
-    return (func.length(col) > 0) & (func.substr(col, 1, len(marker)) != marker)
-
-
-def status(engine: Engine, keyring: Keyring) -> dict[str, Any]:
-    """Data keys per storage key (and whether it is loaded), and plaintext rows per sealed column."""
-    inbound = _TABLES["inbound_message"]
-    with read_session(engine) as session:
-        by_key = Counter(dict(session.execute(select(_DATA_KEYS.c.storage_key, func.count())
-                                              .group_by(_DATA_KEYS.c.storage_key)).all()))
-        inline = _inline_storage(inbound)
-        by_key.update({bytes(key_id).decode(): count for key_id, count in session.execute(
-            select(inline, func.count()).where(inbound.c.data_key.is_not(None)).group_by(inline))})
-        plaintext = {f"{table}.{column}": session.scalar(select(func.count()).select_from(_TABLES[table])
-                                                         .where(_plaintext(_TABLES[table], column, text))) or 0
-                     for table, column, text in SEALED_COLUMNS}
-    return {
-        "enabled": keyring.enabled,
-        "current_key": keyring.current.id if keyring.current else None,
-        "data_keys": [{"storage_key": key_id, "count": count, "loaded": keyring.find(key_id) is not None,
-                       "current": keyring.current is not None and key_id == keyring.current.id}
-                      for key_id, count in sorted(by_key.items())],
-        "plaintext_rows": plaintext,
-    }
-
-
-def encrypt_existing(engine: Engine, now: datetime, batch: int = 200, max_batches: int | None = None) -> dict[str, int]:
-    """Seal the plaintext content written before a key was set, *batch* rows per committed
-    transaction (resumable like :func:`rotate`); returns rows sealed per column. A stored
-    message's raw and trace get a key of their own (in its row), a ticket's entries and mail its
-    key, a ticketless mail a key of its own."""
-    if not keyring_of(engine).enabled:
-        raise SealingError("no storage key set: nothing to encrypt with")
-    done = {f"{table}.{column}": 0 for table, column, _ in SEALED_COLUMNS}
-    batches = 0
-    for table_name, column, text in SEALED_COLUMNS:
-        table = _TABLES[table_name]
-        owner = table.c.data_key if table_name == "inbound_message" else table.c.ticket_id
-        while max_batches is None or batches < max_batches:
-            with write_session(engine) as session:
-                rows = session.execute(select(table.c.id, table.c[column], owner).where(_plaintext(table, column, text))
-                                       .order_by(table.c.id).limit(batch)).all()
-                for row in rows:
-                    value = row[1] if text else bytes(row[1])
-                    session.execute(update(table).where(table.c.id == row.id)
-                                    .values(_sealed_existing(session, table_name, column, row, value, now)))
-            done[f"{table_name}.{column}"] += len(rows)
-            batches += 1
-            if len(rows) < batch:
-                break
-    return done
-
-
-def _sealed_existing(session: Session, table: str, column: str, row: Any, value: Any,
-                     now: datetime) -> dict[str, Any]:
-    """The values that seal *value* of *row* under the key its owner uses (see
-    :func:`encrypt_existing`): the column's, and a stored message's new data key."""
-    values: dict[str, Any] = {}
-    if table == "inbound_message":
-        if row[2] is None:  # its first column sealed: the message's key is made now
-            values["data_key"], key = inline_key(keyring_of(session))
-        else:  # raw and trace share the key its other column names
-            other = session.execute(select(_TABLES[table].c.raw, _TABLES[table].c.trace)
-                                    .where(_TABLES[table].c.id == row.id)).one()
-            key_id = sealed_key_id(bytes(other.raw)) or sealed_key_id(other.trace)
-            _open_inline(session, key_id, bytes(row[2]))
-            key = DataKeyValue(key_id, _data_key(session, key_id))
-    elif row[2] is not None:
-        key = ticket_key(session, row[2], now)
-    else:
-        key = new_key(session, now)
-    sealed = seal_text if isinstance(value, str) else seal_bytes
-    values[column] = sealed(key, table, column, value)
-    return values
