@@ -9,7 +9,7 @@ import signal
 import smtplib
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 
 from conftest import all_tickets, deliver_outbox, process, report
 from intake.cli.app import main
-from intake.config.settings import storage_keyring
+from intake.store.key_rotation import storage_keyring
 from intake.store import inbound, key_rotation, sealing
 from intake.store.db import make_engine, read_session, write_session
 from intake.store.inbound import Arrival
@@ -333,3 +333,25 @@ def test_check_config_warns_without_a_key(config_file, tmp_path, monkeypatch):
     assert not any("no storage key" in w for w in production.warnings(settings))
     assert storage_keyring(settings).enabled  # the credential is the key
 
+
+
+def test_a_purge_with_a_storage_key_destroys_the_tickets_data_keys(make_settings, database_url, tmp_path, cli):
+    """Retention and encryption together: `intake purge` crypto-shreds what it erases, so the
+    content stays unreadable in any copy made before (with the storage key of that time gone)."""
+    settings, engine = _sealed_engine(make_settings, database_url, _keygen(tmp_path / "k"))
+    gone = _ticket_from_canary(settings, engine, "to be purged")
+    kept = _ticket_from_canary(settings, engine, "still open")
+    with read_session(engine) as session:
+        ticket_ids = {t.reference: t.id for t in all_tickets(engine)}
+        keys_before = session.scalars(select(DataKey.ticket_id)).all()
+    assert ticket_ids[gone] in keys_before and ticket_ids[kept] in keys_before
+    cli("close", gone, "--reason", "invalid")
+    later = (datetime.now(timezone.utc) + timedelta(days=366)).isoformat()
+    cli("purge", "--json", "--now", later)
+    with read_session(engine) as session:
+        keys_after = session.scalars(select(DataKey.ticket_id)).all()
+        message_keys = dict(session.execute(select(InboundMessage.ticket_id, InboundMessage.data_key)).all())
+    assert ticket_ids[gone] not in keys_after and ticket_ids[kept] in keys_after
+    assert message_keys[ticket_ids[gone]] is None and message_keys[ticket_ids[kept]] is not None
+    assert "content purged on" in cli("show", gone).output
+    assert CANARY in ticket_detail(engine, kept).entries[0].body_text

@@ -85,7 +85,8 @@ class Context:
     @property
     def keyring(self) -> Keyring:
         """The storage keys of the configuration (exit 78 when one cannot be read)."""
-        from intake.config.settings import EXIT_CONFIG, ConfigError, storage_keyring
+        from intake.config.settings import EXIT_CONFIG, ConfigError
+        from intake.store.key_rotation import storage_keyring
 
         if self._keyring is None:
             try:

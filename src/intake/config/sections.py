@@ -10,7 +10,6 @@ import ipaddress
 import re  # config text only; senders' text goes through intake.patterns (RE2)
 import ssl
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -194,15 +193,6 @@ class DatabaseSection(Section):
     busy_timeout: float = Field(default=10.0, gt=0)
 
 
-class StorageSection(Section):
-    # The storage key (made by `intake storage keygen PATH`): when set, report content is stored
-    # encrypted (intake.store.sealing). Unset: the systemd credential 'storage-key' if there is one.
-    key_file: Path | None = None
-    # Older storage keys still readable: data keys wrapped by them open until `intake storage
-    # rotate` has re-wrapped them under key_file; then remove them here and destroy the files.
-    previous_key_files: list[Path] = Field(default_factory=list)
-
-
 class ProcessingSection(Section):
     # Stored messages read and parsed per round.
     batch_size: int = Field(default=100, ge=1, le=10_000)
@@ -354,14 +344,14 @@ class AutoReplySection(Section):
         return value
 
 
-def _check_elapsed(value: str) -> str:
+def check_elapsed(value: str) -> str:
     duration = parse_duration(value)
     if duration.business or duration.amount == 0:
         raise ValueError(f"{value!r} must be a non-zero elapsed time (minutes, hours or days)")
     return value
 
 
-ElapsedText = Annotated[str, AfterValidator(_check_elapsed)]
+ElapsedText = Annotated[str, AfterValidator(check_elapsed)]
 Mailbox = Annotated[str, AfterValidator(_check_mailbox)]
 
 
@@ -436,39 +426,6 @@ class SchedulerSection(Section):
         return value
 
 
-def _check_retention(value: str | None) -> str | None:
-    """A retention period: an elapsed time ("365 days"), or "never" (None): kept forever."""
-    if value is None or value.strip().lower() == "never":
-        return None
-    return _check_elapsed(value)
-
-
-RetentionText = Annotated[str | None, AfterValidator(_check_retention)]
-
-
-class RetentionSection(Section):
-    """``[retention]``: how long content is kept before ``intake purge`` (and the scheduler, daily)
-    erases it (see :mod:`intake.tickets.retention`). Unset or "never": kept forever, so an upgrade
-    never starts deleting what its operator did not ask to delete; the shipped config.toml sets
-    the recommended periods."""
-
-    # After a ticket is closed or resolved (measured from its last change): its report, thread,
-    # stored messages and mail are erased; its reference, dates, states, deadlines, credit and
-    # events stay.
-    after_close: RetentionText = None
-    # Held messages (no ticket of their own), from when they were received and processed: deleted.
-    held: RetentionText = None
-    # Bodies of outgoing mail once sent (or given up on), from then: erased; the row stays.
-    sent_mail: RetentionText = None
-    # A ticket with this label is never purged, nor its mail (a legal hold).
-    legal_hold_label: str = Field(default="legal-hold", pattern=r"^[a-z0-9][a-z0-9._-]{0,39}$")
-
-    def period(self, name: Literal["after_close", "held", "sent_mail"]) -> timedelta | None:
-        """The retention period of *name*, or None: kept forever."""
-        value = getattr(self, name)
-        return None if value is None else parse_duration(value).elapsed
-
-
 def _check_person_name(name: str) -> str:
     """A maintainer's name must not read as intake itself or as an unmapped Unix account in events."""
     if name.strip().lower() == SYSTEM_ACTOR or name.startswith((UNIX_ACTOR_PREFIX, UID_ACTOR_PREFIX)):
@@ -487,14 +444,6 @@ class Maintainer(Section):
     login: str | None = None
     # Their OpenPGP public key file: mail to them is encrypted to it.
     openpgp_key: Path | None = None
-
-
-class AuditSection(Section):
-    """``[audit]``: the key of the tamper-evident audit chain (:mod:`intake.store.audit`)."""
-
-    # A file holding the key (32+ characters); the audit-key credential, if given, comes first.
-    # Unset and no credential: a key intake keeps in the database (check-config warns).
-    key_file: Path | None = None
 
 
 class AdvisorySection(Section):

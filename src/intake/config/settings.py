@@ -22,7 +22,7 @@ import socket
 import ssl
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, get_origin
+from typing import Annotated, Any, get_origin
 
 from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -30,19 +30,16 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from intake import patterns
 from intake.config.fetch import FetchSource, check_sources, token_files_exist
 from intake.config.sections import (
-    AdvisorySection, AuditSection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer,
-    MetricsSection, OutboundSection, ProcessingSection, RetentionSection, SchedulerSection, SenderAuthSection,
-    ServiceSection, SmtpSection, StorageSection,
+    AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
+    OutboundSection, ProcessingSection, SchedulerSection, SenderAuthSection, ServiceSection, SmtpSection,
 )
+from intake.config.data_protection import AuditSection, RetentionSection, StorageSection
 from intake.config.openpgp_section import OpenPgpSection
 from intake.config.security_txt_section import SecurityTxtSection
 from intake.sla.calendars import CalendarConfig, builtin_calendars
 from intake.sla.engine import PolicyConfig, validate_policies
 from intake.understand.quality import SHIPPED_RULES, RuleSet, RulesError, load_rules
 from intake.vocabulary import UID_ACTOR_PREFIX, UNIX_ACTOR_PREFIX
-
-if TYPE_CHECKING:
-    from intake.store.sealing import Keyring
 
 ENV_PREFIX = "INTAKE_"
 CONFIG_ENV = "INTAKE_CONFIG"
@@ -418,27 +415,6 @@ def _check_ca_file(settings: Settings) -> None:
 
 # The systemd credential holding the storage key when [storage] key_file is unset.
 STORAGE_KEY_CREDENTIAL = "storage-key"
-
-
-def storage_keyring(settings: Settings, environ: dict[str, str] | None = None) -> Keyring:
-    """The storage keys of *settings* ([storage] key_file, else ``$CREDENTIALS_DIRECTORY/storage-key``,
-    and previous_key_files), read and checked; raises :class:`ConfigError` naming a bad one."""
-    from intake.store.sealing import Keyring, SealingError, read_storage_key
-
-    environ = os.environ if environ is None else environ
-    current = settings.resolve_path(settings.storage.key_file) if settings.storage.key_file else None
-    if current is None and environ.get("CREDENTIALS_DIRECTORY"):
-        candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / STORAGE_KEY_CREDENTIAL
-        current = candidate if candidate.is_file() else None
-    try:
-        previous = tuple(read_storage_key(settings.resolve_path(p)) for p in settings.storage.previous_key_files)
-        if current is None:
-            if previous:
-                raise SealingError("storage.previous_key_files is set but no storage.key_file")
-            return Keyring()
-        return Keyring(read_storage_key(current), previous)
-    except SealingError as exc:
-        raise ConfigError(f"storage: {exc}") from None
 
 
 def read_secret(name: str, environ: dict[str, str] | None = None) -> str | None:

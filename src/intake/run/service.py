@@ -43,7 +43,7 @@ from sqlalchemy import Engine
 from intake import openpgp
 from intake.config import production
 from intake.config.sections import HostPort, LoggingSection
-from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings, storage_keyring
+from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
 from intake.receive import fetch
 from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
@@ -203,7 +203,7 @@ async def _serve(settings: Settings) -> int:
     for warning in production.warnings(settings) + list(filter(None, [audit.key_warning(settings)])):
         log.warning("event=config-warning detail=%r", warning)
     try:
-        keyring = storage_keyring(settings)
+        keyring = key_rotation.storage_keyring(settings)
     except ConfigError as exc:
         log.error("event=config-error error=%r", str(exc))
         return EXIT_CONFIG
@@ -441,8 +441,9 @@ def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
 
 async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int,
                 report: metrics.WorkerReport) -> None:
+    keyring = key_rotation.storage_keyring(settings)  # the parent read and checked it
     engine = sealing.attach(make_engine(settings.database_url, settings.database.busy_timeout,
-                                        checkpoint_on_commit=False), storage_keyring(settings))  # the parent checked it
+                                        checkpoint_on_commit=False), keyring)
     audit.configure(settings)
     stop = asyncio.Event()
     pacing = _SenderPacing(settings.processing.batch_size)

@@ -3,19 +3,22 @@ sealing content stored before a key was set (``intake storage``; see :mod:`intak
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, func, select, update
 from sqlmodel import Session
 
+from intake.config.settings import STORAGE_KEY_CREDENTIAL, ConfigError, Settings
 from intake.store.db import read_session, write_session
 from intake.store.sealing import (
     DATA_KEYS, HEADER, MAGIC, SEALED_COLUMNS, TABLES, TEXT_MARK, DataKeyValue, Keyring,
-    SealingError, inline_key, inline_storage, keyring_of, new_key, open_inline, seal_bytes, seal_text,
+    SealingError, inline_key, read_storage_key, inline_storage, keyring_of, new_key, open_inline, seal_bytes, seal_text,
     sealed_key_id, storage_key_of, ticket_key, unwrap_key, unwrapped, wrap_key,
 )
 
@@ -176,3 +179,22 @@ def _sealed_existing(session: Session, table: str, column: str, row: Any, value:
     sealed = seal_text if isinstance(value, str) else seal_bytes
     values[column] = sealed(key, table, column, value)
     return values
+
+
+def storage_keyring(settings: Settings, environ: dict[str, str] | None = None) -> Keyring:
+    """The storage keys of *settings* ([storage] key_file, else ``$CREDENTIALS_DIRECTORY/storage-key``,
+    and previous_key_files), read and checked; raises :class:`ConfigError` naming a bad one."""
+    environ = os.environ if environ is None else environ
+    current = settings.resolve_path(settings.storage.key_file) if settings.storage.key_file else None
+    if current is None and environ.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(environ["CREDENTIALS_DIRECTORY"]) / STORAGE_KEY_CREDENTIAL
+        current = candidate if candidate.is_file() else None
+    try:
+        previous = tuple(read_storage_key(settings.resolve_path(p)) for p in settings.storage.previous_key_files)
+        if current is None:
+            if previous:
+                raise SealingError("storage.previous_key_files is set but no storage.key_file")
+            return Keyring()
+        return Keyring(read_storage_key(current), previous)
+    except SealingError as exc:
+        raise ConfigError(f"storage: {exc}") from None
