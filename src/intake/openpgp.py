@@ -206,12 +206,7 @@ def decrypt(ciphertext: bytes, key: OrgKey, candidates: list[str]) -> Decrypted:
     verifier also refuses a signed message inside a compressed one (what gpg sends by default):
     that is decrypted too, its signature reported as not checked."""
     asked: list[str] = []
-    certs = []
-    for armored in candidates:
-        try:
-            certs.append(pysequoia.Cert.from_bytes(armored.encode()))
-        except (RuntimeError, ValueError):
-            continue
+    certs = _certs(candidates)
 
     def store(key_ids: list[str]) -> list[pysequoia.Cert]:
         asked.extend(key_ids)
@@ -233,6 +228,17 @@ def decrypt(ciphertext: bytes, key: OrgKey, candidates: list[str]) -> Decrypted:
     return Decrypted(result.bytes or b"", bool(asked), asked[0].upper() if asked else None, False, unchecked)
 
 
+def _certs(candidates: list[str]) -> list[pysequoia.Cert]:
+    """The certificates among armored *candidates* that parse (a damaged one is skipped)."""
+    certs = []
+    for armored in candidates:
+        try:
+            certs.append(pysequoia.Cert.from_bytes(armored.encode()))
+        except (RuntimeError, ValueError):
+            continue
+    return certs
+
+
 def verify_detached(data: bytes, signature: bytes, candidates: list[str]) -> tuple[str | None, bool]:
     """Who made the detached *signature* over *data* (the certificate's fingerprint when one of
     *candidates* verifies it, else the issuer it names) and whether it verified."""
@@ -241,12 +247,7 @@ def verify_detached(data: bytes, signature: bytes, candidates: list[str]) -> tup
     except (RuntimeError, ValueError):
         return None, False
     issuer = (sig.issuer_fingerprint or sig.issuer_key_id or "").upper() or None
-    certs = []
-    for armored in candidates:
-        try:
-            certs.append(pysequoia.Cert.from_bytes(armored.encode()))
-        except (RuntimeError, ValueError):
-            continue
+    certs = _certs(candidates)
     try:
         result = pysequoia.verify(bytes=data, store=lambda key_ids: certs, signature=sig)
     except (RuntimeError, ValueError):
