@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -70,9 +72,9 @@ def test_status_in_the_subject_gets_one_automatic_threaded_reply_with_state_and_
     now = datetime.now(timezone.utc)
     delivered = _ask(desk, f"Re: [{desk.reference}] status", "Thanks!\n", now, In_Reply_To="<report@alice.test>")
     [reply] = _to_reporter(delivered)
-    body = reply.get_content()
+    body = reply.get_content().replace("\r\n", "\n")
     assert "Status: received; our team has not assessed it yet." in body
-    assert f"Next date we promised: Acknowledgement by a person, by {_next_date(desk)}." in body
+    assert f"Next date we promised:\n  Acknowledgement by a person, by {_next_date(desk)}\n" in body
     assert reply["Subject"] == f"Re: [{desk.reference}] Auth bypass in admin"
     assert reply["Auto-Submitted"] == "auto-replied"
     [captured] = [m for m in delivered if m.rcpt_tos == [REPORTER]]
@@ -152,3 +154,15 @@ def test_prose_about_the_status_is_a_reply_for_a_person(desk):
 def test_what_counts_as_a_status_request(subject, text, asks):
     assert status_reply.is_request(subject, text) is asks
 
+
+
+def test_readme_shows_the_status_reply_as_the_template_renders_it():
+    rendered = composer.render(
+        "status.txt.j2", None, reference="SEC-2026-0001", subject="Auth bypass in admin",
+        reporter_name="Alice Researcher", state="assessed (severity high); we are working on a fix",
+        next_date=composer.PromisedDate("Fix released (target)", datetime(2027, 1, 4, 7, 0, tzinfo=timezone.utc),
+                                        "Australia/Brisbane"),
+        window_hours=24, from_name="Example Security", intake_address="security@example.com")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    [shown] = re.findall(r"### Status on request\n.*?```\n(.*?)```", readme, re.DOTALL)
+    assert shown == rendered

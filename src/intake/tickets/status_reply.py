@@ -50,7 +50,7 @@ _STATE_WORDS = {
     Milestone.ACKNOWLEDGED: "acknowledged by our team; we are assessing it",
     Milestone.ASSESSED: "assessed{severity}; we are working on a fix",
     Milestone.RELEASED: "fixed: a release with the fix is out",
-    Milestone.RESOLVED: "resolved",
+    Milestone.RESOLVED: "resolved: our work on it is finished",
     Milestone.DISCLOSED: "fixed and publicly disclosed",
     TicketState.WAITING: "waiting for an answer from you to our last question",
 }
@@ -78,7 +78,7 @@ def _is_the_word(text: str) -> bool:
 def state_words(ticket: Ticket) -> str:
     """*ticket*'s state in plain words, as the status reply gives it."""
     if ticket.state == TicketState.CLOSED:
-        return _CLOSE_WORDS.get(ticket.close_reason or "", "closed")
+        return _CLOSE_WORDS.get(ticket.close_reason or "", "no longer open")
     severity = f" (severity {ticket.severity})" if ticket.severity else ""
     return _STATE_WORDS.get(ticket.state, ticket.state).format(severity=severity)
 
