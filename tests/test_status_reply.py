@@ -16,16 +16,20 @@ import pytest
 from conftest import deliver_outbox, process, report, smtp_send
 from intake.send import composer
 from intake.sla import deadlines
+from intake.store.models import Ticket
 from intake.tickets import status_reply
 from test_maintainer_mail import MAINTAINERS, Desk
+from test_openpgp import Keys, _decrypted
 
 REPORTER = "alice@researcher.test"
 STATUS_QUEUED, UNANSWERED = "status-reply-queued", "status-request-unanswered"
 
 
-def _open_ticket(make_settings, start_intake_listener, config_file, sink, refuse_ack: bool = False) -> Desk:
+def _open_ticket(make_settings, start_intake_listener, config_file, sink, refuse_ack: bool = False,
+                 **env: str) -> Desk:
     config_file.write_text(config_file.read_text() + MAINTAINERS)
-    settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}")
+    settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}",
+                             **env)
     running = start_intake_listener(settings)
     smtp_send(running.port, report(subject="Auth bypass in admin", message_id="<report@alice.test>"))
     [reference] = process(settings, running.engine).tickets_opened
@@ -133,6 +137,26 @@ def test_an_unreachable_reporter_gets_no_status_reply(make_settings, start_intak
     assert unanswered.detail["reason"].startswith("the reporter is unreachable")
 
 
+
+def test_the_per_recipient_limit_on_automatic_mail_counts_the_acknowledgement(make_settings, start_intake_listener,
+                                                                              config_file, sink):
+    desk = _open_ticket(make_settings, start_intake_listener, config_file, sink,
+                        INTAKE_AUTOREPLY__LIMIT_PER_RECIPIENT="1")
+    assert _to_reporter(_ask(desk, f"Re: [{desk.reference}] status", "status\n", datetime.now(timezone.utc))) == []
+    [unanswered] = [e for e in desk.ticket().events if e.kind == UNANSWERED]
+    assert unanswered.detail["reason"].startswith(f"rate limit: 1 automatic mails to {REPORTER}")
+
+
+def test_the_status_reply_is_encrypted_to_the_reporters_key_on_file(make_settings, start_intake_listener,
+                                                                    config_file, sink, cli, tmp_path):
+    keys = Keys(tmp_path)
+    desk = _open_ticket(make_settings, start_intake_listener, config_file, sink,
+                        INTAKE_OPENPGP__KEY_FILE=str(keys.org_file))
+    cli("key", desk.reference, str(keys.reporter_public))
+    [reply] = _to_reporter(_ask(desk, f"Re: [{desk.reference}] status", "status\n", datetime.now(timezone.utc)))
+    assert "Status: received" in _decrypted(reply, keys.reporter)
+    assert "Status: received" not in reply.as_string()
+
 def test_prose_about_the_status_is_a_reply_for_a_person(desk):
     now = datetime.now(timezone.utc)
     delivered = _ask(desk, f"Re: [{desk.reference}] Auth bypass in admin", "What is the status of my report?\n", now)
@@ -166,3 +190,17 @@ def test_readme_shows_the_status_reply_as_the_template_renders_it():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     [shown] = re.findall(r"### Status on request\n.*?```\n(.*?)```", readme, re.DOTALL)
     assert shown == rendered
+
+
+@pytest.mark.parametrize("state, severity, close_reason, words", [
+    ("new", None, None, "received; our team has not assessed it yet"),
+    ("assessed", "high", None, "assessed (severity high); we are working on a fix"),
+    ("waiting", None, None, "waiting for an answer from you to our last question"),
+    ("closed", None, "duplicate", "closed: a duplicate of an earlier report"),
+    ("closed", None, "invalid", "closed: we found it is not a vulnerability"),
+    ("closed", None, "spam", "no longer open"),
+])
+def test_states_in_plain_words(state, severity, close_reason, words):
+    ticket = Ticket(reference="SEC-2026-0001", subject="x", reporter=REPORTER, intake_address="security@example.com",
+                    state=state, severity=severity, close_reason=close_reason, policy="default")
+    assert status_reply.state_words(ticket) == words
