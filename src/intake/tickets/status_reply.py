@@ -126,15 +126,21 @@ def answer(session: Session, settings: Settings, ticket: Ticket, incoming: route
     """Answer the reporter's status request *incoming* on *ticket* (already recorded in its thread)
     unless :func:`refusal` forbids it; either way record what happened. True when a reply was queued."""
     why_not = refusal(session, settings, ticket, incoming, now)
-    text = "" if why_not else composer.render("status.txt.j2", settings.templates_path,
-                                              **_context(session, settings, ticket))
-    mail = None if why_not else _status_mail(settings, ticket, incoming, text, session, now)
-    if mail is not None and not outbox.enqueue(session, mail, ticket_id=ticket.id, now=now):
+    if why_not is None:
+        text = composer.render("status.txt.j2", settings.templates_path, **_context(session, settings, ticket))
+        mail = _status_mail(session, settings, ticket, incoming, text, now)
+        if outbox.enqueue(session, mail, ticket_id=ticket.id, now=now):
+            _record_reply(session, ticket, incoming, mail, text, now)
+            return True
         why_not = "answered already today by another node (the outbox's dedupe key)"
-    if why_not or mail is None:
-        records.add_event(session, ticket.id, EventKind.STATUS_REQUEST_UNANSWERED, now,
-                          message_id=incoming.mail.message_id, reason=why_not)
-        return False
+    records.add_event(session, ticket.id, EventKind.STATUS_REQUEST_UNANSWERED, now,
+                      message_id=incoming.mail.message_id, reason=why_not)
+    return False
+
+
+def _record_reply(session: Session, ticket: Ticket, incoming: route.Incoming, mail: composer.OutgoingMail,
+                  text: str, now: datetime) -> None:
+    """The queued status reply in the ticket's thread (its text sealed) and as an event."""
     session.execute(insert(ThreadEntry.__table__).values(
         ticket_id=ticket.id, direction=Direction.OUT, kind=MailKind.STATUS_REPLY, message_id=mail.message_id,
         in_reply_to=incoming.mail.message_id or None, references=[], sender=ticket.intake_address,
@@ -142,7 +148,6 @@ def answer(session: Session, settings: Settings, ticket: Ticket, incoming: route
         body_text=sealing.seal_for_ticket(session, ticket.id, now, "thread_entry", "body_text", text)))
     records.add_event(session, ticket.id, QUEUED_EVENT[MailKind.STATUS_REPLY], now, to=ticket.reporter,
                       message_id=mail.message_id)
-    return True
 
 
 def _subject(ticket: Ticket) -> str:
@@ -157,7 +162,7 @@ def _context(session: Session, settings: Settings, ticket: Ticket) -> dict[str, 
                 from_name=settings.intake.from_name, intake_address=ticket.intake_address)
 
 
-def _status_mail(settings: Settings, ticket: Ticket, incoming: route.Incoming, text: str, session: Session,
+def _status_mail(session: Session, settings: Settings, ticket: Ticket, incoming: route.Incoming, text: str,
                  now: datetime) -> composer.OutgoingMail:
     """The status reply saying *text*: automatic (auto-replied, null sender, rate limited), threaded
     under the request, one per ticket and UTC day by its dedupe key, encrypted to the reporter's
