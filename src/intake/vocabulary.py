@@ -168,6 +168,8 @@ class EventKind:
     PROMOTED = "promoted"  # a held message made into this ticket by a maintainer (`intake promote`)
     REPORTER_KEY_ADDED = "reporter-key-added"  # an OpenPGP key kept for the reporter (attached, or `intake key`)
     CONTENT_PURGED = "content-purged"  # `intake purge`: its report, thread and mail erased after [retention]
+    # The reporter asked for the status by mail and got no automatic answer (why is in the detail).
+    STATUS_REQUEST_UNANSWERED = "status-request-unanswered"
 
 
 class PurgeKind:
@@ -212,6 +214,7 @@ class MailKind:
     OUT_OF_SCOPE = "out-of-scope"
     CORRESPONDENCE = "correspondence"  # a maintainer's reply
     DUPLICATE_NOTICE = "duplicate-notice"  # the ticket was merged into another
+    STATUS_REPLY = "status-reply"  # the automatic answer to the reporter's "status" mail
     # to maintainers
     NEW_TICKET = NotificationKind.NEW_TICKET
     REMINDER = NotificationKind.REMINDER
@@ -241,6 +244,7 @@ QUEUED_EVENT = {
     MailKind.OUT_OF_SCOPE: "out-of-scope-queued",
     MailKind.CORRESPONDENCE: "correspondence-queued",
     MailKind.DUPLICATE_NOTICE: "duplicate-notice-queued",
+    MailKind.STATUS_REPLY: "status-reply-queued",
 }
 # The event recorded when a routed message is added to its ticket, by decision.
 RECEIVED_EVENT = {decision: f"{decision}-received" for decision in DECISIONS}

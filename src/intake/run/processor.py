@@ -36,8 +36,8 @@ from intake.config.settings import Settings
 from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
-from intake.store.models import InboundMessage
-from intake.tickets import maintainer_mail, opening, records, reporter_keys
+from intake.store.models import InboundMessage, Ticket
+from intake.tickets import maintainer_mail, opening, records, reporter_keys, status_reply
 from intake.understand import (
     arrival_time, decisions, dns_lookups, lookups, parse_guard, pgp_inbound, reply_tokens, route, sender_auth,
 )
@@ -283,12 +283,24 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> l
             if not r.prepared.stored.history:  # imported history: recorded, never forwarded nor carried out
                 maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
                                        plan.reply_secret, r.prepared.work)
+                _answer_status_request(session, settings, r, now)
         elif (handling.mail is decisions.Mail.REFUSAL and r.decision.refused is not None
               and not r.prepared.stored.history):
             maintainer_mail.refused(session, settings, r.incoming, r.decision, now, plan.reply_secret)
         outcomes.append(Outcome(r.prepared, r.decision))
     _mark(session, outcomes, now)
     return outcomes
+
+
+def _answer_status_request(session: Session, settings: Settings, routed: Routed, now: datetime) -> None:
+    """A reporter's own reply asking for the status gets the automatic status reply (see
+    :mod:`intake.tickets.status_reply`); a third party's or a maintainer's never does."""
+    mail = routed.incoming.mail
+    reporters_own = decisions.handling(routed.decision).on_ticket is decisions.OnTicket.REPORTER_BACK
+    if reporters_own and status_reply.is_request(mail.subject, mail.body_text):
+        ticket = session.get(Ticket, routed.decision.ticket_id)
+        assert ticket is not None  # recorded on it just before
+        status_reply.answer(session, settings, ticket, routed.incoming, now)
 
 
 def _record_failures(engine: Engine, failures: list[tuple[Prepared, str]], now: datetime) -> list[Outcome]:
