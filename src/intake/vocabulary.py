@@ -74,6 +74,21 @@ class CloseReason:
 
 CLOSE_REASONS = (CloseReason.FIXED, CloseReason.INVALID, CloseReason.DUPLICATE, CloseReason.OUT_OF_SCOPE,
                  CloseReason.SPAM)
+
+
+class UpdateKind:
+    """A progress update the reporter gets when a ticket moves on (``[policies.X] updates``); each
+    is the template ``update-<kind>.txt.j2`` (see :mod:`intake.tickets.updates`)."""
+
+    ASSESSED = "assessed"  # `intake assess`: the severity
+    FIX_RELEASED = "fix-released"  # `intake released`: the version
+    DISCLOSURE_SCHEDULED = "disclosure-scheduled"  # `intake released`, when the policy's disclose stage has a date
+    DISCLOSED = "disclosed"  # `intake disclose`: the advisory
+    CLOSED = "closed"  # `intake close`: the reason in plain words
+
+
+UPDATE_KINDS = (UpdateKind.ASSESSED, UpdateKind.FIX_RELEASED, UpdateKind.DISCLOSURE_SCHEDULED, UpdateKind.DISCLOSED,
+                UpdateKind.CLOSED)
 # States in which a ticket has nothing left to meet: no deadlines listed, no reminders sent,
 # never counted as breached.
 FINISHED_STATES = (TicketState.RESOLVED, TicketState.CLOSED)
@@ -168,6 +183,9 @@ class EventKind:
     PROMOTED = "promoted"  # a held message made into this ticket by a maintainer (`intake promote`)
     REPORTER_KEY_ADDED = "reporter-key-added"  # an OpenPGP key kept for the reporter (attached, or `intake key`)
     CONTENT_PURGED = "content-purged"  # `intake purge`: its report, thread and mail erased after [retention]
+    # A progress update not sent: --quiet, its policy leaves it out, the reporter is unreachable,
+    # it went already, or the ticket was closed as spam (sent ones are "progress-update-queued").
+    UPDATE_SUPPRESSED = "update-suppressed"
 
 
 class PurgeKind:
@@ -212,6 +230,7 @@ class MailKind:
     OUT_OF_SCOPE = "out-of-scope"
     CORRESPONDENCE = "correspondence"  # a maintainer's reply
     DUPLICATE_NOTICE = "duplicate-notice"  # the ticket was merged into another
+    PROGRESS_UPDATE = "progress-update"  # assessed, fix released, disclosure scheduled, disclosed, closed
     # to maintainers
     NEW_TICKET = NotificationKind.NEW_TICKET
     REMINDER = NotificationKind.REMINDER
@@ -241,6 +260,7 @@ QUEUED_EVENT = {
     MailKind.OUT_OF_SCOPE: "out-of-scope-queued",
     MailKind.CORRESPONDENCE: "correspondence-queued",
     MailKind.DUPLICATE_NOTICE: "duplicate-notice-queued",
+    MailKind.PROGRESS_UPDATE: "progress-update-queued",
 }
 # The event recorded when a routed message is added to its ticket, by decision.
 RECEIVED_EVENT = {decision: f"{decision}-received" for decision in DECISIONS}

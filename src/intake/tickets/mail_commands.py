@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.store.models import Ticket
-from intake.tickets import credit, milestones, triage
+from intake.tickets import credit, milestones, triage, updates
 from intake.understand.text_work import NOTE_COMMAND
 from intake.vocabulary import CLOSE_REASONS, SEVERITIES, Milestone, TicketState
 
@@ -99,20 +99,20 @@ def _record(milestone: str) -> Callable[[Request, list[str]], str]:
 
 def _released(request: Request, words: list[str]) -> str:
     version = words[0] if words else None
-    milestones.record(request.session, request.settings, request.ticket, Milestone.RELEASED, at=request.now,
-                      now=request.now, actor=request.actor, version=version)
+    updates.released(request.session, request.settings, request.ticket, at=request.now, now=request.now,
+                     actor=request.actor, version=version)
     return Milestone.RELEASED + (f" {version}" if version else "")
 
 
 def _assess(request: Request, words: list[str]) -> str:
-    milestones.assess(request.session, request.settings, request.ticket, words[0].lower(), at=request.now,
-                      now=request.now, actor=request.actor)
+    updates.assess(request.session, request.settings, request.ticket, words[0].lower(), at=request.now,
+                   now=request.now, actor=request.actor)
     return f"assessed, severity {request.ticket.severity}"
 
 
 def _close(request: Request, words: list[str]) -> str:
-    triage.close(request.session, request.settings, request.ticket, words[0].lower(), now=request.now,
-                 actor=request.actor)
+    updates.close(request.session, request.settings, request.ticket, words[0].lower(), now=request.now,
+                  actor=request.actor)
     return f"closed ({request.ticket.close_reason})"
 
 
