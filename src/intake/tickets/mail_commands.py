@@ -104,6 +104,13 @@ def _released(request: Request, words: list[str]) -> str:
     return Milestone.RELEASED + (f" {version}" if version else "")
 
 
+def _disclosed(request: Request, words: list[str]) -> str:
+    advisory = words[0] if words else None
+    updates.disclosed(request.session, request.settings, request.ticket, at=request.now, now=request.now,
+                      actor=request.actor, advisory=advisory)
+    return Milestone.DISCLOSED + (f" {advisory}" if advisory else "")
+
+
 def _assess(request: Request, words: list[str]) -> str:
     updates.assess(request.session, request.settings, request.ticket, words[0].lower(), at=request.now,
                    now=request.now, actor=request.actor)
@@ -146,7 +153,7 @@ COMMANDS = (
     Command("ack", "", "record that a person acknowledged the report", _record(Milestone.ACKNOWLEDGED),
             aliases=(Milestone.ACKNOWLEDGED,)),
     Command("assess", "<severity>", "record the assessment, with its severity", _assess, (1, 1)),
-    Command(Milestone.DISCLOSED, "", "record that the issue was disclosed", _record(Milestone.DISCLOSED)),
+    Command(Milestone.DISCLOSED, "[advisory id or URL]", "record that the issue was disclosed", _disclosed),
     Command(Milestone.RESOLVED, "", "record that the ticket is resolved", _record(Milestone.RESOLVED)),
     Command("close", "|".join(CLOSE_REASONS), "close the ticket with that reason", _close, (1, 1)),
     Command("label", "<label> …", "add labels", _label, (1, None)),
