@@ -161,7 +161,7 @@ def merge(obj: Context, reference: str, into_reference: str) -> None:
 @_update_options
 @click.pass_obj
 def close(obj: Context, reference: str, reason: str, force: bool, quiet: bool, message: str | None) -> None:
-    """Close the ticket (it counts as resolved); the reporter is told why."""
+    """Close the ticket (it counts as resolved). The reporter is told why (unless --quiet)."""
     change_ticket(obj, reference, lambda session, settings, ticket, now: updates.close(
         session, settings, ticket, reason, now=now, actor=actor(settings), force=force,
         choice=updates.UpdateChoice(quiet, message)))
