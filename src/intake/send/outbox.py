@@ -71,11 +71,6 @@ def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now:
     return mail.dedupe_key in enqueue_many(session, [(mail, ticket_id)], now=now)
 
 
-def is_queued(session: Session, dedupe_key: str) -> bool:
-    """Whether mail with *dedupe_key* was ever queued (sent, pending or given up)."""
-    return session.scalar(select(Outbox.id).where(Outbox.dedupe_key == dedupe_key).limit(1)) is not None
-
-
 def enqueue_many(session: Session, mails: list[tuple[OutgoingMail, int | None]], *, now: datetime) -> set[str]:
     """Queue each mail (for its ticket) unless its dedupe key is already queued, in one statement;
     returns the dedupe keys queued now. The mail is sealed under its ticket's data key, a

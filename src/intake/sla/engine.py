@@ -198,8 +198,7 @@ class PolicyConfig(BaseModel):
     # What a report scored low-quality gets: the normal acknowledgement, or the polite
     # out-of-scope reply (template out-of-scope.txt.j2). Either way it is a ticket.
     low_quality_reply: Literal["acknowledge", "out-of-scope"] = "acknowledge"
-    # The progress updates its reporters get (see intake.vocabulary.UpdateKind); default: all.
-    updates: list[str] = Field(default_factory=lambda: list(UPDATE_KINDS))
+    updates: list[str] = Field(default_factory=lambda: list(UPDATE_KINDS))  # progress updates sent (UpdateKind)
     # How long before its due instant an unmet stage counts as due soon (elapsed time).
     due_soon: str = DEFAULT_DUE_SOON
     # Reminder points of its stages (a stage may give its own): "N%" of the stage's time, or
@@ -210,8 +209,7 @@ class PolicyConfig(BaseModel):
     @field_validator("updates")
     @classmethod
     def _known_updates(cls, kinds: list[str]) -> list[str]:
-        unknown = [kind for kind in kinds if kind not in UPDATE_KINDS]
-        if unknown:
+        if unknown := [kind for kind in kinds if kind not in UPDATE_KINDS]:
             raise ValueError(f"unknown updates {', '.join(unknown)}: use some of {', '.join(UPDATE_KINDS)}")
         return kinds
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from sqlalchemy import select
 from sqlmodel import Session
 
 from intake.config.settings import Settings
-from intake.send import composer, outbox
+from intake.send import composer
 from intake.sla import deadlines
-from intake.store.models import Ticket
+from intake.store.models import Outbox, Ticket
 from intake.tickets import correspondence, milestones, records, triage
 from intake.understand.header_text import clean_text
 from intake.vocabulary import CloseReason, EventKind, MailKind, Milestone, UpdateKind
@@ -44,6 +45,11 @@ def dedupe_key(ticket: Ticket, kind: str) -> str:
     return f"update:{ticket.reference}:{kind}"
 
 
+def _already_queued(session: Session, key: str) -> bool:
+    """Whether mail with dedupe *key* was ever queued (sent, pending or given up)."""
+    return session.scalar(select(Outbox.id).where(Outbox.dedupe_key == key).limit(1)) is not None
+
+
 def _suppressed_because(session: Session, settings: Settings, ticket: Ticket, kind: str,
                         choice: UpdateChoice) -> str | None:
     """Why *kind* is not sent to *ticket*'s reporter now, or None when it is."""
@@ -56,7 +62,7 @@ def _suppressed_because(session: Session, settings: Settings, ticket: Ticket, ki
         return "reporter unreachable"
     if kind == UpdateKind.CLOSED and ticket.close_reason == CloseReason.SPAM:
         return "closed as spam"
-    if outbox.is_queued(session, dedupe_key(ticket, kind)):
+    if _already_queued(session, dedupe_key(ticket, kind)):
         return "already sent"
     return None
 
