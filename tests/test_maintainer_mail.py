@@ -145,6 +145,16 @@ def test_maintainer_reply_is_relayed_trimmed_with_attachments_and_commands_appli
     assert [e.kind for e in desk.ticket().events if e.kind == "milestone"] == ["milestone"]  # the human ack
 
 
+def test_commands_by_mail_send_the_reporter_progress_updates(desk):
+    reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
+    desk.send(_maintainer_mail(reply_to, "#ack\n#assess high\n#close invalid\n#note\n"), "ana@maintainers.test",
+              reply_to)
+    to_reporter = [" ".join(_parsed(m).get_content().split()) for m in desk.deliver()
+                   if m.rcpt_tos == ["alice@researcher.test"]]
+    assert len(to_reporter) == 2
+    assert "rated its severity high." in to_reporter[0] and "it is not a vulnerability" in to_reporter[1]
+
+
 def test_credit_by_mail(desk):
     reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
     desk.send(_maintainer_mail(reply_to, "#credit Alice Researcher @alice https://alice.test\n#note\n"),

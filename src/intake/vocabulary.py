@@ -74,6 +74,21 @@ class CloseReason:
 
 CLOSE_REASONS = (CloseReason.FIXED, CloseReason.INVALID, CloseReason.DUPLICATE, CloseReason.OUT_OF_SCOPE,
                  CloseReason.SPAM)
+
+
+class UpdateKind:
+    """A progress update the reporter gets when a ticket moves on (``[policies.X] updates``); each
+    is the template ``update-<kind>.txt.j2`` (see :mod:`intake.tickets.updates`)."""
+
+    ASSESSED = "assessed"  # `intake assess`: the severity
+    FIX_RELEASED = "fix-released"  # `intake released`: the version
+    DISCLOSURE_SCHEDULED = "disclosure-scheduled"  # `intake released`, when the policy's disclose stage has a date
+    DISCLOSED = "disclosed"  # `intake disclose`: the advisory
+    CLOSED = "closed"  # `intake close`: the reason in plain words
+
+
+UPDATE_KINDS = (UpdateKind.ASSESSED, UpdateKind.FIX_RELEASED, UpdateKind.DISCLOSURE_SCHEDULED, UpdateKind.DISCLOSED,
+                UpdateKind.CLOSED)
 # States in which a ticket has nothing left to meet: no deadlines listed, no reminders sent,
 # never counted as breached.
 FINISHED_STATES = (TicketState.RESOLVED, TicketState.CLOSED)
@@ -170,6 +185,9 @@ class EventKind:
     CONTENT_PURGED = "content-purged"  # `intake purge`: its report, thread and mail erased after [retention]
     # The reporter asked for the status by mail and got no automatic answer (why is in the detail).
     STATUS_REQUEST_UNANSWERED = "status-request-unanswered"
+    # A progress update not sent: --quiet, its policy leaves it out, the reporter is unreachable,
+    # it went already, or the ticket was closed as spam (sent ones are "progress-update-queued").
+    UPDATE_SUPPRESSED = "update-suppressed"
 
 
 class PurgeKind:
@@ -215,6 +233,7 @@ class MailKind:
     CORRESPONDENCE = "correspondence"  # a maintainer's reply
     DUPLICATE_NOTICE = "duplicate-notice"  # the ticket was merged into another
     STATUS_REPLY = "status-reply"  # the automatic answer to the reporter's "status" mail
+    PROGRESS_UPDATE = "progress-update"  # assessed, fix released, disclosure scheduled, disclosed, closed
     # to maintainers
     NEW_TICKET = NotificationKind.NEW_TICKET
     REMINDER = NotificationKind.REMINDER
@@ -245,6 +264,7 @@ QUEUED_EVENT = {
     MailKind.CORRESPONDENCE: "correspondence-queued",
     MailKind.DUPLICATE_NOTICE: "duplicate-notice-queued",
     MailKind.STATUS_REPLY: "status-reply-queued",
+    MailKind.PROGRESS_UPDATE: "progress-update-queued",
 }
 # The event recorded when a routed message is added to its ticket, by decision.
 RECEIVED_EVENT = {decision: f"{decision}-received" for decision in DECISIONS}

@@ -1,7 +1,8 @@
 """Commands that move a ticket on: assign, severity, label, merge, close, reopen; the milestones
 (ack, assess, released, resolve, disclose: see :func:`__getattr__`); wait and resume (on the reporter). Each is one call to
-:mod:`intake.tickets.triage` or :mod:`intake.tickets.milestones` in :func:`change_ticket`'s
-transaction."""
+:mod:`intake.tickets.triage`, :mod:`intake.tickets.milestones` or :mod:`intake.tickets.updates` (those
+that send the reporter a progress update: assess, released, disclose, close; ``--quiet`` and
+``--message``) in :func:`change_ticket`'s transaction."""
 
 from __future__ import annotations
 
@@ -12,8 +13,15 @@ from typing import Any
 import click
 
 from intake.cli.common import AT_OPTION, FORCE_OPTION, Context, actor, change_ticket
-from intake.tickets import milestones, reads, triage
+from intake.tickets import milestones, reads, triage, updates
 from intake.vocabulary import CLOSE_REASONS, MILESTONE_SPEC, MILESTONE_SPECS, SEVERITIES, Milestone
+
+
+def _update_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--quiet`` and ``--message`` of a command that sends the reporter a progress update."""
+    command = click.option("--message", default=None,
+                           help="A personal line added to the update the reporter gets.")(command)
+    return click.option("--quiet", is_flag=True, help="Send the reporter no update for this change.")(command)
 
 
 def _milestone_command(milestone: str) -> click.Command:
@@ -53,10 +61,13 @@ reopen = _ticket_command("reopen", triage.reopen, "Reopen a closed or resolved t
 @click.option("--severity", required=True, type=click.Choice(SEVERITIES), help="The assessed severity.")
 @AT_OPTION
 @FORCE_OPTION
+@_update_options
 @click.pass_obj
-def assess(obj: Context, reference: str, severity: str, at: datetime | None, force: bool) -> None:
-    change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.assess(
-        session, settings, ticket, severity, at=at or now, now=now, actor=actor(settings), force=force))
+def assess(obj: Context, reference: str, severity: str, at: datetime | None, force: bool, quiet: bool,
+           message: str | None) -> None:
+    change_ticket(obj, reference, lambda session, settings, ticket, now: updates.assess(
+        session, settings, ticket, severity, at=at or now, now=now, actor=actor(settings), force=force,
+        choice=updates.UpdateChoice(quiet, message)))
 
 
 @click.command(MILESTONE_SPEC[Milestone.RELEASED].verb, help=MILESTONE_SPEC[Milestone.RELEASED].summary)
@@ -64,11 +75,27 @@ def assess(obj: Context, reference: str, severity: str, at: datetime | None, for
 @AT_OPTION
 @click.option("--version", "version", default=None, help="The release that carries the fix.")
 @FORCE_OPTION
+@_update_options
 @click.pass_obj
-def released(obj: Context, reference: str, at: datetime | None, version: str | None, force: bool) -> None:
-    change_ticket(obj, reference, lambda session, settings, ticket, now: milestones.record(
-        session, settings, ticket, Milestone.RELEASED, at=at or now, now=now, actor=actor(settings), force=force,
-        version=version))
+def released(obj: Context, reference: str, at: datetime | None, version: str | None, force: bool, quiet: bool,
+             message: str | None) -> None:
+    change_ticket(obj, reference, lambda session, settings, ticket, now: updates.released(
+        session, settings, ticket, at=at or now, now=now, actor=actor(settings), force=force, version=version,
+        choice=updates.UpdateChoice(quiet, message)))
+
+
+@click.command(MILESTONE_SPEC[Milestone.DISCLOSED].verb, help=MILESTONE_SPEC[Milestone.DISCLOSED].summary)
+@click.argument("reference")
+@AT_OPTION
+@click.option("--advisory", default=None, help="The advisory's id or URL (the reporter's update names it).")
+@FORCE_OPTION
+@_update_options
+@click.pass_obj
+def disclose(obj: Context, reference: str, at: datetime | None, advisory: str | None, force: bool, quiet: bool,
+             message: str | None) -> None:
+    change_ticket(obj, reference, lambda session, settings, ticket, now: updates.disclosed(
+        session, settings, ticket, at=at or now, now=now, actor=actor(settings), force=force, advisory=advisory,
+        choice=updates.UpdateChoice(quiet, message)))
 
 
 @click.command()
@@ -131,16 +158,18 @@ def merge(obj: Context, reference: str, into_reference: str) -> None:
 @click.argument("reference")
 @click.option("--reason", required=True, type=click.Choice(CLOSE_REASONS), help="Why it is closed.")
 @click.option("--force", is_flag=True, help="Close as fixed without a recorded release.")
+@_update_options
 @click.pass_obj
-def close(obj: Context, reference: str, reason: str, force: bool) -> None:
-    """Close the ticket (it counts as resolved)."""
-    change_ticket(obj, reference, lambda session, settings, ticket, now: triage.close(
-        session, settings, ticket, reason, now=now, actor=actor(settings), force=force))
+def close(obj: Context, reference: str, reason: str, force: bool, quiet: bool, message: str | None) -> None:
+    """Close the ticket (it counts as resolved). The reporter is told why (unless --quiet)."""
+    change_ticket(obj, reference, lambda session, settings, ticket, now: updates.close(
+        session, settings, ticket, reason, now=now, actor=actor(settings), force=force,
+        choice=updates.UpdateChoice(quiet, message)))
 
 
 def __getattr__(verb: str) -> click.Command:
     """``intake <verb>`` of every milestone in MILESTONE_SPECS without a command of its own above
-    (ack, resolve, disclose): a new milestone gets its command from its entry alone."""
+    (ack, resolve): a new milestone gets its command from its entry alone."""
     spec = next((spec for spec in MILESTONE_SPECS if spec.verb == verb), None)
     if spec is None:
         raise AttributeError(verb)

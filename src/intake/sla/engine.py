@@ -49,7 +49,7 @@ from intake.sla.calendars import (
     parse_duration, point_in_counted_time, resolve_calendar,
 )
 from intake.sla.reminder_points import parse_reminder_point, valid_reminder_points
-from intake.vocabulary import MILESTONES, MILESTONE_SPECS, SEVERITIES, StageState
+from intake.vocabulary import MILESTONES, MILESTONE_SPECS, SEVERITIES, UPDATE_KINDS, StageState
 
 DEFAULT_DUE_SOON = "24 hours"
 # When maintainers are reminded of an unmet stage, unless its policy or the stage says otherwise.
@@ -198,12 +198,20 @@ class PolicyConfig(BaseModel):
     # What a report scored low-quality gets: the normal acknowledgement, or the polite
     # out-of-scope reply (template out-of-scope.txt.j2). Either way it is a ticket.
     low_quality_reply: Literal["acknowledge", "out-of-scope"] = "acknowledge"
+    updates: list[str] = Field(default_factory=lambda: list(UPDATE_KINDS))  # progress updates sent (UpdateKind)
     # How long before its due instant an unmet stage counts as due soon (elapsed time).
     due_soon: str = DEFAULT_DUE_SOON
     # Reminder points of its stages (a stage may give its own): "N%" of the stage's time, or
     # "<N> minutes|hours|days before" it is due.
     remind: list[str] = Field(default_factory=lambda: list(DEFAULT_REMIND))
     stages: list[StageConfig] = Field(min_length=1)
+
+    @field_validator("updates")
+    @classmethod
+    def _known_updates(cls, kinds: list[str]) -> list[str]:
+        if unknown := [kind for kind in kinds if kind not in UPDATE_KINDS]:
+            raise ValueError(f"unknown updates {', '.join(unknown)}: use some of {', '.join(UPDATE_KINDS)}")
+        return kinds
 
     @field_validator("remind")
     @classmethod

@@ -47,10 +47,12 @@ def _latest_from_reporter(session: Session, ticket: Ticket) -> ThreadEntry | Non
 
 
 def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: str, *, kind: str, now: datetime,
-                  actor: str, cc: tuple[str, ...] = (),
-                  attachments: tuple[composer.Attachment, ...] = ()) -> composer.OutgoingMail:
-    """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it.
-    Encrypted when every recipient has an OpenPGP key (see :mod:`intake.tickets.reporter_keys`)."""
+                  actor: str, cc: tuple[str, ...] = (), attachments: tuple[composer.Attachment, ...] = (),
+                  dedupe_key: str | None = None, detail: dict[str, object] | None = None) -> composer.OutgoingMail:
+    """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it
+    (with *detail* in its event). Encrypted when every recipient has an OpenPGP key (see
+    :mod:`intake.tickets.reporter_keys`). With a *dedupe_key* the caller has checked it is not
+    queued yet (:func:`intake.send.outbox.is_queued`)."""
     text = _check_body(body)
     subject = f"Re: [{ticket.reference}] {clean_text(ticket.subject)}"
     parent = _latest_from_reporter(session, ticket)
@@ -58,7 +60,7 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
     mail = composer.compose(
         kind, sender=(settings.intake.from_name, ticket.intake_address), to=[ticket.reporter], cc=cc,
         subject=subject, text=text, attachments=attachments,
-        ticket=ticket.reference, message_id_domain=settings.intake.message_id_domain, now=now,
+        ticket=ticket.reference, message_id_domain=settings.intake.message_id_domain, now=now, dedupe_key=dedupe_key,
         in_reply_to=parent.message_id if parent else None, references=parent.references if parent else (),
         encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter, *cc]))
     outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
@@ -71,7 +73,7 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
                       "content_type": a.content_type, "size": len(a.data), "sha256": hashlib.sha256(a.data).hexdigest()}
                      for n, a in enumerate(attachments, start=1)]))
     records.add_event(session, ticket.id, QUEUED_EVENT[kind], now, actor=actor, to=ticket.reporter, cc=list(cc),
-                      message_id=mail.message_id)
+                      message_id=mail.message_id, **(detail or {}))
     ticket.updated_at = now
     return mail
 

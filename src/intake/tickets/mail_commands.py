@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.store.models import Ticket
-from intake.tickets import credit, milestones, triage
+from intake.tickets import credit, milestones, triage, updates
 from intake.understand.text_work import NOTE_COMMAND
 from intake.vocabulary import CLOSE_REASONS, SEVERITIES, Milestone, TicketState
 
@@ -99,20 +99,27 @@ def _record(milestone: str) -> Callable[[Request, list[str]], str]:
 
 def _released(request: Request, words: list[str]) -> str:
     version = words[0] if words else None
-    milestones.record(request.session, request.settings, request.ticket, Milestone.RELEASED, at=request.now,
-                      now=request.now, actor=request.actor, version=version)
+    updates.released(request.session, request.settings, request.ticket, at=request.now, now=request.now,
+                     actor=request.actor, version=version)
     return Milestone.RELEASED + (f" {version}" if version else "")
 
 
+def _disclosed(request: Request, words: list[str]) -> str:
+    advisory = words[0] if words else None
+    updates.disclosed(request.session, request.settings, request.ticket, at=request.now, now=request.now,
+                      actor=request.actor, advisory=advisory)
+    return Milestone.DISCLOSED + (f" {advisory}" if advisory else "")
+
+
 def _assess(request: Request, words: list[str]) -> str:
-    milestones.assess(request.session, request.settings, request.ticket, words[0].lower(), at=request.now,
-                      now=request.now, actor=request.actor)
+    updates.assess(request.session, request.settings, request.ticket, words[0].lower(), at=request.now,
+                   now=request.now, actor=request.actor)
     return f"assessed, severity {request.ticket.severity}"
 
 
 def _close(request: Request, words: list[str]) -> str:
-    triage.close(request.session, request.settings, request.ticket, words[0].lower(), now=request.now,
-                 actor=request.actor)
+    updates.close(request.session, request.settings, request.ticket, words[0].lower(), now=request.now,
+                  actor=request.actor)
     return f"closed ({request.ticket.close_reason})"
 
 
@@ -146,7 +153,7 @@ COMMANDS = (
     Command("ack", "", "record that a person acknowledged the report", _record(Milestone.ACKNOWLEDGED),
             aliases=(Milestone.ACKNOWLEDGED,)),
     Command("assess", "<severity>", "record the assessment, with its severity", _assess, (1, 1)),
-    Command(Milestone.DISCLOSED, "", "record that the issue was disclosed", _record(Milestone.DISCLOSED)),
+    Command(Milestone.DISCLOSED, "[advisory id or URL]", "record that the issue was disclosed", _disclosed),
     Command(Milestone.RESOLVED, "", "record that the ticket is resolved", _record(Milestone.RESOLVED)),
     Command("close", "|".join(CLOSE_REASONS), "close the ticket with that reason", _close, (1, 1)),
     Command("label", "<label> …", "add labels", _label, (1, None)),
