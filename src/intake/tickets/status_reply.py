@@ -18,12 +18,12 @@ way: it is forwarded to them like any reply of the reporter's.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime, timedelta
 
 from sqlalchemy import insert, select
 from sqlmodel import Session
 
+from intake import patterns
 from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
@@ -41,7 +41,7 @@ from intake.vocabulary import (
 STATUS_WINDOW = timedelta(hours=24)
 
 _REQUEST_WORD = "status"
-_TAGS = re.compile(r"\[[^\]]*\]")  # [SEC-2026-0001], [External], ...: not what the reporter wrote
+_TAGS = patterns.compile(r"\[[^\]]*\]")  # [SEC-2026-0001], [External], ...: not what the reporter wrote
 _TRAILING_MARKS = ".?!: "
 
 # A ticket's state as a reporter reads it.
