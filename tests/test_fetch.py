@@ -136,15 +136,21 @@ def test_a_pass_that_stored_but_did_not_mark_is_finished_by_the_next_without_dou
     assert dovecot.folder_state() == (30, 30)
 
 
+def _filled_with_another_session(dovecot: Dovecot, count: int):  # type: ignore[no-untyped-def]
+    """*count* messages appended to INBOX, and a second IMAP session on it (someone else's mail
+    program): the messages, that session and their UIDs."""
+    sent = _messages(count)
+    dovecot.append(sent)
+    other = dovecot.client()
+    other.select_folder("INBOX")
+    return sent, other, sorted(other.search("ALL"))
+
+
 def test_a_dropped_connection_loses_nothing_and_a_message_deleted_meanwhile_is_skipped(configure, dovecot: Dovecot):
     settings = configure("seen")
     engine = make_engine(settings.database_url)
-    sent = _messages(60)
-    dovecot.append(sent)
+    sent, other, uids = _filled_with_another_session(dovecot, 60)
     source = settings.fetch[0]
-    other = dovecot.client()
-    other.select_folder("INBOX")
-    uids = sorted(other.search("ALL"))
 
     batches: list[int] = []
 
@@ -170,12 +176,8 @@ def test_a_message_expunged_under_a_running_pass_is_skipped_not_fatal(configure,
     rest of that batch is still stored."""
     settings = configure("delete")
     engine = make_engine(settings.database_url)
-    sent = _messages(20)
-    dovecot.append(sent)
+    sent, other, uids = _filled_with_another_session(dovecot, 20)
     source = settings.fetch[0]
-    other = dovecot.client()
-    other.select_folder("INBOX")
-    uids = sorted(other.search("ALL"))
 
     def meanwhile(progress: fetch.PassResult) -> None:
         if progress.marked == 5:  # after the first batch only: the second marks 3
