@@ -376,6 +376,8 @@ class DigestSchedule(Section):
     disclosures_within: ElapsedText = "14 days"
     # Send it even when it has nothing to list (otherwise an empty digest is skipped).
     send_empty: bool = False
+    # The most tickets a section names; the rest are counted ("... and 120 more").
+    list_limit: int = Field(default=50, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _cron_parses(self) -> DigestSchedule:

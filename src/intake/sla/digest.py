@@ -9,9 +9,10 @@ whoever sends it (the scheduler of either of two ``intake serve`` processes, or 
 disclosure dates coming up, reporters who became unreachable since the last digest (a bounce, or
 the relay refusing our mail to them), mail held since the last digest (made no ticket: counted per
 decision, the spam, failed and unthreaded automatic ones named by message id), and counts by state
-and severity. Each section lists at most
-``SECTION_LIMIT`` tickets and counts the rest, and the counts are SQL aggregates, so building one
-takes the same memory for ten tickets or a hundred thousand.
+and severity. Each section names at most the schedule's ``list_limit`` tickets (held mail:
+``HELD_LIMIT`` messages) and counts the rest ("... and N more"); every count, the footer's
+figures included (:mod:`intake.sla.stats`), is an SQL aggregate, so building one takes the same
+memory for ten tickets or a hundred thousand.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from intake.vocabulary import (
     FINISHED_STATES, SEVERITIES, DigestStatus, MailKind, Milestone, NotificationKind, TicketState,
 )
 
-SECTION_LIMIT = 50
 HELD_LIMIT = 20  # held messages named in the digest; the rest are counted
 # How far back the latest fire time of a schedule is looked for, widening step by step.
 _LOOKBACKS = (timedelta(hours=2), timedelta(days=2), timedelta(days=9), timedelta(days=32), timedelta(days=367),
@@ -101,6 +101,7 @@ class Digest:
     since: datetime  # "new" means received after this: the last digest's period
     now: datetime
     timezone: str
+    list_limit: int  # the most tickets a section names
     sections: list[DigestSection]
     counts: dict[str, dict[str, int]]  # open tickets: state -> severity -> count
     metrics: stats.Stats | None = None  # the footer: `intake stats` over the last STATS_WINDOW
@@ -145,7 +146,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
         since = last or latest_fire_time(trigger, period - timedelta(seconds=1)) or period - timedelta(days=1)
         due_within = parse_duration(schedule.due_within).elapsed
         disclosures_within = parse_duration(schedule.disclosures_within).elapsed
-        digest = Digest(name, period, since, now, schedule.timezone, [], {})
+        digest = Digest(name, period, since, now, schedule.timezone, schedule.list_limit, [], {})
         sections = [
             _new_tickets(session, digest),
             _deadlines(session, digest, "due_soon", f"Due in the next {schedule.due_within}",
@@ -159,7 +160,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
             _held(session, digest),
         ]
         counts = _counts(session)
-    return Digest(name, period, since, now, schedule.timezone, sections, counts,
+    return Digest(name, period, since, now, schedule.timezone, schedule.list_limit, sections, counts,
                   stats.compute(engine, now - STATS_WINDOW, now))
 
 
@@ -169,9 +170,10 @@ def _disclosure_stages(settings: Settings) -> set[str]:
             if stage.milestone == Milestone.DISCLOSED}
 
 
-def _section(session: Session, query: Any, key: str, title: str, line: Any) -> DigestSection:
+def _section(session: Session, digest: Digest, query: Any, key: str, title: str, line: Any) -> DigestSection:
+    """The section of *query*'s rows: counted in the database, the first ``list_limit`` named."""
     total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
-    lines = [line(*row) for row in session.execute(query.limit(SECTION_LIMIT))]
+    lines = [line(*row) for row in session.execute(query.limit(digest.list_limit))]
     return DigestSection(key, title, total, lines)
 
 
@@ -179,7 +181,7 @@ def _new_tickets(session: Session, digest: Digest) -> DigestSection:
     query = (select(Ticket.reference, Ticket.subject, Ticket.reporter, Ticket.received_at, Ticket.state)
              .where(Ticket.received_at > digest.since, Ticket.received_at <= digest.now)
              .order_by(Ticket.received_at, Ticket.id))
-    return _section(session, query, "new", "New since the last digest",
+    return _section(session, digest, query, "new", "New since the last digest",
                     lambda ref, subject, reporter, received, state: DigestLine(
                         ref, subject, f"from {reporter}, received {digest.local(received)}, {state}"))
 
@@ -196,13 +198,13 @@ def _deadlines(session: Session, digest: Digest, key: str, title: str, *conditio
         when = f"in {format_span(due - digest.now)}" if due > digest.now else f"{format_span(digest.now - due)} ago"
         return DigestLine(ref, subject, f"{stage} due {digest.local(due)} ({when}), severity {severity or _NO_SEVERITY}")
 
-    return _section(session, query, key, title, line)
+    return _section(session, digest, query, key, title, line)
 
 
 def _waiting(session: Session, digest: Digest) -> DigestSection:
     query = (select(Ticket.reference, Ticket.subject, Ticket.reporter, Ticket.updated_at)
              .where(Ticket.state == TicketState.WAITING).order_by(Ticket.updated_at, Ticket.id))
-    return _section(session, query, "waiting", "Waiting on the reporter",
+    return _section(session, digest, query, "waiting", "Waiting on the reporter",
                     lambda ref, subject, reporter, updated: DigestLine(
                         ref, subject, f"asked {reporter}; last change {digest.local(updated)}"))
 
@@ -213,7 +215,7 @@ def _unreachable(session: Session, digest: Digest) -> DigestSection:
              .where(Ticket.reporter_unreachable_at > digest.since, Ticket.reporter_unreachable_at <= digest.now)
              .order_by(Ticket.reporter_unreachable_at, Ticket.id))
     total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery())) or 0
-    rows = session.execute(query.limit(SECTION_LIMIT)).all()
+    rows = session.execute(query.limit(digest.list_limit)).all()
     why = undeliverable.reasons(session, [row.id for row in rows])
     return DigestSection("unreachable", "Reporter unreachable since the last digest", total, [
         DigestLine(row.reference, row.subject, f"{row.reporter} since {digest.local(row.reporter_unreachable_at)}: "
