@@ -5,10 +5,13 @@ Seeds N open tickets (default 100,000) whose single stage is due at instants spr
 times:
 
 * a sweep with nothing to send (goal: under 50 ms),
-* a sweep that queues 1,000 reminders into the outbox,
-* building a digest (goal: under 2 s for 10,000 open tickets),
+* a sweep that queues 1,000 reminders into the outbox (goal: under 1 s),
+* building a digest (goal: under 1 s, at 100,000 open tickets too),
 
-and measures the peak Python memory of each with tracemalloc, which should not grow with N.
+each with its CPU time (this process's: on a shared machine the wall time grows with other
+people's load), and measures the peak Python memory of each with tracemalloc, which should not
+grow with N. Time and memory are taken in separate runs: tracemalloc triples the CPU time of
+allocation-heavy code such as composing mail. The reminders' memory is that of the next 1,000.
 
     .venv/bin/python benchmarks/sweep.py                     # N = 10,000 and 100,000 (SQLite)
     .venv/bin/python benchmarks/sweep.py --tickets 10000     # one size
@@ -45,7 +48,7 @@ NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
 STAGE_DAYS = 90
 SEED_BATCH = 5_000
 REMINDERS = 1_000
-GOALS = {"empty_sweep_ms": 50.0, "digest_10k_s": 2.0}
+GOALS = {"empty_sweep_ms": 50.0, "reminder_sweep_s": 1.0, "digest_s": 1.0}
 SCHEDULER = {"INTAKE_SCHEDULER__QUIET_HOURS": "false", "INTAKE_SCHEDULER__MISFIRE_GRACE": "86400",
              "INTAKE_SCHEDULER__DIGESTS": json.dumps({"bench": {"cron": "0 8 * * *", "timezone": "Europe/Berlin"}})}
 CONFIG = """
@@ -89,15 +92,28 @@ def seed(engine, settings, count: int) -> None:  # type: ignore[no-untyped-def]
             session.execute(insert(Deadline.__table__), rows)
 
 
-def measure(function):  # type: ignore[no-untyped-def]
-    """(seconds, peak MiB of Python allocations, result) of one call."""
-    tracemalloc.start()
-    started = time.perf_counter()
+def timed(function):  # type: ignore[no-untyped-def]
+    """(wall seconds, CPU seconds of this process, result) of one call."""
+    started, cpu = time.perf_counter(), time.process_time()
     result = function()
-    elapsed = time.perf_counter() - started
-    peak = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
-    return elapsed, peak, result
+    return time.perf_counter() - started, time.process_time() - cpu, result
+
+
+def peak(function):  # type: ignore[no-untyped-def]
+    """(peak MiB of Python allocations, result) of one call."""
+    tracemalloc.start()
+    try:
+        result = function()
+        return tracemalloc.get_traced_memory()[1] / 2**20, result
+    finally:
+        tracemalloc.stop()
+
+
+def next_points(engine) -> datetime:  # type: ignore[no-untyped-def]
+    """The instant by which exactly REMINDERS more reminder points are due."""
+    with engine.connect() as connection:
+        return connection.scalar(select(Deadline.notify_at).order_by(Deadline.notify_at).offset(REMINDERS - 1)
+                                 .limit(1))
 
 
 def run(count: int, database_url: str | None, folder: Path) -> dict[str, float]:
@@ -112,16 +128,19 @@ def run(count: int, database_url: str | None, folder: Path) -> dict[str, float]:
     print(f"seeded {count} tickets in {time.perf_counter() - started:.1f} s", file=sys.stderr)
 
     reminders.sweep(engine, settings, NOW)  # warm caches (zones, statements)
-    empty = min(measure(lambda: reminders.sweep(engine, settings, NOW))[:2] for _ in range(5))
-    with engine.connect() as connection:  # the instant by which exactly REMINDERS points are due
-        then = connection.scalar(select(Deadline.notify_at).order_by(Deadline.notify_at).offset(REMINDERS - 1)
-                                 .limit(1))
-    busy_s, busy_mb, result = measure(lambda: reminders.sweep(engine, settings, then))
-    digest_s, digest_mb, _ = measure(lambda: digest.build(engine, settings, "bench", then))
+    empty_s = min(timed(lambda: reminders.sweep(engine, settings, NOW))[0] for _ in range(5))
+    empty_mb, _ = peak(lambda: reminders.sweep(engine, settings, NOW))
+    then = next_points(engine)
+    busy_s, busy_cpu, result = timed(lambda: reminders.sweep(engine, settings, then))
+    busy_mb, _ = peak(lambda: reminders.sweep(engine, settings, next_points(engine)))
+    # The first build: its statements are compiled, as in a digest job once a day.
+    digest_s, digest_cpu, _ = timed(lambda: digest.build(engine, settings, "bench", then))
+    digest_mb, _ = peak(lambda: digest.build(engine, settings, "bench", then))
     engine.dispose()
-    return {"tickets": count, "empty_sweep_ms": empty[0] * 1000, "empty_sweep_peak_mib": empty[1],
-            "reminder_sweep_s": busy_s, "reminders_queued": len(result.mails), "reminder_sweep_peak_mib": busy_mb,
-            "digest_s": digest_s, "digest_peak_mib": digest_mb}
+    return {"tickets": count, "empty_sweep_ms": empty_s * 1000, "empty_sweep_peak_mib": empty_mb,
+            "reminder_sweep_s": busy_s, "reminder_sweep_cpu_s": busy_cpu, "reminders_queued": len(result.mails),
+            "reminder_sweep_peak_mib": busy_mb, "digest_s": digest_s, "digest_cpu_s": digest_cpu,
+            "digest_peak_mib": digest_mb}
 
 
 def main() -> int:
@@ -132,16 +151,16 @@ def main() -> int:
     arguments = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         results = [run(count, arguments.database_url, Path(folder)) for count in arguments.tickets]
-    ok = all(r["empty_sweep_ms"] < GOALS["empty_sweep_ms"] for r in results) and all(
-        r["digest_s"] < GOALS["digest_10k_s"] for r in results if r["tickets"] <= 10_000)
+    ok = all(r[goal] < limit for r in results for goal, limit in GOALS.items())
     if arguments.json:
         print(json.dumps({"results": results, "goals": GOALS, "ok": ok}, indent=2))
     else:
         for r in results:
             print(f"{r['tickets']:>7} tickets: empty sweep {r['empty_sweep_ms']:.1f} ms "
                   f"(peak {r['empty_sweep_peak_mib']:.2f} MiB); {r['reminders_queued']} reminders in "
-                  f"{r['reminder_sweep_s']:.2f} s (peak {r['reminder_sweep_peak_mib']:.1f} MiB); digest "
-                  f"{r['digest_s']:.2f} s (peak {r['digest_peak_mib']:.2f} MiB)")
+                  f"{r['reminder_sweep_s']:.2f} s, CPU {r['reminder_sweep_cpu_s']:.2f} s (peak "
+                  f"{r['reminder_sweep_peak_mib']:.1f} MiB); digest {r['digest_s']:.2f} s, CPU {r['digest_cpu_s']:.2f} s "
+                  f"(peak {r['digest_peak_mib']:.2f} MiB)")
         print("goals met" if ok else "a goal was missed")
     return 0 if ok else 1
 

@@ -47,8 +47,7 @@ class InboundMessage(SQLModel, table=True):
                       Index("ix_inbound_status_processed_at", "status", "processed_at"))
 
     id: int | None = Field(default=None, primary_key=True)
-    # Indexed: `intake stats` and the digest's footer count the messages of a window.
-    received_at: datetime = _instant(index=True)
+    received_at: datetime = _instant()
     # Envelope sender; '' for the null sender <>.
     mail_from: str = Field(sa_column=Column(Text, nullable=False))
     rcpt_tos: list[str] = Field(sa_column=Column(JSON, nullable=False))
@@ -138,8 +137,7 @@ class Ticket(SQLModel, table=True):
     reporter_unreachable_at: datetime | None = _instant(nullable=True)
     # When `intake purge` erased its content ([retention] after_close); its metadata stays.
     content_purged_at: datetime | None = _instant(nullable=True)
-    # Indexed: `intake stats` and the digest's footer count the tickets received in a window.
-    received_at: datetime = _instant(index=True)
+    received_at: datetime = _instant()
     created_at: datetime = _instant()
     updated_at: datetime = _instant()
     # When `intake import` opened it from history (None: it came in live). The SLA sweep mails no
