@@ -113,6 +113,10 @@ class PurgeLog(SQLModel, table=True):
 class Ticket(SQLModel, table=True):
     """A tracked report, known by its public reference (SEC-2026-0001)."""
 
+    # state + severity: the digest's table of open tickets and `intake stats` count from the index
+    # alone (SQLite otherwise reads every ticket row: 0.11 s against 0.016 s at 100,000).
+    __table_args__ = (Index("ix_ticket_state_severity", "state", "severity"),)
+
     id: int | None = Field(default=None, primary_key=True)
     reference: str = Field(sa_column=Column(String(40), nullable=False, unique=True))
     subject: str = Field(sa_column=Column(Text, nullable=False))
