@@ -36,6 +36,7 @@ from intake.config.sections import (
 from intake.config.data_protection import AuditSection, RetentionSection, StorageSection
 from intake.config.openpgp_section import OpenPgpSection
 from intake.config.security_txt_section import SecurityTxtSection
+from intake.send.localised import check_languages
 from intake.sla.calendars import CalendarConfig, builtin_calendars
 from intake.sla.engine import PolicyConfig, validate_policies
 from intake.understand.quality import SHIPPED_RULES, RuleSet, RulesError, load_rules
@@ -139,6 +140,7 @@ class Settings(BaseSettings):
         except RulesError as exc:
             raise ValueError(f"intake.quality_rules: {exc}") from None
         token_files_exist(self.fetch, self.base_dir)
+        check_languages(self.intake.languages, self.templates_path)
         return self
 
     @property
