@@ -55,9 +55,9 @@ class Desk:
         self.running = start_intake_listener(self.settings)
         self.sink = sink
 
-    def report(self, **headers: str) -> str:
+    def report(self, message_id: str = "<report@alice.test>", **headers: str) -> str:
         """Alice reports with *headers*; her ticket's reference."""
-        message = report(subject="Auth bypass in admin", message_id="<report@alice.test>")
+        message = report(subject="Auth bypass in admin", message_id=message_id)
         for name, value in headers.items():  # after the body: setting it drops Content-* headers
             message[name.replace("_", "-")] = value
         smtp_send(self.running.port, message)
@@ -185,6 +185,36 @@ def test_later_mail_keeps_the_tickets_language_until_a_maintainer_changes_it(des
     assert closed["Content-Language"] == "en" and "the issue is fixed." in _text(closed)
     events = json.loads(cli("show", reference, "--json").output)["events"]
     assert [(e["detail"]["from"], e["detail"]["to"]) for e in events if e["kind"] == "language-changed"] == [("de", "en")]
+
+
+def test_a_merged_reports_notice_and_the_preview_are_in_german(desk, cli):
+    office = desk()
+    first = office.report()
+    second = office.report(message_id="<again@alice.test>", Content_Language="de")
+    office.sent()
+    cli("merge", second, first)
+    [notice] = office.sent()
+    assert notice["Content-Language"] == "de"
+    assert f"nochmals vielen Dank für Ihre Meldung {second}." in _text(notice)
+    assert f"gemeinsam unter {first}." in " ".join(_text(notice).split())
+
+    preview = cli("sla", "explain", "--policy", "plain", "--received", "2026-12-03T05:40:00Z", "--acknowledgement",
+                  "--language", "de").output
+    assert "- Bestätigung durch eine Person: bis Sa., 5. Dez. 2026, 05:40 UTC\n" in preview
+    assert "not offered" in cli("sla", "explain", "--policy", "plain", "--received", "2026-12-03T05:40:00Z",
+                                "--acknowledgement", "--language", "fr", code=2).output
+
+
+def test_a_language_no_longer_offered_falls_back_to_english(desk, cli, monkeypatch):
+    office = desk()
+    reference = office.report(Content_Language="de")
+    office.sent()
+    monkeypatch.setenv("INTAKE_INTAKE__LANGUAGES", '["en"]')  # the operator takes German back
+    cli("ack", reference)
+    cli("assess", reference, "--severity", "low")
+    [assessed] = office.sent()
+    assert assessed["Content-Language"] == "en" and "rated\nits severity low." in _text(assessed)
+    assert "language de" in cli("show", reference).output  # kept: offered again, it applies again
 
 
 def test_an_offered_language_without_its_templates_is_a_configuration_error(cli, config_file, tmp_path, monkeypatch):

@@ -99,7 +99,7 @@ def next_promised(session: Session, settings: Settings, ticket: Ticket) -> compo
     label = MILESTONE_SPEC[stage.milestone].stage_label if stage and stage.milestone else row.stage
     zone = deadlines.stage_calendar(settings, ticket.policy, row.stage).timezone
     return composer.PromisedDate(label, row.due_at, zone, milestone=stage.milestone if stage else None,
-                                 language=ticket.language)
+                                 language=settings.language_for(ticket.language))
 
 
 def refusal(session: Session, settings: Settings, ticket: Ticket, incoming: route.Incoming,
@@ -128,7 +128,7 @@ def answer(session: Session, settings: Settings, ticket: Ticket, incoming: route
     unless :func:`refusal` forbids it; either way record what happened. True when a reply was queued."""
     why_not = refusal(session, settings, ticket, incoming, now)
     if why_not is None:
-        text = composer.render("status.txt.j2", settings.templates_path, ticket.language,
+        text = composer.render("status.txt.j2", settings.templates_path, settings.language_for(ticket.language),
                                **_context(session, settings, ticket))
         mail = _status_mail(session, settings, ticket, incoming, text, now)
         if outbox.enqueue(session, mail, ticket_id=ticket.id, now=now):
@@ -178,4 +178,5 @@ def _status_mail(session: Session, settings: Settings, ticket: Ticket, incoming:
         dedupe_key=f"status:{ticket.reference}:{now:%Y-%m-%d}",
         in_reply_to=incoming.mail.message_id or None, references=incoming.mail.references,
         automatic=composer.AUTO_REPLIED, rate_limited=True,
-        encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter]), language=ticket.language)
+        encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter]),
+        language=settings.language_for(ticket.language))

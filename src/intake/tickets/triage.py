@@ -161,9 +161,9 @@ def merge(session: Session, settings: Settings, duplicate: Ticket, into: Ticket,
     # Told first, on its own thread, so the notice moves over with the rest and replies to it
     # land in the merged ticket.
     correspondence.mail_reporter(session, settings, duplicate, composer.render(
-        "duplicate.txt.j2", settings.templates_path, duplicate.language, reference=duplicate.reference,
-        into=into.reference, from_name=settings.intake.from_name),
-        kind=MailKind.DUPLICATE_NOTICE, now=now, actor=actor, language=duplicate.language)
+        "duplicate.txt.j2", settings.templates_path, settings.language_for(duplicate.language),
+        reference=duplicate.reference, into=into.reference, from_name=settings.intake.from_name),
+        kind=MailKind.DUPLICATE_NOTICE, now=now, actor=actor, language=settings.language_for(duplicate.language))
     for table in (ThreadEntry.__table__, InboundMessage.__table__, Outbox.__table__):
         session.execute(update(table).where(table.c.ticket_id == duplicate.id).values(ticket_id=into.id))
     if duplicate.received_at < into.received_at:
