@@ -188,6 +188,7 @@ class EventKind:
     # A progress update not sent: --quiet, its policy leaves it out, the reporter is unreachable,
     # it went already, or the ticket was closed as spam (sent ones are "progress-update-queued").
     UPDATE_SUPPRESSED = "update-suppressed"
+    LANGUAGE_CHANGED = "language-changed"  # `intake language`: mail to the reporter in another language
 
 
 class PurgeKind:
@@ -305,6 +306,9 @@ class LinkKind:
 # -- header names on mail we send --
 LOOP_HEADER = "X-Intake-Loop"  # our loop marker: mail carrying it is never answered
 TICKET_HEADER = "X-Intake-Ticket"  # the ticket a message belongs to; bounces quote it back
+# RFC 3282: the language a message is written in; read on reports, written on our mail to reporters.
+CONTENT_LANGUAGE_HEADER = "Content-Language"
+ACCEPT_LANGUAGE_HEADER = "Accept-Language"  # the languages a sender reads, best first (RFC 9110 12.5.4)
 
 # -- labels intake sets itself --
 LOW_QUALITY_LABEL = "low-quality"

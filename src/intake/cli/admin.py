@@ -15,6 +15,7 @@ from intake import openpgp
 from intake.config import production, security_txt
 from intake.config.settings import EXIT_CONFIG, ConfigError
 from intake.display import echo
+from intake.language_tags import ENGLISH
 from intake.run import service
 from intake.sla import deadlines
 from intake.store import audit, audit_verify, backup as backups, private_files, schema
@@ -51,7 +52,8 @@ def check_config(obj: Context) -> None:
          f"{f'content encrypted with storage key {keyring.current.id}' if keyring.enabled else 'content unencrypted'})")
     if pgp:
         echo(pgp)
-    found = [security_txt.expiry_warning(settings, datetime.now(timezone.utc)), audit.key_warning(settings)]
+    found = [security_txt.expiry_warning(settings, datetime.now(timezone.utc)), audit.key_warning(settings),
+             security_txt.languages_warning(settings)]
     database = sqlite_file(settings.database_url)
     for text in list(filter(None, found)) + production.warnings(settings) + private_files.exposed(
             [Path(f"{database}{suffix}") for suffix in ("", "-wal", "-shm")] if database else []):
@@ -230,10 +232,12 @@ def sla() -> None:
 @click.option("--released", type=INSTANT, default=None, help="When the patched release came out.")
 @click.option("--acknowledgement", is_flag=True,
               help="Print instead the acknowledgement a new report received then gets, as its reporter reads it.")
+@click.option("--language", default=ENGLISH, show_default=True,
+              help="With --acknowledgement: in this language of [intake] languages.")
 @JSON_OPTION
 @click.pass_obj
 def sla_explain(obj: Context, policy_name: str, received: datetime, severity: str | None,
-                released: datetime | None, acknowledgement: bool, as_json: bool) -> None:
+                released: datetime | None, acknowledgement: bool, language: str, as_json: bool) -> None:
     """Every stage's due instant for a report received at --received, and why."""
     settings = obj.settings
     if policy_name not in settings.policies:
@@ -241,7 +245,9 @@ def sla_explain(obj: Context, policy_name: str, received: datetime, severity: st
     if acknowledgement:
         if severity or released or as_json:
             fail("--acknowledgement is a new report's: without --severity, --released or --json", 2)
-        echo(promises.preview(settings, policy_name, received), nl=False)
+        if language not in settings.intake.languages:
+            fail(f"--language {language!r} is not offered (intake.languages: {', '.join(settings.intake.languages)})", 2)
+        echo(promises.preview(settings, policy_name, received, language), nl=False)
         return
     explained = deadlines.explain(settings, policy_name, received, severity, released)
     stages = [{"stage": deadline.stage,

@@ -36,6 +36,8 @@ COMMANDS = {
                              "Write attachment NUMBER of ticket REFERENCE (as numbered by `intake show`) to a file."),
     "assign": Registered(_M + "triage:assign",
                          "Assign the ticket to a maintainer (email, name or login from [[maintainers]])."),
+    "language": Registered(_M + "triage:language",
+                           "Write the ticket's later mail to its reporter in language TAG (one of [intake] languages)."),
     "severity": Registered(_M + "triage:severity",
                            "Set the ticket's severity (and CVSS vector); severity-dependent deadlines follow."),
     "label": Registered(_M + "triage:label", "Add labels to the ticket (and take some off with --remove)."),

@@ -99,6 +99,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     numbered = reads.numbered_attachments(detail)
     data = {
         **_ticket_summary(detail.ticket),
+        "language": detail.ticket.language,
         "intake_address": detail.ticket.intake_address,
         "labels": detail.ticket.labels,
         "links": detail.ticket.links,
@@ -139,7 +140,8 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     t = detail.ticket
     echo(f"{t.reference}  {t.subject or ('(content purged)' if t.content_purged_at else '')}")
     echo(f"  state {t.state}   severity {t.severity or '-'}   policy {t.policy}   assignee {t.assignee or '-'}")
-    echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}")
+    echo(f"  reporter {t.reporter_name + ' ' if t.reporter_name else ''}<{t.reporter}>  via {t.intake_address}"
+         f"  language {t.language}")
     echo(f"  received {t.received_at.isoformat()}{_relayed_note(t, detail.messages)}")
     if t.imported_at:
         echo(f"  imported from history {t.imported_at.isoformat()}: nothing due before then is mailed about")

@@ -1,4 +1,4 @@
-"""Commands that move a ticket on: assign, severity, label, merge, close, reopen; the milestones
+"""Commands that move a ticket on: assign, language, severity, label, merge, close, reopen; the milestones
 (ack, assess, released, resolve, disclose: see :func:`__getattr__`); wait and resume (on the reporter). Each is one call to
 :mod:`intake.tickets.triage`, :mod:`intake.tickets.milestones` or :mod:`intake.tickets.updates` (those
 that send the reporter a progress update: assess, released, disclose, close; ``--quiet`` and
@@ -106,6 +106,18 @@ def assign(obj: Context, reference: str, who: str) -> None:
     """Assign the ticket to a maintainer (email, name or login from [[maintainers]])."""
     change_ticket(obj, reference, lambda session, settings, ticket, now: (
         [], [f"assigned to {triage.assign(session, settings, ticket, who, now=now, actor=actor(settings))}"]))
+
+
+@click.command()
+@click.argument("reference")
+@click.argument("tag")
+@click.pass_obj
+def language(obj: Context, reference: str, tag: str) -> None:
+    """Write the ticket's later mail to its reporter in language TAG (one of [intake] languages).
+
+    Updates, status replies and other automatic mail use it from now on; mail already sent stays as it was."""
+    change_ticket(obj, reference, lambda session, settings, ticket, now: (
+        [], [f"language {triage.set_language(session, settings, ticket, tag, now=now, actor=actor(settings))}"]))
 
 
 @click.command()

@@ -19,7 +19,7 @@ from pydantic import (
     AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator,
 )
 
-from intake import patterns
+from intake import language_tags, patterns
 from intake.sla.calendars import parse_duration
 from intake.vocabulary import SYSTEM_ACTOR, UID_ACTOR_PREFIX, UNIX_ACTOR_PREFIX
 
@@ -97,8 +97,13 @@ class IntakeSection(Section):
     default_policy: str = "vaixus"
     # Address (or +tag) -> policy name.
     policy_by_address: dict[str, str] = Field(default_factory=dict)
-    # Directory of templates that override the shipped ones (same file names).
+    # Directory of templates that override the shipped ones (same file names); <tag>/ in it holds
+    # a language's (see intake.send.localised).
     templates_dir: Path | None = None
+    # Languages reporters get mail in (BCP 47 tags), chosen per report from its Content-Language or
+    # Accept-Language; English is always one and the fallback. More than English also fills
+    # security.txt Preferred-Languages unless [security_txt] preferred_languages says otherwise.
+    languages: list[str] = Field(default_factory=lambda: [language_tags.ENGLISH])
     # Low-quality scoring rules (TOML); unset: the shipped rules (intake/understand/rules/low-quality.toml).
     # Named spam_rules before: still read under that name (INTAKE_INTAKE__SPAM_RULES too), with a
     # warning from load_settings.
@@ -108,6 +113,21 @@ class IntakeSection(Section):
     ticket_auto_generated: bool = True
     # Mail an upstream filter flagged (X-Spam-Flag: YES): held as spam unless true (then a ticket).
     ticket_spam: bool = False
+    @field_validator("languages")
+    @classmethod
+    def _language_tags(cls, value: list[str]) -> list[str]:
+        tags = []
+        for text in value:
+            tag = language_tags.parse(text)
+            if tag is None:
+                raise ValueError(f"{text!r} is not a language tag (BCP 47: en, de, pt-BR)")
+            if tag in tags:
+                raise ValueError(f"{tag!r} is listed twice")
+            tags.append(tag)
+        if language_tags.ENGLISH not in tags:
+            raise ValueError(f"{language_tags.ENGLISH!r} must be listed: English is the language of every other report")
+        return tags
+
     # This file is a development configuration (the shipped config.toml): check-config does not warn
     # about example.com addresses, the Maildir transport, no maintainers or a HELO of localhost.
     development: bool = False

@@ -9,6 +9,11 @@ The file has one ``Field: value`` per line, lines ending in LF (RFC 9116 §4 all
 in this order: Contact (the intake addresses as ``mailto:``, then ``extra_contacts``), Expires
 (exactly once), Encryption, Policy, Acknowledgments, Preferred-Languages (once, comma-separated),
 Canonical, Hiring. No PGP signature: sign the output yourself if you publish a signed file.
+
+Preferred-Languages is ``[security_txt] preferred_languages`` when set, else ``[intake] languages``
+(the languages reporters get mail in) when that is more than English: without the field,
+researchers assume English (RFC 9116 2.5.8). The two may differ on purpose (a team reads French without sending French mail), so a difference
+is a check-config warning (:func:`languages_warning`), not an error.
 """
 
 from __future__ import annotations
@@ -43,8 +48,9 @@ def render(settings: Settings) -> str:
     fields += [("Encryption", uri) for uri in section.encryption or _published_key(settings)]
     fields += [("Policy", section.policy)] if section.policy else []
     fields += [("Acknowledgments", section.acknowledgments)] if section.acknowledgments else []
-    if section.preferred_languages:
-        fields.append(("Preferred-Languages", ", ".join(section.preferred_languages)))
+    languages = preferred_languages(settings)
+    if languages:
+        fields.append(("Preferred-Languages", ", ".join(languages)))
     fields += [("Canonical", uri) for uri in section.canonical]
     fields += [("Hiring", section.hiring)] if section.hiring else []
     return "".join(f"{name}: {value}\n" for name, value in fields)
@@ -76,3 +82,21 @@ def expiry_warning(settings: Settings, now: datetime) -> str | None:
         return (f"security_txt.expires {settings.security_txt.expires} is more than a year away "
                 "(RFC 9116 asks for less)")
     return None
+
+
+def preferred_languages(settings: Settings) -> list[str]:
+    """The Preferred-Languages the file states: the explicit list, else the languages reporters
+    get mail in when that is more than English; empty: no field."""
+    offered = settings.intake.languages
+    return list(settings.security_txt.preferred_languages) or (list(offered) if len(offered) > 1 else [])
+
+
+def languages_warning(settings: Settings) -> str | None:
+    """Why security.txt's explicit Preferred-Languages and ``[intake] languages`` need a look:
+    one lists a language the other does not; None when they agree or nothing is explicit."""
+    explicit = {tag.lower() for tag in settings.security_txt.preferred_languages}
+    offered = {tag.lower() for tag in settings.intake.languages}
+    if not explicit or explicit == offered:
+        return None
+    return (f"security_txt.preferred_languages ({', '.join(sorted(explicit))}) differs from intake.languages "
+            f"({', '.join(sorted(offered))}); security.txt states the first, automatic mail is written in the second")

@@ -36,6 +36,8 @@ from intake.config.sections import (
 from intake.config.data_protection import AuditSection, RetentionSection, StorageSection
 from intake.config.openpgp_section import OpenPgpSection
 from intake.config.security_txt_section import SecurityTxtSection
+from intake.language_tags import ENGLISH
+from intake.send.localised import check_languages
 from intake.sla.calendars import CalendarConfig, builtin_calendars
 from intake.sla.engine import PolicyConfig, validate_policies
 from intake.understand.quality import SHIPPED_RULES, RuleSet, RulesError, load_rules
@@ -139,6 +141,7 @@ class Settings(BaseSettings):
         except RulesError as exc:
             raise ValueError(f"intake.quality_rules: {exc}") from None
         token_files_exist(self.fetch, self.base_dir)
+        check_languages(self.intake.languages, self.templates_path)
         return self
 
     @property
@@ -185,6 +188,11 @@ class Settings(BaseSettings):
     def templates_path(self) -> Path | None:
         """The folder of templates overriding the shipped ones, if one is configured."""
         return self.resolve_path(self.intake.templates_dir) if self.intake.templates_dir else None
+
+    def language_for(self, tag: str) -> str:
+        """The language mail to a reporter whose ticket says *tag* is written in: *tag* while
+        ``[intake] languages`` offers it, else English (a language the operator took back)."""
+        return tag if tag in self.intake.languages else ENGLISH
 
     @property
     def maildir_path(self) -> Path:

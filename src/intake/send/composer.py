@@ -28,14 +28,15 @@ from email.mime.text import MIMEText
 from email.utils import format_datetime, formataddr
 from functools import lru_cache
 from pathlib import Path
-from zoneinfo import ZoneInfo
 
-from jinja2 import ChoiceLoader, Environment, FileSystemLoader, PackageLoader, StrictUndefined, select_autoescape
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from intake import patterns
+from intake.language_tags import ENGLISH
+from intake.send import localised
 from intake.send.pgp_mime import Encryption, encrypted
 from intake.understand.header_text import clean_text
-from intake.vocabulary import LOOP_HEADER, TICKET_HEADER, MailKind
+from intake.vocabulary import CONTENT_LANGUAGE_HEADER, LOOP_HEADER, TICKET_HEADER, MailKind
 
 class _Compat32(email.policy.Compat32):
     """compat32 that writes a short, plain ASCII header line as it is. The stdlib runs every
@@ -82,6 +83,7 @@ _MAX_SUBJECT_HEADER = 300
 MAX_MESSAGE_ID = 250
 _REUSABLE_MESSAGE_ID = re.compile(r"<[!-;=?-~]+>")  # printable ASCII, no '<' or '>' inside
 _ID_LISTS = ("in-reply-to", "references")
+NO_SUBJECT_TEMPLATE = "no-subject.txt.j2"
 # Headers that are not free text: never encoded-words, and folded by their own rules.
 _STRUCTURED = frozenset({"from", "to", "cc", "reply-to", "date", "message-id", *_ID_LISTS})
 
@@ -115,30 +117,40 @@ class PromisedDate:
     timezone: str
     note: str = ""
     # A date that depends on a severity not assessed yet: the date for each group of severities
-    # (label "critical or high"), earliest (= due) first.
+    # (label "critical or high", *severities* those), earliest (= due) first.
     by_severity: tuple[PromisedDate, ...] = ()
+    # What the label names, for templates in another language: the stage's milestone (None for a
+    # stage of the policy's own), or the severities of a by_severity date.
+    milestone: str | None = None
+    severities: tuple[str, ...] = ()
+    language: str = ENGLISH  # how due_local writes the date
 
     @property
     def due_local(self) -> str:
-        local = self.due.astimezone(ZoneInfo(self.timezone))
-        text = local.strftime("%a %d %b %Y %H:%M %Z")
-        if self.timezone != "UTC":
-            text += self.due.astimezone(ZoneInfo("UTC")).strftime(" (%d %b %H:%M UTC)")
-        return text
+        return localised.date_time(self.due, self.timezone, self.language)
 
 
-@lru_cache(maxsize=8)
-def _environment(override_dir: str | None) -> Environment:
-    loaders = [FileSystemLoader(override_dir)] if override_dir else []
-    loaders.append(PackageLoader("intake.send", "templates"))
+@lru_cache(maxsize=16)
+def _environment(override_dir: str | None, language: str) -> Environment:
+    folders = localised.language_folders(language, Path(override_dir) if override_dir else None)
+    if language != ENGLISH:  # then English: the maintainers' templates, and what a language's templates include
+        folders += localised.language_folders(ENGLISH, Path(override_dir) if override_dir else None)
+    loaders = [FileSystemLoader(folder) for folder in folders]
     # Plain-text templates are not escaped; HTML ones (*.html.j2: the digest's alternative) are, as
     # they show reporters' subjects. StrictUndefined turns a template typo into an error.
     return Environment(loader=ChoiceLoader(loaders), autoescape=select_autoescape(["html.j2"], default=False),
                        undefined=StrictUndefined, keep_trailing_newline=True)
 
 
-def render(template: str, override_dir: Path | None, **context: object) -> str:
-    return _environment(str(override_dir) if override_dir else None).get_template(template).render(**context)
+def render(template: str, override_dir: Path | None, language: str = ENGLISH, **context: object) -> str:
+    """*template* rendered with *context*, in *language* (see :mod:`intake.send.localised`)."""
+    environment = _environment(str(override_dir) if override_dir else None, language)
+    return environment.get_template(template).render(**context)
+
+
+def no_subject(override_dir: Path | None, language: str) -> str:
+    """What a subject reads when the reporter's had none, in *language* (template ``no-subject.txt.j2``)."""
+    return render(NO_SUBJECT_TEMPLATE, override_dir, language).strip()
 
 
 def shorten(text: str, limit: int = MAX_SUBJECT) -> str:
@@ -213,6 +225,7 @@ def compose(
     html: str | None = None,
     attachments: tuple[Attachment, ...] = (),
     encryption: Encryption | None = None,
+    language: str | None = None,
 ) -> OutgoingMail:
     """Every mail intake sends, built the one way: *text* (a rendered template, or a person's
     words) from *sender* (display name, address) to *to* and *cc*.
@@ -226,7 +239,8 @@ def compose(
     from *sender*'s address. *rate_limited* mail counts against the per-recipient limit on
     automatic mail. The subject is made display-safe (:func:`clean_text`), so text a sender
     wrote can never become a header. Without a *dedupe_key* the mail is never deduplicated. With
-    *encryption* it is sent as PGP/MIME to the recipients' keys (:mod:`intake.send.pgp_mime`)."""
+    *encryption* it is sent as PGP/MIME to the recipients' keys (:mod:`intake.send.pgp_mime`).
+    Mail written in a known *language* (a template's) says so in Content-Language."""
     message_id = new_message_id(kind, ticket, message_id_domain)
     headers = [("To", ", ".join(to))]
     if cc:
@@ -242,6 +256,8 @@ def compose(
     headers.append((LOOP_HEADER, message_id_domain))
     if ticket:
         headers.append((TICKET_HEADER, ticket))
+    if language:
+        headers.append((CONTENT_LANGUAGE_HEADER, language))
     raw = (alternative_bytes(sender, headers, text, html) if html is not None
            else text_bytes(sender, headers, text, attachments))
     if encryption is not None:
@@ -276,16 +292,18 @@ def automatic_reply(
     acknowledges: bool = False,
     pauses_while_waiting: bool = False,
     encryption: Encryption | None = None,
+    language: str = ENGLISH,
 ) -> OutgoingMail:
     """An automatic reply to a new report (*template* rendered; RFC 3834: auto-replied, from the
     null sender, counted against the reporter's limit), encrypted with *encryption* if given.
     *policy* is the policy's title as reporters read it; *acknowledges*: this reply meets the
     policy's acknowledgement; *pauses_while_waiting*: the *deadlines* move later while the ticket
-    waits on the reporter."""
-    shown_subject = shorten(strip_reply_prefixes(clean_text(subject))) or "(no subject)"
+    waits on the reporter. It is written in *language*."""
+    shown_subject = shorten(strip_reply_prefixes(clean_text(subject))) or no_subject(templates_dir, language)
     body = render(
         template,
         templates_dir,
+        language,
         reference=reference,
         subject=shown_subject,
         reporter_name=clean_text(reporter_name),
@@ -301,7 +319,7 @@ def automatic_reply(
                    subject=f"Re: [{reference}] {shown_subject}", text=body, ticket=reference,
                    message_id_domain=message_id_domain, now=now, dedupe_key=f"{_KEY_PREFIX[kind]}:{reference}",
                    in_reply_to=in_reply_to, references=references, automatic=AUTO_REPLIED, rate_limited=True,
-                   encryption=encryption)
+                   encryption=encryption, language=language)
 
 
 def notice(

@@ -137,6 +137,9 @@ class Ticket(SQLModel, table=True):
     links: list[dict[str, str]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     # Low-quality score of the report: {"score", "matched", "threshold", "low_quality"}.
     quality: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The language (BCP 47, one of [intake] languages) mail to the reporter is written in: read
+    # from the report's headers, changed with `intake language`.
+    language: str = Field(default="en", sa_column=Column(String(35), nullable=False, server_default="en"))
     # Set when our mail to the reporter bounced for good (a failed DSN); `intake show` says so.
     reporter_unreachable_at: datetime | None = _instant(nullable=True)
     # When `intake purge` erased its content ([retention] after_close); its metadata stays.

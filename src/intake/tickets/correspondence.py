@@ -48,9 +48,10 @@ def _latest_from_reporter(session: Session, ticket: Ticket) -> ThreadEntry | Non
 
 def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: str, *, kind: str, now: datetime,
                   actor: str, cc: tuple[str, ...] = (), attachments: tuple[composer.Attachment, ...] = (),
-                  dedupe_key: str | None = None, detail: dict[str, object] | None = None) -> composer.OutgoingMail:
+                  dedupe_key: str | None = None, detail: dict[str, object] | None = None,
+                  language: str | None = None) -> composer.OutgoingMail:
     """Queue *body* to *ticket*'s reporter (and *cc*) from the intake address, threaded; record it
-    (with *detail* in its event). Encrypted when every recipient has an OpenPGP key (see
+    (with *detail* in its event). A *body* rendered from a template names its *language*. Encrypted when every recipient has an OpenPGP key (see
     :mod:`intake.tickets.reporter_keys`). With a *dedupe_key* the caller has checked it is not
     queued yet (:func:`intake.send.outbox.is_queued`)."""
     text = _check_body(body)
@@ -62,7 +63,7 @@ def mail_reporter(session: Session, settings: Settings, ticket: Ticket, body: st
         subject=subject, text=text, attachments=attachments,
         ticket=ticket.reference, message_id_domain=settings.intake.message_id_domain, now=now, dedupe_key=dedupe_key,
         in_reply_to=parent.message_id if parent else None, references=parent.references if parent else (),
-        encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter, *cc]))
+        encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter, *cc]), language=language)
     outbox.enqueue(session, mail, ticket_id=ticket.id, now=now)
     session.execute(insert(ThreadEntry.__table__).values(
         ticket_id=ticket.id, direction=Direction.OUT, kind=kind, message_id=mail.message_id,

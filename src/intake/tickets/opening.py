@@ -21,7 +21,8 @@ from typing import Any
 from sqlalchemy import insert
 from sqlmodel import Session
 
-from intake import openpgp
+from intake import language_tags, openpgp
+from intake.language_tags import ENGLISH
 from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
@@ -35,8 +36,9 @@ from intake.tickets.references import allocate_references, next_references
 from intake.understand import reply_tokens, route
 from intake.understand.header_text import clean_text
 from intake.understand.lookups import routing_config
+from intake.understand.parsed_mail import ParsedMail
 from intake.vocabulary import (
-    LOW_QUALITY_LABEL, MILESTONE_SPECS, QUEUED_EVENT, Direction, EntryKind, EventKind, LinkKind, MailKind,
+    ACCEPT_LANGUAGE_HEADER, CONTENT_LANGUAGE_HEADER, LOW_QUALITY_LABEL, MILESTONE_SPECS, QUEUED_EVENT, Direction, EntryKind, EventKind, LinkKind, MailKind,
     NotificationKind, TicketState,
 )
 
@@ -85,6 +87,7 @@ class Opening:
     deadlines: list[tuple[StageDeadline, datetime | None]]  # every stage's deadline, and when met
     credit: credit.Credit | None = None  # how the report asks to be credited, if it says
     notices: tuple[composer.OutgoingMail, ...] = ()  # the new-ticket notice, one mail per maintainer
+    language: str = ENGLISH  # what the reporter's mail is written in (see report_language)
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,8 @@ def _prepare_openings(settings: Settings, reports: list[NewReport], references: 
             report.no_reply or _automatic_reply_refusal(settings, config, report.incoming, sent))
         computed = promises.initial_deadlines(settings, policy, report.received_at,
                                               acknowledged_at=None if refusal else now)
-        opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit)
+        opening = Opening(report, reference, address, policy, refusal, None, computed, report.credit,
+                          language=report_language(settings, report.incoming.mail))
         if refusal is None:
             opening = replace(opening, reply=_automatic_reply(settings, opening, now, _reply_keys(report, keys)))
             sent[stored.mail_from.lower()] += 1
@@ -224,6 +228,15 @@ def _prepare_openings(settings: Settings, reports: list[NewReport], references: 
             opening = replace(opening, notices=_new_ticket_notices(settings, opening, now, reply_secret, keys))
         openings.append(opening)
     return openings
+
+
+def report_language(settings: Settings, mail: ParsedMail) -> str:
+    """The offered language the report asks to be answered in (its Content-Language, its text
+    part's, else its Accept-Language); English when it names none we offer."""
+    return language_tags.choose(settings.intake.languages,
+                                content=mail.headers.get(CONTENT_LANGUAGE_HEADER.lower(), ""),
+                                part_content=mail.body_language,
+                                accept=mail.headers.get(ACCEPT_LANGUAGE_HEADER.lower(), ""))
 
 
 def _automatic_reply_refusal(settings: Settings, config: route.RoutingConfig, incoming: route.Incoming,
@@ -263,7 +276,7 @@ def _automatic_reply(settings: Settings, opening: Opening, now: datetime,
         out_of_scope=report.low_quality and settings.policies[opening.policy].low_quality_reply == MailKind.OUT_OF_SCOPE,
         reference=opening.reference, subject=mail.subject, reporter_address=report.stored.mail_from,
         reporter_name=mail.from_name, intake_address=opening.address, in_reply_to=mail.message_id,
-        references=mail.references, now=now,
+        references=mail.references, now=now, language=opening.language,
         encryption=reporter_keys.encryption_for(settings, keys, [report.stored.mail_from]))
 
 
@@ -351,6 +364,7 @@ def _ticket_row(opening: Opening, now: datetime) -> dict[str, Any]:
         created_at=now,
         updated_at=now,
         imported_at=now if report.stored.history else None,
+        language=opening.language,
     )
 
 

@@ -18,6 +18,7 @@ import email.policy
 from datetime import datetime
 
 from intake.config.settings import Settings
+from intake.language_tags import ENGLISH
 from intake.send import composer
 from intake.sla import deadlines
 from intake.sla.calendars import CalendarConfig, add_duration, as_utc
@@ -33,9 +34,10 @@ def initial_deadlines(settings: Settings, policy_name: str, received_at: datetim
     return deadlines.compute(settings, policy_name, deadlines.SlaInputs(received_at, None, {}, acknowledged_at, []))
 
 
-def promised_dates(settings: Settings, policy_name: str, computed: Computed) -> list[composer.PromisedDate]:
+def promised_dates(settings: Settings, policy_name: str, computed: Computed,
+                   language: str = ENGLISH) -> list[composer.PromisedDate]:
     """The dates a new report's reply promises, from its *computed* deadlines (severity not
-    known), each in its stage's time zone."""
+    known), each in its stage's time zone, written in *language*."""
     policy = settings.policies[policy_name]
     promised = []
     for deadline, met_at in computed:
@@ -47,9 +49,11 @@ def promised_dates(settings: Settings, policy_name: str, computed: Computed) -> 
         options = (dues_by_severity(stage, calendar, deadline.start)  # type: ignore[arg-type]
                    if deadline.severity_assumed else [])
         # Durations that differ may still end at one instant (48 hours, 2 business days): one date then.
-        by_severity = tuple(composer.PromisedDate(_severity_words(severities), due, calendar.timezone)
+        by_severity = tuple(composer.PromisedDate(_severity_words(severities), due, calendar.timezone,
+                                                  severities=severities, language=language)
                             for due, severities in options) if len(options) > 1 else ()
-        promised.append(composer.PromisedDate(label, deadline.due, calendar.timezone, by_severity=by_severity))
+        promised.append(composer.PromisedDate(label, deadline.due, calendar.timezone, by_severity=by_severity,
+                                              milestone=stage.milestone, language=language))
     return promised
 
 
@@ -77,21 +81,23 @@ def _severity_words(severities: tuple[str, ...]) -> str:
 def automatic_reply(settings: Settings, *, policy_name: str, computed: Computed,
                     out_of_scope: bool, reference: str, subject: str, reporter_address: str,
                     reporter_name: str, intake_address: str, in_reply_to: str | None, references: list[str],
-                    now: datetime, encryption: composer.Encryption | None = None) -> composer.OutgoingMail:
+                    now: datetime, encryption: composer.Encryption | None = None,
+                    language: str = ENGLISH) -> composer.OutgoingMail:
     """The automatic reply to a new report under *policy_name*: the acknowledgement stating
-    :func:`promised_dates`, or the out-of-scope reply; encrypted with *encryption* if given."""
+    :func:`promised_dates`, or the out-of-scope reply; encrypted with *encryption* if given,
+    written in *language*."""
     policy = settings.policies[policy_name]
     return composer.automatic_reply(
         template="out-of-scope.txt.j2" if out_of_scope else "acknowledgement.txt.j2",
         kind=MailKind.OUT_OF_SCOPE if out_of_scope else MailKind.ACKNOWLEDGEMENT,
         reference=reference, subject=subject, reporter_address=reporter_address, reporter_name=reporter_name,
         intake_address=intake_address, from_name=settings.intake.from_name, in_reply_to=in_reply_to,
-        references=references, deadlines=promised_dates(settings, policy_name, computed),
+        references=references, deadlines=promised_dates(settings, policy_name, computed, language),
         policy=policy.public_title, policy_url=policy.url,
         acknowledges=any(met_at is not None for _, met_at in computed),  # only this reply meets a stage yet
         pauses_while_waiting=policy.pause_while_waiting,
         message_id_domain=settings.intake.message_id_domain, templates_dir=settings.templates_path, now=now,
-        encryption=encryption)
+        encryption=encryption, language=language)
 
 
 # The report a preview acknowledges.
@@ -99,15 +105,16 @@ SAMPLE_SUBJECT = "XSS in the login form"
 SAMPLE_REPORTER = ("Alice Researcher", "alice@researcher.example")
 
 
-def preview(settings: Settings, policy_name: str, received_at: datetime) -> str:
+def preview(settings: Settings, policy_name: str, received_at: datetime, language: str = ENGLISH) -> str:
     """The text of the acknowledgement a report received at *received_at* under *policy_name*
-    gets when it is answered at once (``intake sla explain --acknowledgement``): the reply
+    gets when it is answered at once, in *language* (``intake sla explain --acknowledgement``): the reply
     :func:`automatic_reply` renders for the first ticket of that year."""
     computed = initial_deadlines(settings, policy_name, received_at, acknowledged_at=received_at)
     mail = automatic_reply(
         settings, policy_name=policy_name, computed=computed, out_of_scope=False,
         reference=f"{settings.intake.reference_prefix}-{received_at:%Y}-0001", subject=SAMPLE_SUBJECT,
         reporter_address=SAMPLE_REPORTER[1], reporter_name=SAMPLE_REPORTER[0],
-        intake_address=settings.smtp.addresses[0], in_reply_to=None, references=[], now=received_at)
+        intake_address=settings.smtp.addresses[0], in_reply_to=None, references=[], now=received_at,
+        language=language)
     text = email.message_from_bytes(mail.raw, policy=email.policy.default).get_content()
     return text.replace("\r\n", "\n")  # as a terminal shows it, not as SMTP sends it

@@ -98,7 +98,8 @@ def next_promised(session: Session, settings: Settings, ticket: Ticket) -> compo
     stage = next((stage for stage in policy.stages if stage.name == row.stage), None)
     label = MILESTONE_SPEC[stage.milestone].stage_label if stage and stage.milestone else row.stage
     zone = deadlines.stage_calendar(settings, ticket.policy, row.stage).timezone
-    return composer.PromisedDate(label, row.due_at, zone)
+    return composer.PromisedDate(label, row.due_at, zone, milestone=stage.milestone if stage else None,
+                                 language=settings.language_for(ticket.language))
 
 
 def refusal(session: Session, settings: Settings, ticket: Ticket, incoming: route.Incoming,
@@ -127,7 +128,8 @@ def answer(session: Session, settings: Settings, ticket: Ticket, incoming: route
     unless :func:`refusal` forbids it; either way record what happened. True when a reply was queued."""
     why_not = refusal(session, settings, ticket, incoming, now)
     if why_not is None:
-        text = composer.render("status.txt.j2", settings.templates_path, **_context(session, settings, ticket))
+        text = composer.render("status.txt.j2", settings.templates_path, settings.language_for(ticket.language),
+                               **_context(session, settings, ticket))
         mail = _status_mail(session, settings, ticket, incoming, text, now)
         if outbox.enqueue(session, mail, ticket_id=ticket.id, now=now):
             _record_reply(session, ticket, incoming, mail, text, now)
@@ -157,6 +159,8 @@ def _subject(ticket: Ticket) -> str:
 def _context(session: Session, settings: Settings, ticket: Ticket) -> dict[str, object]:
     return dict(reference=ticket.reference, subject=composer.shorten(clean_text(ticket.subject)),
                 reporter_name=clean_text(ticket.reporter_name or ""), state=state_words(ticket),
+                # What state_words says, for templates in another language to word themselves.
+                state_code=ticket.state, close_reason=ticket.close_reason or "", severity=ticket.severity or "",
                 next_date=next_promised(session, settings, ticket),
                 window_hours=int(STATUS_WINDOW.total_seconds() // 3600),
                 from_name=settings.intake.from_name, intake_address=ticket.intake_address)
@@ -174,4 +178,5 @@ def _status_mail(session: Session, settings: Settings, ticket: Ticket, incoming:
         dedupe_key=f"status:{ticket.reference}:{now:%Y-%m-%d}",
         in_reply_to=incoming.mail.message_id or None, references=incoming.mail.references,
         automatic=composer.AUTO_REPLIED, rate_limited=True,
-        encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter]))
+        encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter]),
+        language=settings.language_for(ticket.language))

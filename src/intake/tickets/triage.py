@@ -17,6 +17,7 @@ from cvss.exceptions import CVSSError
 from sqlalchemy import delete, update
 from sqlmodel import Session
 
+from intake import language_tags
 from intake.config.settings import Settings
 from intake.send import composer
 from intake.sla import deadlines
@@ -44,6 +45,22 @@ def assign(session: Session, settings: Settings, ticket: Ticket, who: str, *, no
         ticket.assignee = maintainer.email
         ticket.updated_at = now
     return maintainer.email
+
+
+def set_language(session: Session, settings: Settings, ticket: Ticket, tag: str, *, now: datetime,
+                 actor: str) -> str:
+    """Write *ticket*'s later mail to its reporter in *tag* (one of ``[intake] languages``,
+    looked up as a report's is: de-AT finds de); returns the language set."""
+    parsed = language_tags.parse(tag)
+    found = language_tags.lookup([parsed], settings.intake.languages) if parsed else None
+    if found is None:
+        raise Refused(f"{tag!r} is not an offered language (intake.languages: {', '.join(settings.intake.languages)})")
+    if ticket.language != found:
+        records.add_event(session, ticket.id, EventKind.LANGUAGE_CHANGED, now, actor=actor,
+                          **{"from": ticket.language, "to": found})
+        ticket.language = found
+        ticket.updated_at = now
+    return found
 
 
 @dataclass(frozen=True)
@@ -144,9 +161,9 @@ def merge(session: Session, settings: Settings, duplicate: Ticket, into: Ticket,
     # Told first, on its own thread, so the notice moves over with the rest and replies to it
     # land in the merged ticket.
     correspondence.mail_reporter(session, settings, duplicate, composer.render(
-        "duplicate.txt.j2", settings.resolve_path(settings.intake.templates_dir) if settings.intake.templates_dir
-        else None, reference=duplicate.reference, into=into.reference, from_name=settings.intake.from_name),
-        kind=MailKind.DUPLICATE_NOTICE, now=now, actor=actor)
+        "duplicate.txt.j2", settings.templates_path, settings.language_for(duplicate.language),
+        reference=duplicate.reference, into=into.reference, from_name=settings.intake.from_name),
+        kind=MailKind.DUPLICATE_NOTICE, now=now, actor=actor, language=settings.language_for(duplicate.language))
     for table in (ThreadEntry.__table__, InboundMessage.__table__, Outbox.__table__):
         session.execute(update(table).where(table.c.ticket_id == duplicate.id).values(ticket_id=into.id))
     if duplicate.received_at < into.received_at:

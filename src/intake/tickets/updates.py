@@ -78,13 +78,13 @@ def send(session: Session, settings: Settings, ticket: Ticket, kind: str, *, now
         return None
     policy = settings.policies.get(ticket.policy)
     body = composer.render(
-        f"update-{kind}.txt.j2",
-        settings.resolve_path(settings.intake.templates_dir) if settings.intake.templates_dir else None,
+        f"update-{kind}.txt.j2", settings.templates_path, settings.language_for(ticket.language),
         reference=ticket.reference, subject=clean_text(ticket.subject), message=(choice.message or "").strip(),
         policy=policy.public_title if policy else "", from_name=settings.intake.from_name,
         intake_address=ticket.intake_address, **facts)
     return correspondence.mail_reporter(session, settings, ticket, body, kind=MailKind.PROGRESS_UPDATE, now=now,
-                                        actor=actor, dedupe_key=dedupe_key(ticket, kind), detail={"update": kind})
+                                        actor=actor, dedupe_key=dedupe_key(ticket, kind), detail={"update": kind},
+                                        language=settings.language_for(ticket.language))
 
 
 def assess(session: Session, settings: Settings, ticket: Ticket, severity: str, *, at: datetime, now: datetime,
@@ -117,7 +117,8 @@ def disclosure_date(session: Session, settings: Settings, ticket: Ticket, now: d
     if status is None or status.due_at is None or status.met_at is not None:
         return None
     calendar = deadlines.stage_calendar(settings, ticket.policy, DISCLOSE_STAGE)
-    return composer.PromisedDate("disclosure", status.due_at, calendar.timezone)
+    return composer.PromisedDate("disclosure", status.due_at, calendar.timezone,
+                                 language=settings.language_for(ticket.language))
 
 
 def disclosed(session: Session, settings: Settings, ticket: Ticket, *, at: datetime, now: datetime, actor: str,

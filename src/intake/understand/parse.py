@@ -36,8 +36,8 @@ from intake.understand.header_text import (
     clean_text, decode_words, display_value, first_message_id, guarded, header_values, message_ids,
     scan_header_block, warn,
 )
-from intake.understand.mime_reader import MimePart, read_mime, walk_parts
-from intake.understand.parsed_mail import LOOP_HEADERS, ParsedMail
+from intake.understand.mime_reader import MimePart, read_mime, shown_inline, walk_parts
+from intake.understand.parsed_mail import LANGUAGE_HEADERS, LOOP_HEADERS, ParsedMail
 from intake.understand.pgp_inbound import (
     Decryption, decrypt_inline, decrypted_mail, is_pgp_mime, open_pgp_mime, public_keys,
 )
@@ -116,6 +116,7 @@ def _parse(raw: bytes, decryption: Decryption | None = None) -> ParsedMail:
     content_type = clean_text(root.get_content_type(), 255)
     is_report = (_param(root, "report-type") or None) if content_type == "multipart/report" else None
     encrypted_parts, ciphertexts = _encrypted_parts(root), _pgp_ciphertexts(root)
+    body_language = guarded(lambda: _text_part_language(root), "", "text part's Content-Language", warnings)
     content = extract_content(root, warnings)
     body = body_text(content, ciphertexts, warnings)
     keys = guarded(lambda: public_keys(content, body), [], "OpenPGP keys", warnings)
@@ -135,10 +136,20 @@ def _parse(raw: bytes, decryption: Decryption | None = None) -> ParsedMail:
         is_report=is_report,
         pgp=pgp,
         public_keys=keys,
+        body_language=body_language,
         part_count=reading.part_count,
         header_count=reading.header_count,
     )
     return _with_delivery_report(mail, content)
+
+
+def _text_part_language(root: MimePart) -> str:
+    """The Content-Language of the message's first text part shown inline (the text the sender
+    wrote, in a multipart message), display-safe and bounded; '' when it has none."""
+    for part, _, _ in walk_parts(root):
+        if part is not root and part.get_content_maintype() == "text" and shown_inline(part, bool(part.get_filename())):
+            return display_value(part.get("content-language", ""))
+    return ""
 
 
 def _mail_from(values: dict[str, list[str]], warnings: list[str], **content: Any) -> ParsedMail:
@@ -161,7 +172,8 @@ def _mail_from(values: dict[str, list[str]], warnings: list[str], **content: Any
         auto_submitted=clean_text(first("auto-submitted"), 100).lower() or None,
         precedence=clean_text(first("precedence"), 100).lower() or None,
         warnings=warnings,
-        headers={name: display_value(values[name][0]) for name in LOOP_HEADERS if name in values},
+        headers={name: display_value(values[name][0])
+                 for name in (*LOOP_HEADERS, *LANGUAGE_HEADERS) if name in values},
         cc=listed.cc,
         recipient_count=listed.count,
         undisclosed_recipients=listed.undisclosed,

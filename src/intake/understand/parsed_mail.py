@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from intake.vocabulary import LOOP_HEADER, TICKET_HEADER
+from intake.vocabulary import ACCEPT_LANGUAGE_HEADER, CONTENT_LANGUAGE_HEADER, LOOP_HEADER, TICKET_HEADER
 
 # Loop- and automation-relevant headers the router reads (RFC 3834 and common practice).
 LOOP_HEADERS = (
@@ -12,6 +12,8 @@ LOOP_HEADERS = (
     "x-autoreply", "x-autorespond", "x-autoresponder", "x-auto-reply", LOOP_HEADER.lower(), TICKET_HEADER.lower(),
     "x-mailer", "return-path", "x-spam-flag", "x-failed-recipients", "feedback-id", "content-type",
 )
+# The headers a reporter's language is read from (intake.language_tags).
+LANGUAGE_HEADERS = (CONTENT_LANGUAGE_HEADER.lower(), ACCEPT_LANGUAGE_HEADER.lower())
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,8 @@ class ParsedMail:
     body_text: str
     attachments: list[Attachment] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    headers: dict[str, str] = field(default_factory=dict)  # LOOP_HEADERS present: lowercased name -> first value
+    # LOOP_HEADERS and LANGUAGE_HEADERS present: lowercased name -> first value (display-safe, bounded)
+    headers: dict[str, str] = field(default_factory=dict)
     cc: list[str] = field(default_factory=list)
     recipient_count: int = 0  # distinct addresses in To + Cc
     undisclosed_recipients: bool = False  # To/Cc is an empty group ("undisclosed-recipients:;") or both are absent
@@ -65,6 +68,7 @@ class ParsedMail:
     header_count: int = 0  # header fields of the top-level header block, including any past the limit
     pgp: PgpStatus | None = None  # set when a report encrypted to the organisation's key was read
     public_keys: list[str] = field(default_factory=list)  # OpenPGP public keys the mail carries, armored
+    body_language: str = ""  # Content-Language of its first inline text part (multipart mail), display-safe
 
 
 @dataclass(frozen=True)
