@@ -14,11 +14,13 @@ import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from conftest import _fresh_postgres_database, deliver_outbox
 from intake.send import composer
 from intake.sla import deadlines, reminders
+from intake.sla.engine import PolicyConfig
 from intake.store.db import make_engine, read_session, write_session
 from intake.store.models import Outbox, Ticket
 from intake.tickets import correspondence, reads
@@ -289,3 +291,17 @@ def test_readme_shows_the_keep_in_loop_mail_as_the_template_renders_it():
                                         "Australia/Brisbane"),
         from_name="Example Security", intake_address="security@example.com")
     assert readme_example("Keep-in-loop") == rendered
+
+
+@pytest.mark.parametrize("text, span", [("30 days", timedelta(days=30)), ("36 hours", timedelta(hours=36)),
+                                        ("", None), (None, None)])
+def test_keep_in_loop_is_elapsed_time_of_a_day_or_more(text, span):
+    policy = PolicyConfig(auto_ack_counts=True, keep_in_loop=text,
+                          stages=[{"name": "acknowledge", "duration": "1 days"}])
+    assert policy.keep_in_loop_span == span
+
+
+@pytest.mark.parametrize("text", ["2 business days", "12 hours", "0 days", "a month"])
+def test_keep_in_loop_refuses_business_time_less_than_a_day_and_nonsense(text):
+    with pytest.raises(ValidationError):
+        PolicyConfig(auto_ack_counts=True, keep_in_loop=text, stages=[{"name": "acknowledge", "duration": "1 days"}])

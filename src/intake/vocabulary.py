@@ -252,6 +252,13 @@ class MailKind:
     THIRD_PARTY_FORWARD = "third-party-forward"
 
 
+class Audience:
+    """Who a mail of a ticket is for (``intake reminders REF`` says it of each)."""
+
+    REPORTER = "reporter"
+    MAINTAINERS = "maintainers"
+
+
 class DigestStatus:
     """What sending a digest for its period did (``intake digest --send``, the scheduler)."""
 

@@ -17,7 +17,7 @@ from intake.sla import digest, mail_listing, reminders
 from intake.store import inbound
 from intake.tickets import correspondence, reads
 from intake.understand import parse_guard
-from intake.vocabulary import DigestStatus, OutboxStatus
+from intake.vocabulary import Audience, DigestStatus, OutboxStatus
 
 
 def _message_text(message: str | None, file: Path | None, reference: str, what: str) -> str:
@@ -218,11 +218,12 @@ def reminders_command(obj: Context, reference: str, now: datetime | None, as_jso
     if found.maintainers.suppressed:
         echo(f"suppressed (imported from history at {data['imported_at']}; never mailed)")
     for item in found.maintainers.suppressed:
-        echo(f"  to maintainers: {item.stage} {item.point} (at {item.at.isoformat()}): {item.why}")
+        echo(f"  to {Audience.MAINTAINERS}: {item.stage} {item.point} (at {item.at.isoformat()}): {item.why}")
     if found.withheld:
         echo("not sent to the reporter")
     for mail in found.withheld:
-        echo(f"  to reporter: {' '.join(filter(None, [mail.kind, mail.what]))} (at {mail.at.isoformat()}): {mail.why}")
+        what = " ".join(filter(None, [mail.kind, mail.what]))
+        echo(f"  to {Audience.REPORTER}: {what} (at {mail.at.isoformat()}): {mail.why}")
     echo("due now (the next sweep sends it)" if data["due_now"] else "due now: nothing")
     for item in data["due_now"]:
         echo(f"  {to(item)} {' '.join(filter(None, [item['stage'], item['kind'], item['point']]))} (at {item['at']})")
@@ -233,5 +234,5 @@ def reminders_command(obj: Context, reference: str, now: datetime | None, as_jso
         words = " ".join(filter(None, [item["stage"], item["kind"], item["point"], item["at"] and "at " + item["at"]]))
         echo(f"  {to(item)} {words}")
     if found.keep_in_loop_why_not:
-        echo(f"  to reporter: no keep-in-loop mail ({found.keep_in_loop_period} without mail): "
+        echo(f"  to {Audience.REPORTER}: no keep-in-loop mail ({found.keep_in_loop_period} without mail): "
              f"{found.keep_in_loop_why_not}")

@@ -23,9 +23,8 @@ from intake.store.db import read_session
 from intake.store.models import Outbox, Ticket
 from intake.tickets import keep_in_loop
 from intake.tickets.reads import find
-from intake.vocabulary import QUEUED_EVENT, EventKind, MailKind
+from intake.vocabulary import QUEUED_EVENT, Audience, EventKind, MailKind, NotificationKind
 
-REPORTER, MAINTAINERS = "reporter", "maintainers"
 _MAIL_KIND_OF_EVENT = {event: kind for kind, event in QUEUED_EVENT.items()}
 # Events that record mail to the reporter left unsent, and the detail naming what it was.
 _WITHHELD = {EventKind.UPDATE_SUPPRESSED: (MailKind.PROGRESS_UPDATE, "update"),
@@ -63,18 +62,18 @@ class TicketMail:
         """The maintainers' listing (its fields unchanged, each entry with its audience) with the
         reporter's entries beside theirs, and the keep-in-loop timing."""
         data = self.maintainers.as_dict()
-        for entries in (data["sent"], data["suppressed"], data["due_now"], data["next"]):
+        for entries in (data["sent"], data[NotificationKind.SUPPRESSED], data["due_now"], data["next"]):
             for entry in entries:
-                entry["audience"] = MAINTAINERS
+                entry["audience"] = Audience.MAINTAINERS
         data["sent"] += [{"key": None, "kind": mail.kind, "stage": None, "point": mail.what,
                           "at": mail.at.isoformat(), "queued_at": mail.at.isoformat(), "to": mail.to,
-                          "status": mail.status, "audience": REPORTER} for mail in self.to_reporter]
-        data["suppressed"] += [{"key": None, "kind": mail.kind, "stage": None, "point": mail.what,
+                          "status": mail.status, "audience": Audience.REPORTER} for mail in self.to_reporter]
+        data[NotificationKind.SUPPRESSED] += [{"key": None, "kind": mail.kind, "stage": None, "point": mail.what,
                                 "at": mail.at.isoformat(), "recorded_at": mail.at.isoformat(), "why": mail.why,
-                                "audience": REPORTER} for mail in self.withheld]
+                                "audience": Audience.REPORTER} for mail in self.withheld]
         if self.keep_in_loop_at is not None:
             entry = {"stage": None, "kind": MailKind.KEEP_IN_LOOP, "point": f"after {self.keep_in_loop_period}",
-                     "at": self.keep_in_loop_at.isoformat(), "audience": REPORTER}
+                     "at": self.keep_in_loop_at.isoformat(), "audience": Audience.REPORTER}
             data["due_now" if self.keep_in_loop_due_now else "next"].append(entry)
         data[MailKind.KEEP_IN_LOOP] = {"period": self.keep_in_loop_period, "why_not": self.keep_in_loop_why_not,
                                        "at": self.keep_in_loop_at.isoformat() if self.keep_in_loop_at else None}
