@@ -113,6 +113,9 @@ class PurgeLog(SQLModel, table=True):
 class Ticket(SQLModel, table=True):
     """A tracked report, known by its public reference (SEC-2026-0001)."""
 
+    # The sweep's keep-in-loop scan: the tickets of some policies in the states worked on.
+    __table_args__ = (Index("ix_ticket_policy_state", "policy", "state"),)
+
     id: int | None = Field(default=None, primary_key=True)
     reference: str = Field(sa_column=Column(String(40), nullable=False, unique=True))
     subject: str = Field(sa_column=Column(Text, nullable=False))

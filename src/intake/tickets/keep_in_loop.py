@@ -26,14 +26,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, case, func, literal, select
 from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla.calendars import parse_duration
 from intake.store.db import read_session, write_session
-from intake.store.models import Event, Outbox, Ticket
+from intake.store.models import Event, Outbox, Ticket, UTCDateTime
 from intake.tickets import correspondence, reporter_keys, status_reply
 from intake.understand import reply_tokens
 from intake.understand.header_text import clean_text
@@ -116,20 +116,20 @@ def due_at(session: Session, settings: Settings, ticket: Ticket) -> tuple[dateti
 
 def _candidates(session: Session, settings: Settings, now: datetime) -> list[int]:
     """Tickets that may be due at *now* (each is checked again under its lock): being worked on,
-    under a policy with a period, reporter reachable, and nothing queued to them for that long."""
+    under a policy with a period, reporter reachable, and nothing queued to them for that long.
+    One statement for every policy; a ticket opened less than its period ago is ruled out before
+    its events are looked at."""
     spans = {name: policy.keep_in_loop_span for name, policy in settings.policies.items() if policy.keep_in_loop_span}
-    found: list[int] = []
+    if not spans:
+        return []
+    cutoff = case({name: literal(now - span, UTCDateTime()) for name, span in spans.items()}, value=Ticket.policy)
     last_mail = (select(func.max(Event.at)).where(Event.ticket_id == Ticket.id, Event.kind.in_(REPORTER_MAIL_EVENTS))
                  .correlate(Ticket).scalar_subquery())
-    for name, span in spans.items():
-        found += session.scalars(
-            select(Ticket.id).where(Ticket.policy == name, Ticket.state.in_(WORKED_ON_STATES),
-                                    Ticket.reporter_unreachable_at.is_(None),
-                                    func.coalesce(last_mail, Ticket.imported_at, Ticket.created_at) <= now - span)
-            .order_by(Ticket.id).limit(MAX_PER_SWEEP - len(found)))
-        if len(found) >= MAX_PER_SWEEP:
-            break
-    return found
+    return list(session.scalars(
+        select(Ticket.id).where(Ticket.policy.in_(spans), Ticket.state.in_(WORKED_ON_STATES),
+                                Ticket.reporter_unreachable_at.is_(None), Ticket.created_at <= cutoff,
+                                func.coalesce(last_mail, Ticket.imported_at, Ticket.created_at) <= cutoff)
+        .order_by(Ticket.id).limit(MAX_PER_SWEEP)))
 
 
 def maintainers_to_tell(settings: Settings, ticket: Ticket) -> list[str]:
@@ -151,8 +151,6 @@ def plan(session: Session, settings: Settings, ticket: Ticket, now: datetime) ->
 
 def sweep(engine: Engine, settings: Settings, now: datetime, dry_run: bool, reply_secret: bytes) -> list[Planned]:
     """Send (unless *dry_run*) every keep-in-loop mail due at *now*, each once; the mails planned."""
-    if not any(policy.keep_in_loop_span for policy in settings.policies.values()):
-        return []
     with read_session(engine) as session:
         candidates = _candidates(session, settings, now)
     sent = []
