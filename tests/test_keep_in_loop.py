@@ -246,6 +246,9 @@ def test_intake_reminders_lists_mail_to_the_reporter_beside_mail_to_maintainers(
     cli("close", first, "--reason", "invalid", "--quiet")
     after = cli_json(cli, first, due + timedelta(hours=1))
     assert [s["kind"] for s in after["sent"] if s["audience"] == "reporter"] == ["acknowledgement", "keep-in-loop"]
+    assert [(s["kind"], s["to"]) for s in after["sent"] if s["kind"] == "keep-in-loop-notice"] == [
+        ("keep-in-loop-notice", ["ana@maintainers.test", "bo@maintainers.test"])]
+    assert {s["audience"] for s in after["sent"] if s["kind"] == "keep-in-loop-notice"} == {"maintainers"}
     assert [(s["kind"], s["point"], s["why"]) for s in after["suppressed"] if s["audience"] == "reporter"] == [
         ("progress-update", "closed", "--quiet")]
     shown = cli("reminders", first, "--now", (due + timedelta(hours=1)).isoformat()).output

@@ -5,7 +5,8 @@ due now, next per stage). The reporter's side is read from the ticket's events: 
 to the reporter (acknowledgement, replies, progress updates, status replies, keep-in-loop mail)
 with what the outbox did with it, every one left unsent and why (an update suppressed, an
 acknowledgement loop safety withheld, a status request unanswered, keep-in-loop mail barred),
-and the next keep-in-loop mail. Each entry says its audience.
+and the next keep-in-loop mail; the maintainers' notice of each keep-in-loop mail is listed with
+their mail. Each entry says its audience.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ReporterMail:
     to: list[str]
     status: str | None = None  # pending | sent | dead; None: withheld, or its outbox row purged
     why: str | None = None  # withheld: why
+    maintainers_told: tuple[str, ...] = ()  # keep-in-loop mail: who got the notice of it
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class TicketMail:
         data["sent"] += [{"key": None, "kind": mail.kind, "stage": None, "point": mail.what,
                           "at": mail.at.isoformat(), "queued_at": mail.at.isoformat(), "to": mail.to,
                           "status": mail.status, "audience": Audience.REPORTER} for mail in self.to_reporter]
+        data["sent"] += [{"key": None, "kind": MailKind.KEEP_IN_LOOP_NOTICE, "stage": None, "point": None,
+                          "at": mail.at.isoformat(), "queued_at": mail.at.isoformat(),
+                          "to": list(mail.maintainers_told), "audience": Audience.MAINTAINERS}
+                         for mail in self.to_reporter if mail.maintainers_told]
         data[NotificationKind.SUPPRESSED] += [{"key": None, "kind": mail.kind, "stage": None, "point": mail.what,
                                 "at": mail.at.isoformat(), "recorded_at": mail.at.isoformat(), "why": mail.why,
                                 "audience": Audience.REPORTER} for mail in self.withheld]
@@ -105,7 +111,8 @@ def _reporter_mail(session: Session, ticket: Ticket) -> tuple[list[ReporterMail]
             detail = event.detail
             to = [detail["to"]] if isinstance(detail.get("to"), str) else []
             queued.append(ReporterMail(_MAIL_KIND_OF_EVENT[event.kind], detail.get("update"), event.at,
-                                       to + list(detail.get("cc") or []), status.get(detail.get("message_id"))))
+                                       to + list(detail.get("cc") or []), status.get(detail.get("message_id")),
+                                       maintainers_told=tuple(detail.get("maintainers_told") or ())))
         elif event.kind in _WITHHELD:
             kind, what = _WITHHELD[event.kind]
             withheld.append(ReporterMail(kind, event.detail.get(what) if what else None, event.at, [ticket.reporter],
