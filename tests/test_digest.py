@@ -246,9 +246,10 @@ def test_sweep_and_reminders_commands(desk, cli):
     assert json.loads(cli("sweep", "--now", now, "--json").output)["notifications"] == []
     assert "queued 0 mail(s)" in cli("sweep", "--now", now).output
     listed = json.loads(cli("reminders", reference, "--now", now, "--json").output)
-    assert [s["kind"] for s in listed["sent"]] == ["new-ticket", "breach"]
+    assert [(s["kind"], s["audience"]) for s in listed["sent"]] == [
+        ("new-ticket", "maintainers"), ("breach", "maintainers"), ("acknowledgement", "reporter")]
     assert {"stage": "acknowledge", "kind": "breach", "point": "repeat 1",
-            "at": "2026-06-04T00:00:00+00:00"} in listed["next"]
+            "at": "2026-06-04T00:00:00+00:00", "audience": "maintainers"} in listed["next"]
     assert "acknowledge breach repeat 1" in cli("reminders", reference, "--now", now).output
     assert "no ticket SEC-1999-0001" in cli("reminders", "SEC-1999-0001", code=1).output
 

@@ -116,13 +116,16 @@ def test_the_shipped_config_toml_keeps_the_contract():
     shipped = Path(__file__).resolve().parents[1] / "config.toml"
     policies, calendars = load(tomllib.loads(shipped.read_text(encoding="utf-8")))
     # What a low-quality report is answered with, and how the policy is named, are no deadline.
-    not_sla = {"description", "title", "url", "low_quality_reply"}
+    # Nor is the reporter's keep-in-loop mail (asserted below).
+    not_sla = {"description", "title", "url", "low_quality_reply", "keep_in_loop"}
     for name, expected in POLICIES.items():
         assert policies[name].model_dump(exclude=not_sla) == expected.model_dump(exclude=not_sla), name
     assert calendars["aest"] == CALENDARS["aest"]
     # Vaixus (section 10) and EmailConnect rule automated scanning and spam out of scope; Vectis does not.
     assert {name: policies[name].low_quality_reply for name in POLICIES} == {
         "vaixus": "out-of-scope", "vectis-mail": "acknowledge", "emailconnect": "out-of-scope"}
+    # Each promises progress over fixes that may take months (README, "Keep-in-loop"): a mail a month.
+    assert {name: policies[name].keep_in_loop_span for name in POLICIES} == dict.fromkeys(POLICIES, timedelta(days=30))
 
 
 # --- vaixus: acknowledge within 72 elapsed hours, only a human reply counts ---

@@ -187,9 +187,14 @@ def test_readme_shows_the_status_reply_as_the_template_renders_it():
         next_date=composer.PromisedDate("Fix released (target)", datetime(2027, 1, 4, 7, 0, tzinfo=timezone.utc),
                                         "Australia/Brisbane"),
         window_hours=24, from_name="Example Security", intake_address="security@example.com")
+    assert readme_example("Status on request") == rendered
+
+
+def readme_example(heading: str) -> str:
+    """The one example block in the README's section "### *heading*"."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    [shown] = re.findall(r"### Status on request\n.*?```\n(.*?)```", readme, re.DOTALL)
-    assert shown == rendered
+    [shown] = re.findall(rf"### {re.escape(heading)}\n.*?```\n(.*?)```", readme, re.DOTALL)
+    return shown
 
 
 @pytest.mark.parametrize("state, severity, close_reason, words", [

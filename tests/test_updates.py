@@ -56,22 +56,30 @@ def desk(make_settings, start_intake_listener, config_file, sink):  # type: igno
     config_file.write_text(config_file.read_text() + POLICIES)
 
     def start(**env: str):  # type: ignore[no-untyped-def]
-        settings = make_settings(
-            INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}",
-            INTAKE_INTAKE__DEFAULT_POLICY="coordinated",
-            INTAKE_INTAKE__POLICY_BY_ADDRESS='{"security+few@example.com": "closing-only"}', **env)
-        running = start_intake_listener(settings)
-        smtp_send(running.port, report(subject="SQL injection in search", message_id="<first@alice.test>"))
-        smtp_send(running.port, report(subject="Open redirect", sender="carol@other.test",
-                                       message_id="<second@carol.test>"),
-                  mail_from="carol@other.test", rcpt_tos=["security+few@example.com"])
-        refs = process(settings, running.engine).tickets_opened
-        deliver_outbox(settings, running.engine)
-        sink.wait_for(2)
-        sink.messages.clear()
-        return settings, running, refs
+        return two_reports(make_settings, start_intake_listener, sink, "coordinated", "closing-only", **env)
 
     return start
+
+
+def two_reports(make_settings, start_intake_listener, sink,  # type: ignore[no-untyped-def]
+                policy: str, other_policy: str, **env: str):
+    """The listener relaying to *sink*; Alice's report under *policy*, Carol's (to security+few@)
+    under *other_policy*; their acknowledgements delivered and cleared from the sink. (settings,
+    running listener, references)."""
+    settings = make_settings(
+        INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}",
+        INTAKE_INTAKE__DEFAULT_POLICY=policy,
+        INTAKE_INTAKE__POLICY_BY_ADDRESS=f'{{"security+few@example.com": "{other_policy}"}}', **env)
+    running = start_intake_listener(settings)
+    smtp_send(running.port, report(subject="SQL injection in search", message_id="<first@alice.test>"))
+    smtp_send(running.port, report(subject="Open redirect", sender="carol@other.test",
+                                   message_id="<second@carol.test>"),
+              mail_from="carol@other.test", rcpt_tos=["security+few@example.com"])
+    refs = process(settings, running.engine).tickets_opened
+    deliver_outbox(settings, running.engine)
+    sink.wait_for(2)
+    sink.messages.clear()
+    return settings, running, refs
 
 
 def _sent(settings, running, sink) -> list[tuple[str, email.message.EmailMessage]]:  # type: ignore[no-untyped-def]

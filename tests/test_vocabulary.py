@@ -29,6 +29,8 @@ PLAIN = {
     "ok", "met", "breached",
     # the system actor is intake's own name: the package, a config section, the SMTP ident
     "intake",
+    # audiences (`intake reminders`) that are also a ticket column and a config section
+    "reporter", "maintainers",
 }
 # Pieces of f-strings that build a word instead of looking it up (f"{kind}-queued").
 BUILT_SUFFIXES = ("-queued", "-received")

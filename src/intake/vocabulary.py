@@ -148,6 +148,9 @@ MILESTONES = tuple(spec.name for spec in MILESTONE_SPECS)
 MILESTONE_SPEC = {spec.name: spec for spec in MILESTONE_SPECS}
 # Every state a ticket can be in: a recorded milestone moves it to the state of that name.
 TICKET_STATES = (TicketState.NEW, TicketState.WAITING, *MILESTONES, TicketState.CLOSED)
+# States in which the report is being worked on, so a reporter who has heard nothing for a while
+# gets a keep-in-loop mail: not waiting on them, not finished, not disclosed (the story is public).
+WORKED_ON_STATES = (TicketState.NEW, Milestone.ACKNOWLEDGED, Milestone.ASSESSED, Milestone.RELEASED)
 
 # -- what a ticket's history records: ``event.kind`` --
 
@@ -235,17 +238,26 @@ class MailKind:
     DUPLICATE_NOTICE = "duplicate-notice"  # the ticket was merged into another
     STATUS_REPLY = "status-reply"  # the automatic answer to the reporter's "status" mail
     PROGRESS_UPDATE = "progress-update"  # assessed, fix released, disclosure scheduled, disclosed, closed
+    KEEP_IN_LOOP = "keep-in-loop"  # "still being worked on": after [policies.X] keep_in_loop without mail to them
     # to maintainers
     NEW_TICKET = NotificationKind.NEW_TICKET
     REMINDER = NotificationKind.REMINDER
     BREACH = NotificationKind.BREACH
     ESCALATION = NotificationKind.ESCALATION
     CATCH_UP = "catch-up"  # several notices of one ticket in one mail
+    KEEP_IN_LOOP_NOTICE = "keep-in-loop-notice"  # the sweep told the reporter the report is still worked on
     DIGEST = NotificationKind.DIGEST
     CONFIRMATION = "confirmation"  # of a maintainer's mail command
     REPLY_REFUSED = "reply-refused"
     REPORTER_REPLY_FORWARD = "reporter-reply-forward"
     THIRD_PARTY_FORWARD = "third-party-forward"
+
+
+class Audience:
+    """Who a mail of a ticket is for (``intake reminders REF`` says it of each)."""
+
+    REPORTER = "reporter"
+    MAINTAINERS = "maintainers"
 
 
 class DigestStatus:
@@ -266,6 +278,7 @@ QUEUED_EVENT = {
     MailKind.DUPLICATE_NOTICE: "duplicate-notice-queued",
     MailKind.STATUS_REPLY: "status-reply-queued",
     MailKind.PROGRESS_UPDATE: "progress-update-queued",
+    MailKind.KEEP_IN_LOOP: "keep-in-loop-queued",  # its detail names the maintainers told
 }
 # The event recorded when a routed message is added to its ticket, by decision.
 RECEIVED_EVENT = {decision: f"{decision}-received" for decision in DECISIONS}

@@ -69,11 +69,13 @@ COMMANDS = {
     "import": Registered(_M + "importing:import_command",
                          "Import an mbox file or Maildir folder as history: stored, processed, nothing sent."),
     "sweep": Registered(_M + "mail:sweep",
-                        "Run one SLA sweep: reminders, breach notices and escalations due at --now, each sent once."),
+                        "Run one SLA sweep: reminders, breach notices, escalations and keep-in-loop mail due at --now, "
+                        "each sent once."),
     "digest": Registered(_M + "mail:digest_command",
                          "Preview or send digest NAME (a [scheduler.digests.NAME] schedule) as of --now."),
     "reminders": Registered(_M + "mail:reminders_command",
-                            "What was sent for ticket REFERENCE and what each of its stages gets next."),
+                            "What was sent for ticket REFERENCE, to maintainers and to the reporter, "
+                            "and what comes next."),
     "serve": Registered(_M + "admin:serve", "Run the SMTP listener, processor and outbox until SIGTERM."),
     "init": Registered(_M + "setup:init",
                        "Write a production config.toml (mode 0640, group intake) from these flags, asking on a "

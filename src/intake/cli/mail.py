@@ -13,11 +13,11 @@ from intake.cli.common import JSON_OPTION, NOW_OPTION, Context, actor, change_ti
 from intake.display import echo
 from intake.run import processor
 from intake.send import outbox
-from intake.sla import digest, reminders
+from intake.sla import digest, mail_listing, reminders
 from intake.store import inbound
 from intake.tickets import correspondence, reads
 from intake.understand import parse_guard
-from intake.vocabulary import DigestStatus, OutboxStatus
+from intake.vocabulary import Audience, DigestStatus, OutboxStatus
 
 
 def _message_text(message: str | None, file: Path | None, reference: str, what: str) -> str:
@@ -132,13 +132,14 @@ def reprocess(obj: Context, message_id: int | None, all_failed: bool) -> None:
 @JSON_OPTION
 @click.pass_obj
 def sweep(obj: Context, now: datetime | None, dry_run: bool, as_json: bool) -> None:
-    """Run one SLA sweep: reminders, breach notices and escalations due at --now, each sent once."""
+    """Run one SLA sweep: reminders, breach notices, escalations and keep-in-loop mail due at --now, each sent once."""
     result = reminders.sweep(obj.engine(), obj.settings, now or datetime.now(timezone.utc), dry_run=dry_run)
     if as_json:
         emit_json(result.as_dict())
         return
     verb = "would send" if dry_run else "queued"
-    echo(f"sweep at {result.now.isoformat()}: {verb} {len(result.mails)} mail(s); "
+    echo(f"sweep at {result.now.isoformat()}: {verb} {len(result.mails)} mail(s) to maintainers, "
+         f"{len(result.keep_in_loop)} keep-in-loop mail(s) to reporters; "
          f"{result.examined} stage(s) looked at, {result.held} reminder(s) held for working hours")
     if result.suppressed:
         tickets = len({notice.ticket_id for notice in result.suppressed})
@@ -148,6 +149,9 @@ def sweep(obj: Context, now: datetime | None, dry_run: bool, as_json: bool) -> N
         echo(f"  {mail.reference} {mail.kind} to {', '.join(mail.recipients)}")
         for notice in mail.notices:
             echo(f"    {notice.stage} {notice.label} (at {notice.at.isoformat()})  {notice.key}")
+    for planned in result.keep_in_loop:
+        echo(f"  {planned.reference} keep-in-loop to {planned.reporter} (no mail to them since "
+             f"{planned.silent_since.isoformat()}), maintainers told: {', '.join(planned.maintainers) or 'none'}")
 
 
 @click.command("digest")
@@ -190,27 +194,45 @@ def digest_command(obj: Context, name: str, now: datetime | None, preview: bool,
 @JSON_OPTION
 @click.pass_obj
 def reminders_command(obj: Context, reference: str, now: datetime | None, as_json: bool) -> None:
-    """What was sent for ticket REFERENCE and what each of its stages gets next."""
+    """What was sent for ticket REFERENCE, to maintainers and to the reporter, and what comes next."""
     try:
-        found = reminders.ticket_reminders(obj.engine(), obj.settings, reference, now or datetime.now(timezone.utc))
+        found = mail_listing.ticket_mail(obj.engine(), obj.settings, reference, now or datetime.now(timezone.utc))
     except reads.TicketNotFound:
         fail(f"no ticket {reference}")
     data = found.as_dict()
     if as_json:
         emit_json(data)
         return
-    echo(f"{found.reference}: sent")
-    for sent in data["sent"] or [{"kind": "nothing yet"}]:
-        echo("  " + " ".join(filter(None, [sent["kind"], sent.get("stage"), sent.get("point"),
+
+    def to(entry: dict) -> str:  # type: ignore[type-arg]
+        return f"to {entry['audience']}:"
+
+    echo(f"{found.maintainers.reference}: sent")
+    if not data["sent"]:
+        echo("  nothing yet")
+    for sent in data["sent"]:
+        echo("  " + " ".join(filter(None, [to(sent), sent["kind"], sent.get("stage"), sent.get("point"),
                                            sent.get("queued_at") and f"queued {sent['queued_at']}",
-                                           sent.get("to") and "to " + ", ".join(sent["to"])])))
-    if found.suppressed:
+                                           sent.get("to") and "to " + ", ".join(sent["to"]),
+                                           sent.get("status") and f"({sent['status']})"])))
+    if found.maintainers.suppressed:
         echo(f"suppressed (imported from history at {data['imported_at']}; never mailed)")
-    for item in found.suppressed:
-        echo(f"  {item.stage} {item.point} (at {item.at.isoformat()}): {item.why}")
+    for item in found.maintainers.suppressed:
+        echo(f"  to {Audience.MAINTAINERS}: {item.stage} {item.point} (at {item.at.isoformat()}): {item.why}")
+    if found.withheld:
+        echo("not sent to the reporter")
+    for mail in found.withheld:
+        what = " ".join(filter(None, [mail.kind, mail.what]))
+        echo(f"  to {Audience.REPORTER}: {what} (at {mail.at.isoformat()}): {mail.why}")
     echo("due now (the next sweep sends it)" if data["due_now"] else "due now: nothing")
     for item in data["due_now"]:
-        echo(f"  {item['stage']} {item['kind']} {item['point']} (at {item['at']})")
+        echo(f"  {to(item)} {' '.join(filter(None, [item['stage'], item['kind'], item['point']]))} (at {item['at']})")
     echo("next")
-    for item in data["next"] or [{"stage": "nothing scheduled", "kind": "", "point": "", "at": ""}]:
-        echo(f"  {item['stage']} {item['kind']} {item['point']} {item['at'] and 'at ' + item['at']}".rstrip())
+    if not data["next"]:
+        echo("  nothing scheduled")
+    for item in data["next"]:
+        words = " ".join(filter(None, [item["stage"], item["kind"], item["point"], item["at"] and "at " + item["at"]]))
+        echo(f"  {to(item)} {words}")
+    if found.keep_in_loop_why_not:
+        echo(f"  to {Audience.REPORTER}: no keep-in-loop mail ({found.keep_in_loop_period} without mail): "
+             f"{found.keep_in_loop_why_not}")

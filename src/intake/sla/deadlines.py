@@ -21,9 +21,9 @@ from sqlmodel import Session
 from intake.config.settings import Settings
 from intake.sla.calendars import CalendarConfig, parse_duration
 from intake.sla.engine import (
-    DEFAULT_DUE_SOON, Pause, PolicyConfig, StageDeadline, acknowledge_met_at, compute_deadlines, reminder_times,
-    stage_state,
+    DEFAULT_DUE_SOON, Pause, PolicyConfig, StageDeadline, acknowledge_met_at, compute_deadlines, stage_state,
 )
+from intake.sla.reminder_schedule import reminder_times
 from intake.store import schema
 from intake.store.db import read_session, write_session
 from intake.store.models import Deadline, Event, Ticket

@@ -46,9 +46,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from intake.sla.calendars import (
     BUILTIN_CALENDAR, CalendarConfig, add_duration, as_utc, builtin_calendars, format_skipped, format_span,
-    parse_duration, point_in_counted_time, resolve_calendar,
+    parse_duration, resolve_calendar,
 )
-from intake.sla.reminder_points import parse_reminder_point, valid_reminder_points
+from intake.sla.reminder_points import valid_reminder_points
 from intake.vocabulary import MILESTONES, MILESTONE_SPECS, SEVERITIES, UPDATE_KINDS, StageState
 
 DEFAULT_DUE_SOON = "24 hours"
@@ -199,6 +199,9 @@ class PolicyConfig(BaseModel):
     # out-of-scope reply (template out-of-scope.txt.j2). Either way it is a ticket.
     low_quality_reply: Literal["acknowledge", "out-of-scope"] = "acknowledge"
     updates: list[str] = Field(default_factory=lambda: list(UPDATE_KINDS))  # progress updates sent (UpdateKind)
+    # After this long (elapsed time) without mail to the reporter, the sweep tells them the report is
+    # still being worked on (see intake.tickets.keep_in_loop); unset or "": never.
+    keep_in_loop: str | None = None
     # How long before its due instant an unmet stage counts as due soon (elapsed time).
     due_soon: str = DEFAULT_DUE_SOON
     # Reminder points of its stages (a stage may give its own): "N%" of the stage's time, or
@@ -212,6 +215,22 @@ class PolicyConfig(BaseModel):
         if unknown := [kind for kind in kinds if kind not in UPDATE_KINDS]:
             raise ValueError(f"unknown updates {', '.join(unknown)}: use some of {', '.join(UPDATE_KINDS)}")
         return kinds
+
+    @field_validator("keep_in_loop")
+    @classmethod
+    def _valid_keep_in_loop(cls, text: str | None) -> str | None:
+        if not text:
+            return None
+        duration = parse_duration(text)
+        # Elapsed, as "no mail for 30 days" reads; under a day would mail the reporter more often
+        # than a person could have news for them.
+        if duration.business or duration.elapsed < timedelta(days=1):
+            raise ValueError(f"keep_in_loop {text!r} must be elapsed time of at least 1 day (e.g. \"30 days\")")
+        return text
+
+    @property
+    def keep_in_loop_span(self) -> timedelta | None:
+        return parse_duration(self.keep_in_loop).elapsed if self.keep_in_loop else None
 
     @field_validator("remind")
     @classmethod
@@ -450,50 +469,6 @@ def stage_state(deadline: StageDeadline, met_at: datetime | None, now: datetime,
     if deadline.due - now <= due_soon:
         return StageState.DUE_SOON
     return StageState.OK
-
-
-def reminder_times(
-    policy: PolicyConfig,
-    stage_name: str,
-    calendars: Mapping[str, CalendarConfig],
-    *,
-    start: datetime,
-    due: datetime,
-    severity: str | None,
-) -> list[tuple[str, datetime]]:
-    """The stage's reminder points as ``(label, instant)``, in time order, strictly between its
-    start and its due instant (a point outside that span is dropped: the new-ticket notice and
-    the breach notice cover those moments)."""
-    stage = policy.stage(stage_name)
-    if stage is None:
-        return []
-    start, due = as_utc("start", start), as_utc("due", due)
-    calendar = resolve_calendar(stage.calendar or policy.calendar, calendars)
-    unit = _counted_unit(stage, severity)
-    times = []
-    for text in stage.remind if stage.remind is not None else policy.remind:
-        point = parse_reminder_point(text)
-        if point.before is not None:
-            at = due - point.before
-        elif unit is None:
-            at = start + (due - start) * point.fraction
-        else:
-            at = point_in_counted_time(start, due, point.fraction, calendar, unit)
-        if start < at < due:
-            times.append((point.label, at))
-    return sorted(times, key=lambda entry: entry[1])
-
-
-def _counted_unit(stage: StageConfig, severity: str | None) -> Literal["hour", "day"] | None:
-    """"hour" or "day" when the stage's duration is business time (for every severity it may
-    have, while the severity is unknown), else None: elapsed time."""
-    texts = {stage.duration_for(severity)} if severity else {stage.duration_for(each) for each in SEVERITIES}
-    kinds = {(duration.business, duration.unit) for duration in map(parse_duration, texts)}
-    if len(kinds) == 1:
-        business, unit = kinds.pop()
-        if business:
-            return unit  # type: ignore[return-value]
-    return None
 
 
 def _format_instant(instant: datetime) -> str:

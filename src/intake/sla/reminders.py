@@ -44,10 +44,10 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import deadlines
 from intake.sla.calendars import format_span, parse_duration
-from intake.sla.engine import reminder_times
+from intake.sla.reminder_schedule import reminder_times
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.tickets import reporter_keys, undeliverable
+from intake.tickets import keep_in_loop, reporter_keys, undeliverable
 from intake.tickets.reads import find
 from intake.understand import reply_tokens
 from intake.vocabulary import FINISHED_STATES, MailKind, NotificationKind
@@ -118,11 +118,13 @@ class SweepResult:
     held: int = 0  # reminders held for working hours
     mails: list[PlannedMail] = field(default_factory=list)
     suppressed: list[Notice] = field(default_factory=list)  # imported history: recorded, not mailed
+    keep_in_loop: list[keep_in_loop.Planned] = field(default_factory=list)  # to reporters (tickets/keep_in_loop)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "now": self.now.isoformat(), "dry_run": self.dry_run, "examined": self.examined, "held": self.held,
             "mails": len(self.mails), NotificationKind.SUPPRESSED: [_suppressed_dict(n) for n in self.suppressed],
+            MailKind.KEEP_IN_LOOP: [planned.as_dict() for planned in self.keep_in_loop],
             "notifications": [
                 {"key": notice.key, "kind": notice.kind, "ticket": notice.reference, "stage": notice.stage,
                  "point": notice.label, "at": notice.at.isoformat(), "stage_due": notice.stage_due.isoformat(),
@@ -150,6 +152,7 @@ def sweep(engine: Engine, settings: Settings, now: datetime, dry_run: bool = Fal
             seen |= ticket_ids
             mails = _sweep_tickets(session, settings, ticket_ids, now, result, dry_run, reply_secret)
         result.mails += mails
+    result.keep_in_loop = keep_in_loop.sweep(engine, settings, now, dry_run, reply_secret)
     if (result.mails or result.suppressed) and not dry_run:
         log.info("event=sweep-sent mails=%d examined=%d held=%d suppressed=%d", len(result.mails), result.examined,
                  result.held, len(result.suppressed))
