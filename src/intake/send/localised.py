@@ -29,7 +29,8 @@ from intake.language_tags import ENGLISH
 SHIPPED = Path(__file__).parent / "templates"
 TEMPLATE_SUFFIX = ".j2"
 # Mail to maintainers: written in English whatever the ticket's language.
-MAINTAINER_TEMPLATES = frozenset({"notice.txt.j2", "new-ticket.txt.j2", "digest.txt.j2", "digest.html.j2"})
+MAINTAINER_TEMPLATES = frozenset({"notice.txt.j2", "new-ticket.txt.j2", "digest.txt.j2", "digest.html.j2",
+                                  "keep-in-loop-notice.txt.j2"})
 
 
 @lru_cache(maxsize=1)

@@ -178,13 +178,17 @@ def _locked(session: Session, ticket_id: int, lock: bool) -> Ticket | None:
 def _send(session: Session, settings: Settings, ticket: Ticket, planned: Planned, now: datetime,
           reply_secret: bytes) -> None:
     """Queue the keep-in-loop mail to the reporter and the notice to *planned*'s maintainers."""
-    period = str(parse_duration(settings.policies[ticket.policy].keep_in_loop or ""))  # "30 days", as configured
+    duration = parse_duration(settings.policies[ticket.policy].keep_in_loop or "")
+    period = str(duration)  # "30 days", as configured
     context = dict(reference=ticket.reference, subject=composer.shorten(clean_text(ticket.subject)), period=period,
                    next_date=planned.next_date, from_name=settings.intake.from_name)
-    text = composer.render("keep-in-loop.txt.j2", settings.templates_path, **context,
+    language = settings.language_for(ticket.language)
+    # The period as amount and unit too, for templates in another language to word it themselves.
+    text = composer.render("keep-in-loop.txt.j2", settings.templates_path, language, **context,
+                           period_amount=duration.amount, period_unit=duration.unit,
                            reporter_name=clean_text(ticket.reporter_name or ""), intake_address=ticket.intake_address)
     correspondence.mail_reporter(session, settings, ticket, text, kind=MailKind.KEEP_IN_LOOP, now=now,
-                                 actor=SYSTEM_ACTOR, dedupe_key=planned.key,
+                                 actor=SYSTEM_ACTOR, dedupe_key=planned.key, language=language,
                                  detail={"silent_since": planned.silent_since.isoformat(),
                                          "next_date": _date_dict(planned.next_date),
                                          "maintainers_told": planned.maintainers})
