@@ -11,19 +11,21 @@ import email
 import email.policy
 import json
 import shutil
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from conftest import deliver_outbox, process, report, smtp_send
 from intake import language_tags
 from intake.send import localised
+from intake.sla import reminders
 
 POLICY = """
 [policies.plain]
 title = "Example disclosure policy"
 calendar = "utc"
 auto_ack_counts = false
+keep_in_loop = "3 days"
 
 [[policies.plain.stages]]
 name = "acknowledge"
@@ -68,10 +70,10 @@ class Desk:
         smtp_send(self.running.port, report(subject=subject, body=body))
         process(self.settings, self.running.engine)
 
-    def sent(self) -> list[email.message.EmailMessage]:
-        """The mail the outbox delivers now to the reporter, parsed."""
+    def sent(self, now: datetime | None = None) -> list[email.message.EmailMessage]:
+        """The mail the outbox delivers at *now* (default: now) to the reporter, parsed."""
         before = len(self.sink.messages)
-        count = deliver_outbox(self.settings, self.running.engine).get("sent", 0)
+        count = deliver_outbox(self.settings, self.running.engine, now).get("sent", 0)
         return [email.message_from_bytes(m.data, policy=email.policy.default)
                 for m in self.sink.wait_for(before + count)[before:] if m.rcpt_tos == [REPORTER]]
 
@@ -185,6 +187,21 @@ def test_later_mail_keeps_the_tickets_language_until_a_maintainer_changes_it(des
     assert closed["Content-Language"] == "en" and "the issue is fixed." in _text(closed)
     events = json.loads(cli("show", reference, "--json").output)["events"]
     assert [(e["detail"]["from"], e["detail"]["to"]) for e in events if e["kind"] == "language-changed"] == [("de", "en")]
+
+
+def test_the_keep_in_loop_mail_is_in_the_tickets_language(desk):
+    office = desk()
+    reference = office.report(Content_Language="de")
+    office.sent()
+    opened = datetime.now(timezone.utc)
+    later = opened + timedelta(days=3, hours=1)
+    sweep = reminders.sweep(office.running.engine, office.settings, later)
+    assert [planned.reference for planned in sweep.keep_in_loop] == [reference]
+    [kept] = office.sent(later)
+    assert kept["Content-Language"] == "de"
+    text = " ".join(_text(kept).split())
+    assert f"an Ihrer Meldung {reference} („Auth bypass in admin“) wird weiter gearbeitet." in text
+    assert "Wir haben Ihnen seit 3 Tagen nicht geschrieben" in text
 
 
 def test_a_merged_reports_notice_and_the_preview_are_in_german(desk, cli):
