@@ -245,3 +245,4 @@ def test_spool_reads_back_what_was_written_in_memory_and_in_its_file(tmp_path):
                 data.append(line)
             assert data.content() == b"".join(lines[:count])
     assert list(tmp_path.iterdir()) == []
+

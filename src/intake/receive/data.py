@@ -57,7 +57,11 @@ class SpooledData(SMTP):
                 if outcome is not spool.Outcome.COMPLETE:
                     await self._refuse_data(outcome, reservation)
                     return
-                content = data.content()
+                try:
+                    content = data.content()
+                except MemoryError:  # the budget is above what the process may have: 452, not aiosmtpd's 500
+                    await self._refuse_for_memory(reservation)
+                    return
             self.envelope.content = self.envelope.original_content = content
             del content  # the envelope's is the one copy
             status = await self._call_handler_hook("DATA")

@@ -154,3 +154,6 @@ async def receive(reader: asyncio.StreamReader, spool: Spool, size_limit: int | 
             log.error("event=spool-failed error=%r", exc)
             outcome = Outcome.SPOOL_FAILED
             spool.discard()
+        except MemoryError:  # the process may have less than the budget says: read on, then 452
+            outcome = Outcome.OVER_BUDGET
+            spool.discard()
