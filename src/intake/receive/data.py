@@ -6,7 +6,8 @@ is read by :func:`intake.receive.spool.receive`, so the listener holds one copy 
 of lines and their join), and every transaction's bytes count against ``smtp.memory_budget``:
 DATA with a declared SIZE= that does not fit, or whose bytes go past what is left, gets
 ``452 4.3.1`` (the client keeps the message and retries), never an out-of-memory kill that could
-take accepted mail with it.
+take accepted mail with it. (aiosmtpd's ``decode_data`` and its ``process_message`` hook are not
+kept: intake's listener takes bytes, through ``handle_DATA``.)
 """
 
 from __future__ import annotations
