@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from intake.cli.app import main
 from intake.config.settings import Settings, load_settings
+from intake.receive.listener import IntakeHandler
 from intake.run import processor
 from intake.run.service import start_listener
 from intake.send.outbox import OutboxSender, make_transport
@@ -289,6 +290,7 @@ class RunningListener:
     port: int
     committer: GroupCommitter
     stop: callable  # close connections, the loop and the writer; the fixture does it at the end
+    handler: IntakeHandler | None = None  # the listener's hooks: its memory budget, for instance
 
 
 @pytest.fixture
@@ -312,7 +314,7 @@ def start_intake_listener():
                 committer.close()
 
         stops.append(stop)
-        return RunningListener(settings, engine, listener.port, committer, stop)
+        return RunningListener(settings, engine, listener.port, committer, stop, listener.handler)
 
     yield start
     for stop in stops:

@@ -83,3 +83,22 @@ def test_maintainers_in_the_group_share_the_state_and_the_config_file_says_where
     # The database and maildir locations are in /etc/intake/config.toml, which the CLI reads too.
     assert not [value for value in service.get("Environment", []) if "INTAKE_" in value]
     assert all("--config /etc/intake/config.toml" in command for command in service["ExecStart"] + service["ExecStartPre"])
+
+
+def _bytes(value: str) -> int:
+    units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+    return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+
+def test_memory_and_tasks_are_capped_above_what_the_listener_may_hold():
+    from intake.config.settings import load_settings  # the shipped config: its memory budget
+
+    service = _directives("intake.service")
+    [memory_max], [tasks_max] = service["MemoryMax"], service["TasksMax"]
+    smtp = load_settings(UNITS.parent / "config.toml").smtp
+    idle_service = 300 * 1000 * 1000  # the service's processes at rest (benchmarks/large_message.py)
+    # The listener holds at most its budget of mail, ~3x while storing; the worker and its parse
+    # helper one message each, at most 3x (issue 18's goal): the cap leaves room for all of it.
+    assert _bytes(memory_max) >= idle_service + 3 * smtp.memory_budget_bytes + 2 * 3 * smtp.max_message_size
+    assert service["OOMPolicy"] == ["continue"]  # a killed parse helper is replaced, not the service stopped
+    assert 32 <= int(tasks_max) <= 1024

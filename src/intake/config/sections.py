@@ -146,6 +146,14 @@ class SmtpSection(Section):
     # Largest message accepted, bytes (announced with SIZE; larger gets 552). 35 MiB: a 25 MB
     # attachment is ~33.3 MB after base64 and headers.
     max_message_size: int = Field(default=35 * 1024 * 1024, ge=1024)
+    # Bytes of mail the listener holds at once, in all its sessions (being received, then stored;
+    # storing one briefly costs 2-3x its size): DATA that would go past it gets 452 4.3.1 and the
+    # client retries later, so that many large messages at once never run the service out of
+    # memory. At least max_message_size; unset: twice max_message_size.
+    memory_budget: int | None = Field(default=None, ge=1024)
+    # Folder of the spool files of messages being received (past 1 MiB; anonymous, gone when
+    # closed). Unset: the system's temporary folder (PrivateTmp under systemd).
+    spool_dir: Path | None = None
     # Most recipients accepted in one transaction (more get 452).
     max_recipients: int = Field(default=20, ge=1, le=1000)
     # Seconds a client may stay idle before the connection is dropped.
@@ -175,6 +183,10 @@ class SmtpSection(Section):
     def listen_address(self) -> HostPort:
         return _parse_host_port(self.listen)
 
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self.memory_budget if self.memory_budget is not None else 2 * self.max_message_size
+
     @field_validator("addresses")
     @classmethod
     def _lowercase_unique(cls, value: list[str]) -> list[str]:
@@ -191,6 +203,9 @@ class SmtpSection(Section):
             raise ValueError("require_starttls needs tls_certificate and tls_key")
         if self.max_connections_per_ip > self.max_connections:
             raise ValueError("max_connections_per_ip cannot be more than max_connections")
+        if self.memory_budget is not None and self.memory_budget < self.max_message_size:
+            # a message near the size limit would never fit: 452 to its sender for ever
+            raise ValueError("memory_budget cannot be less than max_message_size")
         return self
 
     @model_validator(mode="after")
@@ -323,6 +338,10 @@ class MetricsSection(Section):
     @property
     def listen_address(self) -> HostPort:
         return _parse_host_port(self.listen)
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        return self.memory_budget if self.memory_budget is not None else 2 * self.max_message_size
 
     @field_validator("listen")
     @classmethod

@@ -27,7 +27,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from intake.config.sections import minimum_tls_version
 from intake.config.settings import Settings, base_address
-from intake.receive import xforward
+from intake.receive import spool, xforward
+from intake.receive.data import SpooledData
 from intake.receive.trace import Hop, trace_fields
 from intake.run import metrics
 from intake.store.inbound import Arrival, GroupCommitter
@@ -122,6 +123,8 @@ class IntakeHandler:
         self.limits = ConnectionLimits(smtp.max_connections, smtp.max_connections_per_ip,
                                        smtp.max_connections_per_network, smtp.network_prefix_ipv4,
                                        smtp.network_prefix_ipv6)
+        self.memory = spool.MemoryBudget(smtp.memory_budget_bytes)
+        self.spool_dir = settings.resolve_path(smtp.spool_dir) if smtp.spool_dir is not None else None
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -134,6 +137,8 @@ class IntakeHandler:
         and the trusted relays, for the next connection."""
         self._addresses = frozenset(settings.smtp.addresses)
         self._max_recipients = settings.smtp.max_recipients
+        if hasattr(self, "memory"):  # a reload: the next DATA is held to the new budget
+            self.memory.limit = settings.smtp.memory_budget_bytes
         self.trusted_relays = xforward.TrustedRelays(settings.smtp.trusted_relays)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
@@ -199,7 +204,7 @@ class Origin:
     via: Hop | None
 
 
-class IntakeSMTP(SMTP):
+class IntakeSMTP(SpooledData, SMTP):
     """aiosmtpd's SMTP with ``timeout`` meaning what ``smtp.idle_timeout`` promises: seconds of silence.
 
     aiosmtpd restarts its idle timer only when a whole command arrives, so everything after DATA

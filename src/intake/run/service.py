@@ -301,7 +301,7 @@ async def _serve(settings: Settings) -> int:
 # Settings only a restart applies: the listening socket and its SMTP session options, the database,
 # the service's own. Everything else is reloaded on SIGHUP.
 _RESTART_ONLY = ("smtp.listen", "smtp.hostname", "smtp.max_message_size", "smtp.idle_timeout", "smtp.tls_certificate",
-                 "smtp.tls_key", "smtp.require_starttls", "database", "service", "logging", "metrics")
+                 "smtp.tls_key", "smtp.require_starttls", "smtp.spool_dir", "database", "service", "logging", "metrics")
 
 
 def _setting(settings: Settings, dotted: str) -> object:
