@@ -414,14 +414,13 @@ class _SenderPacing:
     """Tells the outbox sender when to run: woken once mail was queued and the processor has
     caught up; held back (see :meth:`OutboxSender.run`) while its batches come back full."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self) -> None:
         self.wake = asyncio.Event()
         self.backlog = asyncio.Event()
-        self._batch_size = batch_size
         self._queued = False  # mail queued since the sender was last woken
 
     def after(self, result: processor.BatchResult) -> None:
-        if result.handled >= self._batch_size:  # a full batch: more mail is waiting to be acted on
+        if result.full:  # a full batch: more mail is waiting to be acted on
             self.backlog.set()
         else:
             self.backlog.clear()
@@ -446,7 +445,7 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
                                         checkpoint_on_commit=False), keyring)
     audit.configure(settings)
     stop = asyncio.Event()
-    pacing = _SenderPacing(settings.processing.batch_size)
+    pacing = _SenderPacing()
     sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record,
                           on_record=report.outbox)
     sending = asyncio.create_task(sender.run(stop, pacing.wake, busy=pacing.backlog))
@@ -467,7 +466,8 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
         else:
             pacing.after(result)
             report.batch(result.decisions, len(result.failed), result.seconds)
-            if result.handled:
+            report.claims(result.claimed, result.reclaimed)
+            if result.claimed:
                 continue
         await asyncio.to_thread(wake.wait, poll)
         wake.clear()
