@@ -10,13 +10,14 @@ processor's batches (:func:`intake.run.processor.process_batch`, what ``intake s
 runs) until no message is pending. Reported per run:
 
 * ``msg/s``: N / wall seconds from "go" until nothing is pending;
-* ``CPU ms/msg``: the workers' CPU seconds (user + system, their parse helpers included, from
-  ``getrusage``) / N: less noisy than wall time on a shared machine, and the cost of
-  coordination (work done twice, parses thrown away) shows there;
+* ``CPU ms/msg``: the workers' CPU seconds from "go" to the end (user + system, their parse
+  helpers included, from ``/proc``) / N: less noisy than wall time on a shared machine, and the
+  cost of coordination (work done twice, parses thrown away) shows there;
 * ``share``: messages each node acted on.
 
     .venv/bin/python benchmarks/nodes.py                  # N=1000, 4 KB, 1 then 2 nodes
     .venv/bin/python benchmarks/nodes.py -n 400 --json
+    PYTHONPATH=/tmp/main/src .venv/bin/python benchmarks/nodes.py   # another checkout's code (and config)
 
 PostgreSQL itself is not pinned: on a 2-core machine it shares both cores with the workers, so
 2 nodes cannot reach 2x here; more than 2 nodes need more cores. Only 127.0.0.1 is contacted;
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -46,7 +46,10 @@ import psycopg
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
 
-from throughput import POSTGRES_SERVER, build_message, make_body, parse_size  # noqa: E402
+from throughput import (  # noqa: E402
+    CLOCK_TICKS, CSTIME, CUTIME, PGRP, POSTGRES_SERVER, STIME, UTIME, build_message, make_body, parse_size,
+    process_stats,
+)
 
 REPO = BENCHMARKS.parent
 PRELOAD_CHUNK = 500  # messages stored per transaction while preloading
@@ -62,7 +65,7 @@ class NodeFigures:
     handled: int = 0  # messages it acted on
     batches: int = 0
     empty_batches: int = 0  # batches that acted on nothing while messages were still pending
-    cpu_seconds: float = 0.0  # user + system, its parse helper included
+    cpu_seconds: float = 0.0  # user + system from "go" to the end, its parse helper included
     seconds: float = 0.0  # from "go" until it saw nothing pending
 
 
@@ -102,6 +105,7 @@ def worker(database_url: str, config: Path) -> None:
                                 settings.processing.parse_timeout, settings.processing.message_budget)
     print("ready", flush=True)
     sys.stdin.readline()
+    cpu_at_start = group_cpu_seconds()
     figures = NodeFigures()
     started = time.perf_counter()
     while True:
@@ -114,11 +118,19 @@ def worker(database_url: str, config: Path) -> None:
             figures.empty_batches += 1
             time.sleep(IDLE_PAUSE)
     figures.seconds = time.perf_counter() - started
-    parse_guard.close()  # joined: its CPU time is in RUSAGE_CHILDREN from here
+    figures.cpu_seconds = group_cpu_seconds() - cpu_at_start
+    parse_guard.close()
     engine.dispose()
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    figures.cpu_seconds = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
     print(json.dumps(asdict(figures)), flush=True)
+
+
+def group_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process group: the worker and its parse
+    helper (imports and warm-up before "go" are left out by taking the difference)."""
+    group = os.getpgid(0)
+    ticks = sum(sum(int(fields[index]) for index in (UTIME, STIME, CUTIME, CSTIME))
+                for _, fields in process_stats() if int(fields[PGRP]) == group)
+    return ticks / CLOCK_TICKS
 
 
 # -- the runs --------------------------------------------------------------------------------
@@ -154,11 +166,20 @@ def count_rows(url: str, sql: str) -> int:
         return connection.execute(sql).fetchone()[0]
 
 
+def shipped_config() -> Path:
+    """The config.toml shipped with the intake being measured (beside its src/ folder): another
+    checkout's, when PYTHONPATH points at its src/ to measure it, else this one's."""
+    import intake
+
+    beside = Path(intake.__file__).resolve().parents[2] / "config.toml"
+    return beside if beside.exists() else REPO / "config.toml"
+
+
 def run_nodes(count: int, messages: list[bytes], args: argparse.Namespace, workdir: Path) -> RunFigures:
     """*count* workers, worker *i* pinned to core *i*, on a database preloaded with *messages*."""
     figures = RunFigures(count, len(messages))
     config = workdir / "config.toml"
-    config.write_text((REPO / "config.toml").read_text())
+    config.write_text(shipped_config().read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
     env.update({"INTAKE_OUTBOUND__TRANSPORT": "maildir", "INTAKE_OUTBOUND__MAILDIR": str(workdir / "outbox")})
     deadline = time.monotonic() + args.timeout

@@ -51,7 +51,7 @@ def test_two_processors_claim_distinct_messages_in_order_and_a_run_out_claim_is_
 
     # Node A dies: nothing renews its claim; node B renews its own. Before A's runs out its
     # messages are left alone...
-    assert claims.renew(engine, "node-b/2/y", NOW + 2 * LEASE) == 5
+    assert claims.renew(engine, "node-b/2/y", ids, NOW + 2 * LEASE) == 5
     third = claims.claim(engine, "node-b/2/z", NOW + LEASE, LEASE, 10, 1 << 20)
     assert (third.ids, third.reclaimed, third.full) == (ids[10:], 0, False)
     # ...once it has, the next processor to look takes them, and says so.

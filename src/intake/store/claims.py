@@ -100,12 +100,13 @@ def _within_budget(rows: list[Any], byte_budget: int) -> list[Any]:
     return taken
 
 
-def renew(engine: Engine, owner: str, until: datetime) -> int:
-    """Extend *owner*'s claims on the messages it has not acted on yet up to *until*; how many.
+def renew(engine: Engine, owner: str, ids: list[int], until: datetime) -> int:
+    """Extend *owner*'s claims on those of *ids* it has not acted on yet up to *until*; how many.
     A message another processor took meanwhile (its claim had run out) stays with it."""
     with write_session(engine, durable=False) as session:
         result = session.execute(update(_TABLE)
-                                 .where(_TABLE.c.claimed_by == owner, _TABLE.c.status == InboundStatus.PENDING)
+                                 .where(_TABLE.c.id.in_(ids), _TABLE.c.claimed_by == owner,
+                                        _TABLE.c.status == InboundStatus.PENDING)
                                  .values(claimed_until=until))
         return result.rowcount
 
@@ -130,7 +131,7 @@ class Lease:
 
     def __init__(self, engine: Engine, claimed: Claim, now: datetime, lease: timedelta,
                  clock: Callable[[], float] = time.monotonic):
-        self._engine, self._owner, self._now, self._lease, self._clock = engine, claimed.owner, now, lease, clock
+        self._engine, self._claim, self._now, self._lease, self._clock = engine, claimed, now, lease, clock
         self._started = self._renewed = clock()
         self.renewals = 0
 
@@ -146,6 +147,6 @@ class Lease:
         self._renewed = self._clock()
         # The batch's now moved on by the time it has been worked on.
         until = self._now + timedelta(seconds=self._renewed - self._started) + self._lease
-        renewed = renew(self._engine, self._owner, until)
+        renewed = renew(self._engine, self._claim.owner, self._claim.ids, until)
         self.renewals += 1
-        log.info("event=claim-renewed claim=%s messages=%d until=%s", self._owner, renewed, until.isoformat())
+        log.info("event=claim-renewed claim=%s messages=%d until=%s", self._claim.owner, renewed, until.isoformat())
