@@ -5,6 +5,9 @@ processor whose claim was taken over acts on none of those messages; a live clai
 from __future__ import annotations
 
 import email.policy
+import os
+import socket
+import subprocess
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
@@ -139,3 +142,27 @@ def test_a_live_claim_is_renewed_once_a_third_of_its_lease_has_passed(make_setti
     elapsed[0] = 20.0
     assert next(kept) == ids[2] and lease.renewals == 1
     assert {row.claimed_until for row in _rows(engine).values()} == {NOW + timedelta(seconds=20) + LEASE}
+
+
+def test_a_starting_worker_releases_the_claims_of_gone_processes_of_its_own_host(make_settings):
+    """A process of this host that is gone (it exited here) loses its claims at once; a live one
+    (this test's) keeps them, and so does any process of another host (only its lease ends it)."""
+    settings = make_settings()
+    engine = make_engine(settings.database_url)
+    ids = _store(engine, _reports(3))
+    gone = _exited_pid()
+    host = socket.gethostname()
+    owners = [f"{host}/{gone}/a", f"{host}/{os.getpid()}/b", f"elsewhere/{gone}/c"]
+    for owner in owners:
+        claims.claim(engine, owner, NOW, LEASE, 1, 1 << 20)
+    assert claims.release_dead(engine, NOW) == 1
+    rows = _rows(engine)
+    assert [rows[i].claimed_until for i in ids] == [None, NOW + LEASE, NOW + LEASE]
+    assert claims.claim(engine, claims.new_owner(), NOW, LEASE, 10, 1 << 20).ids == ids[:1]
+
+
+def _exited_pid() -> int:
+    """The pid of a process of this host that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import smtplib
+import socket
 import time
 import uuid
 from collections import Counter
@@ -240,26 +241,27 @@ def test_two_nodes_share_200_pending_messages_each_acted_on_once(nodes, pg_url, 
 
 
 def test_a_node_killed_mid_batch_leaves_its_claims_to_the_other_after_the_lease(nodes, pg_url, sink):
-    """Node A claims all 200 messages in one batch and is killed (-9, the whole process group)
-    part way through; node B takes over what A held once A's claim has run out, and acts on it:
-    nothing lost, nothing twice."""
+    """Node A claims a batch of up to 200 messages and is killed (-9, the whole process group)
+    part way through; node B, running beside it, takes over what A held once A's claim has run
+    out, and acts on it: nothing lost, nothing twice."""
     lease = {"INTAKE_PROCESSING__CLAIM_LEASE": "10", "INTAKE_PROCESSING__PARSE_TIMEOUT": "5",
              "INTAKE_OUTBOUND__RETRY_INITIAL": "0.5"}
     # A's relay refuses connections: none of its mail leaves, so a kill mid-send cannot send twice.
     [node_a] = nodes(1, INTAKE_PROCESSING__BATCH_SIZE="200", INTAKE_PROCESSING__MESSAGES_PER_TRANSACTION="2",
                      INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{free_port()}", **lease)
+    [node_b] = nodes(1, INTAKE_PROCESSING__BATCH_SIZE="20", **lease)
+    for node in (node_a, node_b):
+        _wait(lambda: "event=worker-ready" in node.log.read_text(), 60, "the workers to start")
+    a_pid = re.search(r"event=worker-started pid=(\d+)", node_a.log.read_text()).group(1)
+    a_claims = f"claimed_by LIKE '{socket.gethostname()}/{a_pid}/%'"
     stored = _store_reports(pg_url, 200, "killed")
-    _wait(lambda: pg_query(pg_url, "SELECT count(*) FROM inbound_message WHERE status <> 'pending'")[0][0] >= 6, 60,
-          "node A to act on a few messages")
+    _wait(lambda: pg_query(pg_url, f"SELECT count(*) FROM inbound_message WHERE status <> 'pending' AND {a_claims}")
+          [0][0] >= 6, 60, "node A to act on a few messages")
     node_a.kill_hard()
     killed_at = datetime.now(timezone.utc)
-    held = {id_: until for id_, until in pg_query(pg_url, "SELECT id, claimed_until FROM inbound_message "
-                                                          "WHERE status = 'pending' AND claimed_by IS NOT NULL")}
+    held = dict(pg_query(pg_url, f"SELECT id, claimed_until FROM inbound_message WHERE status = 'pending' AND {a_claims}"))
     assert held and min(held.values()) > killed_at, "node A should have died holding live claims"
-    [a_processor] = {_processor(owner) for (owner,) in
-                     pg_query(pg_url, "SELECT claimed_by FROM inbound_message WHERE status <> 'pending'")}
 
-    [node_b] = nodes(1, INTAKE_PROCESSING__BATCH_SIZE="20", **lease)
     _wait(lambda: set(stored.values()) <= set(_acknowledged(sink)), 120, "every report to be acknowledged")
     time.sleep(1)
     assert node_b.stop() == 0
@@ -268,7 +270,7 @@ def test_a_node_killed_mid_batch_leaves_its_claims_to_the_other_after_the_lease(
             pg_query(pg_url, "SELECT id, status, decision, claimed_by, processed_at FROM inbound_message")}
     assert {rows[i][:2] for i in stored} == {("processed", "new-ticket")}
     for id_, until in held.items():  # taken over by B, and only once A's claim had run out
-        assert _processor(rows[id_][2]) != a_processor and rows[id_][3] > until
+        assert _processor(rows[id_][2]) != f"{socket.gethostname()}/{a_pid}" and rows[id_][3] > until
     assert "event=claims-reclaimed" in node_b.log.read_text()
     reports = Counter(mid for (mid,) in pg_query(pg_url, "SELECT message_id FROM thread_entry WHERE kind = 'report'"))
     assert all(reports[mid] == 1 for mid in stored.values())

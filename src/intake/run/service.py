@@ -49,7 +49,7 @@ from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.store import audit, audit_verify, key_rotation, schema, sealing
+from intake.store import audit, audit_verify, claims, key_rotation, schema, sealing
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
 from intake.tickets import undeliverable
@@ -453,6 +453,12 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
     jobs = scheduler.build_scheduler(engine, settings, on_queued=lambda: loop.call_soon_threadsafe(pacing.wake.set))
     if settings.scheduler.enabled:
         jobs.start()
+    try:  # restarted after a crash: what the dead worker had claimed on this host is taken up at once
+        released = await asyncio.to_thread(claims.release_dead, engine, datetime.now(timezone.utc))
+    except Exception:  # noqa: BLE001 - e.g. the database is down: those claims then run out by their lease
+        log.exception("event=claims-release-failed")
+        released = 0
+    log.info("event=worker-ready pid=%d released_claims=%d", os.getpid(), released)
     poll = settings.processing.poll_interval
     while True:
         # A parent killed with SIGKILL cannot tell us to stop; being re-parented means it is gone.

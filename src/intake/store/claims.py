@@ -10,8 +10,10 @@ waiting for each other. On SQLite the writer lock serialises claims.
 
 A claim holds for ``processing.claim_lease`` seconds and is renewed while its batch is worked on
 (:class:`Lease`). A processor that dies (kill -9, a lost machine) renews nothing: its claims run
-out and the next processor to look takes those messages (*reclaimed*, counted and logged). The
-act re-checks, under the row lock, that each message is still pending and still claimed by this
+out and the next processor to look takes those messages (*reclaimed*, counted and logged). A
+worker that starts ends at once the claims of processes of its own host that are gone
+(:func:`release_dead`): one node restarted after a crash does not wait out its lease. The act
+re-checks, under the row lock, that each message is still pending and still claimed by this
 batch (:func:`still_mine`): a processor whose lease ran out while it parsed, and whose messages
 another took meanwhile, acts on none of them, so no message is acted on twice.
 
@@ -87,6 +89,39 @@ def claim(engine: Engine, owner: str, now: datetime, lease: timedelta, most: int
                     [row.id for row in expired], sorted({row.claimed_by for row in expired}))
     return Claim(owner, [row.id for row in taken], sum(row.size for row in taken), len(expired),
                  full=len(rows) == most or len(taken) < len(rows))
+
+
+def release_dead(engine: Engine, now: datetime) -> int:
+    """End the live claims of processes of this host that are gone (a worker restarted after a
+    crash, a service killed and started again); how many messages were released.
+
+    A claim names its host and process (:func:`new_owner`); on another host we cannot tell a
+    live process from a dead one, and those claims run out by their lease. Should two machines
+    share a host name, a live claim of the other may be released here: its messages may then be
+    parsed twice, but are acted on once (the act checks who holds the claim)."""
+    host = f"{socket.gethostname()}/"
+    with write_session(engine, durable=False) as session:
+        owners = session.scalars(select(_TABLE.c.claimed_by).distinct()
+                                 .where(_TABLE.c.status == InboundStatus.PENDING, _TABLE.c.claimed_until >= now))
+        dead = [owner for owner in owners if owner.startswith(host) and not _alive(owner[len(host):].split("/")[0])]
+        if not dead:
+            return 0
+        released = session.execute(update(_TABLE).where(_TABLE.c.claimed_by.in_(dead),
+                                                        _TABLE.c.status == InboundStatus.PENDING)
+                                   .values(claimed_until=None)).rowcount
+    log.warning("event=claims-released messages=%d from=%s reason=process-gone", released, sorted(dead))
+    return released
+
+
+def _alive(pid: str) -> bool:
+    """Whether process *pid* of this host exists (anything unreadable counts as alive)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError):
+        return True
+    return True
 
 
 def _within_budget(rows: list[Any], byte_budget: int) -> list[Any]:
