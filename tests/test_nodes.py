@@ -259,7 +259,8 @@ def test_a_node_killed_mid_batch_leaves_its_claims_to_the_other_after_the_lease(
           [0][0] >= 6, 60, "node A to act on a few messages")
     node_a.kill_hard()
     killed_at = datetime.now(timezone.utc)
-    held = dict(pg_query(pg_url, f"SELECT id, claimed_until FROM inbound_message WHERE status = 'pending' AND {a_claims}"))
+    held = dict(pg_query(pg_url, "SELECT id, claimed_until FROM inbound_message "
+                                 f"WHERE status = 'pending' AND {a_claims}"))
     assert held and min(held.values()) > killed_at, "node A should have died holding live claims"
 
     _wait(lambda: set(stored.values()) <= set(_acknowledged(sink)), 120, "every report to be acknowledged")

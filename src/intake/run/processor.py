@@ -3,10 +3,10 @@
 A batch is the messages this processor claimed (:mod:`intake.store.claims`): distinct from those
 of the processors on other nodes, at most ``processing.batch_size`` of them and
 ``processing.batch_bytes`` of mail (or one larger message alone), the claim renewed while the
-batch is worked on. A batch is acted on in chunks of ``processing.messages_per_transaction`` messages, each prepared
-just before: parsed, scored and its text read (the expensive part) outside any transaction, so
-a message's ticket waits for the messages of its chunk, not for the whole batch to be parsed. A chunk is routed in
-order against set-based lookups (:mod:`intake.understand.lookups`) and its new tickets are made
+batch is worked on. It is acted on in chunks of ``processing.messages_per_transaction``
+messages, each prepared just before: parsed, scored and its text read (the expensive part)
+outside any transaction, so a message's ticket waits for the messages of its chunk, not for the
+whole batch to be parsed. A chunk is routed in order against set-based lookups (:mod:`intake.understand.lookups`) and its new tickets are made
 ready (:func:`intake.tickets.opening.plan`), replies rendered with the references that come next,
 all before the write lock is taken; then one short write transaction takes those references
 (:func:`intake.tickets.opening.open_tickets`) and writes the lot in a handful of statements, not a
@@ -198,9 +198,10 @@ def _chunks(prepared: Iterable[Prepared], most: int) -> Iterator[list[Prepared]]
 
 def _act_on_chunk(engine: Engine, settings: Settings, chunk: list[Prepared], now: datetime,
                   owner: str) -> list[Outcome]:
-    """Act on *chunk* (claimed by *owner*): as many messages at a time as can go together, planned without the write
-    lock and written in one short transaction (the listener's commits wait for its lock). If that
-    fails, the messages not yet written are acted on one by one, so only the one at fault fails."""
+    """Act on *chunk* (claimed by *owner*): as many messages at a time as can go together, planned
+    without the write lock and written in one short transaction (the listener's commits wait for
+    its lock). If that fails, the messages not yet written are acted on one by one, so only the
+    one at fault fails."""
     unparsed = [(item, item.error or "parse failed") for item in chunk if item.mail is None]
     outcomes = _record_failures(engine, unparsed, now, owner) if unparsed else []
     items = [item for item in chunk if item.mail is not None]
