@@ -102,6 +102,8 @@ def test_metrics_count_what_happens_and_logs_are_logfmt_without_bodies(serve, se
     assert value(samples, "intake_messages_processed_total", decision=NEW_TICKET) == 2
     assert value(samples, "intake_tickets_opened_total") == 2
     assert value(samples, "intake_processing_seconds_count") == 2
+    assert value(samples, "intake_inbound_claimed_total") == 2  # this node's processor took both
+    assert value(samples, "intake_inbound_reclaimed_total") == 0
     assert value(samples, "intake_processing_seconds_bucket", le="+Inf") == 2
     assert value(samples, "intake_sla_breaches_total") == 1
     assert value(samples, "intake_sla_breaches_open") == 1
@@ -143,7 +145,8 @@ def test_every_series_starts_at_zero_and_readyz_fails_when_the_outbox_is_stuck(s
         assert value(samples, "intake_held_messages", decision=label) == 0
     for name in ("intake_tickets_opened_total", "intake_outbox_pending", "intake_outbox_oldest_age_seconds",
                  "intake_outbox_dead", "intake_sla_breaches_total", "intake_processing_seconds_count",
-                 "intake_messages_failed_total", "intake_worker_restarts_total", "intake_inbound_pending"):
+                 "intake_messages_failed_total", "intake_worker_restarts_total", "intake_inbound_pending",
+                 "intake_inbound_claimed_total", "intake_inbound_reclaimed_total"):
         assert value(samples, name) == 0, name
     assert value(samples, "intake_database_up") == 1
     assert _get(metrics_port, "/readyz")[0] == 200

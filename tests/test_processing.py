@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import email
 import email.policy
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import select
 
 from conftest import all_tickets, deliver_outbox, process, report, smtp_send
 from intake.send import outbox
-from intake.store import inbound
+from intake.store import claims, inbound
 from intake.store.db import read_session
 from intake.store.models import Event, InboundMessage, Outbox, ThreadEntry, Ticket
 from intake.tickets import references
@@ -309,14 +309,15 @@ def test_references_taken_meanwhile_by_another_processor_are_not_reused(make_set
     running = start_intake_listener(settings)
     smtp_send(running.port, report(subject="planned first"))
     now = datetime.now(timezone.utc)
-    items = [prepare(settings, stored) for stored in inbound.pending(running.engine, 10)]
+    claim = claims.claim(running.engine, claims.new_owner(), now, timedelta(minutes=1), 10, 1 << 20)
+    items = [prepare(settings, stored) for stored in inbound.by_ids(running.engine, claim.ids)]
     plan = _plan(running.engine, settings, items, now)
     year = now.year
     assert [o.reference for o in plan.new_tickets.openings] == [f"SEC-{year}-0001"]
     with write_session(running.engine) as session:  # another processor opens a ticket meanwhile
         assert references.allocate_references(session, "SEC", [year]) == [f"SEC-{year}-0001"]
     with write_session(running.engine) as session:
-        [outcome] = _write(session, settings, plan, now)
+        [outcome] = _write(session, settings, plan, now, claim.owner)
     assert outcome.reference == f"SEC-{year}-0002"
     [ack] = _outbox_rows(running.engine)
     assert ack.dedupe_key == f"ack:SEC-{year}-0002"

@@ -229,8 +229,13 @@ class DatabaseSection(Section):
 
 
 class ProcessingSection(Section):
-    # Stored messages read and parsed per round.
+    # Stored messages claimed, read and parsed per round.
     batch_size: int = Field(default=100, ge=1, le=10_000)
+    # Bytes of mail claimed per round at most, but always one message: a larger one is a round alone.
+    batch_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Seconds a round's claim on its messages holds unless renewed (it is, while the round runs): a
+    # node that dies leaves them to the others after this. At least twice parse_timeout.
+    claim_lease: float = Field(default=60.0, gt=0, le=86_400)
     # Messages acted on per write transaction (never more than 512 KB of mail): more means fewer
     # statements and commits per message; fewer keeps the database lock short, so the listener's
     # commits (and with them the 250s) wait less.
@@ -242,6 +247,14 @@ class ProcessingSection(Section):
     # Seconds of the helper's CPU for parsing, scoring and the text work of one message together;
     # then the message goes on with what was done and a warning (see intake.understand.parse_guard).
     message_budget: float = Field(default=2.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _lease_outlasts_a_parse(self) -> ProcessingSection:
+        if self.claim_lease < 2 * self.parse_timeout:
+            raise ValueError(f"claim_lease ({self.claim_lease:g}) must be at least twice parse_timeout "
+                             f"({self.parse_timeout:g}): a claim is renewed between two messages, and must not run "
+                             "out while one is parsed")
+        return self
 
 
 class OutboundSection(Section):

@@ -65,6 +65,10 @@ FAILED = Counter("intake_messages_failed", "Stored messages processing failed on
 PROCESSING = Histogram("intake_processing_seconds",
                        "Seconds from a message's batch being taken up to its outcome being written.",
                        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=None)
+CLAIMED = Counter("intake_inbound_claimed", "Stored messages this node's processor claimed to act on.", registry=None)
+RECLAIMED = Counter("intake_inbound_reclaimed",
+                    "Claimed messages taken over from a processor whose claim had run out (a node that died).",
+                    registry=None)
 OUTBOX_SENT = Counter("intake_outbox_sent", "Outbox delivery attempts by outcome (retry: temporary failure).",
                       ["outcome"], registry=None)
 WORKER_RESTARTS = Counter("intake_worker_restarts", "Times the worker process died and was started again.",
@@ -75,8 +79,8 @@ FETCH_LAST_SUCCESS = Gauge("intake_fetch_last_success_timestamp_seconds",
                            registry=None)
 FETCH_FAILURES = Gauge("intake_fetch_failures", "Failed passes in a row of each [[fetch]] source (0: it works).",
                        ["source"], registry=None)
-_EVENT_METRICS = (RECEIVED, PROCESSED, FAILED, PROCESSING, OUTBOX_SENT, WORKER_RESTARTS, FETCH_STORED,
-                  FETCH_LAST_SUCCESS, FETCH_FAILURES)
+_EVENT_METRICS = (RECEIVED, PROCESSED, FAILED, PROCESSING, CLAIMED, RECLAIMED, OUTBOX_SENT, WORKER_RESTARTS,
+                  FETCH_STORED, FETCH_LAST_SUCCESS, FETCH_FAILURES)
 
 for _result in RECEIVED_RESULTS:
     RECEIVED.labels(_result)
@@ -172,6 +176,10 @@ class WorkerReport:
         if decisions or failed:
             self._send(("batch", dict(decisions), failed, list(seconds)))
 
+    def claims(self, claimed: int, reclaimed: int) -> None:
+        if claimed:
+            self._send(("claims", claimed, reclaimed))
+
     def outbox(self, outcome: str) -> None:
         self._send(("outbox", outcome))
 
@@ -216,6 +224,9 @@ def apply(message: tuple[Any, ...]) -> None:
         FAILED.inc(failed)
         for value in seconds:
             PROCESSING.observe(value)
+    elif message[0] == "claims":
+        CLAIMED.inc(message[1])
+        RECLAIMED.inc(message[2])
     elif message[0] == "outbox":
         OUTBOX_SENT.labels(message[1]).inc()
 

@@ -1,9 +1,12 @@
 """Stored messages -> decisions -> tickets: the parse, route and act stages driven in batches.
 
-A batch is acted on in chunks of ``processing.messages_per_transaction`` messages, each prepared
-just before: parsed, scored and its text read (the expensive part) outside any transaction, so
-a message's ticket waits for the messages of its chunk, not for the whole batch to be parsed. A chunk is routed in
-order against set-based lookups (:mod:`intake.understand.lookups`) and its new tickets are made
+A batch is the messages this processor claimed (:mod:`intake.store.claims`): distinct from those
+of the processors on other nodes, at most ``processing.batch_size`` of them and
+``processing.batch_bytes`` of mail (or one larger message alone), the claim renewed while the
+batch is worked on. It is acted on in chunks of ``processing.messages_per_transaction``
+messages, each prepared just before: parsed, scored and its text read (the expensive part)
+outside any transaction, so a message's ticket waits for the messages of its chunk, not for the
+whole batch to be parsed. A chunk is routed in order against set-based lookups (:mod:`intake.understand.lookups`) and its new tickets are made
 ready (:func:`intake.tickets.opening.plan`), replies rendered with the references that come next,
 all before the write lock is taken; then one short write transaction takes those references
 (:func:`intake.tickets.opening.open_tickets`) and writes the lot in a handful of statements, not a
@@ -14,8 +17,9 @@ from the message.
 
 If anything in a chunk fails, its transaction is rolled back and its messages are acted on
 again one at a time: the message at fault is marked ``failed`` alone, with its error, and its raw
-bytes stay for ``intake reprocess``. Messages are re-checked as still pending inside the write
-transaction, so two processors racing on the same rows act on each message once.
+bytes stay for ``intake reprocess``. Messages are re-checked as still pending, and still claimed
+by this batch, inside the write transaction: a batch whose claim ran out and was taken over acts
+on none of the messages taken, so each message is acted on once.
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, select, update
+from sqlalchemy import Engine, bindparam, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from intake.config.settings import Settings
-from intake.store import inbound
+from intake.store import claims, inbound
 from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import InboundMessage, Ticket
@@ -56,6 +60,9 @@ class BatchResult:
     tickets_opened: list[str] = field(default_factory=list)
     # Per message acted on: seconds from its batch being taken up to its outcome being written.
     seconds: list[float] = field(default_factory=list)
+    claimed: int = 0  # messages the batch claimed
+    reclaimed: int = 0  # of them, taken over from a processor whose claim had run out
+    full: bool = False  # the claim was cut short by batch_size or batch_bytes: more mail may be waiting
 
     @property
     def handled(self) -> int:
@@ -155,15 +162,22 @@ def _authenticate(settings: Settings, stored: StoredMessage, mail: ParsedMail,
 
 
 def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int | None = None) -> BatchResult:
-    """Process up to one batch of pending messages as of *now*."""
-    result = BatchResult()
+    """Claim a batch of pending messages as of *now* (at most *limit*, else ``batch_size``) and
+    process it."""
     started = time.perf_counter()
+    processing = settings.processing
+    lease = timedelta(seconds=processing.claim_lease)
+    claim = claims.claim(engine, claims.new_owner(), now, lease, limit or processing.batch_size,
+                         processing.batch_bytes)
+    result = BatchResult(claimed=len(claim.ids), reclaimed=claim.reclaimed, full=claim.full)
+    if not claim.ids:
+        return result
     dns = dns_lookups.TimeBudget(dns_lookups.system_resolver(settings.sender_auth),
                                  dns_lookups.batch_dns_seconds(settings.sender_auth))
-    prepared = (prepare(settings, stored, dns) for stored in
-                inbound.pending(engine, limit or settings.processing.batch_size))
-    for chunk in _chunks(prepared, settings.processing.messages_per_transaction):
-        _tally(result, _act_on_chunk(engine, settings, chunk, now), time.perf_counter() - started)
+    kept = claims.Lease(engine, claim, now, lease)
+    prepared = (prepare(settings, stored, dns) for stored in kept.kept(inbound.by_ids(engine, claim.ids)))
+    for chunk in _chunks(prepared, processing.messages_per_transaction):
+        _tally(result, _act_on_chunk(engine, settings, chunk, now, claim.owner), time.perf_counter() - started)
     return result
 
 
@@ -182,19 +196,21 @@ def _chunks(prepared: Iterable[Prepared], most: int) -> Iterator[list[Prepared]]
         yield chunk
 
 
-def _act_on_chunk(engine: Engine, settings: Settings, chunk: list[Prepared], now: datetime) -> list[Outcome]:
-    """Act on *chunk*: as many messages at a time as can go together, planned without the write
-    lock and written in one short transaction (the listener's commits wait for its lock). If that
-    fails, the messages not yet written are acted on one by one, so only the one at fault fails."""
+def _act_on_chunk(engine: Engine, settings: Settings, chunk: list[Prepared], now: datetime,
+                  owner: str) -> list[Outcome]:
+    """Act on *chunk* (claimed by *owner*): as many messages at a time as can go together, planned
+    without the write lock and written in one short transaction (the listener's commits wait for
+    its lock). If that fails, the messages not yet written are acted on one by one, so only the
+    one at fault fails."""
     unparsed = [(item, item.error or "parse failed") for item in chunk if item.mail is None]
-    outcomes = _record_failures(engine, unparsed, now) if unparsed else []
+    outcomes = _record_failures(engine, unparsed, now, owner) if unparsed else []
     items = [item for item in chunk if item.mail is not None]
     conflicts = 0
     while items:
         try:
             plan = _plan(engine, settings, items, now)
             with write_session(engine) as session:
-                outcomes += _write(session, settings, plan, now)
+                outcomes += _write(session, settings, plan, now, owner)
         except Exception as exc:  # noqa: BLE001 - one bad message must not stop the rest
             if len(items) == 1 and isinstance(exc, IntegrityError) and conflicts < _CONFLICT_RETRIES:
                 # A unique key taken by a transaction that committed after our snapshot: another
@@ -204,10 +220,12 @@ def _act_on_chunk(engine: Engine, settings: Settings, chunk: list[Prepared], now
                 continue
             if len(items) == 1:
                 log.exception("event=process-failed inbound_id=%d", items[0].stored.id)
-                return outcomes + _record_failures(engine, [(items[0], f"{type(exc).__name__}: {exc}")], now)
+                return outcomes + _record_failures(engine, [(items[0], f"{type(exc).__name__}: {exc}")], now,
+                                                   owner)
             log.warning("event=chunk-failed inbound_ids=%s error=%r: acting on each message alone",
                         [item.stored.id for item in items], exc)
-            return outcomes + [outcome for item in items for outcome in _act_on_chunk(engine, settings, [item], now)]
+            return outcomes + [outcome for item in items
+                               for outcome in _act_on_chunk(engine, settings, [item], now, owner)]
         items = items[len(plan.routed):]
     return outcomes
 
@@ -258,17 +276,17 @@ def _keys_carried(session: Session, routed: Routed, ticket_id: int, now: datetim
                            KeySource.ATTACHED, now)
 
 
-def _write(session: Session, settings: Settings, plan: Plan, now: datetime) -> list[Outcome]:
-    """Carry out the decisions of *plan* on the messages still pending, as
+def _write(session: Session, settings: Settings, plan: Plan, now: datetime, owner: str) -> list[Outcome]:
+    """Carry out the decisions of *plan* on the messages still pending and claimed by *owner*, as
     :data:`intake.understand.decisions.HANDLING` says: their new tickets all together, additions to
     existing tickets one by one (replies are few, and may change a ticket's state), each with the
     mail it sends; then record each message's outcome."""
-    pending = {item.stored.id for item in _still_pending(session, [r.prepared for r in plan.routed])}
+    pending = claims.still_mine(session, owner, [r.prepared.stored.id for r in plan.routed])
     opened = opening.open_tickets(session, settings, plan.new_tickets, pending, now)
     outcomes = []
     for r in plan.routed:
         if r.prepared.stored.id not in pending:
-            continue  # another processor got there first
+            continue  # another processor took it over (this batch's claim had run out)
         handling = decisions.handling(r.decision)
         if handling.record is decisions.Record.NEW_TICKET:
             ticket = opened[r.prepared.stored.id]
@@ -303,27 +321,14 @@ def _answer_status_request(session: Session, settings: Settings, routed: Routed,
         status_reply.answer(session, settings, ticket, routed.incoming, now)
 
 
-def _record_failures(engine: Engine, failures: list[tuple[Prepared, str]], now: datetime) -> list[Outcome]:
-    """Mark each message of *failures* failed with its error (unless another processor got to it)."""
+def _record_failures(engine: Engine, failures: list[tuple[Prepared, str]], now: datetime,
+                     owner: str) -> list[Outcome]:
+    """Mark each message of *failures* failed with its error (unless another processor took it over)."""
     with write_session(engine) as session:
-        pending = {item.stored.id for item in _still_pending(session, [item for item, _ in failures])}
+        pending = claims.still_mine(session, owner, [item.stored.id for item, _ in failures])
         outcomes = [Outcome(item, error=error) for item, error in failures if item.stored.id in pending]
         _mark(session, outcomes, now)
     return outcomes
-
-
-def _still_pending(session: Session, items: list[Prepared]) -> list[Prepared]:
-    """The messages of *items* no other processor has acted on meanwhile, nor is acting on now."""
-    table = InboundMessage.__table__
-    query = select(table.c.id).where(table.c.id.in_([item.stored.id for item in items]),
-                                     table.c.status == InboundStatus.PENDING)
-    if session.get_bind().dialect.name == "postgresql":
-        # Other nodes' processors read the same pending rows: a row another transaction is acting on
-        # is left to it (locked until our commit), rather than acted on again here and the whole
-        # chunk rolled back on the unique message key. SQLite's writer lock already serialises this.
-        query = query.with_for_update(skip_locked=True)
-    pending = set(session.scalars(query))
-    return [item for item in items if item.stored.id in pending]
 
 
 def _route(session: Session, settings: Settings, items: list[Prepared], reply_secret: bytes,
@@ -339,7 +344,7 @@ def _route(session: Session, settings: Settings, items: list[Prepared], reply_se
 
 def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
     """Record each message's outcome on its stored row (one statement for all the decided ones,
-    one for all the failed ones)."""
+    one for all the failed ones), and end its claim."""
     table = InboundMessage.__table__
     # Values named after columns become SET clauses, one row each (executemany).
     by_id = update(table).where(table.c.id == bindparam("inbound_id"))
@@ -351,10 +356,11 @@ def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
     failed = [{"inbound_id": o.prepared.stored.id, "error": o.error[:2000],
                "authentication": o.prepared.authentication.as_dict()} for o in outcomes if o.decision is None]
     if decided:
-        session.execute(by_id.values(processed_at=now, error=None, attempts=table.c.attempts + 1), decided)
+        session.execute(by_id.values(processed_at=now, error=None, attempts=table.c.attempts + 1, claimed_until=None),
+                        decided)
     if failed:
-        session.execute(by_id.values(status=InboundStatus.FAILED, processed_at=now, attempts=table.c.attempts + 1),
-                        failed)
+        session.execute(by_id.values(status=InboundStatus.FAILED, processed_at=now, attempts=table.c.attempts + 1,
+                                     claimed_until=None), failed)
 
 
 def _tally(result: BatchResult, outcomes: list[Outcome], seconds: float) -> None:
@@ -374,11 +380,12 @@ def _tally(result: BatchResult, outcomes: list[Outcome], seconds: float) -> None
 
 
 def process_all(engine: Engine, settings: Settings, now: datetime) -> BatchResult:
-    """Process until nothing is pending (messages failing again stay failed, so this ends)."""
+    """Process until nothing is pending that another processor has not claimed (messages failing
+    again stay failed, so this ends)."""
     total = BatchResult()
     while True:
         batch = process_batch(engine, settings, now)
-        if not batch.handled:
+        if not batch.claimed:
             return total
         total.decisions.update(batch.decisions)
         total.failed.extend(batch.failed)

@@ -49,7 +49,7 @@ from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
 from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.store import audit, audit_verify, key_rotation, schema, sealing
+from intake.store import audit, audit_verify, claims, key_rotation, schema, sealing
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
 from intake.store.inbound import GroupCommitter
 from intake.tickets import undeliverable
@@ -414,14 +414,13 @@ class _SenderPacing:
     """Tells the outbox sender when to run: woken once mail was queued and the processor has
     caught up; held back (see :meth:`OutboxSender.run`) while its batches come back full."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self) -> None:
         self.wake = asyncio.Event()
         self.backlog = asyncio.Event()
-        self._batch_size = batch_size
         self._queued = False  # mail queued since the sender was last woken
 
     def after(self, result: processor.BatchResult) -> None:
-        if result.handled >= self._batch_size:  # a full batch: more mail is waiting to be acted on
+        if result.full:  # a full batch: more mail is waiting to be acted on
             self.backlog.set()
         else:
             self.backlog.clear()
@@ -446,7 +445,7 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
                                         checkpoint_on_commit=False), keyring)
     audit.configure(settings)
     stop = asyncio.Event()
-    pacing = _SenderPacing(settings.processing.batch_size)
+    pacing = _SenderPacing()
     sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record,
                           on_record=report.outbox)
     sending = asyncio.create_task(sender.run(stop, pacing.wake, busy=pacing.backlog))
@@ -454,6 +453,12 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
     jobs = scheduler.build_scheduler(engine, settings, on_queued=lambda: loop.call_soon_threadsafe(pacing.wake.set))
     if settings.scheduler.enabled:
         jobs.start()
+    try:  # restarted after a crash: what the dead worker had claimed on this host is taken up at once
+        released = await asyncio.to_thread(claims.release_dead, engine, datetime.now(timezone.utc))
+    except Exception:  # noqa: BLE001 - e.g. the database is down: those claims then run out by their lease
+        log.exception("event=claims-release-failed")
+        released = 0
+    log.info("event=worker-ready pid=%d released_claims=%d", os.getpid(), released)
     poll = settings.processing.poll_interval
     while True:
         # A parent killed with SIGKILL cannot tell us to stop; being re-parented means it is gone.
@@ -467,7 +472,8 @@ async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent,
         else:
             pacing.after(result)
             report.batch(result.decisions, len(result.failed), result.seconds)
-            if result.handled:
+            report.claims(result.claimed, result.reclaimed)
+            if result.claimed:
                 continue
         await asyncio.to_thread(wake.wait, poll)
         wake.clear()

@@ -259,15 +259,24 @@ def _answer(answers: list[tuple[asyncio.Future[int], int | BaseException]]) -> N
 
 
 def pending(engine: Engine, limit: int) -> list[StoredMessage]:
-    """The oldest pending messages, at most *limit*."""
+    """The oldest pending messages, at most *limit* (claimed or not: see :mod:`intake.store.claims`)."""
     table = InboundMessage.__table__
-    query = (
-        select(table.c.id, table.c.mail_from, table.c.rcpt_tos, table.c.raw, table.c.sha256, table.c.received_at,
-               table.c.relay, table.c.trace, table.c.history, table.c.arrived_at, table.c.data_key)
-        .where(table.c.status == InboundStatus.PENDING)
-        .order_by(table.c.id)
-        .limit(limit)
-    )
+    return _stored(engine, _STORED.where(table.c.status == InboundStatus.PENDING).order_by(table.c.id).limit(limit))
+
+
+def by_ids(engine: Engine, ids: list[int]) -> list[StoredMessage]:
+    """The stored messages of *ids* (a batch's claim), in id order."""
+    table = InboundMessage.__table__
+    return _stored(engine, _STORED.where(table.c.id.in_(ids)).order_by(table.c.id))
+
+
+# The columns of a StoredMessage, and the data_key that opens its raw and trace.
+_STORED = select(*(InboundMessage.__table__.c[name] for name in (
+    "id", "mail_from", "rcpt_tos", "raw", "sha256", "received_at", "relay", "trace", "history", "arrived_at",
+    "data_key")))
+
+
+def _stored(engine: Engine, query: Any) -> list[StoredMessage]:
     with read_session(engine) as session:
         return [StoredMessage(*opened(session, row)) for row in session.execute(query)]
 

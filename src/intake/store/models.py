@@ -88,6 +88,11 @@ class InboundMessage(SQLModel, table=True):
     # intake.store.sealing.inline_key): in the row, as a data_key row would cost the listener's
     # commit a page more. None: stored in clear, or shredded.
     data_key: bytes | None = Field(default=None, sa_column=Column(LargeBinary, nullable=True))
+    # The processor ("host/pid/batch") that claimed it, and until when its claim holds: no other
+    # takes it up meanwhile (see intake.store.claims). claimed_until is cleared once it is acted
+    # on; claimed_by then says which node acted.
+    claimed_by: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    claimed_until: datetime | None = _instant(nullable=True)
 
 
 
