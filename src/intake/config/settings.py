@@ -31,8 +31,9 @@ from intake import patterns
 from intake.config.fetch import FetchSource, check_sources, token_files_exist
 from intake.config.sections import (
     AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
-    OutboundSection, ProcessingSection, SchedulerSection, SenderAuthSection, ServiceSection, SmtpSection,
+    OutboundSection, ProcessingSection, SenderAuthSection, ServiceSection, SmtpSection,
 )
+from intake.config.scheduler_section import SchedulerSection
 from intake.config.data_protection import AuditSection, RetentionSection, StorageSection
 from intake.config.openpgp_section import OpenPgpSection
 from intake.config.security_txt_section import SecurityTxtSection

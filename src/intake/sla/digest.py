@@ -26,7 +26,7 @@ from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session
 
-from intake.config.sections import DigestSchedule
+from intake.config.scheduler_section import DigestSchedule
 from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.sla import stats
