@@ -188,6 +188,12 @@ class EventKind:
     # A progress update not sent: --quiet, its policy leaves it out, the reporter is unreachable,
     # it went already, or the ticket was closed as spam (sent ones are "progress-update-queued").
     UPDATE_SUPPRESSED = "update-suppressed"
+    # Coordinated disclosure (see intake.tickets.disclosure): the reporter proposed a date by mail;
+    # someone else's mail in the thread named one (not the reporter's: only noted); a maintainer
+    # set the agreed date (accepting the proposal or countering it).
+    DISCLOSURE_PROPOSED = "disclosure-proposed"
+    DISCLOSURE_PROPOSAL_NOTED = "disclosure-proposal-noted"
+    DISCLOSURE_DATE_SET = "disclosure-date-set"
 
 
 class PurgeKind:
@@ -222,6 +228,9 @@ class NotificationKind:
     BREACH = "breach"  # a stage is past due
     ESCALATION = "escalation"  # a breach, to ``escalate_to``
     DIGEST = "digest"
+    # The agreed disclosure date is 7 or 1 days away: the maintainers' notice and the reporter's
+    # mail (MailKind.DISCLOSURE_REMINDER), each once per point and date.
+    DISCLOSURE_REMINDER = "disclosure-reminder"
     # Never mailed: fell due before its ticket was imported from history (`intake import`).
     SUPPRESSED = "suppressed"
 
@@ -234,6 +243,8 @@ class MailKind:
     DUPLICATE_NOTICE = "duplicate-notice"  # the ticket was merged into another
     STATUS_REPLY = "status-reply"  # the automatic answer to the reporter's "status" mail
     PROGRESS_UPDATE = "progress-update"  # assessed, fix released, disclosure scheduled, disclosed, closed
+    DISCLOSURE_RECEIVED = "disclosure-received"  # "we received your proposed disclosure date"
+    DISCLOSURE_REMINDER = "disclosure-reminder"  # 7 and 1 days before the agreed disclosure date
     # to maintainers
     NEW_TICKET = NotificationKind.NEW_TICKET
     REMINDER = NotificationKind.REMINDER
@@ -265,6 +276,8 @@ QUEUED_EVENT = {
     MailKind.DUPLICATE_NOTICE: "duplicate-notice-queued",
     MailKind.STATUS_REPLY: "status-reply-queued",
     MailKind.PROGRESS_UPDATE: "progress-update-queued",
+    MailKind.DISCLOSURE_RECEIVED: "disclosure-received-queued",
+    MailKind.DISCLOSURE_REMINDER: "disclosure-reminder-queued",
 }
 # The event recorded when a routed message is added to its ticket, by decision.
 RECEIVED_EVENT = {decision: f"{decision}-received" for decision in DECISIONS}
