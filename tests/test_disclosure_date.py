@@ -332,3 +332,17 @@ def test_the_digest_lists_agreed_and_proposed_dates_in_its_period(desk, cli):
     assert f"disclosure agreed for {proposed + timedelta(days=2):%a %d %b %Y}; the reporter proposes" in text
     later = cli("digest", "morning", "--preview", "--json", "--now", (now + timedelta(days=30)).isoformat()).output
     assert json.loads(later)["sections"]["coordinated_disclosures"]["tickets"] == []
+
+
+def test_a_proposal_for_a_closed_ticket_or_a_past_date_is_only_noted(desk, cli):
+    got = _write(desk, f"#disclose {(_today() - timedelta(days=2)).isoformat()}\n")
+    assert REPORTER not in got
+    assert "NOT recorded as the reporter's proposal (not a date in the future)" in got[
+        "ana@maintainers.test"][0].get_content()
+    cli("close", desk.reference, "--reason", "invalid", "--quiet")
+    got = _write(desk, f"#disclose {(_today() + timedelta(days=30)).isoformat()}\n")
+    assert REPORTER not in got
+    assert "(the ticket is closed)" in got["ana@maintainers.test"][0].get_content()
+    assert _show(cli, desk.reference)["proposed_disclosure_date"] is None
+    assert [e.detail["reason"] for e in desk.ticket().events if e.kind == "disclosure-proposal-noted"] == [
+        "not a date in the future", "the ticket is closed"]

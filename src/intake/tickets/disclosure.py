@@ -8,7 +8,7 @@ The proposal is stored on the ticket's :class:`~intake.store.models.DisclosurePl
 date (threaded, automatic mail under the same loop safety and rate limit as the status reply,
 encrypted where a key is on file), and the maintainers read it in the forwarded reply. A date
 someone else names in the thread is only noted (``disclosure-proposal-noted``), never taken as the
-reporter's; so is a date not after the day the mail came.
+reporter's; so is a date not after the day the mail came, or one for a closed ticket.
 
 A maintainer agrees a date (``intake disclose-date REF DATE``, or ``#disclose-date DATE`` by mail):
 accepting the reporter's, or countering with another. A date before today is refused; one later
@@ -121,12 +121,20 @@ def noted(session: Session, ticket: Ticket, proposed: date, incoming: route.Inco
                       sender=incoming.sender, message_id=incoming.mail.message_id, reason=why)
 
 
+def not_taken_because(ticket: Ticket, proposed: date, now: datetime) -> str | None:
+    """Why the reporter's *proposed* date is only noted, not recorded as their proposal, or None."""
+    if ticket.state == TicketState.CLOSED:
+        return "the ticket is closed"
+    return "not a date in the future" if proposed <= now.date() else None
+
+
 def propose(session: Session, settings: Settings, ticket: Ticket, proposed: date, incoming: route.Incoming,
             now: datetime) -> bool:
     """Record the reporter's proposal *proposed* from their mail *incoming* (already recorded in
     the thread) and acknowledge it; True when it was recorded as theirs."""
-    if proposed <= now.date():
-        noted(session, ticket, proposed, incoming, now, "not a date in the future")
+    why_not = not_taken_because(ticket, proposed, now)
+    if why_not:
+        noted(session, ticket, proposed, incoming, now, why_not)
         return False
     plan = _plan(session, ticket)
     plan.proposed_date, plan.proposed_by, plan.proposed_at = proposed, ticket.reporter, now

@@ -28,7 +28,7 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.store.inbound import StoredMessage
 from intake.store.models import Ticket
-from intake.tickets import correspondence, mail_commands, reporter_keys
+from intake.tickets import correspondence, disclosure, mail_commands, reporter_keys
 from intake.understand import decisions, pgp_inbound, reply_tokens, route
 from intake.understand.content import extract_attachment
 from intake.understand.header_text import clean_text
@@ -160,8 +160,8 @@ def _proposal_lines(ticket: Ticket, proposed: date | None, third_party: bool, no
     """What a forwarded mail says about the disclosure date it proposes (see :mod:`intake.tickets.disclosure`)."""
     if proposed is None:
         return []
-    if third_party or proposed <= now.date():
-        why = "not from the reporter's address" if third_party else "not a date in the future"
+    why = "not from the reporter's address" if third_party else disclosure.not_taken_because(ticket, proposed, now)
+    if why:
         return [f"It names a disclosure date, {proposed.isoformat()}: NOT recorded as the reporter's proposal ({why})."]
     return [f"The reporter proposes a disclosure date: {proposed.isoformat()} (recorded). Accept or counter with",
             f"`intake disclose-date {ticket.reference} DATE`, or #disclose-date DATE at the top of your reply."]

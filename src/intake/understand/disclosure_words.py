@@ -45,6 +45,8 @@ _INTENT = patterns.compile(
     r"release (?:the |my |our )?(?:details|advisory|write-?up|blog post|report))"
     r"|(?:disclosure|publication|embargo end|embargo)\s+date)\b",
     ignorecase=True)
+# Every line _COMMAND_LINE or _INTENT matches holds one of these (lowercased).
+_KEYWORDS = ("disclos", "publish", "go public", "release", "publication", "embargo")
 _CVE = patterns.compile(r"\bCVE-\d{4}-\d+", ignorecase=True)
 
 
@@ -75,6 +77,9 @@ def _own_lines(text: str) -> list[str]:
 def proposed_date(text: str) -> date | None:
     """The disclosure date *text* (a mail's body) proposes, or None when it proposes none or is
     ambiguous (see the module's rules)."""
+    lowered = text.lower()
+    if not any(word in lowered for word in _KEYWORDS):
+        return None  # most mail: no line can match, none is scanned
     lines = _own_lines(text)
     commanded = {_valid(m.group(1), int(m.group(2)), m.group(3))
                  for line in lines if (m := _COMMAND_LINE.match(line))}
