@@ -68,11 +68,17 @@ AUTHENTICATED = trusted_results("maintainers.test")  # what our MX says of Ana's
 
 @pytest.fixture
 def desk(make_settings, start_intake_listener, config_file, sink):
-    config_file.write_text(config_file.read_text() + MAINTAINERS)
+    return open_desk(make_settings, start_intake_listener, config_file, sink)
+
+
+def open_desk(make_settings, start_intake_listener, config_file, sink, more_config: str = "",  # type: ignore[no-untyped-def]
+              **env: str) -> Desk:
+    """Alice's report, acknowledged; Ana and Bo are the maintainers (and *more_config*, *env* as given)."""
+    config_file.write_text(config_file.read_text() + MAINTAINERS + more_config)
     settings = make_settings(INTAKE_OUTBOUND__TRANSPORT="smtp", INTAKE_OUTBOUND__RELAY=f"127.0.0.1:{sink.port}",
                              # our MX's verdicts are believed; no DNS lookups of our own
                              INTAKE_SENDER_AUTH__TRUSTED_AUTHSERV_IDS=f'["{TRUSTED_MX}"]',
-                             INTAKE_SENDER_AUTH__VERIFY="false")
+                             INTAKE_SENDER_AUTH__VERIFY="false", **env)
     running = start_intake_listener(settings)
     smtp_send(running.port, report(subject="Auth bypass in admin", message_id="<report@alice.test>"))
     [reference] = process(settings, running.engine).tickets_opened

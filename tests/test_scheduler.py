@@ -250,17 +250,16 @@ def test_after_three_days_down_one_catch_up_per_ticket_states_where_it_stands(de
     assert not [key for key in desk.notified() if key.endswith((":80%", ":24 hours before"))]
 
 
-def test_two_sweepers_at_once_never_send_twice(desk):
-    desk.configure(INTAKE_INTAKE__DEFAULT_POLICY="twoday")
-    references = [desk.open(T0 + timedelta(seconds=n), sender=f"r{n}@researcher.test") for n in range(40)]
-    now = T0 + timedelta(days=1, minutes=2)  # every ticket's 50% point passed within misfire_grace
+def sweep_twice_at_once(settings, now: datetime) -> list[str]:  # type: ignore[no-untyped-def]
+    """Two sweeps at *now* started together, each with an engine of its own (as two nodes have);
+    the keys of the notices they sent, all together."""
     results: list[reminders.SweepResult] = []
     start = threading.Barrier(2)
 
     def run() -> None:
-        engine = make_engine(desk.settings.database_url)  # a sweeper of its own, as another node has
+        engine = make_engine(settings.database_url)
         start.wait()
-        results.append(reminders.sweep(engine, desk.settings, now))
+        results.append(reminders.sweep(engine, settings, now))
         engine.dispose()
 
     threads = [threading.Thread(target=run) for _ in range(2)]
@@ -268,7 +267,14 @@ def test_two_sweepers_at_once_never_send_twice(desk):
         thread.start()
     for thread in threads:
         thread.join(60)
-    sent = [notice.key for result in results for mail in result.mails for notice in mail.notices]
+    return [notice.key for result in results for mail in result.mails for notice in mail.notices]
+
+
+def test_two_sweepers_at_once_never_send_twice(desk):
+    desk.configure(INTAKE_INTAKE__DEFAULT_POLICY="twoday")
+    references = [desk.open(T0 + timedelta(seconds=n), sender=f"r{n}@researcher.test") for n in range(40)]
+    now = T0 + timedelta(days=1, minutes=2)  # every ticket's 50% point passed within misfire_grace
+    sent = sweep_twice_at_once(desk.settings, now)
     assert sorted(sent) == sorted(f"remind:{ref}:resolve:50%" for ref in references)
     assert len(desk.mails("reminder")) == 40
 

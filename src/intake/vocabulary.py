@@ -192,6 +192,12 @@ class EventKind:
     # it went already, or the ticket was closed as spam (sent ones are "progress-update-queued").
     UPDATE_SUPPRESSED = "update-suppressed"
     LANGUAGE_CHANGED = "language-changed"  # `intake language`: mail to the reporter in another language
+    # Coordinated disclosure (see intake.tickets.disclosure): the reporter proposed a date by mail;
+    # someone else's mail in the thread named one (not the reporter's: only noted); a maintainer
+    # set the agreed date (accepting the proposal or countering it).
+    DISCLOSURE_PROPOSED = "disclosure-proposed"
+    DISCLOSURE_PROPOSAL_NOTED = "disclosure-proposal-noted"
+    DISCLOSURE_DATE_SET = "disclosure-date-set"
 
 
 class PurgeKind:
@@ -226,6 +232,9 @@ class NotificationKind:
     BREACH = "breach"  # a stage is past due
     ESCALATION = "escalation"  # a breach, to ``escalate_to``
     DIGEST = "digest"
+    # The agreed disclosure date is 7 or 1 days away: the maintainers' notice and the reporter's
+    # mail (MailKind.DISCLOSURE_REMINDER), each once per point and date.
+    DISCLOSURE_REMINDER = "disclosure-reminder"
     # Never mailed: fell due before its ticket was imported from history (`intake import`).
     SUPPRESSED = "suppressed"
 
@@ -239,6 +248,8 @@ class MailKind:
     STATUS_REPLY = "status-reply"  # the automatic answer to the reporter's "status" mail
     PROGRESS_UPDATE = "progress-update"  # assessed, fix released, disclosure scheduled, disclosed, closed
     KEEP_IN_LOOP = "keep-in-loop"  # "still being worked on": after [policies.X] keep_in_loop without mail to them
+    DISCLOSURE_RECEIVED = "disclosure-received"  # "we received your proposed disclosure date"
+    DISCLOSURE_REMINDER = "disclosure-reminder"  # 7 and 1 days before the agreed disclosure date
     # to maintainers
     NEW_TICKET = NotificationKind.NEW_TICKET
     REMINDER = NotificationKind.REMINDER
@@ -279,6 +290,8 @@ QUEUED_EVENT = {
     MailKind.STATUS_REPLY: "status-reply-queued",
     MailKind.PROGRESS_UPDATE: "progress-update-queued",
     MailKind.KEEP_IN_LOOP: "keep-in-loop-queued",  # its detail names the maintainers told
+    MailKind.DISCLOSURE_RECEIVED: "disclosure-received-queued",
+    MailKind.DISCLOSURE_REMINDER: "disclosure-reminder-queued",
 }
 # The event recorded when a routed message is added to its ticket, by decision.
 RECEIVED_EVENT = {decision: f"{decision}-received" for decision in DECISIONS}

@@ -47,6 +47,9 @@ COMMANDS = {
     "reopen": Registered(_M + "triage:reopen", "Reopen a closed or resolved ticket."),
     # ack, assess, released, resolve, disclose: as MILESTONE_SPECS declares them
     **{spec.verb: Registered(_M + f"triage:{spec.verb}", spec.summary) for spec in MILESTONE_SPECS},
+    "disclose-date": Registered(_M + "triage:disclose_date",
+                                "Agree the disclosure date (YYYY-MM-DD) of REFERENCE: accept the reporter's proposal "
+                                "or counter it."),
     "wait": Registered(_M + "triage:wait",
                        "The ticket waits on the reporter (clocks stop where the policy says so)."),
     "resume": Registered(_M + "triage:resume", "The ticket no longer waits on the reporter."),

@@ -15,7 +15,7 @@ from intake.cli.common import (
 )
 from intake.display import echo
 from intake.sla import deadlines
-from intake.tickets import credit, reads, undeliverable
+from intake.tickets import credit, disclosure, reads, undeliverable
 from intake.vocabulary import SEVERITIES, TICKET_STATES, AuditAction
 
 
@@ -96,6 +96,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         fail(f"no ticket {reference}")
     record_read(obj, engine, AuditAction.SHOW, ticket_id=detail.ticket.id)
     stages = deadlines.ticket_stage_statuses(engine, obj.settings, detail.ticket, datetime.now(timezone.utc))
+    planned = disclosure.ticket_shown(engine, obj.settings, detail.ticket, datetime.now(timezone.utc))
     numbered = reads.numbered_attachments(detail)
     data = {
         **_ticket_summary(detail.ticket),
@@ -110,6 +111,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
         "reporter_unreachable_reason": undeliverable.latest_reason(detail.events)
         if detail.ticket.reporter_unreachable_at else None,
         "stages": [stage.as_dict() for stage in stages],
+        **planned.as_dict(),
         "thread": [
             {
                 "direction": e.direction,
@@ -160,6 +162,9 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     if t.quality:
         matched = ", ".join(t.quality.get("matched", [])) or "no rule"
         echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")
+    if planned.line():
+        limit = f" (limit {planned.limit.latest.isoformat()}: {planned.limit.why})" if planned.limit else ""
+        echo(f"  disclosure date: {planned.line()}{limit}")
     if stages:
         echo("\nDeadlines:")
         width = max(len(stage.stage) for stage in stages)

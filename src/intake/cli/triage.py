@@ -1,7 +1,7 @@
 """Commands that move a ticket on: assign, language, severity, label, merge, close, reopen; the milestones
 (ack, assess, released, resolve, disclose: see :func:`__getattr__`); wait and resume (on the reporter). Each is one call to
 :mod:`intake.tickets.triage`, :mod:`intake.tickets.milestones` or :mod:`intake.tickets.updates` (those
-that send the reporter a progress update: assess, released, disclose, close; ``--quiet`` and
+that send the reporter a progress update: assess, released, disclose, disclose-date, close; ``--quiet`` and
 ``--message``) in :func:`change_ticket`'s transaction."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from intake.cli.common import AT_OPTION, FORCE_OPTION, Context, actor, change_ticket
-from intake.tickets import milestones, reads, triage, updates
+from intake.tickets import disclosure, milestones, reads, triage, updates
 from intake.vocabulary import CLOSE_REASONS, MILESTONE_SPEC, MILESTONE_SPECS, SEVERITIES, Milestone
 
 
@@ -81,6 +81,23 @@ def released(obj: Context, reference: str, at: datetime | None, version: str | N
              message: str | None) -> None:
     change_ticket(obj, reference, lambda session, settings, ticket, now: updates.released(
         session, settings, ticket, at=at or now, now=now, actor=actor(settings), force=force, version=version,
+        choice=updates.UpdateChoice(quiet, message)))
+
+
+@click.command("disclose-date")
+@click.argument("reference")
+@click.argument("when", metavar="DATE", type=click.DateTime(formats=["%Y-%m-%d"]))
+@click.option("--force", is_flag=True, help="Agree a date later than the policy's limit.")
+@_update_options
+@click.pass_obj
+def disclose_date(obj: Context, reference: str, when: datetime, force: bool, quiet: bool, message: str | None) -> None:
+    """Agree the disclosure date (YYYY-MM-DD) of REFERENCE: accept the reporter's proposal or counter it.
+
+    The reporter gets a "disclosure scheduled" update (once per date); both sides are reminded 7
+    and 1 days before. A date in the past is refused, and one later than the policy's limit
+    (README: "Coordinated disclosure") unless --force."""
+    change_ticket(obj, reference, lambda session, settings, ticket, now: disclosure.agree(
+        session, settings, ticket, when.date(), now=now, actor=actor(settings), force=force,
         choice=updates.UpdateChoice(quiet, message)))
 
 

@@ -35,6 +35,7 @@ from intake.config.sections import (
 )
 from intake.config.scheduler_section import SchedulerSection
 from intake.config.data_protection import AuditSection, RetentionSection, StorageSection
+from intake.config.disclosure_section import DisclosureSection
 from intake.config.openpgp_section import OpenPgpSection
 from intake.config.security_txt_section import SecurityTxtSection
 from intake.language_tags import ENGLISH
@@ -102,6 +103,8 @@ class Settings(BaseSettings):
     openpgp: OpenPgpSection = OpenPgpSection()
     # The key of the tamper-evident audit chain.
     audit: AuditSection = AuditSection()
+    # Coordinated disclosure: the latest date agreed without --force (intake.tickets.disclosure).
+    disclosure: DisclosureSection = DisclosureSection()
     # Hosted IMAP mailboxes to fetch mail from ([[fetch]] tables; intake.config.fetch).
     fetch: Annotated[list[FetchSource], AfterValidator(check_sources)] = Field(default_factory=list)
 
@@ -133,6 +136,8 @@ class Settings(BaseSettings):
                 f"intake.default_policy: {self.intake.default_policy!r} is not a configured policy "
                 f"(known: {', '.join(sorted(known)) or 'none'})"
             )
+        if unknown := set(self.disclosure.max_embargo_by_policy) - known:
+            raise ValueError(f"disclosure.max_embargo_by_policy: unknown policies {', '.join(sorted(unknown))}")
         for address, policy in self.intake.policy_by_address.items():
             if policy not in known:
                 raise ValueError(f"intake.policy_by_address.{address}: unknown policy {policy!r}")

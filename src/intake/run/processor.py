@@ -41,14 +41,14 @@ from intake.store import claims, inbound
 from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import InboundMessage, Ticket
-from intake.tickets import maintainer_mail, opening, records, reporter_keys, status_reply
+from intake.tickets import disclosure, maintainer_mail, opening, records, reporter_keys, status_reply
 from intake.understand import (
     arrival_time, decisions, dns_lookups, lookups, parse_guard, pgp_inbound, reply_tokens, route, sender_auth,
 )
 from intake.understand.parsed_mail import ParsedMail
 from intake.understand.sender_auth import NONE, Verdict
 from intake.understand.text_work import TextWork
-from intake.vocabulary import InboundStatus, KeySource
+from intake.vocabulary import REPORTER_REPLY, THIRD_PARTY_REPLY, InboundStatus, KeySource
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,7 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime, owne
                 maintainer_mail.act_on(session, settings, r.prepared.stored, r.incoming, r.decision, now,
                                        plan.reply_secret, r.prepared.work)
                 _answer_status_request(session, settings, r, now)
+                _disclosure_proposal(session, settings, r, now)
         elif (handling.mail is decisions.Mail.REFUSAL and r.decision.refused is not None
               and not r.prepared.stored.history):
             maintainer_mail.refused(session, settings, r.incoming, r.decision, now, plan.reply_secret)
@@ -319,6 +320,20 @@ def _answer_status_request(session: Session, settings: Settings, routed: Routed,
         ticket = session.get(Ticket, routed.decision.ticket_id)
         assert ticket is not None  # recorded on it just before
         status_reply.answer(session, settings, ticket, routed.incoming, now)
+
+
+def _disclosure_proposal(session: Session, settings: Settings, routed: Routed, now: datetime) -> None:
+    """A disclosure date named in mail to a ticket: the reporter's own reply proposes it (see
+    :mod:`intake.tickets.disclosure`); a third party's is only noted, never taken as theirs."""
+    proposed = routed.prepared.work.disclosure_date
+    if proposed is None or routed.decision.kind not in (REPORTER_REPLY, THIRD_PARTY_REPLY):
+        return
+    ticket = session.get(Ticket, routed.decision.ticket_id)
+    assert ticket is not None  # recorded on it just before
+    if routed.decision.kind == REPORTER_REPLY:
+        disclosure.propose(session, settings, ticket, proposed, routed.incoming, now)
+    else:
+        disclosure.noted(session, ticket, proposed, routed.incoming, now, "not from the reporter's address")
 
 
 def _record_failures(engine: Engine, failures: list[tuple[Prepared, str]], now: datetime,

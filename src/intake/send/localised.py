@@ -16,7 +16,7 @@ languages get Babel's (CLDR's) weekday and month names and that language's order
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from functools import lru_cache
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -80,6 +80,12 @@ def _zone_name(local: datetime, locale: Locale | None) -> str:
     offset CLDR writes for a zone it has no name for."""
     name = format_datetime(local, "zzz", locale=locale)
     return local.strftime("%Z") if name[:1] in "+-" or name.startswith("GMT") else name
+
+
+def calendar_date(day: date, language: str) -> str:
+    """A calendar date as a reporter reads it: "Mon 01 Mar 2027" in English (as always), else
+    that language's own ("Mo., 1. März 2027")."""
+    return f"{day:%a %d %b %Y}" if language == ENGLISH else format_skeleton("yMMMEd", day, locale=_locale(language))
 
 
 def date_time(instant: datetime, timezone: str, language: str) -> str:

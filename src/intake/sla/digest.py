@@ -18,7 +18,7 @@ memory for ten tickets or a hundred thousand.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -32,7 +32,7 @@ from intake.send import composer, outbox
 from intake.sla import stats
 from intake.sla.calendars import format_span, parse_duration
 from intake.store.db import insert_new, read_session, write_session
-from intake.store.models import Deadline, Notification, Ticket
+from intake.store.models import Deadline, DisclosurePlan, Notification, Ticket
 from intake.tickets import held, undeliverable
 from intake.vocabulary import (
     FINISHED_STATES, SEVERITIES, DigestStatus, MailKind, Milestone, NotificationKind, TicketState,
@@ -156,6 +156,7 @@ def build(engine: Engine, settings: Settings, name: str, now: datetime) -> Diges
             _deadlines(session, digest, "disclosures", f"Disclosure dates in the next {schedule.disclosures_within}",
                        Deadline.due_at > now, Deadline.due_at <= now + disclosures_within,
                        Deadline.stage.in_(_disclosure_stages(settings))),
+            _coordinated_disclosures(session, digest, schedule.disclosures_within),
             _unreachable(session, digest),
             _held(session, digest),
         ]
@@ -199,6 +200,26 @@ def _deadlines(session: Session, digest: Digest, key: str, title: str, *conditio
         return DigestLine(ref, subject, f"{stage} due {digest.local(due)} ({when}), severity {severity or _NO_SEVERITY}")
 
     return _section(session, digest, query, key, title, line)
+
+
+def _coordinated_disclosures(session: Session, digest: Digest, within: str) -> DigestSection:
+    """Tickets not closed whose agreed disclosure date, or else the reporter's proposed one, falls
+    within *within* (see :mod:`intake.tickets.disclosure`), soonest first."""
+    when = func.coalesce(DisclosurePlan.agreed_date, DisclosurePlan.proposed_date)
+    query = (select(Ticket.reference, Ticket.subject, DisclosurePlan.agreed_date, DisclosurePlan.proposed_date)
+             .join(Ticket, Ticket.id == DisclosurePlan.ticket_id)
+             .where(when >= digest.now.date(), when <= (digest.now + parse_duration(within).elapsed).date(),
+                    Ticket.state != TicketState.CLOSED)
+             .order_by(when, Ticket.id))
+
+    def line(ref: str, subject: str, agreed: date | None, proposed: date | None) -> DigestLine:
+        parts = [f"agreed for {agreed:%a %d %b %Y}"] if agreed else []
+        if proposed and proposed != agreed:
+            parts.append(f"the reporter proposes {proposed:%a %d %b %Y}" + ("" if agreed else ", not agreed yet"))
+        return DigestLine(ref, subject, "disclosure " + "; ".join(parts))
+
+    return _section(session, query, "coordinated_disclosures", f"Coordinated disclosure dates in the next {within}",
+                    line)
 
 
 def _waiting(session: Session, digest: Digest) -> DigestSection:

@@ -42,12 +42,13 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.send import composer, outbox
-from intake.sla import deadlines
+from intake.sla import deadlines, disclosure_reminders
 from intake.sla.calendars import format_span, parse_duration
 from intake.sla.reminder_schedule import reminder_times
+from intake.sla.notices import Notice, PlannedMail, notice_mails
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.tickets import keep_in_loop, reporter_keys, undeliverable
+from intake.tickets import keep_in_loop, undeliverable
 from intake.tickets.reads import find
 from intake.understand import reply_tokens
 from intake.vocabulary import FINISHED_STATES, MailKind, NotificationKind
@@ -72,42 +73,12 @@ class Upcoming(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Notice:
-    """One notification about one stage of a ticket."""
-
-    key: str
-    kind: str  # reminder | breach | escalation
-    ticket_id: int
-    reference: str
-    stage: str
-    label: str  # "50%", "24 hours before", "breach", "repeat 2", "escalation"
-    at: datetime  # when it fell due
-    stage_due: datetime
-    late: bool  # fell due longer than misfire_grace ago, or stands in for notices never sent
-
-
-@dataclass(frozen=True)
 class StagePlan:
     deadline_id: int
     notices: list[Notice]
     next: Upcoming | None
     held: bool = False  # a reminder waits for working hours
     suppressed: tuple[Notice, ...] = ()  # fell due before the ticket was imported: recorded, never mailed
-
-
-@dataclass(frozen=True)
-class PlannedMail:
-    """The notices of one ticket for one audience, sent as one mail."""
-
-    kind: str  # reminder | breach | escalation | catch-up
-    ticket_id: int
-    reference: str
-    recipients: list[str]
-    notices: list[Notice]
-
-    @property
-    def key(self) -> str:
-        return ",".join(notice.key for notice in self.notices)
 
 
 @dataclass
@@ -153,6 +124,7 @@ def sweep(engine: Engine, settings: Settings, now: datetime, dry_run: bool = Fal
             mails = _sweep_tickets(session, settings, ticket_ids, now, result, dry_run, reply_secret)
         result.mails += mails
     result.keep_in_loop = keep_in_loop.sweep(engine, settings, now, dry_run, reply_secret)
+    result.mails += disclosure_reminders.sweep(engine, settings, now, dry_run)  # 7 and 1 days before agreed dates
     if (result.mails or result.suppressed) and not dry_run:
         log.info("event=sweep-sent mails=%d examined=%d held=%d suppressed=%d", len(result.mails), result.examined,
                  result.held, len(result.suppressed))
@@ -377,17 +349,7 @@ def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: Pla
         stages=[{"stage": s.stage, "state": s.state, "due": local(s.stage, s.due_at) if s.due_at else None,
                  "met": f"{s.met_at:%Y-%m-%d %H:%M} UTC" if s.met_at else None} for s in statuses],
         from_name=settings.intake.from_name)
-    mails = []
-    for recipient in mail.recipients:
-        reply_address = reply_tokens.reply_to(settings, reply_secret, ticket.intake_address, ticket.reference,
-                                              recipient, now)
-        mails.append(composer.notice(
-            mail.kind, dedupe_key=f"{mail.key}>{recipient.lower()}", ticket=ticket.reference, subject=subject,
-            recipients=[recipient], sender=(settings.intake.from_name, ticket.intake_address), reply_to=reply_address,
-            text=composer.render("notice.txt.j2", settings.templates_path, reply_address=reply_address, **context),
-            message_id_domain=settings.intake.message_id_domain, now=now,
-            encryption=reporter_keys.to_maintainer(settings, recipient)))
-    return mails
+    return notice_mails(settings, ticket, mail, subject, context, now, reply_secret)
 
 
 def _headline(notice: Notice, due_local: str, now: datetime) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, DateTime, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Boolean, Column, Date, DateTime, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 from intake.vocabulary import InboundStatus, OutboxStatus, TicketState
 
@@ -380,3 +380,20 @@ class ReferenceCounter(SQLModel, table=True):
     prefix: str = Field(sa_column=Column(String(16), nullable=False))
     year: int
     last: int = 0
+
+
+class DisclosurePlan(SQLModel, table=True):
+    """A ticket's coordinated disclosure date: the reporter's latest proposal and the date a
+    maintainer agreed (accepting it or countering), each with who and when; the history of both
+    is in the ticket's events (see :mod:`intake.tickets.disclosure`)."""
+
+    __tablename__ = "disclosure_plan"
+
+    ticket_id: int = Field(foreign_key="ticket.id", primary_key=True)
+    proposed_date: date | None = Field(default=None, sa_column=Column(Date, nullable=True))
+    proposed_by: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # the reporter's address
+    proposed_at: datetime | None = _instant(nullable=True)
+    # The sweep's reminders read this (7 and 1 days before), through its index.
+    agreed_date: date | None = Field(default=None, sa_column=Column(Date, nullable=True, index=True))
+    agreed_by: str | None = Field(default=None, sa_column=Column(Text, nullable=True))  # the maintainer
+    agreed_at: datetime | None = _instant(nullable=True)

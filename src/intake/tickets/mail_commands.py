@@ -14,19 +14,21 @@ import shlex
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.store.models import Ticket
-from intake.tickets import credit, milestones, triage, updates
+from intake.tickets import credit, disclosure, milestones, triage, updates
 from intake.understand.text_work import NOTE_COMMAND
 from intake.vocabulary import CLOSE_REASONS, SEVERITIES, Milestone, TicketState
 
 HELP_COMMAND = "help"
 # What `#state` takes to stop waiting on the reporter.
 _RESUME_WORDS = ("resume", "resumed", "open")
+# What `#disclose-date DATE` takes to agree a date past the policy's limit (the CLI's --force).
+_FORCE_WORD = "force"
 
 
 class CommandError(ValueError):
@@ -111,6 +113,18 @@ def _disclosed(request: Request, words: list[str]) -> str:
     return Milestone.DISCLOSED + (f" {advisory}" if advisory else "")
 
 
+def _disclose_date(request: Request, words: list[str]) -> str:
+    if len(words) > 1 and words[1].lower() != _FORCE_WORD:
+        raise _Usage()
+    try:
+        when = date.fromisoformat(words[0])
+    except ValueError:
+        raise CommandError(f"{words[0]!r} is not a date (YYYY-MM-DD)") from None
+    disclosure.agree(request.session, request.settings, request.ticket, when, now=request.now, actor=request.actor,
+                     force=len(words) > 1)
+    return f"disclosure date {when.isoformat()}"
+
+
 def _assess(request: Request, words: list[str]) -> str:
     updates.assess(request.session, request.settings, request.ticket, words[0].lower(), at=request.now,
                    now=request.now, actor=request.actor)
@@ -154,6 +168,8 @@ COMMANDS = (
             aliases=(Milestone.ACKNOWLEDGED,)),
     Command("assess", "<severity>", "record the assessment, with its severity", _assess, (1, 1)),
     Command(Milestone.DISCLOSED, "[advisory id or URL]", "record that the issue was disclosed", _disclosed),
+    Command("disclose-date", f"<YYYY-MM-DD> [{_FORCE_WORD}]", "agree the disclosure date with the reporter (theirs "
+            f"or another); '{_FORCE_WORD}' for one past the policy's limit", _disclose_date, (1, 2)),
     Command(Milestone.RESOLVED, "", "record that the ticket is resolved", _record(Milestone.RESOLVED)),
     Command("close", "|".join(CLOSE_REASONS), "close the ticket with that reason", _close, (1, 1)),
     Command("label", "<label> …", "add labels", _label, (1, None)),
@@ -183,7 +199,8 @@ def names() -> str:
 def footer() -> list[str]:
     """The lines about commands in mail a maintainer can answer (a forwarded reply)."""
     return [f"Command lines at the top of your reply change the ticket; #{NOTE_COMMAND} keeps your text",
-            f"internal and #{HELP_COMMAND} answers with what each takes:", *textwrap.wrap(names(), 72)]
+            f"internal and #{HELP_COMMAND} answers with what each takes:",
+            *textwrap.wrap(names(), 72, break_on_hyphens=False)]  # "#disclose-date" whole
 
 
 @dataclass

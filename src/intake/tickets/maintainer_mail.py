@@ -19,7 +19,7 @@ address, trimmed of the quoted thread and signature, with the maintainer's addre
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import date, datetime
 
 from sqlmodel import Session
 
@@ -28,7 +28,7 @@ from intake.config.settings import Settings
 from intake.send import composer, outbox
 from intake.store.inbound import StoredMessage
 from intake.store.models import Ticket
-from intake.tickets import correspondence, mail_commands, reporter_keys
+from intake.tickets import correspondence, disclosure, mail_commands, reporter_keys
 from intake.understand import decisions, pgp_inbound, reply_tokens, route
 from intake.understand.content import extract_attachment
 from intake.understand.header_text import clean_text
@@ -48,7 +48,7 @@ def act_on(session: Session, settings: Settings, stored: StoredMessage, incoming
     if mail is decisions.Mail.MAINTAINER_MAIL and decision.authenticated and incoming.authentication.authenticated:
         _maintainer_mail(session, settings, stored, incoming, decision, now, work)
     elif mail is decisions.Mail.FORWARD:
-        _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret)
+        _forward_to_maintainers(session, settings, incoming, decision, now, reply_secret, work.disclosure_date)
 
 
 def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
@@ -156,8 +156,19 @@ def maintainer_recipients(settings: Settings, ticket: Ticket) -> list[str]:
     return [maintainer.email for maintainer in settings.maintainers]
 
 
+def _proposal_lines(ticket: Ticket, proposed: date | None, third_party: bool, now: datetime) -> list[str]:
+    """What a forwarded mail says about the disclosure date it proposes (see :mod:`intake.tickets.disclosure`)."""
+    if proposed is None:
+        return []
+    why = "not from the reporter's address" if third_party else disclosure.not_taken_because(ticket, proposed, now)
+    if why:
+        return [f"It names a disclosure date, {proposed.isoformat()}: NOT recorded as the reporter's proposal ({why})."]
+    return [f"The reporter proposes a disclosure date: {proposed.isoformat()} (recorded). Accept or counter with",
+            f"`intake disclose-date {ticket.reference} DATE`, or #disclose-date DATE at the top of your reply."]
+
+
 def _forward_to_maintainers(session: Session, settings: Settings, incoming: route.Incoming, decision: route.Decision,
-                            now: datetime, secret: bytes) -> None:
+                            now: datetime, secret: bytes, proposed: date | None) -> None:
     ticket = session.get(Ticket, decision.ticket_id)
     assert ticket is not None
     recipients = maintainer_recipients(settings, ticket)
@@ -190,6 +201,7 @@ def _forward_to_maintainers(session: Session, settings: Settings, incoming: rout
                   *mail_commands.footer()]
     body = "\n".join([
         *intro,
+        *_proposal_lines(ticket, proposed, third_party, now),
         f"Subject: {clean_text(mail.subject)}",
         f"Attachments: {len(mail.attachments)} (see `intake show {ticket.reference}`)" if mail.attachments else "",
         "",

@@ -105,16 +105,32 @@ def next_promised(session: Session, settings: Settings, ticket: Ticket) -> compo
 def refusal(session: Session, settings: Settings, ticket: Ticket, incoming: route.Incoming,
             now: datetime) -> str | None:
     """Why the reporter's status request gets no answer now, or None."""
-    if ticket.reporter_unreachable_at is not None:
-        return f"the reporter is unreachable (since {ticket.reporter_unreachable_at:%Y-%m-%d %H:%M} UTC)"
-    suppressed = route.auto_reply_suppressed(incoming, routing_config(settings))
-    if suppressed:
-        return f"loop safety: {suppressed}"
+    unanswerable = _unanswerable(settings, ticket, incoming)
+    if unanswerable:
+        return unanswerable
     answered = session.scalars(select(Event.at).where(
         Event.ticket_id == ticket.id, Event.kind == QUEUED_EVENT[MailKind.STATUS_REPLY],
         Event.at > now - STATUS_WINDOW).order_by(Event.at.desc())).first()
     if answered is not None:
         return f"answered already at {answered:%Y-%m-%d %H:%M} UTC: one status reply per {STATUS_WINDOW}"
+    return _rate_limited(session, settings, ticket, now)
+
+
+def automatic_refusal(session: Session, settings: Settings, ticket: Ticket, incoming: route.Incoming,
+                      now: datetime) -> str | None:
+    """Why the reporter's mail *incoming* gets no automatic answer of any kind now (unreachable,
+    loop safety, the rate limit on automatic mail), or None."""
+    return _unanswerable(settings, ticket, incoming) or _rate_limited(session, settings, ticket, now)
+
+
+def _unanswerable(settings: Settings, ticket: Ticket, incoming: route.Incoming) -> str | None:
+    if ticket.reporter_unreachable_at is not None:
+        return f"the reporter is unreachable (since {ticket.reporter_unreachable_at:%Y-%m-%d %H:%M} UTC)"
+    suppressed = route.auto_reply_suppressed(incoming, routing_config(settings))
+    return f"loop safety: {suppressed}" if suppressed else None
+
+
+def _rate_limited(session: Session, settings: Settings, ticket: Ticket, now: datetime) -> str | None:
     count = outbox.automatic_mail_counts(session, [ticket.reporter],
                                          now - timedelta(seconds=settings.autoreply.window))[ticket.reporter.lower()]
     if count >= settings.autoreply.limit_per_recipient:
@@ -132,7 +148,7 @@ def answer(session: Session, settings: Settings, ticket: Ticket, incoming: route
                                **_context(session, settings, ticket))
         mail = _status_mail(session, settings, ticket, incoming, text, now)
         if outbox.enqueue(session, mail, ticket_id=ticket.id, now=now):
-            _record_reply(session, ticket, incoming, mail, text, now)
+            record_automatic_reply(session, ticket, incoming, mail, text, now)
             return True
         why_not = "answered already today by another node (the outbox's dedupe key)"
     records.add_event(session, ticket.id, EventKind.STATUS_REQUEST_UNANSWERED, now,
@@ -140,19 +156,20 @@ def answer(session: Session, settings: Settings, ticket: Ticket, incoming: route
     return False
 
 
-def _record_reply(session: Session, ticket: Ticket, incoming: route.Incoming, mail: composer.OutgoingMail,
-                  text: str, now: datetime) -> None:
-    """The queued status reply in the ticket's thread (its text sealed) and as an event."""
+def record_automatic_reply(session: Session, ticket: Ticket, incoming: route.Incoming, mail: composer.OutgoingMail,
+                           text: str, now: datetime, **detail: object) -> None:
+    """A queued automatic answer to *incoming* (the status reply, or another of its kind) in the
+    ticket's thread (its text sealed) and as an event (with *detail*)."""
     session.execute(insert(ThreadEntry.__table__).values(
-        ticket_id=ticket.id, direction=Direction.OUT, kind=MailKind.STATUS_REPLY, message_id=mail.message_id,
+        ticket_id=ticket.id, direction=Direction.OUT, kind=mail.kind, message_id=mail.message_id,
         in_reply_to=incoming.mail.message_id or None, references=[], sender=ticket.intake_address,
-        subject=_subject(ticket), attachments=[], warnings=[], created_at=now,
+        subject=reply_subject(ticket), attachments=[], warnings=[], created_at=now,
         body_text=sealing.seal_for_ticket(session, ticket.id, now, "thread_entry", "body_text", text)))
-    records.add_event(session, ticket.id, QUEUED_EVENT[MailKind.STATUS_REPLY], now, to=ticket.reporter,
-                      message_id=mail.message_id)
+    records.add_event(session, ticket.id, QUEUED_EVENT[mail.kind], now, to=ticket.reporter,
+                      message_id=mail.message_id, **detail)
 
 
-def _subject(ticket: Ticket) -> str:
+def reply_subject(ticket: Ticket) -> str:
     return f"Re: [{ticket.reference}] {composer.shorten(clean_text(ticket.subject))}"
 
 
@@ -168,14 +185,19 @@ def _context(session: Session, settings: Settings, ticket: Ticket) -> dict[str, 
 
 def _status_mail(session: Session, settings: Settings, ticket: Ticket, incoming: route.Incoming, text: str,
                  now: datetime) -> composer.OutgoingMail:
-    """The status reply saying *text*: automatic (auto-replied, null sender, rate limited), threaded
-    under the request, one per ticket and UTC day by its dedupe key, encrypted to the reporter's
-    key if any."""
+    """The status reply saying *text*, one per ticket and UTC day by its dedupe key."""
+    return automatic_answer(session, settings, ticket, incoming, text, now, kind=MailKind.STATUS_REPLY,
+                            dedupe_key=f"status:{ticket.reference}:{now:%Y-%m-%d}")
+
+
+def automatic_answer(session: Session, settings: Settings, ticket: Ticket, incoming: route.Incoming, text: str,
+                     now: datetime, *, kind: str, dedupe_key: str) -> composer.OutgoingMail:
+    """An automatic answer of *kind* saying *text* to the reporter's mail *incoming*: auto-replied,
+    null sender, rate limited, threaded under it, encrypted to the reporter's key if any."""
     return composer.compose(
-        MailKind.STATUS_REPLY, sender=(settings.intake.from_name, ticket.intake_address), to=[ticket.reporter],
-        subject=_subject(ticket), text=text, ticket=ticket.reference,
-        message_id_domain=settings.intake.message_id_domain, now=now,
-        dedupe_key=f"status:{ticket.reference}:{now:%Y-%m-%d}",
+        kind, sender=(settings.intake.from_name, ticket.intake_address), to=[ticket.reporter],
+        subject=reply_subject(ticket), text=text, ticket=ticket.reference,
+        message_id_domain=settings.intake.message_id_domain, now=now, dedupe_key=dedupe_key,
         in_reply_to=incoming.mail.message_id or None, references=incoming.mail.references,
         automatic=composer.AUTO_REPLIED, rate_limited=True,
         encryption=reporter_keys.encryption_to(session, settings, [ticket.reporter]),

@@ -1,7 +1,8 @@
 """Progress updates to the reporter: assessed, fix released, disclosure scheduled, disclosed, closed.
 
 Each is the template ``update-<kind>.txt.j2``, sent once per ticket and kind (the outbox dedupe key
-``update:<reference>:<kind>``) as a mail from the intake address threaded under the reporter's mail
+``update:<reference>:<kind>``; "disclosure scheduled" once per date, ``…:disclosure-scheduled:<date>``,
+so a moved date is announced again) as a mail from the intake address threaded under the reporter's mail
 (:func:`intake.tickets.correspondence.mail_reporter`: encrypted where the reporter has a key). An
 update its policy leaves out (``[policies.X] updates``), one a maintainer suppresses (``--quiet``),
 one to an unreachable reporter, one that went already, or a "closed" for spam is not sent: an
@@ -13,15 +14,17 @@ caller's transaction; the CLI and the maintainers' mail commands call them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import select
 from sqlmodel import Session
 
 from intake.config.settings import Settings
-from intake.send import composer
+from intake.language_tags import ENGLISH
+from intake.send import composer, localised
 from intake.sla import deadlines
-from intake.store.models import Outbox, Ticket
+from intake.store.models import DisclosurePlan, Outbox, Ticket
 from intake.tickets import correspondence, milestones, records, triage
 from intake.understand.header_text import clean_text
 from intake.vocabulary import CloseReason, EventKind, MailKind, Milestone, UpdateKind
@@ -41,8 +44,8 @@ class UpdateChoice:
 SEND = UpdateChoice()
 
 
-def dedupe_key(ticket: Ticket, kind: str) -> str:
-    return f"update:{ticket.reference}:{kind}"
+def dedupe_key(ticket: Ticket, kind: str, variant: str | None = None) -> str:
+    return f"update:{ticket.reference}:{kind}" + (f":{variant}" if variant else "")
 
 
 def _already_queued(session: Session, key: str) -> bool:
@@ -51,7 +54,7 @@ def _already_queued(session: Session, key: str) -> bool:
 
 
 def _suppressed_because(session: Session, settings: Settings, ticket: Ticket, kind: str,
-                        choice: UpdateChoice) -> str | None:
+                        choice: UpdateChoice, variant: str | None) -> str | None:
     """Why *kind* is not sent to *ticket*'s reporter now, or None when it is."""
     policy = settings.policies.get(ticket.policy)
     if policy is not None and kind not in policy.updates:
@@ -62,16 +65,16 @@ def _suppressed_because(session: Session, settings: Settings, ticket: Ticket, ki
         return "reporter unreachable"
     if kind == UpdateKind.CLOSED and ticket.close_reason == CloseReason.SPAM:
         return "closed as spam"
-    if _already_queued(session, dedupe_key(ticket, kind)):
+    if _already_queued(session, dedupe_key(ticket, kind, variant)):
         return "already sent"
     return None
 
 
 def send(session: Session, settings: Settings, ticket: Ticket, kind: str, *, now: datetime, actor: str,
-         choice: UpdateChoice = SEND, **facts: object) -> composer.OutgoingMail | None:
-    """Send update *kind* (its template filled with *facts*) to *ticket*'s reporter, or record why
-    not; the mail queued, or None."""
-    reason = _suppressed_because(session, settings, ticket, kind, choice)
+         choice: UpdateChoice = SEND, variant: str | None = None, **facts: object) -> composer.OutgoingMail | None:
+    """Send update *kind* (its template filled with *facts*) to *ticket*'s reporter, once per
+    *variant* (the date a disclosure is scheduled for), or record why not; the mail queued, or None."""
+    reason = _suppressed_because(session, settings, ticket, kind, choice, variant)
     if reason:
         records.add_event(session, ticket.id, EventKind.UPDATE_SUPPRESSED, now, actor=actor, update=kind,
                           reason=reason)
@@ -83,7 +86,8 @@ def send(session: Session, settings: Settings, ticket: Ticket, kind: str, *, now
         policy=policy.public_title if policy else "", from_name=settings.intake.from_name,
         intake_address=ticket.intake_address, **facts)
     return correspondence.mail_reporter(session, settings, ticket, body, kind=MailKind.PROGRESS_UPDATE, now=now,
-                                        actor=actor, dedupe_key=dedupe_key(ticket, kind), detail={"update": kind},
+                                        actor=actor, dedupe_key=dedupe_key(ticket, kind, variant),
+                                        detail={"update": kind, **({"for": variant} if variant else {})},
                                         language=settings.language_for(ticket.language))
 
 
@@ -102,11 +106,28 @@ def released(session: Session, settings: Settings, ticket: Ticket, *, at: dateti
     moved = milestones.record(session, settings, ticket, Milestone.RELEASED, at=at, now=now, actor=actor,
                               force=force, version=version)
     send(session, settings, ticket, UpdateKind.FIX_RELEASED, now=now, actor=actor, choice=choice, version=version)
+    agreed = agreed_disclosure(session, ticket)
     disclose = disclosure_date(session, settings, ticket, now)
-    if disclose is not None:
+    if agreed is not None:  # coordinated with the reporter: that date, not the policy's default
         send(session, settings, ticket, UpdateKind.DISCLOSURE_SCHEDULED, now=now, actor=actor, choice=choice,
-             date=disclose.due_local)
+             variant=agreed.isoformat(), date=date_words(agreed, settings.language_for(ticket.language)),
+             accepted=False)
+    elif disclose is not None:
+        send(session, settings, ticket, UpdateKind.DISCLOSURE_SCHEDULED, now=now, actor=actor, choice=choice,
+             variant=disclose.due.astimezone(ZoneInfo(disclose.timezone)).date().isoformat(),
+             date=disclose.due_local, accepted=False)
     return moved
+
+
+def agreed_disclosure(session: Session, ticket: Ticket) -> date | None:
+    """The disclosure date agreed for *ticket* (``intake disclose-date``), if any."""
+    plan = session.get(DisclosurePlan, ticket.id)
+    return plan.agreed_date if plan else None
+
+
+def date_words(day: date, language: str = ENGLISH) -> str:
+    """A calendar date as reporters read it in *language*: "Mon 01 Mar 2027"."""
+    return localised.calendar_date(day, language)
 
 
 def disclosure_date(session: Session, settings: Settings, ticket: Ticket, now: datetime) -> composer.PromisedDate | None:

@@ -3,7 +3,8 @@
 Acting on a message reads things out of its body text: the credit a report or a reporter's reply
 states (:mod:`intake.tickets.credit`), a maintainer's ``#command`` lines (:func:`split_commands`;
 :mod:`intake.tickets.mail_commands` carries them out) and the text relayed to the reporter with the
-quoted thread and signature trimmed (:func:`trim_reply`). A reply of 60,000 blank lines once made
+quoted thread and signature trimmed (:func:`trim_reply`), and the disclosure date a reporter proposes
+(:mod:`intake.understand.disclosure_words`). A reply of 60,000 blank lines once made
 that work take 39 s inside the write transaction, and every other sender got ``451`` meanwhile.
 So it is all done here, for every message, before any lock is taken: in the parse helper after
 parsing and scoring, within ``processing.message_budget`` (see :mod:`intake.understand.parse_guard`);
@@ -15,9 +16,11 @@ patterns, line-by-line scans).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from datetime import date
 
 from intake import patterns
 from intake.tickets import credit
+from intake.understand import disclosure_words
 
 # Where quoted history starts in a reply: "On Mon, … wrote:", Outlook's separator and header block.
 # Both patterns see mail text: RE2 (intake.patterns).
@@ -46,6 +49,8 @@ class TextWork:
     more_commands: int = 0
     internal: bool = False  # a #note line among them: the text stays an internal note
     relayed_text: str = ""  # the rest, quoted thread and signature trimmed: what a maintainer's reply relays
+    # The disclosure date the mail proposes (``#disclose DATE`` or plain words; a reporter's counts).
+    disclosure_date: date | None = None
 
 
 def trim_reply(text: str) -> str:
@@ -95,4 +100,4 @@ def read(body: str) -> TextWork:
     return TextWork(report_credit=report_credit, reply_credit=reply_credit,
                     commands=tuple(commands[:most]), more_commands=max(0, len(commands) - most),
                     internal=any(name == NOTE_COMMAND for name, _ in commands),
-                    relayed_text=trim_reply(rest))
+                    relayed_text=trim_reply(rest), disclosure_date=disclosure_words.proposed_date(body))
