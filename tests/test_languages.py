@@ -204,6 +204,24 @@ def test_the_keep_in_loop_mail_is_in_the_tickets_language(desk):
     assert "Wir haben Ihnen seit 3 Tagen nicht geschrieben" in text
 
 
+def test_a_coordinated_disclosure_date_is_announced_and_reminded_in_german(desk, cli):
+    office = desk()
+    reference = office.report(Content_Language="de")
+    office.sent()
+    day = (datetime.now(timezone.utc) + timedelta(days=30)).date()
+    german_day = f"{GERMAN_WEEKDAYS[day.weekday()]}, {day.day}. {GERMAN_MONTHS[day.month - 1]} {day.year}"
+    cli("disclose-date", reference, day.isoformat())
+    [scheduled] = office.sent()
+    assert scheduled["Content-Language"] == "de"
+    assert f"am {german_day} öffentlich bekanntzugeben." in " ".join(_text(scheduled).split())
+    week_before = datetime.combine(day - timedelta(days=7), datetime.min.time(), timezone.utc) + timedelta(hours=1)
+    reminders.sweep(office.running.engine, office.settings, week_before)
+    # (the policy's keep-in-loop mail is due by then too)
+    [reminder] = [mail for mail in office.sent(week_before) if "zur Erinnerung" in _text(mail)]
+    assert reminder["Content-Language"] == "de"
+    assert f"am {german_day} öffentlich bekanntzugeben, in 7 Tagen." in " ".join(_text(reminder).split())
+
+
 def test_a_merged_reports_notice_and_the_preview_are_in_german(desk, cli):
     office = desk()
     first = office.report()
