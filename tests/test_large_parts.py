@@ -145,3 +145,17 @@ def test_a_large_part_leaves_the_rest_of_the_tree_as_the_feed_parser_reads_it(la
             assert whole_part._payload == body.removesuffix("\r\n")
         else:
             assert part._payload == whole_part._payload or part.is_multipart()
+
+
+def test_the_helper_parses_the_head_it_is_handed_on_top_of_the_message():
+    """The processor hands intake's trace fields apart (no second copy of the message to join them)."""
+    head = b"Return-Path: <bounce@example.org>\r\nReceived: from relay.example.org\r\n"
+    raw = b"From: a@example.org\r\nSubject: with a head\r\n\r\nBody.\r\n"
+    helper = parse_guard.BoundedParser()
+    try:
+        result = helper.parse_and_score(raw, head=head)
+        without = helper.parse_and_score(raw)
+    finally:
+        helper.close()
+    assert result.mail == parse(head + raw) and result.mail.headers["return-path"] == "<bounce@example.org>"
+    assert without.mail == parse(raw) and "return-path" not in without.mail.headers
