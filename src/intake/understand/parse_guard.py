@@ -29,6 +29,7 @@ puts them together: the caller never holds a second copy of a 25 MB message for 
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import multiprocessing
@@ -58,6 +59,7 @@ MESSAGE_BUDGET = 5.0  # seconds of the helper's CPU one message may take
 STARTUP_TIMEOUT = 60.0  # seconds a new helper may take to import and report ready (not counted per message)
 RETRY_AFTER = 60.0  # seconds to parse in-process, unbounded, after a helper failed to start
 _READY = b"ready"
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,7 @@ def _serve(connection: Connection, parse_function: Callable[[bytes], ParsedMail]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it closes us
     signal.signal(signal.SIGPROF, _budget_spent)
     _yield_cpu()
+    _return_large_buffers()
     connection.send_bytes(_READY)
     while True:
         try:
@@ -153,6 +156,18 @@ def _yield_cpu() -> None:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError as exc:  # a sandbox that forbids it: parse at the priority we have
         log.warning("event=parse-helper-priority-unchanged error=%s", exc)
+
+
+def _return_large_buffers() -> None:
+    """Have glibc's malloc give every buffer of 1 MiB or more its own mapping, returned to the
+    system when freed. By default it raises that bound to the largest buffer freed so far: after
+    one 25 MB message, the next ones' bytes came from the heap, which kept them (2.6x a message
+    instead of 2x). Elsewhere than glibc, nothing changes."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)  # a fixed bound: no longer raised
+    except (OSError, AttributeError):
+        pass
 
 
 @contextmanager
