@@ -130,8 +130,10 @@ def prepare(settings: Settings, stored: StoredMessage, dns: dns_lookups.Resolver
     started = time.perf_counter()
     arrived = arrived_at(stored)
     try:
-        result = parse_guard.parse_and_score(stored.full, settings.quality_rules, settings.processing.parse_timeout,
-                                             settings.processing.message_budget, pgp_inbound.decryption(settings))
+        # The trace fields apart (stored.full would copy the message): the helper puts them on top.
+        result = parse_guard.parse_and_score(stored.raw, settings.quality_rules, settings.processing.parse_timeout,
+                                             settings.processing.message_budget, pgp_inbound.decryption(settings),
+                                             head=stored.trace.encode("utf-8"))
     except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
         log.exception("event=parse-failed inbound_id=%d", stored.id)
         return Prepared(stored, arrived, None, {}, time.perf_counter() - started,

@@ -370,8 +370,9 @@ def open_bytes(bind: Session | Connection, table: str, column: str, value: bytes
     if inline and not _cache(bind).keys.get(key_id):
         open_inline(bind, key_id, bytes(inline))
     secret = unwrapped(bind, key_id)
+    sealed = memoryview(value)  # a slice of it would copy the whole message once more
     try:
-        return AESGCM(secret).decrypt(value[HEADER:HEADER + _NONCE_BYTES], value[HEADER + _NONCE_BYTES:],
+        return AESGCM(secret).decrypt(sealed[HEADER:HEADER + _NONCE_BYTES], sealed[HEADER + _NONCE_BYTES:],
                                       _aad(table, column, key_id))
     except InvalidTag:
         raise SealingError(f"{table}.{column}: sealed content does not open with its data key {key_id} "

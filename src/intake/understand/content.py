@@ -7,6 +7,7 @@ tree is first labelled so that it gets names and charsets right and stays fast.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from typing import Any
 from mailparser import MailParser
 from mailparser.utils import decode_base64_payload, decode_header_part
 
+from intake.understand import large_parts
 from intake.understand.header_text import MAX_DECODED_HEADER, clean_text, guarded, safe_filename, warn
+from intake.understand.large_parts import LargePart
 from intake.understand.mime_reader import MimePart, read_mime, shown_inline, walk_parts
 from intake.understand.parsed_mail import Attachment
 
@@ -44,16 +47,19 @@ _CHARSET_SUPERSETS = {
 @dataclass
 class Content:
     """What mail-parser extracted: the text of the body parts, and the attachments with their
-    decoded bytes."""
+    decoded bytes, but for those left in the raw bytes (listed in *large* by attachment index,
+    with ``b""`` for bytes: nothing parsing reads needs them, see :mod:`intake.understand.large_parts`)."""
 
     plain: list[str] = field(default_factory=list)
     html: list[str] = field(default_factory=list)
     attachments: list[tuple[Attachment, bytes]] = field(default_factory=list)
+    large: dict[int, LargePart] = field(default_factory=dict)
 
 
-def extract_content(root: MimePart, warnings: list[str]) -> Content:
+def extract_content(root: MimePart, warnings: list[str], large: dict[str, LargePart] | None = None) -> Content:
     """The content of the tree as mail-parser extracts it, and its MIME defects as a warning. If
     mail-parser fails, the content is left out with a warning: everything else is still read.
+    *large* is the reading's parts left in the raw bytes, by their placeholder in the tree.
     It writes into the tree (see _prepare_for_mail_parser): read what else you need first."""
     _prepare_for_mail_parser(root, warnings)
     try:
@@ -64,8 +70,9 @@ def extract_content(root: MimePart, warnings: list[str]) -> Content:
         return Content()
     if extracted.defects_categories:
         warn(warnings, "MIME defects: " + ", ".join(sorted(extracted.defects_categories)))
-    return Content(plain=extracted.text_plain, html=extracted.text_html,
-                    attachments=_attachments(extracted.attachments))
+    content = Content(plain=extracted.text_plain, html=extracted.text_html)
+    _add_attachments(content, extracted.attachments, large or {})
+    return content
 
 
 def _prepare_for_mail_parser(root: MimePart, warnings: list[str]) -> None:
@@ -136,31 +143,38 @@ def _as_only_part(root: MimePart) -> Message:
     return wrapper
 
 
-def _attachments(listed: list[dict[str, Any]]) -> list[tuple[Attachment, bytes]]:
-    """mail-parser's attachments with their decoded bytes, numbered from 1 in document order.
+def _add_attachments(content: Content, listed: list[dict[str, Any]], large: dict[str, LargePart]) -> None:
+    """mail-parser's attachments with their decoded bytes (or, left in the raw bytes, what
+    :mod:`intake.understand.large_parts` read of them), numbered from 1 in document order.
 
     Left out: the flattened copy it lists of a multipart marked as an attachment (not the bytes
     that were sent; the parts are listed themselves) and nameless parts with nothing in them."""
-    attachments: list[tuple[Attachment, bytes]] = []
     for item in listed:
         if not item["binary"]:  # only that flattened copy is not handed over base64-encoded
             continue
-        data = decode_base64_payload(item["payload"])  # how mail-parser itself writes attachments out
         name = "" if item["filename"] == _UNNAMED else item["filename"]
+        index = len(content.attachments) + 1
+        left = large.get(item["payload"])
+        if left is not None:
+            if name or not left.blank:
+                content.large[index] = left
+                content.attachments.append((_attachment(index, name, item["mail_content_type"], left.size,
+                                                        left.sha256), b""))
+            continue
+        data = decode_base64_payload(item["payload"])  # how mail-parser itself writes attachments out
         if name or data.strip():
-            index = len(attachments) + 1
-            attachments.append((_attachment(index, name, item["mail_content_type"], data), data))
-    return attachments
+            content.attachments.append((_attachment(index, name, item["mail_content_type"], len(data),
+                                                    hashlib.sha256(data).hexdigest()), data))
 
 
-def _attachment(index: int, filename: str, content_type: str, data: bytes) -> Attachment:
+def _attachment(index: int, filename: str, content_type: str, size: int, sha256: str) -> Attachment:
     return Attachment(
         index=index,
         filename=safe_filename(filename, index),
         original_filename=clean_text(filename, 255),
         content_type=clean_text(content_type, 255),
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        size=size,
+        sha256=sha256,
     )
 
 
@@ -168,9 +182,12 @@ def extract_attachment(raw: bytes, index: int) -> tuple[Attachment, bytes]:
     """The *index*-th attachment (1-based, numbered as in ParsedMail.attachments) and its decoded
     bytes; LookupError if the message has no such attachment."""
     try:
-        attachments = extract_content(read_mime(raw).root, []).attachments
+        reading = read_mime(raw)
+        content = extract_content(reading.root, [], reading.large_parts)
     except Exception as exc:  # noqa: BLE001 - parse() lists no attachments for a message it cannot read
         raise LookupError(f"the message could not be read ({type(exc).__name__})") from exc
-    if not 1 <= index <= len(attachments):
-        raise LookupError(f"no attachment {index}: the message has {len(attachments)}")
-    return attachments[index - 1]
+    if not 1 <= index <= len(content.attachments):
+        raise LookupError(f"no attachment {index}: the message has {len(content.attachments)}")
+    attachment, data = content.attachments[index - 1]
+    left = content.large.get(index)
+    return attachment, data if left is None else large_parts.decoded(raw.removeprefix(codecs.BOM_UTF8), left)

@@ -4,6 +4,9 @@ The stdlib feed parser reads with the lenient ``compat32`` policy (it parses no 
 header, so none of the header parser's quadratic or recursive paths run). A hostile message still
 reads into what could be read, plus a warning naming the limit it hit; header floods are cut
 before the parser sees them, and a leaf body is read in one step rather than line by line.
+
+A message's body is fed a step at a time and never split into lines whole: a large base64
+attachment stays in the raw bytes, a placeholder in the tree (see :mod:`intake.understand.large_parts`).
 """
 
 from __future__ import annotations
@@ -15,14 +18,17 @@ import email.policy
 import io
 import itertools
 import operator
-from collections.abc import Iterator
+import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email import feedparser
-from email.feedparser import BytesFeedParser
+from email.feedparser import BytesFeedParser, FeedParser
 from email.message import Message
 
 from intake import patterns
+from intake.understand import large_parts
 from intake.understand.header_text import clean_text, warn
+from intake.understand.large_parts import LargePart
 
 # Each is far above what legitimate mail needs; past one, reading goes on with what was read and
 # records a warning that starts with "limit <NAME>".
@@ -57,6 +63,9 @@ _PART_LIMIT_WARNING = (f"limit MAX_MIME_PARTS ({MAX_MIME_PARTS}): parsing stoppe
 _DEPTH_LIMIT_WARNING = (f"limit MAX_MIME_DEPTH ({MAX_MIME_DEPTH}): parts nested deeper were kept unparsed, "
                         "as one attachment")
 _INLINE_MESSAGE_TYPES = ("message/rfc822", "message/global")
+# Parts of these are read by what they hold (a ciphertext, a signature, a returned message): never left in the raw bytes.
+_READ_BY_CONTENT = ("multipart/encrypted", "multipart/signed", "multipart/report")
+_FEED_STEP = 64 * 1024  # bytes of a message's body handed to the feed parser at a time
 
 
 @dataclass
@@ -68,6 +77,10 @@ class _Reading:
     warnings: list[str] = field(default_factory=list)
     part_count: int = 0
     header_count: int = 0  # of the top-level header block, including fields past the limit
+    # Parts whose body was left in the raw bytes (see :mod:`intake.understand.large_parts`), by
+    # the placeholder that is their payload in the tree (unguessable: a sender cannot forge one).
+    large_parts: dict[str, LargePart] = field(default_factory=dict)
+    placeholder_prefix: str = field(default_factory=lambda: f"intake-large-part-{secrets.token_hex(16)}-")
 
 
 class _BoundedFeedParser(BytesFeedParser):
@@ -84,13 +97,16 @@ class _BoundedFeedParser(BytesFeedParser):
     message reads as ``feed`` reads it.
     """
 
-    def __init__(self, reading: _Reading, depth: int) -> None:
+    def __init__(self, reading: _Reading, depth: int, stored: bool = False) -> None:
         super().__init__(_factory=MimePart, policy=email.policy.compat32)
         self._reading = reading
         self._depth = depth  # of the entity this run's top entity is nested in (0: none)
+        self._stored = stored  # the data parsed is the message as stored: large parts may stay in it
         self._top_field_count: int | None = None  # the top entity's header fields, counted before any were cut
         self._top_headers_read = False
         self._field_count: int | None = None  # the next nested part's header fields, counted before any were cut
+        self._data: bytes | None = None  # while the body of the top entity is fed: the bytes read
+        self._position = 0  # of the first byte of _data not yet fed
 
     def parse(self, data: bytes) -> MimePart:
         """The entity in *data*; after the part limit, what was read of it.
@@ -100,21 +116,34 @@ class _BoundedFeedParser(BytesFeedParser):
         of a top entity the feed parser reads as one leaf (not multipart, not message/*) is not
         pushed through it line by line: its text is the lines the parser read plus the rest."""
         try:
-            head, count, rest = _split_header_block(data)
+            head, count, body_start = _split_header_block(data)
             self._top_field_count = count
             self._input.pushlines(head)
             self._call_parse()
             top = self._msgstack[0] if self._msgstack else None
             if top is None or not self._top_headers_read or self._cur is not top \
                     or top.get_content_maintype() in ("multipart", "message"):
-                self.feed(rest)
+                self._feed_in_steps(data, body_start)
                 return self.close()
             top = self.close()  # the body lines read so far become its payload
             # (its raw text: get_payload would decode the 8-bit bytes in it)
-            top.set_payload(top._payload + rest.decode("ascii", "surrogateescape"))
+            rest = str(memoryview(data)[body_start:], "ascii", "surrogateescape")
+            top.set_payload(top._payload + rest if top._payload else rest)
             return top
         except _PartLimitReached:
             return self._msgstack[0]
+
+    def _feed_in_steps(self, data: bytes, start: int) -> None:
+        """Feed ``data[start:]`` a step at a time (never split into lines whole), so that a large
+        part's body can be left in *data* when its header block is read (:meth:`_read_as_large`)."""
+        self._data, self._position = data, start
+        try:
+            while self._position < len(data):
+                step = memoryview(data)[self._position:self._position + _FEED_STEP]
+                self._position += len(step)
+                FeedParser.feed(self, str(step, "ascii", "surrogateescape"))
+        finally:
+            self._data = None
 
     def _new_message(self) -> None:
         if self._reading.part_count >= MAX_MIME_PARTS:
@@ -179,7 +208,64 @@ class _BoundedFeedParser(BytesFeedParser):
             warn(warnings, _DEPTH_LIMIT_WARNING)
             part.opaque = True
         if part.get_content_maintype() not in ("multipart", "message") and self._input._eofstack:
-            self._join_leaf_body()
+            if self._data is None or not self._take_leaf_body(part):
+                self._join_leaf_body()
+
+    def _take_leaf_body(self, part: MimePart) -> bool:
+        """As :meth:`_join_leaf_body`, while the top entity's body is fed in steps: the body of
+        *part* (a leaf inside a multipart, its header block just read) becomes one line taken
+        from the bytes rather than split into lines; a large base64 attachment's body stays in
+        the bytes, and the tree gets a placeholder line for it (the reading, its size and digest).
+        The feed parser has read none of the body yet: what it holds is the bytes fed since the
+        body began, dropped here; feeding resumes at the line that ends the body. False if no line
+        ends it, or the parser holds other lines (one it put back, a header flood's cut): the rest
+        is then fed on as it comes."""
+        assert self._data is not None
+        queued = "".join(self._input._lines) + self._input._partial.getvalue()
+        start = self._position - len(queued)  # one character per byte: fed decoded as ASCII with surrogateescape
+        if start < 0 or queued.encode("ascii", "surrogateescape") != self._data[start:self._position]:
+            return False
+        end = self._end_of_body(start)
+        if end is None:
+            return False
+        found = large_parts.digest(self._data, start, end) \
+            if self._stored and end - start >= large_parts.LARGE_PART and self._may_stay_in_bytes(part) else None
+        self._input._lines.clear()
+        self._input._partial.seek(0)
+        self._input._partial.truncate()
+        self._position = end
+        if found is not None:
+            placeholder = f"{self._reading.placeholder_prefix}{len(self._reading.large_parts)}"
+            self._reading.large_parts[placeholder] = found
+            self._input.pushlines([placeholder + "\n"])  # the line break before a boundary is the boundary's
+        elif end > start:
+            self._input.pushlines(_one_line(str(self._data[start:end], "ascii", "surrogateescape"),
+                                            self._input._eofstack))
+        return True
+
+    def _may_stay_in_bytes(self, part: MimePart) -> bool:
+        """Whether nothing reads *part*'s bytes while parsing: a base64 attachment, not text, not
+        an OpenPGP key, not a part of an entity read by what its parts hold."""
+        parent = self._msgstack[-2]
+        return parent.get_content_type() not in _READ_BY_CONTENT \
+            and part.get_content_maintype() not in ("text", "message") \
+            and part.get_content_type() != "application/pgp-keys" \
+            and str(part.get("Content-Transfer-Encoding", "")).strip().lower() == "base64"
+
+    def _end_of_body(self, start: int) -> int | None:
+        """Where the line that ends a body starting at *start* begins: the first line any boundary
+        of the enclosing multiparts matches (every matcher on the stack is one: message/* is read
+        opaque), as the feed parser looks for it; None if there is none."""
+        data, ends = self._data, self._input._eofstack
+        assert data is not None
+        found = data.find(b"--", start)
+        while found >= 0:
+            if found == start or data[found - 1] in b"\r\n":
+                line = str(data[found:_line_end(data, found)], "ascii", "surrogateescape")
+                if any(ends_here(line) for ends_here in ends):
+                    return found
+            found = data.find(b"--", found + 1)
+        return None
 
     def _join_leaf_body(self) -> None:
         """Before the parser reads a leaf part inside a multipart: its body lines, up to the first
@@ -193,10 +279,7 @@ class _BoundedFeedParser(BytesFeedParser):
         if count < 2:
             return
         body = "".join(itertools.starmap(lines.popleft, itertools.repeat((), count)))
-        lines.appendleft(body)
-        if any(ends_here(body) for ends_here in ends):  # cannot be (each line was not): undo, to be safe
-            lines.popleft()
-            lines.extendleft(reversed(io.StringIO(body, newline="").readlines()))
+        lines.extendleft(reversed(_one_line(body, ends)))
 
     def _bounded(self, lines: list[str]) -> list[str]:
         """One header field's lines, cut to the length and parameter limits."""
@@ -215,6 +298,13 @@ class _BoundedFeedParser(BytesFeedParser):
         return lines
 
 
+def _one_line(body: str, ends: list[Callable[[str], object]]) -> list[str]:
+    """The lines of a body none of which is a line that ends it, as one line to hand the parser."""
+    if any(ends_here(body) for ends_here in ends):  # cannot be (each line was not): split it, to be safe
+        return io.StringIO(body, newline="").readlines()
+    return [body]
+
+
 # The feed parser's header lines (``email.feedparser.headerRE``: a field name and colon, a
 # continuation, or "From "), each with its line break (a line is cut at CRLF, CR or LF), the last
 # line of the data without one.
@@ -224,6 +314,7 @@ _HEADER_FIELD = patterns.compile(r"(?:[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$)(?:[\t ][
 # For the scans above: bytes 0x80-0xff as DEL, which no header line pattern takes either, so
 # the text is ASCII (RE2 cannot take the lone surrogates 8-bit bytes decode to) and indexes as *data*.
 _ASCII_VIEW = bytes(range(128)) + b"\x7f" * 128
+_HEADER_WINDOW = 64 * 1024  # bytes first viewed for the header block (see _header_block)
 
 
 def _line_end(data: bytes, start: int) -> int:
@@ -235,17 +326,16 @@ def _line_end(data: bytes, start: int) -> int:
     return end + 2 if data[end:end + 2] == b"\r\n" else end + 1
 
 
-def _split_header_block(data: bytes) -> tuple[list[str], int | None, bytes]:
+def _split_header_block(data: bytes) -> tuple[list[str], int | None, int]:
     """*data* as the feed parser would read its header block: the lines of the header block
     (without the fields past MAX_HEADER_FIELDS, and without the lines of a field past the ones
     that make it longer than MAX_HEADER_LENGTH: both ignored by _parse_headers), then the line
     that ends the block (a blank line, or the body's first line); the number of header fields
-    in the block (None: all of them are in the lines); the bytes after that line.
+    in the block (None: all of them are in the lines); where the bytes after that line start.
 
     Every line ends at a break the parser finds in the whole (a CR is never parted from its LF),
     so the lines and the bytes after them read as the whole does."""
-    view = data.translate(_ASCII_VIEW).decode("ascii")
-    block_end = _HEADER_BLOCK.match(view).end()
+    view, block_end = _header_block(data)
     body_start = _line_end(data, block_end)
     kept: list[bytes] = []
     count: int | None = None
@@ -263,7 +353,20 @@ def _split_header_block(data: bytes) -> tuple[list[str], int | None, bytes]:
     # Each piece split apart: joined, a piece's last CR and the next one's LF would be one break.
     lines = [line for piece in kept for line in io.StringIO(piece.decode("ascii", "surrogateescape"),
                                                             newline="").readlines()]
-    return lines, count, data[body_start:]
+    return lines, count, body_start
+
+
+def _header_block(data: bytes) -> tuple[str, int]:
+    """An ASCII view (_ASCII_VIEW) of the start of *data* and where its header block ends in it.
+    Only as much is viewed as the block needs: the end is found once the line it stops at has
+    its line break in the view (whether a line is a header line is decided by its start)."""
+    window = _HEADER_WINDOW
+    while True:
+        view = data[:window].translate(_ASCII_VIEW).decode("ascii")
+        block_end = _HEADER_BLOCK.match(view).end()
+        if window >= len(data) or "\n" in view[block_end:] or "\r" in view[block_end:-1]:
+            return view, block_end
+        window *= 4
 
 
 def _group_fields(lines: list[str]) -> list[list[str]]:
@@ -291,7 +394,7 @@ def read_mime(raw: bytes) -> _Reading:
     place, parts that follow a premature closing delimiter are recovered."""
     reading = _Reading()
     # A leading UTF-8 byte-order mark (seen in the wild) would make the first header a body line.
-    reading.root = _BoundedFeedParser(reading, depth=0).parse(raw.removeprefix(codecs.BOM_UTF8))
+    reading.root = _BoundedFeedParser(reading, depth=0, stored=True).parse(raw.removeprefix(codecs.BOM_UTF8))
     for part, parent, depth in walk_parts(reading.root):
         part.opaque = False  # read: from here on every entity reports the type it declared
         if part.is_multipart():

@@ -117,7 +117,7 @@ def _parse(raw: bytes, decryption: Decryption | None = None) -> ParsedMail:
     is_report = (_param(root, "report-type") or None) if content_type == "multipart/report" else None
     encrypted_parts, ciphertexts = _encrypted_parts(root), _pgp_ciphertexts(root)
     body_language = guarded(lambda: _text_part_language(root), "", "text part's Content-Language", warnings)
-    content = extract_content(root, warnings)
+    content = extract_content(root, warnings, reading.large_parts)
     body = body_text(content, ciphertexts, warnings)
     keys = guarded(lambda: public_keys(content, body), [], "OpenPGP keys", warnings)
     encrypted = encrypted_parts or ("inline-pgp" if _PGP_ARMOR in body else None)

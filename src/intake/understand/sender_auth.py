@@ -122,7 +122,7 @@ def authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resol
 
 
 def _authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resolver: Resolver | None) -> Verdict:
-    block = _split(raw)[0]
+    block = _header_section(raw)
     fields = block.count(b"\n") + 1 - block.count(b"\n ") - block.count(b"\n\t")
     if fields > MAX_HEADER_FIELDS or len(block) > _MAX_HEADER_BYTES:
         # Past what the parser reads (a From: it never saw) and what honest mail has: not judged.
@@ -161,13 +161,24 @@ def may_gain_privilege(settings: Settings, mail: ParsedMail, mail_from: str, rcp
 
 def _split(raw: bytes) -> tuple[bytes, bytes]:
     """(header section with its last line ending, body): split at the first empty line."""
+    header_end, body_start = _section_ends(raw)
+    return raw[:header_end], raw[body_start:]
+
+
+def _header_section(raw: bytes) -> bytes:
+    """The header section of *raw* (as :func:`_split` gives it, without copying the body)."""
+    return raw[:_section_ends(raw)[0]]
+
+
+def _section_ends(raw: bytes) -> tuple[int, int]:
+    """Where the header section of *raw* ends (after its last line ending) and its body starts."""
     if raw[:1] == b"\n" or raw[:2] == b"\r\n":
-        return b"", raw[1 if raw[:1] == b"\n" else 2:]
+        return 0, 1 if raw[:1] == b"\n" else 2
     ends = [i for i in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if i >= 0]
     if not ends:
-        return raw, b""
+        return len(raw), len(raw)
     end = min(ends) + 1
-    return raw[:end], raw[end + (1 if raw[end:end + 1] == b"\n" else 2):]
+    return end, end + (1 if raw[end:end + 1] == b"\n" else 2)
 
 
 def _from_domain(headers: Any, from_address: str) -> tuple[str, Verdict | None]:
@@ -396,7 +407,7 @@ def _verify(raw: bytes, domain: str, budget: _Budget) -> Verdict:
 
     # dkimpy reads the header section only; the body is given to it ready (see _dkim_body).
     try:
-        signer = dkim.DKIM(_split(raw)[0], logger=_dkimpy_log, minkey=1024)
+        signer = dkim.DKIM(_header_section(raw), logger=_dkimpy_log, minkey=1024)
     except dkim.DKIMException as exc:
         return made(FAIL, f"header section unreadable for DKIM ({exc})")
     signatures = [value for name, value in signer.headers if name.lower() == b"dkim-signature"]
