@@ -248,6 +248,17 @@ def _sweep(desk: Desk, now: datetime) -> dict[str, list]:
     return by_recipient
 
 
+def test_the_sweeps_sla_notices_name_the_agreed_date(desk, cli):
+    day = _today() + timedelta(days=60)
+    cli("disclose-date", desk.reference, day.isoformat())  # not acknowledged: its SLA stage runs on
+    desk.deliver()
+    got = _sweep(desk, datetime.now(timezone.utc) + timedelta(days=10))
+    for maintainer in MAINTAINER_ADDRESSES:
+        [notice] = got[maintainer]
+        assert "acknowledge" in notice["Subject"]
+        assert f"Disclosure: agreed {day.isoformat()} (by " in notice.get_content()
+
+
 def test_both_sides_are_reminded_7_and_1_days_before_each_once(desk, cli):
     day = _today() + timedelta(days=20)
     _agree(desk, cli, day)

@@ -48,7 +48,7 @@ from intake.sla.reminder_schedule import reminder_times
 from intake.sla.notices import Notice, PlannedMail, notice_mails
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import Deadline, Notification, Ticket
-from intake.tickets import keep_in_loop, undeliverable
+from intake.tickets import disclosure, keep_in_loop, undeliverable
 from intake.tickets.reads import find
 from intake.understand import reply_tokens
 from intake.vocabulary import FINISHED_STATES, MailKind, NotificationKind
@@ -173,9 +173,11 @@ def _sweep_tickets(session: Session, settings: Settings, ticket_ids: set[int], n
     # Said in every notice while the reporter is unreachable: the maintainers must find another way.
     unreachable = undeliverable.reasons(session, {m.ticket_id for m in mails
                                                   if tickets[m.ticket_id].reporter_unreachable_at})
+    disclosure_lines = disclosure.lines(session, {m.ticket_id for m in mails})
     outbox.enqueue_many(session, [(mail, m.ticket_id) for m in mails
                                   for mail in _compose(settings, tickets[m.ticket_id], stages[m.ticket_id], m, now,
-                                                       reply_secret, unreachable.get(m.ticket_id))], now=now)
+                                                       reply_secret, unreachable.get(m.ticket_id),
+                                                       disclosure_lines.get(m.ticket_id))], now=now)
     if moves:
         session.execute(_NOTIFY_AT, moves)
     return mails
@@ -326,10 +328,10 @@ _SUBJECTS = {MailKind.REMINDER: "Reminder", MailKind.BREACH: "Breached", MailKin
 
 
 def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: PlannedMail, now: datetime,
-             reply_secret: bytes, unreachable: str | None) -> list[composer.OutgoingMail]:
+             reply_secret: bytes, unreachable: str | None, disclosure_line: str | None) -> list[composer.OutgoingMail]:
     """The mail for *mail*'s notices, with where the ticket stands now (*unreachable*: why mail to
-    the reporter fails, when it does): one per recipient, each replying to that recipient's own
-    reply address."""
+    the reporter fails, when it does; *disclosure_line*: its proposed or agreed disclosure date):
+    one per recipient, each replying to that recipient's own reply address."""
     def local(stage: str, at: datetime) -> str:
         zone = deadlines.stage_calendar(settings, ticket.policy, stage).timezone
         return composer.PromisedDate(stage, at, zone).due_local
@@ -345,7 +347,7 @@ def _compose(settings: Settings, ticket: Ticket, rows: list[Deadline], mail: Pla
         reference=ticket.reference, subject=ticket.subject,
         headlines=headlines, catch_up=mail.kind == MailKind.CATCH_UP, now=f"{now:%Y-%m-%d %H:%M} UTC",
         state=ticket.state, severity=ticket.severity, reporter=ticket.reporter, policy=ticket.policy,
-        unreachable=unreachable,
+        unreachable=unreachable, disclosure=disclosure_line,
         stages=[{"stage": s.stage, "state": s.state, "due": local(s.stage, s.due_at) if s.due_at else None,
                  "met": f"{s.met_at:%Y-%m-%d %H:%M} UTC" if s.met_at else None} for s in statuses],
         from_name=settings.intake.from_name)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from intake.config.settings import Settings
@@ -59,7 +59,8 @@ class Shown:
     limit: Limit | None = None  # the policy's limit for an agreed date; None for a finished ticket
 
     def as_dict(self) -> dict[str, object]:
-        return {"disclosure_limit": self.limit.latest.isoformat() if self.limit else None,"disclosure_date": self.agreed.isoformat() if self.agreed else None,
+        return {"disclosure_limit": self.limit.latest.isoformat() if self.limit else None,
+                "disclosure_date": self.agreed.isoformat() if self.agreed else None,
                 "disclosure_date_agreed_by": self.agreed_by,
                 "disclosure_date_agreed_at": self.agreed_at.isoformat() if self.agreed_at else None,
                 "proposed_disclosure_date": self.proposed.isoformat() if self.proposed else None,
@@ -85,6 +86,15 @@ def shown(session: Session, settings: Settings, ticket: Ticket, now: datetime) -
     open_ = ticket.state not in FINISHED_STATES and ticket.policy in settings.policies
     return Shown(plan.agreed_date, plan.agreed_by, plan.agreed_at, plan.proposed_date, plan.proposed_by,
                  plan.proposed_at, limit(session, settings, ticket, now) if open_ else None)
+
+
+def lines(session: Session, ticket_ids: set[int]) -> dict[int, str]:
+    """The maintainers' disclosure line (:meth:`Shown.line`) of each of *ticket_ids* that has one
+    (the sweep's notices)."""
+    plans = session.scalars(select(DisclosurePlan).where(DisclosurePlan.ticket_id.in_(ticket_ids))) if ticket_ids else []
+    shown_ = {plan.ticket_id: Shown(plan.agreed_date, plan.agreed_by, plan.agreed_at, plan.proposed_date,
+                                    plan.proposed_by, plan.proposed_at).line() for plan in plans}
+    return {ticket_id: line for ticket_id, line in shown_.items() if line}
 
 
 def ticket_shown(engine: Engine, settings: Settings, ticket: Ticket, now: datetime) -> Shown:
