@@ -130,6 +130,20 @@ def test_the_reporters_proposal_is_recorded_acknowledged_once_and_shown_to_maint
     assert _kinds(desk).count("disclosure-received-queued") == 1
 
 
+def test_a_report_naming_its_disclosure_date_proposes_it(desk, cli):
+    proposed = _today() + timedelta(days=45)
+    message = report(subject="XSS in the wiki", message_id="<second@alice.test>",
+                     body=f"Steps to reproduce are below.\n\nWe plan to disclose on {proposed.isoformat()}.\n")
+    desk.send(message, REPORTER, "security@example.com")
+    delivered = _parsed(desk.deliver())
+    [reference] = [t["reference"] for t in json.loads(cli("tickets", "--json").output)
+                   if t["reference"] != desk.reference]
+    shown = _show(cli, reference)
+    assert shown["proposed_disclosure_date"] == proposed.isoformat()
+    assert shown["disclosure_date_proposed_by"] == REPORTER and shown["disclosure_date"] is None
+    assert any(to == REPORTER and "We received your proposed disclosure date" in _words(m) for to, m in delivered)
+
+
 def test_a_date_named_by_someone_else_or_only_quoted_is_not_the_reporters_proposal(desk, cli):
     proposed = _today() + timedelta(days=30)
     got = _write(desk, f"#disclose {proposed.isoformat()}\n", sender="mallory@elsewhere.test")

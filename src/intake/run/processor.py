@@ -293,6 +293,10 @@ def _write(session: Session, settings: Settings, plan: Plan, now: datetime, owne
         if handling.record is decisions.Record.NEW_TICKET:
             ticket = opened[r.prepared.stored.id]
             _keys_carried(session, r, ticket.id, now)
+            if r.prepared.work.disclosure_date and not r.prepared.stored.history:
+                # A report may name its own disclosure date: the reporter proposes it at once.
+                disclosure.propose(session, settings, session.get(Ticket, ticket.id), r.prepared.work.disclosure_date,
+                                   r.incoming, now)
             outcomes.append(Outcome(r.prepared, replace(r.decision, ticket_id=ticket.id), ticket.reference))
             continue
         if handling.records_on_ticket(r.decision):
