@@ -69,6 +69,7 @@ REPORTER = "researcher@reporter.test"  # the envelope sender; each message has i
 # Memory is measured, not CPU: parsing an 18 MiB attachment takes 0.7-1 s of CPU on a quiet
 # machine, more on a busy one; these keep the shipped budget from cutting it (attachment lost).
 DEFAULT_OVERRIDES = {"INTAKE_PROCESSING__MESSAGE_BUDGET": "60", "INTAKE_PROCESSING__PARSE_TIMEOUT": "120",
+                     "INTAKE_PROCESSING__CLAIM_LEASE": "240",
                      "INTAKE_SMTP__IDLE_TIMEOUT": "300"}
 
 

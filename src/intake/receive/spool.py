@@ -54,11 +54,15 @@ class Reservation:
         self.held = 0
 
     def cover(self, size: int) -> bool:
-        """Hold at least *size* bytes in all; False (and nothing more held) when the budget has no room."""
+        """Hold at least *size* bytes in all; False when the budget has no room, and then nothing is
+        held any more: the message is refused and its spool discarded, so what it held goes at once
+        to the sessions still receiving (held to the end of DATA, many sessions each holding part of
+        the budget would all be refused)."""
         more = size - self.held
         if more <= 0:
             return True
         if self._budget.used + more > self._budget.limit:
+            self.release()
             return False
         self._budget.used += more
         self.held = size
