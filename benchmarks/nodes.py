@@ -175,15 +175,32 @@ def shipped_config() -> Path:
     return beside if beside.exists() else REPO / "config.toml"
 
 
-def run_nodes(count: int, messages: list[bytes], args: argparse.Namespace, workdir: Path) -> RunFigures:
+def measure(count: int, size: int, node_counts: list[int], postgres_url: str, timeout: float) -> list[RunFigures]:
+    """*count* messages of *size* bytes processed by each of *node_counts* workers in turn."""
+    tag = uuid.uuid4().hex[:8]
+    body = make_body(size)
+    messages = [build_message(tag, n, body).raw for n in range(count)]
+    runs = []
+    for nodes in node_counts:
+        with tempfile.TemporaryDirectory(prefix="intake-nodes-") as workdir:
+            print(f"{nodes} node(s), {len(messages)} messages ...", file=sys.stderr, flush=True)
+            runs.append(run_nodes(nodes, messages, postgres_url, timeout, Path(workdir)))
+    return runs
+
+
+def as_dict(run: RunFigures) -> dict[str, object]:
+    return {**asdict(run), "rate": run.rate, "cpu_ms_per_message": run.cpu_ms_per_message}
+
+
+def run_nodes(count: int, messages: list[bytes], postgres_url: str, timeout: float, workdir: Path) -> RunFigures:
     """*count* workers, worker *i* pinned to core *i*, on a database preloaded with *messages*."""
     figures = RunFigures(count, len(messages))
     config = workdir / "config.toml"
     config.write_text(shipped_config().read_text())
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTAKE_")}
     env.update({"INTAKE_OUTBOUND__TRANSPORT": "maildir", "INTAKE_OUTBOUND__MAILDIR": str(workdir / "outbox")})
-    deadline = time.monotonic() + args.timeout
-    with preloaded_database(args.postgres_url, messages) as url:
+    deadline = time.monotonic() + timeout
+    with preloaded_database(postgres_url, messages) as url:
         workers = [subprocess.Popen(["taskset", "-c", str(core % os.cpu_count()), sys.executable, __file__,
                                      "--worker", url, str(config)],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
@@ -242,17 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args.worker[0], Path(args.worker[1]))
         return 0
-    tag = uuid.uuid4().hex[:8]
-    body = make_body(args.size)
-    messages = [build_message(tag, n, body).raw for n in range(args.messages)]
-    runs = []
-    for count in args.nodes:
-        with tempfile.TemporaryDirectory(prefix="intake-nodes-") as workdir:
-            print(f"{count} node(s), {len(messages)} messages ...", file=sys.stderr, flush=True)
-            runs.append(run_nodes(count, messages, args, Path(workdir)))
+    runs = measure(args.messages, args.size, args.nodes, args.postgres_url, args.timeout)
     if args.json:
-        print(json.dumps([{**asdict(run), "rate": run.rate, "cpu_ms_per_message": run.cpu_ms_per_message}
-                          for run in runs], indent=2))
+        print(json.dumps([as_dict(run) for run in runs], indent=2))
     else:
         print(format_table(runs))
     complete = all(run.seconds and run.tickets == run.messages for run in runs)

@@ -29,6 +29,14 @@ Run it with intake's virtualenv, from anywhere:
     .venv/bin/python benchmarks/throughput.py -n 300 -c 20 -s 4k --modes smtp,import,fetch  # as root
     .venv/bin/python benchmarks/throughput.py --quick --encryption   # intake also with a storage key
 
+With ``--large`` and ``--scaling`` the same run also measures issue 18's other two scenarios and
+puts their goals beside these: ``large_message.py`` (one 25 MB message, then ten over 4 sessions:
+peak RSS per process and of the whole service, time to ticket) and ``nodes.py`` (``-n`` messages
+processed by 1, then 2 PostgreSQL nodes each pinned to a core with taskset: msg/s and CPU per
+message). The issue's run:
+
+    .venv/bin/python benchmarks/throughput.py -n 1000 -c 20 -s 4k --large --scaling
+
 With ``--encryption`` each scenario also runs ``intake+enc``: intake with ``[storage] key_file``
 set (report content stored encrypted, see intake.store.sealing), compared with intake in clear in
 the same run (goal: within 15 %).
@@ -79,6 +87,9 @@ STOP_GRACE = 5.0  # seconds a server gets to exit on SIGTERM before SIGKILL
 POLL_INTERVAL = 0.05  # seconds between database checks while waiting for processing
 
 ACCEPT_RATIO_GOAL = 0.5  # intake accepted msg/s vs bare, in the goal scenario
+# --scaling: 2 nodes vs 1, each pinned to a core; PostgreSQL shares the cores, so not 2x on 2 CPUs.
+NODES_RATE_GOAL = 1.2
+NODES_CPU_GOAL = 1.25  # CPU per message: more would mean work done twice (both nodes parsing one batch)
 E2E_RATIO_GOAL = 0.3  # intake end-to-end msg/s vs bare accepted msg/s, every scenario
 P99_GOAL_MS = 100.0  # intake p99 SMTP transaction, every scenario
 ENCRYPTION_RATIO_GOAL = 0.85  # intake+enc msg/s (accepted, end-to-end) vs intake's in clear: within 15 %
@@ -643,7 +654,7 @@ def others_cpu_seconds(server_groups: set[int]) -> float:
 class Goal:
     name: str
     scenario: str
-    value: float | None  # None: not measured (the run was incomplete)
+    value: float | str | None  # None: not measured (the run was incomplete)
     target: str
     passed: bool
 
@@ -755,9 +766,10 @@ def format_rates(pairs: list[tuple[Measurement, ...]], others: list[ModeResult])
 def format_goals(goals: list[Goal]) -> str:
     lines = ["goals (intake vs bare, same run):"]
     for goal in goals:
-        value = "not measured" if goal.value is None else f"{goal.value:g}"
-        lines.append(f"  {'PASS' if goal.passed else 'FAIL'}  {goal.name:<30} {goal.scenario:<11} "
-                     f"{value:>12}  (goal {goal.target})")
+        value = ("not measured" if goal.value is None else
+                 f"{goal.value:g}" if isinstance(goal.value, (int, float)) else str(goal.value))
+        target = f"  (goal {goal.target})" if goal.target else ""  # or in its name
+        lines.append(f"  {'PASS' if goal.passed else 'FAIL'}  {goal.name:<30} {goal.scenario:<11} {value:>12}{target}")
     missed = sum(not goal.passed for goal in goals)
     lines.append(f"RESULT: {'PASS' if not missed else 'FAIL'} ({len(goals) - missed} of {len(goals)} goals met)")
     return "\n".join(lines)
@@ -845,6 +857,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--encryption", action="store_true",
                         help="also run intake with a storage key (content encrypted at rest), compared with intake "
                              "in clear in the same run")
+    parser.add_argument("--large", action="store_true",
+                        help="also the 25 MB scenario (large_message.py): peak RSS per process, time to ticket")
+    parser.add_argument("--scaling", action="store_true",
+                        help="also processing on 1 then 2 PostgreSQL nodes, each pinned to a core (nodes.py)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     defaults = QUICK_RUN if args.quick else FULL_RUN
@@ -904,8 +920,40 @@ def measure_and_tell(server_kind: str, scenario: Scenario, args: argparse.Namesp
     return m
 
 
+def run_extras(args: argparse.Namespace) -> tuple[list[str], list[Goal], dict[str, object]]:
+    """With ``--large`` and ``--scaling``, the other scenarios of issue 18 in the same run: their
+    tables, their goals and their JSON."""
+    texts: list[str] = []
+    goals: list[Goal] = []
+    results: dict[str, object] = {}
+    if args.large:
+        import large_message  # only when asked for
+
+        progress("25 MB messages (large_message.py) ...")
+        large = large_message.run(large_message.parse_args(["--timeout", str(3 * args.timeout)]))
+        results["large"] = large
+        texts.append("25 MB messages, peak RSS above idle per process (large_message.py):\n" + "\n".join(
+            "  " + large_message.format_phase(large_message.Phase(**phase)) for phase in large["phases"]))
+        goals += [Goal(goal["goal"], "25 MB", goal["value"], "", goal["passed"]) for goal in large["goals"]]
+    if args.scaling:
+        import nodes  # only when asked for
+
+        runs = nodes.measure(args.messages, args.sizes[0], [1, 2], args.postgres_url, args.timeout)
+        results["scaling"] = [nodes.as_dict(run) for run in runs]
+        texts.append("processing on PostgreSQL, each node pinned to a core of its own (nodes.py):\n"
+                     + nodes.format_table(runs))
+        one, two = runs
+        rate = two.rate / one.rate if one.rate and two.rate else None
+        cpu = two.cpu_ms_per_message / one.cpu_ms_per_message if one.cpu_ms_per_message else None
+        goals.append(_goal("2 nodes msg/s vs 1 node", "nodes", rate, f">= {NODES_RATE_GOAL}x",
+                           rate is not None and rate >= NODES_RATE_GOAL))
+        goals.append(_goal("2 nodes CPU/msg vs 1 node", "nodes", cpu, f"<= {NODES_CPU_GOAL}x (no work done twice)",
+                           cpu is not None and cpu <= NODES_CPU_GOAL))
+    return texts, goals, results
+
+
 def report(args: argparse.Namespace, pairs: list[tuple[Measurement, ...]], others: list[ModeResult],
-           goals: list[Goal]) -> str:
+           goals: list[Goal], extras: tuple[list[str], dict[str, object]] = ([], {})) -> str:
     machine = describe_machine()
     if args.json:
         return json.dumps({
@@ -916,6 +964,7 @@ def report(args: argparse.Namespace, pairs: list[tuple[Measurement, ...]], other
                          "timeout": args.timeout, "intake_env": args.intake_env, "modes": args.modes},
             "results": [m.as_dict() for pair in pairs for m in pair],
             "modes": [m.as_dict() for m in others],
+            **extras[1],
             "goals": [asdict(goal) for goal in goals],
         }, indent=2)
     modified = " (src/ modified)" if machine["intake_tree_modified"] else ""
@@ -929,7 +978,8 @@ def report(args: argparse.Namespace, pairs: list[tuple[Measurement, ...]], other
         parts.append(format_table(pairs) + busy_machine_note(pairs))
     if others:
         parts.append("ways in, the same messages each into a fresh SQLite database:\n" + format_rates(pairs, others))
-    if pairs:
+    parts += extras[0]
+    if goals:
         parts.append(format_goals(goals))
     return "\n\n".join(parts)
 
@@ -958,7 +1008,13 @@ def main(argv: list[str] | None = None) -> int:
         progress("interrupted; servers stopped")
         return 130
     goals = evaluate_goals(pairs)
-    print(report(args, pairs, others, goals))
+    try:
+        texts, more_goals, results = run_extras(args)
+    except ServerFailed as exc:
+        progress(f"server failed: {exc}")
+        return 2
+    goals += more_goals
+    print(report(args, pairs, others, goals, (texts, results)))
     if any(mode.unavailable for mode in others):
         return 2
     return 0 if all(goal.passed for goal in goals) and all(mode.complete for mode in others) else 1

@@ -299,6 +299,18 @@ def test_both_sides_are_reminded_7_and_1_days_before_each_once(desk, cli):
     assert _sweep(desk, _midnight(day) + timedelta(hours=1)) == {}
 
 
+def test_intake_reminders_lists_both_sides_disclosure_reminders(desk, cli):
+    day = _today() + timedelta(days=20)
+    _agree(desk, cli, day)
+    seven = _midnight(day) - timedelta(days=7) + timedelta(minutes=1)
+    _sweep(desk, seven)
+    listed = json.loads(cli("reminders", desk.reference, "--now", seven.isoformat(), "--json").output)
+    sent = [(entry["audience"], entry["kind"]) for entry in listed["sent"]]
+    assert ("reporter", "disclosure-reminder") in sent
+    assert any(audience == "maintainers" and f"{day.isoformat()}:7d" in (entry["key"] or "")
+               for entry, (audience, _) in zip(listed["sent"], sent))
+
+
 def test_a_date_agreed_less_than_7_days_ahead_skips_the_7_day_reminder_and_a_moved_date_rearms(desk, cli):
     soon = _today() + timedelta(days=3)
     _agree(desk, cli, soon)
