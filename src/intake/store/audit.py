@@ -294,7 +294,7 @@ def chain_key(bind: Session | Connection, appending: bool = False) -> bytes:
     """The key the chain is MAC'd with (see the module's docstring): the given one, else the one
     kept in the database; *appending*, its fingerprint is recorded with the chain's first entry.
     Raises :class:`AuditKeyError` when it is not the key the chain was started with. Checked in
-    every appending transaction (one primary-key read), not once per process: a process whose key
+    every appending transaction (in the read of the chain's head), not once per process: a process whose key
     stopped being the chain's (`intake audit rekey`) is refused from its next write on."""
     return _key(bind, _connection(bind).execute(_STATE).one(), appending)
 
