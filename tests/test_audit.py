@@ -385,3 +385,23 @@ def test_a_chain_under_the_databases_key_moves_to_the_configured_one(desk, cli, 
     assert (line["action"], line["actor"]) == (audit.REKEYED, "Ana Maintainer")
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")  # the database's key is gone with the move
     assert "this process has none" in cli("show", first, code=78).stderr
+
+
+def test_a_long_running_writer_is_refused_once_the_chain_moves_to_another_key(desk, monkeypatch):
+    """The key is checked against the chain in every appending transaction, not once per engine
+    (a worker keeps its engine for days): a move to another key stops its very next append."""
+    settings, engine, (first, _) = desk
+    with read_session(engine) as session:
+        ticket_id = reads.find(session, first).id
+    for number in range(3):  # one engine, several transactions of several events each
+        with write_session(engine) as session:
+            for _ in range(2):
+                records.add_event(session, ticket_id, EventKind.NOTE_ADDED, T0, actor="worker", n=number)
+    assert audit_verify.verify(engine).intact
+    with write_session(engine) as session:  # as `intake audit rekey` to another key leaves it
+        audit.take_key(session, b"n" * 40)
+    entries = _count(engine, AuditEntry)
+    with pytest.raises(audit.AuditKeyError, match="another key"):
+        with write_session(engine) as session:
+            records.add_event(session, ticket_id, EventKind.NOTE_ADDED, T0, actor="worker", n=99)
+    assert _count(engine, AuditEntry) == entries  # nothing appended, the event rolled back with it

@@ -37,6 +37,7 @@ import hashlib
 import hmac
 import json
 import secrets
+from functools import lru_cache
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,8 +68,24 @@ _ENTRIES = AuditEntry.__table__
 _EVENTS = Event.__table__
 # Built once: the events are read back as stored, so the digest is of what verification will read.
 _INSERT_EVENTS = insert(_EVENTS).returning(*_EVENTS.c)
+_INSERT_ENTRIES = insert(_ENTRIES)
 _LOCK = text("SELECT pg_advisory_xact_lock(:lock)")
-_HEAD = select(_ENTRIES.c.seq, _ENTRIES.c.mac).order_by(_ENTRIES.c.seq.desc()).limit(1)
+_SECRETS = ServiceSecret.__table__
+
+
+def _secret(name: str) -> Any:
+    return select(_SECRETS.c.value).where(_SECRETS.c.name == name).scalar_subquery()
+
+
+def _last(column: Any) -> Any:
+    return select(column).order_by(_ENTRIES.c.seq.desc()).limit(1).scalar_subquery()
+
+
+# What an append needs to know of the chain, in one statement (one round trip per transaction,
+# not four): the key's recorded fingerprint, the kept key, when the chain started, and its head.
+_STATE = select(_secret(_FINGERPRINT).label("fingerprint"), _secret(_KEPT_KEY).label("kept"),
+                _secret(_STARTED).label("started"), _last(_ENTRIES.c.seq).label("seq"),
+                _last(_ENTRIES.c.mac).label("mac"))
 
 _key_files: dict[str, Path] = {}  # database URL -> [audit] key_file
 
@@ -119,6 +136,7 @@ def entry_mac(key: bytes, prev_mac: str, seq: int, entry: Any) -> str:
     return hmac.new(key, prev_mac.encode() + b"\n" + body, hashlib.sha256).hexdigest()
 
 
+@lru_cache(maxsize=8)  # checked in every appending transaction; the key rarely changes
 def fingerprint(key: bytes) -> str:
     """Names a key without revealing it."""
     return hmac.new(key, b"intake audit key fingerprint", hashlib.sha256).hexdigest()
@@ -159,13 +177,16 @@ def sealing(bind: Session | Connection) -> Iterator[None]:
 def append(bind: Session | Connection, entries: Sequence[Pending], now: datetime) -> int:
     """Append *entries* after the chain's head, in this transaction; returns the new head's seq.
     An empty chain first seals the events stored before it (stamped *now*)."""
-    lock_chain(bind)
-    key = chain_key(bind, appending=True)
-    head = bind.execute(_HEAD).first()
-    if head is None and started_at(bind) is None:
-        entries = [*_history(bind, {entry.event_id for entry in entries}, now), *entries]
-        _keep(bind, _STARTED, instant(now))
-    seq, prev = (head.seq, head.mac) if head else (0, GENESIS)
+    # Core on the transaction's connection: an ORM session's execute costs several times the
+    # statement, and this runs in every transaction that writes an event.
+    connection = _connection(bind)
+    lock_chain(connection)
+    state = connection.execute(_STATE).one()  # after the lock: the head no other node can move now
+    key = _key(connection, state, appending=True)
+    if state.seq is None and state.started is None:
+        entries = [*_history(connection, {entry.event_id for entry in entries}, now), *entries]
+        _keep(connection, _STARTED, instant(now))
+    seq, prev = (state.seq, state.mac) if state.seq is not None else (0, GENESIS)
     rows = []
     for entry in entries:
         seq += 1
@@ -174,7 +195,7 @@ def append(bind: Session | Connection, entries: Sequence[Pending], now: datetime
                          event_id=entry.event_id, detail=entry.detail, digest=entry.digest, prev_mac=prev, mac=mac))
         prev = mac
     if rows:
-        bind.execute(insert(_ENTRIES), rows)
+        connection.execute(_INSERT_ENTRIES, rows)
     return seq
 
 
@@ -183,6 +204,11 @@ def lock_chain(bind: Session | Connection) -> None:
     transaction holds the writer lock already)."""
     if _dialect(bind) == "postgresql":
         bind.execute(_LOCK, {"lock": CHAIN_LOCK})
+
+
+def _connection(bind: Session | Connection) -> Connection:
+    """The connection *bind*'s transaction runs on."""
+    return bind.connection() if isinstance(bind, Session) else bind
 
 
 def _pending(bind: Session | Connection) -> list[Pending]:
@@ -255,18 +281,29 @@ def _dialect(bind: Session | Connection) -> str:
 
 
 def _url(bind: Session | Connection) -> str:
-    return _engine(bind).url.render_as_string(hide_password=False)
+    return _rendered(_engine(bind).url)
+
+
+@lru_cache(maxsize=32)
+def _rendered(url: Any) -> str:
+    """A database URL as :func:`configure` keys it (URLs are immutable: rendered once each)."""
+    return url.render_as_string(hide_password=False)
 
 
 def chain_key(bind: Session | Connection, appending: bool = False) -> bytes:
     """The key the chain is MAC'd with (see the module's docstring): the given one, else the one
     kept in the database; *appending*, its fingerprint is recorded with the chain's first entry.
     Raises :class:`AuditKeyError` when it is not the key the chain was started with. Checked in
-    every appending transaction (one primary-key read), not once per process: a process whose key
+    every appending transaction (in the read of the chain's head), not once per process: a process whose key
     stopped being the chain's (`intake audit rekey`) is refused from its next write on."""
+    return _key(bind, _connection(bind).execute(_STATE).one(), appending)
+
+
+def _key(bind: Session | Connection, state: Any, appending: bool) -> bytes:
+    """:func:`chain_key`, given the chain's *state* (:data:`_STATE`) as this transaction reads it."""
     given = given_key(_url(bind))
-    recorded = _get(bind, _FINGERPRINT)
-    kept = None if given else _get(bind, _KEPT_KEY)
+    recorded = state.fingerprint
+    kept = None if given else state.kept
     if given:
         key, where = given
     elif kept is not None or recorded is None:  # the database's own key, made with the chain's first entry
