@@ -44,7 +44,7 @@ class SpooledData(SMTP):
         reservation = handler.memory.reservation()
         try:
             if not reservation.cover(_declared_size(self.envelope.mail_options)):
-                await self._refuse_for_memory(reservation)
+                await self._refuse_for_memory(reservation, spool.Outcome.OVER_BUDGET)
                 return
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             with spool.Spool(handler.spool_dir) as data:
@@ -61,7 +61,7 @@ class SpooledData(SMTP):
                 try:
                     content = data.content()
                 except MemoryError:  # the budget is above what the process may have: 452, not aiosmtpd's 500
-                    await self._refuse_for_memory(reservation)
+                    await self._refuse_for_memory(reservation, spool.Outcome.OUT_OF_MEMORY)
                     return
             self.envelope.content = self.envelope.original_content = content
             del content  # the envelope's is the one copy
@@ -72,8 +72,8 @@ class SpooledData(SMTP):
         await self.push(status)
 
     async def _refuse_data(self, outcome: spool.Outcome, reservation: spool.Reservation) -> None:
-        if outcome is spool.Outcome.OVER_BUDGET:
-            await self._refuse_for_memory(reservation)
+        if outcome is spool.Outcome.OVER_BUDGET or outcome is spool.Outcome.OUT_OF_MEMORY:
+            await self._refuse_for_memory(reservation, outcome)
             return
         self._set_post_data_state()
         if outcome is spool.Outcome.SPOOL_FAILED:
@@ -84,11 +84,14 @@ class SpooledData(SMTP):
         else:
             await self.push("552 Error: Too much mail data")
 
-    async def _refuse_for_memory(self, reservation: spool.Reservation) -> None:
+    async def _refuse_for_memory(self, reservation: spool.Reservation, outcome: spool.Outcome) -> None:
+        # reason=memory-budget: the budget had no room; out-of-memory: it had, the process had not
+        # (a MemoryError: an address-space limit, or a budget above what the machine can give).
+        reason = "memory-budget" if outcome is spool.Outcome.OVER_BUDGET else outcome.value
         budget = self.event_handler.memory
-        log.warning("event=data-refused peer=%s reason=memory-budget held=%d budget=%d", self._admitted,
+        log.warning("event=data-refused peer=%s reason=%s held=%d budget=%d", self._admitted, reason,
                     budget.used - reservation.held, budget.limit)
-        metrics.received("memory-budget")
+        metrics.received(reason)
         self._set_post_data_state()
         await self.push("452 4.3.1 Insufficient system storage, try again later")
 

@@ -32,6 +32,7 @@ class Outcome(enum.Enum):
     TOO_LONG = "too-long"  # a line over the line length limit: 500
     TOO_MUCH = "too-much"  # more than the size limit: 552
     OVER_BUDGET = "over-budget"  # more than the listener's memory budget had room for: 452
+    OUT_OF_MEMORY = "out-of-memory"  # the process could not have the memory the budget allowed: 452
     SPOOL_FAILED = "spool-failed"  # the spool file could not be written (disk full, no folder): 451
 
 
@@ -130,7 +131,7 @@ async def receive(reader: asyncio.StreamReader, spool: Spool, size_limit: int | 
         try:
             line = await reader.readuntil(b"\r\n")
         except asyncio.LimitOverrunError as overrun:  # the line is longer than the reader may hold
-            if outcome is Outcome.COMPLETE or outcome is Outcome.OVER_BUDGET:
+            if outcome in (Outcome.COMPLETE, Outcome.OVER_BUDGET, Outcome.OUT_OF_MEMORY):
                 outcome = Outcome.TOO_LONG
             spool.discard()
             line = await reader.read(overrun.consumed)
@@ -159,5 +160,5 @@ async def receive(reader: asyncio.StreamReader, spool: Spool, size_limit: int | 
             outcome = Outcome.SPOOL_FAILED
             spool.discard()
         except MemoryError:  # the process may have less than the budget says: read on, then 452
-            outcome = Outcome.OVER_BUDGET
+            outcome = Outcome.OUT_OF_MEMORY
             spool.discard()

@@ -49,9 +49,10 @@ log = logging.getLogger(__name__)
 
 # SMTP outcomes counted by the listener: a message stored (250), a recipient refused (550), one
 # recipient too many (452), a message over smtp.max_message_size (552), DATA past the listener's
-# smtp.memory_budget (452 4.3.1), a store that failed (451).
+# smtp.memory_budget (452 4.3.1), DATA the process had no memory for (MemoryError: 452 4.3.1), a
+# store that failed (451).
 RECEIVED_RESULTS = ("accepted", "rejected-recipient", "too-many-recipients", "too-big", "memory-budget",
-                    "store-failed")
+                    "out-of-memory", "store-failed")
 OUTBOX_OUTCOMES = ("sent", "retry", "dead")
 # How long /livez waits for the event loop to run a no-op before calling it stuck.
 LIVENESS_TIMEOUT = 5.0

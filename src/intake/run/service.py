@@ -35,7 +35,6 @@ import weakref
 from collections.abc import Callable
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
-from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -47,6 +46,7 @@ from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_sett
 from intake.receive import fetch
 from intake.receive.listener import IntakeHandler, smtp_factory
 from intake.run import logs, metrics, processor, scheduler
+from intake.run.process_flag import ProcessFlag
 from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
 from intake.store import audit, audit_verify, claims, key_rotation, schema, sealing
@@ -197,8 +197,9 @@ def serve(settings: Settings) -> int:
 async def _serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     context = multiprocessing.get_context("spawn")
-    wake_processor = context.Event()
-    stop_worker = context.Event()
+    # Not multiprocessing.Event: its set() waits for a killed worker for ever (see process_flag).
+    wake_processor = ProcessFlag(context)
+    stop_worker = ProcessFlag(context)
     # key_warning also takes [audit] key_file for this process (a key it cannot read stops it here).
     for warning in production.warnings(settings) + list(filter(None, [audit.key_warning(settings)])):
         log.warning("event=config-warning detail=%r", warning)
@@ -312,7 +313,7 @@ def _setting(settings: Settings, dotted: str) -> object:
 
 
 async def _reload(settings: Settings, handler: IntakeHandler, fetchers: fetch.Fetchers, worker, context,  # type: ignore[no-untyped-def]
-                  wake: ProcessEvent, stop_worker: ProcessEvent):
+                  wake: ProcessFlag, stop_worker: ProcessFlag):
     """SIGHUP: read the configuration again. If it is valid, the listener takes its addresses and
     recipient limit, the [[fetch]] sources are started, stopped or restarted as they changed, and
     the worker (processor, outbox, scheduler: policies, calendars, templates, maintainers, relay,
@@ -361,7 +362,7 @@ def _start_metrics(settings: Settings, engine: Engine, listener: Listener, worke
     return server
 
 
-def _start_worker(context, settings: Settings, wake: ProcessEvent, stop: ProcessEvent):  # type: ignore[no-untyped-def]
+def _start_worker(context, settings: Settings, wake: ProcessFlag, stop: ProcessFlag):  # type: ignore[no-untyped-def]
     channel = metrics.WorkerChannel(context) if settings.metrics.enabled else None
     worker = context.Process(
         target=worker_main,
@@ -376,7 +377,7 @@ def _start_worker(context, settings: Settings, wake: ProcessEvent, stop: Process
     return worker
 
 
-def worker_main(config_path: str | None, wake: ProcessEvent, stop: ProcessEvent, parent_pid: int,
+def worker_main(config_path: str | None, wake: ProcessFlag, stop: ProcessFlag, parent_pid: int,
                 metrics_pipe: Connection | None) -> None:
     """Entry point of the worker process: processor, outbox and scheduler until told to stop."""
     # The parent coordinates shutdown; a terminal's Ctrl-C reaches us too and must not cut a batch.
@@ -438,7 +439,7 @@ def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
     return result
 
 
-async def _work(settings: Settings, wake: ProcessEvent, stop_flag: ProcessEvent, parent_pid: int,
+async def _work(settings: Settings, wake: ProcessFlag, stop_flag: ProcessFlag, parent_pid: int,
                 report: metrics.WorkerReport) -> None:
     keyring = key_rotation.storage_keyring(settings)  # the parent read and checked it
     engine = sealing.attach(make_engine(settings.database_url, settings.database.busy_timeout,

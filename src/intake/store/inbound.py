@@ -9,6 +9,7 @@ a lone message at once, a busy one shares each fsync among many messages.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import functools
 import logging
@@ -200,7 +201,14 @@ class GroupCommitter:
             else:
                 stopping = True
             if batch:
-                self._commit(batch)
+                try:
+                    self._commit(batch)
+                except Exception as exc:  # noqa: BLE001 - e.g. MemoryError after the commit: the thread must live on
+                    # and every waiter hear something (an answered one ignores this), or DATA waits for ever.
+                    log.error("event=commit-thread-error messages=%d error=%r", len(batch), exc)
+                    for _, loop, future in batch:
+                        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
+                            loop.call_soon_threadsafe(_answer, [(future, exc)])
 
     def _commit(self, batch: list[Waiter]) -> None:
         try:
@@ -209,7 +217,10 @@ class GroupCommitter:
             log.error("event=store-failed messages=%d error=%r", len(batch), exc)
             outcome = exc
         else:
-            self._on_commit()
+            try:
+                self._on_commit()
+            except Exception as exc:  # noqa: BLE001 - the processor's next poll finds the mail: answer the waiters
+                log.error("event=processor-wake-failed error=%r", exc)
         # One wake-up per event loop for the whole group, not one per message.
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
         for position, (_, loop, future) in enumerate(batch):
