@@ -49,6 +49,21 @@ def test_every_pattern_applied_to_senders_text_is_an_re2_pattern(make_settings):
     assert settings.never_answered("no-reply@example.org") and not settings.never_answered("alice@example.org")
 
 
+def test_never_answered_is_any_one_pattern_matching_the_whole_local_part_and_follows_a_reload(make_settings):
+    """The never_reply_to patterns are matched as one: still each on the whole local part, any case,
+    and a reloaded configuration's own list applies (nothing is kept from the previous one)."""
+    settings = make_settings()
+    each = [patterns.compile(p, ignorecase=True) for p in settings.autoreply.never_reply_to]
+    for local in ["MAILER-DAEMON", "noreply", "no-reply", "bounce", "bounces", "alice", "noreply-alice",
+                  "alice-noreply", "postmaster", "daemonx", ""]:
+        assert settings.never_answered(f"{local}@example.org") == any(p.fullmatch(local.lower()) for p in each)
+    reloaded = make_settings(INTAKE_AUTOREPLY__NEVER_REPLY_TO='["alice|b.b", "carol"]')
+    assert reloaded.never_answered("Alice@example.org") and reloaded.never_answered("bob@example.org")
+    assert reloaded.never_answered("carol@example.org") and not reloaded.never_answered("alicecarol@example.org")
+    assert not reloaded.never_answered("noreply@example.org") and settings.never_answered("noreply@example.org")
+    assert not make_settings(INTAKE_AUTOREPLY__NEVER_REPLY_TO="[]").never_answered("noreply@example.org")
+
+
 @pytest.mark.parametrize("pattern", [r"(?<!\d)5\.1\.1", r"(a)\1", r"x(?=y)", r"end\Z"])
 def test_constructs_re2_lacks_are_refused(pattern):
     with pytest.raises(patterns.UnsupportedPattern, match="linear-time engine"):

@@ -44,10 +44,32 @@ class _Compat32(email.policy.Compat32):
     acknowledgement, for the same bytes."""
 
     def _fold(self, name: str, value: object, sanitize: bool) -> str:
-        if (isinstance(value, str) and value.isascii() and value.isprintable()
-                and len(name) + 2 + len(value) <= self.max_line_length and "  " not in value):
-            return f"{name}: {value}{self.linesep}"
+        if isinstance(value, str) and value.isascii() and value.isprintable() and "  " not in value:
+            if len(name) + 2 + len(value) <= self.max_line_length:
+                return f"{name}: {value}{self.linesep}"
+            words = value.split(" ")
+            if self._words_fit(name, words) and "," not in value and ";" not in value:
+                return self._fold_words(name, words)
         return super()._fold(name, value, sanitize)
+
+    def _words_fit(self, name: str, words: list[str]) -> bool:
+        """Every word (none empty) fits on its line: the first after the name, the others after a space."""
+        return (all(words) and len(name) + 2 + len(words[0]) <= self.max_line_length
+                and all(1 + len(word) <= self.max_line_length for word in words[1:]))
+
+    def _fold_words(self, name: str, words: list[str]) -> str:
+        """The lines ``Header.encode`` makes of *words* (single spaces between them, no ``;`` or
+        ``,``, which it would rather break after): filled greedily up to max_line_length, each
+        break before a space. A long subject went through it, most of an acknowledgement's headers' cost."""
+        lines, line, used = [], [words[0]], len(name) + 2 + len(words[0])
+        for word in words[1:]:
+            if used + 1 + len(word) > self.max_line_length:
+                lines.append(" ".join(line))
+                line, used = [""], 0
+            line.append(word)
+            used += 1 + len(word)
+        lines.append(" ".join(line))
+        return f"{name}: {self.linesep.join(lines)}{self.linesep}"
 
 
 class _ModernFolding(email.policy.EmailPolicy):

@@ -117,8 +117,10 @@ def authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resol
         log.exception("event=sender-auth-error")
         return Verdict(NONE, f"not verified: internal error {type(exc).__name__}")
     # Reasons quote sender-written values (d=, library errors): one printable line, bounded.
-    reason = "".join(c if c.isprintable() else "?" for c in verdict.reason[:_MAX_REASON])
-    return replace(verdict, reason=reason)
+    reason = verdict.reason[:_MAX_REASON]
+    if reason.isprintable():  # the usual case: our own words, nothing to replace character by character
+        return verdict if reason == verdict.reason else replace(verdict, reason=reason)
+    return replace(verdict, reason="".join(c if c.isprintable() else "?" for c in reason))
 
 
 def _authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resolver: Resolver | None) -> Verdict:
