@@ -218,7 +218,7 @@ def _coordinated_disclosures(session: Session, digest: Digest, within: str) -> D
             parts.append(f"the reporter proposes {proposed:%a %d %b %Y}" + ("" if agreed else ", not agreed yet"))
         return DigestLine(ref, subject, "disclosure " + "; ".join(parts))
 
-    return _section(session, query, "coordinated_disclosures", f"Coordinated disclosure dates in the next {within}",
+    return _section(session, digest, query, "coordinated_disclosures", f"Coordinated disclosure dates in the next {within}",
                     line)
 
 
