@@ -64,6 +64,16 @@ def test_never_answered_is_any_one_pattern_matching_the_whole_local_part_and_fol
     assert not make_settings(INTAKE_AUTOREPLY__NEVER_REPLY_TO="[]").never_answered("noreply@example.org")
 
 
+def test_the_reference_patterns_kept_on_a_routing_config_are_those_of_its_settings(make_settings):
+    """The reference patterns are derived once per routing config; one built from a reloaded
+    configuration with another prefix reads that prefix, not the previous one's."""
+    before = lookups.routing_config(make_settings())
+    assert before.reference_pattern.search("Re: [SEC-2026-0001] x") and before.reference_pattern is before.reference_pattern
+    after = lookups.routing_config(make_settings(INTAKE_INTAKE__REFERENCE_PREFIX="VULN"))
+    assert after.reference_pattern.search("[VULN-2026-0002]") and not after.reference_pattern.search("[SEC-2026-0001]")
+    assert after.reply_address_tag.fullmatch("vuln-2026-0002.abc") and not after.reply_address_tag.fullmatch("sec-2026-0002.abc")
+
+
 @pytest.mark.parametrize("pattern", [r"(?<!\d)5\.1\.1", r"(a)\1", r"x(?=y)", r"end\Z"])
 def test_constructs_re2_lacks_are_refused(pattern):
     with pytest.raises(patterns.UnsupportedPattern, match="linear-time engine"):
