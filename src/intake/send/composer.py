@@ -438,6 +438,8 @@ def _compat32_value(name: str, value: str) -> str | Header:
 # What MIMEText gives an ASCII text, before the caller's headers.
 _ASCII_TEXT_FIELDS = (("Content-Type", 'text/plain; charset="us-ascii"'), ("MIME-Version", "1.0"),
                       ("Content-Transfer-Encoding", "7bit"))
+# Their lines, the same in every such mail: folded once.
+_ASCII_TEXT_HEAD = b"".join(_COMPAT32_CRLF.fold_binary(name, value) for name, value in _ASCII_TEXT_FIELDS)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
@@ -445,5 +447,5 @@ def _ascii_text(fields: list[tuple[str, object]], lines: list[str]) -> bytes:
     """The bytes ``MIMEText(body, "plain", "us-ascii")`` with *fields* gives through the stdlib's
     generator (same folding, same line endings) for the body of these *lines*, written directly:
     the generator's walk over the message was most of what an acknowledgement cost the worker."""
-    head = b"".join(_COMPAT32_CRLF.fold_binary(name, value) for name, value in (*_ASCII_TEXT_FIELDS, *fields))
+    head = _ASCII_TEXT_HEAD + b"".join(_COMPAT32_CRLF.fold_binary(name, value) for name, value in fields)
     return head + b"\r\n" + "\r\n".join(lines).encode("ascii")
