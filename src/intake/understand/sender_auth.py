@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
@@ -103,7 +103,8 @@ class Verdict:
         return self.result == PASS
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Every field is a str, bool or None: asdict's deep copy would give the same, at several times the cost.
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
 
 
 def authenticate(raw: bytes, from_address: str, config: SenderAuthSection, resolver: Resolver | None) -> Verdict:
