@@ -39,9 +39,9 @@ from intake.understand.header_text import clean_text
 from intake.vocabulary import CONTENT_LANGUAGE_HEADER, LOOP_HEADER, TICKET_HEADER, MailKind
 
 class _Compat32(email.policy.Compat32):
-    """compat32 that writes a short, plain ASCII header line as it is. The stdlib runs every
-    header through ``Header.encode``, which was most of the cost of composing an
-    acknowledgement, for the same bytes."""
+    """compat32 that writes a short, plain ASCII header line as it is, and folds a long one of
+    plain words itself. The stdlib runs every header through ``Header.encode``, which was most
+    of the cost of composing an acknowledgement, for the same bytes."""
 
     def _fold(self, name: str, value: object, sanitize: bool) -> str:
         if isinstance(value, str) and value.isascii() and value.isprintable() and "  " not in value:
@@ -60,7 +60,7 @@ class _Compat32(email.policy.Compat32):
     def _fold_words(self, name: str, words: list[str]) -> str:
         """The lines ``Header.encode`` makes of *words* (single spaces between them, no ``;`` or
         ``,``, which it would rather break after): filled greedily up to max_line_length, each
-        break before a space. A long subject went through it, most of an acknowledgement's headers' cost."""
+        break before a space (an acknowledgement's "Re: [SEC-…] subject" is usually this long)."""
         lines, line, used = [], [words[0]], len(name) + 2 + len(words[0])
         for word in words[1:]:
             if used + 1 + len(word) > self.max_line_length:
