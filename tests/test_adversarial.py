@@ -49,6 +49,31 @@ def test_every_pattern_applied_to_senders_text_is_an_re2_pattern(make_settings):
     assert settings.never_answered("no-reply@example.org") and not settings.never_answered("alice@example.org")
 
 
+def test_never_answered_is_any_one_pattern_matching_the_whole_local_part_and_follows_a_reload(make_settings):
+    """The never_reply_to patterns are matched as one: still each on the whole local part, any case,
+    and a reloaded configuration's own list applies (nothing is kept from the previous one)."""
+    settings = make_settings()
+    each = [patterns.compile(p, ignorecase=True) for p in settings.autoreply.never_reply_to]
+    for local in ["MAILER-DAEMON", "noreply", "no-reply", "bounce", "bounces", "alice", "noreply-alice",
+                  "alice-noreply", "postmaster", "daemonx", ""]:
+        assert settings.never_answered(f"{local}@example.org") == any(p.fullmatch(local.lower()) for p in each)
+    reloaded = make_settings(INTAKE_AUTOREPLY__NEVER_REPLY_TO='["alice|b.b", "carol"]')
+    assert reloaded.never_answered("Alice@example.org") and reloaded.never_answered("bob@example.org")
+    assert reloaded.never_answered("carol@example.org") and not reloaded.never_answered("alicecarol@example.org")
+    assert not reloaded.never_answered("noreply@example.org") and settings.never_answered("noreply@example.org")
+    assert not make_settings(INTAKE_AUTOREPLY__NEVER_REPLY_TO="[]").never_answered("noreply@example.org")
+
+
+def test_the_reference_patterns_kept_on_a_routing_config_are_those_of_its_settings(make_settings):
+    """The reference patterns are derived once per routing config; one built from a reloaded
+    configuration with another prefix reads that prefix, not the previous one's."""
+    before = lookups.routing_config(make_settings())
+    assert before.reference_pattern.search("Re: [SEC-2026-0001] x") and before.reference_pattern is before.reference_pattern
+    after = lookups.routing_config(make_settings(INTAKE_INTAKE__REFERENCE_PREFIX="VULN"))
+    assert after.reference_pattern.search("[VULN-2026-0002]") and not after.reference_pattern.search("[SEC-2026-0001]")
+    assert after.reply_address_tag.fullmatch("vuln-2026-0002.abc") and not after.reply_address_tag.fullmatch("sec-2026-0002.abc")
+
+
 @pytest.mark.parametrize("pattern", [r"(?<!\d)5\.1\.1", r"(a)\1", r"x(?=y)", r"end\Z"])
 def test_constructs_re2_lacks_are_refused(pattern):
     with pytest.raises(patterns.UnsupportedPattern, match="linear-time engine"):

@@ -33,6 +33,21 @@ def test_header_lines_are_the_bytes_the_stdlib_writes(name, value):
     assert _outcome(message, composer._COMPAT32_CRLF) == _outcome(message, _STDLIB)
 
 
+_WORD = st.text(alphabet=string.ascii_letters + string.digits + "[]:-.!?'()<>@/,;", min_size=1, max_size=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(["Subject", "X-Intake-Ticket"]),
+       words=st.lists(_WORD | st.text(alphabet="xyz", min_size=60, max_size=90), min_size=2, max_size=30))
+def test_a_long_plain_subject_folds_to_the_bytes_the_stdlib_writes(name, words):
+    """Long subjects of words between single spaces (an acknowledgement's "Re: [SEC-…] …") are
+    folded without ``Header.encode`` (words longer than a line, commas and semicolons still go to
+    the stdlib): the same bytes."""
+    message = MIMEText("body\n", "plain", "us-ascii")
+    message[name] = " ".join(words)
+    assert _outcome(message, composer._COMPAT32_CRLF) == _outcome(message, _STDLIB)
+
+
 def _outcome(message: MIMEText, policy: email.policy.Policy) -> bytes | str:
     """The bytes, or the kind of error (the stdlib refuses values that would start a new header)."""
     try:

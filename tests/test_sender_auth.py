@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from datetime import datetime, timezone
 
@@ -498,3 +499,13 @@ def test_no_dns_lookup_runs_while_the_write_lock_is_held(make_settings, start_in
     monkeypatch.setattr(stub_dns, "txt", probing)
     assert process(settings, running.engine).decisions == {"reporter-reply": 1}
     assert lock_free == [True, True]  # _dmarc.researcher.test, sel._domainkey.researcher.test
+
+
+def test_a_verdict_is_stored_as_every_field_it_has_and_its_reason_is_printable():
+    """What processing stores of a verdict: each field as dataclasses.asdict gives it (the reason
+    one printable line, also when it quotes a sender's control character)."""
+    raw = b"From: a@\x01bad\r\nSubject: x\r\n\r\nbody\r\n"
+    for verdict in (authenticate(raw, "a@\x01bad", SenderAuthSection(), None),
+                    authenticate(b"From: a@example.org\r\n\r\nbody\r\n", "a@example.org", SenderAuthSection(), None)):
+        assert verdict.as_dict() == dataclasses.asdict(verdict) and verdict.reason.isprintable()
+        assert list(verdict.as_dict()) == [field.name for field in dataclasses.fields(verdict)]

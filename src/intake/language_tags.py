@@ -68,6 +68,8 @@ def lookup(ranges: list[str], offered: list[str]) -> str | None:
 def content_language(value: str) -> list[str]:
     """The tags of a Content-Language value (RFC 3282: comma-separated), in order; malformed ones
     dropped."""
+    if not value:
+        return []  # most mail has none: no pattern run on the empty item
     items = value[:MAX_HEADER].split(",")[:MAX_RANGES]
     return [tag for tag in (parse(item.strip()) for item in items) if tag]
 
@@ -75,6 +77,8 @@ def content_language(value: str) -> list[str]:
 def accept_language(value: str) -> list[str]:
     """The tags of an Accept-Language value, most wanted first (a stable sort by weight); ``*``,
     weight 0 and malformed items dropped."""
+    if not value:
+        return []
     weighted = []
     for position, item in enumerate(value[:MAX_HEADER].split(",")[:MAX_RANGES]):
         match = _WEIGHTED.fullmatch(item)

@@ -39,15 +39,37 @@ from intake.understand.header_text import clean_text
 from intake.vocabulary import CONTENT_LANGUAGE_HEADER, LOOP_HEADER, TICKET_HEADER, MailKind
 
 class _Compat32(email.policy.Compat32):
-    """compat32 that writes a short, plain ASCII header line as it is. The stdlib runs every
-    header through ``Header.encode``, which was most of the cost of composing an
-    acknowledgement, for the same bytes."""
+    """compat32 that writes a short, plain ASCII header line as it is, and folds a long one of
+    plain words itself. The stdlib runs every header through ``Header.encode``, which was most
+    of the cost of composing an acknowledgement, for the same bytes."""
 
     def _fold(self, name: str, value: object, sanitize: bool) -> str:
-        if (isinstance(value, str) and value.isascii() and value.isprintable()
-                and len(name) + 2 + len(value) <= self.max_line_length and "  " not in value):
-            return f"{name}: {value}{self.linesep}"
+        if isinstance(value, str) and value.isascii() and value.isprintable() and "  " not in value:
+            if len(name) + 2 + len(value) <= self.max_line_length:
+                return f"{name}: {value}{self.linesep}"
+            words = value.split(" ")
+            if self._words_fit(name, words) and "," not in value and ";" not in value:
+                return self._fold_words(name, words)
         return super()._fold(name, value, sanitize)
+
+    def _words_fit(self, name: str, words: list[str]) -> bool:
+        """Every word (none empty) fits on its line: the first after the name, the others after a space."""
+        return (all(words) and len(name) + 2 + len(words[0]) <= self.max_line_length
+                and all(1 + len(word) <= self.max_line_length for word in words[1:]))
+
+    def _fold_words(self, name: str, words: list[str]) -> str:
+        """The lines ``Header.encode`` makes of *words* (single spaces between them, no ``;`` or
+        ``,``, which it would rather break after): filled greedily up to max_line_length, each
+        break before a space (an acknowledgement's "Re: [SEC-…] subject" is usually this long)."""
+        lines, line, used = [], [words[0]], len(name) + 2 + len(words[0])
+        for word in words[1:]:
+            if used + 1 + len(word) > self.max_line_length:
+                lines.append(" ".join(line))
+                line, used = [""], 0
+            line.append(word)
+            used += 1 + len(word)
+        lines.append(" ".join(line))
+        return f"{name}: {self.linesep.join(lines)}{self.linesep}"
 
 
 class _ModernFolding(email.policy.EmailPolicy):
@@ -416,6 +438,8 @@ def _compat32_value(name: str, value: str) -> str | Header:
 # What MIMEText gives an ASCII text, before the caller's headers.
 _ASCII_TEXT_FIELDS = (("Content-Type", 'text/plain; charset="us-ascii"'), ("MIME-Version", "1.0"),
                       ("Content-Transfer-Encoding", "7bit"))
+# Their lines, the same in every such mail: folded once.
+_ASCII_TEXT_HEAD = b"".join(_COMPAT32_CRLF.fold_binary(name, value) for name, value in _ASCII_TEXT_FIELDS)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
@@ -423,5 +447,5 @@ def _ascii_text(fields: list[tuple[str, object]], lines: list[str]) -> bytes:
     """The bytes ``MIMEText(body, "plain", "us-ascii")`` with *fields* gives through the stdlib's
     generator (same folding, same line endings) for the body of these *lines*, written directly:
     the generator's walk over the message was most of what an acknowledgement cost the worker."""
-    head = b"".join(_COMPAT32_CRLF.fold_binary(name, value) for name, value in (*_ASCII_TEXT_FIELDS, *fields))
+    head = _ASCII_TEXT_HEAD + b"".join(_COMPAT32_CRLF.fold_binary(name, value) for name, value in fields)
     return head + b"\r\n" + "\r\n".join(lines).encode("ascii")

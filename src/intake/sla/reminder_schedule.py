@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from functools import lru_cache
 from typing import Literal
 
 from intake.sla.calendars import CalendarConfig, as_utc, parse_duration, point_in_counted_time, resolve_calendar
@@ -48,7 +49,12 @@ def reminder_times(
 def _counted_unit(stage: StageConfig, severity: str | None) -> Literal["hour", "day"] | None:
     """"hour" or "day" when the stage's duration is business time (for every severity it may
     have, while the severity is unknown), else None: elapsed time."""
-    texts = {stage.duration_for(severity)} if severity else {stage.duration_for(each) for each in SEVERITIES}
+    return _counted_unit_of(frozenset({stage.duration_for(severity)} if severity
+                                      else {stage.duration_for(each) for each in SEVERITIES}))
+
+
+@lru_cache(maxsize=256)  # by the duration texts: a sweep asks it for every due ticket
+def _counted_unit_of(texts: frozenset[str]) -> Literal["hour", "day"] | None:
     kinds = {(duration.business, duration.unit) for duration in map(parse_duration, texts)}
     if len(kinds) == 1:
         business, unit = kinds.pop()

@@ -37,6 +37,7 @@ and lives with the ticket service.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -110,15 +111,17 @@ class RoutingConfig:
     # [intake] ticket_spam: an upstream spam verdict holds nothing; the message is routed as any other.
     ticket_spam: bool = False
 
-    @property
+    # Cached on the instance: a config is built from the settings for each batch, and these were
+    # derived again for every rule that reads them.
+    @functools.cached_property
     def _reference(self) -> str:
         return rf"{patterns.escape(self.reference_prefix)}-\d{{4}}-\d{{4,}}"
 
-    @property
+    @functools.cached_property
     def reference_pattern(self) -> patterns.Pattern:
         return patterns.compile(rf"\b({self._reference})\b", ignorecase=True)
 
-    @property
+    @functools.cached_property
     def reply_address_tag(self) -> patterns.Pattern:
         """A signed reply address's +tag: ``SEC-2026-0001.<token>`` (see intake.understand.reply_tokens)."""
         return patterns.compile(rf"({self._reference})\.([a-z2-7]+)", ignorecase=True)
