@@ -70,7 +70,8 @@ def wait_until(condition, seconds: float = 30.0) -> None:  # type: ignore[no-unt
 @pytest.mark.parametrize("sealed", [False, True], ids=["clear", "storage-key"])
 def test_a_25_mb_report_round_trips_with_its_18_mib_attachment_intact(make_settings, start_intake_listener, cli,
                                                                         tmp_path, sealed):
-    env = {"INTAKE_PROCESSING__MESSAGE_BUDGET": "60", "INTAKE_PROCESSING__PARSE_TIMEOUT": "120"}
+    env = {"INTAKE_PROCESSING__MESSAGE_BUDGET": "60", "INTAKE_PROCESSING__PARSE_TIMEOUT": "120",
+           "INTAKE_PROCESSING__CLAIM_LEASE": "240"}
     if sealed:
         key = tmp_path / "storage.key"
         assert CliRunner().invoke(main, ["storage", "keygen", str(key)]).exit_code == 0

@@ -177,7 +177,9 @@ def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int 
     dns = dns_lookups.TimeBudget(dns_lookups.system_resolver(settings.sender_auth),
                                  dns_lookups.batch_dns_seconds(settings.sender_auth))
     kept = claims.Lease(engine, claim, now, lease)
-    prepared = (prepare(settings, stored, dns) for stored in kept.kept(inbound.by_ids(engine, claim.ids)))
+    # Read as prepared, small messages many per query: one large message held at a time.
+    stored = inbound.by_ids(engine, claim.ids)
+    prepared = (prepare(settings, message, dns) for message in kept.kept(stored))
     for chunk in _chunks(prepared, processing.messages_per_transaction):
         _tally(result, _act_on_chunk(engine, settings, chunk, now, claim.owner), time.perf_counter() - started)
     return result
@@ -185,15 +187,20 @@ def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int 
 
 def _chunks(prepared: Iterable[Prepared], most: int) -> Iterator[list[Prepared]]:
     """*prepared* in chunks of at most *most* messages and, but for a single larger message, of
-    at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written."""
+    at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written. A
+    chunk that is full goes at once, before the next message is prepared: a large message is
+    acted on before the next is read."""
     chunk: list[Prepared] = []
     size = 0
     for item in prepared:
-        if chunk and (len(chunk) == most or size + len(item.stored.raw) > _CHUNK_BYTES):
+        if chunk and size + len(item.stored.raw) > _CHUNK_BYTES:
             yield chunk
             chunk, size = [], 0
         chunk.append(item)
         size += len(item.stored.raw)
+        if len(chunk) == most or size >= _CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
     if chunk:
         yield chunk
 
