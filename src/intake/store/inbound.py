@@ -16,7 +16,7 @@ import queue
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -57,7 +57,9 @@ class StoredMessage:
     id: int
     mail_from: str
     rcpt_tos: list[str]
-    raw: bytes  # as the client sent it (what sha256 is of)
+    # As the client sent it (what sha256 is of); None once a large message let it go (see
+    # without_raw): read it again with raw_of.
+    raw: bytes | None
     sha256: str
     received_at: datetime  # when intake got it
     relay: str = ""
@@ -68,7 +70,13 @@ class StoredMessage:
     @property
     def full(self) -> bytes:
         """The message with intake's trace fields on top: what is parsed, shown or exported whole."""
+        assert self.raw is not None, "read its bytes again with raw_of"
         return full_message(self.trace, self.raw)
+
+    def without_raw(self) -> StoredMessage:
+        """This message without its bytes: what a processor keeps of a large one once parsed, so
+        that it holds one large message at a time (:func:`raw_of` reads them again)."""
+        return replace(self, raw=None)
 
 
 def full_message(trace: str, raw: bytes) -> bytes:
@@ -326,6 +334,15 @@ def open_raw(session: Session, raw: bytes, data_key: bytes | None) -> bytes:
 
 def open_trace(session: Session, trace: str, data_key: bytes | None) -> str:
     return sealing.open_text(session, "inbound_message", "trace", trace, inline=data_key)
+
+
+def raw_of(session: Session, stored: StoredMessage) -> bytes:
+    """*stored*'s bytes: those it holds, else read again (see :meth:`StoredMessage.without_raw`)."""
+    if stored.raw is not None:
+        return stored.raw
+    row = session.execute(select(_RAW.c.raw, _MESSAGES.c.data_key).join_from(_RAW, _MESSAGES, _MESSAGES.c.id == _RAW.c.id)
+                          .where(_RAW.c.id == stored.id)).one()
+    return open_raw(session, row.raw, row.data_key)
 
 
 def read_raw(session: Session, message: InboundMessage) -> bytes:
