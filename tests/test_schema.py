@@ -137,7 +137,8 @@ def test_data_made_at_the_first_revision_survives_upgrade_to_head(engine):
     [event] = detail.events
     assert (event.kind, event.detail, event.at) == ("opened", {"via": "smtp"}, T0)
     [message] = detail.messages
-    assert (inbound.get(engine, message.id).raw, message.rcpt_tos, message.processed_at) == (b"\x00raw\r\n", ["security@example.com"], T1)
+    assert (inbound.get(engine, message.id).raw, message.rcpt_tos, message.processed_at) == (
+        b"\x00raw\r\n", ["security@example.com"], T1)
     assert message.authentication is None  # processed before verdicts were recorded: none made up
     with read_session(engine) as session:
         # The first release stored no deadlines: they are computed after the upgrade (next test).

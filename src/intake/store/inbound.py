@@ -84,15 +84,16 @@ def full_message(trace: str, raw: bytes) -> bytes:
     return trace.encode("utf-8") + raw if trace else raw
 
 
-# The columns :func:`_rows` gives a value for.
+# The inbound_message columns :func:`_rows` gives a value for (and "raw", for inbound_raw).
 _COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "status",
             "attempts", "history", "message_id", "arrived_at", "data_key")
 _MESSAGES, _RAW = InboundMessage.__table__, InboundRaw.__table__
 
 
 def _rows(engine: Engine, arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
-    """The inbound_message rows of *arrivals* (and under "raw" their inbound_raw bytes), their content sealed (when sealing is on) under a
-    data key of each message's own, kept wrapped in its row (see :mod:`intake.store.sealing`)."""
+    """The inbound_message rows of *arrivals* (and under "raw" their inbound_raw bytes), their
+    content sealed (when sealing is on) under a data key of each message's own, kept wrapped in
+    its row (see :mod:`intake.store.sealing`)."""
     keyring = sealing.keyring_of(engine)
     rows = []
     for a in arrivals:
@@ -276,10 +277,9 @@ def _answer(answers: list[tuple[asyncio.Future[int], int | BaseException]]) -> N
 def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     """The oldest pending messages, at most *limit* (claimed or not: see :mod:`intake.store.claims`)."""
     with read_session(engine) as session:
-        rows = session.execute(_STORED.where(_MESSAGES.c.status == InboundStatus.PENDING)
-                               .order_by(_MESSAGES.c.id).limit(limit)).all()
-        raws = dict(session.execute(select(_RAW.c.id, _RAW.c.raw).where(_RAW.c.id.in_([row.id for row in rows]))).all())
-        return [_stored_message(session, row, raws[row.id]) for row in rows]
+        ids = list(session.scalars(select(_MESSAGES.c.id).where(_MESSAGES.c.status == InboundStatus.PENDING)
+                                   .order_by(_MESSAGES.c.id).limit(limit)))
+    return list(by_ids(engine, ids))
 
 
 # Bytes of small messages read by one query of by_ids.
@@ -305,11 +305,13 @@ def by_ids(engine: Engine, ids: list[int], read_bytes: int = READ_BYTES) -> Iter
 def _up_to(rows: list[Any], read_bytes: int) -> Iterator[list[Any]]:
     """*rows* in order, in groups of at most *read_bytes* bytes together but for a larger one alone."""
     group: list[Any] = []
+    size = 0
     for row in rows:
-        if group and sum(r.size for r in group) + row.size > read_bytes:
+        if group and size + row.size > read_bytes:
             yield group
-            group = []
+            group, size = [], 0
         group.append(row)
+        size += row.size
     if group:
         yield group
 
@@ -340,8 +342,7 @@ def raw_of(session: Session, stored: StoredMessage) -> bytes:
     """*stored*'s bytes: those it holds, else read again (see :meth:`StoredMessage.without_raw`)."""
     if stored.raw is not None:
         return stored.raw
-    row = session.execute(select(_RAW.c.raw, _MESSAGES.c.data_key).join_from(_RAW, _MESSAGES, _MESSAGES.c.id == _RAW.c.id)
-                          .where(_RAW.c.id == stored.id)).one()
+    row = session.execute(with_raw(select(_RAW.c.raw, _MESSAGES.c.data_key)).where(_RAW.c.id == stored.id)).one()
     return open_raw(session, row.raw, row.data_key)
 
 

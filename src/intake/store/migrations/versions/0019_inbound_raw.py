@@ -36,5 +36,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table('inbound_message', schema=None) as batch_op:
         batch_op.add_column(sa.Column('raw', sa.LargeBinary(), nullable=False, server_default=sa.text("''")))
-    op.execute('UPDATE inbound_message SET raw = (SELECT raw FROM inbound_raw WHERE inbound_raw.id = inbound_message.id)')
+    op.execute('UPDATE inbound_message SET raw = '
+               '(SELECT raw FROM inbound_raw WHERE inbound_raw.id = inbound_message.id)')
     op.drop_table('inbound_raw')
