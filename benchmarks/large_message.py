@@ -68,6 +68,7 @@ MB = 1000 * 1000
 REPORTER = "researcher@reporter.test"  # the envelope sender; each message has its own From (no acknowledgement limit)
 # Memory is measured, not CPU: parsing an 18 MiB attachment takes 0.7-1 s of CPU on a quiet
 # machine, more on a busy one; these keep the shipped budget from cutting it (attachment lost).
+# claim_lease must be at least twice parse_timeout (the config refuses less).
 DEFAULT_OVERRIDES = {"INTAKE_PROCESSING__MESSAGE_BUDGET": "60", "INTAKE_PROCESSING__PARSE_TIMEOUT": "120",
                      "INTAKE_PROCESSING__CLAIM_LEASE": "240",
                      "INTAKE_SMTP__IDLE_TIMEOUT": "300"}

@@ -28,7 +28,7 @@ from dovecot_harness import Dovecot, DovecotUnavailable, TokenInfo, start_doveco
 from intake.config import production
 from intake.config.settings import ConfigError, Settings, load_settings
 from intake.receive import fetch
-from intake.store import schema
+from intake.store import inbound, schema
 from intake.store.db import make_engine, read_session
 from intake.store.inbound import store
 from intake.sla import deadlines
@@ -88,9 +88,10 @@ def _messages(count: int, tag: str = "m") -> list[bytes]:
              + body) for i in range(count)]
 
 
-def _stored(engine, peer: str = "imap:hosted") -> list[InboundMessage]:  # type: ignore[no-untyped-def]
+def _stored(engine, peer: str = "imap:hosted") -> list[inbound.StoredMessage]:  # type: ignore[no-untyped-def]
     with read_session(engine) as session:
-        return list(session.scalars(select(InboundMessage).where(InboundMessage.peer == peer)))
+        ids = list(session.scalars(select(InboundMessage.id).where(InboundMessage.peer == peer)))
+    return list(inbound.by_ids(engine, ids))
 
 
 @pytest.mark.parametrize("after", ["seen", "move:Archive", "delete"])

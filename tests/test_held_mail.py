@@ -89,7 +89,7 @@ def test_promote_makes_one_acknowledged_ticket_and_says_who(make_settings, start
     events = reads.ticket_detail(running.engine, promoted.reference).events
     [event] = [e for e in events if e.kind == EventKind.PROMOTED]
     assert event.actor == actor(settings) and event.detail["inbound_id"] == spam_id
-    stored = inbound.get(running.engine, spam_id)
+    stored = inbound.get(running.engine, spam_id).message
     assert (stored.decision, stored.ticket_id) == (NEW_TICKET, promoted.id)
     assert stored.reason.startswith(f"promoted by {actor(settings)}")
     assert _listed(cli, "--decision", SPAM) == []

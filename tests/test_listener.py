@@ -85,7 +85,8 @@ class RawSMTP:
 def stored_rows(engine) -> list[dict]:  # type: ignore[no-untyped-def]
     with engine.connect() as connection:
         result = connection.exec_driver_sql(
-            "SELECT id, mail_from, rcpt_tos, raw, sha256, size, status, helo FROM inbound_message ORDER BY id")
+            "SELECT m.id, mail_from, rcpt_tos, raw, sha256, size, status, helo FROM inbound_message m "
+            "JOIN inbound_raw r ON r.id = m.id ORDER BY m.id")
         return [dict(row._mapping) for row in result]
 
 
@@ -556,7 +557,8 @@ def test_smuggled_second_message_stays_inside_the_first(make_settings, start_int
 
 def _fresh_connection_rows(url: str) -> list[tuple]:
     """Read inbound_message with the bare driver on a new connection: no engine, no pool, no cache."""
-    query = "SELECT raw, sha256, size, status, mail_from FROM inbound_message ORDER BY id"
+    query = ("SELECT raw, sha256, size, status, mail_from FROM inbound_message m JOIN inbound_raw r ON r.id = m.id "
+             "ORDER BY m.id")
     if url.startswith("sqlite:///"):
         with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
             return [tuple(row) for row in connection.execute(query)]
@@ -608,9 +610,9 @@ def test_the_sqlite_fast_insert_stores_what_sqlalchemy_would_and_answers_ids_in_
 
     assert table(fast) == table(core)
     stored = inbound.get(fast, 2)
-    assert (stored.mail_from, stored.rcpt_tos, stored.raw) == (arrivals[1].mail_from, arrivals[1].rcpt_tos,
-                                                               arrivals[1].raw)
-    assert stored.received_at == arrivals[1].received_at
+    assert (stored.message.mail_from, stored.message.rcpt_tos, stored.raw) == (
+        arrivals[1].mail_from, arrivals[1].rcpt_tos, arrivals[1].raw)
+    assert stored.message.received_at == arrivals[1].received_at
 
 
 def test_with_no_worker_checkpointing_the_listener_keeps_the_wal_bounded(tmp_path):

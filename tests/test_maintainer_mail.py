@@ -11,6 +11,7 @@ import email.policy
 import hashlib
 import hmac
 import logging
+import os
 import smtplib
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -149,6 +150,21 @@ def test_maintainer_reply_is_relayed_trimmed_with_attachments_and_commands_appli
     text = confirmation.get_content()
     assert "severity high" in text and "assigned to bo@maintainers.test" in text and "sent your reply" in text
     assert [e.kind for e in desk.ticket().events if e.kind == "milestone"] == ["milestone"]  # the human ack
+
+
+def test_a_large_maintainer_reply_is_relayed_with_its_attachment_read_again_from_the_store(desk):
+    """A message over the worker's chunk size lets its bytes go once parsed (one large message
+    held at a time): relaying its attachment reads them again, and the file arrives intact."""
+    reply_to = _reporter_replies(desk)["ana@maintainers.test"]["Reply-To"]
+    mail = _maintainer_mail(reply_to, "Here is the full crash dump.\n")
+    dump = os.urandom(1024 * 1024)
+    mail.add_attachment(dump, maintype="application", subtype="octet-stream", filename="crash.bin")
+    desk.send(mail, "ana@maintainers.test", reply_to)
+
+    relayed = _parsed({m.rcpt_tos[0]: m for m in desk.deliver()}["alice@researcher.test"])
+    [_, attachment] = list(relayed.iter_parts())
+    assert attachment.get_filename() == "crash.bin"
+    assert hashlib.sha256(attachment.get_content()).hexdigest() == hashlib.sha256(dump).hexdigest()
 
 
 def test_commands_by_mail_send_the_reporter_progress_updates(desk):

@@ -123,7 +123,7 @@ def test_three_nodes_1000_messages_one_ticket_and_one_acknowledgement_per_report
 
     # Every 250 is a stored row: each Message-ID as many times as it was accepted.
     stored = Counter(re.search(rb"Message-ID: (<[^>]+>)", bytes(raw)).group(1).decode()
-                     for (raw,) in pg_query(pg_url, "SELECT raw FROM inbound_message"))
+                     for (raw,) in pg_query(pg_url, "SELECT raw FROM inbound_raw"))
     assert stored == Counter(accepted)
 
     _wait(lambda: pg_query(pg_url, "SELECT count(*) FROM outbox WHERE status = 'sent'")[0][0] >= distinct

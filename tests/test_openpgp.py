@@ -25,7 +25,7 @@ from conftest import deliver_outbox, process, report, smtp_send
 from intake.openpgp import OrgKey
 from intake.send.pgp_mime import Encryption, encrypted
 from intake.store.db import read_session
-from intake.store.models import InboundMessage
+from intake.store.models import InboundRaw
 from intake.understand.parse import parse
 from intake.understand.parsed_mail import ParsedMail
 from intake.understand.pgp_inbound import Decryption
@@ -147,7 +147,7 @@ def test_pgp_mime_report_is_decrypted_kept_encrypted_and_answered_encrypted(desk
     cli("attachment", reference, "1", "-o", str(tmp_path / "poc.out"))
     assert (tmp_path / "poc.out").read_bytes() == POC
     with read_session(running.engine) as session:  # the ciphertext is what stays stored
-        [raw] = session.scalars(select(InboundMessage.raw))
+        [raw] = session.scalars(select(InboundRaw.raw))
     assert b"-----BEGIN PGP MESSAGE-----" in raw and CANARY.encode() not in raw
     assert fingerprint in cli("key", reference).output
 

@@ -158,7 +158,8 @@ def test_failed_message_keeps_raw_bytes_and_reprocesses(make_settings, start_int
         assert session.scalars(select(ThreadEntry)).all() == []
     assert stored.status == "failed"
     assert "no_such_variable" in stored.error
-    assert stored.raw == message.as_bytes().replace(b"\n", b"\r\n") or b"fails@researcher.test" in stored.raw
+    raw = inbound.get(running.engine, stored.id).raw
+    assert raw == message.as_bytes().replace(b"\n", b"\r\n") or b"fails@researcher.test" in raw
 
     broken.unlink()  # the operator fixes the template
     from intake.send.composer import _environment
@@ -348,7 +349,7 @@ def test_a_message_that_parses_too_long_is_a_ticket_from_its_headers_with_a_warn
     # The helper was replaced: the next message is parsed in full.
     assert "Steps to reproduce" in reads.ticket_detail(running.engine, f"SEC-{year}-0002").entries[0].body_text
     # Its raw bytes stay stored for `intake reprocess` with a longer bound.
-    [stored] = [m for m in _stored(running.engine) if m.ticket_id == cut_short.ticket.id]
+    [stored] = [m for m in _stored(running.engine) if m.message.ticket_id == cut_short.ticket.id]
     assert len(stored.raw) > 3_000_000 and b'filename="dump149.bin"' in stored.raw
 
 
@@ -375,10 +376,11 @@ def test_a_message_past_its_cpu_budget_is_a_ticket_from_its_headers_with_a_warni
     # The helper goes on (the budget stops the work, not the process): the next message is read in full.
     small = reads.ticket_detail(running.engine, f"SEC-{year}-0002")
     assert "Steps to reproduce" in small.entries[0].body_text and small.ticket.credit["name"] == "Jane Doe"
-    [stored] = [m for m in _stored(running.engine) if m.ticket_id == cut_short.ticket.id]
+    [stored] = [m for m in _stored(running.engine) if m.message.ticket_id == cut_short.ticket.id]
     assert b'filename="dump149.bin"' in stored.raw  # kept for `intake reprocess`
 
 
-def _stored(engine) -> list[InboundMessage]:
+def _stored(engine) -> list[inbound.Got]:
     with read_session(engine) as session:
-        return list(session.scalars(select(InboundMessage).order_by(InboundMessage.id)))
+        ids = list(session.scalars(select(InboundMessage.id).order_by(InboundMessage.id)))
+    return [inbound.get(engine, message_id) for message_id in ids]

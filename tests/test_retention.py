@@ -228,11 +228,11 @@ def test_postgresql_rewrite_leaves_no_old_row_version_holding_the_canary(make_se
     assert pages_hold_canary()
     plain = retention.purge(engine, settings, datetime.now(timezone.utc))
     assert plain.sent_mail.by_kind == {"acknowledgement": 1} and plain.reclaimed.ran == [
-        "VACUUM thread_entry, inbound_message, outbox, ticket"]
+        "VACUUM thread_entry, inbound_message, inbound_raw, outbox, ticket"]
     with engine.connect() as connection:
         assert connection.execute(text("SELECT length(raw) FROM outbox")).scalar_one() == 0
     full = retention.purge(engine, settings, datetime.now(timezone.utc), rewrite=True)
-    assert full.reclaimed.ran == ["VACUUM FULL thread_entry, inbound_message, outbox, ticket"]
+    assert full.reclaimed.ran == ["VACUUM FULL thread_entry, inbound_message, inbound_raw, outbox, ticket"]
     assert not pages_hold_canary()
 
 

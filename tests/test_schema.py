@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Column, MetaData, Table, Text, inspect, select, text
 from sqlmodel import SQLModel
 
-from intake.store import inbound, models, schema
+from intake.store import inbound, key_rotation, models, schema, sealing
 from intake.store.db import make_engine, read_session
 from intake.tickets import reads
 
@@ -137,7 +137,8 @@ def test_data_made_at_the_first_revision_survives_upgrade_to_head(engine):
     [event] = detail.events
     assert (event.kind, event.detail, event.at) == ("opened", {"via": "smtp"}, T0)
     [message] = detail.messages
-    assert (message.raw, message.rcpt_tos, message.processed_at) == (b"\x00raw\r\n", ["security@example.com"], T1)
+    assert (inbound.get(engine, message.id).raw, message.rcpt_tos, message.processed_at) == (
+        b"\x00raw\r\n", ["security@example.com"], T1)
     assert message.authentication is None  # processed before verdicts were recorded: none made up
     with read_session(engine) as session:
         # The first release stored no deadlines: they are computed after the upgrade (next test).
@@ -182,7 +183,7 @@ def test_messages_stored_before_0005_come_through_no_relay_and_with_no_trace(eng
     [new_id] = inbound.store(engine, [inbound.Arrival("bob@researcher.test", ["security@example.com"], "192.0.2.7",
                                                       "client.test", b"Subject: x\r\n\r\nhi\r\n", T1,
                                                       relay="127.0.0.1:41000", trace="Received: by intake; x\r\n")])
-    new = inbound.get(engine, new_id)
+    new = inbound.get(engine, new_id).message
     assert (new.relay, new.trace, new.size) == ("127.0.0.1:41000", "Received: by intake; x\r\n", 18)
 
 
@@ -297,3 +298,31 @@ def test_a_database_at_an_unknown_revision_is_refused(engine):
     with pytest.raises(schema.SchemaRefused, match="9999, which this intake does not know"):
         schema.require_current(engine)
     assert schema.current(engine) == "9999"
+
+
+def test_sealed_messages_stored_before_0019_open_after_it_with_the_same_key(engine):
+    """0019 moves each message's bytes to inbound_raw as they are, without a key: sealed before
+    it (their associated data naming inbound_message.raw), they open after it with the storage
+    key of their time, nothing is left in clear, and the old column is gone."""
+    keyring = sealing.Keyring(sealing.StorageKey(os.urandom(sealing.STORAGE_KEY_BYTES)))
+    sealing.attach(engine, keyring)
+    schema.upgrade(engine, "0018")
+    messages = [b"Subject: first\r\n\r\nsealed before 0019\r\n", b"Subject: second\r\n\r\n" + os.urandom(300_000)]
+    rows = []
+    for raw in messages:
+        data_key, key = sealing.inline_key(keyring)
+        rows.append({name: value for name, value in FIRST_REVISION_ROWS["inbound_message"][0].items() if name != "id"}
+                    | {"status": "pending", "ticket_id": None, "decision": None, "size": len(raw), "data_key": data_key,
+                       "raw": sealing.seal_bytes(key, "inbound_message", "raw", raw),
+                       "trace": sealing.seal_text(key, "inbound_message", "trace", "Received: by intake; x\r\n")})
+    with engine.begin() as connection:
+        connection.execute(reflected_insert(connection, "inbound_message"), rows)
+    assert schema.upgrade(engine).before == "0018" and schema.differences(engine) == []
+    assert "raw" not in {column["name"] for column in inspect(engine).get_columns("inbound_message")}
+    with engine.connect() as connection:
+        moved = [bytes(raw) for (raw,) in connection.execute(text("SELECT raw FROM inbound_raw ORDER BY id"))]
+    assert all(sealing.is_sealed(raw) for raw in moved) and not any(raw in moved for raw in messages)
+    stored = inbound.pending(engine, 10)
+    assert [m.raw for m in stored] == messages and {m.trace for m in stored} == {"Received: by intake; x\r\n"}
+    assert [inbound.get(engine, m.id).raw for m in stored] == messages
+    assert key_rotation.status(engine, keyring)["plaintext_rows"]["inbound_message.raw"] == 0

@@ -22,7 +22,7 @@ from intake.store.key_rotation import storage_keyring
 from intake.store import inbound, key_rotation, sealing
 from intake.store.db import make_engine, read_session, write_session
 from intake.store.inbound import Arrival
-from intake.store.models import DataKey, InboundMessage, Outbox, ThreadEntry
+from intake.store.models import DataKey, InboundMessage, InboundRaw, Outbox, ThreadEntry
 from intake.tickets import attachments
 from intake.tickets.reads import ticket_detail
 from test_serve import serve, serve_env  # noqa: F401 - fixtures
@@ -130,7 +130,7 @@ def test_content_is_sealed_in_every_column_and_opens_through_the_readers(make_se
     settings, engine = _sealed_engine(make_settings, database_url, _keygen(tmp_path / "k"))
     reference = _ticket_from_canary(settings, engine)
     with read_session(engine) as session:
-        raws = list(session.scalars(select(InboundMessage.raw))) + list(session.scalars(select(Outbox.raw)))
+        raws = list(session.scalars(select(InboundRaw.raw))) + list(session.scalars(select(Outbox.raw)))
         texts = [t for t in session.scalars(select(ThreadEntry.body_text)) if t]
         traces = list(session.scalars(select(InboundMessage.trace)))
     assert raws and texts and all(sealing.is_sealed(v) for v in raws + texts + traces)
@@ -163,7 +163,8 @@ def test_ciphertext_moved_to_another_row_or_column_does_not_open(make_settings, 
             sealing.open_text(session, "inbound_message", "trace", entries[one].body_text)
     with pytest.raises(sealing.SealingError):
         with read_session(engine) as session:
-            row = session.execute(select(InboundMessage.raw, InboundMessage.data_key).limit(1)).one()
+            row = session.execute(select(InboundRaw.raw, InboundMessage.data_key)
+                                  .join(InboundMessage, InboundMessage.id == InboundRaw.id).limit(1)).one()
             value = bytes(row.raw)
             assert CANARY.encode() in sealing.open_bytes(session, "inbound_message", "raw", value, row.data_key)
             tampered = value[:-1] + bytes([value[-1] ^ 1])

@@ -12,7 +12,7 @@ import click
 from intake.cli.common import INSTANT, JSON_OPTION, Context, actor, emit_json, fail, iso, record_read, table
 from intake.cli.held import purge
 from intake.display import echo
-from intake.store import inbound, sealing
+from intake.store import held_list, inbound, sealing
 from intake.understand.header_text import display_value, scan_header_block
 from intake.vocabulary import HELD, HELD_FAILED, AuditAction, InboundStatus
 
@@ -33,7 +33,7 @@ def messages_group(ctx: click.Context, decisions: tuple[str, ...], since: dateti
     if ctx.invoked_subcommand is not None:
         return
     obj: Context = ctx.obj
-    held = inbound.held(obj.engine(), decisions or HELD, since, limit)
+    held = held_list.held(obj.engine(), decisions or HELD, since, limit)
     if as_json:
         emit_json([message.as_dict() for message in held])
         return
@@ -59,15 +59,16 @@ def show_message(obj: Context, message_id: int, as_json: bool) -> None:
 
     engine = obj.engine()
     try:
-        row = inbound.get(engine, message_id)
+        got = inbound.get(engine, message_id)
     except sealing.Shredded:
         fail(f"stored message {message_id}: its content was purged")
-    if row is None:
+    if got is None:
         fail(f"no stored message {message_id}")
+    row = got.message
     record_read(obj, engine, AuditAction.MESSAGE, ticket_id=row.ticket_id, message=message_id)
     settings = obj.settings
     try:
-        parsed = parse_guard.parse_and_score(inbound.full_message(row.trace, row.raw), settings.quality_rules,
+        parsed = parse_guard.parse_and_score(inbound.full_message(row.trace, got.raw), settings.quality_rules,
                                              settings.processing.parse_timeout, settings.processing.message_budget,
                                              pgp_inbound.decryption(settings))
     finally:
@@ -80,7 +81,7 @@ def show_message(obj: Context, message_id: int, as_json: bool) -> None:
         "reason": (row.error if failed else row.reason) or "", "ticket_id": row.ticket_id,
         "peer": row.peer, "helo": row.helo, "relay": row.relay,
         "headers": [[name, display_value(value)]
-                    for name, values in scan_header_block(inbound.full_message(row.trace, row.raw)).items()
+                    for name, values in scan_header_block(inbound.full_message(row.trace, got.raw)).items()
                     for value in values],
         "text": mail.body_text, "attachments": [a.as_dict() for a in mail.attachments], "warnings": mail.warnings,
     }

@@ -93,6 +93,7 @@ class Prepared:
     cpu_seconds: float = 0.0  # the parse helper's CPU time on it (bounded by processing.message_budget)
     # Who the From: domain is (DNS, if any, done here: never under the write lock).
     authentication: Verdict = Verdict(NONE, "not checked")
+    size: int = 0  # of the message's bytes (stored.raw may have let them go)
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,10 @@ def prepare(settings: Settings, stored: StoredMessage, dns: dns_lookups.Resolver
     except Exception as exc:  # noqa: BLE001 - parse() promises not to raise; if it does, shunt
         log.exception("event=parse-failed inbound_id=%d", stored.id)
         return Prepared(stored, arrived, None, {}, time.perf_counter() - started,
-                        f"parse: {type(exc).__name__}: {exc}")
+                        f"parse: {type(exc).__name__}: {exc}", size=len(stored.raw))
     return Prepared(stored, arrived, result.mail, result.quality or {}, time.perf_counter() - started,
                     work=result.work, cpu_seconds=result.cpu_seconds,
-                    authentication=_authenticate(settings, stored, result.mail, dns))
+                    authentication=_authenticate(settings, stored, result.mail, dns), size=len(stored.raw))
 
 
 def arrived_at(stored: StoredMessage) -> datetime:
@@ -177,23 +178,40 @@ def process_batch(engine: Engine, settings: Settings, now: datetime, limit: int 
     dns = dns_lookups.TimeBudget(dns_lookups.system_resolver(settings.sender_auth),
                                  dns_lookups.batch_dns_seconds(settings.sender_auth))
     kept = claims.Lease(engine, claim, now, lease)
-    prepared = (prepare(settings, stored, dns) for stored in kept.kept(inbound.by_ids(engine, claim.ids)))
-    for chunk in _chunks(prepared, processing.messages_per_transaction):
+    for chunk in _chunks(_prepared(settings, kept.kept(inbound.by_ids(engine, claim.ids)), dns),
+                         processing.messages_per_transaction):
         _tally(result, _act_on_chunk(engine, settings, chunk, now, claim.owner), time.perf_counter() - started)
     return result
 
 
+def _prepared(settings: Settings, stored: Iterator[StoredMessage], dns: dns_lookups.Resolver) -> Iterator[Prepared]:
+    """Each of *stored* (read as it is asked for, small messages many per query) prepared; a
+    large one without its bytes once parsed (acting reads them again if it needs them), so the
+    worker never holds two large messages, even while the next is read."""
+    for message in stored:
+        prepared = prepare(settings, message, dns)
+        del message  # not kept while the next is read
+        if prepared.size > _CHUNK_BYTES:
+            prepared = replace(prepared, stored=prepared.stored.without_raw())
+        yield prepared
+
+
 def _chunks(prepared: Iterable[Prepared], most: int) -> Iterator[list[Prepared]]:
     """*prepared* in chunks of at most *most* messages and, but for a single larger message, of
-    at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written."""
+    at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written. A
+    chunk that is full goes at once, before the next message is prepared: a large message is
+    acted on before the next is read."""
     chunk: list[Prepared] = []
     size = 0
     for item in prepared:
-        if chunk and (len(chunk) == most or size + len(item.stored.raw) > _CHUNK_BYTES):
+        if chunk and size + item.size > _CHUNK_BYTES:
             yield chunk
             chunk, size = [], 0
         chunk.append(item)
-        size += len(item.stored.raw)
+        size += item.size
+        if len(chunk) == most or size >= _CHUNK_BYTES:
+            yield chunk
+            chunk, size = [], 0
     if chunk:
         yield chunk
 
@@ -264,8 +282,8 @@ def _with_known_signers(session: Session, settings: Settings, routed: list[Route
     for r in routed:
         key = on_file.get(r.incoming.sender.lower())
         if key is not None and r.incoming.mail.pgp is not None and r.incoming.mail.pgp.signed:
-            mail = pgp_inbound.verify_with_known(r.prepared.stored.full, r.incoming.mail, decryption, [key.armored],
-                                                 {key.fingerprint})
+            full = inbound.full_message(r.prepared.stored.trace, inbound.raw_of(session, r.prepared.stored))
+            mail = pgp_inbound.verify_with_known(full, r.incoming.mail, decryption, [key.armored], {key.fingerprint})
             r = replace(r, incoming=replace(r.incoming, mail=mail))
         checked.append(r)
     return checked

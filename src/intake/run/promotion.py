@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from intake.config.settings import Settings
 from intake.run import processor
-from intake.store import sealing
+from intake.store import inbound
 from intake.store.db import read_session, write_session
 from intake.store.inbound import StoredMessage
 from intake.store.models import InboundMessage, Ticket
@@ -49,8 +49,8 @@ def promote(engine: Engine, settings: Settings, inbound_id: int, actor: str, now
         already = _promoted_before(session, inbound_id, row)
         if already:
             return already
-        raw = sealing.open_bytes(session, "inbound_message", "raw", row.raw, inline=row.data_key)
-        trace = sealing.open_text(session, "inbound_message", "trace", row.trace, inline=row.data_key)
+        raw = inbound.read_raw(session, row)
+        trace = inbound.open_trace(session, row.trace, row.data_key)
     held_as = f"{row.decision or row.status}: {row.reason or row.error or ''}"
     stored = StoredMessage(row.id, row.mail_from, row.rcpt_tos, raw, row.sha256, row.received_at, row.relay, trace,
                            arrived_at=row.arrived_at)

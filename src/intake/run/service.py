@@ -191,6 +191,7 @@ async def start_listener(settings: Settings, committer: GroupCommitter,
 
 
 def serve(settings: Settings) -> int:
+    parse_guard.return_large_buffers()  # the listener's: whole messages too, held as they come
     return asyncio.run(_serve(settings))
 
 
@@ -384,6 +385,7 @@ def worker_main(config_path: str | None, wake: ProcessFlag, stop: ProcessFlag, p
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     _yield_cpu_to_listener()
+    parse_guard.return_large_buffers()  # one large message's bytes at a time, given back once done
     settings = load_settings(Path(config_path) if config_path else None)
     configure_logging(settings.logging)
     try:

@@ -175,6 +175,7 @@ class Lease:
         for item in items:
             self.renew_if_due()
             yield item
+            del item  # not kept while the next is made (a large message, read from the database)
 
     def renew_if_due(self) -> None:
         if self._clock() - self._renewed < self._lease.total_seconds() / 3:

@@ -17,20 +17,19 @@ import queue
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Engine, func, insert, or_, select, text, update
+from sqlalchemy import Connection, Dialect, Engine, func, insert, select, text, update
 from sqlmodel import Session
 
 from intake.store.db import (
     checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection, write_session,
 )
 from intake.store import sealing
-from intake.store.models import InboundMessage, ThreadEntry
-from intake.understand.header_text import MAX_SCANNED_HEADER_BYTES, display_value, scan_header_block
-from intake.vocabulary import HELD, HELD_DECISIONS, HELD_FAILED, InboundStatus
+from intake.store.models import InboundMessage, InboundRaw, ThreadEntry
+from intake.vocabulary import InboundStatus
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,9 @@ class StoredMessage:
     id: int
     mail_from: str
     rcpt_tos: list[str]
-    raw: bytes  # as the client sent it (what sha256 is of)
+    # As the client sent it (what sha256 is of); None once a large message let it go (see
+    # without_raw): read it again with raw_of.
+    raw: bytes | None
     sha256: str
     received_at: datetime  # when intake got it
     relay: str = ""
@@ -70,7 +71,13 @@ class StoredMessage:
     @property
     def full(self) -> bytes:
         """The message with intake's trace fields on top: what is parsed, shown or exported whole."""
+        assert self.raw is not None, "read its bytes again with raw_of"
         return full_message(self.trace, self.raw)
+
+    def without_raw(self) -> StoredMessage:
+        """This message without its bytes: what a processor keeps of a large one once parsed, so
+        that it holds one large message at a time (:func:`raw_of` reads them again)."""
+        return replace(self, raw=None)
 
 
 def full_message(trace: str, raw: bytes) -> bytes:
@@ -78,14 +85,16 @@ def full_message(trace: str, raw: bytes) -> bytes:
     return trace.encode("utf-8") + raw if trace else raw
 
 
-# The columns :func:`_rows` gives a value for.
-_COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "raw", "status",
+# The inbound_message columns :func:`_rows` gives a value for (and "raw", for inbound_raw).
+_COLUMNS = ("received_at", "mail_from", "rcpt_tos", "peer", "helo", "relay", "trace", "size", "sha256", "status",
             "attempts", "history", "message_id", "arrived_at", "data_key")
+_MESSAGES, _RAW = InboundMessage.__table__, InboundRaw.__table__
 
 
 def _rows(engine: Engine, arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
-    """The inbound_message rows of *arrivals*, their content sealed (when sealing is on) under a
-    data key of each message's own, kept wrapped in its row (see :mod:`intake.store.sealing`)."""
+    """The inbound_message rows of *arrivals* (and under "raw" their inbound_raw bytes), their
+    content sealed (when sealing is on) under a data key of each message's own, kept wrapped in
+    its row (see :mod:`intake.store.sealing`)."""
     keyring = sealing.keyring_of(engine)
     rows = []
     for a in arrivals:
@@ -122,14 +131,17 @@ def store(engine: Engine, arrivals: Iterable[Arrival]) -> list[int]:
 
 
 def _insert(connection: Connection, rows: list[dict[str, object]]) -> list[int]:
-    """One INSERT for all *rows*; their ids in order. The rows come back in any order, and the
-    content hash says which id is whose (identical messages may swap ids, which changes nothing)."""
-    table = InboundMessage.__table__
-    inserted = connection.execute(insert(table).returning(table.c.id, table.c.sha256), rows).all()
+    """One INSERT for all *rows*, one for their bytes; their ids in order. The rows come back in
+    any order, and the content hash says which id is whose (identical messages may swap ids, which
+    changes nothing)."""
+    inserted = connection.execute(insert(_MESSAGES).returning(_MESSAGES.c.id, _MESSAGES.c.sha256),
+                                  [{name: row[name] for name in _COLUMNS} for row in rows]).all()
     ids_by_hash: dict[str, list[int]] = defaultdict(list)
     for id_, sha256 in sorted(inserted):
         ids_by_hash[sha256].append(id_)
-    return [ids_by_hash[row["sha256"]].pop(0) for row in rows]
+    ids = [ids_by_hash[row["sha256"]].pop(0) for row in rows]
+    connection.execute(insert(_RAW), [{"id": id_, "raw": row["raw"]} for id_, row in zip(ids, rows)])
+    return ids
 
 
 def _store_sqlite(engine: Engine, rows: list[dict[str, object]]) -> list[int]:
@@ -143,7 +155,11 @@ def _store_sqlite(engine: Engine, rows: list[dict[str, object]]) -> list[int]:
         for row in rows:
             cursor.execute(sql, [process(row[name]) if process else row[name] for name, process in processors])
             ids.append(cursor.lastrowid)
+            cursor.execute(_SQLITE_INSERT_RAW, (cursor.lastrowid, row["raw"]))
         return ids
+
+
+_SQLITE_INSERT_RAW = "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)"
 
 
 @functools.cache
@@ -271,38 +287,84 @@ def _answer(answers: list[tuple[asyncio.Future[int], int | BaseException]]) -> N
 
 def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     """The oldest pending messages, at most *limit* (claimed or not: see :mod:`intake.store.claims`)."""
-    table = InboundMessage.__table__
-    return _stored(engine, _STORED.where(table.c.status == InboundStatus.PENDING).order_by(table.c.id).limit(limit))
+    with read_session(engine) as session:
+        ids = list(session.scalars(select(_MESSAGES.c.id).where(_MESSAGES.c.status == InboundStatus.PENDING)
+                                   .order_by(_MESSAGES.c.id).limit(limit)))
+    return list(by_ids(engine, ids))
 
 
-def by_ids(engine: Engine, ids: list[int]) -> list[StoredMessage]:
-    """The stored messages of *ids* (a batch's claim), in id order."""
-    table = InboundMessage.__table__
-    return _stored(engine, _STORED.where(table.c.id.in_(ids)).order_by(table.c.id))
+# Bytes of small messages read by one query of by_ids.
+READ_BYTES = 512 * 1024
 
 
-# The columns of a StoredMessage, and the data_key that opens its raw and trace.
-_STORED = select(*(InboundMessage.__table__.c[name] for name in (
-    "id", "mail_from", "rcpt_tos", "raw", "sha256", "received_at", "relay", "trace", "history", "arrived_at",
+def by_ids(engine: Engine, ids: list[int], read_bytes: int = READ_BYTES) -> Iterator[StoredMessage]:
+    """The stored messages of *ids* (a batch's claim), in id order, each read with its bytes only
+    when the one before has been taken: small messages are read together, up to *read_bytes* of
+    them per query, a larger one alone, so the reader holds one large message at a time. No read
+    transaction stays open while the caller works on what it was handed."""
+    with read_session(engine) as session:
+        rows = session.execute(_STORED.where(_MESSAGES.c.id.in_(ids)).order_by(_MESSAGES.c.id)).all()
+    for group in _up_to(rows, read_bytes):
+        with read_session(engine) as session:
+            raws = dict(session.execute(select(_RAW.c.id, _RAW.c.raw)
+                                        .where(_RAW.c.id.in_([row.id for row in group]))).all())
+            group = [_stored_message(session, row, raws.pop(row.id)) for row in group]
+        while group:
+            yield group.pop(0)  # not kept here once handed on
+
+
+def _up_to(rows: list[Any], read_bytes: int) -> Iterator[list[Any]]:
+    """*rows* in order, in groups of at most *read_bytes* bytes together but for a larger one alone."""
+    group: list[Any] = []
+    size = 0
+    for row in rows:
+        if group and size + row.size > read_bytes:
+            yield group
+            group, size = [], 0
+        group.append(row)
+        size += row.size
+    if group:
+        yield group
+
+
+# The columns of a StoredMessage but its bytes, its size, and the data_key that opens raw and trace.
+_STORED = select(*(_MESSAGES.c[name] for name in (
+    "id", "mail_from", "rcpt_tos", "sha256", "received_at", "relay", "trace", "history", "arrived_at", "size",
     "data_key")))
 
 
-def _stored(engine: Engine, query: Any) -> list[StoredMessage]:
-    with read_session(engine) as session:
-        return [StoredMessage(*opened(session, row)) for row in session.execute(query)]
+def _stored_message(session: Session, row: Any, raw: bytes) -> StoredMessage:
+    return StoredMessage(row.id, row.mail_from, row.rcpt_tos, open_raw(session, raw, row.data_key), row.sha256,
+                         row.received_at, row.relay, open_trace(session, row.trace, row.data_key), row.history,
+                         row.arrived_at)
 
 
-def opened(session: Session, row: Any) -> Any:
-    """*row* (of inbound_message columns with its data_key, an ORM object included) with its raw
-    and trace opened (see :mod:`intake.store.sealing`); a tuple row comes back as a tuple, in the
-    same order, without its data_key."""
-    raw = sealing.open_bytes(session, "inbound_message", "raw", row.raw, inline=row.data_key)
-    trace = sealing.open_text(session, "inbound_message", "trace", row.trace, inline=row.data_key)
-    if isinstance(row, InboundMessage):
-        row.raw, row.trace = raw, trace
-        return row
-    opened_values = {"raw": raw, "trace": trace}
-    return tuple(opened_values.get(name, value) for name, value in zip(row._fields, row) if name != "data_key")
+def open_raw(session: Session, raw: bytes, data_key: bytes | None) -> bytes:
+    """A stored message's bytes (its inbound_raw value), opened with its row's *data_key*. Sealed
+    under the name ``inbound_message.raw``, where they were before migration 0019."""
+    return sealing.open_bytes(session, "inbound_message", "raw", raw, inline=data_key)
+
+
+def open_trace(session: Session, trace: str, data_key: bytes | None) -> str:
+    return sealing.open_text(session, "inbound_message", "trace", trace, inline=data_key)
+
+
+def raw_of(session: Session, stored: StoredMessage) -> bytes:
+    """*stored*'s bytes: those it holds, else read again (see :meth:`StoredMessage.without_raw`)."""
+    if stored.raw is not None:
+        return stored.raw
+    row = session.execute(with_raw(select(_RAW.c.raw, _MESSAGES.c.data_key)).where(_RAW.c.id == stored.id)).one()
+    return open_raw(session, row.raw, row.data_key)
+
+
+def read_raw(session: Session, message: InboundMessage) -> bytes:
+    """The bytes of stored message *message* (a row of *session*), opened."""
+    return open_raw(session, session.scalar(select(_RAW.c.raw).where(_RAW.c.id == message.id)), message.data_key)
+
+
+def with_raw(query: Any) -> Any:
+    """*query* on inbound_message joined to each message's bytes (inbound_raw)."""
+    return query.join_from(_MESSAGES, _RAW, _RAW.c.id == _MESSAGES.c.id)
 
 
 def failed_ids(engine: Engine) -> list[int]:
@@ -326,14 +388,24 @@ def requeue(engine: Engine, ids: list[int]) -> list[int]:
         return sorted(row[0] for row in result)
 
 
-def get(engine: Engine, message_id: int) -> InboundMessage | None:
-    """Stored message *message_id* (detached), its content opened; None if there is none."""
+@dataclass(frozen=True)
+class Got:
+    """A stored message's row (detached, its trace opened) and its bytes (opened)."""
+
+    message: InboundMessage
+    raw: bytes
+
+
+def get(engine: Engine, message_id: int) -> Got | None:
+    """Stored message *message_id* with its content opened; None if there is none."""
     with read_session(engine) as session:
         row = session.get(InboundMessage, message_id)
         if row is None:
             return None
         session.expunge(row)
-        return opened(session, row)
+        raw = read_raw(session, row)
+        row.trace = open_trace(session, row.trace, row.data_key)
+        return Got(row, raw)
 
 
 def known_hashes(engine: Engine, hashes: Iterable[str]) -> set[str]:
@@ -379,72 +451,17 @@ def _chunks(values: list[Any]) -> Iterator[list[Any]]:
         yield values[start:start + _LOOKUP_CHUNK]
 
 
-@dataclass(frozen=True)
-class HeldMessage:
-    """A stored message that made no ticket of its own, as ``intake messages`` lists it: From and
-    Subject read from its header block alone (display-safe, decoded), not a full parse."""
-
-    id: int
-    received_at: datetime
-    mail_from: str
-    from_: str
-    subject: str
-    size: int
-    decision: str  # its routing decision, or HELD_FAILED for a message processing failed on
-    reason: str  # why: the decision's reason, or the error
-
-    def as_dict(self) -> dict[str, object]:
-        return {"id": self.id, "received_at": self.received_at.isoformat(), "mail_from": self.mail_from,
-                "from": self.from_, "subject": self.subject, "size": self.size, "decision": self.decision,
-                "reason": self.reason}
-
-
-def held(engine: Engine, decisions: Iterable[str] = HELD, since: datetime | None = None,
-         limit: int = 50) -> list[HeldMessage]:
-    """Held messages of *decisions* (see :data:`intake.vocabulary.HELD`) received at or after *since*,
-    newest first, at most *limit*. Only the start of each message is read, for its header block."""
-    wanted = set(decisions)
-    table = InboundMessage.__table__
-    matches = []
-    if wanted & set(HELD_DECISIONS):
-        matches.append(table.c.decision.in_(sorted(wanted & set(HELD_DECISIONS)))
-                       & (table.c.status != InboundStatus.PENDING))
-    if HELD_FAILED in wanted:
-        matches.append(table.c.status == InboundStatus.FAILED)
-    if not matches:
-        return []
-    query = (select(table.c.id, table.c.received_at, table.c.mail_from, table.c.size, table.c.status,
-                    table.c.decision, table.c.reason, table.c.error, table.c.data_key,
-                    head_of_raw(engine, MAX_SCANNED_HEADER_BYTES))
-             .where(or_(*matches))
-             .order_by(table.c.received_at.desc(), table.c.id.desc())
-             .limit(limit))
-    if since is not None:
-        query = query.where(table.c.received_at >= since)
-    with read_session(engine) as session:
-        return [_held(row, open_head(session, row.head, row.data_key, MAX_SCANNED_HEADER_BYTES))
-                for row in session.execute(query).all()]
-
-
 def head_of_raw(bind: Engine | Session, size: int) -> Any:
     """The column of a stored message's first *size* bytes, labelled ``head``: the whole sealed
     value when sealing is on (a sealed value's start opens nothing), for :func:`open_head` (with
-    the row's ``data_key``)."""
-    raw = InboundMessage.__table__.c.raw
+    the row's ``data_key``). The query must be :func:`with_raw`."""
+    raw = _RAW.c.raw
     return (raw if sealing.keyring_of(bind).enabled else func.substr(raw, 1, size)).label("head")
 
 
 def open_head(session: Session, head: bytes | None, data_key: bytes | None, size: int) -> bytes:
     """The first *size* bytes of a stored message from :func:`head_of_raw`'s value."""
-    return sealing.open_bytes(session, "inbound_message", "raw", bytes(head or b""), inline=data_key)[:size]
-
-
-def _held(row: Any, head: bytes) -> HeldMessage:
-    fields = scan_header_block(head)
-    failed = row.status == InboundStatus.FAILED
-    return HeldMessage(row.id, row.received_at, row.mail_from, display_value(fields.get("from", [""])[0]),
-                       display_value(fields.get("subject", [""])[0]), row.size,
-                       HELD_FAILED if failed else row.decision, (row.error if failed else row.reason) or "")
+    return open_raw(session, bytes(head or b""), data_key)[:size]
 
 
 def store_new_from(engine: Engine, peer: str, arrivals: Iterable[Arrival]) -> list[int]:

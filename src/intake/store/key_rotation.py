@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from intake.config.settings import STORAGE_KEY_CREDENTIAL, ConfigError, Settings
 from intake.store.db import read_session, write_session
+from intake.store.models import InboundRaw
 from intake.store.sealing import (
     DATA_KEYS, HEADER, MAGIC, SEALED_COLUMNS, TABLES, TEXT_MARK, DataKeyValue, Keyring,
     SealingError, inline_key, read_storage_key, inline_storage, keyring_of, new_key, open_inline, seal_bytes, seal_text,
@@ -65,8 +66,9 @@ def rotate(engine: Engine, keyring: Keyring, batch: int = 500, max_batches: int 
     phases = [
         (select(DATA_KEYS.c.id, DATA_KEYS.c.storage_key, DATA_KEYS.c.wrapped).where(stale_table)
          .order_by(DATA_KEYS.c.id), _rewrap_table_key),
-        (select(inbound.c.id, inbound.c.data_key, func.substr(inbound.c.raw, 1, HEADER).label("head"))
-         .where(stale_inline).order_by(inbound.c.id), _rewrap_inline_key),
+        (select(inbound.c.id, inbound.c.data_key, func.substr(_RAW.c.raw, 1, HEADER).label("head"))
+         .join_from(inbound, _RAW, _RAW.c.id == inbound.c.id).where(stale_inline).order_by(inbound.c.id),
+         _rewrap_inline_key),
     ]
     rewrapped = batches = 0
     for query, rewrap in phases:
@@ -102,6 +104,15 @@ def _rewrap_inline_key(session: Session, keyring: Keyring, row: Any) -> None:
         data_key=keyring.current.id.encode() + wrap_key(keyring.current, key_id, secret)))
 
 
+_RAW = InboundRaw.__table__
+
+
+def _stored_in(table: str, column: str) -> Any:
+    """The table sealed column *table*.*column* is stored in: a stored message's bytes are in
+    inbound_raw, sealed under the name ``inbound_message.raw`` (see InboundRaw)."""
+    return _RAW if (table, column) == ("inbound_message", "raw") else TABLES[table]
+
+
 def _plaintext(table: Any, column: str, text: bool) -> Any:
     """Rows of *table* whose *column* holds plaintext content (not empty, not sealed)."""
     col = table.c[column]
@@ -118,9 +129,9 @@ def status(engine: Engine, keyring: Keyring) -> dict[str, Any]:
         inline = inline_storage(inbound)
         by_key.update({bytes(key_id).decode(): count for key_id, count in session.execute(
             select(inline, func.count()).where(inbound.c.data_key.is_not(None)).group_by(inline))})
-        plaintext = {f"{table}.{column}": session.scalar(select(func.count()).select_from(TABLES[table])
-                                                         .where(_plaintext(TABLES[table], column, text))) or 0
-                     for table, column, text in SEALED_COLUMNS}
+        plaintext = {f"{table}.{column}": session.scalar(select(func.count()).select_from(_stored_in(table, column))
+                                                         .where(_plaintext(_stored_in(table, column), column, text)))
+                     or 0 for table, column, text in SEALED_COLUMNS}
     return {
         "enabled": keyring.enabled,
         "current_key": keyring.current.id if keyring.current else None,
@@ -141,16 +152,21 @@ def encrypt_existing(engine: Engine, now: datetime, batch: int = 200, max_batche
     done = {f"{table}.{column}": 0 for table, column, _ in SEALED_COLUMNS}
     batches = 0
     for table_name, column, text in SEALED_COLUMNS:
-        table = TABLES[table_name]
-        owner = table.c.data_key if table_name == "inbound_message" else table.c.ticket_id
+        table = _stored_in(table_name, column)
+        inbound = TABLES["inbound_message"]
+        owner = inbound.c.data_key if table_name == "inbound_message" else table.c.ticket_id
+        query = select(table.c.id, table.c[column], owner).where(_plaintext(table, column, text))
+        if table is not TABLES[table_name]:  # a message's bytes: its data key is in its inbound_message row
+            query = query.join_from(table, inbound, inbound.c.id == table.c.id)
         while max_batches is None or batches < max_batches:
             with write_session(engine) as session:
-                rows = session.execute(select(table.c.id, table.c[column], owner).where(_plaintext(table, column, text))
-                                       .order_by(table.c.id).limit(batch)).all()
+                rows = session.execute(query.order_by(table.c.id).limit(batch)).all()
                 for row in rows:
                     value = row[1] if text else bytes(row[1])
-                    session.execute(update(table).where(table.c.id == row.id)
-                                    .values(_sealed_existing(session, table_name, column, row, value, now)))
+                    sealed = _sealed_existing(session, table_name, column, row, value, now)
+                    session.execute(update(table).where(table.c.id == row.id).values({column: sealed.pop(column)}))
+                    if sealed:  # a stored message's new data key
+                        session.execute(update(inbound).where(inbound.c.id == row.id).values(sealed))
             done[f"{table_name}.{column}"] += len(rows)
             batches += 1
             if len(rows) < batch:
@@ -167,7 +183,8 @@ def _sealed_existing(session: Session, table: str, column: str, row: Any, value:
         if row[2] is None:  # its first column sealed: the message's key is made now
             values["data_key"], key = inline_key(keyring_of(session))
         else:  # raw and trace share the key its other column names
-            other = session.execute(select(TABLES[table].c.raw, TABLES[table].c.trace)
+            other = session.execute(select(_RAW.c.raw, TABLES[table].c.trace)
+                                    .join_from(TABLES[table], _RAW, _RAW.c.id == TABLES[table].c.id)
                                     .where(TABLES[table].c.id == row.id)).one()
             key_id = sealed_key_id(bytes(other.raw)) or sealed_key_id(other.trace)
             open_inline(session, key_id, bytes(row[2]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Column, Date, DateTime, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
+from sqlalchemy import JSON, BigInteger, Boolean, Column, Date, DateTime, ForeignKey, Index, Integer, LargeBinary, String, Text, TypeDecorator, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 from intake.vocabulary import InboundStatus, OutboxStatus, TicketState
 
@@ -70,7 +70,8 @@ class InboundMessage(SQLModel, table=True):
     message_id: str | None = Field(default=None, sa_column=Column(Text, nullable=True, index=True))
     size: int
     sha256: str = Field(sa_column=Column(String(64), nullable=False, index=True))
-    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    # The message's bytes are in inbound_raw (InboundRaw), not here: this row is updated by every
+    # claim, lease renewal and outcome, and a database rewrites a row whole (and logs it whole).
     status: str = Field(default=InboundStatus.PENDING, sa_column=Column(String(16), nullable=False))
     # What the router decided (new-ticket, duplicate, auto-reply, ...).
     decision: str | None = Field(default=None, sa_column=Column(String(32)))
@@ -93,6 +94,20 @@ class InboundMessage(SQLModel, table=True):
     # on; claimed_by then says which node acted.
     claimed_by: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     claimed_until: datetime | None = _instant(nullable=True)
+
+
+class InboundRaw(SQLModel, table=True):
+    """A stored message's bytes as the client sent them (what its size and sha256 are of), one row
+    per inbound_message row, written once with it and erased with it (see InboundMessage).
+
+    Sealed like the other content, with the message's inline data key and associated data naming
+    ``inbound_message.raw``, where the bytes were until migration 0019 moved them here as they were."""
+
+    __tablename__ = "inbound_raw"
+
+    id: int = Field(sa_column=Column(Integer, ForeignKey("inbound_message.id"), primary_key=True,
+                                     autoincrement=False))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 

@@ -28,7 +28,7 @@ from sqlalchemy import Engine
 from intake.store.db import is_sqlite, sqlite_writer_lock, wal_size
 
 # The tables whose rows hold message content.
-CONTENT_TABLES = ("thread_entry", "inbound_message", "outbox", "ticket")
+CONTENT_TABLES = ("thread_entry", "inbound_message", "inbound_raw", "outbox", "ticket")
 CHECKPOINT_ATTEMPTS = 5  # each waits up to busy_timeout for readers: under a minute in all
 CHECKPOINT_PAUSE = 1.0  # seconds between attempts: a reader's transaction is short
 

@@ -42,4 +42,5 @@ def read(engine: Engine, reference: str, number: int, decryption: Decryption | N
     try:
         return extract_attachment(opened_message(stored.raw, decryption), index)
     except LookupError:  # the parser no longer finds it where it was numbered: say so
-        raise AttachmentMissing(f"attachment {number} can no longer be read from stored message {stored.id}") from None
+        raise AttachmentMissing(f"attachment {number} can no longer be read from stored message "
+                                f"{stored.message.id}") from None

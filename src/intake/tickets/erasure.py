@@ -8,13 +8,13 @@ What is content (erased) and what is metadata (kept):
   emptied; of each attachment only its ``index``, ``content_type`` and ``size`` stay (its name
   often names the vulnerability, its sha256 would confirm a guess of the file). Direction, kind,
   sender, Message-IDs and dates stay: the thread still shows who wrote when.
-* ``inbound_message`` of the ticket (on it, or an entry of its thread): ``raw`` and ``trace``
-  emptied; envelope, size, sha256 (a re-delivery is still known as one), status and decision stay.
+* ``inbound_message`` of the ticket (on it, or an entry of its thread): its bytes (``inbound_raw``)
+  and ``trace`` emptied; envelope, size, sha256 (a re-delivery is still known as one), status and decision stay.
 * ``outbox`` of the ticket, once no longer pending: ``raw`` emptied; recipients, kind, dates stay.
 * ``ticket.subject`` emptied: a report's subject usually names the flaw ("SQL injection in
   /api/login"); the reference, reporter, dates, states, severity, CVSS, labels, links, credit,
   deadlines and every event stay, and ``content_purged_at`` is set.
-* held messages (on no ticket): deleted, row and all; ``purge_log`` keeps their count.
+* held messages (on no ticket): deleted, row and bytes; ``purge_log`` keeps their count.
 
 Rows are overwritten, not deleted, wherever the row is metadata worth keeping. With SQLite's
 ``secure_delete`` (every connection, :mod:`intake.store.db`) the old bytes are zeroed in the same
@@ -32,7 +32,7 @@ from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlmodel import Session
 
 from intake.store import sealing
-from intake.store.models import InboundMessage, Outbox, PurgeLog, ThreadEntry, Ticket
+from intake.store.models import InboundMessage, InboundRaw, Outbox, PurgeLog, ThreadEntry, Ticket
 from intake.vocabulary import OutboxStatus
 
 # What an attachment's description keeps once its content is erased.
@@ -40,6 +40,7 @@ KEPT_ATTACHMENT_KEYS = ("index", "content_type", "size")
 
 _entry = ThreadEntry.__table__.c
 _message = InboundMessage.__table__.c
+_raw = InboundRaw.__table__.c
 _outbox = Outbox.__table__.c
 _ticket = Ticket.__table__.c
 
@@ -77,8 +78,10 @@ def erase_content(session: Session, now: datetime, *, ticket_ids: Collection[int
         mails = _erase_mail(session, _outbox.ticket_id.in_(ticket_ids))
         session.execute(update(Ticket.__table__).where(_ticket.id.in_(ticket_ids))
                         .values(subject="", content_purged_at=now))
-    held = session.execute(delete(InboundMessage.__table__).where(_message.id.in_(inbound_ids))).rowcount \
-        if inbound_ids else 0
+    held = 0
+    if inbound_ids:
+        session.execute(delete(InboundRaw.__table__).where(_raw.id.in_(inbound_ids)))
+        held = session.execute(delete(InboundMessage.__table__).where(_message.id.in_(inbound_ids))).rowcount
     return Erased(entries, messages, mails, held)
 
 
@@ -110,11 +113,14 @@ def _erase_messages(session: Session, ticket_ids: Collection[int]) -> int:
     """The stored messages of the tickets: on them, or threaded into them (a message routed to a
     ticket it is no longer on, after a merge, is an entry of the ticket it moved to)."""
     threaded = select(_entry.inbound_id).where(_entry.ticket_id.in_(ticket_ids), _entry.inbound_id.is_not(None))
-    return session.execute(
-        update(InboundMessage.__table__)
+    ids = list(session.scalars(
+        select(_message.id).join_from(InboundMessage.__table__, InboundRaw.__table__, _raw.id == _message.id)
         .where(or_(_message.ticket_id.in_(ticket_ids), _message.id.in_(threaded)),
-               or_(func.length(_message.raw) > 0, _message.trace != ""))
-        .values(raw=b"", trace="")).rowcount
+               or_(func.length(_raw.raw) > 0, _message.trace != ""))))
+    if ids:
+        session.execute(update(InboundRaw.__table__).where(_raw.id.in_(ids)).values(raw=b""))
+        session.execute(update(InboundMessage.__table__).where(_message.id.in_(ids)).values(trace=""))
+    return len(ids)
 
 
 def _erase_mail(session: Session, which: Any) -> int:

@@ -75,8 +75,9 @@ def listed(session: Session, since: datetime, until: datetime, limit: int) -> tu
     """How many held messages of the window are worth naming, and the newest *limit* of them."""
     condition = and_(_window(since, until), _LISTED)
     total = session.scalar(select(func.count()).select_from(InboundMessage).where(condition)) or 0
-    rows = session.execute(select(_message.id, _message.decision, _message.status, _message.processed_at,
-                                  _message.mail_from, inbound.head_of_raw(session, _HEADER_BYTES), _message.data_key)
+    rows = session.execute(inbound.with_raw(select(_message.id, _message.decision, _message.status,
+                                                   _message.processed_at, _message.mail_from,
+                                                   inbound.head_of_raw(session, _HEADER_BYTES), _message.data_key))
                            .where(condition).order_by(_message.processed_at.desc(), _message.id.desc()).limit(limit))
     return total, [HeldMessage(id_, _label(decision, status), processed_at, display_value(mail_from, 254),
                                _subject(inbound.open_head(session, head, data_key, _HEADER_BYTES)))

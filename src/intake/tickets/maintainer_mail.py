@@ -26,6 +26,7 @@ from sqlmodel import Session
 from intake import patterns
 from intake.config.settings import Settings
 from intake.send import composer, outbox
+from intake.store import inbound
 from intake.store.inbound import StoredMessage
 from intake.store.models import Ticket
 from intake.tickets import correspondence, disclosure, mail_commands, reporter_keys
@@ -64,7 +65,7 @@ def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage
     # Any case: the domain part is case-blind, and mail clients write Ana@Example.com as they like.
     own_address = patterns.compile(patterns.escape(maintainer.email), ignorecase=True)
     text = own_address.sub("[maintainer]", work.relayed_text)
-    attachments = _attachments(stored, incoming, pgp_inbound.decryption(settings))
+    attachments = _attachments(inbound.raw_of(session, stored), incoming, pgp_inbound.decryption(settings))
     if work.internal and text.strip():
         correspondence.note(session, ticket, text, now=now, actor=maintainer.name)
         outcome.done.append("added your text as an internal note")
@@ -78,10 +79,10 @@ def _maintainer_mail(session: Session, settings: Settings, stored: StoredMessage
     _confirm(session, settings, ticket, incoming, maintainer.email, outcome, now)
 
 
-def _attachments(stored: StoredMessage, incoming: route.Incoming,
+def _attachments(stored_raw: bytes, incoming: route.Incoming,
                  decryption: pgp_inbound.Decryption | None) -> tuple[composer.Attachment, ...]:
     found = []
-    raw = pgp_inbound.opened_message(stored.raw, decryption)
+    raw = pgp_inbound.opened_message(stored_raw, decryption)
     for attachment in incoming.mail.attachments:
         try:
             meta, data = extract_attachment(raw, attachment.index)
