@@ -27,6 +27,7 @@ from aiosmtpd.controller import Controller
 from sqlalchemy import select
 
 from conftest import Sink, SinkHandler, all_tickets, free_port, process, report
+from intake.store import inbound
 from intake.store.db import make_engine, read_session
 from intake.store.models import InboundMessage
 from postfix_harness import Postfix, PostfixUnavailable, start_postfix
@@ -179,6 +180,7 @@ def test_a_report_through_postfix_is_a_ticket_and_the_acknowledgement_goes_out_t
     engine = make_engine(sqlite_url)
     [ticket] = all_tickets(engine)
     [row] = stored(engine)
+    raw = inbound.get(engine, row.id).raw
     engine.dispose()
     assert ticket.subject == "SSRF in the webhook tester" and ticket.reporter == RESEARCHER
     [ack] = researchers.messages
@@ -191,7 +193,7 @@ def test_a_report_through_postfix_is_a_ticket_and_the_acknowledgement_goes_out_t
     # It went through Postfix: the top Received: is Postfix's, from intake's session.
     assert f"by {postfix.myhostname} (Postfix)" in message.get_all("Received")[0]
     # The report came in through Postfix (its Received: is in the stored message), over TLS.
-    received = email.message_from_bytes(row.raw, policy=email.policy.default).get_all("Received")
+    received = email.message_from_bytes(raw, policy=email.policy.default).get_all("Received")
     assert any(f"by {postfix.myhostname} (Postfix)" in header for header in received)
     # README: one line of Postfix's log, under the transport's own name, ties its queue id to intake's row.
     assert re.search(rf"postfix/intake/smtp\[\d+\]: \w+: to=<{SECURITY}>, relay=127.0.0.1\[127.0.0.1\]:{intake_port},"
@@ -303,7 +305,7 @@ def test_xforward_from_postfix_records_the_original_client_and_the_mx_receipt_ti
     assert row.relay.startswith("127.0.0.1:") and row.relay != researcher_client
     process(settings, running.engine)
     [ticket] = all_tickets(running.engine)
-    parsed = email.message_from_bytes(row.raw, policy=email.policy.default)
+    parsed = email.message_from_bytes(inbound.get(running.engine, row.id).raw, policy=email.policy.default)
     mx_received = next(h for h in parsed.get_all("Received") if f"by {postfix.myhostname}" in h)
     accepted = email.utils.parsedate_to_datetime(mx_received.rsplit(";", 1)[1].strip())
     # Received: has whole seconds, intake's own clock microseconds: equal means Postfix's time.

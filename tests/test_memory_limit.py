@@ -45,7 +45,7 @@ def _status_field(pid: int, field: str) -> int:
 def _markers(database: str) -> list[str]:
     """The marker of every stored message, once per stored row."""
     return [re.search(rb"marker (\S+)", bytes(raw)).group(1).decode()
-            for (raw,) in _query(database, "SELECT raw FROM inbound_message ORDER BY id")]
+            for (raw,) in _query(database, "SELECT raw FROM inbound_raw ORDER BY id")]
 
 
 def _metric(port: int, result: str) -> float:
