@@ -56,6 +56,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import socket
 import sqlite3
 import subprocess
@@ -170,6 +171,7 @@ class Measurement:
     load: LoadResult
     cpu: CpuUse
     processed_after: float | None = None  # intake: seconds from the first send until all were processed
+    processing_cpu: tuple[float, float] | None = None  # intake: CPU s of the listener, of its children, until then
     tickets: int | None = None  # intake: tickets the measured messages opened (the warm-up's not counted)
     inbound_status: dict[str, int] = field(default_factory=dict)  # intake: inbound_message rows by status
 
@@ -190,6 +192,15 @@ class Measurement:
         if self.processed_after is None or not self.load.accepted:
             return None
         return self.load.accepted / self.processed_after
+
+    def cpu_ms_per_message(self) -> tuple[float, float] | None:
+        """intake: CPU ms per accepted message of the listener and of its children (worker, parse
+        helper), from the first send until every message was processed: unlike the rates, other
+        work on the machine hardly changes these."""
+        if self.processing_cpu is None or not self.load.accepted:
+            return None
+        main, children = self.processing_cpu
+        return 1000 * main / self.load.accepted, 1000 * children / self.load.accepted
 
     @property
     def complete(self) -> bool:
@@ -222,6 +233,8 @@ class Measurement:
             "p99_ms": _rounded(self.p99_ms, 2),
             "processed_seconds": _rounded(self.processed_after, 3),
             "processed_per_second": _rounded(self.end_to_end_rate, 1),
+            "cpu_ms_per_message": (dict(zip(("listener", "children"), (round(ms, 2) for ms in per_message)))
+                                   if (per_message := self.cpu_ms_per_message()) else None),
             "tickets": self.tickets,
             "inbound_status": self.inbound_status,
             "cpu_percent": {
@@ -595,10 +608,13 @@ def measure_processing(server: Nodes, scenario: Scenario, deadline: float, datab
         if not probe.wait_until_processed(1, deadline):  # the worker is up and has handled the warm-up message
             raise ServerFailed(f"intake did not process the warm-up message ({probe.inbound_status()})\n"
                                f"{server.log_tail()}")
+        main_before, children_before = server.cpu_seconds()
         load, cpu = send_measured(server, messages, scenario, deadline)
         measurement = Measurement(server.name, scenario, load, cpu)
         if probe.wait_until_processed(1 + load.accepted, deadline):
             measurement.processed_after = time.perf_counter() - load.started
+            main_after, children_after = server.cpu_seconds()
+            measurement.processing_cpu = main_after - main_before, children_after - children_before
         measurement.inbound_status = probe.inbound_status()
         measurement.tickets = probe.tickets() - 1  # the warm-up message's
     return measurement
@@ -660,34 +676,56 @@ class Goal:
 
 
 def evaluate_goals(pairs: list[tuple[Measurement, ...]]) -> list[Goal]:
-    """The issue's goals, for each (bare, intake) pair of one scenario, and with ``--encryption``
-    intake+enc against intake."""
+    """The issue's goals for each scenario, from its (bare, intake) pairs, and with ``--encryption``
+    intake+enc against intake. With ``--repeat`` a scenario has a pair per round: each ratio is
+    taken within its round (bare and intake back to back, under the same conditions) and the goal
+    reads the median of the rounds; every round must be complete."""
     goals = []
-    for bare, intake, *encrypted in pairs:
-        label = intake.scenario.label
-        if intake.scenario.is_goal_scenario:
-            ratio = intake.accept_rate / bare.accept_rate if bare.accept_rate else None
+    for rounds in _by_scenario(pairs):
+        label, scenario = rounds[0][1].scenario.label, rounds[0][1].scenario
+        complete = all(intake.complete for _, intake, *_ in rounds)
+        if scenario.is_goal_scenario:
+            ratio = _median([intake.accept_rate / bare.accept_rate if bare.accept_rate else None
+                             for bare, intake, *_ in rounds])
             goals.append(_goal("accepted msg/s vs bare", label, ratio, f">= {ACCEPT_RATIO_GOAL}x",
-                               intake.complete and ratio is not None and ratio >= ACCEPT_RATIO_GOAL))
-        e2e = intake.end_to_end_rate
-        e2e_ratio = e2e / bare.accept_rate if e2e is not None and bare.accept_rate else None
+                               complete and ratio is not None and ratio >= ACCEPT_RATIO_GOAL))
+        e2e_ratio = _median([intake.end_to_end_rate / bare.accept_rate
+                             if intake.end_to_end_rate is not None and bare.accept_rate else None
+                             for bare, intake, *_ in rounds])
         goals.append(_goal("end-to-end msg/s vs bare", label, e2e_ratio, f">= {E2E_RATIO_GOAL}x",
-                           intake.complete and e2e_ratio is not None and e2e_ratio >= E2E_RATIO_GOAL))
-        p99 = intake.p99_ms
+                           complete and e2e_ratio is not None and e2e_ratio >= E2E_RATIO_GOAL))
+        p99 = _median([intake.p99_ms for _, intake, *_ in rounds])
         goals.append(_goal("p99 SMTP transaction ms", label, p99, f"< {P99_GOAL_MS:g}",
-                           intake.complete and p99 is not None and p99 < P99_GOAL_MS))
-        for sealed in encrypted:
-            goals += _encryption_goals(intake, sealed)
+                           complete and p99 is not None and p99 < P99_GOAL_MS))
+        if len(rounds[0]) > 2:
+            goals += _encryption_goals([(intake, sealed) for _, intake, sealed in rounds])
     return goals
 
 
-def _encryption_goals(clear: Measurement, sealed: Measurement) -> list[Goal]:
-    """Accepted and end-to-end msg/s with a storage key, as a share of intake's in clear."""
-    label = sealed.scenario.label
-    accepted = sealed.accept_rate / clear.accept_rate if clear.accept_rate else None
-    e2e_clear, e2e_sealed = clear.end_to_end_rate, sealed.end_to_end_rate
-    e2e = e2e_sealed / e2e_clear if e2e_clear and e2e_sealed is not None else None
-    complete = clear.complete and sealed.complete
+def _by_scenario(pairs: list[tuple[Measurement, ...]]) -> list[list[tuple[Measurement, ...]]]:
+    """The pairs grouped by scenario, in the order the scenarios ran."""
+    grouped: dict[Scenario, list[tuple[Measurement, ...]]] = {}
+    for pair in pairs:
+        grouped.setdefault(pair[1].scenario, []).append(pair)
+    return list(grouped.values())
+
+
+def _median(values: list[float | None]) -> float | None:
+    """The median of *values*; None if any is None (a round measured nothing)."""
+    if not values or any(value is None for value in values):
+        return None
+    return statistics.median(values)
+
+
+def _encryption_goals(rounds: list[tuple[Measurement, Measurement]]) -> list[Goal]:
+    """Accepted and end-to-end msg/s with a storage key, as a share of intake's in clear (median of rounds)."""
+    label = rounds[0][1].scenario.label
+    accepted = _median([sealed.accept_rate / clear.accept_rate if clear.accept_rate else None
+                        for clear, sealed in rounds])
+    e2e = _median([sealed.end_to_end_rate / clear.end_to_end_rate
+                   if clear.end_to_end_rate and sealed.end_to_end_rate is not None else None
+                   for clear, sealed in rounds])
+    complete = all(clear.complete and sealed.complete for clear, sealed in rounds)
     return [_goal(f"{name} encrypted vs clear", label, ratio, f">= {ENCRYPTION_RATIO_GOAL}x",
                   complete and ratio is not None and ratio >= ENCRYPTION_RATIO_GOAL)
             for name, ratio in (("accepted", accepted), ("end-to-end", e2e))]
@@ -699,7 +737,7 @@ def _goal(name: str, scenario: str, value: float | None, target: str, passed: bo
 
 def format_table(pairs: list[tuple[Measurement, ...]]) -> str:
     header = ("scenario", "server", "accepted", "msg/s", "x bare", "p50 ms", "p99 ms", "e2e msg/s", "e2e x bare",
-              "client CPU", "server CPU", "other CPU")
+              "client CPU", "server CPU", "other CPU", "CPU ms/msg")
     rows = [header]
     for bare, *intakes in pairs:
         for measurement in (bare, *intakes):
@@ -729,6 +767,7 @@ def _table_row(m: Measurement, bare_rate: float) -> tuple[str, ...]:
         f"{m.cpu_percent(m.load.client_cpu):.0f}%",
         server_cpu,
         f"{m.cpu_percent(m.cpu.others):.0f}%",
+        "+".join(f"{ms:.2f}" for ms in per_message) if (per_message := m.cpu_ms_per_message()) else "-",
     )
 
 
@@ -861,14 +900,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also the 25 MB scenario (large_message.py): peak RSS per process, time to ticket")
     parser.add_argument("--scaling", action="store_true",
                         help="also processing on 1 then 2 PostgreSQL nodes, each pinned to a core (nodes.py)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of each scenario (bare, then intake, again and again); the goals read "
+                             "the median of the rounds' ratios (default 1)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)
     defaults = QUICK_RUN if args.quick else FULL_RUN
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.messages < 1 or min(args.concurrency) < 1:
-        parser.error("--messages and --concurrency must be at least 1")
+    if args.messages < 1 or min(args.concurrency) < 1 or args.repeat < 1:
+        parser.error("--messages, --concurrency and --repeat must be at least 1")
     if args.nodes < 1 or (args.nodes > 1 and args.database != "postgresql"):
         parser.error("--nodes must be at least 1, and more than 1 only with --database postgresql")
     args.intake_env = dict(args.intake_env)
@@ -887,10 +929,11 @@ def run(args: argparse.Namespace) -> tuple[list[tuple[Measurement, ...]], list[M
         if "smtp" in args.modes:
             for concurrency in args.concurrency:
                 scenario = Scenario(size, concurrency, args.messages, args.connections == "per-session")
-                bare = measure_and_tell("bare", scenario, args)
-                intake = measure_and_tell("intake", scenario, args)
-                encrypted = (measure_and_tell(ENCRYPTED, scenario, args),) if args.encryption else ()
-                pairs.append((bare, intake, *encrypted))
+                for _ in range(args.repeat):  # rounds back to back: a change on the machine hits both alike
+                    bare = measure_and_tell("bare", scenario, args)
+                    intake = measure_and_tell("intake", scenario, args)
+                    encrypted = (measure_and_tell(ENCRYPTED, scenario, args),) if args.encryption else ()
+                    pairs.append((bare, intake, *encrypted))
         others += [measure_mode(mode, size, args) for mode in args.modes if mode != "smtp"]
     return pairs, others
 
@@ -960,7 +1003,7 @@ def report(args: argparse.Namespace, pairs: list[tuple[Measurement, ...]], other
             "machine": machine,
             "settings": {"messages": args.messages, "concurrency": args.concurrency, "sizes": args.sizes,
                          "connections": args.connections, "database": args.database, "nodes": args.nodes,
-                         "encryption": args.encryption,
+                         "encryption": args.encryption, "repeat": args.repeat,
                          "timeout": args.timeout, "intake_env": args.intake_env, "modes": args.modes},
             "results": [m.as_dict() for pair in pairs for m in pair],
             "modes": [m.as_dict() for m in others],
@@ -969,7 +1012,9 @@ def report(args: argparse.Namespace, pairs: list[tuple[Measurement, ...]], other
         }, indent=2)
     modified = " (src/ modified)" if machine["intake_tree_modified"] else ""
     title = (f"intake {machine['intake_commit']}{modified}, {machine['cpus']} CPUs, Python {machine['python']}, "
-             f"{args.messages} messages per run, connections {args.connections}, "
+             f"{args.messages} messages per run" + (f", {args.repeat} rounds (goals: their median)"
+                                                    if args.repeat > 1 else "")
+             + f", connections {args.connections}, "
              f"intake on {args.database}" + (f" x {args.nodes} nodes" if args.nodes > 1 else ""))
     if args.intake_env:
         title += "\nintake settings overridden: " + " ".join(f"{k}={v}" for k, v in args.intake_env.items())
