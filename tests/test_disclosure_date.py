@@ -10,14 +10,15 @@ import email
 import email.policy
 import json
 from datetime import date, datetime, time, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import update
 
 from conftest import deliver_outbox, report
-from intake.sla import reminders
+from intake.sla import disclosure_reminders, reminders
 from intake.store.db import write_session
-from intake.store.models import Ticket
+from intake.store.models import DisclosurePlan, Ticket
 from intake.understand.disclosure_words import proposed_date
 from test_maintainer_mail import Desk, _maintainer_mail, open_desk
 from test_scheduler import sweep_twice_at_once
@@ -37,6 +38,7 @@ def _today() -> date:
 
 
 def _midnight(day: date) -> datetime:
+    """The start of *day* where the desk's policy (vaixus) counts: UTC."""
     return datetime.combine(day, time(), tzinfo=timezone.utc)
 
 
@@ -337,6 +339,25 @@ def test_no_reminder_to_an_unreachable_reporter_nor_for_a_closed_ticket(desk, cl
 
     cli("close", desk.reference, "--reason", "invalid", "--quiet")
     assert _sweep(desk, _midnight(day) - timedelta(days=1) + timedelta(minutes=1)) == {}
+
+
+def test_reminder_points_are_midnight_where_the_policy_counts(make_settings):
+    """vectis-mail counts in Brisbane (UTC+10): its 7-day point for 1 March is 00:00 on 22 February
+    there, 14:00 UTC on the 21st, when a UTC-counting policy's point is still ten hours away."""
+    settings = make_settings()
+    brisbane = disclosure_reminders.zone_of(settings, "vectis-mail")
+    assert brisbane == ZoneInfo("Australia/Brisbane")
+    assert disclosure_reminders.zone_of(settings, "vaixus") == ZoneInfo("UTC")
+    assert disclosure_reminders.zone_of(settings, "no-longer-configured") == timezone.utc
+    plan = DisclosurePlan(ticket_id=1, agreed_date=date(2027, 3, 1), agreed_at=datetime(2027, 1, 1, tzinfo=timezone.utc))
+    point = datetime(2027, 2, 21, 14, tzinfo=timezone.utc)
+    for zone, before, at in ((brisbane, None, 7), (ZoneInfo("UTC"), None, None)):
+        assert disclosure_reminders.due_point(plan, point - timedelta(minutes=1), zone) == before
+        assert disclosure_reminders.due_point(plan, point, zone) == at
+    assert disclosure_reminders.due_point(plan, datetime(2027, 2, 22, tzinfo=timezone.utc), ZoneInfo("UTC")) == 7
+    # The day itself has come in Brisbane at 14:00 UTC the day before: no reminder any more.
+    assert disclosure_reminders.due_point(plan, datetime(2027, 2, 28, 13, 59, tzinfo=timezone.utc), brisbane) == 1
+    assert disclosure_reminders.due_point(plan, datetime(2027, 2, 28, 14, tzinfo=timezone.utc), brisbane) is None
 
 
 def test_two_sweeps_at_once_remind_each_side_once(desk, cli):

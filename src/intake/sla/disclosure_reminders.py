@@ -5,7 +5,9 @@ One job: for each ticket with an agreed date (``intake disclose-date``, see
 sweep's notice recipients, as other reminders) and the reporter (threaded, from the intake address,
 encrypted where a key is on file), each once per point and date.
 
-* **Points** are midnight UTC 7 days and 1 day before the date. Only the latest point passed
+* **Points** are midnight 7 days and 1 day before the date, in the time zone of the calendar
+  the policy's ``disclose`` stage counts in (else the policy's; UTC for a policy no longer
+  configured): a date agreed with a team in Brisbane is a Brisbane day. Only the latest point passed
   counts: after downtime the 1-day reminder goes, not both. A point that had passed when the date
   was agreed is skipped, not sent late (a date agreed 5 days ahead gets the 1-day reminder only).
 * **Exactly once** per point, date and audience: the keys ``disclose:<ref>:<date>:<N>d`` (the
@@ -18,7 +20,7 @@ encrypted where a key is on file), each once per point and date.
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import date, datetime, time, timedelta, timezone, tzinfo
 
 from sqlalchemy import Engine, select
 from sqlmodel import Session
@@ -32,7 +34,7 @@ from intake.store.models import Deadline, DisclosurePlan, Notification, Ticket
 from intake.tickets import correspondence, milestones, updates
 from intake.understand import reply_tokens
 from intake.understand.header_text import clean_text
-from intake.vocabulary import SYSTEM_ACTOR, MailKind, Milestone, NotificationKind, TicketState
+from intake.vocabulary import MILESTONE_SPEC, SYSTEM_ACTOR, MailKind, Milestone, NotificationKind, TicketState
 
 # Days before the agreed date, farthest first.
 POINTS = (7, 1)
@@ -43,22 +45,29 @@ _REPORTER = "reporter"
 MAX_PER_SWEEP = 10_000
 
 
-def _point_at(day: date, days_before: int) -> datetime:
-    return datetime.combine(day - timedelta(days=days_before), time(), tzinfo=timezone.utc)
+def zone_of(settings: Settings, policy_name: str) -> tzinfo:
+    """The zone a disclosure date of a ticket under *policy_name* is a day in (see the module)."""
+    if policy_name not in settings.policies:
+        return timezone.utc
+    return deadlines.stage_calendar(settings, policy_name, MILESTONE_SPEC[Milestone.DISCLOSED].stage).zone
+
+
+def _point_at(day: date, days_before: int, zone: tzinfo) -> datetime:
+    return datetime.combine(day - timedelta(days=days_before), time(), tzinfo=zone).astimezone(timezone.utc)
 
 
 def _label(days_before: int) -> str:
     return f"{days_before} day{'s' if days_before > 1 else ''} before"
 
 
-def due_point(plan: DisclosurePlan, now: datetime) -> int | None:
-    """The point (days before) of *plan*'s agreed date due at *now*: the latest one passed, unless
-    it had passed already when the date was agreed."""
+def due_point(plan: DisclosurePlan, now: datetime, zone: tzinfo) -> int | None:
+    """The point (days before) of *plan*'s agreed date (a day in *zone*) due at *now*: the latest
+    one passed, unless it had passed already when the date was agreed."""
     assert plan.agreed_date is not None and plan.agreed_at is not None
-    if now >= _point_at(plan.agreed_date, 0):
+    if now >= _point_at(plan.agreed_date, 0, zone):
         return None  # the day itself has come
-    passed = [days for days in POINTS if _point_at(plan.agreed_date, days) <= now]
-    if not passed or _point_at(plan.agreed_date, passed[-1]) < plan.agreed_at:
+    passed = [days for days in POINTS if _point_at(plan.agreed_date, days, zone) <= now]
+    if not passed or _point_at(plan.agreed_date, passed[-1], zone) < plan.agreed_at:
         return None
     return passed[-1]
 
@@ -68,10 +77,11 @@ def sweep(engine: Engine, settings: Settings, now: datetime, dry_run: bool = Fal
     # Before any transaction (it may have to make one), as the sweep's own.
     reply_secret = b"" if dry_run else reply_tokens.secret(engine)
     with (read_session(engine) if dry_run else write_session(engine)) as session:
+        # A day either side of UTC's date: every zone's date now is among them (due_point decides).
         candidates = session.execute(
             select(DisclosurePlan, Ticket).join(Ticket, Ticket.id == DisclosurePlan.ticket_id)
-            .where(DisclosurePlan.agreed_date > now.date(),
-                   DisclosurePlan.agreed_date <= now.date() + timedelta(days=max(POINTS)),
+            .where(DisclosurePlan.agreed_date >= now.date(),
+                   DisclosurePlan.agreed_date <= now.date() + timedelta(days=max(POINTS) + 1),
                    Ticket.state != TicketState.CLOSED)
             .order_by(DisclosurePlan.agreed_date, DisclosurePlan.ticket_id).limit(MAX_PER_SWEEP)).all()
         sent = set(session.scalars(select(Notification.key).where(
@@ -92,12 +102,13 @@ def sweep(engine: Engine, settings: Settings, now: datetime, dry_run: bool = Fal
 
 def _plan(session: Session, settings: Settings, plan: DisclosurePlan, ticket: Ticket, sent: set[str],
           now: datetime) -> list[PlannedMail]:
-    days = due_point(plan, now)
+    zone = zone_of(settings, ticket.policy)
+    days = due_point(plan, now, zone)
     if days is None or milestones.reached(session, settings, ticket, Milestone.DISCLOSED):
         return []
     assert plan.agreed_date is not None
     key = f"disclose:{ticket.reference}:{plan.agreed_date.isoformat()}:{days}d"
-    at, due = _point_at(plan.agreed_date, days), _point_at(plan.agreed_date, 0)
+    at, due = _point_at(plan.agreed_date, days, zone), _point_at(plan.agreed_date, 0, zone)
     mails = []
     if key not in sent and settings.notice_recipients:
         notice = Notice(key, NotificationKind.DISCLOSURE_REMINDER, ticket.id, ticket.reference, STAGE,
@@ -118,7 +129,7 @@ def _send(session: Session, settings: Settings, mails: list[PlannedMail],
     for mail in mails:
         plan, ticket = tickets[mail.ticket_id]
         assert plan.agreed_date is not None
-        days = (plan.agreed_date - now.date()).days
+        days = (plan.agreed_date - now.astimezone(zone_of(settings, ticket.policy)).date()).days
         if mail.kind == MailKind.DISCLOSURE_REMINDER:
             language = settings.language_for(ticket.language)
             text = composer.render(
