@@ -177,7 +177,7 @@ def by_ids(engine: Engine, ids: list[int], read_bytes: int = READ_BYTES) -> Iter
     transaction stays open while the caller works on what it was handed."""
     with read_session(engine) as session:
         rows = session.execute(_STORED.where(_MESSAGES.c.id.in_(ids)).order_by(_MESSAGES.c.id)).all()
-    for group in _up_to(rows, read_bytes):
+    for group in byte_groups(rows, read_bytes):
         with read_session(engine) as session:
             raws = dict(session.execute(select(_RAW.c.id, _RAW.c.raw)
                                         .where(_RAW.c.id.in_([row.id for row in group]))).all())
@@ -186,16 +186,23 @@ def by_ids(engine: Engine, ids: list[int], read_bytes: int = READ_BYTES) -> Iter
             yield group.pop(0)  # not kept here once handed on
 
 
-def _up_to(rows: list[Any], read_bytes: int) -> Iterator[list[Any]]:
-    """*rows* in order, in groups of at most *read_bytes* bytes together but for a larger one alone."""
+def byte_groups(items: Iterable[Any], budget: int, most: int | None = None) -> Iterator[list[Any]]:
+    """*items* (each with a ``size`` in bytes) in order, in groups of at most *budget* bytes
+    together but for a larger item alone, and of at most *most* items. A group goes as soon as it
+    is full, before the next item is taken: from a lazy *items*, a large one is dealt with before
+    the next is made. What one read (:func:`by_ids`), one claim (:mod:`intake.store.claims`) and
+    one write transaction of the processor may hold."""
     group: list[Any] = []
     size = 0
-    for row in rows:
-        if group and size + row.size > read_bytes:
+    for item in items:
+        if group and size + item.size > budget:
             yield group
             group, size = [], 0
-        group.append(row)
-        size += row.size
+        group.append(item)
+        size += item.size
+        if len(group) == most or size >= budget:
+            yield group
+            group, size = [], 0
     if group:
         yield group
 
