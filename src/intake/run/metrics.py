@@ -1,7 +1,8 @@
 """The metrics endpoint of ``intake serve``: ``/metrics`` (Prometheus), ``/livez`` and ``/readyz``.
 
 One HTTP server on ``[metrics] listen`` (loopback unless ``allow_remote``), in a thread of the
-main process, answering one request at a time (see :class:`_QuietHandler`). Two kinds of figures, chosen by where they are true:
+main process, answering one request at a time (see :class:`_QuietHandler`). Two kinds of
+figures, chosen by where they are true:
 
 * **State, read from the database at scrape time** (:mod:`intake.run.readings`): tickets opened,
   outbox pending / oldest age / dead, SLA breaches, inbound backlog, mail held in the last week. Right across restarts and

@@ -16,12 +16,11 @@ the WAL start over).
 
 systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
 (socket activation: port 25 without any capability), else ``smtp.listen``; ``READY=1`` once the
-listener is up, ``WATCHDOG=1`` from the event
-loop (a stuck loop stops the pings and systemd restarts us; so does a commit thread stuck past
-``smtp.store_timeout``, see :class:`intake.run.metrics.StoreWatch`: what it held got 451, never a
-250, and is sent again), ``STOPPING=1`` on SIGTERM. A clean
-stop closes the listening socket, lets in-flight DATA commits finish, flushes the writer, lets
-the worker finish its batch, and exits 0.
+listener is up, ``WATCHDOG=1`` from the event loop (a stuck loop stops the pings and systemd
+restarts us; so does a commit thread stuck past ``smtp.store_timeout``, see
+:class:`intake.run.metrics.StoreWatch`: what it held got 451, never a 250, and is sent again),
+``STOPPING=1`` on SIGTERM. A clean stop closes the listening socket, lets in-flight DATA
+commits finish, flushes the writer, lets the worker finish its batch, and exits 0.
 """
 
 from __future__ import annotations
