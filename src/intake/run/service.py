@@ -290,14 +290,17 @@ async def _serve(settings: Settings) -> int:
         log.warning("event=shutdown-grace-expired in_flight=%d", handler.in_flight)
     await listener.close_connections()
     await asyncio.to_thread(fetchers.stop, grace)
-    await asyncio.to_thread(committer.close)
+    if not await asyncio.to_thread(committer.close, grace):
+        log.warning("event=commit-thread-stuck-at-stop stalled_s=%.0f", committer.stalled())
     stop_worker.set()
     wake_processor.set()
     await asyncio.to_thread(worker.join, grace)
     if worker.is_alive():
         log.warning("event=worker-kill reason=grace-expired")
-        worker.terminate()
+        worker.terminate()  # its handler only asks it to stop: one waiting on a hung lock never would
         await asyncio.to_thread(worker.join, 5)
+        if worker.is_alive():  # else the exit waits for it (multiprocessing joins its children)
+            worker.kill()
     if metrics_server:
         await asyncio.to_thread(metrics_server.close)
     log.info("event=stopped")

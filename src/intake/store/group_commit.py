@@ -88,10 +88,12 @@ class GroupCommitter:
         started = self._batch_started
         return 0.0 if started is None else time.monotonic() - started
 
-    def close(self) -> None:
-        """Commit everything already queued, then stop the writer thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Commit everything already queued, then stop the writer thread; False if it is still on
+        a commit after *timeout* seconds (a hung one: its messages got 451, none of them a 250)."""
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         stopping = False
