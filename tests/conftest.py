@@ -34,7 +34,7 @@ from intake.run.service import start_listener
 from intake.send.outbox import OutboxSender, make_transport
 from intake.store import schema
 from intake.store.db import make_engine, read_session
-from intake.store.inbound import GroupCommitter
+from intake.store.group_commit import GroupCommitter
 from intake.store.models import Ticket
 from intake.tickets import undeliverable
 from intake.understand import dns_lookups

@@ -207,3 +207,27 @@ def _row_versions(engine, message_id: int) -> dict[str, object]:  # type: ignore
     with engine.connect() as connection:
         return {name: connection.exec_driver_sql(f"SELECT xmin::text FROM {table} WHERE id = {message_id}").scalar_one()
                 for name, table in (("message", "inbound_message"), ("raw", "inbound_raw"))}
+
+
+def test_byte_groups_hold_a_budget_a_count_and_go_as_soon_as_they_are_full():
+    """The one grouping of a read, a claim and a write transaction: at most *budget* bytes but for
+    a larger message alone, at most *most* messages, and a full group handed on before the next
+    message is even made (so a large one is acted on before the next is read)."""
+    made: list[int] = []
+
+    class Sized:
+        def __init__(self, size: int):
+            self.size = size
+
+    def lazily(sizes: list[int]):  # type: ignore[no-untyped-def]
+        for size in sizes:
+            made.append(size)
+            yield Sized(size)
+
+    groups = inbound.byte_groups(lazily([40, 50, 30, 200, 10, 10, 10, 100]), 100, most=3)
+    assert [item.size for item in next(groups)] == [40, 50]  # 30 more would be over 100
+    assert made == [40, 50, 30]
+    assert [item.size for item in next(groups)] == [30]  # with the 200 it would be over
+    assert [item.size for item in next(groups)] == [200]  # larger than the budget: alone
+    assert made == [40, 50, 30, 200]  # full: handed on before the 10 is made
+    assert [[item.size for item in group] for group in groups] == [[10, 10, 10], [100]]  # three at most

@@ -79,6 +79,8 @@ def test_environment_overrides_every_named_key(monkeypatch: pytest.MonkeyPatch, 
     ('[smtp]\nmax_connections_per_network = 201\n', ["max_connections_per_network", "max_connections (200)"]),
     ('[smtp]\nnetwork_prefix_ipv4 = 33\n', ["smtp.network_prefix_ipv4"]),
     ('[smtp]\nnetwork_prefix_ipv6 = 129\n', ["smtp.network_prefix_ipv6"]),
+    ('[smtp]\nstore_timeout = 0\n', ["smtp.store_timeout"]),
+    ('[smtp]\nstore_timeout = 600\n', ["smtp.store_timeout", "600"]),  # RFC 5321: the client waits 10 minutes
     ('[intake]\ndefault_policy = "nope"\n', ["default_policy", "nope"]),
     ('[outbound]\npassword = "hunter2"\n', ["outbound.password", "relay-password"]),
     # A relay login without STARTTLS would send AUTH PLAIN in clear.

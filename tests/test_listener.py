@@ -26,7 +26,8 @@ from sqlalchemy import insert
 from intake.receive.listener import ConnectionLimits
 from intake.store import inbound, schema
 from intake.store.db import make_engine, wal_size
-from intake.store.inbound import Arrival, GroupCommitter
+from intake.store.group_commit import GroupCommitter
+from intake.store.inbound import Arrival
 from intake.store.models import InboundMessage
 
 
@@ -627,7 +628,7 @@ def test_with_no_worker_checkpointing_the_listener_keeps_the_wal_bounded(tmp_pat
     async def deliver() -> None:
         for i in range(256):  # 4 MB of mail, 16 times the limit
             await committer.store(Arrival("r@researcher.test", ["security@example.com"], "127.0.0.1:4000",
-                                          "client.test", message + str(i).encode(), datetime.now(timezone.utc)))
+                                          "client.test", message + str(i).encode(), datetime.now(timezone.utc)), 60)
             sizes.append(wal_size(engine))
 
     try:

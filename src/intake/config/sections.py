@@ -155,6 +155,10 @@ class SmtpSection(Section):
     max_recipients: int = Field(default=20, ge=1, le=1000)
     # Seconds a client may stay idle before the connection is dropped.
     idle_timeout: float = Field(default=60.0, gt=0)
+    # Seconds DATA waits for its commit before answering 451; a commit running longer makes the
+    # store "stuck" (log, /readyz, metrics, no systemd watchdog pings). Under RFC 5321's 10 minutes
+    # (4.5.3.2.6): a client gone before the answer would send the message again anyway.
+    store_timeout: float = Field(default=60.0, gt=0, lt=600)
     # Connections open at once, in all and from one client address; more get 421 and are closed.
     max_connections: int = Field(default=200, ge=1, le=100_000)
     max_connections_per_ip: int = Field(default=50, ge=1, le=100_000)

@@ -2,11 +2,12 @@
 
 It never parses or decides anything. RCPT is checked against the configured addresses and
 their ``+tag`` forms (550 5.1.1 otherwise; we never relay); DATA is committed to the raw store
-before the reply, so ``250`` means the message is on disk. A failed commit answers ``451`` and
-the client keeps the message and retries. Connections beyond ``smtp.max_connections`` in all,
-``smtp.max_connections_per_ip`` from one client address, or ``smtp.max_connections_per_network``
-from one client network (a /24 of IPv4, a /64 of IPv6 by default), get ``421`` and are closed at
-once (RFC 5321 3.8), so that a flood or a crowd of slow-loris clients cannot take every slot.
+before the reply, so ``250`` means the message is on disk. A failed commit, or none within
+``smtp.store_timeout``, answers ``451`` and the client keeps the message and retries.
+Connections beyond ``smtp.max_connections`` in all, ``smtp.max_connections_per_ip`` from one
+client address, or ``smtp.max_connections_per_network`` from one client network (a /24 of
+IPv4, a /64 of IPv6 by default), get ``421`` and are closed at once (RFC 5321 3.8), so that a
+flood or a crowd of slow-loris clients cannot take every slot.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from intake.receive import spool, xforward
 from intake.receive.data import SpooledData
 from intake.receive.trace import Hop, trace_fields
 from intake.run import metrics
-from intake.store.inbound import Arrival, GroupCommitter
+from intake.store.group_commit import GroupCommitter, StoreTimeout
+from intake.store.inbound import Arrival
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +136,10 @@ class IntakeHandler:
 
     def reconfigure(self, settings: Settings) -> None:
         """Take the addresses and recipient limit of reloaded *settings* (SIGHUP), for the next RCPT,
-        and the trusted relays, for the next connection."""
+        the store's time limit, for the next DATA, and the trusted relays, for the next connection."""
         self._addresses = frozenset(settings.smtp.addresses)
         self._max_recipients = settings.smtp.max_recipients
+        self._store_timeout = settings.smtp.store_timeout
         if hasattr(self, "memory"):  # a reload: the next DATA is held to the new budget
             self.memory.limit = settings.smtp.memory_budget_bytes
         self.trusted_relays = xforward.TrustedRelays(settings.smtp.trusted_relays)
@@ -176,10 +179,11 @@ class IntakeHandler:
         self.idle.clear()
         try:
             with server.working():
-                stored_id = await self._committer.store(arrival)
+                stored_id = await self._committer.store(arrival, self._store_timeout)
         except Exception as exc:  # noqa: BLE001 - any storage failure is a temporary one for the client
-            log.error("event=store-failed peer=%s size=%d error=%r", arrival.peer, len(raw), exc)
-            metrics.received("store-failed")
+            result = "store-timeout" if isinstance(exc, StoreTimeout) else "store-failed"
+            log.error("event=%s peer=%s size=%d error=%r", result, arrival.peer, len(raw), exc)
+            metrics.received(result)
             return "451 4.3.0 Requested action aborted: local error in processing, try again later"
         finally:
             self.in_flight -= 1

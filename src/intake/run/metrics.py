@@ -1,7 +1,8 @@
 """The metrics endpoint of ``intake serve``: ``/metrics`` (Prometheus), ``/livez`` and ``/readyz``.
 
 One HTTP server on ``[metrics] listen`` (loopback unless ``allow_remote``), in a thread of the
-main process. Two kinds of figures, chosen by where they are true:
+main process, answering one request at a time (see :class:`_QuietHandler`). Two kinds of
+figures, chosen by where they are true:
 
 * **State, read from the database at scrape time** (:mod:`intake.run.readings`): tickets opened,
   outbox pending / oldest age / dead, SLA breaches, inbound backlog, mail held in the last week. Right across restarts and
@@ -29,7 +30,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
-from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -50,9 +50,9 @@ log = logging.getLogger(__name__)
 # SMTP outcomes counted by the listener: a message stored (250), a recipient refused (550), one
 # recipient too many (452), a message over smtp.max_message_size (552), DATA past the listener's
 # smtp.memory_budget (452 4.3.1), DATA the process had no memory for (MemoryError: 452 4.3.1), a
-# store that failed (451).
+# store that failed (451), a store that did not answer within smtp.store_timeout (451).
 RECEIVED_RESULTS = ("accepted", "rejected-recipient", "too-many-recipients", "too-big", "memory-budget",
-                    "out-of-memory", "store-failed")
+                    "out-of-memory", "store-failed", "store-timeout")
 OUTBOX_OUTCOMES = ("sent", "retry", "dead")
 # How long /livez waits for the event loop to run a no-op before calling it stuck.
 LIVENESS_TIMEOUT = 5.0
@@ -80,8 +80,13 @@ FETCH_LAST_SUCCESS = Gauge("intake_fetch_last_success_timestamp_seconds",
                            registry=None)
 FETCH_FAILURES = Gauge("intake_fetch_failures", "Failed passes in a row of each [[fetch]] source (0: it works).",
                        ["source"], registry=None)
+STORE_STALLED = Gauge("intake_store_stalled_seconds",
+                      "Seconds the listener's commit thread has been on its current commit (0 between commits).",
+                      registry=None)
+STORE_STUCK = Gauge("intake_store_stuck", "1 while the listener's current commit has run longer than "
+                    "smtp.store_timeout (new DATA gets 451 at once), else 0.", registry=None)
 _EVENT_METRICS = (RECEIVED, PROCESSED, FAILED, PROCESSING, CLAIMED, RECLAIMED, OUTBOX_SENT, WORKER_RESTARTS,
-                  FETCH_STORED, FETCH_LAST_SUCCESS, FETCH_FAILURES)
+                  FETCH_STORED, FETCH_LAST_SUCCESS, FETCH_FAILURES, STORE_STALLED, STORE_STUCK)
 
 for _result in RECEIVED_RESULTS:
     RECEIVED.labels(_result)
@@ -235,6 +240,43 @@ def apply(message: tuple[Any, ...]) -> None:
 # -- health and the HTTP server -----------------------------------------------------------------
 
 
+class StoreWatch:
+    """Whether the listener's store is stuck: its commit thread has been on one commit for longer
+    than *timeout* (``smtp.store_timeout``; every message in it has had its 451 by then).
+    *stalled* is :meth:`intake.store.group_commit.GroupCommitter.stalled`. The gauges
+    ``intake_store_stalled_seconds`` and ``intake_store_stuck`` read this watch."""
+
+    def __init__(self, stalled: Callable[[], float], timeout: float):
+        self.stalled = stalled
+        self.timeout = timeout  # the service sets it again on a reload
+        self._stuck = False  # as the last check found it
+        STORE_STALLED.set_function(stalled)
+        STORE_STUCK.set_function(lambda: float(self.stuck()))
+
+    def stuck(self) -> bool:
+        return self.stalled() > self.timeout
+
+    def check(self) -> bool:
+        """Whether the store is stuck now; the start and the end of each stuck spell are logged."""
+        stalled = self.stalled()
+        stuck = stalled > self.timeout
+        if stuck and not self._stuck:
+            log.error("event=store-stuck stalled_s=%.0f limit_s=%g detail=%r", stalled, self.timeout,
+                      "no commit has finished since; DATA gets 451 (is the disk or the database hung?)")
+        elif self._stuck and not stuck:
+            log.warning("event=store-recovered")
+        self._stuck = stuck
+        return stuck
+
+    def describe(self) -> str:
+        """/readyz's word on the store: "ok" or why not."""
+        stalled = self.stalled()
+        if stalled <= self.timeout:
+            return "ok"
+        return (f"stuck: the listener's commit has run {stalled:.0f} s (limit {self.timeout:g} s); "
+                "DATA gets 451: is the disk or the database hung?")
+
+
 @dataclass
 class Health:
     """What /livez and /readyz look at."""
@@ -246,6 +288,7 @@ class Health:
     outbox_stuck_after: float
     # Each [[fetch]] source's name and check ("ok", or why not), as the fetch threads see it.
     fetch_checks: Callable[[], dict[str, str]] = dict
+    store: StoreWatch | None = None  # the listener's commit thread (None: not watched)
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
 
     def live(self) -> tuple[bool, str]:
@@ -257,8 +300,10 @@ class Health:
         return True, "ok"
 
     def ready(self) -> tuple[bool, dict[str, str]]:
-        """Ready: the database answers, the listener accepts, the worker runs, the outbox moves."""
+        """Ready: the database answers, the listener accepts and commits, the worker runs, the outbox moves."""
         checks = {"database": "ok", "listener": "ok", "worker": "ok", "outbox": "ok"}
+        if self.store is not None:
+            checks["store"] = self.store.describe()
         try:
             readings.database_reachable(self.engine)
             oldest = readings.outbox_oldest_pending(self.engine)
@@ -278,15 +323,17 @@ class Health:
         return all(value == "ok" for value in checks.values()), checks
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # a slow scraper never holds up the shutdown
-
-
-class _ThreadingWSGIServer6(_ThreadingWSGIServer):
+class _WSGIServer6(WSGIServer):
     address_family = socket.AF_INET6
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # One request at a time, on the server's own thread: a thread per request could not be
+    # started under an address-space limit (its stack reservation failed), just when the metrics
+    # matter. A client gets this long to send its request, so a silent one holds up the others
+    # (and the shutdown) at most that long.
+    timeout = 10
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         """Scrapes are not news; wsgiref would write each one to stderr, unstructured."""
 
@@ -324,7 +371,7 @@ class MetricsServer:
     def __init__(self, section: MetricsSection, registry: CollectorRegistry, health: Health):
         address = section.listen_address
         self._server = make_server(address.host, address.port, wsgi_app(registry, health),
-                                   server_class=_ThreadingWSGIServer6 if ":" in address.host else _ThreadingWSGIServer,
+                                   server_class=_WSGIServer6 if ":" in address.host else WSGIServer,
                                    handler_class=_QuietHandler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="intake-metrics", daemon=True)
         self._thread.start()

@@ -201,19 +201,7 @@ def _chunks(prepared: Iterable[Prepared], most: int) -> Iterator[list[Prepared]]
     at most ``_CHUNK_BYTES`` of mail: the write lock is held while a chunk's rows are written. A
     chunk that is full goes at once, before the next message is prepared: a large message is
     acted on before the next is read."""
-    chunk: list[Prepared] = []
-    size = 0
-    for item in prepared:
-        if chunk and size + item.size > _CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += item.size
-        if len(chunk) == most or size >= _CHUNK_BYTES:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+    return inbound.byte_groups(prepared, _CHUNK_BYTES, most)
 
 
 def _act_on_chunk(engine: Engine, settings: Settings, chunk: list[Prepared], now: datetime,

@@ -16,10 +16,11 @@ the WAL start over).
 
 systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
 (socket activation: port 25 without any capability), else ``smtp.listen``; ``READY=1`` once the
-listener is up, ``WATCHDOG=1`` from the event
-loop (a stuck loop stops the pings and systemd restarts us), ``STOPPING=1`` on SIGTERM. A clean
-stop closes the listening socket, lets in-flight DATA commits finish, flushes the writer, lets
-the worker finish its batch, and exits 0.
+listener is up, ``WATCHDOG=1`` from the event loop (a stuck loop stops the pings and systemd
+restarts us; so does a commit thread stuck past ``smtp.store_timeout``, see
+:class:`intake.run.metrics.StoreWatch`: what it held got 451, never a 250, and is sent again),
+``STOPPING=1`` on SIGTERM. A clean stop closes the listening socket, lets in-flight DATA
+commits finish, flushes the writer, lets the worker finish its batch, and exits 0.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
 from intake.store import audit, audit_verify, claims, key_rotation, schema, sealing
 from intake.store.db import WAL_LIMIT, checkpoint, make_engine
-from intake.store.inbound import GroupCommitter
+from intake.store.group_commit import GroupCommitter
 from intake.tickets import undeliverable
 from intake.understand import parse_guard
 
@@ -240,6 +241,7 @@ async def _serve(settings: Settings) -> int:
     if sealed:
         log.info("event=audit-chain-started sealed=%d", sealed)
     committer = GroupCommitter(engine, on_commit=wake_processor.set, wal_limit=WAL_LIMIT)
+    store_watch = metrics.StoreWatch(committer.stalled, settings.smtp.store_timeout)
     activated = inherited_sockets()
     if activated:
         log.info("event=socket-activation sockets=%d note=smtp.listen-not-used", len(activated))
@@ -250,7 +252,7 @@ async def _serve(settings: Settings) -> int:
     # [[fetch]] sources: a thread each, storing as the listener does and waking the processor.
     fetchers = fetch.Fetchers(settings, engine, lambda count: wake_processor.set())
     metrics_server = _start_metrics(settings, engine, listener, lambda: worker.is_alive(),
-                                    lambda: {state.name: state.check() for state in fetchers.states})
+                                    lambda: {state.name: state.check() for state in fetchers.states}, store_watch)
     stop, reload, woken = asyncio.Event(), asyncio.Event(), asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: (stop.set(), woken.set()))
@@ -269,7 +271,9 @@ async def _serve(settings: Settings) -> int:
             reload.clear()
             settings, worker = await _reload(settings, handler, fetchers, worker, context, wake_processor,
                                              stop_worker)
-        sd_notify("WATCHDOG=1")
+            store_watch.timeout = settings.smtp.store_timeout
+        if not store_watch.check():  # stuck: no pings, and systemd restarts us after WatchdogSec
+            sd_notify("WATCHDOG=1")
         if not stop.is_set() and not worker.is_alive():
             log.error("event=worker-died exitcode=%s", worker.exitcode)
             metrics.WORKER_RESTARTS.inc()
@@ -286,14 +290,17 @@ async def _serve(settings: Settings) -> int:
         log.warning("event=shutdown-grace-expired in_flight=%d", handler.in_flight)
     await listener.close_connections()
     await asyncio.to_thread(fetchers.stop, grace)
-    await asyncio.to_thread(committer.close)
+    if not await asyncio.to_thread(committer.close, grace):
+        log.warning("event=commit-thread-stuck-at-stop stalled_s=%.0f", committer.stalled())
     stop_worker.set()
     wake_processor.set()
     await asyncio.to_thread(worker.join, grace)
     if worker.is_alive():
         log.warning("event=worker-kill reason=grace-expired")
-        worker.terminate()
+        worker.terminate()  # its handler only asks it to stop: one waiting on a hung lock never would
         await asyncio.to_thread(worker.join, 5)
+        if worker.is_alive():  # else the exit waits for it (multiprocessing joins its children)
+            worker.kill()
     if metrics_server:
         await asyncio.to_thread(metrics_server.close)
     log.info("event=stopped")
@@ -345,14 +352,15 @@ async def _reload(settings: Settings, handler: IntakeHandler, fetchers: fetch.Fe
 
 
 def _start_metrics(settings: Settings, engine: Engine, listener: Listener, worker_up: Callable[[], bool],
-                   fetch_checks: Callable[[], dict[str, str]]) -> metrics.MetricsServer | None:
+                   fetch_checks: Callable[[], dict[str, str]],
+                   store_watch: metrics.StoreWatch) -> metrics.MetricsServer | None:
     """The /metrics, /livez and /readyz endpoint, unless disabled or its port cannot be had."""
     section = settings.metrics
     if not section.enabled:
         return None
     health = metrics.Health(asyncio.get_running_loop(), engine,
                             lambda: all(server.is_serving() for server in listener.servers), worker_up,
-                            section.outbox_stuck_after, fetch_checks)
+                            section.outbox_stuck_after, fetch_checks, store_watch)
     try:
         server = metrics.MetricsServer(section, metrics.build_registry(engine), health)
     except OSError as exc:

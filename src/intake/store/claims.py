@@ -38,6 +38,7 @@ from sqlalchemy import Engine, or_, select, update
 from sqlmodel import Session
 
 from intake.store.db import write_session
+from intake.store.inbound import byte_groups
 from intake.store.models import InboundMessage
 from intake.vocabulary import InboundStatus
 
@@ -78,7 +79,7 @@ def claim(engine: Engine, owner: str, now: datetime, lease: timedelta, most: int
             # Rows another node is claiming or acting on right now are left to it, not waited for.
             candidates = candidates.with_for_update(skip_locked=True)
         rows = session.execute(candidates).all()
-        taken = _within_budget(rows, byte_budget)
+        taken = next(byte_groups(rows, byte_budget), [])
         if not taken:
             return Claim(owner, [], 0)
         session.execute(update(_TABLE).where(_TABLE.c.id.in_([row.id for row in taken]))
@@ -122,17 +123,6 @@ def _alive(pid: str) -> bool:
     except (PermissionError, ValueError):
         return True
     return True
-
-
-def _within_budget(rows: list[Any], byte_budget: int) -> list[Any]:
-    """The first of *rows* (in order) up to *byte_budget* bytes together; at least one."""
-    taken, size = [], 0
-    for row in rows:
-        if taken and size + row.size > byte_budget:
-            break
-        taken.append(row)
-        size += row.size
-    return taken
 
 
 def renew(engine: Engine, owner: str, ids: list[int], until: datetime) -> int:

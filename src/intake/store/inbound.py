@@ -1,20 +1,13 @@
 """The durable raw store: messages are committed here before the listener answers 250.
 
-:class:`GroupCommitter` is the listener's path in. Each accepted DATA is queued and a single
-writer thread commits whatever has queued while the previous commit ran, in one transaction
-(one fsync), then answers every waiter. There is no fixed wait window: an idle server commits
-a lone message at once, a busy one shares each fsync among many messages.
+:func:`store` inserts arrivals in one committed transaction (the listener reaches it through
+:mod:`intake.store.group_commit`); the rest reads stored messages back, one large one at a time.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import functools
-import logging
-import queue
-import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -24,15 +17,10 @@ from typing import Any
 from sqlalchemy import Connection, Dialect, Engine, func, insert, select, text, update
 from sqlmodel import Session
 
-from intake.store.db import (
-    checkpoint, is_sqlite, read_session, sqlite_write_transaction, wal_size, write_connection, write_session,
-)
+from intake.store.db import is_sqlite, read_session, sqlite_write_transaction, write_connection, write_session
 from intake.store import sealing
 from intake.store.models import InboundMessage, InboundRaw, ThreadEntry
 from intake.vocabulary import InboundStatus
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Arrival:
@@ -170,121 +158,6 @@ def _sqlite_insert(dialect: Dialect) -> tuple[str, list[tuple[str, Callable[[obj
     return sql, [(name, table.c[name].type.dialect_impl(dialect).bind_processor(dialect)) for name in _COLUMNS]
 
 
-Waiter = tuple[Arrival, asyncio.AbstractEventLoop, "asyncio.Future[int]"]
-
-
-class GroupCommitter:
-    """A writer thread that stores queued arrivals, many per commit, and answers their waiters."""
-
-    def __init__(self, engine: Engine, on_commit: Callable[[], None] = lambda: None, max_batch: int = 256,
-                 wal_limit: int | None = None):
-        """*wal_limit*: on SQLite, checkpoint when the WAL file has grown past this many bytes (see
-        :meth:`_bound_wal`); None leaves checkpoints to others."""
-        self._engine = engine
-        self._on_commit = on_commit
-        self._max_batch = max_batch
-        self._wal_limit = wal_limit if is_sqlite(engine) else None
-        self._unmeasured = 0  # bytes committed since the WAL's size was last looked at
-        self._queue: queue.SimpleQueue[Waiter | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="inbound-commit", daemon=True)
-        self._thread.start()
-
-    async def store(self, arrival: Arrival) -> int:
-        """Return the stored id once the message is committed; raises if the commit failed."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[int] = loop.create_future()
-        self._queue.put((arrival, loop, future))
-        return await future
-
-    def close(self) -> None:
-        """Commit everything already queued, then stop the writer thread."""
-        self._queue.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            batch: list[Waiter] = []
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= self._max_batch:
-                    break
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            else:
-                stopping = True
-            if batch:
-                try:
-                    self._commit(batch)
-                except Exception as exc:  # noqa: BLE001 - e.g. MemoryError after the commit: the thread must live on
-                    # and every waiter hear something (an answered one ignores this), or DATA waits for ever.
-                    log.error("event=commit-thread-error messages=%d error=%r", len(batch), exc)
-                    for _, loop, future in batch:
-                        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
-                            loop.call_soon_threadsafe(_answer, [(future, exc)])
-
-    def _commit(self, batch: list[Waiter]) -> None:
-        try:
-            outcome: list[int] | BaseException = store(self._engine, [arrival for arrival, _, _ in batch])
-        except Exception as exc:  # every waiter must hear about it: each answers 451
-            log.error("event=store-failed messages=%d error=%r", len(batch), exc)
-            outcome = exc
-        else:
-            try:
-                self._on_commit()
-            except Exception as exc:  # noqa: BLE001 - the processor's next poll finds the mail: answer the waiters
-                log.error("event=processor-wake-failed error=%r", exc)
-        # One wake-up per event loop for the whole group, not one per message.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int | BaseException]]] = {}
-        for position, (_, loop, future) in enumerate(batch):
-            result = outcome if isinstance(outcome, BaseException) else outcome[position]
-            by_loop.setdefault(loop, []).append((future, result))
-        for loop, answers in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_answer, answers)
-            except RuntimeError:  # that loop is closed: nobody is waiting any more
-                pass
-        if self._wal_limit is not None and not isinstance(outcome, BaseException):
-            self._bound_wal(sum(len(arrival.raw) for arrival, _, _ in batch))
-
-    def _bound_wal(self, committed: int) -> None:
-        """Checkpoint (PASSIVE) once the WAL file has grown past the limit.
-
-        The listener's connections never checkpoint on commit (see :func:`intake.store.db.make_engine`):
-        the worker does. Should the worker be down or stuck, the WAL would grow without bound. And
-        under sustained load even the worker's checkpoints never let the WAL start over, as more
-        is committed while they copy. This one runs on the commit thread between two commits, so
-        none of the listener's lands while it copies and the next can start the WAL over (cutting
-        the file back to the limit, see ``journal_size_limit`` in :mod:`intake.store.db`). The
-        file's size is looked at only every quarter of the limit of mail committed, after the
-        batch's answers are on their way; the commits queued meanwhile wait for the copy, which
-        happens once per limit of mail, and is short when the worker keeps up."""
-        self._unmeasured += committed
-        if self._unmeasured < self._wal_limit // 4:
-            return
-        self._unmeasured = 0
-        size = wal_size(self._engine)
-        if size > self._wal_limit:
-            log.info("event=wal-checkpoint wal_bytes=%d limit=%d", size, self._wal_limit)
-            try:
-                checkpoint(self._engine)
-            except Exception as exc:  # noqa: BLE001 - the next look tries again; commits must go on
-                log.warning("event=wal-checkpoint-failed error=%r", exc)
-
-
-def _answer(answers: list[tuple[asyncio.Future[int], int | BaseException]]) -> None:
-    for future, result in answers:
-        if future.done():  # the SMTP session went away meanwhile
-            continue
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
-
-
 def pending(engine: Engine, limit: int) -> list[StoredMessage]:
     """The oldest pending messages, at most *limit* (claimed or not: see :mod:`intake.store.claims`)."""
     with read_session(engine) as session:
@@ -304,7 +177,7 @@ def by_ids(engine: Engine, ids: list[int], read_bytes: int = READ_BYTES) -> Iter
     transaction stays open while the caller works on what it was handed."""
     with read_session(engine) as session:
         rows = session.execute(_STORED.where(_MESSAGES.c.id.in_(ids)).order_by(_MESSAGES.c.id)).all()
-    for group in _up_to(rows, read_bytes):
+    for group in byte_groups(rows, read_bytes):
         with read_session(engine) as session:
             raws = dict(session.execute(select(_RAW.c.id, _RAW.c.raw)
                                         .where(_RAW.c.id.in_([row.id for row in group]))).all())
@@ -313,16 +186,23 @@ def by_ids(engine: Engine, ids: list[int], read_bytes: int = READ_BYTES) -> Iter
             yield group.pop(0)  # not kept here once handed on
 
 
-def _up_to(rows: list[Any], read_bytes: int) -> Iterator[list[Any]]:
-    """*rows* in order, in groups of at most *read_bytes* bytes together but for a larger one alone."""
+def byte_groups(items: Iterable[Any], budget: int, most: int | None = None) -> Iterator[list[Any]]:
+    """*items* (each with a ``size`` in bytes) in order, in groups of at most *budget* bytes
+    together but for a larger item alone, and of at most *most* items. A group goes as soon as it
+    is full, before the next item is taken: from a lazy *items*, a large one is dealt with before
+    the next is made. What one read (:func:`by_ids`), one claim (:mod:`intake.store.claims`) and
+    one write transaction of the processor may hold."""
     group: list[Any] = []
     size = 0
-    for row in rows:
-        if group and size + row.size > read_bytes:
+    for item in items:
+        if group and size + item.size > budget:
             yield group
             group, size = [], 0
-        group.append(row)
-        size += row.size
+        group.append(item)
+        size += item.size
+        if len(group) == most or size >= budget:
+            yield group
+            group, size = [], 0
     if group:
         yield group
 
