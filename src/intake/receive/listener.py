@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from intake.config.sections import minimum_tls_version
 from intake.config.settings import Settings, base_address
-from intake.receive import spool, xforward
+from intake.receive import addresses, spool, xforward
 from intake.receive.data import SpooledData
 from intake.receive.trace import Hop, trace_fields
 from intake.run import metrics
@@ -230,6 +230,11 @@ class IntakeSMTP(SpooledData, SMTP):
         # connection (inspect.getmembers, dir): with a connection per message that was a tenth of
         # the listener's CPU. What it looks for is fixed per class, so only that is listed.
         return _discoverable_names(type(self))
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # MAIL, RCPT (and VRFY): the usual <local@domain> without aiosmtpd's header parser (see
+        # intake.receive.addresses), anything else through it.
+        return addresses.simple(arg, self.local_part_limit) or super()._getaddr(arg)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection (after STARTTLS this is called again)
