@@ -25,6 +25,7 @@ the worker finish its batch, and exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import os
@@ -255,6 +256,10 @@ async def _serve(settings: Settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: (stop.set(), woken.set()))
     loop.add_signal_handler(signal.SIGHUP, lambda: (reload.set(), woken.set()))
+    # What start-up made (modules, the ORM's and the settings' objects: most of this process's
+    # objects) lives as long as the process: the collector need not look through it again each
+    # time mail's short-lived objects make it run (that was 8 % of the listener's CPU per message).
+    gc.freeze()
     log.info("event=listening address=%s pid=%d", bound, os.getpid())
     sd_notify(f"READY=1\nSTATUS=listening on {bound}\nMAINPID={os.getpid()}")
 
