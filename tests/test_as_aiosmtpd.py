@@ -1,4 +1,5 @@
-"""MAIL FROM / RCPT TO addresses: the listener's quick reading gives aiosmtpd's answer, every time."""
+"""The listener answers as aiosmtpd does where it takes a quicker way: MAIL FROM / RCPT TO
+addresses read without the header parser, the EHLO answer sent in one piece."""
 
 from __future__ import annotations
 
@@ -110,6 +111,14 @@ def test_anything_unusual_is_left_to_aiosmtpd(arg):
     assert addresses.simple(arg, LOCAL_PART_LIMIT) is None
 
 
+@pytest.fixture
+def database_url(sqlite_url: str) -> str:
+    return sqlite_url  # what is answered here does not depend on the database
+
+
+BARE_SIZE_LIMIT = 25 * 1024 * 1024
+
+
 class _Bare:
     async def handle_DATA(self, server, session, envelope):  # type: ignore[no-untyped-def]
         return "250 OK"
@@ -121,7 +130,7 @@ def bare_port():
     loop = asyncio.new_event_loop()
 
     def factory() -> SMTP:
-        return SMTP(_Bare(), data_size_limit=25 * 1024 * 1024, enable_SMTPUTF8=True, decode_data=False,
+        return SMTP(_Bare(), data_size_limit=BARE_SIZE_LIMIT, enable_SMTPUTF8=True, decode_data=False,
                     hostname="bare.test", ident="intake", loop=loop)
 
     server = loop.run_until_complete(loop.create_server(factory, "127.0.0.1", 0))
@@ -153,3 +162,20 @@ def test_mail_from_gets_the_reply_a_plain_aiosmtpd_gives(make_settings, start_in
     table as aiosmtpd does."""
     listener = start_intake_listener(make_settings())
     assert mail_replies(listener.port, TABLE) == mail_replies(bare_port, TABLE)
+
+
+def test_the_ehlo_answer_is_aiosmtpds_line_for_line(make_settings, start_intake_listener, bare_port):
+    """Sent in one write, the EHLO answer is still aiosmtpd's, but for the host name; and EHLO
+    without a name, and HELO, get aiosmtpd's replies."""
+    listener = start_intake_listener(make_settings(INTAKE_SMTP__HOSTNAME="bare.test",
+                                                    INTAKE_SMTP__MAX_MESSAGE_SIZE=str(BARE_SIZE_LIMIT)))
+
+    def answers(port: int) -> list[tuple[int, str]]:
+        client = RawSMTP(port)
+        try:
+            return [client.command("EHLO client.test"), client.command("EHLO"), client.command("HELO client.test"),
+                    client.command("EHLO again.test"), client.command("MAIL FROM:<a@b.c> SIZE=10")]
+        finally:
+            client.close()
+
+    assert answers(listener.port) == answers(bare_port)

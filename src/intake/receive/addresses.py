@@ -8,7 +8,7 @@ between the brackets, and what follows ``>`` without the white space before it: 
 gives that answer directly. Anything else (quoted or non-ASCII local parts, source routes,
 address literals, comments, white space inside, ``=?`` that could start an encoded word, no
 brackets) it leaves to aiosmtpd, so what is accepted or refused, and how, stays aiosmtpd's.
-tests/test_addresses.py holds the two to the same answers over a table of addresses.
+tests/test_as_aiosmtpd.py holds the two to the same answers over a table of addresses.
 """
 
 from __future__ import annotations

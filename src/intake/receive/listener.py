@@ -224,6 +224,7 @@ class IntakeSMTP(SpooledData, SMTP):
     forwarded: xforward.Forwarded | None = None  # what XFORWARD said in this transaction
     _counted_as: str | None = None  # the forwarded client a relay's connection is counted under now
     _offer_xforward = False  # this EHLO answer is to a trusted relay: it gets XFORWARD
+    _ehlo_lines: list[str] | None = None  # the EHLO answer's lines so far, sent with its last one
 
     def __dir__(self) -> list[str]:
         # aiosmtpd finds its command and AUTH methods by listing every attribute of every new
@@ -271,16 +272,27 @@ class IntakeSMTP(SpooledData, SMTP):
         # (Not a coroutine of its own: every reply passes here, and aiosmtpd's push is awaited as it is.)
         if status[:3] in ("552", b"552"):
             metrics.received("too-big")
-        elif self._offer_xforward and status == "250 HELP":  # the last line of the EHLO answer
-            self._offer_xforward = False
-            status = f"250-{xforward.EHLO_KEYWORD}\r\n{status}"
+        elif self._ehlo_lines is not None and isinstance(status, str):
+            # aiosmtpd pushes the EHLO answer a line at a time: one write (one TCP segment) each.
+            if status.startswith("250-"):
+                self._ehlo_lines.append(status)
+                return _HELD
+            if self._offer_xforward and status == "250 HELP":  # the last line of the EHLO answer
+                self._offer_xforward = False
+                status = f"250-{xforward.EHLO_KEYWORD}\r\n{status}"
+            status = "\r\n".join([*self._ehlo_lines, status])
+            self._ehlo_lines = None
         return super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
         # XFORWARD is added to aiosmtpd's answer as it is pushed: its EHLO hook would cost every
         # connection an inspect.signature() (aiosmtpd checks the hook's arity per connection).
         self._offer_xforward = self.relay is not None and bool(hostname)
-        await super().smtp_EHLO(hostname)
+        self._ehlo_lines = []
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._ehlo_lines = None
 
     @syntax("XFORWARD attribute=value ...", when="relay")
     async def smtp_XFORWARD(self, arg: str | None) -> None:
@@ -390,6 +402,15 @@ class IntakeSMTP(SpooledData, SMTP):
             if self.transport is not None:  # not after connection_lost: the timer would fire on nothing
                 self._reset_timeout()
 
+
+class _Held:
+    """What :meth:`IntakeSMTP.push` answers for a line it holds back: nothing to wait for."""
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_HELD = _Held()
 
 _REFUSALS = {
     "total": b"421 4.7.0 Too many connections, try again later\r\n",
