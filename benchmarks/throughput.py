@@ -492,8 +492,9 @@ def bare_server(workdir: Path, port: int) -> ServerProcess:
 
 
 def intake_server(workdir: Path, port: int, database_url: str, overrides: dict[str, str],
-                  name: str = "intake") -> ServerProcess:
+                  name: str = "intake", prefix: tuple[str, ...] = ()) -> ServerProcess:
     """``intake serve`` with the shipped config.toml, its state in *workdir*, acknowledgements to a Maildir.
+    *prefix*: a command that runs it (valgrind and the interpreter, for one).
 
     *overrides* are further ``INTAKE_*`` variables (``--intake-env``), e.g. to compare a setting."""
     workdir.mkdir(exist_ok=True)
@@ -508,7 +509,7 @@ def intake_server(workdir: Path, port: int, database_url: str, overrides: dict[s
         "INTAKE_OUTBOUND__MAILDIR": str(workdir / "outbox"),
         **overrides,
     })
-    return ServerProcess(name, [str(INTAKE), "--config", str(config), "serve"], env, workdir, port)
+    return ServerProcess(name, [*prefix, str(INTAKE), "--config", str(config), "serve"], env, workdir, port)
 
 
 # -- intake's processing, read from its database ---------------------------------------------

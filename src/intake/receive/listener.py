@@ -28,7 +28,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from intake.config.sections import minimum_tls_version
 from intake.config.settings import Settings, base_address
-from intake.receive import spool, xforward
+from intake.receive import addresses, spool, xforward
 from intake.receive.data import SpooledData
 from intake.receive.trace import Hop, trace_fields
 from intake.run import metrics
@@ -228,12 +228,18 @@ class IntakeSMTP(SpooledData, SMTP):
     forwarded: xforward.Forwarded | None = None  # what XFORWARD said in this transaction
     _counted_as: str | None = None  # the forwarded client a relay's connection is counted under now
     _offer_xforward = False  # this EHLO answer is to a trusted relay: it gets XFORWARD
+    _ehlo_lines: list[str] | None = None  # the EHLO answer's lines so far, sent with its last one
 
     def __dir__(self) -> list[str]:
         # aiosmtpd finds its command and AUTH methods by listing every attribute of every new
         # connection (inspect.getmembers, dir): with a connection per message that was a tenth of
         # the listener's CPU. What it looks for is fixed per class, so only that is listed.
         return _discoverable_names(type(self))
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # MAIL, RCPT (and VRFY): the usual <local@domain> without aiosmtpd's header parser (see
+        # intake.receive.addresses), anything else through it.
+        return addresses.simple(arg, self.local_part_limit) or super()._getaddr(arg)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.transport is None:  # a new connection (after STARTTLS this is called again)
@@ -270,16 +276,27 @@ class IntakeSMTP(SpooledData, SMTP):
         # (Not a coroutine of its own: every reply passes here, and aiosmtpd's push is awaited as it is.)
         if status[:3] in ("552", b"552"):
             metrics.received("too-big")
-        elif self._offer_xforward and status == "250 HELP":  # the last line of the EHLO answer
-            self._offer_xforward = False
-            status = f"250-{xforward.EHLO_KEYWORD}\r\n{status}"
+        elif self._ehlo_lines is not None and isinstance(status, str):
+            # aiosmtpd pushes the EHLO answer a line at a time: one write (one TCP segment) each.
+            if status.startswith("250-"):
+                self._ehlo_lines.append(status)
+                return _HELD
+            if self._offer_xforward and status == "250 HELP":  # the last line of the EHLO answer
+                self._offer_xforward = False
+                status = f"250-{xforward.EHLO_KEYWORD}\r\n{status}"
+            status = "\r\n".join([*self._ehlo_lines, status])
+            self._ehlo_lines = None
         return super().push(status)
 
     async def smtp_EHLO(self, hostname: str) -> None:
         # XFORWARD is added to aiosmtpd's answer as it is pushed: its EHLO hook would cost every
         # connection an inspect.signature() (aiosmtpd checks the hook's arity per connection).
         self._offer_xforward = self.relay is not None and bool(hostname)
-        await super().smtp_EHLO(hostname)
+        self._ehlo_lines = []
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._ehlo_lines = None
 
     @syntax("XFORWARD attribute=value ...", when="relay")
     async def smtp_XFORWARD(self, arg: str | None) -> None:
@@ -389,6 +406,15 @@ class IntakeSMTP(SpooledData, SMTP):
             if self.transport is not None:  # not after connection_lost: the timer would fire on nothing
                 self._reset_timeout()
 
+
+class _Held:
+    """What :meth:`IntakeSMTP.push` answers for a line it holds back: nothing to wait for."""
+
+    def __await__(self) -> Iterator[None]:
+        return iter(())
+
+
+_HELD = _Held()
 
 _REFUSALS = {
     "total": b"421 4.7.0 Too many connections, try again later\r\n",

@@ -10,6 +10,15 @@ The rules are aiosmtpd's (1.4, ``SMTP.smtp_DATA``), kept exactly: lines end with
 part of a line), a line longer than the line length limit makes ``500`` and one past the size
 limit ``552``, both answered only after the client's final dot, and the size counted is of the
 lines as sent (before unstuffing, without the final dot).
+
+Lines are taken one at a time (``readuntil``) only where these rules have something to say. The
+whole lines already received are taken together, up to :data:`BULK_BYTES` at once, unstuffed with
+one ``replace``: a 4 KB message is some 60 lines, and reading them one by one cost the listener
+150 µs (a tenth of what it spends on a message). Together only when none of them is too long, the
+size limit is not reached with them, the budget has room for them all and nothing has gone wrong
+before: otherwise line by line, as before, so every outcome is the one the lines would have had
+read one by one. (This reads the ``asyncio.StreamReader``'s own buffer, ``_buffer``: the reader
+has no way to look at what it holds without taking it.)
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from typing import BinaryIO
 log = logging.getLogger(__name__)
 
 BUFFER_BYTES = 1024 * 1024  # bytes of a message held in memory before it goes to the spool file
+BULK_BYTES = 64 * 1024  # the most of the reader's buffer taken in one piece (whole lines only)
 
 
 class Outcome(enum.Enum):
@@ -128,6 +138,16 @@ async def receive(reader: asyncio.StreamReader, spool: Spool, size_limit: int | 
     outcome = Outcome.COMPLETE
     fragment = False  # a part of an over-long line has been read: a dot ends nothing until its CRLF
     while True:
+        if outcome is Outcome.COMPLETE and not fragment:
+            lines, last = _whole_lines(reader, line_length_limit, size_limit - received if size_limit else BULK_BYTES)
+            if lines or last:
+                del reader._buffer[:len(lines) + (3 if last else 0)]  # the lines, and the final dot if it came
+                reader._maybe_resume_transport()
+                received += len(lines)
+                outcome = _keep(spool, _unstuffed(lines), admit)
+                if last:
+                    return outcome
+                continue
         try:
             line = await reader.readuntil(b"\r\n")
         except asyncio.LimitOverrunError as overrun:  # the line is longer than the reader may hold
@@ -148,17 +168,55 @@ async def receive(reader: asyncio.StreamReader, spool: Spool, size_limit: int | 
             outcome = Outcome.TOO_LONG
             spool.discard()
             continue
-        unstuffed = line[1:] if line[:1] == b"." else line
-        if not admit(spool.size + len(unstuffed)):
-            outcome = Outcome.OVER_BUDGET
-            spool.discard()
-            continue
-        try:
-            spool.append(unstuffed)
-        except OSError as exc:
-            log.error("event=spool-failed error=%r", exc)
-            outcome = Outcome.SPOOL_FAILED
-            spool.discard()
-        except MemoryError:  # the process may have less than the budget says: read on, then 452
-            outcome = Outcome.OUT_OF_MEMORY
-            spool.discard()
+        outcome = _keep(spool, line[1:] if line[:1] == b"." else line, admit)
+
+
+def _keep(spool: Spool, unstuffed: bytes | bytearray, admit: Callable[[int], bool]) -> Outcome:
+    """Add *unstuffed* lines to *spool* if the budget has room: the outcome so far, discarding the
+    spool when it is no longer complete."""
+    if not admit(spool.size + len(unstuffed)):
+        spool.discard()
+        return Outcome.OVER_BUDGET
+    try:
+        spool.append(unstuffed)
+    except OSError as exc:
+        log.error("event=spool-failed error=%r", exc)
+        spool.discard()
+        return Outcome.SPOOL_FAILED
+    except MemoryError:  # the process may have less than the budget says: read on, then 452
+        spool.discard()
+        return Outcome.OUT_OF_MEMORY
+    return Outcome.COMPLETE
+
+
+def _whole_lines(reader: asyncio.StreamReader, line_length_limit: int, room: int) -> tuple[bytearray, bool]:
+    """The whole lines at the start of *reader*'s buffer that can be taken together (none longer
+    than *line_length_limit*, at most *room* and :data:`BULK_BYTES` bytes in all), and whether the
+    final dot follows them. The buffer starts at a line's start (no fragment is being read). No
+    lines (and False) leave the next line to ``readuntil``: it is not whole yet, or it is too long,
+    or it is past the room left."""
+    buffer = reader._buffer
+    if buffer[:3] == b".\r\n":
+        return bytearray(), True
+    reach = min(room, BULK_BYTES)
+    final = buffer.find(b"\r\n.\r\n", 0, reach + 3)  # lines before it end within reach
+    end = final + 2 if final >= 0 else buffer.rfind(b"\r\n", 0, reach) + 2
+    if end < 2:
+        return bytearray(), False
+    lines = buffer[:end]
+    each = lines.split(b"\r\n")
+    if max(map(len, each)) + 2 <= line_length_limit:
+        return lines, final >= 0
+    end = 0
+    for line in each:  # only up to the first that is too long (rare: the message gets 500 for it)
+        if len(line) + 2 > line_length_limit:
+            break
+        end += len(line) + 2
+    return lines[:end], False
+
+
+def _unstuffed(lines: bytearray) -> bytearray:
+    """Whole *lines* without the dot each that starts with one had added (RFC 5321 4.5.2)."""
+    if b"\r\n." in lines:
+        lines = lines.replace(b"\r\n.", b"\r\n")
+    return lines[1:] if lines[:1] == b"." else lines
