@@ -8,12 +8,12 @@ they slow each other down. The worker shares nothing with the listener but the d
 it can also crash or restart without touching a single accepted message.
 
 Accepting comes first: the worker runs at a lower CPU priority than the listener, its parse
-helper at the lowest (see :func:`intake.run.worker._yield_cpu_to_listener`); the worker writes in short
-transactions (``processing.messages_per_transaction``), so the listener's commits never wait
-long for the lock; it (not a commit in front of a 250) copies the SQLite WAL into the database
-file; and its outbox sender holds back while there is a backlog of mail to act on. The listener
-checkpoints only when the WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load never lets
-the WAL start over).
+helper at the lowest (see :func:`intake.run.worker._yield_cpu_to_listener`); the worker writes in
+short transactions (``processing.messages_per_transaction``), so the listener's commits never
+wait long for the lock; it (not a commit in front of a 250) copies the SQLite WAL into the
+database file; and its outbox sender holds back while there is a backlog of mail to act on. The
+listener checkpoints only when the WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load
+never lets the WAL start over).
 
 systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
 (socket activation: port 25 without any capability), else ``smtp.listen``; ``READY=1`` once the
@@ -42,9 +42,9 @@ from intake import openpgp
 from intake.config import production
 from intake.config.sections import HostPort
 from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
+from intake.processes import main_left_alone, return_large_buffers
 from intake.receive import fetch
 from intake.receive.listener import IntakeHandler, smtp_factory
-from intake.processes import main_left_alone, return_large_buffers
 from intake.run import metrics
 from intake.run.process_flag import ProcessFlag
 from intake.sla import deadlines
@@ -366,8 +366,8 @@ def _start_worker(context, settings: Settings, wake: ProcessFlag, stop: ProcessF
 def _worker_process(config_path: str | None, wake: ProcessFlag, stop: ProcessFlag, parent_pid: int,
                     metrics_pipe: Connection | None) -> None:
     """The worker process's entry point. Its module (the processor, the outbox, the scheduler and
-    all they use: the parse stack, the composer, OpenPGP, ~25 MB) is imported here, in the worker
-    only: the listener never runs any of it."""
+    all they use: the parse stack, routing, the composer) is imported here, in the worker only:
+    the listener never runs any of it, and held it for nothing (10 MB of its idle RSS)."""
     from intake.run import worker
 
     worker.worker_main(config_path, wake, stop, parent_pid, metrics_pipe)
