@@ -12,7 +12,9 @@ For each phase it reports, per process of intake's process group (the listener, 
 ``intake serve`` process; the ``intake-worker`` child; the worker's parse helper), the peak RSS
 above that process's idle RSS (measured after the warm-up, when everything is quiet) and that peak
 as a multiple of one message's size; and the whole group's peak RSS (the sum of every process's
-RSS, sampled every ``SAMPLE_INTERVAL`` s). Per-process peaks are the kernel's own high-water mark
+RSS, sampled every ``SAMPLE_INTERVAL`` s; its PSS at the same samples is reported beside it, for
+information: RSS counts the pages the processes share, the interpreter's and the libraries', once
+per process, as the goal does). Per-process peaks are the kernel's own high-water mark
 (``VmHWM`` of /proc/PID/status, reset through /proc/PID/clear_refs before each phase), so no
 short peak between two samples is missed; a process that appears during a phase (a replaced
 helper) is counted by its sampled RSS and its own VmHWM.
@@ -217,6 +219,18 @@ def memory_status(pid: int) -> dict[str, int]:
     return values
 
 
+def proportional_set_size(pid: int) -> int:
+    """PSS of *pid* in bytes: its RSS with each page shared with other processes (the interpreter,
+    shared libraries) counted as its share; 0 once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def reset_peak(pid: int) -> None:
     """Set the kernel's peak RSS of *pid* (VmHWM) to its RSS now (clear_refs 5, Linux >= 4.0)."""
     try:
@@ -227,13 +241,15 @@ def reset_peak(pid: int) -> None:
 
 class MemorySampler:
     """Samples the RSS of every process in a process group in a thread: the group's peak (sum of
-    its processes at one sample) and each process's own peak (max of samples and VmHWM)."""
+    its processes at one sample) and each process's own peak (max of samples and VmHWM). Also the
+    group's peak PSS (shared pages counted once), for information: the goal is on RSS."""
 
     def __init__(self, group: int):
         self._group = group
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.tree_peak = 0
+        self.tree_pss_peak = 0
         self.most_tasks = 0  # threads of all the group's processes together (what systemd's TasksMax counts)
         self.peaks: dict[int, int] = {}
         self.roles: dict[int, str] = {}
@@ -254,16 +270,18 @@ class MemorySampler:
             self._sample()
 
     def _sample(self) -> None:
-        total = tasks = 0
+        total = tasks = pss = 0
         for pid, role in group_processes(self._group).items():
             status = memory_status(pid)
             if not status:
                 continue
             self.roles[pid] = role
             total += status["VmRSS"]
+            pss += proportional_set_size(pid)
             tasks += status["Threads"]
             self.peaks[pid] = max(self.peaks.get(pid, 0), status["VmRSS"], status["VmHWM"])
         self.tree_peak = max(self.tree_peak, total)
+        self.tree_pss_peak = max(self.tree_pss_peak, pss)
         self.most_tasks = max(self.most_tasks, tasks)
 
     def peak_by_role(self) -> dict[str, int]:
@@ -274,15 +292,16 @@ class MemorySampler:
         return peaks
 
 
-def idle_rss(group: int) -> tuple[dict[str, int], int]:
-    """RSS per role (the largest process of each) and of the whole group, now."""
+def idle_rss(group: int) -> tuple[dict[str, int], int, int]:
+    """RSS per role (the largest process of each) and of the whole group, and the group's PSS, now."""
     by_role: dict[str, int] = {}
-    total = 0
+    total = pss = 0
     for pid, role in group_processes(group).items():
         rss = memory_status(pid).get("VmRSS", 0)
         total += rss
+        pss += proportional_set_size(pid)
         by_role[role] = max(by_role.get(role, 0), rss)
-    return by_role, total
+    return by_role, total, pss
 
 
 # -- the database, read-only -----------------------------------------------------------------
@@ -341,6 +360,7 @@ class Phase:
     seconds_to_tickets: float | None = None  # every accepted message has a ticket
     peak_above_idle: dict[str, int] = field(default_factory=dict)  # role -> bytes
     tree_peak: int = 0  # bytes: the whole group's RSS at its highest sample
+    tree_pss_peak: int = 0  # bytes: the whole group's PSS at its highest sample (shared pages counted once)
     most_tasks: int = 0  # the group's threads at most, at one sample
     attachments_intact: int = 0  # of the accepted messages
 
@@ -362,7 +382,7 @@ def run_phase(server: ServerProcess, database: Path, config: Path, workdir: Path
         if wait_until_done(database, tickets_before + sent.accepted, deadline):
             phase.seconds_to_tickets = time.monotonic() - started
     phase.accepted, phase.deferred, phase.refused = sent.accepted, sent.deferred, sent.refused
-    phase.tree_peak, phase.most_tasks = sampler.tree_peak, sampler.most_tasks
+    phase.tree_peak, phase.tree_pss_peak, phase.most_tasks = sampler.tree_peak, sampler.tree_pss_peak, sampler.most_tasks
     phase.peak_above_idle = {role: max(peak - idle.get(role, 0), 0) for role, peak in sampler.peak_by_role().items()}
     digests = attachment_digests(server, config, ticket_references(database, tickets_before), workdir)
     phase.attachments_intact = len(set(digests) & set(sent.attachment_sha256))
@@ -388,8 +408,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             if not wait_until_done(database, 1, deadline):
                 raise ServerFailed(f"intake did not process the warm-up message\n{server.log_tail()}")
             time.sleep(IDLE_SETTLE)
-            idle, idle_total = idle_rss(server.group)
-            progress("idle RSS: " + ", ".join(f"{role} {rss / MB:.1f} MB" for role, rss in sorted(idle.items())))
+            idle, idle_total, idle_pss = idle_rss(server.group)
+            progress("idle RSS: " + ", ".join(f"{role} {rss / MB:.1f} MB" for role, rss in sorted(idle.items()))
+                     + f"; in all {idle_total / MB:.1f} MB (PSS {idle_pss / MB:.1f} MB)")
             phases = [Phase("one", 1, 1, 0), Phase("ten", args.messages, args.concurrency, 0)]
             done = 1
             for phase in phases:
@@ -397,7 +418,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 done += phase.accepted
                 progress(format_phase(phase))
     return {"machine": describe_machine(), "encryption": args.encryption,
-            "idle_rss": idle, "idle_rss_total": idle_total, "phases": [asdict(phase) for phase in phases],
+            "idle_rss": idle, "idle_rss_total": idle_total, "idle_pss_total": idle_pss,
+            "phases": [asdict(phase) for phase in phases],
             "goals": evaluate(phases)}
 
 
@@ -425,7 +447,8 @@ def format_phase(phase: Phase) -> str:
     tickets = f"{phase.seconds_to_tickets:.1f} s" if phase.seconds_to_tickets is not None else "INCOMPLETE"
     refused = f"; refused: {phase.refused}" if phase.refused else ""
     return (f"{phase.name}: accepted {phase.accepted}/{phase.messages} ({phase.deferred} deferred), last 250 after {last_250}, tickets after "
-            f"{tickets}; peak above idle: {roles}; whole service peak {phase.tree_peak / MB:.1f} MB, "
+            f"{tickets}; peak above idle: {roles}; whole service peak {phase.tree_peak / MB:.1f} MB "
+            f"(PSS {phase.tree_pss_peak / MB:.1f} MB), "
             f"{phase.most_tasks} threads; "
             f"attachments intact {phase.attachments_intact}/{phase.accepted}{refused}")
 

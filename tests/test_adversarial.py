@@ -16,7 +16,7 @@ from intake import patterns
 from intake.run import processor
 from intake.send import composer
 from intake.tickets import credit, maintainer_mail
-from intake.understand import body_text, bounces, lookups, parse, quality, route, text_work
+from intake.understand import body_text, bounces, credit_words, lookups, parse, quality, route, text_work
 from intake.understand.quality import SHIPPED_RULES, RulesError, load_rules, parse_rules
 from intake.vocabulary import REPORTER_REPLY
 
@@ -29,7 +29,7 @@ def database_url(sqlite_url: str) -> str:
 # -- the engine -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [credit, maintainer_mail, text_work, route, quality, parse], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [credit, credit_words, maintainer_mail, text_work, route, quality, parse], ids=lambda m: m.__name__)
 def test_modules_reading_senders_text_compile_no_backtracking_pattern(module):
     backtracking = [name for name, value in vars(module).items() if isinstance(value, re.Pattern)]
     assert backtracking == [] and not hasattr(module, "re")
@@ -44,7 +44,7 @@ def test_every_pattern_applied_to_senders_text_is_an_re2_pattern(make_settings):
     config = lookups.routing_config(settings)
     assert isinstance(config.reference_pattern, patterns.Pattern)
     assert isinstance(config.reply_address_tag, patterns.Pattern)
-    assert isinstance(credit._QUOTE_HEADER, patterns.Pattern)  # the pattern of the 39 s reply
+    assert isinstance(credit_words._QUOTE_HEADER, patterns.Pattern)  # the pattern of the 39 s reply
     assert isinstance(composer._REPLY_PREFIX, patterns.Pattern)
     assert settings.never_answered("no-reply@example.org") and not settings.never_answered("alice@example.org")
 
@@ -98,10 +98,10 @@ def test_a_never_reply_to_pattern_re2_cannot_run_fails_check_config(cli, config_
 
 
 def test_lookarounds_rewritten_for_re2_mean_what_they_meant():
-    assert credit.recognise("credit me as Jane Doe (@janed), not bob@example.org").handle == "@janed"
-    assert credit.recognise("credit me as Jane Doe, see https://x.example/@nobody").handle is None
-    assert credit.recognise("Credit: J. R. O'Brien. Thanks!").name == "J. R. O'Brien"
-    assert credit.recognise("Credit: 'Jane Doe'").name == "Jane Doe"
+    assert credit_words.recognise("credit me as Jane Doe (@janed), not bob@example.org").handle == "@janed"
+    assert credit_words.recognise("credit me as Jane Doe, see https://x.example/@nobody").handle is None
+    assert credit_words.recognise("Credit: J. R. O'Brien. Thanks!").name == "J. R. O'Brien"
+    assert credit_words.recognise("Credit: 'Jane Doe'").name == "Jane Doe"
     assert bounces._status_code("Status: 5.1.1") == "5.1.1"
     assert bounces._status_code("v1.5.1.10 then 4.4.7 (delayed)") == "4.4.7"
     assert bounces._status_code("build 2.0.0.1") is None
@@ -117,8 +117,8 @@ def test_lookarounds_rewritten_for_re2_mean_what_they_meant():
 @pytest.mark.timeout(30)  # a hang guard: on the backtracking engine this is hours (5k lines: 0.24 s, 40k: 16.8 s)
 def test_a_reply_of_a_million_blank_lines_is_read_in_one_pass():
     reply = "Please credit me as Jane Doe.\n" + "\n" * 1_000_000 + "On Mon, Alice wrote:\n> credit me as Bob\n"
-    assert credit.own_words(reply).startswith("Please credit me as Jane Doe.")
-    assert "Bob" not in credit.own_words(reply)
+    assert credit_words.own_words(reply).startswith("Please credit me as Jane Doe.")
+    assert "Bob" not in credit_words.own_words(reply)
     assert text_work.read(reply).reply_credit.name == "Jane Doe"
 
 
@@ -198,7 +198,7 @@ def test_no_text_work_runs_while_the_write_lock_is_held(make_settings, start_int
         return guarded
 
     monkeypatch.setattr(processor, "write_session", watched_write_session)
-    for module, name in [(credit, "recognise"), (credit, "own_words"), (text_work, "split_commands"),
+    for module, name in [(credit_words, "recognise"), (credit_words, "own_words"), (text_work, "split_commands"),
                          (text_work, "trim_reply"), (text_work, "read"), (parse, "parse")]:
         monkeypatch.setattr(module, name, forbidden_under_lock(getattr(module, name)))
     monkeypatch.setattr(quality.RuleSet, "score", forbidden_under_lock(quality.RuleSet.score))

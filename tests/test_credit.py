@@ -10,7 +10,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from conftest import process, report, smtp_send
-from intake.tickets import credit, reads
+from intake.tickets import reads
+from intake.understand import credit_words
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_a_stated_preference_is_recognised_when_the_ticket_opens(cli, open_repor
     ("We give no credit to scanners.", None),
 ])
 def test_recognised_statements(text, expected):
-    found = credit.recognise(f"Hello,\n{text}\n")
+    found = credit_words.recognise(f"Hello,\n{text}\n")
     assert (found and (found.name, found.handle, found.url, found.anonymous)) == (expected or None)
 
 

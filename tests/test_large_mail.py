@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from conftest import all_tickets, process
 from intake.cli.app import main
 from intake.receive import spool
+from intake.store import key_rotation
 from test_listener import RawSMTP, message_bytes, stored_rows
 from test_serve import serve, serve_env  # noqa: F401 - fixtures
 
@@ -224,7 +225,11 @@ def _memory(pid: int, field: str) -> int:
 
 
 @pytest.mark.slow
-def test_the_listener_of_intake_serve_grows_by_less_than_three_times_a_25_mb_message(serve, serve_env):  # noqa: F811
+@pytest.mark.parametrize("sealed", [False, True], ids=["clear", "storage-key"])
+def test_the_listener_of_intake_serve_grows_by_less_than_three_times_a_25_mb_message(serve, serve_env,  # noqa: F811
+                                                                                    tmp_path, sealed):
+    if sealed:  # sealing adds no whole copy: the message goes into its row sealed piece by piece
+        serve_env["INTAKE_STORAGE__KEY_FILE"] = str(key_rotation.write_storage_key(tmp_path / "storage.key").source)
     server = serve()
     server.start()
     assert send(server.port, message_bytes("warm", 2 * spool.BUFFER_BYTES))[0] == 250

@@ -19,7 +19,7 @@ from sqlalchemy import select, update
 from conftest import all_tickets, deliver_outbox, process, report
 from intake.cli.app import main
 from intake.store.key_rotation import storage_keyring
-from intake.store import inbound, key_rotation, sealing
+from intake.store import inbound, inbound_lookups, key_rotation, sealing
 from intake.store.db import make_engine, read_session, write_session
 from intake.store.inbound import Arrival
 from intake.store.models import DataKey, InboundMessage, InboundRaw, Outbox, ThreadEntry
@@ -147,6 +147,28 @@ def test_content_is_sealed_in_every_column_and_opens_through_the_readers(make_se
     assert sent and all(b"Message-ID" in p.read_bytes() for p in sent)
 
 
+@pytest.mark.parametrize("sealed", [True, False], ids=["sealed", "clear"])
+def test_a_message_past_the_in_place_size_is_written_in_pieces_and_reads_back_whole(make_settings, database_url,
+                                                                                    tmp_path, sealed):
+    """On SQLite a large message goes into its row in pieces (sealed piece by piece), not bound
+    whole; beside a small one in the same commit, each reads back byte for byte, each sealed in
+    its row when a key is set (the canary in no byte of the files), in clear when not."""
+    settings = make_settings(**({"INTAKE_STORAGE__KEY_FILE": str(_keygen(tmp_path / "k"))} if sealed else {}))
+    engine = sealing.attach(make_engine(database_url), storage_keyring(settings))
+    filler = os.urandom(inbound.IN_PLACE_BYTES * 3 // 4).hex().encode()  # 1.5 pieces: a last one part-filled
+    large = _canary_report().as_bytes() + b"\r\n" + filler
+    small = _canary_report("a small one").as_bytes()
+    ids = inbound.store(engine, [Arrival("alice@researcher.test", ["security@example.com"], "127.0.0.1", "h", raw, NOW)
+                                 for raw in (large, small)])
+    assert [inbound.get(engine, id_).raw for id_ in ids] == [large, small]
+    with read_session(engine) as session:
+        stored = [bytes(session.get(InboundRaw, id_).raw) for id_ in ids]
+    assert [sealing.is_sealed(value) for value in stored] == [sealed, sealed]
+    assert [CANARY.encode() in value for value in stored] == [not sealed, not sealed]
+    if sealed and database_url.startswith("sqlite"):
+        assert _found_in(_database_files(database_url), CANARY) == []
+
+
 def test_ciphertext_moved_to_another_row_or_column_does_not_open(make_settings, database_url, tmp_path):
     settings, engine = _sealed_engine(make_settings, database_url, _keygen(tmp_path / "k"))
     first = _ticket_from_canary(settings, engine, "first")
@@ -224,7 +246,7 @@ def test_redeliveries_still_match_but_the_digest_is_keyed(make_settings, databas
     digest = sealing.content_digest(engine, raw)
     import hashlib
     assert digest != hashlib.sha256(raw).hexdigest()
-    assert inbound.known_hashes(engine, [digest]) == {digest}
+    assert inbound_lookups.known_hashes(engine, [digest]) == {digest}
     # A fetch source's second copy of the same bytes is found by the keyed digest and not stored.
     again = Arrival("a@researcher.test", ["security@example.com"], "1.2.3.4", "h", raw, NOW)
     assert inbound.store_new_from(engine, "1.2.3.4", [again]) == []
@@ -274,7 +296,7 @@ def test_rotate_killed_midway_resumes_and_content_survives(make_settings, sqlite
     assert rotating.stdout.readline().startswith(b"re-wrapped 1 ")
     os.kill(rotating.pid, signal.SIGKILL)
     rotating.wait(10)
-    both = sealing.Keyring(sealing.read_storage_key(new_key), (sealing.read_storage_key(old_key),))
+    both = sealing.Keyring(key_rotation.read_storage_key(new_key), (key_rotation.read_storage_key(old_key),))
     remaining = {row["current"]: row["count"] for row in key_rotation.status(engine, both)["data_keys"]}
     assert remaining.get(False, 0) > 0 and remaining.get(True, 0) > 0  # killed midway
 

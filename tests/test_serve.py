@@ -24,7 +24,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from conftest import SinkHandler, free_port, report
-from intake.run.service import WORKER_NICENESS
+from intake.run.worker import WORKER_NICENESS
 from intake.store import inbound, schema
 from intake.store.db import make_engine
 

@@ -15,10 +15,14 @@ import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pysequoia
 
-from intake.config.settings import ConfigError, Settings
+from intake.config import ConfigError
+
+if TYPE_CHECKING:  # not imported at run time: the parse helper decrypts without the settings' models
+    from intake.config.settings import Settings
 
 KEY_CREDENTIAL = "openpgp-key"
 PASSPHRASE_CREDENTIAL = "openpgp-passphrase"

@@ -1,4 +1,4 @@
-"""Commands for the operator: serve, check-config, the database (db upgrade/check/current/history/
+"""Commands for the operator: check-config, the database (db upgrade/check/current/history/
 revision, backup, restore), the reply-address secret and the SLA policies (sla explain/recompute)."""
 
 from __future__ import annotations
@@ -23,14 +23,6 @@ from intake.store.db import is_sqlite, sqlite_file
 from intake.tickets import promises
 from intake.understand import reply_tokens
 from intake.vocabulary import SEVERITIES, AuditAction, Milestone
-
-
-@click.command()
-@click.pass_obj
-def serve(obj: Context) -> None:
-    """Run the SMTP listener, processor and outbox until SIGTERM."""
-    service.configure_logging(obj.settings.logging)
-    sys.exit(service.serve(obj.settings))
 
 
 @click.command("check-config")

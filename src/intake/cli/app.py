@@ -79,7 +79,7 @@ COMMANDS = {
     "reminders": Registered(_M + "mail:reminders_command",
                             "What was sent for ticket REFERENCE, to maintainers and to the reporter, "
                             "and what comes next."),
-    "serve": Registered(_M + "admin:serve", "Run the SMTP listener, processor and outbox until SIGTERM."),
+    "serve": Registered(_M + "serving:serve", "Run the SMTP listener, processor and outbox until SIGTERM."),
     "init": Registered(_M + "setup:init",
                        "Write a production config.toml (mode 0640, group intake) from these flags, asking on a "
                        "terminal for what is missing; placeholder domains (example.com, *.test, ...) are refused."),

@@ -19,6 +19,7 @@ from intake.display import echo
 from intake.sla import stats
 from intake.store.db import write_session
 from intake.tickets import advisory, credit, reads
+from intake.understand import credit_words
 from intake.vocabulary import AuditAction
 
 _RELATIVE = re.compile(r"(\d+)([hdw])")
@@ -67,8 +68,8 @@ def credit_command(obj: Context, reference: str, name: str | None, handle: str |
     wanted = None  # with --clear: forget it
     if setting or anonymous:
         try:
-            wanted = credit.make(name=name, handle=handle, url=url, anonymous=anonymous)
-        except credit.CreditError as exc:
+            wanted = credit_words.make(name=name, handle=handle, url=url, anonymous=anonymous)
+        except credit_words.CreditError as exc:
             raise click.UsageError(str(exc)) from None
     try:
         with write_session(obj.engine()) as session:

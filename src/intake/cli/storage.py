@@ -22,10 +22,10 @@ def storage_group() -> None:
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 def keygen(path: Path) -> None:
     """Write a new storage key to PATH (mode 0600); never replaces a file."""
-    from intake.store import sealing
+    from intake.store import key_rotation
 
     try:
-        key = sealing.write_storage_key(path)
+        key = key_rotation.write_storage_key(path)
     except FileExistsError:
         fail(f"{path} exists: a storage key is never overwritten (the content it opens would be lost)")
     except OSError as exc:
@@ -67,7 +67,7 @@ def rotate(obj: Context, new_key: Path | None, batch_size: int) -> None:
     configured = obj.keyring
     if new_key is not None:
         try:
-            target = sealing.read_storage_key(new_key)
+            target = key_rotation.read_storage_key(new_key)
         except sealing.SealingError as exc:
             fail(str(exc), 78)
         keyring = sealing.Keyring(target, tuple(k for k in (configured.current, *configured.previous)

@@ -15,7 +15,8 @@ from intake.cli.common import (
 )
 from intake.display import echo
 from intake.sla import deadlines
-from intake.tickets import credit, disclosure, reads, undeliverable
+from intake.tickets import disclosure, reads, undeliverable
+from intake.understand import credit_words
 from intake.vocabulary import SEVERITIES, TICKET_STATES, AuditAction
 
 
@@ -158,7 +159,7 @@ def show(obj: Context, reference: str, as_json: bool) -> None:
     for link in t.links:
         echo(f"  {link['kind']} {link['reference']}")
     if t.credit:
-        echo(f"  credit: {credit.Credit.from_dict(t.credit).display} (from {t.credit.get('source')})")
+        echo(f"  credit: {credit_words.Credit.from_dict(t.credit).display} (from {t.credit.get('source')})")
     if t.quality:
         matched = ", ".join(t.quality.get("matched", [])) or "no rule"
         echo(f"  quality score {t.quality.get('score')} (threshold {t.quality.get('threshold')}): {matched}")

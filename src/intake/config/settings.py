@@ -28,6 +28,7 @@ from pydantic import AfterValidator, BaseModel, Field, PrivateAttr, ValidationEr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from intake import patterns
+from intake.config import ConfigError
 from intake.config.fetch import FetchSource, check_sources, token_files_exist
 from intake.config.sections import (
     AdvisorySection, AutoReplySection, DatabaseSection, IntakeSection, LoggingSection, Maintainer, MetricsSection,
@@ -69,10 +70,6 @@ def _any_of(texts: tuple[str, ...]) -> patterns.Pattern | None:
     """One case-insensitive pattern that fully matches what any of *texts* fully matches (one RE2
     match per sender instead of one per pattern); None for no texts."""
     return patterns.compile("|".join(f"(?:{text})" for text in texts), ignorecase=True) if texts else None
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the key and the reason."""
 
 
 class Settings(BaseSettings):

@@ -246,3 +246,16 @@ def make_handler(section: LoggingSection) -> logging.Handler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(StructuredFormatter(section.format, prefix))
     return handler
+
+
+def configure_logging(section: LoggingSection) -> None:
+    """Every logger to stderr, one structured line per record (see the module's docstring)."""
+    logging.basicConfig(level=section.level.upper(), handlers=[make_handler(section)], force=True)
+    # aiosmtpd logs every SMTP command at INFO, addresses included; our own lines say what matters.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # mail-parser warns about every MIME type it does not render; that is not news.
+    logging.getLogger("mailparser").setLevel(logging.ERROR)
+    # APScheduler logs two lines for every run of every job; the sweep logs what it sent.
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # Alembic logs its plugin set-up at every start (about 20 lines); event=schema-upgraded says what changed.
+    logging.getLogger("alembic").setLevel(logging.WARNING)

@@ -40,7 +40,7 @@ from intake.config.settings import Settings
 from intake.run import processor
 from intake.sla import deadlines
 from intake.tickets import imported_replies
-from intake.store import inbound, sealing
+from intake.store import inbound, inbound_lookups, sealing
 from intake.understand import addresses
 from intake.understand.header_text import clean_text, first_message_id, message_ids
 from intake.vocabulary import NEW_TICKET, InboundStatus
@@ -154,7 +154,7 @@ def import_mailbox(engine: Engine, settings: Settings, path: Path, now: datetime
     progress(result.duplicates + unreadable)
     # Counted from the rows, not the batch result: a running worker may have processed some.
     opened = []
-    for status, decision, ticket_id in inbound.outcomes(engine, stored_ids):
+    for status, decision, ticket_id in inbound_lookups.outcomes(engine, stored_ids):
         if status == InboundStatus.FAILED:
             result.failed += 1
             continue
@@ -261,8 +261,8 @@ def _recipients(settings: Settings, to_values: list[str], cc_values: list[str]) 
 
 def _new_entries(engine: Engine, entries: list[_Entry], result: ImportResult) -> list[_Entry]:
     """*entries* not stored already and not repeating an earlier one of the box; counts the rest."""
-    hashes = inbound.known_hashes(engine, (entry.sha256 for entry in entries))
-    message_ids = inbound.known_message_ids(engine, (e.message_id for e in entries if e.message_id))
+    hashes = inbound_lookups.known_hashes(engine, (entry.sha256 for entry in entries))
+    message_ids = inbound_lookups.known_message_ids(engine, (e.message_id for e in entries if e.message_id))
     fresh = []
     for entry in entries:
         if entry.sha256 in hashes or (entry.message_id and entry.message_id in message_ids):

@@ -1,5 +1,6 @@
 """``intake serve``: the listener in this process; the processor, the outbox and the scheduler
-(SLA sweep, digests) in a worker process.
+(SLA sweep, digests) in a worker process (:mod:`intake.run.worker`), which this module starts but
+never imports itself: each process holds only the modules it runs.
 
 Why two processes: accepting mail (aiosmtpd's event loop plus the group-commit writer) and
 processing it (MIME parsing, ORM writes, rendering) are both CPU-bound Python; under one GIL
@@ -7,12 +8,12 @@ they slow each other down. The worker shares nothing with the listener but the d
 it can also crash or restart without touching a single accepted message.
 
 Accepting comes first: the worker runs at a lower CPU priority than the listener, its parse
-helper at the lowest (see :func:`_yield_cpu_to_listener`); the worker writes in short
-transactions (``processing.messages_per_transaction``), so the listener's commits never wait
-long for the lock; it (not a commit in front of a 250) copies the SQLite WAL into the database
-file; and its outbox sender holds back while there is a backlog of mail to act on. The listener
-checkpoints only when the WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load never lets
-the WAL start over).
+helper at the lowest (see :func:`intake.run.worker._yield_cpu_to_listener`); the worker writes in
+short transactions (``processing.messages_per_transaction``), so the listener's commits never
+wait long for the lock; it (not a commit in front of a 250) copies the SQLite WAL into the
+database file; and its outbox sender holds back while there is a backlog of mail to act on. The
+listener checkpoints only when the WAL outgrows ``db.WAL_LIMIT`` (the worker is down, or load
+never lets the WAL start over).
 
 systemd integration: the listening sockets of ``intake.socket`` when systemd passes them
 (socket activation: port 25 without any capability), else ``smtp.listen``; ``READY=1`` once the
@@ -32,30 +33,26 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
 import weakref
 from collections.abc import Callable
 from datetime import datetime, timezone
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from sqlalchemy import Engine
 
 from intake import openpgp
 from intake.config import production
-from intake.config.sections import HostPort, LoggingSection
+from intake.config.sections import HostPort
 from intake.config.settings import EXIT_CONFIG, ConfigError, Settings, load_settings
+from intake.processes import main_left_alone, return_large_buffers
 from intake.receive import fetch
 from intake.receive.listener import IntakeHandler, smtp_factory
-from intake.run import logs, metrics, processor, scheduler
+from intake.run import metrics
 from intake.run.process_flag import ProcessFlag
-from intake.send.outbox import OutboxSender, make_transport
 from intake.sla import deadlines
-from intake.store import audit, audit_verify, claims, key_rotation, schema, sealing
-from intake.store.db import WAL_LIMIT, checkpoint, make_engine
+from intake.store import audit, audit_verify, key_rotation, schema, sealing
+from intake.store.db import WAL_LIMIT, make_engine
 from intake.store.group_commit import GroupCommitter
-from intake.tickets import undeliverable
-from intake.understand import parse_guard
 
 log = logging.getLogger(__name__)
 
@@ -89,19 +86,6 @@ def watchdog_interval() -> float | None:
     if not usec or (pid and pid != str(os.getpid())):
         return None
     return int(usec) / 2_000_000
-
-
-def configure_logging(section: LoggingSection) -> None:
-    """Every logger to stderr, one structured line per record (see :mod:`intake.run.logs`)."""
-    logging.basicConfig(level=section.level.upper(), handlers=[logs.make_handler(section)], force=True)
-    # aiosmtpd logs every SMTP command at INFO, addresses included; our own lines say what matters.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    # mail-parser warns about every MIME type it does not render; that is not news.
-    logging.getLogger("mailparser").setLevel(logging.ERROR)
-    # APScheduler logs two lines for every run of every job; the sweep logs what it sent.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)
-    # Alembic logs its plugin set-up at every start (about 20 lines); event=schema-upgraded says what changed.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def inherited_sockets() -> list[socket.socket]:
@@ -193,7 +177,7 @@ async def start_listener(settings: Settings, committer: GroupCommitter,
 
 
 def serve(settings: Settings) -> int:
-    parse_guard.return_large_buffers()  # the listener's: whole messages too, held as they come
+    return_large_buffers()  # the listener's: whole messages too, held as they come
     return asyncio.run(_serve(settings))
 
 
@@ -379,124 +363,24 @@ def _start_metrics(settings: Settings, engine: Engine, listener: Listener, worke
 def _start_worker(context, settings: Settings, wake: ProcessFlag, stop: ProcessFlag):  # type: ignore[no-untyped-def]
     channel = metrics.WorkerChannel(context) if settings.metrics.enabled else None
     worker = context.Process(
-        target=worker_main,
+        target=_worker_process,
         name="intake-worker",
         args=(str(settings.config_path) if settings.config_path else None, wake, stop, os.getpid(),
               channel.writer if channel else None),
     )
-    worker.start()
+    with main_left_alone():
+        worker.start()
     if channel:
         channel.started()
     log.info("event=worker-started pid=%d", worker.pid)
     return worker
 
 
-def worker_main(config_path: str | None, wake: ProcessFlag, stop: ProcessFlag, parent_pid: int,
-                metrics_pipe: Connection | None) -> None:
-    """Entry point of the worker process: processor, outbox and scheduler until told to stop."""
-    # The parent coordinates shutdown; a terminal's Ctrl-C reaches us too and must not cut a batch.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    _yield_cpu_to_listener()
-    parse_guard.return_large_buffers()  # one large message's bytes at a time, given back once done
-    settings = load_settings(Path(config_path) if config_path else None)
-    configure_logging(settings.logging)
-    try:
-        asyncio.run(_work(settings, wake, stop, parent_pid, metrics.WorkerReport(metrics_pipe)))
-    except Exception:
-        # One structured line (multiprocessing would print a bare traceback); the parent restarts us.
-        log.exception("event=worker-crashed")
-        sys.exit(1)
+def _worker_process(config_path: str | None, wake: ProcessFlag, stop: ProcessFlag, parent_pid: int,
+                    metrics_pipe: Connection | None) -> None:
+    """The worker process's entry point. Its module (the processor, the outbox, the scheduler and
+    all they use: the parse stack, routing, the composer) is imported here, in the worker only:
+    the listener never runs any of it, and held it for nothing (10 MB of its idle RSS)."""
+    from intake.run import worker
 
-
-# How far the worker lowers its CPU priority (nice). The parse helper goes all the way to 19.
-WORKER_NICENESS = 10
-
-
-def _yield_cpu_to_listener() -> None:
-    """Lower this process's CPU priority part of the way, before it starts any thread (threads
-    inherit it): when the listener and the worker want the same core, the listener's 250s come
-    first. Not all the way (the parse helper, which holds no lock, is at 19): the worker holds the
-    database's write lock while it writes, and the listener's commits wait for that lock; starved
-    at nice 19, a worker holding it kept them waiting far longer (measured: lock held up to 190 ms
-    against ~40 ms)."""
-    try:
-        os.nice(WORKER_NICENESS)
-    except OSError as exc:  # a sandbox that forbids it: run at the priority we have
-        log.warning("event=worker-priority-unchanged error=%s", exc)
-
-
-class _SenderPacing:
-    """Tells the outbox sender when to run: woken once mail was queued and the processor has
-    caught up; held back (see :meth:`OutboxSender.run`) while its batches come back full."""
-
-    def __init__(self) -> None:
-        self.wake = asyncio.Event()
-        self.backlog = asyncio.Event()
-        self._queued = False  # mail queued since the sender was last woken
-
-    def after(self, result: processor.BatchResult) -> None:
-        if result.full:  # a full batch: more mail is waiting to be acted on
-            self.backlog.set()
-        else:
-            self.backlog.clear()
-        self._queued |= bool(result.tickets_opened)
-        if self._queued and not self.backlog.is_set():
-            self.wake.set()
-            self._queued = False
-
-
-def _process_batch(engine: Engine, settings: Settings) -> processor.BatchResult:
-    """One batch, then a checkpoint: the worker copies the WAL into the database file, so that no
-    commit in front of a 250 has to (see :func:`intake.store.db.make_engine`)."""
-    result = processor.process_batch(engine, settings, datetime.now(timezone.utc))
-    checkpoint(engine)
-    return result
-
-
-async def _work(settings: Settings, wake: ProcessFlag, stop_flag: ProcessFlag, parent_pid: int,
-                report: metrics.WorkerReport) -> None:
-    keyring = key_rotation.storage_keyring(settings)  # the parent read and checked it
-    engine = sealing.attach(make_engine(settings.database_url, settings.database.busy_timeout,
-                                        checkpoint_on_commit=False), keyring)
-    audit.configure(settings)
-    stop = asyncio.Event()
-    pacing = _SenderPacing()
-    sender = OutboxSender(engine, settings, make_transport(settings), on_undelivered=undeliverable.record,
-                          on_record=report.outbox)
-    sending = asyncio.create_task(sender.run(stop, pacing.wake, busy=pacing.backlog))
-    loop = asyncio.get_running_loop()
-    jobs = scheduler.build_scheduler(engine, settings, on_queued=lambda: loop.call_soon_threadsafe(pacing.wake.set))
-    if settings.scheduler.enabled:
-        jobs.start()
-    try:  # restarted after a crash: what the dead worker had claimed on this host is taken up at once
-        released = await asyncio.to_thread(claims.release_dead, engine, datetime.now(timezone.utc))
-    except Exception:  # noqa: BLE001 - e.g. the database is down: those claims then run out by their lease
-        log.exception("event=claims-release-failed")
-        released = 0
-    log.info("event=worker-ready pid=%d released_claims=%d", os.getpid(), released)
-    poll = settings.processing.poll_interval
-    while True:
-        # A parent killed with SIGKILL cannot tell us to stop; being re-parented means it is gone.
-        if stop_flag.is_set() or os.getppid() != parent_pid:
-            break
-        try:
-            result = await asyncio.to_thread(_process_batch, engine, settings)
-        except Exception:  # noqa: BLE001 - e.g. database unreachable: wait and try again
-            log.exception("event=processor-error")
-            await asyncio.sleep(poll)
-        else:
-            pacing.after(result)
-            report.batch(result.decisions, len(result.failed), result.seconds)
-            report.claims(result.claimed, result.reclaimed)
-            if result.claimed:
-                continue
-        await asyncio.to_thread(wake.wait, poll)
-        wake.clear()
-    if jobs.running:
-        await asyncio.to_thread(jobs.shutdown, wait=True)  # a sweep in progress finishes its page
-    stop.set()
-    pacing.wake.set()
-    await sending
-    parse_guard.close()
-    engine.dispose()
+    worker.worker_main(config_path, wake, stop, parent_pid, metrics_pipe)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import functools
+import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ from sqlmodel import Session
 
 from intake.store.db import is_sqlite, read_session, sqlite_write_transaction, write_connection, write_session
 from intake.store import sealing
-from intake.store.models import InboundMessage, InboundRaw, ThreadEntry
+from intake.store.models import InboundMessage, InboundRaw
 from intake.vocabulary import InboundStatus
 
 @dataclass(frozen=True)
@@ -80,9 +81,9 @@ _MESSAGES, _RAW = InboundMessage.__table__, InboundRaw.__table__
 
 
 def _rows(engine: Engine, arrivals: Iterable[Arrival]) -> list[dict[str, object]]:
-    """The inbound_message rows of *arrivals* (and under "raw" their inbound_raw bytes), their
-    content sealed (when sealing is on) under a data key of each message's own, kept wrapped in
-    its row (see :mod:`intake.store.sealing`)."""
+    """The inbound_message rows of *arrivals* (and under "raw" their inbound_raw bytes, sealed as
+    they are written: see :func:`_sealed_raw`), their content sealed (when sealing is on) under a
+    data key of each message's own, kept wrapped in its row (see :mod:`intake.store.sealing`)."""
     keyring = sealing.keyring_of(engine)
     rows = []
     for a in arrivals:
@@ -97,7 +98,8 @@ def _rows(engine: Engine, arrivals: Iterable[Arrival]) -> list[dict[str, object]
             "trace": sealing.seal_text(key, "inbound_message", "trace", a.trace),
             "size": len(a.raw),
             "sha256": sealing.content_digest(engine, a.raw),
-            "raw": sealing.seal_bytes(key, "inbound_message", "raw", a.raw),
+            "raw": a.raw,
+            "raw_key": key,
             "status": InboundStatus.PENDING,
             "attempts": 0,
             "history": a.history,
@@ -128,7 +130,7 @@ def _insert(connection: Connection, rows: list[dict[str, object]]) -> list[int]:
     for id_, sha256 in sorted(inserted):
         ids_by_hash[sha256].append(id_)
     ids = [ids_by_hash[row["sha256"]].pop(0) for row in rows]
-    connection.execute(insert(_RAW), [{"id": id_, "raw": row["raw"]} for id_, row in zip(ids, rows)])
+    connection.execute(insert(_RAW), [{"id": id_, "raw": _sealed_raw(row)} for id_, row in zip(ids, rows)])
     return ids
 
 
@@ -143,11 +145,33 @@ def _store_sqlite(engine: Engine, rows: list[dict[str, object]]) -> list[int]:
         for row in rows:
             cursor.execute(sql, [process(row[name]) if process else row[name] for name, process in processors])
             ids.append(cursor.lastrowid)
-            cursor.execute(_SQLITE_INSERT_RAW, (cursor.lastrowid, row["raw"]))
+            if len(row["raw"]) < IN_PLACE_BYTES:
+                cursor.execute(_SQLITE_INSERT_RAW, (ids[-1], _sealed_raw(row)))
+            else:
+                _write_in_place(connection, ids[-1], row)
         return ids
 
 
 _SQLITE_INSERT_RAW = "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)"
+# A message this large is written into its row in pieces of this size (SQLite's incremental blob
+# I/O), sealed piece by piece. Bound whole, SQLite copied it twice (the bound value, then the
+# record) and sealing it whole held it twice more (AES-GCM's output, then it behind its header).
+IN_PLACE_BYTES = 1024 * 1024
+
+
+def _sealed_raw(row: dict[str, Any]) -> bytes:
+    return sealing.seal_bytes(row["raw_key"], "inbound_message", "raw", row["raw"])
+
+
+def _write_in_place(connection: sqlite3.Connection, id_: int, row: dict[str, Any]) -> None:
+    """*row*'s bytes, sealed, into a new inbound_raw row written as zeros (the record's last column:
+    SQLite writes those to its pages without building them in memory), then over them."""
+    key, raw = row["raw_key"], row["raw"]
+    connection.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, zeroblob(?))",
+                       (id_, sealing.sealed_size(key, len(raw))))
+    with connection.blobopen(_RAW.name, "raw", id_) as blob:
+        for piece in sealing.seal_pieces(key, "inbound_message", "raw", raw, IN_PLACE_BYTES):
+            blob.write(piece)
 
 
 @functools.cache
@@ -286,49 +310,6 @@ def get(engine: Engine, message_id: int) -> Got | None:
         raw = read_raw(session, row)
         row.trace = open_trace(session, row.trace, row.data_key)
         return Got(row, raw)
-
-
-def known_hashes(engine: Engine, hashes: Iterable[str]) -> set[str]:
-    """Which of the sha256 *hashes* a stored message already has."""
-    found: set[str] = set()
-    with read_session(engine) as session:
-        for chunk in _chunks(sorted(set(hashes))):
-            found.update(session.scalars(select(InboundMessage.sha256).where(InboundMessage.sha256.in_(chunk))))
-    return found
-
-
-def known_message_ids(engine: Engine, message_ids: Iterable[str]) -> set[str]:
-    """Which of *message_ids* a ticket's thread already holds (its message key is the Message-ID),
-    or an imported message was stored under."""
-    found: set[str] = set()
-    with read_session(engine) as session:
-        for chunk in _chunks(sorted(set(message_ids))):
-            found.update(session.scalars(select(ThreadEntry.message_key).where(ThreadEntry.message_key.in_(chunk))))
-            found.update(session.scalars(select(InboundMessage.message_id)
-                                         .where(InboundMessage.message_id.in_(chunk))))
-    return found
-
-
-def outcomes(engine: Engine, ids: list[int]) -> list[tuple[str, str | None, int | None]]:
-    """The status, decision and ticket of each stored message of *ids* (in no particular order)."""
-    table = InboundMessage.__table__
-    rows: list[tuple[str, str | None, int | None]] = []
-    with read_session(engine) as session:
-        for chunk in _chunks(ids):
-            rows += [(row.status, row.decision, row.ticket_id) for row in
-                     session.execute(select(table.c.status, table.c.decision, table.c.ticket_id)
-                                     .where(table.c.id.in_(chunk)))]
-    return rows
-
-
-# Values per IN (...) lookup: well under SQLite's and PostgreSQL's bound-parameter limits.
-_LOOKUP_CHUNK = 500
-
-
-def _chunks(values: list[Any]) -> Iterator[list[Any]]:
-    """*values* in slices of :data:`_LOOKUP_CHUNK`, one IN (...) lookup each."""
-    for start in range(0, len(values), _LOOKUP_CHUNK):
-        yield values[start:start + _LOOKUP_CHUNK]
 
 
 def head_of_raw(bind: Engine | Session, size: int) -> Any:

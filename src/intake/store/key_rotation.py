@@ -1,9 +1,13 @@
-"""Storage keys over time: the checks at start, rotation to a new storage key, status, and
-sealing content stored before a key was set (``intake storage``; see :mod:`intake.store.sealing`)."""
+"""Storage keys over time: their files, the checks at start, rotation to a new storage key,
+status, and sealing content stored before a key was set (``intake storage``; see
+:mod:`intake.store.sealing`)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +21,35 @@ from sqlmodel import Session
 from intake.config.settings import STORAGE_KEY_CREDENTIAL, ConfigError, Settings
 from intake.store.db import read_session, write_session
 from intake.store.models import InboundRaw
+from intake.store.private_files import write_private
 from intake.store.sealing import (
-    DATA_KEYS, HEADER, MAGIC, SEALED_COLUMNS, TABLES, TEXT_MARK, DataKeyValue, Keyring,
-    SealingError, inline_key, read_storage_key, inline_storage, keyring_of, new_key, open_inline, seal_bytes, seal_text,
+    DATA_KEYS, HEADER, MAGIC, SEALED_COLUMNS, STORAGE_KEY_BYTES, TABLES, TEXT_MARK, DataKeyValue, Keyring,
+    SealingError, StorageKey, inline_key, inline_storage, keyring_of, new_key, open_inline, seal_bytes, seal_text,
     sealed_key_id, storage_key_of, ticket_key, unwrap_key, unwrapped, wrap_key,
 )
+
+
+def read_storage_key(path: Path) -> StorageKey:
+    """The storage key in *path* (base64 of 32 bytes, as :func:`write_storage_key` writes it)."""
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SealingError(f"storage key {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    try:
+        secret = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        secret = b""
+    if len(secret) != STORAGE_KEY_BYTES:
+        raise SealingError(f"storage key {path}: not a key made by `intake storage keygen` "
+                           f"(base64 of {STORAGE_KEY_BYTES} bytes)")
+    return StorageKey(secret, str(path))
+
+
+def write_storage_key(path: Path) -> StorageKey:
+    """Write a new random storage key to *path* (mode 0600); refuses to replace a file."""
+    key = StorageKey(secrets.token_bytes(STORAGE_KEY_BYTES), str(path))
+    write_private(path, base64.b64encode(key.secret) + b"\n", replace=False)  # FileExistsError if taken
+    return key
 
 
 def check(engine: Engine, keyring: Keyring) -> None:

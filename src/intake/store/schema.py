@@ -129,6 +129,13 @@ def migration_transaction(engine: Engine) -> Iterator[Connection]:
 
 def upgrade(engine: Engine, revision: str = "head") -> Upgraded:
     """Bring the database to *revision* (default: head); a no-op when it is there already."""
+    if revision == "head":
+        # Read without Alembic (and without the lock: a migration under way has not committed its
+        # version yet): a process that only checks would otherwise keep Alembic, Mako and the
+        # migrations in memory for good (the listener: ~12 MB).
+        at = current(engine)
+        if at is not None and at == head():
+            return Upgraded(at, at, False)
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 

@@ -29,7 +29,6 @@ unwrapped data keys are cached per session or connection only, so a shred takes 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import os
@@ -38,10 +37,10 @@ import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import Connection, Engine, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -50,13 +49,13 @@ from sqlmodel import Session
 
 from intake.store.db import insert_new, read_session, write_session
 from intake.store.models import DataKey, InboundMessage, Outbox, ThreadEntry
-from intake.store.private_files import write_private
 
 MAGIC = b"\x00iS"
 VERSION = 1
 TEXT_MARK = "\x1b[sealed]"
 _KEY_ID_BYTES = 8
 _NONCE_BYTES = 12
+_TAG_BYTES = 16
 HEADER = len(MAGIC) + 1 + _KEY_ID_BYTES
 # Base64 characters after TEXT_MARK that hold the header (24 bytes of 4-byte-aligned input: 32 chars).
 _TEXT_HEADER_CHARS = 4 * ((HEADER + _NONCE_BYTES) // 3)
@@ -110,31 +109,6 @@ class Keyring:
 
 
 OFF = Keyring()
-
-
-# -- storage keys -------------------------------------------------------------------------------
-
-def read_storage_key(path: Path) -> StorageKey:
-    """The storage key in *path* (base64 of 32 bytes, as :func:`write_storage_key` writes it)."""
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SealingError(f"storage key {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
-    try:
-        secret = base64.b64decode(text, validate=True)
-    except binascii.Error:
-        secret = b""
-    if len(secret) != STORAGE_KEY_BYTES:
-        raise SealingError(f"storage key {path}: not a key made by `intake storage keygen` "
-                           f"(base64 of {STORAGE_KEY_BYTES} bytes)")
-    return StorageKey(secret, str(path))
-
-
-def write_storage_key(path: Path) -> StorageKey:
-    """Write a new random storage key to *path* (mode 0600); refuses to replace a file."""
-    key = StorageKey(secrets.token_bytes(STORAGE_KEY_BYTES), str(path))
-    write_private(path, base64.b64encode(key.secret) + b"\n", replace=False)  # FileExistsError if taken
-    return key
 
 
 @dataclass
@@ -320,8 +294,31 @@ def seal_bytes(key: DataKeyValue | None, table: str, column: str, data: bytes) -
     if key is None:
         return data
     nonce = os.urandom(_NONCE_BYTES)
-    header = MAGIC + bytes([VERSION]) + key.id.to_bytes(_KEY_ID_BYTES, "big")
-    return header + nonce + AESGCM(key.secret).encrypt(nonce, data, _aad(table, column, key.id))
+    return _header(key) + nonce + AESGCM(key.secret).encrypt(nonce, data, _aad(table, column, key.id))
+
+
+def _header(key: DataKeyValue) -> bytes:
+    return MAGIC + bytes([VERSION]) + key.id.to_bytes(_KEY_ID_BYTES, "big")
+
+
+def sealed_size(key: DataKeyValue | None, size: int) -> int:
+    """The bytes :func:`seal_bytes` makes of *size* bytes."""
+    return size if key is None else HEADER + _NONCE_BYTES + size + _TAG_BYTES
+
+
+def seal_pieces(key: DataKeyValue | None, table: str, column: str, data: bytes, piece: int) -> Iterator[bytes]:
+    """:func:`seal_bytes` in pieces of *piece* bytes (and the header, the tag): the same value once
+    joined, but a large one is never held whole twice (sealed, and AES-GCM's output before it)."""
+    view = memoryview(data)
+    if key is None:
+        yield from (view[at:at + piece] for at in range(0, len(data), piece))
+        return
+    nonce = os.urandom(_NONCE_BYTES)
+    encryptor = Cipher(algorithms.AES(key.secret), modes.GCM(nonce)).encryptor()
+    encryptor.authenticate_additional_data(_aad(table, column, key.id))
+    yield _header(key) + nonce
+    yield from (encryptor.update(view[at:at + piece]) for at in range(0, len(data), piece))
+    yield encryptor.finalize() + encryptor.tag
 
 
 def seal_text(key: DataKeyValue | None, table: str, column: str, text: str) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 from intake.sla import deadlines
 from intake.tickets import credit
 from intake.tickets.reads import TicketDetail
+from intake.understand import credit_words
 from intake.vocabulary import EventKind, Milestone
 
 PLACEHOLDER = "TODO"
@@ -39,7 +40,7 @@ def severity_entry(vector: str) -> dict[str, str]:
     return {"type": kind, "score": vector}
 
 
-def credits_entry(preference: credit.Credit | None) -> list[dict[str, Any]]:
+def credits_entry(preference: credit_words.Credit | None) -> list[dict[str, Any]]:
     """OSV ``credits``: the reporter as FINDER, with their URL as contact; nobody when anonymous."""
     if preference is None or preference.anonymous:
         return []

@@ -21,6 +21,7 @@ from sqlmodel import Session
 from intake.config.settings import Settings
 from intake.store.models import Ticket
 from intake.tickets import credit, disclosure, milestones, triage, updates
+from intake.understand import credit_words
 from intake.understand.text_work import NOTE_COMMAND
 from intake.vocabulary import CLOSE_REASONS, SEVERITIES, Milestone, TicketState
 
@@ -139,14 +140,14 @@ def _close(request: Request, words: list[str]) -> str:
 
 def _credit(request: Request, words: list[str]) -> str:
     if [word.lower() for word in words] == ["anonymous"]:
-        wanted = credit.make(anonymous=True, source="mail")
+        wanted = credit_words.make(anonymous=True, source="mail")
     else:
         handle = next((word for word in words if word.startswith("@")), None)
         url = next((word for word in words if word.startswith(("https://", "http://"))), None)
         name = " ".join(word for word in words if word not in (handle, url)) or None
         try:
-            wanted = credit.make(name=name, handle=handle, url=url, source="mail")
-        except credit.CreditError as exc:
+            wanted = credit_words.make(name=name, handle=handle, url=url, source="mail")
+        except credit_words.CreditError as exc:
             raise CommandError(str(exc)) from None
     credit.set_credit(request.session, request.ticket, wanted, request.now, request.actor)
     return f"credit: {wanted.display}"

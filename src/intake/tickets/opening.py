@@ -33,7 +33,7 @@ from intake.store.models import Deadline, Notification, ThreadEntry, Ticket
 from intake.tickets import credit, promises, reporter_keys
 from intake.tickets.records import entry_from_mail, event
 from intake.tickets.references import allocate_references, next_references
-from intake.understand import reply_tokens, route
+from intake.understand import credit_words, reply_tokens, route
 from intake.understand.header_text import clean_text
 from intake.understand.lookups import routing_config
 from intake.understand.parsed_mail import ParsedMail
@@ -63,7 +63,7 @@ class NewReport:
     # When it arrived, for the SLA: when the trusted relay in front accepted it, else when intake
     # did (stored.received_at); see intake.understand.arrival_time.
     received_at: datetime
-    credit: credit.Credit | None = None  # the credit the report states (read before any lock)
+    credit: credit_words.Credit | None = None  # the credit the report states (read before any lock)
     # Why it gets no automatic reply whatever loop safety and the rate limit say (`intake promote
     # --no-ack`), or None.
     no_reply: str | None = None
@@ -85,7 +85,7 @@ class Opening:
     refusal: str | None  # why the reporter gets no automatic reply (loop safety, rate limit)
     reply: composer.OutgoingMail | None
     deadlines: list[tuple[StageDeadline, datetime | None]]  # every stage's deadline, and when met
-    credit: credit.Credit | None = None  # how the report asks to be credited, if it says
+    credit: credit_words.Credit | None = None  # how the report asks to be credited, if it says
     notices: tuple[composer.OutgoingMail, ...] = ()  # the new-ticket notice, one mail per maintainer
     language: str = ENGLISH  # what the reporter's mail is written in (see report_language)
 

@@ -28,7 +28,7 @@ from intake.store import audit, sealing
 from intake.store.inbound import StoredMessage
 from intake.store.models import Event, Outbox, ThreadEntry, Ticket
 from intake.tickets import credit
-from intake.understand import decisions, route
+from intake.understand import credit_words, decisions, route
 from intake.understand.header_text import clean_text
 from intake.understand.lookups import message_key
 from intake.understand.parsed_mail import ParsedMail
@@ -49,7 +49,7 @@ def event(ticket_id: int, kind: str, now: datetime, actor: str = SYSTEM_ACTOR, *
 
 
 def record_on_ticket(session: Session, settings: Settings, stored: StoredMessage, incoming: route.Incoming,
-                     decision: route.Decision, now: datetime, reply_credit: credit.Credit | None) -> None:
+                     decision: route.Decision, now: datetime, reply_credit: credit_words.Credit | None) -> None:
     """Add a threaded message (reply, automatic mail, bounce) to its ticket; never answers it. What
     else it changes is its decision's :class:`~intake.understand.decisions.OnTicket`: only the
     reporter's own reply changes the ticket (a third party's is recorded and nothing else), a

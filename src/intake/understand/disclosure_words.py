@@ -16,7 +16,7 @@ from __future__ import annotations
 from datetime import date
 
 from intake import patterns
-from intake.tickets import credit
+from intake.understand import credit_words
 
 COMMAND = "disclose"
 _COMMAND_LINE = patterns.compile(r"^\s*#disclose\s+(\d{4})-(\d{2})-(\d{2})\s*$", ignorecase=True)
@@ -70,7 +70,7 @@ def _dates_in(line: str) -> set[date | None]:
 
 def _own_lines(text: str) -> list[str]:
     """The sender's own lines: up to a quote header, without ``>`` lines, bounded."""
-    return [line for line in credit.own_words(text).splitlines()[:_MAX_LINES]
+    return [line for line in credit_words.own_words(text).splitlines()[:_MAX_LINES]
             if not line.lstrip().startswith(">") and len(line) <= _MAX_LINE]
 
 

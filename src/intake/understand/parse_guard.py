@@ -29,27 +29,24 @@ puts them together: the caller never holds a second copy of a 25 MB message for 
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import multiprocessing
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from importlib.machinery import ModuleSpec
 from multiprocessing.connection import Connection
 from typing import Any
 
+from intake.processes import main_left_alone, return_large_buffers
 from intake.understand import text_work
 from intake.understand.parse import parse, parse_headers_only
 from intake.understand.parsed_mail import ParsedMail
 from intake.understand.pgp_inbound import Decryption
-from intake.understand.quality import RuleSet
+from intake.understand.quality_score import RuleSet
 from intake.understand.text_work import TextWork
 
 log = logging.getLogger(__name__)
@@ -59,7 +56,6 @@ MESSAGE_BUDGET = 5.0  # seconds of the helper's CPU one message may take
 STARTUP_TIMEOUT = 60.0  # seconds a new helper may take to import and report ready (not counted per message)
 RETRY_AFTER = 60.0  # seconds to parse in-process, unbounded, after a helper failed to start
 _READY = b"ready"
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -148,7 +144,7 @@ def _yield_cpu() -> None:
 
     Parsing is the processor's largest CPU cost and holds no lock; when the listener and the
     processor want the same core, the listener's 250s should come first. (The worker itself
-    yields less: see :func:`intake.run.service._yield_cpu_to_listener`.) Unlike the idle policy,
+    yields less: see :func:`intake.run.worker._yield_cpu_to_listener`.) Unlike the idle policy,
     this keeps a share of the CPU under any load, so parsing never stops."""
     try:
         os.nice(19 - os.nice(0))
@@ -156,39 +152,6 @@ def _yield_cpu() -> None:
             os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except OSError as exc:  # a sandbox that forbids it: parse at the priority we have
         log.warning("event=parse-helper-priority-unchanged error=%s", exc)
-
-
-def return_large_buffers() -> None:
-    """Have glibc's malloc give every buffer of 1 MiB or more its own mapping, returned to the
-    system when freed. By default it raises that bound to the largest buffer freed so far: after
-    one 25 MB message, the next ones' bytes came from the heap, which kept them (the parse helper
-    2.6x a message instead of 2x; the worker, after ten, 6x instead of 2x). Every intake process
-    that handles whole messages calls it at start. Elsewhere than glibc, nothing changes."""
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1024 * 1024)  # a fixed bound: no longer raised
-    except (OSError, AttributeError):
-        pass
-
-
-@contextmanager
-def _main_left_alone() -> Iterator[None]:
-    """Start a spawned process without running our main script again in it.
-
-    spawn re-runs the parent's ``__main__`` script in the child (to find what it defines); under
-    ``intake serve`` that is the console script, which imports the whole CLI: 2.7 s on a slow
-    2-core machine, against 0.6 s for what the helper needs. A main module named as a package's
-    ``__main__`` is left alone (``multiprocessing.spawn._fixup_main_from_name``), so for the start
-    it is named so. Nothing the helper runs is defined in the main script."""
-    main = sys.modules["__main__"]
-    if getattr(main, "__spec__", None) is not None:  # run with -m: spawn decides by that name already
-        yield
-        return
-    main.__spec__ = ModuleSpec("intake.__main__", None)
-    try:
-        yield
-    finally:
-        main.__spec__ = None
 
 
 class HelperUnavailable(Exception):
@@ -203,7 +166,7 @@ class _Helper:
         self.connection, child_end = context.Pipe(duplex=True)
         self.process = context.Process(target=_serve, args=(child_end, parse_function, rules, budget), daemon=True,
                                        name="intake-parse-helper")
-        with _main_left_alone():
+        with main_left_alone():
             self.process.start()
         child_end.close()
         self.ready = False

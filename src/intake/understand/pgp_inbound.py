@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from email.message import Message
 from email.utils import collapse_rfc2231_value
 
 from intake import openpgp
-from intake.config.settings import Settings
 from intake.understand.body_text import body_text
 from intake.understand.content import Content, extract_content
 from intake.understand.header_text import clean_text, warn
 from intake.understand.mime_reader import MimePart, read_mime
 from intake.understand.parsed_mail import ParsedMail, PgpStatus
+
+if TYPE_CHECKING:  # not imported at run time: the parse helper decrypts without the settings' models
+    from intake.config.settings import Settings
 
 ARMOR_BEGIN = "-----BEGIN PGP MESSAGE-----"
 ARMOR_END = "-----END PGP MESSAGE-----"

@@ -1,7 +1,7 @@
 """The text work on a message, done in the prepare stage so that none of it runs under the write lock.
 
 Acting on a message reads things out of its body text: the credit a report or a reporter's reply
-states (:mod:`intake.tickets.credit`), a maintainer's ``#command`` lines (:func:`split_commands`;
+states (:mod:`intake.understand.credit_words`), a maintainer's ``#command`` lines (:func:`split_commands`;
 :mod:`intake.tickets.mail_commands` carries them out) and the text relayed to the reporter with the
 quoted thread and signature trimmed (:func:`trim_reply`), and the disclosure date a reporter proposes
 (:mod:`intake.understand.disclosure_words`). A reply of 60,000 blank lines once made
@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import date
 
 from intake import patterns
-from intake.tickets import credit
+from intake.understand import credit_words
 from intake.understand import disclosure_words
 
 # Where quoted history starts in a reply: "On Mon, … wrote:", Outlook's separator and header block.
@@ -42,8 +42,8 @@ class TextWork:
     """What acting on a message needs from its text. The default is what a message whose text
     was not read (the processing budget ran out first) gets: nothing recognised, nothing relayed."""
 
-    report_credit: credit.Credit | None = None  # the credit the mail states, read as a report
-    reply_credit: credit.Credit | None = None  # as a reporter's reply: in its own words, above the quote
+    report_credit: credit_words.Credit | None = None  # the credit the mail states, read as a report
+    reply_credit: credit_words.Credit | None = None  # as a reporter's reply: in its own words, above the quote
     # A maintainer's #command lines at the top, (name, args): the first MAX_COMMANDS, and how many more.
     commands: tuple[tuple[str, str], ...] = ()
     more_commands: int = 0
@@ -91,12 +91,12 @@ def read(body: str) -> TextWork:
     """The text work on a message's *body* text (``ParsedMail.body_text``)."""
     commands, rest = split_commands(body)
     most = MAX_COMMANDS
-    own_words = credit.own_words(body)
-    report_credit = credit.recognise(body)
+    own_words = credit_words.own_words(body)
+    report_credit = credit_words.recognise(body)
     if own_words == body:  # nothing quoted: the same words, read once
         reply_credit = replace(report_credit, source="reply") if report_credit else None
     else:
-        reply_credit = credit.recognise(own_words, source="reply")
+        reply_credit = credit_words.recognise(own_words, source="reply")
     return TextWork(report_credit=report_credit, reply_credit=reply_credit,
                     commands=tuple(commands[:most]), more_commands=max(0, len(commands) - most),
                     internal=any(name == NOTE_COMMAND for name, _ in commands),
