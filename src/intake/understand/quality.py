@@ -78,7 +78,7 @@ from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from intake.patterns import Pattern as Regex, UnsupportedPattern, compile as compile_pattern, escape
+from intake.patterns import Pattern as Regex, UnsupportedPattern, compile as compile_pattern
 from intake.vocabulary import LOW_QUALITY_LABEL
 
 __all__ = ["RulesError", "Rule", "RuleSet", "SpamScore", "load_rules", "parse_rules"]
@@ -193,7 +193,6 @@ class _Mail:
     body: str  # the first scan_chars characters
     body_chars: int  # length of the whole body without surrounding whitespace
     folded: str  # subject and body, lowercased: what triggers are looked up in
-    folded_ascii: bool  # whether it is all ASCII (see Rule.triggered)
     recipient_count: int
     undisclosed_recipients: bool
     attachment_types: tuple[str, ...]
@@ -226,13 +225,6 @@ class Rule:
     attachment_types: tuple[str, ...] | None = None
     requires: tuple[str, ...] = ()
     triggers: tuple[str, ...] = ()
-    # The triggers as one RE2 alternation: one pass over the text, where a substring search per
-    # trigger read it once each (most rules have several; a genuine report has none of them).
-    _trigger_pattern: Regex | None = field(default=None, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.triggers:
-            object.__setattr__(self, "_trigger_pattern", compile_pattern("|".join(map(escape, self.triggers))))
 
     @classmethod
     def _from_spec(cls, spec: _RuleSpec) -> Rule:
@@ -269,7 +261,7 @@ class Rule:
         ):
             return False
         # A substring search is ~100x cheaper than a case-insensitive regex over the same text.
-        if self.triggers and not self.triggered(mail.folded, mail.folded_ascii):
+        if self.triggers and not any(trigger in mail.folded for trigger in self.triggers):
             return False
         if self.body_ignore is not None:
             mail = replace(mail, body=_blank(self.body_ignore, mail.body))
@@ -284,14 +276,6 @@ class Rule:
         if self.body_absent is not None and _any(self.body_absent, mail.body):
             return False
         return True
-
-
-    def triggered(self, folded: str, ascii_only: bool) -> bool:
-        """Whether one of the triggers occurs in *folded* (lowercased text; *ascii_only*: it is all
-        ASCII, which RE2 reads as it is: other text may hold what it cannot encode)."""
-        if ascii_only and self._trigger_pattern is not None:
-            return self._trigger_pattern.search(folded) is not None
-        return any(trigger in folded for trigger in self.triggers)
 
 
 def _any(patterns: tuple[Regex, ...], text: str) -> bool:
@@ -363,13 +347,11 @@ class RuleSet:
     def score(self, mail: MailLike) -> SpamScore:
         """Score *mail*: the sum of the scores of every matching rule."""
         body = mail.body_text or ""
-        folded = f"{(mail.subject or '')[:MAX_SUBJECT_CHARS]}\n{body[: self.scan_chars]}".lower()
         view = _Mail(
             subject=(mail.subject or "")[:MAX_SUBJECT_CHARS],
             body=body[: self.scan_chars],
             body_chars=len(body.strip()),
-            folded=folded,
-            folded_ascii=folded.isascii(),
+            folded=f"{(mail.subject or '')[:MAX_SUBJECT_CHARS]}\n{body[: self.scan_chars]}".lower(),
             recipient_count=mail.recipient_count,
             undisclosed_recipients=mail.undisclosed_recipients,
             attachment_types=tuple(
