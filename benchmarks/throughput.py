@@ -172,15 +172,6 @@ class Measurement:
     processed_after: float | None = None  # intake: seconds from the first send until all were processed
     tickets: int | None = None  # intake: tickets the measured messages opened (the warm-up's not counted)
     inbound_status: dict[str, int] = field(default_factory=dict)  # intake: inbound_message rows by status
-    # intake: CPU seconds of its worker and parse helper (the server's children) from the first
-    # send until every message was processed: what processing and sending cost, all of it.
-    worker_cpu: float | None = None
-
-    @property
-    def worker_cpu_ms_per_message(self) -> float | None:
-        if self.worker_cpu is None or not self.load.accepted:
-            return None
-        return 1000 * self.worker_cpu / self.load.accepted
 
     @property
     def accept_rate(self) -> float:
@@ -232,7 +223,6 @@ class Measurement:
             "processed_seconds": _rounded(self.processed_after, 3),
             "processed_per_second": _rounded(self.end_to_end_rate, 1),
             "tickets": self.tickets,
-            "worker_cpu_ms_per_message": _rounded(self.worker_cpu_ms_per_message, 2),
             "inbound_status": self.inbound_status,
             "cpu_percent": {
                 "client": round(self.cpu_percent(load.client_cpu), 1),
@@ -605,12 +595,10 @@ def measure_processing(server: Nodes, scenario: Scenario, deadline: float, datab
         if not probe.wait_until_processed(1, deadline):  # the worker is up and has handled the warm-up message
             raise ServerFailed(f"intake did not process the warm-up message ({probe.inbound_status()})\n"
                                f"{server.log_tail()}")
-        children_before = server.cpu_seconds()[1]
         load, cpu = send_measured(server, messages, scenario, deadline)
         measurement = Measurement(server.name, scenario, load, cpu)
         if probe.wait_until_processed(1 + load.accepted, deadline):
             measurement.processed_after = time.perf_counter() - load.started
-            measurement.worker_cpu = server.cpu_seconds()[1] - children_before
         measurement.inbound_status = probe.inbound_status()
         measurement.tickets = probe.tickets() - 1  # the warm-up message's
     return measurement
@@ -927,11 +915,8 @@ def measure_and_tell(server_kind: str, scenario: Scenario, args: argparse.Namesp
     label = f"[{scenario.label}] {server_kind}"
     progress(f"{label}: {scenario.messages} messages ...")
     m = measure(server_kind, scenario, args)
-    worker = m.worker_cpu_ms_per_message
     progress(f"{label}: {m.accept_rate:.1f} msg/s accepted, p99 {_ms(m.p99_ms)} ms, "
-             f"other CPU {m.cpu_percent(m.cpu.others):.0f}%"
-             + (f", worker and parse helper {worker:.2f} ms CPU/message" if worker is not None else "")
-             + ("" if m.complete else ", INCOMPLETE"))
+             f"other CPU {m.cpu_percent(m.cpu.others):.0f}%" + ("" if m.complete else ", INCOMPLETE"))
     return m
 
 
