@@ -444,9 +444,10 @@ def test_trimming_and_command_lines():
     assert rest == "Hello\n#not a command here"
 
 
-@given(st.lists(st.sampled_from(["On Tue, Alice wrote:", "on x WROTE:  ", "Fixed.", "> old", " >> older", "-- ", "--",
-                                  " -- ", "--x", "-----Original Message-----", "From: x", "FROM: y", " from:z", "_" * 10,
-                                  "Am Mo, Bob schrieb:", "Anna", "ofen", "\u212a", "\u0130", "\t", "", "\u00a0>"]),
+@given(st.lists(st.sampled_from(["On Tue, Alice wrote:", "on x WROTE:  ", "Fixed.", "> old", " >> older", "-- ",
+                                  "--", " -- ", "--x", "-----Original Message-----", "From: x", "FROM: y", " from:z",
+                                  "_" * 10, "Am Mo, Bob schrieb:", "Anna", "ofen", "\u212a", "\u0130", "\t", "",
+                                  "\u00a0>"]),
                 max_size=12).map("\n".join))
 @settings(max_examples=500, deadline=None)
 def test_trimming_keeps_the_lines_that_no_rule_touches(text):
