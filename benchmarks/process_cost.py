@@ -8,6 +8,11 @@ start-up cost:
     .venv/bin/python benchmarks/process_cost.py -n 400
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.400 .venv/bin/python benchmarks/process_cost.py -n 400
     .venv/bin/python benchmarks/process_cost.py -n 400 --profile /tmp/process.prof
+    .venv/bin/python benchmarks/process_cost.py -n 400 --batch 2   # mail arriving a few at a time
+
+``--batch N`` claims and acts on N messages at a time (``processing.batch_size`` and
+``messages_per_transaction``), as a worker keeping up with mail that trickles in does: then the
+cost per batch and per transaction weighs on every message.
 
 DNS is a fixed resolver with no records (as in the tests): nothing leaves the machine. Only a
 temporary folder is written.
@@ -62,6 +67,7 @@ def main() -> None:
     parser.add_argument("-n", "--messages", type=int, default=400)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--profile", help="write a cProfile of processing and sending to this file")
+    parser.add_argument("--batch", type=int, help="messages per batch and per transaction (default: config.toml's)")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="intake-process-cost-"))
     try:
@@ -70,6 +76,9 @@ def main() -> None:
             del os.environ[key]
         os.environ["INTAKE_DATABASE__URL"] = f"sqlite:///{directory / 'intake.db'}"
         os.environ["INTAKE_OUTBOUND__MAILDIR"] = str(directory / "outbox")
+        if args.batch:
+            os.environ["INTAKE_PROCESSING__BATCH_SIZE"] = str(args.batch)
+            os.environ["INTAKE_PROCESSING__MESSAGES_PER_TRANSACTION"] = str(args.batch)
         settings = load_settings(directory / "config.toml")
         resolver = dns_lookups.StaticResolver()
         dns_lookups.system_resolver = lambda config: resolver  # no real DNS

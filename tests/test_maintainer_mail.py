@@ -19,6 +19,8 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select
 
 from conftest import TRUSTED_MX, deliver_outbox, process, report, smtp_send, trusted_results
@@ -27,7 +29,7 @@ from intake.store.db import make_engine, read_session
 from intake.store.models import InboundMessage
 from intake.tickets import mail_commands
 from intake.tickets import reads
-from intake.understand import reply_tokens, route
+from intake.understand import reply_tokens, route, text_work
 from intake.understand.parse import parse
 from intake.understand.sender_auth import Verdict
 from intake.understand.text_work import split_commands, trim_reply
@@ -440,6 +442,30 @@ def test_trimming_and_command_lines():
     commands, rest = split_commands("#severity high\n\n#assign ana\nHello\n#not a command here\n")
     assert commands == [("severity", "high"), ("assign", "ana")]
     assert rest == "Hello\n#not a command here"
+
+
+@given(st.lists(st.sampled_from(["On Tue, Alice wrote:", "on x WROTE:  ", "Fixed.", "> old", " >> older", "-- ",
+                                  "--", " -- ", "--x", "-----Original Message-----", "From: x", "FROM: y", " from:z",
+                                  "_" * 10, "Am Mo, Bob schrieb:", "Anna", "ofen", "\u212a", "\u0130", "\t", "",
+                                  "\u00a0>"]),
+                max_size=12).map("\n".join))
+@settings(max_examples=500, deadline=None)
+def test_trimming_keeps_the_lines_that_no_rule_touches(text):
+    # Lines whose first character can start no rule skip the rules: the text must trim the same.
+    def every_rule_on_every_line(text: str) -> str:
+        kept = []
+        for line in text.splitlines():
+            if line.rstrip() == "--" and line.startswith("--"):
+                break
+            stripped = line.strip()
+            if stripped.lower().startswith(text_work._QUOTE_START_PREFIXES) and text_work._QUOTE_START.match(stripped):
+                break
+            if line.lstrip().startswith(">"):
+                continue
+            kept.append(line.rstrip())
+        return "\n".join(kept).strip("\n")
+
+    assert trim_reply(text) == every_rule_on_every_line(text)
 
 
 def test_maintainer_address_is_blanked_in_any_case(desk):

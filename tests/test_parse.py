@@ -247,6 +247,36 @@ def test_rfc2047_subjects_in_several_charsets(text: str, charset: str):
     assert parse(mail(f"From: a@example.org\nSubject: [Report] {encoded}")).subject == f"[Report] {text}"
 
 
+@given(st.lists(st.sampled_from(["Re:", " ", "  ", "\t", "\r\n ", "\n\t", "report", "=?", "?=",
+                                  "=?utf-8?q?caf=C3=A9?=", "=?utf-8?b?w6k=?=", "=?x-unknown?q?a?=", "\u00e9", "\udce9",
+                                  "(x)", "\\", '"', ";", "\x0b"]),
+                max_size=12).map("".join))
+@settings(max_examples=500, deadline=None)
+def test_header_text_is_decoded_as_the_modern_policy_decodes_it(value: str):
+    # Most values (plain ASCII, no encoded word) skip the stdlib's parser: they must read the same.
+    from email.policy import default
+
+    from intake.understand.header_text import decode_words
+
+    try:
+        expected = str(default.header_factory("unstructured", value.replace("\r", "").replace("\n", "")))
+    except Exception:  # noqa: BLE001 - the fallback decodes these its own way
+        return
+    assert decode_words(value) == expected
+
+
+@given(st.lists(st.sampled_from([chr(c) for c in range(128)] + ["\r\n ", "\u2028", "\x85", "\u00e9", "\udce9"]),
+                max_size=40).map("".join), st.sampled_from([3, 200, 998]))
+@settings(max_examples=500, deadline=None)
+def test_display_safe_text_is_the_same_by_the_short_way(value: str, limit: int):
+    # Plain ASCII values without a line break skip the general path: they must come out the same.
+    from intake.understand import header_text
+
+    cleaned = clean_text(value, limit)
+    assert cleaned == header_text._one_line(value, limit)
+    assert len(cleaned) <= limit and "\n" not in cleaned and "\x00" not in cleaned
+
+
 def test_an_unknown_charset_decodes_with_replacement():
     parsed = parse(mail("From: a@example.org\nSubject: =?x-unknown?q?caf=E9?=\n"
                         "Content-Type: text/plain; charset=x-unknown", b"caf\xe9 au lait\n"))

@@ -141,6 +141,35 @@ def test_the_body_given_to_dkimpy_canonicalises_as_the_message_does(body):
     assert b"\t" not in relaxed and b"  " not in relaxed and b" \r\n" not in relaxed
 
 
+@given(st.lists(st.sampled_from([b"From: ", b"from:", b"FROM :", b"Authentication-Results: ", b"To: ", b"X-A:", b" ",
+                                  b"\t", b"\r\n", b"\n", b"\r", b"Ana <ana@example.org>", b"x", b":", b"From ",
+                                  b"\xc3\xa9", b"=?utf-8?q?x?=", b";", b"(c)", b"\x0b"]), max_size=30).map(b"".join))
+@settings(max_examples=1000, deadline=None)
+def test_a_plain_header_section_reads_as_the_stdlib_parser_reads_it(raw):
+    # The stdlib's compat32 parser is skipped for plain header sections: the From: and
+    # Authentication-Results values judged must be the ones it would give.
+    from email.parser import BytesHeaderParser
+    from email.policy import compat32
+
+    block = sender_auth._header_section(raw)
+    plain = sender_auth._plain_fields(block)
+    if plain is None:
+        return
+    parsed = BytesHeaderParser(policy=compat32).parsebytes(block)
+    for name in ("From", "Authentication-Results", "To", "X-A"):
+        expected = parsed.get_all(name)
+        assert plain.get_all(name) == (None if expected is None else [str(value) for value in expected])
+
+
+def test_plain_header_sections_are_the_usual_ones_and_odd_ones_go_to_the_stdlib():
+    usual = message(extra="Received: from a\r\n\tby b; Mon, 1 Jun 2026\r\n")
+    assert sender_auth._plain_fields(sender_auth._header_section(usual)).get_all("From") == ["Ana <ana@example.org>"]
+    for odd in (b"From: a@example.org\rX: y\r\n", " From: a@example.org\r\n".encode(),
+                "From: \u00e9 <a@example.org>\r\n".encode(), b"From a@example.org Mon Jun 1\r\nFrom: a@example.org\r\n",
+                b":x\r\nFrom: a@example.org\r\n"):
+        assert sender_auth._plain_fields(odd) is None
+
+
 def test_overlong_signatures_are_refused_before_dkimpy_reads_them(key):
     pem, record = key
     raw = signed(message(), pem)

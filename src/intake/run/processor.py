@@ -369,25 +369,30 @@ def _route(session: Session, settings: Settings, items: list[Prepared], reply_se
     return [Routed(item, incoming, decision) for item, incoming, decision in zip(items, incomings, decided)]
 
 
+_INBOUND = InboundMessage.__table__
+# Values named after columns become SET clauses, one row each (executemany). Built once: this
+# runs for every chunk, however small.
+_BY_ID = update(_INBOUND).where(_INBOUND.c.id == bindparam("inbound_id"))
+_MARK_DECIDED = _BY_ID.values(processed_at=bindparam("processed"), error=None, attempts=_INBOUND.c.attempts + 1,
+                              claimed_until=None)
+_MARK_FAILED = _BY_ID.values(status=InboundStatus.FAILED, processed_at=bindparam("processed"),
+                             attempts=_INBOUND.c.attempts + 1, claimed_until=None)
+
+
 def _mark(session: Session, outcomes: list[Outcome], now: datetime) -> None:
     """Record each message's outcome on its stored row (one statement for all the decided ones,
     one for all the failed ones), and end its claim."""
-    table = InboundMessage.__table__
-    # Values named after columns become SET clauses, one row each (executemany).
-    by_id = update(table).where(table.c.id == bindparam("inbound_id"))
-    decided = [{"inbound_id": o.prepared.stored.id,
+    decided = [{"inbound_id": o.prepared.stored.id, "processed": now,
                 "status": decisions.handling(o.decision).status,
                 "decision": o.decision.kind, "reason": o.decision.reason[:2000], "ticket_id": o.decision.ticket_id,
                 "authentication": o.prepared.authentication.as_dict()}
                for o in outcomes if o.decision is not None]
-    failed = [{"inbound_id": o.prepared.stored.id, "error": o.error[:2000],
+    failed = [{"inbound_id": o.prepared.stored.id, "processed": now, "error": o.error[:2000],
                "authentication": o.prepared.authentication.as_dict()} for o in outcomes if o.decision is None]
     if decided:
-        session.execute(by_id.values(processed_at=now, error=None, attempts=table.c.attempts + 1, claimed_until=None),
-                        decided)
+        session.execute(_MARK_DECIDED, decided)
     if failed:
-        session.execute(by_id.values(status=InboundStatus.FAILED, processed_at=now, attempts=table.c.attempts + 1,
-                                     claimed_until=None), failed)
+        session.execute(_MARK_FAILED, failed)
 
 
 def _tally(result: BatchResult, outcomes: list[Outcome], seconds: float) -> None:

@@ -64,6 +64,11 @@ CLAIM_BATCH = 50
 # given with each execution. Built once: this runs once for every mail sent.
 _RECORD = update(Outbox.__table__).where(Outbox.__table__.c.id == bindparam("row_id"),
                                          Outbox.__table__.c.lease_owner == bindparam("owner"))
+# The rate limit's counts, for every chunk of new reports.
+_AUTOMATIC_MAIL_COUNTS = (select(Outbox.__table__.c.rate_key, func.count())
+                          .where(Outbox.__table__.c.rate_key.in_(bindparam("keys", expanding=True)),
+                                 Outbox.__table__.c.created_at > bindparam("since"))
+                          .group_by(Outbox.__table__.c.rate_key))
 
 
 def enqueue(session: Session, mail: OutgoingMail, *, ticket_id: int | None, now: datetime) -> bool:
@@ -101,10 +106,7 @@ def automatic_mail_counts(session: Session, recipients: Iterable[str], since: da
     keys = {recipient.lower() for recipient in recipients}
     if not keys:
         return Counter()
-    table = Outbox.__table__
-    query = (select(table.c.rate_key, func.count()).where(table.c.rate_key.in_(keys), table.c.created_at > since)
-             .group_by(table.c.rate_key))
-    return Counter(dict(session.execute(query).all()))
+    return Counter(dict(session.execute(_AUTOMATIC_MAIL_COUNTS, {"keys": list(keys), "since": since}).all()))
 
 
 @dataclass(frozen=True)

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, or_, select, update
+from sqlalchemy import Engine, Integer, bindparam, or_, select, update
 from sqlmodel import Session
 
-from intake.store.db import write_session
+from intake.store.db import write_connection, write_session
 from intake.store.inbound import byte_groups
 from intake.store.models import InboundMessage
 from intake.vocabulary import InboundStatus
@@ -45,6 +45,26 @@ from intake.vocabulary import InboundStatus
 log = logging.getLogger(__name__)
 
 _TABLE = InboundMessage.__table__
+_IDS = bindparam("ids", expanding=True)
+# Built once (a claim and the act's check run for every batch: building a statement cost more
+# than running it); the values are bound at each run.
+_CANDIDATES = (select(_TABLE.c.id, _TABLE.c.size, _TABLE.c.claimed_by, _TABLE.c.claimed_until)
+               .where(_TABLE.c.status == InboundStatus.PENDING,
+                      or_(_TABLE.c.claimed_until.is_(None), _TABLE.c.claimed_until < bindparam("now")))
+               .order_by(_TABLE.c.id)
+               .limit(bindparam("most", type_=Integer)))
+# Rows another node is claiming or acting on right now are left to it, not waited for (PostgreSQL).
+_CANDIDATES_UNLOCKED = _CANDIDATES.with_for_update(skip_locked=True)
+_TAKE = update(_TABLE).where(_TABLE.c.id.in_(_IDS)).values(claimed_by=bindparam("owner"),
+                                                           claimed_until=bindparam("until"))
+_RENEW = (update(_TABLE).where(_TABLE.c.id.in_(_IDS), _TABLE.c.claimed_by == bindparam("owner"),
+                               _TABLE.c.status == InboundStatus.PENDING)
+          .values(claimed_until=bindparam("until")))
+_STILL_MINE = select(_TABLE.c.id).where(_TABLE.c.id.in_(_IDS), _TABLE.c.status == InboundStatus.PENDING,
+                                        _TABLE.c.claimed_by == bindparam("owner"))
+# A row locked by another transaction is another node claiming it after our claim ran out: left
+# to it. SQLite's writer lock already serialises this.
+_STILL_MINE_UNLOCKED = _STILL_MINE.with_for_update(skip_locked=True)
 
 
 @dataclass(frozen=True)
@@ -68,22 +88,15 @@ def new_owner() -> str:
 def claim(engine: Engine, owner: str, now: datetime, lease: timedelta, most: int, byte_budget: int) -> Claim:
     """Claim for *owner*, until *now* + *lease*, the oldest pending messages nobody holds a live
     claim on: at most *most*, and no more than *byte_budget* bytes unless the first alone is."""
-    candidates = (select(_TABLE.c.id, _TABLE.c.size, _TABLE.c.claimed_by, _TABLE.c.claimed_until)
-                  .where(_TABLE.c.status == InboundStatus.PENDING,
-                         or_(_TABLE.c.claimed_until.is_(None), _TABLE.c.claimed_until < now))
-                  .order_by(_TABLE.c.id)
-                  .limit(most))
-    # Not fsync'd: a claim lost to a power cut only lets its messages be claimed again.
-    with write_session(engine, durable=False) as session:
-        if session.get_bind().dialect.name == "postgresql":
-            # Rows another node is claiming or acting on right now are left to it, not waited for.
-            candidates = candidates.with_for_update(skip_locked=True)
-        rows = session.execute(candidates).all()
+    # Not fsync'd: a claim lost to a power cut only lets its messages be claimed again. Core, not
+    # an ORM session: this transaction runs once per batch, however small the batch.
+    with write_connection(engine, durable=False) as connection:
+        candidates = _CANDIDATES_UNLOCKED if connection.dialect.name == "postgresql" else _CANDIDATES
+        rows = connection.execute(candidates, {"now": now, "most": most}).all()
         taken = next(byte_groups(rows, byte_budget), [])
         if not taken:
             return Claim(owner, [], 0)
-        session.execute(update(_TABLE).where(_TABLE.c.id.in_([row.id for row in taken]))
-                        .values(claimed_by=owner, claimed_until=now + lease))
+        connection.execute(_TAKE, {"ids": [row.id for row in taken], "owner": owner, "until": now + lease})
     expired = [row for row in taken if row.claimed_until is not None]
     if expired:
         log.warning("event=claims-reclaimed messages=%d inbound_ids=%s from=%s", len(expired),
@@ -128,24 +141,16 @@ def _alive(pid: str) -> bool:
 def renew(engine: Engine, owner: str, ids: list[int], until: datetime) -> int:
     """Extend *owner*'s claims on those of *ids* it has not acted on yet up to *until*; how many.
     A message another processor took meanwhile (its claim had run out) stays with it."""
-    with write_session(engine, durable=False) as session:
-        result = session.execute(update(_TABLE)
-                                 .where(_TABLE.c.id.in_(ids), _TABLE.c.claimed_by == owner,
-                                        _TABLE.c.status == InboundStatus.PENDING)
-                                 .values(claimed_until=until))
-        return result.rowcount
+    with write_connection(engine, durable=False) as connection:
+        return connection.execute(_RENEW, {"ids": ids, "owner": owner, "until": until}).rowcount
 
 
 def still_mine(session: Session, owner: str, ids: list[int]) -> set[int]:
     """Which of *ids* are still pending and claimed by *owner*, locked until the end of
     *session*'s transaction: those, and only those, *owner* may act on in it."""
-    query = select(_TABLE.c.id).where(_TABLE.c.id.in_(ids), _TABLE.c.status == InboundStatus.PENDING,
-                                      _TABLE.c.claimed_by == owner)
-    if session.get_bind().dialect.name == "postgresql":
-        # A row locked by another transaction is another node claiming it after our claim ran out:
-        # left to it. SQLite's writer lock already serialises this.
-        query = query.with_for_update(skip_locked=True)
-    return set(session.scalars(query))
+    connection = session.connection()  # the session's transaction, without the ORM's cost per statement
+    query = _STILL_MINE_UNLOCKED if connection.dialect.name == "postgresql" else _STILL_MINE
+    return set(connection.execute(query, {"ids": ids, "owner": owner}).scalars())
 
 
 class Lease:

@@ -20,6 +20,7 @@ SQLite each write transaction
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import sqlite3
 import threading
@@ -27,6 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -264,10 +266,15 @@ def insert_new(session: Session, table: Table, key: str, rows: list[dict]) -> se
     outbox mail exactly-once: a second insert of the same key, from any process, is a no-op."""
     if not rows:
         return set()
-    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    return set(session.scalars(_insert_new(session.get_bind().dialect.name == "postgresql", table, key), rows))
+
+
+@functools.lru_cache(maxsize=64)
+def _insert_new(postgresql: bool, table: Table, key: str) -> Any:
+    """The statement of :func:`insert_new`, built once per table (it runs for every chunk)."""
+    insert = pg_insert if postgresql else sqlite_insert
     # RETURNING, as rowcount is not reliable here on every driver.
-    statement = insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
-    return set(session.scalars(statement, rows))
+    return insert(table).on_conflict_do_nothing(index_elements=[key]).returning(table.c[key])
 
 
 @contextmanager

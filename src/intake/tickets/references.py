@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlmodel import Session
@@ -16,29 +16,33 @@ from sqlmodel import Session
 from intake.store.models import ReferenceCounter
 
 
+_COUNTERS = ReferenceCounter.__table__
+# Built once (they run for every chunk of new reports, however small); values bound at each run.
+_LAST = select(_COUNTERS.c.year, _COUNTERS.c.last).where(_COUNTERS.c.prefix == bindparam("prefix"),
+                                                         _COUNTERS.c.year.in_(bindparam("years", expanding=True)))
+_ADVANCE = {
+    dialect: insert(_COUNTERS)
+    .values(prefix=bindparam("counter_prefix"), year=bindparam("counter_year"), last=bindparam("count"))
+    .on_conflict_do_update(index_elements=["prefix", "year"], set_={"last": _COUNTERS.c.last + bindparam("count")})
+    .returning(_COUNTERS.c.last)
+    for dialect, insert in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
+}
+
+
 def next_references(session: Session, prefix: str, years: list[int]) -> list[str]:
     """The references :func:`allocate_references` would hand out for *years* now, read only: what a
     reply can be rendered with before the write lock is taken."""
-    table = ReferenceCounter.__table__
-    query = select(table.c.year, table.c.last).where(table.c.prefix == prefix, table.c.year.in_(set(years)))
-    return _numbered(prefix, years, dict(session.execute(query).all()))
+    return _numbered(prefix, years, dict(session.execute(_LAST, {"prefix": prefix, "years": sorted(set(years))}).all()))
 
 
 def allocate_references(session: Session, prefix: str, years: list[int]) -> list[str]:
     """The next public references, one for each of *years* in order (e.g. SEC-2026-0042): one atomic
     upsert per year, safe under concurrency."""
-    dialect = session.get_bind().dialect.name
-    insert = pg_insert if dialect == "postgresql" else sqlite_insert
-    table = ReferenceCounter.__table__
+    statement = _ADVANCE["postgresql" if session.get_bind().dialect.name == "postgresql" else "sqlite"]
     last_before = {}
     for year, count in Counter(years).items():
-        statement = (
-            insert(table)
-            .values(prefix=prefix, year=year, last=count)
-            .on_conflict_do_update(index_elements=["prefix", "year"], set_={"last": table.c.last + count})
-            .returning(table.c.last)
-        )
-        last_before[year] = session.execute(statement).scalar_one() - count
+        advanced = session.execute(statement, {"counter_prefix": prefix, "counter_year": year, "count": count})
+        last_before[year] = advanced.scalar_one() - count
     return _numbered(prefix, years, last_before)
 
 

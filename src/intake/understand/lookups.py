@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select, true
+from sqlalchemy import bindparam, select, true
 from sqlmodel import Session
 
 from intake.config.settings import Settings
@@ -23,6 +23,18 @@ from intake.vocabulary import Direction
 
 # Message-IDs of one message looked up for threading: In-Reply-To and the latest References.
 _MESSAGE_IDS_LOOKED_UP = 50
+
+# The chunk's queries, built once (they run for every chunk, however small; building one cost
+# more than running it); the keys and ids looked up are bound at each run.
+_TICKETS_BY_KEY = select(ThreadEntry.message_key, ThreadEntry.ticket_id).where(
+    ThreadEntry.message_key.in_(bindparam("keys", expanding=True)))
+_STORED_MESSAGES = (select(ThreadEntry.message_id, ThreadEntry.kind, ThreadEntry.direction == Direction.OUT, Ticket.id,
+                           Ticket.reference, Ticket.reporter)
+                    .join(Ticket, Ticket.id == ThreadEntry.ticket_id)
+                    .where(ThreadEntry.message_id.in_(bindparam("ids", expanding=True))))
+_SENT_MESSAGES = (select(Outbox.message_id, Outbox.kind, true(), Ticket.id, Ticket.reference, Ticket.reporter)
+                  .join(Ticket, Ticket.id == Outbox.ticket_id)
+                  .where(Outbox.message_id.in_(bindparam("ids", expanding=True))))
 
 
 class DependsOnPlanned(Exception):
@@ -92,23 +104,14 @@ class ChunkKnown:
     def _fetch_keys(self, message_keys: set[str]) -> None:
         if not message_keys:
             return
-        rows = self._session.execute(select(ThreadEntry.message_key, ThreadEntry.ticket_id)
-                                     .where(ThreadEntry.message_key.in_(message_keys)))
-        found = dict(rows.all())
+        found = dict(self._session.execute(_TICKETS_BY_KEY, {"keys": list(message_keys)}).all())
         self._tickets_by_key.update({key: found.get(key) for key in message_keys})
 
     def _fetch_messages(self, message_ids: set[str]) -> None:
         if not message_ids:
             return
-        rows = self._session.execute(
-            select(ThreadEntry.message_id, ThreadEntry.kind, ThreadEntry.direction == Direction.OUT, Ticket.id,
-                   Ticket.reference, Ticket.reporter)
-            .join(Ticket, Ticket.id == ThreadEntry.ticket_id).where(ThreadEntry.message_id.in_(message_ids))
-        ).all()
-        rows += self._session.execute(
-            select(Outbox.message_id, Outbox.kind, true(), Ticket.id, Ticket.reference, Ticket.reporter)
-            .join(Ticket, Ticket.id == Outbox.ticket_id).where(Outbox.message_id.in_(message_ids))
-        ).all()
+        ids = {"ids": list(message_ids)}
+        rows = self._session.execute(_STORED_MESSAGES, ids).all() + self._session.execute(_SENT_MESSAGES, ids).all()
         found = {message_id: (kind, bool(sent), ticket) for message_id, kind, sent, *ticket in rows}  # sent wins
         for message_id in message_ids:
             kind, sent, ticket = found.get(message_id, (None, False, None))

@@ -130,7 +130,7 @@ def _authenticate(raw: bytes, from_address: str, config: SenderAuthSection, reso
     if fields > MAX_HEADER_FIELDS or len(block) > _MAX_HEADER_BYTES:
         # Past what the parser reads (a From: it never saw) and what honest mail has: not judged.
         return Verdict(NONE, f"not verified: header section too large ({fields} fields, {len(block)} bytes)")
-    headers = BytesHeaderParser(policy=compat32).parsebytes(block)
+    headers = _plain_fields(block) or BytesHeaderParser(policy=compat32).parsebytes(block)
     domain, problem = _from_domain(headers, from_address)
     if problem:
         return problem
@@ -182,6 +182,47 @@ def _section_ends(raw: bytes) -> tuple[int, int]:
         return len(raw), len(raw)
     end = min(ends) + 1
     return end, end + (1 if raw[end:end + 1] == b"\n" else 2)
+
+
+# A field's first line: its name (printable ASCII but the colon) and the colon.
+_FIELD_START = re.compile(r"[!-9;-~]+:")
+
+
+class _PlainFields:
+    """A header section of plain fields, read as the stdlib's compat32 parser reads it, at a
+    fraction of its cost: only ``get_all`` (see :func:`_plain_fields`)."""
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self._fields = fields
+
+    def get_all(self, name: str) -> list[str] | None:
+        name = name.lower()
+        return [value for field, value in self._fields if field.lower() == name] or None
+
+
+def _plain_fields(block: bytes) -> _PlainFields | None:
+    """The fields of the header section *block* when it is plain: ASCII, lines ending in LF or
+    CRLF, each line a field's first (a name and a colon) or a folded one after it. compat32 reads
+    exactly these (name, value) pairs from it: the value from after the colon and its blanks, the
+    folded lines as they are, the last line ending cut. Anything else (8-bit bytes, a lone CR, a
+    line that is no field, a Unix From line) is None: left to the stdlib's parser."""
+    if not block.isascii() or block.count(b"\r") != block.count(b"\r\n"):
+        return None
+    lines = block.decode("ascii").split("\n")
+    last = lines.pop()  # after the last line ending ('' when there is one)
+    lines = [line + "\n" for line in lines] + ([last] if last else [])
+    fields: list[tuple[str, list[str]]] = []
+    for line in lines:
+        if line[0] in " \t":
+            if not fields:
+                return None
+            fields[-1][1].append(line)
+        elif _FIELD_START.match(line):
+            name, _, value = line.partition(":")
+            fields.append((name, [value.lstrip(" \t")]))
+        else:
+            return None
+    return _PlainFields([(name, "".join(parts).rstrip("\r\n")) for name, parts in fields])
 
 
 def _from_domain(headers: Any, from_address: str) -> tuple[str, Verdict | None]:

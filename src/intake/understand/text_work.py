@@ -53,13 +53,21 @@ class TextWork:
     disclosure_date: date | None = None
 
 
+# What a line that ends the text or is a quote starts with, stripped (the signature and a quote
+# included): no other character lowercases to one of these. Other lines are kept as they are.
+_NOTABLE_STARTS = frozenset("oOfFaA-_>")
+
+
 def trim_reply(text: str) -> str:
     """*text* without the quoted thread (``>`` lines, "On … wrote:" and below) and the signature."""
     kept = []
     for line in text.splitlines():
+        stripped = line.strip()
+        if stripped[:1] not in _NOTABLE_STARTS:  # most lines: cheaper than the checks below
+            kept.append(line.rstrip())
+            continue
         if line.rstrip() == _SIGNATURE.rstrip() and line.startswith("--"):
             break
-        stripped = line.strip()
         if stripped.lower().startswith(_QUOTE_START_PREFIXES) and _QUOTE_START.match(stripped):
             break
         if line.lstrip().startswith(">"):
