@@ -153,6 +153,7 @@ def _store_sqlite(engine: Engine, rows: list[dict[str, object]]) -> list[int]:
 
 
 _SQLITE_INSERT_RAW = "INSERT INTO inbound_raw (id, raw) VALUES (?, ?)"
+_SQLITE_INSERT_ZEROS = "INSERT INTO inbound_raw (id, raw) VALUES (?, zeroblob(?))"
 # A message this large is written into its row in pieces of this size (SQLite's incremental blob
 # I/O), sealed piece by piece. Bound whole, SQLite copied it twice (the bound value, then the
 # record) and sealing it whole held it twice more (AES-GCM's output, then it behind its header).
@@ -167,9 +168,8 @@ def _write_in_place(connection: sqlite3.Connection, id_: int, row: dict[str, Any
     """*row*'s bytes, sealed, into a new inbound_raw row written as zeros (the record's last column:
     SQLite writes those to its pages without building them in memory), then over them."""
     key, raw = row["raw_key"], row["raw"]
-    connection.execute("INSERT INTO inbound_raw (id, raw) VALUES (?, zeroblob(?))",
-                       (id_, sealing.sealed_size(key, len(raw))))
-    with connection.blobopen(_RAW.name, "raw", id_) as blob:
+    connection.execute(_SQLITE_INSERT_ZEROS, (id_, sealing.sealed_size(key, len(raw))))
+    with connection.blobopen("inbound_raw", "raw", id_) as blob:
         for piece in sealing.seal_pieces(key, "inbound_message", "raw", raw, IN_PLACE_BYTES):
             blob.write(piece)
 
